@@ -1,0 +1,5 @@
+import sys
+
+from x86pt.cli import main
+
+sys.exit(main())

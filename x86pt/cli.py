@@ -1,0 +1,343 @@
+"""The `x86pt` command. Each command is a library call plus a renderer; bad input of any kind ends
+in one line on stderr and exit status 2, never a traceback.
+
+Other parts of the project add commands through `register(subparsers)` in their own cli module
+(PLUGINS below), so this file stays the core's.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Callable
+
+from x86pt import __version__
+from x86pt.errors import BadInputError, X86ptError
+from x86pt.fields import kind_from_name, Kind
+from x86pt.numbers import parse_int
+
+PLUGINS = ("x86pt.formats.cli", "x86pt.cpa.cli", "harness.cli", "harness.linux.cli")
+
+
+def emit_json(obj, out=None) -> None:
+    (out or sys.stdout).write(json.dumps(obj, indent=None, separators=(",", ":")) + "\n")
+
+
+# -- decode / encode -----------------------------------------------------------------------------
+def cmd_decode(args) -> int:
+    from x86pt.describe import decode_entry, render_decode
+    raw = parse_int(args.value, "entry value")
+    kind = kind_from_name(args.kind)
+    if args.kind.lower() in ("pdpte", "pde") and raw & 0x80:   # PS picks the leaf format
+        kind = {Kind.PDPTE: Kind.PDPTE_1G, Kind.PDE: Kind.PDE_2M}[kind]
+    m = parse_int(args.maxphyaddr, "--maxphyaddr", lo=32, hi=52)
+    d = decode_entry(raw, kind, m, args.vendor)
+    if args.json:
+        emit_json(d)
+    else:
+        print(render_decode(d))
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from x86pt.describe import decode_entry, render_decode
+    from x86pt import layouts
+    kind = kind_from_name(args.kind)
+    m = parse_int(args.maxphyaddr, "--maxphyaddr", lo=32, hi=52)
+    values: dict[str, int] = {}
+    for item in args.fields:
+        if "=" not in item:
+            values[item.lower()] = 1
+            continue
+        k, v = item.split("=", 1)
+        k = k.strip().lower()
+        if k in ("address", "pa"):
+            values["addr"] = parse_int(v, k) >> kind.frame_shift
+            if parse_int(v, k) & ((1 << kind.frame_shift) - 1):
+                raise BadInputError(f"{k}={v} is not aligned to {1 << kind.frame_shift:#x}")
+        else:
+            values[k] = parse_int(v, f"field {k}")
+    if kind in (Kind.PDPTE_1G, Kind.PDE_2M):
+        values.setdefault("ps", 1)
+    raw = layouts.encode(values, kind, m, args.vendor)
+    if args.json:
+        emit_json(decode_entry(raw, kind, m, args.vendor))
+    else:
+        print(f"{raw:#018x}")
+        if args.verbose:
+            print(render_decode(decode_entry(raw, kind, m, args.vendor)))
+    return 0
+
+
+# -- translate / walk ------------------------------------------------------------------------------
+def _access_from(args):
+    from x86pt.walk import Access
+    return Access(args.access, user=args.user, ac=args.ac, implicit=getattr(args, "implicit", False))
+
+
+def cmd_translate(args, steps: bool = False) -> int:
+    from x86pt.describe import render_result, result_json
+    from x86pt.image import open_image
+    from x86pt.walk import walk
+    with open_image(args.image, args) as img:
+        access = _access_from(args)
+        results = []
+        for v in args.va:
+            va = parse_int(v, "virtual address")
+            results.append(walk(img.state, img.memory, va, access))
+        if args.json:
+            for r in results:
+                emit_json(__import__("x86pt.describe").describe.result_json(r) if steps else
+                          {k: v for k, v in result_json(r).items() if k != "steps"})
+        else:
+            for n in img.notes:
+                print(f"note: {n}", file=sys.stderr)
+            if steps:
+                print(f"state: {img.state.describe()}")
+            for r in results:
+                print(render_result(r, steps=steps))
+    return 0 if all(r.outcome == "ok" for r in results) or not args.strict else 1
+
+
+def cmd_walk(args) -> int:
+    return cmd_translate(args, steps=True)
+
+
+# -- probe (the interface other tools rely on: ../shared/DESIGN.md) -------------------------------
+def read_probes(path: str):
+    """Parse a JSONL probe file. Each line: {"va": "0x...", "access": "read"|"write"|"fetch",
+    "user": bool, "ac": bool}. A bad line is a one-line error naming its line number."""
+    from x86pt.walk import Access
+    probes = []
+    try:
+        f = sys.stdin if path == "-" else open(path, "r", encoding="utf-8")
+    except OSError as e:
+        raise BadInputError(f"cannot open probe file {path}: {e.strerror}") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInputError(f"{path}:{n}: bad JSON: {e.msg}") from None
+            if not isinstance(d, dict) or "va" not in d:
+                raise BadInputError(f"{path}:{n}: a probe is an object with at least \"va\"")
+            unknown = set(d) - {"va", "access", "user", "ac", "implicit"}
+            if unknown:
+                raise BadInputError(f"{path}:{n}: unknown key {sorted(unknown)[0]!r}")
+            for key in ("user", "ac", "implicit"):
+                if key in d and not isinstance(d[key], bool):
+                    raise BadInputError(f"{path}:{n}: \"{key}\" must be true or false")
+            va = parse_int(d["va"], f"{path}:{n}: va")
+            access = d.get("access", "read")
+            if access not in ("read", "write", "fetch"):
+                raise BadInputError(f"{path}:{n}: access must be read, write or fetch, not {access!r}")
+            probes.append((va, Access(access, user=d.get("user", False), ac=d.get("ac", False),
+                                      implicit=d.get("implicit", False))))
+    return probes
+
+
+def cmd_probe(args) -> int:
+    from x86pt.image import open_image
+    from x86pt.walk import Translation, walk
+    probes = read_probes(args.probes)
+    with open_image(args.image, args) as img:
+        mem = img.memory
+        if args.update_ad:
+            from x86pt.memory.sparse import SparseMemory
+            overlay = _Overlay(mem)
+            mem = overlay
+        out = []
+        for va, acc in probes:
+            r = walk(img.state, mem, va, acc, update_ad=args.update_ad)
+            ok = isinstance(r, Translation)
+            rec = {"va": hex(va), "access": acc.kind, "user": acc.user, "outcome": r.outcome,
+                   "pa": hex(r.pa) if ok else None, "page_size": r.page_size if ok else None,
+                   "error_code": None if ok else r.error_code,
+                   "cr2": None if ok or r.cr2 is None else hex(r.cr2)}
+            out.append(rec)
+    for rec in out:
+        if args.json:
+            emit_json(rec)
+        else:
+            extra = (f"pa={rec['pa']} size={rec['page_size']}" if rec["outcome"] == "ok" else
+                     f"error_code={rec['error_code']:#x}" + (f" cr2={rec['cr2']}" if rec["cr2"] else ""))
+            print(f"{rec['va']} {rec['access']:<5} {'user' if rec['user'] else 'sup ':<4} "
+                  f"{rec['outcome']:<18} {extra}")
+    return 0
+
+
+class _Overlay:
+    """Copy-on-write view of a read-only image, so --update-ad never writes the input file."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+        self.dirty: dict[int, int] = {}
+
+    def read_u64(self, pa: int) -> int:
+        v = self.dirty.get(pa)
+        return self.base.read_u64(pa) if v is None else v
+
+    def write_u64(self, pa: int, value: int) -> None:
+        self.dirty[pa] = value
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+# -- build ----------------------------------------------------------------------------------------
+def write_image(memory, state, path: str, fmt: str | None = None) -> str:
+    """Write an image as an ELF core (default for .elf/.core/.vmcore names) or raw."""
+    from x86pt.memory import write_elf_core, write_lime
+    from x86pt.memory.atomic import write_bytes_atomic
+    if fmt is None:
+        fmt = "raw" if path.endswith((".raw", ".bin", ".img", ".mem")) else "elf"
+    if fmt == "elf":
+        write_elf_core(path, memory, cr0=state.cr0, cr3=state.cr3, cr4=state.cr4, efer=state.efer,
+                       pkru=state.pkru, pkrs=state.pkrs, maxphyaddr=state.m, vendor=state.vendor,
+                       profile=state.profile.name)
+    elif fmt == "raw":
+        write_bytes_atomic(path, memory.to_bytes())
+    elif fmt == "lime":
+        write_lime(path, memory)
+    else:
+        raise BadInputError(f"unknown output format {fmt!r} (elf, raw or lime)")
+    return fmt
+
+
+def cmd_build(args) -> int:
+    from x86pt.build import build_from_spec
+    try:
+        with open(args.spec, "r", encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise BadInputError(f"cannot read spec {args.spec}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise BadInputError(f"spec {args.spec} is not UTF-8 text") from None
+    memory, state = build_from_spec(text, args.spec)
+    fmt = write_image(memory, state, args.output, args.out_format)
+    if args.json:
+        emit_json({"image": args.output, "format": fmt, **state.to_json(),
+                   "table_pages": len(memory.pages)})
+    else:
+        print(f"wrote {args.output} ({fmt}): {state.describe()}")
+        if fmt == "raw":
+            print(f"  walk it with: x86pt walk {args.output} VA --cr3 {state.cr3:#x} --cr4 {state.cr4:#x} "
+                  f"--efer {state.efer:#x}")
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from x86pt.demo import run_demo
+    return run_demo(args)
+
+
+# -- plumbing ---------------------------------------------------------------------------------------
+def _add_access_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--access", choices=("read", "write", "fetch"), default="read")
+    p.add_argument("--user", action="store_true", help="access from CPL 3")
+    p.add_argument("--ac", action="store_true", help="EFLAGS.AC=1 (SMAP override)")
+    p.add_argument("--implicit", action="store_true", help="implicit supervisor access (GDT/IDT/TSS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from x86pt.image import add_state_args
+    p = argparse.ArgumentParser(prog="x86pt", description="x86-64 page tables: model, oracles, dumps, CPA")
+    p.add_argument("--version", action="version", version=f"x86pt {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("decode", help="decode one entry: every field, reserved bits flagged")
+    d.add_argument("value")
+    d.add_argument("--kind", required=True, help="pml5e pml4e pdpte pdpte1g pde pde2m pte")
+    d.add_argument("--maxphyaddr", default="52")
+    d.add_argument("--vendor", choices=("intel", "amd"), default="intel")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_decode)
+
+    e = sub.add_parser("encode", help="encode one entry from FIELD=VALUE pairs")
+    e.add_argument("--kind", required=True)
+    e.add_argument("fields", nargs="*", metavar="FIELD=V", help="e.g. p=1 rw=1 addr=0x1234 (or pa=0x1234000)")
+    e.add_argument("--maxphyaddr", default="52")
+    e.add_argument("--vendor", choices=("intel", "amd"), default="intel")
+    e.add_argument("-v", "--verbose", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_encode)
+
+    for name, func, helptext in (("translate", cmd_translate, "translate virtual addresses"),
+                                 ("walk", cmd_walk, "walk step by step, each entry decoded")):
+        t = sub.add_parser(name, help=helptext)
+        t.add_argument("image")
+        t.add_argument("va", nargs="+")
+        _add_access_args(t)
+        add_state_args(t)
+        t.add_argument("--strict", action="store_true", help="exit 1 if any access faults")
+        t.add_argument("--json", action="store_true")
+        t.set_defaults(func=func)
+
+    pr = sub.add_parser("probe", help="run a JSONL probe list through the model")
+    pr.add_argument("image")
+    pr.add_argument("--probes", required=True, metavar="FILE.jsonl", help="probe list ('-' for stdin)")
+    add_state_args(pr)
+    pr.add_argument("--update-ad", action="store_true", help="carry A/D updates from probe to probe")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_probe)
+
+    b = sub.add_parser("build", help="build an image from a TOML spec of mappings")
+    b.add_argument("spec")
+    b.add_argument("-o", "--output", required=True)
+    b.add_argument("--out-format", choices=("elf", "raw", "lime"), default=None)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_build)
+
+    dm = sub.add_parser("demo", help="build an embedded Linux-like address space and show x86pt at work")
+    dm.add_argument("--out", default=None, help="directory for the demo's files (default: a temp dir)")
+    dm.add_argument("--json", action="store_true")
+    dm.set_defaults(func=cmd_demo)
+
+    for mod in PLUGINS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and (mod == e.name or mod.startswith(e.name + ".")):
+                continue
+            raise
+        m.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = bool(os.environ.get("X86PT_DEBUG"))
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except X86ptError as e:
+        print(f"x86pt: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print("x86pt: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # never a traceback for the user; X86PT_DEBUG=1 shows it
+        if debug:
+            raise
+        print(f"x86pt: internal error: {type(e).__name__}: {e} (X86PT_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Pure functions that turn entries and walk results into text or JSON-ready dicts (cf.
+pyelftools' descriptions.py). They never read memory."""
+from __future__ import annotations
+
+from x86pt.fields import Kind, Role, fields_for
+from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState
+from x86pt.walk import GeneralProtection, PageFault, Result, Translation, rsvd_mask
+
+_FLAG_LETTERS = (("xd", "XD"), ("g", "G"), ("ps", "PS"), ("pat", "PAT"), ("d", "D"), ("a", "A"),
+                 ("pcd", "PCD"), ("pwt", "PWT"), ("us", "US"), ("rw", "RW"), ("p", "P"))
+
+
+def decode_entry(raw: int, kind: Kind, maxphyaddr: int = 52, vendor: str = "intel",
+                 state: PagingState | None = None) -> dict:
+    """Every field of the entry, with its bits, role and value; reserved bits that are set are
+    listed (with `state`, the walk-time rules — XD without NXE, PS without 1G pages — too)."""
+    fields = []
+    flagged = 0
+    for f in fields_for(kind, maxphyaddr, vendor):
+        v = f.get(raw)
+        item = {"name": f.name, "bits": f"{f.hi}:{f.lo}" if f.hi != f.lo else str(f.lo),
+                "role": f.role.value, "value": v}
+        if f.role is Role.ADDR:
+            item["address"] = hex(v << f.lo)
+        if f.role is Role.RSVD and v:
+            flagged |= f.get(raw) << f.lo
+        fields.append(item)
+    if state is not None:
+        from x86pt.fields import LEVEL_OF_KIND
+        flagged = raw & rsvd_mask(state, LEVEL_OF_KIND[kind], kind)
+    present = bool(raw & 1)
+    return {"kind": kind.value, "name": kind.sdm_name, "raw": f"{raw:#018x}", "present": present,
+            "reserved_set": hex(flagged) if flagged and present else None,
+            "reserved_set_if_present": hex(flagged) if flagged else None, "fields": fields}
+
+
+def entry_flags(raw: int, kind: Kind) -> str:
+    """Short flag string of an entry, e.g. 'P RW US A D XD'."""
+    names = {f.name for f in fields_for(kind)}
+    out = []
+    for name, letter in _FLAG_LETTERS:
+        if name in names:
+            f = next(x for x in fields_for(kind) if x.name == name)
+            if f.get(raw) and f.role is not Role.RSVD:
+                out.append(letter)
+    if "pk" in names and (raw >> 59) & 0xF:
+        out.append(f"PK={(raw >> 59) & 0xF}")
+    return " ".join(reversed(out))
+
+
+def render_decode(d: dict) -> str:
+    lines = [f"{d['name']}  {d['raw']}" + ("" if d["present"] else "  (not present: bits 63:1 ignored)")]
+    for f in d["fields"]:
+        mark = ""
+        if f["role"] == "reserved" and f["value"]:
+            mark = "  <- RESERVED BIT SET" + ("" if d["present"] else " (ignored: P=0)")
+        val = f.get("address") or (hex(f["value"]) if f["value"] > 1 or f["role"] in ("ignored", "reserved", "pk") else str(f["value"]))
+        lines.append(f"  {f['bits']:>6}  {f['name']:<8} {val:<20} {f['role']}{mark}")
+    if d["reserved_set"]:
+        lines.append(f"  reserved bits set: {d['reserved_set']} -> #PF with RSVD on any walk through it")
+    return "\n".join(lines)
+
+
+def error_code_names(code: int) -> str:
+    names = [n for bit, n in ((PF_P, "P"), (PF_W, "W"), (PF_U, "U"), (PF_RSVD, "RSVD"), (PF_ID, "I/D"),
+                              (PF_PK, "PK")) if code & bit]
+    return "|".join(names) if names else "0"
+
+
+def result_json(r: Result) -> dict:
+    base = {"va": hex(r.va), "outcome": r.outcome}
+    if isinstance(r, Translation):
+        base.update(pa=hex(r.pa), page_size=r.page_size, level=r.level, error_code=None, cr2=None,
+                    rights={"user": r.rights.user, "writable": r.rights.writable,
+                            "executable": r.rights.executable, "pkey": r.rights.pkey})
+    elif isinstance(r, PageFault):
+        base.update(pa=None, page_size=None, error_code=r.error_code, cr2=hex(r.cr2), reason=r.reason)
+    else:
+        base.update(pa=None, page_size=None, error_code=r.error_code,
+                    cr2=None if r.cr2 is None else hex(r.cr2), reason=r.reason)
+    base["steps"] = [s.to_json() | {"flags": entry_flags(s.raw, s.kind)} for s in r.steps]
+    return base
+
+
+def render_result(r: Result, *, steps: bool = False) -> str:
+    lines = []
+    if steps:
+        for s in r.steps:
+            idx = (r.va >> s.level.shift) & 0x1FF
+            lines.append(f"  {s.level.table:<4}[{idx:3d}] @ {s.entry_addr:#014x} = {s.raw:#018x}  "
+                         f"{s.kind.sdm_name:<16} {entry_flags(s.raw, s.kind)}")
+    if isinstance(r, Translation):
+        size = {1 << 12: "4K", 1 << 21: "2M", 1 << 30: "1G"}[r.page_size]
+        rt = r.rights
+        lines.append(f"{r.va:#018x} -> {r.pa:#x}  ({size} page, {'user' if rt.user else 'supervisor'}, "
+                     f"{'rw' if rt.writable else 'ro'}, {'x' if rt.executable else 'nx'}"
+                     + (f", pkey {rt.pkey}" if rt.pkey else "") + ")")
+    elif isinstance(r, PageFault):
+        lines.append(f"{r.va:#018x}: #PF error code {r.error_code:#x} ({error_code_names(r.error_code)}), "
+                     f"CR2={r.cr2:#x}: {r.reason}")
+    elif isinstance(r, GeneralProtection):
+        lines.append(f"{r.va:#018x}: #GP({r.error_code}): {r.reason}")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""An image = a physical memory source + the paging state to walk it with. Registers come from the
+ELF core's notes when present and are overridden by command-line values."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from x86pt.errors import BadInputError
+from x86pt.memory import MemoryBase, open_memory
+from x86pt.numbers import parse_int
+from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE,
+                         PagingState, profile_named)
+
+
+@dataclass
+class Image:
+    memory: MemoryBase
+    state: PagingState
+    path: str
+    notes: tuple[str, ...] = ()     # what was assumed (e.g. EFER not in the core)
+
+    def close(self) -> None:
+        self.memory.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def add_state_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("paging state (default: from the ELF core's notes)")
+    for reg in ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs"):
+        g.add_argument(f"--{reg}", metavar="N", help=f"{reg.upper()} (decimal or 0x-hex)")
+    g.add_argument("--maxphyaddr", metavar="M", help="MAXPHYADDR (default: the profile's)")
+    g.add_argument("--profile", default=None,
+                   help="intel (default), amd, qemu, unicorn or kvm")
+    g.add_argument("--format", dest="image_format", choices=("elf", "lime", "raw"),
+                   help="image format (default: detected)")
+
+
+def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None,
+                    profile_hint: str | None = None) -> tuple[PagingState, tuple[str, ...]]:
+    regs = dict(regs or {})
+    notes: list[str] = []
+    for reg in ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs"):
+        v = getattr(args, reg, None)
+        if v is not None:
+            regs[reg] = parse_int(v, f"--{reg}", hi=(1 << 32) - 1 if reg in ("pkru", "pkrs") else (1 << 64) - 1)
+    if "cr3" not in regs:
+        raise BadInputError("no CR3: the image has no CPU-state note; pass --cr3")
+    if "cr0" not in regs:
+        regs["cr0"] = CR0_PE | CR0_PG | CR0_WP
+        notes.append("CR0 not given: assuming PE|PG|WP")
+    if "cr4" not in regs:
+        regs["cr4"] = CR4_PAE
+        notes.append("CR4 not given: assuming PAE only")
+    if "efer" not in regs:
+        regs["efer"] = EFER_LME | EFER_LMA | EFER_NXE
+        notes.append("EFER not in the image: assuming LME|LMA|NXE (pass --efer)")
+    prof = profile_named(getattr(args, "profile", None) or profile_hint or "intel")
+    m = getattr(args, "maxphyaddr", None)
+    if m is not None:
+        m = parse_int(m, "--maxphyaddr", lo=32, hi=52)
+    elif "maxphyaddr" in regs:
+        m = regs["maxphyaddr"]
+    st = PagingState(cr0=regs["cr0"], cr3=regs["cr3"], cr4=regs["cr4"], efer=regs["efer"],
+                     pkru=regs.get("pkru", 0), pkrs=regs.get("pkrs", 0), profile=prof, maxphyaddr=m)
+    st.check()
+    return st, tuple(notes)
+
+
+def open_image(path: str, args: argparse.Namespace | None = None) -> Image:
+    args = args or argparse.Namespace()
+    mem = open_memory(path, getattr(args, "image_format", None))
+    try:
+        st, notes = state_from_args(args, getattr(mem, "control_registers", {}),
+                                    getattr(mem, "profile_name", None))
+    except Exception:
+        mem.close()
+        raise
+    return Image(mem, st, path, notes)

@@ -1,0 +1,42 @@
+"""Physical memory sources and image files."""
+from __future__ import annotations
+
+import os
+
+from x86pt.errors import ImageError
+from x86pt.memory.base import PAGE, MemoryBase, PhysicalMemory, Segment
+from x86pt.memory.elfcore import ElfCore, write_elf_core
+from x86pt.memory.lime import LIME_MAGIC, LimeFile, write_lime
+from x86pt.memory.raw import RawFile
+from x86pt.memory.sparse import SparseMemory
+
+__all__ = ["PAGE", "MemoryBase", "PhysicalMemory", "Segment", "ElfCore", "LimeFile", "RawFile",
+           "SparseMemory", "open_memory", "write_elf_core", "write_lime", "image_format"]
+
+
+def image_format(path: str) -> str:
+    """'elf', 'lime' or 'raw', from the first bytes of the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ImageError(f"cannot open {path}: {e.strerror}") from None
+    if head == b"\x7fELF":
+        return "elf"
+    if len(head) == 4 and int.from_bytes(head, "little") == LIME_MAGIC:
+        return "lime"
+    return "raw"
+
+
+def open_memory(path: str, fmt: str | None = None) -> MemoryBase:
+    """Open an image read-only: ELF core, LiME or raw (auto-detected unless `fmt` is given)."""
+    if not os.path.exists(path):
+        raise ImageError(f"no such image: {path}")
+    fmt = fmt or image_format(path)
+    if fmt == "elf":
+        return ElfCore(path)
+    if fmt == "lime":
+        return LimeFile(path)
+    if fmt == "raw":
+        return RawFile(path)
+    raise ImageError(f"unknown image format {fmt!r} (elf, lime or raw)")

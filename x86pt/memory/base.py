@@ -1,0 +1,98 @@
+"""Physical memory sources answer `read(pa, n)` and list their segments (cf. volatility3's layers).
+
+A source is one of: SparseMemory (pages in RAM, writable), RawFile (file offset = physical
+address, mmap'd read-only), ElfCore (QEMU dump-guest-memory layout, PT_LOAD keyed by p_paddr),
+LiME. Reading outside every segment raises PhysicalAddressError.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Protocol, runtime_checkable
+
+import numpy as np
+
+from x86pt.errors import PhysicalAddressError
+
+_Q = struct.Struct("<Q")
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int   # physical address of the first byte
+    end: int     # one past the last byte
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@runtime_checkable
+class PhysicalMemory(Protocol):
+    def read(self, pa: int, n: int) -> bytes: ...
+
+    def read_u64(self, pa: int) -> int: ...
+
+    def segments(self) -> list[Segment]: ...
+
+    def table(self, pa: int) -> np.ndarray: ...
+
+
+class MemoryBase:
+    """Shared helpers; subclasses implement `read` and `segments` (and may speed up the rest)."""
+
+    writable = False
+    control_registers: dict[str, int] = {}
+
+    def segments(self) -> list[Segment]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self, pa: int, n: int) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read_u64(self, pa: int) -> int:
+        return _Q.unpack(self.read(pa, 8))[0]
+
+    def table(self, pa: int) -> np.ndarray:
+        """The 512 entries of the 4 KiB table at `pa` (page-aligned) as uint64."""
+        return np.frombuffer(self.read(pa & ~0xFFF, PAGE), dtype="<u8")
+
+    def contains(self, pa: int, n: int = 1) -> bool:
+        return any(s.start <= pa and pa + n <= s.end for s in self.segments())
+
+    @property
+    def end(self) -> int:
+        segs = self.segments()
+        return max((s.end for s in segs), default=0)
+
+    def write(self, pa: int, data: bytes) -> None:
+        raise PhysicalAddressError(f"{type(self).__name__} is read-only (write at {pa:#x})", pa)
+
+    def write_u64(self, pa: int, value: int) -> None:
+        self.write(pa, _Q.pack(value))
+
+    def _outside(self, pa: int, n: int) -> PhysicalAddressError:
+        segs = self.segments()
+        where = (f"image holds {len(segs)} segment(s) up to {self.end:#x}" if segs else "image is empty")
+        return PhysicalAddressError(f"physical read of {n} bytes at {pa:#x} is outside the image "
+                                    f"({where})", pa)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def merge_segments(segs: Iterable[Segment]) -> list[Segment]:
+    out: list[Segment] = []
+    for s in sorted(segs, key=lambda s: s.start):
+        if out and s.start <= out[-1].end:
+            out[-1] = Segment(out[-1].start, max(out[-1].end, s.end))
+        else:
+            out.append(s)
+    return out

@@ -1,0 +1,108 @@
+"""Sparse physical memory in RAM: 4 KiB pages created on first write. The builder, the CPA
+model and the oracle rig build images here. Reads of pages never written return zeros inside
+`size` (like fresh RAM) and raise PhysicalAddressError beyond it."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from x86pt.errors import PhysicalAddressError
+from x86pt.memory.base import PAGE, MemoryBase, Segment, merge_segments
+
+_Q = struct.Struct("<Q")
+_ZERO = bytes(PAGE)
+
+
+class SparseMemory(MemoryBase):
+    writable = True
+
+    def __init__(self, size: int = 1 << 52) -> None:
+        self.size = size
+        self.pages: dict[int, bytearray] = {}
+        self.control_registers: dict[str, int] = {}
+
+    def _check(self, pa: int, n: int) -> None:
+        if pa < 0 or n < 0 or pa + n > self.size:
+            raise PhysicalAddressError(
+                f"physical access of {n} bytes at {pa:#x} is outside memory of {self.size:#x} bytes", pa)
+
+    def read(self, pa: int, n: int) -> bytes:
+        self._check(pa, n)
+        pn, off = divmod(pa, PAGE)
+        if off + n <= PAGE:
+            page = self.pages.get(pn)
+            return bytes(page[off:off + n]) if page is not None else bytes(n)
+        out = bytearray()
+        while n > 0:
+            pn, off = divmod(pa, PAGE)
+            take = min(n, PAGE - off)
+            page = self.pages.get(pn)
+            out += page[off:off + take] if page is not None else bytes(take)
+            pa += take
+            n -= take
+        return bytes(out)
+
+    def read_u64(self, pa: int) -> int:
+        pn, off = divmod(pa, PAGE)
+        if off <= PAGE - 8 and 0 <= pa and pa + 8 <= self.size:
+            page = self.pages.get(pn)
+            return _Q.unpack_from(page, off)[0] if page is not None else 0
+        return _Q.unpack(self.read(pa, 8))[0]
+
+    def write(self, pa: int, data: bytes) -> None:
+        self._check(pa, len(data))
+        mv = memoryview(data)
+        while len(mv):
+            pn, off = divmod(pa, PAGE)
+            take = min(len(mv), PAGE - off)
+            page = self.pages.get(pn)
+            if page is None:
+                page = self.pages[pn] = bytearray(PAGE)
+            page[off:off + take] = mv[:take]
+            mv = mv[take:]
+            pa += take
+
+    def write_u64(self, pa: int, value: int) -> None:
+        pn, off = divmod(pa, PAGE)
+        if off <= PAGE - 8 and 0 <= pa and pa + 8 <= self.size:
+            page = self.pages.get(pn)
+            if page is None:
+                page = self.pages[pn] = bytearray(PAGE)
+            _Q.pack_into(page, off, value)
+        else:
+            self.write(pa, _Q.pack(value))
+
+    def table(self, pa: int) -> np.ndarray:
+        page = self.pages.get((pa & ~0xFFF) // PAGE)
+        if page is None:
+            self._check(pa & ~0xFFF, PAGE)
+            return np.zeros(512, dtype="<u8")
+        return np.frombuffer(bytes(page), dtype="<u8")
+
+    def segments(self) -> list[Segment]:
+        """The pages that hold data (written at least once), merged into runs."""
+        return merge_segments(Segment(pn * PAGE, (pn + 1) * PAGE) for pn in self.pages)
+
+    def contains(self, pa: int, n: int = 1) -> bool:
+        return 0 <= pa and pa + n <= self.size
+
+    @property
+    def end(self) -> int:
+        return max(((pn + 1) * PAGE for pn in self.pages), default=0)
+
+    def copy(self) -> "SparseMemory":
+        out = SparseMemory(self.size)
+        out.pages = {pn: bytearray(p) for pn, p in self.pages.items()}
+        out.control_registers = dict(self.control_registers)
+        return out
+
+    def to_bytes(self, end: int | None = None) -> bytes:
+        """A flat raw image (file offset = physical address) up to `end` (default: last page)."""
+        end = self.end if end is None else end
+        out = bytearray(end)
+        for pn, page in self.pages.items():
+            start = pn * PAGE
+            if start < end:
+                out[start:min(end, start + PAGE)] = page[:max(0, min(PAGE, end - start))]
+        return bytes(out)

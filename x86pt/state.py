@@ -1,0 +1,268 @@
+"""PagingState: the architectural inputs of a walk, and Profiles: the named, tested ways an
+implementation (a vendor's manual, or an oracle we compare with) behaves.
+
+Control-register bits: SDM Vol. 3A §2.5 (CR0/CR4), §2.2.1 (EFER); spec/paging.md §1.1.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from x86pt.errors import BadInputError, StateError
+from x86pt.fields import levels_for, Level
+
+CR0_PE = 1 << 0
+CR0_MP = 1 << 1
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+
+CR4_PSE = 1 << 4
+CR4_PAE = 1 << 5
+CR4_PGE = 1 << 7
+CR4_LA57 = 1 << 12
+CR4_PCIDE = 1 << 17
+CR4_SMEP = 1 << 20
+CR4_SMAP = 1 << 21
+CR4_PKE = 1 << 22
+CR4_PKS = 1 << 24
+
+EFER_SCE = 1 << 0
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NXE = 1 << 11
+
+RFLAGS_AC = 1 << 18
+
+# #PF error code bits (SDM Vol. 3A §4.7).
+PF_P = 1 << 0
+PF_W = 1 << 1
+PF_U = 1 << 2
+PF_RSVD = 1 << 3
+PF_ID = 1 << 4
+PF_PK = 1 << 5
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the modelled CPU supports (CPUID). Only `gbpages` changes a walk by itself (PDPTE.PS is
+    reserved without it); the others say which CR4 bits the CPU would accept."""
+
+    gbpages: bool = True
+    la57: bool = True
+    pku: bool = True
+    pks: bool = False
+    smep: bool = True
+    smap: bool = True
+    nx: bool = True
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named set of behaviours. `intel` and `amd` follow the manuals; `qemu`, `unicorn` and `kvm`
+    carry the deviations measured on those oracles (spec/oracle-*.md), each with a test in
+    tests/test_profiles_proven.py that shows the oracle still deviates that way."""
+
+    name: str
+    vendor: str = "intel"
+    maxphyaddr: int = 46
+    features: Features = field(default_factory=Features)
+    # RSVD faults carry P=1 (SDM). QEMU >= 7.2 TCG reports 0x08 without P (paging.md §11.2 #1).
+    rsvd_sets_p: bool = True
+    # PDPTE.PS is honoured even when the CPU lacks 1-GByte pages (QEMU/unicorn, §11.2 #4).
+    ps_1g_without_gbpages: bool = False
+    # AMD reserves bit 8 of PML4E/PML5E; QEMU's AMD models do not check it (§11.2 #5).
+    amd_top_bit8_reserved: bool = True
+    # A 1G leaf gets A=1 before its reserved-bit and rights checks (QEMU/unicorn, §11.2 #3).
+    a_on_1g_leaf_before_checks: bool = False
+    # A faulting walk: 'used' sets A in the non-leaf entries it used (hardware may), 'none' leaves
+    # every entry alone (KVM's software walker). Tests treat this as don't-care (KUT does too).
+    a_on_faulting_walk: str = "used"
+    # Implicit supervisor accesses at CPL<3 honour EFLAGS.AC for SMAP (QEMU/unicorn, §11.2 #6).
+    implicit_smap_honours_ac: bool = False
+    # A non-canonical access writes CR2 (predicted for QEMU by code reading; not seen on 7.2.22).
+    gp_writes_cr2: bool = False
+    # What a read of an unbacked physical address returns: 'error', 'zero' (unicorn D6), 'ones'.
+    unbacked_read: str = "error"
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.vendor not in ("intel", "amd"):
+            raise BadInputError(f"vendor must be intel or amd, not {self.vendor!r}")
+        if self.a_on_faulting_walk not in ("used", "none"):
+            raise BadInputError("a_on_faulting_walk must be 'used' or 'none'")
+        if self.unbacked_read not in ("error", "zero", "ones"):
+            raise BadInputError("unbacked_read must be 'error', 'zero' or 'ones'")
+
+    @property
+    def top_bit8_reserved(self) -> bool:
+        return self.vendor == "amd" and self.amd_top_bit8_reserved
+
+
+PROFILES: dict[str, Profile] = {
+    "intel": Profile("intel", note="Intel SDM Vol. 3A ch. 4"),
+    "amd": Profile("amd", vendor="amd", maxphyaddr=48, features=Features(pks=False),
+                   note="AMD APM Vol. 2 ch. 5: PML4E/PML5E bit 8 reserved"),
+    # QEMU 7.2 TCG, -cpu max (AuthenticAMD, phys-bits 40): spec/oracle-qemu-kvm.md §0, §6.
+    "qemu": Profile("qemu", vendor="amd", maxphyaddr=40,
+                    features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
+                    rsvd_sets_p=False, ps_1g_without_gbpages=True, amd_top_bit8_reserved=False,
+                    a_on_1g_leaf_before_checks=True, implicit_smap_honours_ac=True,
+                    note="QEMU 7.2.22 TCG -cpu max"),
+    # unicorn 2.1.4 (QEMU 5.0 MMU inside), Icelake-Server model: spec/oracle-unicorn.md §5.
+    "unicorn": Profile("unicorn", vendor="intel", maxphyaddr=40,
+                       features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
+                       ps_1g_without_gbpages=True, a_on_1g_leaf_before_checks=True,
+                       implicit_smap_honours_ac=True, unbacked_read="zero",
+                       note="unicorn 2.1.4, UC_CPU_X86_ICELAKE_SERVER"),
+    # This host's KVM (kvm_pvm, AMD, shadow paging): spec/oracle-qemu-kvm.md §5.
+    "kvm": Profile("kvm", vendor="amd", maxphyaddr=48,
+                   features=Features(gbpages=False, la57=False, pku=False, smep=True, smap=True),
+                   a_on_faulting_walk="none", note="KVM on this host (AMD, kvm_pvm)"),
+}
+
+
+def profile_named(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise BadInputError(f"unknown profile {name!r} (one of {', '.join(PROFILES)})") from None
+
+
+@dataclass(frozen=True)
+class PagingState:
+    """The architectural state a walk depends on. Defaults: 4-level IA-32e paging, WP=1, NXE=1."""
+
+    cr3: int = 0
+    cr0: int = CR0_PE | CR0_PG | CR0_WP
+    cr4: int = CR4_PAE
+    efer: int = EFER_LME | EFER_LMA | EFER_NXE
+    pkru: int = 0
+    pkrs: int = 0
+    profile: Profile = field(default_factory=lambda: PROFILES["intel"])
+    maxphyaddr: int | None = None     # None: the profile's
+
+    def __post_init__(self) -> None:
+        for name in ("cr0", "cr3", "cr4", "efer"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 0 <= v < (1 << 64):
+                raise BadInputError(f"{name} must be a 64-bit unsigned integer, not {v!r}")
+        for name in ("pkru", "pkrs"):
+            v = getattr(self, name)
+            if not 0 <= v < (1 << 32):
+                raise BadInputError(f"{name} must be a 32-bit unsigned integer, not {v!r}")
+        if self.maxphyaddr is not None and not 32 <= self.maxphyaddr <= 52:
+            raise BadInputError(f"MAXPHYADDR must be between 32 and 52, not {self.maxphyaddr}")
+
+    def replace(self, **kw) -> "PagingState":
+        return dataclasses.replace(self, **kw)
+
+    # -- derived facts ---------------------------------------------------------------------------
+    @property
+    def m(self) -> int:
+        return self.maxphyaddr if self.maxphyaddr is not None else self.profile.maxphyaddr
+
+    @property
+    def vendor(self) -> str:
+        return self.profile.vendor
+
+    @property
+    def wp(self) -> bool:
+        return bool(self.cr0 & CR0_WP)
+
+    @property
+    def nxe(self) -> bool:
+        return bool(self.efer & EFER_NXE)
+
+    @property
+    def la57(self) -> bool:
+        return bool(self.cr4 & CR4_LA57)
+
+    @property
+    def smep(self) -> bool:
+        return bool(self.cr4 & CR4_SMEP)
+
+    @property
+    def smap(self) -> bool:
+        return bool(self.cr4 & CR4_SMAP)
+
+    @property
+    def pke(self) -> bool:
+        return bool(self.cr4 & CR4_PKE)
+
+    @property
+    def pks(self) -> bool:
+        return bool(self.cr4 & CR4_PKS)
+
+    @property
+    def paging_levels(self) -> int:
+        return 5 if self.la57 else 4
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        return levels_for(self.paging_levels)
+
+    @property
+    def va_bits(self) -> int:
+        return 57 if self.la57 else 48
+
+    @property
+    def phys_mask(self) -> int:
+        """Bits M-1:12: what CR3 and table entries contribute to an address."""
+        return ((1 << self.m) - 1) & ~0xFFF
+
+    @property
+    def root(self) -> int:
+        """Physical address of the PML4 (or PML5) table (SDM §4.5.2: CR3 bits M-1:12)."""
+        return self.cr3 & self.phys_mask
+
+    @property
+    def gbpages_ok(self) -> bool:
+        return self.profile.features.gbpages or self.profile.ps_1g_without_gbpages
+
+    def check(self) -> None:
+        """Raise StateError unless the registers describe IA-32e (4- or 5-level) paging."""
+        missing = [n for n, ok in (("CR0.PG", self.cr0 & CR0_PG), ("CR0.PE", self.cr0 & CR0_PE),
+                                   ("CR4.PAE", self.cr4 & CR4_PAE), ("EFER.LME", self.efer & EFER_LME))
+                   if not ok]
+        if missing:
+            raise StateError("not IA-32e paging: " + ", ".join(missing) + " clear "
+                             f"(cr0={self.cr0:#x} cr4={self.cr4:#x} efer={self.efer:#x})")
+
+    def canonical(self, va: int) -> bool:
+        """SDM §3.3.7.1: bits 63:47 (or 63:56 with LA57) all equal."""
+        top = va >> (self.va_bits - 1)
+        return top == 0 or top == (1 << (65 - self.va_bits)) - 1
+
+    def sign_extend(self, va: int) -> int:
+        bits = self.va_bits
+        va &= (1 << bits) - 1
+        if va >> (bits - 1):
+            va |= ((1 << 64) - 1) & ~((1 << bits) - 1)
+        return va
+
+    def describe(self) -> str:
+        bits = []
+        for name, on in (("WP", self.wp), ("NXE", self.nxe), ("LA57", self.la57), ("SMEP", self.smep),
+                         ("SMAP", self.smap), ("PKE", self.pke), ("PKS", self.pks)):
+            if on:
+                bits.append(name)
+        return (f"cr0={self.cr0:#x} cr3={self.cr3:#x} cr4={self.cr4:#x} efer={self.efer:#x} "
+                f"pkru={self.pkru:#x} M={self.m} {self.vendor} profile={self.profile.name} "
+                f"[{' '.join(bits)}]")
+
+    def to_json(self) -> dict:
+        return {"cr0": hex(self.cr0), "cr3": hex(self.cr3), "cr4": hex(self.cr4),
+                "efer": hex(self.efer), "pkru": hex(self.pkru), "pkrs": hex(self.pkrs),
+                "maxphyaddr": self.m, "profile": self.profile.name}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PagingState":
+        from x86pt.numbers import parse_int
+        prof = profile_named(d.get("profile", "intel"))
+        return cls(cr0=parse_int(d.get("cr0", cls.cr0), "cr0"), cr3=parse_int(d.get("cr3", 0), "cr3"),
+                   cr4=parse_int(d.get("cr4", CR4_PAE), "cr4"),
+                   efer=parse_int(d.get("efer", cls.efer), "efer"),
+                   pkru=parse_int(d.get("pkru", 0), "pkru"), pkrs=parse_int(d.get("pkrs", 0), "pkrs"),
+                   profile=prof, maxphyaddr=int(d["maxphyaddr"]) if "maxphyaddr" in d else None)

@@ -1,0 +1,292 @@
+"""One linear-address translation, with the full IA-32e semantics (Intel SDM Vol. 3A §4.5-4.8,
+spec/paging.md §1-§8): canonical check, 4/5 levels, 4K/2M/1G leaves, reserved bits (MAXPHYADDR,
+vendor, NXE, PS where it is reserved, large-frame alignment), RW/US ANDed and XD ORed across
+levels, WP, SMEP, SMAP with EFLAGS.AC (explicit vs implicit), PKRU/PKRS, the #PF error code and
+CR2, and optionally the A/D writes a processor would make.
+
+Result: Translation | PageFault | GeneralProtection, each carrying the steps taken.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from x86pt.errors import BadInputError, PhysicalAddressError
+from x86pt.fields import Kind, Level, masks_for
+from x86pt.state import (PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState)
+
+ACCESS_KINDS = ("read", "write", "fetch")
+BIT_A = 1 << 5
+BIT_D = 1 << 6
+BIT_PS = 1 << 7
+BIT_XD = 1 << 63
+BIT_8 = 1 << 8
+
+
+@dataclass(frozen=True)
+class Access:
+    """One memory access. `user` is CPL 3. `implicit` marks a supervisor-mode access the CPU makes
+    itself (GDT/IDT/TSS reads): always a supervisor access, SMAP-checked regardless of AC."""
+
+    kind: str = "read"
+    user: bool = False
+    ac: bool = False
+    implicit: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACCESS_KINDS:
+            raise BadInputError(f"access must be read, write or fetch, not {self.kind!r}")
+
+    @property
+    def user_access(self) -> bool:
+        return self.user and not self.implicit
+
+    def describe(self) -> str:
+        who = "implicit supervisor" if self.implicit else ("user" if self.user else "supervisor")
+        return f"{who} {self.kind}" + (" AC=1" if self.ac else "")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One entry read by the walk."""
+
+    level: Level
+    entry_addr: int
+    raw: int
+    kind: Kind
+
+    def to_json(self) -> dict:
+        return {"level": self.level.number, "table": self.level.table, "entry_addr": hex(self.entry_addr),
+                "raw": f"{self.raw:#018x}", "kind": self.kind.value}
+
+
+@dataclass(frozen=True)
+class Rights:
+    """Effective rights of a translation (SDM §4.6.1): US and RW ANDed, XD ORed over the walk."""
+
+    writable: bool
+    user: bool
+    executable: bool
+    pkey: int
+
+    def letters(self) -> str:
+        return ("u" if self.user else "-") + "r" + ("w" if self.writable else "-") + ("x" if self.executable else "-")
+
+
+@dataclass(frozen=True)
+class Translation:
+    va: int
+    pa: int
+    page_size: int
+    level: int                 # level of the leaf (3 = 1G, 2 = 2M, 1 = 4K)
+    rights: Rights
+    steps: tuple[Step, ...]
+    ad_writes: tuple[tuple[int, int], ...] = ()   # (entry address, new raw value)
+    outcome: str = field(default="ok", init=False)
+
+    @property
+    def leaf(self) -> Step:
+        return self.steps[-1]
+
+
+@dataclass(frozen=True)
+class PageFault:
+    va: int
+    error_code: int
+    cr2: int
+    reason: str
+    steps: tuple[Step, ...]
+    level: int | None          # the level whose entry ended the walk (None: a rights fault)
+    ad_writes: tuple[tuple[int, int], ...] = ()
+    outcome: str = field(default="page_fault", init=False)
+
+
+@dataclass(frozen=True)
+class GeneralProtection:
+    va: int
+    error_code: int
+    cr2: int | None
+    reason: str
+    steps: tuple[Step, ...] = ()
+    outcome: str = field(default="general_protection", init=False)
+
+
+Result = Translation | PageFault | GeneralProtection
+
+
+def rsvd_mask(state: PagingState, level: Level, kind: Kind) -> int:
+    """The reserved bits of a present entry of `kind` at `level` under `state` (SDM §4.5, table 4-
+    14..4-21 'Reserved'; paging.md §3): the field table's RSVD fields (51:M, PS in PML4E/PML5E,
+    large-frame holes, AMD bit 8), plus bit 63 when EFER.NXE=0 and PS in a PDPTE without 1-GByte
+    pages."""
+    m = masks_for(kind, state.m, state.vendor).rsvd
+    if kind in (Kind.PML5E, Kind.PML4E) and state.vendor == "amd" and not state.profile.top_bit8_reserved:
+        m &= ~BIT_8
+    if not state.nxe:
+        m |= BIT_XD
+    if level.number == 3 and not state.gbpages_ok:
+        m |= BIT_PS
+    return m
+
+
+def _error_bits(state: PagingState, access: Access) -> int:
+    code = 0
+    if access.kind == "write":
+        code |= PF_W
+    if access.user_access:
+        code |= PF_U
+    if access.kind == "fetch" and (state.nxe or state.smep):
+        code |= PF_ID
+    return code
+
+
+def check_rights(state: PagingState, rights: Rights, access: Access) -> tuple[bool, bool, str]:
+    """Decide a complete translation's access (SDM §4.6, paging.md §5.3 decision table).
+    Returns (fault, key_denied, reason). PK is reported whenever the key denies (SDM §4.7), even if
+    another rule denies too."""
+    reasons = []
+    user_addr = rights.user
+    fetch = access.kind == "fetch"
+    write = access.kind == "write"
+    if access.user_access:
+        if not user_addr:
+            reasons.append("user access to a supervisor-mode address")
+        else:
+            if write and not rights.writable:
+                reasons.append("user write to a read-only address")
+            if fetch and not rights.executable:
+                reasons.append("fetch from an execute-disabled address")
+    else:
+        if fetch:
+            if user_addr and state.smep:
+                reasons.append("SMEP: supervisor fetch from a user-mode address")
+            if not rights.executable:
+                reasons.append("fetch from an execute-disabled address")
+        else:
+            if user_addr and state.smap:
+                ac_ok = access.ac and (not access.implicit or
+                                       (state.profile.implicit_smap_honours_ac and not access.user))
+                if not ac_ok:
+                    reasons.append("SMAP: supervisor data access to a user-mode address" +
+                                   (" (implicit)" if access.implicit else " with AC=0"))
+            if write and not rights.writable and state.wp:
+                reasons.append("supervisor write to a read-only address with CR0.WP=1")
+    key_denied = False
+    if not fetch:
+        if user_addr and state.pke:
+            reg, regname = state.pkru, "PKRU"
+        elif not user_addr and state.pks:
+            reg, regname = state.pkrs, "PKRS"
+        else:
+            reg = None
+        if reg is not None:
+            ad = (reg >> (2 * rights.pkey)) & 1
+            wd = (reg >> (2 * rights.pkey + 1)) & 1
+            if ad:
+                key_denied = True
+                reasons.append(f"{regname} AD{rights.pkey}=1 denies data access")
+            elif write and wd and (access.user_access or state.wp):
+                key_denied = True
+                reasons.append(f"{regname} WD{rights.pkey}=1 denies the write")
+    return bool(reasons), key_denied, "; ".join(reasons)
+
+
+def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
+         update_ad: bool = False) -> Result:
+    """Translate `va` for `access` under `state`, reading tables from `memory`.
+
+    With `update_ad`, the A/D writes the processor makes are applied to `memory` (SDM §4.8):
+    A in every entry used, D in the leaf on a successful write; a fault leaves the leaf alone and
+    (profile `used`) sets A in the non-leaf entries above it. They are returned either way in
+    `ad_writes`.
+    """
+    access = access or Access()
+    if not 0 <= va < (1 << 64):
+        raise BadInputError(f"virtual address {va:#x} is not a 64-bit value")
+    prof = state.profile
+    if not state.canonical(va):
+        # SDM §6.15 / §3.3.7.1: #GP(0), no table read, CR2 untouched.
+        return GeneralProtection(va, 0, va if prof.gp_writes_cr2 else None,
+                                 f"non-canonical address for {state.va_bits}-bit linear addresses")
+    base_code = _error_bits(state, access)
+    m = state.m
+    vendor = state.vendor
+    table = state.root
+    eff_rw = eff_us = 1
+    eff_xd = 0
+    steps: list[Step] = []
+    used: list[tuple[int, int]] = []     # (entry address, raw) of entries the walk used
+
+    def fault(code: int, reason: str, level: int | None, extra_a: list[tuple[int, int]] = ()) -> PageFault:
+        writes: list[tuple[int, int]] = []
+        if prof.a_on_faulting_walk == "used":
+            writes = [(a, r | BIT_A) for a, r in used if not r & BIT_A]
+        writes += [(a, r | BIT_A) for a, r in extra_a if not r & BIT_A]
+        if update_ad:
+            for a, r in writes:
+                memory.write_u64(a, r)
+        return PageFault(va, code, va, reason, tuple(steps), level, tuple(writes))
+
+    for level in state.levels:
+        e_addr = table | (level.index(va) << 3)
+        try:
+            raw = memory.read_u64(e_addr)
+        except PhysicalAddressError:
+            if prof.unbacked_read == "zero":
+                raw = 0
+            elif prof.unbacked_read == "ones":
+                raw = (1 << 64) - 1
+            else:
+                raise PhysicalAddressError(
+                    f"{level.table} entry at {e_addr:#x} (for va {va:#x}) lies outside the image",
+                    e_addr) from None
+        kind = level.kind_of(raw)
+        steps.append(Step(level, e_addr, raw, kind))
+        if not raw & 1:
+            return fault(base_code, f"{kind.sdm_name} not present", level.number)
+        rsvd = rsvd_mask(state, level, kind)
+        if kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks:
+            # QEMU/unicorn: the high reserved bits are checked, then A is set, then the 1G frame
+            # alignment bits and the rights are checked (paging.md §11.2 #3).
+            low = masks_for(kind, m, vendor).rsvd & ((1 << 30) - 1)
+            if raw & (rsvd & ~low):
+                bad = raw & rsvd & ~low
+                return fault(base_code | PF_RSVD | (PF_P if prof.rsvd_sets_p else 0),
+                             f"reserved bits {bad:#x} set in {kind.sdm_name}", level.number)
+            if raw & low:
+                return fault(base_code | PF_RSVD | (PF_P if prof.rsvd_sets_p else 0),
+                             f"reserved bits {raw & low:#x} set in {kind.sdm_name}", level.number,
+                             [(e_addr, raw)])
+        elif raw & rsvd:
+            return fault(base_code | PF_RSVD | (PF_P if prof.rsvd_sets_p else 0),
+                         f"reserved bits {raw & rsvd:#x} set in {kind.sdm_name}", level.number)
+        eff_rw &= (raw >> 1) & 1
+        eff_us &= (raw >> 2) & 1
+        eff_xd |= raw >> 63
+        if kind.is_leaf:
+            break
+        used.append((e_addr, raw))
+        table = raw & state.phys_mask
+    leaf_raw = raw
+    pkey = (leaf_raw >> 59) & 0xF
+    rights = Rights(bool(eff_rw), bool(eff_us), not (state.nxe and eff_xd), pkey)
+    denied, key_denied, reason = check_rights(state, rights, access)
+    if denied:
+        extra = [(e_addr, leaf_raw)] if kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks else []
+        return fault(base_code | PF_P | (PF_PK if key_denied else 0), reason, None, extra)
+    size = kind.page_size
+    frame = leaf_raw & state.phys_mask & ~(size - 1)
+    pa = frame | (va & (size - 1))
+    writes = [(a, r | BIT_A) for a, r in used if not r & BIT_A]
+    new_leaf = leaf_raw | BIT_A | (BIT_D if access.kind == "write" else 0)
+    if new_leaf != leaf_raw:
+        writes.append((e_addr, new_leaf))
+    if update_ad:
+        for a, r in writes:
+            memory.write_u64(a, r)
+    return Translation(va, pa, size, level.number, rights, tuple(steps), tuple(writes))
+
+
+def translate(state: PagingState, memory, va: int, access: Access | None = None) -> int | None:
+    """The physical address of `va`, or None when the access faults."""
+    r = walk(state, memory, va, access)
+    return r.pa if isinstance(r, Translation) else None
