@@ -1,0 +1,32 @@
+"""Shared test plumbing. Oracle tests call `need_oracle(name)`: it skips with the reason when the
+oracle is missing, and fails instead when X86PT_REQUIRE_ORACLES names that oracle (CI sets it)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+FIXTURES = os.path.join(ROOT, "fixtures")
+
+
+def required_oracles() -> set[str]:
+    return {s.strip() for s in os.environ.get("X86PT_REQUIRE_ORACLES", "").split(",") if s.strip()}
+
+
+def need_oracle(name: str, available: bool, reason: str = "") -> None:
+    """Skip (or, when required, fail) unless oracle `name` is available."""
+    if available:
+        return
+    msg = f"{name} oracle not available: {reason}" if reason else f"{name} oracle not available"
+    if name in required_oracles():
+        pytest.fail(msg + f" (X86PT_REQUIRE_ORACLES={os.environ.get('X86PT_REQUIRE_ORACLES')})")
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def fixtures_dir() -> str:
+    return FIXTURES
