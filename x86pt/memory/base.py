@@ -61,6 +61,17 @@ class MemoryBase:
     def contains(self, pa: int, n: int = 1) -> bool:
         return any(s.start <= pa and pa + n <= s.end for s in self.segments())
 
+    def gather_u64(self, pas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised read of the qwords at 8-aligned physical addresses `pas` (uint64 array).
+        Returns (values, valid): valid is False where the qword is outside the image (value 0)."""
+        vals = np.zeros(len(pas), dtype=np.uint64)
+        valid = np.zeros(len(pas), dtype=bool)
+        for i, pa in enumerate(pas.tolist()):
+            if self.contains(pa, 8):
+                vals[i] = self.read_u64(pa)
+                valid[i] = True
+        return vals, valid
+
     @property
     def end(self) -> int:
         segs = self.segments()

@@ -160,6 +160,30 @@ class ElfCore(MemoryBase):
         except Exception:
             return False
 
+    def gather_u64(self, pas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pas = np.asarray(pas, dtype=np.uint64)
+        n = len(pas)
+        if not self._loads:
+            return np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool)
+        starts = np.array([l[0] for l in self._loads], dtype=np.uint64)
+        ends = np.array([l[0] + l[1] for l in self._loads], dtype=np.uint64)
+        offs = np.array([l[2] for l in self._loads], dtype=np.uint64)
+        fsz = np.array([l[3] for l in self._loads], dtype=np.uint64)
+        i = np.searchsorted(starts, pas, side="right").astype(np.int64) - 1
+        ic = np.maximum(i, 0)
+        valid = (i >= 0) & (pas + np.uint64(8) <= ends[ic])
+        rel = pas - starts[ic]
+        infile = valid & (rel + np.uint64(8) <= fsz[ic])
+        fo = offs[ic] + rel
+        aligned = infile & (fo % np.uint64(8) == 0)
+        vals = np.zeros(n, dtype=np.uint64)
+        if aligned.any():
+            vals[aligned] = self.file.u64[(fo[aligned] >> np.uint64(3)).astype(np.int64)]
+        rest = np.nonzero(valid & ~aligned & (rel < fsz[ic]))[0]
+        for k in rest.tolist():
+            vals[k] = self.read_u64(int(pas[k]))
+        return vals, valid
+
     def close(self) -> None:
         self.file.close()
 

@@ -73,6 +73,13 @@ class RawFile(MemoryBase):
     def contains(self, pa: int, n: int = 1) -> bool:
         return 0 <= pa and pa + n <= self.file.size
 
+    def gather_u64(self, pas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pas = np.asarray(pas, dtype=np.uint64)
+        valid = pas + np.uint64(8) <= np.uint64(self.file.size)
+        idx = np.where(valid, pas >> np.uint64(3), 0).astype(np.int64)
+        vals = self.file.u64[idx] if len(self.file.u64) else np.zeros(len(pas), dtype=np.uint64)
+        return np.where(valid, vals, np.uint64(0)).astype(np.uint64), valid
+
     @property
     def end(self) -> int:
         return self.file.size

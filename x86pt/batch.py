@@ -1,0 +1,174 @@
+"""Batch translation: the walker's semantics over numpy arrays of probes.
+
+Same rules as `walk.walk` (and property-tested against it): canonical check, per-level present and
+reserved-bit checks with the same `rsvd_mask`, RW/US AND and XD OR, leaf by PS, rights with WP,
+SMEP, SMAP/AC, PKRU/PKRS, error codes, the profile's deviations. It does not apply A/D writes and
+does not explain faults; use `walk` for that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from x86pt.errors import PhysicalAddressError
+from x86pt.fields import Kind, masks_for
+from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState
+from x86pt.walk import BIT_8, BIT_PS, BIT_XD, rsvd_mask
+
+OK, PAGE_FAULT, GENERAL_PROTECTION = 0, 1, 2
+OUTCOME_NAMES = ("ok", "page_fault", "general_protection")
+ACCESS_CODES = {"read": 0, "write": 1, "fetch": 2}
+U64 = np.uint64
+
+
+@dataclass
+class BatchTranslation:
+    """Per-probe results, index-aligned with the input."""
+
+    outcome: np.ndarray      # uint8: OK / PAGE_FAULT / GENERAL_PROTECTION
+    pa: np.ndarray           # uint64 (valid where outcome == OK)
+    page_size: np.ndarray    # uint64 (0 where not OK)
+    error_code: np.ndarray   # uint32 (#PF/#GP error code; 0 where OK)
+    level: np.ndarray        # uint8: leaf level when OK, level that ended the walk on a
+                             # not-present/RSVD fault, 0 for rights faults and #GP
+
+    def __len__(self) -> int:
+        return len(self.outcome)
+
+
+def _u(x: int) -> np.uint64:
+    return U64(x & ((1 << 64) - 1))
+
+
+def translate_batch(state: PagingState, memory, vas, access="read", user=False, ac=False,
+                    implicit=False) -> BatchTranslation:
+    """Translate many VAs at once. `access` is 'read'|'write'|'fetch' or an array of codes
+    (0 read, 1 write, 2 fetch); `user`, `ac`, `implicit` are bools or bool arrays."""
+    vas = np.asarray(vas, dtype=U64)
+    n = len(vas)
+    if isinstance(access, str):
+        acc = np.full(n, ACCESS_CODES[access], dtype=np.uint8)
+    else:
+        acc = np.asarray(access, dtype=np.uint8)
+    user = np.broadcast_to(np.asarray(user, dtype=bool), (n,))
+    ac = np.broadcast_to(np.asarray(ac, dtype=bool), (n,))
+    implicit = np.broadcast_to(np.asarray(implicit, dtype=bool), (n,))
+    prof = state.profile
+    write = acc == 1
+    fetch = acc == 2
+    user_acc = user & ~implicit
+
+    outcome = np.zeros(n, dtype=np.uint8)
+    pa = np.zeros(n, dtype=U64)
+    size = np.zeros(n, dtype=U64)
+    level_out = np.zeros(n, dtype=np.uint8)
+    base = (np.where(write, PF_W, 0) | np.where(user_acc, PF_U, 0) |
+            np.where(fetch & (state.nxe or state.smep), PF_ID, 0)).astype(np.uint32)
+    err = np.zeros(n, dtype=np.uint32)
+
+    # Canonical check (SDM §3.3.7.1): #GP(0), nothing read.
+    top = vas >> U64(state.va_bits - 1)
+    canon = (top == 0) | (top == _u((1 << (65 - state.va_bits)) - 1))
+    outcome[~canon] = GENERAL_PROTECTION
+
+    active = np.nonzero(canon)[0]
+    table = np.full(len(active), _u(state.root), dtype=U64)
+    eff_rw = np.ones(len(active), dtype=bool)
+    eff_us = np.ones(len(active), dtype=bool)
+    eff_xd = np.zeros(len(active), dtype=bool)
+    leaf_raw = np.zeros(n, dtype=U64)
+    leaf_rw = np.zeros(n, dtype=bool)
+    leaf_us = np.zeros(n, dtype=bool)
+    leaf_xd = np.zeros(n, dtype=bool)
+    phys = _u(state.phys_mask)
+    p_rsvd = PF_RSVD | (PF_P if prof.rsvd_sets_p else 0)
+    for lv in state.levels:
+        if len(active) == 0:
+            break
+        va = vas[active]
+        e_addr = table | (((va >> U64(lv.shift)) & U64(0x1FF)) << U64(3))
+        raw, valid = memory.gather_u64(e_addr)
+        if not valid.all():
+            if prof.unbacked_read == "zero":
+                raw = np.where(valid, raw, U64(0))
+            elif prof.unbacked_read == "ones":
+                raw = np.where(valid, raw, _u(-1))
+            else:
+                bad = int(e_addr[~valid][0])
+                raise PhysicalAddressError(
+                    f"{lv.table} entry at {bad:#x} (for va {int(va[~valid][0]):#x}) lies outside the image", bad)
+        present = (raw & U64(1)) == 1
+        is_leaf = np.zeros(len(active), dtype=bool)
+        if lv.leaf_kind is not None:
+            is_leaf = (raw & _u(BIT_PS)) != 0
+        if lv.number == 1:
+            is_leaf[:] = True
+        m_table = _u(rsvd_mask(state, lv, lv.table_kind))
+        m_leaf = _u(rsvd_mask(state, lv, lv.leaf_kind)) if lv.leaf_kind is not None else m_table
+        rs = np.where(is_leaf & (lv.leaf_kind is not None), m_leaf, m_table)
+        reserved = present & ((raw & rs) != 0)
+        np_idx = active[~present]
+        outcome[np_idx] = PAGE_FAULT
+        err[np_idx] = base[np_idx]
+        level_out[np_idx] = lv.number
+        rs_idx = active[reserved]
+        outcome[rs_idx] = PAGE_FAULT
+        err[rs_idx] = base[rs_idx] | p_rsvd
+        level_out[rs_idx] = lv.number
+        good = present & ~reserved
+        eff_rw &= ((raw >> U64(1)) & U64(1)) == 1
+        eff_us &= ((raw >> U64(2)) & U64(1)) == 1
+        eff_xd |= (raw >> U64(63)) == 1
+        done = good & is_leaf
+        d_idx = active[done]
+        leaf_raw[d_idx] = raw[done]
+        leaf_rw[d_idx] = eff_rw[done]
+        leaf_us[d_idx] = eff_us[done]
+        leaf_xd[d_idx] = eff_xd[done]
+        level_out[d_idx] = lv.number
+        psz = U64(1 << lv.shift)
+        pa[d_idx] = (raw[done] & phys & ~(psz - U64(1))) | (vas[d_idx] & (psz - U64(1)))
+        size[d_idx] = psz
+        cont = good & ~is_leaf
+        table = raw[cont] & phys
+        eff_rw, eff_us, eff_xd = eff_rw[cont], eff_us[cont], eff_xd[cont]
+        active = active[cont]
+
+    # Rights on complete translations (SDM §4.6; walk.check_rights is the scalar twin).
+    walked = (outcome == OK) & canon
+    ua = leaf_us
+    executable = ~(leaf_xd & state.nxe)
+    sup = ~user_acc
+    fault = np.zeros(n, dtype=bool)
+    fault |= user_acc & ~ua
+    fault |= user_acc & ua & write & ~leaf_rw
+    fault |= user_acc & ua & fetch & ~executable
+    fault |= sup & fetch & ua & state.smep
+    fault |= sup & fetch & ~executable
+    smap_ac_ok = ac & (~implicit | (prof.implicit_smap_honours_ac & ~user))
+    fault |= sup & ~fetch & ua & state.smap & ~smap_ac_ok
+    fault |= sup & write & ~leaf_rw & state.wp
+    key_denied = np.zeros(n, dtype=bool)
+    if state.pke or state.pks:
+        pk = ((leaf_raw >> U64(59)) & U64(0xF)).astype(np.uint32)
+        reg = np.zeros(n, dtype=np.uint32)
+        applies = np.zeros(n, dtype=bool)
+        if state.pke:
+            reg = np.where(ua, np.uint32(state.pkru), reg)
+            applies |= ua
+        if state.pks:
+            reg = np.where(~ua, np.uint32(state.pkrs), reg)
+            applies |= ~ua
+        ad = ((reg >> (2 * pk)) & 1) == 1
+        wd = ((reg >> (2 * pk + 1)) & 1) == 1
+        key_denied = applies & ~fetch & (ad | (write & wd & (user_acc | state.wp)))
+    fault |= key_denied
+    fault &= walked
+    outcome[fault] = PAGE_FAULT
+    err[fault] = base[fault] | PF_P | np.where(key_denied[fault], PF_PK, 0).astype(np.uint32)
+    level_out[fault] = 0
+    okm = outcome == OK
+    pa[~okm] = 0
+    size[~okm] = 0
+    return BatchTranslation(outcome, pa, size, err, level_out)
