@@ -170,6 +170,7 @@ class Builder:
     def state(self, *, cr0: int = CR0_PE | CR0_PG | CR0_WP, cr4: int = CR4_PAE,
               efer: int = EFER_LME | EFER_LMA | EFER_NXE, pkru: int = 0, pkrs: int = 0,
               profile: Profile | str = "intel", maxphyaddr: int | None = None) -> PagingState:
+        cr4 |= CR4_PAE          # IA-32e paging needs PAE; LA57 follows the tree's depth
         if self.levels == 5:
             cr4 |= CR4_LA57
         prof = profile_named(profile) if isinstance(profile, str) else profile

@@ -142,32 +142,48 @@ def read_probes(path: str):
 
 
 def cmd_probe(args) -> int:
+    from x86pt.batch import ACCESS_CODES, OUTCOME_NAMES, translate_batch
     from x86pt.image import open_image
     from x86pt.walk import Translation, walk
+    import numpy as np
     probes = read_probes(args.probes)
+    out = []
     with open_image(args.image, args) as img:
-        mem = img.memory
         if args.update_ad:
-            from x86pt.memory.sparse import SparseMemory
-            overlay = _Overlay(mem)
-            mem = overlay
-        out = []
-        for va, acc in probes:
-            r = walk(img.state, mem, va, acc, update_ad=args.update_ad)
-            ok = isinstance(r, Translation)
-            rec = {"va": hex(va), "access": acc.kind, "user": acc.user, "outcome": r.outcome,
-                   "pa": hex(r.pa) if ok else None, "page_size": r.page_size if ok else None,
-                   "error_code": None if ok else r.error_code,
-                   "cr2": None if ok or r.cr2 is None else hex(r.cr2)}
-            out.append(rec)
-    for rec in out:
+            # A/D carried from probe to probe: the scalar walker on a copy-on-write overlay, so the
+            # input image is never written.
+            mem = _Overlay(img.memory)
+            for va, acc in probes:
+                r = walk(img.state, mem, va, acc, update_ad=True)
+                ok = isinstance(r, Translation)
+                out.append((va, acc, r.outcome, r.pa if ok else None, r.page_size if ok else None,
+                            None if ok else r.error_code, None if ok or r.cr2 is None else r.cr2))
+        elif probes:
+            vas = np.array([va for va, _ in probes], dtype=np.uint64)
+            res = translate_batch(img.state, img.memory, vas,
+                                  np.array([ACCESS_CODES[a.kind] for _, a in probes], dtype=np.uint8),
+                                  np.array([a.user for _, a in probes]), np.array([a.ac for _, a in probes]),
+                                  np.array([a.implicit for _, a in probes]))
+            gp_cr2 = img.state.profile.gp_writes_cr2
+            for i, (va, acc) in enumerate(probes):
+                oc = OUTCOME_NAMES[res.outcome[i]]
+                ok = oc == "ok"
+                cr2 = va if oc == "page_fault" or (oc == "general_protection" and gp_cr2) else None
+                out.append((va, acc, oc, int(res.pa[i]) if ok else None, int(res.page_size[i]) if ok else None,
+                            None if ok else int(res.error_code[i]), cr2))
+    lines = []
+    for va, acc, oc, pa, size, ec, cr2 in out:
+        rec = {"va": hex(va), "access": acc.kind, "user": acc.user, "outcome": oc,
+               "pa": None if pa is None else hex(pa), "page_size": size, "error_code": ec,
+               "cr2": None if cr2 is None else hex(cr2)}
         if args.json:
-            emit_json(rec)
+            lines.append(json.dumps(rec, separators=(",", ":")))
         else:
-            extra = (f"pa={rec['pa']} size={rec['page_size']}" if rec["outcome"] == "ok" else
-                     f"error_code={rec['error_code']:#x}" + (f" cr2={rec['cr2']}" if rec["cr2"] else ""))
-            print(f"{rec['va']} {rec['access']:<5} {'user' if rec['user'] else 'sup ':<4} "
-                  f"{rec['outcome']:<18} {extra}")
+            extra = (f"pa={rec['pa']} size={size}" if oc == "ok" else
+                     f"error_code={ec:#x}" + (f" cr2={rec['cr2']}" if rec["cr2"] else ""))
+            lines.append(f"{rec['va']} {acc.kind:<5} {'user' if acc.user else 'sup ':<4} {oc:<18} {extra}")
+    if lines:
+        sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
