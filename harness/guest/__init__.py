@@ -174,6 +174,20 @@ def _write_boot_tables(ram) -> None:
     _u64(ram, SLOT_PML4_LA57 + HARNESS_SLOT * 8, SLOT_VALUE)
 
 
+@lru_cache(maxsize=16)
+def harness_area(user_pkey: int = 0) -> bytes:
+    """GPA [HARNESS_GPA, HARNESS_END) before params and probes: blobs, harness and boot tables."""
+    main, ustub = blob("h_main.bin"), blob("h_ustub.bin")
+    if len(main) > MAIN_MAX:
+        raise OracleError(f"h_main.bin is {len(main)} bytes, more than {MAIN_MAX:#x}")
+    ram = bytearray(HARNESS_END)
+    ram[HARNESS_GPA:HARNESS_GPA + len(main)] = main
+    ram[USTUB_GPA:USTUB_GPA + len(ustub)] = ustub
+    _write_harness_tables(ram, user_pkey)
+    _write_boot_tables(ram)
+    return bytes(ram[HARNESS_GPA:])
+
+
 def slot_address(state: PagingState) -> int:
     """Physical address of the harness slot in the test image's root table."""
     return state.root + HARNESS_SLOT * 8
@@ -220,15 +234,9 @@ def prepare_ram(ram, memory: SparseMemory, state: PagingState, probes: Sequence[
         raise BadInputError(f"{len(probes)} probes in one batch; the guest holds {MAX_PROBES}")
     check_image(memory, state, ram_size)
     regs = test_registers(state)
-    main, ustub = blob("h_main.bin"), blob("h_ustub.bin")
-    if len(main) > MAIN_MAX:
-        raise OracleError(f"h_main.bin is {len(main)} bytes, more than {MAIN_MAX:#x}")
     if clear:
         ram[0:ram_size] = bytes(ram_size)
-    ram[HARNESS_GPA:HARNESS_GPA + len(main)] = main
-    ram[USTUB_GPA:USTUB_GPA + len(ustub)] = ustub
-    _write_harness_tables(ram, user_pkey)
-    _write_boot_tables(ram)
+    ram[HARNESS_GPA:HARNESS_END] = harness_area(user_pkey)
 
     boot = boot_registers(state)
     ram[PARAMS_GPA:PARAMS_GPA + PAGE] = bytes(PAGE)

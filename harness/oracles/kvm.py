@@ -1,0 +1,526 @@
+"""KVM oracle: the probe guest (harness/guest) in a fresh VM per batch, driven through /dev/kvm
+from pure Python (os, fcntl, mmap, ctypes). spec/oracle-qemu-kvm.md §5 (ioctls, measured
+results), §8 (pitfalls). Long mode is set directly through KVM_SET_SREGS; the guest then loads
+the test registers itself.
+
+On this project's host (kvm_pvm, AMD, shadow paging) CPL0 probes exercise KVM's software walker
+and CPL3 probes the hardware through shadow PTEs (spec §0). What the oracle really does is found
+by running a tiny batch (`capabilities()`), not by trusting CPUID (§7).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import signal
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import harness.guest as guest
+from harness.oracles.base import (RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe,
+                                  ProbeResult, tag_value)
+from x86pt.errors import OracleError, OracleUnavailable
+from x86pt.memory.sparse import SparseMemory
+from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
+                         EFER_LMA, EFER_LME, EFER_NXE, PF_P, PF_RSVD, PagingState, profile_named)
+
+DEV = "/dev/kvm"
+
+# _IOC(dir, 0xAE, nr, size) values for x86-64 (spec §5.1; linux/kvm.h).
+KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM = 0xAE01
+KVM_CHECK_EXTENSION = 0xAE03
+KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+KVM_GET_SUPPORTED_CPUID = 0xC008AE05
+KVM_CREATE_VCPU = 0xAE41
+KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+KVM_RUN = 0xAE80
+KVM_GET_REGS = 0x8090AE81
+KVM_SET_REGS = 0x4090AE82
+KVM_GET_SREGS = 0x8138AE83
+KVM_SET_SREGS = 0x4138AE84
+KVM_SET_CPUID2 = 0x4008AE90
+
+KVM_EXIT_IO = 2
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+EXIT_NAMES = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT",
+              6: "MMIO", 7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR",
+              17: "INTERNAL_ERROR"}
+RUN_EXIT_REASON = 8        # offset of kvm_run.exit_reason
+RUN_UNION = 32             # offset of the exit union
+
+API_VERSION = 12
+MMIO_READ_FILL = 0xFF      # what a read of a GPA outside the memslot returns (no device there)
+
+
+class KvmRegionStruct(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("guest_phys_addr", ctypes.c_uint64), ("memory_size", ctypes.c_uint64),
+                ("userspace_addr", ctypes.c_uint64)]
+
+
+class KvmRegs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in
+                ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+                 "r12", "r13", "r14", "r15", "rip", "rflags")]
+
+
+class KvmSegment(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint32), ("selector", ctypes.c_uint16),
+                ("type", ctypes.c_uint8), ("present", ctypes.c_uint8), ("dpl", ctypes.c_uint8),
+                ("db", ctypes.c_uint8), ("s", ctypes.c_uint8), ("l", ctypes.c_uint8),
+                ("g", ctypes.c_uint8), ("avl", ctypes.c_uint8), ("unusable", ctypes.c_uint8),
+                ("padding", ctypes.c_uint8)]
+
+
+class KvmDtable(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16),
+                ("padding", ctypes.c_uint16 * 3)]
+
+
+class KvmSregs(ctypes.Structure):
+    _fields_ = ([(n, KvmSegment) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")]
+                + [("gdt", KvmDtable), ("idt", KvmDtable)]
+                + [(n, ctypes.c_uint64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")]
+                + [("interrupt_bitmap", ctypes.c_uint64 * 4)])
+
+
+class KvmCpuidEntry2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")] \
+        + [("padding", ctypes.c_uint32 * 3)]
+
+
+CPUID_MAX_ENTRIES = 256
+
+
+class KvmCpuid2(ctypes.Structure):
+    _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32),
+                ("entries", KvmCpuidEntry2 * CPUID_MAX_ENTRIES)]
+
+
+assert ctypes.sizeof(KvmRegionStruct) == 32 and ctypes.sizeof(KvmRegs) == 144
+assert ctypes.sizeof(KvmSegment) == 24 and ctypes.sizeof(KvmSregs) == 312
+assert ctypes.sizeof(KvmCpuidEntry2) == 40
+
+
+def _ioctl(fd: int, req: int, arg=0, what: str = ""):
+    try:
+        if isinstance(arg, int):
+            return fcntl.ioctl(fd, req, arg)
+        return fcntl.ioctl(fd, req, arg, True)
+    except OSError as e:
+        raise OracleError(f"kvm: {what or hex(req)} failed: {os.strerror(e.errno or 0)}") from None
+
+
+def kvm_usable() -> tuple[bool, str]:
+    """(True, '') when /dev/kvm opens, speaks API 12 and creates a VM; else (False, why)."""
+    try:
+        fd = os.open(DEV, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return False, f"cannot open {DEV}: {e.strerror}"
+    try:
+        ver = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+        if ver != API_VERSION:
+            return False, f"KVM API version {ver}, expected {API_VERSION}"
+        os.close(fcntl.ioctl(fd, KVM_CREATE_VM, 0))
+        return True, ""
+    except OSError as e:
+        return False, f"KVM_CREATE_VM failed: {e.strerror}"
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class CpuidInfo:
+    vendor: str
+    maxphyaddr: int
+    nx: bool
+    gbpages: bool
+    la57: bool
+    pku: bool
+    smep: bool
+    smap: bool
+
+
+def _leaf(cpuid: KvmCpuid2, function: int, index: int = 0) -> KvmCpuidEntry2 | None:
+    for i in range(cpuid.nent):
+        e = cpuid.entries[i]
+        if e.function == function and e.index == index:
+            return e
+    return None
+
+
+def cpuid_info(cpuid: KvmCpuid2) -> CpuidInfo:
+    l0, l7, l81, l88 = (_leaf(cpuid, 0), _leaf(cpuid, 7), _leaf(cpuid, 0x80000001),
+                        _leaf(cpuid, 0x80000008))
+    vendor = struct.pack("<III", l0.ebx, l0.edx, l0.ecx).decode("ascii", "replace") if l0 else "?"
+    return CpuidInfo(vendor=vendor, maxphyaddr=(l88.eax & 0xFF) if l88 else 36,
+                     nx=bool(l81 and l81.edx >> 20 & 1), gbpages=bool(l81 and l81.edx >> 26 & 1),
+                     la57=bool(l7 and l7.ecx >> 16 & 1), pku=bool(l7 and l7.ecx >> 3 & 1),
+                     smep=bool(l7 and l7.ebx >> 7 & 1), smap=bool(l7 and l7.ebx >> 20 & 1))
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Alarm:
+    """A wall-clock limit on KVM_RUN: SIGALRM interrupts the ioctl (EINTR) and the handler raises.
+    Only in the main thread (signals); elsewhere the run is unbounded."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.active = seconds > 0 and threading.current_thread() is threading.main_thread()
+        self.old = None
+
+    def __enter__(self) -> "_Alarm":
+        if self.active:
+            def on_alarm(signum, frame):
+                raise _Timeout()
+            self.old = signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+
+
+class _Vm:
+    """One VM with one vCPU and RAM at GPA 0; every fd and mapping is released by close()."""
+
+    def __init__(self, kvm_fd: int, ram_size: int, cpuid: KvmCpuid2) -> None:
+        self.vm_fd = self.vcpu_fd = -1
+        self.ram: mmap.mmap | None = None
+        self.run_map: mmap.mmap | None = None
+        try:
+            self.vm_fd = _ioctl(kvm_fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+            self.ram = mmap.mmap(-1, ram_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            # from_buffer exports the mmap; drop the object at once so close() works (§8 pitfall 8).
+            anchor = ctypes.c_char.from_buffer(self.ram)
+            uaddr = ctypes.addressof(anchor)
+            del anchor
+            region = KvmRegionStruct(0, 0, 0, ram_size, uaddr)
+            _ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+            self.vcpu_fd = _ioctl(self.vm_fd, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU")
+            size = _ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+            self.run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED,
+                                     mmap.PROT_READ | mmap.PROT_WRITE)
+            _ioctl(self.vcpu_fd, KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for m in (self.run_map, self.ram):
+            if m is not None:
+                m.close()
+        self.run_map = self.ram = None
+        for fd in (self.vcpu_fd, self.vm_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.vcpu_fd = self.vm_fd = -1
+
+    def __enter__(self) -> "_Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def enter_long_mode(self, boot: dict[str, int], rip: int, rsp: int) -> None:
+        s = KvmSregs()
+        _ioctl(self.vcpu_fd, KVM_GET_SREGS, s, "KVM_GET_SREGS")
+        code = KvmSegment(base=0, limit=0xFFFFFFFF, selector=0x08, type=0xB, present=1, dpl=0,
+                          db=0, s=1, l=1, g=1)
+        data = KvmSegment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1, dpl=0,
+                          db=1, s=1, l=0, g=1)
+        s.cs = code
+        for r in ("ds", "es", "fs", "gs", "ss"):
+            setattr(s, r, data)
+        # A busy 64-bit TSS type keeps VMX's guest-state checks happy; the guest loads its own.
+        s.tr = KvmSegment(base=0, limit=0x67, selector=0, type=0xB, present=1, s=0)
+        s.cr0, s.cr3, s.cr4, s.efer = boot["cr0"], boot["cr3"], boot["cr4"], boot["efer"]
+        _ioctl(self.vcpu_fd, KVM_SET_SREGS, s, "KVM_SET_SREGS")
+        r = KvmRegs()
+        r.rip, r.rsp, r.rflags = rip, rsp, 2
+        _ioctl(self.vcpu_fd, KVM_SET_REGS, r, "KVM_SET_REGS")
+
+    def run_to_exit_port(self, port: int, timeout: float) -> list[str]:
+        """KVM_RUN until the guest writes `port`; returns notes on MMIO reads it answered."""
+        notes: list[str] = []
+        rm = self.run_map
+        try:
+            with _Alarm(timeout):
+                while True:
+                    try:
+                        fcntl.ioctl(self.vcpu_fd, KVM_RUN, 0)
+                    except InterruptedError:
+                        continue
+                    except OSError as e:
+                        if e.errno == errno.EINTR:
+                            continue
+                        raise OracleError(f"kvm: KVM_RUN failed: {e.strerror}") from None
+                    reason = struct.unpack_from("<I", rm, RUN_EXIT_REASON)[0]
+                    if reason == KVM_EXIT_IO:
+                        _dir, _size, io_port = struct.unpack_from("<BBH", rm, RUN_UNION)
+                        if io_port == port:
+                            return notes
+                        continue
+                    if reason == KVM_EXIT_MMIO:
+                        gpa, = struct.unpack_from("<Q", rm, RUN_UNION)
+                        length, is_write = struct.unpack_from("<IB", rm, RUN_UNION + 16)
+                        if not is_write:
+                            rm[RUN_UNION + 8:RUN_UNION + 16] = bytes([MMIO_READ_FILL]) * 8
+                        if len(notes) < 16:
+                            notes.append(f"{'write' if is_write else 'read'} of unbacked GPA {gpa:#x}")
+                        continue
+                    if reason == KVM_EXIT_INTR:
+                        continue
+                    raise OracleError(self._exit_error(reason))
+        except _Timeout:
+            raise OracleError(f"kvm: the guest did not finish within {timeout:g} s") from None
+
+    def _exit_error(self, reason: int) -> str:
+        name = EXIT_NAMES.get(reason, str(reason))
+        rm = self.run_map
+        extra = ""
+        if reason == KVM_EXIT_INTERNAL_ERROR:
+            sub, ndata = struct.unpack_from("<II", rm, RUN_UNION)
+            data = struct.unpack_from(f"<{min(ndata, 8)}Q", rm, RUN_UNION + 8)
+            extra = f" suberror {sub} data {[hex(d) for d in data]}"
+        elif reason == KVM_EXIT_FAIL_ENTRY:
+            extra = f" hardware reason {struct.unpack_from('<Q', rm, RUN_UNION)[0]:#x}"
+        try:
+            r = KvmRegs()
+            fcntl.ioctl(self.vcpu_fd, KVM_GET_REGS, r, True)
+            extra += f" rip {r.rip:#x}"
+        except OSError:
+            pass
+        return f"kvm: unexpected exit {name}{extra}"
+
+
+class KvmOracle:
+    """The `kvm` oracle (profile 'kvm'). One /dev/kvm fd per oracle; a fresh VM per batch, so no
+    state (busy TSS, TLB, A/D) leaks from one batch into the next."""
+
+    name = "kvm"
+    profile = "kvm"
+
+    def __init__(self, ram_size: int = RIG_RAM_SIZE, timeout: float = 20.0,
+                 patch_cpuid: bool = True) -> None:
+        self.ram_size = ram_size
+        self.timeout = timeout
+        self._caps: Capabilities | None = None
+        self.last_notes: tuple[str, ...] = ()
+        try:
+            self.fd = os.open(DEV, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise OracleUnavailable(f"kvm: cannot open {DEV}: {e.strerror}") from None
+        try:
+            ver = fcntl.ioctl(self.fd, KVM_GET_API_VERSION)
+            if ver != API_VERSION:
+                raise OracleUnavailable(f"kvm: API version {ver}, expected {API_VERSION}")
+            self.cpuid = self._supported_cpuid()
+            self.cpuid_advertised = cpuid_info(self.cpuid)
+            if patch_cpuid:
+                # SMAP is enforced only with the CPUID bit present (spec §5.3); SMEP works either
+                # way on kvm_pvm. Advertise both so CR4 writes are accepted.
+                l7 = _leaf(self.cpuid, 7)
+                if l7 is not None:
+                    l7.ebx |= (1 << 7) | (1 << 20)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _supported_cpuid(self) -> KvmCpuid2:
+        c = KvmCpuid2()
+        c.nent = CPUID_MAX_ENTRIES
+        _ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, c, "KVM_GET_SUPPORTED_CPUID")
+        return c
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "KvmOracle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe], *,
+            invlpg: bool = True, user_pkey: int = 0) -> BatchResult:
+        if self.fd < 0:
+            raise OracleError("kvm: oracle is closed")
+        t0 = time.perf_counter()
+        with _Vm(self.fd, self.ram_size, self.cpuid) as vm:
+            ram = vm.ram
+            guest.prepare_ram(ram, memory, state, probes, clear=False, ram_size=self.ram_size,
+                              invlpg=invlpg, user_pkey=user_pkey)
+            vm.enter_long_mode(guest.boot_registers(state), guest.ENTRY_VA,
+                               guest.KBASE + guest.KSTACK_TOP_GPA)
+            notes = vm.run_to_exit_port(guest.DEBUG_EXIT_PORT, self.timeout)
+            guest.check_status(ram, "kvm")
+            results = guest.read_results(ram, len(probes), probes)
+            after = guest.image_after(ram, memory, state, ram_size=self.ram_size)
+        self.last_notes = tuple(notes)
+        return BatchResult(results, after, time.perf_counter() - t0)
+
+    def time_vm_creation(self, n: int = 20) -> float:
+        """Mean seconds to create VM + memslot + vCPU + CPUID, and tear them down."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with _Vm(self.fd, self.ram_size, self.cpuid):
+                pass
+        return (time.perf_counter() - t0) / n
+
+    # -- capabilities ----------------------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        if self._caps is None:
+            self._caps = _discover(self)
+        return self._caps
+
+
+# The capability image: every mapping below RIG_IMAGE_BASE + 1 MiB, frames tagged.
+_CAP_VA_4K = 0x400000            # S RW 4K
+_CAP_VA_USER = 0x401000          # U RW 4K
+_CAP_VA_NX = 0x402000            # S RW XD 4K
+_CAP_VA_1G = 0x40000000          # PDPTE.PS -> PA 0 (harness area: readable if mapped)
+_CAP_VA_BIT8 = 0x8000000000      # PML4[1] with bit 8 (AMD: reserved) -> 4K page
+_CAP_VA_MBIT = 0x600000          # PTEs at 0x600000 + 0x1000*k carry address bit 36+k
+_CAP_FRAME = 0x300000
+
+
+def _cap_image() -> tuple[SparseMemory, int]:
+    """A hand-written image (raw entries, no builder) for capability discovery."""
+    m = SparseMemory(RIG_RAM_SIZE)
+    pml4, pdpt, pd, pt, pdpt1, pd1, pt1, pt_m = (0x200000 + i * 0x1000 for i in range(8))
+    P, RW, US, A, PS = 1, 2, 4, 0x20, 0x80
+    t = P | RW | US | A
+    m.write_u64(pml4 + 0 * 8, pdpt | t)
+    m.write_u64(pdpt + 0 * 8, pd | t)
+    m.write_u64(pd + 2 * 8, pt | t)                     # VA 0x400000
+    m.write_u64(pd + 3 * 8, pt_m | t)                   # VA 0x600000
+    m.write_u64(pt + 0 * 8, _CAP_FRAME | P | RW)
+    m.write_u64(pt + 1 * 8, _CAP_FRAME | P | RW | US)
+    m.write_u64(pt + 2 * 8, _CAP_FRAME | P | RW | (1 << 63))
+    m.write_u64(pdpt + 1 * 8, 0 | P | RW | PS)          # 1G leaf at VA 0x40000000
+    m.write_u64(pml4 + 1 * 8, pdpt1 | t | (1 << 8))     # VA 0x8000000000: PML4E bit 8
+    m.write_u64(pdpt1, pd1 | t)
+    m.write_u64(pd1, pt1 | t)
+    m.write_u64(pt1, _CAP_FRAME | P | RW)
+    for k in range(16):
+        m.write_u64(pt_m + k * 8, (_CAP_FRAME | (1 << (36 + k))) | P | RW)
+    for off in range(0, 0x1000, 8):
+        m.write_u64(_CAP_FRAME + off, tag_value(_CAP_FRAME + off))
+    m.write(_CAP_FRAME, b"\xc3")
+    return m, pml4
+
+
+def _discover(oracle: KvmOracle) -> Capabilities:
+    mem, root = _cap_image()
+    base = PagingState(cr3=root, cr0=CR0_PE | CR0_PG | CR0_WP, cr4=CR4_PAE | CR4_SMEP | CR4_SMAP,
+                       efer=EFER_LME | EFER_LMA | EFER_NXE, profile=profile_named("kvm"))
+    probes = [Probe(_CAP_VA_4K), Probe(_CAP_VA_1G), Probe(_CAP_VA_BIT8),
+              Probe(_CAP_VA_USER, "fetch"), Probe(_CAP_VA_USER, "read"), Probe(_CAP_VA_NX, "fetch")]
+    probes += [Probe(_CAP_VA_MBIT + k * 0x1000) for k in range(16)]
+    res = oracle.run(mem, base, probes).results
+    notes: list[str] = []
+    if res[0].outcome != "ok" or res[0].pa != _CAP_FRAME:
+        raise OracleError(f"kvm: capability self-test: a plain 4K read gave {res[0]}")
+    gbpages = res[1].outcome == "ok"
+    rsvd_code = res[1].error_code if res[1].outcome == "page_fault" else None
+    bit8_reserved = res[2].outcome == "page_fault" and bool((res[2].error_code or 0) & PF_RSVD)
+    smep = res[3].outcome == "page_fault" and res[3].error_code == 0x11
+    smap = res[4].outcome == "page_fault" and res[4].error_code == 0x01
+    nx = res[5].outcome == "page_fault" and res[5].error_code == 0x11
+    m = 52
+    for k in range(16):
+        r = res[6 + k]
+        if r.outcome == "page_fault" and (r.error_code or 0) & PF_RSVD:
+            m = 36 + k
+            break
+    rsvd_sets_p = bool(rsvd_code is not None and rsvd_code & PF_P) if rsvd_code is not None else True
+    if rsvd_code is None:
+        # 1G pages work: take the RSVD code from the MAXPHYADDR probe instead.
+        r = res[6 + m - 36] if m < 52 else None
+        rsvd_sets_p = bool(r and r.error_code and r.error_code & PF_P)
+    adv = oracle.cpuid_advertised
+    vendor = "amd" if "AMD" in adv.vendor else ("intel" if "Intel" in adv.vendor else adv.vendor)
+    if (vendor == "amd") != bit8_reserved:
+        notes.append(f"PML4E bit 8 {'reserved' if bit8_reserved else 'not reserved'} with vendor {adv.vendor}")
+    if adv.maxphyaddr != m:
+        notes.append(f"CPUID says MAXPHYADDR {adv.maxphyaddr}, walks say {m}")
+    if adv.gbpages != gbpages:
+        notes.append(f"CPUID pdpe1gb={adv.gbpages}, 1G leaves {'work' if gbpages else 'fault RSVD'}")
+    if not adv.smep and smep:
+        notes.append("SMEP enforced although KVM_GET_SUPPORTED_CPUID lacks it (patched in)")
+    la57 = adv.la57 and _try_la57(oracle)
+    pku = adv.pku and _try_pku(oracle, mem, base)
+    return Capabilities(name="kvm", vendor=vendor, maxphyaddr=m, gbpages=gbpages, la57=la57,
+                        pku=pku, smep=smep, smap=smap, nx=nx, rsvd_sets_p=rsvd_sets_p,
+                        ram_size=oracle.ram_size, version=_kernel_version(), notes=tuple(notes))
+
+
+def _try_la57(oracle: KvmOracle) -> bool:
+    m = SparseMemory(RIG_RAM_SIZE)
+    pml5, pml4, pdpt, pd, pt = (0x200000 + i * 0x1000 for i in range(5))
+    t = 0x27
+    m.write_u64(pml5, pml4 | t)
+    m.write_u64(pml4, pdpt | t)
+    m.write_u64(pdpt, pd | t)
+    m.write_u64(pd + 2 * 8, pt | t)
+    m.write_u64(pt, _CAP_FRAME | 3)
+    m.write_u64(_CAP_FRAME, tag_value(_CAP_FRAME))
+    st = PagingState(cr3=pml5, cr4=CR4_PAE | CR4_LA57, profile=profile_named("kvm"))
+    try:
+        r = oracle.run(m, st, [Probe(_CAP_VA_4K)]).results[0]
+    except OracleError:
+        return False
+    return r.outcome == "ok" and r.pa == _CAP_FRAME
+
+
+def _try_pku(oracle: KvmOracle, mem: SparseMemory, base: PagingState) -> bool:
+    m = mem.copy()
+    pte = 0x200000 + 4 * 0x1000 + 1 * 8      # the U page at _CAP_VA_USER: give it key 1
+    m.write_u64(pte, m.read_u64(pte) | (1 << 59))
+    st = base.replace(cr4=CR4_PAE | CR4_PKE, pkru=0b0100)   # AD for key 1
+    try:
+        r = oracle.run(m, st, [Probe(_CAP_VA_USER, user=True)]).results[0]
+    except OracleError:
+        return False
+    return r.outcome == "page_fault" and bool((r.error_code or 0) & (1 << 5))
+
+
+@lru_cache(maxsize=1)
+def _kernel_version() -> str:
+    u = os.uname()
+    return f"Linux {u.release}"
+
+
+@lru_cache(maxsize=1)
+def cached_capabilities() -> Capabilities:
+    """Capabilities of this host's KVM, discovered once per process."""
+    with KvmOracle() as o:
+        return o.capabilities()
