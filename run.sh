@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# x86pt's one entry point for a fresh machine (Python 3.11 + pip, nothing else of ours):
+#   bash run.sh          set up (.venv, the package and its PyPI dependencies, QEMU when root)
+#                        and run the main job on the embedded example: `x86pt demo`
+#   bash run.sh test     set up, then run the whole test suite (what .ci/run calls)
+#   bash run.sh setup    set up only
+# SPDX-License-Identifier: GPL-2.0-or-later
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+venv="${X86PT_VENV:-$here/.venv}"
+py="${PYTHON:-python3}"
+
+setup() {
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "run.sh: creating $venv" >&2
+        "$py" -m venv "$venv"
+    fi
+    # Install (or refresh) x86pt with its test extras; quiet unless it fails.
+    stamp="$venv/.x86pt-installed"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        echo "run.sh: installing x86pt and its dependencies into $venv" >&2
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" >&2
+        touch "$stamp"
+    fi
+    # QEMU is an oracle of the rig (Debian's qemu-system-x86); installed when we may.
+    if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+        if [ "$(id -u)" = "0" ]; then
+            sh tools/install_qemu.sh >&2 || echo "run.sh: QEMU could not be installed; QEMU tests will skip" >&2
+        else
+            echo "run.sh: qemu-system-x86_64 missing (run as root to install it); QEMU tests will skip" >&2
+        fi
+    fi
+}
+
+oracles_here() {
+    # The oracles this machine has: unicorn always (PyPI), qemu when installed, kvm when /dev/kvm opens.
+    local list="unicorn"
+    command -v qemu-system-x86_64 >/dev/null 2>&1 && list="$list,qemu"
+    if "$venv/bin/python" - <<'PY' 2>/dev/null
+import fcntl, os, sys
+fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+try:
+    sys.exit(0 if fcntl.ioctl(fd, 0xAE00) == 12 else 1)
+finally:
+    os.close(fd)
+PY
+    then list="$list,kvm"; fi
+    echo "$list"
+}
+
+case "${1:-demo}" in
+    setup)
+        setup ;;
+    demo)
+        setup
+        shift || true
+        exec "$venv/bin/python" -m x86pt demo "$@" ;;
+    test)
+        setup
+        shift || true
+        if [ "${CI:-}" = "true" ] && [ -z "${X86PT_REQUIRE_ORACLES:-}" ]; then
+            export X86PT_REQUIRE_ORACLES="$(oracles_here)"
+        fi
+        echo "run.sh: X86PT_REQUIRE_ORACLES=${X86PT_REQUIRE_ORACLES:-}" >&2
+        exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+    *)
+        echo "usage: bash run.sh [demo|test|setup] [args...]" >&2
+        exit 2 ;;
+esac
