@@ -101,11 +101,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def spawn_qemu(args: list[str], stderr) -> subprocess.Popen:
+def spawn_qemu(args: list[str], stderr, pass_fds: Sequence[int] = ()) -> subprocess.Popen:
     """Start QEMU in its own process group (so kill_group reaches every thread/child)."""
     try:
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                start_new_session=True, preexec_fn=_die_with_parent, close_fds=True)
+                                start_new_session=True, preexec_fn=_die_with_parent, close_fds=True,
+                                pass_fds=tuple(pass_fds))
     except OSError as e:
         raise OracleUnavailable(f"cannot start {args[0]}: {e.strerror}") from None
 

@@ -1,0 +1,259 @@
+"""The QEMU backend of the comparison rig: QEMU TCG runs the probe guest (harness/guest) on the
+test image and reports, per probe, what the emulated CPU did (spec/oracle-qemu-kvm.md §4).
+
+One launch per batch of at most MAX_PROBES (8192) probes:
+
+    qemu-system-x86_64 -nographic -nodefaults -no-reboot -accel tcg -cpu max -m 32M
+        -object memory-backend-file,...,share=on -machine pc,memory-backend=ram
+        -bios harness/guest/bios.bin -device isa-debug-exit,iobase=0xf4,iosize=4
+
+The RAM is a tmpfs file we create, mmap and fill with `prepare_ram` (guest, tables, params,
+probes, image). It is unlinked *before* QEMU starts: QEMU opens it as /proc/self/fd/N through an
+inherited descriptor, so no file can outlive us. bios.bin (bios.S) goes from reset to long mode
+and jumps into the guest; the guest ends with `out 0xf4`, so QEMU exits with status 33
+((0x10 << 1) | 1). Results are then read from the RAM we still map. Every launch has a timeout
+after which QEMU's process group is killed; `-no-reboot` turns a triple fault into an exit.
+
+Batches larger than MAX_PROBES are split into consecutive launches, each starting from the image
+the previous one left (A/D bits carry over, as the rig's conventions ask).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Sequence
+
+from x86pt.build import Builder
+from x86pt.errors import BadInputError, OracleError, OracleUnavailable
+from x86pt.memory.sparse import SparseMemory
+from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
+                         EFER_LMA, EFER_LME, EFER_NXE, PagingState, PF_ID, PF_P, PF_PK, PF_RSVD,
+                         PF_U, profile_named)
+
+from harness import guest
+from harness.oracles.base import (RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe,
+                                  ProbeResult, tag_value)
+from harness.oracles.qemu_monitor import (BELOW_4G, QEMU_BINARY, QemuMonitor, RamFile,
+                                          kill_group, qemu_binary, qemu_version, read_stderr,
+                                          round_ram_size, scratch_dir, spawn_qemu)
+
+BIOS_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
+MAX_PROBES = guest.MAX_PROBES
+EXIT_DONE = guest.QEMU_EXIT_DONE        # isa-debug-exit with 0x10
+EXIT_SETUP = guest.QEMU_EXIT_SETUP      # the guest faulted while loading the test state
+
+
+class QemuOracle:
+    """Oracle "qemu" (profile "qemu"): QEMU TCG with the probe guest."""
+
+    name = "qemu"
+    profile = "qemu"
+
+    def __init__(self, *, binary: str | None = None, cpu: str = "max", ram_size: int = RIG_RAM_SIZE,
+                 timeout: float = 60.0, extra_args: Sequence[str] = ()) -> None:
+        self.binary = binary or qemu_binary()
+        if self.binary is None:
+            raise OracleUnavailable(f"{QEMU_BINARY} not found on PATH (run tools/install_qemu.sh)")
+        if not os.path.isfile(BIOS_PATH):
+            raise OracleUnavailable(f"{BIOS_PATH} is missing (run harness/guest/build_bios.sh)")
+        self.cpu = cpu
+        self.ram_size = round_ram_size(ram_size)
+        if self.ram_size > BELOW_4G:
+            raise BadInputError("the QEMU oracle's RAM must stay below 3 GiB (one RAM range)")
+        self.timeout = timeout
+        self.extra_args = tuple(extra_args)
+        self.launches = 0
+        self.last_launch_seconds = 0.0
+
+    @functools.cached_property
+    def version(self) -> str:
+        return qemu_version(self.binary)
+
+    def capabilities(self) -> Capabilities:
+        return discover_capabilities(self.binary, self.cpu)
+
+    def close(self) -> None:
+        pass
+
+    # -- running -----------------------------------------------------------------------------------
+    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
+        if not isinstance(memory, SparseMemory):
+            raise BadInputError("the QEMU oracle takes a SparseMemory image")
+        t0 = time.monotonic()
+        results: list[ProbeResult] = []
+        current = memory
+        chunks = [probes[i:i + MAX_PROBES] for i in range(0, len(probes), MAX_PROBES)] or [[]]
+        with _Scratch(self.ram_size) as scratch:
+            for n, chunk in enumerate(chunks):
+                if n:
+                    scratch.ram.clear()
+                res, current = self._launch(scratch, current, state, chunk)
+                results.extend(res)
+        return BatchResult(results, current, time.monotonic() - t0)
+
+    def _launch(self, scratch: "_Scratch", memory: SparseMemory, state: PagingState,
+                probes: Sequence[Probe]) -> tuple[list[ProbeResult], SparseMemory]:
+        ram = scratch.ram
+        # A fresh (or cleared) tmpfs file reads as zeros: no need to write 32 MiB of them.
+        guest.prepare_ram(ram.map, memory, state, probes, clear=False, ram_size=ram.size)
+        args = [self.binary, "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
+                "-accel", "tcg", "-cpu", self.cpu, "-m", f"{ram.size >> 20}M",
+                "-object", f"memory-backend-file,id=ram,size={ram.size >> 20}M,"
+                           f"mem-path=/proc/self/fd/{ram.fd},share=on",
+                "-machine", "pc,memory-backend=ram", "-bios", BIOS_PATH,
+                "-device", f"isa-debug-exit,iobase={guest.DEBUG_EXIT_PORT:#x},iosize=4",
+                *self.extra_args]
+        t0 = time.monotonic()
+        stderr = tempfile.TemporaryFile(dir=scratch.dir)
+        proc = None
+        try:
+            proc = spawn_qemu(args, stderr, pass_fds=(ram.fd,))
+            try:
+                rc = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                raise OracleError(f"QEMU did not finish {len(probes)} probes within "
+                                  f"{self.timeout:g} s (killed)") from None
+            message = read_stderr(stderr)
+        finally:
+            kill_group(proc)
+            stderr.close()
+        self.launches += 1
+        self.last_launch_seconds = time.monotonic() - t0
+        if rc not in (EXIT_DONE, EXIT_SETUP):
+            st = guest.status(ram.map)
+            why = ("the guest triple-faulted or never started (QEMU exits 0 on a reset with "
+                   "-no-reboot)" if rc == 0 else f"QEMU exited with status {rc}")
+            raise OracleError(f"{why}; guest status {st:#x}" + (f": {message}" if message else ""))
+        guest.check_status(ram.map, "QEMU")
+        results = guest.read_results(ram.map, len(probes), probes)
+        after = guest.image_after(ram.map, memory, state, ram_size=ram.size)
+        return results, after
+
+
+class _Scratch:
+    """A private tmpfs directory and the RAM file for one run() call; removed on every path."""
+
+    def __init__(self, ram_size: int) -> None:
+        self.dir = scratch_dir()
+        self.ram: RamFile | None = None
+        atexit.register(self.close)
+        try:
+            self.ram = RamFile(self.dir, ram_size)
+            # QEMU opens /proc/self/fd/N (our descriptor, inherited), so the name can go now.
+            self.ram.unlink()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "_Scratch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.ram is not None:
+            self.ram.close()
+            self.ram = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        atexit.unregister(self.close)
+
+
+# -- capabilities, measured -------------------------------------------------------------------------------
+CAP_BASE = RIG_IMAGE_BASE            # tables
+CAP_FRAMES = 0x400000                # 4K frames filled with tag values (0xC3 low byte: fetchable)
+CAP_1G_VA = 0x40000000               # 1G leaf -> PA 0 (frames below 1 GiB are RAM)
+CAP_M_VA = 0x200000000               # one PTE per candidate MAXPHYADDR bit
+
+
+def _fill_frame(mem: SparseMemory, pa: int) -> None:
+    for off in range(0, 0x1000, 8):
+        mem.write_u64(pa + off, tag_value(pa + off))
+
+
+def _capability_image(la57: bool) -> tuple[SparseMemory, PagingState, list[Probe], dict]:
+    """Probes whose outcome tells what QEMU enforces: see discover_capabilities."""
+    b = Builder(levels=5 if la57 else 4, maxphyaddr=52, vendor="amd", table_base=CAP_BASE)
+    mem = b.memory
+    for i in range(4):
+        _fill_frame(mem, CAP_FRAMES + i * 0x1000)
+    b.map(0x1000, CAP_FRAMES, 0x1000, flags="rw")                      # supervisor page
+    b.map(0x2000, CAP_FRAMES + 0x1000, 0x1000, flags="rw us", pk=1)    # user page, key 1
+    b.map(0x3000, CAP_FRAMES + 0x2000, 0x1000, flags="rw us")          # user page, key 0
+    b.map(CAP_1G_VA, 0, 1 << 30, 1 << 30, flags="rw")
+    # Reserved-bit probe: bit 51 of a PTE's address field is reserved for every M < 52.
+    b.map(0x4000, CAP_FRAMES + 0x3000, 0x1000, flags="rw")
+    b.set_entry(0x4000, 1, b.get_entry(0x4000, 1) | (1 << 51))
+    mbits = list(range(32, 52))
+    for k, bit in enumerate(mbits):
+        va = CAP_M_VA + k * 0x1000
+        b.map(va, CAP_FRAMES, 0x1000, flags="rw")
+        b.set_entry(va, 1, b.get_entry(va, 1) | (1 << bit))
+    probes = [Probe(0x1000), Probe(CAP_1G_VA + CAP_FRAMES), Probe(0x4000),
+              Probe(0x3000, "fetch"), Probe(0x3000), Probe(0x2000, user=True)]
+    probes += [Probe(CAP_M_VA + k * 0x1000) for k in range(len(mbits))]
+    if la57:
+        # Bit 55 set: canonical only with 5-level paging (bits 63:56 must equal bit 56, SDM §4.5).
+        b.map(0x0080000000001000, CAP_FRAMES, 0x1000, flags="rw")
+        probes.append(Probe(0x0080000000001000))
+    st = b.state(cr4=CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE, pkru=0b0100, profile="qemu",
+                 maxphyaddr=52)
+    return mem, st, probes, {"mbits": mbits}
+
+
+@functools.lru_cache(maxsize=8)
+def discover_capabilities(binary: str | None = None, cpu: str = "max") -> Capabilities:
+    """Run the capability batch (4-level and 5-level) once per process and QEMU/CPU model."""
+    oracle = QemuOracle(binary=binary, cpu=cpu)
+    mem, st, probes, info = _capability_image(False)
+    r = oracle.run(mem, st, probes).results
+    base_ok, gb, rsvd, smep_r, smap_r, pku_r = r[:6]
+    if base_ok.outcome != "ok":
+        raise OracleError(f"QEMU capability batch: a plain supervisor read failed: {base_ok}")
+    mres = r[6:6 + len(info["mbits"])]
+    maxphyaddr = next((bit for bit, x in zip(info["mbits"], mres)
+                       if x.outcome == "page_fault" and x.error_code is not None
+                       and x.error_code & PF_RSVD), 52)
+    la57 = False
+    try:
+        mem5, st5, probes5, _ = _capability_image(True)
+        r5 = oracle.run(mem5, st5, probes5).results
+        la57 = r5[0].outcome == "ok" and r5[-1].outcome == "ok"
+    except OracleError:
+        la57 = False
+    vendor = _vendor(binary, cpu)
+    notes = ["measured by a capability batch (harness/oracles/qemu.py _capability_image)",
+             "vendor from QMP query-cpu-model-expansion",
+             "RSVD #PF error code lacks P on QEMU >= 7.2 (paging.md §11.2 #1)"]
+    return Capabilities(
+        name="qemu", vendor=vendor, maxphyaddr=maxphyaddr,
+        gbpages=gb.outcome == "ok",
+        la57=la57,
+        pku=pku_r.outcome == "page_fault" and bool((pku_r.error_code or 0) & PF_PK),
+        smep=smep_r.outcome == "page_fault" and (smep_r.error_code or 0) == (PF_P | PF_ID),
+        smap=smap_r.outcome == "page_fault" and (smap_r.error_code or 0) == PF_P,
+        nx=True,
+        rsvd_sets_p=rsvd.outcome == "page_fault" and bool((rsvd.error_code or 0) & PF_P),
+        ram_size=oracle.ram_size, version=oracle.version, notes=tuple(notes))
+
+
+def _vendor(binary: str | None, cpu: str) -> str:
+    """'amd' or 'intel', as QEMU expands the CPU model (a paused VM, one QMP query)."""
+    try:
+        with QemuMonitor(SparseMemory(RIG_RAM_SIZE), PagingState(cr3=RIG_IMAGE_BASE,
+                                                                 profile=profile_named("qemu")),
+                         binary=binary, cpu=cpu) as mon:
+            out = mon.qmp.command("query-cpu-model-expansion",
+                                  {"type": "full", "model": {"name": cpu}})
+    except OracleError:
+        return "unknown"
+    v = str(out.get("model", {}).get("props", {}).get("vendor", ""))
+    return {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(v, v or "unknown")
