@@ -21,6 +21,8 @@ class SparseMemory(MemoryBase):
         self.size = size
         self.pages: dict[int, bytearray] = {}
         self.control_registers: dict[str, int] = {}
+        self._version = 0          # bumped by every write; keys the gather cache
+        self._gcache: tuple | None = None
 
     def _check(self, pa: int, n: int) -> None:
         if pa < 0 or n < 0 or pa + n > self.size:
@@ -52,6 +54,7 @@ class SparseMemory(MemoryBase):
 
     def write(self, pa: int, data: bytes) -> None:
         self._check(pa, len(data))
+        self._version += 1
         mv = memoryview(data)
         while len(mv):
             pn, off = divmod(pa, PAGE)
@@ -64,6 +67,7 @@ class SparseMemory(MemoryBase):
             pa += take
 
     def write_u64(self, pa: int, value: int) -> None:
+        self._version += 1
         pn, off = divmod(pa, PAGE)
         if off <= PAGE - 8 and 0 <= pa and pa + 8 <= self.size:
             page = self.pages.get(pn)
@@ -86,12 +90,15 @@ class SparseMemory(MemoryBase):
         valid = pas + np.uint64(8) <= np.uint64(min(self.size, 1 << 63))
         if not self.pages:
             return np.zeros(len(pas), dtype=np.uint64), valid
-        pns = np.fromiter(self.pages.keys(), dtype=np.uint64, count=len(self.pages))
-        order = np.argsort(pns)
-        pns = pns[order]
-        keys = list(self.pages.keys())
-        stacked = np.frombuffer(b"".join(bytes(self.pages[keys[i]]) for i in order.tolist()),
-                                dtype="<u8").reshape(-1, 512)
+        cache = self._gcache
+        if cache is None or cache[0] != self._version or cache[1] != len(self.pages):
+            pns = np.fromiter(self.pages.keys(), dtype=np.uint64, count=len(self.pages))
+            order = np.argsort(pns)
+            keys = list(self.pages.keys())
+            stacked = np.frombuffer(b"".join(bytes(self.pages[keys[i]]) for i in order.tolist()),
+                                    dtype="<u8").reshape(-1, 512)
+            cache = self._gcache = (self._version, len(self.pages), pns[order], stacked)
+        pns, stacked = cache[2], cache[3]
         want = pas >> np.uint64(12)
         pos = np.searchsorted(pns, want)
         pos_c = np.minimum(pos, len(pns) - 1)
@@ -114,6 +121,7 @@ class SparseMemory(MemoryBase):
     def copy(self) -> "SparseMemory":
         out = SparseMemory(self.size)
         out.pages = {pn: bytearray(p) for pn, p in self.pages.items()}
+        out._version = 0
         out.control_registers = dict(self.control_registers)
         return out
 
