@@ -1,0 +1,796 @@
+"""The unicorn backend of the comparison rig: real IA-32e walks from CR3 inside an in-process
+unicorn 2.1.4 engine (QEMU 5.0's x86 MMU), many probes per `emu_start`.
+
+Facts this file relies on were measured on this machine (spec/oracle-unicorn.md):
+* mem_map / mem_read / memory hooks use guest-physical addresses once paging is on (§2.2, P7);
+* exceptions never reach a guest IDT, they reach UC_HOOK_INTR; the #PF error code only lives in
+  the saved context blob (CPUX86State.error_code, byte 5424 in 2.1.4), and `old_exception` must be
+  reset after every fault or the next one becomes #DF and then a silent stop (§2.4, P1, P2);
+* CPL3 is only reachable through a guest IRETQ (§2.3); there is no way back, so every stretch of
+  CPL3 probes ends its `emu_start` and the next one starts from a saved CPL0 context;
+* `context_restore` and `mem_write` do not flush the TLB (§3, P3); each probe is preceded by an
+  INVLPG of its VA and followed by `jmp $+2` so a fault resumes on a TB boundary (P4);
+* a fetch fault from `call rbx` leaves the return address pushed (P5).
+
+Guest-physical layout of the harness, all below RIG_IMAGE_BASE and mapped through HARNESS_SLOT of
+the caller's root table (in the engine's copy only):
+
+    0x01000 GDT   0x03000 harness PDPT   0x04000 harness PD   0x05000 PT (supervisor view)
+    0x02000 harness PML4 (LA57 only)                          0x06000 PT (user view)
+    0x08000-0x10000 kernel stack   0x10000-0x18000 user stack   0x18000 set-up stubs
+    0x20000 results (one qword per probe of a chunk)   0x40000-0x200000 generated probe code
+
+The whole 2 MiB is mapped twice: supervisor at K_BASE (CPL0 code, stacks, results) and user at
+U_BASE (CPL3 code, stack, results). The user view carries a protection key that the state's
+PKRU leaves fully open, so the harness's own CPL3 stack and result stores never fault.
+"""
+from __future__ import annotations
+
+import bisect
+import ctypes
+import functools
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from harness.oracles.base import (HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult,
+                                  Capabilities, Probe, ProbeResult, tag_value)
+from x86pt.errors import BadInputError, OracleError, OracleUnavailable
+from x86pt.memory.base import PAGE
+from x86pt.memory.sparse import SparseMemory
+from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PKS, CR4_SMAP,
+                         CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, RFLAGS_AC, PagingState)
+
+try:  # the rig imports this module even where unicorn is missing; run() then says why
+    import unicorn as _uc
+    from unicorn import x86_const as _x86
+    _IMPORT_ERROR = ""
+except ImportError as e:  # pragma: no cover - depends on the machine
+    _uc = None
+    _x86 = None
+    _IMPORT_ERROR = f"unicorn is not installed ({e})"
+
+PINNED_VERSION = (2, 1, 4)
+# bytes(UcContext) offset of CPUX86State.error_code for unicorn 2.1.4 x86-64: the 48-byte
+# uc_context header + offsetof(CPUX86State, error_code) (spec/oracle-unicorn.md §2.4). The
+# self-test re-checks it; old_exception sits 112 bytes further.
+ERROR_CODE_OFFSET = 5424
+OLD_EXCEPTION_OFFSET = ERROR_CODE_OFFSET + 112
+
+MODELS = ("icelake", "haswell")
+
+# -- harness layout (guest-physical) -------------------------------------------------------------
+H_GDT = 0x1000
+H_PML4 = 0x2000
+H_PDPT = 0x3000
+H_PD = 0x4000
+H_PT_K = 0x5000
+H_PT_U = 0x6000
+H_KSTACK_TOP = 0x10000
+H_USTACK_TOP = 0x18000
+H_STUB = 0x18000
+H_RESULTS = 0x20000
+H_CODE = 0x40000
+H_END = RIG_IMAGE_BASE
+CHUNK = (H_CODE - H_RESULTS) // 8          # probes per code chunk (one result qword each)
+
+# PML5[511] PML4[511] PDPT[511] PD[0] / PD[1]: the same VA with 4 and 5 levels.
+K_BASE = 0xFFFFFFFFC0000000
+U_BASE = K_BASE + 0x200000
+
+SEL_KCODE, SEL_KDATA, SEL_UDATA, SEL_UCODE = 0x08, 0x10, 0x1B, 0x23
+# null, 64-bit code DPL0, data DPL0, data DPL3, 64-bit code DPL3; type bits with A already set,
+# so loading a selector does not write the descriptor.
+GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF)
+MSR_EFER = 0xC0000080
+
+_PTE_P, _PTE_RW, _PTE_US, _PTE_A, _PTE_D = 1, 2, 4, 0x20, 0x40
+_Q = struct.Struct("<Q")
+
+# -- instruction encodings (hand-assembled; tests check them against capstone) -------------------
+INSN = {
+    "read": bytes.fromhex("488b03"),       # mov rax, qword ptr [rbx]
+    "write": bytes.fromhex("488913"),      # mov qword ptr [rbx], rdx
+    "fetch": bytes.fromhex("ffd3"),        # call rbx  (the target's 0xC3 returns)
+}
+_INVLPG_RBX = bytes.fromhex("0f013b")
+_JMP_NEXT = bytes.fromhex("eb00")          # jmp $+2: ends the TB (pitfall P4)
+_PUSHFQ, _POPFQ = b"\x9c", b"\x9d"
+_OR_RSP_IMM = bytes.fromhex("48810c24")    # or qword ptr [rsp], imm32
+_AND_RSP_IMM = bytes.fromhex("48812424")   # and qword ptr [rsp], imm32 (sign-extended)
+_IRETQ = bytes.fromhex("48cf")
+_INT3 = b"\xcc"
+
+
+def _movabs(reg: str, imm: int) -> bytes:
+    op = {"rax": b"\x48\xb8", "rcx": b"\x48\xb9", "rdx": b"\x48\xba", "rbx": b"\x48\xbb",
+          "r15": b"\x49\xbf"}[reg]
+    return op + _Q.pack(imm & (2**64 - 1))
+
+
+def _store_result(slot: int) -> bytes:
+    """mov qword ptr [r15 + 8*slot], rax"""
+    return b"\x49\x89\x87" + struct.pack("<i", 8 * slot)
+
+
+def _to_cpl3(target: int, rflags: int) -> bytes:
+    """IRETQ frame [rip, cs, rflags, rsp, ss] on the kernel stack (spec §2.3: writing CS does not
+    change CPL; IRETQ does)."""
+    return (_movabs("rax", target) + b"\x6a" + bytes([SEL_UDATA]) +
+            _movabs("rcx", U_BASE + H_USTACK_TOP) + b"\x51" +
+            b"\x68" + struct.pack("<I", rflags) + b"\x6a" + bytes([SEL_UCODE]) + b"\x50" + _IRETQ)
+
+
+_TO_CPL3_LEN = len(_to_cpl3(0, 0))
+
+
+def _wrpkru(value: int) -> bytes:
+    """mov eax, imm32; xor ecx, ecx; xor edx, edx; wrpkru"""
+    return b"\xb8" + struct.pack("<I", value) + bytes.fromhex("31c931d20f01ef")
+
+
+def _version_of_lib() -> tuple[int, int, int]:
+    combined = _uc.uc_version()[2]
+    return (combined >> 24) & 0xFF, (combined >> 16) & 0xFF, (combined >> 8) & 0xFF
+
+
+def check_version() -> str:
+    """'' when unicorn 2.1.4 is importable (binding and library), else why not."""
+    if _uc is None:
+        return _IMPORT_ERROR
+    bind = tuple(int(x) for x in _uc.__version__.split(".")[:3])
+    lib = _version_of_lib()
+    if bind != PINNED_VERSION or lib != PINNED_VERSION:
+        return (f"unicorn {'.'.join(map(str, lib))} (binding {_uc.__version__}) found; this backend "
+                f"reads the #PF error code at a context offset only verified for "
+                f"{'.'.join(map(str, PINNED_VERSION))}")
+    return ""
+
+
+def available() -> tuple[bool, str]:
+    """(usable, reason) for tests' need_oracle()."""
+    why = check_version()
+    return not why, why
+
+
+# -- the generated program -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Segment:
+    begin: int                              # VA where emu_start begins (CPL0)
+    until: int                              # VA where it must end
+    parts: tuple[tuple[int, int, int], ...]  # (phys start, phys end, VA base) for listings
+    has_fetch: bool
+
+
+@dataclass(frozen=True)
+class _Program:
+    first: int                              # index of the chunk's first probe in the batch
+    probes: tuple[Probe, ...]
+    code: bytes                             # placed at H_CODE
+    segments: tuple[_Segment, ...]
+    access_at: dict[int, int]               # VA of the access instruction -> probe index
+    ret_at: dict[int, int]                  # return address of a fetch probe's call -> index
+    resume: tuple[int, ...]                 # VA after probe i's block (fault resume point)
+    block_at: tuple[tuple[int, int], ...]   # (phys start, index) of each block, for listings
+
+
+def _pages(p: Probe) -> set[int]:
+    """The 4 KiB linear pages an access touches (QEMU's TLB is 4K-granular even for large pages)."""
+    last = p.va + (0 if p.access == "fetch" else 7)
+    return {p.va >> 12, (last & (2**64 - 1)) >> 12}
+
+
+def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
+    """Straight-line probe code for one chunk. Consecutive probes of the same CPL share a segment;
+    a CPL3 stretch is entered with IRETQ at the end of a CPL0 segment and ends the segment."""
+    code = bytearray()
+    access_at: dict[int, int] = {}
+    ret_at: dict[int, int] = {}
+    resume: list[int] = []
+    blocks: list[tuple[int, int]] = []
+    segments: list[_Segment] = []
+
+    def here() -> int:
+        return H_CODE + len(code)
+
+    seg_begin: int | None = None
+    parts: list[tuple[int, int, int]] = []
+    part_start = 0
+    seg_fetch = False
+
+    def close(until_base: int) -> None:
+        nonlocal seg_begin, parts, seg_fetch
+        parts.append((part_start, here(), until_base))
+        until = until_base + here()
+        code.extend(_INT3)   # never executed: a run past `until` raises vector 3, not silence
+        segments.append(_Segment(seg_begin, until, tuple(parts), seg_fetch))
+        seg_begin, parts, seg_fetch = None, [], False
+
+    def emit_block(i: int, p: Probe, base: int, state: dict) -> None:
+        nonlocal seg_fetch
+        blocks.append((here(), first + i))
+        if p.ac != state["ac"]:
+            code.extend(_PUSHFQ)
+            code.extend(_OR_RSP_IMM + struct.pack("<I", RFLAGS_AC) if p.ac else
+                        _AND_RSP_IMM + struct.pack("<I", ~RFLAGS_AC & 0xFFFFFFFF))
+            code.extend(_POPFQ)
+            state["ac"] = p.ac
+        if p.access == "write" and state["rdx"] != p.wvalue:
+            code.extend(_movabs("rdx", p.wvalue))
+            state["rdx"] = p.wvalue
+        code.extend(_movabs("rbx", p.va))
+        if base == K_BASE:
+            code.extend(_INVLPG_RBX)
+        access_at[base + here()] = first + i
+        code.extend(INSN[p.access])
+        if p.access == "fetch":
+            ret_at[base + here()] = first + i
+            seg_fetch = True
+        elif p.access == "read":
+            code.extend(_store_result(i))
+        code.extend(_JMP_NEXT)
+        resume.append(base + here())
+
+    i = 0
+    n = len(probes)
+    while i < n:
+        user = probes[i].user
+        j = i
+        seen: set[int] = set()
+        while j < n and probes[j].user == user:
+            if user:
+                # INVLPG is privileged: a CPL3 stretch is flushed from CPL0 before its IRETQ, so
+                # it must not touch a page twice (the second probe would hit the TLB).
+                pages = _pages(probes[j])
+                if seen & pages:
+                    break
+                seen |= pages
+            j += 1
+        if not user:
+            seg_begin, part_start = K_BASE + here(), here()
+            code.extend(_movabs("r15", K_BASE + H_RESULTS))
+            st = {"ac": False, "rdx": None}
+            for k in range(i, j):
+                emit_block(k, probes[k], K_BASE, st)
+            if j == n:
+                close(K_BASE)
+        else:
+            if seg_begin is None:
+                seg_begin, part_start = K_BASE + here(), here()
+            for page in sorted(seen):
+                code.extend(_movabs("rbx", page << 12))
+                code.extend(_INVLPG_RBX)
+            target = U_BASE + here() + _TO_CPL3_LEN
+            code.extend(_to_cpl3(target, 0x2 | (RFLAGS_AC if probes[i].ac else 0)))
+            parts.append((part_start, here(), K_BASE))
+            part_start = here()
+            code.extend(_movabs("r15", U_BASE + H_RESULTS))
+            st = {"ac": probes[i].ac, "rdx": None}
+            for k in range(i, j):
+                emit_block(k, probes[k], U_BASE, st)
+            close(U_BASE)
+        i = j
+    if H_CODE + len(code) > H_END:
+        raise _TooBig(len(code))
+    return _Program(first, tuple(probes), bytes(code), tuple(segments), access_at, ret_at,
+                    tuple(resume), tuple(blocks))
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _chunks(probes: Sequence[Probe]) -> list[_Program]:
+    """Split a batch so each chunk's results and code fit the harness; a chunk of CPL3 probes that
+    each need their own segment can outgrow the code area, and is then halved."""
+    out = []
+    start = 0
+    while start < len(probes):
+        k = CHUNK
+        while True:
+            try:
+                prog = _assemble(probes[start:start + k], start)
+                break
+            except _TooBig:
+                k //= 2
+        out.append(prog)
+        start += len(prog.probes)
+    return out
+
+
+# -- engine --------------------------------------------------------------------------------------
+@dataclass
+class _Fault:
+    vector: int
+    error_code: int
+    cr2: int | None
+    old_exception: int
+    detail: str = ""
+
+
+@dataclass
+class _Scratch:
+    """What the hooks fill in. It never references the engine (the binding's own callbacks already
+    hold it), so dropping the engine and its hooks frees it promptly."""
+
+    ctx: object
+    ec: ctypes.c_int32
+    old: ctypes.c_int32
+    prog: _Program | None = None
+    faults: dict[int, _Fault] = field(default_factory=dict)
+    pa: dict[int, int] = field(default_factory=dict)
+    written: set[int] = field(default_factory=set)
+    stray: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+    last_cr2: int = 0
+    ram_size: int = RIG_RAM_SIZE
+
+
+def _harness_pa(va: int) -> int:
+    if K_BASE <= va < U_BASE + H_END:
+        return (va - K_BASE) % H_END
+    raise OracleError(f"stack pointer {va:#x} is outside the harness")
+
+
+def _on_intr(uc, intno: int, st: _Scratch) -> None:
+    rip = uc.reg_read(_x86.UC_X86_REG_RIP)
+    uc.context_update(st.ctx)
+    code = st.ec.value & 0xFFFFFFFF
+    old = st.old.value
+    # Pitfall P1: unicorn never delivers the exception, so QEMU's double-fault tracking must be
+    # reset by hand, else the next #PF becomes #DF and the one after a silent triple-fault stop.
+    st.old.value = -1
+    uc.context_restore(st.ctx)
+    prog = st.prog
+    if prog is None:
+        raise OracleError(f"vector {intno} (error code {code:#x}) at rip {rip:#x} during the "
+                          "harness set-up")
+    if intno == 8:
+        raise OracleError("unicorn raised #DF: old_exception was not reset (context layout changed?)")
+    i = prog.access_at.get(rip)
+    pop = False
+    if i is not None and prog.probes[i - prog.first].access == "fetch" and intno != 13:
+        raise OracleError(f"fault {intno} on the harness's call for probe #{i} (its CPL3 stack "
+                          f"push?): error code {code:#x}")
+    if i is None:
+        rsp = uc.reg_read(_x86.UC_X86_REG_RSP)
+        ret = _Q.unpack(bytes(uc.mem_read(_harness_pa(rsp), 8)))[0]
+        i = prog.ret_at.get(ret)
+        if i is None or (prog.probes[i - prog.first].va != rip):
+            where = "" if i is None else f" (after the call of probe #{i}, va {prog.probes[i - prog.first].va:#x})"
+            raise OracleError(f"vector {intno} error code {code:#x} at rip {rip:#x}{where}: not a "
+                              "probe access; a fetch target must hold 0xC3 (ret)")
+        pop = True   # pitfall P5: the call pushed its return address before the fetch faulted
+    if intno == 14:
+        cr2 = uc.reg_read(_x86.UC_X86_REG_CR2)
+        st.last_cr2 = cr2
+        detail = ""
+    elif intno == 13:
+        cr2 = uc.reg_read(_x86.UC_X86_REG_CR2)
+        detail = "CR2 written by #GP" if cr2 != st.last_cr2 else ""
+        cr2 = cr2 if detail else None
+        st.last_cr2 = cr2 if cr2 is not None else st.last_cr2
+    else:
+        raise OracleError(f"probe #{i} va {prog.probes[i - prog.first].va:#x}: unexpected vector "
+                          f"{intno} (error code {code:#x}) at rip {rip:#x}")
+    if i in st.faults:
+        raise OracleError(f"probe #{i} faulted twice (rip {rip:#x})")
+    st.faults[i] = _Fault(intno, code, cr2, old, detail)
+    if pop:
+        uc.reg_write(_x86.UC_X86_REG_RSP, uc.reg_read(_x86.UC_X86_REG_RSP) + 8)
+    uc.reg_write(_x86.UC_X86_REG_RIP, prog.resume[i - prog.first])
+
+
+def _on_mem(uc, access: int, address: int, size: int, value: int, st: _Scratch) -> None:
+    if access == _uc.UC_MEM_WRITE:
+        st.written.add(address >> 12)
+        st.written.add((address + size - 1) >> 12)
+    if st.prog is None:
+        return
+    rip = uc.reg_read(_x86.UC_X86_REG_RIP)
+    i = st.prog.access_at.get(rip)
+    if i is None:
+        st.stray.append(f"access to {address:#x} from rip {rip:#x}")
+    elif i not in st.pa:
+        st.pa[i] = address
+
+
+def _on_unmapped(uc, access: int, address: int, size: int, value: int, st: _Scratch) -> bool:
+    rip = uc.reg_read(_x86.UC_X86_REG_RIP)
+    i = st.prog.access_at.get(rip) if st.prog else None
+    what = f"probe #{i}" if i is not None else f"rip {rip:#x}"
+    st.unmapped.append(f"{what} reached unbacked physical address {address:#x} (RAM ends at "
+                       f"{st.ram_size:#x})")
+    return False
+
+
+class _Engine:
+    """One unicorn instance set up for one image and state. close() deletes the hooks (which
+    break the binding's Uc <-> callback cycle) so the engine is freed at once."""
+
+    def __init__(self, model: str, ram_size: int) -> None:
+        cpu = {"icelake": _x86.UC_CPU_X86_ICELAKE_SERVER, "haswell": _x86.UC_CPU_X86_HASWELL}[model]
+        uc = _uc.Uc(_uc.UC_ARCH_X86, _uc.UC_MODE_64)
+        # P6: the model must be chosen before anything initialises the engine.
+        uc.ctl_set_cpu_model(cpu)
+        uc.ctl_set_tlb_mode(_uc.UC_TLB_CPU)
+        if hasattr(uc, "ctl_set_tcg_buffer_size"):
+            uc.ctl_set_tcg_buffer_size(8 << 20)    # 1 ms engines instead of 5 (spec §4)
+        uc.mem_map(0, ram_size, _uc.UC_PROT_ALL)
+        self.uc = uc
+        ctx = uc.context_save()
+        base = ctx.context.value
+        self.st = _Scratch(ctx, ctypes.c_int32.from_address(base + ERROR_CODE_OFFSET),
+                           ctypes.c_int32.from_address(base + OLD_EXCEPTION_OFFSET),
+                           ram_size=ram_size)
+        self.hooks = [
+            uc.hook_add(_uc.UC_HOOK_INTR, _on_intr, self.st),
+            uc.hook_add(_uc.UC_HOOK_MEM_READ | _uc.UC_HOOK_MEM_WRITE, _on_mem, self.st,
+                        RIG_IMAGE_BASE, ram_size - 1),
+            uc.hook_add(_uc.UC_HOOK_MEM_UNMAPPED, _on_unmapped, self.st),
+        ]
+        self.ctx_k = None
+
+    def flush_tlb(self) -> None:
+        # The binding has no TLB-flush wrapper (spec §2.5); ctl_flush_tb is the TB cache only.
+        self.uc.ctl(_uc.UC_CTL_TLB_FLUSH, _uc.UC_CTL_IO_WRITE)
+
+    def close(self) -> None:
+        uc = self.uc
+        if uc is None:
+            return
+        for h in self.hooks:
+            try:
+                uc.hook_del(h)
+            except Exception:   # noqa: BLE001 - best effort while tearing down
+                pass
+        self.hooks = []
+        self.ctx_k = None
+        self.st.prog = None
+        self.uc = None
+
+    def run_segment(self, seg: _Segment, n_probes: int) -> None:
+        uc = self.uc
+        uc.context_restore(self.ctx_k)
+        self.flush_tlb()
+        # A timer thread costs ~170 us per emu_start; only caller-controlled code (fetch targets)
+        # can loop, so only segments with fetches get one.
+        timeout = (2_000_000 + 100 * n_probes) if seg.has_fetch else 0
+        try:
+            uc.emu_start(seg.begin, seg.until, timeout=timeout)
+        except _uc.UcError as e:
+            why = "; ".join(self.st.unmapped) or str(e)
+            raise OracleError(f"unicorn stopped: {why}") from None
+        rip = uc.reg_read(_x86.UC_X86_REG_RIP)
+        if rip != seg.until:
+            # P1: a triple fault stops emu_start silently; so does a timeout.
+            raise OracleError(f"unicorn stopped at rip {rip:#x}, not at {seg.until:#x} (silent "
+                              "triple fault or timeout)")
+
+
+def _check_image(memory: SparseMemory, ram_size: int) -> None:
+    if not isinstance(memory, SparseMemory):
+        raise BadInputError(f"the unicorn oracle takes a SparseMemory image, not {type(memory).__name__}")
+    for pn in memory.pages:
+        pa = pn * PAGE
+        if not RIG_IMAGE_BASE <= pa < ram_size:
+            raise BadInputError(f"image page {pa:#x} is outside the rig's image region "
+                                f"[{RIG_IMAGE_BASE:#x}, {ram_size:#x})")
+
+
+def _harness_tables(state: PagingState, user_key: int) -> list[tuple[int, bytes]]:
+    """(pa, bytes) writes that install the harness, and its slot in the caller's root."""
+    table = _PTE_P | _PTE_RW | _PTE_US | _PTE_A
+    writes: list[tuple[int, bytes]] = []
+    writes.append((H_GDT, b"".join(_Q.pack(d) for d in GDT)))
+    root_slot = state.root + 8 * HARNESS_SLOT
+    if state.la57:
+        writes.append((root_slot, _Q.pack(H_PML4 | table)))
+        writes.append((H_PML4 + 8 * HARNESS_SLOT, _Q.pack(H_PDPT | table)))
+    else:
+        writes.append((root_slot, _Q.pack(H_PDPT | table)))
+    writes.append((H_PDPT + 8 * 511, _Q.pack(H_PD | table)))
+    writes.append((H_PD, _Q.pack(H_PT_K | table) + _Q.pack(H_PT_U | table)))
+    kflags = _PTE_P | _PTE_RW | _PTE_A | _PTE_D
+    uflags = kflags | _PTE_US | (user_key << 59)
+    writes.append((H_PT_K, b"".join(_Q.pack((k << 12) | kflags) for k in range(512))))
+    writes.append((H_PT_U, b"".join(_Q.pack((k << 12) | uflags) for k in range(512))))
+    return writes
+
+
+def _free_pkey(state: PagingState) -> int | None:
+    """A protection key whose PKRU AD and WD bits are both clear (SDM §4.6.2), for the harness's
+    user pages; None when PKRU closes every key."""
+    if not state.pke:
+        return 0
+    for k in range(16):
+        if not (state.pkru >> (2 * k)) & 3:
+            return k
+    return None
+
+
+# -- the oracle ----------------------------------------------------------------------------------
+class UnicornOracle:
+    """Oracle protocol backend (harness/oracles/base.py) on unicorn 2.1.4."""
+
+    name = "unicorn"
+    profile = "unicorn"
+
+    def __init__(self, model: str = "icelake", ram_size: int = RIG_RAM_SIZE, *,
+                 self_test: bool = True) -> None:
+        why = check_version()
+        if why:
+            raise OracleUnavailable(why)
+        if model not in MODELS:
+            raise BadInputError(f"unicorn CPU model must be one of {', '.join(MODELS)}, not {model!r}")
+        if ram_size % PAGE or not RIG_IMAGE_BASE < ram_size <= (1 << 32):
+            raise BadInputError(f"bad ram_size {ram_size:#x}")
+        self.model = model
+        self.ram_size = ram_size
+        if self_test:
+            _self_test(model)
+
+    # context manager / Oracle protocol -----------------------------------------------------------
+    def __enter__(self) -> "UnicornOracle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing persists between runs: every run() has its own engine, freed before it returns."""
+
+    @property
+    def version(self) -> str:
+        model = "UC_CPU_X86_ICELAKE_SERVER" if self.model == "icelake" else "UC_CPU_X86_HASWELL"
+        return f"unicorn {_uc.__version__} {model}"
+
+    def capabilities(self) -> Capabilities:
+        return _discover(self.model)
+
+    @staticmethod
+    def instruction_bytes(probe: Probe) -> bytes:
+        """The access instruction a probe runs (its VA is in rbx; a write's value in rdx)."""
+        return INSN[probe.access]
+
+    def listing(self, probes: Sequence[Probe]) -> str:
+        """The generated probe code of a batch, disassembled by capstone, with probe markers."""
+        import capstone
+        md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        lines = []
+        for prog in _chunks(list(probes)):
+            starts = dict(prog.block_at)
+            for s_no, seg in enumerate(prog.segments):
+                lines.append(f"; chunk @{prog.first} segment {s_no}: emu_start({seg.begin:#x}, "
+                             f"{seg.until:#x})")
+                for p_start, p_end, base in seg.parts:
+                    lines.append(f";   {'CPL3 (user view)' if base == U_BASE else 'CPL0 (supervisor view)'}")
+                    chunk = prog.code[p_start - H_CODE:p_end - H_CODE]
+                    for addr, size, mnem, ops in md.disasm_lite(chunk, base + p_start):
+                        ph = addr - base
+                        if ph in starts:
+                            i = starts[ph]
+                            p = prog.probes[i - prog.first]
+                            lines.append(f"; probe #{i}: {p.access} va={p.va:#x} "
+                                         f"cpl={3 if p.user else 0} ac={int(p.ac)}")
+                        raw = prog.code[ph - H_CODE:ph - H_CODE + size].hex()
+                        lines.append(f"{addr:016x}  {raw:<22} {mnem} {ops}".rstrip())
+        return "\n".join(lines) + "\n"
+
+    # running -------------------------------------------------------------------------------------
+    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
+        t0 = time.perf_counter()
+        state.check()
+        if state.pks:
+            raise OracleError("unicorn 2.1.4 (QEMU 5.0) has no PKS: cannot run with CR4.PKS=1")
+        probes = list(probes)
+        _check_image(memory, self.ram_size)
+        if not RIG_IMAGE_BASE <= state.root < self.ram_size:
+            raise BadInputError(f"CR3 root {state.root:#x} is outside the rig's image region")
+        key = _free_pkey(state)
+        if key is None and any(p.user for p in probes):
+            raise OracleError(f"PKRU {state.pkru:#x} closes every key: the harness's CPL3 stack and "
+                              "results need one open key")
+        eng = _Engine(self.model, self.ram_size)
+        try:
+            self._load(eng, memory, state, key or 0)
+            results: list[ProbeResult] = []
+            for prog in _chunks(probes):
+                results.extend(self._run_chunk(eng, prog))
+            after = self._memory_after(eng, memory, state)
+        finally:
+            eng.close()
+        return BatchResult(results, after, time.perf_counter() - t0)
+
+    def _load(self, eng: _Engine, memory: SparseMemory, state: PagingState, key: int) -> None:
+        uc = eng.uc
+        for pn in sorted(memory.pages):
+            uc.mem_write(pn * PAGE, bytes(memory.pages[pn]))
+        for pa, data in _harness_tables(state, key):
+            uc.mem_write(pa, data)
+        x = _x86
+        uc.reg_write(x.UC_X86_REG_GDTR, (0, K_BASE + H_GDT, len(GDT) * 8 - 1, 0))
+        # P9 / §2.2: CR4.PAE, then EFER, then CR3, then CR0.PG; reg_write never raises #GP, so a
+        # wrong order fails silently. Read them back to be sure.
+        cr4 = state.cr4 | CR4_PAE
+        efer = state.efer | EFER_LME | EFER_LMA
+        cr0 = state.cr0 | CR0_PE | CR0_PG
+        uc.reg_write(x.UC_X86_REG_CR4, cr4)
+        uc.reg_write(x.UC_X86_REG_MSR, (MSR_EFER, efer))
+        uc.reg_write(x.UC_X86_REG_CR3, state.cr3)
+        uc.reg_write(x.UC_X86_REG_CR0, cr0)
+        uc.reg_write(x.UC_X86_REG_CS, SEL_KCODE)
+        uc.reg_write(x.UC_X86_REG_SS, SEL_KDATA)
+        uc.reg_write(x.UC_X86_REG_RSP, K_BASE + H_KSTACK_TOP)
+        uc.reg_write(x.UC_X86_REG_RFLAGS, 0x2)
+        uc.reg_write(x.UC_X86_REG_CR2, 0)
+        got = (uc.reg_read(x.UC_X86_REG_CR0), uc.reg_read(x.UC_X86_REG_CR4),
+               uc.reg_read(x.UC_X86_REG_MSR, MSR_EFER) & (EFER_LME | EFER_LMA | EFER_NXE))
+        want = (cr0, cr4, efer & (EFER_LME | EFER_LMA | EFER_NXE))
+        if got != want:
+            raise OracleError("unicorn did not take the control registers: "
+                              f"got cr0/cr4/efer {tuple(map(hex, got))}, wanted {tuple(map(hex, want))}")
+        eng.flush_tlb()
+        stub = _wrpkru(state.pkru) if state.pke else b""
+        stub += b"\x90"
+        uc.mem_write(H_STUB, stub)
+        begin, until = K_BASE + H_STUB, K_BASE + H_STUB + len(stub)
+        uc.emu_start(begin, until)
+        if uc.reg_read(x.UC_X86_REG_RIP) != until or eng.st.faults:
+            raise OracleError("the harness set-up stub (wrpkru) did not complete")
+        eng.ctx_k = uc.context_save()
+
+    def _run_chunk(self, eng: _Engine, prog: _Program) -> list[ProbeResult]:
+        uc = eng.uc
+        st = eng.st
+        st.prog = prog
+        st.faults, st.pa, st.stray = {}, {}, []
+        uc.mem_write(H_CODE, prog.code)
+        uc.ctl_flush_tb()       # code of the previous chunk sat at the same addresses
+        n = len(prog.probes)
+        for seg in prog.segments:
+            eng.run_segment(seg, n)
+        values = struct.unpack(f"<{n}Q", bytes(uc.mem_read(H_RESULTS, 8 * n))) if n else ()
+        out = []
+        stray = "; ".join(st.stray)
+        for k, p in enumerate(prog.probes):
+            i = prog.first + k
+            f = st.faults.get(i)
+            if f is None:
+                out.append(ProbeResult("ok", pa=st.pa.get(i),
+                                       value=values[k] if p.access == "read" else None,
+                                       detail=stray))
+            elif f.vector == 14:
+                out.append(ProbeResult("page_fault", f.error_code, f.cr2, vector=14, detail=f.detail))
+            else:
+                out.append(ProbeResult("general_protection", f.error_code, f.cr2, vector=f.vector,
+                                       detail=f.detail))
+        return out
+
+    def _memory_after(self, eng: _Engine, memory: SparseMemory, state: PagingState) -> SparseMemory:
+        """The image region as the engine left it: the caller's pages plus pages probes wrote. The
+        harness slot in the root is put back to the caller's value (it was the engine's own)."""
+        after = SparseMemory(memory.size)
+        after.control_registers = dict(memory.control_registers)
+        lo, hi = RIG_IMAGE_BASE >> 12, self.ram_size >> 12
+        pages = set(memory.pages) | {pn for pn in eng.st.written if lo <= pn < hi}
+        for pn in sorted(pages):
+            after.pages[pn] = bytearray(eng.uc.mem_read(pn * PAGE, PAGE))
+        slot = state.root + 8 * HARNESS_SLOT
+        if state.root >> 12 in after.pages:
+            after.write_u64(slot, memory.read_u64(slot))
+        return after
+
+
+# -- once per process: self-test and capabilities ------------------------------------------------
+_PF_CASES = (("not-present read", 0x0), ("not-present write", 0x2),
+             ("user write to a supervisor read-only page", 0x7), ("reserved bit 51 in a PTE", 0x9))
+
+
+def _tiny_image(levels: int = 4) -> tuple[SparseMemory, int]:
+    """PML4 (or PML5) at 0x200000 and one chain down to the PT at 0x203000 (0x204000 with LA57);
+    data frames from 0x300000, filled with the rig's tag pattern."""
+    mem = SparseMemory()
+    table = _PTE_P | _PTE_RW | _PTE_US
+    chain = [0x200000 + PAGE * k for k in range(levels)]
+    for upper, lower in zip(chain, chain[1:]):
+        mem.write_u64(upper, lower | table)
+    for f in range(8):
+        base = 0x300000 + f * PAGE
+        mem.write(base, b"".join(_Q.pack(tag_value(base + 8 * q)) for q in range(512)))
+    return mem, chain[-1]
+
+
+@functools.cache
+def _self_test(model: str) -> str:
+    """Known #PF error codes must read back from the context offset (pitfall P2); the value
+    old_exception held must be 14, proving its offset too."""
+    mem, pt = _tiny_image()
+    mem.write_u64(pt + 8 * 1, 0x300000 | _PTE_P | _PTE_US)                  # VA 0x1000: user RO
+    mem.write_u64(pt + 8 * 2, 0x301000 | _PTE_P)                            # VA 0x2000: supervisor RO
+    mem.write_u64(pt + 8 * 3, 0x302000 | _PTE_P | _PTE_RW | _PTE_US | (1 << 51))
+    state = PagingState(cr3=0x200000, cr0=CR0_PE | CR0_PG | CR0_WP, cr4=CR4_PAE)
+    probes = [Probe(0x5000, "read"), Probe(0x5000, "write"), Probe(0x2000, "write", user=True),
+              Probe(0x3000, "read"), Probe(0x1000, "read")]
+    oracle = UnicornOracle(model, self_test=False)
+    eng = _Engine(model, oracle.ram_size)
+    try:
+        oracle._load(eng, mem, state, 0)
+        prog = _assemble(probes)
+        res = oracle._run_chunk(eng, prog)
+        faults = dict(eng.st.faults)
+    finally:
+        eng.close()
+    got = [(r.outcome, r.error_code) for r in res]
+    want = [("page_fault", c) for _, c in _PF_CASES] + [("ok", None)]
+    olds = [faults[i].old_exception for i in range(4) if i in faults]
+    if got != want or olds != [14] * 4 or res[4].value != tag_value(0x300000):
+        raise OracleError(
+            f"unicorn self-test failed: #PF error codes read at context offset {ERROR_CODE_OFFSET} "
+            f"no longer match (want {[hex(c) for _, c in _PF_CASES]} then ok, got "
+            f"{[(o, None if c is None else hex(c)) for o, c in got]}; old_exception {olds}): the "
+            "CPUX86State layout changed")
+    return "ok"
+
+
+def _cpuid_vendor(model: str) -> str:
+    eng = _Engine(model, RIG_RAM_SIZE)
+    try:
+        uc = eng.uc
+        # Paging is off in a fresh UC_MODE_64 engine (spec §2.1): VA = PA.
+        uc.mem_write(H_STUB, bytes.fromhex("31c00fa290"))          # xor eax,eax; cpuid; nop
+        uc.emu_start(H_STUB, H_STUB + 5)
+        regs = [uc.reg_read(r) & 0xFFFFFFFF for r in (_x86.UC_X86_REG_RBX, _x86.UC_X86_REG_RDX,
+                                                        _x86.UC_X86_REG_RCX)]
+    finally:
+        eng.close()
+    return struct.pack("<3I", *regs).decode("ascii", "replace")
+
+
+@functools.cache
+def _discover(model: str) -> Capabilities:
+    """Run tiny batches and read off what the engine really does."""
+    oracle = UnicornOracle(model)
+    mem, pt = _tiny_image()
+    pd = 0x200000 + 2 * PAGE
+    pdpt = 0x200000 + PAGE
+    user = _PTE_P | _PTE_RW | _PTE_US
+    mem.write_u64(pt + 8 * 1, 0x300000 | user)                              # 0x1000 user RW
+    mem.write_u64(pt + 8 * 2, 0x301000 | user | (1 << 59))                  # 0x2000 user, key 1
+    mem.write_u64(pt + 8 * 3, 0x302000 | _PTE_P | _PTE_RW | (1 << 63))      # 0x3000 supervisor XD
+    mem.write_u64(pt + 8 * 4, 0x303000 | user | (1 << 51))                  # 0x4000 RSVD
+    mem.write_u64(pdpt + 8 * 1, 0 | _PTE_P | _PTE_RW | 0x80)               # 1G leaf: VA 1G -> PA 0
+    probes = [Probe(0x1000, "read"), Probe(0x1000, "fetch"), Probe(0x2000, "read", user=True),
+              Probe(0x3000, "fetch"), Probe(0x4000, "read"), Probe((1 << 30) + 0x300000, "read")]
+    # MAXPHYADDR: a non-leaf PDE with address bit b set. Below M the walk reads an unbacked PT
+    # (zero, D6) and says not-present; from M up the bit is reserved (SDM §4.5 table 4-19).
+    bits = range(32, 52)
+    for b in bits:
+        mem.write_u64(pd + 8 * (b - 31), (0x203000 | (1 << b)) | user)
+        probes.append(Probe((b - 31) << 21, "read"))
+    state = PagingState(cr3=0x200000, cr4=CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE,
+                        efer=EFER_LME | EFER_LMA | EFER_NXE, pkru=0b0100)
+    r = oracle.run(mem, state, probes).results
+    rsvd = [b for b, res in zip(bits, r[6:]) if res.error_code is not None and res.error_code & 0x8]
+    mem5, pt5 = _tiny_image(5)
+    mem5.write_u64(0x200000 + 8, 0x200000 + 5 * PAGE | user)                # PML5[1] -> PML4 (extra)
+    mem5.write_u64(0x200000 + 5 * PAGE, 0x200000 + 2 * PAGE | user)         # its [0] -> the PDPT
+    mem5.write_u64(pt5 + 8 * 7, 0x307000 | user)
+    r5 = oracle.run(mem5, PagingState(cr3=0x200000, cr4=CR4_PAE | CR4_LA57),
+                    [Probe((1 << 48) | 0x7000, "read")]).results
+    vendor = _cpuid_vendor(model)
+    return Capabilities(
+        name="unicorn", vendor={"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, vendor),
+        maxphyaddr=min(rsvd) if rsvd else 52,
+        gbpages=r[5].outcome == "ok" and r[5].value == tag_value(0x300000),
+        la57=r5[0].outcome == "ok" and r5[0].value == tag_value(0x307000),
+        pku=(r[2].outcome, r[2].error_code) == ("page_fault", 0x25),
+        smep=(r[1].outcome, r[1].error_code) == ("page_fault", 0x11),
+        smap=(r[0].outcome, r[0].error_code) == ("page_fault", 0x1),
+        nx=(r[3].outcome, r[3].error_code) == ("page_fault", 0x11),
+        rsvd_sets_p=bool(r[4].error_code is not None and r[4].error_code & 1),
+        ram_size=oracle.ram_size, version=oracle.version,
+        notes=(f"#PF error code read at context offset {ERROR_CODE_OFFSET}",
+               "fetch probes report no pa (no memory hook sees instruction fetches)",
+               f"CPUID vendor {vendor}"))
