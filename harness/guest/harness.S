@@ -277,7 +277,7 @@ isr_table:
 	isr	\v
 	.endr
 
-	.balign	8, 0
+	.balign	8, 0xcc		/* int3, never zeros, between code and data (§8 pitfall 4) */
 gdt:
 	.quad	0
 	.quad	0x00af9b000000ffff	/* 0x08 KCS: 64-bit code, DPL 0 */
