@@ -97,7 +97,7 @@ def cmd_translate(args, steps: bool = False) -> int:
             if steps:
                 print(f"state: {img.state.describe()}")
             for r in results:
-                print(render_result(r, steps=steps))
+                print(render_result(r, steps=steps, state=img.state))
     return 0 if all(r.outcome == "ok" for r in results) or not args.strict else 1
 
 

@@ -82,13 +82,37 @@ def result_json(r: Result) -> dict:
     return base
 
 
-def render_result(r: Result, *, steps: bool = False) -> str:
+def describe_step(step, state: PagingState | None = None, va: int | None = None) -> str:
+    """One walk step on one line: table[index] @ entry address = raw, kind, target, flags, notes."""
+    from x86pt.fields import masks_for
+    idx = "" if va is None else f"[{(va >> step.level.shift) & 0x1FF:3d}]"
+    m = state.m if state is not None else 52
+    vendor = state.vendor if state is not None else "intel"
+    kind = step.kind
+    target = step.raw & masks_for(kind, m, vendor).addr
+    arrow = (f"-> {'frame' if kind.is_leaf else 'table'} {target:#x}" if step.raw & 1 else "not present")
+    notes = []
+    if step.raw & 1:
+        pk = (step.raw >> 59) & 0xF
+        if kind.is_leaf and pk:
+            notes.append(f"pkey={pk}")
+        avl = (step.raw >> 9) & 7
+        if avl:
+            notes.append(f"avl={avl:#x}")
+        if state is not None:
+            bad = step.raw & rsvd_mask(state, step.level, kind)
+            if bad:
+                notes.append(f"RESERVED {bad:#x}")
+    return (f"  {step.level.table:<4}{idx} @ {step.entry_addr:#014x} = {step.raw:#018x}  "
+            f"{kind.sdm_name:<16} {arrow:<24} {entry_flags(step.raw, kind)}"
+            + ("  " + " ".join(notes) if notes else ""))
+
+
+def render_result(r: Result, *, steps: bool = False, state: PagingState | None = None) -> str:
     lines = []
     if steps:
         for s in r.steps:
-            idx = (r.va >> s.level.shift) & 0x1FF
-            lines.append(f"  {s.level.table:<4}[{idx:3d}] @ {s.entry_addr:#014x} = {s.raw:#018x}  "
-                         f"{s.kind.sdm_name:<16} {entry_flags(s.raw, s.kind)}")
+            lines.append(describe_step(s, state, r.va))
     if isinstance(r, Translation):
         size = {1 << 12: "4K", 1 << 21: "2M", 1 << 30: "1G"}[r.page_size]
         rt = r.rights

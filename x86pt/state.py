@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from x86pt.errors import BadInputError, StateError
 from x86pt.fields import levels_for, Level
@@ -207,10 +208,22 @@ class PagingState:
     def va_bits(self) -> int:
         return 57 if self.la57 else 48
 
-    @property
+    @cached_property
     def phys_mask(self) -> int:
         """Bits M-1:12: what CR3 and table entries contribute to an address."""
         return ((1 << self.m) - 1) & ~0xFFF
+
+    @cached_property
+    def walk_plan(self) -> tuple:
+        """Per level, top down: (level, reserved mask when PS=0, leaf kind or None, reserved mask
+        of the leaf kind). Computed once per state from walk.rsvd_mask (the one definition)."""
+        from x86pt.walk import rsvd_mask
+        plan = []
+        for lv in self.levels:
+            leaf = lv.leaf_kind
+            plan.append((lv, rsvd_mask(self, lv, lv.table_kind), leaf,
+                         rsvd_mask(self, lv, leaf) if leaf is not None else 0))
+        return tuple(plan)
 
     @property
     def root(self) -> int:

@@ -226,8 +226,9 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
                 memory.write_u64(a, r)
         return PageFault(va, code, va, reason, tuple(steps), level, tuple(writes))
 
-    for level in state.levels:
-        e_addr = table | (level.index(va) << 3)
+    phys = state.phys_mask
+    for level, rsvd_table, leaf_kind, rsvd_leaf in state.walk_plan:
+        e_addr = table | (((va >> level.shift) & 0x1FF) << 3)
         try:
             raw = memory.read_u64(e_addr)
         except PhysicalAddressError:
@@ -239,11 +240,13 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
                 raise PhysicalAddressError(
                     f"{level.table} entry at {e_addr:#x} (for va {va:#x}) lies outside the image",
                     e_addr) from None
-        kind = level.kind_of(raw)
+        if leaf_kind is not None and raw & BIT_PS:
+            kind, rsvd, is_leaf = leaf_kind, rsvd_leaf, True
+        else:
+            kind, rsvd, is_leaf = level.table_kind, rsvd_table, level.number == 1
         steps.append(Step(level, e_addr, raw, kind))
         if not raw & 1:
             return fault(base_code, f"{kind.sdm_name} not present", level.number)
-        rsvd = rsvd_mask(state, level, kind)
         if kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks:
             # QEMU/unicorn: the high reserved bits are checked, then A is set, then the 1G frame
             # alignment bits and the rights are checked (paging.md §11.2 #3).
@@ -262,10 +265,10 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
         eff_rw &= (raw >> 1) & 1
         eff_us &= (raw >> 2) & 1
         eff_xd |= raw >> 63
-        if kind.is_leaf:
+        if is_leaf:
             break
         used.append((e_addr, raw))
-        table = raw & state.phys_mask
+        table = raw & phys
     leaf_raw = raw
     pkey = (leaf_raw >> 59) & 0xF
     rights = Rights(bool(eff_rw), bool(eff_us), not (state.nxe and eff_xd), pkey)
