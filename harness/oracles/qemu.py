@@ -22,12 +22,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import mmap
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
@@ -82,7 +83,10 @@ class QemuOracle:
         pass
 
     # -- running -----------------------------------------------------------------------------------
-    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
+    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe], *,
+            ram_hook: Callable[[mmap.mmap], None] | None = None) -> BatchResult:
+        """Run `probes` in order on `memory` under `state`. `ram_hook(ram)` (experiments only) may
+        patch the prepared guest RAM before each launch, e.g. the harness's own tables."""
         if not isinstance(memory, SparseMemory):
             raise BadInputError("the QEMU oracle takes a SparseMemory image")
         t0 = time.monotonic()
@@ -93,15 +97,18 @@ class QemuOracle:
             for n, chunk in enumerate(chunks):
                 if n:
                     scratch.ram.clear()
-                res, current = self._launch(scratch, current, state, chunk)
+                res, current = self._launch(scratch, current, state, chunk, ram_hook)
                 results.extend(res)
         return BatchResult(results, current, time.monotonic() - t0)
 
     def _launch(self, scratch: "_Scratch", memory: SparseMemory, state: PagingState,
-                probes: Sequence[Probe]) -> tuple[list[ProbeResult], SparseMemory]:
+                probes: Sequence[Probe], ram_hook: Callable[[mmap.mmap], None] | None = None,
+                ) -> tuple[list[ProbeResult], SparseMemory]:
         ram = scratch.ram
         # A fresh (or cleared) tmpfs file reads as zeros: no need to write 32 MiB of them.
         guest.prepare_ram(ram.map, memory, state, probes, clear=False, ram_size=ram.size)
+        if ram_hook is not None:
+            ram_hook(ram.map)
         args = [self.binary, "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
                 "-accel", "tcg", "-cpu", self.cpu, "-m", f"{ram.size >> 20}M",
                 "-object", f"memory-backend-file,id=ram,size={ram.size >> 20}M,"
@@ -132,8 +139,40 @@ class QemuOracle:
             raise OracleError(f"{why}; guest status {st:#x}" + (f": {message}" if message else ""))
         guest.check_status(ram.map, "QEMU")
         results = guest.read_results(ram.map, len(probes), probes)
-        after = guest.image_after(ram.map, memory, state, ram_size=ram.size)
+        after = guest.image_after(ram.map, memory, state, scan_new=False, ram_size=ram.size)
+        _add_new_pages(ram, memory, after)
         return results, after
+
+
+def _data_extents(fd: int, start: int, end: int):
+    """[a, b) ranges of the tmpfs file that hold pages (SEEK_DATA/SEEK_HOLE): never-touched RAM
+    is a hole, so this finds what the guest or we wrote without reading 32 MiB."""
+    pos = start
+    while pos < end:
+        try:
+            a = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:          # ENXIO: no data after pos
+            return
+        if a >= end:
+            return
+        b = min(os.lseek(fd, a, os.SEEK_HOLE), end)
+        yield a, b
+        pos = b
+
+
+def _add_new_pages(ram: RamFile, memory: SparseMemory, after: SparseMemory) -> None:
+    """Like image_after(scan_new=True): image-area pages the caller did not have but that are
+    non-zero now (a write probe into a frame the caller left unbacked)."""
+    page = guest.PAGE
+    limit = min(ram.size, memory.size)
+    for a, b in _data_extents(ram.fd, RIG_IMAGE_BASE, limit):
+        for pa in range(a - a % page, b, page):
+            pn = pa // page
+            if pn in after.pages:
+                continue
+            data = ram.map[pa:pa + page]
+            if any(data):
+                after.pages[pn] = bytearray(data)
 
 
 class _Scratch:
