@@ -345,3 +345,38 @@ def test_model_matches_kvm_on_random_probes(kvm, image):
                 assert r.error_code == 0
             total += 1
     assert total == 160
+
+
+# -- failure paths: errors are OracleError, and no fd or mapping is left behind -------------------
+
+def _fds():
+    import os
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_setup_fault_is_an_oracle_error_and_cleans_up(kvm, image):
+    from x86pt.errors import OracleError
+    from x86pt.state import CR4_PKE
+    if kvm.capabilities().pku:
+        pytest.skip("this KVM has PKU: CR4.PKE is accepted")
+    before = _fds()
+    # Either the guest's mov to CR4 faults (a setup fault) or, as kvm_pvm does here, CR4.PKE is
+    # taken and wrpkru cannot be emulated (KVM_EXIT_INTERNAL_ERROR): both must be OracleErrors.
+    with pytest.raises(OracleError, match="switching to the test state|wrpkru"):
+        kvm.run(image.b.memory, image.state(cr4=CR4_PAE | CR4_PKE), [Probe(image.vas["4K krw"])])
+    assert _fds() == before
+
+
+def test_hung_guest_times_out(image):
+    ok, why = kvm_usable()
+    need_oracle("kvm", ok, why)
+    from x86pt.errors import OracleError
+    mem = image.b.memory.copy()
+    va = image.vas["4K krw"]
+    frame = mem.read_u64(image.b.entry_address(va, 1, create=False)) & 0xFFFFFFFFF000
+    mem.write(frame, b"\xeb\xfe")                 # jmp $: a fetch probe that never returns
+    before = _fds()
+    with KvmOracle(timeout=0.3) as o:
+        with pytest.raises(OracleError, match="did not finish"):
+            o.run(mem, image.state(), [Probe(va, "fetch")])
+    assert _fds() == before
