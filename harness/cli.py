@@ -1,0 +1,209 @@
+"""`x86pt conform`: run the x86pt model and an oracle (unicorn, QEMU, KVM) on the same cases — the
+access matrix (kvm-unit-tests access.c class, harness.matrix) or random page tables — and report
+every mismatch. The last line is `conform: M mismatches in N cases (ORACLE...)`; the exit status
+is 0 only when M is 0 (2 on bad input or an oracle that cannot run).
+
+    x86pt conform --oracle unicorn                          # the full classic matrix
+    x86pt conform --oracle all --sample 3000 --seed 1       # a seeded sample, every oracle here
+    x86pt conform --oracle qemu --cases random --limit 500
+    x86pt conform --oracle kvm --shard 2/8 --progress
+    x86pt conform --repro x86pt-repros/unicorn-matrix-123.json --oracle unicorn
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from x86pt.errors import BadInputError, OracleUnavailable
+from x86pt.numbers import parse_int
+
+
+def _shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise BadInputError(f"bad --shard {text!r} (expected I/N, 1 <= I <= N)")
+    i, n = int(m.group(1)), int(m.group(2))
+    if not 1 <= i <= n:
+        raise BadInputError(f"bad --shard {text!r} (expected I/N, 1 <= I <= N)")
+    return i, n
+
+
+def _oracle_list(name: str) -> list[str]:
+    from harness.oracles import BACKENDS, REAL_ORACLES
+    if name == "all":
+        return list(REAL_ORACLES)
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    for n in names:
+        if n not in BACKENDS:
+            raise BadInputError(f"unknown oracle {n!r} (one of {', '.join(BACKENDS)}, all)")
+    return names
+
+
+def _open_oracle(name: str, profile: str | None):
+    from harness.oracles import get_oracle
+    if name == "model":
+        return get_oracle("model", profile=profile or "intel")
+    return get_oracle(name)
+
+
+def make_source(args, oracle, caps):
+    """The case source for one oracle: its feature set decides the matrix (§10.2 invalid bits)."""
+    from harness.matrix import MatrixFeatures, MatrixSource, matrix_for, select
+    from x86pt.state import profile_named
+    feat = MatrixFeatures.from_caps(caps)
+    profile = profile_named(getattr(oracle, "profile", "intel"))
+    batch = args.batch
+    if args.cases == "random":
+        from harness.random_tables import RandomSource
+        total = args.limit if args.limit is not None else (args.sample or 2000)
+        first = 0
+        if args.shard:
+            i, n = args.shard
+            per = args.per_tree
+            nb = -(-total // per)
+            lo, hi = (i - 1) * nb // n, i * nb // n
+            first, total = lo, max(0, min(total, hi * per) - lo * per)
+        return RandomSource(feat, profile, seed=args.seed, cases=total, per_batch=args.per_tree,
+                            first_batch=first)
+    m = matrix_for(feat, extended=args.extended)
+    idx, start, stop = select(m.size, shard=args.shard, limit=args.limit, sample=args.sample,
+                              seed=args.seed)
+    return MatrixSource(m, profile, indices=idx, start=start, stop=stop,
+                        batch_cases=batch or _default_batch(oracle),
+                        name="xmatrix" if args.extended else "matrix")
+
+
+def _default_batch(oracle) -> int:
+    # The probe guest holds 8192 probes (oracle-qemu-kvm.md §3.1); a case has at most 2.
+    cap = getattr(oracle, "max_probes", None)
+    if isinstance(cap, int) and cap > 1:
+        return max(1, cap // 2)
+    return 4096
+
+
+def _repro_path(args, mm) -> str | None:
+    if args.no_repro:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{mm.oracle}-{mm.case.label}")
+    return os.path.join(args.repro_dir, safe + ".json")
+
+
+def cmd_conform(args) -> int:
+    from harness.differential import Progress, load_repro, replay, run_conformance
+    from x86pt.cli import emit_json
+    from x86pt.memory.atomic import write_text_atomic
+    import json
+
+    args.shard = _shard(args.shard) if args.shard else None
+    for opt in ("limit", "sample", "batch"):
+        v = getattr(args, opt)
+        if v is not None:
+            setattr(args, opt, parse_int(v, f"--{opt}", lo=1, hi=1 << 40))
+    args.seed = parse_int(args.seed, "--seed")
+    args.per_tree = parse_int(args.per_tree, "--per-tree", lo=1, hi=8192)
+    names = _oracle_list(args.oracle)
+    explicit = args.oracle != "all"
+
+    if args.repro:
+        repro = load_repro(args.repro)
+        name = names[0] if args.oracle != "all" else repro.get("oracle", "unicorn")
+        oracle = _open_oracle(name, args.profile or (repro.get("state") or {}).get("profile"))
+        try:
+            batch, results, mms = replay(oracle, repro)
+        finally:
+            oracle.close()
+        for mm in mms:
+            emit_json(mm.to_json()) if args.json else print(mm.render())
+        if not args.json and not mms:
+            from x86pt.describe import render_result
+            for p, r in zip(batch.probes, results):
+                print(f"{p.access} {'user' if p.user else 'supervisor'}: " +
+                      render_result(r, steps=True).replace("\n", "\n  "))
+        line = f"conform: {len(mms)} mismatches in 1 cases ({name})"
+        if args.json:
+            emit_json({"type": "summary", "oracle": name, "cases": 1, "mismatches": len(mms)})
+        print(line)
+        return 0 if not mms else 1
+
+    total_cases = total_mm = 0
+    ran: list[str] = []
+    reported = 0
+    summaries = []
+    for name in names:
+        try:
+            oracle = _open_oracle(name, args.profile)
+        except OracleUnavailable as e:
+            if explicit:
+                raise
+            print(f"conform: skipping {name}: {e}", file=sys.stderr)
+            continue
+        try:
+            caps = oracle.capabilities()
+            src = make_source(args, oracle, caps)
+            prog = Progress(src.total, f"{name}", True if args.progress else None)
+
+            def on_mm(mm, _name=name):
+                nonlocal reported
+                path = _repro_path(args, mm) if reported < args.max_repros else None
+                if path:
+                    os.makedirs(args.repro_dir, exist_ok=True)
+                    mm.repro["file"] = path
+                    write_text_atomic(path, json.dumps(mm.repro, indent=1) + "\n")
+                reported += 1
+                if args.json:
+                    emit_json(mm.to_json())
+                elif reported <= args.max_report:
+                    prog.enabled and sys.stderr.write("\n")
+                    print(mm.render(), flush=True)
+            try:
+                summ = run_conformance(oracle, src, on_mismatch=on_mm, progress=prog)
+            finally:
+                prog.close()
+        finally:
+            oracle.close()
+        summaries.append(summ)
+        ran.append(name)
+        total_cases += summ.cases
+        total_mm += summ.mismatches
+        if args.json:
+            emit_json(summ.to_json() | {"capabilities": caps.to_json()})
+        else:
+            j = summ.to_json()
+            print(f"{name}: {summ.cases} cases ({summ.probes} probes), {summ.mismatches} mismatches, "
+                  f"{summ.seconds:.1f} s; oracle {j['oracle_cases_per_s']} cases/s, "
+                  f"model {j['model_cases_per_s']} cases/s")
+    if not ran:
+        raise OracleUnavailable("no oracle could run here (" + ", ".join(names) + ")")
+    if total_mm > args.max_report and not args.json:
+        print(f"({total_mm - args.max_report} more mismatches not shown; --max-report N)")
+    line = f"conform: {total_mm} mismatches in {total_cases} cases ({', '.join(ran)})"
+    print(line, flush=True)
+    return 0 if total_mm == 0 else 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "conform", help="differential conformance: the x86pt model vs unicorn/QEMU/KVM",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--oracle", default="unicorn",
+                   help="unicorn, qemu, kvm, model, a comma list, or all (default unicorn)")
+    p.add_argument("--profile", default=None, help="profile for --oracle model (default intel)")
+    p.add_argument("--cases", choices=("matrix", "random"), default="matrix")
+    p.add_argument("--extended", action="store_true",
+                   help="matrix plus SMEP, SMAP+AC, 1G leaves, PML4E PS/bit 8, LA57, non-canonical")
+    p.add_argument("--seed", default="0")
+    p.add_argument("--shard", default=None, metavar="I/N", help="run the I-th of N equal parts (1-based)")
+    p.add_argument("--limit", default=None, metavar="N", help="at most N cases")
+    p.add_argument("--sample", default=None, metavar="N", help="a seeded random sample of N matrix cases")
+    p.add_argument("--batch", default=None, metavar="N", help="matrix cases per oracle batch")
+    p.add_argument("--per-tree", default="64", metavar="N", help="random cases per random tree")
+    p.add_argument("--json", action="store_true", help="one JSON record per mismatch, then summaries")
+    p.add_argument("--progress", action="store_true", help="progress bar on stderr even without a TTY")
+    p.add_argument("--repro", default=None, metavar="FILE", help="replay one repro file")
+    p.add_argument("--repro-dir", default="x86pt-repros", help="where repro files go (default ./x86pt-repros)")
+    p.add_argument("--no-repro", action="store_true", help="write no repro files")
+    p.add_argument("--max-repros", type=int, default=50, help="write at most N repro files")
+    p.add_argument("--max-report", type=int, default=20, help="print at most N mismatch reports")
+    p.set_defaults(func=cmd_conform)

@@ -1,0 +1,508 @@
+"""The differential runner: the x86pt model (x86pt.walk.walk under the oracle's profile) and an
+oracle run the same batches (image + CPU state + probes); every difference is a Mismatch with the
+state, the decoded walk, the capstone-decoded probe instruction, both outcomes and a minimal
+repro (JSON) that `x86pt conform --repro FILE` replays.
+
+What is compared (paging.md §10.5, §13.4):
+* per probe: outcome, #PF/#GP error code, CR2 (for #PF; for #GP whether CR2 was written), the
+  physical address when the oracle tells it (ProbeResult.pa, or the frame tag a read returned);
+* per case, after the batch: the entries it owns and the entries its walks read. A 4K PTE must
+  match exactly (KUT's `pte %x expected %x`); for every other entry the A bit is only compared
+  when a successful walk of the case used the entry (non-leaf A on faulting walks, and a large
+  leaf's A on a faulting access, are don't-care, as KUT's ignore_pde).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
+
+from harness.oracles.base import (BatchResult, Oracle, Probe, ProbeResult, pa_from_value,
+                                  tag_value)
+from harness.oracles.model import as_probe_result, model_run, read_value
+from x86pt.errors import BadInputError, OracleError, PhysicalAddressError
+from x86pt.fields import Kind
+from x86pt.memory.sparse import SparseMemory
+from x86pt.state import PagingState, profile_named
+from x86pt.walk import BIT_A, PageFault, Result, Translation
+
+REPRO_VERSION = 1
+
+
+# -- what a source hands the runner ------------------------------------------------------------------
+@dataclass(frozen=True)
+class OwnedEntry:
+    """An entry a case owns: its address, its value when the batch starts, its kind
+    ('pte', 'pde', 'pde2m', 'pdpte1g', or a table kind)."""
+
+    addr: int
+    raw: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    label: str                        # e.g. "matrix#123456" or "random#7:12"
+    flags: int | None                 # matrix flags (None for random cases)
+    probes: tuple[int, ...]           # indices into Batch.probes
+    owned: tuple[OwnedEntry, ...] = ()
+    frames: tuple[int, ...] = ()      # frame pages the case's accesses aim at (for repros)
+    description: str = ""
+
+
+@dataclass
+class Batch:
+    memory: SparseMemory
+    state: PagingState
+    probes: list[Probe]
+    cases: list[CaseInfo]
+
+
+class CaseSource(Protocol):
+    name: str
+
+    @property
+    def total(self) -> int: ...
+
+    def batches(self) -> Iterator[Batch]: ...
+
+
+# -- instruction decoding --------------------------------------------------------------------------------
+# Canonical encodings of the rig's accesses: mov rax,[rbx] / mov [rbx],rdx / call rbx.
+CANONICAL_BYTES = {"read": bytes.fromhex("488b03"), "write": bytes.fromhex("488913"),
+                   "fetch": bytes.fromhex("ffd3")}
+
+
+def canonical_instruction(probe: Probe) -> bytes:
+    return CANONICAL_BYTES[probe.access]
+
+
+def disassemble(code: bytes, address: int = 0) -> str:
+    try:
+        from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    except ImportError:
+        return code.hex() + " (capstone not installed)"
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+    out = [f"{mn} {ops}".strip() for _, _, mn, ops in md.disasm_lite(code, address)]
+    return "; ".join(out) if out else code.hex() + " (not decodable)"
+
+
+def probe_instruction(oracle, probe: Probe) -> str:
+    code = None
+    fn = getattr(oracle, "instruction_bytes", None)
+    if callable(fn):
+        try:
+            code = fn(probe)
+        except Exception:       # a backend without a fixed encoding: use the canonical one
+            code = None
+    if not code:
+        code = canonical_instruction(probe)
+    who = "CPL3" if probe.user else "CPL0"
+    return f"{disassemble(bytes(code))}   ({who}{', EFLAGS.AC=1' if probe.ac else ''}, rbx={probe.va:#x})"
+
+
+# -- comparison ------------------------------------------------------------------------------------------
+def oracle_pa(got: ProbeResult, probe: Probe) -> int | None:
+    if got.pa is not None:
+        return got.pa
+    if probe.access == "read":
+        return pa_from_value(got.value, probe.va)
+    return None
+
+
+def compare_probe(model: Result, got: ProbeResult, probe: Probe) -> list[str]:
+    """Differences between the model's and the oracle's answer for one probe."""
+    want = as_probe_result(model)
+    diffs = []
+    if want.outcome != got.outcome:
+        diffs.append(f"outcome: model {describe_outcome(want)}, oracle {describe_outcome(got)}")
+        return diffs
+    if want.outcome == "page_fault":
+        if got.error_code != want.error_code:
+            diffs.append(f"#PF error code: model {want.error_code:#x}, oracle "
+                         f"{'?' if got.error_code is None else hex(got.error_code)}")
+        if got.cr2 is not None and got.cr2 != want.cr2:
+            diffs.append(f"CR2: model {want.cr2:#x}, oracle {got.cr2:#x}")
+    elif want.outcome == "general_protection":
+        if got.error_code is not None and got.error_code != want.error_code:
+            diffs.append(f"#GP error code: model {want.error_code:#x}, oracle {got.error_code:#x}")
+        model_wrote = want.cr2 is not None
+        oracle_wrote = got.cr2 is not None and got.cr2 == probe.va
+        if model_wrote != oracle_wrote:
+            diffs.append(f"CR2 on #GP: model {'writes' if model_wrote else 'leaves'} it, oracle "
+                         f"{'writes' if oracle_wrote else 'leaves'} it")
+    else:
+        pa = oracle_pa(got, probe)
+        if pa is not None and pa != want.pa:
+            diffs.append(f"physical address: model {want.pa:#x}, oracle {pa:#x}")
+        elif pa is None and probe.access == "read" and got.value is not None and not probe.va & 7:
+            diffs.append(f"read returned {got.value:#x}, not the frame tag {tag_value(want.pa):#x} "
+                         f"of model pa {want.pa:#x}")
+    return diffs
+
+
+def describe_outcome(r: ProbeResult) -> str:
+    if r.outcome == "ok":
+        return "ok" + (f" pa={r.pa:#x}" if r.pa is not None else "")
+    if r.outcome == "page_fault":
+        from x86pt.describe import error_code_names
+        ec = "?" if r.error_code is None else f"{r.error_code:#x} ({error_code_names(r.error_code)})"
+        return f"#PF {ec}" + (f" cr2={r.cr2:#x}" if r.cr2 is not None else "")
+    return f"#GP({r.error_code})" + (f" cr2={r.cr2:#x}" if r.cr2 is not None else "")
+
+
+def _entries_of_case(case: CaseInfo, results: Sequence[Result]) -> dict[int, tuple[str, bool]]:
+    """addr -> (kind, used by a successful walk of this case)."""
+    out: dict[int, tuple[str, bool]] = {e.addr: (e.kind, False) for e in case.owned}
+    for i in case.probes:
+        r = results[i]
+        ok = isinstance(r, Translation)
+        for s in r.steps:
+            kind, used = out.get(s.entry_addr, (s.kind.value, False))
+            out[s.entry_addr] = (kind, used or ok)
+    return out
+
+
+def _read(mem, addr: int) -> int | None:
+    try:
+        return mem.read_u64(addr)
+    except (PhysicalAddressError, ValueError):
+        return None
+
+
+def compare_entries(case: CaseInfo, results: Sequence[Result], model_after: SparseMemory,
+                    oracle_after) -> list[str]:
+    diffs = []
+    for addr, (kind, used_ok) in sorted(_entries_of_case(case, results).items()):
+        want = _read(model_after, addr)
+        got = _read(oracle_after, addr)
+        if got is None:
+            diffs.append(f"entry at {addr:#x} ({kind}) missing from the oracle's memory")
+            continue
+        mask = (1 << 64) - 1
+        if kind != "pte" and not used_ok:
+            mask &= ~BIT_A
+        if (want ^ got) & mask:
+            diffs.append(f"{kind} at {addr:#x} after the batch: model {want:#018x}, oracle {got:#018x}"
+                         f" (differs in {(want ^ got) & mask:#x})")
+    return diffs
+
+
+# -- mismatch records --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mismatch:
+    oracle: str
+    case: CaseInfo
+    state: PagingState
+    probes: tuple[Probe, ...]
+    model: tuple[ProbeResult, ...]
+    got: tuple[ProbeResult, ...]
+    differences: tuple[str, ...]
+    walk: tuple[str, ...]              # decoded entries of the model's walks
+    instructions: tuple[str, ...]
+    repro: dict
+
+    def to_json(self) -> dict:
+        from harness.matrix import flag_names
+        return {"type": "mismatch", "oracle": self.oracle, "case": self.case.label,
+                "flags": None if self.case.flags is None else flag_names(self.case.flags),
+                "state": self.state.to_json(),
+                "probes": [probe_json(p) for p in self.probes],
+                "model": [r.to_json() for r in self.model], "oracle_result": [r.to_json() for r in self.got],
+                "differences": list(self.differences), "walk": list(self.walk),
+                "instructions": list(self.instructions), "repro": self.repro.get("file")}
+
+    def render(self) -> str:
+        from harness.matrix import flag_names
+        lines = [f"MISMATCH {self.case.label} on {self.oracle}"]
+        if self.case.flags is not None:
+            lines.append(f"  test {flag_names(self.case.flags)}")
+        if self.case.description:
+            lines.append(f"  {self.case.description}")
+        lines.append(f"  state: {self.state.describe()}")
+        for p, ins, m, g in zip(self.probes, self.instructions, self.model, self.got):
+            lines.append(f"  probe {p.access} va={p.va:#x} {'user' if p.user else 'supervisor'}"
+                         f"{' ac' if p.ac else ''}: {ins}")
+            lines.append(f"    model:  {describe_outcome(m)}")
+            lines.append(f"    oracle: {describe_outcome(g)}")
+        lines.append("  walk (model, entries as they were before the batch):")
+        lines.extend("    " + w for w in self.walk)
+        for d in self.differences:
+            lines.append(f"  FAIL: {d}")
+        if self.repro.get("file"):
+            lines.append(f"  repro: x86pt conform --repro {self.repro['file']} --oracle {self.oracle}")
+        return "\n".join(lines)
+
+
+def probe_json(p: Probe) -> dict:
+    return {"va": hex(p.va), "access": p.access, "user": p.user, "ac": p.ac, "wvalue": hex(p.wvalue)}
+
+
+def probe_from_json(d: dict) -> Probe:
+    from x86pt.numbers import parse_int
+    try:
+        return Probe(parse_int(d["va"], "probe va"), str(d.get("access", "read")), bool(d.get("user", False)),
+                     bool(d.get("ac", False)), parse_int(d.get("wvalue", 0), "probe wvalue"))
+    except KeyError as e:
+        raise BadInputError(f"repro probe lacks {e.args[0]}") from None
+    except ValueError as e:
+        raise BadInputError(f"bad repro probe: {e}") from None
+
+
+def decoded_walk(state: PagingState, results: Sequence[Result], memory: SparseMemory) -> list[str]:
+    from x86pt.describe import decode_entry, entry_flags
+    lines = []
+    seen = set()
+    for r in results:
+        for s in r.steps:
+            if s.entry_addr in seen:
+                continue
+            seen.add(s.entry_addr)
+            raw = _read(memory, s.entry_addr)
+            raw = s.raw if raw is None else raw
+            d = decode_entry(raw, s.kind, state.m, state.vendor, state)
+            rsv = f"  RESERVED {d['reserved_set']}" if d["reserved_set"] else ""
+            lines.append(f"L{s.level.number} {s.level.table:<4}[{(r.va >> s.level.shift) & 0x1FF:3d}] "
+                         f"@{s.entry_addr:#x} = {raw:#018x}  {s.kind.sdm_name}: {entry_flags(raw, s.kind)}"
+                         f"{rsv}")
+    return lines
+
+
+def make_repro(oracle_name: str, batch: Batch, case: CaseInfo, results: Sequence[Result],
+               differences: Sequence[str]) -> dict:
+    """A minimal image: the case's entries (owned and walked), as they were before the batch,
+    plus its frame pages (re-filled with tags on replay)."""
+    entries: dict[int, tuple[int, str]] = {e.addr: (e.raw, e.kind) for e in case.owned}
+    for i in case.probes:
+        for s in results[i].steps:
+            entries.setdefault(s.entry_addr, (batch.memory.read_u64(s.entry_addr), s.kind.value))
+    frames = set(case.frames)
+    for i in case.probes:
+        r = results[i]
+        if isinstance(r, Translation):
+            frames.add(r.pa & ~0xFFF)
+    return {"x86pt_repro": REPRO_VERSION, "oracle": oracle_name, "case": case.label,
+            "flags": case.flags, "state": batch.state.to_json(),
+            "ram_size": batch.memory.size,
+            "entries": [{"pa": hex(a), "value": f"{v:#018x}", "kind": k}
+                        for a, (v, k) in sorted(entries.items())],
+            "frames": [hex(f) for f in sorted(frames)],
+            "probes": [probe_json(batch.probes[i]) for i in case.probes],
+            "differences": list(differences)}
+
+
+def batch_from_repro(d: dict) -> Batch:
+    from harness.matrix import fill_frames
+    from x86pt.numbers import parse_int
+    if not isinstance(d, dict) or d.get("x86pt_repro") != REPRO_VERSION:
+        raise BadInputError("not an x86pt conform repro file (x86pt_repro: 1 missing)")
+    try:
+        state = PagingState.from_json(d["state"])
+        mem = SparseMemory(parse_int(d.get("ram_size", 32 << 20), "ram_size"))
+        for f in d.get("frames", []):
+            fill_frames(mem, parse_int(f, "frame") & ~0xFFF, 1)
+        owned = []
+        for e in d["entries"]:
+            a, v = parse_int(e["pa"], "entry pa"), parse_int(e["value"], "entry value")
+            mem.write_u64(a, v)
+            owned.append(OwnedEntry(a, v, str(e.get("kind", "entry"))))
+        probes = [probe_from_json(p) for p in d["probes"]]
+    except KeyError as e:
+        raise BadInputError(f"repro file lacks {e.args[0]}") from None
+    except (TypeError, AttributeError):
+        raise BadInputError("repro file is malformed") from None
+    if not probes:
+        raise BadInputError("repro file has no probes")
+    flags = d.get("flags")
+    case = CaseInfo(str(d.get("case", "repro")), flags if isinstance(flags, int) else None,
+                    tuple(range(len(probes))), tuple(owned))
+    return Batch(mem, state, probes, [case])
+
+
+# -- the runner ----------------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    oracle: str
+    cases: int = 0
+    probes: int = 0
+    mismatches: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    oracle_seconds: float = 0.0
+    build_seconds: float = 0.0
+    skipped: str = ""
+
+    def to_json(self) -> dict:
+        return {"type": "summary", "oracle": self.oracle, "cases": self.cases, "probes": self.probes,
+                "mismatches": self.mismatches, "seconds": round(self.seconds, 3),
+                "model_seconds": round(self.model_seconds, 3),
+                "oracle_seconds": round(self.oracle_seconds, 3),
+                "build_seconds": round(self.build_seconds, 3),
+                "oracle_cases_per_s": round(self.cases / self.oracle_seconds) if self.oracle_seconds else None,
+                "model_cases_per_s": round(self.cases / self.model_seconds) if self.model_seconds else None,
+                **({"skipped": self.skipped} if self.skipped else {})}
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when asked or on a TTY)."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total = max(total, 1)
+        self.label = label
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, done: int, mismatches: int, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self.last < 0.5:
+            return
+        self.last = now
+        frac = min(done / self.total, 1.0)
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate else 0
+        bar = "#" * int(frac * 30)
+        self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{self.total} {rate:,.0f} cases/s "
+                          f"ETA {eta:,.0f}s mismatches {mismatches} ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def check_batch(oracle_name: str, batch: Batch, results: Sequence[Result], model_after: SparseMemory,
+                got: BatchResult, oracle=None) -> list[Mismatch]:
+    """Compare one batch; one Mismatch per differing case."""
+    if len(got.results) != len(batch.probes):
+        raise OracleError(f"{oracle_name} answered {len(got.results)} probes for a batch of "
+                          f"{len(batch.probes)}")
+    out = []
+    suspect = differing_qwords(model_after, got.memory_after)
+    for case in batch.cases:
+        diffs = []
+        for i in case.probes:
+            if _agrees(results[i], got.results[i], batch.probes[i]):
+                continue
+            for d in compare_probe(results[i], got.results[i], batch.probes[i]):
+                diffs.append(f"probe {i - case.probes[0] + 1}: {d}" if len(case.probes) > 1 else d)
+        if suspect and any(a in suspect for a in _entries_of_case(case, results)):
+            diffs += compare_entries(case, results, model_after, got.memory_after)
+        if not diffs:
+            continue
+        rs = [results[i] for i in case.probes]
+        ps = tuple(batch.probes[i] for i in case.probes)
+        out.append(Mismatch(
+            oracle_name, case, batch.state, ps,
+            tuple(as_probe_result(r, read_value(model_after, r, p)) for r, p in zip(rs, ps)),
+            tuple(got.results[i] for i in case.probes), tuple(diffs),
+            tuple(decoded_walk(batch.state, rs, batch.memory)),
+            tuple(probe_instruction(oracle, p) for p in ps),
+            make_repro(oracle_name, batch, case, results, diffs)))
+    return out
+
+
+def _agrees(model: Result, got: ProbeResult, probe: Probe) -> bool:
+    """Fast path of compare_probe for the common case (everything equal)."""
+    if isinstance(model, Translation):
+        if got.outcome != "ok":
+            return False
+        pa = oracle_pa(got, probe)
+        if pa is None:
+            return probe.access != "read" or got.value is None or bool(probe.va & 7)
+        return pa == model.pa
+    if isinstance(model, PageFault):
+        return (got.outcome == "page_fault" and got.error_code == model.error_code
+                and (got.cr2 is None or got.cr2 == model.cr2))
+    return False
+
+
+def differing_qwords(model_after: SparseMemory, oracle_after) -> set[int]:
+    """Addresses of the qwords where the two memories differ, over the model's pages (page-wise
+    byte compare first: almost every page is equal)."""
+    import numpy as np
+    out: set[int] = set()
+    for pn, page in model_after.pages.items():
+        base = pn * 4096
+        try:
+            other = oracle_after.read(base, 4096)
+        except PhysicalAddressError:
+            out.add(base)
+            continue
+        if other == page:
+            continue
+        a = np.frombuffer(bytes(page), dtype="<u8")
+        b = np.frombuffer(other, dtype="<u8")
+        out.update(int(base + 8 * i) for i in np.flatnonzero(a != b))
+    return out
+
+
+def fix_write_values(batch: Batch, results: Sequence[Result]) -> None:
+    """A write stores tag_value(model pa), so frames keep the 'qword at pa holds tag(pa)'
+    pattern and a later read through any alias still tells its physical address."""
+    for i, (p, r) in enumerate(zip(batch.probes, results)):
+        if p.access == "write" and isinstance(r, Translation) and p.wvalue != tag_value(r.pa):
+            batch.probes[i] = replace(p, wvalue=tag_value(r.pa))
+
+
+def run_conformance(oracle, source: CaseSource, *, on_mismatch: Callable[[Mismatch], None] | None = None,
+                    progress: Progress | None = None, compare: bool = True) -> Summary:
+    """Run every batch of `source` on the model and on `oracle`; report mismatches through
+    `on_mismatch`. With compare=False only the model runs (to time it)."""
+    name = getattr(oracle, "name", "oracle") if oracle is not None else "model-only"
+    summ = Summary(name)
+    t0 = time.perf_counter()
+    tb = time.perf_counter()
+    for batch in source.batches():
+        t1 = time.perf_counter()
+        summ.build_seconds += t1 - tb
+        results, model_after = model_run(batch.memory, batch.state, batch.probes)
+        fix_write_values(batch, results)
+        t2 = time.perf_counter()
+        summ.model_seconds += t2 - t1
+        if compare and oracle is not None:
+            got = oracle.run(batch.memory, batch.state, batch.probes)
+            t3 = time.perf_counter()
+            summ.oracle_seconds += t3 - t2
+            for mm in check_batch(name, batch, results, model_after, got, oracle):
+                summ.mismatches += 1
+                if on_mismatch is not None:
+                    on_mismatch(mm)
+        summ.cases += len(batch.cases)
+        summ.probes += len(batch.probes)
+        if progress is not None:
+            progress.update(summ.cases, summ.mismatches)
+        tb = time.perf_counter()
+    if progress is not None:
+        progress.update(summ.cases, summ.mismatches, force=True)
+    summ.seconds = time.perf_counter() - t0
+    return summ
+
+
+def load_repro(path: str) -> dict:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise BadInputError(f"cannot read repro {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(f"repro {path} is not JSON: {e}") from None
+
+
+def replay(oracle, repro: dict) -> tuple[Batch, list[Result], list[Mismatch]]:
+    """Run a repro's minimal image on the model and on `oracle`; the state's profile is replaced
+    by the oracle's."""
+    batch = batch_from_repro(repro)
+    prof = profile_named(getattr(oracle, "profile", batch.state.profile.name))
+    batch.state = batch.state.replace(profile=prof)
+    results, model_after = model_run(batch.memory, batch.state, batch.probes)
+    fix_write_values(batch, results)
+    got = oracle.run(batch.memory, batch.state, batch.probes)
+    return batch, results, check_batch(getattr(oracle, "name", "oracle"), batch, results, model_after,
+                                       got, oracle)

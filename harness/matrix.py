@@ -1,0 +1,601 @@
+"""The access matrix: our own implementation of the kvm-unit-tests `x86/access.c` class of test
+(spec/paging.md §10), packed into rig images.
+
+A case is an int of flags. Bits 0..30 are KUT's 31 flags in KUT's enum order (§10.1); bits 31 and
+up are our extensions (cases KUT lacks, §13.3): SMAP with EFLAGS.AC, 1G leaves, PS and bit 8 in
+the PML4E, 5-level paging, non-canonical addresses.
+
+Enumeration. KUT walks flags = 0, 1, 2 ... skipping never-toggled bits (`ac_test_bump`) and
+rejects illegal values (`ac_test_legal`). `bump_enumerate` does exactly that (slow: 2^28 values for
+a PKU host). `Space` enumerates the same set by construction: the legality rules only couple a few
+bits, so the legal set is a product of small groups (the coupled bits enumerated together), and
+case i is a mixed-radix number. Tests check that both agree, and the counts against §10.6.
+
+Packing (§10.3 adapted to the rig, harness/oracles/base.py): every case gets its own PDE and its
+own PTE (PTs are shared: case k of a PT page uses PTE k and VA bits 20:12 = k), PDPTEs are shared
+by the cases with the same pdpte.ro, PML4Es by the cases with the same top-level variant. Cases
+that need different CR0/CR4/EFER/PKRU go into different batches. Data frames (filled with
+`tag_value`, low byte 0xC3 = ret) sit at RIG_IMAGE_BASE, which is 2M-aligned, so 2M leaves point
+there and 1G leaves (frame 0) reach them through VA bits 29:21.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from harness.differential import Batch, CaseInfo, OwnedEntry
+from harness.oracles.base import RIG_IMAGE_BASE, RIG_RAM_SIZE, Capabilities, Probe, tag_value
+from x86pt.errors import BadInputError
+from x86pt.memory.sparse import SparseMemory
+from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
+                         CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, PagingState, Profile)
+
+# -- the flags (KUT enum order = bit index, paging.md §10.1) ------------------------------------------
+FLAG_NAMES: tuple[str, ...] = (
+    "pte.rw", "pte.user", "pte.a", "pte.d", "pte.nx", "pte.p", "pte.51", "pte.36",
+    "pde.rw", "pde.user", "pde.a", "pde.d", "pde.pse", "pde.nx", "pde.p", "pde.51", "pde.36",
+    "pde.13", "pdpte.ro", "pkru.ad", "pkru.wd", "pkey=1", "user", "write", "fetch", "twice",
+    "efer.nx", "cr0.wp", "cr4.smep", "cr4.pke", "fep",
+    # our extensions (not in KUT)
+    "cr4.smap", "ac", "pdpte.1g", "pml4e.ps", "pml4e.8", "la57", "noncanon",
+)
+NR_AC_FLAGS = 31
+F: dict[str, int] = {name: 1 << i for i, name in enumerate(FLAG_NAMES)}
+
+PTE_RW, PTE_USER, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_51, PTE_36 = (F[n] for n in FLAG_NAMES[0:8])
+(PDE_RW, PDE_USER, PDE_A, PDE_D, PDE_PSE, PDE_NX, PDE_P, PDE_51, PDE_36,
+ PDE_13) = (F[n] for n in FLAG_NAMES[8:18])
+PDPTE_RO, PKU_AD, PKU_WD, PKEY = (F[n] for n in FLAG_NAMES[18:22])
+ACC_USER, ACC_WRITE, ACC_FETCH, ACC_TWICE = (F[n] for n in FLAG_NAMES[22:26])
+EFER_NX, CR0_WP_F, SMEP, PKE, FEP = (F[n] for n in FLAG_NAMES[26:31])
+SMAP, ACC_AC, PDPTE_1G, PML4E_PS, PML4E_8, LA57, NONCANON = (F[n] for n in FLAG_NAMES[31:38])
+
+# Entry bits KUT sets (its own bit positions: 51, 36, 13 are raw bit numbers, §10.1).
+_P, _RW, _US, _A, _D, _PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
+_B51, _B36, _B13, _B8, _XD = 1 << 51, 1 << 36, 1 << 13, 1 << 8, 1 << 63
+_PK1, _PK2 = 1 << 59, 2 << 59
+
+# Probe VA layout (KUT uses PML4 index 292 in the upper half too: VA 0xffff923400000000).
+TOP_INDEX_4 = 292
+PML5_INDEX = 300
+NR_FRAMES = 16
+FRAME_BASE = RIG_IMAGE_BASE          # 2 MiB aligned: a 2M leaf points here
+TABLE_BASE = FRAME_BASE + NR_FRAMES * 4096
+
+
+def flag_names(flags: int) -> str:
+    """KUT's way of naming a case: the set flags, space separated."""
+    return " ".join(n for i, n in enumerate(FLAG_NAMES) if flags >> i & 1) or "(none)"
+
+
+def flags_from_names(text: str) -> int:
+    out = 0
+    for w in text.replace(",", " ").split():
+        if w not in F:
+            raise BadInputError(f"unknown matrix flag {w!r}")
+        out |= F[w]
+    return out
+
+
+@dataclass(frozen=True)
+class MatrixFeatures:
+    """What the CPU under test can do (from the oracle's measured Capabilities)."""
+
+    maxphyaddr: int = 40
+    pku: bool = True
+    smep: bool = True
+    smap: bool = True
+    gbpages: bool = True
+    la57: bool = False
+    fep: bool = False            # KVM forced emulation: never here
+    vendor: str = "intel"
+    ram_size: int = RIG_RAM_SIZE
+
+    @classmethod
+    def from_caps(cls, caps: Capabilities) -> "MatrixFeatures":
+        return cls(maxphyaddr=caps.maxphyaddr, pku=caps.pku, smep=caps.smep, smap=caps.smap,
+                   gbpages=caps.gbpages, la57=caps.la57, vendor=caps.vendor, ram_size=caps.ram_size)
+
+    @classmethod
+    def from_profile(cls, profile: Profile, maxphyaddr: int | None = None) -> "MatrixFeatures":
+        f = profile.features
+        return cls(maxphyaddr=maxphyaddr or profile.maxphyaddr, pku=f.pku, smep=f.smep, smap=f.smap,
+                   gbpages=f.gbpages, la57=f.la57, vendor=profile.vendor)
+
+
+# -- KUT's enumeration, literally (paging.md §10.2) ----------------------------------------------------
+def invalid_mask(feat: MatrixFeatures) -> int:
+    """Bits `ac_test_bump` never toggles."""
+    inv = 0
+    if feat.maxphyaddr >= 52:
+        inv |= PDE_51 | PTE_51
+    if feat.maxphyaddr >= 37:
+        inv |= PDE_36 | PTE_36
+    if not feat.fep:
+        inv |= FEP
+    if not feat.pku:
+        inv |= PKU_AD | PKU_WD | PKEY | PKE
+    if not feat.smep:
+        inv |= SMEP
+    return inv
+
+
+def kut_legal(flags: int) -> bool:
+    """`ac_test_legal` of the current KUT (SMEP excluded since commit 73695c95)."""
+    if flags & SMEP:
+        return False
+    if flags & ACC_FETCH and flags & ACC_WRITE:
+        return False
+    if flags & (PKU_AD | PKU_WD) and not flags & PKE:
+        return False
+    if flags & PDE_13 and not flags & PDE_PSE:
+        return False
+    rsv = flags & (PDE_51 | PDE_36 | PDE_13 | PTE_51 | PTE_36)
+    if not flags & EFER_NX:
+        rsv |= flags & (PDE_NX | PTE_NX)
+    return rsv & (rsv - 1) == 0
+
+
+def bump_enumerate(feat: MatrixFeatures, extra_invalid: int = 0) -> Iterator[int]:
+    """Every legal classic case in KUT's order: flags = ((flags | invalid) + 1) & ~invalid."""
+    inv = invalid_mask(feat) | extra_invalid
+    flags = 0
+    limit = 1 << NR_AC_FLAGS
+    while flags < limit:
+        if kut_legal(flags):
+            yield flags
+        flags = ((flags | inv) + 1) & ~inv
+
+
+# -- the same set, by construction ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Group:
+    name: str
+    choices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Space:
+    """A product of groups: case i picks choice (i // stride_g) % len(g) of every group."""
+
+    name: str
+    groups: tuple[Group, ...]
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for g in self.groups:
+            n *= len(g.choices)
+        return n
+
+    def flags_at(self, i: int) -> int:
+        out = 0
+        for g in reversed(self.groups):
+            i, r = divmod(i, len(g.choices))
+            out |= g.choices[r]
+        return out
+
+    def flags_array(self, start: int, stop: int) -> np.ndarray:
+        idx = np.arange(start, stop, dtype=np.int64)
+        out = np.zeros(len(idx), dtype=np.uint64)
+        for g in reversed(self.groups):
+            n = len(g.choices)
+            table = np.array(g.choices, dtype=np.uint64)
+            out |= table[idx % n]
+            idx //= n
+        return out
+
+
+def _subsets(bits: Sequence[int]) -> Iterator[int]:
+    for r in range(len(bits) + 1):
+        for combo in itertools.combinations(bits, r):
+            yield sum(combo)
+
+
+def _group(name: str, bits: Sequence[int], ok, fixed_zero: int) -> Group:
+    """All legal combinations of `bits` (those in `fixed_zero` never set), sorted so that the
+    CPU-state bits among them (the high ones) vary slowest."""
+    usable = [b for b in bits if not b & fixed_zero]
+    choices = sorted(c for c in _subsets(usable) if ok(c))
+    return Group(name, tuple(choices))
+
+
+def _rsv_ok(c: int) -> bool:
+    if c & PDE_13 and not c & PDE_PSE:
+        return False
+    rsv = c & (PDE_51 | PDE_36 | PDE_13 | PTE_51 | PTE_36)
+    if not c & EFER_NX:
+        rsv |= c & (PDE_NX | PTE_NX)
+    return rsv & (rsv - 1) == 0
+
+
+def classic_space(feat: MatrixFeatures, extra_invalid: int = 0, *, smep: bool = False,
+                  smap: bool = False, name: str = "classic") -> Space:
+    """KUT's legal set as a product. With `smep`/`smap` (extended mode) CR4.SMEP becomes legal and
+    CR4.SMAP x EFLAGS.AC is added (AC only for supervisor accesses: it means nothing at CPL 3)."""
+    inv = invalid_mask(feat) | extra_invalid
+    groups = []
+    # CPU state first (slowest varying) so that neighbouring indices share a batch.
+    groups.append(_group("pke", [PKE, PKU_AD, PKU_WD], lambda c: not (c & (PKU_AD | PKU_WD)) or c & PKE, inv))
+    if smep and feat.smep:
+        groups.append(Group("smep", (0, SMEP)))
+    if smap and feat.smap:
+        groups.append(Group("smap", (0, SMAP)))
+    groups.append(Group("wp", tuple(c for c in (0, CR0_WP_F) if not c & inv)))
+    groups.append(_group("rsvd", [EFER_NX, PDE_PSE, PDE_NX, PTE_NX, PDE_51, PDE_36, PDE_13, PTE_51,
+                                  PTE_36], _rsv_ok, inv))
+    groups.append(Group("access", tuple(c for c in (0, ACC_WRITE, ACC_FETCH) if not c & inv)))
+    if smap and feat.smap:
+        groups.append(Group("ac", (0, ACC_AC)))
+    for bit in (PKEY, ACC_USER, ACC_TWICE, PDPTE_RO, PDE_P, PDE_RW, PDE_USER, PDE_A, PDE_D,
+                PTE_P, PTE_RW, PTE_USER, PTE_A, PTE_D):
+        groups.append(Group(FLAG_NAMES[bit.bit_length() - 1], tuple(c for c in (0, bit) if not c & inv)))
+    return Space(name, tuple(g for g in groups if g.choices))
+
+
+def gig_space(feat: MatrixFeatures) -> Space:
+    """1G leaves (KUT has none): the pde.* flags describe the PDPTE leaf; pde.13 is bit 13, in the
+    reserved 29:13 range of a 1G leaf. Tried whether or not the CPU has 1-GByte pages."""
+    inv = invalid_mask(feat) | PDE_PSE | PTE_51 | PTE_36 | PTE_NX | PDPTE_RO
+    groups = [
+        _group("pke", [PKE, PKU_AD, PKU_WD], lambda c: not (c & (PKU_AD | PKU_WD)) or c & PKE, inv),
+        Group("wp", (0, CR0_WP_F)),
+        _group("rsvd", [EFER_NX, PDE_NX, PDE_51, PDE_36, PDE_13],
+               lambda c: _rsv_ok(c | PDE_PSE), inv),
+        Group("access", (0, ACC_WRITE, ACC_FETCH)),
+        Group("1g", (PDPTE_1G,)),
+    ]
+    for bit in (PKEY, ACC_USER, ACC_TWICE, PDE_P, PDE_RW, PDE_USER, PDE_A, PDE_D):
+        groups.append(Group(FLAG_NAMES[bit.bit_length() - 1], tuple(c for c in (0, bit) if not c & inv)))
+    return Space("1g", tuple(g for g in groups if g.choices))
+
+
+def top_space(feat: MatrixFeatures) -> Space:
+    """PS and bit 8 in the PML4E (PS reserved everywhere; bit 8 reserved on AMD only), over a
+    small set of lower-level shapes."""
+    return Space("top", (
+        Group("wp", (0, CR0_WP_F)),
+        Group("nx", (0, EFER_NX)),
+        Group("top", (PML4E_PS, PML4E_8)),
+        Group("access", (0, ACC_WRITE, ACC_FETCH)),
+        Group("user", (0, ACC_USER)),
+        Group("shape", (PDE_P | PDE_RW | PDE_USER | PTE_P | PTE_RW | PTE_USER,
+                        PDE_P | PDE_RW | PDE_USER | PDE_PSE,
+                        PDE_P | PDE_RW | PDE_USER | PTE_P | PTE_USER | PTE_A | PTE_D,
+                        PDE_P | PDE_RW | PDE_USER)),
+    ))
+
+
+def la57_space(feat: MatrixFeatures) -> Space:
+    """The classic matrix under 5-level paging (KUT runs it again when LA57 exists), without the
+    PKU dimension to keep it smaller."""
+    base = classic_space(feat, PKE | PKU_AD | PKU_WD | PKEY, name="la57")
+    return Space("la57", (Group("la57", (LA57,)),) + base.groups)
+
+
+def noncanon_space(feat: MatrixFeatures) -> Space:
+    groups = [Group("wp", (0, CR0_WP_F)), Group("access", (0, ACC_WRITE, ACC_FETCH)),
+              Group("user", (0, ACC_USER)), Group("nc", (NONCANON,)),
+              Group("shape", (PDE_P | PDE_RW | PDE_USER | PTE_P | PTE_RW | PTE_USER, 0))]
+    if feat.la57:
+        groups.insert(0, Group("la57", (0, LA57)))
+    return Space("noncanon", tuple(groups))
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A union of spaces, indexed 0..size-1 (classic first)."""
+
+    spaces: tuple[Space, ...]
+    features: MatrixFeatures
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.spaces)
+
+    def flags_at(self, i: int) -> int:
+        for s in self.spaces:
+            if i < s.size:
+                return s.flags_at(i)
+            i -= s.size
+        raise IndexError(i)
+
+    def flags_range(self, start: int, stop: int) -> np.ndarray:
+        parts = []
+        base = 0
+        for s in self.spaces:
+            lo, hi = max(start - base, 0), min(stop - base, s.size)
+            if lo < hi:
+                parts.append(s.flags_array(lo, hi))
+            base += s.size
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+    def counts(self) -> dict[str, int]:
+        return {s.name: s.size for s in self.spaces}
+
+
+def matrix_for(feat: MatrixFeatures, extended: bool = False) -> Matrix:
+    """The classic KUT matrix, or (extended) that plus SMEP/SMAP+AC, 1G leaves, PML4E PS/bit 8,
+    5-level paging and non-canonical addresses."""
+    if not extended:
+        return Matrix((classic_space(feat),), feat)
+    spaces = [classic_space(feat, smep=True, smap=True, name="classic+smep+smap"), gig_space(feat),
+              top_space(feat), noncanon_space(feat)]
+    if feat.la57:
+        spaces.append(la57_space(feat))
+    return Matrix(tuple(spaces), feat)
+
+
+# -- CPU state per case ------------------------------------------------------------------------------------
+def state_key(flags: int) -> tuple[int, int, int, int]:
+    """(cr0, cr4, efer, pkru) the case needs (§10.3: PKRU = 0x30 | WD1 | AD1, key 2 denied)."""
+    cr0 = CR0_PE | CR0_PG | (CR0_WP if flags & CR0_WP_F else 0)
+    cr4 = CR4_PAE
+    if flags & PKE:
+        cr4 |= CR4_PKE
+    if flags & SMEP:
+        cr4 |= CR4_SMEP
+    if flags & SMAP:
+        cr4 |= CR4_SMAP
+    if flags & LA57:
+        cr4 |= CR4_LA57
+    efer = EFER_LME | EFER_LMA | (EFER_NXE if flags & EFER_NX else 0)
+    pkru = (0x30 | (8 if flags & PKU_WD else 0) | (4 if flags & PKU_AD else 0)) if flags & PKE else 0
+    return cr0, cr4, efer, pkru
+
+
+_STATE_BITS = CR0_WP_F | PKE | SMEP | SMAP | LA57 | EFER_NX | PKU_WD | PKU_AD
+
+
+def state_bits(flags: int) -> int:
+    return flags & _STATE_BITS
+
+
+# -- packing cases into one image --------------------------------------------------------------------------
+def fill_frames(memory: SparseMemory, base: int = FRAME_BASE, pages: int = NR_FRAMES) -> None:
+    """Every qword of the frame pages holds tag_value(its pa) (low byte 0xC3 = ret)."""
+    pa = np.arange(base, base + pages * 4096, 8, dtype=np.uint64)
+    data = ((pa << np.uint64(8)) | np.uint64(0xC3)).astype("<u8").tobytes()
+    memory.write(base, data)
+
+
+class _Layout:
+    """Allocates tables for one batch: shared PML5/PML4/PDPT/PD pages, PT pages in a pool."""
+
+    def __init__(self, memory: SparseMemory, levels: int, limit: int) -> None:
+        self.mem = memory
+        self.limit = limit
+        self.next = TABLE_BASE
+        self.levels = levels
+        self.root = self.alloc()
+        if levels == 5:
+            self.pml4 = self.alloc()
+            memory.write_u64(self.root + PML5_INDEX * 8, self.pml4 | _P | _RW | _US)
+        else:
+            self.pml4 = self.root
+        self.next_top = TOP_INDEX_4
+        self.pdpts: dict[str, list[list[int]]] = {}     # variant -> [[pdpt page, top idx, used]]
+        self.pds: dict[tuple[str, bool], list[int]] = {}  # (variant, ro) -> [pd page, pdpt idx, top, used]
+        self.pt: list[int] = [0, 512]                    # [pt page, used]
+
+    def alloc(self) -> int:
+        pa = self.next
+        if pa + 4096 > self.limit:
+            raise BadInputError(f"batch does not fit in the rig's RAM ({self.limit:#x} bytes)")
+        self.next += 4096
+        self.mem.write(pa, bytes(4096))
+        return pa
+
+    def top_va(self, top: int) -> int:
+        va = top << 39
+        if self.levels == 5:
+            va |= PML5_INDEX << 48
+            return _sext(va, 57)
+        return _sext(va, 48)
+
+    def pdpte_slot(self, variant: str) -> tuple[int, int, int]:
+        """(pdpt page, top index, pdpt index) of a fresh PDPTE under a PML4E of `variant`."""
+        lst = self.pdpts.setdefault(variant, [])
+        if not lst or lst[-1][2] == 512:
+            if self.next_top >= 511:
+                raise BadInputError("batch needs too many PML4 entries")
+            page = self.alloc()
+            top = self.next_top
+            self.next_top += 1
+            raw = page | _P | _RW | _US
+            if variant == "ps":
+                raw |= _PS
+            elif variant == "bit8":
+                raw |= _B8
+            self.mem.write_u64(self.pml4 + top * 8, raw)
+            lst.append([page, top, 0])
+        cur = lst[-1]
+        idx = cur[2]
+        cur[2] += 1
+        return cur[0], cur[1], idx
+
+    def pde_slot(self, variant: str, ro: bool) -> tuple[int, int, int, int]:
+        """(pd page, top idx, pdpt idx, pd idx) of a fresh PDE."""
+        cur = self.pds.get((variant, ro))
+        if cur is None or cur[3] == 512:
+            pdpt, top, pidx = self.pdpte_slot(variant)
+            pd = self.alloc()
+            self.mem.write_u64(pdpt + pidx * 8, pd | _P | _US | (0 if ro else _RW))
+            cur = self.pds[(variant, ro)] = [pd, top, pidx, 0]
+        idx = cur[3]
+        cur[3] += 1
+        return cur[0], cur[1], cur[2], idx
+
+    def pte_slot(self) -> tuple[int, int]:
+        if self.pt[1] == 512:
+            self.pt = [self.alloc(), 0]
+        idx = self.pt[1]
+        self.pt[1] += 1
+        return self.pt[0], idx
+
+
+def _sext(va: int, bits: int) -> int:
+    if va >> (bits - 1) & 1:
+        va |= ((1 << 64) - 1) & ~((1 << bits) - 1)
+    return va
+
+
+def _leaf_bits(flags: int, pfx: str) -> int:
+    """P/RW/US/A/D/NX/51/36 of `pfx` (pte or pde) from the flags (§10.3)."""
+    g = F
+    raw = 0
+    if flags & g[pfx + ".p"]:
+        raw |= _P
+    if flags & g[pfx + ".rw"]:
+        raw |= _RW
+    if flags & g[pfx + ".user"]:
+        raw |= _US
+    if flags & g[pfx + ".a"]:
+        raw |= _A
+    if flags & g[pfx + ".d"]:
+        raw |= _D
+    if flags & g[pfx + ".nx"]:
+        raw |= _XD
+    if flags & g[pfx + ".51"]:
+        raw |= _B51
+    if flags & g[pfx + ".36"]:
+        raw |= _B36
+    return raw
+
+
+def case_probes(flags: int, va: int, pa: int) -> list[Probe]:
+    """The probes of one case: with `twice`, a supervisor read first (§10.4)."""
+    kind = "write" if flags & ACC_WRITE else "fetch" if flags & ACC_FETCH else "read"
+    if flags & NONCANON:
+        va ^= 1 << 62
+    out = []
+    if flags & ACC_TWICE:
+        out.append(Probe(va, "read", False, False))
+    out.append(Probe(va, kind, bool(flags & ACC_USER), bool(flags & ACC_AC),
+                     tag_value(pa) if kind == "write" else 0))
+    return out
+
+
+def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile: Profile) -> Batch:
+    """One image + state + probes for cases that share their CPU state (`state_bits`)."""
+    if not cases:
+        raise BadInputError("empty batch")
+    skey = state_bits(cases[0][1])
+    if any(state_bits(f) != skey for _, f in cases):
+        raise BadInputError("cases of one batch must share CR0/CR4/EFER/PKRU")
+    cr0, cr4, efer, pkru = state_key(cases[0][1])
+    levels = 5 if cases[0][1] & LA57 else 4
+    mem = SparseMemory(feat.ram_size)
+    fill_frames(mem)
+    lay = _Layout(mem, levels, feat.ram_size)
+    probes: list[Probe] = []
+    infos: list[CaseInfo] = []
+    for n, (label, flags) in enumerate(cases):
+        j = n % NR_FRAMES
+        off = 8 * ((n // NR_FRAMES) % 512)
+        frame = FRAME_BASE + j * 4096
+        variant = "ps" if flags & PML4E_PS else "bit8" if flags & PML4E_8 else "normal"
+        pk_leaf = _PK1 if flags & PKEY else 0
+        owned: list[OwnedEntry] = []
+        if flags & PDPTE_1G:
+            pdpt, top, pidx = lay.pdpte_slot(variant)
+            raw = 0 | _PS | pk_leaf | _leaf_bits(flags, "pde") | (_B13 if flags & PDE_13 else 0)
+            addr = pdpt + pidx * 8
+            mem.write_u64(addr, raw)
+            owned.append(OwnedEntry(addr, raw, "pdpte1g"))
+            va = lay.top_va(top) | pidx << 30 | (frame - 0) | off
+            target = frame + off
+        else:
+            pd, top, pidx, didx = lay.pde_slot(variant, bool(flags & PDPTE_RO))
+            base_va = lay.top_va(top) | pidx << 30 | didx << 21
+            pde_addr = pd + didx * 8
+            if flags & PDE_PSE:
+                raw = FRAME_BASE | _PS | pk_leaf | _leaf_bits(flags, "pde") | (_B13 if flags & PDE_13 else 0)
+                mem.write_u64(pde_addr, raw)
+                owned.append(OwnedEntry(pde_addr, raw, "pde2m"))
+                va = base_va | (frame - FRAME_BASE) | off
+            else:
+                pt, tidx = lay.pte_slot()
+                raw = pt | (_PK2 if flags & PKEY else 0) | _leaf_bits(flags, "pde")
+                mem.write_u64(pde_addr, raw)
+                pte_addr = pt + tidx * 8
+                pte = frame | pk_leaf | _leaf_bits(flags, "pte")
+                mem.write_u64(pte_addr, pte)
+                owned.append(OwnedEntry(pde_addr, raw, "pde"))
+                owned.append(OwnedEntry(pte_addr, pte, "pte"))
+                va = base_va | tidx << 12 | off
+            target = frame + off
+        first = len(probes)
+        probes.extend(case_probes(flags, va, target))
+        infos.append(CaseInfo(label, flags, tuple(range(first, len(probes))), tuple(owned),
+                              (target & ~0xFFF,)))
+    state = PagingState(cr3=lay.root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile=profile,
+                        maxphyaddr=feat.maxphyaddr)
+    return Batch(mem, state, probes, infos)
+
+
+@dataclass
+class MatrixSource:
+    """Cases of a matrix selected by index (a shard, a limit or a seeded sample), in batches."""
+
+    matrix: Matrix
+    profile: Profile
+    indices: np.ndarray | None = None       # None: all, in order
+    start: int = 0
+    stop: int | None = None
+    batch_cases: int = 4096
+    chunk: int = 1 << 16
+    name: str = "matrix"
+
+    @property
+    def total(self) -> int:
+        if self.indices is not None:
+            return len(self.indices)
+        return (self.stop if self.stop is not None else self.matrix.size) - self.start
+
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.indices is not None:
+            for lo in range(0, len(self.indices), self.chunk):
+                idx = self.indices[lo:lo + self.chunk]
+                yield idx, np.array([self.matrix.flags_at(int(i)) for i in idx], dtype=np.uint64)
+            return
+        stop = self.stop if self.stop is not None else self.matrix.size
+        for lo in range(self.start, stop, self.chunk):
+            hi = min(stop, lo + self.chunk)
+            yield np.arange(lo, hi), self.matrix.flags_range(lo, hi)
+
+    def batches(self) -> Iterator[Batch]:
+        feat = self.matrix.features
+        for idx, flags in self._chunks():
+            keys = flags & np.uint64(_STATE_BITS)
+            # stable grouping by CPU state inside the chunk, then batches of batch_cases
+            order = np.argsort(keys, kind="stable")
+            sk = keys[order]
+            bounds = np.flatnonzero(np.diff(sk)) + 1
+            for grp in np.split(order, bounds):
+                for lo in range(0, len(grp), self.batch_cases):
+                    sel = grp[lo:lo + self.batch_cases]
+                    cases = [(f"{self.name}#{int(idx[k])}", int(flags[k])) for k in sel]
+                    yield build_batch(cases, feat, self.profile)
+
+
+def select(total: int, *, shard: tuple[int, int] | None = None, limit: int | None = None,
+           sample: int | None = None, seed: int = 0) -> tuple[np.ndarray | None, int, int]:
+    """(indices or None, start, stop) for a shard I/N (1-based), a seeded sample, a limit."""
+    start, stop = 0, total
+    if shard is not None:
+        i, n = shard
+        start, stop = (i - 1) * total // n, i * total // n
+    if sample is not None:
+        rng = np.random.default_rng(seed)
+        k = min(sample, stop - start)
+        idx = np.sort(rng.choice(stop - start, size=k, replace=False)) + start
+        if limit is not None:
+            idx = idx[:limit]
+        return idx, 0, 0
+    if limit is not None:
+        stop = min(stop, start + limit)
+    return None, start, stop

@@ -1,0 +1,118 @@
+"""ModelOracle: an 'oracle' that answers with x86pt's own walker (x86pt.walk.walk) under a named
+profile. It exists to test the differential runner without an emulator, and `model_run` is the
+one place where the model side of every comparison is computed.
+
+Probes run in order on a copy of the image; A/D writes carry from probe to probe (as on the rig,
+harness/oracles/base.py), a successful write stores `wvalue` at the translated address and a
+successful read loads the 8 bytes there.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from harness.oracles.base import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
+from x86pt.errors import PhysicalAddressError
+from x86pt.memory.sparse import SparseMemory
+from x86pt.state import PagingState, Profile, profile_named
+from x86pt.walk import Access, GeneralProtection, PageFault, Result, Translation, walk
+
+
+def as_probe_result(r: Result, value: int | None = None) -> ProbeResult:
+    """The model's answer in the oracle's record shape."""
+    if isinstance(r, Translation):
+        return ProbeResult("ok", pa=r.pa, value=value)
+    if isinstance(r, PageFault):
+        return ProbeResult("page_fault", error_code=r.error_code, cr2=r.cr2, vector=14, detail=r.reason)
+    return ProbeResult("general_protection", error_code=r.error_code, cr2=r.cr2, vector=13,
+                       detail=r.reason)
+
+
+def model_run(memory: SparseMemory, state: PagingState,
+              probes: Sequence[Probe]) -> tuple[list[Result], SparseMemory]:
+    """Walk every probe in order on a copy of `memory` with A/D updates; returns the walk results
+    and the memory afterwards."""
+    mem = memory.copy()
+    out: list[Result] = []
+    for p in probes:
+        r = walk(state, mem, p.va, Access(p.access, user=p.user, ac=p.ac), update_ad=True)
+        if isinstance(r, Translation) and p.access == "write":
+            try:
+                mem.write_u64(r.pa, p.wvalue)
+            except PhysicalAddressError:
+                pass
+        out.append(r)
+    return out, mem
+
+
+def read_value(memory: SparseMemory, r: Result, probe: Probe) -> int | None:
+    if not isinstance(r, Translation) or probe.access != "read":
+        return None
+    try:
+        return memory.read_u64(r.pa)
+    except PhysicalAddressError:
+        return None
+
+
+@dataclass
+class ModelOracle:
+    """The x86pt model behind the Oracle protocol. `deviate` (tests only) may rewrite answers to
+    play a buggy oracle."""
+
+    profile: str = "intel"
+    maxphyaddr: int | None = None
+    ram_size: int = RIG_RAM_SIZE
+    deviate: Callable[[Probe, ProbeResult], ProbeResult] | None = None
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        self._profile: Profile = profile_named(self.profile)
+
+    def capabilities(self) -> Capabilities:
+        f = self._profile.features
+        return Capabilities(name=self.name, vendor=self._profile.vendor,
+                            maxphyaddr=self.maxphyaddr or self._profile.maxphyaddr,
+                            gbpages=f.gbpages, la57=f.la57, pku=f.pku, smep=f.smep, smap=f.smap,
+                            nx=f.nx, rsvd_sets_p=self._profile.rsvd_sets_p, ram_size=self.ram_size,
+                            version="x86pt model", notes=(f"profile {self.profile}",))
+
+    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
+        t0 = time.perf_counter()
+        st = state if state.profile.name == self.profile else state.replace(profile=self._profile)
+        mem = memory.copy()
+        results = []
+        for p in probes:
+            r = walk(st, mem, p.va, Access(p.access, user=p.user, ac=p.ac), update_ad=True)
+            if isinstance(r, Translation) and p.access == "write":
+                try:
+                    mem.write_u64(r.pa, p.wvalue)
+                except PhysicalAddressError:
+                    pass
+            pr = as_probe_result(r, read_value(mem, r, p))
+            if self.deviate is not None:
+                pr = self.deviate(p, pr)
+            results.append(pr)
+        return BatchResult(results, mem, time.perf_counter() - t0)
+
+    def instruction_bytes(self, probe: Probe) -> bytes:
+        from harness.differential import canonical_instruction
+        return canonical_instruction(probe)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "ModelOracle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def deviation(**changes) -> Callable[[Probe, ProbeResult], ProbeResult]:
+    """A `deviate` hook that rewrites fields of every answer matching `when` (tests)."""
+    when = changes.pop("when", lambda p, r: True)
+
+    def f(p: Probe, r: ProbeResult) -> ProbeResult:
+        return replace(r, **changes) if when(p, r) else r
+    return f
