@@ -15,7 +15,7 @@ from harness.guest import listing
 from harness.oracles.base import Probe, tag_value
 from x86pt.errors import BadInputError, OracleError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, PagingState, profile_named
+from x86pt.state import CR4_LA57, CR4_PAE, PagingState, profile_named
 from x86pt.walk import Access, Translation, walk
 
 HERE = os.path.dirname(g.__file__)

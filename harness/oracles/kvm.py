@@ -23,8 +23,7 @@ from functools import lru_cache
 from typing import Sequence
 
 import harness.guest as guest
-from harness.oracles.base import (RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe,
-                                  ProbeResult, tag_value)
+from harness.oracles.base import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, tag_value
 from x86pt.errors import OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
