@@ -26,8 +26,8 @@ PKRU leaves fully open, so the harness's own CPL3 stack and result stores never 
 """
 from __future__ import annotations
 
-import bisect
 import ctypes
+import dataclasses
 import functools
 import struct
 import time
@@ -220,8 +220,10 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
             code.extend(_movabs("rdx", p.wvalue))
             state["rdx"] = p.wvalue
         code.extend(_movabs("rbx", p.va))
-        if base == K_BASE:
-            code.extend(_INVLPG_RBX)
+        # The access must start its own TB: memory hooks see RIP as synced at the TB start, not
+        # per instruction (measured: a CPL3 load reported its segment's first RIP). INVLPG ends
+        # the TB at CPL0; at CPL3 (no INVLPG) a jmp $+2 does.
+        code.extend(_INVLPG_RBX if base == K_BASE else _JMP_NEXT)
         access_at[base + here()] = first + i
         code.extend(INSN[p.access])
         if p.access == "fetch":
@@ -454,6 +456,8 @@ class _Engine:
         uc = self.uc
         uc.context_restore(self.ctx_k)
         self.flush_tlb()
+        # CR2 came back with the context: a #GP is said to write CR2 only if it changes it.
+        self.st.last_cr2 = uc.reg_read(_x86.UC_X86_REG_CR2)
         # A timer thread costs ~170 us per emu_start; only caller-controlled code (fetch targets)
         # can loop, so only segments with fetches get one.
         timeout = (2_000_000 + 100 * n_probes) if seg.has_fetch else 0
@@ -577,6 +581,39 @@ class UnicornOracle:
                         raw = prog.code[ph - H_CODE:ph - H_CODE + size].hex()
                         lines.append(f"{addr:016x}  {raw:<22} {mnem} {ops}".rstrip())
         return "\n".join(lines) + "\n"
+
+    def implicit_gdt_read(self, memory: SparseMemory, state: PagingState, *, ac: bool) -> ProbeResult:
+        """An implicit supervisor-mode read at CPL0 (SDM §4.6: descriptor-table reads are implicit
+        supervisor accesses): GDTR is pointed at the harness GDT through its *user* view and DS is
+        loaded with EFLAGS.AC=`ac`. With CR4.SMAP the SDM faults this whatever AC says; QEMU's
+        cpu_mmu_index_kernel lets AC=1 through (paging.md §11.2 #6)."""
+        state.check()
+        _check_image(memory, self.ram_size)
+        gdt_va = U_BASE + H_GDT
+        pseudo = H_STUB + 0x800
+        code = bytearray(_movabs("r15", K_BASE + H_RESULTS))
+        code += _PUSHFQ + (_OR_RSP_IMM + struct.pack("<I", RFLAGS_AC) if ac else
+                           _AND_RSP_IMM + struct.pack("<I", ~RFLAGS_AC & 0xFFFFFFFF)) + _POPFQ
+        code += _movabs("rbx", K_BASE + pseudo) + bytes.fromhex("0f0113")   # lgdt [rbx]
+        code += b"\xb8" + struct.pack("<I", SEL_KDATA)                     # mov eax, 0x10
+        at = K_BASE + H_CODE + len(code)
+        code += bytes.fromhex("8ed8") + _JMP_NEXT                          # mov ds, eax
+        until = K_BASE + H_CODE + len(code)
+        code += _INT3
+        probe = Probe(gdt_va + SEL_KDATA, "read")
+        prog = _Program(0, (probe,), bytes(code), (_Segment(K_BASE + H_CODE, until, (), False),),
+                        {at: 0}, {}, (until,), ((H_CODE, 0),))
+        key = _free_pkey(state)
+        if key is None:
+            raise OracleError(f"PKRU {state.pkru:#x} closes every key")
+        eng = _Engine(self.model, self.ram_size)
+        try:
+            self._load(eng, memory, state, key)
+            eng.uc.mem_write(pseudo, struct.pack("<HQ", len(GDT) * 8 - 1, gdt_va))
+            res = self._run_chunk(eng, prog)[0]
+        finally:
+            eng.close()
+        return dataclasses.replace(res, value=None)   # the result slot was never stored
 
     # running -------------------------------------------------------------------------------------
     def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
@@ -734,18 +771,29 @@ def _self_test(model: str) -> str:
     return "ok"
 
 
-def _cpuid_vendor(model: str) -> str:
+def cpuid(model: str, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+    """(eax, ebx, ecx, edx) of CPUID `leaf` as the guest sees it on `model` (run, not looked up)."""
+    why = check_version()
+    if why:
+        raise OracleUnavailable(why)
     eng = _Engine(model, RIG_RAM_SIZE)
     try:
         uc = eng.uc
         # Paging is off in a fresh UC_MODE_64 engine (spec §2.1): VA = PA.
-        uc.mem_write(H_STUB, bytes.fromhex("31c00fa290"))          # xor eax,eax; cpuid; nop
-        uc.emu_start(H_STUB, H_STUB + 5)
-        regs = [uc.reg_read(r) & 0xFFFFFFFF for r in (_x86.UC_X86_REG_RBX, _x86.UC_X86_REG_RDX,
-                                                        _x86.UC_X86_REG_RCX)]
+        code = (b"\xb8" + struct.pack("<I", leaf) + b"\xb9" + struct.pack("<I", subleaf) +
+                bytes.fromhex("0fa290"))                  # mov eax; mov ecx; cpuid; nop
+        uc.mem_write(H_STUB, code)
+        uc.emu_start(H_STUB, H_STUB + len(code))
+        regs = tuple(uc.reg_read(r) & 0xFFFFFFFF for r in (
+            _x86.UC_X86_REG_RAX, _x86.UC_X86_REG_RBX, _x86.UC_X86_REG_RCX, _x86.UC_X86_REG_RDX))
     finally:
         eng.close()
-    return struct.pack("<3I", *regs).decode("ascii", "replace")
+    return regs
+
+
+def _cpuid_vendor(model: str) -> str:
+    _, ebx, ecx, edx = cpuid(model, 0)
+    return struct.pack("<3I", ebx, edx, ecx).decode("ascii", "replace")
 
 
 @functools.cache
