@@ -230,6 +230,7 @@ def classic_space(feat: MatrixFeatures, extra_invalid: int = 0, *, smep: bool = 
     groups.append(Group("access", tuple(c for c in (0, ACC_WRITE, ACC_FETCH) if not c & inv)))
     if smap and feat.smap:
         groups.append(Group("ac", (0, ACC_AC)))
+    groups.append(Group("fep", tuple(c for c in (0, FEP) if not c & inv)))
     for bit in (PKEY, ACC_USER, ACC_TWICE, PDPTE_RO, PDE_P, PDE_RW, PDE_USER, PDE_A, PDE_D,
                 PTE_P, PTE_RW, PTE_USER, PTE_A, PTE_D):
         groups.append(Group(FLAG_NAMES[bit.bit_length() - 1], tuple(c for c in (0, bit) if not c & inv)))

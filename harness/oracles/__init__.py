@@ -92,7 +92,8 @@ def availability(name: str) -> tuple[bool, str]:
         _class(name, mod)
     except OracleUnavailable as e:
         return False, str(e)
-    probe = getattr(mod, "available", None)
+    probe = next((getattr(mod, fn) for fn in ("available", "kvm_usable", "qemu_available")
+                  if callable(getattr(mod, fn, None))), None)
     if callable(probe):
         try:
             res = probe()
