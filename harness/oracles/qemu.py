@@ -270,7 +270,7 @@ def discover_capabilities(binary: str | None = None, cpu: str = "max") -> Capabi
         la57 = False
     vendor = _vendor(binary, cpu)
     notes = ["measured by a capability batch (harness/oracles/qemu.py _capability_image)",
-             "vendor from QMP query-cpu-model-expansion",
+             "vendor from the vCPU's QOM property (qom-get vendor)",
              "RSVD #PF error code lacks P on QEMU >= 7.2 (paging.md §11.2 #1)"]
     return Capabilities(
         name="qemu", vendor=vendor, maxphyaddr=maxphyaddr,
@@ -285,14 +285,12 @@ def discover_capabilities(binary: str | None = None, cpu: str = "max") -> Capabi
 
 
 def _vendor(binary: str | None, cpu: str) -> str:
-    """'amd' or 'intel', as QEMU expands the CPU model (a paused VM, one QMP query)."""
+    """'amd' or 'intel', as the vCPU reports it (a paused VM, QOM property 'vendor')."""
     try:
         with QemuMonitor(SparseMemory(RIG_RAM_SIZE), PagingState(cr3=RIG_IMAGE_BASE,
                                                                  profile=profile_named("qemu")),
                          binary=binary, cpu=cpu) as mon:
-            out = mon.qmp.command("query-cpu-model-expansion",
-                                  {"type": "full", "model": {"name": cpu}})
+            v = str(mon.cpu_property("vendor"))
     except OracleError:
         return "unknown"
-    v = str(out.get("model", {}).get("props", {}).get("vendor", ""))
     return {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(v, v or "unknown")

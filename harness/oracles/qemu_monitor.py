@@ -719,6 +719,15 @@ class QemuMonitor:
     def info_mem(self) -> str:
         return self.hmp("info mem", timeout=max(self.timeout, 120.0))
 
+    def cpu_property(self, name: str):
+        """A QOM property of the (only) vCPU, e.g. 'vendor', 'pdpe1gb', 'phys-bits': what the CPU
+        model really became, after -cpu's +/- flags."""
+        self._need()
+        cpus = self.qmp.command("query-cpus-fast")
+        if not cpus:
+            raise OracleError("QMP query-cpus-fast returned no vCPU")
+        return self.qmp.command("qom-get", {"path": cpus[0]["qom-path"], "property": name})
+
     def registers(self) -> dict[str, int]:
         self._need()
         return {r: self.gdb.read_register(r) for r in ("cr0", "cr2", "cr3", "cr4", "efer")}
