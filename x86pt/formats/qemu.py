@@ -1,0 +1,231 @@
+"""QEMU 7.2's monitor formats, byte for byte (target/i386/monitor.c; spec/paging.md §11.3).
+
+`info tlb`: one line per present leaf entry, in table order, with the leaf's own flags:
+    "%016x: %016x %c%c%c%c%c%c%c%c%c\\n"  VA (sign-extended), entry & frame mask,
+    X(XD) G P(PS) D A C(PCD) T(PWT) U W. A 4K entry is printed with bit 7 cleared (PAT never
+    shows as P). Frame masks are QEMU's (bits 49:12, 49:21, 49:30), not MAXPHYADDR's.
+`info mem`: runs of equal effective (U, RW) over adjacent present leaves; any hole ends a run.
+    "%016x-%016x %016x %c%c%c\\n" start, end, length (each through QEMU's sign extension, which
+    tests bit 47 only: the last range of the lower half ends at "ffff800000000000" and a range
+    ending at the top of the address space at "0001000000000000"); 'u' or '-', 'r', 'w' or '-'.
+Both walk tables with QEMU's 0x3fffffffff000 pointer mask and ignore reserved bits; a table past
+the end of RAM reads as zeros. CR0.PG=0 prints "PG disabled".
+
+Lines are built in bulk: hex digits come from a 256-entry byte table indexed by the big-endian
+bytes of whole uint64 arrays, so 16.7M `info tlb` lines are numpy work, not Python formatting.
+"""
+from __future__ import annotations
+
+from typing import BinaryIO, Iterable, Iterator
+
+import numpy as np
+
+from x86pt.coalesce import coalesce, present_only
+from x86pt.scan import EFF_RSVD, EFF_RW, EFF_US, SHIFT, U64, Chunk
+from x86pt.state import CR0_PG, PagingState
+
+QEMU_TABLE_MASK = 0x3FFFFFFFFF000
+QEMU_FRAME_MASK = np.array([0, 0x3FFFFFFFFF000, 0x3FFFFFFE00000, 0x3FFFFC0000000, 0, 0], dtype=U64)
+PG_DISABLED = b"PG disabled\n"
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+HEX2 = np.stack([_HEX[np.arange(256) >> 4], _HEX[np.arange(256) & 15]], axis=1)   # (256, 2)
+# info tlb flag letters, left to right, with their entry bits (print_pte in monitor.c)
+TLB_FLAGS = ((63, "X"), (8, "G"), (7, "P"), (6, "D"), (5, "A"), (4, "C"), (3, "T"), (2, "U"), (1, "W"))
+LINE_BLOCK = 1 << 20
+
+
+def hex16(v: np.ndarray) -> np.ndarray:
+    """(n,) uint64 -> (n, 16) uint8 ASCII lower-case hex, zero-padded."""
+    b = np.ascontiguousarray(v, dtype=">u8").view(np.uint8).reshape(-1, 8)
+    return HEX2[b].reshape(-1, 16)
+
+
+def _flag_bytes(raw: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """(n,) leaf entries -> (n, 9) letters. 4K entries are shown with bit 7 masked."""
+    raw = np.where(level == 1, raw & ~U64(1 << 7), raw)
+    out = np.empty((len(raw), 9), dtype=np.uint8)
+    for col, (bit, ch) in enumerate(TLB_FLAGS):
+        out[:, col] = np.where((raw >> U64(bit)) & U64(1), ord(ch), ord("-"))
+    return out
+
+
+def _entry_blocks(chunks: Iterable[Chunk]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Expand present records into entries: (va, displayed pa, record raw/level per entry)."""
+    for ch in present_only(chunks):
+        n = len(ch)
+        if not n:
+            continue
+        ends = np.cumsum(ch.count.astype(np.int64))
+        lo = 0
+        while lo < n:
+            base = int(ends[lo - 1]) if lo else 0
+            hi = int(np.searchsorted(ends, base + LINE_BLOCK, side="right"))
+            hi = max(hi, lo + 1)
+            sub = ch.take(slice(lo, hi))
+            cnt = sub.count.astype(np.int64)
+            if bool((cnt == 1).all()):
+                k = np.zeros(len(sub), dtype=U64)
+                rec = np.arange(len(sub))
+            else:
+                rec = np.repeat(np.arange(len(sub)), cnt)
+                starts = np.cumsum(cnt) - cnt
+                k = (np.arange(int(cnt.sum()), dtype=np.int64) - np.repeat(starts, cnt)).astype(U64)
+            size = U64(1) << SHIFT[sub.level]
+            step = k * size[rec]
+            va = sub.va[rec] + step
+            pa = (sub.raw[rec] & QEMU_FRAME_MASK[sub.level[rec]]) + step
+            yield va, pa, rec, sub
+            lo = hi
+
+
+def tlb_bytes(chunks: Iterable[Chunk]) -> Iterator[bytes]:
+    """`info tlb` text in blocks. `chunks` must come from a scan with addr_mask=QEMU_TABLE_MASK."""
+    for va, pa, rec, sub in _entry_blocks(chunks):
+        flags = _flag_bytes(sub.raw, sub.level)
+        n = len(va)
+        line = np.empty((n, 45), dtype=np.uint8)
+        line[:, 0:16] = hex16(va)
+        line[:, 16] = ord(":")
+        line[:, 17] = ord(" ")
+        line[:, 18:34] = hex16(pa)
+        line[:, 34] = ord(" ")
+        line[:, 35:44] = flags[rec]
+        line[:, 44] = ord("\n")
+        yield line.tobytes()
+
+
+def _canon(v: np.ndarray, bit: int) -> np.ndarray:
+    """QEMU's addr_canonical(): set bits 63..bit+1 when `bit` is set (nothing else)."""
+    return np.where(v & U64(1 << bit), v | U64(((1 << 64) - 1) & ~((1 << (bit + 1)) - 1)), v)
+
+
+def mem_bytes(chunks: Iterable[Chunk], state: PagingState) -> Iterator[bytes]:
+    """`info mem` text (4-level; see mem_bytes_la57 for QEMU 7.2's 5-level walk)."""
+    bits = state.va_bits
+    vmask = U64((1 << bits) - 1)
+    for runs in coalesce(present_only(chunks), key=lambda c: c.eff & np.uint8(EFF_RW | EFF_US),
+                         va_bits=bits):
+        s = runs.start & vmask
+        length = runs.end - runs.start
+        e = s + length
+        cs, ce, cl = _canon(s, bits - 1), _canon(e, bits - 1), _canon(length, bits - 1)
+        n = len(s)
+        line = np.empty((n, 55), dtype=np.uint8)
+        line[:, 0:16] = hex16(cs)
+        line[:, 16] = ord("-")
+        line[:, 17:33] = hex16(ce)
+        line[:, 33] = ord(" ")
+        line[:, 34:50] = hex16(cl)
+        line[:, 50] = ord(" ")
+        line[:, 51] = np.where(runs.key & U64(EFF_US), ord("u"), ord("-"))
+        line[:, 52] = ord("r")
+        line[:, 53] = np.where(runs.key & U64(EFF_RW), ord("w"), ord("-"))
+        line[:, 54] = ord("\n")
+        yield line.tobytes()
+
+
+def mem_bytes_la57(memory, state: PagingState) -> Iterator[bytes]:
+    """QEMU 7.2's mem_info_la57() walk, quirk included (spec/paging.md §11.2 #9): below the PML4
+    its present tests are inverted, so present PDPTEs/PDEs are holes and non-present ones are
+    followed (a zero entry points at physical page 0). Emulated with a memo per
+    (table, level, inherited prot): each subtree becomes a list of prot changes."""
+    from x86pt.errors import PhysicalAddressError
+    P, RW, US = 1, 2, 4
+    PS = 1 << 7
+    mask = QEMU_TABLE_MASK
+    memo: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {}
+
+    def table(pa: int) -> list[int]:
+        try:
+            return memory.table(pa).tolist()
+        except PhysicalAddressError:
+            return [0] * 512
+
+    def events(pa: int, lvl: int, inh: int) -> tuple[tuple[int, int], ...]:
+        """(offset within the table's span, prot) for every mem_print call whose prot differs
+        from the previous one inside this subtree (the first call always listed)."""
+        key = (pa, lvl, inh)
+        got = memo.get(key)
+        if got is not None:
+            return got
+        shift = {3: 30, 2: 21, 1: 12}[lvl]
+        out: list[tuple[int, int]] = []
+
+        def emit(off: int, prot: int) -> None:
+            if not out or out[-1][1] != prot:
+                out.append((off, prot))
+        for i, e in enumerate(table(pa)):
+            off = i << shift
+            if lvl == 1:
+                emit(off, (e & (US | RW | P)) & inh if e & P else 0)
+            elif e & P:
+                emit(off, 0)
+            elif e & PS:
+                emit(off, (e & (US | RW | P)) & inh)
+            else:
+                for o, p in events(e & mask, lvl - 1, inh & e):
+                    emit(off + o, p)
+        memo[key] = res = tuple(out)
+        return res
+
+    if not state.cr0 & CR0_PG:
+        yield PG_DISABLED
+        return
+    lines: list[str] = []
+    start, last = -1, 0
+
+    def mem_print(end: int, prot: int) -> None:
+        nonlocal start, last
+        if prot != last:
+            if start != -1:
+                c = lambda v: v | (((1 << 64) - 1) & ~((1 << 57) - 1)) if v & (1 << 56) else v
+                lines.append(f"{c(start):016x}-{c(end):016x} {c((end - start) & ((1 << 64) - 1)):016x} "
+                             f"{'u' if last & US else '-'}r{'w' if last & RW else '-'}\n")
+            start = end if prot != 0 else -1
+            last = prot
+    pml5 = table(state.cr3 & mask)
+    for l0, e5 in enumerate(pml5):
+        if not e5 & P:
+            mem_print(l0 << 48, 0)
+            continue
+        for l1, e4 in enumerate(table(e5 & mask)):
+            base = (l0 << 48) + (l1 << 39)
+            if not e4 & P:
+                mem_print(base, 0)
+                continue
+            for off, prot in events(e4 & mask, 3, e5 & e4):
+                mem_print(base + off, prot)
+        if len(lines) > 4096:
+            yield "".join(lines).encode()
+            lines.clear()
+    mem_print(1 << 57, 0)
+    yield "".join(lines).encode()
+
+
+def scan_kwargs() -> dict:
+    """How a scan must be set up for these formats: QEMU's pointer mask, no holes."""
+    return {"addr_mask": QEMU_TABLE_MASK, "holes": False}
+
+
+def write_tlb(out: BinaryIO, chunks: Iterable[Chunk], state: PagingState) -> None:
+    if not state.cr0 & CR0_PG:
+        out.write(PG_DISABLED)
+        return
+    for b in tlb_bytes(chunks):
+        out.write(b)
+
+
+def write_mem(out: BinaryIO, chunks: Iterable[Chunk], state: PagingState, memory=None) -> None:
+    if not state.cr0 & CR0_PG:
+        out.write(PG_DISABLED)
+        return
+    if state.la57 and memory is not None:
+        for b in mem_bytes_la57(memory, state):
+            out.write(b)
+        return
+    for b in mem_bytes(chunks, state):
+        out.write(b)
+
+
+__all__ = ["QEMU_TABLE_MASK", "hex16", "tlb_bytes", "mem_bytes", "mem_bytes_la57", "write_tlb",
+           "write_mem", "scan_kwargs", "EFF_RSVD"]

@@ -1,0 +1,473 @@
+"""Every leaf mapping of a paging tree, level by level, whole 4 KiB tables at a time.
+
+The scan reads tables in batches as (n, 512) uint64 arrays (zero-copy views of a raw image when
+the tables are consecutive) and classifies all entries at once with masks derived from the field
+table (fields.masks_for / walk.rsvd_mask), so a 64 GiB all-4K direct map (16.7M PTEs) is a few
+dozen numpy passes, not 16.7M Python steps.
+
+Output is a stream of `Chunk`s: columnar records in ascending (canonical) VA order. A record is a
+*run* of `count` consecutive entries of one level with identical non-address bits and
+consecutive frames (a whole table like that is one record: the "uniform table" shortcut); holes
+(non-present entries) are records too when asked for (ptdump needs their level). Effective
+rights follow SDM §4.6.1 and Linux's effective_prot(): RW and US ANDed down the walk, XD ORed.
+
+Hostile tables are data, not crashes (spec/anchors.md §1.9 item 6):
+* a table that is its own ancestor (a recursive PML4 slot) is walked like the CPU would, which
+  is bounded by the number of levels, and reported as an Issue 'loop';
+* a table pointer past the end of the image is an Issue 'past-end' and walks as an empty table
+  (QEMU reads unassigned memory as zeros too);
+* reserved bits are an Issue 'reserved' and flag the records below them (EFF_RSVD);
+* shared subtrees that expand to more than `max_entries` mappings stop the scan with a
+  BadInputError (a few tables pointing at each other can describe 2^36 pages).
+
+Coalescing lives in x86pt/coalesce.py; renderers in x86pt/formats/.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from x86pt.errors import BadInputError, PhysicalAddressError
+from x86pt.fields import LEVELS, Kind, Level
+from x86pt.state import PagingState
+from x86pt.walk import rsvd_mask
+
+# Bits of Chunk.eff. RW/US sit at their entry positions (bits 1, 2) so combining is an AND.
+EFF_NX = 1        # XD set in some entry of the walk (ORed)
+EFF_RW = 2        # R/W set in every entry (ANDed)
+EFF_US = 4        # U/S set in every entry (ANDed)
+EFF_RSVD = 8      # a reserved bit is set in the leaf or an entry above it: the CPU would #PF
+EFF_P = 16        # a present leaf (clear: a hole record)
+EFF_LOOP = 32     # the walk went through a table that is its own ancestor
+EFF_ROOT = EFF_RW | EFF_US
+
+U64 = np.uint64
+SHIFT = np.array([0, 12, 21, 30, 39, 48], dtype=np.uint64)   # index shift by SDM level number
+PS_BIT = 1 << 7
+DEFAULT_MAX_ENTRIES = 1 << 26
+MAX_ISSUES = 1000
+_COLS = ("va", "count", "level", "raw", "pa", "eff", "entry_addr")
+
+
+@dataclass(frozen=True)
+class Issue:
+    """Something about the tables worth telling the user; never fatal."""
+
+    what: str          # 'loop' | 'past-end' | 'reserved'
+    va: int            # canonical VA of the entry
+    level: int         # SDM level of the entry
+    entry_addr: int
+    raw: int
+
+    def describe(self) -> str:
+        name = LEVELS[self.level].table + "E" if self.level > 1 else "PTE"
+        if self.what == "loop":
+            why = "points at one of its own ancestor tables (recursive mapping); walked as the CPU would"
+        elif self.what == "past-end":
+            why = "points at a table past the end of the image; walked as an empty table"
+        else:
+            why = "has reserved bits set: an access through it would #PF(RSVD)"
+        return f"{name} at {self.entry_addr:#x} (va {self.va:#018x}) = {self.raw:#018x} {why}"
+
+    def to_json(self) -> dict:
+        return {"issue": self.what, "va": hex(self.va), "level": self.level,
+                "entry_addr": hex(self.entry_addr), "raw": f"{self.raw:#018x}"}
+
+
+@dataclass
+class ScanStats:
+    tables: dict[int, int] = field(default_factory=lambda: {n: 0 for n in range(1, 6)})
+    entries: dict[int, int] = field(default_factory=lambda: {n: 0 for n in range(1, 6)})  # leaves
+    table_pas: list[np.ndarray] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    issue_count: int = 0
+
+    def add_issue(self, issue: Issue) -> None:
+        self.issue_count += 1
+        if len(self.issues) < MAX_ISSUES:
+            self.issues.append(issue)
+
+    def distinct_tables(self) -> int:
+        if not self.table_pas:
+            return 0
+        return int(len(np.unique(np.concatenate(self.table_pas))))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Columnar records, ascending VA. Entry i of a record: va + i*size, pa + i*size, raw with
+    the frame advanced by i*size, entry at entry_addr + 8*i; size = 1 << SHIFT[level]."""
+
+    va: np.ndarray          # uint64, canonical
+    count: np.ndarray       # uint64, entries in the run
+    level: np.ndarray       # uint8, SDM level of the entries (1 = PTE)
+    raw: np.ndarray         # uint64, first entry's value
+    pa: np.ndarray          # uint64, first frame (0 for holes)
+    eff: np.ndarray         # uint8, EFF_* bits
+    entry_addr: np.ndarray  # uint64, physical address of the first entry
+
+    def __len__(self) -> int:
+        return len(self.va)
+
+    @property
+    def size(self) -> np.ndarray:
+        return U64(1) << SHIFT[self.level]
+
+    @property
+    def span(self) -> np.ndarray:
+        return self.count * self.size
+
+    def take(self, sel) -> "Chunk":
+        return Chunk(*(getattr(self, c)[sel] for c in _COLS))
+
+    @staticmethod
+    def empty() -> "Chunk":
+        return Chunk(np.zeros(0, U64), np.zeros(0, U64), np.zeros(0, np.uint8), np.zeros(0, U64),
+                     np.zeros(0, U64), np.zeros(0, np.uint8), np.zeros(0, U64))
+
+    @staticmethod
+    def concat(chunks: list["Chunk"]) -> "Chunk":
+        chunks = [c for c in chunks if len(c)]
+        if not chunks:
+            return Chunk.empty()
+        if len(chunks) == 1:
+            return chunks[0]
+        return Chunk(*(np.concatenate([getattr(c, col) for c in chunks]) for col in _COLS))
+
+
+def merge_sorted(a: Chunk, b: Chunk) -> Chunk:
+    """Merge two VA-sorted chunks whose records do not overlap (O(n log n) searchsorted, no sort)."""
+    if not len(a):
+        return b
+    if not len(b):
+        return a
+    n = len(a) + len(b)
+    pos_b = np.searchsorted(a.va, b.va) + np.arange(len(b))
+    is_b = np.zeros(n, dtype=bool)
+    is_b[pos_b] = True
+    out = []
+    for col in _COLS:
+        x, y = getattr(a, col), getattr(b, col)
+        z = np.empty(n, dtype=x.dtype)
+        z[is_b] = y
+        z[~is_b] = x
+        out.append(z)
+    return Chunk(*out)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One leaf mapping (the scalar view of a record entry)."""
+
+    va: int
+    size: int
+    pa: int
+    level: int
+    raw: int            # the leaf entry
+    writable: bool      # effective (ANDed)
+    user: bool          # effective (ANDed)
+    nx: bool            # XD set somewhere on the walk (ORed); executable = not (NXE and nx)
+    reserved: bool      # a reserved bit on the walk: the CPU would fault
+    entry_addr: int
+
+    @property
+    def end(self) -> int:
+        return self.va + self.size
+
+
+def sign_extend(va: np.ndarray, bits: int) -> np.ndarray:
+    top = U64(1 << (bits - 1))
+    high = U64(((1 << 64) - 1) & ~((1 << bits) - 1))
+    return np.where(va & top, va | high, va)
+
+
+class _Tables:
+    """Batched table reads. Raw files are indexed directly (a slice when the tables are
+    consecutive); other sources go through memory.table() one table at a time."""
+
+    def __init__(self, memory) -> None:
+        self.memory = memory
+        f = getattr(memory, "file", None)
+        self.flat = None
+        if type(memory).__name__ == "RawFile" and f is not None:
+            self.flat = f.u64
+            self.limit = f.size
+
+    def read(self, pas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(pas)
+        if self.flat is not None:
+            ok = pas + U64(4096) <= U64(self.limit)
+            if n and ok.all():
+                first = int(pas[0])
+                if n == 1 or bool((np.diff(pas) == U64(4096)).all()):
+                    return self.flat[first // 8: first // 8 + 512 * n].reshape(n, 512), ok
+            idx = (np.where(ok, pas, U64(0)) >> U64(3)).astype(np.int64)
+            out = self.flat[idx[:, None] + np.arange(512)]
+            out[~ok] = 0
+            return out, ok
+        out = np.zeros((n, 512), dtype=U64)
+        ok = np.ones(n, dtype=bool)
+        for i, pa in enumerate(pas.tolist()):
+            try:
+                out[i] = self.memory.table(pa)
+            except PhysicalAddressError:
+                ok[i] = False
+        return out, ok
+
+
+class Scanner:
+    """Scan a tree. `chunks()` streams records; `stats` fills in as it goes.
+
+    addr_mask: which entry bits address the next table or frame (default: MAXPHYADDR's bits
+    M-1:12, as the CPU; QEMU's monitor uses 0x3fffffffff000, Linux bits 51:12).
+    holes: also emit non-present entries (level and raw kept) as records without EFF_P.
+    va_range: (lo, hi) canonical VAs; entries wholly outside are not visited ("filter while
+    walking", gdb-pt-dump issue #20).
+    """
+
+    def __init__(self, state: PagingState, memory, *, addr_mask: int | None = None,
+                 holes: bool = False, va_range: tuple[int, int] | None = None,
+                 max_entries: int = DEFAULT_MAX_ENTRIES, batch: int = 1024) -> None:
+        self.state = state
+        self.memory = memory
+        self.addr_mask = state.phys_mask if addr_mask is None else addr_mask & ~0xFFF
+        self.holes = holes
+        self.va_range = va_range
+        self.max_entries = max_entries
+        self.batch = batch
+        self.stats = ScanStats()
+        self.bits = state.va_bits
+        self.levels = {lv.number: lv for lv in state.levels}
+        self.emitted = 0
+        self._tables = _Tables(memory)
+        self._rsvd = {}
+        for lv in state.levels:
+            tab = rsvd_mask(state, lv, lv.table_kind)
+            leaf = rsvd_mask(state, lv, lv.leaf_kind) if lv.leaf_kind is not None else tab
+            self._rsvd[lv.number] = (tab, leaf)
+
+    # -- public ----------------------------------------------------------------------------------
+    def chunks(self) -> Iterator[Chunk]:
+        top = self.state.paging_levels
+        root = np.array([self.state.root], dtype=U64)
+        yield from self._level(top, root, np.zeros(1, U64), np.array([EFF_ROOT], np.uint8),
+                               root[:, None], np.array([self.state.cr3], U64), np.zeros(1, U64))
+
+    def mappings(self) -> Iterator[Mapping]:
+        """Every present leaf entry, one at a time (slow path; for small trees and tests)."""
+        for ch in self.chunks():
+            for i in np.nonzero(ch.eff & EFF_P)[0].tolist():
+                lvl = int(ch.level[i])
+                size = 1 << int(SHIFT[lvl])
+                e = int(ch.eff[i])
+                for k in range(int(ch.count[i])):
+                    yield Mapping(int(ch.va[i]) + k * size, size, int(ch.pa[i]) + k * size, lvl,
+                                  int(ch.raw[i]) + k * size, bool(e & EFF_RW), bool(e & EFF_US),
+                                  bool(e & EFF_NX), bool(e & EFF_RSVD), int(ch.entry_addr[i]) + 8 * k)
+
+    # -- the walk --------------------------------------------------------------------------------
+    def _level(self, lnum: int, pas: np.ndarray, bases: np.ndarray, effs: np.ndarray,
+               anc: np.ndarray, pent_raw: np.ndarray, pent_addr: np.ndarray) -> Iterator[Chunk]:
+        """Tables `pas` at level `lnum` (VA-ordered), their raw base VAs, inherited eff bits,
+        ancestor table addresses, and the parent entry that pointed at each (for issues)."""
+        for s in range(0, len(pas), self.batch):
+            sl = slice(s, s + self.batch)
+            yield from self._batch(lnum, pas[sl], bases[sl], effs[sl], anc[sl], pent_raw[sl],
+                                   pent_addr[sl])
+
+    def _batch(self, lnum, pas, bases, effs, anc, pent_raw, pent_addr) -> Iterator[Chunk]:
+        lv: Level = self.levels[lnum]
+        shift = U64(lv.shift)
+        size = 1 << lv.shift
+        n = len(pas)
+        st = self.stats
+        st.tables[lnum] += n
+        st.table_pas.append(pas.copy())
+        E, ok = self._tables.read(pas)
+        if not ok.all():
+            for i in np.nonzero(~ok)[0].tolist():
+                st.add_issue(Issue("past-end", int(sign_extend(bases[i:i + 1], self.bits)[0]),
+                                   lnum + 1, int(pent_addr[i]), int(pent_raw[i])))
+        rs_tab, rs_leaf = self._rsvd[lnum]
+        can_leaf = lnum == 1 or lv.leaf_kind is not None
+        frame_mask = U64(self.addr_mask & ~(size - 1))
+        idx = np.arange(512, dtype=U64)
+
+        # Uniform tables: 512 present leaves, same non-frame bits, consecutive frames.
+        uni = np.zeros(n, dtype=bool)
+        if can_leaf and self.va_range is None:
+            first = E[:, 0]
+            cand = ok & ((first & U64(1)) != 0)
+            if lnum > 1:
+                cand &= (first & U64(PS_BIT)) != 0
+            if cand.any():
+                ci = np.nonzero(cand)[0]
+                Ec = E if len(ci) == n else E[ci]
+                flags = ~frame_mask
+                same = ((Ec & flags) == (Ec[:, :1] & flags)).all(axis=1)
+                if same.any():
+                    Fr = Ec & frame_mask
+                    same &= (Fr == Fr[:, :1] + idx * U64(size)).all(axis=1)
+                uni[ci[same]] = True
+        parts: list[Chunk] = []
+        if uni.any():
+            ui = np.nonzero(uni)[0]
+            raw = E[ui, 0]
+            eff = self._combine(effs[ui], raw) | np.uint8(EFF_P)
+            bad = (raw & U64(rs_leaf)) != 0
+            if bad.any():
+                eff[bad] |= np.uint8(EFF_RSVD)
+                for j in np.nonzero(bad)[0][:16].tolist():
+                    st.add_issue(Issue("reserved", int(sign_extend(bases[ui[j]:ui[j] + 1], self.bits)[0]),
+                                       lnum, int(pas[ui[j]]), int(raw[j])))
+            parts.append(Chunk(sign_extend(bases[ui], self.bits), np.full(len(ui), 512, U64),
+                               np.full(len(ui), lnum, np.uint8), raw, raw & frame_mask, eff,
+                               pas[ui].copy()))
+            self._count(lnum, 512 * len(ui))
+        nu = np.nonzero(~uni)[0]
+        children = None
+        if len(nu):
+            Eu = E if len(nu) == n else E[nu]
+            vas = bases[nu][:, None] + (idx << shift)[None, :]
+            inr = None
+            if self.va_range is not None:
+                lo, hi = self.va_range
+                cva = sign_extend(vas, self.bits)
+                inr = (cva + U64(size - 1) >= U64(lo)) & (cva < U64(hi))
+            present = (Eu & U64(1)) != 0
+            if lnum == 1:
+                leaf = present
+            elif lv.leaf_kind is not None:
+                leaf = present & ((Eu & U64(PS_BIT)) != 0)
+            else:
+                leaf = np.zeros_like(present)
+            tab = present & ~leaf
+            if inr is not None:
+                leaf &= inr
+                tab &= inr
+            r, c = np.nonzero(leaf)
+            if len(r):
+                raw = Eu[r, c]
+                eff = self._combine(effs[nu][r], raw) | np.uint8(EFF_P)
+                bad = (raw & U64(rs_leaf)) != 0
+                if bad.any():
+                    eff[bad] |= np.uint8(EFF_RSVD)
+                    self._issues_reserved(lnum, vas[r, c][bad], (pas[nu][r] + c.astype(U64) * U64(8))[bad],
+                                          raw[bad])
+                parts.append(Chunk(sign_extend(vas[r, c], self.bits), np.ones(len(r), U64),
+                                   np.full(len(r), lnum, np.uint8), raw, raw & frame_mask, eff,
+                                   pas[nu][r] + c.astype(U64) * U64(8)))
+                self._count(lnum, len(r))
+            if self.holes:
+                hole = ~present      # a past-end table reads as zeros, like QEMU's unassigned memory
+                if inr is not None:
+                    hole &= inr
+                hr, hc = np.nonzero(hole)
+                if len(hr):
+                    hraw = Eu[hr, hc]
+                    # eff of a hole: what Linux's effective_prot() would carry for it (ptdump
+                    # breaks runs on it for non-zero, non-present PTEs); never EFF_P.
+                    parts.append(Chunk(sign_extend(vas[hr, hc], self.bits), np.ones(len(hr), U64),
+                                       np.full(len(hr), lnum, np.uint8), hraw,
+                                       np.zeros(len(hr), U64), self._combine(effs[nu][hr], hraw),
+                                       pas[nu][hr] + hc.astype(U64) * U64(8)))
+            tr, tc = np.nonzero(tab)
+            if len(tr):
+                raw = Eu[tr, tc]
+                ceff = self._combine(effs[nu][tr], raw)
+                bad = (raw & U64(rs_tab)) != 0
+                if bad.any():
+                    ceff[bad] |= np.uint8(EFF_RSVD)
+                    self._issues_reserved(lnum, vas[tr, tc][bad], (pas[nu][tr] + tc.astype(U64) * U64(8))[bad],
+                                          raw[bad])
+                cpa = raw & U64(self.addr_mask)
+                canc = anc[nu][tr]
+                loop = (canc == cpa[:, None]).any(axis=1)
+                if loop.any():
+                    ceff[loop] |= np.uint8(EFF_LOOP)
+                    for j in np.nonzero(loop)[0][:64].tolist():
+                        st.add_issue(Issue("loop", int(sign_extend(vas[tr[j], tc[j]:tc[j] + 1], self.bits)[0]),
+                                           lnum, int(pas[nu][tr[j]]) + 8 * int(tc[j]), int(raw[j])))
+                children = (cpa, vas[tr, tc], ceff, np.concatenate([canc, cpa[:, None]], axis=1), raw,
+                            pas[nu][tr] + tc.astype(U64) * U64(8))
+        mine = Chunk.empty()
+        for p in parts:          # each part is VA-sorted and disjoint from the others
+            mine = merge_sorted(mine, p)
+        if children is None:
+            if len(mine):
+                yield mine
+            return
+        pending = mine
+        for ch in self._level(lnum - 1, *children):
+            if len(pending):
+                last = ch.va[-1]
+                k = int(np.searchsorted(pending.va, last))
+                if k:
+                    ch = merge_sorted(pending.take(slice(0, k)), ch)
+                    pending = pending.take(slice(k, None))
+            yield ch
+        if len(pending):
+            yield pending
+
+    @staticmethod
+    def _combine(parent: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        """Linux effective_prot() / SDM §4.6.1: RW, US ANDed; XD ORed; other flags inherited."""
+        low = (raw & U64(EFF_RW | EFF_US)).astype(np.uint8)
+        nx = (raw >> U64(63)).astype(np.uint8)
+        return (parent & np.uint8(~(EFF_RW | EFF_US) & 0xFF)) | (parent & low) | nx
+
+    def _issues_reserved(self, lnum, vas, addrs, raws) -> None:
+        for j in range(min(len(vas), 16)):
+            self.stats.add_issue(Issue("reserved", int(sign_extend(vas[j:j + 1], self.bits)[0]), lnum,
+                                       int(addrs[j]), int(raws[j])))
+        self.stats.issue_count += max(0, len(vas) - 16)
+
+    def _count(self, lnum: int, n: int) -> None:
+        self.stats.entries[lnum] += n
+        self.emitted += n
+        if self.emitted > self.max_entries:
+            raise BadInputError(
+                f"the tables expand to more than {self.max_entries} leaf mappings (shared or "
+                f"looping subtrees?); raise the limit with --max-entries if this is intended")
+
+
+def scan(state: PagingState, memory, **kw) -> Iterator[Chunk]:
+    """Shorthand: the chunk stream of a Scanner."""
+    return Scanner(state, memory, **kw).chunks()
+
+
+def scan_reference(state: PagingState, memory, *, addr_mask: int | None = None) -> list[Mapping]:
+    """The scalar reference: one Python step per entry, recursion per table. Used by the property
+    test against the vectorised path; only for small trees."""
+    amask = state.phys_mask if addr_mask is None else addr_mask & ~0xFFF
+    out: list[Mapping] = []
+    levels = {lv.number: lv for lv in state.levels}
+
+    def rec(lnum: int, table: int, base: int, rw: int, us: int, nx: int, rsvd: bool) -> None:
+        lv = levels[lnum]
+        try:
+            entries = [memory.read_u64(table + 8 * i) for i in range(512)]
+        except PhysicalAddressError:
+            return
+        for i, e in enumerate(entries):
+            if not e & 1:
+                continue
+            va = base + (i << lv.shift)
+            kind = lv.kind_of(e)
+            if lnum == 1:
+                kind = Kind.PTE
+            r = rw & (e >> 1) & 1
+            u = us & (e >> 2) & 1
+            x = nx | (e >> 63)
+            bad = rsvd or bool(e & rsvd_mask(state, lv, kind))
+            if kind.is_leaf:
+                size = 1 << lv.shift
+                out.append(Mapping(state.sign_extend(va), size, e & amask & ~(size - 1), lnum, e,
+                                   bool(r), bool(u), bool(x), bad, table + 8 * i))
+            else:
+                rec(lnum - 1, e & amask, va, r, u, x, bad)
+
+    rec(state.paging_levels, state.root, 0, 1, 1, 0, False)
+    return out
