@@ -1,0 +1,182 @@
+"""The kernel address space the CPA model works on: physical RAM (an e820-like list with holes),
+the direct map at PAGE_OFFSET, the kernel image ("highmap") with its section symbols, and the
+module/vmalloc area. Presets: a 4 GiB laptop, a 64 GiB and a 1 TiB server, and the layout of the
+`x86pt demo` image.
+
+Addresses follow the x86-64 4-level layout of Documentation/arch/x86/x86_64/mm.rst without KASLR.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+from x86pt.errors import BadInputError
+from x86pt.numbers import parse_int
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class KernelImage:
+    """Physical addresses of the linker symbols CPA looks at (spec §4.6, §4.7), page aligned.
+    Defaults mimic a distribution kernel loaded at CONFIG_PHYSICAL_START = 16 MiB; rodata starts
+    2M-aligned (X86_ALIGN_RODATA_BEGIN) and the other ends are not, so boot leaves 4K pieces in
+    the highmap as a real kernel does (oracle-linux.md §9.1)."""
+
+    text: int = 0x1000000                 # _text
+    etext: int = 0x1E03000                # PFN_ALIGN(_etext)
+    start_rodata: int = 0x2000000         # __start_rodata
+    end_rodata: int = 0x2A13000           # __end_rodata
+    end_rodata_hpage_align: int = 0x2C00000
+    sdata: int = 0x2C00000                # _sdata
+    init_begin: int = 0x3373000           # __init_begin
+    init_end: int = 0x37BA000             # __init_end
+    brk_end: int = 0x3E3F000              # _brk_end
+
+    def check(self) -> None:
+        seq = [self.text, self.etext, self.start_rodata, self.end_rodata,
+               self.end_rodata_hpage_align, self.sdata, self.brk_end]
+        if any(a > b for a, b in zip(seq, seq[1:])) or any(x & 0xFFF for x in seq):
+            raise BadInputError("kernel image symbols must be page aligned and in order "
+                                "_text <= _etext <= __start_rodata <= ... <= _brk_end")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    ram: tuple[tuple[int, int], ...]        # e820 RAM ranges [start, end), sorted
+    gbpages: bool = True                    # direct_gbpages (CPU GBPAGES, no nogbpages)
+    pti: bool = False                       # PTI: no _PAGE_GLOBAL on kernel mappings
+    page_offset: int = 0xFFFF888000000000
+    start_kernel_map: int = 0xFFFFFFFF80000000
+    phys_base: int = 0
+    kernel_image_size: int = GiB            # KERNEL_IMAGE_SIZE with KASLR support
+    modules_vaddr: int = 0xFFFFFFFFC0000000
+    modules_end: int = 0xFFFFFFFFFF000000
+    vmalloc_start: int = 0xFFFFC90000000000
+    vmalloc_end: int = 0xFFFFE90000000000
+    kernel: KernelImage = field(default_factory=KernelImage)
+    # Page-table pages come from here (memblock/buddy in the kernel); reserved from workloads.
+    table_pool: tuple[tuple[int, int], ...] = ((0x200000, 0x1000000), (0x4000000, 0x10000000))
+    reserved_below: int = 0x10000000        # workloads allocate frames above this
+
+    def check(self) -> None:
+        self.kernel.check()
+        last = 0
+        for s, e in self.ram:
+            if s >= e or s < last or s & 0xFFF or e & 0xFFF:
+                raise BadInputError(f"layout {self.name}: bad RAM range {s:#x}-{e:#x} (page aligned, "
+                                    "sorted, not overlapping)")
+            last = e
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(e - s for s, e in self.ram)
+
+    @property
+    def max_pfn(self) -> int:
+        return self.ram[-1][1] >> 12 if self.ram else 0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "ram": [[hex(s), hex(e)] for s, e in self.ram],
+                "gbpages": self.gbpages, "pti": self.pti, "page_offset": hex(self.page_offset),
+                "modules_vaddr": hex(self.modules_vaddr),
+                "kernel": {k: hex(v) for k, v in self.kernel.__dict__.items()}}
+
+
+PRESETS: dict[str, Layout] = {
+    # A 4 GiB laptop: firmware holes below 4G, the rest remapped above 4G.
+    "laptop-4g": Layout("laptop-4g", ((0x0, 0x9F000), (0x100000, 0x76D55000),
+                                       (0x76E00000, 0x7A2FF000), (0x100000000, 0x16F800000))),
+    # A 64 GiB server: 1G pages cover almost everything.
+    "server-64g": Layout("server-64g", ((0x0, 0x9A000), (0x100000, 0x6A2F4000),
+                                         (0x6B7FF000, 0x6B800000), (0x100000000, 0x1080000000))),
+    # A 1 TiB server.
+    "server-1t": Layout("server-1t", ((0x0, 0x9B000), (0x100000, 0x5DFE3000),
+                                       (0x100000000, 0x10080000000))),
+}
+PRESETS["server-64g-nogb"] = replace(PRESETS["server-64g"], name="server-64g-nogb", gbpages=False)
+
+
+def demo_layout() -> Layout:
+    """The layout of `x86pt demo`'s embedded image (x86pt/demo.py)."""
+    from x86pt import demo
+    text = demo.KERNEL_TEXT - demo.KERNEL_MAP
+    k = KernelImage(text=text, etext=text + (8 << 20), start_rodata=text + (8 << 20),
+                    end_rodata=text + (12 << 20), end_rodata_hpage_align=text + (12 << 20),
+                    sdata=text + (12 << 20), init_begin=text + (12 << 20),
+                    init_end=text + (12 << 20), brk_end=text + (14 << 20))
+    return Layout("demo", tuple(demo.RAM), gbpages=True, page_offset=demo.PAGE_OFFSET,
+                  start_kernel_map=demo.KERNEL_MAP, modules_vaddr=demo.MODULES,
+                  modules_end=demo.MODULES + (1 << 30) - (16 << 20), kernel=k,
+                  table_pool=((0x8000000, 0x10000000),), reserved_below=0x10000000)
+
+
+def layout_named(name: str) -> Layout:
+    """A preset name, 'demo', or a JSON file {"name", "ram": [[start, end], ...], "gbpages",
+    "pti", "kernel": {"text": ..., ...}}."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name == "demo":
+        return demo_layout()
+    if name.endswith(".json"):
+        try:
+            with open(name, "r", encoding="utf-8") as f:
+                d = json.load(f)
+        except OSError as e:
+            raise BadInputError(f"cannot read layout {name}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"layout {name}: bad JSON: {e.msg}") from None
+        return layout_from_json(d, name)
+    raise BadInputError(f"unknown layout {name!r} (presets: {', '.join(PRESETS)}, demo, or FILE.json)")
+
+
+def layout_from_json(d: dict, source: str = "layout") -> Layout:
+    if not isinstance(d, dict) or "ram" not in d:
+        raise BadInputError(f"{source}: a layout is an object with at least \"ram\"")
+    try:
+        ram = tuple((parse_int(s, f"{source} ram start"), parse_int(e, f"{source} ram end"))
+                    for s, e in d["ram"])
+    except (TypeError, ValueError):
+        raise BadInputError(f"{source}: ram must be a list of [start, end] pairs") from None
+    kd = d.get("kernel", {})
+    if not isinstance(kd, dict):
+        raise BadInputError(f"{source}: kernel must be an object of symbol: address")
+    known = set(KernelImage.__dataclass_fields__)
+    bad = sorted(set(kd) - known)
+    if bad:
+        raise BadInputError(f"{source}: unknown kernel symbol {bad[0]!r} (known: {', '.join(sorted(known))})")
+    k = KernelImage(**{key: parse_int(v, f"{source} kernel.{key}") for key, v in kd.items()})
+    lay = Layout(str(d.get("name", source)), ram, gbpages=bool(d.get("gbpages", True)),
+                 pti=bool(d.get("pti", False)), kernel=k)
+    for key in ("page_offset", "start_kernel_map", "modules_vaddr", "vmalloc_start"):
+        if key in d:
+            lay = replace(lay, **{key: parse_int(d[key], f"{source} {key}")})
+    lay.check()
+    return lay
+
+
+def split_mem_range(start: int, end: int, gbpages: bool) -> list[tuple[int, int, int]]:
+    """[start, end) cut into (start, end, page_size) pieces the way init_memory_mapping does:
+    4K up to the first 2M boundary, 2M up to the first 1G boundary, 1G body (if gbpages), then
+    2M and a 4K tail (arch/x86/mm/init.c split_mem_range)."""
+    out: list[tuple[int, int, int]] = []
+
+    def add(s: int, e: int, size: int) -> None:
+        if s < e:
+            out.append((s, e, size))
+
+    pmd_s = min(-(-start // (1 << 21)) << 21, end)
+    add(start, pmd_s, 4096)
+    pmd_e = (end >> 21) << 21
+    if gbpages:
+        pud_s = min(-(-pmd_s // GiB) * GiB, pmd_e)
+        pud_e = max((pmd_e // GiB) * GiB, pud_s)
+        add(pmd_s, pud_s, 1 << 21)
+        add(pud_s, pud_e, GiB)
+        add(pud_e, pmd_e, 1 << 21)
+    else:
+        add(pmd_s, pmd_e, 1 << 21)
+    add(max(pmd_e, pmd_s), end, 4096)
+    return [p for p in out if p[0] < p[1]]
