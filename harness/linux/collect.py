@@ -1,0 +1,423 @@
+"""Turn what one guest boot wrote (its ttyS1 file, its registers, its RAM file) into per-step
+artefacts: counters, the decoded CPA trace, the kernel's ptdump text, the layout and a compact
+page-table image.
+
+The image is an ELF core (x86pt.memory.write_elf_core) holding only the table pages reachable
+from `init_top_pgt`, with CR0/CR3/CR4/EFER of the guest and CR3 pointing at init_top_pgt, so
+every x86pt command reads it. CR3 as QEMU reports it is the current task's PGD; its kernel half is
+the same tables, and init_top_pgt is what the kernel's own ptdump of init_mm walks.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from x86pt.errors import BadInputError, OracleError
+from x86pt.memory.base import PAGE, MemoryBase
+from x86pt.memory.elfcore import write_elf_core
+from x86pt.memory.sparse import SparseMemory
+from x86pt.state import CR4_LA57, PagingState, profile_named
+from x86pt.walk import Translation, walk
+
+ADDR_MASK = 0x000F_FFFF_FFFF_F000   # bits 51:12 of a table entry (SDM 4.5, Table 4-15 ff.)
+PS = 1 << 7
+# cpa_data.flags (arch/x86/mm/pat/set_memory.c): CPA_ARRAY / CPA_PAGES_ARRAY carry more than
+# one address, of which the probe sees only the first.
+CPA_ARRAY, CPA_PAGES_ARRAY = 2, 4
+
+
+# -- the ttyS1 stream -------------------------------------------------------------------------------
+@dataclass
+class StepText:
+    number: int
+    name: str
+    sections: dict[str, list[str]] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    rc: int | None = None
+
+
+@dataclass
+class BootText:
+    header: dict[str, list[str]]
+    steps: list[StepText]
+    ended: int | None          # number of steps the guest says it ran (@@END n), None if cut off
+
+
+def parse_output(text: str) -> BootText:
+    """Split the guest's ttyS1 output into its header sections and its steps."""
+    header: dict[str, list[str]] = {}
+    steps: list[StepText] = []
+    logs: dict[int, list[str]] = {}
+    rcs: dict[int, int] = {}
+    cur: list[str] | None = None
+    step: StepText | None = None
+    ended = None
+    log_no = None
+    for line in text.splitlines():
+        line = line.rstrip("\r")
+        if line.startswith("@@"):
+            word, _, rest = line[2:].partition(" ")
+            if word == "STEP":
+                no, _, name = rest.partition(" ")
+                step = StepText(int(no), name)
+                steps.append(step)
+                cur = None
+            elif word == "ENDSTEP":
+                step, cur = None, None
+            elif word == "LOG":
+                log_no = int(rest)
+                cur = logs.setdefault(log_no, [])
+            elif word == "RC":
+                if log_no is not None:
+                    rcs[log_no] = int(rest)
+                cur = None
+            elif word == "END":
+                ended = int(rest)
+                cur = None
+            elif step is not None:
+                cur = step.sections.setdefault(word, [])
+            else:
+                cur = header.setdefault(word, [])
+            continue
+        if cur is not None:
+            cur.append(line)
+    for s in steps:
+        s.log = logs.get(s.number, [])
+        s.rc = rcs.get(s.number)
+    return BootText(header, steps, ended)
+
+
+def parse_kallsyms(lines: list[str]) -> dict[str, int]:
+    out = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3:
+            out.setdefault(parts[2], int(parts[0], 16))
+    return out
+
+
+def parse_counters(meminfo: list[str], vmstat: list[str]) -> dict[str, int]:
+    """DirectMap4k/2M/1G in kB (as /proc/meminfo prints them) and the vmstat split counters."""
+    out: dict[str, int] = {}
+    for line in meminfo:
+        m = re.match(r"(DirectMap\w+):\s+(\d+)\s*kB", line)
+        if m:
+            out[m.group(1)] = int(m.group(2))
+    for line in vmstat:
+        k, _, v = line.partition(" ")
+        if k.startswith("direct_map"):
+            out[k] = int(v)
+    return out
+
+
+# -- the CPA trace ----------------------------------------------------------------------------------
+_EVENT = re.compile(r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*[-\d]+\)\s+)?\[(?P<cpu>\d+)\]\s+(?:\S+\s+)?"
+                    r"(?P<ts>\d+\.\d+):\s+(?P<event>\w+):\s+\((?P<loc>[^)]*)\)\s*(?P<args>.*)$")
+
+
+def _args(s: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in s.split() if "=" in kv)
+
+
+def _num(v: str | None) -> int | None:
+    if v is None or v.startswith("("):      # "(fault)": the probe could not read it
+        return None
+    return int(v, 0)
+
+
+@dataclass
+class CpaCall:
+    """One `__change_page_attr_set_clr` call (primary, or an alias nested in one)."""
+
+    task: str
+    pid: int
+    ts: str
+    vaddr: int | None
+    numpages: int
+    mask_set: int
+    mask_clr: int
+    flags: int
+    force_split: bool
+    primary: bool
+    depth: int
+    api: str = ""                 # the set_memory_*/set_direct_map_* call it belongs to
+    before: tuple[int, int, int] | None = None   # direct_pages_count[4K, 2M, 1G] at entry
+    after: tuple[int, int, int] | None = None    # ... at return
+    ret: int | None = None
+    children: list["CpaCall"] = field(default_factory=list, repr=False)
+
+    @property
+    def total(self) -> tuple[int, int, int] | None:
+        if self.before is None or self.after is None:
+            return None
+        return tuple(a - b for a, b in zip(self.after, self.before))   # type: ignore[return-value]
+
+    @property
+    def own(self) -> tuple[int, int, int] | None:
+        """Counter change made by this call itself (its nested alias calls taken out)."""
+        t = self.total
+        if t is None:
+            return None
+        d = list(t)
+        for c in self.children:
+            ct = c.total
+            if ct is None:
+                return None
+            d = [x - y for x, y in zip(d, ct)]
+        return tuple(d)   # type: ignore[return-value]
+
+    def splits(self) -> tuple[int, int] | None:
+        """(1G->2M splits, 2M->4K splits) made by this call itself, from its counter deltas:
+        a 1G split is 1G -1, 2M +512; a 2M split is 2M -1, 4K +512 (update_page_count)."""
+        d = self.own
+        if d is None:
+            return None
+        s1g = max(0, -d[2])
+        s2m = 512 * s1g - d[1]
+        return s1g, s2m
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "children"}
+        for k in ("vaddr", "mask_set", "mask_clr"):
+            d[k] = None if d[k] is None else hex(d[k])
+        d["own"] = self.own
+        d["splits"] = self.splits()
+        return d
+
+
+@dataclass
+class TraceDecode:
+    calls: list[CpaCall]            # every call, in order of entry (nested ones included)
+    api: list[tuple[str, str, dict[str, str]]]   # (task, api name, args)
+    unmatched: int                  # entries without a return (or returns without an entry)
+
+
+def decode_trace(lines: list[str]) -> TraceDecode:
+    """Rebuild the call tree from the probe events: `cpasc` at entry, `cpasc_ret` at return,
+    per task (a task's nested entries are `cpa_process_alias` calls on the alias)."""
+    calls: list[CpaCall] = []
+    api: list[tuple[str, str, dict[str, str]]] = []
+    stacks: dict[int, list[CpaCall]] = {}
+    last_api: dict[int, str] = {}
+    unmatched = 0
+    for line in lines:
+        m = _EVENT.match(line)
+        if not m:
+            continue
+        ev, a, pid, task = m.group("event"), _args(m.group("args")), int(m.group("pid")), m.group("task").strip()
+        st = stacks.setdefault(pid, [])
+        if ev == "cpasc":
+            bits = _num(a.get("bits")) or 0
+            c = CpaCall(task, pid, m.group("ts"), _num(a.get("vaddr")), _num(a.get("numpages")) or 0,
+                        _num(a.get("set")) or 0, _num(a.get("clr")) or 0, _num(a.get("flags")) or 0,
+                        bool(bits & 1), bool(_num(a.get("primary"))), len(st),
+                        api=last_api.get(pid, "") if not st else st[0].api,
+                        before=_triple(a))
+            if st:
+                st[-1].children.append(c)
+            st.append(c)
+            calls.append(c)
+        elif ev == "cpasc_ret":
+            if not st:
+                unmatched += 1
+                continue
+            c = st.pop()
+            c.after = _triple(a)
+            c.ret = _num(a.get("ret"))
+            if not st:
+                last_api.pop(pid, None)
+        elif ev.startswith("set_"):
+            api.append((task, ev, a))
+            if not st:
+                last_api[pid] = f"{ev} " + " ".join(f"{k}={v}" for k, v in a.items())
+    unmatched += sum(len(s) for s in stacks.values())
+    return TraceDecode(calls, api, unmatched)
+
+
+def _triple(a: dict[str, str]) -> tuple[int, int, int] | None:
+    v = [_num(a.get(k)) for k in ("d4k", "d2m", "d1g")]
+    return None if None in v else (v[0], v[1], v[2])   # type: ignore[return-value]
+
+
+def trace_text(dec: TraceDecode, title: str) -> str:
+    """The trace in the CPA model's format. Each top-level call is one active line:
+    `cpa ADDR NPAGES set=MASK clr=MASK flags=F primary|alias [force_split]`; `primary` means the
+    kernel ran it with primary=1 (so cpa_process_alias follows), `alias` means it called
+    __change_page_attr_set_clr(primary=0) directly (set_direct_map_*). The alias calls the
+    kernel made on the side are comments (`#   alias cpa ...`) with their split counts, so a
+    replay that models cpa_process_alias does not apply them twice; the API call each line came
+    from is a comment before it."""
+    out = [f"# {title}", "# decoded from kprobes on __change_page_attr_set_clr (x86pt linux run)"]
+    last_api = None
+    for c in dec.calls:
+        if c.depth == 0 and c.api and c.api != last_api:
+            out.append(f"# {c.api}")
+            last_api = c.api
+        if c.depth == 0 and not c.api:
+            last_api = None
+        line = _cpa_line(c)
+        sp = c.splits()
+        note = ""
+        if sp and (sp[0] or sp[1]):
+            note = f"  # split 1G:{sp[0]} 2M:{sp[1]}"
+        if c.vaddr is None:
+            out.append(f"# unreadable vaddr: {line}{note}")
+        elif c.depth == 0:
+            if c.flags & (CPA_ARRAY | CPA_PAGES_ARRAY):
+                out.append("# array call: only the first address was seen")
+            out.append(line + note)
+        else:
+            out.append("#" + "  " * c.depth + " alias " + line + note)
+    return "\n".join(out) + "\n"
+
+
+def _cpa_line(c: CpaCall) -> str:
+    words = [f"cpa {c.vaddr:#x}" if c.vaddr is not None else "cpa ?", str(c.numpages),
+             f"set={c.mask_set:#x}", f"clr={c.mask_clr:#x}", f"flags={c.flags:#x}",
+             "primary" if c.primary else "alias"]
+    if c.force_split:
+        words.append("force_split")
+    return " ".join(words)
+
+
+def trace_summary(dec: TraceDecode) -> dict:
+    tops = [c for c in dec.calls if c.depth == 0]
+    s1g = s2m = 0
+    for c in dec.calls:
+        sp = c.splits()
+        if sp:
+            s1g += sp[0]
+            s2m += sp[1]
+    return {"calls": len(dec.calls), "top_level_calls": len(tops), "api_calls": len(dec.api),
+            "splits_1g": s1g, "splits_2m": s2m, "unmatched": dec.unmatched}
+
+
+# -- page tables out of guest RAM -------------------------------------------------------------------
+def guest_state(regs: dict[str, int]) -> PagingState:
+    """The guest's paging state (QEMU TCG -cpu max: the `qemu` profile, 40 physical bits)."""
+    return PagingState(cr3=regs["cr3"] & ADDR_MASK, cr0=regs["cr0"], cr4=regs["cr4"], efer=regs["efer"],
+                       profile=profile_named("qemu"))
+
+
+def read_kernel_u64(state: PagingState, ram: MemoryBase, va: int) -> int:
+    r = walk(state, ram, va)
+    if not isinstance(r, Translation):
+        raise OracleError(f"guest VA {va:#x} does not translate through CR3 {state.cr3:#x}")
+    return ram.read_u64(r.pa)
+
+
+def kernel_pa(state: PagingState, ram: MemoryBase, va: int) -> int:
+    r = walk(state, ram, va)
+    if not isinstance(r, Translation):
+        raise OracleError(f"guest VA {va:#x} does not translate through CR3 {state.cr3:#x}")
+    return r.pa
+
+
+def collect_tables(ram: MemoryBase, root: int, levels: int) -> SparseMemory:
+    """Copy every table page reachable from `root` (present non-leaf entries only) into a sparse
+    memory. A table seen twice is copied once (ESPfix maps one PUD page many times)."""
+    mem = SparseMemory()
+    seen: set[int] = set()
+    todo = [(root, levels)]
+    while todo:
+        pa, level = todo.pop()
+        if pa in seen:
+            continue
+        if not ram.contains(pa, PAGE):
+            raise OracleError(f"level-{level} table at {pa:#x} is outside guest RAM")
+        seen.add(pa)
+        t = ram.table(pa)
+        mem.write(pa, t.tobytes())
+        if level == 1:
+            continue
+        for e in t.tolist():
+            if not e & 1 or (level in (2, 3) and e & PS):
+                continue
+            todo.append((e & ADDR_MASK, level - 1))
+    return mem
+
+
+@dataclass(frozen=True)
+class Capture:
+    memory: SparseMemory
+    state: PagingState          # CR3 = init_top_pgt's PA
+    layout: dict
+
+
+def capture(ram: MemoryBase, regs: dict[str, int], kallsyms: dict[str, int]) -> Capture:
+    """The table pages of init_mm plus what the guest's memory says about the layout."""
+    st = guest_state(regs)
+    for need in ("init_top_pgt", "page_offset_base"):
+        if need not in kallsyms:
+            raise OracleError(f"kallsyms output has no {need}")
+    root = kernel_pa(st, ram, kallsyms["init_top_pgt"])
+    levels = 5 if regs["cr4"] & CR4_LA57 else 4
+    mem = collect_tables(ram, root, levels)
+    layout = {"levels": levels, "init_top_pgt_pa": hex(root), "cr3_task": hex(regs["cr3"]),
+              "table_pages": len(mem.pages)}
+    for var in ("page_offset_base", "vmalloc_base", "vmemmap_base", "phys_base"):
+        if var in kallsyms:
+            layout[var] = hex(read_kernel_u64(st, ram, kallsyms[var]))
+    return Capture(mem, st.replace(cr3=root), layout)
+
+
+def write_capture(path: str, cap: Capture) -> None:
+    s = cap.state
+    write_elf_core(path, cap.memory, cr0=s.cr0, cr3=s.cr3, cr4=s.cr4, efer=s.efer,
+                   maxphyaddr=s.m, vendor=s.vendor, profile=s.profile.name)
+
+
+# -- registers and layout ---------------------------------------------------------------------------
+def parse_registers(info: str) -> dict[str, int]:
+    """CR0/CR2/CR3/CR4/EFER from HMP `info registers`."""
+    regs = {}
+    for name in ("CR0", "CR2", "CR3", "CR4", "EFER"):
+        m = re.search(rf"\b{name}=([0-9a-fA-F]+)", info)
+        if not m:
+            raise OracleError(f"`info registers` has no {name}")
+        regs[name.lower()] = int(m.group(1), 16)
+    return regs
+
+
+def parse_iomem(lines: list[str]) -> list[dict]:
+    """Top-level /proc/iomem ranges (the guest's physical memory map)."""
+    out = []
+    for line in lines:
+        if line.startswith(" "):
+            continue
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) : (.*)", line)
+        if m:
+            out.append({"start": hex(int(m.group(1), 16)), "end": hex(int(m.group(2), 16) + 1),
+                        "name": m.group(3)})
+    return out
+
+
+def layout_of(boot: BootText) -> dict:
+    """What the header of the output says: release, cmdline, gbpages/la57, symbols, memory map."""
+    ks = parse_kallsyms(boot.header.get("KALLSYMS", []))
+    flags = (boot.header.get("CPUFLAGS") or [""])[0].split()
+    out = {"release": (boot.header.get("UNAME") or [""])[0].strip(),
+           "cmdline": (boot.header.get("CMDLINE") or [""])[0].strip(),
+           "gbpages": "pdpe1gb" in flags, "la57": "la57" in flags,
+           "symbols": {k: hex(v) for k, v in ks.items()},
+           "iomem": parse_iomem(boot.header.get("IOMEM", [])),
+           "probes": boot.header.get("PROBES", [])}
+    for a, b, name in (("_text", "_etext", "text"), ("__start_rodata", "__end_rodata", "rodata")):
+        if a in ks and b in ks:
+            out[name] = [hex(ks[a]), hex(ks[b])]
+    return out
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
+def load_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise BadInputError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{path}: bad JSON: {e.msg}") from None

@@ -1,0 +1,430 @@
+"""Boot the Debian kernel under QEMU TCG and run a workload deterministically, one boot per
+checkpoint (spec/oracle-linux.md §8):
+
+* icount (`-icount shift=0,sleep=off,align=off`), `-seed`, `-rtc clock=vm`: the same inputs give
+  the same guest, byte for byte, as long as the host never talks to it while it runs;
+* the workload is scripted in the initramfs and writes to a file chardev (never blocks);
+* pausing and resuming breaks determinism (QEMU 7.2 icount warp race), so boot k runs steps
+  1..k, asks for a pause through pvpanic after the last one, and the host reads the page tables
+  out of the shared RAM file then. Text artefacts of step k are taken from boot k too, and the
+  ones of earlier steps are compared with the later boots' (the determinism check in run.json).
+
+One QEMU at a time; each is its own process group, and its RAM file and sockets are removed
+whatever happens (context manager + atexit).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from harness.linux import cache_dir
+from harness.linux.btf import struct_members
+from harness.linux.build import build_helpers, build_module
+from harness.linux.collect import (BootText, capture, decode_trace, dump_json, layout_of,
+                                   parse_counters, parse_kallsyms, parse_output, parse_registers,
+                                   trace_summary, trace_text, write_capture)
+from harness.linux.fetch import KernelTree, fetch
+from harness.linux.initramfs import Workload, build_initramfs, steps_archive, workload_named
+from x86pt.errors import BadInputError, OracleError, OracleUnavailable
+from x86pt.memory.atomic import write_bytes_atomic, write_text_atomic
+from x86pt.memory.raw import RawFile
+
+QEMU = "qemu-system-x86_64"
+ICOUNT = "shift=0,sleep=off,align=off"
+RTC = "base=2024-01-01T00:00:00,clock=vm"
+
+
+def qemu_binary() -> str | None:
+    return shutil.which(QEMU)
+
+
+def qemu_version(binary: str | None = None) -> str:
+    binary = binary or qemu_binary()
+    if not binary:
+        return ""
+    p = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    m = re.search(r"version (\S+)(?: \(([^)]*)\))?", p.stdout)
+    return (m.group(1) + (f" ({m.group(2)})" if m.group(2) else "")) if m else p.stdout.strip()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    kernel: str = "6.1"
+    workload: str = "modules"
+    levels: int = 4                 # 4: -cpu max,la57=off; 5: -cpu max (LA57)
+    kaslr: bool = False             # True boots the bzImage (the decompressor does the KASLR)
+    ram_mb: int = 3072              # >= 3G so GiB 1 is all RAM and gets a 1G leaf (§3)
+    images: str = "all"             # all: one boot per checkpoint; last: one boot
+    info_mem: bool = False          # time HMP `info mem` on the last boot (4-level only prints)
+    timeout: float = 900.0          # per boot
+    seed: int = 1
+
+    def check(self) -> None:
+        if self.levels not in (4, 5):
+            raise BadInputError("--levels must be 4 or 5")
+        if self.images not in ("all", "last"):
+            raise BadInputError("--images must be all or last")
+        if not 1024 <= self.ram_mb <= 3584:
+            # above 3.5G the pc machine splits RAM around the PCI hole; the RAM file would no
+            # longer be "file offset = physical address"
+            raise BadInputError("--ram must be between 1024 and 3584 MiB")
+
+
+# -- the kernel command line ------------------------------------------------------------------------
+def kprobe_cmdline(vmlinux: str) -> list[str]:
+    """Boot-time probes on __change_page_attr_set_clr (entry and return) with the cpa_data offsets
+    of this kernel (from its BTF) and direct_pages_count[PG_LEVEL_4K..1G] (oracle-linux.md §7).
+    Spaces in probe definitions become commas on the command line; `;` separates probes."""
+    m = struct_members(vmlinux, "cpa_data")
+    for need in ("vaddr", "mask_set", "mask_clr", "numpages", "flags", "force_split"):
+        if need not in m:
+            raise OracleUnavailable(f"struct cpa_data has no {need} in this kernel")
+    counts = "d4k=@direct_pages_count+8:u64,d2m=@direct_pages_count+16:u64,d1g=@direct_pages_count+24:u64"
+    entry = ",".join([
+        "p:cpa/cpasc", "__change_page_attr_set_clr",
+        f"vaddr=+0(+{m['vaddr'].byte_offset}(%di)):x64",
+        f"numpages=+{m['numpages'].byte_offset}(%di):u64",
+        f"set=+{m['mask_set'].byte_offset}(%di):x64",
+        f"clr=+{m['mask_clr'].byte_offset}(%di):x64",
+        f"flags=+{m['flags'].byte_offset}(%di):x32",
+        # force_split is a 1-bit field; fetch its byte and shift it down to bit 0
+        f"bits=+{m['force_split'].byte_offset}(%di):b1@{m['force_split'].bit_offset % 8}/8",
+        "primary=%si:u32", counts])
+    ret = ",".join(["r:cpa/cpasc_ret", "__change_page_attr_set_clr", "ret=$retval:s32", counts])
+    # any trace_event= grows the ring buffer at boot; without it few boot-time lines survive
+    return [f"kprobe_event={entry};{ret}", "trace_event=cpa:cpasc,cpa:cpasc_ret", "trace_buf_size=32M"]
+
+
+def kernel_cmdline(tree: KernelTree, cfg: RunConfig, wl: Workload) -> str:
+    """The same for every boot of a run (see initramfs.steps_archive)."""
+    words = ["console=ttyS0", "panic=-1", "rdinit=/init"]
+    if not cfg.kaslr:
+        words.append("nokaslr")
+    words += list(wl.cmdline)
+    words += kprobe_cmdline(tree.vmlinux)
+    return " ".join(words)
+
+
+# -- QMP ----------------------------------------------------------------------------------------------
+class Qmp:
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise OracleError(f"cannot connect to QMP at {path}") from None
+                time.sleep(0.05)
+        self.sock.settimeout(timeout)
+        self.buf = b""
+        self._reply()                               # greeting
+        self.command("qmp_capabilities")
+
+    def _reply(self) -> dict:
+        while True:
+            while b"\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise OracleError("QMP connection closed")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg
+
+    def command(self, name: str, **args) -> object:
+        self.sock.sendall(json.dumps({"execute": name, "arguments": args} if args else
+                                     {"execute": name}).encode() + b"\n")
+        r = self._reply()
+        if "error" in r:
+            raise OracleError(f"QMP {name}: {r['error'].get('desc')}")
+        return r.get("return")
+
+    def hmp(self, line: str) -> str:
+        return str(self.command("human-monitor-command", **{"command-line": line}))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- one boot -------------------------------------------------------------------------------------------
+@dataclass
+class BootResult:
+    steps: int
+    text: BootText
+    raw_output: str
+    console: str
+    regs: dict[str, int]
+    seconds: float
+    capture_seconds: float = 0.0
+    info_mem_seconds: float | None = None
+    info_mem_lines: int | None = None
+    capture: object = None
+
+
+class Guest:
+    """One QEMU process, started paused-free (the workload runs on its own), cleaned up always."""
+
+    def __init__(self, binary: str, kernel: str, initrd: str, append: str, cfg: RunConfig,
+                 workdir: str) -> None:
+        self.workdir = workdir
+        self.out = os.path.join(workdir, "ttyS1.txt")
+        self.console = os.path.join(workdir, "console.log")
+        self.qmp_path = os.path.join(workdir, "qmp.sock")
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else workdir
+        self.ram = os.path.join(shm, f"x86pt-linux-{os.getpid()}-{os.path.basename(workdir)}.ram")
+        cpu = "max" if cfg.levels == 5 else "max,la57=off"
+        self.cmd = [binary, "-machine", "pc,memory-backend=ram0", "-m", f"{cfg.ram_mb}M",
+                    "-object", f"memory-backend-file,id=ram0,size={cfg.ram_mb}M,mem-path={self.ram},share=on",
+                    "-cpu", cpu, "-smp", "1", "-accel", "tcg",
+                    "-icount", ICOUNT, "-seed", str(cfg.seed), "-rtc", RTC,
+                    "-nodefaults", "-display", "none", "-no-reboot",
+                    "-kernel", kernel, "-initrd", initrd, "-append", append,
+                    "-serial", f"file:{self.console}",
+                    "-chardev", f"file,id=out,path={self.out}", "-serial", "chardev:out",
+                    "-device", "pvpanic", "-action", "panic=pause",
+                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        self.proc: subprocess.Popen | None = None
+        self.qmp: Qmp | None = None
+
+    def __enter__(self) -> "Guest":
+        atexit.register(self.close)
+        self.stderr = open(os.path.join(self.workdir, "qemu.stderr"), "wb")
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self.stderr,
+                                     stderr=self.stderr, start_new_session=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_end(self, timeout: float) -> str:
+        """Wait until the guest printed @@END and QEMU paused on its pvpanic. The host reads only
+        the output file meanwhile: talking to QEMU while the guest runs would perturb icount."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = _read_text(self.out)
+            if "\n@@END " in text or text.startswith("@@END "):
+                break
+            if self.proc.poll() is not None:
+                raise OracleError(f"QEMU exited ({self.proc.returncode}) before the workload ended: "
+                                  + _last_line(os.path.join(self.workdir, "qemu.stderr"), self.console))
+            if time.monotonic() > deadline:
+                raise OracleError(f"guest did not finish within {timeout:.0f} s: "
+                                  + _last_line(self.console))
+            time.sleep(0.1)
+        self.qmp = Qmp(self.qmp_path)
+        while True:
+            st = self.qmp.command("query-status")
+            if isinstance(st, dict) and st.get("status") in ("guest-panicked", "paused"):
+                return _read_text(self.out)
+            if time.monotonic() > deadline:
+                raise OracleError("guest printed @@END but never paused (pvpanic)")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        atexit.unregister(self.close)
+        if self.qmp is not None:
+            try:
+                self.qmp.command("quit")
+            except Exception:
+                pass
+            self.qmp.close()
+            self.qmp = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+            self.proc = None
+        if getattr(self, "stderr", None):
+            self.stderr.close()
+            self.stderr = None
+        for p in (self.ram, self.qmp_path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _last_line(*paths: str) -> str:
+    for p in paths:
+        lines = [l for l in _read_text(p).splitlines() if l.strip()]
+        if lines:
+            return lines[-1].strip()[:200]
+    return "(no output)"
+
+
+# -- preparation and the whole run ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prepared:
+    tree: KernelTree
+    workload: Workload
+    initrd: str
+    qemu: str
+    qemu_version: str
+
+
+def prepare(cfg: RunConfig, root: str | None = None) -> Prepared:
+    """Fetch, build and pack everything a boot needs (cached; the initramfs is rebuilt)."""
+    cfg.check()
+    binary = qemu_binary()
+    if not binary:
+        raise OracleUnavailable(f"{QEMU} not found (apt-get install qemu-system-x86)")
+    wl = workload_named(cfg.workload)
+    tree = fetch(cfg.kernel, root)
+    ko = build_module(tree)
+    helpers = build_helpers(tree)
+    initrd = os.path.join(tree.root, "build", f"initrd-{wl.name}.gz")
+    build_initramfs(initrd, busybox=tree.busybox, modules_dir=tree.modules, ptdump_ko=ko,
+                    helpers=helpers, workload=wl)
+    return Prepared(tree, wl, initrd, binary, qemu_version(binary))
+
+
+def boot(prep: Prepared, cfg: RunConfig, steps: int, keep_image: bool, info_mem: bool = False) -> BootResult:
+    """One deterministic boot running steps 1..`steps`; the page tables captured at the end."""
+    kernel = prep.tree.bzimage if cfg.kaslr else prep.tree.vmlinux
+    append = kernel_cmdline(prep.tree, cfg, prep.workload)
+    with tempfile.TemporaryDirectory(prefix="x86pt-linux-") as wd:
+        initrd = os.path.join(wd, "initrd")
+        with open(prep.initrd, "rb") as f:
+            base = f.read()
+        # the kernel unpacks concatenated archives; gzip members end on their own, pad to 4
+        write_bytes_atomic(initrd, base + bytes(-len(base) % 512) + steps_archive(steps))
+        t0 = time.monotonic()
+        with Guest(prep.qemu, kernel, initrd, append, cfg, wd) as g:
+            raw = g.wait_end(cfg.timeout)
+            seconds = time.monotonic() - t0
+            regs = parse_registers(g.qmp.hmp("info registers"))
+            text = parse_output(raw)
+            res = BootResult(steps, text, raw, _read_text(g.console), regs, seconds)
+            if keep_image:
+                t1 = time.monotonic()
+                ram = RawFile(g.ram)
+                try:
+                    res.capture = capture(ram, regs, parse_kallsyms(text.header.get("KALLSYMS", [])))
+                finally:
+                    ram.close()
+                res.capture_seconds = time.monotonic() - t1
+            if info_mem:
+                t1 = time.monotonic()
+                out = g.qmp.hmp("info mem")
+                res.info_mem_seconds = time.monotonic() - t1
+                res.info_mem_lines = len(out.splitlines())
+                write_text_atomic(os.path.join(wd, "info-mem.txt"), out)
+                res.info_mem_text = out
+    return res
+
+
+def _step_fingerprint(s) -> str:
+    return json.dumps({k: s.sections.get(k, []) for k in ("MEMINFO", "VMSTAT", "TRACE", "PTDUMP")})
+
+
+def write_step(out_dir: str, s, title: str, res: BootResult | None) -> dict:
+    """Write one step's artefacts into out_dir/step-NN and return its summary."""
+    d = os.path.join(out_dir, f"step-{s.number:02d}")
+    os.makedirs(d, exist_ok=True)
+    counters = parse_counters(s.sections.get("MEMINFO", []), s.sections.get("VMSTAT", []))
+    dec = decode_trace(s.sections.get("TRACE", []))
+    ptdump = "\n".join(s.sections.get("PTDUMP", [])) + "\n"
+    write_text_atomic(os.path.join(d, "counters.json"), dump_json(counters))
+    write_text_atomic(os.path.join(d, "ptdump.txt"), ptdump)
+    write_text_atomic(os.path.join(d, "cpa.trace"), trace_text(dec, f"step {s.number}: {s.name} ({title})"))
+    write_text_atomic(os.path.join(d, "calls.jsonl"),
+                      "".join(json.dumps(c.to_json(), sort_keys=True) + "\n" for c in dec.calls))
+    write_text_atomic(os.path.join(d, "trace.raw"), "\n".join(s.sections.get("TRACE", [])) + "\n")
+    summary = {"step": s.number, "name": s.name, "rc": s.rc, "log": s.log, "counters": counters,
+               "trace": trace_summary(dec), "ptdump_lines": ptdump.count("\n")}
+    if res is not None and res.capture is not None:
+        write_capture(os.path.join(d, "tables.elf"), res.capture)
+        summary["image"] = {"file": "tables.elf", **res.capture.layout,
+                            "cr0": hex(res.regs["cr0"]), "cr4": hex(res.regs["cr4"]),
+                            "efer": hex(res.regs["efer"]), "boot_seconds": round(res.seconds, 2),
+                            "capture_seconds": round(res.capture_seconds, 3)}
+    write_text_atomic(os.path.join(d, "step.json"), dump_json(summary))
+    return summary
+
+
+def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: None,
+        root: str | None = None) -> dict:
+    """The whole collection: prepare, one boot per checkpoint, artefacts per step in out_dir."""
+    t_all = time.monotonic()
+    prep = prepare(cfg, root)
+    t_prep = time.monotonic() - t_all
+    n = len(prep.workload.steps)
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoints = list(range(n + 1)) if cfg.images == "all" else [n]
+    boots: dict[int, BootResult] = {}
+    for k in checkpoints:
+        log(f"boot {k}/{n}: {cfg.kernel} {cfg.levels}-level {'kaslr' if cfg.kaslr else 'nokaslr'} "
+            f"{cfg.workload} steps 1..{k}")
+        boots[k] = boot(prep, cfg, k, keep_image=True, info_mem=cfg.info_mem and k == n)
+        b = boots[k]
+        if b.text.ended != k or len(b.text.steps) != k + 1:
+            raise OracleError(f"boot {k}: the guest ran {b.text.ended} steps and wrote "
+                              f"{len(b.text.steps)} step records (expected {k} and {k + 1}); "
+                              f"console: {_last_line_text(b.console)}")
+        log(f"  {b.seconds:.1f} s, capture {b.capture_seconds:.2f} s, "
+            f"{b.capture.layout['table_pages'] if b.capture else 0} table pages")
+    final = boots[n]
+    title = f"{final.text.header.get('UNAME', ['?'])[0]} {cfg.levels}-level {'kaslr' if cfg.kaslr else 'nokaslr'}"
+    steps_out = []
+    same = 0
+    for s in final.text.steps:
+        own = boots.get(s.number)
+        src = own.text.steps[s.number] if own is not None else s
+        if own is not None and _step_fingerprint(src) == _step_fingerprint(s):
+            same += 1
+        steps_out.append(write_step(out_dir, src, title, own))
+    layout = layout_of(final.text)
+    if final.capture is not None:
+        layout.update({k: v for k, v in final.capture.layout.items() if k not in ("table_pages",)})
+    write_text_atomic(os.path.join(out_dir, "layout.json"), dump_json(layout))
+    write_text_atomic(os.path.join(out_dir, "console.log"), final.console)
+    meta = {"config": asdict(cfg), "kernel_release": prep.tree.release,
+            "kernel_package_version": prep.tree.version,
+            "kernel_packages": f"linux-image-{prep.tree.release} {prep.tree.version} (Debian)",
+            "qemu_version": prep.qemu_version, "workload": prep.workload.name,
+            "workload_doc": prep.workload.doc,
+            "steps": [{"step": s["step"], "name": s["name"]} for s in steps_out],
+            "cmdline": kernel_cmdline(prep.tree, cfg, prep.workload),
+            "boots": {str(k): round(b.seconds, 2) for k, b in boots.items()},
+            "deterministic_steps": f"{same}/{len(final.text.steps)}" if len(boots) > 1 else "n/a (one boot)",
+            "prepare_seconds": round(t_prep, 2),
+            "wall_seconds": round(time.monotonic() - t_all, 2),
+            "source": "Debian kernel booted under QEMU TCG with icount; collected by x86pt linux run"}
+    if final.info_mem_seconds is not None:
+        meta["info_mem_seconds"] = round(final.info_mem_seconds, 2)
+        meta["info_mem_lines"] = final.info_mem_lines
+    write_text_atomic(os.path.join(out_dir, "run.json"), dump_json(meta))
+    return meta
+
+
+def _last_line_text(text: str) -> str:
+    lines = [l for l in text.splitlines() if l.strip()]
+    return lines[-1][:200] if lines else "(empty)"
