@@ -41,7 +41,7 @@ from harness import guest
 from harness.oracles.base import (RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe,
                                   ProbeResult, tag_value)
 from harness.oracles.qemu_monitor import (BELOW_4G, QEMU_BINARY, QemuMonitor, RamFile,
-                                          kill_group, qemu_binary, qemu_version, read_stderr,
+                                          kill_group, qemu_binary, wait_exit, qemu_version, read_stderr,
                                           round_ram_size, scratch_dir, spawn_qemu)
 
 BIOS_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
@@ -50,11 +50,21 @@ EXIT_DONE = guest.QEMU_EXIT_DONE        # isa-debug-exit with 0x10
 EXIT_SETUP = guest.QEMU_EXIT_SETUP      # the guest faulted while loading the test state
 
 
+def available() -> tuple[bool, str]:
+    """(usable here, why not): the binary on PATH and the shipped bios.bin."""
+    if qemu_binary() is None:
+        return False, f"{QEMU_BINARY} not found on PATH (run tools/install_qemu.sh)"
+    if not os.path.isfile(BIOS_PATH):
+        return False, f"{BIOS_PATH} is missing (run harness/guest/build_bios.sh)"
+    return True, ""
+
+
 class QemuOracle:
     """Oracle "qemu" (profile "qemu"): QEMU TCG with the probe guest."""
 
     name = "qemu"
     profile = "qemu"
+    max_probes = MAX_PROBES          # per launch; run() splits bigger batches
 
     def __init__(self, *, binary: str | None = None, cpu: str = "max", ram_size: int = RIG_RAM_SIZE,
                  timeout: float = 60.0, extra_args: Sequence[str] = ()) -> None:
@@ -117,12 +127,12 @@ class QemuOracle:
                 "-device", f"isa-debug-exit,iobase={guest.DEBUG_EXIT_PORT:#x},iosize=4",
                 *self.extra_args]
         t0 = time.monotonic()
-        stderr = tempfile.TemporaryFile(dir=scratch.dir)
+        stderr = tempfile.TemporaryFile(prefix="x86pt-qemu-")
         proc = None
         try:
             proc = spawn_qemu(args, stderr, pass_fds=(ram.fd,))
             try:
-                rc = proc.wait(timeout=self.timeout)
+                rc = wait_exit(proc, self.timeout)
             except subprocess.TimeoutExpired:
                 raise OracleError(f"QEMU did not finish {len(probes)} probes within "
                                   f"{self.timeout:g} s (killed)") from None
@@ -179,13 +189,16 @@ class _Scratch:
     """A private tmpfs directory and the RAM file for one run() call; removed on every path."""
 
     def __init__(self, ram_size: int) -> None:
-        self.dir = scratch_dir()
+        self.dir: str | None = scratch_dir()
         self.ram: RamFile | None = None
         atexit.register(self.close)
         try:
             self.ram = RamFile(self.dir, ram_size)
-            # QEMU opens /proc/self/fd/N (our descriptor, inherited), so the name can go now.
+            # QEMU opens /proc/self/fd/N (our descriptor, inherited), so the name can go now:
+            # from here on nothing of ours has a name in the file system.
             self.ram.unlink()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
         except BaseException:
             self.close()
             raise
@@ -294,3 +307,80 @@ def _vendor(binary: str | None, cpu: str) -> str:
     except OracleError:
         return "unknown"
     return {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(v, v or "unknown")
+
+
+# -- measurement ---------------------------------------------------------------------------------------------
+def _bench_image() -> tuple[SparseMemory, PagingState, list[Probe]]:
+    import random
+    b = Builder(table_base=RIG_IMAGE_BASE, maxphyaddr=40, vendor="amd")
+    for i in range(64):
+        pa = 0x400000 + i * 0x1000
+        _fill_frame(b.memory, pa)
+        b.map(0x10000000 + i * 0x1000, pa, 0x1000, flags=("rw us", "rw", "us nx", "rw us nx")[i % 4])
+    rng = random.Random(7)
+    probes = [Probe(0x10000000 + rng.randrange(72) * 0x1000 + 8 * rng.randrange(512),
+                    rng.choice(("read", "write", "fetch")), user=rng.random() < 0.5,
+                    wvalue=0xC3) for _ in range(MAX_PROBES)]
+    return b.memory, b.state(profile="qemu"), probes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python3 -m harness.oracles.qemu [--repeat N]: launch cost, probes/s at 8192 probes per
+    launch (against the model walking the same probes in the same run), monitor launch and
+    gva2gpa cost. Medians of N runs."""
+    import argparse
+    import statistics
+    from x86pt.walk import Access, walk
+    ap = argparse.ArgumentParser(prog="python3 -m harness.oracles.qemu", description=main.__doc__)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+    if qemu_binary() is None:
+        print(f"{QEMU_BINARY} not installed (tools/install_qemu.sh)")
+        return 2
+    mem, st, probes = _bench_image()
+    oracle = QemuOracle()
+    print(qemu_version())
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    one = [timed(lambda: oracle.run(mem, st, probes[:1])) for _ in range(args.repeat)]
+    launch = []
+    full = []
+    for _ in range(args.repeat):
+        full.append(timed(lambda: oracle.run(mem, st, probes)))
+        launch.append(oracle.last_launch_seconds)
+    model_mem = mem.copy()
+    model = timed(lambda: [walk(st, model_mem, p.va, Access(p.access, p.user), update_ad=True)
+                           for p in probes])
+    med_one, med_full, med_launch = (statistics.median(x) for x in (one, full, launch))
+    print(f"(medians of {args.repeat}; minimum in brackets: other load on the machine shows in "
+          "the medians)")
+    print(f"guest path, 1 probe: {med_one * 1e3:.1f} [{min(one) * 1e3:.1f}] ms per run() "
+          "(prepare RAM, launch, boot, exit, read back)")
+    print(f"guest path, {len(probes)} probes: {med_full * 1e3:.1f} [{min(full) * 1e3:.1f}] ms per "
+          f"run() ({med_launch * 1e3:.1f} [{min(launch) * 1e3:.1f}] ms of it in QEMU), "
+          f"{len(probes) / med_full:,.0f} [{len(probes) / min(full):,.0f}] probes/s")
+    print(f"model (x86pt.walk, update_ad) on the same probes: {model * 1e3:.1f} ms, "
+          f"{len(probes) / model:,.0f} probes/s; QEMU/model throughput ratio "
+          f"{model / med_full:.2f}")
+    mlaunch = []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        with QemuMonitor(mem, st) as mon:
+            mlaunch.append(time.perf_counter() - t)
+            n = 500
+            t1 = time.perf_counter()
+            for i in range(n):
+                mon.gva2gpa(0x10000000 + (i % 72) * 0x1000)
+            g = (time.perf_counter() - t1) / n
+    print(f"monitor: launch {statistics.median(mlaunch) * 1e3:.1f} [{min(mlaunch) * 1e3:.1f}] ms "
+          "(to registers set), "
+          f"gva2gpa {g * 1e3:.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
