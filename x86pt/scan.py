@@ -471,3 +471,78 @@ def scan_reference(state: PagingState, memory, *, addr_mask: int | None = None) 
 
     rec(state.paging_levels, state.root, 0, 1, 1, 0, False)
     return out
+
+
+# -- filters (gdb-pt-dump's -filter/-range/-has, applied while streaming) ------------------------------
+FLAG_BITS = {"p": 0, "rw": 1, "us": 2, "pwt": 3, "pcd": 4, "a": 5, "d": 6, "ps": 7, "g": 8,
+             "xd": 63, "nx": 63}
+
+
+def parse_has(words: str) -> tuple[int, int, bool]:
+    """'g d !a pat' -> (bits that must be set, bits that must be clear, pat wanted?). PAT is
+    bit 7 in a PTE and bit 12 in a large leaf, so it is matched per level."""
+    need = clear = 0
+    pat: bool | None = None
+    for w in words.replace(",", " ").split():
+        neg = w.startswith(("!", "-", "_"))
+        name = w.lstrip("!-_").lower()
+        if name == "pat":
+            pat = not neg
+            continue
+        if name not in FLAG_BITS:
+            raise BadInputError(f"unknown flag {w!r} for --has (known: {', '.join(FLAG_BITS)}, pat)")
+        if neg:
+            clear |= 1 << FLAG_BITS[name]
+        else:
+            need |= 1 << FLAG_BITS[name]
+    return need, clear, pat
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Keep present leaves that pass every given test (None: no test). Holes are kept so
+    renderers that need them (ptdump) still see the shape."""
+
+    user: bool | None = None
+    writable: bool | None = None
+    executable: bool | None = None
+    levels: tuple[int, ...] | None = None
+    has: str | None = None
+    nxe: bool = True
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.user, self.writable, self.executable, self.levels,
+                                            self.has))
+
+    def mask(self, ch: Chunk) -> np.ndarray:
+        eff = ch.eff
+        keep = np.ones(len(ch), dtype=bool)
+        if self.user is not None:
+            keep &= ((eff & np.uint8(EFF_US)) != 0) == self.user
+        if self.writable is not None:
+            keep &= ((eff & np.uint8(EFF_RW)) != 0) == self.writable
+        if self.executable is not None:
+            ex = (eff & np.uint8(EFF_NX)) == 0 if self.nxe else np.ones(len(ch), dtype=bool)
+            keep &= ex == self.executable
+        if self.levels is not None:
+            keep &= np.isin(ch.level, np.array(self.levels, dtype=np.uint8))
+        if self.has:
+            need, clear, pat = parse_has(self.has)
+            keep &= (ch.raw & U64(need)) == U64(need)
+            keep &= (ch.raw & U64(clear)) == 0
+            if pat is not None:
+                bit = np.where(ch.level == 1, U64(1 << 7), U64(1 << 12))
+                keep &= ((ch.raw & bit) != 0) == pat
+        present = (eff & np.uint8(EFF_P)) != 0
+        return keep | ~present
+
+    def apply(self, chunks) -> Iterator[Chunk]:
+        if not self.active:
+            yield from chunks
+            return
+        if self.has:
+            parse_has(self.has)    # bad words fail before any output
+        for ch in chunks:
+            m = self.mask(ch)
+            yield ch if m.all() else ch.take(m)

@@ -1,0 +1,408 @@
+"""The dump, census, wx, find and diff commands, and their section of `x86pt demo`.
+
+Each is a scan (x86pt.scan) plus a renderer (x86pt.formats.*). Output streams to stdout in large
+blocks, or goes to `-o FILE` atomically. Table issues (loops, pointers past the end, reserved bits)
+go to stderr as notes for the byte-exact text formats and inline for JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import BinaryIO, Iterator
+
+from x86pt.errors import BadInputError
+from x86pt.numbers import parse_int
+from x86pt.scan import DEFAULT_MAX_ENTRIES, Filter, Scanner
+
+MAX_NOTES = 20
+
+
+# -- shared plumbing ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[BinaryIO]:
+    if path is None or path == "-":
+        out = sys.stdout.buffer
+        yield out
+        out.flush()
+        return
+    from x86pt.memory.atomic import atomic_writer
+    with atomic_writer(path, "wb") as f:
+        yield f
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'A-B' (B exclusive), 'A+SIZE' or a single 'A' (one byte)."""
+    t = text.strip()
+    if "+" in t:
+        a, n = t.split("+", 1)
+        lo = parse_int(a, "--range start")
+        from x86pt.numbers import parse_size
+        hi = lo + parse_size(n, "--range size")
+    elif "-" in t[1:]:
+        a, b = t.split("-", 1) if not t.startswith("-") else (t, "")
+        lo, hi = parse_int(a, "--range start"), parse_int(b, "--range end")
+    else:
+        lo = parse_int(t, "--range")
+        hi = lo + 1
+    if not lo < hi <= 1 << 64:
+        raise BadInputError(f"--range {text}: the end must lie above the start")
+    return lo, hi
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    names = {"4k": 1, "pte": 1, "1": 1, "2m": 2, "pmd": 2, "pde": 2, "2": 2, "1g": 3, "pud": 3,
+             "pdpte": 3, "3": 3}
+    out = []
+    for w in text.replace(",", " ").split():
+        if w.lower() not in names:
+            raise BadInputError(f"--level {w!r}: use 4k, 2m, 1g (or 1, 2, 3)")
+        out.append(names[w.lower()])
+    if not out:
+        raise BadInputError("--level needs at least one of 4k, 2m, 1g")
+    return tuple(sorted(set(out)))
+
+
+def _filter_from(args, nxe: bool) -> Filter:
+    user = True if getattr(args, "user_only", False) else (False if getattr(args, "kernel_only", False) else None)
+    return Filter(user=user, writable=True if getattr(args, "writable", False) else None,
+                  executable=True if getattr(args, "executable", False) else None,
+                  levels=parse_levels(args.level) if getattr(args, "level", None) else None,
+                  has=getattr(args, "has", None), nxe=nxe)
+
+
+def _notes(scanner: Scanner, img) -> None:
+    for n in getattr(img, "notes", ()):
+        print(f"x86pt: note: {n}", file=sys.stderr)
+    st = scanner.stats
+    for issue in st.issues[:MAX_NOTES]:
+        print(f"x86pt: warning: {issue.describe()}", file=sys.stderr)
+    if st.issue_count > MAX_NOTES:
+        print(f"x86pt: warning: ... {st.issue_count - MAX_NOTES} more table issues "
+              f"(--format json lists them)", file=sys.stderr)
+
+
+def _scan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-entries", default=str(DEFAULT_MAX_ENTRIES), metavar="N",
+                   help="stop with an error when the tables expand to more leaf entries "
+                        f"(shared/looping subtrees; default {DEFAULT_MAX_ENTRIES})")
+
+
+def _max_entries(args) -> int:
+    return parse_int(args.max_entries, "--max-entries", lo=1)
+
+
+def _page_offset(args) -> int | None:
+    v = getattr(args, "page_offset", None)
+    return None if v is None else parse_int(v, "--page-offset")
+
+
+# -- dump -------------------------------------------------------------------------------------------
+def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset: int | None = None,
+            filt: Filter | None = None, va_range: tuple[int, int] | None = None,
+            coalesce_mode: str = "phys", crlf: bool = False,
+            max_entries: int = DEFAULT_MAX_ENTRIES) -> Scanner:
+    """Render one image in `fmt` to the binary stream `out`; returns the scanner (stats, issues)."""
+    from x86pt.formats import ptdump, qemu, tabular
+    state, memory = img.state, img.memory
+    filt = filt or Filter(nxe=state.nxe)
+    kw = {"va_range": va_range, "max_entries": max_entries}
+    if fmt in ("qemu-mem", "qemu-tlb"):
+        kw.update(qemu.scan_kwargs())
+    elif fmt == "ptdump":
+        kw.update(ptdump.scan_kwargs())
+    sc = Scanner(state, memory, **kw)
+    chunks = filt.apply(sc.chunks())
+
+    def put(blocks):
+        for b in blocks:
+            if isinstance(b, str):
+                b = b.encode()
+            if crlf:
+                b = b.replace(b"\n", b"\r\n")
+            out.write(b)
+
+    if fmt == "qemu-tlb":
+        if not state.cr0 & qemu.CR0_PG:
+            put([qemu.PG_DISABLED])
+        else:
+            put(qemu.tlb_bytes(chunks))
+    elif fmt == "qemu-mem":
+        if not state.cr0 & qemu.CR0_PG:
+            put([qemu.PG_DISABLED])
+        elif state.la57:
+            if filt.active or va_range is not None:
+                raise BadInputError("filters are not supported with --format qemu-mem under LA57 "
+                                    "(QEMU 7.2's 5-level info mem walk is emulated as a whole)")
+            put(qemu.mem_bytes_la57(memory, state))
+        else:
+            put(qemu.mem_bytes(chunks, state))
+    elif fmt == "ptdump":
+        mk = None
+        if markers == "linux":
+            mk = ptdump.linux_markers(state.paging_levels, page_offset=page_offset)
+        put(ptdump.ptdump_lines(chunks, state, mk))
+    elif fmt == "json":
+        put(tabular.json_lines(chunks, lambda: sc.stats.issues, coalesce_mode=coalesce_mode,
+                               nxe=state.nxe))
+    elif fmt == "csv":
+        put(tabular.csv_lines(chunks, coalesce_mode=coalesce_mode, nxe=state.nxe))
+    else:
+        raise BadInputError(f"unknown format {fmt!r}")
+    return sc
+
+
+def cmd_dump(args) -> int:
+    from x86pt.image import open_image
+    va_range = parse_range(args.range) if args.range else None
+    with open_image(args.image, args) as img:
+        with _output(args.output) as out:
+            sc = dump_to(out, img, args.dump_format, markers=args.markers,
+                         page_offset=_page_offset(args), filt=_filter_from(args, img.state.nxe),
+                         va_range=va_range, coalesce_mode=args.coalesce, crlf=args.crlf,
+                         max_entries=_max_entries(args))
+        if args.dump_format != "json":
+            _notes(sc, img)
+    return 0
+
+
+# -- census -----------------------------------------------------------------------------------------
+def cmd_census(args) -> int:
+    from x86pt.census import census
+    from x86pt.image import open_image
+    with open_image(args.image, args) as img:
+        c = census(img.state, img.memory, _page_offset(args), max_entries=_max_entries(args))
+        if args.json:
+            print(json.dumps(c.to_json(), separators=(",", ":")))
+        else:
+            sys.stdout.write(c.render(gbpages=not args.no_gbpages))
+    return 0
+
+
+# -- wx ---------------------------------------------------------------------------------------------
+def wx_ranges(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[int, int]], Scanner]:
+    from x86pt.formats import ptdump
+    sc = Scanner(img.state, img.memory, max_entries=max_entries, **ptdump.scan_kwargs())
+    ranges: list[tuple[int, int]] = []
+    for _ in ptdump.ptdump_lines(sc.chunks(), img.state,
+                                 ptdump.linux_markers(img.state.paging_levels), wx=ranges):
+        pass
+    return ranges, sc
+
+
+def cmd_wx(args) -> int:
+    from x86pt.formats import ptdump
+    from x86pt.image import open_image
+    with open_image(args.image, args) as img:
+        if not img.state.nxe:
+            # ptdump_walk_pgd_level_checkwx(): no NX support, nothing to check
+            print("x86pt: note: EFER.NXE=0: every mapping is executable; the kernel skips the W+X "
+                  "check", file=sys.stderr)
+            return 0
+        ranges, sc = wx_ranges(img, _max_entries(args))
+        lines, pages = ptdump.wx_report(ranges)
+        if args.json:
+            for s, e in ranges:
+                print(json.dumps({"start": f"{s:#018x}", "end": f"{e:#018x}",
+                                  "pages": ((e - s) & ((1 << 64) - 1)) // 4096}))
+            print(json.dumps({"wx_pages": pages, "passed": not pages}))
+        else:
+            sys.stdout.write("".join(lines))
+        _notes(sc, img)
+    return 1 if pages and args.strict else 0
+
+
+# -- find -------------------------------------------------------------------------------------------
+def find_aliases(state, memory, pa: int, max_entries: int = DEFAULT_MAX_ENTRIES):
+    """Every (va, level, raw, eff) whose leaf maps physical address `pa`."""
+    import numpy as np
+    from x86pt.coalesce import present_only
+    from x86pt.scan import SHIFT, U64
+    hits = []
+    p = U64(pa)
+    sc = Scanner(state, memory, max_entries=max_entries)
+    for ch in present_only(sc.chunks()):
+        inside = (ch.pa <= p) & (p - ch.pa < ch.span)
+        for i in np.nonzero(inside)[0].tolist():
+            off = pa - int(ch.pa[i])
+            size = 1 << int(SHIFT[ch.level[i]])
+            k = off // size            # which entry of the run
+            hits.append((int(ch.va[i]) + off, int(ch.level[i]), int(ch.raw[i]) + k * size,
+                         int(ch.eff[i]), int(ch.entry_addr[i]) + 8 * k))
+    return hits, sc
+
+
+def cmd_find(args) -> int:
+    from x86pt.formats.tabular import flag_names
+    from x86pt.image import open_image
+    from x86pt.scan import EFF_NX, EFF_RSVD, EFF_RW, EFF_US
+    pa = parse_int(args.pa, "physical address")
+    with open_image(args.image, args) as img:
+        hits, sc = find_aliases(img.state, img.memory, pa, _max_entries(args))
+        nxe = img.state.nxe
+        for va, lvl, raw, eff, ea in hits:
+            rights = ("u" if eff & EFF_US else "-") + "r" + ("w" if eff & EFF_RW else "-") + \
+                ("-" if nxe and eff & EFF_NX else "x")
+            size = {1: "4K", 2: "2M", 3: "1G"}[lvl]
+            if args.json:
+                print(json.dumps({"va": f"{va:#018x}", "pa": hex(pa), "page_size": size, "rights": rights,
+                                  "flags": flag_names(raw, lvl), "entry_addr": hex(ea),
+                                  "reserved": bool(eff & EFF_RSVD)}))
+            else:
+                print(f"0x{va:016x}  {size}  {rights}  {flag_names(raw, lvl)}"
+                      + ("  (reserved bits: faults)" if eff & EFF_RSVD else ""))
+        if not hits and not args.json:
+            print(f"x86pt: note: no virtual address maps {pa:#x}", file=sys.stderr)
+        _notes(sc, img)
+    return 0 if hits else 1
+
+
+# -- diff -------------------------------------------------------------------------------------------
+def cmd_diff(args) -> int:
+    from x86pt.diff import diff_images
+    from x86pt.image import open_image
+    with open_image(args.image_a, args) as a, open_image(args.image_b, args) as b:
+        r = diff_images(a.state, a.memory, b.state, b.memory, max_entries=_max_entries(args))
+    if args.json:
+        for p in r.pieces:
+            if args.all or p.category:
+                print(json.dumps(p.to_json(), separators=(",", ":")))
+        print(json.dumps({"summary": r.summary(), "leaves_a": r.shape_a, "leaves_b": r.shape_b,
+                          "table_pages_a": r.tables_a, "table_pages_b": r.tables_b}))
+    else:
+        sys.stdout.write(r.render(show_identical=args.all))
+    return 1 if r.changed and args.strict else 0
+
+
+# -- registration -------------------------------------------------------------------------------------
+def register(sub) -> None:
+    from x86pt.formats import FORMATS
+    from x86pt.image import add_state_args
+
+    # conflict_handler: the core's add_state_args() owns "--format" for the image format; here
+    # "--format" is the output format (the issue's interface), the image's is --image-format.
+    d = sub.add_parser("dump", help="dump every mapping: ptdump, QEMU info mem/tlb, JSON, CSV",
+                       conflict_handler="resolve")
+    d.add_argument("image")
+    add_state_args(d)
+    d.add_argument("--image-format", dest="image_format", choices=("elf", "lime", "raw"),
+                   help="image format (default: detected)")
+    d.add_argument("--format", dest="dump_format", choices=FORMATS, default="ptdump",
+                   help="output format (default ptdump)")
+    d.add_argument("--markers", choices=("none", "linux"), default="none",
+                   help="ptdump: print Linux's x86_64 address-marker lines and break ranges at them")
+    d.add_argument("--page-offset", metavar="VA", help="ptdump markers: PAGE_OFFSET (default nokaslr)")
+    d.add_argument("--range", metavar="A-B", help="only entries overlapping [A, B) (also A+SIZE)")
+    g = d.add_mutually_exclusive_group()
+    g.add_argument("--user", dest="user_only", action="store_true", help="only user-accessible (effective US)")
+    g.add_argument("--kernel", dest="kernel_only", action="store_true", help="only supervisor-only")
+    d.add_argument("--writable", action="store_true", help="only effectively writable")
+    d.add_argument("--executable", action="store_true", help="only executable (no XD on the walk)")
+    d.add_argument("--level", metavar="L", help="only leaves of these sizes: 4k,2m,1g")
+    d.add_argument("--has", metavar="FLAGS", help="leaf flags that must be set ('g d') or clear ('!a')")
+    d.add_argument("--coalesce", choices=("phys", "attrs", "none"), default="phys",
+                   help="json/csv rows: merge runs with equal attributes and contiguous frames "
+                        "(phys), equal attributes only (attrs), or one row per entry (none)")
+    d.add_argument("--crlf", action="store_true",
+                   help="end lines with CR LF, as QEMU's monitor sends them")
+    d.add_argument("-o", "--output", metavar="FILE", help="write here (atomically) instead of stdout")
+    _scan_args(d)
+    d.set_defaults(func=cmd_dump)
+
+    c = sub.add_parser("census", help="DirectMap4k/2M/1G as /proc/meminfo, leaves per level, table pages")
+    c.add_argument("image")
+    c.add_argument("--page-offset", metavar="VA", help="start of the direct map (default: detected)")
+    c.add_argument("--no-gbpages", action="store_true", help="omit DirectMap1G (no direct_gbpages)")
+    c.add_argument("--json", action="store_true")
+    _scan_args(c)
+    add_state_args(c)
+    c.set_defaults(func=cmd_census)
+
+    w = sub.add_parser("wx", help="every writable+executable mapping, as the kernel's W+X check reports it")
+    w.add_argument("image")
+    w.add_argument("--json", action="store_true")
+    w.add_argument("--strict", action="store_true", help="exit 1 when W+X pages are found")
+    _scan_args(w)
+    add_state_args(w)
+    w.set_defaults(func=cmd_wx)
+
+    f = sub.add_parser("find", help="every virtual address that maps a physical address (aliases)")
+    f.add_argument("image")
+    f.add_argument("pa")
+    f.add_argument("--json", action="store_true")
+    _scan_args(f)
+    add_state_args(f)
+    f.set_defaults(func=cmd_find)
+
+    df = sub.add_parser("diff", help="semantic difference of two images' translations")
+    df.add_argument("image_a")
+    df.add_argument("image_b")
+    df.add_argument("--all", action="store_true", help="also list identical ranges")
+    df.add_argument("--json", action="store_true")
+    df.add_argument("--strict", action="store_true", help="exit 1 when anything differs")
+    _scan_args(df)
+    add_state_args(df)
+    df.set_defaults(func=cmd_diff)
+
+
+# -- demo -------------------------------------------------------------------------------------------
+def split_2m(memory, state, va: int, table_pa: int, ro_pages: range = range(0)) -> None:
+    """Replace the 2M leaf mapping `va` by a PT at `table_pa` with 512 PTEs of the same frames
+    and flags (what Linux's split_large_page() does), then clear RW on `ro_pages` (indices)."""
+    from x86pt.walk import Translation, walk
+    r = walk(state, memory, va)
+    if not isinstance(r, Translation) or r.page_size != 1 << 21:
+        raise BadInputError(f"{va:#x} is not mapped by a 2M page")
+    pde = r.steps[-1]
+    flags = pde.raw & ~(((1 << 52) - 1) & ~0xFFF)
+    pat = (pde.raw >> 12) & 1
+    pte_flags = (flags & ~0x80) | (pat << 7)
+    frame = pde.raw & state.phys_mask & ~((1 << 21) - 1)
+    for i in range(512):
+        v = frame + (i << 12) | pte_flags
+        if i in ro_pages:
+            v &= ~2
+        memory.write_u64(table_pa + 8 * i, v)
+    memory.write_u64(pde.entry_addr, table_pa | 0x63 | (pde.raw & (1 << 2)))
+
+
+def demo_section(ctx) -> None:
+    import io
+    from x86pt.census import census
+    from x86pt.demo import PAGE_OFFSET
+    from x86pt.diff import diff_images
+    from x86pt.image import Image
+
+    img = Image(ctx.memory, ctx.state, ctx.image_path)
+    ctx.heading("Dump (x86pt dump IMAGE --format ptdump --markers linux)")
+    buf = io.BytesIO()
+    dump_to(buf, img, "ptdump", markers="linux")
+    text = buf.getvalue().decode()
+    if ctx.json:
+        print(json.dumps({"section": "dump", "lines": text.count("\n")}))
+    else:
+        sys.stdout.write(text)
+    ctx.heading("QEMU's view (x86pt dump IMAGE --format qemu-mem)")
+    buf = io.BytesIO()
+    dump_to(buf, img, "qemu-mem")
+    if not ctx.json:
+        sys.stdout.write(buf.getvalue().decode())
+    ctx.heading("Census (x86pt census IMAGE)")
+    c = census(ctx.state, ctx.memory)
+    if ctx.json:
+        print(json.dumps({"section": "census", **c.to_json()}))
+    else:
+        sys.stdout.write(c.render())
+    # A set_memory_ro() of one direct-map page: its 2M page splits into 512 PTEs, one of them RO.
+    after = ctx.memory.copy()
+    split_2m(after, ctx.state, PAGE_OFFSET + 0x3000000, 0x7F00000, range(5, 6))
+    ctx.heading("Diff after set_memory_ro(PAGE_OFFSET + 0x3005000, 1) (x86pt diff A B)")
+    r = diff_images(ctx.state, ctx.memory, ctx.state, after)
+    if ctx.json:
+        for p in r.changed:
+            print(json.dumps({"section": "diff", **p.to_json()}))
+    else:
+        print("the split 2M page is reported only where the rights changed; the other 511 PTEs "
+              "translate exactly as the 2M page did:")
+        sys.stdout.write(r.render())
