@@ -1,0 +1,452 @@
+"""The validator: after each operation, only over what the operation touched, prove
+(a) every touched direct-map page still translates to its own frame (pa = va - PAGE_OFFSET),
+(b) the effective entry (frame and flags, in 4K format) equals a flat per-page reference model
+    that applies each operation's masks page by page — no large pages, no splits, no merges,
+(c) direct_pages_count equals a census of the actual tables (the highmap PTE tables included,
+    as the kernel accounts them),
+(d) the nr-same-prot counters equal a recount of their tables.
+
+The reference is written from the API's definition (spec §3, §4.6, §4.7 at page granularity),
+not from the model's code path: that is what lets it catch a merge or split that changes a
+translation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from x86pt.cpa.kernel import (CPA_NO_CHECK_ALIAS, DIRTY, GLOBAL, KERNEL_4K, NX, P, PMD_PFN_MASK,
+                              PSE, PTE_PFN_MASK, PUD_PFN_MASK, RW, U64, flags_of, large_2_4k)
+
+M48 = (1 << 48) - 1
+HI = ~M48 & U64
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Violation:
+    op_index: int
+    invariant: str      # a | b | c | d
+    message: str
+
+    def __str__(self) -> str:
+        return f"op {self.op_index}: invariant ({self.invariant}) violated: {self.message}"
+
+
+class Reference:
+    """Flat per-page model: base = the tables at replay start, plus per-page overrides."""
+
+    def __init__(self, m) -> None:
+        self.m = m
+        self.v = m.version
+        self.s3 = {k: list(t) for k, t in m.t3.items()}
+        self.s2 = {k: list(t) for k, t in m.t2.items()}
+        self.s1 = {k: list(t) for k, t in m.t1.items()}
+        self.over: dict[int, tuple[int, int] | None] = {}    # vp (48-bit va >> 12) -> (pfn, flags)
+        self.ov2m: dict[int, int] = {}
+        self.events: list[tuple[int, int, bool]] = []         # hotplug (spfn, epfn, added)
+        self.ram = list(m.ram)
+        self.want4k: set[int] = set()
+        lo = m.layout
+        self.po = m.page_offset
+        self.text_va, self.etext_va = m.text_va & M48, m.etext_va & M48
+        self.brk_end_va = m.brk_end_va & M48
+        self.ro = m.kernel_set_to_readonly
+        self.rodata = (m.rodata_spfn, m.rodata_epfn)
+        self.highmap = (m.highmap_spfn, m.highmap_epfn)
+        self.skm = lo.start_kernel_map - lo.phys_base
+
+    # -- base state ------------------------------------------------------------------------------
+    def _snap(self, v: int) -> tuple[int, int] | None:
+        t = self.s3.get(v >> 39)
+        if t is None:
+            return None
+        e = t[(v >> 30) & 511]
+        if not e:
+            return None
+        if not e & P or e & PSE:
+            mask = PUD_PFN_MASK if e & PSE else PTE_PFN_MASK
+            return ((e & mask) >> 12) + ((v >> 12) & 0x3FFFF), large_2_4k(flags_of(e, 3))
+        t = self.s2.get(v >> 30)
+        e = t[(v >> 21) & 511] if t is not None else 0
+        if not e:
+            return None
+        if not e & P or e & PSE:
+            mask = PMD_PFN_MASK if e & PSE else PTE_PFN_MASK
+            return ((e & mask) >> 12) + ((v >> 12) & 511), large_2_4k(flags_of(e, 2))
+        t = self.s1.get(v >> 21)
+        e = t[(v >> 12) & 511] if t is not None else 0
+        if not e:
+            return None
+        return (e & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64
+
+    def _dm_pfn(self, v: int) -> int | None:
+        lo = self.po & M48
+        if lo <= v < lo + (1 << 46):
+            return (v - lo) >> 12
+        return None
+
+    def base(self, v: int) -> tuple[int, int] | None:
+        if self.events:
+            pfn = self._dm_pfn(v)
+            if pfn is not None:
+                for s, e, added in reversed(self.events):
+                    if s <= pfn < e:
+                        return (pfn, self.m.default_prot) if added else None
+        return self._snap(v)
+
+    def get(self, v: int) -> tuple[int, int] | None:
+        r = self.over.get(v >> 12, _MISSING)
+        if r is _MISSING:
+            return self.base(v)
+        return r
+
+    def put(self, v: int, val: tuple[int, int] | None) -> None:
+        vp = v >> 12
+        if vp not in self.over:
+            self.ov2m[vp >> 9] = self.ov2m.get(vp >> 9, 0) + 1
+        self.over[vp] = val
+
+    def pfn_mapped(self, pfn: int) -> bool:
+        return any(s <= pfn < e for s, e in self.ram)
+
+    # -- the operations, page by page ------------------------------------------------------------
+    def _static(self, v: int, pfn: int, prot: int) -> int:
+        if not prot & P:
+            return prot
+        if self.text_va <= v < self.etext_va:
+            prot &= ~NX
+        if self.ro and self.rodata[0] <= pfn <= self.rodata[1]:
+            prot &= ~RW
+        return prot
+
+    def _page(self, v: int, set_: int, clr: int) -> int | None:
+        cur = self.get(v)
+        if cur is None:
+            return None
+        pfn, fl = cur
+        new = ((fl & ~clr) | set_) & ~PTE_PFN_MASK & U64
+        new = self._static(v, pfn, new)
+        if not new & P:
+            new &= ~GLOBAL
+        if new != fl:
+            self.put(v, (pfn, new))
+        return pfn
+
+    def cpa(self, addr: int, n: int, set_: int, clr: int, flags: int, primary: bool,
+            touched: list[int]) -> None:
+        v0 = (addr & ~0xFFF) & M48
+        alias = primary and not flags & CPA_NO_CHECK_ALIAS
+        aset, aclr = set_, clr
+        if self.v.nx_alias_strip:
+            aset &= ~NX
+            aclr &= ~NX
+        lo = self.po & M48
+        dm_end = lo + ((self.ram[-1][1] if self.ram else 0) << 12)
+        for k in range(n):
+            v = v0 + (k << 12)
+            pfn = self._page(v, set_, clr)
+            touched.append(v)
+            if pfn is None:
+                if not primary:
+                    continue
+                if lo <= v < dm_end:
+                    pfn = (v - lo) >> 12
+                    if not alias:
+                        continue
+                else:
+                    return                       # -EFAULT stops the call
+            if not alias or not self.pfn_mapped(pfn):
+                continue
+            if not lo <= v < dm_end:
+                a = (lo + (pfn << 12)) & M48
+                self._page(a, aset, aclr)
+                touched.append(a)
+            if not self.text_va <= v <= self.brk_end_va and self.highmap[0] <= pfn <= self.highmap[1]:
+                a = (self.skm + (pfn << 12)) & M48
+                self._page(a, aset, aclr)
+                touched.append(a)
+
+    def apply(self, op: tuple, accepted: object, touched: list[int]) -> str | None:
+        """Apply one parsed trace op. Returns a message when the op itself contradicts the
+        reference (an out-of-band write that found no 4K PTE for a page asked to be 4K)."""
+        v = self.v
+        name = op[0]
+        if name in _API_MASKS:
+            s, c, fl, fs = _API_MASKS[name](v, self)
+            if name == "set_memory_rox" and not v.native_rox:
+                self.cpa(op[1], op[2], 0, v.set_memory_ro_clr, 0, True, touched)
+                self.cpa(op[1], op[2], 0, NX, CPA_NO_CHECK_ALIAS if not v.nx_alias_strip else 0,
+                         True, touched)
+                return None
+            if name == "set_memory_4k":
+                for k in range(op[2]):
+                    self.want4k.add(((op[1] & M48) >> 12) + k)
+            if s or c:
+                self.cpa(op[1], op[2], s, c, fl, True, touched)
+        elif name in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "kernel_map_pages"):
+            n = op[2] if name == "kernel_map_pages" else 1
+            enable = op[3] if name == "kernel_map_pages" else name.endswith("default_noflush")
+            s, c = (P | RW, 0) if enable else (0, v.set_pages_np_clr)
+            self.cpa(op[1], n, s, c, CPA_NO_CHECK_ALIAS, v.set_pages_primary, touched)
+        elif name == "cpa":
+            _, addr, n, s, c, fl, primary, fs = op
+            if fs and v.kernel_4k_bit and s & KERNEL_4K:
+                for k in range(n):
+                    self.want4k.add(((addr & M48) >> 12) + k)
+            if s or c:
+                self.cpa(addr, n, s, c, fl, primary, touched)
+        elif name == "oob":
+            va = op[1] & M48 & ~0xFFF
+            touched.append(va)
+            if accepted:
+                cur = self.get(va)
+                if cur is not None:
+                    self.put(va, (cur[0], ((cur[1] & ~op[3]) | op[2]) & U64))
+            elif (va >> 12) in self.want4k:
+                return (f"out-of-band write to {op[1]:#x} found no 4K PTE although set_memory_4k "
+                        "was asked for that page (a merge undid it)")
+        elif name == "vmap":
+            _, addr, pa, n, huge = op
+            for k in range(n):
+                va = (addr & M48) + (k << 12)
+                self.put(va, ((pa >> 12) + k, self.m.default_prot))
+                touched.append(va)
+        elif name == "vunmap":
+            for k in range(op[2]):
+                va = (op[1] & M48) + (k << 12)
+                self.put(va, None)
+                touched.append(va)
+        elif name in ("memory_add", "memory_remove"):
+            s, e = op[1] >> 12, (op[1] + op[2]) >> 12
+            added = name == "memory_add"
+            self.events.append((s, e, added))
+            lo = (self.po & M48) >> 12
+            for vp in [vp for vp in self.over if s <= vp - lo < e]:
+                del self.over[vp]
+            if added:
+                self.ram.append((s, e))
+                self.ram.sort()
+            else:
+                out = []
+                for a, b in self.ram:
+                    if b <= s or a >= e:
+                        out.append((a, b))
+                    else:
+                        out += [(a, s)] if a < s else []
+                        out += [(e, b)] if b > e else []
+                self.ram = out
+        return None
+
+
+def _masks(s, c, fl=0, fs=False):
+    return lambda v, ref: (s, c, fl, fs)
+
+
+_API_MASKS = {
+    "set_memory_ro": lambda v, r: (0, v.set_memory_ro_clr, 0, False),
+    "set_memory_rw": _masks(RW, 0),
+    "set_memory_x": lambda v, r: (0, NX, 0 if v.nx_alias_strip else CPA_NO_CHECK_ALIAS, False),
+    "set_memory_nx": lambda v, r: (NX, 0, 0 if v.nx_alias_strip else CPA_NO_CHECK_ALIAS, False),
+    "set_memory_rox": lambda v, r: (0, RW | NX | (DIRTY if v.ro_clears_dirty else 0), 0, False),
+    "set_memory_np": _masks(0, P),
+    "set_memory_np_noalias": _masks(0, P, CPA_NO_CHECK_ALIAS),
+    "set_memory_p": _masks(P, 0),
+    "set_memory_4k": lambda v, r: (KERNEL_4K if v.kernel_4k_bit else 0, 0, 0, True),
+    "set_memory_global": _masks(GLOBAL, 0),
+    "set_memory_nonglobal": _masks(0, GLOBAL),
+}
+
+
+class Validator:
+    """Incremental checks over the entries an op touched (CpaModel.touched) and the pages the
+    reference changed."""
+
+    def __init__(self, m, checks: str = "abcd") -> None:
+        self.m = m
+        self.checks = checks
+        self.ref = Reference(m)
+        lo, hi = m.dm_bounds()
+        self.dm = (lo, hi)
+        hs = m.start_kernel_map & M48
+        self.hm = (hs, hs + m.layout.kernel_image_size)
+        self.cnt: dict[tuple[int, int], int] = {}
+        self.tot = {1: 0, 2: 0, 3: 0}
+        self.hm_tables: set[int] = set()
+        for k in m.t1:
+            self._recount(1, k)
+            if self.hm[0] <= k << 21 < self.hm[1]:
+                self.hm_tables.add(k)
+        for k in m.t2:
+            self._recount(2, k)
+        for k in m.t3:
+            self._recount(3, k)
+        self.pages_checked = 0
+
+    def _recount(self, tl: int, key: int) -> None:
+        shift = 12 + 9 * tl
+        if not self.dm[0] <= key << shift < self.dm[1]:
+            return
+        t = (self.m.t1, self.m.t2, self.m.t3)[tl - 1].get(key)
+        if t is None:
+            n = 0
+        elif tl == 1:
+            n = 512 - t.count(0)
+        else:
+            n = sum(1 for e in t if e and (not e & P or e & PSE))
+        old = self.cnt.pop((tl, key), 0)
+        if n:
+            self.cnt[(tl, key)] = n
+        self.tot[tl] += n - old
+
+    def initial(self) -> Violation | None:
+        return self._check_counters(-1)
+
+    def _check_counters(self, idx: int) -> Violation | None:
+        if "c" not in self.checks:
+            return None
+        c = self.m.counters
+        h = sum(1 for k in self.hm_tables if self.m.virt_addr_counted((k << 21) | HI))
+        want = (self.tot[1] + 512 * h, self.tot[2] - h, self.tot[3])
+        have = (c.dpc4k, c.dpc2m, c.dpc1g)
+        if want != have:
+            return Violation(idx, "c", f"direct_pages_count 4k/2M/1G = {have} but the tables hold "
+                                       f"{want} (census incl. {h} highmap PTE tables)")
+        return None
+
+    def check(self, idx: int, op: tuple, accepted: object, touched: set[int] | None) -> Violation | None:
+        m = self.m
+        pages: list[int] = []
+        msg = self.ref.apply(op, accepted, pages)
+        if msg:
+            return Violation(idx, "b", msg)
+        regions: set[tuple[int, int]] = set()
+        tables: set[tuple[int, int]] = set()
+        for ek in touched or ():
+            tl, k = ek & 3, ek >> 2
+            regions.add((tl, k))
+            tables.add((tl, k >> 9))
+            if tl > 1:
+                tables.add((tl - 1, k))
+        for v in pages:
+            regions.add((1, v >> 12))
+        # (c) census, incrementally
+        if "c" in self.checks:
+            for tl, key in tables:
+                self._recount(tl, key)
+                if tl == 1 and self.hm[0] <= key << 21 < self.hm[1]:
+                    if key in m.t1:
+                        self.hm_tables.add(key)
+                    else:
+                        self.hm_tables.discard(key)
+            v = self._check_counters(idx)
+            if v:
+                return v
+        # (d) nr-same-prot counters
+        if "d" in self.checks and m.nsp is not None:
+            for tl, key in tables:
+                if tl in (1, 2):
+                    r = m.nsp.recount(tl, key)
+                    if r is not None and r[0] != r[1]:
+                        return Violation(idx, "d", f"nr_same_prot of the {'PTE' if tl == 1 else 'PMD'} "
+                                                   f"table for {(key << (12 + 9 * tl)) | HI:#x} is "
+                                                   f"{r[0]} but a recount gives {r[1]}")
+        # (a), (b) over the touched regions
+        if "a" in self.checks or "b" in self.checks:
+            done: set[tuple[int, int]] = set()
+            for tl, k in sorted(regions, key=lambda r: -r[0]):
+                v = self._region(idx, tl, k, done)
+                if v:
+                    return v
+        return None
+
+    def _region(self, idx: int, tl: int, k: int, done: set) -> Violation | None:
+        """Check the span of one entry key (tl=1: a page, 2: 2M, 3: 1G) against the reference,
+        leaf by leaf."""
+        m = self.m
+        shift = 12 + 9 * (tl - 1)
+        start = k << shift
+        end = start + (1 << shift)
+        v = start
+        while v < end:
+            lvl, t, i = m.lookup(v)
+            span = 1 << (12 + 9 * (lvl - 1)) if lvl <= 3 else 1 << 39
+            lstart = v & ~(span - 1)
+            key = (lvl, lstart)
+            if key in done:
+                v = lstart + span
+                continue
+            done.add(key)
+            e = t[i] if t is not None else 0
+            r = self._leaf(idx, lvl, lstart, max(lstart, start), min(lstart + span, end), e)
+            if r:
+                return r
+            v = lstart + span
+        return None
+
+    def _leaf(self, idx: int, lvl: int, lstart: int, s: int, e_: int, e: int) -> Violation | None:
+        ref = self.ref
+        if e:
+            if lvl == 1:
+                pfn0, fl = (e & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64
+            else:
+                mask = (PMD_PFN_MASK if lvl == 2 else PUD_PFN_MASK) if e & PSE else PTE_PFN_MASK
+                pfn0, fl = (e & mask) >> 12, large_2_4k(flags_of(e, lvl))
+        v = s
+        while v < e_:
+            # a 2M span without overrides whose base is one large leaf: one comparison
+            if (not v & 0x1FFFFF and v + 0x200000 <= e_ and not ref.ov2m.get(v >> 21)
+                    and not ref.events):
+                b = ref._snap(v)
+                b2 = ref._snap(v + 0x1FF000)
+                if b is not None and b2 is not None and b2[0] == b[0] + 511 and b2[1] == b[1] \
+                        and self._uniform_snap(v):
+                    got = (pfn0 + ((v - lstart) >> 12), fl) if e else None
+                    r = self._cmp(idx, v, got, b)
+                    if r:
+                        return r
+                    v += 0x200000
+                    continue
+            want = ref.get(v)
+            got = (pfn0 + ((v - lstart) >> 12), fl) if e else None
+            r = self._cmp(idx, v, got, want)
+            if r:
+                return r
+            v += 4096
+        return None
+
+    def _uniform_snap(self, v: int) -> bool:
+        t = self.ref.s3.get(v >> 39)
+        if t is None:
+            return False
+        e = t[(v >> 30) & 511]
+        if e and (not e & P or e & PSE):
+            return True
+        t2 = self.ref.s2.get(v >> 30)
+        if t2 is None:
+            return False
+        e = t2[(v >> 21) & 511]
+        return bool(e) and (not e & P or bool(e & PSE))
+
+    def _cmp(self, idx: int, v: int, got, want) -> Violation | None:
+        self.pages_checked += 1
+        va = v | HI if v >> 47 else v
+        lo, hi = self.dm
+        if "a" in self.checks and lo <= v < hi and got is not None and got[0] != (v - lo) >> 12:
+            return Violation(idx, "a", f"direct-map page {va:#x} now maps frame {got[0] << 12:#x}, "
+                                       f"not {v - lo:#x}")
+        if "b" not in self.checks:
+            return None
+        if want is None and lo <= v < hi:
+            return None     # hot-removed: the kernel may leave a partly covered large leaf
+        if want is None and got is not None and not got[1] & P:
+            return None
+        if got != want:
+            def show(x):
+                if x is None:
+                    return "no entry"
+                from x86pt.cpa.kernel import flag_names
+                return f"frame {x[0] << 12:#x} flags {x[1]:#x} ({flag_names(x[1])})"
+            what = "present bit" if (got and got[1] & P) != (want and want[1] & P) else "translation"
+            return Violation(idx, "b", f"{what} of {va:#x}: tables give {show(got)}, the op sequence "
+                                       f"asks for {show(want)}")
+        return None
