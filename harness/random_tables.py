@@ -158,7 +158,9 @@ def random_state(rng: random.Random, feat: MatrixFeatures, profile: Profile, lev
     pkru = 0
     if feat.pku and rng.random() < 0.5:
         cr4 |= CR4_PKE
-        pkru = rng.getrandbits(32)
+        # Key 0 stays open: the probe guest's own CPL3 stack and stubs (QEMU/KVM backends) are
+        # user pages with key 0, and a closed key 0 faults the harness instead of the probe.
+        pkru = rng.getrandbits(32) & ~3
     efer = EFER_LME | EFER_LMA | (EFER_NXE if rng.random() < 0.8 else 0)
     return PagingState(cr3=root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile=profile,
                        maxphyaddr=feat.maxphyaddr)
