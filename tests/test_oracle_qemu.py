@@ -366,6 +366,23 @@ def test_bad_image_refused(qemu):
         qemu.run(b.memory, state(b), [P(KRW)])
 
 
+def test_nothing_left_in_shm(qemu):
+    import glob
+    import os
+    b = hand_image()
+    qemu.run(b.memory, state(b), [P(KRW)])
+    assert glob.glob(f"/dev/shm/x86pt-qemu-{os.getpid()}-*") == []
+
+
+def test_install_script_is_a_no_op_when_installed():
+    need_oracle("qemu", HAVE_QEMU, REASON)
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["sh", os.path.join(root, "tools", "install_qemu.sh")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "already installed: QEMU emulator version" in r.stdout
+
+
 def test_bios_rebuilds_identically(tmp_path):
     """bios.bin is shipped; build_bios.sh must reproduce it byte for byte (needs binutils)."""
     import os
@@ -381,9 +398,9 @@ def test_bios_rebuilds_identically(tmp_path):
 
 
 # -- cross-check: model vs oracle ------------------------------------------------------------------------
-def random_image(rng: random.Random) -> tuple[Builder, list[tuple[int, int]]]:
+def random_image(rng: random.Random, levels: int = 4) -> tuple[Builder, list[tuple[int, int]]]:
     """A hand image with random leaf flags: (va, bytes that may be probed) regions."""
-    b = Builder(table_base=0x200000, maxphyaddr=40, vendor="amd")
+    b = Builder(levels=levels, table_base=0x200000, maxphyaddr=40, vendor="amd")
     tag_frames(b.memory, FRAMES, 64)
     regions = []
     for i in range(32):
@@ -426,17 +443,20 @@ CROSS_CONFIGS = [
     dict(cr0=CR0 & ~CR0_WP, cr4=CR4_PAE | CR4_SMEP | CR4_SMAP, efer=EFER, pkru=0),
     dict(cr0=CR0, cr4=CR4_PAE | CR4_SMAP | CR4_PKE, efer=EFER, pkru=None),
     dict(cr0=CR0, cr4=CR4_PAE | CR4_SMEP | CR4_PKE, efer=EFER_LME | EFER_LMA, pkru=None),
+    dict(cr0=CR0, cr4=CR4_PAE | CR4_SMAP, efer=EFER, pkru=0, levels=5),
 ]
 
 
 @pytest.mark.parametrize("config", range(len(CROSS_CONFIGS)))
 def test_model_agrees_with_qemu(qemu, config):
     rng = random.Random(0x9E3779B9 + config)
-    b, regions = random_image(rng)
     cfg = dict(CROSS_CONFIGS[config])
+    b, regions = random_image(rng, cfg.pop("levels", 4))
     if cfg["pkru"] is None:
         cfg["pkru"] = rng.getrandbits(32) & ~0b11        # key 0 stays open: the guest's user stack
     st = state(b, **cfg)
+    if b.levels == 5:
+        assert st.la57
     probes = []
     for _ in range(50):
         va, size = rng.choice(regions)

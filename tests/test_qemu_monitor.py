@@ -143,13 +143,22 @@ def test_la57_info_mem_prints_nothing():
     """paging.md §11.2 #9: under LA57, `info mem` treats present PDPTEs/PDEs as holes and prints
     nothing, while `info tlb` and gva2gpa still walk the 5 levels."""
     b = Builder(levels=5, maxphyaddr=40, vendor="amd", table_base=0x200000)
-    b.map(0x0080000000001000, 0x600000, 0x1000, flags="rw us a")    # bit 55: PML5 index 128
+    va = 0x0080000000001000                                         # bit 55: PML5 index 128
+    b.map(va, 0x600000, 0x1000, flags="rw us a")
+    # Fill the rest of that PDPT with 1G leaves. Besides more mappings for info mem to miss, this
+    # keeps the buggy walk short: it descends into every *non-present* PDPTE (reading tables at
+    # physical 0), 512*512 entries each, which took 3-6 s with one present PDPTE.
+    b.map(va - 0x1000 + (1 << 30), 1 << 30, 511 << 30, 1 << 30, flags="rw")
     st = b.state(profile="qemu")
     assert st.cr4 == CR4_PAE | CR4_LA57
     with _qm().QemuMonitor(b.memory, st) as mon:
         assert mon.gva2gpa(0x0080000000001234) == 0x600234
+        assert mon.gva2gpa(0x0080000080000010) == 0x80000010        # PDPTE[2]: 1G leaf
         assert mon.gva2gpa(0x0100000000001234) is None             # bit 56 alone: non-canonical
-        assert mon.info_tlb().strip() == "0080000000001000: 0000000000600000 ----A--UW"
+        tlb = mon.info_tlb().splitlines()
+        assert tlb[0] == "0080000000001000: 0000000000600000 ----A--UW"
+        assert tlb[1] == "0080000040000000: 0000000040000000 --P-----W"
+        assert len(tlb) == 512
         assert mon.info_mem().strip() == ""
 
 
@@ -231,3 +240,59 @@ def test_large_sparse_ram_is_cheap():
         assert mon.ram.size == 4 << 30
         assert mon.gva2gpa(0xFFFF800000001000) == 0x40001000
         assert struct.unpack("<Q", mon.read_memory(0x600000, 8))[0] == 0
+
+
+def test_load_new_image_without_relaunch():
+    qm = _qm()
+    b = tiny_image()
+    b5 = Builder(levels=5, maxphyaddr=40, vendor="amd", table_base=0x300000)
+    b5.map(0x0080000000001000, 0x700000, 0x1000, flags="rw")
+    with qm.QemuMonitor(b.memory, b.state(profile="qemu")) as mon:
+        pid = mon.proc.pid
+        mon.load(b5.memory, b5.state(profile="qemu"))
+        assert mon.registers()["cr4"] == CR4_PAE | CR4_LA57
+        assert mon.gva2gpa(0x0080000000001010) == 0x700010
+        assert mon.gva2gpa(0x400123) is None                       # old image gone
+        assert mon.proc.pid == pid
+
+
+def test_hmp_one_line_only(monitor):
+    with pytest.raises(BadInputError):
+        monitor.hmp("info tlb\nquit")
+
+
+def test_qemu_dies_with_its_parent(tmp_path):
+    """PR_SET_PDEATHSIG: a SIGKILLed Python leaves no QEMU and no file behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {root!r})\n"
+        "from x86pt.build import Builder\n"
+        "from harness.oracles.qemu_monitor import QemuMonitor\n"
+        "b = Builder(maxphyaddr=40, vendor='amd', table_base=0x200000)\n"
+        "b.map(0x1000, 0x600000, 0x1000)\n"
+        "m = QemuMonitor(b.memory, b.state(profile='qemu'))\n"
+        "print(m.proc.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        qpid = int(child.stdout.readline())
+        os.kill(qpid, 0)                                            # QEMU is running
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(qpid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(qpid, signal.SIGKILL)
+        pytest.fail("QEMU outlived its parent")
+    assert glob.glob(f"/dev/shm/x86pt-qemu-{child.pid}-*") == []
