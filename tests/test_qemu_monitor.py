@@ -172,6 +172,14 @@ def test_cr3_above_4gib():
         assert mon.gva2gpa(0x400123) == 0x600123
         # pc machine: RAM above 3 GiB continues at 4 GiB.
         assert mon.hmp("xp /1gx 0x100600008").split()[-1] == "0x1122334455667788"
+        # Back and forth between a low and a high CR3 without relaunching.
+        low = tiny_image()
+        mon.load(low.memory, low.state(profile="qemu"), clear=False)
+        assert mon.registers()["cr3"] == 0x200000 and mon.gva2gpa(0x400123) == 0x600123
+        mon.set_state(st)
+        assert mon.registers()["cr3"] == 0x100200000
+        mon.set_state(st)
+        assert mon.gva2gpa(0xFFFF800000001000) == 0x40001000
 
 
 def test_dump_guest_memory(tmp_path, monitor):

@@ -20,7 +20,6 @@ the previous one left (A/D bits carry over, as the rig's conventions ask).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import mmap
 import os
@@ -33,9 +32,8 @@ from typing import Callable, Sequence
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
-                         EFER_LMA, EFER_LME, EFER_NXE, PagingState, PF_ID, PF_P, PF_PK, PF_RSVD,
-                         PF_U, profile_named)
+from x86pt.state import (CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, PagingState, PF_ID, PF_P, PF_PK,
+                         PF_RSVD, profile_named)
 
 from harness import guest
 from harness.oracles.base import (RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe,

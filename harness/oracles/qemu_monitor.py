@@ -571,6 +571,8 @@ class QemuMonitor:
         self._stderr = None
         self._cs64 = False
         self.state: PagingState | None = None
+        self.hidden: list[tuple[int, int]] = []      # image ranges QEMU cannot see (strict=False)
+        self.version = ""
         self.timeout = timeout
         self.launch_seconds = 0.0
         binary = binary or qemu_binary()
