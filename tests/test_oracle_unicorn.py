@@ -352,3 +352,32 @@ def test_model_agrees_with_oracle_on_random_probes(oracle, cr0, cr4, efer):
         a = model_mem.read(pn << 12, 4096)
         o = res.memory_after.read(pn << 12, 4096)
         assert a == o, f"page {pn << 12:#x} differs after the run"
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_no_stale_tlb_between_probes(oracle, user):
+    """base.py: each probe walks afresh. A write probe (same CPL) clears the PTE of a page an
+    earlier probe used, through a user alias of the PT page; the next access to that page must
+    fault not-present. The page is global (G=1) and CR4.PGE=1, so only a full flush drops it."""
+    b = image()
+    va = 0x10010000
+    b.map(va, 0x409000, 0x1000, 0x1000, "rw us g")
+    fill(b.memory, 0x409000, 0x1000)
+    pte = b.entry_address(va, 1, create=False)
+    alias = 0x10011000                                  # the PT page itself, user RW
+    b.map(alias, pte & ~0xFFF, 0x1000, 0x1000, "rw us")
+    s = st(b, cr4=ALL_CR4 | (1 << 7), pkru=0)          # CR4.PGE
+    code = 0x4 if user else 0x0
+    probes = [P(va, user=user, ac=True), P(alias + (pte & 0xFFF), "write", user, ac=True, wvalue=0),
+              P(va + 8, user=user, ac=True)]
+    r = oracle.run(b.memory, s, probes).results
+    assert [(x.outcome, x.error_code) for x in r] == [("ok", None), ("ok", None), ("page_fault", code)]
+
+
+def test_chunks_continue_one_run(oracle, monkeypatch):
+    """A batch longer than a chunk runs as several chunks on the same engine and image."""
+    import harness.oracles.unicorn_oracle as U
+    monkeypatch.setattr(U, "CHUNK", 7)
+    b = image()
+    res = oracle.run(b.memory, st(b), [p for p, _ in SDM_CASES])
+    _check(res.results, SDM_CASES)
