@@ -8,8 +8,8 @@
  *   32-bit       CR4 <- boot_cr4 (PAE, and LA57 when the test uses 5-level paging: LA57 can only
  *                change outside IA-32e mode, SDM §4.1.1), CR3 <- boot_cr3 (identity 0-4 GiB, so
  *                this ROM stays mapped while paging turns on, plus the harness slot),
- *                EFER <- boot_efer (LME|NXE), CR0.PG=1 -> IA-32e mode (SDM §10.8.5), far jump
- *                to a 64-bit code segment
+ *                EFER <- boot_efer (LME|NXE), CR0.PG=1 -> IA-32e mode (SDM Vol. 3A,
+ *                "Initializing IA-32e Mode"), far jump to a 64-bit code segment
  *   64-bit       jump to the probe guest at 0xffffffff80100000 (GPA 0x100000 via the slot)
  * The boot block is written by harness/guest/prepare_ram at params+0x100 (GPA 0x108100).
  * No stack and no interrupts are used (IF stays 0 from reset; cli anyway).

@@ -65,7 +65,7 @@ class QemuOracle:
     max_probes = MAX_PROBES          # per launch; run() splits bigger batches
 
     def __init__(self, *, binary: str | None = None, cpu: str = "max", ram_size: int = RIG_RAM_SIZE,
-                 timeout: float = 60.0, extra_args: Sequence[str] = ()) -> None:
+                 timeout: float = 30.0, extra_args: Sequence[str] = ()) -> None:
         self.binary = binary or qemu_binary()
         if self.binary is None:
             raise OracleUnavailable(f"{QEMU_BINARY} not found on PATH (run tools/install_qemu.sh)")
