@@ -195,8 +195,10 @@ def test_la57_walk(oracle):
     fill(b.memory, 0x500000, 0x1000)
     s = b.state(profile="unicorn")
     assert s.cr4 & CR4_LA57
-    res = oracle.run(b.memory, s, [P(va + 0x40), P(1 << 47), P(1 << 56), P(va, "write", wvalue=0xC3)])
+    res = oracle.run(b.memory, s, [P(va + 0x40), P(1 << 47), P(1 << 56), P(va, "write", wvalue=0xC3),
+                                   P(va + 0x80, user=True)])
     r = res.results
+    assert (r[4].outcome, r[4].error_code, r[4].cr2) == ("page_fault", 0x5, va + 0x80)   # U/S=0 leaf
     assert (r[0].outcome, r[0].pa, r[0].value) == ("ok", 0x500040, tag_value(0x500040))
     assert (r[1].outcome, r[1].error_code, r[1].cr2) == ("page_fault", 0x0, 1 << 47)  # canonical now
     assert (r[2].outcome, r[2].error_code) == ("general_protection", 0)
@@ -243,6 +245,10 @@ def test_bad_input(oracle):
     with pytest.raises(BadInputError, match="outside the rig's image region"):
         oracle.run(mem, PagingState(cr3=0x200000), [P(0)])
     b = image()
+    with pytest.raises(BadInputError, match="64-bit"):
+        oracle.run(b.memory, st(b), [P(1 << 64)])
+    empty = oracle.run(b.memory, st(b), [])
+    assert empty.results == [] and set(empty.memory_after.pages) == set(b.memory.pages)
     with pytest.raises(OracleError, match="PKS"):
         oracle.run(b.memory, st(b, cr4=CR4_PAE | CR4_PKS), [P(SUP_RW)])
     with pytest.raises(OracleError, match="closes every key"):
@@ -381,3 +387,13 @@ def test_chunks_continue_one_run(oracle, monkeypatch):
     b = image()
     res = oracle.run(b.memory, st(b), [p for p, _ in SDM_CASES])
     _check(res.results, SDM_CASES)
+
+
+def test_other_unicorn_versions_are_refused(monkeypatch):
+    import harness.oracles.unicorn_oracle as U
+    from x86pt.errors import OracleUnavailable
+    ok, why = available()
+    need_oracle("unicorn", ok, why)
+    monkeypatch.setattr(U, "_version_of_lib", lambda: (2, 1, 3))
+    with pytest.raises(OracleUnavailable, match=r"unicorn 2\.1\.3"):
+        UnicornOracle()

@@ -710,6 +710,10 @@ class UnicornOracle:
         if state.pks:
             raise OracleError("unicorn 2.1.4 (QEMU 5.0) has no PKS: cannot run with CR4.PKS=1")
         probes = list(probes)
+        for k, p in enumerate(probes):
+            if not (0 <= p.va < 2**64 and 0 <= p.wvalue < 2**64):
+                raise BadInputError(f"probe #{k}: va {p.va:#x} / wvalue {p.wvalue:#x} is not a "
+                                    "64-bit unsigned value")
         _check_image(memory, self.ram_size)
         if not RIG_IMAGE_BASE <= state.root < self.ram_size:
             raise BadInputError(f"CR3 root {state.root:#x} is outside the rig's image region")
@@ -785,7 +789,7 @@ class UnicornOracle:
             if f is None:
                 out.append(ProbeResult("ok", pa=st.pa.get(i),
                                        value=values[k] if p.access == "read" else None,
-                                       detail=stray))
+                                       detail=f"stray accesses in this chunk: {stray}" if stray else ""))
             elif f.vector == 14:
                 out.append(ProbeResult("page_fault", f.error_code, f.cr2, vector=14, detail=f.detail))
             else:
