@@ -1,0 +1,273 @@
+"""Workload generator: the realistic operation sequences of spec/cpa.md §8 as trace ops.
+
+Scenarios (mixable with weights): `modules` (pre-ROX module load/unload churn: vmalloc 4K pages
+with scattered frames, ro/x/nx, unload through vm_reset_perms), `modules-rox` (6.15 ROX cache:
+2M huge vmalloc chunks made ROX, per-module nx+rw then rox), `bpf` (bpf_prog_pack: one ROX 2M pack,
+programs inside need no CPA), `bpf-nopack` (each program its own vmalloc + rox, freed through
+vm_reset_perms), `kfence` (set_memory_4k over the pool, then out-of-band PRESENT toggles),
+`secretmem` (per-page set_direct_map_invalid/default), `hotplug` (128 MiB blocks added/removed).
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+from x86pt.cpa.kernel import P, kernel_version
+from x86pt.cpa.layout import Layout
+from x86pt.errors import BadInputError
+
+SCENARIOS = ("modules", "modules-rox", "bpf", "bpf-nopack", "kfence", "secretmem", "hotplug")
+MIXES = {
+    "mixed": {"modules": 4, "bpf-nopack": 3, "secretmem": 2, "kfence": 1},
+    "mixed-rox": {"modules-rox": 4, "bpf": 3, "secretmem": 2, "kfence": 1},
+}
+
+
+class Frames:
+    """Page frames for vmalloc/secretmem: random RAM pages above the reserved low area."""
+
+    def __init__(self, layout: Layout, rng: random.Random) -> None:
+        self.rng = rng
+        self.ranges = [(max(s, layout.reserved_below) >> 12, e >> 12) for s, e in layout.ram
+                       if e > layout.reserved_below + (4 << 20)]
+        if not self.ranges:
+            raise BadInputError(f"layout {layout.name}: no RAM above {layout.reserved_below:#x} for workloads")
+        self.weights = [e - s for s, e in self.ranges]
+        self.used: set[int] = set()
+        # kfence / hotplug keep their own areas
+        self.reserved: list[tuple[int, int]] = []
+
+    def page(self) -> int:
+        for _ in range(1000):
+            s, e = self.rng.choices(self.ranges, self.weights)[0]
+            pfn = self.rng.randrange(s, e)
+            if pfn not in self.used and not any(a <= pfn < b for a, b in self.reserved):
+                self.used.add(pfn)
+                return pfn << 12
+        raise BadInputError("workload: out of free frames")
+
+    def huge(self) -> int:
+        for _ in range(1000):
+            s, e = self.rng.choices(self.ranges, self.weights)[0]
+            base = (self.rng.randrange(s, e) >> 9) << 9
+            if base < s or base + 512 > e:
+                continue
+            if any(p in self.used for p in range(base, base + 512, 37)) or any(
+                    a < base + 512 and base < b for a, b in self.reserved):
+                continue
+            self.used.update(range(base, base + 512))
+            return base << 12
+        raise BadInputError("workload: no free 2M frame")
+
+    def free(self, pa: int, n: int = 1) -> None:
+        for k in range(n):
+            self.used.discard((pa >> 12) + k)
+
+
+class VA:
+    """A bump allocator in the module area with a free list per size (like vmalloc's)."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.next, self.end = start, end
+        self.free: dict[int, list[int]] = {}
+
+    def alloc(self, n: int, align: int = 4096) -> int:
+        lst = self.free.get((n, align))
+        if lst:
+            return lst.pop()
+        a = -(-self.next // align) * align
+        if a + n * 4096 > self.end:
+            raise BadInputError("workload: module area exhausted")
+        self.next = a + n * 4096 + 4096          # guard page, as vmalloc
+        return a
+
+    def release(self, a: int, n: int, align: int = 4096) -> None:
+        self.free.setdefault((n, align), []).append(a)
+
+
+class Generator:
+    def __init__(self, layout: Layout, kernel: str, seed: int = 1) -> None:
+        self.lay = layout
+        self.v = kernel_version(kernel)
+        self.rng = random.Random(seed)
+        self.frames = Frames(layout, self.rng)
+        self.va = VA(layout.modules_vaddr, layout.modules_end)
+        self.po = layout.page_offset
+        self.loaded: list[tuple] = []
+        self.packs: list[list] = []          # [va, used programs]
+        self.progs: list[tuple] = []
+        self.secret: list[int] = []
+        self.kfence: tuple[int, int] | None = None
+        self.kfence_down: set[int] = set()
+        self.hot: list[int] = []
+        self.hot_next = -(-layout.ram[-1][1] // (1 << 30)) * (1 << 30)
+        self.rox_chunks: list[list] = []     # [va, next free page]
+
+    def dm(self, pa: int) -> int:
+        return self.po + pa
+
+    # -- scenarios: each call yields the ops of one event ----------------------------------------
+    def _reset_perms(self, pages: list[int]) -> Iterator[tuple]:
+        for pa in pages:
+            yield ("set_direct_map_invalid_noflush", self.dm(pa))
+        for pa in pages:
+            yield ("set_direct_map_default_noflush", self.dm(pa))
+
+    def modules(self) -> Iterator[tuple]:
+        r = self.rng
+        if self.loaded and (len(self.loaded) > 40 or r.random() < 0.45):
+            va, pages, text, ro, data = self.loaded.pop(r.randrange(len(self.loaded)))
+            yield from self._reset_perms(pages)
+            yield ("vunmap", va, len(pages))
+            self.va.release(va, len(pages))
+            for pa in pages:
+                self.frames.free(pa)
+            return
+        text, ro, data = r.randint(1, 12), r.randint(1, 6), r.randint(1, 8)
+        n = text + ro + data
+        va = self.va.alloc(n)
+        pages = [self.frames.page() for _ in range(n)]
+        for k, pa in enumerate(pages):
+            yield ("vmap", va + k * 4096, pa, 1, False)
+        if self.v.native_rox:
+            yield ("set_memory_rox", va, text)
+            yield ("set_memory_ro", va + text * 4096, ro)
+        else:
+            yield ("set_memory_ro", va, text + ro)
+            yield ("set_memory_x", va, text)
+        yield ("set_memory_nx", va + text * 4096, ro + data)
+        self.loaded.append((va, pages, text, ro, data))
+
+    def modules_rox(self) -> Iterator[tuple]:
+        r = self.rng
+        if not self.rox_chunks or self.rox_chunks[-1][1] > 480:
+            va = self.va.alloc(512, 1 << 21)
+            pa = self.frames.huge()
+            yield ("vmap", va, pa, 512, True)
+            yield ("set_memory_rox", va, 512)
+            self.rox_chunks.append([va, 0])
+        ch = self.rox_chunks[-1]
+        n = r.randint(1, 24)
+        n = min(n, 512 - ch[1])
+        sub = ch[0] + ch[1] * 4096
+        ch[1] += n
+        # execmem_make_temp_rw, relocations/alternatives, execmem_restore_rox
+        yield ("set_memory_nx", sub, n)
+        yield ("set_memory_rw", sub, n)
+        yield ("set_memory_rox", sub, n)
+        data = r.randint(1, 6)
+        dva = self.va.alloc(data)
+        pages = [self.frames.page() for _ in range(data)]
+        for k, pa in enumerate(pages):
+            yield ("vmap", dva + k * 4096, pa, 1, False)
+        yield ("set_memory_nx", dva, data)
+        if r.random() < 0.4:
+            # unload of the data part; text pieces go back to the cache (rw, INT3 fill, rox)
+            yield from self._reset_perms(pages)
+            yield ("vunmap", dva, data)
+            self.va.release(dva, data)
+            yield ("set_memory_nx", sub, n)
+            yield ("set_memory_rw", sub, n)
+            yield ("set_memory_rox", sub, n)
+
+    def bpf(self) -> Iterator[tuple]:
+        r = self.rng
+        if not self.packs or self.packs[-1][1] >= 32:
+            if self.packs and r.random() < 0.3 and len(self.packs) > 2:
+                va, _, pa = self.packs.pop(0)
+                yield from self._reset_perms([pa + k * 4096 for k in range(512)])
+                yield ("vunmap", va, 512)
+                self.frames.free(pa, 512)
+            va = self.va.alloc(512, 1 << 21)
+            pa = self.frames.huge()
+            yield ("vmap", va, pa, 512, True)
+            yield ("set_memory_rox", va, 512)
+            self.packs.append([va, 0, pa])
+        self.packs[-1][1] += 1     # a program from the pack: text_poke only, no CPA
+
+    def bpf_nopack(self) -> Iterator[tuple]:
+        r = self.rng
+        if self.progs and (len(self.progs) > 60 or r.random() < 0.5):
+            va, pages = self.progs.pop(r.randrange(len(self.progs)))
+            yield from self._reset_perms(pages)
+            yield ("vunmap", va, len(pages))
+            self.va.release(va, len(pages))
+            for pa in pages:
+                self.frames.free(pa)
+            return
+        n = r.randint(1, 3)
+        va = self.va.alloc(n)
+        pages = [self.frames.page() for _ in range(n)]
+        for k, pa in enumerate(pages):
+            yield ("vmap", va + k * 4096, pa, 1, False)
+        if self.v.native_rox:
+            yield ("set_memory_rox", va, n)
+        else:
+            yield ("set_memory_ro", va, n)
+            yield ("set_memory_x", va, n)
+        self.progs.append((va, pages))
+
+    def kfence_ops(self) -> Iterator[tuple]:
+        r = self.rng
+        if self.kfence is None:
+            base = self.frames.huge() + 0x81000     # memblock: not 2M aligned
+            self.frames.used.update(range((base >> 12) + 512 - 0x81, (base >> 12) + 512 + 0x100))
+            self.kfence = (base, 512)
+            for k in range(512):                    # kfence_init_pool: page by page
+                yield ("set_memory_4k", self.dm(base + k * 4096), 1)
+            return
+        base, n = self.kfence
+        k = r.randrange(1, n, 2)                    # object pages; guard pages stay protected
+        a = self.dm(base + k * 4096)
+        if a in self.kfence_down:
+            self.kfence_down.discard(a)
+            yield ("oob", a, P, 0)
+        else:
+            self.kfence_down.add(a)
+            yield ("oob", a, 0, P)
+
+    def secretmem(self) -> Iterator[tuple]:
+        r = self.rng
+        if self.secret and (len(self.secret) > 200 or r.random() < 0.45):
+            pa = self.secret.pop(r.randrange(len(self.secret)))
+            yield ("set_direct_map_default_noflush", self.dm(pa))
+            self.frames.free(pa)
+            return
+        pa = self.frames.page()
+        self.secret.append(pa)
+        yield ("set_direct_map_invalid_noflush", self.dm(pa))
+
+    def hotplug(self) -> Iterator[tuple]:
+        block = 128 << 20
+        if self.hot and (len(self.hot) > 16 or self.rng.random() < 0.4):
+            pa = self.hot.pop()
+            yield ("memory_remove", pa, block)
+            return
+        pa = self.hot_next + len(self.hot) * block
+        self.hot.append(pa)
+        yield ("memory_add", pa, block)
+
+    def run(self, scenario: str, n_ops: int) -> list[tuple]:
+        weights = MIXES.get(scenario, {scenario: 1})
+        for s in weights:
+            if s not in SCENARIOS:
+                raise BadInputError(f"unknown workload {scenario!r} (one of {', '.join(SCENARIOS + tuple(MIXES))})")
+        fns = {"modules": self.modules, "modules-rox": self.modules_rox, "bpf": self.bpf,
+               "bpf-nopack": self.bpf_nopack, "kfence": self.kfence_ops, "secretmem": self.secretmem,
+               "hotplug": self.hotplug}
+        names = list(weights)
+        w = [weights[k] for k in names]
+        out: list[tuple] = []
+        guard = 0
+        while len(out) < n_ops:
+            before = len(out)
+            out.extend(fns[self.rng.choices(names, w)[0]]())
+            guard = guard + 1 if len(out) == before else 0
+            if guard > 10000:
+                break
+        return out[:n_ops]
+
+
+def generate(layout: Layout, kernel: str, scenario: str = "mixed", n_ops: int = 1000,
+             seed: int = 1) -> list[tuple]:
+    return Generator(layout, kernel, seed).run(scenario, n_ops)
