@@ -97,8 +97,9 @@ def qemu_version(binary: str | None = None) -> str:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # PR_SET_PDEATHSIG: QEMU gets SIGKILL when the (forking thread of the) test process dies, so a
-    # killed pytest cannot leave a VM behind.
+    # PR_SET_PDEATHSIG: QEMU gets SIGKILL when the test process dies, so a killed pytest cannot
+    # leave a VM behind. Linux ties it to the *thread* that forked: a QemuMonitor created in a
+    # short-lived worker thread dies with that thread, so create monitors in long-lived threads.
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
