@@ -41,12 +41,11 @@ from harness.oracles.base import (HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE, Ba
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PKS, CR4_SMAP,
+from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
                          CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, RFLAGS_AC, PagingState)
 
 try:  # the rig imports this module even where unicorn is missing; run() then says why
     import unicorn as _uc
-    from unicorn import unicorn_py3 as _ucpy_pkg  # noqa: F401 - the ctypes layer, for _Raw
     from unicorn.unicorn_py3 import unicorn as _ucpy
     from unicorn import x86_const as _x86
     _IMPORT_ERROR = ""
@@ -539,7 +538,7 @@ class _Engine:
         try:
             self.uc.emu_start(begin, until, timeout=timeout)
         except _uc.UcError as e:
-            why = "; ".join(st.unmapped) or str(e)
+            why = "; ".join(st.unmapped) or f"{e} at rip {self.raw.reg(_x86.UC_X86_REG_RIP):#x}"
             if st.error is None:
                 raise OracleError(f"unicorn stopped: {why}") from None
         if st.error is not None:
