@@ -421,3 +421,34 @@ def load_json(path: str) -> dict:
         raise BadInputError(f"cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise BadInputError(f"{path}: bad JSON: {e.msg}") from None
+
+
+def read_artifact(directory: str, name: str) -> bytes:
+    """A run's file by name, plain or xz-compressed (`name.xz`, as fixtures keep big files)."""
+    import lzma
+    import os
+    p = os.path.join(directory, name)
+    try:
+        if os.path.exists(p):
+            with open(p, "rb") as f:
+                return f.read()
+        with open(p + ".xz", "rb") as f:
+            return lzma.decompress(f.read())
+    except FileNotFoundError:
+        raise BadInputError(f"{p}: no such file (nor {name}.xz)") from None
+    except lzma.LZMAError as e:
+        raise BadInputError(f"{p}.xz: bad xz data: {e}") from None
+    except OSError as e:
+        raise BadInputError(f"cannot read {p}: {e.strerror}") from None
+
+
+def materialize(directory: str, name: str, dest: str) -> str:
+    """Path of `name` as a plain file: itself, or decompressed into `dest` (for xz fixtures)."""
+    import os
+    p = os.path.join(directory, name)
+    if os.path.exists(p):
+        return p
+    from x86pt.memory.atomic import write_bytes_atomic
+    out = os.path.join(dest, name)
+    write_bytes_atomic(out, read_artifact(directory, name))
+    return out

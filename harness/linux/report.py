@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from harness.linux.collect import load_json
+from harness.linux.collect import load_json, read_artifact
 from x86pt.errors import BadInputError
 
 _LINE = re.compile(r"^0x([0-9a-f]+)-0x([0-9a-f]+)\s+\S+\s+(.*)$")
@@ -64,11 +64,7 @@ def direct_map_stats(ranges: list[PtdumpRange], span: tuple[int, int]) -> dict[s
 
 
 def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise BadInputError(f"cannot read {path}: {e.strerror}") from None
+    return read_artifact(os.path.dirname(path), os.path.basename(path)).decode("utf-8", "replace")
 
 
 def steps_of(run_dir: str) -> list[str]:

@@ -385,6 +385,8 @@ def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: Non
             f"{cfg.workload} steps 1..{k}")
         boots[k] = boot(prep, cfg, k, keep_image=True, info_mem=cfg.info_mem and k == n)
         b = boots[k]
+        os.makedirs(os.path.join(out_dir, "boots"), exist_ok=True)
+        write_text_atomic(os.path.join(out_dir, "boots", f"boot-{k:02d}.txt"), b.raw_output)
         if b.text.ended != k or len(b.text.steps) != k + 1:
             raise OracleError(f"boot {k}: the guest ran {b.text.ended} steps and wrote "
                               f"{len(b.text.steps)} step records (expected {k} and {k + 1}); "
@@ -428,3 +430,17 @@ def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: Non
 def _last_line_text(text: str) -> str:
     lines = [l for l in text.splitlines() if l.strip()]
     return lines[-1][:200] if lines else "(empty)"
+
+
+def available(kernel: str = "6.1") -> tuple[bool, str]:
+    """Can this machine collect from a real kernel? (QEMU, apt, dpkg-deb, gcc, make, and apt
+    knowing the packages.) Downloads are not tried here."""
+    for tool in (QEMU, "apt-get", "apt-cache", "dpkg-deb", "gcc", "make"):
+        if not shutil.which(tool):
+            return False, f"{tool} not found"
+    from harness.linux.fetch import resolve
+    try:
+        resolve(kernel)
+    except (OracleUnavailable, BadInputError) as e:
+        return False, str(e)
+    return True, ""
