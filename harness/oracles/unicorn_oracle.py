@@ -570,6 +570,23 @@ def _check_image(memory: SparseMemory, ram_size: int) -> None:
                                 f"[{RIG_IMAGE_BASE:#x}, {ram_size:#x})")
 
 
+@functools.lru_cache(maxsize=32)
+def _harness_pt(flags: int) -> bytes:
+    """A PT mapping the harness's 2 MiB (PA 0..H_END) with `flags` (immutable: safe to cache)."""
+    return b"".join(_Q.pack((k << 12) | flags) for k in range(512))
+
+
+def _runs(pages) -> list[tuple[int, int]]:
+    """Sorted page numbers as (first, count) runs, so engine memory moves in few large calls."""
+    out: list[tuple[int, int]] = []
+    for pn in sorted(pages):
+        if out and out[-1][0] + out[-1][1] == pn:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((pn, 1))
+    return out
+
+
 def _harness_tables(state: PagingState, user_key: int) -> list[tuple[int, bytes]]:
     """(pa, bytes) writes that install the harness, and its slot in the caller's root."""
     table = _PTE_P | _PTE_RW | _PTE_US | _PTE_A
@@ -584,9 +601,8 @@ def _harness_tables(state: PagingState, user_key: int) -> list[tuple[int, bytes]
     writes.append((H_PDPT + 8 * 511, _Q.pack(H_PD | table)))
     writes.append((H_PD, _Q.pack(H_PT_K | table) + _Q.pack(H_PT_U | table)))
     kflags = _PTE_P | _PTE_RW | _PTE_A | _PTE_D
-    uflags = kflags | _PTE_US | (user_key << 59)
-    writes.append((H_PT_K, b"".join(_Q.pack((k << 12) | kflags) for k in range(512))))
-    writes.append((H_PT_U, b"".join(_Q.pack((k << 12) | uflags) for k in range(512))))
+    writes.append((H_PT_K, _harness_pt(kflags)))
+    writes.append((H_PT_U, _harness_pt(kflags | _PTE_US | (user_key << 59))))
     return writes
 
 
@@ -733,8 +749,8 @@ class UnicornOracle:
 
     def _load(self, eng: _Engine, memory: SparseMemory, state: PagingState, key: int) -> None:
         uc = eng.uc
-        for pn in sorted(memory.pages):
-            uc.mem_write(pn * PAGE, bytes(memory.pages[pn]))
+        for first, count in _runs(memory.pages):
+            uc.mem_write(first * PAGE, b"".join(memory.pages[pn] for pn in range(first, first + count)))
         for pa, data in _harness_tables(state, key):
             uc.mem_write(pa, data)
         x = _x86
@@ -803,8 +819,10 @@ class UnicornOracle:
         after.control_registers = dict(memory.control_registers)
         lo, hi = RIG_IMAGE_BASE >> 12, self.ram_size >> 12
         pages = set(memory.pages) | {pn for pn in eng.st.written if lo <= pn < hi}
-        for pn in sorted(pages):
-            after.pages[pn] = bytearray(eng.uc.mem_read(pn * PAGE, PAGE))
+        for first, count in _runs(pages):
+            data = eng.uc.mem_read(first * PAGE, count * PAGE)
+            for k in range(count):
+                after.pages[first + k] = data[k * PAGE:(k + 1) * PAGE]
         slot = state.root + 8 * HARNESS_SLOT
         if state.root >> 12 in after.pages:
             after.write_u64(slot, memory.read_u64(slot))
