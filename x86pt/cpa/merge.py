@@ -55,13 +55,13 @@ class Policy:
             return False
         if honour_4k and first & KERNEL_4K:
             return False
-        return t == [first + s for s in _STEP4K]
+        return t == list(range(first, first + (512 << 12), 1 << 12))
 
     def pmd_table_mergeable(self, t: list[int]) -> bool:
         first = t[0]
         if not first & P or not first & PSE or first & PMD_PFN_MASK & 0x3FE00000:
             return False
-        return t == [first + s for s in _STEP2M]
+        return t == list(range(first, first + (512 << 21), 1 << 21))
 
     def merge_pte_table(self, key: int, rfc: bool) -> None:
         """Replace PTE table `key` by a 2M leaf made from its entry 0 (pfn_pmd + 4k_2_large)."""

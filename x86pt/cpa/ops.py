@@ -463,16 +463,20 @@ class CpaModel:
                     self.counters.setchecked_4k += 1
                     pfnbits = old & PTE_PFN_MASK
                     new_prot = ((old & ~call.clr) | call.set) & ~PTE_PFN_MASK & U64
+                    pfn = pfnbits >> 12
                     if new_prot & P:
-                        pfn = pfnbits >> 12
-                        if self.kernel_set_to_readonly or (address <= self.etext_va - 1 and self.text_va <= address):
+                        # only text NX and rodata RW can bind a 4K-mapped page (text_ro needs a
+                        # large mapping at `address`): skip the call when neither range is hit
+                        if (self.text_va <= address < self.etext_va
+                                or self.rodata_spfn <= pfn <= self.rodata_epfn):
                             new_prot = self.static_protections(new_prot, address, pfn, 1, 0)
                     else:
                         new_prot &= ~GLOBAL
-                    if self.version.verify_rwx:
-                        self.verify_rwx(old, new_prot)
+                    if (old ^ new_prot) & (RW | NX) and (new_prot & (RW | NX)) == RW \
+                            and self.version.verify_rwx:
+                        self.counters.wx_warnings += 1
                     new = pfnbits | new_prot
-                    call.pfn = pfnbits >> 12
+                    call.pfn = pfn
                     if new != old:
                         t[i] = new
                         call.flushtlb = True
@@ -504,16 +508,19 @@ class CpaModel:
     def process_alias(self, call: Call, vaddr: int, n: int) -> int:
         """cpa_process_alias (spec §4.7)."""
         pfn = call.pfn
-        if not self.pfn_mapped(pfn):
+        ram = self.ram
+        j = bisect.bisect_right(self._ram_starts, pfn) - 1
+        if j < 0 or pfn >= ram[j][1]:
             return 0
         s, cl = call.set, call.clr
         if self.version.nx_alias_strip:
             s &= ~NX
             cl &= ~NX
-        if not self.in_direct_map(vaddr):
+        po = self.page_offset
+        if not po <= vaddr < po + (self.max_pfn_mapped << 12):
             alias = Call(s, cl, call.force_split, call.flags & ~6, False, False, False, 0, False)
             call.force_flush_all = True
-            r = self.set_clr(alias, self.page_offset + (pfn << 12), n)
+            r = self.set_clr(alias, po + (pfn << 12), n)
             if r:
                 return r
         if not (self.text_va <= vaddr <= self.brk_end_va) and self.highmap_spfn <= pfn <= self.highmap_epfn:

@@ -104,7 +104,7 @@ def split_large_page(m: "CpaModel", c: "Call", level: int, t: list, i: int, addr
     else:
         # a PUD split cannot be fixed up ("Cannot fixup static protections for PUD split")
         first = base | ref
-        children = [first + k * inc for k in range(512)]
+        children = list(range(first, first + 512 * inc, inc))
     pa = m.pool.alloc()
     m.counters.tables_allocated += 1
     m.counters.all_splits += 1
