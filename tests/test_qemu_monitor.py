@@ -28,7 +28,9 @@ HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
 
 
 @pytest.fixture(autouse=True)
-def _qemu():
+def _qemu(request):
+    if request.node.name.startswith("test_offline_"):
+        return                                      # pure functions: no QEMU needed
     need_oracle("qemu", HAVE_QEMU, "qemu-system-x86_64 not installed (tools/install_qemu.sh)")
 
 
@@ -304,3 +306,26 @@ def test_qemu_dies_with_its_parent(tmp_path):
         os.kill(qpid, signal.SIGKILL)
         pytest.fail("QEMU outlived its parent")
     assert glob.glob(f"/dev/shm/x86pt-qemu-{child.pid}-*") == []
+
+
+def test_offline_ram_layout_of_the_pc_machine():
+    # pc machine with max-ram-below-4g=3G: RAM [0, 3G) at file offset 0, the rest from 4 GiB.
+    layout = _qm().RamLayout(5 << 30)
+    assert layout.ranges == [(0, 3 << 30), (4 << 30, 6 << 30)]
+    assert layout.offset(0x1000) == 0x1000
+    assert layout.offset((4 << 30) + 0x2000, 8) == (3 << 30) + 0x2000
+    with pytest.raises(BadInputError, match="not RAM"):
+        layout.offset((3 << 30) + 0x1000)                       # the PCI hole
+    with pytest.raises(BadInputError):
+        layout.offset((3 << 30) - 4, 8)                         # straddles the end of low RAM
+    assert _qm().RamLayout(32 << 20).ranges == [(0, 32 << 20)]
+
+
+def test_offline_parse_monitor_lines():
+    qm = _qm()
+    with pytest.raises(OracleError, match="info tlb"):
+        qm.parse_info_tlb("0000000000400000: 0000000000600000 ----A--U")
+    with pytest.raises(OracleError, match="info mem"):
+        qm.parse_info_mem("PG disabled")
+    line = qm.parse_info_tlb("ffff800000000000: 0000000040000000 XGP-----W")[0]
+    assert (line.va, line.pa, line.nx, line.large) == (0xFFFF800000000000, 0x40000000, True, True)
