@@ -9,8 +9,10 @@ Conventions shared by every backend and by the image builders of the rig (matrix
   with 5-level (the backend points it at a PML4 whose [511] maps the harness). VAs from
   0xffffff8000000000 (4-level) / 0xff00000000000000 (5-level) up are not for test mappings.
   The backend writes that slot into its own copy of the image; the caller's memory is not changed.
-* Probes are run in order; each one is preceded by an INVLPG of its VA (no stale TLB across a
-  batch). A/D bits set by one probe stay set for the next (the caller arranges independence).
+* Probes are run in order and each one sees a fresh walk: no translation cached by an earlier
+  probe is used (the guest does INVLPG of the VA at CPL0 before dropping to CPL3; unicorn
+  reloads CR3). A/D bits set by one probe stay set for the next (the caller arranges
+  independence).
 * Frame contents are the caller's: a fetch probe needs 0xC3 (ret) at its target, and read
   probes return the 8 bytes at their target as `value`. `tag_value(pa)` is the rig's pattern
   for "this qword lives at pa" (low byte 0xC3, so 8-aligned fetches return too).
@@ -55,6 +57,8 @@ class Probe:
     def __post_init__(self) -> None:
         if self.access not in ACCESS_KINDS:
             raise ValueError(f"bad access {self.access!r}")
+        if not 0 <= self.va < (1 << 64) or not 0 <= self.wvalue < (1 << 64):
+            raise ValueError(f"probe va {self.va:#x} / wvalue {self.wvalue:#x} is not a 64-bit value")
 
 
 @dataclass(frozen=True)
