@@ -91,7 +91,7 @@ class Generator:
         self.v = kernel_version(kernel)
         self.rng = random.Random(seed)
         self.frames = Frames(layout, self.rng)
-        self.va = VA(layout.modules_vaddr, layout.modules_end)
+        self.va = VA(layout.modules_vaddr + (4 << 20), layout.modules_end)   # past loaded modules
         self.po = layout.page_offset
         self.loaded: list[tuple] = []
         self.packs: list[list] = []          # [va, used programs]
