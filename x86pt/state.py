@@ -62,8 +62,9 @@ class Features:
 @dataclass(frozen=True)
 class Profile:
     """A named set of behaviours. `intel` and `amd` follow the manuals; `qemu`, `unicorn` and `kvm`
-    carry the deviations measured on those oracles (spec/oracle-*.md), each with a test in
-    tests/test_profiles_proven.py that shows the oracle still deviates that way."""
+    carry the deviations measured on those oracles (spec/oracle-*.md), each with a test that shows
+    the oracle still deviates that way (tests/test_oracle_{qemu,unicorn,kvm}.py, `test_profile_*`
+    or the `profile` proofs there), so an oracle upgrade that fixes one is noticed."""
 
     name: str
     vendor: str = "intel"
