@@ -1,0 +1,215 @@
+"""`x86pt cpa replay | compare | generate` and the demo section of the CPA model."""
+from __future__ import annotations
+
+import os
+import sys
+
+from x86pt.errors import BadInputError
+from x86pt.numbers import parse_int
+
+SUMMARY_COLS = (("policy", "policy"), ("kernel", "kernel"), ("ops", "ops"), ("DirectMap4k", "4k kB"),
+                ("DirectMap2M", "2M kB"), ("DirectMap1G", "1G kB"), ("split_2m", "spl2M"),
+                ("split_1g", "spl1G"), ("collapse_2m", "col2M"), ("merge_2m", "mrg2M"),
+                ("merge_1g", "mrg1G"), ("tables", "tables"), ("tables_allocated", "t.alloc"),
+                ("tables_freed", "t.freed"), ("flush_all", "flushall"), ("invlpg_pages", "invlpg"),
+                ("ops_per_s", "ops/s"))
+
+
+def render_table(summaries: list[dict]) -> str:
+    rows = [[h for _, h in SUMMARY_COLS]]
+    for s in summaries:
+        rows.append(["-" if s.get(k) is None else str(s.get(k)) for k, _ in SUMMARY_COLS])
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = [" ".join(c.rjust(w[i]) if i > 1 else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    return "\n".join(out)
+
+
+class Progress:
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled = label, enabled
+
+    def __call__(self, i: int, n: int) -> None:
+        if not self.enabled or not n:
+            return
+        frac = i / n
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {i}/{n}")
+        if i >= n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _model_factory(args, policy: str):
+    from x86pt.cpa.layout import layout_named
+    from x86pt.cpa.trace import new_model
+    layout = layout_named(args.layout)
+    if args.image:
+        from x86pt.image import open_image
+        img = open_image(args.image, args)
+
+        def make():
+            return new_model(layout, args.kernel, policy, img)
+        return make, layout
+    return (lambda: new_model(layout, args.kernel, policy)), layout
+
+
+def _run(args, policy: str, ops, dump: bool):
+    from x86pt.cpa.trace import replay
+    make, layout = _model_factory(args, policy)
+    m = make()
+    prog = Progress(f"{policy:>12}", not args.quiet and not args.json)
+    on_dump = None
+    if dump and args.dump_at is not None:
+        def on_dump(model, idx):
+            from x86pt.cli import write_image
+            path = args.dump_out or f"cpa-{policy}-op{args.dump_at}.elf"
+            write_image(model.export(), model.paging_state(), path, None)
+            if not args.json:
+                print(f"image after op {idx} written to {path}", file=sys.stderr)
+    r = replay(m, ops, validate=args.validate, checks=args.checks, progress=prog,
+               dump_at=args.dump_at, on_dump=on_dump)
+    if r.violation is not None and args.validate:
+        from x86pt.cpa.trace import minimise, write_trace
+        mini = minimise(make, ops, r.violation, args.checks, budget_s=args.minimise_seconds)
+        path = args.repro or f"cpa-violation-{policy}.trace"
+        write_trace(path, mini, [f"minimal trace for: {r.violation}",
+                                 f"replay: x86pt cpa replay {path} --policy {policy} --kernel "
+                                 f"{args.kernel} --layout {args.layout} --validate"])
+        r.notes = r.notes + (f"minimal reproducer ({len(mini)} ops) written to {path}",)
+    return r, m
+
+
+def cmd_replay(args) -> int:
+    from x86pt.cpa.trace import read_trace
+    ops = read_trace(args.trace)
+    r, m = _run(args, args.policy, ops, True)
+    return _report(args, [r], m)
+
+
+def cmd_compare(args) -> int:
+    from x86pt.cpa.merge import POLICIES
+    from x86pt.cpa.trace import read_trace
+    ops = read_trace(args.trace)
+    pols = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for p in pols:
+        if p not in POLICIES:
+            raise BadInputError(f"unknown policy {p!r} (one of {', '.join(POLICIES)})")
+    results = []
+    m = None
+    for p in pols:
+        r, m = _run(args, p, ops, False)
+        results.append(r)
+    return _report(args, results, m)
+
+
+def _report(args, results, m) -> int:
+    from x86pt.cli import emit_json
+    plot = getattr(args, "plot", None)
+    if plot:
+        from x86pt.cpa.plot import plot_fragmentation
+        plot_fragmentation(results, plot, f"{os.path.basename(args.trace)} on {args.layout}")
+    if args.json:
+        for r in results:
+            emit_json({**r.summary(), "notes": list(r.notes), "plot": plot})
+    else:
+        print(render_table([r.summary() for r in results]))
+        for r in results:
+            for n in r.notes:
+                print(f"note ({r.policy}): {n}")
+            if r.violation:
+                print(f"VIOLATION ({r.policy}): {r.violation}")
+        if len(results) == 1 and m is not None:
+            print("/proc/meminfo:\n" + m.counters.meminfo_text(m.layout.gbpages).rstrip())
+            print("x86/cpa_stats:\n" + m.counters.cpa_stats().rstrip())
+        if plot:
+            print(f"plot written to {plot}")
+    return 1 if any(r.violation for r in results) else 0
+
+
+def cmd_generate(args) -> int:
+    from x86pt.cpa.layout import layout_named
+    from x86pt.cpa.trace import write_trace
+    from x86pt.cpa.workload import generate
+    layout = layout_named(args.layout)
+    n = parse_int(args.ops, "--ops", lo=1, hi=100_000_000)
+    seed = parse_int(args.seed, "--seed")
+    ops = generate(layout, args.kernel, args.workload, n, seed)
+    write_trace(args.output, ops, [f"x86pt cpa generate {args.workload} --ops {n} --seed {seed} "
+                                   f"--layout {args.layout} --kernel {args.kernel}"])
+    if not args.quiet:
+        print(f"wrote {len(ops)} ops to {args.output}")
+    return 0
+
+
+def _common(p, policy_arg: bool) -> None:
+    p.add_argument("trace")
+    if policy_arg:
+        p.add_argument("--policy", default="none", help="none, upstream, nr-same-prot, ideal")
+    p.add_argument("--kernel", default="6.15", help="kernel version rules: 6.1, 6.6, 6.15, 6.18")
+    p.add_argument("--layout", default="server-64g",
+                   help="laptop-4g, server-64g, server-64g-nogb, server-1t, demo or FILE.json")
+    p.add_argument("--image", default=None, help="start from this image's kernel tables (ELF core or raw)")
+    p.add_argument("--validate", action="store_true", help="check invariants (a)-(d) after every op")
+    p.add_argument("--checks", default="abcd", help="which invariants to check (subset of abcd)")
+    p.add_argument("--repro", default=None, help="where to write the minimal failing trace")
+    p.add_argument("--minimise-seconds", type=float, default=30.0)
+    p.add_argument("--plot", default=None, metavar="PNG", help="fragmentation plot")
+    p.add_argument("--dump-at", type=int, default=None, metavar="N", help="write the image after op N")
+    p.add_argument("--dump-out", default=None, metavar="PATH")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    from x86pt.image import add_state_args
+    add_state_args(p)
+
+
+def register(subparsers) -> None:
+    c = subparsers.add_parser("cpa", help="the Linux CPA / direct-map model: replay, compare, generate")
+    sub = c.add_subparsers(dest="cpa_command", metavar="CPA_COMMAND")
+    sub.required = True
+    r = sub.add_parser("replay", help="replay a trace under one merge policy")
+    _common(r, True)
+    r.set_defaults(func=cmd_replay)
+    cp = sub.add_parser("compare", help="replay a trace under several policies side by side")
+    _common(cp, False)
+    cp.add_argument("--policies", default="none,upstream,nr-same-prot,ideal")
+    cp.set_defaults(func=cmd_compare)
+    g = sub.add_parser("generate", help="generate a workload trace (spec §8 sequences)")
+    g.add_argument("workload", help="mixed, mixed-rox, modules, modules-rox, bpf, bpf-nopack, kfence, "
+                                    "secretmem, hotplug")
+    g.add_argument("-o", "--output", required=True)
+    g.add_argument("--ops", default="10000")
+    g.add_argument("--seed", default="1")
+    g.add_argument("--kernel", default="6.15")
+    g.add_argument("--layout", default="server-64g")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+
+def demo_section(ctx) -> None:
+    """Replay a short generated workload on the demo's embedded image under two policies."""
+    from x86pt.cpa.importer import model_from_image
+    from x86pt.cpa.layout import demo_layout
+    from x86pt.cpa.plot import plot_fragmentation
+    from x86pt.cpa.trace import replay, write_trace
+    from x86pt.cpa.workload import generate
+    ctx.heading("CPA model (x86pt cpa compare TRACE --policies none,upstream --kernel 6.15)")
+    layout = demo_layout()
+    ops = generate(layout, "6.15", "mixed-rox", 2000, 7)
+    trace = os.path.join(ctx.out_dir, "cpa-demo.trace")
+    write_trace(trace, ops, ["x86pt demo: mixed-rox workload, 2000 ops, seed 7"])
+    results = []
+    for pol in ("none", "upstream"):
+        m = model_from_image((ctx.memory, ctx.state), layout, "6.15", pol)
+        results.append(replay(m, ops, validate=True))
+    png = os.path.join(ctx.out_dir, "cpa-demo.png")
+    plot_fragmentation(results, png, "x86pt demo: mixed-rox workload")
+    if ctx.json:
+        from x86pt.cli import emit_json
+        for r in results:
+            emit_json({"section": "cpa", **r.summary(), "plot": png, "trace": trace})
+        return
+    print(render_table([r.summary() for r in results]))
+    for r in results:
+        print(f"{r.policy}: validator {'held' if r.violation is None else 'FAILED: ' + str(r.violation)}"
+              f" ({r.pages_checked} page checks)")
+    print(f"trace: {trace}\nplot written to {png}")
