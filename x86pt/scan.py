@@ -62,13 +62,16 @@ class Issue:
     raw: int
 
     def describe(self) -> str:
-        name = LEVELS[self.level].table + "E" if self.level > 1 else "PTE"
+        name = ("CR3" if self.level not in LEVELS else
+                LEVELS[self.level].table + "E" if self.level > 1 else "PTE")
         if self.what == "loop":
             why = "points at one of its own ancestor tables (recursive mapping); walked as the CPU would"
         elif self.what == "past-end":
             why = "points at a table past the end of the image; walked as an empty table"
         else:
             why = "has reserved bits set: an access through it would #PF(RSVD)"
+        if name == "CR3":
+            return f"CR3 = {self.raw:#x} {why}"
         return f"{name} at {self.entry_addr:#x} (va {self.va:#018x}) = {self.raw:#018x} {why}"
 
     def to_json(self) -> dict:
@@ -203,6 +206,8 @@ class _Tables:
                 first = int(pas[0])
                 if n == 1 or bool((np.diff(pas) == U64(4096)).all()):
                     return self.flat[first // 8: first // 8 + 512 * n].reshape(n, 512), ok
+            if not ok.any():
+                return np.zeros((n, 512), dtype=U64), ok
             idx = (np.where(ok, pas, U64(0)) >> U64(3)).astype(np.int64)
             out = self.flat[idx[:, None] + np.arange(512)]
             out[~ok] = 0
