@@ -97,7 +97,7 @@ def test_cpio_newc_header_by_hand():
 
 def test_steps_archive_is_fixed_size():
     assert len(steps_archive(0)) == len(steps_archive(9999))
-    assert b"0042\n" in steps_archive(42)
+    assert b"0042 0\n" in steps_archive(42) and b"0042 1\n" in steps_archive(42, True)
     with pytest.raises(BadInputError):
         steps_archive(10000)
 

@@ -37,6 +37,7 @@ def cmd_run(args) -> int:
     meta = run(cfg, args.out, log=_log)
     print(f"{args.out}: {meta['kernel_release']} {cfg.levels}-level {cfg.workload}, "
           f"{len(meta['steps'])} checkpoints, deterministic {meta['deterministic_steps']}, "
+          f"chain {meta['chain_consistent']}, "
           f"wall {meta['wall_seconds']} s")
     return 0
 
@@ -64,8 +65,9 @@ def register(subparsers) -> None:
     r.add_argument("--levels", type=int, choices=(4, 5), default=4, help="paging levels of the guest")
     r.add_argument("--kaslr", action="store_true", help="boot the bzImage with KASLR (default nokaslr)")
     r.add_argument("--ram", default="3072", metavar="MIB")
-    r.add_argument("--images", choices=("all", "last"), default="all",
-                   help="all: one boot per checkpoint, an image per step (default); last: one boot")
+    r.add_argument("--images", choices=("all", "pause", "last"), default="all",
+                   help="all: one boot per checkpoint, an image per step (default); pause: one boot "
+                        "paused after every step; last: one boot, image of the last step")
     r.add_argument("--info-mem", action="store_true", help="time QEMU's `info mem` on the last boot")
     r.add_argument("--timeout", default="900", metavar="S", help="per boot")
     r.set_defaults(func=cmd_run)

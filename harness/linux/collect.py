@@ -42,6 +42,7 @@ class BootText:
     header: dict[str, list[str]]
     steps: list[StepText]
     ended: int | None          # number of steps the guest says it ran (@@END n), None if cut off
+    pauses: list[int] = field(default_factory=list)   # checkpoints at which it asked for a pause
 
 
 def parse_output(text: str) -> BootText:
@@ -53,6 +54,7 @@ def parse_output(text: str) -> BootText:
     cur: list[str] | None = None
     step: StepText | None = None
     ended = None
+    pauses: list[int] = []
     log_no = None
     for line in text.splitlines():
         line = line.rstrip("\r")
@@ -72,6 +74,9 @@ def parse_output(text: str) -> BootText:
                 if log_no is not None:
                     rcs[log_no] = int(rest)
                 cur = None
+            elif word == "PAUSE":
+                pauses.append(int(rest))
+                cur = None
             elif word == "END":
                 ended = int(rest)
                 cur = None
@@ -85,7 +90,7 @@ def parse_output(text: str) -> BootText:
     for s in steps:
         s.log = logs.get(s.number, [])
         s.rc = rcs.get(s.number)
-    return BootText(header, steps, ended)
+    return BootText(header, steps, ended, pauses)
 
 
 def parse_kallsyms(lines: list[str]) -> dict[str, int]:

@@ -126,8 +126,18 @@ collect() {
   say "@@ENDSTEP $1"
 }
 
+# /nsteps: "NNNN M": run steps 1..NNNN; M=1 pause after every step (one-boot mode), M=0 pause
+# only after the last one (one boot per checkpoint)
+read n every < /nsteps
+checkpoint() {
+  if [ "$every" = 1 ] || [ "$1" -eq "$n" ]; then
+    say "@@PAUSE $1"
+    sync
+    pvpanic >&3 2>&3
+  fi
+}
 collect 0 baseline
-n=$(cat /nsteps 2>/dev/null || echo 0)
+checkpoint 0
 i=0
 while IFS='|' read -r name cmd <&4; do
   i=$((i+1))
@@ -138,10 +148,9 @@ while IFS='|' read -r name cmd <&4; do
   # module init sections are freed by a kworker after insmod returns (oracle-linux.md §10)
   sleep 0.5
   collect $i "$name"
+  checkpoint $i
 done 4</steps.txt
 say "@@END $n"
-sync
-pvpanic >&3 2>&3
 while :; do sleep 3600; done
 """
 
@@ -207,7 +216,7 @@ def _module_bytes(modules_dir: str, rel: str) -> bytes:
     raise OracleUnavailable(f"module {rel} not in {modules_dir}")
 
 
-def steps_archive(steps: int) -> bytes:
+def steps_archive(steps: int, pause_every: bool = False) -> bytes:
     """An uncompressed newc archive holding /nsteps, appended to the initramfs of each boot.
 
     The number of steps a boot runs is the only input that differs between checkpoint boots, so
@@ -218,7 +227,7 @@ def steps_archive(steps: int) -> bytes:
     if not 0 <= steps <= 9999:
         raise BadInputError(f"step count {steps} out of range")
     a = Cpio()
-    a.file("nsteps", b"%04d\n" % steps)
+    a.file("nsteps", b"%04d %d\n" % (steps, int(pause_every)))
     return a.finish()
 
 

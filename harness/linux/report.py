@@ -36,7 +36,10 @@ def parse_ptdump(text: str) -> list[PtdumpRange]:
     for line in text.splitlines():
         m = _LINE.match(line)
         if m:
-            out.append(PtdumpRange(int(m.group(1), 16), int(m.group(2), 16), tuple(m.group(3).split())))
+            start, end = int(m.group(1), 16), int(m.group(2), 16)
+            if end <= start:            # the last range ends at 2^64, printed as 0
+                end += 1 << 64
+            out.append(PtdumpRange(start, end, tuple(m.group(3).split())))
     return out
 
 
@@ -54,7 +57,7 @@ def direct_map_stats(ranges: list[PtdumpRange], span: tuple[int, int]) -> dict[s
     st = {"pte": 0, "pmd": 0, "pud": 0, "no_glb_pages": 0}
     for r in ranges:
         a, b = max(r.start, lo), min(r.end, hi)
-        if a >= b:
+        if a >= b or not ("RW" in r.attrs or "ro" in r.attrs):   # unmapped stretches
             continue
         if r.level in st:
             st[r.level] += b - a

@@ -64,7 +64,8 @@ class RunConfig:
     levels: int = 4                 # 4: -cpu max,la57=off; 5: -cpu max (LA57)
     kaslr: bool = False             # True boots the bzImage (the decompressor does the KASLR)
     ram_mb: int = 3072              # >= 3G so GiB 1 is all RAM and gets a 1G leaf (§3)
-    images: str = "all"             # all: one boot per checkpoint; last: one boot
+    images: str = "all"             # all: one boot per checkpoint; pause: one boot, paused at
+                                    # each checkpoint; last: one boot, image of the last step
     info_mem: bool = False          # time HMP `info mem` on the last boot (4-level only prints)
     timeout: float = 900.0          # per boot
     seed: int = 1
@@ -72,8 +73,8 @@ class RunConfig:
     def check(self) -> None:
         if self.levels not in (4, 5):
             raise BadInputError("--levels must be 4 or 5")
-        if self.images not in ("all", "last"):
-            raise BadInputError("--images must be all or last")
+        if self.images not in ("all", "pause", "last"):
+            raise BadInputError("--images must be all, pause or last")
         if not 1024 <= self.ram_mb <= 3584:
             # above 3.5G the pc machine splits RAM around the PCI hole; the RAM file would no
             # longer be "file offset = physical address"
@@ -173,7 +174,12 @@ class BootResult:
     capture_seconds: float = 0.0
     info_mem_seconds: float | None = None
     info_mem_lines: int | None = None
-    capture: object = None
+    captures: dict = field(default_factory=dict)     # checkpoint -> collect.Capture
+    all_regs: dict = field(default_factory=dict)     # checkpoint -> registers
+
+    @property
+    def capture(self):
+        return self.captures.get(self.steps)
 
 
 class Guest:
@@ -211,29 +217,32 @@ class Guest:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def wait_end(self, timeout: float) -> str:
-        """Wait until the guest printed @@END and QEMU paused on its pvpanic. The host reads only
-        the output file meanwhile: talking to QEMU while the guest runs would perturb icount."""
-        deadline = time.monotonic() + timeout
+    def wait_pause(self, k: int, deadline: float) -> str:
+        """Wait until the guest printed `@@PAUSE k` and QEMU paused on its pvpanic. Until then the
+        host only reads the output file: talking to QEMU while the guest runs perturbs icount."""
+        marker = f"@@PAUSE {k}\n"
         while True:
             text = _read_text(self.out)
-            if "\n@@END " in text or text.startswith("@@END "):
+            if text.startswith(marker) or "\n" + marker in text:
                 break
             if self.proc.poll() is not None:
-                raise OracleError(f"QEMU exited ({self.proc.returncode}) before the workload ended: "
+                raise OracleError(f"QEMU exited ({self.proc.returncode}) before checkpoint {k}: "
                                   + _last_line(os.path.join(self.workdir, "qemu.stderr"), self.console))
             if time.monotonic() > deadline:
-                raise OracleError(f"guest did not finish within {timeout:.0f} s: "
-                                  + _last_line(self.console))
+                raise OracleError(f"guest did not reach checkpoint {k} in time: " + _last_line(self.console))
             time.sleep(0.1)
-        self.qmp = Qmp(self.qmp_path)
+        if self.qmp is None:
+            self.qmp = Qmp(self.qmp_path)
         while True:
             st = self.qmp.command("query-status")
             if isinstance(st, dict) and st.get("status") in ("guest-panicked", "paused"):
                 return _read_text(self.out)
             if time.monotonic() > deadline:
-                raise OracleError("guest printed @@END but never paused (pvpanic)")
+                raise OracleError(f"guest printed @@PAUSE {k} but never paused (pvpanic)")
             time.sleep(0.05)
+
+    def resume(self) -> None:
+        self.qmp.command("cont")
 
     def close(self) -> None:
         atexit.unregister(self.close)
@@ -306,38 +315,45 @@ def prepare(cfg: RunConfig, root: str | None = None) -> Prepared:
     return Prepared(tree, wl, initrd, binary, qemu_version(binary))
 
 
-def boot(prep: Prepared, cfg: RunConfig, steps: int, keep_image: bool, info_mem: bool = False) -> BootResult:
-    """One deterministic boot running steps 1..`steps`; the page tables captured at the end."""
+def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
+         info_mem: bool = False) -> BootResult:
+    """One deterministic boot running steps 1..`steps`, the page tables captured at the end
+    (`pause_every`: also after every earlier step, resuming after each capture)."""
     kernel = prep.tree.bzimage if cfg.kaslr else prep.tree.vmlinux
     append = kernel_cmdline(prep.tree, cfg, prep.workload)
     with tempfile.TemporaryDirectory(prefix="x86pt-linux-") as wd:
         initrd = os.path.join(wd, "initrd")
         with open(prep.initrd, "rb") as f:
             base = f.read()
-        # the kernel unpacks concatenated archives; gzip members end on their own, pad to 4
-        write_bytes_atomic(initrd, base + bytes(-len(base) % 512) + steps_archive(steps))
+        # the kernel unpacks concatenated archives; pad the gzip member to a cpio block
+        write_bytes_atomic(initrd, base + bytes(-len(base) % 512) + steps_archive(steps, pause_every))
         t0 = time.monotonic()
+        deadline = t0 + cfg.timeout
+        captures: dict[int, object] = {}
+        regs: dict[int, dict[str, int]] = {}
+        cap_s = 0.0
         with Guest(prep.qemu, kernel, initrd, append, cfg, wd) as g:
-            raw = g.wait_end(cfg.timeout)
-            seconds = time.monotonic() - t0
-            regs = parse_registers(g.qmp.hmp("info registers"))
-            text = parse_output(raw)
-            res = BootResult(steps, text, raw, _read_text(g.console), regs, seconds)
-            if keep_image:
+            for k in (range(steps + 1) if pause_every else (steps,)):
+                raw = g.wait_pause(k, deadline)
                 t1 = time.monotonic()
+                regs[k] = parse_registers(g.qmp.hmp("info registers"))
+                ks = parse_kallsyms(parse_output(raw).header.get("KALLSYMS", []))
                 ram = RawFile(g.ram)
                 try:
-                    res.capture = capture(ram, regs, parse_kallsyms(text.header.get("KALLSYMS", [])))
+                    captures[k] = capture(ram, regs[k], ks)
                 finally:
                     ram.close()
-                res.capture_seconds = time.monotonic() - t1
+                cap_s += time.monotonic() - t1
+                if k < steps:
+                    g.resume()
+            seconds = time.monotonic() - t0
+            res = BootResult(steps, parse_output(raw), raw, _read_text(g.console), regs[steps], seconds,
+                             cap_s, captures=captures, all_regs=regs)
             if info_mem:
                 t1 = time.monotonic()
                 out = g.qmp.hmp("info mem")
                 res.info_mem_seconds = time.monotonic() - t1
                 res.info_mem_lines = len(out.splitlines())
-                write_text_atomic(os.path.join(wd, "info-mem.txt"), out)
-                res.info_mem_text = out
     return res
 
 
@@ -345,7 +361,8 @@ def _step_fingerprint(s) -> str:
     return json.dumps({k: s.sections.get(k, []) for k in ("MEMINFO", "VMSTAT", "TRACE", "PTDUMP")})
 
 
-def write_step(out_dir: str, s, title: str, res: BootResult | None) -> dict:
+def write_step(out_dir: str, s, title: str, cap=None, regs: dict[str, int] | None = None,
+               boot_seconds: float | None = None) -> dict:
     """Write one step's artefacts into out_dir/step-NN and return its summary."""
     d = os.path.join(out_dir, f"step-{s.number:02d}")
     os.makedirs(d, exist_ok=True)
@@ -359,50 +376,64 @@ def write_step(out_dir: str, s, title: str, res: BootResult | None) -> dict:
                       "".join(json.dumps(c.to_json(), sort_keys=True) + "\n" for c in dec.calls))
     write_text_atomic(os.path.join(d, "trace.raw"), "\n".join(s.sections.get("TRACE", [])) + "\n")
     summary = {"step": s.number, "name": s.name, "rc": s.rc, "log": s.log, "counters": counters,
+               "uptime": (s.sections.get("UPTIME") or [""])[0],
                "trace": trace_summary(dec), "ptdump_lines": ptdump.count("\n")}
-    if res is not None and res.capture is not None:
-        write_capture(os.path.join(d, "tables.elf"), res.capture)
-        summary["image"] = {"file": "tables.elf", **res.capture.layout,
-                            "cr0": hex(res.regs["cr0"]), "cr4": hex(res.regs["cr4"]),
-                            "efer": hex(res.regs["efer"]), "boot_seconds": round(res.seconds, 2),
-                            "capture_seconds": round(res.capture_seconds, 3)}
+    if cap is not None:
+        write_capture(os.path.join(d, "tables.elf"), cap)
+        summary["image"] = {"file": "tables.elf", **cap.layout, "cr0": hex(regs["cr0"]),
+                            "cr4": hex(regs["cr4"]), "efer": hex(regs["efer"])}
+        if boot_seconds is not None:
+            summary["image"]["boot_seconds"] = round(boot_seconds, 2)
     write_text_atomic(os.path.join(d, "step.json"), dump_json(summary))
     return summary
 
 
 def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: None,
         root: str | None = None) -> dict:
-    """The whole collection: prepare, one boot per checkpoint, artefacts per step in out_dir."""
+    """The whole collection: prepare, boot(s), artefacts per step in out_dir.
+
+    images="all": one boot per checkpoint k (steps 1..k, pause once at the end); step k's texts
+    and image come from boot k. `chain` counts the k whose boot k recorded step k-1 exactly as
+    boot k-1 did (so image k-1 and trace k belong to one history).
+    images="pause": one boot that pauses after every step (self-consistent by construction; the
+    pause may move later steps away from an unpaused run's).
+    images="last": one boot, an image of the last step only."""
     t_all = time.monotonic()
     prep = prepare(cfg, root)
     t_prep = time.monotonic() - t_all
     n = len(prep.workload.steps)
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoints = list(range(n + 1)) if cfg.images == "all" else [n]
+    os.makedirs(os.path.join(out_dir, "boots"), exist_ok=True)
     boots: dict[int, BootResult] = {}
-    for k in checkpoints:
+    ks = list(range(n + 1)) if cfg.images == "all" else [n]
+    for k in ks:
         log(f"boot {k}/{n}: {cfg.kernel} {cfg.levels}-level {'kaslr' if cfg.kaslr else 'nokaslr'} "
-            f"{cfg.workload} steps 1..{k}")
-        boots[k] = boot(prep, cfg, k, keep_image=True, info_mem=cfg.info_mem and k == n)
-        b = boots[k]
-        os.makedirs(os.path.join(out_dir, "boots"), exist_ok=True)
+            f"{cfg.workload} steps 1..{k}" + (", pause after each" if cfg.images == "pause" else ""))
+        b = boot(prep, cfg, k, pause_every=cfg.images == "pause", info_mem=cfg.info_mem and k == n)
+        boots[k] = b
         write_text_atomic(os.path.join(out_dir, "boots", f"boot-{k:02d}.txt"), b.raw_output)
-        if b.text.ended != k or len(b.text.steps) != k + 1:
-            raise OracleError(f"boot {k}: the guest ran {b.text.ended} steps and wrote "
-                              f"{len(b.text.steps)} step records (expected {k} and {k + 1}); "
-                              f"console: {_last_line_text(b.console)}")
+        if len(b.text.steps) != k + 1:
+            raise OracleError(f"boot {k}: the guest wrote {len(b.text.steps)} step records, expected "
+                              f"{k + 1}; console: {_last_line_text(b.console)}")
+        bad = [st.number for st in b.text.steps if st.number and st.rc != 0]
+        if bad:
+            raise OracleError(f"boot {k}: step {bad[0]} failed in the guest: {' | '.join(b.text.steps[bad[0]].log)[:200]}")
         log(f"  {b.seconds:.1f} s, capture {b.capture_seconds:.2f} s, "
             f"{b.capture.layout['table_pages'] if b.capture else 0} table pages")
     final = boots[n]
-    title = f"{final.text.header.get('UNAME', ['?'])[0]} {cfg.levels}-level {'kaslr' if cfg.kaslr else 'nokaslr'}"
+    title = f"{(final.text.header.get('UNAME') or ['?'])[0]} {cfg.levels}-level {'kaslr' if cfg.kaslr else 'nokaslr'}"
     steps_out = []
-    same = 0
-    for s in final.text.steps:
-        own = boots.get(s.number)
-        src = own.text.steps[s.number] if own is not None else s
-        if own is not None and _step_fingerprint(src) == _step_fingerprint(s):
-            same += 1
-        steps_out.append(write_step(out_dir, src, title, own))
+    same = chain = 0
+    for st in final.text.steps:
+        k = st.number
+        if cfg.images == "all":
+            own = boots[k]
+            src = own.text.steps[k]
+            same += _step_fingerprint(src) == _step_fingerprint(st)
+            if k and _step_fingerprint(own.text.steps[k - 1]) == _step_fingerprint(boots[k - 1].text.steps[k - 1]):
+                chain += 1
+            steps_out.append(write_step(out_dir, src, title, own.capture, own.regs, own.seconds))
+        else:
+            steps_out.append(write_step(out_dir, st, title, final.captures.get(k), final.all_regs.get(k)))
     layout = layout_of(final.text)
     if final.capture is not None:
         layout.update({k: v for k, v in final.capture.layout.items() if k not in ("table_pages",)})
@@ -413,13 +444,18 @@ def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: Non
             "kernel_packages": f"linux-image-{prep.tree.release} {prep.tree.version} (Debian)",
             "qemu_version": prep.qemu_version, "workload": prep.workload.name,
             "workload_doc": prep.workload.doc,
-            "steps": [{"step": s["step"], "name": s["name"]} for s in steps_out],
+            "steps": [{"step": x["step"], "name": x["name"]} for x in steps_out],
             "cmdline": kernel_cmdline(prep.tree, cfg, prep.workload),
             "boots": {str(k): round(b.seconds, 2) for k, b in boots.items()},
-            "deterministic_steps": f"{same}/{len(final.text.steps)}" if len(boots) > 1 else "n/a (one boot)",
             "prepare_seconds": round(t_prep, 2),
             "wall_seconds": round(time.monotonic() - t_all, 2),
             "source": "Debian kernel booted under QEMU TCG with icount; collected by x86pt linux run"}
+    if cfg.images == "all":
+        meta["deterministic_steps"] = f"{same}/{n + 1}"
+        meta["chain_consistent"] = f"{chain}/{n}"
+    else:
+        meta["deterministic_steps"] = "n/a (one boot)"
+        meta["chain_consistent"] = f"{n}/{n}" if cfg.images == "pause" else "n/a (one image)"
     if final.info_mem_seconds is not None:
         meta["info_mem_seconds"] = round(final.info_mem_seconds, 2)
         meta["info_mem_lines"] = final.info_mem_lines
