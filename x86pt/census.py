@@ -67,18 +67,15 @@ class Census:
         return "".join(out)
 
 
-def detect_page_offset(state: PagingState, memory, **scan_kw) -> int:
-    weights: dict[int, int] = {}
-    for ch in present_only(Scanner(state, memory, **scan_kw).chunks()):
-        k = (ch.va >> U64(63)) == U64(1)
-        if not k.any():
-            continue
-        off = ch.va[k] - ch.pa[k]
-        span = ch.span[k]
-        u, inv = np.unique(off, return_inverse=True)
-        w = np.bincount(inv, weights=span.astype(np.float64))
-        for o, ww in zip(u.tolist(), w.tolist()):
-            weights[o] = weights.get(o, 0) + int(ww)
+def _offset_weights(va: np.ndarray, pa: np.ndarray, span: np.ndarray, weights: dict[int, int]) -> None:
+    off = va - pa
+    u, inv = np.unique(off, return_inverse=True)
+    w = np.bincount(inv, weights=span.astype(np.float64))
+    for o, ww in zip(u.tolist(), w.tolist()):
+        weights[o] = weights.get(o, 0) + int(ww)
+
+
+def _pick(weights: dict[int, int]) -> int:
     aligned = {o: w for o, w in weights.items() if o % GiB == 0}
     pick = aligned or weights
     if not pick:
@@ -88,19 +85,34 @@ def detect_page_offset(state: PagingState, memory, **scan_kw) -> int:
 
 
 def census(state: PagingState, memory, page_offset: int | None = None, **scan_kw) -> Census:
+    """One scan: kernel-half records are kept (as runs, so a uniform 4K table is one row) until
+    PAGE_OFFSET is known, then counted against the direct-map range."""
     detected = page_offset is None
-    if detected:
-        page_offset = detect_page_offset(state, memory, **scan_kw)
-    end = (page_offset + (1 << (52 if state.la57 else 46))) & ((1 << 64) - 1)
     sc = Scanner(state, memory, **scan_kw)
-    direct = {1: 0, 2: 0, 3: 0}
-    lo, hi = U64(page_offset), U64(end)
+    weights: dict[int, int] = {}
+    keep_va, keep_level, keep_count = [], [], []
     for ch in present_only(sc.chunks()):
-        inside = (ch.va >= lo) & ((ch.va < hi) if end > page_offset else True)
-        if inside.any():
-            cnt = np.bincount(ch.level[inside], weights=ch.count[inside].astype(np.float64), minlength=4)
-            for l in (1, 2, 3):
-                direct[l] += int(cnt[l])
+        k = (ch.va >> U64(63)) == U64(1)
+        if not k.any():
+            continue
+        sub = ch if k.all() else ch.take(k)
+        if detected:
+            _offset_weights(sub.va, sub.pa, sub.span, weights)
+        keep_va.append(sub.va)
+        keep_level.append(sub.level)
+        keep_count.append(sub.count)
+    if detected:
+        page_offset = _pick(weights)
+    end = (page_offset + (1 << (52 if state.la57 else 46))) & ((1 << 64) - 1)
+    direct = {1: 0, 2: 0, 3: 0}
+    if keep_va:
+        va, level, count = (np.concatenate(x) for x in (keep_va, keep_level, keep_count))
+        inside = va >= U64(page_offset)
+        if end > page_offset:
+            inside &= va < U64(end)
+        cnt = np.bincount(level[inside], weights=count[inside].astype(np.float64), minlength=4)
+        for lvl in (1, 2, 3):
+            direct[lvl] = int(cnt[lvl])
     st: ScanStats = sc.stats
     return Census(page_offset, detected, end, direct, dict(st.entries), dict(st.tables),
                   st.distinct_tables(), st.issue_count, state.paging_levels)

@@ -186,6 +186,26 @@ def sign_extend(va: np.ndarray, bits: int) -> np.ndarray:
     return np.where(va & top, va | high, va)
 
 
+_BLOCK = 128     # rows per pass: two (128, 512) temporaries stay in the L2 cache
+
+
+def _rows_arithmetic(E: np.ndarray, rows: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """For each row r in `rows`: E[r, i] == E[r, 0] + step[i] for all i (blocked, no big temps)."""
+    out = np.zeros(len(rows), dtype=bool)
+    if not len(rows):
+        return out
+    contiguous = len(rows) == len(E) and rows[0] == 0
+    tmp = np.empty((min(_BLOCK, len(rows)), 512), dtype=U64)
+    eq = np.empty((min(_BLOCK, len(rows)), 512), dtype=bool)
+    for s in range(0, len(rows), _BLOCK):
+        blk = E[s:s + _BLOCK] if contiguous else E[rows[s:s + _BLOCK]]
+        k = len(blk)
+        np.add(blk[:, :1], step, out=tmp[:k])
+        np.equal(blk, tmp[:k], out=eq[:k])
+        out[s:s + k] = eq[:k].all(axis=1)
+    return out
+
+
 class _Tables:
     """Batched table reads. Raw files are indexed directly (a slice when the tables are
     consecutive); other sources go through memory.table() one table at a time."""
@@ -309,13 +329,11 @@ class Scanner:
                 cand &= (first & U64(PS_BIT)) != 0
             if cand.any():
                 ci = np.nonzero(cand)[0]
-                Ec = E if len(ci) == n else E[ci]
-                flags = ~frame_mask
-                same = ((Ec & flags) == (Ec[:, :1] & flags)).all(axis=1)
-                if same.any():
-                    Fr = Ec & frame_mask
-                    same &= (Fr == Fr[:, :1] + idx * U64(size)).all(axis=1)
-                uni[ci[same]] = True
+                # Equal non-frame bits and consecutive frames <=> entry i == entry 0 + i*size,
+                # as long as the last frame does not carry out of the frame field.
+                last = (first[ci] & frame_mask) + U64(511 * size)
+                ci = ci[(last <= frame_mask) & (last >= (first[ci] & frame_mask))]
+                uni[ci[_rows_arithmetic(E, ci, idx * U64(size))]] = True
         parts: list[Chunk] = []
         if uni.any():
             ui = np.nonzero(uni)[0]

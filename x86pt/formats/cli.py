@@ -120,7 +120,7 @@ def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset:
             if isinstance(b, str):
                 b = b.encode()
             if crlf:
-                b = b.replace(b"\n", b"\r\n")
+                b = bytes(b).replace(b"\n", b"\r\n")
             out.write(b)
 
     if fmt == "qemu-tlb":

@@ -34,10 +34,14 @@ TLB_FLAGS = ((63, "X"), (8, "G"), (7, "P"), (6, "D"), (5, "A"), (4, "C"), (3, "T
 LINE_BLOCK = 1 << 20
 
 
+# byte -> its two hex digits packed in a uint16 (first digit in the low byte: little-endian view)
+HEX16 = (HEX2[:, 0].astype(np.uint16) | (HEX2[:, 1].astype(np.uint16) << 8)).astype("<u2")
+
+
 def hex16(v: np.ndarray) -> np.ndarray:
     """(n,) uint64 -> (n, 16) uint8 ASCII lower-case hex, zero-padded."""
-    b = np.ascontiguousarray(v, dtype=">u8").view(np.uint8).reshape(-1, 8)
-    return HEX2[b].reshape(-1, 16)
+    b = np.ascontiguousarray(v, dtype=">u8").view(np.uint8)
+    return np.take(HEX16, b).view(np.uint8).reshape(-1, 16)
 
 
 def _flag_bytes(raw: np.ndarray, level: np.ndarray) -> np.ndarray:
@@ -49,8 +53,8 @@ def _flag_bytes(raw: np.ndarray, level: np.ndarray) -> np.ndarray:
     return out
 
 
-def _entry_blocks(chunks: Iterable[Chunk]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Expand present records into entries: (va, displayed pa, record raw/level per entry)."""
+def _record_blocks(chunks: Iterable[Chunk]) -> Iterator[Chunk]:
+    """Present records in blocks of at most LINE_BLOCK entries (a record has at most 512)."""
     for ch in present_only(chunks):
         n = len(ch)
         if not n:
@@ -59,39 +63,56 @@ def _entry_blocks(chunks: Iterable[Chunk]) -> Iterator[tuple[np.ndarray, np.ndar
         lo = 0
         while lo < n:
             base = int(ends[lo - 1]) if lo else 0
-            hi = int(np.searchsorted(ends, base + LINE_BLOCK, side="right"))
-            hi = max(hi, lo + 1)
-            sub = ch.take(slice(lo, hi))
-            cnt = sub.count.astype(np.int64)
-            if bool((cnt == 1).all()):
-                k = np.zeros(len(sub), dtype=U64)
-                rec = np.arange(len(sub))
-            else:
-                rec = np.repeat(np.arange(len(sub)), cnt)
-                starts = np.cumsum(cnt) - cnt
-                k = (np.arange(int(cnt.sum()), dtype=np.int64) - np.repeat(starts, cnt)).astype(U64)
-            size = U64(1) << SHIFT[sub.level]
-            step = k * size[rec]
-            va = sub.va[rec] + step
-            pa = (sub.raw[rec] & QEMU_FRAME_MASK[sub.level[rec]]) + step
-            yield va, pa, rec, sub
+            hi = max(int(np.searchsorted(ends, base + LINE_BLOCK, side="right")), lo + 1)
+            yield ch.take(slice(lo, hi))
             lo = hi
 
 
+def _hex8(v: np.ndarray) -> np.ndarray:
+    """(n,) values below 2^32 -> (n, 8) ASCII hex."""
+    b = np.ascontiguousarray(v, dtype=">u4").view(np.uint8)
+    return np.take(HEX16, b).view(np.uint8).reshape(-1, 8)
+
+
 def tlb_bytes(chunks: Iterable[Chunk]) -> Iterator[bytes]:
-    """`info tlb` text in blocks. `chunks` must come from a scan with addr_mask=QEMU_TABLE_MASK."""
-    for va, pa, rec, sub in _entry_blocks(chunks):
-        flags = _flag_bytes(sub.raw, sub.level)
-        n = len(va)
-        line = np.empty((n, 45), dtype=np.uint8)
-        line[:, 0:16] = hex16(va)
-        line[:, 16] = ord(":")
-        line[:, 17] = ord(" ")
-        line[:, 18:34] = hex16(pa)
-        line[:, 34] = ord(" ")
-        line[:, 35:44] = flags[rec]
-        line[:, 44] = ord("\n")
-        yield line.tobytes()
+    """`info tlb` text in blocks. `chunks` must come from a scan with addr_mask=QEMU_TABLE_MASK.
+
+    One line per record is formatted and repeated for every entry of the record; per entry only
+    the low 32 bits of VA and PA are formatted again: a run from a whole table starts at a VA
+    aligned to the table's span, so for 4K and 2M runs the high half cannot change; frames are
+    checked for a carry into bit 32 per record, and 1G runs are formatted in full."""
+    for sub in _record_blocks(chunks):
+        size = U64(1) << SHIFT[sub.level]
+        pa0 = sub.raw & QEMU_FRAME_MASK[sub.level]
+        tmpl = np.empty((len(sub), 45), dtype=np.uint8)
+        tmpl[:, 0:16] = hex16(sub.va)
+        tmpl[:, 16] = ord(":")
+        tmpl[:, 17] = ord(" ")
+        tmpl[:, 18:34] = hex16(pa0)
+        tmpl[:, 34] = ord(" ")
+        tmpl[:, 35:44] = _flag_bytes(sub.raw, sub.level)
+        tmpl[:, 44] = ord("\n")
+        cnt = sub.count.astype(np.int64)
+        if bool((cnt == 1).all()):
+            yield memoryview(tmpl).cast("B")
+            continue
+        line = np.repeat(tmpl, cnt, axis=0)
+        rec = np.repeat(np.arange(len(sub)), cnt)
+        k = (np.arange(len(rec), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)).astype(U64)
+        step = k * size[rec]
+        low = U64(0xFFFFFFFF)
+        full = (sub.level == 3) | ((pa0 & low) + (sub.count - U64(1)) * size > low)
+        if not full.any():
+            line[:, 8:16] = _hex8((sub.va & low)[rec] + step)
+            line[:, 26:34] = _hex8((pa0 & low)[rec] + step)
+        else:
+            part = ~full[rec]
+            line[part, 8:16] = _hex8((sub.va[rec][part] & low) + step[part])
+            line[part, 26:34] = _hex8((pa0[rec][part] & low) + step[part])
+            whole = full[rec]
+            line[whole, 0:16] = hex16(sub.va[rec][whole] + step[whole])
+            line[whole, 18:34] = hex16(pa0[rec][whole] + step[whole])
+        yield memoryview(line).cast("B")
 
 
 def _canon(v: np.ndarray, bit: int) -> np.ndarray:
