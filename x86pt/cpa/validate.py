@@ -183,7 +183,7 @@ class Reference:
             if name == "set_memory_4k":
                 for k in range(op[2]):
                     self.want4k.add(((op[1] & M48) >> 12) + k)
-            if s or c:
+            if s or c or fs:      # force_split still runs every page (protnone G clearing)
                 self.cpa(op[1], op[2], s, c, fl, True, touched)
         elif name in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "kernel_map_pages"):
             n = op[2] if name == "kernel_map_pages" else 1
@@ -195,7 +195,7 @@ class Reference:
             if fs and v.kernel_4k_bit and s & KERNEL_4K:
                 for k in range(n):
                     self.want4k.add(((addr & M48) >> 12) + k)
-            if s or c:
+            if s or c or fs:
                 self.cpa(addr, n, s, c, fl, primary, touched)
         elif name == "oob":
             va = op[1] & M48 & ~0xFFF
