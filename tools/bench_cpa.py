@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Benchmark the CPA model: replay speed on the 64 GiB preset (1G pages) of a generated trace,
+with validation off and with incremental validation, and memory used. The peer measured in the
+same run is the core walker (x86pt.walk) translating each op's address on the exported image:
+the cost of one architectural walk per op, which a walker-based model would pay at least once.
+
+    python3 tools/bench_cpa.py [--ops 1000000] [--workload mixed-rox] [--kernel 6.15]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+import tracemalloc
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from x86pt.cpa.layout import PRESETS  # noqa: E402
+from x86pt.cpa.ops import CpaModel  # noqa: E402
+from x86pt.cpa.trace import replay  # noqa: E402
+from x86pt.cpa.workload import generate  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ops", type=int, default=1_000_000)
+    ap.add_argument("--workload", default="mixed-rox")
+    ap.add_argument("--kernel", default="6.15")
+    ap.add_argument("--layout", default="server-64g")
+    ap.add_argument("--policy", default="none")
+    ap.add_argument("--validated-ops", type=int, default=None, help="ops for the validated run (default: --ops)")
+    a = ap.parse_args()
+    lay = PRESETS[a.layout]
+    t = time.perf_counter()
+    ops = generate(lay, a.kernel, a.workload, a.ops, 1)
+    print(f"generated {len(ops)} ops ({a.workload}, {a.kernel}) in {time.perf_counter() - t:.1f} s")
+    tracemalloc.start()
+    m = CpaModel(lay, a.kernel, a.policy)
+    r = replay(m, ops, samples=400)
+    cur, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"validation off : {r.ops / r.seconds:10.0f} ops/s  ({r.ops} ops, {r.seconds:.1f} s); "
+          f"model+run traced peak {peak / 2**20:.1f} MiB, tables {r.tables}")
+    nv = a.validated_ops or a.ops
+    m2 = CpaModel(lay, a.kernel, a.policy)
+    r2 = replay(m2, ops[:nv], validate=True, samples=400)
+    print(f"validation on  : {r2.ops / r2.seconds:10.0f} ops/s  ({r2.ops} ops, {r2.seconds:.1f} s); "
+          f"{r2.pages_checked} page checks, violation: {r2.violation}")
+    # peer: one x86pt.walk per op on the exported final image
+    from x86pt.walk import Access, walk
+    mem, st = m.export(), m.paging_state()
+    sample = [op[1] for op in ops[:50_000]]
+    acc = Access("read")
+    t = time.perf_counter()
+    for va in sample:
+        walk(st, mem, va, acc)
+    ws = len(sample) / (time.perf_counter() - t)
+    print(f"peer x86pt.walk: {ws:10.0f} walks/s on the exported image")
+    print(f"ratio model(off)/walk = {r.ops / r.seconds / ws:.1f}x, model(validated)/walk = "
+          f"{r2.ops / r2.seconds / ws:.1f}x")
+    print(f"max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(m.counters.meminfo_text(lay.gbpages).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
