@@ -141,11 +141,18 @@ class Generator:
     def modules_rox(self) -> Iterator[tuple]:
         r = self.rng
         if not self.rox_chunks or self.rox_chunks[-1][1] > 480:
+            if len(self.rox_chunks) > 48:
+                # a fully free 2M piece goes back through vfree (vm_reset_perms)
+                ova, _, opa = self.rox_chunks.pop(0)
+                yield from self._reset_perms([opa + k * 4096 for k in range(512)])
+                yield ("vunmap", ova, 512)
+                self.va.release(ova, 512, 1 << 21)
+                self.frames.free(opa, 512)
             va = self.va.alloc(512, 1 << 21)
             pa = self.frames.huge()
             yield ("vmap", va, pa, 512, True)
             yield ("set_memory_rox", va, 512)
-            self.rox_chunks.append([va, 0])
+            self.rox_chunks.append([va, 0, pa])
         ch = self.rox_chunks[-1]
         n = r.randint(1, 24)
         n = min(n, 512 - ch[1])
@@ -173,10 +180,11 @@ class Generator:
     def bpf(self) -> Iterator[tuple]:
         r = self.rng
         if not self.packs or self.packs[-1][1] >= 32:
-            if self.packs and r.random() < 0.3 and len(self.packs) > 2:
+            if self.packs and (r.random() < 0.3 and len(self.packs) > 2 or len(self.packs) > 32):
                 va, _, pa = self.packs.pop(0)
                 yield from self._reset_perms([pa + k * 4096 for k in range(512)])
                 yield ("vunmap", va, 512)
+                self.va.release(va, 512, 1 << 21)
                 self.frames.free(pa, 512)
             va = self.va.alloc(512, 1 << 21)
             pa = self.frames.huge()
