@@ -31,7 +31,7 @@ _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 HEX2 = np.stack([_HEX[np.arange(256) >> 4], _HEX[np.arange(256) & 15]], axis=1)   # (256, 2)
 # info tlb flag letters, left to right, with their entry bits (print_pte in monitor.c)
 TLB_FLAGS = ((63, "X"), (8, "G"), (7, "P"), (6, "D"), (5, "A"), (4, "C"), (3, "T"), (2, "U"), (1, "W"))
-LINE_BLOCK = 1 << 20
+LINE_BLOCK = 1 << 18
 
 
 # byte -> its two hex digits packed in a uint16 (first digit in the low byte: little-endian view)
