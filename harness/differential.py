@@ -26,7 +26,7 @@ from x86pt.errors import BadInputError, OracleError, PhysicalAddressError
 from x86pt.fields import Kind
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import PagingState, profile_named
-from x86pt.walk import BIT_A, PageFault, Result, Translation
+from x86pt.walk import BIT_A, Access, PageFault, Result, Translation, error_code_dont_care
 
 REPRO_VERSION = 1
 
@@ -112,15 +112,17 @@ def oracle_pa(got: ProbeResult, probe: Probe) -> int | None:
     return None
 
 
-def compare_probe(model: Result, got: ProbeResult, probe: Probe) -> list[str]:
-    """Differences between the model's and the oracle's answer for one probe."""
+def compare_probe(model: Result, got: ProbeResult, probe: Probe, state: PagingState | None = None) -> list[str]:
+    """Differences between the model's and the oracle's answer for one probe. Error-code bits the
+    profile of `state` leaves open (walk.error_code_dont_care) are not compared."""
     want = as_probe_result(model)
     diffs = []
     if want.outcome != got.outcome:
         diffs.append(f"outcome: model {describe_outcome(want)}, oracle {describe_outcome(got)}")
         return diffs
     if want.outcome == "page_fault":
-        if got.error_code != want.error_code:
+        loose = dont_care(state, probe)
+        if got.error_code is None or (got.error_code ^ want.error_code) & ~loose:
             diffs.append(f"#PF error code: model {want.error_code:#x}, oracle "
                          f"{'?' if got.error_code is None else hex(got.error_code)}")
         if got.cr2 is not None and got.cr2 != want.cr2:
@@ -388,9 +390,9 @@ def check_batch(oracle_name: str, batch: Batch, results: Sequence[Result], model
     for case in batch.cases:
         diffs = []
         for i in case.probes:
-            if _agrees(results[i], got.results[i], batch.probes[i]):
+            if _agrees(results[i], got.results[i], batch.probes[i], batch.state):
                 continue
-            for d in compare_probe(results[i], got.results[i], batch.probes[i]):
+            for d in compare_probe(results[i], got.results[i], batch.probes[i], batch.state):
                 diffs.append(f"probe {i - case.probes[0] + 1}: {d}" if len(case.probes) > 1 else d)
         if suspect and any(a in suspect for a in _entries_of_case(case, results)):
             diffs += compare_entries(case, results, model_after, got.memory_after)
@@ -408,7 +410,7 @@ def check_batch(oracle_name: str, batch: Batch, results: Sequence[Result], model
     return out
 
 
-def _agrees(model: Result, got: ProbeResult, probe: Probe) -> bool:
+def _agrees(model: Result, got: ProbeResult, probe: Probe, state: PagingState | None = None) -> bool:
     """Fast path of compare_probe for the common case (everything equal)."""
     if isinstance(model, Translation):
         if got.outcome != "ok":
@@ -418,9 +420,17 @@ def _agrees(model: Result, got: ProbeResult, probe: Probe) -> bool:
             return probe.access != "read" or got.value is None or bool(probe.va & 7)
         return pa == model.pa
     if isinstance(model, PageFault):
-        return (got.outcome == "page_fault" and got.error_code == model.error_code
+        return (got.outcome == "page_fault" and got.error_code is not None
+                and not (got.error_code ^ model.error_code) & ~dont_care(state, probe)
                 and (got.cr2 is None or got.cr2 == model.cr2))
     return False
+
+
+def dont_care(state: PagingState | None, probe: Probe) -> int:
+    """Error-code bits the profile leaves open for this probe (walk.error_code_dont_care)."""
+    if state is None or not state.profile.cpl3_blind_ranges:
+        return 0
+    return error_code_dont_care(state, probe.va, Access(probe.access, user=probe.user, ac=probe.ac))
 
 
 def differing_qwords(model_after: SparseMemory, oracle_after) -> set[int]:

@@ -37,24 +37,8 @@ def oracle(request):
         o.close()
 
 
-def kvm_pvm_user_fault_quirk(mm) -> bool:
-    """Measured on this host (kvm + kvm_pvm, shadow paging; repro: `x86pt conform --oracle kvm
-    --cases random --seed 20260601 --limit 1500`): CPL3 accesses, which PVM runs natively on shadow
-    tables, report a fault as not-present (P=0) where the SDM — and KVM's own emulator for CPL0 —
-    report RSVD (bit 51 above M=48, or XD with EFER.NXE=0, in a PDPTE), and with EFER.NXE=0 a CPL3
-    fetch fault carries I/D. Not yet a named kvm profile entry (x86pt/state.py is core); until it
-    is, it is the only mismatch this file accepts, and only on kvm."""
-    if mm.oracle != "kvm" or len(mm.probes) != 1:
-        return False
-    p, want, got = mm.probes[0], mm.model[0], mm.got[0]
-    if not p.user or want.outcome != "page_fault" or got.outcome != "page_fault":
-        return False
-    if got.error_code is None or got.error_code & 1:
-        return False
-    return bool(want.error_code & 8) or not mm.state.nxe
-
-
-KNOWN = (kvm_pvm_user_fault_quirk,)
+# Every difference must be explained by the oracle's profile (x86pt/state.py): none is excused here.
+KNOWN: tuple = ()
 
 
 def _run(o, src):

@@ -72,6 +72,13 @@ def translate_batch(state: PagingState, memory, vas, access="read", user=False, 
     canon = (top == 0) | (top == _u((1 << (65 - state.va_bits)) - 1))
     outcome[~canon] = GENERAL_PROTECTION
 
+    for start, end in prof.cpl3_blind_ranges:
+        blind = canon & user_acc & (vas >= _u(start)) & (vas < _u(end))
+        if blind.any():
+            outcome[blind] = PAGE_FAULT
+            err[blind] = base[blind] | np.where(fetch[blind], PF_ID, 0).astype(np.uint32)
+            canon = canon & ~blind
+
     active = np.nonzero(canon)[0]
     table = np.full(len(active), _u(state.root), dtype=U64)
     eff_rw = np.ones(len(active), dtype=bool)

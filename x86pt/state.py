@@ -87,6 +87,11 @@ class Profile:
     gp_writes_cr2: bool = False
     # What a read of an unbacked physical address returns: 'error', 'zero' (unicorn D6), 'ones'.
     unbacked_read: str = "error"
+    # Linear ranges [start, end) where CPL3 accesses never reach the guest's tables and always
+    # #PF with U (+W on writes, +I/D on fetches whatever EFER.NXE says: the host's code leaks
+    # through). Whether P|RSVD is also set varies from run to run on the host, so those two bits
+    # are don't-care there (walk.error_code_dont_care); the model reports them clear.
+    cpl3_blind_ranges: tuple[tuple[int, int], ...] = ()
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -119,9 +124,14 @@ PROFILES: dict[str, Profile] = {
                        implicit_smap_honours_ac=True, unbacked_read="zero",
                        note="unicorn 2.1.4, UC_CPU_X86_ICELAKE_SERVER"),
     # This host's KVM (kvm_pvm, AMD, shadow paging): spec/oracle-qemu-kvm.md §5.
+    # kvm_pvm keeps PML4 slot 256 (0xffff800000000000, 512 GiB) for the host: a CPL3 access
+    # there faults whatever the guest's tables say — sometimes P|RSVD, mostly not-present
+    # (proof: tests/test_oracle_kvm.py::test_profile_kvm_cpl3_blind_ranges; CPL0 is exact).
     "kvm": Profile("kvm", vendor="amd", maxphyaddr=48,
                    features=Features(gbpages=False, la57=False, pku=False, smep=True, smap=True),
-                   a_on_faulting_walk="none", note="KVM on this host (AMD, kvm_pvm)"),
+                   a_on_faulting_walk="none",
+                   cpl3_blind_ranges=((0xFFFF800000000000, 0xFFFF808000000000),),
+                   note="KVM on this host (AMD, kvm_pvm)"),
 }
 
 

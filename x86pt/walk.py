@@ -208,6 +208,12 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
         return GeneralProtection(va, 0, va if prof.gp_writes_cr2 else None,
                                  f"non-canonical address for {state.va_bits}-bit linear addresses")
     base_code = _error_bits(state, access)
+    if prof.cpl3_blind_ranges and access.user_access:
+        for start, end in prof.cpl3_blind_ranges:
+            if start <= va < end:
+                code = base_code | (PF_ID if access.kind == "fetch" else 0)
+                return PageFault(va, code, va, f"profile {prof.name}: CPL3 accesses to "
+                                 f"{start:#x}-{end:#x} never reach the guest's tables", (), None)
     m = state.m
     vendor = state.vendor
     table = state.root
@@ -287,6 +293,16 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
         for a, r in writes:
             memory.write_u64(a, r)
     return Translation(va, pa, size, level.number, rights, tuple(steps), tuple(writes))
+
+
+def error_code_dont_care(state: PagingState, va: int, access: Access) -> int:
+    """Error-code bits an oracle of `state.profile` may report either way for this access (0 for
+    the manuals' profiles): P|RSVD inside the profile's CPL3 blind ranges."""
+    if state.profile.cpl3_blind_ranges and access.user_access:
+        for start, end in state.profile.cpl3_blind_ranges:
+            if start <= va < end:
+                return PF_P | PF_RSVD
+    return 0
 
 
 def translate(state: PagingState, memory, va: int, access: Access | None = None) -> int | None:
