@@ -227,3 +227,28 @@ def test_conform_progress_bar_goes_to_stderr():
     assert p.returncode == 0, p.stderr
     assert "cases/s" in p.stderr and "5000/5000" in p.stderr
     assert p.stdout.strip().splitlines()[-1] == "conform: 0 mismatches in 5000 cases (model)"
+
+
+def test_translation_only_oracle_is_judged_on_translations():
+    """qemu-monitor answers gva2gpa only: it is compared with the debugger's view of the tables
+    (present + PS; reserved bits pass into the address, per oracle-qemu-kvm.md §2.2), so a wrong
+    or missing translation is reported and a rights fault is not."""
+    from harness.differential import check_batch
+    from harness.oracles.base import BatchResult
+    from x86pt.build import Builder
+    b = Builder(maxphyaddr=40, table_base=0x200000)
+    b.map(0x1000, 0x400000, 0x1000, 0x1000, "p")                 # supervisor RO page
+    pte = b.entry_address(0x1000, 1, create=False)
+    b.memory.write_u64(pte, b.memory.read_u64(pte) | 1 << 51)    # reserved above M=40
+    st = b.state(profile="qemu")
+    probes = [Probe(0x1008, "write", user=True), Probe(0x2000)]
+    batch = Batch(b.memory, st, probes, [CaseInfo("t#0", None, (0,)), CaseInfo("t#1", None, (1,))])
+    from harness.oracles.model import model_run
+    results, model_after = model_run(b.memory, st, probes)
+    right = BatchResult([ProbeResult("ok", pa=(1 << 51) | 0x400008), ProbeResult("page_fault")], b.memory)
+    assert check_batch("qemu-monitor", batch, results, model_after, right) == []
+    wrong = BatchResult([ProbeResult("ok", pa=0x400008), ProbeResult("ok", pa=0x5000)], b.memory)
+    mms = check_batch("qemu-monitor", batch, results, model_after, wrong)
+    assert [m.case.label for m in mms] == ["t#0", "t#1"]
+    assert "the tables to 0x8000000400008" in mms[0].differences[0]
+    assert "do not map it" in mms[1].differences[0]

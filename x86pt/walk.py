@@ -305,6 +305,25 @@ def error_code_dont_care(state: PagingState, va: int, access: Access) -> int:
     return 0
 
 
+def debug_translate(state: PagingState, memory, va: int) -> tuple[int, int] | None:
+    """The translation a debugger's walker reports (QEMU's `gva2gpa`/`x`, paging.md §11.2/§2.2 of
+    oracle-qemu-kvm.md): P and PS only — no rights, no reserved-bit checks, no A/D — and the
+    address taken from bits 51:12 of the leaf, so reserved bits pass into it. (pa, page size) or
+    None for a non-canonical or unmapped address."""
+    if not state.canonical(va):
+        return None
+    table = state.cr3 & 0x000FFFFFFFFFF000
+    for lv in state.levels:
+        raw = memory.read_u64(table | (lv.index(va) << 3))
+        if not raw & 1:
+            return None
+        if lv.number == 1 or (lv.leaf_kind is not None and raw & BIT_PS):
+            size = 1 << lv.shift
+            return (raw & 0x000FFFFFFFFFF000 & ~(size - 1)) | (va & (size - 1)), size
+        table = raw & 0x000FFFFFFFFFF000
+    return None
+
+
 def translate(state: PagingState, memory, va: int, access: Access | None = None) -> int | None:
     """The physical address of `va`, or None when the access faults."""
     r = walk(state, memory, va, access)
