@@ -44,8 +44,7 @@ RUNS: dict[str, RunConfig] = {
     "6.12-4l-bpf": RunConfig(kernel="6.12", workload="bpf", levels=4, images=P),
     "6.12-4l-secretmem": RunConfig(kernel="6.12", workload="secretmem", levels=4, images=P),
 }
-COMPRESS_OVER = 48 * 1024          # bytes; smaller files stay plain text for easy diffs
-SKIP = {"trace.raw"} | set()       # trace.raw is kept only compressed (see pack)
+COMPRESS_OVER = 16 * 1024          # bytes; smaller files stay plain text for easy diffs
 
 
 def pack(run_dir: str, dest: str, name: str) -> int:

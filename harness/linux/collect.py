@@ -361,9 +361,10 @@ def capture(ram: MemoryBase, regs: dict[str, int], kallsyms: dict[str, int]) -> 
     mem = collect_tables(ram, root, levels)
     layout = {"levels": levels, "init_top_pgt_pa": hex(root), "cr3_task": hex(regs["cr3"]),
               "table_pages": len(mem.pages)}
-    for var in ("page_offset_base", "vmalloc_base", "vmemmap_base", "phys_base"):
+    # variables, not symbols: their values are in guest memory (_brk_end is where brk use ended)
+    for var in ("page_offset_base", "vmalloc_base", "vmemmap_base", "phys_base", "_brk_end"):
         if var in kallsyms:
-            layout[var] = hex(read_kernel_u64(st, ram, kallsyms[var]))
+            layout[var.lstrip("_") + ("_value" if var == "_brk_end" else "")] = hex(read_kernel_u64(st, ram, kallsyms[var]))
     return Capture(mem, st.replace(cr3=root), layout)
 
 
@@ -456,4 +457,45 @@ def materialize(directory: str, name: str, dest: str) -> str:
     from x86pt.memory.atomic import write_bytes_atomic
     out = os.path.join(dest, name)
     write_bytes_atomic(out, read_artifact(directory, name))
+    return out
+
+
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000   # __START_KERNEL_map: the highmap's base (x86-64)
+
+
+def cpa_layout(layout: dict, name: str = "linux") -> dict:
+    """The run's layout in the CPA model's layout format (x86pt.cpa.layout.layout_from_json):
+    RAM ranges from /proc/iomem, the kernel image symbols as physical addresses (highmap VA -
+    __START_KERNEL_map + phys_base), PAGE_OFFSET and gbpages as the guest had them."""
+    sym = {k: int(v, 16) for k, v in layout.get("symbols", {}).items()}
+    phys_base = int(layout.get("phys_base", "0x0"), 16)
+
+    def pa(name: str) -> int:
+        return sym[name] - START_KERNEL_MAP + phys_base
+
+    def page_up(x: int) -> int:
+        return (x + 0xFFF) & ~0xFFF
+
+    ram = []
+    for r in layout.get("iomem", []):
+        if r["name"] == "System RAM":           # whole pages only (the first range ends at 0x9fc00)
+            lo, hi = page_up(int(r["start"], 16)), int(r["end"], 16) & ~0xFFF
+            if lo < hi:
+                ram.append([hex(lo), hex(hi)])
+    out: dict = {"name": name, "ram": ram, "gbpages": bool(layout.get("gbpages", True)), "pti": False}
+    if "page_offset_base" in layout:
+        out["page_offset"] = layout["page_offset_base"]
+    need = ("_text", "_etext", "__start_rodata", "__end_rodata", "_sdata", "__init_begin",
+            "__init_end", "__brk_base")
+    if all(n in sym for n in need):
+        end_ro = sym.get("__end_rodata_hpage_align", (sym["__end_rodata"] + (2 << 20) - 1) & ~((2 << 20) - 1))
+        out["kernel"] = {
+            "text": hex(pa("_text")), "etext": hex(page_up(pa("_etext"))),
+            "start_rodata": hex(pa("__start_rodata")), "end_rodata": hex(page_up(pa("__end_rodata"))),
+            "end_rodata_hpage_align": hex(end_ro - START_KERNEL_MAP + phys_base),
+            "sdata": hex(pa("_sdata")), "init_begin": hex(pa("__init_begin")),
+            "init_end": hex(pa("__init_end")),
+            # _brk_end's value when the run captured it, else __brk_base (older runs)
+            "brk_end": hex(page_up(int(layout["brk_end_value"], 16) - START_KERNEL_MAP + phys_base
+                                   if "brk_end_value" in layout else pa("__brk_base")))}
     return out

@@ -73,7 +73,8 @@ def workload_named(name: str) -> Workload:
 LAYOUT_SYMBOLS = ("init_mm", "init_top_pgt", "page_offset_base", "vmalloc_base", "vmemmap_base",
                   "phys_base", "_text", "_stext", "_etext", "__start_rodata", "__end_rodata",
                   "_sdata", "_edata", "__init_begin", "__init_end", "__bss_start", "__bss_stop",
-                  "_end", "__brk_base", "_brk_end", "direct_pages_count")
+                  "_end", "__brk_base", "_brk_end", "__end_rodata_hpage_align",
+                  "direct_pages_count")
 # API-level entry points, probed when present (not all exist in every kernel line).
 API_PROBES = ("set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx", "set_memory_np",
               "set_memory_p", "set_memory_4k", "set_memory_rox", "set_memory_global",

@@ -174,6 +174,7 @@ class BootResult:
     capture_seconds: float = 0.0
     info_mem_seconds: float | None = None
     info_mem_lines: int | None = None
+    info_mem_text: str | None = None
     captures: dict = field(default_factory=dict)     # checkpoint -> collect.Capture
     all_regs: dict = field(default_factory=dict)     # checkpoint -> registers
 
@@ -354,6 +355,7 @@ def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
                 out = g.qmp.hmp("info mem")
                 res.info_mem_seconds = time.monotonic() - t1
                 res.info_mem_lines = len(out.splitlines())
+                res.info_mem_text = out
     return res
 
 
@@ -457,6 +459,8 @@ def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: Non
         meta["deterministic_steps"] = "n/a (one boot)"
         meta["chain_consistent"] = f"{n}/{n}" if cfg.images == "pause" else "n/a (one image)"
     if final.info_mem_seconds is not None:
+        # QEMU's own `info mem` of the paused guest, for the same moment as the last image
+        write_text_atomic(os.path.join(out_dir, f"step-{n:02d}", "qemu-info-mem.txt"), final.info_mem_text)
         meta["info_mem_seconds"] = round(final.info_mem_seconds, 2)
         meta["info_mem_lines"] = final.info_mem_lines
     write_text_atomic(os.path.join(out_dir, "run.json"), dump_json(meta))
