@@ -639,7 +639,14 @@ class CpaModel:
             if huge and not v & (PMD_SIZE - 1) and not p & (PMD_SIZE - 1) and v + PMD_SIZE <= end:
                 t, i = self._table(v, 2)
                 if t[i] and t[i] & P and not t[i] & PSE:
-                    raise BadInputError(f"vmap {addr:#x}: a PTE table is in the way of a huge mapping")
+                    # vmap_try_huge_pmd -> pmd_free_pte_page: an empty PTE table is freed
+                    if any(self.t1.get(v >> 21, (1,))):
+                        raise BadInputError(f"vmap {addr:#x}: a PTE table is in the way of a huge mapping")
+                    del self.t1[v >> 21]
+                    self.pool.release(t[i] & PTE_PFN_MASK)
+                    self.counters.tables_freed += 1
+                    if self.nsp is not None:
+                        self.nsp.st[1].pop(v >> 21, None)
                 t[i] = p | prot | PSE
                 self._touch_va(v, 2)
                 v += PMD_SIZE
