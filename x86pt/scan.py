@@ -250,11 +250,13 @@ class Scanner:
     holes: also emit non-present entries (level and raw kept) as records without EFF_P.
     va_range: (lo, hi) canonical VAs; entries wholly outside are not visited ("filter while
     walking", gdb-pt-dump issue #20).
+    top_breaks: root-table indices where runs end (ptdump adds the end of the guard hole).
     """
 
     def __init__(self, state: PagingState, memory, *, addr_mask: int | None = None,
                  holes: bool = False, va_range: tuple[int, int] | None = None,
-                 max_entries: int = DEFAULT_MAX_ENTRIES, batch: int = 1024) -> None:
+                 max_entries: int = DEFAULT_MAX_ENTRIES, batch: int = 1024,
+                 top_breaks: tuple[int, ...] = (256,)) -> None:
         self.state = state
         self.memory = memory
         self.addr_mask = state.phys_mask if addr_mask is None else addr_mask & ~0xFFF
@@ -262,6 +264,9 @@ class Scanner:
         self.va_range = va_range
         self.max_entries = max_entries
         self.batch = batch
+        # root-table indices where a run of entries must end: 256 starts the upper (sign-
+        # extended) half, so no record spans the non-canonical hole
+        self.top_breaks = tuple(i for i in top_breaks if 0 < i < 512)
         self.stats = ScanStats()
         self.bits = state.va_bits
         self.levels = {lv.number: lv for lv in state.levels}
@@ -353,68 +358,84 @@ class Scanner:
         children = None
         if len(nu):
             Eu = E if len(nu) == n else E[nu]
-            vas = bases[nu][:, None] + (idx << shift)[None, :]
+            m = len(nu)
+            # Runs inside each table: an entry continues the previous one when its value steps by
+            # one page (same bits, next frame) or both are zero. Only run starts are decoded, so
+            # a split 2M page (511 RW PTEs and one RO) costs three records, not 512.
+            cont = np.zeros((m, 512), dtype=bool)
+            np.equal(Eu[:, 1:], Eu[:, :-1] + U64(size), out=cont[:, 1:])
+            zero = Eu == 0
+            cont[:, 1:] |= zero[:, 1:] & zero[:, :-1]
+            if lnum == self.state.paging_levels:
+                cont[:, list(self.top_breaks)] = False
             inr = None
             if self.va_range is not None:
                 lo, hi = self.va_range
-                cva = sign_extend(vas, self.bits)
+                cva = sign_extend(bases[nu][:, None] + (idx << shift)[None, :], self.bits)
                 inr = (cva + U64(size - 1) >= U64(lo)) & (cva < U64(hi))
-            present = (Eu & U64(1)) != 0
+                cont[:, 1:] &= inr[:, 1:] == inr[:, :-1]
+            r, c = np.nonzero(~cont)
+            cnt = np.diff(np.append(r.astype(np.int64) * 512 + c, m * 512)).astype(U64)
+            if inr is not None:
+                keep = inr[r, c]
+                r, c, cnt = r[keep], c[keep], cnt[keep]
+            raw = Eu[r, c]
+            cu = c.astype(U64)
+            va = bases[nu][r] + (cu << shift)
+            eaddr = pas[nu][r] + cu * U64(8)
+            peff = effs[nu][r]
+            present = (raw & U64(1)) != 0
             if lnum == 1:
                 leaf = present
             elif lv.leaf_kind is not None:
-                leaf = present & ((Eu & U64(PS_BIT)) != 0)
+                leaf = present & ((raw & U64(PS_BIT)) != 0)
             else:
                 leaf = np.zeros_like(present)
-            tab = present & ~leaf
-            if inr is not None:
-                leaf &= inr
-                tab &= inr
-            r, c = np.nonzero(leaf)
-            if len(r):
-                raw = Eu[r, c]
-                eff = self._combine(effs[nu][r], raw) | np.uint8(EFF_P)
-                bad = (raw & U64(rs_leaf)) != 0
+            li = np.nonzero(leaf)[0]
+            if len(li):
+                lraw = raw[li]
+                eff = self._combine(peff[li], lraw) | np.uint8(EFF_P)
+                bad = (lraw & U64(rs_leaf)) != 0
                 if bad.any():
                     eff[bad] |= np.uint8(EFF_RSVD)
-                    self._issues_reserved(lnum, vas[r, c][bad], (pas[nu][r] + c.astype(U64) * U64(8))[bad],
-                                          raw[bad])
-                parts.append(Chunk(sign_extend(vas[r, c], self.bits), np.ones(len(r), U64),
-                                   np.full(len(r), lnum, np.uint8), raw, raw & frame_mask, eff,
-                                   pas[nu][r] + c.astype(U64) * U64(8)))
-                self._count(lnum, len(r))
+                    self._issues_reserved(lnum, va[li][bad], eaddr[li][bad], lraw[bad])
+                self._count(lnum, int(cnt[li].sum()))
+                parts.append(Chunk(sign_extend(va[li], self.bits), cnt[li],
+                                   np.full(len(li), lnum, np.uint8), lraw, lraw & frame_mask, eff,
+                                   eaddr[li]))
             if self.holes:
-                hole = ~present      # a past-end table reads as zeros, like QEMU's unassigned memory
-                if inr is not None:
-                    hole &= inr
-                hr, hc = np.nonzero(hole)
-                if len(hr):
-                    hraw = Eu[hr, hc]
+                hi_ = np.nonzero(~present)[0]   # a past-end table reads as zeros (QEMU does too)
+                if len(hi_):
+                    hraw = raw[hi_]
                     # eff of a hole: what Linux's effective_prot() would carry for it (ptdump
                     # breaks runs on it for non-zero, non-present PTEs); never EFF_P.
-                    parts.append(Chunk(sign_extend(vas[hr, hc], self.bits), np.ones(len(hr), U64),
-                                       np.full(len(hr), lnum, np.uint8), hraw,
-                                       np.zeros(len(hr), U64), self._combine(effs[nu][hr], hraw),
-                                       pas[nu][hr] + hc.astype(U64) * U64(8)))
-            tr, tc = np.nonzero(tab)
-            if len(tr):
-                raw = Eu[tr, tc]
-                ceff = self._combine(effs[nu][tr], raw)
-                bad = (raw & U64(rs_tab)) != 0
+                    parts.append(Chunk(sign_extend(va[hi_], self.bits), cnt[hi_],
+                                       np.full(len(hi_), lnum, np.uint8), hraw,
+                                       np.zeros(len(hi_), U64), self._combine(peff[hi_], hraw),
+                                       eaddr[hi_]))
+            ti = np.nonzero(present & ~leaf)[0]
+            if len(ti):
+                tcnt = cnt[ti].astype(np.int64)
+                rep = np.repeat(ti, tcnt)
+                k = (np.arange(len(rep), dtype=np.int64) - np.repeat(np.cumsum(tcnt) - tcnt, tcnt)).astype(U64)
+                traw = raw[rep] + k * U64(size)          # a run's entries step by one page
+                tva = va[rep] + (k << shift)
+                teaddr = eaddr[rep] + k * U64(8)
+                ceff = self._combine(peff[rep], traw)
+                bad = (traw & U64(rs_tab)) != 0
                 if bad.any():
                     ceff[bad] |= np.uint8(EFF_RSVD)
-                    self._issues_reserved(lnum, vas[tr, tc][bad], (pas[nu][tr] + tc.astype(U64) * U64(8))[bad],
-                                          raw[bad])
-                cpa = raw & U64(self.addr_mask)
-                canc = anc[nu][tr]
+                    self._issues_reserved(lnum, tva[bad], teaddr[bad], traw[bad])
+                cpa = traw & U64(self.addr_mask)
+                canc = anc[nu][r[rep]]
                 loop = (canc == cpa[:, None]).any(axis=1)
                 if loop.any():
                     ceff[loop] |= np.uint8(EFF_LOOP)
                     for j in np.nonzero(loop)[0][:64].tolist():
-                        st.add_issue(Issue("loop", int(sign_extend(vas[tr[j], tc[j]:tc[j] + 1], self.bits)[0]),
-                                           lnum, int(pas[nu][tr[j]]) + 8 * int(tc[j]), int(raw[j])))
-                children = (cpa, vas[tr, tc], ceff, np.concatenate([canc, cpa[:, None]], axis=1), raw,
-                            pas[nu][tr] + tc.astype(U64) * U64(8))
+                        st.add_issue(Issue("loop", int(sign_extend(tva[j:j + 1], self.bits)[0]),
+                                           lnum, int(teaddr[j]), int(traw[j])))
+                children = (cpa, tva, ceff, np.concatenate([canc, cpa[:, None]], axis=1), traw,
+                            teaddr)
         mine = Chunk.empty()
         for p in parts:          # each part is VA-sorted and disjoint from the others
             mine = merge_sorted(mine, p)

@@ -213,7 +213,9 @@ def ptdump_lines(chunks: Iterable[Chunk], state: PagingState, markers: list[Mark
 
 
 def scan_kwargs() -> dict:
-    return {"addr_mask": LINUX_ADDR_MASK, "holes": True}
+    """Linux's PFN mask, holes, and runs cut where the second walk range starts (the guard
+    hole's end: root index 272 with 4 and 5 levels alike, 256 + 16 entries)."""
+    return {"addr_mask": LINUX_ADDR_MASK, "holes": True, "top_breaks": (256, 272)}
 
 
 def wx_report(ranges: list[tuple[int, int]]) -> tuple[list[str], int]:
