@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from tests.conftest import FIXTURES, ROOT
 from x86pt.build import Builder

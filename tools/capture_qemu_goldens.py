@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 from x86pt.build import Builder                                  # noqa: E402
 from x86pt.memory import write_elf_core                          # noqa: E402
 from x86pt.memory.atomic import write_bytes_atomic, write_text_atomic   # noqa: E402
-from x86pt.state import CR4_PGE, PagingState                      # noqa: E402
+from x86pt.state import CR4_PGE                                  # noqa: E402
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 

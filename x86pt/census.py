@@ -11,13 +11,13 @@ maps the most bytes in the kernel half.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from x86pt.coalesce import present_only
 from x86pt.errors import BadInputError
-from x86pt.scan import SHIFT, U64, Scanner, ScanStats
+from x86pt.scan import U64, Scanner, ScanStats
 from x86pt.state import PagingState
 
 GiB = 1 << 30

@@ -11,12 +11,10 @@ PAT, G, PK, and whether a reserved bit makes the translation fault.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
 import numpy as np
 
 from x86pt.coalesce import Runs, coalesce, collect, present_only
-from x86pt.scan import EFF_NX, EFF_RSVD, EFF_RW, EFF_US, SHIFT, U64, Chunk, Scanner
+from x86pt.scan import EFF_NX, EFF_RSVD, EFF_RW, EFF_US, U64, Chunk, Scanner
 from x86pt.state import PagingState
 
 IDENTICAL, ADDED, REMOVED, RIGHTS, FRAME, BOTH = range(6)

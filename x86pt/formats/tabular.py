@@ -11,8 +11,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from x86pt.coalesce import Runs, coalesce, present_only
-from x86pt.scan import EFF_LOOP, EFF_NX, EFF_RSVD, EFF_RW, EFF_US, SHIFT, U64, Chunk, Issue
+from x86pt.coalesce import coalesce, present_only
+from x86pt.scan import EFF_LOOP, EFF_NX, EFF_RSVD, EFF_RW, EFF_US, SHIFT, U64, Chunk
 
 COLUMNS = ("va", "end", "size", "pa", "level", "page_size", "entries", "flags", "pk", "user",
            "writable", "executable", "reserved", "loop")
