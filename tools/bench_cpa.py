@@ -36,13 +36,20 @@ def main() -> int:
     t = time.perf_counter()
     ops = generate(lay, a.kernel, a.workload, a.ops, 1)
     print(f"generated {len(ops)} ops ({a.workload}, {a.kernel}) in {time.perf_counter() - t:.1f} s")
-    tracemalloc.start()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     m = CpaModel(lay, a.kernel, a.policy)
     r = replay(m, ops, samples=400)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"validation off : {r.ops / r.seconds:10.0f} ops/s  ({r.ops} ops, {r.seconds:.1f} s); "
+          f"max-RSS growth {(rss1 - rss0) / 1024:.0f} MiB, tables {r.tables}")
+    # tracemalloc slows Python down a lot: the model's own size is measured in a separate run
+    tracemalloc.start()
+    mm = CpaModel(lay, a.kernel, a.policy)
+    replay(mm, ops[:200_000], samples=0)
     cur, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f"validation off : {r.ops / r.seconds:10.0f} ops/s  ({r.ops} ops, {r.seconds:.1f} s); "
-          f"model+run traced peak {peak / 2**20:.1f} MiB, tables {r.tables}")
+    print(f"model after 200k ops: {cur / 2**20:.1f} MiB live ({mm.table_count()} tables), peak {peak / 2**20:.1f} MiB")
+    del mm
     nv = a.validated_ops or a.ops
     m2 = CpaModel(lay, a.kernel, a.policy)
     r2 = replay(m2, ops[:nv], validate=True, samples=400)
