@@ -347,21 +347,30 @@ class QmpClient:
         return f"QEMU {num}" + (f" {pkg}" if pkg else "")
 
     def _read_message(self, deadline: float) -> dict:
-        while b"\n" not in self._buf:
+        # A reply can be tens of MB (`info tlb` of a big image): append to a bytearray and only
+        # scan the bytes that arrived since the last look, or reading becomes quadratic.
+        buf = self._buf if isinstance(self._buf, bytearray) else bytearray(self._buf)
+        scanned = 0
+        nl = buf.find(b"\n")
+        while nl < 0:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise OracleError("QMP: no answer in time")
             self.sock.settimeout(left)
             try:
-                data = self.sock.recv(1 << 16)
+                data = self.sock.recv(1 << 20)
             except socket.timeout:
                 raise OracleError("QMP: no answer in time") from None
             except OSError as e:
                 raise OracleError(f"QMP: {e}") from None
             if not data:
                 raise OracleError("QMP: QEMU closed the connection")
-            self._buf += data
-        line, self._buf = self._buf.split(b"\n", 1)
+            scanned = len(buf)
+            buf += data
+            nl = buf.find(b"\n", scanned)
+        line = bytes(buf[:nl])
+        del buf[:nl + 1]
+        self._buf = buf
         try:
             return json.loads(line)
         except ValueError:

@@ -7,6 +7,7 @@ LiME. Reading outside every segment raises PhysicalAddressError.
 from __future__ import annotations
 
 import struct
+import types
 from dataclasses import dataclass
 from typing import Iterable, Protocol, runtime_checkable
 
@@ -43,7 +44,8 @@ class MemoryBase:
     """Shared helpers; subclasses implement `read` and `segments` (and may speed up the rest)."""
 
     writable = False
-    control_registers: dict[str, int] = {}
+    # Sources with registers (ELF cores) set their own dict in __init__; this default is read-only.
+    control_registers = types.MappingProxyType({})
 
     def segments(self) -> list[Segment]:  # pragma: no cover - abstract
         raise NotImplementedError
