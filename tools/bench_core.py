@@ -88,7 +88,10 @@ def main() -> int:
     try:
         from harness.oracles.base import Probe
         from harness.oracles.unicorn_oracle import UnicornOracle
-        probes = [Probe(int(v), "read", user=bool(u)) for v, u in zip(vas[:n], user[:n])]
+        # Grouped by CPL: unicorn's best batched case (one emu_start per privilege level), so the
+        # ratio below is the conservative one.
+        probes = sorted((Probe(int(v), "read", user=bool(u)) for v, u in zip(vas[:n], user[:n])),
+                        key=lambda p: p.user)
         oracle = UnicornOracle()
         try:
             oracle.run(b.memory, st, probes[:64])            # warm-up: engine, self-test, capabilities

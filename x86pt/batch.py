@@ -55,6 +55,8 @@ def translate_batch(state: PagingState, memory, vas, access="read", user=False, 
     ac = np.broadcast_to(np.asarray(ac, dtype=bool), (n,))
     implicit = np.broadcast_to(np.asarray(implicit, dtype=bool), (n,))
     prof = state.profile
+    view = getattr(memory, "gather_view", None)
+    memory = view() if view is not None else memory      # stack sparse pages once per batch
     write = acc == 1
     fetch = acc == 2
     user_acc = user & ~implicit

@@ -21,8 +21,6 @@ class SparseMemory(MemoryBase):
         self.size = size
         self.pages: dict[int, bytearray] = {}
         self.control_registers: dict[str, int] = {}
-        self._version = 0          # bumped by every write; keys the gather cache
-        self._gcache: tuple | None = None
 
     def _check(self, pa: int, n: int) -> None:
         if pa < 0 or n < 0 or pa + n > self.size:
@@ -54,7 +52,6 @@ class SparseMemory(MemoryBase):
 
     def write(self, pa: int, data: bytes) -> None:
         self._check(pa, len(data))
-        self._version += 1
         mv = memoryview(data)
         while len(mv):
             pn, off = divmod(pa, PAGE)
@@ -67,7 +64,6 @@ class SparseMemory(MemoryBase):
             pa += take
 
     def write_u64(self, pa: int, value: int) -> None:
-        self._version += 1
         pn, off = divmod(pa, PAGE)
         if off <= PAGE - 8 and 0 <= pa and pa + 8 <= self.size:
             page = self.pages.get(pn)
@@ -85,27 +81,12 @@ class SparseMemory(MemoryBase):
         return np.frombuffer(bytes(page), dtype="<u8")
 
     def gather_u64(self, pas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Vectorised qword reads: pages are stacked once per call (O(pages)), then indexed."""
-        pas = np.asarray(pas, dtype=np.uint64)
-        valid = pas + np.uint64(8) <= np.uint64(min(self.size, 1 << 63))
-        if not self.pages:
-            return np.zeros(len(pas), dtype=np.uint64), valid
-        cache = self._gcache
-        if cache is None or cache[0] != self._version or cache[1] != len(self.pages):
-            pns = np.fromiter(self.pages.keys(), dtype=np.uint64, count=len(self.pages))
-            order = np.argsort(pns)
-            keys = list(self.pages.keys())
-            stacked = np.frombuffer(b"".join(bytes(self.pages[keys[i]]) for i in order.tolist()),
-                                    dtype="<u8").reshape(-1, 512)
-            cache = self._gcache = (self._version, len(self.pages), pns[order], stacked)
-        pns, stacked = cache[2], cache[3]
-        want = pas >> np.uint64(12)
-        pos = np.searchsorted(pns, want)
-        pos_c = np.minimum(pos, len(pns) - 1)
-        hit = (pns[pos_c] == want) & valid
-        slot = ((pas >> np.uint64(3)) & np.uint64(511)).astype(np.int64)
-        vals = np.where(hit, stacked[pos_c.astype(np.int64), slot], np.uint64(0)).astype(np.uint64)
-        return vals, valid
+        return self.gather_view().gather_u64(pas)
+
+    def gather_view(self) -> "_StackedPages":
+        """A snapshot of the pages, stacked once, for many vectorised gathers (a batch walk reads
+        every level from it). Later writes are not seen by the snapshot."""
+        return _StackedPages(self)
 
     def segments(self) -> list[Segment]:
         """The pages that hold data (written at least once), merged into runs."""
@@ -121,7 +102,6 @@ class SparseMemory(MemoryBase):
     def copy(self) -> "SparseMemory":
         out = SparseMemory(self.size)
         out.pages = {pn: bytearray(p) for pn, p in self.pages.items()}
-        out._version = 0
         out.control_registers = dict(self.control_registers)
         return out
 
@@ -134,3 +114,24 @@ class SparseMemory(MemoryBase):
             if start < end:
                 out[start:min(end, start + PAGE)] = page[:max(0, min(PAGE, end - start))]
         return bytes(out)
+
+
+class _StackedPages:
+    def __init__(self, mem: SparseMemory) -> None:
+        self.limit = np.uint64(min(mem.size, 1 << 63))
+        keys = sorted(mem.pages)
+        self.pns = np.array(keys, dtype=np.uint64)
+        self.stacked = (np.frombuffer(b"".join(bytes(mem.pages[k]) for k in keys), dtype="<u8").reshape(-1, 512)
+                        if keys else np.zeros((0, 512), dtype=np.uint64))
+
+    def gather_u64(self, pas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pas = np.asarray(pas, dtype=np.uint64)
+        valid = pas + np.uint64(8) <= self.limit
+        if not len(self.pns):
+            return np.zeros(len(pas), dtype=np.uint64), valid
+        want = pas >> np.uint64(12)
+        pos = np.minimum(np.searchsorted(self.pns, want), len(self.pns) - 1)
+        hit = (self.pns[pos] == want) & valid
+        slot = ((pas >> np.uint64(3)) & np.uint64(511)).astype(np.int64)
+        vals = np.where(hit, self.stacked[pos.astype(np.int64), slot], np.uint64(0)).astype(np.uint64)
+        return vals, valid
