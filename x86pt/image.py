@@ -36,8 +36,8 @@ def add_state_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--maxphyaddr", metavar="M", help="MAXPHYADDR (default: the profile's)")
     g.add_argument("--profile", default=None,
                    help="intel (default), amd, qemu, unicorn or kvm")
-    g.add_argument("--format", dest="image_format", choices=("elf", "lime", "raw"),
-                   help="image format (default: detected)")
+    g.add_argument("--image-format", dest="image_format", choices=("elf", "lime", "raw"),
+                   help="image format (default: detected from the first bytes)")
 
 
 def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None,

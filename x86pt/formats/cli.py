@@ -280,14 +280,9 @@ def register(sub) -> None:
     from x86pt.formats import FORMATS
     from x86pt.image import add_state_args
 
-    # conflict_handler: the core's add_state_args() owns "--format" for the image format; here
-    # "--format" is the output format (the interface), the image's is --image-format.
-    d = sub.add_parser("dump", help="dump every mapping: ptdump, QEMU info mem/tlb, JSON, CSV",
-                       conflict_handler="resolve")
+    d = sub.add_parser("dump", help="dump every mapping: ptdump, QEMU info mem/tlb, JSON, CSV")
     d.add_argument("image")
-    add_state_args(d)
-    d.add_argument("--image-format", dest="image_format", choices=("elf", "lime", "raw"),
-                   help="image format (default: detected)")
+    add_state_args(d)          # --image-format is the image's; --format the output's
     d.add_argument("--format", dest="dump_format", choices=FORMATS, default="ptdump",
                    help="output format (default ptdump)")
     d.add_argument("--markers", choices=("none", "linux"), default="none",
