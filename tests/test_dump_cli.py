@@ -29,14 +29,22 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_census_meminfo_lines(capsys):
     """demo RAM: 4K over [0, 0x9f000) and [1M, 2M) = 159 + 256 pages = 1660 kB; 2M pages from 2M
-    to 1G = 511 x 2048 kB; 1G pages for [1G, 3G) and [4G, 6G) = 4 GiB."""
-    rc, out, err = run(capsys, "census", LINUX)
+    to 1G = 511 x 2048 kB; 1G pages for [1G, 3G) and [4G, 6G) = 4 GiB. The kernel also counts each
+    page table under its image mapping as a 2M -> 512 x 4K split (cpa.md §2): with a 512M
+    KERNEL_IMAGE_SIZE that is the kernel data PT at 0xffffffff81c00000 (+2048 kB 4K, -2048 kB 2M);
+    with 1G the module PT at 0xffffffffa0000000 is inside the range too (another 2048 kB)."""
+    rc, out, err = run(capsys, "census", LINUX, "--kernel-image-size", "512M")
     assert rc == 0
-    assert out.startswith("DirectMap4k:        1660 kB\n"
-                          "DirectMap2M:     1046528 kB\n"
+    assert out.startswith("DirectMap4k:        3708 kB\n"
+                          "DirectMap2M:     1044480 kB\n"
                           "DirectMap1G:     4194304 kB\n")
+    rc, out, err = run(capsys, "census", LINUX)
+    assert out.startswith("DirectMap4k:        5756 kB\nDirectMap2M:     1042432 kB\n")
+    rc, out, err = run(capsys, "census", LINUX, "--kernel-image-size", "0")
+    assert out.startswith("DirectMap4k:        1660 kB\nDirectMap2M:     1046528 kB\n")
     assert "PAGE_OFFSET detected" in out and f"{PAGE_OFFSET:#018x}" in out
-    rc, out, _ = run(capsys, "census", LINUX, "--page-offset", hex(PAGE_OFFSET), "--no-gbpages", "--json")
+    rc, out, _ = run(capsys, "census", LINUX, "--page-offset", hex(PAGE_OFFSET), "--no-gbpages", "--json",
+                     "--kernel-image-size", "0")
     d = json.loads(out)
     assert d["DirectMap4k_kB"] == 1660 and d["page_offset_detected"] is False
     # whole tree: + kernel data 2M in 4K (512) + module 5 + user 4 PTEs; 2M: +4 text, +2 rodata

@@ -2,10 +2,15 @@
 counts per level and the table pages the tree uses.
 
 Linux counts direct_pages_count[] per level as it maps and splits (spec/cpa.md §2,
-arch_report_meminfo()); from an image we count the leaves that lie in the direct-map range
-[PAGE_OFFSET, PAGE_OFFSET + 2^46) (2^52 with 5-level paging). Known difference from a live kernel
-(spec/oracle-linux.md §9.1): the kernel also counts splits of the kernel-image ("highmap")
-alias, which lie outside that range, so its DirectMap4k is higher by those pieces.
+arch_report_meminfo()); from an image we reconstruct the same numbers:
+  * the leaves in the direct-map range [PAGE_OFFSET, PAGE_OFFSET + 2^46) (2^52 with 5-level);
+  * plus the direct-map 4K entries that are not present but still hold their frame
+    (set_direct_map_invalid_noflush: secretmem, vm_reset_perms) — the kernel never uncounts them;
+  * plus the splits of the kernel-image mapping [__START_KERNEL_map, + KERNEL_IMAGE_SIZE): it
+    starts as 2M leaves only and CPA counts every split there too (virt_addr_valid() is true for
+    it; cpa.md §2 [reading], confirmed on real 6.1/6.12 kernels in oracle-linux.md §9.1): each
+    page table under it moved 2M -> 512 x 4K in the counters.
+tests/test_linux_fixtures.py checks the result against /proc/meminfo of real kernels.
 PAGE_OFFSET is given, or detected as the 1 GiB-aligned (KASLR granularity) VA-PA offset that
 maps the most bytes in the kernel half.
 """
@@ -21,6 +26,8 @@ from x86pt.scan import U64, Scanner, ScanStats
 from x86pt.state import PagingState
 
 GiB = 1 << 30
+KERNEL_MAP = 0xFFFFFFFF80000000          # __START_KERNEL_map
+KERNEL_IMAGE_SIZE = 1 << 30              # with CONFIG_RANDOMIZE_BASE (Debian); 512 MiB without
 
 
 @dataclass(frozen=True)
@@ -34,20 +41,32 @@ class Census:
     distinct_tables: int
     issues: int
     levels: int
+    invalidated_4k: int = 0         # non-present direct-map PTEs that still hold a frame
+    highmap_splits: int = 0         # page tables under the kernel-image mapping (2M splits)
+
+    @property
+    def counts(self) -> dict[int, int]:
+        """direct_pages_count[] as the kernel keeps it (level -> mappings)."""
+        return {1: self.direct.get(1, 0) + self.invalidated_4k + 512 * self.highmap_splits,
+                2: self.direct.get(2, 0) - self.highmap_splits, 3: self.direct.get(3, 0)}
 
     def meminfo(self, gbpages: bool = True) -> str:
         """arch_report_meminfo(): "DirectMap4k:    %8lu kB" (4 spaces after the colon)."""
-        s = f"DirectMap4k:    {self.direct.get(1, 0) << 2:8d} kB\n"
-        s += f"DirectMap2M:    {self.direct.get(2, 0) << 11:8d} kB\n"
+        c = self.counts
+        s = f"DirectMap4k:    {c[1] << 2:8d} kB\n"
+        s += f"DirectMap2M:    {c[2] << 11:8d} kB\n"
         if gbpages:
-            s += f"DirectMap1G:    {self.direct.get(3, 0) << 20:8d} kB\n"
+            s += f"DirectMap1G:    {c[3] << 20:8d} kB\n"
         return s
 
     def to_json(self) -> dict:
+        c = self.counts
         return {"page_offset": hex(self.page_offset), "page_offset_detected": self.detected,
                 "direct_map_end": hex(self.direct_end),
-                "DirectMap4k_kB": self.direct.get(1, 0) << 2, "DirectMap2M_kB": self.direct.get(2, 0) << 11,
-                "DirectMap1G_kB": self.direct.get(3, 0) << 20,
+                "DirectMap4k_kB": c[1] << 2, "DirectMap2M_kB": c[2] << 11, "DirectMap1G_kB": c[3] << 20,
+                "direct_map_leaves": {"4K": self.direct.get(1, 0), "2M": self.direct.get(2, 0),
+                                      "1G": self.direct.get(3, 0)},
+                "invalidated_4k": self.invalidated_4k, "kernel_image_splits": self.highmap_splits,
                 "leaves": {"4K": self.leaves.get(1, 0), "2M": self.leaves.get(2, 0), "1G": self.leaves.get(3, 0)},
                 "table_visits": {str(k): v for k, v in self.tables.items() if k <= self.levels},
                 "table_pages": self.distinct_tables, "issues": self.issues}
@@ -56,7 +75,10 @@ class Census:
         names = {5: "PML5", 4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
         out = [self.meminfo(gbpages), "\n",
                f"direct map: {self.page_offset:#018x}-{self.direct_end:#018x} "
-               f"(PAGE_OFFSET {'detected' if self.detected else 'given'})\n",
+               f"(PAGE_OFFSET {'detected' if self.detected else 'given'}): leaves 4K "
+               f"{self.direct.get(1, 0)}  2M {self.direct.get(2, 0)}  1G {self.direct.get(3, 0)}\n",
+               f"also counted as the kernel does: {self.invalidated_4k} invalidated 4K entries, "
+               f"{self.highmap_splits} kernel-image 2M splits\n",
                "leaves (whole tree): " + "  ".join(
                    f"{lbl} {self.leaves.get(l, 0)}" for l, lbl in ((1, "4K"), (2, "2M"), (3, "1G"))) + "\n",
                "table pages: " + "  ".join(f"{names[l]} {self.tables.get(l, 0)}"
@@ -84,18 +106,38 @@ def _pick(weights: dict[int, int]) -> int:
     return max(pick.items(), key=lambda kv: (kv[1], -kv[0]))[0]
 
 
-def census(state: PagingState, memory, page_offset: int | None = None, **scan_kw) -> Census:
+def census(state: PagingState, memory, page_offset: int | None = None, *,
+           kernel_map: tuple[int, int] | None = (KERNEL_MAP, KERNEL_MAP + KERNEL_IMAGE_SIZE),
+           **scan_kw) -> Census:
     """One scan: kernel-half records are kept (as runs, so a uniform 4K table is one row) until
-    PAGE_OFFSET is known, then counted against the direct-map range."""
+    PAGE_OFFSET is known, then counted against the direct-map range. `kernel_map` is the
+    kernel-image range whose splits the kernel counts too (None: do not count them)."""
+    from x86pt.scan import EFF_P
     detected = page_offset is None
-    sc = Scanner(state, memory, **scan_kw)
+    sc = Scanner(state, memory, holes=True, **scan_kw)       # holes: invalidated PTEs count too
     weights: dict[int, int] = {}
     keep_va, keep_level, keep_count = [], [], []
-    for ch in present_only(sc.chunks()):
+    np_va, np_count = [], []
+    hm_blocks: set[int] = set()
+    for ch in sc.chunks():
         k = (ch.va >> U64(63)) == U64(1)
         if not k.any():
             continue
         sub = ch if k.all() else ch.take(k)
+        present = (sub.eff & np.uint8(EFF_P)) != 0
+        if kernel_map is not None:
+            pt = (sub.level == 1) & (sub.va >= U64(kernel_map[0])) & (sub.va < U64(kernel_map[1]))
+            if pt.any():
+                lo = (sub.va[pt] >> U64(21)).tolist()
+                hi = ((sub.va[pt] + sub.span[pt] - U64(1)) >> U64(21)).tolist()
+                for a, b in zip(lo, hi):
+                    hm_blocks.update(range(a, b + 1))
+        gone = ~present & (sub.level == 1) & (sub.raw != 0)
+        if gone.any():
+            np_va.append(sub.va[gone])
+            np_count.append(sub.count[gone])
+        if not present.all():
+            sub = sub.take(present)
         if detected:
             _offset_weights(sub.va, sub.pa, sub.span, weights)
         keep_va.append(sub.va)
@@ -104,15 +146,24 @@ def census(state: PagingState, memory, page_offset: int | None = None, **scan_kw
     if detected:
         page_offset = _pick(weights)
     end = (page_offset + (1 << (52 if state.la57 else 46))) & ((1 << 64) - 1)
+
+    def inside(va: np.ndarray) -> np.ndarray:
+        m = va >= U64(page_offset)
+        if end > page_offset:
+            m &= va < U64(end)
+        return m
+
     direct = {1: 0, 2: 0, 3: 0}
     if keep_va:
         va, level, count = (np.concatenate(x) for x in (keep_va, keep_level, keep_count))
-        inside = va >= U64(page_offset)
-        if end > page_offset:
-            inside &= va < U64(end)
-        cnt = np.bincount(level[inside], weights=count[inside].astype(np.float64), minlength=4)
+        sel = inside(va)
+        cnt = np.bincount(level[sel], weights=count[sel].astype(np.float64), minlength=4)
         for lvl in (1, 2, 3):
             direct[lvl] = int(cnt[lvl])
+    invalid = 0
+    if np_va:
+        va, count = np.concatenate(np_va), np.concatenate(np_count)
+        invalid = int(count[inside(va)].sum())
     st: ScanStats = sc.stats
     return Census(page_offset, detected, end, direct, dict(st.entries), dict(st.tables),
-                  st.distinct_tables(), st.issue_count, state.paging_levels)
+                  st.distinct_tables(), st.issue_count, state.paging_levels, invalid, len(hm_blocks))

@@ -47,8 +47,12 @@ class Kind(str, enum.Enum):
 
     @property
     def sdm_name(self) -> str:
-        return {Kind.PDPTE_1G: "PDPTE (1GB page)", Kind.PDE_2M: "PDE (2MB page)",
-                Kind.PDPTE: "PDPTE (table)", Kind.PDE: "PDE (table)"}.get(self, self.name)
+        return _SDM_NAMES[self]
+
+
+_SDM_NAMES = {Kind.PML5E: "PML5E", Kind.PML4E: "PML4E", Kind.PDPTE: "PDPTE (table)",
+              Kind.PDPTE_1G: "PDPTE (1GB page)", Kind.PDE: "PDE (table)", Kind.PDE_2M: "PDE (2MB page)",
+              Kind.PTE: "PTE"}
 
 
 @dataclass(frozen=True)

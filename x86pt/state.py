@@ -171,7 +171,7 @@ class PagingState:
         return dataclasses.replace(self, **kw)
 
     # -- derived facts ---------------------------------------------------------------------------
-    @property
+    @cached_property
     def m(self) -> int:
         return self.maxphyaddr if self.maxphyaddr is not None else self.profile.maxphyaddr
 
@@ -215,9 +215,13 @@ class PagingState:
     def levels(self) -> tuple[Level, ...]:
         return levels_for(self.paging_levels)
 
-    @property
+    @cached_property
     def va_bits(self) -> int:
         return 57 if self.la57 else 48
+
+    @cached_property
+    def _canonical_tops(self) -> tuple[int, int]:
+        return self.va_bits - 1, (1 << (65 - self.va_bits)) - 1
 
     @cached_property
     def phys_mask(self) -> int:
@@ -256,8 +260,9 @@ class PagingState:
 
     def canonical(self, va: int) -> bool:
         """SDM §3.3.7.1: bits 63:47 (or 63:56 with LA57) all equal."""
-        top = va >> (self.va_bits - 1)
-        return top == 0 or top == (1 << (65 - self.va_bits)) - 1
+        shift, ones = self._canonical_tops
+        top = va >> shift
+        return top == 0 or top == ones
 
     def sign_extend(self, va: int) -> int:
         bits = self.va_bits

@@ -109,7 +109,7 @@ def demo_layout() -> Layout:
                     init_end=text + (12 << 20), brk_end=text + (14 << 20))
     return Layout("demo", tuple(demo.RAM), gbpages=True, page_offset=demo.PAGE_OFFSET,
                   start_kernel_map=demo.KERNEL_MAP, modules_vaddr=demo.MODULES,
-                  kernel_image_size=demo.MODULES - demo.KERNEL_MAP,   # 512 MiB (nokaslr)
+                  kernel_image_size=demo.MODULES - demo.KERNEL_MAP,   # 1 GiB (KASLR layout)
                   modules_end=demo.MODULES + (1 << 30) - (16 << 20), kernel=k,
                   table_pool=((0x8000000, 0x10000000),), reserved_below=0x10000000)
 

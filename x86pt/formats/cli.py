@@ -172,7 +172,11 @@ def cmd_census(args) -> int:
     from x86pt.census import census
     from x86pt.image import open_image
     with open_image(args.image, args) as img:
-        c = census(img.state, img.memory, _page_offset(args), max_entries=_max_entries(args))
+        from x86pt.census import KERNEL_MAP
+        from x86pt.numbers import parse_size
+        size = parse_size(args.kernel_image_size, "--kernel-image-size")
+        c = census(img.state, img.memory, _page_offset(args), max_entries=_max_entries(args),
+                   kernel_map=(KERNEL_MAP, KERNEL_MAP + size) if size else None)
         if args.json:
             print(json.dumps(c.to_json(), separators=(",", ":")))
         else:
@@ -309,6 +313,9 @@ def register(sub) -> None:
     c.add_argument("image")
     c.add_argument("--page-offset", metavar="VA", help="start of the direct map (default: detected)")
     c.add_argument("--no-gbpages", action="store_true", help="omit DirectMap1G (no direct_gbpages)")
+    c.add_argument("--kernel-image-size", default="1G", metavar="SIZE",
+                   help="KERNEL_IMAGE_SIZE: splits of [__START_KERNEL_map, +SIZE) count in DirectMap "
+                        "as in the kernel (1G with KASLR support, the default; 512M without; 0: ignore)")
     c.add_argument("--json", action="store_true")
     _scan_args(c)
     add_state_args(c)
