@@ -89,8 +89,8 @@ def cmd_translate(args, steps: bool = False) -> int:
             results.append(walk(img.state, img.memory, va, access))
         if args.json:
             for r in results:
-                emit_json(__import__("x86pt.describe").describe.result_json(r) if steps else
-                          {k: v for k, v in result_json(r).items() if k != "steps"})
+                d = result_json(r)
+                emit_json(d if steps else {k: v for k, v in d.items() if k != "steps"})
         else:
             for n in img.notes:
                 print(f"note: {n}", file=sys.stderr)

@@ -2,7 +2,7 @@
 pyelftools' descriptions.py). They never read memory."""
 from __future__ import annotations
 
-from x86pt.fields import Kind, Role, fields_for
+from x86pt.fields import Kind, Role, decode_fast, fields_for
 from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState
 from x86pt.walk import GeneralProtection, PageFault, Result, Translation, rsvd_mask
 
@@ -78,7 +78,8 @@ def result_json(r: Result) -> dict:
     else:
         base.update(pa=None, page_size=None, error_code=r.error_code,
                     cr2=None if r.cr2 is None else hex(r.cr2), reason=r.reason)
-    base["steps"] = [s.to_json() | {"flags": entry_flags(s.raw, s.kind)} for s in r.steps]
+    base["steps"] = [s.to_json() | {"flags": entry_flags(s.raw, s.kind),
+                                     "fields": decode_fast(s.raw, s.kind)} for s in r.steps]
     return base
 
 
