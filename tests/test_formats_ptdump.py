@@ -137,21 +137,44 @@ def test_espfix_area_prints_16_lines_then_the_skip_count():
 
 
 def test_empty_regions_lag_one_marker_per_break():
-    """With nothing mapped between Kernel Space and ESPfix, each later break advances only one
-    marker (note_page() tests marker[1] once per call): the ESPfix pages print under the
-    markers still pending."""
+    """Nothing mapped between Kernel Space and ESPfix. The generic walker calls note_page() for
+    every PGD hole, and each call whose address is at or above marker[1] ends the line and
+    advances exactly one marker. Hand derivation (4-level markers: LDT remap -240 << 39 =
+    0xffff880000000000, PAGE_OFFSET 0xffff888000000000, VMALLOC_START 0xffffc90000000000 =
+    PGD 402, VMEMMAP_START 0xffffea0000000000 = PGD 468, CPU_ENTRY_AREA 0xfffffe0000000000 =
+    PGD 508, ESPfix 0xffffff0000000000 = PGD 510): PGD 272 starts Kernel Space, 273 LDT remap,
+    274 Low Kernel Mapping, 402 vmalloc, 468 Vmemmap, 508 CPU entry Area, and the first PTE at
+    PGD 510 ESPfix. The 6.1 KASLR fixture shows the same one-hole lines (Kernel Space
+    0xffff880000000000-0xffff888000000000 512G pgd, then LDT remap)."""
     b = Builder(levels=4, table_base=0x100000)
     esp = 0xFFFFFF0000000000
     for i in range(3):
         b.map(esp + i * 4096, 0x5000000 + i * 4096, 4096, 4096, KERNEL if i % 2 == 0 else KERNEL_RO)
     text = _dump(b, "linux")
-    assert ("---[ Kernel Space ]---\n"
-            "0xffff880000000000-0xffffff0000000000         119T                               pgd\n"
-            "---[ LDT remap ]---\n"
-            "0xffffff0000000000-0xffffff0000001000           4K     RW                 GLB NX pte\n"
-            "---[ Low Kernel Mapping ]---\n"
-            "0xffffff0000001000-0xffffff0000002000           4K     ro                 GLB NX pte\n"
-            "---[ vmalloc() Area ]---\n") in text
+    hole = " " * 31
+    assert text == (
+        "---[ User Space ]---\n"
+        f"0x0000000000000000-0xffff880000000000    16777096T{hole}pgd\n"
+        "---[ Kernel Space ]---\n"
+        f"0xffff880000000000-0xffff888000000000         512G{hole}pgd\n"
+        "---[ LDT remap ]---\n"
+        f"0xffff888000000000-0xffff890000000000         512G{hole}pgd\n"
+        "---[ Low Kernel Mapping ]---\n"
+        f"0xffff890000000000-0xffffc90000000000          64T{hole}pgd\n"
+        "---[ vmalloc() Area ]---\n"
+        f"0xffffc90000000000-0xffffea0000000000          33T{hole}pgd\n"
+        "---[ Vmemmap ]---\n"
+        f"0xffffea0000000000-0xfffffe0000000000          20T{hole}pgd\n"
+        "---[ CPU entry Area ]---\n"
+        f"0xfffffe0000000000-0xffffff0000000000           1T{hole}pgd\n"
+        "---[ ESPfix Area ]---\n"
+        "0xffffff0000000000-0xffffff0000001000           4K     RW                 GLB NX pte\n"
+        "0xffffff0000001000-0xffffff0000002000           4K     ro                 GLB NX pte\n"
+        "0xffffff0000002000-0xffffff0000003000           4K     RW                 GLB NX pte\n"
+        f"0xffffff0000003000-0xffffff0000200000        2036K{hole}pte\n"
+        f"0xffffff0000200000-0xffffff0040000000        1022M{hole}pmd\n"
+        f"0xffffff0040000000-0xffffff8000000000         511G{hole}pud\n"
+        f"0xffffff8000000000-0x0000000000000000         512G{hole}pgd\n")
 
 
 def test_five_level_names_and_pat_column_of_large_pages():

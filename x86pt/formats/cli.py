@@ -98,9 +98,45 @@ def _page_offset(args) -> int | None:
     return None if v is None else parse_int(v, "--page-offset")
 
 
+# (layout.json key, args attribute, option, dump_to keyword)
+LAYOUT_KEYS = (("page_offset_base", "page_offset", "--page-offset", "page_offset"),
+               ("vmalloc_base", "vmalloc_base", "--vmalloc-base", "vmalloc"),
+               ("vmemmap_base", "vmemmap_base", "--vmemmap-base", "vmemmap"))
+
+
+def _marker_bases(args) -> dict[str, int | None]:
+    """PAGE_OFFSET, VMALLOC_START and VMEMMAP_START for the ptdump markers (KASLR moves all
+    three): from --layout (a `x86pt linux run` layout.json: the kernel's page_offset_base,
+    vmalloc_base, vmemmap_base), each overridden by its own option; None = nokaslr default."""
+    out: dict[str, int | None] = {kw: None for _, _, _, kw in LAYOUT_KEYS}
+    path = getattr(args, "layout", None)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read())
+        except OSError as e:
+            raise BadInputError(f"--layout {path}: {e.strerror or e}") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadInputError(f"--layout {path}: not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise BadInputError(f"--layout {path}: expected a JSON object")
+        for key, _, _, kw in LAYOUT_KEYS:
+            v = data.get(key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise BadInputError(f"--layout {path}: {key} is not a number")
+            out[kw] = parse_int(v, f"--layout {path}: {key}")
+    for _, attr, opt, kw in LAYOUT_KEYS:
+        v = getattr(args, attr, None)
+        if v is not None:
+            out[kw] = parse_int(v, opt)
+    return out
+
+
 # -- dump -------------------------------------------------------------------------------------------
 def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset: int | None = None,
-            filt: Filter | None = None, va_range: tuple[int, int] | None = None,
+            vmalloc: int | None = None, vmemmap: int | None = None, filt: Filter | None = None, va_range: tuple[int, int] | None = None,
             coalesce_mode: str = "phys", crlf: bool = False,
             max_entries: int = DEFAULT_MAX_ENTRIES) -> Scanner:
     """Render one image in `fmt` to the binary stream `out`; returns the scanner (stats, issues)."""
@@ -141,7 +177,8 @@ def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset:
     elif fmt == "ptdump":
         mk = None
         if markers == "linux":
-            mk = ptdump.linux_markers(state.paging_levels, page_offset=page_offset)
+            mk = ptdump.linux_markers(state.paging_levels, page_offset=page_offset,
+                                      vmalloc=vmalloc, vmemmap=vmemmap)
         put(ptdump.ptdump_lines(chunks, state, mk))
     elif fmt == "json":
         put(tabular.json_lines(chunks, lambda: sc.stats.issues, coalesce_mode=coalesce_mode,
@@ -156,10 +193,11 @@ def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset:
 def cmd_dump(args) -> int:
     from x86pt.image import open_image
     va_range = parse_range(args.range) if args.range else None
+    bases = _marker_bases(args)
     with open_image(args.image, args) as img:
         with _output(args.output) as out:
-            sc = dump_to(out, img, args.dump_format, markers=args.markers,
-                         page_offset=_page_offset(args), filt=_filter_from(args, img.state.nxe),
+            sc = dump_to(out, img, args.dump_format, markers=args.markers, **bases,
+                         filt=_filter_from(args, img.state.nxe),
                          va_range=va_range, coalesce_mode=args.coalesce, crlf=args.crlf,
                          max_entries=_max_entries(args))
         if args.dump_format != "json":
@@ -292,6 +330,13 @@ def register(sub) -> None:
     d.add_argument("--markers", choices=("none", "linux"), default="none",
                    help="ptdump: print Linux's x86_64 address-marker lines and break ranges at them")
     d.add_argument("--page-offset", metavar="VA", help="ptdump markers: PAGE_OFFSET (default nokaslr)")
+    d.add_argument("--vmalloc-base", metavar="VA",
+                   help="ptdump markers: VMALLOC_START (default nokaslr)")
+    d.add_argument("--vmemmap-base", metavar="VA",
+                   help="ptdump markers: VMEMMAP_START (default nokaslr)")
+    d.add_argument("--layout", metavar="JSON",
+                   help="ptdump markers: read page_offset_base, vmalloc_base and vmemmap_base "
+                        "from a layout.json (`x86pt linux run`); the options above override it")
     d.add_argument("--range", metavar="A-B", help="only entries overlapping [A, B) (also A+SIZE)")
     g = d.add_mutually_exclusive_group()
     g.add_argument("--user", dest="user_only", action="store_true", help="only user-accessible (effective US)")

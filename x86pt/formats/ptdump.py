@@ -51,7 +51,10 @@ def linux_markers(levels: int = 4, *, page_offset: int | None = None, vmalloc: i
     five = levels == 5
     m = [Marker(0, "User Space"), Marker(1 << 63, "Kernel Space")]
     if ldt:
-        m.append(Marker(0xFF90000000000000 if five else 0xFFFF880000000000, "LDT remap"))
+        # LDT_BASE_ADDR = LDT_PGD_ENTRY << PGDIR_SHIFT with LDT_PGD_ENTRY = -240 for 4 and 5
+        # levels alike (mm.rst: ffff880000000000 / ff10000000000000); the 6.1 5-level fixture
+        # prints "LDT remap" at the first note from ff11000000000000 on, which only this fits
+        m.append(Marker(((-240 << (48 if five else 39)) & ((1 << 64) - 1)), "LDT remap"))
     m += [Marker(page_offset if page_offset is not None else
                  (0xFF11000000000000 if five else 0xFFFF888000000000), "Low Kernel Mapping"),
           Marker(vmalloc if vmalloc is not None else
@@ -193,13 +196,17 @@ def ptdump_lines(chunks: Iterable[Chunk], state: PagingState, markers: list[Mark
         for s, e, k, z in zip(starts, ends, keys, sizes):
             depth = (k >> 16) & 7
             st.note(s, k, depth)
-            # marker breaks inside a run: at the first entry start at or above the marker
+            # Marker breaks inside a run. note_page() advances at most one marker per call, and
+            # only when the call's address is at or above the next marker's start, so the break
+            # comes at the first entry start *after* the last noted one that lies at or above
+            # the next marker: one entry late when a marker starts exactly on a noted address
+            # (6.1 4-level: "LDT remap" holds the 4K PTE at PAGE_OFFSET).
             e_lin = e if e > s else 1 << 64
             while True:
                 nm = st.next_marker()
-                if not s < nm < e_lin:
+                if nm >= e_lin:
                     break
-                c = s + -(-(nm - s) // z) * z
+                c = s + max(1, -(-(nm - s) // z)) * z
                 if c >= e_lin:
                     break
                 st.note(c, k, depth)
