@@ -53,10 +53,48 @@ def _model_factory(args, policy: str):
     return (lambda: new_model(layout, args.kernel, policy)), layout
 
 
+def _oracle_check(args, n_ops: int, minimising: bool = False):
+    """The OracleCheck of --oracle (None without it): sampled steps by --oracle-every N or
+    --oracle-sample K (default 8) with --oracle-seed; while minimising, every op is probed."""
+    names = getattr(args, "oracle", None)
+    if not names:
+        return None
+    from harness.oracles import REAL_ORACLES
+    from x86pt.cpa.oracle_probe import OracleCheck, sampled_steps
+    want = [n.strip() for n in names.split(",") if n.strip()]
+    if want == ["all"]:
+        want = list(REAL_ORACLES)
+    cap = parse_int(args.oracle_cap, "--oracle-cap", lo=1, hi=1 << 20)
+    quiet = args.quiet or args.json
+    log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
+    if minimising:
+        return OracleCheck(want, every=1, cap=cap, log=lambda s: None)
+    if args.oracle_every is not None:
+        every = parse_int(args.oracle_every, "--oracle-every", lo=1, hi=1 << 40)
+        return OracleCheck(want, every=every, cap=cap, log=log)
+    k = parse_int(args.oracle_sample if args.oracle_sample is not None else "8", "--oracle-sample",
+                  lo=0, hi=1 << 40)
+    seed = parse_int(args.oracle_seed, "--oracle-seed")
+    return OracleCheck(want, steps=sampled_steps(n_ops, k, seed), cap=cap, log=log)
+
+
 def _run(args, policy: str, ops, dump: bool):
+    oc = _oracle_check(args, len(ops)) if args.validate else None
+    try:
+        return _run_checked(args, policy, ops, dump, oc)
+    finally:
+        if oc is not None:
+            oc.close()
+
+
+def _run_checked(args, policy: str, ops, dump: bool, oc):
     from x86pt.cpa.trace import replay
     make, layout = _model_factory(args, policy)
     m = make()
+    checks = args.checks
+    if oc is not None:
+        m.oracle_check = oc
+        checks = checks if "e" in checks else checks + "e"
     prog = Progress(f"{policy:>12}", not args.quiet and not args.json)
     on_dump = None
     if dump and args.dump_at is not None:
@@ -66,15 +104,30 @@ def _run(args, policy: str, ops, dump: bool):
             write_image(model.export(), model.paging_state(), path, None)
             if not args.json:
                 print(f"image after op {idx} written to {path}", file=sys.stderr)
-    r = replay(m, ops, validate=args.validate, checks=args.checks, progress=prog,
+    r = replay(m, ops, validate=args.validate, checks=checks, progress=prog,
                dump_at=args.dump_at, on_dump=on_dump)
+    if oc is not None:
+        r.notes = r.notes + tuple(oc.notes) + tuple(oc.summary())
     if r.violation is not None and args.validate:
         from x86pt.cpa.trace import minimise, write_trace
-        mini = minimise(make, ops, r.violation, args.checks, budget_s=args.minimise_seconds)
+        mini_oc = _oracle_check(args, len(ops), True) if r.violation.invariant == "e" else None
+
+        def make_checked():
+            mm = make()
+            if mini_oc is not None:
+                mm.oracle_check = mini_oc
+            return mm
+        try:
+            mini = minimise(make_checked, ops, r.violation, checks, budget_s=args.minimise_seconds)
+        finally:
+            if mini_oc is not None:
+                mini_oc.close()
         path = args.repro or f"cpa-violation-{policy}.trace"
         write_trace(path, mini, [f"minimal trace for: {r.violation}",
                                  f"replay: x86pt cpa replay {path} --policy {policy} --kernel "
-                                 f"{args.kernel} --layout {args.layout} --validate"])
+                                 f"{args.kernel} --layout {args.layout} --validate"
+                                 + (f" --oracle {args.oracle} --oracle-every 1"
+                                    if r.violation.invariant == "e" else "")])
         r.notes = r.notes + (f"minimal reproducer ({len(mini)} ops) written to {path}",)
     return r, m
 
@@ -150,7 +203,16 @@ def _common(p, policy_arg: bool) -> None:
                    help="laptop-4g, server-64g, server-64g-nogb, server-1t, demo or FILE.json")
     p.add_argument("--image", default=None, help="start from this image's kernel tables (ELF core or raw)")
     p.add_argument("--validate", action="store_true", help="check invariants (a)-(d) after every op")
-    p.add_argument("--checks", default="abcd", help="which invariants to check (subset of abcd)")
+    p.add_argument("--checks", default="abcd", help="which invariants to check (subset of abcde)")
+    p.add_argument("--oracle", default=None, metavar="NAME[,NAME]",
+                   help="with --validate: probe sampled steps on these oracles (unicorn, qemu, kvm, "
+                        "all): invariant (e)")
+    p.add_argument("--oracle-every", default=None, metavar="N", help="probe every N-th op")
+    p.add_argument("--oracle-sample", default=None, metavar="K",
+                   help="probe K ops chosen by --oracle-seed (default 8)")
+    p.add_argument("--oracle-seed", default="1", metavar="S")
+    p.add_argument("--oracle-cap", default="512", metavar="N",
+                   help="at most N pages probed per step, sampled evenly (default 512)")
     p.add_argument("--repro", default=None, help="where to write the minimal failing trace")
     p.add_argument("--minimise-seconds", type=float, default=30.0)
     p.add_argument("--plot", default=None, metavar="PNG", help="fragmentation plot")

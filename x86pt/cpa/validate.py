@@ -4,7 +4,9 @@
     that applies each operation's masks page by page — no large pages, no splits, no merges,
 (c) direct_pages_count equals a census of the actual tables (the highmap PTE tables included,
     as the kernel accounts them),
-(d) the nr-same-prot counters equal a recount of their tables.
+(d) the nr-same-prot counters equal a recount of their tables,
+(e) on sampled steps, the oracles of the comparison rig agree with the model and the reference on
+    every page the op touched (x86pt/cpa/oracle_probe.py; checks "e" with a model.oracle_check).
 
 The reference is written from the API's definition (spec §3, §4.6, §4.7 at page granularity),
 not from the model's code path: that is what lets it catch a merge or split that changes a
@@ -25,7 +27,7 @@ _MISSING = object()
 @dataclass(frozen=True)
 class Violation:
     op_index: int
-    invariant: str      # a | b | c | d
+    invariant: str      # a | b | c | d | e
     message: str
 
     def __str__(self) -> str:
@@ -284,6 +286,9 @@ class Validator:
         for k in m.t3:
             self._recount(3, k)
         self.pages_checked = 0
+        # Invariant (e): an OracleCheck the caller attached to the model (replay() builds the
+        # Validator itself, so the model carries it there).
+        self.oracle = getattr(m, "oracle_check", None) if "e" in checks else None
 
     def _recount(self, tl: int, key: int) -> None:
         shift = 12 + 9 * tl
@@ -360,6 +365,9 @@ class Validator:
                 v = self._region(idx, tl, k, done)
                 if v:
                     return v
+        # (e) the oracles, on sampled steps only
+        if self.oracle is not None and self.oracle.wants(idx):
+            return self.oracle.check(m, self.ref, idx, pages, touched)
         return None
 
     def expected_pte_table(self, k2: int) -> list[int] | None:
