@@ -24,6 +24,7 @@ from x86pt.cpa.layout import Layout, split_mem_range
 from x86pt.errors import BadInputError
 
 M48 = (1 << 48) - 1
+M57 = (1 << 57) - 1
 PMD_SIZE = 1 << 21
 PUD_SIZE = 1 << 30
 
@@ -99,6 +100,16 @@ class CpaModel:
         self.t3: dict[int, list[int]] = {}
         self.t2: dict[int, list[int]] = {}
         self.t1: dict[int, list[int]] = {}
+        # Table keys are VAs masked to the paging width: 48 bits (4-level) or 57 (5-level, where
+        # the PML5 index sits above the PGD/P4D index); `p4d` holds a 5-level model's P4D tables.
+        self.vmask = M48
+        self.levels = 4
+        self.p4d: dict[int, list[int]] = {}
+        self.shared: frozenset[int] = frozenset()   # table pages with several parents (ESPfix)
+        # L1TF PTE inversion (arch/x86/include/asm/pgtable-invert.h, unconditional since 4.19):
+        # non-present, non-empty entries hold the inverted frame. Off by default until the
+        # validator decodes it (x86pt/cpa/validate.py reads frames raw); on for real images.
+        self.l1tf_invert = False
         self.running = False                 # system_state == SYSTEM_RUNNING
         self.kernel_set_to_readonly = False
         self.touched: set[int] | None = None  # (key << 2 | table level) written by the current op
@@ -220,7 +231,7 @@ class CpaModel:
     def lookup(self, va: int) -> tuple[int, list | None, int]:
         """(level, table, index) of the entry mapping `va`; table None when a level above is none.
         A PUD/PMD entry is returned when it is a leaf or not present (lookup_address)."""
-        v = va & M48
+        v = va & self.vmask
         t = self.t3.get(v >> 39)
         if t is None:
             return 4, None, 0
@@ -247,7 +258,8 @@ class CpaModel:
         if not e:
             return None
         if lvl == 1:
-            return (e & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64, 1
+            fr = e & PTE_PFN_MASK if e & P or not self.l1tf_invert else ~e & PTE_PFN_MASK
+            return fr >> 12, e & ~PTE_PFN_MASK & U64, 1
         fl = flags_of(e, lvl)
         mask = (PMD_PFN_MASK if lvl == 2 else PUD_PFN_MASK) if e & PSE else PTE_PFN_MASK
         off = (va & ((1 << (21 if lvl == 2 else 30)) - 1)) >> 12
@@ -257,13 +269,12 @@ class CpaModel:
     def _table(self, v: int, level: int, create: bool = True) -> tuple[list | None, int]:
         """(table of `level` covering v, index of v in it), creating tables above as the boot
         mapping code and vmap do (parent = _KERNPG_TABLE)."""
-        gi = (v >> 39) & 511
         t3 = self.t3.get(v >> 39)
         if t3 is None:
             if not create:
                 return None, 0
             t3 = self.t3[v >> 39] = [0] * 512
-            self.pgd[gi] = self.pool.alloc() | KERNPG_TABLE
+            self._set_top(v, self.pool.alloc() | KERNPG_TABLE)
         if level == 3:
             return t3, (v >> 30) & 511
         i3 = (v >> 30) & 511
@@ -286,6 +297,33 @@ class CpaModel:
             self._boot_table(v)
         return t1, (v >> 12) & 511
 
+    def set_levels(self, levels: int) -> None:
+        """4- or 5-level paging (LA57): the width of the key space and whether a P4D level sits
+        between the root (PML5) and the PUD tables."""
+        if levels not in (4, 5):
+            raise BadInputError(f"paging levels must be 4 or 5, not {levels}")
+        self.levels = levels
+        self.vmask = M57 if levels == 5 else M48
+
+    def _set_top(self, v: int, entry: int) -> None:
+        """Point the PGD (4-level) or P4D (5-level) slot covering v at a new PUD table."""
+        gi = (v >> 39) & 511
+        if self.levels == 4:
+            self.pgd[gi] = entry
+            return
+        i5 = (v >> 48) & 511
+        p4d = self.p4d.get(i5)
+        if p4d is None:
+            p4d = self.p4d[i5] = [0] * 512
+            self.pgd[i5] = self.pool.alloc() | KERNPG_TABLE
+        p4d[gi] = entry
+
+    def _top_entry(self, k3: int) -> int:
+        """The PGD/P4D entry pointing at PUD table t3[k3]."""
+        if self.levels == 4:
+            return self.pgd[k3 & 511]
+        return self.p4d[(k3 >> 9) & 511][k3 & 511]
+
     def _boot_table(self, v: int) -> None:
         lo, hi = self.dm_bounds()
         if self.running and not lo <= v < hi:
@@ -298,7 +336,7 @@ class CpaModel:
         big = self.default_prot | PSE
         for s, e, size in split_mem_range(start, end, self.layout.gbpages):
             for pa in range(s, e, size):
-                v = (self.page_offset + pa) & M48
+                v = (self.page_offset + pa) & self.vmask
                 if size == PUD_SIZE:
                     t, i = self._table(v, 3)
                     t[i] = pa | big
@@ -326,10 +364,10 @@ class CpaModel:
         hi_prot = PAGE_KERNEL_LARGE_EXEC & ~(GLOBAL if lo.pti else 0)
         end = -(-k.brk_end // PMD_SIZE) * PMD_SIZE
         for pa in range(k.text & ~(PMD_SIZE - 1), end, PMD_SIZE):
-            t, i = self._table((self.start_kernel_map + pa - lo.phys_base) & M48, 2)
+            t, i = self._table((self.start_kernel_map + pa - lo.phys_base) & self.vmask, 2)
             t[i] = pa | hi_prot
         # module area skeleton: one PMD table, as the kernel's preallocated top levels
-        self._table(lo.modules_vaddr & M48, 2)
+        self._table(lo.modules_vaddr & self.vmask, 2)
         self.boot_sequence()
         self.running = True
 
@@ -440,7 +478,7 @@ class CpaModel:
     def change_page_attr(self, call: Call, address: int, numpages: int) -> int:
         """__change_page_attr (spec §4.3). Returns pages consumed or a negative errno."""
         while True:
-            v = address & M48
+            v = address & self.vmask
             t = self.t3.get(v >> 39)
             if t is None:
                 return self.process_fault(call, address)
@@ -462,6 +500,10 @@ class CpaModel:
                     # 4K PTE: new = (old & ~clr) | set, static protections, protnone, write
                     self.counters.setchecked_4k += 1
                     pfnbits = old & PTE_PFN_MASK
+                    if not old & P and self.l1tf_invert:
+                        # L1TF: a non-present PTE holds the inverted frame (pte_pfn undoes
+                        # protnone_mask, pgtable-invert.h)
+                        pfnbits ^= PTE_PFN_MASK
                     new_prot = ((old & ~call.clr) | call.set) & ~PTE_PFN_MASK & U64
                     pfn = pfnbits >> 12
                     if new_prot & P:
@@ -475,6 +517,9 @@ class CpaModel:
                     if (old ^ new_prot) & (RW | NX) and (new_prot & (RW | NX)) == RW \
                             and self.version.verify_rwx:
                         self.counters.wx_warnings += 1
+                    # pfn_pte: __pte_needs_invert(prot) stores a non-present frame inverted
+                    if new_prot and not new_prot & P and self.l1tf_invert:
+                        pfnbits ^= PTE_PFN_MASK
                     new = pfnbits | new_prot
                     call.pfn = pfn
                     if new != old:
@@ -626,7 +671,7 @@ class CpaModel:
         self.counters.oob_writes += 1
         self.counters.local_flushes += 1
         if self.touched is not None:
-            self.touched.add((((addr & M48) >> 12) << 2) | 1)
+            self.touched.add((((addr & self.vmask) >> 12) << 2) | 1)
         return True
 
     # -- vmalloc and hotplug (page-table changes outside CPA) ------------------------------------
@@ -634,7 +679,7 @@ class CpaModel:
         """Map n pages at addr to consecutive frames from pa (vmap_range); huge = PMD leaves for
         2M-aligned parts (huge vmalloc), 4K elsewhere."""
         prot = self.default_prot if prot is None else prot
-        v, p, end = addr & M48, pa, (addr & M48) + (n << 12)
+        v, p, end = addr & self.vmask, pa, (addr & self.vmask) + (n << 12)
         while v < end:
             if huge and not v & (PMD_SIZE - 1) and not p & (PMD_SIZE - 1) and v + PMD_SIZE <= end:
                 t, i = self._table(v, 2)
@@ -661,7 +706,7 @@ class CpaModel:
             p += 4096
 
     def vunmap(self, addr: int, n: int) -> None:
-        v, end = addr & M48, (addr & M48) + (n << 12)
+        v, end = addr & self.vmask, (addr & self.vmask) + (n << 12)
         while v < end:
             lvl, t, i = self.lookup(v)
             if t is None:
@@ -685,7 +730,7 @@ class CpaModel:
         self.map_direct(start, start + size)
         self._set_ram(self.ram + [(s, e)])
         for pa in range(start, start + size, PMD_SIZE):
-            self._touch_va((self.page_offset + pa) & M48, 2)
+            self._touch_va((self.page_offset + pa) & self.vmask, 2)
 
     def memory_remove(self, start: int, size: int) -> None:
         """Memory hot-remove (remove_pagetable, direct=true): clear fully covered leaves and
@@ -704,7 +749,7 @@ class CpaModel:
             base = va & ~(span - 1)
             if base >= va and base + span <= end:
                 t[i] = 0
-                self._touch_va(va & M48, lvl)
+                self._touch_va(va & self.vmask, lvl)
                 if lvl == 1:
                     c.dpc4k -= 1
                 elif lvl == 2:
@@ -729,7 +774,7 @@ class CpaModel:
         return 1 + len(self.t3) + len(self.t2) + len(self.t1)
 
     def dm_bounds(self) -> tuple[int, int]:
-        lo = self.page_offset & M48
+        lo = self.page_offset & self.vmask
         return lo, lo + (1 << 46)
 
     def census(self) -> dict[str, int]:
@@ -750,30 +795,29 @@ class CpaModel:
         return {"4k": n4 + 512 * h, "2m": n2 - h, "1g": n1}
 
     def highmap_pte_tables(self) -> int:
-        s = self.start_kernel_map & M48
+        s = self.start_kernel_map & self.vmask
         e = s + self.layout.kernel_image_size
-        return sum(1 for k in self.t1 if s <= k << 21 < e and self.virt_addr_counted((k << 21) | ~M48 & U64))
+        return sum(1 for k in self.t1 if s <= k << 21 < e and self.virt_addr_counted((k << 21) | ~self.vmask & U64))
 
     def export(self):
         """The tables as a SparseMemory image (+ control registers), for dumps and oracles."""
         import numpy as np
         from x86pt.memory.sparse import SparseMemory
-        from x86pt.state import CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE
         mem = SparseMemory(1 << 46)
 
         def put(pa: int, t: list[int]) -> None:
             mem.pages[pa >> 12] = bytearray(np.array(t, dtype="<u8").tobytes())
 
         put(self.pgd_pa, self.pgd)
+        for k, t in self.p4d.items():
+            put(self.pgd[k] & PTE_PFN_MASK, t)
         for k, t in self.t3.items():
-            put(self.pgd[k & 511] & PTE_PFN_MASK, t)
+            put(self._top_entry(k) & PTE_PFN_MASK, t)
         for k, t in self.t2.items():
             put(self.t3[k >> 9][k & 511] & PTE_PFN_MASK, t)
         for k, t in self.t1.items():
             put(self.t2[k >> 9][k & 511] & PTE_PFN_MASK, t)
-        mem.control_registers = {"cr0": CR0_PE | CR0_PG | CR0_WP, "cr3": self.pgd_pa,
-                                 "cr4": CR4_PAE | CR4_PGE, "efer": EFER_LME | EFER_LMA | EFER_NXE,
-                                 "maxphyaddr": 46}
+        mem.control_registers = {**self.export_registers(), "maxphyaddr": 46}
         return mem
 
     def paging_state(self):
@@ -784,7 +828,9 @@ class CpaModel:
 
     def export_registers(self) -> dict[str, int]:
         from x86pt.state import CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE
-        return {"cr0": CR0_PE | CR0_PG | CR0_WP, "cr3": self.pgd_pa, "cr4": CR4_PAE | CR4_PGE,
+        from x86pt.state import CR4_LA57
+        return {"cr0": CR0_PE | CR0_PG | CR0_WP, "cr3": self.pgd_pa,
+                "cr4": CR4_PAE | CR4_PGE | (CR4_LA57 if self.levels == 5 else 0),
                 "efer": EFER_LME | EFER_LMA | EFER_NXE}
 
 

@@ -33,7 +33,8 @@ def should_split(m: "CpaModel", c: "Call", level: int, t: list, i: int, address:
     # pmd_pgprot/pud_pgprot: without PSE (a non-present leaf) bit 12 is PFN, as in a PTE.
     fmask = pmask if old & PSE else PTE_PFN_MASK
     old_prot = old & ~fmask & U64
-    old_pfn = (old & fmask) >> 12
+    # pmd_pfn/pud_pfn: a non-present entry holds the inverted frame (L1TF, pgtable-invert.h)
+    old_pfn = ((old if old & P or not m.l1tf_invert else ~old) & fmask) >> 12
     lpaddr = address & ~(psize - 1)
     n_in = (lpaddr + psize - address) >> 12
     if numpages > n_in:                       # step 3: clip to this large page
@@ -64,7 +65,7 @@ def should_split(m: "CpaModel", c: "Call", level: int, t: list, i: int, address:
     m.verify_rwx(old_prot, new)
     if new != req:                              # step 9: a static protection forbids part
         return 0
-    m.write(level, (address & M48) >> (30 if level == 2 else 39), t, i,
+    m.write(level, (address & m.vmask) >> (30 if level == 2 else 39), t, i,
             (old & pmask) | new)               # step 10: __set_pmd_pte in place
     c.flushtlb = True
     if level == 2:
@@ -79,7 +80,7 @@ def split_large_page(m: "CpaModel", c: "Call", level: int, t: list, i: int, addr
     bit 7 for PTEs; PSE dropped from a non-present 1G), counters, parent = _KERNPG_TABLE, and a
     full TLB flush (Intel TLB application note)."""
     old = t[i]
-    v = address & M48
+    v = address & m.vmask
     if level == 2:
         fmask = PMD_PFN_MASK if old & PSE else PTE_PFN_MASK
         ref = large_2_4k(old & ~fmask & U64)
@@ -96,6 +97,8 @@ def split_large_page(m: "CpaModel", c: "Call", level: int, t: list, i: int, addr
         lpaddr = address & ~((1 << 30) - 1)
     if not ref & P:
         ref &= ~GLOBAL
+    if not old & P and m.l1tf_invert:
+        base = ~old & fmask                     # pmd_pfn/pud_pfn undo the L1TF inversion
     if c.force_static_prot and level == 2:
         children = []
         for k in range(512):
@@ -105,6 +108,10 @@ def split_large_page(m: "CpaModel", c: "Call", level: int, t: list, i: int, addr
         # a PUD split cannot be fixed up ("Cannot fixup static protections for PUD split")
         first = base | ref
         children = list(range(first, first + 512 * inc, inc))
+    if ref and not ref & P and m.l1tf_invert:
+        # pfn_pte/pfn_pmd with a non-present prot store each child's frame inverted
+        cmask = PTE_PFN_MASK if level == 2 else PMD_PFN_MASK
+        children = [e ^ cmask for e in children]
     pa = m.pool.alloc()
     m.counters.tables_allocated += 1
     m.counters.all_splits += 1
