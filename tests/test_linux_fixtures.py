@@ -278,16 +278,29 @@ def test_census_equals_meminfo_exactly(run_dir, step_dir, tmp_path, commands):
     assert got["invalidated_4k"] * 4 == invalidated_direct_map_kb(run_dir, step_dir, text, str(tmp_path))
 
 
+# Divergences of the replay that are known kernel-version differences, not model bugs:
+# {(run, step): reason}. None today: every step of every committed run is identical. (A/D bits the
+# kernel's entry has and the model's lacks are excused inside the comparison: the CPU sets them on
+# use after the change, SDM 4.8; 6.6+ clears D with RW in set_direct_map_invalid_noflush.)
+REPLAY_EXCEPTIONS: dict[tuple[str, int], str] = {}
+
+
 @pytest.mark.parametrize("run_dir", RUN_DIRS, ids=os.path.basename)
-def test_replay_reaches_the_kernel_state(run_dir, commands):
+def test_replay_reaches_the_kernel_state(run_dir):
     """Replay: the CPA model started from image k-1 (+ the run's layout, --kernel of that kernel),
-    replaying trace k, must end with image k's direct map and the kernel's split counts."""
-    if "cpa replay" not in commands:
-        pytest.skip("`x86pt cpa replay` does not exist yet")
-    pytest.skip("not wired: `x86pt cpa replay --image` rejects real Linux images (ESPfix maps one "
-                "PMD page from many PUD entries: 'page table referenced twice'), and the traces "
-                "act on module memory that was vmalloc-mapped inside the step (the model would "
-                "need `vmap` ops; the frames are only known from the alias calls)")
+    replaying trace k, ends with image k's direct map and highmap (leaf for leaf), the kernel's
+    DirectMap counters and its split events (harness/linux/replay.py)."""
+    from harness.linux.replay import replay_run
+    results = replay_run(run_dir)
+    if not results:
+        pytest.skip("a one-step run has nothing to replay")
+    for r in results:
+        if (r.run, r.step) in REPLAY_EXCEPTIONS:
+            continue
+        assert r.tables_equal, f"step {r.step}: " + "; ".join(map(str, r.divergences[:5]))
+        assert r.meminfo_model == r.meminfo_kernel, f"step {r.step}"
+        assert r.splits_model == r.splits_kernel, f"step {r.step}"
+        assert r.leaves > 8000
 
 
 INFO_MEM_STEPS = [(r, s) for r, s in STEPS

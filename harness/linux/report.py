@@ -80,11 +80,12 @@ def steps_of(run_dir: str) -> list[str]:
 
 
 def model_agreement(run_dir: str, step_dirs: list[str]) -> list[str]:
-    """Per step: 'yes'/'no' from the CPA model's replay, or why there is none yet."""
-    # `x86pt cpa replay --image` cannot start from a real Linux image yet (ESPfix's shared PMD
-    # page is refused as "referenced twice", and module memory mapped inside a step would need
-    # vmap ops): the column stays n/a until it can.
-    return ["n/a"] * len(step_dirs)
+    """Per step: 'yes'/'no' from the CPA model's replay of step k on image k-1 (harness/linux/
+    replay.py: direct-map + highmap leaves, DirectMap counters, split events); '-' for step 0."""
+    from harness.linux.replay import replay_run
+    if len(step_dirs) < 2:
+        return ["-"] * len(step_dirs)
+    return ["-"] + ["yes" if r.identical else "no" for r in replay_run(run_dir)]
 
 
 def report(run_dir: str, plot: str | None = None) -> str:
@@ -136,9 +137,8 @@ def report(run_dir: str, plot: str | None = None) -> str:
     last = rows[-1]["counters"]
     out.append("")
     out.append("final counters: " + " ".join(f"{k}={v}" for k, v in sorted(last.items())))
-    if all(a == "n/a" for a in agree):
-        out.append("model: n/a (the CPA model cannot start from a real Linux image yet: ESPfix's "
-                   "shared tables, module vmaps)")
+    out.append("model: the CPA model replaying step k's trace on image k-1 ends with image k's "
+               "direct map and the kernel's counters (tools/linux_replay_report.py for details)")
     out.append("lost G: change of direct-map 4K pages mapped without GLB in the kernel's ptdump "
                "(step 0: the count at baseline)")
     plot = plot or os.path.join(run_dir, "fragmentation.png")
