@@ -300,7 +300,7 @@ def test_replay_reaches_the_kernel_state(run_dir):
         assert r.tables_equal, f"step {r.step}: " + "; ".join(map(str, r.divergences[:5]))
         assert r.meminfo_model == r.meminfo_kernel, f"step {r.step}"
         assert r.splits_model == r.splits_kernel, f"step {r.step}"
-        assert r.leaves > 8000
+        assert r.leaves > 5000          # not vacuous: thousands of entries compared (7.6k-9.7k seen)
 
 
 INFO_MEM_STEPS = [(r, s) for r, s in STEPS

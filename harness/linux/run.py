@@ -62,7 +62,8 @@ class RunConfig:
     kernel: str = "6.1"
     workload: str = "modules"
     levels: int = 4                 # 4: -cpu max,la57=off; 5: -cpu max (LA57)
-    kaslr: bool = False             # True boots the bzImage (the decompressor does the KASLR)
+    kaslr: bool = False             # True boots the bzImage (the decompressor does the KASLR;
+                                    # it also switches to 5-level, so levels=5 boots it too)
     ram_mb: int = 3072              # >= 3G so GiB 1 is all RAM and gets a 1G leaf (§3)
     images: str = "all"             # all: one boot per checkpoint; pause: one boot, paused at
                                     # each checkpoint; last: one boot, image of the last step
@@ -320,7 +321,10 @@ def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
          info_mem: bool = False) -> BootResult:
     """One deterministic boot running steps 1..`steps`, the page tables captured at the end
     (`pause_every`: also after every earlier step, resuming after each capture)."""
-    kernel = prep.tree.bzimage if cfg.kaslr else prep.tree.vmlinux
+    # 5-level paging is switched on by the decompressor's trampoline: an uncompressed vmlinux
+    # entered through PVH stays 4-level even on an LA57 CPU (seen: CR4.LA57 clear), so 5-level
+    # runs, like KASLR runs, boot the bzImage.
+    kernel = prep.tree.bzimage if cfg.kaslr or cfg.levels == 5 else prep.tree.vmlinux
     append = kernel_cmdline(prep.tree, cfg, prep.workload)
     with tempfile.TemporaryDirectory(prefix="x86pt-linux-") as wd:
         initrd = os.path.join(wd, "initrd")
