@@ -214,6 +214,16 @@ def test_read_results_decodes_records():
     assert "not the probe's access" in g.read_results(ram, 1, [Probe(0x400000)])[0].detail
 
 
+def test_a_fault_of_the_harness_itself_is_an_error_not_an_answer():
+    """A CPL3 fetch pushes its return address on the harness's user stack (VA 0xffffffff8010f000,
+    key 0): with PKRU AD0 that push faults (QEMU reported #PF 0x27 at 0xffffffff8010fff8). That is
+    the harness failing, never the probe's result."""
+    ram = bytearray(RAM)
+    _results(ram, (14, 0x27, 0xFFFFFFFF8010FFF8, 0xFFFFFFFF8010E020))
+    with pytest.raises(OracleError, match="harness faulted"):
+        g.read_results(ram, 1, [Probe(0x40000008, "fetch", user=True)])
+
+
 def test_unrun_probe_and_bad_status_are_errors():
     m, st = _image()
     ram = bytearray(RAM)

@@ -307,6 +307,9 @@ def _probe_rips() -> frozenset[int]:
     return frozenset(s[k] for k in ("k_read_insn", "k_write_insn", "k_fetch_insn") if k in s)
 
 
+_HARNESS_SLOT_VA = 0xFFFFFF8000000000       # PML4[511] (and PML5[511]->PML4[511]): the harness's
+
+
 def read_results(ram, n: int, probes: Sequence[Probe] | None = None) -> list[ProbeResult]:
     """The guest's result records as ProbeResults. With `probes`, a successful read's value is
     inverted through tag_value into `pa`, and a fault whose RIP is not the probe's own access
@@ -331,6 +334,12 @@ def read_results(ram, n: int, probes: Sequence[Probe] | None = None) -> list[Pro
             expected = (ustub_va <= value < ustub_va + PAGE) if p.user else value in kernel_rips
             if not expected:
                 detail = f"fault at rip {value:#x}, not the probe's access"
+        if vector == 14 and p is not None and cr2 >= _HARNESS_SLOT_VA > p.va:
+            # The harness itself faulted (its stub, stack or results page), not the probe: e.g.
+            # PKRU closing the key of the user stub/stack pages. Never report that as the answer.
+            raise OracleError(f"probe {i} ({p.access} {p.va:#x}): the probe harness faulted at "
+                              f"{cr2:#x} (error code {code:#x}, rip {value:#x}); does PKRU deny the "
+                              "harness's own key (see prepare_ram(user_pkey=...))?")
         if vector == 14:
             out.append(ProbeResult("page_fault", error_code=code, cr2=cr2, vector=14, detail=detail))
         elif vector == 13:
