@@ -245,7 +245,7 @@ def test_bad_input(oracle):
     with pytest.raises(BadInputError, match="outside the rig's image region"):
         oracle.run(mem, PagingState(cr3=0x200000), [P(0)])
     b = image()
-    with pytest.raises(BadInputError, match="64-bit"):
+    with pytest.raises(BadInputError, match="64-bit"):      # refused where the probe is made
         oracle.run(b.memory, st(b), [P(1 << 64)])
     empty = oracle.run(b.memory, st(b), [])
     assert empty.results == [] and set(empty.memory_after.pages) == set(b.memory.pages)

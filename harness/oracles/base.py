@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
+from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import PagingState
 from x86pt.walk import ACCESS_KINDS
@@ -56,9 +57,9 @@ class Probe:
 
     def __post_init__(self) -> None:
         if self.access not in ACCESS_KINDS:
-            raise ValueError(f"bad access {self.access!r}")
+            raise BadInputError(f"bad access {self.access!r}")
         if not 0 <= self.va < (1 << 64) or not 0 <= self.wvalue < (1 << 64):
-            raise ValueError(f"probe va {self.va:#x} / wvalue {self.wvalue:#x} is not a 64-bit value")
+            raise BadInputError(f"probe va {self.va:#x} / wvalue {self.wvalue:#x} is not a 64-bit value")
 
 
 @dataclass(frozen=True)
