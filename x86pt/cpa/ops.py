@@ -107,8 +107,11 @@ class CpaModel:
         self.p4d: dict[int, list[int]] = {}
         self.shared: frozenset[int] = frozenset()   # table pages with several parents (ESPfix)
         # L1TF PTE inversion (arch/x86/include/asm/pgtable-invert.h, unconditional since 4.19):
-        # non-present, non-empty entries hold the inverted frame. Off by default until the
-        # validator decodes it (x86pt/cpa/validate.py reads frames raw); on for real images.
+        # non-present, non-empty entries hold the inverted frame (flags as they are). On for
+        # images imported from real kernels (importer.py). Off for generated workloads: their
+        # `oob` writers toggle P in place as kfence did (a raw, non-inverted frame), and one
+        # encoding per model keeps the validator's frame checks exact; the validator decodes
+        # both encodings (validate.py _pte/_enc/_pfn).
         self.l1tf_invert = False
         self.running = False                 # system_state == SYSTEM_RUNNING
         self.kernel_set_to_readonly = False

@@ -58,6 +58,12 @@ class Reference:
         self.skm = lo.start_kernel_map - lo.phys_base
 
     # -- base state ------------------------------------------------------------------------------
+    def _pfn(self, e: int, mask: int) -> int:
+        # L1TF (pgtable-invert.h): a non-present, non-empty entry stores its frame inverted.
+        if not e & P and self.m.l1tf_invert:
+            return (~e & mask) >> 12
+        return (e & mask) >> 12
+
     def _snap(self, v: int) -> tuple[int, int] | None:
         t = self.s3.get(v >> 39)
         if t is None:
@@ -67,19 +73,19 @@ class Reference:
             return None
         if not e & P or e & PSE:
             mask = PUD_PFN_MASK if e & PSE else PTE_PFN_MASK
-            return ((e & mask) >> 12) + ((v >> 12) & 0x3FFFF), large_2_4k(flags_of(e, 3))
+            return self._pfn(e, mask) + ((v >> 12) & 0x3FFFF), large_2_4k(flags_of(e, 3))
         t = self.s2.get(v >> 30)
         e = t[(v >> 21) & 511] if t is not None else 0
         if not e:
             return None
         if not e & P or e & PSE:
             mask = PMD_PFN_MASK if e & PSE else PTE_PFN_MASK
-            return ((e & mask) >> 12) + ((v >> 12) & 511), large_2_4k(flags_of(e, 2))
+            return self._pfn(e, mask) + ((v >> 12) & 511), large_2_4k(flags_of(e, 2))
         t = self.s1.get(v >> 21)
         e = t[(v >> 12) & 511] if t is not None else 0
         if not e:
             return None
-        return (e & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64
+        return self._pfn(e, PTE_PFN_MASK), e & ~PTE_PFN_MASK & U64
 
     def _dm_pfn(self, v: int) -> int | None:
         lo = self.po & M48
@@ -387,12 +393,17 @@ class Validator:
                 if any(ref._snap(v + (j << 12)) for j in (1, 255, 511)):
                     return None
             else:
-                first = (b[0] << 12) | b[1]
-                exp = list(range(first, first + (512 << 12), 4096))
+                exp = [self._enc(b[0] + j, b[1]) for j in range(512)]
         for vp in ref.ov2m.get(k2, ()):
             val = ref.over[vp]
-            exp[vp & 511] = 0 if val is None else (val[0] << 12) | val[1]
+            exp[vp & 511] = 0 if val is None else self._enc(val[0], val[1])
         return exp
+
+    def _enc(self, pfn: int, flags: int) -> int:
+        """A 4K entry as the kernel stores it (pfn_pte): the frame inverted when not present."""
+        if not flags & P and self.m.l1tf_invert:
+            return (~(pfn << 12) & PTE_PFN_MASK) | flags
+        return (pfn << 12) | flags
 
     def _snap_is_table(self, v: int) -> bool:
         t = self.ref.s3.get(v >> 39)
@@ -429,9 +440,7 @@ class Validator:
                     for j in range(512):
                         if t[j] != exp[j]:
                             e, x = t[j], exp[j]
-                            return self._cmp(idx, v + (j << 12),
-                                             ((e & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64) if e else None,
-                                             ((x & PTE_PFN_MASK) >> 12, x & ~PTE_PFN_MASK & U64) if x else None)
+                            return self._cmp(idx, v + (j << 12), self._pte(e), self._pte(x))
                     return None
         start = k << (12 + 9 * (tl - 1))
         end = start + (1 << (12 + 9 * (tl - 1)))
@@ -445,8 +454,7 @@ class Validator:
                 if (1, v) not in done:
                     done.add((1, v))
                     e = t[i]
-                    r = self._cmp(idx, v, ((e & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64) if e else None,
-                                  self.ref.get(v))
+                    r = self._cmp(idx, v, self._pte(e), self.ref.get(v))
                     if r:
                         return r
                 v += 4096
@@ -462,14 +470,22 @@ class Validator:
             v = lstart + span
         return None
 
+    def _pte(self, e: int) -> tuple[int, int] | None:
+        """(frame, flags) of a 4K entry; a non-present one holds its frame inverted (L1TF)."""
+        if not e:
+            return None
+        raw = ~e & U64 if not e & P and self.m.l1tf_invert else e
+        return (raw & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64
+
     def _leaf(self, idx: int, lvl: int, lstart: int, s: int, e_: int, e: int) -> Violation | None:
         ref = self.ref
         if e:
+            raw = ~e & U64 if not e & P and self.m.l1tf_invert else e   # L1TF: np frames inverted
             if lvl == 1:
-                pfn0, fl = (e & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64
+                pfn0, fl = (raw & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64
             else:
                 mask = (PMD_PFN_MASK if lvl == 2 else PUD_PFN_MASK) if e & PSE else PTE_PFN_MASK
-                pfn0, fl = (e & mask) >> 12, large_2_4k(flags_of(e, lvl))
+                pfn0, fl = (raw & mask) >> 12, large_2_4k(flags_of(e, lvl))
         v = s
         while v < e_:
             # a 2M span without overrides whose base is one large leaf: one comparison
