@@ -29,10 +29,11 @@ def as_probe_result(r: Result, value: int | None = None) -> ProbeResult:
                        detail=r.reason)
 
 
-def model_run(memory: SparseMemory, state: PagingState,
-              probes: Sequence[Probe]) -> tuple[list[Result], SparseMemory]:
+def model_run(memory: SparseMemory, state: PagingState, probes: Sequence[Probe],
+              values: list | None = None) -> tuple[list[Result], SparseMemory]:
     """Walk every probe in order on a copy of `memory` with A/D updates; returns the walk results
-    and the memory afterwards."""
+    and the memory afterwards. With `values`, the qword each read loaded (at that moment) is
+    appended there, one per probe."""
     mem = memory.copy()
     out: list[Result] = []
     for p in probes:
@@ -42,6 +43,8 @@ def model_run(memory: SparseMemory, state: PagingState,
                 mem.write_u64(r.pa, p.wvalue)
             except PhysicalAddressError:
                 pass
+        if values is not None:
+            values.append(read_value(mem, r, p))
         out.append(r)
     return out, mem
 
@@ -80,16 +83,11 @@ class ModelOracle:
     def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
         t0 = time.perf_counter()
         st = state if state.profile.name == self.profile else state.replace(profile=self._profile)
-        mem = memory.copy()
+        values: list = []
+        walks, mem = model_run(memory, st, probes, values)
         results = []
-        for p in probes:
-            r = walk(st, mem, p.va, Access(p.access, user=p.user, ac=p.ac), update_ad=True)
-            if isinstance(r, Translation) and p.access == "write":
-                try:
-                    mem.write_u64(r.pa, p.wvalue)
-                except PhysicalAddressError:
-                    pass
-            pr = as_probe_result(r, read_value(mem, r, p))
+        for p, r, v in zip(probes, walks, values):
+            pr = as_probe_result(r, v)
             if self.deviate is not None:
                 pr = self.deviate(p, pr)
             results.append(pr)
