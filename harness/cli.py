@@ -51,9 +51,9 @@ def _open_oracle(name: str, profile: str | None):
 def make_source(args, oracle, caps):
     """The case source for one oracle: its feature set decides the matrix (§10.2 invalid bits)."""
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for, select
-    from x86pt.state import profile_named
+    from x86pt.state import as_profile
     feat = MatrixFeatures.from_caps(caps)
-    profile = profile_named(getattr(oracle, "profile", "intel"))
+    profile = as_profile(getattr(oracle, "profile", "intel"))
     batch = args.batch
     if args.cases == "random":
         from harness.random_tables import RandomSource

@@ -25,7 +25,7 @@ from harness.oracles.model import as_probe_result, model_run, read_value
 from x86pt.errors import BadInputError, OracleError, PhysicalAddressError
 from x86pt.fields import Kind
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import PagingState, profile_named
+from x86pt.state import PagingState, as_profile
 from x86pt.walk import BIT_A, Access, PageFault, Result, Translation, error_code_dont_care
 
 REPRO_VERSION = 1
@@ -544,7 +544,7 @@ def replay(oracle, repro: dict) -> tuple[Batch, list[Result], list[Mismatch]]:
     """Run a repro's minimal image on the model and on `oracle`; the state's profile is replaced
     by the oracle's."""
     batch = batch_from_repro(repro)
-    prof = profile_named(getattr(oracle, "profile", batch.state.profile.name))
+    prof = as_profile(getattr(oracle, "profile", batch.state.profile.name))
     batch.state = batch.state.replace(profile=prof)
     results, model_after = model_run(batch.memory, batch.state, batch.probes)
     fix_write_values(batch, results)

@@ -15,7 +15,7 @@ from harness.differential import run_conformance
 from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
 from harness.oracles import availability, get_oracle
 from harness.random_tables import RandomSource
-from x86pt.state import profile_named
+from x86pt.state import as_profile
 
 # (classic sample, extended sample, random cases): unicorn batches are cheap; QEMU pays a launch
 # per batch of one CPU state, KVM a VM; keep each oracle's part well under a minute.
@@ -52,7 +52,7 @@ def _run(o, src):
 
 def _profile_and_features(o):
     caps = o.capabilities()
-    return profile_named(o.profile), MatrixFeatures.from_caps(caps)
+    return as_profile(o.profile), MatrixFeatures.from_caps(caps)
 
 
 def test_matrix_sample_has_no_mismatches(oracle):

@@ -140,7 +140,7 @@ def test_registry_knows_every_backend():
     for name in ("unicorn", "qemu", "kvm", "qemu-monitor", "model"):
         ok, why = availability(name)
         assert isinstance(ok, bool) and (ok or why)
-    assert get_oracle("model", profile="kvm").capabilities().maxphyaddr == 48
+    assert get_oracle("model", profile="kvm-epyc-pvm").capabilities().maxphyaddr == 48
     ok, why = availability("nonsense")
     assert not ok and "unknown" in why
 

@@ -103,7 +103,7 @@ def _image():
     m.write_u64(0x202000 + 2 * 8, 0x203000 | 0x27)
     m.write_u64(0x203000, 0x300000 | 0x3)
     m.write_u64(0x300000, tag_value(0x300000))
-    st = PagingState(cr3=0x200000, profile=profile_named("kvm"))
+    st = PagingState(cr3=0x200000, profile=profile_named("kvm-epyc-pvm"))
     return m, st
 
 
@@ -153,7 +153,7 @@ def test_boot_tables_identity_and_harness():
     g.prepare_ram(ram, m, st, [])
     mem = _RamMemory(ram)
     for la57, cr3 in ((False, 0x1F3000), (True, 0x1F9000)):
-        boot = PagingState(cr3=cr3, cr4=CR4_PAE | (CR4_LA57 if la57 else 0), profile=profile_named("kvm"))
+        boot = PagingState(cr3=cr3, cr4=CR4_PAE | (CR4_LA57 if la57 else 0), profile=profile_named("kvm-epyc-pvm"))
         assert g.boot_registers(boot)["cr3"] == cr3
         assert walk(boot, mem, 0xFFFF0000, Access("fetch")).pa == 0xFFFF0000   # bios.bin
         assert walk(boot, mem, 0x100000, Access("fetch")).pa == 0x100000
@@ -164,7 +164,7 @@ def test_boot_tables_identity_and_harness():
 def test_la57_slot():
     m = SparseMemory(RAM)
     m.write_u64(0x200000, 0x201000 | 0x27)
-    st = PagingState(cr3=0x200000, cr4=CR4_PAE | CR4_LA57, profile=profile_named("kvm"))
+    st = PagingState(cr3=0x200000, cr4=CR4_PAE | CR4_LA57, profile=profile_named("kvm-epyc-pvm"))
     ram = bytearray(RAM)
     g.prepare_ram(ram, m, st, [])
     assert struct.unpack_from("<Q", ram, 0x200000 + 511 * 8)[0] == 0x1FA027

@@ -109,14 +109,14 @@ def kvm_image():
 @pytest.mark.parametrize("name", list(KVM_TABLE))
 def test_kvm_measured_table(kvm_image, name):
     b, vas = kvm_image
-    st = b.state(profile="kvm", **BASE)
+    st = b.state(profile="kvm-epyc-pvm", **BASE)
     got = [outcome(walk(st, b.memory, vas[name] + 0x18, Access(k, user=u))) for k, u in COLS]
     assert got == KVM_TABLE[name]
 
 
 def test_kvm_wp0_supervisor_writes_to_ro_pages_succeed_user_writes_fault(kvm_image):
     b, vas = kvm_image
-    st = b.state(profile="kvm", cr0=CR0_PE | CR0_PG, cr4=CR4_PAE, efer=BASE["efer"])
+    st = b.state(profile="kvm-epyc-pvm", cr0=CR0_PE | CR0_PG, cr4=CR4_PAE, efer=BASE["efer"])
     assert outcome(walk(st, b.memory, vas["4K u-ro"], Access("write"))) == "ok"
     assert outcome(walk(st, b.memory, vas["pdpt RO"], Access("write"))) == "ok"
     assert outcome(walk(st, b.memory, vas["4K u-ro"], Access("write", user=True))) == 0x07
@@ -124,7 +124,7 @@ def test_kvm_wp0_supervisor_writes_to_ro_pages_succeed_user_writes_fault(kvm_ima
 
 def test_kvm_nxe0_bit63_reserved_and_id_bit_gone(kvm_image):
     b, vas = kvm_image
-    st = b.state(profile="kvm", cr0=BASE["cr0"], cr4=CR4_PAE, efer=EFER_LME | EFER_LMA)
+    st = b.state(profile="kvm-epyc-pvm", cr0=BASE["cr0"], cr4=CR4_PAE, efer=EFER_LME | EFER_LMA)
     # every entry with bit 63 becomes RSVD (PF09/0b/0d/0f) ...
     assert [outcome(walk(st, b.memory, vas["4K u-ro-nx"], Access(k, user=u))) for k, u in COLS[:2] + COLS[3:5]] == [
         0x09, 0x0B, 0x0D, 0x0F]
@@ -137,7 +137,7 @@ def test_kvm_nxe0_bit63_reserved_and_id_bit_gone(kvm_image):
 
 def test_kvm_smep_and_smap(kvm_image):
     b, vas = kvm_image
-    st = b.state(profile="kvm", cr0=BASE["cr0"], cr4=CR4_PAE | CR4_SMEP | CR4_SMAP, efer=BASE["efer"])
+    st = b.state(profile="kvm-epyc-pvm", cr0=BASE["cr0"], cr4=CR4_PAE | CR4_SMEP | CR4_SMAP, efer=BASE["efer"])
     assert outcome(walk(st, b.memory, vas["4K u-ro"], Access("fetch"))) == 0x11            # SMEP
     assert outcome(walk(st, b.memory, vas["4K u-ro"], Access("read"))) == 0x01             # SMAP
     assert outcome(walk(st, b.memory, vas["pdpt RO"], Access("write"))) == 0x03
@@ -150,7 +150,7 @@ def test_kvm_smep_and_smap(kvm_image):
 def test_kvm_ad_bits_after_success_and_untouched_after_faults(kvm_image):
     b, vas = kvm_image
     mem = b.memory.copy()
-    st = b.state(profile="kvm", **BASE)
+    st = b.state(profile="kvm-epyc-pvm", **BASE)
     pte = b.entry_address(vas["4K krw"], 1)
     before = mem.read_u64(pte)
     walk(st, mem, vas["4K krw"], Access("write"), update_ad=True)

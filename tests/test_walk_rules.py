@@ -238,7 +238,7 @@ def test_ad_on_success_fault_and_wp0():
     assert mem.read_u64(entries[3]) == raw0[3]                               # leaf untouched, no D
     assert all(mem.read_u64(a) == r0 | 0x20 for a, r0 in zip(entries[:3], raw0[:3]))  # 'used' upper A
     mem = b.memory.copy()
-    walk(b.state(profile="kvm"), mem, 0x1000, Access("write", user=True), update_ad=True)
+    walk(b.state(profile="kvm-epyc-pvm"), mem, 0x1000, Access("write", user=True), update_ad=True)
     assert [mem.read_u64(a) for a in entries] == raw0                        # KVM: nothing on faults
     mem = b.memory.copy()
     walk(st, mem, 0x1000, Access("read"), update_ad=True)

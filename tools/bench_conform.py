@@ -31,12 +31,12 @@ def _work(oracle_name: str, extended: bool, lo: int, hi: int, step: int, batch: 
     from harness.differential import run_conformance
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
     from harness.oracles import get_oracle
-    from x86pt.state import profile_named
+    from x86pt.state import as_profile
     o = get_oracle(oracle_name)
     try:
         caps = o.capabilities()
         m = matrix_for(MatrixFeatures.from_caps(caps), extended=extended)
-        prof = profile_named(o.profile)
+        prof = as_profile(o.profile)
         if step > 1:
             # every step-th block of 4096 cases: whole batches, spread over the matrix
             blocks = [(b, min(b + 4096, hi)) for b in range(lo, hi, 4096 * step)]

@@ -26,7 +26,7 @@ from typing import Protocol, Sequence
 
 from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import PagingState
+from x86pt.state import PagingState, Profile
 from x86pt.walk import ACCESS_KINDS
 
 RIG_IMAGE_BASE = 0x200000
@@ -109,7 +109,9 @@ class Capabilities:
 
 class Oracle(Protocol):
     name: str            # "unicorn" | "qemu" | "kvm" | "qemu-monitor"
-    profile: str         # name of the x86pt profile that models it
+    # The x86pt profile that models it: a name of x86pt.state.PROFILES, or a Profile the oracle
+    # measured on its host (kvm); x86pt.state.as_profile takes either.
+    profile: "str | Profile"
 
     def capabilities(self) -> Capabilities: ...
 

@@ -27,7 +27,8 @@ from harness.oracles.base import RIG_RAM_SIZE, BatchResult, Capabilities, Probe,
 from x86pt.errors import OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
-                         EFER_LMA, EFER_LME, EFER_NXE, PF_P, PF_RSVD, PagingState, profile_named)
+                         EFER_LMA, EFER_LME, EFER_NXE, PF_P, PF_RSVD, Features, PagingState, Profile,
+                         profile_named)
 
 DEV = "/dev/kvm"
 
@@ -320,13 +321,14 @@ class KvmOracle:
     state (busy TSS, TLB, A/D) leaks from one batch into the next."""
 
     name = "kvm"
-    profile = "kvm"
 
     def __init__(self, ram_size: int = RIG_RAM_SIZE, timeout: float = 20.0,
                  patch_cpuid: bool = True) -> None:
         self.ram_size = ram_size
         self.timeout = timeout
         self._caps: Capabilities | None = None
+        self._facts: HostFacts | None = None
+        self._profile: Profile | None = None
         self.last_notes: tuple[str, ...] = ()
         try:
             self.fd = os.open(DEV, os.O_RDWR | os.O_CLOEXEC)
@@ -401,8 +403,16 @@ class KvmOracle:
     # -- capabilities ----------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
         if self._caps is None:
-            self._caps = _discover(self)
+            self._caps, self._facts = _discover(self)
         return self._caps
+
+    @property
+    def profile(self) -> Profile:
+        """The model's profile for this host's KVM, from what capabilities() measured."""
+        if self._profile is None:
+            self.capabilities()
+            self._profile = host_profile(self._facts)
+        return self._profile
 
 
 # The capability image: every mapping below RIG_IMAGE_BASE + 1 MiB, frames tagged.
@@ -413,6 +423,11 @@ _CAP_VA_1G = 0x40000000          # PDPTE.PS -> PA 0 (harness area: readable if m
 _CAP_VA_BIT8 = 0x8000000000      # PML4[1] with bit 8 (AMD: reserved) -> 4K page
 _CAP_VA_MBIT = 0x600000          # PTEs at 0x600000 + 0x1000*k carry address bit 36+k
 _CAP_FRAME = 0x300000
+# kvm_pvm keeps PML4 slot 256 for its host: CPL3 accesses there never reach the guest's tables.
+# Both slots below map a U RW page; a host is "blind" at 256 when that read faults and 257's works.
+PVM_BLIND_RANGE = (0xFFFF800000000000, 0xFFFF808000000000)
+_CAP_VA_SLOT256 = PVM_BLIND_RANGE[0]
+_CAP_VA_SLOT257 = PVM_BLIND_RANGE[1]
 
 
 def _cap_image() -> tuple[SparseMemory, int]:
@@ -435,19 +450,64 @@ def _cap_image() -> tuple[SparseMemory, int]:
     m.write_u64(pt1, _CAP_FRAME | P | RW)
     for k in range(16):
         m.write_u64(pt_m + k * 8, (_CAP_FRAME | (1 << (36 + k))) | P | RW)
+    # PML4 slots 256 and 257 share one PDPT -> PD -> PT chain ending in a U RW page at offset 0.
+    pdpt_hi, pd_hi, pt_hi = (0x200000 + i * 0x1000 for i in range(8, 11))
+    m.write_u64(pml4 + 256 * 8, pdpt_hi | t)
+    m.write_u64(pml4 + 257 * 8, pdpt_hi | t)
+    m.write_u64(pdpt_hi, pd_hi | t)
+    m.write_u64(pd_hi, pt_hi | t)
+    m.write_u64(pt_hi, _CAP_FRAME | P | RW | US)
     for off in range(0, 0x1000, 8):
         m.write_u64(_CAP_FRAME + off, tag_value(_CAP_FRAME + off))
     m.write(_CAP_FRAME, b"\xc3")
     return m, pml4
 
 
-def _discover(oracle: KvmOracle) -> Capabilities:
+@dataclass(frozen=True)
+class HostFacts:
+    """What one KVM does, measured by running the capability image (and CPUID's vendor). The
+    input of host_profile; tests fake it to stand for a host of the other vendor."""
+
+    vendor: str                 # "intel" | "amd" (CPUID leaf 0)
+    maxphyaddr: int             # the lowest PTE address bit that faults RSVD
+    gbpages: bool               # a PDPTE with PS=1 translates
+    la57: bool
+    pku: bool
+    smep: bool
+    smap: bool
+    nx: bool
+    rsvd_sets_p: bool           # a reserved-bit #PF carries P
+    top_bit8_reserved: bool     # PML4E bit 8 faults RSVD
+    cpl3_blind_slot256: bool    # CPL3 reads of PML4 slot 256 fault although mapped (kvm_pvm)
+
+
+def host_profile(f: HostFacts) -> Profile:
+    """The model's profile for a KVM with facts `f`: the manual of its CPUID vendor, with each
+    fact the host measured; what the manual does not allow for is a named profile field."""
+    notes = [f"KVM on this host ({f.vendor}, M={f.maxphyaddr})"]
+    if f.vendor == "intel" and f.top_bit8_reserved:
+        notes.append("PML4E bit 8 reserved although the vendor is Intel (not modelled)")
+    return Profile("kvm", vendor=f.vendor, maxphyaddr=f.maxphyaddr,
+                   features=Features(gbpages=f.gbpages, la57=f.la57, pku=f.pku, smep=f.smep,
+                                     smap=f.smap, nx=f.nx),
+                   rsvd_sets_p=f.rsvd_sets_p,
+                   amd_top_bit8_reserved=f.vendor == "amd" and f.top_bit8_reserved,
+                   # KVM's software walker (paging_tmpl.h) sets A only on a walk that succeeds;
+                   # the hardware may do either, and the compare treats faulting-walk A as
+                   # don't-care (as KUT does), so this is the safe choice on every host.
+                   a_on_faulting_walk="none",
+                   cpl3_blind_ranges=(PVM_BLIND_RANGE,) if f.cpl3_blind_slot256 else (),
+                   note="; ".join(notes))
+
+
+def _discover(oracle: KvmOracle) -> tuple[Capabilities, HostFacts]:
     mem, root = _cap_image()
     base = PagingState(cr3=root, cr0=CR0_PE | CR0_PG | CR0_WP, cr4=CR4_PAE | CR4_SMEP | CR4_SMAP,
-                       efer=EFER_LME | EFER_LMA | EFER_NXE, profile=profile_named("kvm"))
+                       efer=EFER_LME | EFER_LMA | EFER_NXE, profile=profile_named("intel"))
     probes = [Probe(_CAP_VA_4K), Probe(_CAP_VA_1G), Probe(_CAP_VA_BIT8),
               Probe(_CAP_VA_USER, "fetch"), Probe(_CAP_VA_USER, "read"), Probe(_CAP_VA_NX, "fetch")]
     probes += [Probe(_CAP_VA_MBIT + k * 0x1000) for k in range(16)]
+    probes += [Probe(_CAP_VA_SLOT256 + 8, user=True), Probe(_CAP_VA_SLOT257 + 8, user=True)]
     res = oracle.run(mem, base, probes).results
     notes: list[str] = []
     if res[0].outcome != "ok" or res[0].pa != _CAP_FRAME:
@@ -469,8 +529,14 @@ def _discover(oracle: KvmOracle) -> Capabilities:
         # 1G pages work: take the RSVD code from the MAXPHYADDR probe instead.
         r = res[6 + m - 36] if m < 52 else None
         rsvd_sets_p = bool(r and r.error_code and r.error_code & PF_P)
+    s256, s257 = res[22], res[23]
+    if s257.outcome != "ok" or s257.pa not in (None, _CAP_FRAME + 8):
+        raise OracleError(f"kvm: capability self-test: a CPL3 read of PML4 slot 257 gave {s257}")
+    blind = s256.outcome != "ok"
     adv = oracle.cpuid_advertised
     vendor = "amd" if "AMD" in adv.vendor else ("intel" if "Intel" in adv.vendor else adv.vendor)
+    if vendor not in ("intel", "amd"):
+        raise OracleUnavailable(f"kvm: CPUID vendor {adv.vendor!r} is neither Intel nor AMD")
     if (vendor == "amd") != bit8_reserved:
         notes.append(f"PML4E bit 8 {'reserved' if bit8_reserved else 'not reserved'} with vendor {adv.vendor}")
     if adv.maxphyaddr != m:
@@ -479,11 +545,18 @@ def _discover(oracle: KvmOracle) -> Capabilities:
         notes.append(f"CPUID pdpe1gb={adv.gbpages}, 1G leaves {'work' if gbpages else 'fault RSVD'}")
     if not adv.smep and smep:
         notes.append("SMEP enforced although KVM_GET_SUPPORTED_CPUID lacks it (patched in)")
+    if blind:
+        notes.append(f"CPL3 accesses to PML4 slot 256 fault although mapped ({s256.outcome} "
+                     f"{s256.error_code if s256.error_code is not None else ''}): kvm_pvm's host range")
     la57 = adv.la57 and _try_la57(oracle)
     pku = adv.pku and _try_pku(oracle, mem, base)
-    return Capabilities(name="kvm", vendor=vendor, maxphyaddr=m, gbpages=gbpages, la57=la57,
+    caps = Capabilities(name="kvm", vendor=vendor, maxphyaddr=m, gbpages=gbpages, la57=la57,
                         pku=pku, smep=smep, smap=smap, nx=nx, rsvd_sets_p=rsvd_sets_p,
                         ram_size=oracle.ram_size, version=_kernel_version(), notes=tuple(notes))
+    facts = HostFacts(vendor=vendor, maxphyaddr=m, gbpages=gbpages, la57=la57, pku=pku, smep=smep,
+                      smap=smap, nx=nx, rsvd_sets_p=rsvd_sets_p, top_bit8_reserved=bit8_reserved,
+                      cpl3_blind_slot256=blind)
+    return caps, facts
 
 
 def _try_la57(oracle: KvmOracle) -> bool:
@@ -496,7 +569,7 @@ def _try_la57(oracle: KvmOracle) -> bool:
     m.write_u64(pd + 2 * 8, pt | t)
     m.write_u64(pt, _CAP_FRAME | 3)
     m.write_u64(_CAP_FRAME, tag_value(_CAP_FRAME))
-    st = PagingState(cr3=pml5, cr4=CR4_PAE | CR4_LA57, profile=profile_named("kvm"))
+    st = PagingState(cr3=pml5, cr4=CR4_PAE | CR4_LA57, profile=profile_named("intel"))
     try:
         r = oracle.run(m, st, [Probe(_CAP_VA_4K)]).results[0]
     except OracleError:
@@ -506,7 +579,7 @@ def _try_la57(oracle: KvmOracle) -> bool:
 
 def _try_pku(oracle: KvmOracle, mem: SparseMemory, base: PagingState) -> bool:
     m = mem.copy()
-    pte = 0x200000 + 4 * 0x1000 + 1 * 8      # the U page at _CAP_VA_USER: give it key 1
+    pte = 0x200000 + 3 * 0x1000 + 1 * 8      # the PTE of the U page at _CAP_VA_USER: key 1
     m.write_u64(pte, m.read_u64(pte) | (1 << 59))
     st = base.replace(cr4=CR4_PAE | CR4_PKE, pkru=0b0100)   # AD for key 1
     try:
@@ -523,10 +596,19 @@ def _kernel_version() -> str:
 
 
 @lru_cache(maxsize=1)
+def _cached() -> tuple[Capabilities, Profile]:
+    with KvmOracle() as o:
+        return o.capabilities(), o.profile
+
+
 def cached_capabilities() -> Capabilities:
     """Capabilities of this host's KVM, discovered once per process."""
-    with KvmOracle() as o:
-        return o.capabilities()
+    return _cached()[0]
+
+
+def cached_profile() -> Profile:
+    """The profile of this host's KVM (host_profile of what it measured), once per process."""
+    return _cached()[1]
 
 
 def bench(n: int = 8192, repeat: int = 3) -> dict[str, float]:
@@ -538,7 +620,7 @@ def bench(n: int = 8192, repeat: int = 3) -> dict[str, float]:
                  (pt, _CAP_FRAME | 0x27), (pt + 8, 0)):
         mem.write_u64(a, v)
     mem.write_u64(_CAP_FRAME, tag_value(_CAP_FRAME))
-    st = PagingState(cr3=pml4, profile=profile_named("kvm"))
+    st = PagingState(cr3=pml4, profile=profile_named("intel"))
     out: dict[str, float] = {}
     with KvmOracle() as o:
         out["vm_create_ms"] = o.time_vm_creation(50) * 1e3

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from harness.oracles.base import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
 from x86pt.errors import PhysicalAddressError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import PagingState, Profile, profile_named
+from x86pt.state import PagingState, Profile, as_profile
 from x86pt.walk import Access, GeneralProtection, PageFault, Result, Translation, walk
 
 
@@ -63,14 +63,14 @@ class ModelOracle:
     """The x86pt model behind the Oracle protocol. `deviate` (tests only) may rewrite answers to
     play a buggy oracle."""
 
-    profile: str = "intel"
+    profile: "str | Profile" = "intel"
     maxphyaddr: int | None = None
     ram_size: int = RIG_RAM_SIZE
     deviate: Callable[[Probe, ProbeResult], ProbeResult] | None = None
     name: str = "model"
 
     def __post_init__(self) -> None:
-        self._profile: Profile = profile_named(self.profile)
+        self._profile: Profile = as_profile(self.profile)
 
     def capabilities(self) -> Capabilities:
         f = self._profile.features
@@ -78,11 +78,11 @@ class ModelOracle:
                             maxphyaddr=self.maxphyaddr or self._profile.maxphyaddr,
                             gbpages=f.gbpages, la57=f.la57, pku=f.pku, smep=f.smep, smap=f.smap,
                             nx=f.nx, rsvd_sets_p=self._profile.rsvd_sets_p, ram_size=self.ram_size,
-                            version="x86pt model", notes=(f"profile {self.profile}",))
+                            version="x86pt model", notes=(f"profile {self._profile.name}",))
 
     def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
         t0 = time.perf_counter()
-        st = state if state.profile.name == self.profile else state.replace(profile=self._profile)
+        st = state if state.profile == self._profile else state.replace(profile=self._profile)
         values: list = []
         walks, mem = model_run(memory, st, probes, values)
         results = []

@@ -281,9 +281,9 @@ class OracleCheck:
         return None
 
     def _states(self, name: str, root: int):
-        from x86pt.state import PagingState, profile_named
+        from x86pt.state import PagingState, as_profile, profile_named
         caps = self.caps[name]
-        prof = profile_named(getattr(self.oracles[name], "profile", name))
+        prof = as_profile(getattr(self.oracles[name], "profile", name))
         prof = dataclasses.replace(prof, features=dataclasses.replace(prof.features, gbpages=caps.gbpages))
         regs = dict(cr3=root, cr0=_CR0, cr4=_CR4, efer=_EFER)
         ostate = PagingState(**regs, profile=prof, maxphyaddr=caps.maxphyaddr)
