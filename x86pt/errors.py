@@ -10,6 +10,11 @@ class BadInputError(X86ptError):
     """A value, probe line, spec file or argument that cannot be used as given."""
 
 
+class BudgetError(BadInputError):
+    """Work on an input would exceed a documented limit (entries visited, bytes held, a size
+    cap); the message names the limit and the option that raises it."""
+
+
 class ImageError(X86ptError):
     """A memory image that is malformed or truncated (bad ELF, bad LiME header, short file)."""
 

@@ -17,8 +17,15 @@ Hostile tables are data, not crashes (spec/anchors.md §1.9 item 6):
 * a table pointer past the end of the image is an Issue 'past-end' and walks as an empty table
   (QEMU reads unassigned memory as zeros too);
 * reserved bits are an Issue 'reserved' and flag the records below them (EFF_RSVD);
-* shared subtrees that expand to more than `max_entries` mappings stop the scan with a
-  BadInputError (a few tables pointing at each other can describe 2^36 pages).
+* one work budget bounds every scan: each table the walk is about to read costs its 512
+  entries, charged *before* the child tables are listed or read, and a scan that would visit
+  more than `max_entries` entries stops with a BudgetError naming the limit and --max-entries
+  (a 64 KiB image whose 512 entries all point at one table describes 2^36 pages; it stops
+  after two levels, in milliseconds). The default, 2^26 entries (131072 tables, 512 MiB of
+  tables), holds a 64 GiB all-4K direct map (32,834 tables) with room to spare. Each record
+  emitted costs RECORD_COST entries more, since every consumer (JSON rows, find's hits, diff's
+  runs) spends far more per record than the scan spends per entry: tables whose 512 entries
+  never coalesce exhaust the budget after ~1,900 tables (1M records), not 131,072.
 
 Coalescing lives in x86pt/coalesce.py; renderers in x86pt/formats/.
 """
@@ -29,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from x86pt.errors import BadInputError, PhysicalAddressError
+from x86pt.errors import BadInputError, BudgetError, PhysicalAddressError
 from x86pt.fields import LEVELS, Kind, Level
 from x86pt.state import PagingState
 from x86pt.walk import rsvd_mask
@@ -46,7 +53,8 @@ EFF_ROOT = EFF_RW | EFF_US
 U64 = np.uint64
 SHIFT = np.array([0, 12, 21, 30, 39, 48], dtype=np.uint64)   # index shift by SDM level number
 PS_BIT = 1 << 7
-DEFAULT_MAX_ENTRIES = 1 << 26
+DEFAULT_MAX_ENTRIES = 1 << 26     # page-table entries visited (512 per table read)
+RECORD_COST = 64                  # budget charged per record emitted
 MAX_ISSUES = 1000
 _COLS = ("va", "count", "level", "raw", "pa", "eff", "entry_addr")
 
@@ -271,6 +279,7 @@ class Scanner:
         self.bits = state.va_bits
         self.levels = {lv.number: lv for lv in state.levels}
         self.emitted = 0
+        self.visited = 0         # entries of the tables read or about to be read (the budget)
         self._tables = _Tables(memory)
         self._rsvd = {}
         for lv in state.levels:
@@ -282,6 +291,7 @@ class Scanner:
     def chunks(self) -> Iterator[Chunk]:
         top = self.state.paging_levels
         root = np.array([self.state.root], dtype=U64)
+        self._charge(1)
         yield from self._level(top, root, np.zeros(1, U64), np.array([EFF_ROOT], np.uint8),
                                root[:, None], np.array([self.state.cr3], U64), np.zeros(1, U64))
 
@@ -416,6 +426,7 @@ class Scanner:
             ti = np.nonzero(present & ~leaf)[0]
             if len(ti):
                 tcnt = cnt[ti].astype(np.int64)
+                self._charge(int(tcnt.sum()))      # before the child lists are allocated
                 rep = np.repeat(ti, tcnt)
                 k = (np.arange(len(rep), dtype=np.int64) - np.repeat(np.cumsum(tcnt) - tcnt, tcnt)).astype(U64)
                 traw = raw[rep] + k * U64(size)          # a run's entries step by one page
@@ -436,6 +447,7 @@ class Scanner:
                                            lnum, int(teaddr[j]), int(traw[j])))
                 children = (cpa, tva, ceff, np.concatenate([canc, cpa[:, None]], axis=1), traw,
                             teaddr)
+        self._charge(0, sum(len(p) for p in parts))
         mine = Chunk.empty()
         for p in parts:          # each part is VA-sorted and disjoint from the others
             mine = merge_sorted(mine, p)
@@ -471,10 +483,16 @@ class Scanner:
     def _count(self, lnum: int, n: int) -> None:
         self.stats.entries[lnum] += n
         self.emitted += n
-        if self.emitted > self.max_entries:
-            raise BadInputError(
-                f"the tables expand to more than {self.max_entries} leaf mappings (shared or "
-                f"looping subtrees?); raise the limit with --max-entries if this is intended")
+
+    def _charge(self, tables: int, records: int = 0) -> None:
+        """Charge `tables` tables (512 entries each) to the work budget before reading them, and
+        `records` records before emitting them."""
+        self.visited += 512 * tables + RECORD_COST * records
+        if self.visited > self.max_entries:
+            raise BudgetError(
+                f"work limit reached: the tables expand to more than {self.max_entries} page-table "
+                f"entries (shared or looping subtrees?); raise it with --max-entries N if the image "
+                f"really is this large")
 
 
 def scan(state: PagingState, memory, **kw) -> Iterator[Chunk]:
