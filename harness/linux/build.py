@@ -6,6 +6,13 @@ that makes one debugfs file calling it with `init_mm` (address given as a parame
 /proc/kallsyms: init_mm itself is not exported) brings the kernel's own text back
 (spec/oracle-linux.md §5). The kernel's text format is the ground truth for `x86pt dump
 --format ptdump`; nothing of the dumper is reimplemented here.
+
+The module's second file, `tables`, is the in-guest image dumper: it copies every table page
+reachable from init_mm's PGD (present non-leaf entries; a PS entry at PMD/PUD level is a leaf,
+SDM 4.5) as text, each page as runs of entries that step by a constant (a direct-map PTE page is
+one run). Reading it costs no pause: pausing QEMU mid-run perturbs icount (QEMU 7.2 warps the
+virtual clock while stopping), so a run that pauses only once, after its last step, is
+reproducible boot after boot and still has an image of every step.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from x86pt.memory.atomic import write_text_atomic
 
 PTDUMP_MODULE = "x86pt_ptdump"
 DEBUGFS_FILE = "/sys/kernel/debug/x86pt/kernel"
+TABLES_FILE = "/sys/kernel/debug/x86pt/tables"
 
 MODULE_C = r"""// SPDX-License-Identifier: GPL-2.0-or-later
 /* x86pt: the kernel's own page-table dump of init_mm at <debugfs>/x86pt/kernel. */
@@ -26,6 +34,7 @@ MODULE_C = r"""// SPDX-License-Identifier: GPL-2.0-or-later
 #include <linux/debugfs.h>
 #include <linux/seq_file.h>
 #include <linux/mm.h>
+#include <asm/special_insns.h>
 
 static unsigned long init_mm_addr;
 module_param(init_mm_addr, ulong, 0400);
@@ -40,12 +49,84 @@ static int x86pt_kernel_show(struct seq_file *m, void *unused)
 }
 DEFINE_SHOW_ATTRIBUTE(x86pt_kernel);
 
+/* <debugfs>/x86pt/tables: "T <pa> <level>" per table page, then "<index> <count> <entry>
+ * <stride>" per run of non-zero entries where entry[index + k] = entry + k * stride. */
+#define X86PT_MAX_TABLES 4096
+#define X86PT_ADDR_MASK 0x000ffffffffff000ULL
+static unsigned long x86pt_seen[X86PT_MAX_TABLES];
+static int x86pt_nseen, x86pt_overflow;
+
+static bool x86pt_mark(unsigned long pa)
+{
+	int i;
+
+	for (i = 0; i < x86pt_nseen; i++)
+		if (x86pt_seen[i] == pa)
+			return false;
+	if (x86pt_nseen == X86PT_MAX_TABLES) {
+		x86pt_overflow = 1;
+		return false;
+	}
+	x86pt_seen[x86pt_nseen++] = pa;
+	return true;
+}
+
+static void x86pt_table(struct seq_file *m, unsigned long pa, int level)
+{
+	const u64 *t = (const u64 *)__va(pa);
+	int i, j;
+
+	if (!x86pt_mark(pa))
+		return;
+	seq_printf(m, "T %lx %d\n", pa, level);
+	for (i = 0; i < 512; i = j) {
+		u64 e = t[i], stride = 0;
+
+		j = i + 1;
+		if (!e)
+			continue;
+		if (j < 512 && t[j]) {
+			stride = t[j] - e;
+			while (j < 512 && t[j] && t[j] == e + (u64)(j - i) * stride)
+				j++;
+		}
+		seq_printf(m, "%x %x %llx %llx\n", i, j - i, e, stride);
+	}
+	if (level == 1)
+		return;
+	for (i = 0; i < 512; i++) {
+		u64 e = t[i];
+
+		/* a PS entry in a PDPTE or PDE maps a page (SDM 4.5): not a table */
+		if (!(e & 1) || ((level == 2 || level == 3) && (e & 0x80)))
+			continue;
+		x86pt_table(m, (unsigned long)(e & X86PT_ADDR_MASK), level - 1);
+	}
+}
+
+static int x86pt_tables_show(struct seq_file *m, void *unused)
+{
+	struct mm_struct *mm = (struct mm_struct *)init_mm_addr;
+	int levels = (native_read_cr4() & X86_CR4_LA57) ? 5 : 4;
+
+	/* seq_file calls this again with a larger buffer when the text does not fit */
+	x86pt_nseen = 0;
+	x86pt_overflow = 0;
+	preempt_disable();
+	x86pt_table(m, (unsigned long)__pa(mm->pgd), levels);
+	preempt_enable();
+	seq_printf(m, "E %d %d\n", x86pt_nseen, x86pt_overflow);
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(x86pt_tables);
+
 static int __init x86pt_ptdump_init(void)
 {
 	if (!init_mm_addr)
 		return -EINVAL;
 	x86pt_dir = debugfs_create_dir("x86pt", NULL);
 	debugfs_create_file("kernel", 0400, x86pt_dir, NULL, &x86pt_kernel_fops);
+	debugfs_create_file("tables", 0400, x86pt_dir, NULL, &x86pt_tables_fops);
 	return 0;
 }
 

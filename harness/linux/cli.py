@@ -65,9 +65,10 @@ def register(subparsers) -> None:
     r.add_argument("--levels", type=int, choices=(4, 5), default=4, help="paging levels of the guest")
     r.add_argument("--kaslr", action="store_true", help="boot the bzImage with KASLR (default nokaslr)")
     r.add_argument("--ram", default="3072", metavar="MIB")
-    r.add_argument("--images", choices=("all", "pause", "last"), default="all",
-                   help="all: one boot per checkpoint, an image per step (default); pause: one boot "
-                        "paused after every step; last: one boot, image of the last step")
+    r.add_argument("--images", choices=("guest", "all", "pause", "last"), default="guest",
+                   help="guest: one boot, the guest dumps its page tables after every step, paused "
+                        "once at the end (default; reproducible); all: one boot per checkpoint; "
+                        "pause: one boot paused after every step; last: image of the last step only")
     r.add_argument("--info-mem", action="store_true", help="time QEMU's `info mem` on the last boot")
     r.add_argument("--timeout", default="900", metavar="S", help="per boot")
     r.set_defaults(func=cmd_run)

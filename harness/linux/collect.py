@@ -368,6 +368,60 @@ def capture(ram: MemoryBase, regs: dict[str, int], kallsyms: dict[str, int]) -> 
     return Capture(mem, st.replace(cr3=root), layout)
 
 
+def parse_tables(lines: list[str]) -> tuple[int, int, SparseMemory]:
+    """The in-guest dump of init_mm's tables (build.py, <debugfs>/x86pt/tables): returns the root
+    table's PA, its level and the table pages. Each page is "T pa level" followed by runs
+    "index count entry stride" (entry[index + k] = entry + k * stride, mod 2^64)."""
+    mem = SparseMemory()
+    root = level0 = None
+    page: list[int] | None = None
+    pa = 0
+    ended = False
+
+    def flush() -> None:
+        if page is not None:
+            mem.write(pa, b"".join(v.to_bytes(8, "little") for v in page))
+
+    for line in lines:
+        w = line.split()
+        if not w:
+            continue
+        if w[0] == "T":
+            flush()
+            pa, lvl = int(w[1], 16), int(w[2])
+            if root is None:
+                root, level0 = pa, lvl
+            page = [0] * 512
+        elif w[0] == "E":
+            if int(w[2]):
+                raise OracleError(f"the guest's table dump overflowed ({w[1]} tables)")
+            ended = True
+        elif page is not None and len(w) == 4:
+            i, n, e, stride = (int(x, 16) for x in w)
+            if i + n > 512:
+                raise OracleError(f"table dump: run {line!r} passes the end of table {pa:#x}")
+            for k in range(n):
+                page[i + k] = (e + k * stride) & 0xFFFF_FFFF_FFFF_FFFF
+        else:
+            raise OracleError(f"table dump: unexpected line {line!r}")
+    flush()
+    if root is None or not ended:
+        raise OracleError("the guest's table dump is empty or cut short")
+    return root, level0, mem
+
+
+def capture_from_dump(lines: list[str], regs: dict[str, int], layout: dict) -> Capture:
+    """A Capture from the guest's own table dump of one step; control registers from QEMU (they
+    do not change after boot) and the layout values from the run's RAM capture."""
+    root, levels, mem = parse_tables(lines)
+    st = guest_state(regs).replace(cr3=root)
+    if levels != (5 if regs["cr4"] & CR4_LA57 else 4):
+        raise OracleError(f"table dump has a level-{levels} root, CR4 says otherwise")
+    lay = dict(layout)
+    lay.update({"levels": levels, "init_top_pgt_pa": hex(root), "table_pages": len(mem.pages)})
+    return Capture(mem, st, lay)
+
+
 def write_capture(path: str, cap: Capture) -> None:
     s = cap.state
     write_elf_core(path, cap.memory, cr0=s.cr0, cr3=s.cr3, cr4=s.cr4, efer=s.efer,
@@ -427,6 +481,21 @@ def load_json(path: str) -> dict:
         raise BadInputError(f"cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise BadInputError(f"{path}: bad JSON: {e.msg}") from None
+
+
+def run_meta(run_dir: str) -> dict:
+    """What a run says about itself: run.json, written by every `x86pt linux run` (fresh runs and
+    fixtures alike); a fixture's meta.json (source, versions, config) is read when run.json is
+    missing, and its keys fill in what run.json lacks."""
+    import os
+    paths = [os.path.join(run_dir, n) for n in ("run.json", "meta.json")]
+    have = [p for p in paths if os.path.exists(p)]
+    if not have:
+        raise BadInputError(f"{run_dir} has neither run.json nor meta.json (not an x86pt linux run)")
+    meta: dict = {}
+    for p in reversed(have):            # run.json last: it wins
+        meta.update(load_json(p))
+    return meta
 
 
 def read_artifact(directory: str, name: str) -> bytes:

@@ -125,6 +125,7 @@ collect() {
   say "@@VMSTAT"; grep direct_map /proc/vmstat >&3
   say "@@TRACE"; grep -v '^#' $T/trace >&3; echo > $T/trace
   say "@@PTDUMP"; cat /sys/kernel/debug/x86pt/kernel >&3
+  say "@@TABLES"; cat /sys/kernel/debug/x86pt/tables >&3
   say "@@ENDSTEP $1"
 }
 

@@ -24,7 +24,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from harness.linux.collect import cpa_layout, load_json, materialize, read_artifact
+from harness.linux.collect import cpa_layout, load_json, materialize, read_artifact, run_meta
 from x86pt.cpa.importer import model_from_image
 from x86pt.cpa.kernel import P, PSE, PTE_PFN_MASK, PMD_PFN_MASK, PUD_PFN_MASK
 from x86pt.cpa.layout import Layout, layout_from_json
@@ -87,7 +87,7 @@ def run_layout(run_dir: str) -> Layout:
 
 
 def run_kernel(run_dir: str) -> str:
-    meta = load_json(os.path.join(run_dir, "meta.json"))
+    meta = run_meta(run_dir)
     return str(meta.get("config", {}).get("kernel") or meta["kernel_release"].split("-")[0])
 
 
