@@ -206,20 +206,22 @@ class _Overlay:
 
 
 # -- build ----------------------------------------------------------------------------------------
-def write_image(memory, state, path: str, fmt: str | None = None) -> str:
-    """Write an image as an ELF core (default for .elf/.core/.vmcore names) or raw."""
+def write_image(memory, state, path: str, fmt: str | None = None, inputs=()) -> str:
+    """Write an image as an ELF core (default for .elf/.core/.vmcore names) or raw, through the
+    one output writer (x86pt.memory.atomic): never over one of `inputs`, a directory or a device."""
     from x86pt.memory import write_elf_core, write_lime
-    from x86pt.memory.atomic import write_bytes_atomic
+    from x86pt.memory.atomic import check_output, write_bytes_atomic
+    check_output(path, inputs)
     if fmt is None:
         fmt = "raw" if path.endswith((".raw", ".bin", ".img", ".mem")) else "elf"
     if fmt == "elf":
         write_elf_core(path, memory, cr0=state.cr0, cr3=state.cr3, cr4=state.cr4, efer=state.efer,
                        pkru=state.pkru, pkrs=state.pkrs, maxphyaddr=state.m, vendor=state.vendor,
-                       profile=state.profile.name)
+                       profile=state.profile.name, inputs=inputs)
     elif fmt == "raw":
-        write_bytes_atomic(path, memory.to_bytes())
+        write_bytes_atomic(path, memory.to_bytes(), inputs=inputs)
     elif fmt == "lime":
-        write_lime(path, memory)
+        write_lime(path, memory, inputs)
     else:
         raise BadInputError(f"unknown output format {fmt!r} (elf, raw or lime)")
     return fmt
@@ -227,6 +229,8 @@ def write_image(memory, state, path: str, fmt: str | None = None) -> str:
 
 def cmd_build(args) -> int:
     from x86pt.build import build_from_spec
+    from x86pt.memory.atomic import check_output
+    check_output(args.output, [args.spec])        # before any work
     try:
         with open(args.spec, "r", encoding="utf-8") as f:
             text = f.read()
@@ -235,7 +239,7 @@ def cmd_build(args) -> int:
     except UnicodeDecodeError:
         raise BadInputError(f"spec {args.spec} is not UTF-8 text") from None
     memory, state = build_from_spec(text, args.spec)
-    fmt = write_image(memory, state, args.output, args.out_format)
+    fmt = write_image(memory, state, args.output, args.out_format, inputs=[args.spec])
     if args.json:
         emit_json({"image": args.output, "format": fmt, **state.to_json(),
                    "table_pages": len(memory.pages)})

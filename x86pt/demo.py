@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from x86pt.build import Builder
+from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import CR4_PGE, CR4_SMAP, CR4_SMEP, PagingState
 
@@ -85,7 +86,12 @@ def run_demo(args) -> int:
     from x86pt.describe import render_result, result_json
     from x86pt.walk import Access, walk
     out_dir = args.out or tempfile.mkdtemp(prefix="x86pt-demo-")
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise BadInputError(f"--out {out_dir}: exists and is not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"--out {out_dir}: cannot create the directory: {e.strerror}") from None
     memory, state, names = linux_like_image()
     image_path = os.path.join(out_dir, "linux-like.elf")
     write_image(memory, state, image_path, "elf")

@@ -101,7 +101,8 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
         def on_dump(model, idx):
             from x86pt.cli import write_image
             path = args.dump_out or f"cpa-{policy}-op{args.dump_at}.elf"
-            write_image(model.export(), model.paging_state(), path, None)
+            write_image(model.export(), model.paging_state(), path, None,
+                        inputs=[args.trace, args.image, args.layout])
             if not args.json:
                 print(f"image after op {idx} written to {path}", file=sys.stderr)
     r = replay(m, ops, validate=args.validate, checks=checks, progress=prog,
@@ -132,8 +133,19 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
     return r, m
 
 
+def _check_outputs(args, *outputs: str | None) -> None:
+    """Refuse, before any work, an output that is one of the inputs (trace, image, layout file),
+    a directory or a special file (the one output writer's rules: x86pt.memory.atomic)."""
+    from x86pt.memory.atomic import check_output
+    inputs = [getattr(args, k, None) for k in ("trace", "image", "layout")]
+    for out in outputs:
+        if out:
+            check_output(out, inputs)
+
+
 def cmd_replay(args) -> int:
     from x86pt.cpa.trace import read_trace
+    _check_outputs(args, args.dump_out, args.plot, args.repro)
     ops = read_trace(args.trace)
     r, m = _run(args, args.policy, ops, True)
     return _report(args, [r], m)
@@ -142,6 +154,7 @@ def cmd_replay(args) -> int:
 def cmd_compare(args) -> int:
     from x86pt.cpa.merge import POLICIES
     from x86pt.cpa.trace import read_trace
+    _check_outputs(args, args.dump_out, args.plot, args.repro)
     ops = read_trace(args.trace)
     pols = [p.strip() for p in args.policies.split(",") if p.strip()]
     for p in pols:
@@ -183,6 +196,7 @@ def cmd_generate(args) -> int:
     from x86pt.cpa.layout import layout_named
     from x86pt.cpa.trace import write_trace
     from x86pt.cpa.workload import generate
+    _check_outputs(args, args.output)
     layout = layout_named(args.layout)
     n = parse_int(args.ops, "--ops", lo=1, hi=100_000_000)
     seed = parse_int(args.seed, "--seed")

@@ -21,14 +21,14 @@ MAX_NOTES = 20
 
 # -- shared plumbing ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _output(path: str | None) -> Iterator[BinaryIO]:
+def _output(path: str | None, inputs=()) -> Iterator[BinaryIO]:
     if path is None or path == "-":
         out = sys.stdout.buffer
         yield out
         out.flush()
         return
     from x86pt.memory.atomic import atomic_writer
-    with atomic_writer(path, "wb") as f:
+    with atomic_writer(path, "wb", inputs=inputs) as f:
         yield f
 
 
@@ -195,7 +195,7 @@ def cmd_dump(args) -> int:
     va_range = parse_range(args.range) if args.range else None
     bases = _marker_bases(args)
     with open_image(args.image, args) as img:
-        with _output(args.output) as out:
+        with _output(args.output, [args.image, getattr(args, "layout", None)]) as out:
             sc = dump_to(out, img, args.dump_format, markers=args.markers, **bases,
                          filt=_filter_from(args, img.state.nxe),
                          va_range=va_range, coalesce_mode=args.coalesce, crlf=args.crlf,

@@ -204,7 +204,7 @@ def qemu_cpustate(cr0: int, cr3: int, cr4: int, cr2: int = 0, rip: int = 0, rfla
 
 def write_elf_core(path: str, memory: MemoryBase, *, cr0: int, cr3: int, cr4: int, efer: int,
                    pkru: int = 0, pkrs: int = 0, maxphyaddr: int = 52, vendor: str = "intel",
-                   profile: str = "") -> None:
+                   profile: str = "", inputs=()) -> None:
     """Write `memory` as an ELF core with the note layout QEMU uses, plus an X86PT note."""
     segs = memory.segments()
     prstatus = bytearray(336)
@@ -221,7 +221,7 @@ def write_elf_core(path: str, memory: MemoryBase, *, cr0: int, cr3: int, cr4: in
     note_off = off
     data_off = (note_off + len(notes) + PAGE - 1) & ~(PAGE - 1)
     ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
-    with atomic_writer(path) as f:
+    with atomic_writer(path, inputs=inputs) as f:
         f.write(_EHDR.pack(ident, ET_CORE, EM_X86_64, 1, 0, _EHDR.size, 0, 0, _EHDR.size,
                            _PHDR.size, phnum, 0, 0, 0))
         f.write(_PHDR.pack(PT_NOTE, 0, note_off, 0, 0, len(notes), len(notes), 0))

@@ -76,9 +76,9 @@ class LimeFile(MemoryBase):
         self.file.close()
 
 
-def write_lime(path: str, memory: MemoryBase) -> None:
+def write_lime(path: str, memory: MemoryBase, inputs=()) -> None:
     from x86pt.memory.atomic import atomic_writer
-    with atomic_writer(path) as f:
+    with atomic_writer(path, inputs=inputs) as f:
         for seg in memory.segments():
             f.write(_HDR.pack(LIME_MAGIC, 1, seg.start, seg.end - 1, 0))
             f.write(memory.read(seg.start, seg.size))
