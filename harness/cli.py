@@ -1,9 +1,11 @@
 """`x86pt conform`: run the x86pt model and an oracle (unicorn, QEMU, KVM) on the same cases — the
 access matrix (kvm-unit-tests access.c class, harness.matrix) or random page tables — and report
 every mismatch. The last line is `conform: M mismatches in N cases (ORACLE...)`; the exit status
-is 0 only when M is 0 (2 on bad input or an oracle that cannot run).
+is 0 only when M is 0 (2 on bad input or an oracle that cannot run, 130 after Ctrl-C, which
+stops after the batch in flight and prints what was done).
 
-    x86pt conform --oracle unicorn                          # the full classic matrix
+    x86pt conform --oracle unicorn                          # a seeded sample of 20,000 matrix cases
+    x86pt conform --oracle unicorn --full                   # the full classic matrix (19.2M cases)
     x86pt conform --oracle all --sample 3000 --seed 1       # a seeded sample, every oracle here
     x86pt conform --oracle qemu --cases random --limit 500
     x86pt conform --oracle kvm --shard 2/8 --progress
@@ -18,6 +20,9 @@ import sys
 
 from x86pt.errors import BadInputError, OracleUnavailable
 from x86pt.numbers import parse_int
+
+# What `conform` runs on the matrix when no size is given: a seeded sample, seconds per oracle.
+DEFAULT_SAMPLE = 20_000
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -91,7 +96,8 @@ def _repro_path(args, mm) -> str | None:
 
 
 def cmd_conform(args) -> int:
-    from harness.differential import Progress, load_repro, replay, run_conformance
+    from harness.differential import load_repro, replay, run_conformance
+    from x86pt.progress import Interrupt, ProgressBar
     from x86pt.cli import emit_json
     from x86pt.memory.atomic import write_text_atomic
     import json
@@ -127,58 +133,73 @@ def cmd_conform(args) -> int:
         print(line)
         return 0 if not mms else 1
 
+    if (args.cases == "matrix" and not args.full and args.limit is None and args.sample is None
+            and args.shard is None):
+        args.sample = DEFAULT_SAMPLE
+        if not args.json:
+            print(f"conform: a seeded sample of {DEFAULT_SAMPLE:,} matrix cases (--seed "
+                  f"{args.seed}); --full runs every case (19.2M classic, 155M extended)",
+                  file=sys.stderr)
     total_cases = total_mm = 0
     ran: list[str] = []
     reported = 0
-    summaries = []
-    for name in names:
-        try:
-            oracle = _open_oracle(name, args.profile)
-        except OracleUnavailable as e:
-            if explicit:
-                raise
-            print(f"conform: skipping {name}: {e}", file=sys.stderr)
-            continue
-        try:
-            caps = oracle.capabilities()
-            src = make_source(args, oracle, caps)
-            prog = Progress(src.total, f"{name}", True if args.progress else None)
-
-            def on_mm(mm, _name=name):
-                nonlocal reported
-                path = _repro_path(args, mm) if reported < args.max_repros else None
-                if path:
-                    os.makedirs(args.repro_dir, exist_ok=True)
-                    mm.repro["file"] = path
-                    write_text_atomic(path, json.dumps(mm.repro, indent=1) + "\n")
-                reported += 1
-                if args.json:
-                    emit_json(mm.to_json())
-                elif reported <= args.max_report:
-                    prog.enabled and sys.stderr.write("\n")
-                    print(mm.render(), flush=True)
+    interrupted = False
+    with Interrupt() as stop:
+        for name in names:
+            if stop.requested:
+                break
             try:
-                summ = run_conformance(oracle, src, on_mismatch=on_mm, progress=prog)
+                oracle = _open_oracle(name, args.profile)
+            except OracleUnavailable as e:
+                if explicit:
+                    raise
+                print(f"conform: skipping {name}: {e}", file=sys.stderr)
+                continue
+            try:
+                caps = oracle.capabilities()
+                src = make_source(args, oracle, caps)
+                prog = ProgressBar(src.total, name, unit="cases", enabled=True if args.progress else None)
+
+                def on_mm(mm, _prog=prog):
+                    nonlocal reported
+                    path = _repro_path(args, mm) if reported < args.max_repros else None
+                    if path:
+                        os.makedirs(args.repro_dir, exist_ok=True)
+                        mm.repro["file"] = path
+                        write_text_atomic(path, json.dumps(mm.repro, indent=1) + "\n")
+                    reported += 1
+                    if args.json:
+                        emit_json(mm.to_json())
+                    elif reported <= args.max_report:
+                        _prog.write(mm.render())
+                try:
+                    summ = run_conformance(oracle, src, on_mismatch=on_mm, progress=prog,
+                                           interrupt=stop)
+                finally:
+                    prog.close()
             finally:
-                prog.close()
-        finally:
-            oracle.close()
-        summaries.append(summ)
-        ran.append(name)
-        total_cases += summ.cases
-        total_mm += summ.mismatches
-        if args.json:
-            emit_json(summ.to_json() | {"capabilities": caps.to_json()})
-        else:
-            j = summ.to_json()
-            print(f"{name}: {summ.cases} cases ({summ.probes} probes), {summ.mismatches} mismatches, "
-                  f"{summ.seconds:.1f} s; oracle {j['oracle_cases_per_s']} cases/s, "
-                  f"model {j['model_cases_per_s']} cases/s")
-    if not ran:
+                oracle.close()
+            interrupted = interrupted or summ.interrupted
+            ran.append(name)
+            total_cases += summ.cases
+            total_mm += summ.mismatches
+            if args.json:
+                emit_json(summ.to_json() | {"capabilities": caps.to_json()})
+            else:
+                j = summ.to_json()
+                print(f"{name}: {summ.cases} cases ({summ.probes} probes), {summ.mismatches} mismatches, "
+                      f"{summ.seconds:.1f} s; oracle {j['oracle_cases_per_s']} cases/s, "
+                      f"model {j['model_cases_per_s']} cases/s"
+                      + (" (interrupted)" if summ.interrupted else ""))
+        interrupted = interrupted or stop.requested
+    if not ran and not interrupted:
         raise OracleUnavailable("no oracle could run here (" + ", ".join(names) + ")")
     if total_mm > args.max_report and not args.json:
         print(f"({total_mm - args.max_report} more mismatches not shown; --max-report N)")
     line = f"conform: {total_mm} mismatches in {total_cases} cases ({', '.join(ran)})"
+    if interrupted:
+        print(line + ", interrupted", flush=True)
+        return 130
     print(line, flush=True)
     return 0 if total_mm == 0 else 1
 
@@ -197,6 +218,9 @@ def register(subparsers) -> None:
     p.add_argument("--shard", default=None, metavar="I/N", help="run the I-th of N equal parts (1-based)")
     p.add_argument("--limit", default=None, metavar="N", help="at most N cases")
     p.add_argument("--sample", default=None, metavar="N", help="a seeded random sample of N matrix cases")
+    p.add_argument("--full", action="store_true",
+                   help="every matrix case (19.2M classic, 155M extended); without it, and without "
+                        f"--limit/--sample/--shard, a seeded sample of {DEFAULT_SAMPLE:,}")
     p.add_argument("--batch", default=None, metavar="N", help="matrix cases per oracle batch")
     p.add_argument("--per-tree", default="64", metavar="N", help="random cases per random tree")
     p.add_argument("--json", action="store_true", help="one JSON record per mismatch, then summaries")

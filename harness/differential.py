@@ -25,6 +25,7 @@ from harness.oracles.model import as_probe_result, model_run, read_value
 from x86pt.errors import BadInputError, OracleError, PhysicalAddressError
 from x86pt.fields import Kind
 from x86pt.memory.sparse import SparseMemory
+from x86pt.progress import Interrupt, ProgressBar
 from x86pt.state import PagingState, as_profile
 from x86pt.walk import BIT_A, Access, PageFault, Result, Translation, error_code_dont_care
 
@@ -335,6 +336,7 @@ class Summary:
     oracle_seconds: float = 0.0
     build_seconds: float = 0.0
     skipped: str = ""
+    interrupted: bool = False
 
     def to_json(self) -> dict:
         return {"type": "summary", "oracle": self.oracle, "cases": self.cases, "probes": self.probes,
@@ -344,39 +346,8 @@ class Summary:
                 "build_seconds": round(self.build_seconds, 3),
                 "oracle_cases_per_s": round(self.cases / self.oracle_seconds) if self.oracle_seconds else None,
                 "model_cases_per_s": round(self.cases / self.model_seconds) if self.model_seconds else None,
-                **({"skipped": self.skipped} if self.skipped else {})}
-
-
-class Progress:
-    """A one-line progress bar on stderr (only when asked or on a TTY)."""
-
-    def __init__(self, total: int, label: str, enabled: bool | None = None, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.total = max(total, 1)
-        self.label = label
-        self.t0 = time.perf_counter()
-        self.last = 0.0
-
-    def update(self, done: int, mismatches: int, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not force and now - self.last < 0.5:
-            return
-        self.last = now
-        frac = min(done / self.total, 1.0)
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate else 0
-        bar = "#" * int(frac * 30)
-        self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{self.total} {rate:,.0f} cases/s "
-                          f"ETA {eta:,.0f}s mismatches {mismatches} ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+                **({"skipped": self.skipped} if self.skipped else {}),
+                **({"interrupted": True} if self.interrupted else {})}
 
 
 def check_batch(oracle_name: str, batch: Batch, results: Sequence[Result], model_after: SparseMemory,
@@ -497,14 +468,19 @@ def fix_write_values(batch: Batch, results: Sequence[Result]) -> None:
 
 
 def run_conformance(oracle, source: CaseSource, *, on_mismatch: Callable[[Mismatch], None] | None = None,
-                    progress: Progress | None = None, compare: bool = True) -> Summary:
+                    progress: ProgressBar | None = None, compare: bool = True,
+                    interrupt: Interrupt | None = None) -> Summary:
     """Run every batch of `source` on the model and on `oracle`; report mismatches through
-    `on_mismatch`. With compare=False only the model runs (to time it)."""
+    `on_mismatch`. With compare=False only the model runs (to time it). When `interrupt` is
+    requested (Ctrl-C), the run stops after the batch in flight: the summary says so."""
     name = getattr(oracle, "name", "oracle") if oracle is not None else "model-only"
     summ = Summary(name)
     t0 = time.perf_counter()
     tb = time.perf_counter()
     for batch in source.batches():
+        if interrupt is not None and interrupt.requested:
+            summ.interrupted = True
+            break
         t1 = time.perf_counter()
         summ.build_seconds += t1 - tb
         results, model_after = model_run(batch.memory, batch.state, batch.probes)
@@ -522,10 +498,10 @@ def run_conformance(oracle, source: CaseSource, *, on_mismatch: Callable[[Mismat
         summ.cases += len(batch.cases)
         summ.probes += len(batch.probes)
         if progress is not None:
-            progress.update(summ.cases, summ.mismatches)
+            progress.update_to(summ.cases, mismatches=summ.mismatches)
         tb = time.perf_counter()
-    if progress is not None:
-        progress.update(summ.cases, summ.mismatches, force=True)
+    if interrupt is not None and interrupt.requested:
+        summ.interrupted = True
     summ.seconds = time.perf_counter() - t0
     return summ
 
