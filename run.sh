@@ -27,7 +27,13 @@ setup() {
     # QEMU is an oracle of the rig (Debian's qemu-system-x86); installed when we may.
     if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
         if [ "$(id -u)" = "0" ]; then
-            sh tools/install_qemu.sh >&2 || echo "run.sh: QEMU could not be installed; QEMU tests will skip" >&2
+            # apt's output goes to a log; one line here, and the log's tail when it fails.
+            log="$venv/install-qemu.log"
+            echo "run.sh: installing QEMU (Debian's qemu-system-x86; log: $log)" >&2
+            if ! sh tools/install_qemu.sh >"$log" 2>&1; then
+                tail -n 20 "$log" >&2
+                echo "run.sh: QEMU could not be installed; QEMU tests will skip" >&2
+            fi
         else
             echo "run.sh: qemu-system-x86_64 missing (run as root to install it); QEMU tests will skip" >&2
         fi
