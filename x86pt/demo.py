@@ -76,9 +76,16 @@ class DemoContext:
     json: bool = False
     names: dict[str, int] = field(default_factory=dict)
 
+    # One line per section that did not reach its expected verdict; run_demo exits 1 then.
+    failures: list[str] = field(default_factory=list)
+
     def heading(self, text: str) -> None:
         if not self.json:
             print(f"\n== {text} " + "=" * max(0, 74 - len(text)))
+
+    def fail(self, section: str, message: str) -> None:
+        """Record that `section` reached the wrong verdict (the demo then exits 1)."""
+        self.failures.append(f"{section}: {message}")
 
 
 def run_demo(args) -> int:
@@ -101,24 +108,28 @@ def run_demo(args) -> int:
         print(f"image written to {image_path} (ELF core, QEMU note layout, {len(memory.pages)} table pages)")
         print(f"state: {state.describe()}")
     ctx.heading("Walks (x86pt walk IMAGE VA --access ... [--user])")
+    # Each walk with the outcome the image was built to give (SDM Vol. 3A §4.6: WP, SMAP, SMEP,
+    # US; §4.5: canonical addresses); a different outcome fails the demo.
     cases = [
-        (PAGE_OFFSET + 0x12345678, Access("read"), "direct map, inside a 2M page"),
-        (PAGE_OFFSET + 0x140000000, Access("write"), "direct map, 1G page"),
-        (KERNEL_TEXT + 0x1234, Access("fetch"), "kernel text (ROX)"),
-        (KERNEL_TEXT + 0x1234, Access("write"), "kernel text is read-only (WP=1)"),
-        (MODULES + 0x1000, Access("fetch"), "module text, a 4K alias of the direct map"),
-        (0x600010, Access("write", user=True), "user data"),
-        (0x600010, Access("read"), "SMAP: kernel read of user data with AC=0"),
-        (0x600010, Access("read", ac=True), "... with EFLAGS.AC=1"),
-        (0x400000, Access("fetch"), "SMEP: kernel fetch from user text"),
-        (0x401000, Access("write", user=True), "user write to its text"),
-        (0x800000, Access("read", user=True), "unmapped user address"),
-        (0x0000800000000000, Access("read"), "non-canonical"),
+        (PAGE_OFFSET + 0x12345678, Access("read"), "direct map, inside a 2M page", "ok"),
+        (PAGE_OFFSET + 0x140000000, Access("write"), "direct map, 1G page", "ok"),
+        (KERNEL_TEXT + 0x1234, Access("fetch"), "kernel text (ROX)", "ok"),
+        (KERNEL_TEXT + 0x1234, Access("write"), "kernel text is read-only (WP=1)", "page_fault"),
+        (MODULES + 0x1000, Access("fetch"), "module text, a 4K alias of the direct map", "ok"),
+        (0x600010, Access("write", user=True), "user data", "ok"),
+        (0x600010, Access("read"), "SMAP: kernel read of user data with AC=0", "page_fault"),
+        (0x600010, Access("read", ac=True), "... with EFLAGS.AC=1", "ok"),
+        (0x400000, Access("fetch"), "SMEP: kernel fetch from user text", "page_fault"),
+        (0x401000, Access("write", user=True), "user write to its text", "page_fault"),
+        (0x800000, Access("read", user=True), "unmapped user address", "page_fault"),
+        (0x0000800000000000, Access("read"), "non-canonical", "general_protection"),
     ]
     results = []
-    for va, acc, what in cases:
+    for va, acc, what, expect in cases:
         r = walk(state, memory, va, acc)
         results.append(r)
+        if r.outcome != expect:
+            ctx.fail("walk", f"{what}: {r.outcome}, expected {expect}")
         if ctx.json:
             print(__import__("json").dumps({"section": "walk", "what": what, "access": acc.describe(),
                                             **{k: v for k, v in result_json(r).items() if k != "steps"}}))
@@ -136,4 +147,8 @@ def run_demo(args) -> int:
     if not ctx.json:
         print(f"\nFiles are in {out_dir}. Try: python -m x86pt walk {image_path} {KERNEL_TEXT:#x}")
     sys.stdout.flush()
+    if ctx.failures:
+        for f in ctx.failures:
+            print(f"demo: FAILED {f}", file=sys.stderr)
+        return 1
     return 0

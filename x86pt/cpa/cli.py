@@ -277,6 +277,9 @@ def demo_section(ctx) -> None:
     for pol in ("none", "upstream"):
         m = model_from_image((ctx.memory, ctx.state), layout, "6.15", pol)
         results.append(replay(m, ops, validate=True))
+    for r in results:
+        if r.violation is not None:
+            ctx.fail("cpa", f"{r.policy}: validator: {r.violation}")
     png = os.path.join(ctx.out_dir, "cpa-demo.png")
     plot_fragmentation(results, png, "x86pt demo: mixed-rox workload")
     if ctx.json:

@@ -108,10 +108,9 @@ class CpaModel:
         self.shared: frozenset[int] = frozenset()   # table pages with several parents (ESPfix)
         # L1TF PTE inversion (arch/x86/include/asm/pgtable-invert.h, unconditional since 4.19):
         # non-present, non-empty entries hold the inverted frame (flags as they are). On for
-        # images imported from real kernels (importer.py). Off for generated workloads: their
-        # `oob` writers toggle P in place as kfence did (a raw, non-inverted frame), and one
-        # encoding per model keeps the validator's frame checks exact; the validator decodes
-        # both encodings (validate.py _pte/_enc/_pfn).
+        # images imported from real kernels (importer.py), off for generated models. Every
+        # writer of the model (CPA, splits, in-place rewrites, the `oob` writer) keeps one
+        # encoding per model, so an entry's frame always reads back as pte_pfn() would.
         self.l1tf_invert = False
         self.running = False                 # system_state == SYSTEM_RUNNING
         self.kernel_set_to_readonly = False
@@ -266,7 +265,8 @@ class CpaModel:
         fl = flags_of(e, lvl)
         mask = (PMD_PFN_MASK if lvl == 2 else PUD_PFN_MASK) if e & PSE else PTE_PFN_MASK
         off = (va & ((1 << (21 if lvl == 2 else 30)) - 1)) >> 12
-        return ((e & mask) >> 12) + off, large_2_4k(fl), lvl
+        raw = e if e & P or not self.l1tf_invert else ~e     # pmd_pfn/pud_pfn (L1TF)
+        return ((raw & mask) >> 12) + off, large_2_4k(fl), lvl
 
     # -- building (boot, vmalloc, hotplug: not CPA) ----------------------------------------------
     def _table(self, v: int, level: int, create: bool = True) -> tuple[list | None, int]:
@@ -663,14 +663,24 @@ class CpaModel:
 
     # -- out-of-band writers ---------------------------------------------------------------------
     def oob(self, addr: int, set_: int, clr: int) -> bool:
-        """A raw set_pte on the 4K PTE mapping addr, as kfence_protect_page does: no CPA, no
-        counters, a local INVLPG. False (kfence's WARN) when addr is not mapped by a PTE."""
+        """A set_pte on the 4K PTE mapping addr behind CPA's back, as kfence_protect_page does:
+        no CPA, no counters (nr-same-prot is not told), a local INVLPG. False (kfence's WARN)
+        when addr is not mapped by a PTE. The masks change flags, never the frame: in a model
+        with L1TF inversion the frame is stored inverted while the entry is non-present (as
+        kfence does since "x86/kfence: avoid writing L1TF-vulnerable PTEs"); a raw P toggle
+        there would leave a frame pte_pfn() decodes as a different page."""
         lvl, t, i = self.lookup(addr)
         if t is None or lvl != 1 or not t[i]:
             self.counters.oob_rejected += 1
             return False
         old = t[i]
-        t[i] = ((old & ~clr) | set_) & U64
+        frame = old & PTE_PFN_MASK
+        if self.l1tf_invert and not old & P:
+            frame ^= PTE_PFN_MASK                      # pte_pfn undoes protnone_mask
+        flags = ((old & ~clr) | set_) & ~PTE_PFN_MASK & U64
+        if self.l1tf_invert and flags and not flags & P:
+            frame ^= PTE_PFN_MASK                      # pfn_pte: __pte_needs_invert
+        t[i] = frame | flags
         self.counters.oob_writes += 1
         self.counters.local_flushes += 1
         if self.touched is not None:

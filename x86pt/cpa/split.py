@@ -65,8 +65,12 @@ def should_split(m: "CpaModel", c: "Call", level: int, t: list, i: int, address:
     m.verify_rwx(old_prot, new)
     if new != req:                              # step 9: a static protection forbids part
         return 0
-    m.write(level, (address & m.vmask) >> (30 if level == 2 else 39), t, i,
-            (old & pmask) | new)               # step 10: __set_pmd_pte in place
+    # step 10: __set_pmd_pte(pfn_pte(old_pfn, new)) in place; pfn_pte stores the frame
+    # inverted when the new prot is non-present (L1TF), whatever the old entry held
+    frame = old_pfn << 12
+    if m.l1tf_invert and new and not new & P:
+        frame = ~frame & PTE_PFN_MASK
+    m.write(level, (address & m.vmask) >> (30 if level == 2 else 39), t, i, frame | new)
     c.flushtlb = True
     if level == 2:
         m.counters.preserved_2m += 1
