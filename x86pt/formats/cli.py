@@ -202,6 +202,13 @@ def cmd_dump(args) -> int:
                          max_entries=_max_entries(args))
         if args.dump_format != "json":
             _notes(sc, img)
+        if args.dump_format == "ptdump" and args.range is None:
+            _, present, _ = guard_hole_wx(img, _max_entries(args))
+            if present:
+                lo, hi = guard_hole(img.state)
+                print(f"x86pt: note: {present} mapping run(s) lie in the hypervisor guard hole "
+                      f"[{lo:#x}, {hi:#x}), which ptdump does not walk and so does not show "
+                      f"(--format json lists them)", file=sys.stderr)
     return 0
 
 
@@ -233,6 +240,47 @@ def wx_ranges(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[i
     return ranges, sc
 
 
+def guard_hole(state) -> tuple[int, int]:
+    """The hypervisor guard hole, [start of the upper half, start of ptdump's second walk
+    range): 16 PGD entries (PML4 slots 256-271, or PML5 slots 256-271) that the kernel's ptdump
+    and W+X check never walk."""
+    half = 1 << (state.va_bits - 1)
+    start = ((1 << 64) - half) & ((1 << 64) - 1)
+    return start, ptdump_walk_ranges(state)[1][0]
+
+
+def ptdump_walk_ranges(state):
+    from x86pt.formats.ptdump import walk_ranges
+    return walk_ranges(state)
+
+
+def guard_hole_wx(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[int, int]], int, Scanner]:
+    """W+X ranges inside the guard hole (which Linux's check skips), and how many present leaf
+    entries lie there at all. The audit looks where the kernel does not: an attacker would."""
+    from x86pt.coalesce import coalesce, present_only
+    from x86pt.scan import EFF_NX, EFF_RW
+    lo, hi = guard_hole(img.state)
+    sc = Scanner(img.state, img.memory, max_entries=max_entries, va_range=(lo, hi))
+    nx_mask = EFF_NX if img.state.nxe else 0
+    ranges: list[tuple[int, int]] = []
+    present = 0
+
+    def key(ch):
+        import numpy as np
+        wx = ((ch.eff & np.uint8(EFF_RW)) != 0) & ((ch.eff & np.uint8(nx_mask)) == 0)
+        return wx.astype(np.uint64)
+
+    for runs in coalesce(present_only(sc.chunks()), key=key):
+        for s_, e_, k in zip(runs.start.tolist(), runs.end.tolist(), runs.key.tolist()):
+            present += 1
+            if k:
+                if ranges and ranges[-1][1] == s_:
+                    ranges[-1] = (ranges[-1][0], e_)
+                else:
+                    ranges.append((s_, e_))
+    return ranges, present, sc
+
+
 def cmd_wx(args) -> int:
     from x86pt.formats import ptdump
     from x86pt.image import open_image
@@ -243,16 +291,37 @@ def cmd_wx(args) -> int:
                   "check", file=sys.stderr)
             return 0
         ranges, sc = wx_ranges(img, _max_entries(args))
+        hole, _, sc2 = guard_hole_wx(img, _max_entries(args))
         lines, pages = ptdump.wx_report(ranges)
+        hole_pages = sum(((e - s) & ((1 << 64) - 1)) // 4096 for s, e in hole)
+        total = pages + hole_pages
         if args.json:
             for s, e in ranges:
                 print(json.dumps({"start": f"{s:#018x}", "end": f"{e:#018x}",
                                   "pages": ((e - s) & ((1 << 64) - 1)) // 4096}))
-            print(json.dumps({"wx_pages": pages, "passed": not pages}))
+            for s, e in hole:
+                print(json.dumps({"start": f"{s:#018x}", "end": f"{e:#018x}",
+                                  "pages": ((e - s) & ((1 << 64) - 1)) // 4096,
+                                  "region": "guard hole (not checked by the kernel)"}))
+            print(json.dumps({"wx_pages": total, "kernel_wx_pages": pages,
+                              "guard_hole_wx_pages": hole_pages, "passed": not total}))
         else:
+            if hole:
+                lo, hi = guard_hole(img.state)
+                lines = lines[:-1]
+                for s, e in hole:
+                    lines.append(f"x86pt: Found insecure W+X mapping at address {s:#x} in the "
+                                 f"hypervisor guard hole [{lo:#x}, {hi:#x}), which the kernel's "
+                                 f"check does not walk\n")
+                lines.append(f"x86/mm: Checked W+X mappings: FAILED, {total} W+X pages found.\n")
+                if not pages:
+                    lines.append("x86pt: note: the kernel's own check would say passed: "
+                                 f"all {hole_pages} W+X pages are in the guard hole\n")
             sys.stdout.write("".join(lines))
         _notes(sc, img)
-    return 1 if pages and args.strict else 0
+        for issue in sc2.stats.issues[:MAX_NOTES]:
+            print(f"x86pt: warning: {issue.describe()}", file=sys.stderr)
+    return 1 if total and args.strict else 0
 
 
 # -- find -------------------------------------------------------------------------------------------
