@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         m.register(sub)
+    from x86pt.helpdoc import apply
+    apply(p)
     return p
 
 
