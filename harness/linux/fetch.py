@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import Callable
 
 from harness.linux import KERNELS, cache_dir
 from x86pt.errors import BadInputError, OracleUnavailable
@@ -142,9 +143,94 @@ def _decompress(blob: bytes, how: str) -> bytes:
     return p.stdout
 
 
-def fetch(line: str, root: str | None = None) -> KernelTree:
-    """Download (once) and unpack kernel line `line` into the cache; return its paths."""
+PACKAGE_KEYS = ("image", "headers", "common", "kbuild", "busybox")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `fetch` of one kernel line will do: the packages, their download size (from apt's
+    lists, before anything is downloaded) and where they go."""
+
+    line: str
+    release: str
+    packages: dict[str, int]        # package -> .deb size in bytes (0: unknown)
+    path: str                       # the cache directory of this release
+    cached: bool                    # already downloaded and unpacked: nothing to fetch
+
+    @property
+    def download_bytes(self) -> int:
+        return 0 if self.cached else sum(self.packages.values())
+
+    def to_json(self) -> dict:
+        return {"kernel": self.line, "release": self.release, "packages": self.packages,
+                "path": self.path, "cached": self.cached, "download_bytes": self.download_bytes}
+
+
+def _sizes(pkgs: list[str]) -> dict[str, int]:
+    out = _run(["apt-cache", "show", "--no-all-versions", *pkgs])
+    sizes: dict[str, int] = {}
+    name = None
+    for line in out.splitlines():
+        if line.startswith("Package:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("Size:") and name in pkgs and name not in sizes:
+            sizes[name] = int(line.split(":", 1)[1])
+    return {p: sizes.get(p, 0) for p in pkgs}
+
+
+def plan(line: str, root: str | None = None) -> Plan:
     names = resolve(line)
+    base = os.path.join(root or cache_dir(), names["release"])
+    cached = os.path.exists(os.path.join(base, "fetched.json"))
+    return Plan(line, names["release"], _sizes([names[k] for k in PACKAGE_KEYS]), base, cached)
+
+
+def cached_tree(line: str, root: str | None = None) -> KernelTree | None:
+    """The newest cached tree of `line`, found without apt (for machines with no network)."""
+    base = root or cache_dir()
+    found = []
+    for p in glob.glob(os.path.join(base, "*", "fetched.json")):
+        try:
+            with open(p, encoding="utf-8") as f:
+                t = KernelTree(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            continue
+        if t.line == line and os.path.exists(t.vmlinux):
+            found.append((os.path.getmtime(p), t))
+    return max(found, key=lambda x: x[0])[1] if found else None
+
+
+def registry_reachable(package: str = "busybox-static", timeout: float = 5.0) -> tuple[bool, str]:
+    """Can apt download from here? apt prints the package's URL (no download); one HEAD request
+    to it answers, in a few seconds at most, without fetching anything."""
+    import urllib.request
+    try:
+        out = _run(["apt-get", "download", "--print-uris", "-q", package])
+    except OracleUnavailable as e:
+        return False, str(e)
+    m = re.search(r"'((?:https?)://[^']+)'", out)
+    if not m:
+        return False, f"apt gives no http(s) URL for {package}"
+    try:
+        req = urllib.request.Request(m.group(1), method="HEAD")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return (r.status == 200), f"{m.group(1)}: HTTP {r.status}"
+    except OSError as e:
+        return False, f"Debian package registry unreachable ({m.group(1).split('/')[2]}): {e}"
+
+
+def fetch(line: str, root: str | None = None,
+          progress: Callable[[int, int, str], None] | None = None) -> KernelTree:
+    """Download (once) and unpack kernel line `line` into the cache; return its paths.
+    `progress(done_bytes, total_bytes, package)` is called around each package's download.
+    Without apt or network, a tree already in the cache is used."""
+    try:
+        names = resolve(line)
+    except OracleUnavailable as e:
+        tree = cached_tree(line, root)
+        if tree is None:
+            raise OracleUnavailable(f"kernel {line} is not cached and apt cannot resolve it: {e}") from None
+        return tree
     release = names["release"]
     base = os.path.join(root or cache_dir(), release)
     debs = os.path.join(base, "debs")
@@ -153,7 +239,16 @@ def fetch(line: str, root: str | None = None) -> KernelTree:
     if os.path.exists(done):
         with open(done, encoding="utf-8") as f:
             return KernelTree(**json.load(f))
-    _download([names[k] for k in ("image", "headers", "common", "kbuild", "busybox")], debs)
+    pkgs = [names[k] for k in PACKAGE_KEYS]
+    sizes = _sizes(pkgs) if progress else {}
+    total, got = sum(sizes.values()), 0
+    for p in pkgs:                       # one at a time, so a progress bar can move
+        if progress:
+            progress(got, total, p)
+        _download([p], debs)
+        got += sizes.get(p, 0)
+    if progress:
+        progress(total, total, "")
     pkg = os.path.join(base, "pkg")
     hdr = os.path.join(base, "hdr")
     bb = os.path.join(base, "bb")

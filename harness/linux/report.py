@@ -81,15 +81,34 @@ def steps_of(run_dir: str) -> list[str]:
 
 def model_agreement(run_dir: str, step_dirs: list[str]) -> list[str]:
     """Per step: 'yes'/'no' from the CPA model's replay of step k on image k-1 (harness/linux/
-    replay.py: direct-map + highmap leaves, DirectMap counters, split events); '-' for step 0."""
-    from harness.linux.replay import replay_run
+    replay.py: direct-map + highmap leaves, DirectMap counters, split events); '-' for step 0;
+    'n/a' where the run kept no image of step k-1 or k (--images last)."""
+    from harness.linux.collect import read_artifact as _ra
+    from harness.linux.replay import replay_step
     if len(step_dirs) < 2:
         return ["-"] * len(step_dirs)
-    return ["-"] + ["yes" if r.identical else "no" for r in replay_run(run_dir)]
+
+    def has_image(d: str) -> bool:
+        try:
+            _ra(d, "tables.elf")
+            return True
+        except BadInputError:
+            return False
+
+    images = [has_image(d) for d in step_dirs]
+    out = ["-"]
+    for k in range(1, len(step_dirs)):
+        if not (images[k - 1] and images[k]):
+            out.append("n/a")
+            continue
+        out.append("yes" if replay_step(run_dir, k).identical else "no")
+    return out
 
 
-def report(run_dir: str, plot: str | None = None) -> str:
-    meta = load_json(os.path.join(run_dir, "run.json"))
+def report_data(run_dir: str, plot: str | None = None) -> dict:
+    """Everything the report shows, as data (`x86pt linux report --json`)."""
+    from harness.linux.collect import run_meta
+    meta = run_meta(run_dir)
     layout = load_json(os.path.join(run_dir, "layout.json"))
     dirs = steps_of(run_dir)
     span = direct_map_span(layout)
@@ -120,30 +139,49 @@ def report(run_dir: str, plot: str | None = None) -> str:
             row["lost_g"] = dm["no_glb_pages"]
         rows.append(row)
         prev = row
-    agree = model_agreement(run_dir, dirs)
+    for row, ag in zip(rows, model_agreement(run_dir, dirs)):
+        row["model"] = ag
     cfg = meta.get("config", {})
-    out = [f"{meta.get('kernel_release')} ({meta.get('kernel_package_version')}), QEMU {meta.get('qemu_version')}, "
-           f"{cfg.get('levels')}-level, {'kaslr' if cfg.get('kaslr') else 'nokaslr'}, workload "
-           f"{meta.get('workload')}; wall {meta.get('wall_seconds')} s, deterministic steps "
-           f"{meta.get('deterministic_steps')}",
+    plot = plot or os.path.join(run_dir, "fragmentation.png")
+    write_plot(plot, rows, f"{meta.get('kernel_release')} {cfg.get('levels')}-level {meta.get('workload')}")
+    return {"run": run_dir, "kernel_release": meta.get("kernel_release"),
+            "kernel_package_version": meta.get("kernel_package_version"),
+            "qemu_version": meta.get("qemu_version"), "levels": cfg.get("levels"),
+            "kaslr": bool(cfg.get("kaslr")), "workload": meta.get("workload"),
+            "images": cfg.get("images"), "wall_seconds": meta.get("wall_seconds"),
+            "deterministic_steps": meta.get("deterministic_steps"),
+            "chain_consistent": meta.get("chain_consistent"),
+            "steps": [{"step": r["step"], "name": r["name"], "top_level_calls": r["calls"],
+                       "calls": r["all_calls"], "splits_1g": r["s1g"], "splits_2m": r["s2m"],
+                       "counter_delta": None if r["delta"] is None else dict(zip(
+                           ("DirectMap4k", "DirectMap2M", "DirectMap1G", "direct_map_level2_splits",
+                            "direct_map_level3_splits"), r["delta"])),
+                       "trace_accounts": r["trace_ok"], "lost_g": r["lost_g"], "model": r["model"],
+                       "counters": r["counters"]} for r in rows],
+            "final_counters": rows[-1]["counters"], "plot": plot}
+
+
+def report(run_dir: str, plot: str | None = None) -> str:
+    data = report_data(run_dir, plot)
+    out = [f"{data['kernel_release']} ({data['kernel_package_version']}), QEMU {data['qemu_version']}, "
+           f"{data['levels']}-level, {'kaslr' if data['kaslr'] else 'nokaslr'}, workload "
+           f"{data['workload']}; wall {data['wall_seconds']} s, images {data['images']}, "
+           f"deterministic steps {data['deterministic_steps']}, chain {data['chain_consistent']}",
            "",
            f"{'step':>4}  {'what':<22} {'calls':>11} {'split 1G':>8} {'split 2M':>8} "
            f"{'dDM4k kB':>9} {'dDM2M kB':>9} {'dDM1G kB':>9} {'trace=ctr':>9} {'lost G':>7} {'model':>5}"]
-    for row, ag in zip(rows, agree):
-        d = row["delta"] or ("", "", "", "", "")
-        out.append(f"{row['step']:>4}  {row['name'][:22]:<22} {str(row['calls']) + '/' + str(row['all_calls']):>11} "
-                   f"{row['s1g']:>8} {row['s2m']:>8} {d[0]!s:>9} {d[1]!s:>9} {d[2]!s:>9} "
-                   f"{row['trace_ok']:>9} {row['lost_g']:>7} {ag:>5}")
-    last = rows[-1]["counters"]
+    for r in data["steps"]:
+        d = list(r["counter_delta"].values()) if r["counter_delta"] else ["", "", "", "", ""]
+        out.append(f"{r['step']:>4}  {r['name'][:22]:<22} {str(r['top_level_calls']) + '/' + str(r['calls']):>11} "
+                   f"{r['splits_1g']:>8} {r['splits_2m']:>8} {d[0]!s:>9} {d[1]!s:>9} {d[2]!s:>9} "
+                   f"{r['trace_accounts']:>9} {r['lost_g']:>7} {r['model']:>5}")
     out.append("")
-    out.append("final counters: " + " ".join(f"{k}={v}" for k, v in sorted(last.items())))
+    out.append("final counters: " + " ".join(f"{k}={v}" for k, v in sorted(data["final_counters"].items())))
     out.append("model: the CPA model replaying step k's trace on image k-1 ends with image k's "
                "direct map and the kernel's counters (tools/linux_replay_report.py for details)")
     out.append("lost G: change of direct-map 4K pages mapped without GLB in the kernel's ptdump "
                "(step 0: the count at baseline)")
-    plot = plot or os.path.join(run_dir, "fragmentation.png")
-    write_plot(plot, rows, f"{meta.get('kernel_release')} {cfg.get('levels')}-level {meta.get('workload')}")
-    out.append(f"plot: {plot}")
+    out.append(f"plot: {data['plot']}")
     return "\n".join(out) + "\n"
 
 

@@ -224,12 +224,14 @@ class Guest:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def wait_pause(self, k: int, deadline: float) -> str:
+    def wait_pause(self, k: int, deadline: float, on_poll: Callable[[str], None] | None = None) -> str:
         """Wait until the guest printed `@@PAUSE k` and QEMU paused on its pvpanic. Until then the
         host only reads the output file: talking to QEMU while the guest runs perturbs icount."""
         marker = f"@@PAUSE {k}\n"
         while True:
             text = _read_text(self.out)
+            if on_poll is not None:
+                on_poll(text)
             if text.startswith(marker) or "\n" + marker in text:
                 break
             if self.proc.poll() is not None:
@@ -323,7 +325,7 @@ def prepare(cfg: RunConfig, root: str | None = None) -> Prepared:
 
 
 def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
-         info_mem: bool = False) -> BootResult:
+         info_mem: bool = False, on_step: Callable[[int], None] | None = None) -> BootResult:
     """One deterministic boot running steps 1..`steps`, the page tables captured at the end
     (`pause_every`: also after every earlier step, resuming after each capture)."""
     # 5-level paging is switched on by the decompressor's trampoline: an uncompressed vmlinux
@@ -344,7 +346,8 @@ def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
         cap_s = 0.0
         with Guest(prep.qemu, kernel, initrd, append, cfg, wd) as g:
             for k in (range(steps + 1) if pause_every else (steps,)):
-                raw = g.wait_pause(k, deadline)
+                raw = g.wait_pause(k, deadline, None if on_step is None else
+                                   (lambda text: on_step(text.count("\n@@ENDSTEP "))))
                 t1 = time.monotonic()
                 regs[k] = parse_registers(g.qmp.hmp("info registers"))
                 ks = parse_kallsyms(parse_output(raw).header.get("KALLSYMS", []))
@@ -400,7 +403,7 @@ def write_step(out_dir: str, s, title: str, cap=None, regs: dict[str, int] | Non
 
 
 def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: None,
-        root: str | None = None) -> dict:
+        root: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """The whole collection: prepare, boot(s), artefacts per step in out_dir.
 
     images="all": one boot per checkpoint k (steps 1..k, pause once at the end); step k's texts
@@ -416,10 +419,14 @@ def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: Non
     os.makedirs(os.path.join(out_dir, "boots"), exist_ok=True)
     boots: dict[int, BootResult] = {}
     ks = list(range(n + 1)) if cfg.images == "all" else [n]
+    total = sum(k + 1 for k in ks)          # step records the boots will write
+    before = 0
     for k in ks:
         log(f"boot {k}/{n}: {cfg.kernel} {cfg.levels}-level {'kaslr' if cfg.kaslr else 'nokaslr'} "
             f"{cfg.workload} steps 1..{k}" + (", pause after each" if cfg.images == "pause" else ""))
-        b = boot(prep, cfg, k, pause_every=cfg.images == "pause", info_mem=cfg.info_mem and k == n)
+        b = boot(prep, cfg, k, pause_every=cfg.images == "pause", info_mem=cfg.info_mem and k == n,
+                 on_step=None if progress is None else (lambda done, b0=before: progress(b0 + done, total)))
+        before += k + 1
         boots[k] = b
         write_text_atomic(os.path.join(out_dir, "boots", f"boot-{k:02d}.txt"), b.raw_output)
         if len(b.text.steps) != k + 1:
@@ -464,6 +471,7 @@ def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: Non
             "workload_doc": prep.workload.doc,
             "steps": [{"step": x["step"], "name": x["name"]} for x in steps_out],
             "cmdline": kernel_cmdline(prep.tree, cfg, prep.workload),
+            "guest_digest": guest_pieces_digest(prep, cfg),
             "boots": {str(k): round(b.seconds, 2) for k, b in boots.items()},
             "prepare_seconds": round(t_prep, 2),
             "wall_seconds": round(time.monotonic() - t_all, 2),
@@ -492,6 +500,17 @@ def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: Non
     return meta
 
 
+def guest_pieces_digest(prep: Prepared, cfg: RunConfig) -> str:
+    """What besides kernel and QEMU decides a run's bytes: the module and helper sources, /init,
+    the workload and the command line (a byte compare of two runs needs all of it equal)."""
+    from harness.linux import build, initramfs
+    from harness.linux.compare import guest_digest
+    parts = [build.MODULE_C, build.SECRETMEM_C, build.PVPANIC_C, initramfs.INIT, initramfs.HELPERS_SH,
+             initramfs.RELEASE_SH, repr(prep.workload), kernel_cmdline(prep.tree, cfg, prep.workload),
+             repr((cfg.ram_mb, cfg.seed, cfg.images, ICOUNT, RTC))]
+    return guest_digest([p.encode() for p in parts])
+
+
 def compare_captures(a: Capture, b: Capture) -> str:
     """"same" when two captures hold the same table pages with the same bytes and root; else
     what differs (the guest's dump of the last step against the RAM read at the pause after it)."""
@@ -511,15 +530,22 @@ def _last_line_text(text: str) -> str:
     return lines[-1][:200] if lines else "(empty)"
 
 
-def available(kernel: str = "6.1") -> tuple[bool, str]:
-    """Can this machine collect from a real kernel? (QEMU, apt, dpkg-deb, gcc, make, and apt
-    knowing the packages.) Downloads are not tried here."""
-    for tool in (QEMU, "apt-get", "apt-cache", "dpkg-deb", "gcc", "make"):
+def available(kernel: str = "6.1", root: str | None = None) -> tuple[bool, str]:
+    """Can this machine collect from a real kernel? QEMU, dpkg-deb, gcc and make, and the kernel
+    either in the cache or downloadable (apt knows it and Debian's package registry answers one
+    HEAD request). Nothing is downloaded here."""
+    for tool in (QEMU, "dpkg-deb", "gcc", "make"):
         if not shutil.which(tool):
             return False, f"{tool} not found"
-    from harness.linux.fetch import resolve
+    from harness.linux.fetch import cached_tree, registry_reachable, resolve
+    if cached_tree(kernel, root) is not None:
+        return True, ""
+    for tool in ("apt-get", "apt-cache"):
+        if not shutil.which(tool):
+            return False, f"kernel {kernel} not cached and {tool} not found"
     try:
         resolve(kernel)
     except (OracleUnavailable, BadInputError) as e:
-        return False, str(e)
-    return True, ""
+        return False, f"kernel {kernel} not cached: {e}"
+    ok, why = registry_reachable()
+    return (True, "") if ok else (False, f"kernel {kernel} not cached and {why}")
