@@ -9,6 +9,12 @@ committed; large artefacts are xz-compressed, the raw ring-buffer text of boot-t
 
 Each fixture directory gets a meta.json naming the source (kernel package + QEMU version); runs go
 to $X86PT_CACHE/linux/runs/NAME first (kept, so packing can be redone without booting).
+
+Before a fixture is replaced, the new run is compared with it and what changed is printed: byte
+for byte when kernel build, QEMU and guest pieces are the same, else what does not depend on the
+build (counter deltas, the direct map's kB per level and rights, the trace's calls and masks, the
+model's replay; harness/linux/compare.py). A kernel package update that changes only addresses
+prints "build-independent: same".
 """
 from __future__ import annotations
 
@@ -28,9 +34,11 @@ from harness.linux.run import RunConfig, run  # noqa: E402
 from x86pt.memory.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "fixtures", "linux")
-# images="pause": one boot paused at every checkpoint, so each step's image, trace and counters
-# belong to one history (one boot per checkpoint is not always reproducible: see the report)
-P = "pause"
+# images="guest": one boot; the guest dumps its page tables after every step and QEMU pauses only
+# after the last one, so each step's image, trace and counters belong to one history and the whole
+# run repeats byte for byte (a pause mid-run perturbs icount; one boot per checkpoint moves steps
+# with the step count it is given)
+P = "guest"
 RUNS: dict[str, RunConfig] = {
     "6.1-4l-modules": RunConfig(kernel="6.1", workload="modules", levels=4, images=P),
     "6.1-5l-modules": RunConfig(kernel="6.1", workload="modules", levels=5, images=P),
@@ -78,11 +86,28 @@ def pack(run_dir: str, dest: str, name: str) -> int:
                   "from guest RAM",
         "kernel_release": meta["kernel_release"], "kernel_package_version": meta["kernel_package_version"],
         "qemu_version": meta["qemu_version"], "config": meta["config"],
+        "guest_digest": meta.get("guest_digest"),
         "generated_by": "python3 tools/linux_fixtures.py " + name,
         "compressed": "files ending in .xz are lzma (xz) compressed; harness.linux.collect.read_artifact "
                       "opens either form",
     }, indent=1, sort_keys=True) + "\n")
     return total
+
+
+def what_changed(old: str, new: str) -> str:
+    """One paragraph: versions before -> after, then the comparison's verdict and differences."""
+    from harness.linux.collect import run_meta
+    from harness.linux.compare import compare_runs, source_key
+    a, b = run_meta(old), run_meta(new)
+    head = []
+    for label, i in (("kernel package", 0), ("QEMU", 1), ("guest pieces", 2)):
+        if source_key(a)[i] != source_key(b)[i]:
+            head.append(f"{label} {source_key(a)[i]} -> {source_key(b)[i]}")
+    c = compare_runs(old, new)
+    verdict = f"{c.mode}: " + ("same" if c.same else f"{len(c.differences)} differences")
+    lines = [("; ".join(head) or "same sources") + f"; {verdict}"]
+    lines += [f"    {d}" for d in c.differences[:20]]
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -107,7 +132,10 @@ def main() -> int:
             t = time.monotonic()
             meta = run(RUNS[n], run_dir, log=lambda m: print(f"[{n}] {m}", file=sys.stderr, flush=True))
             print(f"{n}: wall {time.monotonic() - t:.1f} s, deterministic {meta['deterministic_steps']}")
-        size = pack(run_dir, os.path.join(FIXTURES, n), n)
+        dest = os.path.join(FIXTURES, n)
+        if os.path.isdir(dest):
+            print(f"{n}: " + what_changed(dest, run_dir))
+        size = pack(run_dir, dest, n)
         print(f"{n}: packed {size / 1024:.0f} KiB")
     return 0
 
