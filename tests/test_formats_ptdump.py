@@ -214,3 +214,16 @@ def test_wx_passed():
     b.map(0xFFFFFFFF81000000, 0x1000000, 2 * M, 2 * M, KERNEL_ROX)
     ranges, _ = wx_ranges(Image(b.memory, b.state(), "<t>"))
     assert wx_report(ranges) == (["x86/mm: Checked W+X mappings: passed, no W+X pages found.\n"], 0)
+
+
+def test_range_dump_ends_where_the_range_ends():
+    """`dump --range A-B`: the last line is flushed at B, not at address 0 (the wrap of a whole
+    walk): the hole after the page is the pmd-level hole [0x600000, 0x800000), 2M."""
+    b = Builder(levels=4, table_base=0x100000)
+    b.map(0x500000, 0x1234000, 4096, 4096, "p rw us")
+    want = (
+        "0x0000000000400000-0x0000000000500000           1M                               pte\n"
+        "0x0000000000500000-0x0000000000501000           4K USR RW                     x  pte\n"
+        "0x0000000000501000-0x0000000000600000        1020K                               pte\n"
+        "0x0000000000600000-0x0000000000800000           2M                               pmd\n")
+    assert _dump(b, va_range=(0x400000, 0x800000)) == want

@@ -188,6 +188,7 @@ def ptdump_lines(chunks: Iterable[Chunk], state: PagingState, markers: list[Mark
     lines, no marker breaks. `wx` collects note_wx() ranges when given."""
     levels = state.paging_levels
     st = _State(markers or [Marker(0, "")], markers is not None, [], wx=wx)
+    last_end = 0
     for runs in coalesce(_calls(chunks, state), key=lambda c: _key(c, levels)):
         starts = runs.start.tolist()
         ends = runs.end.tolist()
@@ -196,6 +197,7 @@ def ptdump_lines(chunks: Iterable[Chunk], state: PagingState, markers: list[Mark
         for s, e, k, z in zip(starts, ends, keys, sizes):
             depth = (k >> 16) & 7
             st.note(s, k, depth)
+            last_end = e
             # Marker breaks inside a run. note_page() advances at most one marker per call, and
             # only when the call's address is at or above the next marker's start, so the break
             # comes at the first entry start *after* the last noted one that lies at or above
@@ -215,7 +217,9 @@ def ptdump_lines(chunks: Iterable[Chunk], state: PagingState, markers: list[Mark
             yield "".join(st.out)
             st.out.clear()
     if st.level != -1:
-        st.note(0, -1, -1)   # ptdump_walk_pgd(): "Flush out the last page"
+        # ptdump_walk_pgd(): "Flush out the last page" at the walk's end: 0 after the top of the
+        # address space (the kernel's address wraps), else where a --range walk stopped.
+        st.note(last_end & ((1 << 64) - 1), -1, -1)
     yield "".join(st.out)
 
 
