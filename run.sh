@@ -53,6 +53,13 @@ finally:
     os.close(fd)
 PY
     then list="$list,kvm"; fi
+    # linux: QEMU, gcc/make/dpkg-deb, and Debian's 6.1 kernel in the cache or downloadable (apt
+    # knows it and the package registry answers one HEAD request; 5 s timeout, nothing fetched).
+    if [ "${list#*qemu}" != "$list" ] && "$venv/bin/python" -c '
+import sys
+from harness.linux.run import available
+sys.exit(0 if available("6.1")[0] else 1)' 2>/dev/null
+    then list="$list,linux"; fi
     echo "$list"
 }
 
