@@ -10,11 +10,14 @@ checkpoint (spec/oracle-linux.md §8):
   ones of earlier steps are compared with the later boots' (the determinism check in run.json).
 
 One QEMU at a time; each is its own process group, and its RAM file and sockets are removed
-whatever happens (context manager + atexit).
+whatever happens: the context manager and atexit on errors, SIGTERM turned into SystemExit while a
+run is in progress, and for a SIGKILL of the host process, QEMU's parent-death signal (SIGKILL) plus
+a RAM file unlinked as soon as QEMU has created it (kept open by the host until the capture).
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -213,13 +216,27 @@ class Guest:
                     "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         self.proc: subprocess.Popen | None = None
         self.qmp: Qmp | None = None
+        self.ram_fd: int | None = None
 
     def __enter__(self) -> "Guest":
         atexit.register(self.close)
         self.stderr = open(os.path.join(self.workdir, "qemu.stderr"), "wb")
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self.stderr,
-                                     stderr=self.stderr, start_new_session=True)
+                                     stderr=self.stderr, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         return self
+
+    def _hold_ram(self) -> None:
+        """Open the RAM file once QEMU has made it and unlink its name: it then goes away with the
+        last of QEMU and us, however either ends."""
+        if self.ram_fd is None and os.path.exists(self.ram):
+            self.ram_fd = os.open(self.ram, os.O_RDONLY | os.O_CLOEXEC)
+            os.unlink(self.ram)
+
+    @property
+    def ram_path(self) -> str:
+        self._hold_ram()
+        return f"/proc/self/fd/{self.ram_fd}" if self.ram_fd is not None else self.ram
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -229,6 +246,7 @@ class Guest:
         host only reads the output file: talking to QEMU while the guest runs perturbs icount."""
         marker = f"@@PAUSE {k}\n"
         while True:
+            self._hold_ram()
             text = _read_text(self.out)
             if on_poll is not None:
                 on_poll(text)
@@ -255,6 +273,7 @@ class Guest:
 
     def close(self) -> None:
         atexit.unregister(self.close)
+        asked_to_quit = self.qmp is not None
         if self.qmp is not None:
             try:
                 self.qmp.command("quit")
@@ -264,7 +283,8 @@ class Guest:
             self.qmp = None
         if self.proc is not None:
             try:
-                self.proc.wait(timeout=5)
+                # after `quit` QEMU ends on its own; without QMP (stopped early) nothing asks it to
+                self.proc.wait(timeout=5 if asked_to_quit else 0.01)
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(self.proc.pid, signal.SIGKILL)
@@ -275,11 +295,56 @@ class Guest:
         if getattr(self, "stderr", None):
             self.stderr.close()
             self.stderr = None
+        if self.ram_fd is not None:
+            os.close(self.ram_fd)
+            self.ram_fd = None
         for p in (self.ram, self.qmp_path):
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+
+
+def _prctl():
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# resolved here, in the parent: a forked child must not import or load anything (another
+# thread may hold the import lock at fork time)
+_PRCTL = _prctl()
+_PR_SET_PDEATHSIG = 1
+_SIGKILL = int(signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child before exec: SIGKILL when the process that started it dies (Linux
+    PR_SET_PDEATHSIG), so a killed test run leaves no guest behind."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """While a run is in progress, SIGTERM raises SystemExit so the context managers clean up
+    (the default action would end the process with QEMU and its files left behind)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _read_text(path: str) -> str:
@@ -351,7 +416,7 @@ def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
                 t1 = time.monotonic()
                 regs[k] = parse_registers(g.qmp.hmp("info registers"))
                 ks = parse_kallsyms(parse_output(raw).header.get("KALLSYMS", []))
-                ram = RawFile(g.ram)
+                ram = RawFile(g.ram_path)
                 try:
                     captures[k] = capture(ram, regs[k], ks)
                 finally:
@@ -412,6 +477,12 @@ def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: Non
     images="pause": one boot that pauses after every step (self-consistent by construction; the
     pause may move later steps away from an unpaused run's).
     images="last": one boot, an image of the last step only."""
+    with _sigterm_exits():
+        return _run(cfg, out_dir, log, root, progress)
+
+
+def _run(cfg: RunConfig, out_dir: str, log: Callable[[str], None], root: str | None,
+         progress: Callable[[int, int], None] | None) -> dict:
     t_all = time.monotonic()
     prep = prepare(cfg, root)
     t_prep = time.monotonic() - t_all
