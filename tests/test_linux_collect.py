@@ -14,7 +14,7 @@ from harness.linux.initramfs import Cpio, steps_archive
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError
 
-# Shaped like spec/oracle-linux.md §7 (5-level, insmod crc7): the primary call on module memory,
+# Shaped like a real 5-level trace of insmod crc7: the primary call on module memory,
 # and nested inside it the alias call on the direct map, whose return shows one 2M split
 # (update_page_count: 4K +512, 2M -1).
 TRACE = """\

@@ -154,7 +154,7 @@ def _no_glb_direct_map_pages(run_dir: str, step: str) -> int:
 
 
 def test_6_1_bpf_splits_and_modules_lose_g():
-    """What the spec saw (oracle-linux.md §7, §9.2-9.4): test_bpf's load/unload splits 2M direct-map
+    """What the first real runs showed: test_bpf's load/unload splits 2M direct-map
     pages; module unload (vm_reset_perms: set_direct_map_invalid + default) leaves pages without G."""
     fx = os.path.join(ROOT, "fixtures", "linux")
     bpf, mods = os.path.join(fx, "6.1-4l-bpf"), os.path.join(fx, "6.1-4l-modules")
@@ -181,7 +181,7 @@ def _x86pt(*args: str) -> subprocess.CompletedProcess:
 
 def _normalise_ptdump(text: str) -> list[tuple]:
     """Ranges merged across section markers (ptdump splits a run at each marker), ESPfix's
-    truncated area dropped, as oracle-linux.md §5 says to compare."""
+    truncated area dropped, as a comparison with another walker needs."""
     out: list[list] = []
     espfix = False
     for line in text.splitlines():
@@ -219,7 +219,7 @@ def highmap_split_kb(ptdump: str) -> int:
     """kB that the kernel moved from DirectMap2M to DirectMap4k by splitting 2M pages of its own
     image mapping: the highmap starts as 2M leaves only (head_64.S), so each 2M block there that
     ptdump shows at pte level was split by CPA, and CPA counts every split in direct_pages_count
-    whether or not the address is in the direct map (oracle-linux.md §9.1, cpa.md [reading])."""
+    whether or not the address is in the direct map."""
     blocks: set[int] = set()
     inside = False
     for line in ptdump.splitlines():

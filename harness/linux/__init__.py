@@ -1,4 +1,4 @@
-"""Ground truth from a real Linux kernel (spec/oracle-linux.md): fetch Debian's kernel packages,
+"""Ground truth from a real Linux kernel: fetch Debian's kernel packages,
 build the guest pieces, boot under QEMU TCG deterministically, collect per step the CPA trace,
 counters, the kernel's ptdump text, the layout and a page-table image.
 

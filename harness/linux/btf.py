@@ -1,6 +1,6 @@
 """A minimal reader of the kernel's BTF (.BTF section of vmlinux): struct member offsets.
 
-The CPA probes read `struct cpa_data` fields by offset (spec/oracle-linux.md §1); the offsets
+The CPA probes read `struct cpa_data` fields by offset; the offsets
 differ between kernel lines, so they come from the kernel's own type information. Format:
 Documentation/bpf/btf.rst (header, type section of btf_type records with kind-specific tails,
 string section).

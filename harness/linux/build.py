@@ -3,8 +3,7 @@
 The ptdump module is ours: the stock Debian kernels have CONFIG_PTDUMP_DEBUGFS unset, but the
 x86 dumper `ptdump_walk_pgd_level_debugfs(seq_file, mm, user)` is exported (GPL), so a module
 that makes one debugfs file calling it with `init_mm` (address given as a parameter, from
-/proc/kallsyms: init_mm itself is not exported) brings the kernel's own text back
-(spec/oracle-linux.md §5). The kernel's text format is the ground truth for `x86pt dump
+/proc/kallsyms: init_mm itself is not exported) brings the kernel's own text back. The kernel's text format is the ground truth for `x86pt dump
 --format ptdump`; nothing of the dumper is reimplemented here.
 
 The module's second file, `tables`, is the in-guest image dumper: it copies every table page
@@ -183,7 +182,7 @@ int main(int argc, char **argv)
 """
 
 # After the last step the guest asks QEMU to pause (pvpanic, -action panic=pause) so the host can
-# read the page tables out of the RAM file while nothing runs (oracle-linux.md §8).
+# read the page tables out of the RAM file while nothing runs.
 PVPANIC_C = r"""// SPDX-License-Identifier: GPL-2.0-or-later
 /* pvpanic: write PVPANIC_PANICKED (1) to the ISA pvpanic port 0x505. */
 #include <stdio.h>

@@ -3,10 +3,10 @@
 Which packages: the 6.1 image is what bookworm's `linux-image-amd64` depends on today; the 6.12
 LTS image is what `linux-image-6.12-amd64` (bookworm-security) depends on. The headers package of
 the same ABI name pulls in its `-common` package and `linux-kbuild-*`: those three build the
-ptdump module (spec/oracle-linux.md §5). busybox-static gives the initramfs its shell.
+ptdump module. busybox-static gives the initramfs its shell.
 
 The bzImage payload is unpacked to an uncompressed `vmlinux`, because QEMU's PVH entry boots it
-about 3 s faster than the bzImage under TCG (oracle-linux.md §8).
+about 3 s faster than the bzImage under TCG.
 """
 from __future__ import annotations
 
@@ -276,8 +276,8 @@ def fetch(line: str, root: str | None = None,
 
 
 def _rewrite_abs_paths(headers: str, hdr_root: str) -> None:
-    """The arch headers' Makefile includes /usr/src/linux-headers-*-common/... by absolute path
-    (oracle-linux.md §5): point it at the unpacked copy. Symlinks into /usr/lib/linux-kbuild-*
+    """The arch headers' Makefile includes /usr/src/linux-headers-*-common/... by absolute path:
+    point it at the unpacked copy. Symlinks into /usr/lib/linux-kbuild-*
     are absolute too in some releases; re-aim those as well."""
     mk = os.path.join(headers, "Makefile")
     with open(mk, encoding="utf-8") as f:

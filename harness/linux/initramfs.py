@@ -3,7 +3,7 @@ helpers, `/init`, and the workload's step list. Written as a newc cpio (no host 
 gzip'd, with fixed mtimes so the same inputs give the same bytes.
 
 The workload runs scripted inside the guest (no host interaction while it runs: interactive
-driving leaks host timing into an icount run, spec/oracle-linux.md §8). `/init` writes every
+driving leaks host timing into an icount run). `/init` writes every
 artefact to ttyS1, which the host backs with a file chardev; sections start with `@@`.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _mod_steps(*names: str) -> tuple[Step, ...]:
     return tuple(out)
 
 
-# Modules whose .modinfo has an empty depends= and that need no hardware (oracle-linux.md §4).
+# Modules whose .modinfo has an empty depends= and that need no hardware.
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("boot", (), doc="boot-time CPA only: step 0's trace holds every call from fs_initcall on"),
     Workload("modules", _mod_steps("lib/crc7", "lib/bch", "crypto/xor"),
@@ -148,7 +148,7 @@ while IFS='|' read -r name cmd <&4; do
   say "@@LOG $i"
   sh -c "$cmd" >&3 2>&3
   say "@@RC $?"
-  # module init sections are freed by a kworker after insmod returns (oracle-linux.md §10)
+  # module init sections are freed by a kworker after insmod returns
   sleep 0.5
   collect $i "$name"
   checkpoint $i
