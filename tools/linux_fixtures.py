@@ -107,6 +107,7 @@ def what_changed(old: str, new: str) -> str:
     verdict = f"{c.mode}: " + ("same" if c.same else f"{len(c.differences)} differences")
     lines = [("; ".join(head) or "same sources") + f"; {verdict}"]
     lines += [f"    {d}" for d in c.differences[:20]]
+    lines += [f"    note: {d}" for d in c.notes[:20]]
     return "\n".join(lines)
 
 

@@ -8,8 +8,11 @@ is what the workload does to the page tables:
 
 * counters: each step's change of DirectMap4k/2M/1G and direct_map_level{2,3}_splits (and the
   baseline values, which depend on RAM size and the image's 2M alignment only);
-* the direct map in the kernel's ptdump, as kB per (level, attributes): how much is mapped at
-  which size with which rights, not where;
+* the direct map in the kernel's ptdump, as kB per (level, rights): how much is mapped at which
+  size with which rights (RW/ro, USR, NX, PWT/PCD), not where. Which pages lack G is left out of
+  that and only noted: a module page that lands on a page an earlier unload left without G
+  loses nothing new, so the count follows page placement (seen: pause-mode and one-boot runs of
+  the same kernel differ by one such 4K page);
 * the trace: each workload step's top-level CPA calls as (API, numpages, set mask, clear mask,
   flags, primary, address region); the boot's calls (step 0) are left out, their page counts
   follow the image's section sizes;
@@ -21,7 +24,7 @@ import glob
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from harness.linux.collect import load_json, read_artifact, run_meta
 from harness.linux.report import direct_map_span, parse_ptdump
@@ -57,11 +60,14 @@ def step_signature(run_dir: str, step_dir: str, layout: dict) -> dict:
     """The build-independent facts of one step (see the module doc)."""
     span = direct_map_span(layout)
     dm: dict[str, int] = {}
+    no_glb = 0
     for r in parse_ptdump(read_artifact(step_dir, "ptdump.txt").decode()):
         a, b = max(r.start, span[0]), min(r.end, span[1])
         if a < b:
-            key = " ".join(r.attrs) or "(unmapped)"
+            key = " ".join(x for x in r.attrs if x != "GLB") or "(unmapped)"
             dm[key] = dm.get(key, 0) + (b - a) // 1024
+            if r.attrs and "GLB" not in r.attrs and ("RW" in r.attrs or "ro" in r.attrs):
+                no_glb += (b - a) // 1024
     calls = []
     for line in read_artifact(step_dir, "calls.jsonl").decode().splitlines():
         c = json.loads(line)
@@ -71,7 +77,7 @@ def step_signature(run_dir: str, step_dir: str, layout: dict) -> dict:
         calls.append((c.get("api", "").split(" ")[0], c["numpages"], c["mask_set"], c["mask_clr"],
                       c["flags"], c["primary"], c["force_split"], _region(va, layout)))
     return {"counters": load_json(os.path.join(step_dir, "counters.json")), "direct_map_kB": dm,
-            "calls": calls}
+            "no_glb_kB": no_glb, "calls": calls}
 
 
 def _deltas(sigs: list[dict]) -> list[tuple]:
@@ -85,6 +91,7 @@ def _deltas(sigs: list[dict]) -> list[tuple]:
 class Comparison:
     mode: str                   # "bytes" (same build) or "build-independent"
     differences: list[str]
+    notes: list[str] = field(default_factory=list)   # placement-dependent, not differences
 
     @property
     def same(self) -> bool:
@@ -103,8 +110,9 @@ def compare_bytes(a: str, b: str) -> list[str]:
     return out
 
 
-def compare_independent(a: str, b: str, replay: bool = True) -> list[str]:
-    """Differences between runs a and b in what does not depend on the exact kernel build."""
+def compare_independent(a: str, b: str, replay: bool = True, notes: list[str] | None = None) -> list[str]:
+    """Differences between runs a and b in what does not depend on the exact kernel build
+    (placement-dependent observations are appended to `notes` when given)."""
     la, lb = load_json(os.path.join(a, "layout.json")), load_json(os.path.join(b, "layout.json"))
     sa = [step_signature(a, d, la) for d in step_dirs(a)]
     sb = [step_signature(b, d, lb) for d in step_dirs(b)]
@@ -122,6 +130,8 @@ def compare_independent(a: str, b: str, replay: bool = True) -> list[str]:
             d = [f"{key}: {x['direct_map_kB'].get(key, 0)} vs {y['direct_map_kB'].get(key, 0)} kB"
                  for key in keys if x["direct_map_kB"].get(key) != y["direct_map_kB"].get(key)]
             out.append(f"step {k}: direct map " + "; ".join(d))
+        if x["no_glb_kB"] != y["no_glb_kB"] and notes is not None:
+            notes.append(f"step {k}: direct-map pages without G {x['no_glb_kB']} vs {y['no_glb_kB']} kB")
         if k and x["calls"] != y["calls"]:
             out.append(f"step {k}: {len(x['calls'])} vs {len(y['calls'])} top-level CPA calls, first "
                        f"difference at call {_first_diff(x['calls'], y['calls'])}")
@@ -151,7 +161,8 @@ def compare_runs(a: str, b: str, replay: bool = True) -> Comparison:
     build-independent compare (the byte compare would fail on every kernel update)."""
     if source_key(run_meta(a)) == source_key(run_meta(b)) and None not in source_key(run_meta(a)):
         return Comparison("bytes", compare_bytes(a, b))
-    return Comparison("build-independent", compare_independent(a, b, replay))
+    notes: list[str] = []
+    return Comparison("build-independent", compare_independent(a, b, replay, notes), notes)
 
 
 def guest_digest(parts: list[bytes]) -> str:
