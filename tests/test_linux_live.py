@@ -35,17 +35,27 @@ pytestmark = pytest.mark.linux
 @pytest.fixture(scope="module")
 def live_runs(tmp_path_factory):
     """Two fresh runs of 6.1, 4-level, `modules`, with the defaults of `x86pt linux run`."""
-    from harness.linux.run import RunConfig, available, run
+    from harness.linux.run import RunConfig, available, prepare, run
     ok, why = available("6.1")
     need_oracle("linux", ok, why)
     base = tmp_path_factory.mktemp("linux-live")
     dirs = [str(base / "run1"), str(base / "run2")]
+    cfg = RunConfig(kernel="6.1", workload="modules", levels=4, timeout=600)
     try:
-        for d in dirs:
-            run(RunConfig(kernel="6.1", workload="modules", levels=4, timeout=600), d)
-        yield dirs
+        prepare(cfg)                    # download (first use) and build: may be unavailable here
     except OracleUnavailable as e:
         need_oracle("linux", False, str(e))
+    try:
+        # the first exactly as a user types it (the CLI, --json); the second through the library
+        rc, out, err = _x86pt("linux", "run", "--kernel", "6.1", "--workload", "modules", "--out", dirs[0],
+                              "--json")
+        assert rc == 0, err
+        summary = json.loads(out)
+        assert summary["out"] == dirs[0] and summary["config"]["images"] == "guest"
+        # not a terminal: no progress lines; the kernel is cached here, so no download notice
+        assert err == "", err
+        run(cfg, dirs[1])
+        yield dirs
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
