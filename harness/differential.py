@@ -90,7 +90,15 @@ def disassemble(code: bytes, address: int = 0) -> str:
     return "; ".join(out) if out else code.hex() + " (not decodable)"
 
 
+# An implicit probe: the guest loads ES from LDT entry 0 of an LDT based at the probe's VA.
+IMPLICIT_BYTES = bytes.fromhex("8ec0")
+
+
 def probe_instruction(oracle, probe: Probe) -> str:
+    if probe.implicit:
+        who = "CPL3" if probe.user else "CPL0"
+        return (f"{disassemble(IMPLICIT_BYTES)}   ({who}{', EFLAGS.AC=1' if probe.ac else ''}, "
+                f"implicit supervisor read of LDT entry 0, LDT base={probe.va:#x})")
     code = None
     fn = getattr(oracle, "instruction_bytes", None)
     if callable(fn):
@@ -226,8 +234,8 @@ class Mismatch:
             lines.append(f"  {self.case.description}")
         lines.append(f"  state: {self.state.describe()}")
         for p, ins, m, g in zip(self.probes, self.instructions, self.model, self.got):
-            lines.append(f"  probe {p.access} va={p.va:#x} {'user' if p.user else 'supervisor'}"
-                         f"{' ac' if p.ac else ''}: {ins}")
+            lines.append(f"  probe {'implicit ' if p.implicit else ''}{p.access} va={p.va:#x} "
+                         f"{'user' if p.user else 'supervisor'}{' ac' if p.ac else ''}: {ins}")
             lines.append(f"    model:  {describe_outcome(m)}")
             lines.append(f"    oracle: {describe_outcome(g)}")
         lines.append("  walk (model, entries as they were before the batch):")
@@ -240,14 +248,16 @@ class Mismatch:
 
 
 def probe_json(p: Probe) -> dict:
-    return {"va": hex(p.va), "access": p.access, "user": p.user, "ac": p.ac, "wvalue": hex(p.wvalue)}
+    return {"va": hex(p.va), "access": p.access, "user": p.user, "ac": p.ac, "wvalue": hex(p.wvalue),
+            **({"implicit": True} if p.implicit else {})}
 
 
 def probe_from_json(d: dict) -> Probe:
     from x86pt.numbers import parse_int
     try:
         return Probe(parse_int(d["va"], "probe va"), str(d.get("access", "read")), bool(d.get("user", False)),
-                     bool(d.get("ac", False)), parse_int(d.get("wvalue", 0), "probe wvalue"))
+                     bool(d.get("ac", False)), parse_int(d.get("wvalue", 0), "probe wvalue"),
+                     bool(d.get("implicit", False)))
     except KeyError as e:
         raise BadInputError(f"repro probe lacks {e.args[0]}") from None
     except ValueError as e:
@@ -436,7 +446,8 @@ def dont_care(state: PagingState | None, probe: Probe) -> int:
     """Error-code bits the profile leaves open for this probe (walk.error_code_dont_care)."""
     if state is None or not state.profile.cpl3_blind_ranges:
         return 0
-    return error_code_dont_care(state, probe.va, Access(probe.access, user=probe.user, ac=probe.ac))
+    return error_code_dont_care(state, probe.va, Access(probe.access, user=probe.user, ac=probe.ac,
+                                                        implicit=probe.implicit))
 
 
 def differing_qwords(model_after: SparseMemory, oracle_after) -> set[int]:

@@ -68,7 +68,8 @@ def test_symbols_and_sizes():
     assert s["_start"] == 0xFFFFFFFF80100000
     assert s["ustub_read"] == 0xFFFFFFFF8010E000
     assert len(g.blob("h_main.bin")) < 0x8000
-    assert len(g.blob("h_ustub.bin")) <= 0x30
+    assert len(g.blob("h_ustub.bin")) <= 0x40
+    assert s["ustub_implicit"] == 0xFFFFFFFF8010E030          # kind 3 at USTUB + 3 * 16
     assert (s["isr_table"] & 15) == 0
 
 

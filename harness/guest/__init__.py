@@ -74,8 +74,11 @@ BOOT_PD = 0x1F5000                    # four pages: 0-4 GiB
 BOOT_PML5 = 0x1F9000
 SLOT_PML4_LA57 = 0x1FA000
 
-# Probe flags (harness.S PR_*).
+# Probe flags (harness.S PR_*). Kind 3 is an implicit supervisor-mode read: the probe's qword is
+# read as LDT entry 0 by a segment-register load (harness.S k_implicit / ustub_implicit).
 PR_KIND = {"read": 0, "write": 1, "fetch": 2}
+K_IMPLICIT = 3
+IMPLICIT_SEL = 0x4                     # the #GP error code of a descriptor read that went through
 PR_USER = 0x100
 PR_AC = 0x200
 PR_NOINVLPG = 0x400
@@ -118,7 +121,8 @@ def symbols() -> dict[str, int]:
 
 
 def probe_flags(p: Probe, invlpg: bool = True) -> int:
-    return (PR_KIND[p.access] | (PR_USER if p.user else 0) | (PR_AC if p.ac else 0)
+    kind = K_IMPLICIT if p.implicit else PR_KIND[p.access]
+    return (kind | (PR_USER if p.user else 0) | (PR_AC if p.ac else 0)
             | (0 if invlpg else PR_NOINVLPG))
 
 
@@ -304,7 +308,8 @@ def _canon_cr2(cr2: int) -> int | None:
 
 def _probe_rips() -> frozenset[int]:
     s = symbols()
-    return frozenset(s[k] for k in ("k_read_insn", "k_write_insn", "k_fetch_insn") if k in s)
+    return frozenset(s[k] for k in ("k_read_insn", "k_write_insn", "k_fetch_insn", "k_implicit_insn")
+                     if k in s)
 
 
 _HARNESS_SLOT_VA = 0xFFFFFF8000000000       # PML4[511] (and PML5[511]->PML4[511]): the harness's
@@ -328,6 +333,12 @@ def read_results(ram, n: int, probes: Sequence[Probe] | None = None) -> list[Pro
             else:
                 pa = pa_from_value(value, p.va) if p is not None else None
                 out.append(ProbeResult("ok", pa=pa, value=value))
+            continue
+        if (p is not None and p.implicit and vector == 13 and code == IMPLICIT_SEL
+                and (value in kernel_rips or ustub_va <= value < ustub_va + PAGE)):
+            # The descriptor read went through; the frame's qword is no valid descriptor, so the
+            # segment load ends in #GP(selector) (harness.S k_implicit). No value, no pa.
+            out.append(ProbeResult("ok"))
             continue
         detail = ""
         if p is not None and not (value == p.va and p.access == "fetch"):

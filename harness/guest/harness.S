@@ -34,7 +34,8 @@
 
 	.set F_WRPKRU,     0x1
 
-	.set PR_KIND,      0x3		/* 0 read, 1 write, 2 fetch */
+	.set PR_KIND,      0x3		/* 0 read, 1 write, 2 fetch, 3 implicit read */
+	.set K_IMPLICIT,   0x3
 	.set PR_USER,      0x100
 	.set PR_AC,        0x200
 	.set PR_NOINVLPG,  0x400
@@ -44,6 +45,10 @@
 	.set UDS, 0x1b
 	.set UCS, 0x23
 	.set TSS_SEL, 0x28
+	.set LDT_SEL, 0x38
+	/* LDT entry 0 with TI=1: RPL 0 for CPL0 probes, RPL 3 for CPL3 probes. */
+	.set IMPL_SEL_K, 0x4
+	.set IMPL_SEL_U, 0x7
 
 	.set STATUS_DONE,  0x600d
 	.set STATUS_SETUP, 0x0bad
@@ -143,7 +148,25 @@ next_probe:
 	movq	16(%rsi), %rdx		/* value a write stores */
 	movabs	$CR2_SENTINEL, %rax
 	movq	%rax, %cr2
-	testl	$PR_NOINVLPG, %r12d
+	/* An implicit probe reads "LDT entry 0", so the LDT's base is the probe's VA: the
+	 * descriptor load by `mov %eax, %es` is then an implicit supervisor-mode read of the
+	 * probe's qword (SDM Vol. 3A §4.6: GDT/LDT accesses to load a segment descriptor), at CPL0
+	 * or CPL3.  LLDT itself reads our GDT, a supervisor page. */
+	movl	%r12d, %ecx
+	andl	$PR_KIND, %ecx
+	cmpl	$K_IMPLICIT, %ecx
+	jne	9f
+	leaq	gdt(%rip), %rdi
+	movq	%rbx, %rax
+	movw	%ax, LDT_SEL+2(%rdi)
+	shrq	$16, %rax
+	movb	%al, LDT_SEL+4(%rdi)
+	movb	%ah, LDT_SEL+7(%rdi)
+	shrq	$16, %rax
+	movl	%eax, LDT_SEL+8(%rdi)
+	movw	$LDT_SEL, %ax
+	lldt	%ax
+9:	testl	$PR_NOINVLPG, %r12d
 	jnz	4f
 	invlpg	(%rbx)
 4:	movq	%rsp, P_SAVED_RSP(%rbp)
@@ -162,6 +185,8 @@ next_probe:
 	je	k_write
 	cmpl	$2, %ecx
 	je	k_fetch
+	cmpl	$K_IMPLICIT, %ecx
+	je	k_implicit
 	.globl k_read_insn
 k_read_insn:
 	movq	(%rbx), %rax
@@ -175,6 +200,15 @@ k_write_insn:
 k_fetch:
 k_fetch_insn:
 	call	*%rbx
+	jmp	probe_ok
+	/* The frames hold no valid descriptor (access byte 0: a system type), so a descriptor read
+	 * that does not fault ends in #GP(selector) (SDM Vol. 2B MOV: "segment is not a data or
+	 * readable code segment"): the host side takes that as "the read went through". */
+k_implicit:
+	movl	$IMPL_SEL_K, %eax
+	.globl k_implicit_insn
+k_implicit_insn:
+	mov	%eax, %es
 probe_ok:
 	testl	$PR_AC, %r12d
 	jz	6f
@@ -286,6 +320,8 @@ gdt:
 	.quad	0x00affb000000ffff	/* 0x20 UCS: 64-bit code, DPL 3, selector 0x23 */
 	.quad	0x0000890000000067	/* 0x28 TSS, base filled in at run time */
 	.quad	0
+	.quad	0x0000820000000007	/* 0x38 LDT (type 2), limit 7: base = an implicit probe's VA */
+	.quad	0
 gdt_end:
 	.balign	8, 0
 	.word	0, 0, 0
@@ -315,4 +351,9 @@ ustub_write:
 	.balign	16, 0x90
 ustub_fetch:
 	call	*%rbx
+	ud2
+	.balign	16, 0x90
+ustub_implicit:
+	movl	$IMPL_SEL_U, %eax
+	mov	%eax, %es
 	ud2

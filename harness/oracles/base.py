@@ -54,10 +54,16 @@ class Probe:
     user: bool = False         # CPL 3
     ac: bool = False           # EFLAGS.AC
     wvalue: int = 0            # value stored by a write probe
+    # An implicit supervisor-mode read (SDM Vol. 3A §4.6): the CPU itself reads the qword at `va`
+    # as a segment descriptor (the rig's guests load a segment register from an LDT based at
+    # `va`). A supervisor access whatever the CPL; SMAP-checked whatever EFLAGS.AC says.
+    implicit: bool = False
 
     def __post_init__(self) -> None:
         if self.access not in ACCESS_KINDS:
             raise BadInputError(f"bad access {self.access!r}")
+        if self.implicit and self.access != "read":
+            raise BadInputError("an implicit probe is a read (a descriptor-table read)")
         if not 0 <= self.va < (1 << 64) or not 0 <= self.wvalue < (1 << 64):
             raise BadInputError(f"probe va {self.va:#x} / wvalue {self.wvalue:#x} is not a 64-bit value")
 
@@ -99,6 +105,11 @@ class Capabilities:
     smap: bool
     nx: bool = True
     rsvd_sets_p: bool = True
+    # Implicit supervisor reads (Probe.implicit) the oracle runs faithfully, at CPL0 / CPL3;
+    # when it cannot, why not (implicit_note).
+    implicit_cpl0: bool = False
+    implicit_cpl3: bool = False
+    implicit_note: str = ""
     ram_size: int = RIG_RAM_SIZE
     version: str = ""
     notes: tuple[str, ...] = ()
@@ -118,6 +129,23 @@ class Oracle(Protocol):
     def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult: ...
 
     def close(self) -> None: ...
+
+
+def implicit_support(results, what: str) -> tuple[bool, bool, str]:
+    """(CPL0, CPL3, note) from the four implicit probes of a capability batch run with CR4.SMAP=1
+    and EFLAGS.AC=0: an implicit read of a user page, then of a supervisor page, at CPL0 then CPL3.
+    SDM Vol. 3A §4.6/§4.7: the user page faults with error code P only (a supervisor access: no U
+    bit, even at CPL3), the supervisor page translates."""
+    r = list(results)
+    ok = [(x.outcome, x.error_code if x.outcome == "page_fault" else None) for x in r]
+    want = ("page_fault", 0x1), ("ok", None)
+    cpl0 = tuple(ok[0:2]) == want
+    cpl3 = tuple(ok[2:4]) == want
+    note = ""
+    if not (cpl0 and cpl3):
+        note = (f"{what}: implicit supervisor reads answered {ok} (wanted #PF 0x1 on a user page "
+                f"and ok on a supervisor page, at CPL0 and at CPL3)")
+    return cpl0, cpl3, note
 
 
 def required_oracles() -> set[str]:

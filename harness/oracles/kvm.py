@@ -23,7 +23,8 @@ from functools import lru_cache
 from typing import Sequence
 
 import harness.guest as guest
-from harness.oracles.base import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, tag_value
+from harness.oracles.base import (RIG_RAM_SIZE, BatchResult, Capabilities, Probe, implicit_support,
+                                  tag_value)
 from x86pt.errors import OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
@@ -508,7 +509,10 @@ def _discover(oracle: KvmOracle) -> tuple[Capabilities, HostFacts]:
               Probe(_CAP_VA_USER, "fetch"), Probe(_CAP_VA_USER, "read"), Probe(_CAP_VA_NX, "fetch")]
     probes += [Probe(_CAP_VA_MBIT + k * 0x1000) for k in range(16)]
     probes += [Probe(_CAP_VA_SLOT256 + 8, user=True), Probe(_CAP_VA_SLOT257 + 8, user=True)]
+    probes += [Probe(va, user=u, implicit=True) for u in (False, True)
+               for va in (_CAP_VA_USER, _CAP_VA_4K)]
     res = oracle.run(mem, base, probes).results
+    impl0, impl3, impl_note = implicit_support(res[24:28], "kvm")
     notes: list[str] = []
     if res[0].outcome != "ok" or res[0].pa != _CAP_FRAME:
         raise OracleError(f"kvm: capability self-test: a plain 4K read gave {res[0]}")
@@ -552,6 +556,7 @@ def _discover(oracle: KvmOracle) -> tuple[Capabilities, HostFacts]:
     pku = adv.pku and _try_pku(oracle, mem, base)
     caps = Capabilities(name="kvm", vendor=vendor, maxphyaddr=m, gbpages=gbpages, la57=la57,
                         pku=pku, smep=smep, smap=smap, nx=nx, rsvd_sets_p=rsvd_sets_p,
+                        implicit_cpl0=impl0, implicit_cpl3=impl3, implicit_note=impl_note,
                         ram_size=oracle.ram_size, version=_kernel_version(), notes=tuple(notes))
     facts = HostFacts(vendor=vendor, maxphyaddr=m, gbpages=gbpages, la57=la57, pku=pku, smep=smep,
                       smap=smap, nx=nx, rsvd_sets_p=rsvd_sets_p, top_bit8_reserved=bit8_reserved,

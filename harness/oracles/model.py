@@ -37,7 +37,8 @@ def model_run(memory: SparseMemory, state: PagingState, probes: Sequence[Probe],
     mem = memory.copy()
     out: list[Result] = []
     for p in probes:
-        r = walk(state, mem, p.va, Access(p.access, user=p.user, ac=p.ac), update_ad=True)
+        r = walk(state, mem, p.va, Access(p.access, user=p.user, ac=p.ac, implicit=p.implicit),
+                 update_ad=True)
         if isinstance(r, Translation) and p.access == "write":
             try:
                 mem.write_u64(r.pa, p.wvalue)

@@ -37,7 +37,7 @@ from x86pt.state import (CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, PagingState, PF_I
 
 from harness import guest
 from harness.oracles.base import (RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe,
-                                  ProbeResult, tag_value)
+                                  ProbeResult, implicit_support, tag_value)
 from harness.oracles.qemu_monitor import (BELOW_4G, QEMU_BINARY, QemuMonitor, RamFile,
                                           kill_group, qemu_binary, wait_exit, qemu_version, read_stderr,
                                           round_ram_size, scratch_dir, spawn_qemu)
@@ -250,6 +250,8 @@ def _capability_image(la57: bool) -> tuple[SparseMemory, PagingState, list[Probe
     probes = [Probe(0x1000), Probe(CAP_1G_VA + CAP_FRAMES), Probe(0x4000),
               Probe(0x3000, "fetch"), Probe(0x3000), Probe(0x2000, user=True)]
     probes += [Probe(CAP_M_VA + k * 0x1000) for k in range(len(mbits))]
+    if not la57:
+        probes += [Probe(va, user=u, implicit=True) for u in (False, True) for va in (0x3000, 0x1000)]
     if la57:
         # Bit 55 set: canonical only with 5-level paging (bits 63:56 must equal bit 56, SDM §4.5).
         b.map(0x0080000000001000, CAP_FRAMES, 0x1000, flags="rw")
@@ -269,6 +271,7 @@ def discover_capabilities(binary: str | None = None, cpu: str = "max") -> Capabi
     if base_ok.outcome != "ok":
         raise OracleError(f"QEMU capability batch: a plain supervisor read failed: {base_ok}")
     mres = r[6:6 + len(info["mbits"])]
+    impl0, impl3, impl_note = implicit_support(r[-4:], "qemu")
     maxphyaddr = next((bit for bit, x in zip(info["mbits"], mres)
                        if x.outcome == "page_fault" and x.error_code is not None
                        and x.error_code & PF_RSVD), 52)
@@ -292,6 +295,7 @@ def discover_capabilities(binary: str | None = None, cpu: str = "max") -> Capabi
         smap=smap_r.outcome == "page_fault" and (smap_r.error_code or 0) == PF_P,
         nx=True,
         rsvd_sets_p=rsvd.outcome == "page_fault" and bool((rsvd.error_code or 0) & PF_P),
+        implicit_cpl0=impl0, implicit_cpl3=impl3, implicit_note=impl_note,
         ram_size=oracle.ram_size, version=oracle.version, notes=tuple(notes))
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from harness.oracles.base import (HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult,
-                                  Capabilities, Probe, ProbeResult, tag_value)
+                                  Capabilities, Probe, ProbeResult, implicit_support, tag_value)
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
@@ -83,8 +83,15 @@ U_BASE = K_BASE + 0x200000
 
 SEL_KCODE, SEL_KDATA, SEL_UDATA, SEL_UCODE = 0x08, 0x10, 0x1B, 0x23
 # null, 64-bit code DPL0, data DPL0, data DPL3, 64-bit code DPL3; type bits with A already set,
-# so loading a selector does not write the descriptor.
-GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF)
+# so loading a selector does not write the descriptor. Then a 16-byte LDT descriptor (selector
+# 0x28) that the code of an implicit probe fills in (base = the probe's VA) before LLDT.
+GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF, 0, 0)
+SEL_LDT = 0x28
+# An implicit probe loads ES with LDT entry 0 (TI=1; RPL 0 at CPL0, 3 at CPL3): the descriptor
+# read is an implicit supervisor-mode read of the probe's qword (SDM Vol. 3A §4.6). The frames
+# hold no valid descriptor (access byte 0, a system type), so a read that goes through ends in
+# #GP(selector & ~3) = #GP(4) (SDM Vol. 2B MOV); that is the "ok" of an implicit probe.
+SEL_IMPLICIT_K, SEL_IMPLICIT_U, IMPLICIT_GP_CODE = 0x4, 0x7, 0x4
 MSR_EFER = 0xC0000080
 
 _PTE_P, _PTE_RW, _PTE_US, _PTE_A, _PTE_D = 1, 2, 4, 0x20, 0x40
@@ -96,6 +103,7 @@ INSN = {
     "write": bytes.fromhex("488913"),      # mov qword ptr [rbx], rdx
     "fetch": bytes.fromhex("ffd3"),        # call rbx  (the target's 0xC3 returns)
 }
+_MOV_ES_EAX = bytes.fromhex("8ec0")        # mov es, eax (implicit probes)
 _JMP_NEXT = bytes.fromhex("eb00")          # jmp $+2: ends the TB (pitfall P4)
 _PUSHFQ, _POPFQ = b"\x9c", b"\x9d"
 _OR_RSP_IMM = bytes.fromhex("48810c24")    # or qword ptr [rsp], imm32
@@ -125,6 +133,21 @@ def _to_cpl3(target: int, rflags: int) -> bytes:
 
 
 _TO_CPL3_LEN = len(_to_cpl3(0, 0))
+
+
+def ldt_descriptor(base: int) -> tuple[int, int]:
+    """(low, high) qwords of a 64-bit LDT descriptor (SDM Vol. 3A §8.2.3 / Figure 8-4): type 2,
+    present, limit 7 (one entry), the given base."""
+    lo = 7 | (base & 0xFFFFFF) << 16 | 0x82 << 40 | ((base >> 24) & 0xFF) << 56
+    return lo, (base >> 32) & 0xFFFFFFFF
+
+
+def _ldt_setup(va: int) -> bytes:
+    """CPL0 code: write the LDT descriptor (base va) into the GDT, then lldt."""
+    lo, hi = ldt_descriptor(va)
+    return (_movabs("rcx", K_BASE + H_GDT + SEL_LDT) + _movabs("rax", lo) + bytes.fromhex("488901")
+            + _movabs("rax", hi) + bytes.fromhex("48894108")
+            + b"\xb8" + struct.pack("<I", SEL_LDT) + bytes.fromhex("0f00d0"))   # mov eax; lldt ax
 
 
 def _wrpkru(value: int) -> bytes:
@@ -198,6 +221,8 @@ def _stretches(probes: Sequence[Probe]) -> list[tuple[int, int, set[int]]]:
         flush_at: set[int] = set()
         j = i
         while j < n and probes[j].user == user:
+            if user and j > i and (probes[j].implicit or probes[j - 1].implicit):
+                break           # a CPL3 implicit probe needs its own LLDT, made at CPL0
             lo, hi = _pages(probes[j])
             if lo in seen or hi in seen:
                 if user:
@@ -259,6 +284,8 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
             ac, rdx = False, None
             base = K_BASE
         else:
+            if probes[start].implicit:
+                code += _ldt_setup(probes[start].va)
             code += _RELOAD_CR3
             target = U_BASE + H_CODE + len(code) + _TO_CPL3_LEN
             code += _to_cpl3(target, 0x2 | (RFLAGS_AC if probes[start].ac else 0))
@@ -282,13 +309,19 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
             if p.access == "write" and rdx != p.wvalue:
                 code += _MOV_RDX + pack(p.wvalue & _M64)
                 rdx = p.wvalue
+            if p.implicit:
+                if not user:
+                    code += _ldt_setup(p.va)
+                code += b"\xb8" + struct.pack("<I", SEL_IMPLICIT_U if user else SEL_IMPLICIT_K)
             code += _MOV_RBX + pack(p.va & _M64) + _JMP_NEXT
             if i > start and len(code) - tail == 12:      # movabs rbx + jmp $+2 only
                 skip[-1] = (vbase + len(code), p.va)
             # the access, starting its TB
             access_at[vbase + len(code)] = first + i
-            code += INSN[p.access]
-            if p.access == "fetch":
+            code += _MOV_ES_EAX if p.implicit else INSN[p.access]
+            if p.implicit:
+                pass
+            elif p.access == "fetch":
                 ret_at[vbase + len(code)] = first + i
                 seg["fetch"] = True
             elif p.access == "read":
@@ -801,9 +834,11 @@ class UnicornOracle:
         for k, p in enumerate(prog.probes):
             i = prog.first + k
             f = st.faults.get(i)
-            if f is None:
+            if f is not None and p.implicit and f.vector == 13 and f.error_code == IMPLICIT_GP_CODE:
+                out.append(ProbeResult("ok", pa=st.pa.get(i)))   # the descriptor read went through
+            elif f is None:
                 out.append(ProbeResult("ok", pa=st.pa.get(i),
-                                       value=values[k] if p.access == "read" else None,
+                                       value=values[k] if p.access == "read" and not p.implicit else None,
                                        detail=f"stray accesses in this chunk: {stray}" if stray else ""))
             elif f.vector == 14:
                 out.append(ProbeResult("page_fault", f.error_code, f.cr2, vector=14, detail=f.detail))
@@ -930,9 +965,12 @@ def _discover(model: str) -> Capabilities:
     for b in bits:
         mem.write_u64(pd + 8 * (b - 31), (0x203000 | (1 << b)) | user)
         probes.append(Probe((b - 31) << 21, "read"))
+    probes += [Probe(va, user=u, implicit=True) for u in (False, True) for va in (0x1000, 0x3000)]
     state = PagingState(cr3=0x200000, cr4=CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE,
                         efer=EFER_LME | EFER_LMA | EFER_NXE, pkru=0b0100)
     r = oracle.run(mem, state, probes).results
+    impl0, impl3, impl_note = implicit_support(r[-4:], "unicorn")
+    r = r[:-4]
     rsvd = [b for b, res in zip(bits, r[6:]) if res.error_code is not None and res.error_code & 0x8]
     mem5, pt5 = _tiny_image(5)
     mem5.write_u64(0x200000 + 8, 0x200000 + 5 * PAGE | user)                # PML5[1] -> PML4 (extra)
@@ -951,6 +989,7 @@ def _discover(model: str) -> Capabilities:
         smap=(r[0].outcome, r[0].error_code) == ("page_fault", 0x1),
         nx=(r[3].outcome, r[3].error_code) == ("page_fault", 0x11),
         rsvd_sets_p=bool(r[4].error_code is not None and r[4].error_code & 1),
+        implicit_cpl0=impl0, implicit_cpl3=impl3, implicit_note=impl_note,
         ram_size=oracle.ram_size, version=oracle.version,
         notes=(f"#PF error code read at context offset {ERROR_CODE_OFFSET}",
                "fetch probes report no pa (no memory hook sees instruction fetches)",
