@@ -9,7 +9,10 @@
                 (kfence) do not adjust the count — exactly the weakness the review named.
 * `ideal`       after every operation, merge every table the operation touched whose entries
                 allow it (present, bit-identical flags, contiguous and aligned frames, no
-                _PAGE_KERNEL_4K), cascading to 1G when gbpages is on.
+                _PAGE_KERNEL_4K), cascading to 1G when gbpages is on. A table born from a
+                forced split (set_memory_4k) is never merged, on every kernel: before 6.15 no
+                bit records the request, but the best *correct* merge must not undo it (kfence
+                writes that PTE later).
 """
 from __future__ import annotations
 
@@ -47,6 +50,9 @@ class Policy:
 
     def after_op(self, touched: set[int] | None) -> None:
         """Called by the replay driver after each operation."""
+
+    def on_split(self, tl: int, key: int, table: list[int], forced: bool) -> None:
+        """__split_large_page made `table` (level tl, key); forced = set_memory_4k's split."""
 
     # shared merge steps ------------------------------------------------------------------------
     def pte_table_mergeable(self, t: list[int], honour_4k: bool = True) -> bool:
@@ -137,6 +143,19 @@ class Ideal(Policy):
     name = "ideal"
     needs_touched = True
 
+    def __init__(self, m: "CpaModel") -> None:
+        super().__init__(m)
+        self.pinned: dict[tuple[int, int], list[int]] = {}   # (tl, key) -> the forced table
+
+    def on_split(self, tl: int, key: int, table: list[int], forced: bool) -> None:
+        if forced:
+            self.pinned[(tl, key)] = table
+        else:
+            self.pinned.pop((tl, key), None)
+
+    def _pinned(self, tl: int, key: int, t: list[int]) -> bool:
+        return self.pinned.get((tl, key)) is t
+
     def after_op(self, touched: set[int] | None) -> None:
         if not touched:
             return
@@ -151,7 +170,7 @@ class Ideal(Policy):
         pmd_tables: set[int] = set()
         for key in pte_tables:
             t = m.t1.get(key)
-            if t is not None and self.pte_table_mergeable(t):
+            if t is not None and not self._pinned(1, key, t) and self.pte_table_mergeable(t):
                 # the table must still hang where its key says (it does, by construction)
                 self.merge_pte_table(key, True)
                 pmd_tables.add(key >> 9)
@@ -161,7 +180,7 @@ class Ideal(Policy):
                     pmd_tables.add(ek >> 11)
             for key in pmd_tables:
                 t = m.t2.get(key)
-                if t is not None and self.pmd_table_mergeable(t):
+                if t is not None and not self._pinned(2, key, t) and self.pmd_table_mergeable(t):
                     self.merge_pmd_table(key, True)
         self.flush_and_free()
 

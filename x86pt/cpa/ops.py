@@ -346,10 +346,16 @@ class CpaModel:
                     c.dpc1g += update_count
                 elif size == PMD_SIZE:
                     t, i = self._table(v, 2)
+                    if t is None:
+                        # a 1G leaf already maps it (hot-remove left a partly covered leaf,
+                        # a merge rebuilt one): phys_pud_init keeps it, uncounted after boot
+                        continue
                     t[i] = pa | big
                     c.dpc2m += update_count
                 else:
                     t, i = self._table(v, 1)
+                    if t is None:                 # likewise phys_pmd_init and a 2M leaf
+                        continue
                     t[i] = pa | self.default_prot
                     c.dpc4k += update_count
 

@@ -102,6 +102,25 @@ class Reference:
                         return (pfn, self.m.default_prot) if added else None
         return self._snap(v)
 
+    def span_event(self, v: int, end: int) -> tuple[int, bool] | None:
+        """For a direct-map span [v, end) the hot-plug history decides wholly: (index of the
+        latest event overlapping it, added?) when that event covers the whole span, None when
+        no event or only a partial one overlaps (then pages are compared one by one)."""
+        s, e = self._dm_pfn(v), self._dm_pfn(end - 1)
+        if s is None or e is None:
+            return None
+        for k in range(len(self.events) - 1, -1, -1):
+            a, b, added = self.events[k]
+            if a <= e and s < b:
+                return (k, added) if a <= s and e < b else None
+        return None
+
+    def touched_by_events(self, v: int, end: int) -> bool:
+        s, e = self._dm_pfn(v), self._dm_pfn(end - 1)
+        if s is None or e is None:
+            return False
+        return any(a <= e and s < b for a, b, _ in self.events)
+
     def get(self, v: int) -> tuple[int, int] | None:
         r = self.over.get(v >> 12, _MISSING)
         if r is _MISSING:
@@ -488,9 +507,21 @@ class Validator:
                 pfn0, fl = (raw & mask) >> 12, large_2_4k(flags_of(e, lvl))
         v = s
         while v < e_:
+            if ref.events and not v & 0x1FFFFF and v + 0x200000 <= e_ and not ref.ov2m.get(v >> 21):
+                # a 2M span one hot-plug event decides wholly: one comparison (removed: the
+                # kernel may keep a partly covered leaf, nothing to compare)
+                ev = ref.span_event(v, v + 0x200000)
+                if ev is not None:
+                    if ev[1]:
+                        got = (pfn0 + ((v - lstart) >> 12), fl) if e else None
+                        r = self._cmp(idx, v, got, ((v - (self.dm[0])) >> 12, self.m.default_prot))
+                        if r:
+                            return r
+                    v += 0x200000
+                    continue
             # a 2M span without overrides whose base is one large leaf: one comparison
             if (not v & 0x1FFFFF and v + 0x200000 <= e_ and not ref.ov2m.get(v >> 21)
-                    and not ref.events):
+                    and not ref.touched_by_events(v, v + 0x200000)):
                 b = ref._snap(v)
                 b2 = ref._snap(v + 0x1FF000)
                 if b is not None and b2 is not None and b2[0] == b[0] + 511 and b2[1] == b[1] \

@@ -4,7 +4,7 @@ Scenarios (mixable with weights): `modules` (pre-ROX module load/unload churn: v
 with scattered frames, ro/x/nx, unload through vm_reset_perms), `modules-rox` (6.15 ROX cache:
 2M huge vmalloc chunks made ROX, per-module nx+rw then rox), `bpf` (bpf_prog_pack: one ROX 2M pack,
 programs inside need no CPA), `bpf-nopack` (each program its own vmalloc + rox, freed through
-vm_reset_perms), `kfence` (set_memory_4k over the pool, then out-of-band PRESENT toggles),
+vm_reset_perms), `kfence` (set_memory_4k where the pool is not yet 4K, then out-of-band PRESENT toggles),
 `secretmem` (per-page set_direct_map_invalid/default), `hotplug` (128 MiB blocks added/removed).
 """
 from __future__ import annotations
@@ -221,8 +221,14 @@ class Generator:
             base = self.frames.huge() + 0x81000     # memblock: not 2M aligned
             self.frames.used.update(range((base >> 12) + 512 - 0x81, (base >> 12) + 512 + 0x100))
             self.kfence = (base, 512)
-            for k in range(512):                    # kfence_init_pool: page by page
-                yield ("set_memory_4k", self.dm(base + k * 4096), 1)
+            # arch_kfence_init_pool walks the pool page by page but calls set_memory_4k(addr, 1)
+            # only where lookup_address() finds a level other than 4K: once per 2M region of
+            # the pool (the call splits that whole 2M). On 6.15+ only those pages get
+            # _PAGE_KERNEL_4K; every other pool page keeps the plain kernel prot.
+            for k in range(512):
+                pa = base + k * 4096
+                if k == 0 or not pa & 0x1FFFFF:
+                    yield ("set_memory_4k", self.dm(pa), 1)
             return
         base, n = self.kfence
         k = r.randrange(1, n, 2)                    # object pages; guard pages stay protected
