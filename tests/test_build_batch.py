@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from x86pt.batch import OUTCOME_NAMES, translate_batch
 from x86pt.build import Builder, build_from_spec
-from x86pt.errors import BadInputError
+from x86pt.errors import BadInputError, BudgetError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP,
                          EFER_LMA, EFER_LME, EFER_NXE, PagingState, PROFILES)
@@ -109,14 +109,64 @@ def test_toml_spec_builds_the_described_image():
 @pytest.mark.parametrize("text,msg", [
     ("[image]\nlevels = 3\n", "levels"),
     ("[[map]]\nva = 'zz'\n", "bad"),
-    ("[[map]]\npa = 0\n", "missing va"),
+    ("[[map]]\npa = 0\n", "missing key 'va'"),
     ("[oops]\n", "unknown section"),
     ("[[map]]\nva = '0x1000'\nflags = 'rw wat'\n", "unknown flag"),
     ("this is not toml = = =", "bad TOML"),
+    # wrong types and keys (were TypeError/KeyError, exit 3)
+    ("image = 5\n", r"\[image\] must be a table"),
+    ("map = 5\n", "array of tables"),
+    ("[[map]]\nva = 0\nsize = [1]\n", "expected a number or a string, not list"),
+    ("[[map]]\nva = true\n", "not bool"),
+    ("[[map]]\nva = 0\nflags = 3\n", "flags must be a string"),
+    ("[[map]]\nva = 0\nwat = 1\n", "unknown key 'wat'"),
+    ("[[entry]]\nva = 0\n", "missing key 'value'"),
+    ("[[entry]]\nva = 0\nlevel = 9\nvalue = 1\n", "level"),
+    ("[image]\nmaxphyaddr = 60\n", "maxphyaddr"),
+    ("[image]\nvendor = 'via'\n", "intel or amd"),
+    ("[[data]]\npa = 0\nhex = 'zz'\n", "bad hex"),
+    ("[[data]]\npa = '0x3ffffffffffc'\nu64 = [1]\n", "past MAXPHYADDR"),   # 4 bytes left below 2^46
+    ("[registers]\ncr4 = 0x1020\n", "LA57 but image.levels is 4"),
+    ("[registers]\npkru = 0x100000000\n", "pkru"),
+    ("[image]\ntables = '0x400000000000'\n", "tables"),                 # 2^46: no room below M=46
+    # 0x0000800000000000 is not canonical with 48-bit VAs (bit 47 set, 63:48 clear): it used to land
+    # at 0xffff800000000000 because the index bits ignore bits 63:48.
+    ("[[map]]\nva = '0x0000800000000000'\n", "not canonical"),
+    ("[[map]]\nva = '0x7ffffffff000'\nsize = '8K'\n", "not canonical"),
+    # the last page of a 36-bit space plus one more: ends at 2^36 + 0x1000
+    ("[image]\nmaxphyaddr = 36\n[[map]]\nva = 0\npa = '0xffffff000'\nsize = '8K'\n",
+     "above MAXPHYADDR"),
 ])
 def test_bad_specs_are_one_line_errors(text, msg):
-    with pytest.raises(BadInputError, match=msg):
+    with pytest.raises(BadInputError, match=msg) as ei:
         build_from_spec(text)
+    assert "\n" not in str(ei.value)
+
+
+def test_build_budget_refused_before_any_table():
+    # 256 TiB in 4K pages is 2^36 leaves, far above the default 2^20: refused by arithmetic alone.
+    b = Builder()
+    with pytest.raises(BudgetError, match="--max-entries"):
+        b.map(0xFFFF800000000000, 0, 1 << 46, 4096)
+    assert b.tables == [0x100000] and b.entries_written == 0        # only the root
+    # 3 pages against a limit of 2: the second map is refused, the first stays.
+    b = Builder(max_entries=2)
+    b.map(0x1000, 0x5000, 0x1000)
+    with pytest.raises(BudgetError, match="limit of 2 leaf entries"):
+        b.map(0x2000, 0x6000, 0x2000)
+
+
+def test_map_leaf_values_by_hand():
+    # 4-level, M=46: 2 PTEs at va 0x1ff000 / 0x200000 (two different page tables), flags rw us nx g.
+    # PTE = frame | G(1<<8) | US(1<<2) | RW(1<<1) | P | XD(1<<63)
+    b = Builder(maxphyaddr=46)
+    b.map(0x1FF000, 0x7000, 0x2000, 4096, "rw us nx g")
+    flags = (1 << 63) | (1 << 8) | 4 | 2 | 1
+    assert b.get_entry(0x1FF000, 1) == 0x7000 | flags
+    assert b.get_entry(0x200000, 1) == 0x8000 | flags
+    # 2M leaf with pat: PDE = frame | PAT(1<<12) | PS(1<<7) | P ; ro, x
+    b.map(0x40000000, 0x200000, 1 << 21, 1 << 21, "ro x pat")
+    assert b.get_entry(0x40000000, 2) == 0x200000 | (1 << 12) | (1 << 7) | 1
 
 
 # -- batch vs scalar on random trees ---------------------------------------------------------------------

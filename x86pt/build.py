@@ -6,7 +6,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 
-from x86pt.errors import BadInputError
+from x86pt.errors import BadInputError, BudgetError
 from x86pt.fields import Kind, LEVELS, Level, encode_fast, levels_for, masks_for
 from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
@@ -15,6 +15,10 @@ from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, EFER_LMA, EF
                          EFER_NXE, PagingState, Profile, PROFILES, profile_named)
 
 PAGE_SIZES = {1 << 12: 1, 1 << 21: 2, 1 << 30: 3}
+# Leaf entries one Builder writes at most, checked before any table is allocated: 2^20 PTEs map
+# 4 GiB in 4K pages (or 2 TiB in 2M pages) and need 2,048 tables (8 MiB for the sparse image);
+# building that many takes about a second.
+DEFAULT_MAX_BUILD_ENTRIES = 1 << 20
 FLAG_WORDS = {"p", "rw", "us", "pwt", "pcd", "a", "d", "g", "pat", "xd", "nx", "user", "w",
               "global", "ro", "x"}
 
@@ -90,8 +94,10 @@ class Builder:
     table_base: int = 0x100000
     table_limit: int | None = None
     table_flags: str | dict | None = "p rw us a"
+    max_entries: int = DEFAULT_MAX_BUILD_ENTRIES
 
     def __post_init__(self) -> None:
+        self.entries_written = 0
         if self.memory is None:
             self.memory = SparseMemory()
         self._levels = levels_for(self.levels)
@@ -147,20 +153,46 @@ class Builder:
         if size <= 0 or va % page_size or pa % page_size or size % page_size:
             raise BadInputError(f"map {va:#x}->{pa:#x} size {size:#x}: not aligned to the page "
                                 f"size {page_size:#x}")
+        va_bits = 57 if self.levels == 5 else 48
+        half = 1 << (va_bits - 1)
+        top = (1 << 64) - half
+        for v in (va, va + size - 1):
+            if not (v < half or top <= v < 1 << 64):
+                raise BadInputError(f"map {va:#x}+{size:#x}: {v:#x} is not canonical for "
+                                    f"{self.levels}-level paging (bits 63:{va_bits - 1} must be equal)")
+        if va < half <= va + size - 1:
+            raise BadInputError(f"map {va:#x}+{size:#x}: crosses the non-canonical hole")
+        if pa + size > 1 << self.maxphyaddr:
+            raise BadInputError(f"map {va:#x}->{pa:#x} size {size:#x}: ends above MAXPHYADDR "
+                                f"({self.maxphyaddr} bits)")
+        n = size // page_size
+        if self.entries_written + n > self.max_entries:
+            raise BudgetError(f"map {va:#x} size {size:#x} in {page_size >> 10}K pages: {n} entries, "
+                              f"more than the limit of {self.max_entries} leaf entries per image "
+                              f"(raise it with --max-entries N)")
+        self.entries_written += n
         level = PAGE_SIZES[page_size]
         lv = LEVELS[level]
         kind = lv.leaf_kind if level > 1 else Kind.PTE
         fl = parse_flags(flags)
         if pk:
             fl["pk"] = pk
+        # The flags part of every leaf is the same: encode it once and OR in the frame address
+        # (aligned and below MAXPHYADDR, checked above). Tables are looked up once per 512 leaves.
+        template = entry_value(kind, 0, fl, self.maxphyaddr, self.vendor)
+        read, write = self.memory.read_u64, self.memory.write_u64
+        table, table_key = 0, None
         for off in range(0, size, page_size):
             v = va + off
-            addr = self.entry_address(v, level)
-            old = self.memory.read_u64(addr)
+            key = v >> (lv.shift + 9)
+            if key != table_key:
+                table, table_key = self.entry_address(v, level) & ~0xFFF, key
+            addr = table | (lv.index(v) << 3)
+            old = read(addr)
             if old & 1 and level > 1 and not lv.kind_of(old).is_leaf:
                 raise BadInputError(f"va {v:#x}: a table is mapped where a {page_size >> 10}K page "
                                     "is asked for")
-            self.memory.write_u64(addr, entry_value(kind, pa + off, fl, self.maxphyaddr, self.vendor))
+            write(addr, template | (pa + off))
 
     def unmap(self, va: int, level: int = 1) -> None:
         addr = self.entry_address(va, level, create=False)
@@ -180,7 +212,53 @@ class Builder:
 
 
 # -- TOML spec -> image ------------------------------------------------------------------------------
-def build_from_spec(text: str, source: str = "spec") -> tuple[SparseMemory, PagingState]:
+MAX_DATA_BYTES = 1 << 24       # one [[data]] block
+
+
+def _section(doc: dict, name: str, source: str, keys: set[str]) -> dict:
+    sec = doc.get(name, {})
+    if not isinstance(sec, dict):
+        raise BadInputError(f"{source}: [{name}] must be a table")
+    _keys(sec, f"{source}: [{name}]", keys, set())
+    return sec
+
+
+def _array(doc: dict, name: str, source: str) -> list[dict]:
+    arr = doc.get(name, [])
+    if not isinstance(arr, list) or not all(isinstance(x, dict) for x in arr):
+        raise BadInputError(f"{source}: {name} must be an array of tables ([[{name}]])")
+    return arr
+
+
+def _keys(d: dict, where: str, known: set[str], required: set[str]) -> None:
+    extra = sorted(set(d) - known)
+    if extra:
+        raise BadInputError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
+    missing = sorted(required - set(d))
+    if missing:
+        raise BadInputError(f"{where}: missing key {missing[0]!r}")
+
+
+def _scalar(v, what: str):
+    """A number as TOML gives it: an integer or a string (decimal, 0x-hex, size suffix)."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise BadInputError(f"{what}: expected a number or a string, not {type(v).__name__}")
+    return v
+
+
+def _text(v, what: str) -> str:
+    if not isinstance(v, str):
+        raise BadInputError(f"{what}: expected a string, not {type(v).__name__}")
+    return v
+
+
+def _cr4_la57(v, source: str) -> bool:
+    return bool(parse_int(_scalar(v, f"{source}: registers.cr4"), f"{source}: registers.cr4")
+                & CR4_LA57)
+
+
+def build_from_spec(text: str, source: str = "spec", *,
+                    max_entries: int = DEFAULT_MAX_BUILD_ENTRIES) -> tuple[SparseMemory, PagingState]:
     """Build an image from a TOML spec:
 
         [image]      levels = 4, maxphyaddr = 46, vendor = "intel", tables = "0x100000",
@@ -194,53 +272,86 @@ def build_from_spec(text: str, source: str = "spec") -> tuple[SparseMemory, Pagi
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BadInputError(f"{source}: bad TOML: {e}") from None
-    img = doc.get("image", {})
-    regs = doc.get("registers", {})
+    except RecursionError:
+        raise BadInputError(f"{source}: bad TOML: nested too deeply") from None
     known = {"image", "registers", "map", "entry", "data"}
     extra = sorted(set(doc) - known)
     if extra:
         raise BadInputError(f"{source}: unknown section [{extra[0]}] (known: {', '.join(sorted(known))})")
-    levels = int(img.get("levels", 4))
-    prof_name = str(img.get("profile", "intel"))
-    prof = profile_named(prof_name)
-    m = int(img.get("maxphyaddr", prof.maxphyaddr))
-    b = Builder(levels=levels, maxphyaddr=m, vendor=str(img.get("vendor", prof.vendor)),
-                table_base=parse_int(img.get("tables", 0x100000), "image.tables"),
-                table_flags=img.get("table_flags", "p rw us a"))
-    for i, mp in enumerate(doc.get("map", [])):
+    img = _section(doc, "image", source, {"levels", "maxphyaddr", "vendor", "tables", "profile",
+                                          "table_flags"})
+    regs = _section(doc, "registers", source, {"cr0", "cr4", "efer", "pkru", "pkrs"})
+    levels = parse_int(_scalar(img.get("levels", 4), f"{source}: image.levels"),
+                       f"{source}: image.levels", lo=4, hi=5)
+    prof = profile_named(_text(img.get("profile", "intel"), f"{source}: image.profile"))
+    m = parse_int(_scalar(img.get("maxphyaddr", prof.maxphyaddr), f"{source}: image.maxphyaddr"),
+                  f"{source}: image.maxphyaddr", lo=32, hi=52)
+    vendor = _text(img.get("vendor", prof.vendor), f"{source}: image.vendor")
+    if vendor not in ("intel", "amd"):
+        raise BadInputError(f"{source}: image.vendor must be intel or amd, not {vendor!r}")
+    tflags = img.get("table_flags", "p rw us a")
+    if not isinstance(tflags, str):
+        raise BadInputError(f"{source}: image.table_flags must be a string of flag words")
+    b = Builder(levels=levels, maxphyaddr=m, vendor=vendor,
+                table_base=parse_int(_scalar(img.get("tables", 0x100000), f"{source}: image.tables"),
+                                     f"{source}: image.tables", hi=(1 << m) - PAGE),
+                table_flags=tflags, max_entries=max_entries)
+    for i, mp in enumerate(_array(doc, "map", source)):
         where = f"{source}: map #{i + 1}"
+        _keys(mp, where, {"va", "pa", "size", "page", "flags", "pk"}, {"va"})
+        va = parse_int(_scalar(mp["va"], f"{where} va"), f"{where} va")
+        pa = parse_int(_scalar(mp.get("pa", 0), f"{where} pa"), f"{where} pa")
+        page = parse_size(_scalar(mp.get("page", "4K"), f"{where} page"), f"{where} page")
+        size = parse_size(_scalar(mp.get("size", page), f"{where} size"), f"{where} size")
+        flags = mp.get("flags", "rw")
+        if not isinstance(flags, str):
+            raise BadInputError(f"{where}: flags must be a string of flag words ('rw us nx')")
+        pk = parse_int(_scalar(mp.get("pk", 0), f"{where} pk"), f"{where} pk", hi=15)
         try:
-            va = parse_int(mp["va"], f"{where} va")
-            pa = parse_int(mp.get("pa", 0), f"{where} pa")
-            page = parse_size(mp.get("page", "4K"), f"{where} page")
-            size = parse_size(mp.get("size", page), f"{where} size")
-        except KeyError as e:
-            raise BadInputError(f"{where}: missing {e.args[0]}") from None
-        try:
-            b.map(va, pa, size, page, mp.get("flags", "rw"), pk=int(mp.get("pk", 0)))
+            b.map(va, pa, size, page, flags, pk=pk)
         except BadInputError as e:
-            raise BadInputError(f"{where}: {e}") from None
-    for i, en in enumerate(doc.get("entry", [])):
+            raise type(e)(f"{where}: {e}") from None
+    for i, en in enumerate(_array(doc, "entry", source)):
         where = f"{source}: entry #{i + 1}"
-        b.set_entry(parse_int(en["va"], f"{where} va"), int(en.get("level", 1)),
-                    parse_int(en["value"], f"{where} value"))
-    for i, d in enumerate(doc.get("data", [])):
+        _keys(en, where, {"va", "level", "value"}, {"va", "value"})
+        lvl = parse_int(_scalar(en.get("level", 1), f"{where} level"), f"{where} level", lo=1, hi=levels)
+        try:
+            b.set_entry(parse_int(_scalar(en["va"], f"{where} va"), f"{where} va"), lvl,
+                        parse_int(_scalar(en["value"], f"{where} value"), f"{where} value"))
+        except BadInputError as e:
+            raise type(e)(f"{where}: {e}") from None
+    for i, d in enumerate(_array(doc, "data", source)):
         where = f"{source}: data #{i + 1}"
-        pa = parse_int(d["pa"], f"{where} pa")
-        if "u64" in d:
-            for j, v in enumerate(d["u64"]):
-                b.memory.write_u64(pa + 8 * j, parse_int(v, f"{where} u64"))
+        _keys(d, where, {"pa", "u64", "hex"}, {"pa"})
+        pa = parse_int(_scalar(d["pa"], f"{where} pa"), f"{where} pa", hi=(1 << m) - 1)
+        u64 = d.get("u64", [])
+        if not isinstance(u64, list):
+            raise BadInputError(f"{where}: u64 must be an array of numbers")
+        if pa + 8 * len(u64) > 1 << m or len(u64) > MAX_DATA_BYTES // 8:
+            raise BadInputError(f"{where}: u64 runs past MAXPHYADDR or is longer than "
+                                f"{MAX_DATA_BYTES // 8} qwords")
+        for j, v in enumerate(u64):
+            b.memory.write_u64(pa + 8 * j, parse_int(_scalar(v, f"{where} u64[{j}]"), f"{where} u64[{j}]"))
         if "hex" in d:
+            h = _text(d["hex"], f"{where} hex")
+            if len(h) > 2 * MAX_DATA_BYTES:
+                raise BadInputError(f"{where}: hex is longer than {MAX_DATA_BYTES} bytes")
             try:
-                b.memory.write(pa, bytes.fromhex(str(d["hex"])))
+                data = bytes.fromhex(h)
             except ValueError:
                 raise BadInputError(f"{where}: bad hex") from None
-    st = b.state(cr0=parse_int(regs.get("cr0", CR0_PE | CR0_PG | CR0_WP), "cr0"),
-                 cr4=parse_int(regs.get("cr4", CR4_PAE), "cr4"),
-                 efer=parse_int(regs.get("efer", EFER_LME | EFER_LMA | EFER_NXE), "efer"),
-                 pkru=parse_int(regs.get("pkru", 0), "pkru", hi=0xFFFFFFFF),
-                 pkrs=parse_int(regs.get("pkrs", 0), "pkrs", hi=0xFFFFFFFF),
-                 profile=prof, maxphyaddr=m)
+            if pa + len(data) > 1 << m:
+                raise BadInputError(f"{where}: hex runs past MAXPHYADDR")
+            b.memory.write(pa, data)
+    if "cr4" in regs and levels == 4 and _cr4_la57(regs["cr4"], source):
+        raise BadInputError(f"{source}: registers.cr4 sets LA57 but image.levels is 4 "
+                            "(the tree's depth decides LA57; leave the bit clear)")
+    reg = {k: parse_int(_scalar(regs[k], f"{source}: registers.{k}"), f"{source}: registers.{k}",
+                        hi=0xFFFFFFFF if k in ("pkru", "pkrs") else (1 << 64) - 1) for k in regs}
+    st = b.state(cr0=reg.get("cr0", CR0_PE | CR0_PG | CR0_WP), cr4=reg.get("cr4", CR4_PAE),
+                 efer=reg.get("efer", EFER_LME | EFER_LMA | EFER_NXE), pkru=reg.get("pkru", 0),
+                 pkrs=reg.get("pkrs", 0), profile=prof, maxphyaddr=m)
+    st.check()
     b.memory.control_registers = {"cr0": st.cr0, "cr3": st.cr3, "cr4": st.cr4, "efer": st.efer,
                                   "pkru": st.pkru, "pkrs": st.pkrs, "maxphyaddr": st.m}
     return b.memory, st

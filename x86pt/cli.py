@@ -238,7 +238,8 @@ def cmd_build(args) -> int:
         raise BadInputError(f"cannot read spec {args.spec}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise BadInputError(f"spec {args.spec} is not UTF-8 text") from None
-    memory, state = build_from_spec(text, args.spec)
+    memory, state = build_from_spec(text, args.spec,
+                                    max_entries=parse_int(args.max_entries, "--max-entries", lo=1))
     fmt = write_image(memory, state, args.output, args.out_format, inputs=[args.spec])
     if args.json:
         emit_json({"image": args.output, "format": fmt, **state.to_json(),
@@ -308,10 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_probe)
 
+    from x86pt.build import DEFAULT_MAX_BUILD_ENTRIES
     b = sub.add_parser("build", help="build an image from a TOML spec of mappings")
     b.add_argument("spec")
     b.add_argument("-o", "--output", required=True)
     b.add_argument("--out-format", choices=("elf", "raw", "lime"), default=None)
+    b.add_argument("--max-entries", default=str(DEFAULT_MAX_BUILD_ENTRIES), metavar="N",
+                   help="most leaf entries the spec may write (default %(default)s); a bigger "
+                        "spec stops with exit 2 before any table is allocated")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_build)
 
