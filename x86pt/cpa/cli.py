@@ -97,16 +97,19 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
         checks = checks if "e" in checks else checks + "e"
     prog = Progress(f"{policy:>12}", not args.quiet and not args.json)
     on_dump = None
+    dump_idx = None
     if dump and args.dump_at is not None:
+        dump_idx = args.dump_at - 1          # --dump-at N: after the first N ops (1-based)
+
         def on_dump(model, idx):
             from x86pt.cli import write_image
-            path = args.dump_out or f"cpa-{policy}-op{args.dump_at}.elf"
+            path = args.dump_out
             write_image(model.export(), model.paging_state(), path, None,
                         inputs=[args.trace, args.image, args.layout])
             if not args.json:
-                print(f"image after op {idx} written to {path}", file=sys.stderr)
+                print(f"image after {idx + 1} ops written to {path}", file=sys.stderr)
     r = replay(m, ops, validate=args.validate, checks=checks, progress=prog,
-               dump_at=args.dump_at, on_dump=on_dump)
+               dump_at=dump_idx, on_dump=on_dump)
     if oc is not None:
         r.notes = r.notes + tuple(oc.notes) + tuple(oc.summary())
     if r.violation is not None and args.validate:
@@ -118,12 +121,18 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
             if mini_oc is not None:
                 mm.oracle_check = mini_oc
             return mm
+        path = _repro_path(args, policy)
+        if path is None:
+            # nothing is written unless asked: minimising costs time and leaves a file
+            r.notes = r.notes + ("--repro PATH would save a minimal reproducer of this violation",)
+            if mini_oc is not None:
+                mini_oc.close()
+            return r, m
         try:
             mini = minimise(make_checked, ops, r.violation, checks, budget_s=args.minimise_seconds)
         finally:
             if mini_oc is not None:
                 mini_oc.close()
-        path = args.repro or f"cpa-violation-{policy}.trace"
         write_trace(path, mini, [f"minimal trace for: {r.violation}",
                                  f"replay: x86pt cpa replay {path} --policy {policy} --kernel "
                                  f"{args.kernel} --layout {args.layout} --validate"
@@ -143,10 +152,41 @@ def _check_outputs(args, *outputs: str | None) -> None:
             check_output(out, inputs)
 
 
+def _repro_path(args, policy: str) -> str | None:
+    """Where --repro asked the minimal trace of `policy` to go (None: nowhere). With several
+    policies (compare) the policy name goes before the extension: w.trace -> w-ideal.trace."""
+    path = args.repro
+    if not path:
+        return None
+    if len(getattr(args, "policy_list", ())) > 1:
+        stem, ext = os.path.splitext(path)
+        return f"{stem}-{policy}{ext}"
+    return path
+
+
+def _check_run_args(args, n_ops: int) -> None:
+    """One-line refusals (exit 2) of option values the replay cannot honour."""
+    import math
+    checks = args.checks
+    if not checks or any(c not in "abcde" for c in checks):
+        raise BadInputError(f"--checks {checks!r}: give a subset of the invariants abcde (e.g. abcd)")
+    ms = args.minimise_seconds
+    if not math.isfinite(ms) or ms < 0:
+        raise BadInputError(f"--minimise-seconds {ms}: give a finite number of seconds >= 0")
+    if args.dump_at is not None:
+        if not 1 <= args.dump_at <= n_ops:
+            raise BadInputError(f"--dump-at {args.dump_at}: the trace has {n_ops} ops; give N in "
+                                f"1..{n_ops} (the image after the first N ops)")
+        if not args.dump_out:
+            raise BadInputError("--dump-at needs --dump-out PATH (where the image goes)")
+
+
 def cmd_replay(args) -> int:
     from x86pt.cpa.trace import read_trace
     _check_outputs(args, args.dump_out, args.plot, args.repro)
     ops = read_trace(args.trace)
+    _check_run_args(args, len(ops))
+    args.policy_list = [args.policy]
     r, m = _run(args, args.policy, ops, True)
     return _report(args, [r], m)
 
@@ -157,9 +197,13 @@ def cmd_compare(args) -> int:
     _check_outputs(args, args.dump_out, args.plot, args.repro)
     ops = read_trace(args.trace)
     pols = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not pols:
+        raise BadInputError(f"--policies {args.policies!r}: name at least one of {', '.join(POLICIES)}")
     for p in pols:
         if p not in POLICIES:
             raise BadInputError(f"unknown policy {p!r} (one of {', '.join(POLICIES)})")
+    _check_run_args(args, len(ops))
+    args.policy_list = pols
     results = []
     m = None
     for p in pols:
@@ -203,7 +247,13 @@ def cmd_generate(args) -> int:
     ops = generate(layout, args.kernel, args.workload, n, seed)
     write_trace(args.output, ops, [f"x86pt cpa generate {args.workload} --ops {n} --seed {seed} "
                                    f"--layout {args.layout} --kernel {args.kernel}"])
-    if not args.quiet:
+    if args.json:
+        from collections import Counter
+        from x86pt.cli import emit_json
+        emit_json({"output": args.output, "workload": args.workload, "ops": len(ops),
+                   "seed": seed, "kernel": args.kernel, "layout": args.layout,
+                   "op_counts": dict(sorted(Counter(op[0] for op in ops).items()))})
+    elif not args.quiet:
         print(f"wrote {len(ops)} ops to {args.output}")
     return 0
 
@@ -227,11 +277,15 @@ def _common(p, policy_arg: bool) -> None:
     p.add_argument("--oracle-seed", default="1", metavar="S")
     p.add_argument("--oracle-cap", default="512", metavar="N",
                    help="at most N pages probed per step, sampled evenly (default 512)")
-    p.add_argument("--repro", default=None, help="where to write the minimal failing trace")
-    p.add_argument("--minimise-seconds", type=float, default=30.0)
+    p.add_argument("--repro", default=None, metavar="PATH",
+                   help="on a violation, minimise the trace and write it here (compare: the "
+                        "policy name goes before the extension); without it nothing is written")
+    p.add_argument("--minimise-seconds", type=float, default=30.0, metavar="S",
+                   help="time budget of the minimisation behind --repro (default 30)")
     p.add_argument("--plot", default=None, metavar="PNG", help="fragmentation plot")
-    p.add_argument("--dump-at", type=int, default=None, metavar="N", help="write the image after op N")
-    p.add_argument("--dump-out", default=None, metavar="PATH")
+    p.add_argument("--dump-at", type=int, default=None, metavar="N",
+                   help="write the image after the first N ops (1..op count; needs --dump-out)")
+    p.add_argument("--dump-out", default=None, metavar="PATH", help="where --dump-at writes the image")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     from x86pt.image import add_state_args
@@ -258,6 +312,8 @@ def register(subparsers) -> None:
     g.add_argument("--kernel", default="6.15")
     g.add_argument("--layout", default="server-64g")
     g.add_argument("--quiet", action="store_true")
+    g.add_argument("--json", action="store_true",
+                   help="one JSON object: output path, op count and the count of each op kind")
     g.set_defaults(func=cmd_generate)
 
 
