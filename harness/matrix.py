@@ -40,7 +40,7 @@ FLAG_NAMES: tuple[str, ...] = (
     "pde.13", "pdpte.ro", "pkru.ad", "pkru.wd", "pkey=1", "user", "write", "fetch", "twice",
     "efer.nx", "cr0.wp", "cr4.smep", "cr4.pke", "fep",
     # our extensions (not in KUT)
-    "cr4.smap", "ac", "pdpte.1g", "pml4e.ps", "pml4e.8", "la57", "noncanon",
+    "cr4.smap", "ac", "pdpte.1g", "pml4e.ps", "pml4e.8", "la57", "noncanon", "implicit",
 )
 NR_AC_FLAGS = 31
 F: dict[str, int] = {name: 1 << i for i, name in enumerate(FLAG_NAMES)}
@@ -51,7 +51,16 @@ PTE_RW, PTE_USER, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_51, PTE_36 = (F[n] for n in F
 PDPTE_RO, PKU_AD, PKU_WD, PKEY = (F[n] for n in FLAG_NAMES[18:22])
 ACC_USER, ACC_WRITE, ACC_FETCH, ACC_TWICE = (F[n] for n in FLAG_NAMES[22:26])
 EFER_NX, CR0_WP_F, SMEP, PKE, FEP = (F[n] for n in FLAG_NAMES[26:31])
-SMAP, ACC_AC, PDPTE_1G, PML4E_PS, PML4E_8, LA57, NONCANON = (F[n] for n in FLAG_NAMES[31:38])
+SMAP, ACC_AC, PDPTE_1G, PML4E_PS, PML4E_8, LA57, NONCANON, IMPLICIT = (F[n] for n in FLAG_NAMES[31:39])
+
+# Two fields above the flags say where the reserved bit of pte.51 / pde.51 goes (KUT always uses
+# bit 51): HI_BIT is the bit number (0: bit 51), HI_AT the entry for pde.51 (0: the PDE itself,
+# else one above it). Every bit from MAXPHYADDR to 51 is reserved in every present entry (SDM
+# Vol. 3A §4.5, Tables 4-15..4-20), so a walker that stops the reserved range one bit short of M is
+# caught at every level; the outcome is KUT's either way (the walk faults RSVD before the PDE).
+HI_BIT_SHIFT, HI_BIT_MASK = 40, 0x3F << 40
+HI_AT_SHIFT, HI_AT_MASK = 46, 0x7 << 46
+HI_AT_NAMES = ("pde", "pdpte", "pdpte1g", "pml4e", "pml5e")
 
 # Entry bits KUT sets (its own bit positions: 51, 36, 13 are raw bit numbers, §10.1).
 _P, _RW, _US, _A, _D, _PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
@@ -66,14 +75,42 @@ FRAME_BASE = RIG_IMAGE_BASE          # 2 MiB aligned: a 2M leaf points here
 TABLE_BASE = FRAME_BASE + NR_FRAMES * 4096
 
 
+def hi_bit(flags: int) -> int:
+    """The reserved bit number pte.51 / pde.51 set in this case (KUT: 51)."""
+    return (flags & HI_BIT_MASK) >> HI_BIT_SHIFT or 51
+
+
+def hi_at(flags: int) -> str:
+    """The entry pde.51 puts its reserved bit in: pde (KUT), pdpte, pdpte1g, pml4e or pml5e."""
+    return HI_AT_NAMES[(flags & HI_AT_MASK) >> HI_AT_SHIFT]
+
+
 def flag_names(flags: int) -> str:
-    """KUT's way of naming a case: the set flags, space separated."""
-    return " ".join(n for i, n in enumerate(FLAG_NAMES) if flags >> i & 1) or "(none)"
+    """KUT's way of naming a case: the set flags, space separated (then hi.bit=N / hi.at=ENTRY
+    when pte.51 / pde.51 do not mean KUT's bit 51 in their own entry)."""
+    names = [n for i, n in enumerate(FLAG_NAMES) if flags >> i & 1]
+    if flags & HI_BIT_MASK:
+        names.append(f"hi.bit={hi_bit(flags)}")
+    if flags & HI_AT_MASK:
+        names.append(f"hi.at={hi_at(flags)}")
+    return " ".join(names) or "(none)"
 
 
 def flags_from_names(text: str) -> int:
     out = 0
     for w in text.replace(",", " ").split():
+        if w.startswith("hi.bit="):
+            b = w.split("=", 1)[1]
+            if not b.isdigit() or not 12 <= int(b) <= 51:
+                raise BadInputError(f"bad {w!r} (a bit number 12..51)")
+            out |= int(b) << HI_BIT_SHIFT
+            continue
+        if w.startswith("hi.at="):
+            at = w.split("=", 1)[1]
+            if at not in HI_AT_NAMES:
+                raise BadInputError(f"bad {w!r} (one of {', '.join(HI_AT_NAMES)})")
+            out |= HI_AT_NAMES.index(at) << HI_AT_SHIFT
+            continue
         if w not in F:
             raise BadInputError(f"unknown matrix flag {w!r}")
         out |= F[w]
@@ -93,11 +130,15 @@ class MatrixFeatures:
     fep: bool = False            # KVM forced emulation: never here
     vendor: str = "intel"
     ram_size: int = RIG_RAM_SIZE
+    implicit_cpl0: bool = True   # the oracle runs implicit supervisor reads (Probe.implicit)
+    implicit_cpl3: bool = True
 
     @classmethod
     def from_caps(cls, caps: Capabilities) -> "MatrixFeatures":
         return cls(maxphyaddr=caps.maxphyaddr, pku=caps.pku, smep=caps.smep, smap=caps.smap,
-                   gbpages=caps.gbpages, la57=caps.la57, vendor=caps.vendor, ram_size=caps.ram_size)
+                   gbpages=caps.gbpages, la57=caps.la57, vendor=caps.vendor, ram_size=caps.ram_size,
+                   implicit_cpl0=getattr(caps, "implicit_cpl0", False),
+                   implicit_cpl3=getattr(caps, "implicit_cpl3", False))
 
     @classmethod
     def from_profile(cls, profile: Profile, maxphyaddr: int | None = None) -> "MatrixFeatures":
@@ -158,11 +199,28 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """Flags a case gets without adding cases: choice (key % len(choices)), where the key is the
+    sum of the case's group digits (`weighted`: digit of group j times j+1). Changing any one
+    group's choice moves the key, so over a whole space every combination of a few groups meets
+    every choice (the CPU configurations a KUT run on a SMEP/SMAP host would add by doubling).
+    Applies only to cases with every flag of `all_of` and none of `none_of`."""
+
+    name: str
+    choices: tuple[int, ...]
+    weighted: bool = False
+    all_of: int = 0
+    none_of: int = 0
+
+
+@dataclass(frozen=True)
 class Space:
-    """A product of groups: case i picks choice (i // stride_g) % len(g) of every group."""
+    """A product of groups: case i picks choice (i // stride_g) % len(g) of every group; then
+    each rotation ORs in its choice for the case."""
 
     name: str
     groups: tuple[Group, ...]
+    rotations: tuple[Rotation, ...] = ()
 
     @property
     def size(self) -> int:
@@ -171,21 +229,49 @@ class Space:
             n *= len(g.choices)
         return n
 
+    @property
+    def rotated_bits(self) -> int:
+        out = 0
+        for r in self.rotations:
+            for c in r.choices:
+                out |= c
+        return out
+
     def flags_at(self, i: int) -> int:
         out = 0
-        for g in reversed(self.groups):
+        key = wkey = 0
+        ng = len(self.groups)
+        for j, g in enumerate(reversed(self.groups)):
             i, r = divmod(i, len(g.choices))
             out |= g.choices[r]
+            key += r
+            wkey += r * (ng - j)
+        for rot in self.rotations:
+            if out & rot.all_of == rot.all_of and not out & rot.none_of:
+                k = wkey if rot.weighted else key
+                out |= rot.choices[k % len(rot.choices)]
         return out
 
     def flags_array(self, start: int, stop: int) -> np.ndarray:
         idx = np.arange(start, stop, dtype=np.int64)
         out = np.zeros(len(idx), dtype=np.uint64)
-        for g in reversed(self.groups):
+        key = np.zeros(len(idx), dtype=np.int64)
+        wkey = np.zeros(len(idx), dtype=np.int64)
+        ng = len(self.groups)
+        for j, g in enumerate(reversed(self.groups)):
             n = len(g.choices)
             table = np.array(g.choices, dtype=np.uint64)
-            out |= table[idx % n]
+            r = idx % n
+            out |= table[r]
+            key += r
+            wkey += r * (ng - j)
             idx //= n
+        for rot in self.rotations:
+            k = wkey if rot.weighted else key
+            table = np.array(rot.choices, dtype=np.uint64)
+            sel = ((out & np.uint64(rot.all_of)) == np.uint64(rot.all_of)) & \
+                  ((out & np.uint64(rot.none_of)) == 0)
+            out |= np.where(sel, table[k % len(rot.choices)], np.uint64(0))
         return out
 
 
@@ -212,10 +298,40 @@ def _rsv_ok(c: int) -> bool:
     return rsv & (rsv - 1) == 0
 
 
+def config_rotation(feat: MatrixFeatures) -> Rotation | None:
+    """CR4.SMEP, CR4.SMAP and EFLAGS.AC as CPU configurations of the classic matrix: a quarter of
+    the cases each run with none, SMEP, SMAP, SMAP+AC (those the CPU has; SDM Vol. 3A §4.6.1)."""
+    choices = [0]
+    if feat.smep:
+        choices.append(SMEP)
+    if feat.smap:
+        choices += [SMAP, SMAP | ACC_AC]
+    return Rotation("cr4", tuple(choices)) if len(choices) > 1 else None
+
+
+def hi_rotations(feat: MatrixFeatures, levels: int = 4, *, above: bool = True) -> tuple[Rotation, ...]:
+    """Where pte.51 / pde.51 put their reserved bit: any bit from MAXPHYADDR to 51, and for pde.51
+    (when the PDE is present, so the outcome stays KUT's) any entry from the PDE up."""
+    m = feat.maxphyaddr
+    if m >= 52:
+        return ()
+    bits = tuple(b << HI_BIT_SHIFT for b in range(m, 52))
+    ats = ["pde"]
+    if above:
+        ats += ["pdpte", "pdpte1g", "pml4e"] + (["pml5e"] if levels == 5 else [])
+    at_bits = tuple(HI_AT_NAMES.index(a) << HI_AT_SHIFT | b for a in ats for b in bits)
+    return (Rotation("pte.hi", bits, weighted=True, all_of=PTE_51),
+            Rotation("pde.hi", at_bits, weighted=True, all_of=PDE_51 | PDE_P),
+            Rotation("pde.hi-np", bits, weighted=True, all_of=PDE_51, none_of=PDE_P))
+
+
 def classic_space(feat: MatrixFeatures, extra_invalid: int = 0, *, smep: bool = False,
-                  smap: bool = False, name: str = "classic") -> Space:
+                  smap: bool = False, name: str = "classic", rotate: bool = True,
+                  levels: int = 4) -> Space:
     """KUT's legal set as a product. With `smep`/`smap` (extended mode) CR4.SMEP becomes legal and
-    CR4.SMAP x EFLAGS.AC is added (AC only for supervisor accesses: it means nothing at CPL 3)."""
+    CR4.SMAP x EFLAGS.AC is added (AC only for supervisor accesses: it means nothing at CPL 3).
+    Without them (`rotate`), SMEP/SMAP/AC come as a rotation of CPU configurations; the reserved
+    bit of pte.51/pde.51 rotates over MAXPHYADDR..51 and, for pde.51, over the entries above."""
     inv = invalid_mask(feat) | extra_invalid
     groups = []
     # CPU state first (slowest varying) so that neighbouring indices share a batch.
@@ -234,7 +350,13 @@ def classic_space(feat: MatrixFeatures, extra_invalid: int = 0, *, smep: bool = 
     for bit in (PKEY, ACC_USER, ACC_TWICE, PDPTE_RO, PDE_P, PDE_RW, PDE_USER, PDE_A, PDE_D,
                 PTE_P, PTE_RW, PTE_USER, PTE_A, PTE_D):
         groups.append(Group(FLAG_NAMES[bit.bit_length() - 1], tuple(c for c in (0, bit) if not c & inv)))
-    return Space(name, tuple(g for g in groups if g.choices))
+    rots: list[Rotation] = []
+    if rotate:
+        cfg = config_rotation(feat) if not (smep or smap) else None
+        if cfg is not None:
+            rots.append(cfg)
+        rots += hi_rotations(feat, levels)
+    return Space(name, tuple(g for g in groups if g.choices), tuple(rots))
 
 
 def gig_space(feat: MatrixFeatures) -> Space:
@@ -251,7 +373,7 @@ def gig_space(feat: MatrixFeatures) -> Space:
     ]
     for bit in (PKEY, ACC_USER, ACC_TWICE, PDE_P, PDE_RW, PDE_USER, PDE_A, PDE_D):
         groups.append(Group(FLAG_NAMES[bit.bit_length() - 1], tuple(c for c in (0, bit) if not c & inv)))
-    return Space("1g", tuple(g for g in groups if g.choices))
+    return Space("1g", tuple(g for g in groups if g.choices), hi_rotations(feat, above=False))
 
 
 def top_space(feat: MatrixFeatures) -> Space:
@@ -273,8 +395,8 @@ def top_space(feat: MatrixFeatures) -> Space:
 def la57_space(feat: MatrixFeatures) -> Space:
     """The classic matrix under 5-level paging (KUT runs it again when LA57 exists), without the
     PKU dimension to keep it smaller."""
-    base = classic_space(feat, PKE | PKU_AD | PKU_WD | PKEY, name="la57")
-    return Space("la57", (Group("la57", (LA57,)),) + base.groups)
+    base = classic_space(feat, PKE | PKU_AD | PKU_WD | PKEY, name="la57", levels=5)
+    return Space("la57", (Group("la57", (LA57,)),) + base.groups, base.rotations)
 
 
 def noncanon_space(feat: MatrixFeatures) -> Space:
@@ -284,6 +406,36 @@ def noncanon_space(feat: MatrixFeatures) -> Space:
     if feat.la57:
         groups.insert(0, Group("la57", (0, LA57)))
     return Space("noncanon", tuple(groups))
+
+
+def implicit_space(feat: MatrixFeatures) -> Space:
+    """Implicit supervisor-mode reads (descriptor-table reads, SDM Vol. 3A §4.6; KUT has none:
+    smap.c lists them as a TODO) at CPL0 and CPL3, with and without SMAP and EFLAGS.AC, through
+    user and supervisor pages, with protection keys (they apply: a supervisor access to a user
+    page), not-present and reserved-bit walks."""
+    if not feat.implicit_cpl0:
+        return Space("implicit", ())
+    groups = []
+    if feat.pku:
+        groups.append(Group("pke", (0, PKE, PKE | PKU_AD)))
+    if feat.smap:
+        groups.append(Group("smap", (0, SMAP)))
+    groups.append(Group("wp", (0, CR0_WP_F)))
+    groups.append(Group("nx", (0, EFER_NX)))
+    groups.append(Group("implicit", (IMPLICIT,)))
+    groups.append(Group("ac", (0, ACC_AC)))
+    if feat.implicit_cpl3:
+        groups.append(Group("user", (0, ACC_USER)))
+    shapes = [PDE_P | PDE_RW | PTE_P | PTE_RW, PDE_P | PDE_RW | PDE_PSE, PDE_P | PDE_RW,
+              PDE_P | PDE_RW | PDE_PSE | PDPTE_RO]
+    if feat.maxphyaddr < 52:
+        shapes += [PDE_P | PDE_RW | PTE_P | PTE_RW | PTE_51, PDE_P | PDE_RW | PDE_51]
+    groups.append(Group("shape", tuple(shapes)))
+    if feat.pku:
+        groups.append(Group("pkey", (0, PKEY)))
+    groups += [Group("pde.user", (0, PDE_USER)), Group("pte.user", (0, PTE_USER)),
+               Group("pte.a", (0, PTE_A))]
+    return Space("implicit", tuple(groups), hi_rotations(feat))
 
 
 @dataclass(frozen=True)
@@ -324,10 +476,10 @@ def matrix_for(feat: MatrixFeatures, extended: bool = False) -> Matrix:
     if not extended:
         return Matrix((classic_space(feat),), feat)
     spaces = [classic_space(feat, smep=True, smap=True, name="classic+smep+smap"), gig_space(feat),
-              top_space(feat), noncanon_space(feat)]
+              top_space(feat), noncanon_space(feat), implicit_space(feat)]
     if feat.la57:
         spaces.append(la57_space(feat))
-    return Matrix(tuple(spaces), feat)
+    return Matrix(tuple(s for s in spaces if s.groups), feat)
 
 
 # -- CPU state per case ------------------------------------------------------------------------------------
@@ -378,9 +530,14 @@ class _Layout:
         else:
             self.pml4 = self.root
         self.next_top = TOP_INDEX_4
-        self.pdpts: dict[str, list[list[int]]] = {}     # variant -> [[pdpt page, top idx, used]]
-        self.pds: dict[tuple[str, bool], list[int]] = {}  # (variant, ro) -> [pd page, pdpt idx, top, used]
+        self.pdpts: dict[object, list[list[int]]] = {}  # variant -> [[pdpt page, top idx, used]]
+        self.pds: dict[tuple[object, bool], list[int]] = {}  # (variant, ro) -> [pd page, pdpt idx, top, used]
         self.pt: list[int] = [0, 512]                    # [pt page, used]
+        # A variant is "normal", "ps", "bit8" (the PML4E), or ("hi", entry, bit): a reserved bit
+        # in the PML5E, PML4E, PDPTE or a 1G PDPTE leaf, shared by the cases that want it there
+        # (the walk stops at that entry; what lies below is never read).
+        self.top_pml5: dict[int, int] = {}               # PML4 index -> PML5 index (5-level)
+        self.pml5_hi: dict[int, int] = {}                # bit -> PML5 index of its PML5E
 
     def alloc(self) -> int:
         pa = self.next
@@ -393,11 +550,11 @@ class _Layout:
     def top_va(self, top: int) -> int:
         va = top << 39
         if self.levels == 5:
-            va |= PML5_INDEX << 48
+            va |= self.top_pml5.get(top, PML5_INDEX) << 48
             return _sext(va, 57)
         return _sext(va, 48)
 
-    def pdpte_slot(self, variant: str) -> tuple[int, int, int]:
+    def pdpte_slot(self, variant) -> tuple[int, int, int]:
         """(pdpt page, top index, pdpt index) of a fresh PDPTE under a PML4E of `variant`."""
         lst = self.pdpts.setdefault(variant, [])
         if not lst or lst[-1][2] == 512:
@@ -411,6 +568,17 @@ class _Layout:
                 raw |= _PS
             elif variant == "bit8":
                 raw |= _B8
+            elif isinstance(variant, tuple) and variant[1] == "pml4e":
+                raw |= 1 << variant[2]
+            elif isinstance(variant, tuple) and variant[1] == "pml5e":
+                if self.levels != 5:
+                    raise BadInputError("a PML5E reserved bit needs 5-level paging")
+                bit = variant[2]
+                if bit not in self.pml5_hi:
+                    idx = PML5_INDEX + 1 + len(self.pml5_hi)
+                    self.pml5_hi[bit] = idx
+                    self.mem.write_u64(self.root + idx * 8, self.pml4 | _P | _RW | _US | 1 << bit)
+                self.top_pml5[top] = self.pml5_hi[bit]
             self.mem.write_u64(self.pml4 + top * 8, raw)
             lst.append([page, top, 0])
         cur = lst[-1]
@@ -418,13 +586,19 @@ class _Layout:
         cur[2] += 1
         return cur[0], cur[1], idx
 
-    def pde_slot(self, variant: str, ro: bool) -> tuple[int, int, int, int]:
+    def pde_slot(self, variant, ro: bool) -> tuple[int, int, int, int]:
         """(pd page, top idx, pdpt idx, pd idx) of a fresh PDE."""
         cur = self.pds.get((variant, ro))
         if cur is None or cur[3] == 512:
             pdpt, top, pidx = self.pdpte_slot(variant)
             pd = self.alloc()
-            self.mem.write_u64(pdpt + pidx * 8, pd | _P | _US | (0 if ro else _RW))
+            raw = pd | _P | _US | (0 if ro else _RW)
+            if isinstance(variant, tuple) and variant[1] == "pdpte":
+                raw |= 1 << variant[2]
+            elif isinstance(variant, tuple) and variant[1] == "pdpte1g":
+                # a 1G leaf (frame 0) with the reserved bit; the PD below is never linked
+                raw = 0 | _PS | _P | _US | (0 if ro else _RW) | 1 << variant[2]
+            self.mem.write_u64(pdpt + pidx * 8, raw)
             cur = self.pds[(variant, ro)] = [pd, top, pidx, 0]
         idx = cur[3]
         cur[3] += 1
@@ -445,7 +619,8 @@ def _sext(va: int, bits: int) -> int:
 
 
 def _leaf_bits(flags: int, pfx: str) -> int:
-    """P/RW/US/A/D/NX/51/36 of `pfx` (pte or pde) from the flags (§10.3)."""
+    """P/RW/US/A/D/NX/51/36 of `pfx` (pte or pde) from the flags (§10.3); '51' is the case's
+    hi_bit, and pde.51 stays out of the PDE when hi_at puts it higher."""
     g = F
     raw = 0
     if flags & g[pfx + ".p"]:
@@ -460,8 +635,8 @@ def _leaf_bits(flags: int, pfx: str) -> int:
         raw |= _D
     if flags & g[pfx + ".nx"]:
         raw |= _XD
-    if flags & g[pfx + ".51"]:
-        raw |= _B51
+    if flags & g[pfx + ".51"] and (pfx == "pte" or not flags & HI_AT_MASK):
+        raw |= 1 << hi_bit(flags)
     if flags & g[pfx + ".36"]:
         raw |= _B36
     return raw
@@ -476,7 +651,7 @@ def case_probes(flags: int, va: int, pa: int) -> list[Probe]:
     if flags & ACC_TWICE:
         out.append(Probe(va, "read", False, False))
     out.append(Probe(va, kind, bool(flags & ACC_USER), bool(flags & ACC_AC),
-                     tag_value(pa) if kind == "write" else 0))
+                     tag_value(pa) if kind == "write" else 0, implicit=bool(flags & IMPLICIT)))
     return out
 
 
@@ -499,6 +674,8 @@ def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile:
         off = 8 * ((n // NR_FRAMES) % 512)
         frame = FRAME_BASE + j * 4096
         variant = "ps" if flags & PML4E_PS else "bit8" if flags & PML4E_8 else "normal"
+        if flags & PDE_51 and flags & HI_AT_MASK:
+            variant = ("hi", hi_at(flags), hi_bit(flags))
         pk_leaf = _PK1 if flags & PKEY else 0
         owned: list[OwnedEntry] = []
         if flags & PDPTE_1G:

@@ -46,7 +46,11 @@ def test_product_enumeration_equals_kut_bump_enumeration(feat):
     space = mx.classic_space(feat, extra_invalid=_SHRINK)
     ours = space.flags_array(0, space.size).tolist()
     assert len(ours) == len(set(ours)) == len(literal)
-    assert set(ours) == literal
+    # The rotations (SMEP/SMAP/AC configurations, where the reserved high bit goes) add no case:
+    # without their bits the set is KUT's, and without rotations it is KUT's exactly.
+    assert {f & ~space.rotated_bits for f in ours} == literal
+    plain = mx.classic_space(feat, extra_invalid=_SHRINK, rotate=False)
+    assert set(plain.flags_array(0, plain.size).tolist()) == literal
 
 
 def test_every_case_is_legal_and_distinct_on_a_sample():
@@ -57,8 +61,9 @@ def test_every_case_is_legal_and_distinct_on_a_sample():
     flags = [m.flags_at(int(i)) for i in idx]
     assert len(set(flags)) == len(flags)
     inv = mx.invalid_mask(feat)
+    rot = m.spaces[0].rotated_bits
     for f in flags:
-        assert mx.kut_legal(f) and not f & inv, mx.flag_names(f)
+        assert mx.kut_legal(f & ~rot) and not f & ~rot & inv, mx.flag_names(f)
 
 
 def test_flags_at_agrees_with_flags_range():
@@ -142,3 +147,73 @@ def test_select_shards_partition_the_matrix():
     idx, _, _ = mx.select(total, sample=50, seed=1)
     idx2, _, _ = mx.select(total, sample=50, seed=1)
     assert list(idx) == list(idx2) and len(set(idx.tolist())) == 50
+
+
+# -- rotations: SMEP/SMAP in the classic configurations, reserved bits M..51 at every level -----
+def test_classic_matrix_runs_under_smep_smap_and_smap_ac():
+    # KUT's flags with WP, NX, PKE... fixed: the remaining groups still meet every configuration.
+    feat = MatrixFeatures(maxphyaddr=40)
+    space = mx.classic_space(feat, extra_invalid=_SHRINK)
+    flags = space.flags_array(0, space.size)
+    cfg = flags & np.uint64(mx.SMEP | mx.SMAP | mx.ACC_AC)
+    want = {0, mx.SMEP, mx.SMAP, mx.SMAP | mx.ACC_AC}
+    assert {int(c) for c in np.unique(cfg)} == want
+    counts = [int((cfg == np.uint64(c)).sum()) for c in want]
+    assert max(counts) - min(counts) <= len(flags) // 20        # a quarter each
+    # Every (CPL, access, pte.user, pde.user) combination meets every configuration.
+    key = flags & np.uint64(mx.ACC_USER | mx.ACC_WRITE | mx.ACC_FETCH | mx.PTE_USER | mx.PDE_USER)
+    pairs = {(int(k), int(c)) for k, c in zip(key, cfg)}
+    assert len(pairs) == len({int(k) for k in key}) * len(want)
+    # A CPU without SMAP/SMEP gets no configurations it cannot run.
+    none = mx.classic_space(MatrixFeatures(maxphyaddr=40, smep=False, smap=False), extra_invalid=_SHRINK)
+    assert not (none.flags_array(0, none.size) & np.uint64(mx.SMEP | mx.SMAP | mx.ACC_AC)).any()
+
+
+@pytest.mark.parametrize("m,levels", [(40, 4), (48, 4), (40, 5), (36, 4)])
+def test_reserved_high_bit_reaches_every_bit_from_m_to_51_and_every_level(m, levels):
+    feat = MatrixFeatures(maxphyaddr=m, pku=False, la57=levels == 5)
+    space = (mx.la57_space(feat) if levels == 5 else mx.classic_space(feat))
+    flags = space.flags_array(0, space.size)
+    seen = set()
+    for f in flags[(flags & np.uint64(mx.PTE_51 | mx.PDE_51)) != 0][::7].tolist():
+        seen.add(("pte" if f & mx.PTE_51 else mx.hi_at(f), mx.hi_bit(f)))
+    ats = ["pte", "pde", "pdpte", "pdpte1g", "pml4e"] + (["pml5e"] if levels == 5 else [])
+    assert seen == {(a, b) for a in ats for b in range(m, 52)}
+
+
+def test_hi_names_round_trip():
+    f = mx.flags_from_names("pde.p pde.51 hi.bit=40 hi.at=pml4e")
+    assert mx.hi_bit(f) == 40 and mx.hi_at(f) == "pml4e"
+    assert mx.flags_from_names(mx.flag_names(f)) == f
+    assert mx.hi_bit(mx.PTE_51) == 51 and mx.hi_at(mx.PDE_51) == "pde"
+    from x86pt.errors import BadInputError
+    for bad in ("hi.bit=53", "hi.at=cr3", "hi.bit=x"):
+        with pytest.raises(BadInputError):
+            mx.flags_from_names(bad)
+
+
+def _entries_by_hand(mem, cr3: int, va: int, levels: int) -> list[int]:
+    """Raw entries on the walk of va, read straight from the image (SDM §4.5: index = 9 VA bits
+    per level, table address = entry bits 39:12 for M=40), stopping at a PS leaf, a non-present
+    entry or one with bits 51:40 set (reserved: the walk ends there)."""
+    out, table = [], cr3 & ~0xFFF
+    for lv in range(levels, 0, -1):
+        e = mem.read_u64(table + ((va >> (12 + 9 * (lv - 1))) & 0x1FF) * 8)
+        out.append(e)
+        if not e & 1 or (lv in (2, 3) and e & 0x80) or e & 0x000FFF0000000000:
+            break
+        table = e & 0x000000FFFFFFF000
+    return out
+
+
+@pytest.mark.parametrize("at,level_from_top", [("pml5e", 0), ("pml4e", 1), ("pdpte", 2), ("pdpte1g", 2), ("pde", 3)])
+def test_the_reserved_bit_sits_in_the_named_entry(at, level_from_top):
+    levels = 5
+    f = mx.flags_from_names(f"la57 pde.p pde.rw pte.p pte.rw pde.51 hi.bit=45 hi.at={at}")
+    b = mx.build_batch([("c", f)], MatrixFeatures(maxphyaddr=40, la57=True), profile_named("intel"))
+    es = _entries_by_hand(b.memory, b.state.cr3, b.probes[-1].va, levels)
+    hit = [k for k, e in enumerate(es) if e >> 45 & 1]
+    assert hit == [level_from_top] and len(es) >= level_from_top + 1
+    assert all(not (e >> 51) & 1 for e in es)
+    if at == "pdpte1g":
+        assert es[2] & 0x80                                  # a 1G leaf
