@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from x86pt.errors import BadInputError, PhysicalAddressError, StateError
-from x86pt.state import (CR0_PG, CR4_PAE, CR4_PCIDE, CR4_PGE, CR4_SMEP, PF_ID, PF_P, PF_PK,
-                         PF_RSVD, PF_U, PF_W, PagingState)
+from x86pt.state import (CR0_PG, CR4_LA57, CR4_PAE, CR4_PCIDE, CR4_PGE, CR4_SMEP, PF_ID, PF_P,
+                         PF_PK, PF_RSVD, PF_U, PF_W, PagingState)
 from x86pt.walk import BIT_D, BIT_PS, Access, Rights, check_rights, walk
 
 PAGE = 1 << 12
@@ -363,7 +363,7 @@ class Cpu:
         the current PCID. PCIDE 0->1 removes nothing and needs CR3[11:0] = 0 (§4.10.1)."""
         old = self.state.cr4
         value &= U64
-        if (value ^ old) & (1 << 12):
+        if (value ^ old) & CR4_LA57:
             raise GeneralProtection("#GP(0): CR4.LA57 cannot change while IA-32e paging is on")
         if value & CR4_PCIDE and not old & CR4_PCIDE and self.state.cr3 & 0xFFF:
             raise GeneralProtection("#GP(0): CR4.PCIDE set while CR3[11:0] is not 0")
@@ -548,6 +548,14 @@ class TlbSystem:
             else:
                 c.mov_cr3(c.state.cr3)
 
+    def to_json(self) -> dict:
+        """What each CPU may hold, sorted by address: for a report or a golden file."""
+        return {"cpus": [{"cpu": c.index, "cr3": hex(c.state.cr3), "cr4": hex(c.state.cr4),
+                          "pcid": c.pcid,
+                          "tlb": [e.to_json() for e in sorted(c.entries(), key=_tlb_key)],
+                          "psc": [p.to_json() for p in sorted(c.psc_entries(), key=_psc_key)]}
+                         for c in self.cpus]}
+
     # -- the difference report ----------------------------------------------------------------
     def differences(self, cpu: int | None = None) -> list["Difference"]:
         """Every range where a CPU may use a cached translation that differs from the current
@@ -557,6 +565,14 @@ class TlbSystem:
             out.extend(cpu_differences(c, self.memory))
         out.sort(key=lambda d: (d.start & U64, d.cpu, d.kind))
         return out
+
+
+def _tlb_key(e: TlbEntry) -> tuple:
+    return (e.page & U64, e.size, e.pcid, e.frame, e.writable, e.user, e.executable, e.pkey, e.dirty, e.global_)
+
+
+def _psc_key(p: PscEntry) -> tuple:
+    return (p.base & U64, -p.level, p.pcid, p.table, p.writable, p.user, p.xd)
 
 
 # -- differences ---------------------------------------------------------------------------------
@@ -727,6 +743,89 @@ def cpu_differences(c: Cpu, memory) -> list[Difference]:
             out.extend(_diff_ranges(c, memory, p.base, p.base + p.span, lambda v: through.get(v),
                                     p.describe() + " (walk through the old table)", cur_runs))
     return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """How long a difference lasts: it was first reported after op `opened` and was gone after
+    op `closed` (None: still open), over [start, end) on CPU `cpu`."""
+
+    cpu: int
+    start: int
+    end: int
+    kind: str
+    severity: str
+    opened: int
+    closed: int | None = None
+
+    def to_json(self) -> dict:
+        return {"cpu": self.cpu, "start": hex(self.start), "end": hex(self.end), "kind": self.kind,
+                "severity": self.severity, "opened": self.opened, "closed": self.closed}
+
+
+class WindowTracker:
+    """Turns the difference reports taken after successive ops into windows: which op opened
+    each range and which later op's flush closed it. Ranges are tracked per (cpu, kind,
+    severity) at their exact bounds, so a flush that removes part of a range closes that part
+    only and the rest keeps its opening op."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[int, str, str], list[tuple[int, int, int]]] = {}
+        self.closed: list[Window] = []
+
+    def update(self, at: int, diffs: Iterable[Difference]) -> list[Window]:
+        """Feed the differences seen after op `at`; returns the windows this op closed."""
+        new: dict[tuple[int, str, str], list[tuple[int, int]]] = {}
+        for d in diffs:
+            new.setdefault((d.cpu, d.kind, d.severity), []).append((d.start & U64, d.end & U64 or 1 << 64))
+        closed_now: list[Window] = []
+        for key in set(self._open) | set(new):
+            old = self._open.get(key, [])
+            cur = _union(new.get(key, []))
+            points = sorted({p for s, e, *_ in old for p in (s, e)} | {p for s, e in cur for p in (s, e)})
+            keep: list[tuple[int, int, int]] = []
+            gone: list[tuple[int, int, int]] = []
+            for a, z in zip(points, points[1:]):
+                o = next((op for s, e, op in old if s <= a < e), None)
+                inside = any(s <= a < e for s, e in cur)
+                if inside:
+                    _append(keep, a, z, at if o is None else o)
+                elif o is not None:
+                    _append(gone, a, z, o)
+            if keep:
+                self._open[key] = keep
+            else:
+                self._open.pop(key, None)
+            cpu, kind, sev = key
+            closed_now += [Window(cpu, s, e, kind, sev, op, at) for s, e, op in gone]
+        closed_now.sort(key=lambda w: (w.start, w.cpu, w.kind))
+        self.closed += closed_now
+        return closed_now
+
+    def open_windows(self) -> list[Window]:
+        out = [Window(cpu, s, e, kind, sev, op) for (cpu, kind, sev), runs in self._open.items()
+               for s, e, op in runs]
+        return sorted(out, key=lambda w: (w.start, w.cpu, w.kind))
+
+    def dangerous_open(self) -> list[Window]:
+        return [w for w in self.open_windows() if w.severity == "dangerous"]
+
+
+def _union(iv: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(iv):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _append(runs: list[tuple[int, int, int]], s: int, e: int, op: int) -> None:
+    if runs and runs[-1][1] == s and runs[-1][2] == op:
+        runs[-1] = (runs[-1][0], e, op)
+    else:
+        runs.append((s, e, op))
 
 
 # -- the kernel's flushes and the trace operations -----------------------------------------------
@@ -930,3 +1029,91 @@ def apply_tlb_op(system: TlbSystem, op: tuple, *, kernel: str = "6.15",
             c.invpcid(op[2], op[3], op[4])
         return None
     raise BadInputError(f"unknown TLB operation {name!r} (known: {', '.join(TLB_OPS)})")
+
+
+# -- the replay driver's side --------------------------------------------------------------------
+FLUSH_OPS = ("flush_tlb_all", "flush_tlb_kernel_range", "flush_tlb_local", "invlpg")
+
+
+class TlbReplay:
+    """What `cpa replay --tlb` keeps between ops: a TlbSystem, the windows, and the rule of which
+    flushes count. The CPA replay calls, per op:
+
+        begin_op(memory, ranges)        tables before the op; the VA ranges it may change
+        flush(memory, kind, ...)        at each flush the CPA model issues, tables at that moment
+        trace_op(op)                    for a TLB op read from the trace (parse_tlb_line)
+        end_op(index, memory)           tables after the op -> differences, closed windows
+
+    `assume`: "speculate" (default) — every CPU may have cached every translation of the op's
+    ranges before the op and again after each flush inside it (§4.10.2.3: prefetch and
+    speculative fills need no access in the program; the direct map is everybody's); "touch" —
+    only `touch`/`speculate` ops of the trace fill. `flushes`: "model" applies the flushes the
+    CPA model issues; "trace" ignores them, so only the trace's flush ops invalidate (replay
+    against the invalidations a real kernel recorded). The trace's flush ops always apply: they
+    are the callers' own flushes (vm_reset_perms after the *_noflush calls) or recorded ones,
+    and a flush applied twice at the same point changes nothing."""
+
+    def __init__(self, memory, state: PagingState, ncpus: int = 2, *, kernel: str = "6.15",
+                 assume: str = "speculate", flushes: str = "model",
+                 ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING) -> None:
+        if assume not in ("speculate", "touch"):
+            raise BadInputError("assume must be 'speculate' or 'touch'")
+        if flushes not in ("model", "trace"):
+            raise BadInputError("flushes must be 'model' or 'trace'")
+        self.system = TlbSystem(memory, state, ncpus)
+        self.tracker = WindowTracker()
+        self.kernel, self.assume, self.flushes, self.ceiling = kernel, assume, flushes, ceiling
+        self._ranges: list[tuple[int, int]] = []
+        self.flushes_done: list[FlushDone] = []
+
+    def _fill(self) -> None:
+        if self.assume == "speculate":
+            for s, e in self._ranges:
+                self.system.speculate(None, s, e)
+
+    def begin_op(self, memory, ranges: Iterable[tuple[int, int]] = ()) -> None:
+        self.system.memory = memory
+        self._ranges = [(s, e) for s, e in ranges if e > s]
+        self._fill()
+
+    def flush(self, memory, kind: str, start: int = 0, end: int = TLB_FLUSH_ALL,
+              cpu: int | None = None) -> FlushDone | None:
+        """A flush the CPA model issues. kind: "all" (flush_tlb_all: split, collapse, cpa_flush
+        over the ceiling, cpa_flush_all), "range" (cpa_flush / flush_tlb_kernel_range [start,
+        end): the ceiling rule of the kernel version), "local" (this CPU's __flush_tlb_all:
+        DEBUG_PAGEALLOC), "page" (one INVLPG of start on `cpu`, or on every CPU: kfence's local
+        flush, flush_tlb_one_kernel). Ignored (None) when flushes come from the trace."""
+        if self.flushes != "model":
+            return None
+        self.system.memory = memory
+        if kind == "all":
+            self.system.flush_all()
+            done = FlushDone(full=1, cpus=tuple(range(len(self.system.cpus))))
+        elif kind == "range":
+            done = flush_tlb_kernel_range(self.system, start, end, kernel=self.kernel, ceiling=self.ceiling)
+        elif kind == "local":
+            self.system.flush_all(cpu)
+            done = FlushDone(full=1, cpus=tuple(c.index for c in self.system.selected(cpu)))
+        elif kind == "page":
+            self.system.invlpg(start, cpu)
+            done = FlushDone(pages=(start,), cpus=tuple(c.index for c in self.system.selected(cpu)))
+        else:
+            raise BadInputError(f"unknown flush kind {kind!r} (all, range, local, page)")
+        self.flushes_done.append(done)
+        self._fill()           # other CPUs may cache the tables as they are now, before the next write
+        return done
+
+    def trace_op(self, op: tuple, memory=None):
+        """A TLB op from the trace (flushes, touches, speculative fills, CR writes)."""
+        if memory is not None:
+            self.system.memory = memory
+        r = apply_tlb_op(self.system, op, kernel=self.kernel, ceiling=self.ceiling)
+        if isinstance(r, FlushDone):
+            self.flushes_done.append(r)
+        return r
+
+    def end_op(self, index: int, memory) -> tuple[list[Difference], list[Window]]:
+        """Differences after op `index` and the windows this op closed."""
+        self.system.memory = memory
+        diffs = self.system.differences()
+        return diffs, self.tracker.update(index, diffs)
