@@ -9,7 +9,10 @@ what rights they give, what error code follows, and what the PTE and PDE must ho
 
 Documented difference: the §10.4 pseudo-code's SMEP rule reads 'fetch and u and smep' without the
 CPL; the SDM (§4.6.1) and KVM fault only *supervisor* fetches from user pages, and this is what
-we expect (SMEP cases are not in the classic matrix; the extended sample checks them).
+we expect. KUT has no SMAP in access.c and no implicit accesses anywhere; the rules added for
+them here are the SDM's (Vol. 3A §4.6: an implicit access is a supervisor-mode access whatever
+the CPL, SMAP-checked whatever EFLAGS.AC; §4.7: its #PF error code has U/S=0), plus one measured
+profile deviation (QEMU/unicorn let EFLAGS.AC=1 lift SMAP for an implicit access at CPL0).
 """
 from __future__ import annotations
 
@@ -41,11 +44,16 @@ def _has(flags: int, *names: str) -> bool:
     return all(flags & mx.F[n] for n in names)
 
 
-def kut_expect(flags: int, *, user: bool, write: bool, fetch: bool, m: int, ac: bool = False) -> Expect:
-    """One access of a matrix case, the KUT way."""
+def kut_expect(flags: int, *, user: bool, write: bool, fetch: bool, m: int, ac: bool = False,
+               implicit: bool = False, implicit_ac_at_cpl0: bool = False) -> Expect:
+    """One access of a matrix case, the KUT way (`implicit`: a descriptor-table read, which is a
+    supervisor access at any CPL)."""
     f = flags
     nx_on = _has(f, "efer.nx")
     smep = _has(f, "cr4.smep")
+    cpl3 = user
+    user = user and not implicit
+    smap_lifted = ac and (not implicit or (implicit_ac_at_cpl0 and not cpl3))
     error = PFERR_P | (PFERR_U if user else 0) | (PFERR_W if write else 0) | (PFERR_F if fetch else 0)
     fault = False
     pte_add = pde_add = 0
@@ -72,7 +80,7 @@ def kut_expect(flags: int, *, user: bool, write: bool, fetch: bool, m: int, ac: 
             bad = True
         if fetch and upage and smep and not user:       # SDM: SMEP is for supervisor fetches
             bad = True
-        if _has(f, "cr4.smap") and upage and not user and not fetch and not ac:
+        if _has(f, "cr4.smap") and upage and not user and not fetch and not smap_lifted:
             bad = True
         if upage and not fetch and _has(f, "pkey=1") and _has(f, "cr4.pke"):
             if _has(f, "pkru.ad"):
@@ -121,7 +129,8 @@ def kut_expect(flags: int, *, user: bool, write: bool, fetch: bool, m: int, ac: 
     return Expect(fault, error, pte_add, pde_add, ignore_pde_a)
 
 
-def check_case(flags: int, batch, case, results, after, m: int) -> list[str]:
+def check_case(flags: int, batch, case, results, after, m: int,
+               implicit_ac_at_cpl0: bool = False) -> list[str]:
     """KUT's five checks for one case of a model run."""
     msgs = []
     probes = [batch.probes[i] for i in case.probes]
@@ -133,7 +142,8 @@ def check_case(flags: int, batch, case, results, after, m: int) -> list[str]:
             pte_add |= first.pte_add
             pde_add |= first.pde_add
     e = kut_expect(flags, user=bool(flags & mx.ACC_USER), write=bool(flags & mx.ACC_WRITE),
-                   fetch=bool(flags & mx.ACC_FETCH), m=m, ac=bool(flags & mx.ACC_AC))
+                   fetch=bool(flags & mx.ACC_FETCH), m=m, ac=bool(flags & mx.ACC_AC),
+                   implicit=bool(flags & mx.IMPLICIT), implicit_ac_at_cpl0=implicit_ac_at_cpl0)
     pte_add |= e.pte_add
     pde_add |= e.pde_add
     r = rs[-1]
@@ -164,20 +174,29 @@ def check_case(flags: int, batch, case, results, after, m: int) -> list[str]:
     return msgs
 
 
-def _run_sample(profile: str, n: int, seed: int, extended: bool = False, maxphyaddr: int | None = None):
+def _run_sample(profile: str, n: int, seed: int, extended: bool = False, maxphyaddr: int | None = None,
+                space_name: str | None = None):
     prof = profile_named(profile)
     feat = MatrixFeatures.from_profile(prof, maxphyaddr)
     m = matrix_for(feat, extended=extended)
+    base = 0
     space = m.spaces[0]
+    if space_name is not None:
+        for space in m.spaces:
+            if space.name == space_name:
+                break
+            base += space.size
+        assert space.name == space_name
     rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(space.size, size=min(n, space.size), replace=False))
+    idx = np.sort(rng.choice(space.size, size=min(n, space.size), replace=False)) + base
     src = mx.MatrixSource(m, prof, indices=idx)
     failures = []
     count = 0
     for batch in src.batches():
         results, after = model_run(batch.memory, batch.state, batch.probes)
         for case in batch.cases:
-            msgs = check_case(case.flags, batch, case, results, after, feat.maxphyaddr)
+            msgs = check_case(case.flags, batch, case, results, after, feat.maxphyaddr,
+                              prof.implicit_smap_honours_ac)
             count += 1
             if msgs:
                 failures.append(f"test {mx.flag_names(case.flags)}: " + "; ".join(msgs))
@@ -197,6 +216,35 @@ def test_model_agrees_with_kut_expectations_with_smep_and_smap():
     # made with AC=0, so SMAP applies to it).
     count, failures = _run_sample("intel", 12000, seed=12, extended=True, maxphyaddr=40)
     assert not failures, f"{len(failures)} of {count} cases differ, e.g.:\n" + "\n".join(failures[:10])
+
+
+@pytest.mark.parametrize("profile,maxphyaddr", [("intel", 40), ("intel", 48), ("unicorn", None), ("kvm", None)])
+def test_model_agrees_with_hand_expectations_on_implicit_accesses(profile, maxphyaddr):
+    # The extended matrix's implicit space: descriptor-table reads at CPL0 and CPL3, SMAP x AC,
+    # keys, user/supervisor pages, not-present and reserved-bit walks.
+    count, failures = _run_sample(profile, 4000, seed=13, extended=True, maxphyaddr=maxphyaddr,
+                                  space_name="implicit")
+    assert count >= 1500
+    assert not failures, f"{len(failures)} of {count} cases differ, e.g.:\n" + "\n".join(failures[:10])
+
+
+def test_implicit_expectation_by_hand():
+    # SDM §4.6/§4.7: an implicit read at CPL3 of a user page under SMAP faults with P only (no U),
+    # EFLAGS.AC notwithstanding; of a supervisor page it is allowed (a supervisor access).
+    f = mx.flags_from_names("pte.p pte.user pde.p pde.user cr4.smap ac user implicit")
+    e = kut_expect(f, user=True, write=False, fetch=False, m=40, ac=True, implicit=True)
+    assert e.fault and e.error == PFERR_P
+    f = mx.flags_from_names("pte.p pde.p user implicit")
+    assert not kut_expect(f, user=True, write=False, fetch=False, m=40, implicit=True).fault
+    # not present at CPL3: error code 0, not U
+    f = mx.flags_from_names("pde.p user implicit")
+    e = kut_expect(f, user=True, write=False, fetch=False, m=40, implicit=True)
+    assert e.fault and e.error == 0
+    # CPL0 with AC=1: the SDM faults, QEMU/unicorn's deviation lets it through
+    f = mx.flags_from_names("pte.p pte.user pde.p pde.user cr4.smap ac implicit")
+    assert kut_expect(f, user=False, write=False, fetch=False, m=40, ac=True, implicit=True).fault
+    assert not kut_expect(f, user=False, write=False, fetch=False, m=40, ac=True, implicit=True,
+                          implicit_ac_at_cpl0=True).fault
 
 
 def test_the_expectation_can_fail():
