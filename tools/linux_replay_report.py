@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness.linux.collect import load_json  # noqa: E402
+from harness.linux.collect import run_meta  # noqa: E402
 from harness.linux.replay import render, replay_run  # noqa: E402
 from x86pt.errors import X86ptError  # noqa: E402
 
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     results, groups = [], {}
     try:
         for d in runs:
-            cfg = load_json(os.path.join(d, "meta.json")).get("config", {})
+            cfg = run_meta(d).get("config", {})
             rs = replay_run(d)
             results += rs
             g = groups.setdefault(f"{cfg.get('kernel')} {cfg.get('levels')}-level", [0, 0])
