@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
-from x86pt.errors import BadInputError
+from x86pt.errors import BadInputError, BudgetError
 from x86pt.numbers import parse_int
 
 GiB = 1 << 30
@@ -69,6 +69,7 @@ class Layout:
                 raise BadInputError(f"layout {self.name}: bad RAM range {s:#x}-{e:#x} (page aligned, "
                                     "sorted, not overlapping)")
             last = e
+        check_direct_map_size(self.ram, self.gbpages, f"layout {self.name}")
 
     @property
     def ram_bytes(self) -> int:
@@ -128,7 +129,13 @@ def layout_named(name: str) -> Layout:
         except OSError as e:
             raise BadInputError(f"cannot read layout {name}: {e.strerror}") from None
         except json.JSONDecodeError as e:
-            raise BadInputError(f"layout {name}: bad JSON: {e.msg}") from None
+            raise BadInputError(f"layout {name}:{e.lineno}: bad JSON: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise BadInputError(f"layout {name}: not UTF-8 text (byte {e.start})") from None
+        except RecursionError:
+            raise BadInputError(f"layout {name}: bad JSON: nested too deeply") from None
+        except ValueError as e:          # e.g. an integer longer than Python's digit limit
+            raise BadInputError(f"layout {name}: bad JSON: {str(e).splitlines()[0]}") from None
         return layout_from_json(d, name)
     raise BadInputError(f"unknown layout {name!r} (presets: {', '.join(PRESETS)}, demo, or FILE.json)")
 
@@ -156,6 +163,30 @@ def layout_from_json(d: dict, source: str = "layout") -> Layout:
             lay = replace(lay, **{key: parse_int(d[key], f"{source} {key}")})
     lay.check()
     return lay
+
+
+# Bounds checked before the model allocates anything. 4-level paging gives the direct map 64 TiB
+# (MAX_PHYSMEM_BITS = 46, arch/x86/include/asm/sparsemem.h), and the model maps it with one Python
+# int per leaf: 2^21 leaves (4 TiB in 2M pages, all of 64 TiB in 1G pages) build in about 2 s.
+MAX_PHYSMEM_BITS = 46
+MAX_MAP_LEAVES = 1 << 21
+
+
+def direct_map_leaves(ranges, gbpages: bool) -> int:
+    """Leaves init_memory_mapping would write for `ranges` ([start, end) byte pairs)."""
+    return sum((e - s) // size for a, b in ranges for s, e, size in split_mem_range(a, b, gbpages))
+
+
+def check_direct_map_size(ranges, gbpages: bool, what: str) -> None:
+    """Refuse RAM the 4-level direct map cannot hold, or more leaves than MAX_MAP_LEAVES."""
+    for s, e in ranges:
+        if e > 1 << MAX_PHYSMEM_BITS:
+            raise BudgetError(f"{what}: RAM {s:#x}-{e:#x} ends above 64 TiB, the 4-level direct "
+                              f"map's size (MAX_PHYSMEM_BITS = {MAX_PHYSMEM_BITS})")
+    n = direct_map_leaves(ranges, gbpages)
+    if n > MAX_MAP_LEAVES:
+        raise BudgetError(f"{what}: the direct map would need {n} leaves, more than the model's "
+                          f"limit of {MAX_MAP_LEAVES} (4 TiB in 2M pages; 1G pages need fewer)")
 
 
 def split_mem_range(start: int, end: int, gbpages: bool) -> list[tuple[int, int, int]]:

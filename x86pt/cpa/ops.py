@@ -20,8 +20,9 @@ from x86pt.cpa.kernel import (CACHE_MASK, CPA_COLLAPSE, CPA_NO_CHECK_ALIAS, DIRT
                               PAGE_KERNEL_LARGE, PAGE_KERNEL_LARGE_EXEC, PMD_PFN_MASK, PSE,
                               PTE_PFN_MASK, PUD_PFN_MASK, RW, TLB_SINGLE_PAGE_FLUSH_CEILING, U64,
                               KernelVersion, flags_of, kernel_version)
-from x86pt.cpa.layout import Layout, split_mem_range
-from x86pt.errors import BadInputError
+from x86pt.cpa.layout import (MAX_MAP_LEAVES, MAX_PHYSMEM_BITS, Layout, check_direct_map_size,
+                              split_mem_range)
+from x86pt.errors import BadInputError, BudgetError
 
 M48 = (1 << 48) - 1
 M57 = (1 << 57) - 1
@@ -697,6 +698,13 @@ class CpaModel:
     def vmap(self, addr: int, pa: int, n: int, huge: bool = False, prot: int | None = None) -> None:
         """Map n pages at addr to consecutive frames from pa (vmap_range); huge = PMD leaves for
         2M-aligned parts (huge vmalloc), 4K elsewhere."""
+        if pa & 0xFFF or n < 0 or pa + (n << 12) > 1 << MAX_PHYSMEM_BITS:
+            raise BadInputError(f"vmap {addr:#x} {pa:#x} {n}: frames must be page aligned and end "
+                                f"below 2^{MAX_PHYSMEM_BITS} (the model's MAXPHYADDR)")
+        leaves = n >> 9 if huge and not (addr - pa) & (PMD_SIZE - 1) else n
+        if leaves > MAX_MAP_LEAVES:
+            raise BudgetError(f"vmap {addr:#x} {pa:#x} {n}: about {leaves} leaves, more than the "
+                              f"model's limit of {MAX_MAP_LEAVES} per operation")
         prot = self.default_prot if prot is None else prot
         v, p, end = addr & self.vmask, pa, (addr & self.vmask) + (n << 12)
         while v < end:
@@ -746,6 +754,8 @@ class CpaModel:
         s, e = start >> 12, (start + size) >> 12
         if any(a < e and s < b for a, b in self.ram):
             raise BadInputError(f"memory_add {start:#x}+{size:#x}: overlaps mapped RAM")
+        check_direct_map_size([(a << 12, b << 12) for a, b in self.ram] + [(start, start + size)],
+                              self.layout.gbpages, f"memory_add {start:#x}+{size:#x}")
         self.map_direct(start, start + size)
         self._set_ram(self.ram + [(s, e)])
         for pa in range(start, start + size, PMD_SIZE):
@@ -757,6 +767,9 @@ class CpaModel:
         split on hot-remove)."""
         if start & (PMD_SIZE - 1) or size & (PMD_SIZE - 1) or size <= 0:
             raise BadInputError("memory_remove: start and size must be 2M aligned")
+        if start + size > 1 << MAX_PHYSMEM_BITS:
+            raise BadInputError(f"memory_remove {start:#x}+{size:#x}: ends above 64 TiB, the "
+                                f"4-level direct map's size (MAX_PHYSMEM_BITS = {MAX_PHYSMEM_BITS})")
         c = self.counters
         va, end = self.page_offset + start, self.page_offset + start + size
         while va < end:
