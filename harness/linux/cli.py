@@ -186,6 +186,6 @@ def register(subparsers) -> None:
                         epilog=EPILOG_REPORT, formatter_class=raw)
     rp.add_argument("dir", help="a folder written by `x86pt linux run` (or a fixture)")
     rp.add_argument("--plot", default=None, metavar="FILE.png",
-                    help="fragmentation plot (default DIR/fragmentation.png)")
+                    help="write a fragmentation plot of the direct map here (none without it)")
     rp.add_argument("--json", action="store_true", help="the table as JSON")
     rp.set_defaults(func=cmd_report)

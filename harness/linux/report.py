@@ -142,8 +142,8 @@ def report_data(run_dir: str, plot: str | None = None) -> dict:
     for row, ag in zip(rows, model_agreement(run_dir, dirs)):
         row["model"] = ag
     cfg = meta.get("config", {})
-    plot = plot or os.path.join(run_dir, "fragmentation.png")
-    write_plot(plot, rows, f"{meta.get('kernel_release')} {cfg.get('levels')}-level {meta.get('workload')}")
+    if plot:      # only where asked: a report never writes into the run folder by itself
+        write_plot(plot, rows, f"{meta.get('kernel_release')} {cfg.get('levels')}-level {meta.get('workload')}")
     return {"run": run_dir, "kernel_release": meta.get("kernel_release"),
             "kernel_package_version": meta.get("kernel_package_version"),
             "qemu_version": meta.get("qemu_version"), "levels": cfg.get("levels"),
@@ -181,7 +181,7 @@ def report(run_dir: str, plot: str | None = None) -> str:
                "direct map and the kernel's counters (tools/linux_replay_report.py for details)")
     out.append("lost G: change of direct-map 4K pages mapped without GLB in the kernel's ptdump "
                "(step 0: the count at baseline)")
-    out.append(f"plot: {data['plot']}")
+    out.append(f"plot: {data['plot']}" if data["plot"] else "plot: --plot FILE.png draws one")
     return "\n".join(out) + "\n"
 
 
