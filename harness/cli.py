@@ -113,7 +113,15 @@ def cmd_conform(args) -> int:
     explicit = args.oracle != "all"
 
     if args.repro:
-        repro = load_repro(args.repro)
+        try:
+            repro = load_repro(args.repro)
+        except RecursionError:
+            raise BadInputError(f"repro {args.repro} is not JSON: nested too deeply") from None
+        except ValueError as e:       # an integer longer than Python's digit limit
+            raise BadInputError(f"repro {args.repro} is not JSON: {str(e).split(':')[0]}") from None
+        if not isinstance(repro, dict) or not isinstance(repro.get("state", {}), dict):
+            raise BadInputError(f"repro {args.repro}: not an x86pt conform repro file (a JSON "
+                                "object with x86pt_repro, state, entries and probes)")
         name = names[0] if args.oracle != "all" else repro.get("oracle", "unicorn")
         oracle = _open_oracle(name, args.profile or (repro.get("state") or {}).get("profile"))
         try:

@@ -126,7 +126,7 @@ def census(state: PagingState, memory, page_offset: int | None = None, *,
         sub = ch if k.all() else ch.take(k)
         present = (sub.eff & np.uint8(EFF_P)) != 0
         if kernel_map is not None:
-            pt = (sub.level == 1) & (sub.va >= U64(kernel_map[0])) & (sub.va < U64(kernel_map[1]))
+            pt = (sub.level == 1) & (sub.va >= U64(kernel_map[0])) & (sub.va <= U64(kernel_map[1] - 1))
             if pt.any():
                 lo = (sub.va[pt] >> U64(21)).tolist()
                 hi = ((sub.va[pt] + sub.span[pt] - U64(1)) >> U64(21)).tolist()

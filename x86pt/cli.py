@@ -112,18 +112,25 @@ def read_probes(path: str):
     from x86pt.walk import Access
     probes = []
     try:
-        f = sys.stdin if path == "-" else open(path, "r", encoding="utf-8")
+        f = sys.stdin.buffer if path == "-" else open(path, "rb")
     except OSError as e:
         raise BadInputError(f"cannot open probe file {path}: {e.strerror}") from None
     with f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise BadInputError(f"{path}:{n}: not UTF-8 text (byte {e.start})") from None
             if not line or line.startswith("#"):
                 continue
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BadInputError(f"{path}:{n}: bad JSON: {e.msg}") from None
+            except RecursionError:
+                raise BadInputError(f"{path}:{n}: bad JSON: nested too deeply") from None
+            except ValueError as e:       # an integer longer than Python's digit limit
+                raise BadInputError(f"{path}:{n}: bad JSON: {str(e).split(':')[0]}") from None
             if not isinstance(d, dict) or "va" not in d:
                 raise BadInputError(f"{path}:{n}: a probe is an object with at least \"va\"")
             unknown = set(d) - {"va", "access", "user", "ac", "implicit"}

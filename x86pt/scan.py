@@ -547,16 +547,23 @@ def parse_has(words: str) -> tuple[int, int, bool]:
     pat: bool | None = None
     for w in words.replace(",", " ").split():
         neg = w.startswith(("!", "-", "_"))
-        name = w.lstrip("!-_").lower()
+        name = (w[1:] if neg else w).lower()
         if name == "pat":
+            if pat is not None and pat == neg:
+                raise BadInputError(f"--has {words!r}: pat is asked both set and clear")
             pat = not neg
             continue
         if name not in FLAG_BITS:
-            raise BadInputError(f"unknown flag {w!r} for --has (known: {', '.join(FLAG_BITS)}, pat)")
+            raise BadInputError(f"unknown flag {w!r} for --has (one flag per word, '!' once to ask "
+                                f"for it clear; known: {', '.join(FLAG_BITS)}, pat)")
         if neg:
             clear |= 1 << FLAG_BITS[name]
         else:
             need |= 1 << FLAG_BITS[name]
+    if need & clear:
+        raise BadInputError(f"--has {words!r}: a flag is asked both set and clear")
+    if not words.replace(",", " ").split():
+        raise BadInputError("--has '': name at least one flag")
     return need, clear, pat
 
 

@@ -36,6 +36,16 @@ EFER_NXE = 1 << 11
 
 RFLAGS_AC = 1 << 18
 
+# Bits a CPU accepts (anything else is reserved and #GPs on MOV/WRMSR). CR0: PE MP EM TS ET NE WP AM
+# NW CD PG (SDM Vol. 3A §2.5). CR4: bits 0-14 (VME..SMXE), 16-25 (FSGSBASE PCIDE OSXSAVE KL SMEP
+# SMAP PKE CET PKS UINTR), 27 LASS, 28 LAM_SUP; 15, 26 and 63:29 are reserved. EFER: SCE LME LMA NXE
+# on Intel (§2.2.1); AMD adds SVME LMSLE FFXSR TCE (12-15), MCOMMIT 17, INTWB 18, UAIE 20,
+# AIBRSE 21 (APM Vol. 2 §3.1.7).
+CR0_DEFINED = 0x1F | CR0_NE | CR0_WP | (1 << 18) | (1 << 29) | (1 << 30) | CR0_PG
+CR4_DEFINED = 0x7FFF | (0x3FF << 16) | (1 << 27) | (1 << 28)
+EFER_DEFINED_INTEL = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE
+EFER_DEFINED_AMD = EFER_DEFINED_INTEL | (0xF << 12) | (1 << 17) | (1 << 18) | (1 << 20) | (1 << 21)
+
 # #PF error code bits (SDM Vol. 3A §4.7).
 PF_P = 1 << 0
 PF_W = 1 << 1
@@ -181,6 +191,30 @@ class PagingState:
                 raise BadInputError(f"{name} must be a 32-bit unsigned integer, not {v!r}")
         if self.maxphyaddr is not None and not 32 <= self.maxphyaddr <= 52:
             raise BadInputError(f"MAXPHYADDR must be between 32 and 52, not {self.maxphyaddr}")
+        self._check_reserved()
+
+    def _check_reserved(self) -> None:
+        """Refuse values a MOV to CR0/CR3/CR4 or WRMSR to EFER would not accept: the CPU raises
+        #GP for reserved bits set (SDM Vol. 3A §2.5: CR0 63:32 and CR4 63:32 and its reserved
+        bits; §4.5: CR3 bits 63:M; EFER, §2.2.1 and AMD APM Vol. 2 §3.1.7, per vendor). Only
+        architecturally reserved bits are refused; a feature bit the profile's CPU lacks (say
+        LA57) is left to the walk, which follows the register. CR3 bits 11:0 are never refused:
+        with CR4.PCIDE=0 bits 2:0 and 11:5 are ignored and 4:3 are PWT/PCD; with PCIDE=1 they are
+        the PCID (§4.5.2), so CR3=0x1001 names the table at 0x1000."""
+        bad = []
+        if self.cr0 & ~CR0_DEFINED:
+            bad.append(f"cr0 bits {self.cr0 & ~CR0_DEFINED:#x}")
+        if self.cr4 & ~CR4_DEFINED:
+            bad.append(f"cr4 bits {self.cr4 & ~CR4_DEFINED:#x}")
+        efer_ok = EFER_DEFINED_AMD if self.profile.vendor == "amd" else EFER_DEFINED_INTEL
+        if self.efer & ~efer_ok:
+            bad.append(f"efer bits {self.efer & ~efer_ok:#x} ({self.profile.vendor})")
+        if self.cr3 >> self.m:
+            bad.append(f"cr3 bits 63:{self.m} ({self.cr3 & ~((1 << self.m) - 1):#x}, above "
+                       f"MAXPHYADDR {self.m})")
+        if bad:
+            raise BadInputError("reserved register bits set: " + "; ".join(bad)
+                                + " (a CPU would refuse these values with #GP)")
 
     def replace(self, **kw) -> "PagingState":
         return dataclasses.replace(self, **kw)
@@ -309,4 +343,5 @@ class PagingState:
                    cr4=parse_int(d.get("cr4", CR4_PAE), "cr4"),
                    efer=parse_int(d.get("efer", cls.efer), "efer"),
                    pkru=parse_int(d.get("pkru", 0), "pkru"), pkrs=parse_int(d.get("pkrs", 0), "pkrs"),
-                   profile=prof, maxphyaddr=int(d["maxphyaddr"]) if "maxphyaddr" in d else None)
+                   profile=prof, maxphyaddr=parse_int(d["maxphyaddr"], "maxphyaddr", lo=32, hi=52)
+                   if "maxphyaddr" in d else None)

@@ -33,7 +33,8 @@ def _output(path: str | None, inputs=()) -> Iterator[BinaryIO]:
 
 
 def parse_range(text: str) -> tuple[int, int]:
-    """'A-B' (B exclusive), 'A+SIZE' or a single 'A' (one byte)."""
+    """'A-B' (B exclusive) or 'A+SIZE'. A bare 'A' is refused: a slot number, a size and an
+    address all look alike there."""
     t = text.strip()
     if "+" in t:
         a, n = t.split("+", 1)
@@ -44,8 +45,7 @@ def parse_range(text: str) -> tuple[int, int]:
         a, b = t.split("-", 1) if not t.startswith("-") else (t, "")
         lo, hi = parse_int(a, "--range start"), parse_int(b, "--range end")
     else:
-        lo = parse_int(t, "--range")
-        hi = lo + 1
+        raise BadInputError(f"--range {text}: give A-B (B exclusive) or A+SIZE")
     if not lo < hi <= 1 << 64:
         raise BadInputError(f"--range {text}: the end must lie above the start")
     return lo, hi
@@ -219,7 +219,8 @@ def cmd_census(args) -> int:
     with open_image(args.image, args) as img:
         from x86pt.census import KERNEL_MAP
         from x86pt.numbers import parse_size
-        size = parse_size(args.kernel_image_size, "--kernel-image-size")
+        # [__START_KERNEL_map, +size) must end inside the address space: at most 2 GiB
+        size = parse_size(args.kernel_image_size, "--kernel-image-size", hi=(1 << 64) - KERNEL_MAP)
         c = census(img.state, img.memory, _page_offset(args), max_entries=_max_entries(args),
                    kernel_map=(KERNEL_MAP, KERNEL_MAP + size) if size else None)
         if args.json:

@@ -77,6 +77,9 @@ class ElfCore(MemoryBase):
                 if off + filesz > f.size:
                     raise ImageError(f"{path}: PT_LOAD {i} (paddr {paddr:#x}) is truncated: needs "
                                      f"file bytes up to {off + filesz:#x}, file has {f.size:#x}")
+                if paddr + memsz > 1 << 64:
+                    raise ImageError(f"{path}: PT_LOAD {i} (paddr {paddr:#x}, memsz {memsz:#x}) "
+                                     "runs past the end of the 64-bit physical address space")
                 if memsz:
                     loads.append((paddr, memsz, off, filesz))
             elif p_type == PT_NOTE:
