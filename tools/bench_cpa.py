@@ -5,6 +5,11 @@ same run is the core walker (x86pt.walk) translating each op's address on the ex
 the cost of one architectural walk per op, which a walker-based model would pay at least once.
 
     python3 tools/bench_cpa.py [--ops 1000000] [--workload mixed-rox] [--kernel 6.15]
+    python3 tools/bench_cpa.py --matrix [--ops 100000]
+
+--matrix replays every generated workload under every merge policy and kernel rule set with the
+validator on (traces generated per rule set, seed 1) and prints one line per cell: the verdict
+(ok, or the first violation's op index and invariant) and the seconds it took.
 """
 from __future__ import annotations
 
@@ -31,8 +36,11 @@ def main() -> int:
     ap.add_argument("--layout", default="server-64g")
     ap.add_argument("--policy", default="none")
     ap.add_argument("--validated-ops", type=int, default=None, help="ops for the validated run (default: --ops)")
+    ap.add_argument("--matrix", action="store_true", help="verdict and time of every cell")
     a = ap.parse_args()
     lay = PRESETS[a.layout]
+    if a.matrix:
+        return matrix(lay, a.ops if a.ops != 1_000_000 else 100_000)
     t = time.perf_counter()
     ops = generate(lay, a.kernel, a.workload, a.ops, 1)
     print(f"generated {len(ops)} ops ({a.workload}, {a.kernel}) in {time.perf_counter() - t:.1f} s")
@@ -69,6 +77,26 @@ def main() -> int:
           f"{r2.ops / r2.seconds / ws:.1f}x")
     print(f"max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print(m.counters.meminfo_text(lay.gbpages).rstrip())
+    return 0
+
+
+def matrix(lay, n: int) -> int:
+    from x86pt.cpa.merge import POLICIES
+    from x86pt.cpa.workload import MIXES, SCENARIOS
+    print(f"{'workload':<12} {'kernel':<6} " + " ".join(f"{p:>22}" for p in POLICIES))
+    total = time.perf_counter()
+    for wl in tuple(MIXES) + SCENARIOS:
+        for kernel in ("6.1", "6.6", "6.15", "6.18"):
+            ops = generate(lay, kernel, wl, n, 1)
+            cells = []
+            for p in POLICIES:
+                t = time.perf_counter()
+                r = replay(CpaModel(lay, kernel, p), ops, validate=True, samples=0)
+                v = r.violation
+                verdict = "ok" if v is None else f"{v.invariant}@{v.op_index}"
+                cells.append(f"{verdict:>12} {time.perf_counter() - t:7.1f}s")
+            print(f"{wl:<12} {kernel:<6} " + " ".join(f"{c:>22}" for c in cells), flush=True)
+    print(f"{n} ops per trace; total {time.perf_counter() - total:.0f} s")
     return 0
 
 

@@ -383,6 +383,23 @@ class Validator:
                         return Violation(idx, "d", f"nr_same_prot of the {'PTE' if tl == 1 else 'PMD'} "
                                                    f"table for {(key << (12 + 9 * tl)) | HI:#x} is "
                                                    f"{r[0]} but a recount gives {r[1]}")
+        # (b) a table entry an op wrote must not restrict its table: the kernel installs
+        # _KERNPG_TABLE (P|RW|A|D) and leaves protections to the leaves; RW=0 or NX=1 there
+        # would change all 512 translations below without any leaf differing
+        if "b" in self.checks:
+            for ek in touched or ():
+                tl, k = ek & 3, ek >> 2
+                if tl < 2:
+                    continue
+                t = (m.t2 if tl == 2 else m.t3).get(k >> 9)
+                e = t[k & 511] if t is not None else 0
+                if e & P and not e & PSE and (not e & RW or e & NX):
+                    va = k << (12 + 9 * (tl - 1))
+                    va = va | HI if va >> 47 else va
+                    return Violation(idx, "b", f"{'PMD' if tl == 2 else 'PUD'} entry for {va:#x} "
+                                               f"points to a table with RW={int(bool(e & RW))} "
+                                               f"NX={int(bool(e & NX))} ({e:#x}): it restricts "
+                                               f"every page below it")
         # (a), (b) over the touched regions
         if "a" in self.checks or "b" in self.checks:
             done: set[tuple[int, int]] = set()
