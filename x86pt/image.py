@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from x86pt.errors import BadInputError
+from x86pt.errors import BadInputError, X86ptError
 from x86pt.memory import MemoryBase, open_memory
 from x86pt.numbers import parse_int
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE,
@@ -43,6 +43,8 @@ def add_state_args(p: argparse.ArgumentParser) -> None:
 def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None,
                     profile_hint: str | None = None) -> tuple[PagingState, tuple[str, ...]]:
     regs = dict(regs or {})
+    from_image = [r for r in ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs", "maxphyaddr")
+                  if r in regs and getattr(args, r, None) is None]
     notes: list[str] = []
     for reg in ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs"):
         v = getattr(args, reg, None)
@@ -59,14 +61,24 @@ def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None
     if "efer" not in regs:
         regs["efer"] = EFER_LME | EFER_LMA | EFER_NXE
         notes.append("EFER not in the image: assuming LME|LMA|NXE (pass --efer)")
-    prof = profile_named(getattr(args, "profile", None) or profile_hint or "intel")
+    try:
+        prof = profile_named(getattr(args, "profile", None) or profile_hint or "intel")
+    except BadInputError as e:
+        raise BadInputError(f"{e}; the image names it, pass --profile") from None
     m = getattr(args, "maxphyaddr", None)
     if m is not None:
         m = parse_int(m, "--maxphyaddr", lo=32, hi=52)
     elif "maxphyaddr" in regs:
         m = regs["maxphyaddr"]
-    st = PagingState(cr0=regs["cr0"], cr3=regs["cr3"], cr4=regs["cr4"], efer=regs["efer"],
-                     pkru=regs.get("pkru", 0), pkrs=regs.get("pkrs", 0), profile=prof, maxphyaddr=m)
+    try:
+        st = PagingState(cr0=regs["cr0"], cr3=regs["cr3"], cr4=regs["cr4"], efer=regs["efer"],
+                         pkru=regs.get("pkru", 0), pkrs=regs.get("pkrs", 0), profile=prof,
+                         maxphyaddr=m)
+    except BadInputError as e:
+        if not from_image:
+            raise
+        raise BadInputError(f"{e}; the image's notes gave {', '.join(from_image)} (override "
+                            "one with --NAME N, e.g. --cr4 0x20)") from None
     st.check()
     return st, tuple(notes)
 
@@ -77,7 +89,10 @@ def open_image(path: str, args: argparse.Namespace | None = None) -> Image:
     try:
         st, notes = state_from_args(args, getattr(mem, "control_registers", {}),
                                     getattr(mem, "profile_name", None))
-    except Exception:
+    except X86ptError as e:
+        mem.close()
+        raise type(e)(f"{path}: {e}") from None
+    except BaseException:
         mem.close()
         raise
     return Image(mem, st, path, notes)
