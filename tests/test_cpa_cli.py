@@ -112,3 +112,17 @@ def test_generate_json(cwd, capsys):
     assert rec["op_counts"] == {k: lines.count(k) for k in set(lines)}
     # arch_kfence_init_pool: set_memory_4k once per 2M region of the (unaligned) 2 MiB pool
     assert rec["op_counts"]["set_memory_4k"] == 2
+
+
+def test_compare_plot_is_small_multiples_with_a_difference_column(cwd, capsys):
+    """One column per policy plus the difference-to-baseline column (4 + 1 panels wide, 4
+    metrics high): the PNG is written where --plot says and nowhere else."""
+    import struct
+    (cwd / "t.trace").write_text(f"set_memory_ro {PAGE:#x} 1\nset_memory_rw {PAGE:#x} 1\n")
+    assert main(["cpa", "compare", "t.trace", "--plot", "cmp.png", "--quiet"]) == 0
+    capsys.readouterr()
+    head = (cwd / "cmp.png").read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", head[16:24])
+    assert w > 1.5 * h, (w, h)
+    assert sorted(os.listdir(cwd)) == ["cmp.png", "t.trace"]

@@ -1,28 +1,74 @@
-"""Fragmentation over time: DirectMap4k/2M/1G and page-table pages against the op index, one
-line per policy (matplotlib, Agg backend, PNG written atomically)."""
+"""Fragmentation over time as small multiples: one row per metric (DirectMap4k, DirectMap2M,
+DirectMap1G, page-table pages), one column per policy, rows sharing their y axis. Policies that
+behave alike would draw on top of each other in one panel; side by side every line is readable
+and the shared axis keeps them comparable. Each panel names its final value; a validator
+violation is marked where the replay stopped (matplotlib, Agg backend, PNG written atomically)."""
 from __future__ import annotations
 
 import io
 
 from x86pt.memory.atomic import write_bytes_atomic
 
+METRICS = (("DirectMap4k", "MiB", 4 / 1024), ("DirectMap2M", "MiB", 2), ("DirectMap1G", "GiB", 1),
+           ("page-table pages", "", 1))
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
 
 def plot_fragmentation(results, path: str, title: str = "") -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
-    labels = ("DirectMap4k (MiB)", "DirectMap2M (MiB)", "DirectMap1G (GiB)", "page-table pages")
-    scale = (4 / 1024, 2, 1, 1)
-    for r in results:
+    cols = max(1, len(results))
+    diff = len(results) > 1 and all(len(r.samples) == len(results[0].samples) for r in results)
+    ncols = cols + (1 if diff else 0)
+    fig, axes = plt.subplots(len(METRICS), ncols, figsize=(3.4 * ncols + 1.2, 9), sharex=True,
+                             squeeze=False)
+    for row in axes:
+        for ax in row[1:cols]:
+            ax.sharey(row[0])
+            ax.tick_params(labelleft=False)
+    for c, r in enumerate(results):
         xs = [s[0] for s in r.samples]
-        for k, ax in enumerate(axes):
-            ax.plot(xs, [s[k + 1] * scale[k] for s in r.samples], label=f"{r.policy} ({r.kernel})")
-    for ax, lab in zip(axes, labels):
-        ax.set_ylabel(lab)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(loc="best", fontsize="small")
-    axes[-1].set_xlabel("operation index")
+        colour = COLOURS[c % len(COLOURS)]
+        for k, (name, unit, scale) in enumerate(METRICS):
+            ax = axes[k][c]
+            ys = [s[k + 1] * scale for s in r.samples]
+            ax.plot(xs, ys, color=colour, linewidth=1.4)
+            if ys:
+                last = ys[-1]
+                text = f"{last:,.0f}" if last >= 100 or last == int(last) else f"{last:,.1f}"
+                ax.annotate(f"end: {text} {unit}".rstrip(), xy=(0.98, 0.06), xycoords="axes fraction",
+                            ha="right", va="bottom", fontsize="small",
+                            bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.85})
+            if r.violation is not None:
+                ax.axvline(r.violation.op_index, color="black", linestyle=":", linewidth=1)
+            ax.grid(True, alpha=0.3)
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+            if c == 0:
+                ax.set_ylabel(f"{name}" + (f" ({unit})" if unit else ""))
+        head = f"{r.policy} ({r.kernel})"
+        if r.violation is not None:
+            head += f"\nstopped: invariant ({r.violation.invariant}) at op {r.violation.op_index}"
+        axes[0][c].set_title(head, color=colour, fontsize="medium")
+        axes[-1][c].set_xlabel("operation index")
+    if diff:
+        # the last column: every policy minus the first one, so equal policies lie on zero and
+        # the others' gains or losses are read off directly
+        base = results[0]
+        for k, (name, unit, scale) in enumerate(METRICS):
+            ax = axes[k][cols]
+            for c, r in enumerate(results[1:], 1):
+                xs = [s[0] for s in r.samples]
+                ys = [(s[k + 1] - b[k + 1]) * scale for s, b in zip(r.samples, base.samples)]
+                ax.plot(xs, ys, color=COLOURS[c % len(COLOURS)], linewidth=1.4 + 0.8 * (len(results) - c),
+                        alpha=0.9, label=r.policy)
+            ax.axhline(0, color=COLOURS[0], linewidth=1)
+            ax.grid(True, alpha=0.3)
+            ax.yaxis.tick_right()
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        axes[0][cols].set_title(f"difference to {base.policy}", fontsize="medium")
+        axes[0][cols].legend(loc="best", fontsize="small")
+        axes[-1][cols].set_xlabel("operation index")
     fig.suptitle(title or "direct-map fragmentation")
     fig.tight_layout()
     buf = io.BytesIO()
