@@ -12,12 +12,17 @@ Facts this file relies on were measured on this machine (spec/oracle-unicorn.md)
   each stretch of probes and again before any probe whose page the stretch already touched, which
   gives every probe a fresh walk (the INVLPG-per-probe convention of base.py, at one TB per probe);
 * memory hooks see RIP synced at TB starts only, so every access instruction starts a TB;
-* a fetch fault from `call rbx` leaves the return address pushed (P5).
+* a fetch fault from `call rbx` leaves the return address pushed (P5);
+* an implicit probe (Probe.implicit) writes an LDT descriptor based at its VA into the GDT, LLDT,
+  then `mov es, eax` with LDT selector 4 (CPL0) or 7 (CPL3): QEMU 5.0's helper_load_seg reads the
+  descriptor with the kernel MMU index (an implicit supervisor access), and the frame's qword is no
+  valid descriptor, so a read that goes through ends in #GP(4), taken as "ok". LLDT is CPL0-only:
+  a CPL3 implicit probe gets a stretch (an IRETQ) of its own.
 
 Guest-physical layout of the harness, all below RIG_IMAGE_BASE and mapped through HARNESS_SLOT of
 the caller's root table (in the engine's copy only):
 
-    0x01000 GDT   0x03000 harness PDPT   0x04000 harness PD   0x05000 PT (supervisor view)
+    0x01000 GDT (+0x28: the LDT descriptor of implicit probes)   0x03000 harness PDPT   0x04000 harness PD   0x05000 PT (supervisor view)
     0x02000 harness PML4 (LA57 only)                          0x06000 PT (user view)
     0x08000-0x10000 kernel stack   0x10000-0x18000 user stack   0x18000 set-up stubs
     0x20000 results (one qword per probe of a chunk)   0x40000-0x200000 generated probe code
