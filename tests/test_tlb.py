@@ -449,3 +449,16 @@ def test_trace_ops_round_trip_and_apply():
     done = apply_tlb_op(s, parse_tlb_line("flush_tlb_kernel_range 0xffff888000200000 0xffff888000202000"))
     assert done == FlushDone(pages=(VA2M, VA2M + KB4), cpus=(0, 1))
     assert s.differences() == []
+
+
+def test_prune_keeps_only_stale_entries():
+    """With prune (a replay that re-fills each range before changing it), entries equal to the
+    tables are dropped after the report and stale ones kept, so what is held stays small."""
+    b = image()
+    s = system(b)
+    s.speculate(0, VA4K, VA2M + MB2)
+    change(b, VA4K, 1, clear=BIT_RW)
+    assert [(d.start, d.kind) for d in s.differences(prune=True)] == [(VA4K, "rw")]
+    assert [e.page for e in s.cpus[0].entries()] == [VA4K]
+    assert not list(s.cpus[0].psc_entries())
+    assert s.differences(prune=True)[0].kind == "rw"

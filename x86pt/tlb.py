@@ -505,31 +505,31 @@ class TlbSystem:
     def speculate(self, cpu: int | None, start: int, end: int) -> int:
         """Cache on `cpu` (None: every CPU) every translation the tables give for [start, end),
         as prefetches and speculative accesses may (§4.10.2.3; no access is made, so no rights
-        check and no fault). One entry per leaf: a 1G page costs one walk. Walks from CR3 only.
-        Returns the number of TLB entries added per CPU."""
-        n = 0
+        check and no fault), and every table-referencing entry above them (§4.10.3.1). One
+        descent of the tables per CPU context, each entry read once; one TLB entry per leaf.
+        Returns the number of TLB entries made per CPU."""
+        groups: dict[tuple, list[Cpu]] = {}
         for c in self.selected(cpu):
-            st = c.state
-            va = start & ~(PAGE - 1)
-            n = 0
-            while va < end:
-                v = _sx(st, va)
-                if not st.canonical(v):
-                    va = (1 << 64) - (1 << (st.va_bits - 1))      # jump over the hole
-                    if va >= end:
-                        break
-                    continue
-                path = _walk_from(st, self.memory, v, st.paging_levels + 1, st.root, True, True, False)
-                c._fill(v, path, path.dirty)
-                if path.ok:
-                    n += 1
-                    step = path.size
+            groups.setdefault((c.state.root, c.state.cr4, c.state.efer, c.state.m, c.pcid), []).append(c)
+        n = 0
+        for (_, cr4, _, _, pcid), cs in groups.items():
+            st = cs[0].state
+            g_ok = bool(cr4 & CR4_PGE)
+            tlb: list[TlbEntry] = []
+            psc: list[PscEntry] = []
+            for item in _descend(st, self.memory, start & ~(PAGE - 1), end):
+                if item[0] == "leaf":
+                    _, page, size, frame, rw, us, x, pkey, dirty, g = item
+                    tlb.append(TlbEntry(pcid, page, size, frame, rw, us, x, pkey, dirty, g and g_ok))
                 else:
-                    step = 1 << st.levels[st.paging_levels - path.level].shift
-                nxt = (va & ~(step - 1)) + step
-                if nxt <= va or nxt > U64:
-                    break
-                va = nxt
+                    _, level, base, span, table, rw, us, xd = item
+                    psc.append(PscEntry(pcid, level, base, span, table, rw, us, xd))
+            for c in cs:
+                for e in tlb:
+                    c._add_tlb(e)
+                for p in psc:
+                    c.psc.setdefault((p.level, p.base & U64), set()).add(p)
+            n = len(tlb)
         return n
 
     # -- invalidations on several CPUs ------------------------------------------------------
@@ -557,14 +557,16 @@ class TlbSystem:
                          for c in self.cpus]}
 
     # -- the difference report ----------------------------------------------------------------
-    def differences(self, cpu: int | None = None) -> list["Difference"]:
+    def differences(self, cpu: int | None = None, *, prune: bool = False) -> list["Difference"]:
         """Every range where a CPU may use a cached translation that differs from the current
-        tables (see `differences()`)."""
+        tables (see `cpu_differences()`). With `prune`, entries that match the tables are dropped
+        afterwards: right for a replay that re-fills every range before changing it
+        (TlbReplay with assume="speculate"), wrong for one that relies on `touch` fills."""
         out: list[Difference] = []
+        memo: dict = {}
         for c in self.selected(cpu):
-            out.extend(cpu_differences(c, self.memory))
-        out.sort(key=lambda d: (d.start & U64, d.cpu, d.kind))
-        return out
+            out.extend(cpu_differences(c, self.memory, memo, prune=prune))
+        return merge_differences(out)
 
 
 def _tlb_key(e: TlbEntry) -> tuple:
@@ -614,6 +616,52 @@ class _Leaf:
     x: bool
     pkey: int
     dirty: bool
+
+
+def _descend(state: PagingState, memory, start: int, end: int) -> Iterator[tuple]:
+    """Every leaf ("leaf", page, size, frame, rw, us, x, pkey, dirty, g) and every present
+    table-referencing entry ("table", level, base, span, table, rw, us, xd) of the current tables
+    over [start, end), top down, the rights accumulated. The canonical hole is skipped."""
+    lo, hi = start & U64, min(end, 1 << 64)
+    half = 1 << (state.va_bits - 1)
+    top = (1 << 64) - half
+    pieces = [(max(lo, 0), min(hi, half)), (max(lo, top), hi)]
+    plan = state.walk_plan
+    for a, z in pieces:
+        if a < z:
+            yield from _descend_level(state, memory, plan, 0, a, z, state.root, True, True, False)
+
+
+def _descend_level(state, memory, plan, i, start, end, table, rw, us, xd):
+    level, rsvd_table, leaf_kind, rsvd_leaf = plan[i]
+    shift = level.shift
+    span = 1 << shift
+    phys = state.phys_mask
+    nxe = state.nxe
+    last = level.number == 1
+    va = start
+    while va < end:
+        base = va & ~(span - 1)
+        nxt = base + span
+        try:
+            raw = memory.read_u64(table | (((va >> shift) & 0x1FF) << 3))
+        except PhysicalAddressError:
+            raw = 0
+        if raw & 1:
+            leaf = last or (leaf_kind is not None and bool(raw & BIT_PS))
+            if not raw & (rsvd_leaf if leaf and not last else rsvd_table):
+                r = rw and bool(raw & 2)
+                u = us and bool(raw & 4)
+                x = xd or bool(raw >> 63)
+                sbase = state.sign_extend(base)
+                if leaf:
+                    yield ("leaf", sbase, span, raw & phys & ~(span - 1), r, u, not (nxe and x),
+                           (raw >> 59) & 0xF, bool(raw & BIT_D), bool(raw & BIT_G))
+                else:
+                    yield ("table", level.number, sbase, span, raw & phys, r, u, x)
+                    yield from _descend_level(state, memory, plan, i + 1, va, min(end, nxt),
+                                              raw & phys, r, u, x)
+        va = nxt
 
 
 def _runs(state: PagingState, memory, start: int, end: int, below: int | None = None,
@@ -702,25 +750,109 @@ def _diff_ranges(c: Cpu, memory, start: int, end: int, cached_at, cached_desc: s
     return out
 
 
-def cpu_differences(c: Cpu, memory) -> list[Difference]:
+def _entry_runs(st: PagingState, memory, e: TlbEntry):
+    """The current tables' runs under e's page: one walk when one leaf (or one hole) covers it."""
+    path = _walk_from(st, memory, e.page, st.paging_levels + 1, st.root, True, True, False)
+    if path.ok:
+        if path.size >= e.size:
+            r = path.rights
+            return ((e.page, e.end, _Leaf(path.frame + (e.page & (path.size - 1)), r.writable, r.user,
+                                          r.executable, r.pkey, path.dirty)),)
+    elif (1 << st.levels[st.paging_levels - path.level].shift) >= e.size:
+        return ((e.page, e.end, None),)
+    return _runs(st, memory, e.page, e.end)
+
+
+def _entry_diffs(st: PagingState, memory, e: TlbEntry) -> list[tuple]:
+    """(start, end, kind, severity, current) for one cached entry, merged."""
+    out: list[tuple] = []
+    open_: dict[str, list] = {}
+    for s, z, cur in _entry_runs(st, memory, e):
+        cached = _Leaf(e.frame + (s - e.page), e.writable, e.user, e.executable, e.pkey, e.dirty)
+        found = dict(_compare(cached, cur))
+        for k in list(open_):
+            d = open_[k]
+            if k not in found or d[1] != s or d[3] != found[k]:
+                out.append(tuple(open_.pop(k)))
+        for k, sev in found.items():
+            if k in open_:
+                open_[k][1] = z
+            else:
+                open_[k] = [s, z, k, sev, _describe_leaf(cur)]
+    out.extend(tuple(v) for v in open_.values())
+    return out
+
+
+def _bulk_4k(st: PagingState, memory, entries: list[TlbEntry]) -> dict[int, list[tuple]]:
+    """_entry_diffs for many 4K entries at once: the current tables are read in one descent per
+    run of consecutive cached pages (each table entry once), not one walk per entry."""
+    by_page: dict[int, list[TlbEntry]] = {}
+    for e in entries:
+        by_page.setdefault(e.page, []).append(e)
+    pages = sorted(by_page)
+    runs: list[list[int]] = []
+    for pg in pages:
+        if runs and runs[-1][1] == pg:
+            runs[-1][1] = pg + PAGE
+        else:
+            runs.append([pg, pg + PAGE])
+    out: dict[int, list[tuple]] = {}      # id(entry) -> differences: the caller holds the entries
+    for a, z in runs:
+        seen: set[int] = set()
+        for item in _descend(st, memory, a, z):
+            if item[0] != "leaf":
+                continue
+            _, base, size, frame, rw, us, x, pkey, dirty, _g = item
+            for pg in range(max(base, a), min(base + size, z), PAGE):
+                seen.add(pg)
+                pa = frame + (pg - base)
+                for e in by_page.get(pg, ()):
+                    if (e.frame == pa and e.writable == rw and e.user == us and e.executable == x
+                            and e.pkey == pkey and not (e.dirty and e.writable and not dirty)):
+                        out[id(e)] = []
+                        continue
+                    cur = _Leaf(pa, rw, us, x, pkey, dirty)
+                    cached = _Leaf(e.frame, e.writable, e.user, e.executable, e.pkey, e.dirty)
+                    out[id(e)] = [(pg, pg + PAGE, k, sev, _describe_leaf(cur)) for k, sev in _compare(cached, cur)]
+        for pg in range(a, z, PAGE):
+            if pg not in seen:
+                for e in by_page.get(pg, ()):
+                    out[id(e)] = [(pg, pg + PAGE, "present", "dangerous", _describe_leaf(None))]
+    return out
+
+
+def cpu_differences(c: Cpu, memory, memo: dict | None = None, *, prune: bool = False) -> list[Difference]:
     """Every range where CPU c may use a cached translation that differs from the tables in
     `memory`. Work is per cached entry, never per address: each usable TLB entry is compared with
-    the leaves the current tables have under its page (a 1G entry over a region now mapped by
-    4K pages reads those 512 PTE tables once); each usable paging-structure-cache entry is
-    compared with the entry at its level, and only a stale one is looked into (a stale PDE-cache
-    entry: the translations through the old table, 512 PTEs; a stale PDPTE/PML4E/PML5E-cache
-    entry: one `table` difference for its whole span)."""
+    the leaves the current tables have under its page (one walk when one leaf covers it; a 1G
+    entry over a region now mapped by 4K pages reads those 512 PTE tables once); `memo` shares
+    the comparison of an entry object between CPUs of the same context (keyed by identity: valid
+    while the entries are held, i.e. within one report). Each usable paging-structure-
+    cache entry is compared with the entry at its level, and only a stale one is looked into (a
+    stale PDE-cache entry: the translations through the old table, 512 PTEs; a stale
+    PDPTE/PML4E/PML5E-cache entry: one `table` difference for its whole span)."""
     st = c.state
+    memo = {} if memo is None else memo
+    ctx = (st.root, st.cr4, st.efer, st.m)
+    known = memo.setdefault(ctx, {})
+    usable = [e for e in c.entries() if c.usable(e)]
+    todo = [e for e in usable if e.size == PAGE and id(e) not in known]
+    if todo:
+        known.update(_bulk_4k(st, memory, todo))
     out: list[Difference] = []
-    for e in c.entries():
-        if not c.usable(e):
-            continue
-
-        def cached_at(va: int, e=e) -> _Leaf:
-            return _Leaf(e.frame + (va - e.page), e.writable, e.user, e.executable, e.pkey, e.dirty)
-
-        out.extend(_diff_ranges(c, memory, e.page, e.end, cached_at, e.describe(),
-                                _runs(st, memory, e.page, e.end)))
+    equal: set[int] = set()
+    for e in usable:
+        found = known.get(id(e))
+        if found is None:
+            found = known[id(e)] = _entry_diffs(st, memory, e)
+        if found:
+            desc = e.describe()
+            out.extend(Difference(c.index, s, z, k, sev, desc, cur) for s, z, k, sev, cur in found)
+        elif prune:
+            equal.add(id(e))
+    if equal:
+        c._drop_tlb(lambda e: id(e) in equal)
+    fresh: set[int] = set()
     for p in c.psc_entries():
         if p.pcid != c.pcid:
             continue
@@ -728,6 +860,8 @@ def cpu_differences(c: Cpu, memory) -> list[Difference]:
         same = any(n == p.level and table == p.table and (rw, us, xd) == (p.writable, p.user, p.xd)
                    for n, base, table, rw, us, xd in cur.psc)
         if same:
+            if prune:
+                fresh.add(id(p))
             continue
         out.append(Difference(c.index, p.base, p.base + p.span, "table", "dangerous", p.describe(),
                               "the tables no longer reference that table here"))
@@ -742,6 +876,23 @@ def cpu_differences(c: Cpu, memory) -> list[Difference]:
                                      _Leaf(leaf.pa + (v - s), leaf.rw, leaf.us, leaf.x, leaf.pkey, leaf.dirty)))
             out.extend(_diff_ranges(c, memory, p.base, p.base + p.span, lambda v: through.get(v),
                                     p.describe() + " (walk through the old table)", cur_runs))
+    if fresh:
+        c._drop_psc(lambda p: id(p) in fresh)
+    return out
+
+
+def merge_differences(diffs: Iterable[Difference]) -> list[Difference]:
+    """Sorted by address, CPU and kind; ranges of one (cpu, kind, severity) that overlap or touch
+    are merged (the first one's descriptions kept)."""
+    out: list[Difference] = []
+    for d in sorted(diffs, key=lambda d: (d.cpu, d.kind, d.severity, d.start & U64, d.end)):
+        p = out[-1] if out else None
+        if p and (p.cpu, p.kind, p.severity) == (d.cpu, d.kind, d.severity) and d.start <= p.end:
+            if d.end > p.end:
+                out[-1] = Difference(p.cpu, p.start, d.end, p.kind, p.severity, p.cached, p.current)
+        else:
+            out.append(d)
+    out.sort(key=lambda d: (d.start & U64, d.cpu, d.kind))
     return out
 
 
@@ -1115,5 +1266,8 @@ class TlbReplay:
     def end_op(self, index: int, memory) -> tuple[list[Difference], list[Window]]:
         """Differences after op `index` and the windows this op closed."""
         self.system.memory = memory
-        diffs = self.system.differences()
+        # Entries equal to the tables carry nothing the next begin_op's fill would not make
+        # again before their range changes, so a speculating replay keeps only stale ones and
+        # its cost stays with the size of each op, not of everything cached so far.
+        diffs = self.system.differences(prune=self.assume == "speculate")
         return diffs, self.tracker.update(index, diffs)
