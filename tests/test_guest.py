@@ -215,6 +215,29 @@ def test_read_results_decodes_records():
     assert "not the probe's access" in g.read_results(ram, 1, [Probe(0x400000)])[0].detail
 
 
+def test_implicit_probes_are_kind_3_and_gp4_at_their_load_means_ok():
+    """harness.S: kind 3 loads ES from LDT entry 0 (LDT base = the probe's VA); the frames hold no
+    valid descriptor, so a read that went through ends in #GP(selector & ~3) = #GP(4) at the load
+    (k_implicit_insn at CPL0, the stub at USTUB + 0x30 at CPL3). Any other #GP stays a #GP."""
+    s = g.symbols()
+    p0, p3 = Probe(0x400000, implicit=True), Probe(0x400000, user=True, implicit=True)
+    assert g.probe_flags(p0) & 3 == 3 and g.probe_flags(p3) == 3 | g.PR_USER
+    with pytest.raises(BadInputError):
+        Probe(0x400000, "write", implicit=True)
+    ram = bytearray(RAM)
+    k_impl, u_impl = s["k_implicit_insn"], s["ustub_implicit"] + 5     # after `mov $7, %eax`
+    _results(ram, (13, 4, g.CR2_SENTINEL, k_impl), (13, 4, g.CR2_SENTINEL, u_impl),
+             (14, 1, 0x400000, k_impl), (14, 0, 0x400000, u_impl), (13, 0x38, g.CR2_SENTINEL, k_impl))
+    r = g.read_results(ram, 5, [p0, p3, p0, p3, p0])
+    assert [(x.outcome, x.error_code) for x in r] == [
+        ("ok", None), ("ok", None), ("page_fault", 1), ("page_fault", 0), ("general_protection", 0x38)]
+    assert r[0].pa is None and r[0].value is None
+    # the bytes at the symbols are the instructions the docs name (8e c0 = mov es, eax)
+    main = g.blob("h_main.bin")
+    assert main[k_impl - g.ENTRY_VA:k_impl - g.ENTRY_VA + 2] == bytes.fromhex("8ec0")
+    assert g.blob("h_ustub.bin")[0x30:0x39] == bytes.fromhex("b8070000008ec00f0b")
+
+
 def test_a_fault_of_the_harness_itself_is_an_error_not_an_answer():
     """A CPL3 fetch pushes its return address on the harness's user stack (VA 0xffffffff8010f000,
     key 0): with PKRU AD0 that push faults (QEMU reported #PF 0x27 at 0xffffffff8010fff8). That is
