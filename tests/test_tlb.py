@@ -462,3 +462,17 @@ def test_prune_keeps_only_stale_entries():
     assert [e.page for e in s.cpus[0].entries()] == [VA4K]
     assert not list(s.cpus[0].psc_entries())
     assert s.differences(prune=True)[0].kind == "rw"
+
+
+def test_mov_cr0_clearing_pg_removes_everything_and_invlpg_of_a_noncanonical_address_is_a_nop():
+    """§4.10.4.1 MOV to CR0: 'invalidates all TLB entries (including global entries) and all
+    entries in all paging-structure caches (for all PCIDs) if it changes the value of CR0.PG from
+    1 to 0'. Vol. 2A INVLPG: with a non-canonical operand 'INVLPG is the same as a NOP'."""
+    b = image()
+    s = system(b)
+    s.touch(0, VA4K)
+    c = s.cpus[0]
+    c.invlpg(0x0000800000000000)
+    assert list(c.entries()) and list(c.psc_entries())
+    c.mov_cr0(c.state.cr0 & ~(1 << 31))
+    assert not list(c.entries()) and not list(c.psc_entries())
