@@ -56,10 +56,9 @@ def test_policies_keep_translations(ops, kernel):
 @SETTINGS
 @given(traces(oob=True), st.sampled_from(["6.1", "6.15"]))
 def test_scan_based_policies_survive_out_of_band_writers(ops, kernel):
-    """upstream and none never merge on a counter, so kfence-style writes cannot fool them.
-    (ideal on 6.1 can undo set_memory_4k — there is no _PAGE_KERNEL_4K to honour — so the
-    oob check on 4K-requested pages is the only (b) message allowed for it.)"""
-    for policy in ("none", "upstream"):
+    """upstream, ideal and none never merge on a counter, so kfence-style writes cannot fool
+    them (ideal never merges a table set_memory_4k split, on any kernel)."""
+    for policy in ("none", "upstream", "ideal"):
         r = replay(CpaModel(LAY, kernel, policy), ops, validate=True, samples=0)
         assert r.violation is None, (policy, r.violation)
 
@@ -135,3 +134,17 @@ def test_nr_same_prot_undoes_set_memory_4k_on_6_15():
     assert "found no 4K PTE" in r.violation.message
     r = replay(CpaModel(LAY, "6.15", "upstream"), ops, validate=True, samples=0)
     assert r.violation is None
+
+
+def test_ideal_keeps_a_table_set_memory_4k_found_already_split():
+    """set_memory_4k on a page whose 2M leaf an ordinary call split earlier (no split now, and
+    on 6.1 no bit written): ideal must still never merge that table, or kfence's later PTE
+    write finds a 2M leaf."""
+    a = PO + 0x20009000
+    ops = parse_trace([f"set_memory_ro {a:#x} 1", f"set_memory_4k {PO + 0x20005000:#x} 1",
+                       f"set_memory_rw {a:#x} 1", f"oob {PO + 0x20005000:#x} set=0x0 clr=0x1"])
+    for kernel in ("6.1", "6.15"):
+        m = CpaModel(LAY, kernel, "ideal")
+        r = replay(m, ops, validate=True, samples=0)
+        assert r.violation is None, (kernel, r.violation)
+        assert m.leaf(PO + 0x20005000)[0] == 1 and m.counters.merge_2m == 0

@@ -51,8 +51,8 @@ class Policy:
     def after_op(self, touched: set[int] | None) -> None:
         """Called by the replay driver after each operation."""
 
-    def on_split(self, tl: int, key: int, table: list[int], forced: bool) -> None:
-        """__split_large_page made `table` (level tl, key); forced = set_memory_4k's split."""
+    def on_force_4k(self, addr: int, numpages: int) -> None:
+        """A CPA call with force_split (set_memory_4k, its alias too) covers these pages."""
 
     # shared merge steps ------------------------------------------------------------------------
     def pte_table_mergeable(self, t: list[int], honour_4k: bool = True) -> bool:
@@ -145,16 +145,16 @@ class Ideal(Policy):
 
     def __init__(self, m: "CpaModel") -> None:
         super().__init__(m)
-        self.pinned: dict[tuple[int, int], list[int]] = {}   # (tl, key) -> the forced table
+        self.pinned: set[int] = set()     # 2M regions (va >> 21) set_memory_4k asked to keep 4K
 
-    def on_split(self, tl: int, key: int, table: list[int], forced: bool) -> None:
-        if forced:
-            self.pinned[(tl, key)] = table
-        else:
-            self.pinned.pop((tl, key), None)
+    def on_force_4k(self, addr: int, numpages: int) -> None:
+        v = addr & self.m.vmask
+        self.pinned.update(range(v >> 21, ((v + (numpages << 12) - 1) >> 21) + 1))
 
     def _pinned(self, tl: int, key: int, t: list[int]) -> bool:
-        return self.pinned.get((tl, key)) is t
+        # a PMD table holding a pinned region never becomes mergeable (that entry stays a
+        # pointer to the pinned PTE table), so only PTE tables are looked up
+        return tl == 1 and key in self.pinned
 
     def after_op(self, touched: set[int] | None) -> None:
         if not touched:

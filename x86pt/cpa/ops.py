@@ -471,6 +471,8 @@ class CpaModel:
         primary step with the same chunk size."""
         if not call.set and not call.clr and not call.force_split:
             return 0
+        if call.force_split:
+            self.policy.on_force_4k(addr, numpages)
         cur, rem = addr, numpages
         alias = call.primary and not call.flags & CPA_NO_CHECK_ALIAS
         while rem > 0:

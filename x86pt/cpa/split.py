@@ -123,12 +123,10 @@ def split_large_page(m: "CpaModel", c: "Call", level: int, t: list, i: int, addr
         key = v >> 21
         m.t1[key] = children
         m.on_new_table(1, key, children, ref)
-        m.policy.on_split(1, key, children, c.force_split)
     else:
         key = v >> 30
         m.t2[key] = children
         m.on_new_table(2, key, children, ref)
-        m.policy.on_split(2, key, children, c.force_split)
     if m.virt_addr_counted(address):
         m.split_page_count(level)
     m.write(level, v >> (30 if level == 2 else 39), t, i, pa | KERNPG_TABLE)
