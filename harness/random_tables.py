@@ -179,6 +179,9 @@ def random_batch(seed: int, index: int, feat: MatrixFeatures, profile: Profile, 
     if state.nxe != nxe_pick:
         state = state.replace(efer=state.efer ^ EFER_NXE)
     bits = 57 if levels == 5 else 48
+    # Implicit supervisor reads (descriptor-table reads, SDM Vol. 3A §4.6) for a tenth of the
+    # canonical reads, drawn from their own stream so the rest of a seed's cases stay as they were.
+    irng = random.Random(f"{seed}:{index}:implicit")
     probes: list[Probe] = []
     cases: list[CaseInfo] = []
     for i in range(n_probes):
@@ -196,7 +199,12 @@ def random_batch(seed: int, index: int, feat: MatrixFeatures, profile: Profile, 
         access = rng.choice(("read", "read", "write", "fetch"))
         user = rng.random() < 0.5
         ac = state.smap and not user and rng.random() < 0.5
-        probes.append(Probe(va, access, user, ac))
+        canonical = (va >> (bits - 1)) in (0, (1 << (65 - bits)) - 1)
+        implicit = (access == "read" and canonical and irng.random() < 0.1
+                    and (feat.implicit_cpl3 if user else feat.implicit_cpl0))
+        if implicit and user and irng.random() < 0.5:
+            ac = True                              # EFLAGS.AC at CPL3: SMAP still applies
+        probes.append(Probe(va, access, user, ac, implicit=implicit))
         cases.append(CaseInfo(f"{name}#{seed}:{index}:{i}", None, (i,), (),
                               (FRAME_BASE,), f"random tree seed {seed} batch {index} probe {i}"))
     return Batch(mem, state, probes, cases)
