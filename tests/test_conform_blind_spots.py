@@ -143,3 +143,17 @@ def test_classic_matrix_smap_configurations(oracle):
     smap = idx[(flags & np.uint64(mx.SMAP)) != 0][:1500]
     assert len(smap) >= 1000
     _check(oracle, MatrixSource(m, prof, indices=smap, name="smap"))
+
+
+def test_random_tables_carry_implicit_reads_at_both_cpls():
+    from harness.random_tables import RandomSource
+    from x86pt.state import profile_named
+    prof = profile_named("unicorn")
+    feat = MatrixFeatures.from_profile(prof)
+    probes = [p for b in RandomSource(feat, prof, seed=3, cases=3000).batches() for p in b.probes]
+    impl = [p for p in probes if p.implicit]
+    assert len(impl) > 50 and {p.user for p in impl} == {False, True}
+    assert all(p.access == "read" for p in impl)
+    off = MatrixFeatures(maxphyaddr=40, implicit_cpl0=False, implicit_cpl3=False)
+    assert not any(p.implicit for b in RandomSource(off, prof, seed=3, cases=500).batches()
+                   for p in b.probes)
