@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from x86pt.cpa.kernel import (CPA_NO_CHECK_ALIAS, DIRTY, GLOBAL, KERNEL_4K, NX, P, PMD_PFN_MASK,
                               PSE, PTE_PFN_MASK, PUD_PFN_MASK, RW, U64, flags_of, large_2_4k)
 
-M48 = (1 << 48) - 1
+M48 = (1 << 48) - 1          # 4-level key space (oracle_probe.py); the validator uses m.vmask
 HI = ~M48 & U64
 _MISSING = object()
 
@@ -40,6 +40,7 @@ class Reference:
     def __init__(self, m) -> None:
         self.m = m
         self.v = m.version
+        self.vmask = m.vmask                 # 48-bit keys, or 57-bit with LA57 (as the model's)
         self.s3 = {k: list(t) for k, t in m.t3.items()}
         self.s2 = {k: list(t) for k, t in m.t2.items()}
         self.s1 = {k: list(t) for k, t in m.t1.items()}
@@ -50,8 +51,8 @@ class Reference:
         self.want4k: set[int] = set()
         lo = m.layout
         self.po = m.page_offset
-        self.text_va, self.etext_va = m.text_va & M48, m.etext_va & M48
-        self.brk_end_va = m.brk_end_va & M48
+        self.text_va, self.etext_va = m.text_va & self.vmask, m.etext_va & self.vmask
+        self.brk_end_va = m.brk_end_va & self.vmask
         self.ro = m.kernel_set_to_readonly
         self.rodata = (m.rodata_spfn, m.rodata_epfn)
         self.highmap = (m.highmap_spfn, m.highmap_epfn)
@@ -88,7 +89,7 @@ class Reference:
         return self._pfn(e, PTE_PFN_MASK), e & ~PTE_PFN_MASK & U64
 
     def _dm_pfn(self, v: int) -> int | None:
-        lo = self.po & M48
+        lo = self.po & self.vmask
         if lo <= v < lo + (1 << 46):
             return (v - lo) >> 12
         return None
@@ -163,13 +164,13 @@ class Reference:
 
     def cpa(self, addr: int, n: int, set_: int, clr: int, flags: int, primary: bool,
             touched: list[int]) -> None:
-        v0 = (addr & ~0xFFF) & M48
+        v0 = (addr & ~0xFFF) & self.vmask
         alias = primary and not flags & CPA_NO_CHECK_ALIAS
         aset, aclr = set_, clr
         if self.v.nx_alias_strip:
             aset &= ~NX
             aclr &= ~NX
-        lo = self.po & M48
+        lo = self.po & self.vmask
         dm_end = lo + ((self.ram[-1][1] if self.ram else 0) << 12)
         for k in range(n):
             v = v0 + (k << 12)
@@ -187,11 +188,11 @@ class Reference:
             if not alias or not self.pfn_mapped(pfn):
                 continue
             if not lo <= v < dm_end:
-                a = (lo + (pfn << 12)) & M48
+                a = (lo + (pfn << 12)) & self.vmask
                 self._page(a, aset, aclr)
                 touched.append(a)
             if not self.text_va <= v <= self.brk_end_va and self.highmap[0] <= pfn <= self.highmap[1]:
-                a = (self.skm + (pfn << 12)) & M48
+                a = (self.skm + (pfn << 12)) & self.vmask
                 self._page(a, aset, aclr)
                 touched.append(a)
 
@@ -209,7 +210,7 @@ class Reference:
                 return None
             if name == "set_memory_4k":
                 for k in range(op[2]):
-                    self.want4k.add(((op[1] & M48) >> 12) + k)
+                    self.want4k.add(((op[1] & self.vmask) >> 12) + k)
             if s or c or fs:      # force_split still runs every page (protnone G clearing)
                 self.cpa(op[1], op[2], s, c, fl, True, touched)
         elif name in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "kernel_map_pages"):
@@ -221,11 +222,11 @@ class Reference:
             _, addr, n, s, c, fl, primary, fs = op
             if fs and v.kernel_4k_bit and s & KERNEL_4K:
                 for k in range(n):
-                    self.want4k.add(((addr & M48) >> 12) + k)
+                    self.want4k.add(((addr & self.vmask) >> 12) + k)
             if s or c or fs:
                 self.cpa(addr, n, s, c, fl, primary, touched)
         elif name == "oob":
-            va = op[1] & M48 & ~0xFFF
+            va = op[1] & self.vmask & ~0xFFF
             touched.append(va)
             if accepted:
                 cur = self.get(va)
@@ -237,19 +238,19 @@ class Reference:
         elif name == "vmap":
             _, addr, pa, n, huge = op
             for k in range(n):
-                va = (addr & M48) + (k << 12)
+                va = (addr & self.vmask) + (k << 12)
                 self.put(va, ((pa >> 12) + k, self.m.default_prot))
                 touched.append(va)
         elif name == "vunmap":
             for k in range(op[2]):
-                va = (op[1] & M48) + (k << 12)
+                va = (op[1] & self.vmask) + (k << 12)
                 self.put(va, None)
                 touched.append(va)
         elif name in ("memory_add", "memory_remove"):
             s, e = op[1] >> 12, (op[1] + op[2]) >> 12
             added = name == "memory_add"
             self.events.append((s, e, added))
-            lo = (self.po & M48) >> 12
+            lo = (self.po & self.vmask) >> 12
             for vp in [vp for vp in self.over if s <= vp - lo < e]:
                 del self.over[vp]
                 self.ov2m.get(vp >> 9, set()).discard(vp)
@@ -294,10 +295,12 @@ class Validator:
     def __init__(self, m, checks: str = "abcd") -> None:
         self.m = m
         self.checks = checks
+        self.vmask = m.vmask
+        self.hi = ~m.vmask & U64
         self.ref = Reference(m)
         lo, hi = m.dm_bounds()
         self.dm = (lo, hi)
-        hs = m.start_kernel_map & M48
+        hs = m.start_kernel_map & self.vmask
         self.hm = (hs, hs + m.layout.kernel_image_size)
         self.cnt: dict[tuple[int, int], int] = {}
         self.tot = {1: 0, 2: 0, 3: 0}
@@ -334,11 +337,15 @@ class Validator:
     def initial(self) -> Violation | None:
         return self._check_counters(-1)
 
+    def _canon(self, v: int) -> int:
+        """A key-space VA (masked to the paging width) in canonical form."""
+        return v | self.hi if v >> (self.vmask.bit_length() - 1) else v
+
     def _check_counters(self, idx: int) -> Violation | None:
         if "c" not in self.checks:
             return None
         c = self.m.counters
-        h = sum(1 for k in self.hm_tables if self.m.virt_addr_counted((k << 21) | HI))
+        h = sum(1 for k in self.hm_tables if self.m.virt_addr_counted(self._canon(k << 21)))
         want = (self.tot[1] + 512 * h, self.tot[2] - h, self.tot[3])
         have = (c.dpc4k, c.dpc2m, c.dpc1g)
         if want != have:
@@ -381,7 +388,7 @@ class Validator:
                     r = m.nsp.recount(tl, key)
                     if r is not None and r[0] != r[1]:
                         return Violation(idx, "d", f"nr_same_prot of the {'PTE' if tl == 1 else 'PMD'} "
-                                                   f"table for {(key << (12 + 9 * tl)) | HI:#x} is "
+                                                   f"table for {self._canon(key << (12 + 9 * tl)):#x} is "
                                                    f"{r[0]} but a recount gives {r[1]}")
         # (b) a table entry an op wrote must not restrict its table: the kernel installs
         # _KERNPG_TABLE (P|RW|A|D) and leaves protections to the leaves; RW=0 or NX=1 there
@@ -395,7 +402,7 @@ class Validator:
                 e = t[k & 511] if t is not None else 0
                 if e & P and not e & PSE and (not e & RW or e & NX):
                     va = k << (12 + 9 * (tl - 1))
-                    va = va | HI if va >> 47 else va
+                    va = self._canon(va)
                     return Violation(idx, "b", f"{'PMD' if tl == 2 else 'PUD'} entry for {va:#x} "
                                                f"points to a table with RW={int(bool(e & RW))} "
                                                f"NX={int(bool(e & NX))} ({e:#x}): it restricts "
@@ -572,7 +579,7 @@ class Validator:
 
     def _cmp(self, idx: int, v: int, got, want) -> Violation | None:
         self.pages_checked += 1
-        va = v | HI if v >> 47 else v
+        va = self._canon(v)
         lo, hi = self.dm
         if "a" in self.checks and lo <= v < hi and got is not None and got[0] != (v - lo) >> 12:
             return Violation(idx, "a", f"direct-map page {va:#x} now maps frame {got[0] << 12:#x}, "
