@@ -41,7 +41,10 @@ def add_state_args(p: argparse.ArgumentParser) -> None:
 
 
 def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None,
-                    profile_hint: str | None = None) -> tuple[PagingState, tuple[str, ...]]:
+                    profile_hint: str | None = None,
+                    source: str = "the image") -> tuple[PagingState, tuple[str, ...]]:
+    """The paging state from the image's registers (`regs`, `profile_hint`) overridden by the
+    command line. An error caused by what the image says names `source`."""
     regs = dict(regs or {})
     from_image = [r for r in ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs", "maxphyaddr")
                   if r in regs and getattr(args, r, None) is None]
@@ -51,7 +54,7 @@ def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None
         if v is not None:
             regs[reg] = parse_int(v, f"--{reg}", hi=(1 << 32) - 1 if reg in ("pkru", "pkrs") else (1 << 64) - 1)
     if "cr3" not in regs:
-        raise BadInputError("no CR3: the image has no CPU-state note; pass --cr3")
+        raise BadInputError(f"no CR3: {source} has no CPU-state note; pass --cr3")
     if "cr0" not in regs:
         regs["cr0"] = CR0_PE | CR0_PG | CR0_WP
         notes.append("CR0 not given: assuming PE|PG|WP")
@@ -64,7 +67,7 @@ def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None
     try:
         prof = profile_named(getattr(args, "profile", None) or profile_hint or "intel")
     except BadInputError as e:
-        raise BadInputError(f"{e}; the image names it, pass --profile") from None
+        raise BadInputError(f"{source}: {e}; the image names it, pass --profile") from None
     m = getattr(args, "maxphyaddr", None)
     if m is not None:
         m = parse_int(m, "--maxphyaddr", lo=32, hi=52)
@@ -77,9 +80,14 @@ def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None
     except BadInputError as e:
         if not from_image:
             raise
-        raise BadInputError(f"{e}; the image's notes gave {', '.join(from_image)} (override "
-                            "one with --NAME N, e.g. --cr4 0x20)") from None
-    st.check()
+        raise BadInputError(f"{source}: {e}; the image's notes gave {', '.join(from_image)} "
+                            "(override one with --NAME N, e.g. --cr4 0x20)") from None
+    try:
+        st.check()
+    except X86ptError as e:
+        if not from_image:
+            raise
+        raise type(e)(f"{source}: {e}") from None
     return st, tuple(notes)
 
 
@@ -88,10 +96,7 @@ def open_image(path: str, args: argparse.Namespace | None = None) -> Image:
     mem = open_memory(path, getattr(args, "image_format", None))
     try:
         st, notes = state_from_args(args, getattr(mem, "control_registers", {}),
-                                    getattr(mem, "profile_name", None))
-    except X86ptError as e:
-        mem.close()
-        raise type(e)(f"{path}: {e}") from None
+                                    getattr(mem, "profile_name", None), path)
     except BaseException:
         mem.close()
         raise

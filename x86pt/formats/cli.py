@@ -171,7 +171,7 @@ def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset:
             if filt.active or va_range is not None:
                 raise BadInputError("filters are not supported with --format qemu-mem under LA57 "
                                     "(QEMU 7.2's 5-level info mem walk is emulated as a whole)")
-            put(qemu.mem_bytes_la57(memory, state))
+            put(qemu.mem_bytes_la57(memory, state, max_entries))
         else:
             put(qemu.mem_bytes(chunks, state))
     elif fmt == "ptdump":

@@ -21,7 +21,8 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 
 from x86pt.coalesce import coalesce, present_only
-from x86pt.scan import EFF_RSVD, EFF_RW, EFF_US, SHIFT, U64, Chunk
+from x86pt.errors import BudgetError
+from x86pt.scan import DEFAULT_MAX_ENTRIES, EFF_RSVD, EFF_RW, EFF_US, RECORD_COST, SHIFT, U64, Chunk
 from x86pt.state import CR0_PG, PagingState
 
 QEMU_TABLE_MASK = 0x3FFFFFFFFF000
@@ -145,18 +146,32 @@ def mem_bytes(chunks: Iterable[Chunk], state: PagingState) -> Iterator[bytes]:
         yield line.tobytes()
 
 
-def mem_bytes_la57(memory, state: PagingState) -> Iterator[bytes]:
+def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_ENTRIES) -> Iterator[bytes]:
     """QEMU 7.2's mem_info_la57() walk, quirk included (spec/paging.md §11.2 #9): below the PML4
     its present tests are inverted, so present PDPTEs/PDEs are holes and non-present ones are
     followed (a zero entry points at physical page 0). Emulated with a memo per
-    (table, level, inherited prot): each subtree becomes a list of prot changes."""
+    (table, level, inherited prot): each subtree becomes a list of prot changes.
+
+    The work is charged as the Scanner charges it (512 per table read, RECORD_COST per prot
+    change held or copied) against `max_entries`: tables whose prot alternates entry by entry
+    would otherwise expand to 2^27 changes per PDPT, held in memory."""
     from x86pt.errors import PhysicalAddressError
     P, RW, US = 1, 2, 4
     PS = 1 << 7
     mask = QEMU_TABLE_MASK
     memo: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {}
+    spent = [0]
+
+    def charge(n: int) -> None:
+        spent[0] += n
+        if spent[0] > max_entries:
+            raise BudgetError(
+                f"work limit reached: the tables expand to more than {max_entries} page-table "
+                f"entries (shared or looping subtrees?); raise it with --max-entries N if the image "
+                f"really is this large")
 
     def table(pa: int) -> list[int]:
+        charge(512)
         try:
             return memory.table(pa).tolist()
         except PhysicalAddressError:
@@ -165,6 +180,7 @@ def mem_bytes_la57(memory, state: PagingState) -> Iterator[bytes]:
     def events(pa: int, lvl: int, inh: int) -> tuple[tuple[int, int], ...]:
         """(offset within the table's span, prot) for every mem_print call whose prot differs
         from the previous one inside this subtree (the first call always listed)."""
+        inh &= US | RW | P                # the only bits a prot keeps
         key = (pa, lvl, inh)
         got = memo.get(key)
         if got is not None:
@@ -184,7 +200,9 @@ def mem_bytes_la57(memory, state: PagingState) -> Iterator[bytes]:
             elif e & PS:
                 emit(off, (e & (US | RW | P)) & inh)
             else:
-                for o, p in events(e & mask, lvl - 1, inh & e):
+                sub = events(e & mask, lvl - 1, inh & e)
+                charge(RECORD_COST * len(sub))
+                for o, p in sub:
                     emit(off + o, p)
         memo[key] = res = tuple(out)
         return res
@@ -214,7 +232,9 @@ def mem_bytes_la57(memory, state: PagingState) -> Iterator[bytes]:
             if not e4 & P:
                 mem_print(base, 0)
                 continue
-            for off, prot in events(e4 & mask, 3, e5 & e4):
+            sub = events(e4 & mask, 3, e5 & e4)
+            charge(RECORD_COST * len(sub))
+            for off, prot in sub:
                 mem_print(base + off, prot)
         if len(lines) > 4096:
             yield "".join(lines).encode()
