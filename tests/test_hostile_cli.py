@@ -116,8 +116,23 @@ def _same_table_image() -> bytes:
     return bytes(img)
 
 
+def _alternating_la57_image() -> bytes:
+    """5-level, for QEMU's `info mem` walk, which follows NON-present PDPTEs/PDEs (its quirk): a
+    PT whose entries alternate 0x5/0x7 under inherited RW|US gives 512 prot changes per PT, 2^18
+    per PD and 2^27 per PDPT; each of the 512x512 PML5E/PML4E pairs repeats them."""
+    img = bytearray(0x6000)
+    for i in range(512):
+        struct.pack_into("<Q", img, 0x1000 + 8 * i, 0x2003)         # PML5 -> PML4
+        struct.pack_into("<Q", img, 0x2000 + 8 * i, 0x3003)         # PML4 -> PDPT
+        struct.pack_into("<Q", img, 0x3000 + 8 * i, 0x4006)         # not present: followed
+        struct.pack_into("<Q", img, 0x4000 + 8 * i, 0x5006)
+        struct.pack_into("<Q", img, 0x5000 + 8 * i, 0x7 if i % 2 else 0x5)
+    return bytes(img)
+
+
 INPUTS = {
     "same.raw": _same_table_image,
+    "alt5.raw": _alternating_la57_image,
     "probes-latin1.jsonl": lambda: b'{"va": "0x400000"}\n{"va": "\xff\xfe"}\n',
     "probes-deep.jsonl": lambda: b'{"va": 0}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
     "probes-digits.jsonl": lambda: b'{"va": 0}\n{"va": ' + b"9" * 5000 + b"}\n",
@@ -240,6 +255,9 @@ SAME = ("--cr3", "0x1000", *FULL_REGS)
     ("diff", "same.raw", "same.raw", *SAME),
     ("wx", "same.raw", *SAME),
     ("census", "same.raw", *SAME),
+    # found by tools/fuzz.py: exit 3 (MemoryError at 1.5 GiB) before the LA57 walk was charged
+    ("dump", "alt5.raw", "--format", "qemu-mem", "--cr3", "0x1000", "--cr0", "0x80010001",
+     "--cr4", "0x1020", "--efer", "0xd00"),
 ])
 def test_shared_tables_stop_at_the_work_limit(work, argv):
     """2^36 mappings through four tables: refused at the default limit (2^26 entries) in well
