@@ -146,6 +146,7 @@ INPUTS = {
     "vmap-big.trace": lambda: b"vmap 0xffffc90000000000 0x10000000 0x10000000000\n",   # 2^40 pages
     "vmap-many.trace": lambda: b"vmap 0xffffc90000000000 0x10000000 0x400000\n",       # 2^22 pages
     "vmap-pa.trace": lambda: b"vmap 0xffffc90000000000 0x4000000000000 1\n",          # PA 2^50
+    "vunmap-all.trace": lambda: b"vunmap 0xffffc90000000000 0xffffffffffffffff\n",     # hung
     "spec-256t.toml": lambda: b'[[map]]\nva = "0xffff800000000000"\nsize = "64T"\npage = "4K"\n',
     "spec-types.toml": lambda: b'[[map]]\nva = 0\nsize = [1]\n',
     "spec-missing.toml": lambda: b'[[map]]\npa = 0\n',
@@ -276,6 +277,7 @@ def test_shared_tables_stop_at_the_work_limit(work, argv):
     (("cpa", "replay", "vmap-big.trace", "--layout", "laptop-4g"), "below 2^46"),
     (("cpa", "replay", "vmap-many.trace", "--layout", "laptop-4g"), "leaves, more than"),
     (("cpa", "replay", "vmap-pa.trace", "--layout", "laptop-4g"), "below 2^46"),
+    (("cpa", "replay", "vunmap-all.trace", "--layout", "laptop-4g"), "past the end of the address"),
 ])
 def test_size_caps_refused_before_allocating(work, argv, needle):
     check_refused(argv, work, needle)

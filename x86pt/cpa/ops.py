@@ -736,10 +736,12 @@ class CpaModel:
 
     def vunmap(self, addr: int, n: int) -> None:
         v, end = addr & self.vmask, (addr & self.vmask) + (n << 12)
+        if end > self.vmask + 1:
+            raise BadInputError(f"vunmap {addr:#x} {n}: runs past the end of the address space")
         while v < end:
             lvl, t, i = self.lookup(v)
-            if t is None:
-                v = (v | (PMD_SIZE - 1)) + 1
+            if t is None:                 # no PUD table: nothing mapped in this 512 GiB
+                v = (v | ((1 << 39) - 1)) + 1
                 continue
             t[i] = 0
             self._touch_va(v, lvl)
