@@ -346,3 +346,27 @@ def test_cr3_low_bits_are_ignored_or_pcid(work):
 def test_efer_amd_bits_accepted_for_amd(work):
     r = run_cli(["walk", "ok.elf", "0x400000", "--efer", "0x1d00", "--profile", "amd"], work)
     assert r.rc == 0, r.err
+
+
+@pytest.mark.parametrize("argv,outputs", [
+    (("walk", "ok.elf", "0x400000", "0xffff888000001000"), ()),
+    (("probe", "ok.elf", "--probes", "probes-ok.jsonl", "--update-ad"), ()),
+    (("dump", "ok.elf", "--format", "json"), ()),
+    (("census", "ok.elf"), ()),
+    (("wx", "ok.elf"), ()),
+    (("find", "ok.elf", "0x5000000"), ()),
+    (("diff", "ok.elf", "linux.elf"), ()),
+    (("dump", "ok.elf", "-o", "out.txt"), ("out.txt",)),
+    (("build", "spec-ok.toml", "-o", "built.elf"), ("built.elf",)),
+    (("cpa", "replay", "t.trace", "--layout", "laptop-4g", "--quiet"), ()),
+])
+def test_commands_change_nothing_but_their_output(work, argv, outputs):
+    """Read-only commands leave every input byte-identical (probe --update-ad carries A/D on a
+    copy-on-write overlay) and write nothing but the output they were asked for."""
+    before = snapshot(work)
+    r = run_cli(argv, work)
+    assert r.rc in (0, 1), (argv, r.err)
+    after = snapshot(work)
+    assert sorted(set(after) - set(before)) == sorted(outputs), argv
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert r.seconds < FAST and r.maxrss_kb < RSS_LIMIT_KB, (argv, r.seconds, r.maxrss_kb)
