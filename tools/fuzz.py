@@ -275,7 +275,15 @@ def cli_argv(src, case: Case, path: str, probes_path: str) -> list[str]:
     cmd = list(src.choice(COMMANDS))
     argv = [cmd[0], path] + [{"VA": hex(case.vas[0]), "IMG2": path}.get(w, w) for w in cmd[1:]]
     if cmd[0] == "probe":
-        argv += ["--probes", probes_path]
+        argv += ["--probes", probes_path] + (["--update-ad"] if src.coin(0.3) else [])
+    if cmd[0] == "dump" and src.coin(0.3):             # filters applied while walking
+        argv += src.choice((["--has", src.choice(("g", "!a d", "rw !nx", "pat"))],
+                            ["--range", src.choice(("0-0x800000000000", "0xffff800000000000+1G",
+                                                    "0x400000+0x1000"))],
+                            ["--level", src.choice(("4k", "2m,1g"))], [src.choice(("--user", "--kernel"))],
+                            ["--writable", "--executable"]))
+    if cmd[0] in ("walk", "translate", "probe", "find", "census", "wx", "diff") and src.coin(0.3):
+        argv.append("--json")
     for reg, v in case.regs.items():
         if v is not None:
             argv += [f"--{reg}", str(v) if reg == "maxphyaddr" else
