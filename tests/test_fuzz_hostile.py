@@ -4,7 +4,7 @@ core, LiME, shared and looping tables), register values and probe files through 
 the CLI. A finding is any exception but an X86ptError from the library, an internal error (exit
 3) or a malformed exit-2 message from the CLI, a changed input, or a case slower than 10 s.
 
-CI runs a fixed budget (200 examples a test, derandomized: about 30 s for both). The long mode:
+CI runs a fixed budget (150 examples a test, derandomized: about 20-30 s for both). The long mode:
 
     X86PT_FUZZ_LONG=1 pytest tests/test_fuzz_hostile.py     # 20,000 examples a test
     python tools/fuzz.py --seconds 3600 --seed 7            # plain seeded randomness, much faster
@@ -27,7 +27,7 @@ sys.modules["x86pt_fuzz"] = fuzz             # dataclasses look their module up 
 _spec.loader.exec_module(fuzz)
 
 LONG = os.environ.get("X86PT_FUZZ_LONG") == "1"
-EXAMPLES = 20_000 if LONG else 200
+EXAMPLES = 20_000 if LONG else 150
 CASE_SECONDS = 10.0
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

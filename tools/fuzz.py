@@ -127,7 +127,7 @@ def registers(src, tables: list[int]) -> dict[str, int | None]:
     if src.coin(0.02):
         cr0 = src.int(0, (1 << 64) - 1)
     regs["cr0"] = cr0 if src.coin(0.8) else None
-    efer = src.choice((0xD00, 0x500, 0xD01, 0x1D00, 0x100))
+    efer = src.choice((0xD00, 0x500, 0xD01, 0xD00, 0x100, 0xD00, 0x1D00))
     if src.coin(0.02):
         efer = src.int(0, (1 << 64) - 1)
     regs["efer"] = efer if src.coin(0.8) else None
@@ -206,7 +206,7 @@ def make_case(src) -> Case:
                 write_elf_core(p, mem, cr0=regs["cr0"] or 0x80010001, cr3=regs["cr3"] & ((1 << 64) - 1),
                                cr4=regs["cr4"] or 0x20, efer=regs["efer"] or 0xD00,
                                pkru=regs["pkru"] or 0, maxphyaddr=src.int(0, 255) if src.coin(0.1) else 46,
-                               profile=(profile or "") if src.coin(0.9) else "x" * 15)
+                               profile=(profile or "") if src.coin(0.97) else "x" * 15)
             else:
                 write_lime(p, mem)
             with open(p, "rb") as f:
