@@ -300,6 +300,8 @@ def test_size_caps_refused_before_allocating(work, argv, needle):
     (("conform", "--repro", "repro-list.json"), "not an x86pt conform repro file"),
     (("conform", "--oracle", "bogus", "--limit", "10", "--no-repro"), "unknown oracle 'bogus'"),
     (("cpa", "replay", "t.trace", "--validate", "--checks", "xyz"), "--checks"),
+    (("cpa", "replay", "t.trace", "--validate", "--oracle", "bogus"), "unknown oracle 'bogus'"),
+    (("cpa", "replay", "t.trace", "--oracle", "unicorn"), "--oracle needs --validate"),
     (("cpa", "replay", "t.trace", "--dump-at", "-1", "--dump-out", "d.elf"), "--dump-at"),
     (("cpa", "replay", "t.trace", "--dump-at", "3", "--dump-out", "d.elf"), "--dump-at"),
     (("cpa", "replay", "t.trace", "--validate", "--minimise-seconds", "nan"), "--minimise-seconds"),

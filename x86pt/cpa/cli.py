@@ -179,6 +179,16 @@ def _check_run_args(args, n_ops: int) -> None:
                                 f"1..{n_ops} (the image after the first N ops)")
         if not args.dump_out:
             raise BadInputError("--dump-at needs --dump-out PATH (where the image goes)")
+    if args.oracle is not None:
+        from harness.oracles import REAL_ORACLES
+        want = [n.strip() for n in args.oracle.split(",") if n.strip()]
+        bad = [n for n in want if n not in REAL_ORACLES + ("all",)]
+        if not want or bad:
+            raise BadInputError(f"--oracle {args.oracle!r}: unknown oracle "
+                                f"{bad[0] if bad else ''!r} (one of {', '.join(REAL_ORACLES)}, all)")
+        if not args.validate:
+            raise BadInputError("--oracle needs --validate (the oracles check invariant (e) of "
+                                "the validation)")
 
 
 def cmd_replay(args) -> int:
