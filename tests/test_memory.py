@@ -82,6 +82,17 @@ def test_malformed_elf_cores(tmp_path, mutate, message):
         ElfCore(path)
 
 
+def test_load_segment_past_2_64_is_an_error(tmp_path):
+    # paddr 2^64 - 0x1000 with memsz 0x2000 ends at 2^64 + 0x1000: no physical address is there
+    data = hand_elf([((1 << 64) - 0x1000, b"\1" * 4096, 0x2000, 0)])
+    with pytest.raises(ImageError, match="past the end of the 64-bit physical address space"):
+        ElfCore(write(tmp_path, "wrap.elf", data))
+    # ending exactly at 2^64 is fine
+    data = hand_elf([((1 << 64) - 0x1000, b"\1" * 4096, 0x1000, 0)])
+    with ElfCore(write(tmp_path, "top.elf", data)) as m:
+        assert m.read((1 << 64) - 8, 8) == b"\1" * 8
+
+
 def test_overlapping_load_segments_are_an_error(tmp_path):
     data = hand_elf([(0x0, b"\1" * 8192, 8192, 0), (0x1000, b"\2" * 4096, 4096, 0)])
     with pytest.raises(ImageError, match="overlap"):
