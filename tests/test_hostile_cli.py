@@ -310,6 +310,12 @@ def test_size_caps_refused_before_allocating(work, argv, needle):
     (("dump", "ok.elf", "--has", "!!g"), "unknown flag '!!g'"),
     (("dump", "ok.elf", "--has", "g !g"), "both set and clear"),
     (("walk", "ok.elf", "9" * 5000), "bad virtual address"),
+    # special files as images: refused before the first read (a FIFO used to block forever)
+    (("dump", "fifo"), "fifo is not a regular file"),
+    (("diff", "ok.elf", "fifo"), "fifo is not a regular file"),
+    (("cpa", "replay", "t.trace", "--image", "fifo"), "fifo is not a regular file"),
+    (("dump", "devnull", "--cr3", "0x1000"), "devnull is not a regular file"),
+    (("census", "existing_dir"), "Is a directory"),
 ])
 def test_bad_input_is_one_line_exit_2(work, argv, needle):
     check_refused(argv, work, needle)

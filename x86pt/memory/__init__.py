@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from x86pt.errors import ImageError
 from x86pt.memory.base import PAGE, MemoryBase, PhysicalMemory, Segment
@@ -30,8 +31,18 @@ def image_format(path: str) -> str:
 
 def open_memory(path: str, fmt: str | None = None) -> MemoryBase:
     """Open an image read-only: ELF core, LiME or raw (auto-detected unless `fmt` is given)."""
-    if not os.path.exists(path):
-        raise ImageError(f"no such image: {path}")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"no such image: {path}") from None
+    except OSError as e:
+        raise ImageError(f"cannot open {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"cannot open {path}: Is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        # before the first read: a FIFO would block it forever; images are mapped, and only a
+        # regular file can be
+        raise ImageError(f"{path} is not a regular file")
     fmt = fmt or image_format(path)
     if fmt == "elf":
         return ElfCore(path)
