@@ -30,3 +30,14 @@ def need_oracle(name: str, available: bool, reason: str = "") -> None:
 @pytest.fixture
 def fixtures_dir() -> str:
     return FIXTURES
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (the README's full sizes, minutes each) run only with X86PT_SLOW=1 or
+    when `-m slow` selects them; CI runs the small sizes of the same checks."""
+    if os.environ.get("X86PT_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: set X86PT_SLOW=1 to run the full sizes")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
