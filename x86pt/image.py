@@ -78,10 +78,11 @@ def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None
                          pkru=regs.get("pkru", 0), pkrs=regs.get("pkrs", 0), profile=prof,
                          maxphyaddr=m)
     except BadInputError as e:
-        if not from_image:
+        culprits = [r for r in from_image if r in str(e).lower()]   # registers the error names
+        if not culprits:
             raise
-        raise BadInputError(f"{source}: {e}; the image's notes gave {', '.join(from_image)} "
-                            "(override one with --NAME N, e.g. --cr4 0x20)") from None
+        raise BadInputError(f"{source}: {e}; the image's notes gave {', '.join(culprits)} "
+                            f"(override with --{culprits[0]} N)") from None
     try:
         st.check()
     except X86ptError as e:
