@@ -25,18 +25,27 @@ def render_table(summaries: list[dict]) -> str:
 
 
 class Progress:
+    """The replay's progress callback on the project's one bar (x86pt.progress): drawn on a TTY
+    only, never past its total."""
+
     def __init__(self, label: str, enabled: bool) -> None:
         self.label, self.enabled = label, enabled
+        self.bar = None
 
     def __call__(self, i: int, n: int) -> None:
         if not self.enabled or not n:
             return
-        frac = i / n
-        bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\r{self.label} [{bar:<30}] {i}/{n}")
+        if self.bar is None:
+            from x86pt.progress import ProgressBar
+            self.bar = ProgressBar(n, self.label, unit="ops")
+        self.bar.update_to(i)
         if i >= n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _model_factory(args, policy: str):
@@ -197,8 +206,35 @@ def cmd_replay(args) -> int:
     ops = read_trace(args.trace)
     _check_run_args(args, len(ops))
     args.policy_list = [args.policy]
+    if args.tlb:
+        return _run_tlb(args, ops)
+    if args.cpus is not None or args.tlb_assume is not None or args.tlb_flushes is not None:
+        raise BadInputError("--cpus, --tlb-assume and --tlb-flushes need --tlb")
     r, m = _run(args, args.policy, ops, True)
     return _report(args, [r], m)
+
+
+def _run_tlb(args, ops) -> int:
+    """`cpa replay --tlb`: the TLB model of --cpus CPUs alongside the replay; exit 1 when a
+    dangerous window is open at the end of an API call or of the trace."""
+    from x86pt.cpa.tlbreplay import render_text, replay_tlb
+    if args.validate or args.oracle or args.dump_at is not None or args.plot or args.repro:
+        raise BadInputError("--tlb runs alone: leave out --validate, --oracle, --dump-at, --plot, --repro")
+    ncpus = parse_int(args.cpus if args.cpus is not None else "2", "--cpus", lo=1, hi=64)
+    assume = args.tlb_assume or "speculate"
+    flushes = args.tlb_flushes or "model"
+    if assume not in ("speculate", "touch"):
+        raise BadInputError(f"--tlb-assume {assume!r}: speculate or touch")
+    if flushes not in ("model", "trace"):
+        raise BadInputError(f"--tlb-flushes {flushes!r}: model or trace")
+    make, _ = _model_factory(args, args.policy)
+    res = replay_tlb(make(), ops, ncpus=ncpus, assume=assume, flushes=flushes)
+    if args.json:
+        from x86pt.cli import emit_json
+        emit_json(res.to_json())
+    elif not args.quiet:
+        print(render_text(res))
+    return 1 if res.failed else 0
 
 
 def cmd_compare(args) -> int:
@@ -308,6 +344,17 @@ def register(subparsers) -> None:
     sub.required = True
     r = sub.add_parser("replay", help="replay a trace under one merge policy")
     _common(r, True)
+    r.add_argument("--tlb", action="store_true",
+                   help="model the CPUs' TLBs: report where a CPU may still use a translation the "
+                        "tables no longer give, and for how long (exit 1: a dangerous window at "
+                        "the end of a call)")
+    r.add_argument("--cpus", default=None, metavar="N", help="with --tlb: CPUs modelled (default 2)")
+    r.add_argument("--tlb-assume", default=None, metavar="speculate|touch",
+                   help="with --tlb: every CPU may cache what an op changes (speculate, default) "
+                        "or only what the trace's touch/speculate ops fill")
+    r.add_argument("--tlb-flushes", default=None, metavar="model|trace",
+                   help="with --tlb: the CPA model's own flushes (model, default) or only the "
+                        "trace's flush ops (trace: a recorded kernel trace)")
     r.set_defaults(func=cmd_replay)
     cp = sub.add_parser("compare", help="replay a trace under several policies side by side")
     _common(cp, False)
