@@ -101,6 +101,8 @@ class Policy:
         if m.free_queue:
             m.counters.flush_all += 1
             m.counters.flush_all_merge += 1
+            if m.flush_hook is not None:
+                m.flush_hook("all")
             for pa in m.free_queue:
                 m.pool.release(pa)
                 m.counters.tables_freed += 1
@@ -240,6 +242,8 @@ class NrSameProt(Policy):
         m.write(plevel, pkey, parent, key & 511, new)   # may cascade through the parent's count
         m.counters.flush_all += 1                      # flush_tlb_all inside pgd_lock
         m.counters.flush_all_merge += 1
+        if m.flush_hook is not None:
+            m.flush_hook("all")
         m.pool.release(pa)
         m.counters.tables_freed += 1
 

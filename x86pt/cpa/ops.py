@@ -41,6 +41,7 @@ class TablePool:
         self.taken = taken or set()
         self.in_use = 0
         self.high_water = 0
+        self.gen = 0            # bumped by every alloc/release: a table may have moved
 
     def alloc(self) -> int:
         if self.free:
@@ -59,12 +60,14 @@ class TablePool:
                 if pa not in self.taken:
                     break
         self.in_use += 1
+        self.gen += 1
         if self.in_use > self.high_water:
             self.high_water = self.in_use
         return pa
 
     def release(self, pa: int) -> None:
         self.in_use -= 1
+        self.gen += 1
         self.free.append(pa)
 
 
@@ -118,6 +121,10 @@ class CpaModel:
         self.touched: set[int] | None = None  # (key << 2 | table level) written by the current op
         self.nsp = None                      # nr-same-prot bookkeeping (merge.NrSameProt)
         self.free_queue: list[int] = []
+        # Called as flush_hook(kind, start, end) at each TLB flush the kernel issues, at the point
+        # it issues it (x86pt.tlb.TlbReplay.flush): "all" (flush_tlb_all), "range" (cpa_flush of
+        # [start, end)), "local" (this CPU's __flush_tlb_all), "page" (one INVLPG of start).
+        self.flush_hook: Callable[..., object] | None = None
         lo = layout
         self.page_offset = lo.page_offset
         self.start_kernel_map = lo.start_kernel_map
@@ -454,12 +461,18 @@ class CpaModel:
             c.errors += 1
             c.flush_all += 1                  # cpa_flush_all
             c.wbinvd += cache
+            if self.flush_hook is not None:
+                self.flush_hook("all")
             return err
         if call.force_flush_all or numpages > TLB_SINGLE_PAGE_FLUSH_CEILING:
             c.flush_all += 1
+            if self.flush_hook is not None:
+                self.flush_hook("all")
         else:
             c.flush_ranges += 1
             c.invlpg_pages += numpages
+            if self.flush_hook is not None:
+                self.flush_hook("range", addr, addr + numpages * 4096)
         if cache:
             c.clflush_pages += numpages
         if flags & CPA_COLLAPSE:
@@ -655,6 +668,8 @@ class CpaModel:
         r = (self._set_pages(addr, n, P | RW, 0) if enable else
              self._set_pages(addr, n, 0, self.version.set_pages_np_clr))
         self.counters.local_flushes += 1
+        if self.flush_hook is not None:
+            self.flush_hook("local")
         return r
 
     def cpa(self, addr: int, n: int, set_: int, clr: int, flags: int = 0, primary: bool = True,
@@ -692,6 +707,8 @@ class CpaModel:
         t[i] = frame | flags
         self.counters.oob_writes += 1
         self.counters.local_flushes += 1
+        if self.flush_hook is not None:       # kfence: flush_tlb_one_kernel on this CPU only
+            self.flush_hook("page", addr & ~0xFFF)
         if self.touched is not None:
             self.touched.add((((addr & self.vmask) >> 12) << 2) | 1)
         return True

@@ -132,3 +132,5 @@ def split_large_page(m: "CpaModel", c: "Call", level: int, t: list, i: int, addr
     m.write(level, v >> (30 if level == 2 else 39), t, i, pa | KERNPG_TABLE)
     m.counters.flush_all += 1
     m.counters.flush_all_split += 1
+    if m.flush_hook is not None:
+        m.flush_hook("all")

@@ -10,6 +10,10 @@
     vunmap ADDR NPAGES
     memory_add PA SIZE / memory_remove PA SIZE   (hotplug; not CPA)
 
+and the TLB operations of x86pt.tlb (flush_tlb_all, flush_tlb_kernel_range START END, invlpg
+ADDR, touch, speculate, ...): they change no table; `cpa replay --tlb` runs them on its TLB
+model, a plain replay skips them.
+
 `cpa ... primary` (the default) is a whole change_page_attr_set_clr call; `cpa ... alias` is
 one bare __change_page_attr_set_clr(primary=0) as the kernel's nested alias calls are traced.
 The replay driver runs a parsed trace on a CpaModel, with optional incremental validation,
@@ -21,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from x86pt import tlb
 from x86pt.cpa.ops import API, CpaModel
 from x86pt.cpa.validate import Validator, Violation
 from x86pt.errors import BadInputError
@@ -31,6 +36,7 @@ API_NAMES = tuple(API)
 OTHER = ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "kernel_map_pages",
          "cpa", "oob", "vmap", "vunmap", "memory_add", "memory_remove")
 U64MAX = (1 << 64) - 1
+TLB_NAMES = frozenset(tlb.TLB_OPS)
 
 
 def _num(s: str, what: str, where: str) -> int:
@@ -109,11 +115,16 @@ def parse_line(line: str, where: str = "trace") -> tuple | None:
         if len(args) != 2:
             raise BadInputError(f"{where}: {name} takes PA SIZE")
         return (name, _num(args[0], "physical address", where), _num(args[1], "size", where))
-    raise BadInputError(f"{where}: unknown operation {name!r} (known: {', '.join(API_NAMES + OTHER)})")
+    op = tlb.parse_tlb_line(line, where)
+    if op is not None:
+        return op
+    raise BadInputError(f"{where}: unknown operation {name!r} (known: {', '.join(API_NAMES + OTHER + tlb.TLB_OPS)})")
 
 
 def format_op(op: tuple) -> str:
     name = op[0]
+    if name in TLB_NAMES:
+        return tlb.format_tlb_op(op)
     if name in API:
         return f"{name} {op[1]:#x} {op[2]}"
     if name in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush"):
@@ -153,8 +164,11 @@ def read_trace(path: str) -> list[tuple]:
 
 
 def apply_op(m: CpaModel, op: tuple) -> object:
-    """Run one op on the model; returns the op's result (errno, or oob's accepted flag)."""
+    """Run one op on the model; returns the op's result (errno, or oob's accepted flag). TLB ops
+    change no table: None (cpa replay --tlb sends them to its TlbReplay.trace_op)."""
     name = op[0]
+    if name in TLB_NAMES:
+        return None
     f = API.get(name)
     if f is not None:
         return f(m, op[1], op[2])
@@ -238,9 +252,11 @@ def replay(m: CpaModel, ops: list[tuple], *, validate: bool = False, checks: str
     for idx, op in enumerate(ops):
         if violation and stop_on_violation:
             break
+        f = api.get(op[0])
+        if f is None and op[0] in TLB_NAMES:
+            continue                    # no table changes (the TLB model's, under --tlb)
         if track:
             m.touched = set()
-        f = api.get(op[0])
         res = f(m, op[1], op[2]) if f is not None else apply_op(m, op)
         if track:
             touched = m.touched
