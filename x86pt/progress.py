@@ -8,6 +8,7 @@ prints a ctypes traceback when it does) and the command can print a partial summ
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -29,8 +30,16 @@ class ProgressBar:
         self._bar: Any = None
         if enabled:
             from tqdm import tqdm     # imported only when a bar is drawn (start-up time)
+            # A terminal that reports a 0x0 size (a fresh pty, `script`) would get no bar at all:
+            # tqdm hides bars below the screen's last row. Assume 80x24 there.
+            try:
+                size = os.get_terminal_size(self.stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                size = os.terminal_size((0, 0))
+            known = size.columns > 0 and size.lines > 0
             self._bar = tqdm(total=self.total, desc=label, unit=unit, file=self.stream,
-                             dynamic_ncols=True, leave=True, mininterval=0.25)
+                             dynamic_ncols=known, ncols=None if known else 80,
+                             nrows=None if known else 24, leave=True, mininterval=0.25)
 
     def update_to(self, done: int, **postfix: Any) -> None:
         """Move the bar to `done` steps (clamped to the total); postfix items are shown after it."""
