@@ -41,7 +41,8 @@ def test_decode_trace_nests_alias_and_attributes_splits():
     assert invalid.force_split
     assert primary.api.startswith("set_memory_ro addr=0xffffffffc0208000")
     assert trace_summary(dec) == {"calls": 3, "top_level_calls": 2, "api_calls": 2, "splits_1g": 1,
-                                  "splits_2m": 2, "unmatched": 0}
+                                  "splits_2m": 2, "unmatched": 0,
+                                  "flushes": {"all": 0, "range": 0, "page": 0}}
 
 
 def test_trace_text_has_top_level_calls_active_and_aliases_commented():
@@ -128,3 +129,38 @@ def test_report_rejects_a_directory_that_is_not_a_run(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert p.stderr.startswith("x86pt: error:") and len(p.stderr.strip().splitlines()) == 1
+
+
+# One CPU: flush_tlb_all inside the call (a split), then cpa_flush's per-page flushes after it;
+# later vm_reset_perms' flush_tlb_kernel_range, whose own one-page flushes (do_kernel_range_flush)
+# are folded into it, and a lone flush_tlb_one_kernel.
+TLB_TRACE = """\
+ insmod-90 [000] ..... 5.000001: set_memory_ro: (set_memory_ro+0x0/0x30) addr=0xffffffffc0208000 numpages=2
+ insmod-90 [000] ..... 5.000002: cpasc: (__change_page_attr_set_clr+0x0/0xf00) vaddr=0xffffffffc0208000 numpages=2 set=0x0 clr=0x2 flags=0x0 bits=0 primary=1 d4k=10 d2m=5 d1g=1
+ insmod-90 [000] ..... 5.000003: tlb_all: (flush_tlb_all+0x0/0x20)
+ insmod-90 [000] ..... 5.000004: cpasc_ret: (change_page_attr_set_clr+0x1/0x2 <- __change_page_attr_set_clr) ret=0 d4k=522 d2m=4 d1g=1
+ insmod-90 [000] ..... 5.000005: tlb_one: (flush_tlb_one_kernel+0x0/0x20) addr=0xffffffffc0208000
+ insmod-90 [000] ..... 5.000006: tlb_one: (flush_tlb_one_kernel+0x0/0x20) addr=0xffffffffc0209000
+ rmmod-91 [000] ..... 6.000001: tlb_range: (flush_tlb_kernel_range+0x0/0x90) start=0xffffffffc0208000 end=0xffffffffc020a000
+ rmmod-91 [000] ..... 6.000002: tlb_one: (flush_tlb_one_kernel+0x0/0x20) addr=0xffffffffc0208000
+ rmmod-91 [000] ..... 6.000003: tlb_one: (flush_tlb_one_kernel+0x0/0x20) addr=0xffffffffc0209000
+ rmmod-91 [000] ..... 6.000004: tlb_one: (flush_tlb_one_kernel+0x0/0x20) addr=0xffffffffc0208000
+"""
+
+
+def test_decode_trace_records_the_kernels_flushes_in_order():
+    from harness.linux.collect import Flush
+    dec = decode_trace(TLB_TRACE.splitlines())
+    assert [(f.kind, f.start, f.end, f.in_call) for f in dec.flushes] == [
+        ("all", 0, 0, True), ("page", 0xffffffffc0208000, 0xffffffffc0209000, False),
+        ("page", 0xffffffffc0209000, 0xffffffffc020a000, False),
+        ("range", 0xffffffffc0208000, 0xffffffffc020a000, False),
+        ("page", 0xffffffffc0208000, 0xffffffffc0209000, False)]
+    assert isinstance(dec.seq[0], type(dec.calls[0])) and isinstance(dec.seq[1], Flush)
+    text = trace_text(dec, "t").splitlines()
+    body = [l for l in text if not l.startswith("# ") or l.startswith("#   in-call")]
+    assert body == ["cpa 0xffffffffc0208000 2 set=0x0 clr=0x2 flags=0x0 primary  # split 1G:0 2M:1",
+                    "#   in-call flush_tlb_all", "invlpg 0xffffffffc0208000", "invlpg 0xffffffffc0209000",
+                    "flush_tlb_kernel_range 0xffffffffc0208000 0xffffffffc020a000",
+                    "invlpg 0xffffffffc0208000"]
+    assert trace_summary(dec)["flushes"] == {"all": 1, "range": 1, "page": 3}

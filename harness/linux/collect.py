@@ -191,11 +191,39 @@ class CpaCall:
         return d
 
 
+@dataclass(frozen=True)
+class Flush:
+    """One TLB invalidation the kernel made (probes of initramfs.TLB_PROBES): kind "all"
+    (flush_tlb_all), "range" (flush_tlb_kernel_range [start, end); the one-page flushes it made
+    are folded into it) or "page" (flush_tlb_one_kernel of start). `in_call`: made inside a
+    __change_page_attr_set_clr (a split's or collapse's flush), before the call's last write."""
+
+    kind: str
+    start: int = 0
+    end: int = 0
+    task: str = ""
+    pid: int = 0
+    in_call: bool = False
+
+    def line(self) -> str:
+        """The flush as a trace op (x86pt.tlb.parse_tlb_line)."""
+        if self.kind == "all":
+            return "flush_tlb_all"
+        if self.kind == "range":
+            return f"flush_tlb_kernel_range {self.start:#x} {self.end:#x}"
+        return f"invlpg {self.start:#x}"
+
+
 @dataclass
 class TraceDecode:
     calls: list[CpaCall]            # every call, in order of entry (nested ones included)
     api: list[tuple[str, str, dict[str, str]]]   # (task, api name, args)
     unmatched: int                  # entries without a return (or returns without an entry)
+    seq: list = field(default_factory=list)      # calls and Flushes in the order they happened
+
+    @property
+    def flushes(self) -> list[Flush]:
+        return [x for x in self.seq if isinstance(x, Flush)]
 
 
 def decode_trace(lines: list[str]) -> TraceDecode:
@@ -205,6 +233,8 @@ def decode_trace(lines: list[str]) -> TraceDecode:
     api: list[tuple[str, str, dict[str, str]]] = []
     stacks: dict[int, list[CpaCall]] = {}
     last_api: dict[int, str] = {}
+    seq: list = []
+    ranges: dict[int, tuple[int, int]] = {}   # pid -> (next page, end) of a flush_tlb_kernel_range
     unmatched = 0
     for line in lines:
         m = _EVENT.match(line)
@@ -212,6 +242,12 @@ def decode_trace(lines: list[str]) -> TraceDecode:
             continue
         ev, a, pid, task = m.group("event"), _args(m.group("args")), int(m.group("pid")), m.group("task").strip()
         st = stacks.setdefault(pid, [])
+        if ev.startswith("tlb_"):
+            f = _flush(ev, a, task, pid, bool(st), ranges)
+            if f is not None:
+                seq.append(f)
+            continue
+        ranges.pop(pid, None)
         if ev == "cpasc":
             bits = _num(a.get("bits")) or 0
             c = CpaCall(task, pid, m.group("ts"), _num(a.get("vaddr")), _num(a.get("numpages")) or 0,
@@ -223,6 +259,7 @@ def decode_trace(lines: list[str]) -> TraceDecode:
                 st[-1].children.append(c)
             st.append(c)
             calls.append(c)
+            seq.append(c)
         elif ev == "cpasc_ret":
             if not st:
                 unmatched += 1
@@ -237,7 +274,30 @@ def decode_trace(lines: list[str]) -> TraceDecode:
             if not st:
                 last_api[pid] = f"{ev} " + " ".join(f"{k}={v}" for k, v in a.items())
     unmatched += sum(len(s) for s in stacks.values())
-    return TraceDecode(calls, api, unmatched)
+    return TraceDecode(calls, api, unmatched, seq)
+
+
+def _flush(ev: str, a: dict[str, str], task: str, pid: int, in_call: bool,
+           ranges: dict[int, tuple[int, int]]) -> Flush | None:
+    """A flush event -> Flush; None for a one-page flush that flush_tlb_kernel_range made
+    (do_kernel_range_flush: flush_tlb_one_kernel from start in 4K steps while < end; the guest
+    has one CPU, so they follow the range event in the same task)."""
+    if ev == "tlb_one":
+        addr = _num(a.get("addr")) or 0
+        r = ranges.get(pid)
+        if r is not None and addr == r[0] and addr < r[1]:
+            ranges[pid] = (addr + 4096, r[1])
+            return None
+        ranges.pop(pid, None)
+        return Flush("page", addr, addr + 4096, task, pid, in_call)
+    ranges.pop(pid, None)
+    if ev == "tlb_range":
+        s, e = _num(a.get("start")) or 0, _num(a.get("end")) or 0
+        ranges[pid] = (s, e)
+        return Flush("range", s, e, task, pid, in_call)
+    if ev == "tlb_all":
+        return Flush("all", 0, 0, task, pid, in_call)
+    return None
 
 
 def _triple(a: dict[str, str]) -> tuple[int, int, int] | None:
@@ -254,8 +314,15 @@ def trace_text(dec: TraceDecode, title: str) -> str:
     replay that models cpa_process_alias does not apply them twice; the API call each line came
     from is a comment before it."""
     out = [f"# {title}", "# decoded from kprobes on __change_page_attr_set_clr (x86pt linux run)"]
+    if dec.flushes:
+        out.append("# with the kernel's TLB flushes (flush_tlb_all, flush_tlb_kernel_range, "
+                   "flush_tlb_one_kernel as invlpg); `# in-call` ones ran inside the call before "
+                   "its last write")
     last_api = None
-    for c in dec.calls:
+    for c in (dec.seq or dec.calls):
+        if isinstance(c, Flush):
+            out.append(f"#   in-call {c.line()}" if c.in_call else c.line())
+            continue
         if c.depth == 0 and c.api and c.api != last_api:
             out.append(f"# {c.api}")
             last_api = c.api
@@ -294,8 +361,10 @@ def trace_summary(dec: TraceDecode) -> dict:
         if sp:
             s1g += sp[0]
             s2m += sp[1]
+    fl = dec.flushes
     return {"calls": len(dec.calls), "top_level_calls": len(tops), "api_calls": len(dec.api),
-            "splits_1g": s1g, "splits_2m": s2m, "unmatched": dec.unmatched}
+            "splits_1g": s1g, "splits_2m": s2m, "unmatched": dec.unmatched,
+            "flushes": {k: sum(f.kind == k for f in fl) for k in ("all", "range", "page")}}
 
 
 # -- page tables out of guest RAM -------------------------------------------------------------------

@@ -81,6 +81,13 @@ API_PROBES = ("set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx",
               "set_memory_p", "set_memory_4k", "set_memory_rox", "set_memory_global",
               "set_memory_nonglobal")
 PAGE_PROBES = ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush")
+# The kernel's TLB invalidations (arch/x86/mm/tlb.c): flush_tlb_all (splits, collapses, cpa_flush
+# over the 33-page ceiling), flush_tlb_kernel_range (vm_reset_perms, lazy vmap purges) and the
+# one-page flush (cpa_flush's per-page INVLPG through __cpa_flush_tlb up to v6.17, and the pages
+# of a small flush_tlb_kernel_range). Event name and fetch args per function.
+TLB_PROBES = (("flush_tlb_all", "tlb_all", ""),
+              ("flush_tlb_kernel_range", "tlb_range", "start=%di:x64 end=%si:x64"),
+              ("flush_tlb_one_kernel", "tlb_one", "addr=%di:x64"))
 
 INIT = r"""#!/bin/busybox sh
 # x86pt guest init: run the scripted workload, write every artefact to ttyS1 (a file on the host).
@@ -114,6 +121,7 @@ done
 for f in __PAGE__; do
   grep -q " $f\$" /tmp/ksyms && echo "p:cpa/$f $f page=%di:x64" >> $T/kprobe_events 2>/dev/null
 done
+__TLB__
 echo 1 > $T/events/cpa/enable
 say "@@PROBES"; cat $T/kprobe_events >&3
 sleep 1
@@ -249,7 +257,11 @@ def build_initramfs(out: str, *, busybox: str, modules_dir: str, ptdump_ko: str,
     a.file("mods/x86pt_ptdump.ko", _read(ptdump_ko))
     for rel in workload.modules:
         a.file(f"mods/{rel.rsplit('/', 1)[-1]}.ko", _module_bytes(modules_dir, rel))
-    init = (INIT.replace("__SYMBOLS__", "|".join(LAYOUT_SYMBOLS + API_PROBES + PAGE_PROBES))
+    tlb = "\n".join(f'grep -q " {f}\\$" /tmp/ksyms && echo "p:cpa/{ev} {f} {args}" >> $T/kprobe_events '
+                    f'2>/dev/null' for f, ev, args in TLB_PROBES)
+    init = (INIT.replace("__SYMBOLS__", "|".join(LAYOUT_SYMBOLS + API_PROBES + PAGE_PROBES
+                                                 + tuple(f for f, _, _ in TLB_PROBES)))
+            .replace("__TLB__", tlb)
             .replace("__API__", " ".join(API_PROBES)).replace("__PAGE__", " ".join(PAGE_PROBES)))
     a.file("init", init.encode(), 0o755)
     for s in workload.steps:
