@@ -81,7 +81,7 @@ def make_source(args, oracle, caps):
 
 
 def _default_batch(oracle) -> int:
-    # The probe guest holds 8192 probes (oracle-qemu-kvm.md §3.1); a case has at most 2.
+    # The probe guest holds 8192 probes (docs/oracles.md §3.1); a case has at most 2.
     cap = getattr(oracle, "max_probes", None)
     if isinstance(cap, int) and cap > 1:
         return max(1, cap // 2)

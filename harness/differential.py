@@ -3,7 +3,7 @@ oracle run the same batches (image + CPU state + probes); every difference is a 
 state, the decoded walk, the capstone-decoded probe instruction, both outcomes and a minimal
 repro (JSON) that `x86pt conform --repro FILE` replays.
 
-What is compared (paging.md §10.5, §13.4):
+What is compared (docs/paging.md §11.5, §13.4):
 * per probe: outcome, #PF/#GP error code, CR2 (for #PF; for #GP whether CR2 was written), the
   physical address when the oracle tells it (ProbeResult.pa, or the frame tag a read returned);
 * per case, after the batch: the entries it owns and the entries its walks read. A 4K PTE must

@@ -1,5 +1,5 @@
 """The access matrix: our own implementation of the kvm-unit-tests `x86/access.c` class of test
-(spec/paging.md §10), packed into rig images.
+(docs/paging.md §11), packed into rig images.
 
 A case is an int of flags. Bits 0..30 are KUT's 31 flags in KUT's enum order (§10.1); bits 31 and
 up are our extensions (cases KUT lacks, §13.3): SMAP with EFLAGS.AC, 1G leaves, PS and bit 8 in
@@ -33,7 +33,7 @@ from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
                          CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, PagingState, Profile)
 
-# -- the flags (KUT enum order = bit index, paging.md §10.1) ------------------------------------------
+# -- the flags (KUT enum order = bit index, docs/paging.md §11.1) ------------------------------------------
 FLAG_NAMES: tuple[str, ...] = (
     "pte.rw", "pte.user", "pte.a", "pte.d", "pte.nx", "pte.p", "pte.51", "pte.36",
     "pde.rw", "pde.user", "pde.a", "pde.d", "pde.pse", "pde.nx", "pde.p", "pde.51", "pde.36",

@@ -231,7 +231,7 @@ def test_conform_progress_bar_goes_to_stderr():
 
 def test_translation_only_oracle_is_judged_on_translations():
     """qemu-monitor answers gva2gpa only: it is compared with the debugger's view of the tables
-    (present + PS; reserved bits pass into the address, per oracle-qemu-kvm.md §2.2), so a wrong
+    (present + PS; reserved bits pass into the address, per docs/oracles.md §5), so a wrong
     or missing translation is reported and a rights fault is not."""
     from harness.differential import check_batch
     from harness.oracles.base import BatchResult

@@ -1,7 +1,7 @@
 """The field table against the manuals' tables, and the construct path against the shift/mask path.
 
 Expectations: Intel SDM Vol. 3A tables 4-15..4-21 and AMD APM Vol. 2 §5.3 as summarised in
-spec/paging.md §2 (bit positions written here by hand), never the code under test."""
+docs/paging.md §4 (bit positions written here by hand), never the code under test."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +14,7 @@ from x86pt.layouts import decode, encode, layout
 ALL_KINDS = list(Kind)
 LEAVES = [Kind.PDPTE_1G, Kind.PDE_2M, Kind.PTE]
 
-# (kind, field, hi, lo, role) straight from paging.md §2's table, M = 40.
+# (kind, field, hi, lo, role) straight from docs/paging.md §4's table, M = 40.
 SDM_ROWS = [
     (Kind.PTE, "pat", 7, 7, Role.PAT), (Kind.PTE, "g", 8, 8, Role.FLAG), (Kind.PTE, "d", 6, 6, Role.FLAG),
     (Kind.PTE, "addr", 39, 12, Role.ADDR), (Kind.PTE, "rsvd_hi", 51, 40, Role.RSVD),
@@ -92,7 +92,7 @@ def test_flipping_every_single_bit_round_trips(kind):
 
 
 def test_round_trip_idiom_on_a_known_pte():
-    # XD, key 1, D, A, US, RW, P and frame 0x111 (the example of spec/oracle-unicorn.md §7).
+    # XD, key 1, D, A, US, RW, P and frame 0x111 (the example of docs/paging.md §4.3).
     raw = (1 << 63) | (1 << 59) | 0x111067
     data = raw.to_bytes(8, "little")
     lay = layout(Kind.PTE, 52, "intel")

@@ -1,6 +1,6 @@
 """`x86pt dump --format ptdump`: expected text is either lines a real Linux 6.1 kernel printed
-(spec/oracle-linux.md §5, the debugfs ptdump of a Debian guest) or lines derived by hand from the
-kernel's format rules (spec/paging.md §12: note_page()/printk_prot() in dump_pagetables.c, the
+(docs/oracles.md §7.3, the debugfs ptdump of a Debian guest) or lines derived by hand from the
+kernel's format rules (docs/paging.md §13.1: note_page()/printk_prot() in dump_pagetables.c, the
 generic walk in mm/ptdump.c and mm/pagewalk.c). Never from x86pt's own output."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_one_user_page_hand_derived():
 
 
 def test_low_kernel_mapping_as_a_real_kernel_printed_it():
-    """The first six lines under 'Low Kernel Mapping' of a Debian 6.1 guest (oracle-linux.md §5),
+    """The first six lines under 'Low Kernel Mapping' of a Debian 6.1 guest (docs/oracles.md §7.3),
     rebuilt: PA 0 unmapped, then 4K pages (RW, one RO, two ROX, RW), then 2M pages."""
     b = Builder(levels=4, table_base=0x7000000)
     po = 0xFFFF888000000000
@@ -71,7 +71,7 @@ def test_low_kernel_mapping_as_a_real_kernel_printed_it():
         "0xffff888001000000-0xffff888001e00000          14M     ro         PSE     GLB NX pmd\n")
     assert real in text
     # The marker lags one note_page() call (one marker per break): PA 0's hole line is printed
-    # under "LDT remap" (oracle-linux.md §5: "the first direct-map page is printed under LDT remap").
+    # under "LDT remap" (docs/oracles.md §7.3: "the first direct-map page is printed under LDT remap").
     assert ("---[ LDT remap ]---\n"
             "0xffff888000000000-0xffff888000001000           4K                               pte\n"
             "---[ Low Kernel Mapping ]---\n") in text

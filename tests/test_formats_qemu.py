@@ -65,7 +65,7 @@ def test_real_guest_core_registers_from_qemu_note():
 
 
 def test_la57_info_mem_quirk_is_in_the_golden():
-    """QEMU 7.2's 5-level info mem inverts the present tests below the PML4 (paging.md §11.2 #9):
+    """QEMU 7.2's 5-level info mem inverts the present tests below the PML4 (docs/paging.md §13.3.2):
     the golden shows only the non-present PS PDPTE planted by the capture tool."""
     text = open(os.path.join(DUMP, "mixed5.qemu-mem.txt"), "rb").read().decode()
     assert text == "0000050040000000-0000050080000000 0000000040000000 urw\r\n"

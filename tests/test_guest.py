@@ -1,5 +1,5 @@
 """The probe guest: the shipped bytes rebuild from harness.S, the layout matches
-spec/oracle-qemu-kvm.md §3.1, and the RAM preparation / result decoding do what the layout says.
+docs/oracles.md §3.1, and the RAM preparation / result decoding do what the layout says.
 Expected values are the spec's layout table and hand-computed entries, not the module's output."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_rebuild_matches_shipped_bytes(tmp_path):
 
 
 def test_layout_is_the_spec_table():
-    # spec/oracle-qemu-kvm.md §3.1, copied by hand.
+    # docs/oracles.md §3.1, copied by hand.
     assert g.KBASE == 0xFFFFFFFF80000000
     assert (g.HARNESS_GPA, g.PARAMS_GPA, g.IDT_GPA) == (0x100000, 0x108000, 0x109000)
     assert (g.USTUB_GPA, g.USTACK_GPA, g.PROBES_GPA, g.RESULTS_GPA) == (0x10E000, 0x10F000, 0x110000, 0x150000)

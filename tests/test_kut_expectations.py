@@ -1,5 +1,5 @@
 """The hand derivation of the model's rights logic: kvm-unit-tests' expected-result logic for the
-access matrix (ac_emulate_access / ac_test_permissions, spec/paging.md §10.4), re-written here
+access matrix (ac_emulate_access / ac_test_permissions, docs/paging.md §11.5), re-written here
 from the flags alone, in our own words, and checked against the x86pt walker on a large sample of
 the matrix.
 

@@ -1,4 +1,4 @@
-"""The access matrix: counts against kvm-unit-tests' (spec/paging.md §10.6, counted there by a C port
+"""The access matrix: counts against kvm-unit-tests' (docs/paging.md §11.6, counted there by a C port
 of ac_test_bump/ac_test_legal), the product enumeration against the literal bump enumeration, and
 the packing of cases into rig images."""
 from __future__ import annotations

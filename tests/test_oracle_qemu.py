@@ -249,7 +249,7 @@ def test_capabilities_match_profile(qemu):
 
 # -- profile proofs: one per deviation of PROFILES['qemu'] -------------------------------------------------
 def test_profile_rsvd_sets_p_false(qemu):
-    """paging.md §11.2 #1: RSVD faults report 0x08 without P (SDM: RSVD implies P=1, 0x09)."""
+    """docs/paging.md §12.1: RSVD faults report 0x08 without P (SDM: RSVD implies P=1, 0x09)."""
     assert PROFILES["qemu"].rsvd_sets_p is False
     b = hand_image()
     run_cases(qemu, b, state(b), [(P(RSV), ("pf", 0x08)), (P(RSV, "write", user=True), ("pf", 0x0E)),

@@ -4,7 +4,7 @@ proofs of PROFILES['unicorn'].
 Expected outcomes come from the Intel SDM Vol. 3A (§4.5 reserved bits, §4.6 access rights incl.
 SMEP/SMAP/PKRU, §4.7 the #PF error code: P=1 W=2 U=4 RSVD=8 I/D=0x10 PK=0x20, §4.8 A/D) worked
 out by hand for each mapping below, or — for the profile proofs — from the deviations measured in
-spec/oracle-unicorn.md §5 (D1, D2, D6) and paging.md §11.2 #6. The x86pt model is only ever the
+docs/oracles.md §2.4 (D1, D2, D6) and docs/paging.md §12.1. The x86pt model is only ever the
 thing checked, in the final cross-check, never the expectation.
 """
 from __future__ import annotations
@@ -290,7 +290,7 @@ def test_profile_a_on_1g_leaf_before_checks(oracle):
 
 
 def test_profile_implicit_smap_honours_ac(oracle):
-    """paging.md §11.2 #6: an implicit supervisor read (a GDT descriptor load at CPL0) of a user
+    """docs/paging.md §12.1: an implicit supervisor read (a GDT descriptor load at CPL0) of a user
     page with CR4.SMAP: the SDM faults it whatever EFLAGS.AC is (#PF 0x1); unicorn lets AC=1
     through. The AC=0 row is the control: it does fault."""
     assert PROFILES["unicorn"].implicit_smap_honours_ac

@@ -2,7 +2,7 @@
 
 Expectations are written by hand: translations from the SDM's address split (§4.5: 4K offset
 bits 11:0, 2M 20:0, 1G 29:0), and `info tlb` / `info mem` lines from the output format in
-spec/paging.md §11.3 (fixed-width %016 hex, sign-extended VAs, leaf flags XGPDACTUW, folded urw).
+docs/paging.md §13.3 (fixed-width %016 hex, sign-extended VAs, leaf flags XGPDACTUW, folded urw).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def tiny_image(levels: int = 4, table_base: int = 0x200000):
     return b
 
 
-# Hand-written from paging.md §11.3 for tiny_image (table entries are P|RW|US|A).
+# Hand-written from docs/paging.md §13.3 for tiny_image (table entries are P|RW|US|A).
 INFO_TLB_4LEVEL = """\
 0000000000400000: 0000000000600000 ----A--UW
 0000000040000000: 0000000000800000 XGPDA---W
@@ -120,7 +120,7 @@ def test_info_mem_lines(monitor):
 
 
 def test_tables_rewritten_without_relaunch(monitor):
-    # spec §2.1: QEMU reads RAM directly; zeroing a PTE in the file unmaps the page.
+    # docs/oracles.md §5: QEMU reads RAM directly; zeroing a PTE in the file unmaps the page.
     b = tiny_image()
     addr = b.entry_address(0x400000, 1, create=False)
     saved = monitor.read_memory(addr, 8)
@@ -142,7 +142,7 @@ def test_reserved_bits_pass_into_gpa():
 
 
 def test_la57_info_mem_prints_nothing():
-    """paging.md §11.2 #9: under LA57, `info mem` treats present PDPTEs/PDEs as holes and prints
+    """docs/paging.md §13.3.2: under LA57, `info mem` treats present PDPTEs/PDEs as holes and prints
     nothing, while `info tlb` and gva2gpa still walk the 5 levels."""
     b = Builder(levels=5, maxphyaddr=40, vendor="amd", table_base=0x200000)
     va = 0x0080000000001000                                         # bit 55: PML5 index 128

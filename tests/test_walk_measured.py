@@ -1,5 +1,5 @@
 """The walker against tables measured on real oracles on this machine, typed in from the specs:
-spec/oracle-qemu-kvm.md §5.3 (KVM, 25 mappings x {K,U} x {R,W,X}) and spec/oracle-unicorn.md §5.
+docs/oracles.md §6.4 (KVM, 25 mappings x {K,U} x {R,W,X}) and docs/oracles.md §2.4.
 These numbers were produced by KVM and unicorn, not by x86pt."""
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def image():
     return b, vas
 
 
-# spec/oracle-qemu-kvm.md §5.3: WP=1, NXE=1, no SMEP/SMAP. "ok" or the #PF error code; "GP".
+# docs/oracles.md §6.4: WP=1, NXE=1, no SMEP/SMAP. "ok" or the #PF error code; "GP".
 KVM_TABLE = {
     "4K krw":     ["ok", "ok", "ok", 0x05, 0x07, 0x15],
     "4K u-ro-nx": ["ok", 0x03, 0x11, "ok", 0x07, 0x15],
@@ -166,7 +166,7 @@ def test_kvm_ad_bits_after_success_and_untouched_after_faults(kvm_image):
         assert mem.read_u64(pml4) == before            # faulting walks: left alone on KVM
 
 
-# spec/oracle-unicorn.md §5 (unicorn 2.1.4, Icelake-Server, M=40, WP=1 NXE=1).
+# docs/oracles.md §2.4 (unicorn 2.1.4, Icelake-Server, M=40, WP=1 NXE=1).
 def test_unicorn_measured_rows():
     b = Builder(maxphyaddr=40, table_base=0x200000)
     b.map(0x1000, 0x400000, 4096, 4096, "p rw")          # supervisor page

@@ -1,5 +1,5 @@
 """Hand-derived expectations from the manuals' rules (SDM Vol. 3A §4.5-§4.8, §6.15 "Interrupt 14";
-spec/paging.md §1-§8), written here row by row — not computed by x86pt."""
+docs/paging.md §2-§10), written here row by row — not computed by x86pt."""
 from __future__ import annotations
 
 import itertools
@@ -17,7 +17,7 @@ P, W, U, RSVD, ID, PK = 1, 2, 4, 8, 16, 32
 
 
 # -- the §5.3 decision table, one row per (access, address type), every switch enumerated --------
-# Row text (paging.md §5.3) -> the function below is a literal transcription of the table cell.
+# Row text (docs/paging.md §7.3) -> the function below is a literal transcription of the table cell.
 def expected(acc, cpl3, ac, addr_user, writable, executable, wp, smep, smap, pke, ad, wd):
     """Return the #PF error code, or None for 'allowed'. `executable` already folds NXE."""
     err = (W if acc == "write" else 0) | (U if cpl3 else 0) | (ID if acc == "fetch" else 0)
@@ -101,7 +101,7 @@ def test_rights_fold_across_levels():
         assert isinstance(r, PageFault) and r.error_code == code
 
 
-# -- reserved bits (paging.md §3), one rule at a time ---------------------------------------------
+# -- reserved bits (docs/paging.md §5), one rule at a time ---------------------------------------------
 def rsvd_case(profile="intel", m=46, levels=4, gb=True):
     b = Builder(maxphyaddr=m, levels=levels, table_base=0x200000,
                 vendor=PROFILES[profile].vendor if isinstance(profile, str) else profile.vendor)
@@ -175,7 +175,7 @@ def test_ps_in_pml5e_is_reserved():
 
 
 def test_first_entry_that_ends_the_walk_wins():
-    # Not-present above beats reserved below; reserved beats a rights fault (paging.md §7).
+    # Not-present above beats reserved below; reserved beats a rights fault (docs/paging.md §8).
     b = rsvd_case()
     pte = b.entry_address(0x200000, 1, create=False)
     pde = b.entry_address(0x200000, 2, create=False)
@@ -195,7 +195,7 @@ def test_rsvd_without_p_in_the_qemu_profile():
     a = b.entry_address(0x200000, 1, create=False)
     b.memory.write_u64(a, b.memory.read_u64(a) | 1 << 45)
     r = walk(b.state(profile="qemu"), b.memory, 0x200000, Access("write"))
-    assert r.error_code == W | RSVD                                   # 0x0a, paging.md §11.2 #1
+    assert r.error_code == W | RSVD                                   # 0x0a, docs/paging.md §12.1
 
 
 # -- canonical addresses (SDM §3.3.7.1; sandpile's holes) -----------------------------------------
@@ -225,7 +225,7 @@ def test_five_level_walk_reaches_the_upper_half_of_57_bits():
     assert [s.level.number for s in r.steps] == [5, 4, 3, 2, 1]
 
 
-# -- A/D (SDM §4.8, paging.md §8) --------------------------------------------------------------------
+# -- A/D (SDM §4.8, docs/paging.md §9) --------------------------------------------------------------------
 def test_ad_on_success_fault_and_wp0():
     b = Builder(table_base=0x200000, table_flags="p rw us")         # tables start with A=0
     b.map(0x1000, 0x9000, 4096, 4096, "p us")
@@ -265,7 +265,7 @@ def test_a_set_on_a_faulting_1g_leaf_in_the_qemu_profile_only():
 
 # -- protection keys ---------------------------------------------------------------------------------
 def test_key_comes_from_the_leaf_only():
-    # KUT puts key 2 in the non-leaf PDE and key 1 in the leaf and denies key 2 (paging.md §2 notes).
+    # KUT puts key 2 in the non-leaf PDE and key 1 in the leaf and denies key 2 (docs/paging.md §4 notes).
     b = Builder(table_base=0x200000)
     b.map(0x1000, 0x9000, 4096, 4096, "p rw us", pk=1)
     pde = b.entry_address(0x1000, 2, create=False)

@@ -75,7 +75,7 @@ def mixed(levels: int) -> tuple:
     b.map(top, 0, 8 * M, 2 * M, "p rw a d g nx")
     b.map((1 << 64) - 0x3000, 0x6000000, 0x3000, 4 * K, "p rw a d g")
     if levels == 5:
-        # QEMU 7.2's 5-level `info mem` follows non-present entries (paging.md §11.2 #9): a
+        # QEMU 7.2's 5-level `info mem` follows non-present entries (docs/paging.md §13.3.2): a
         # non-present PDPTE with PS|US|RW becomes a "urw" 1G range there; the CPU sees a hole.
         b.map(0x50000000000, 0x7000000, 4 * K, 4 * K, "p rw us a")
         b.memory.write_u64(b.entry_address(0x50040000000, 3), 0x86)

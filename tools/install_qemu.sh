@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install QEMU (qemu-system-x86_64) for the x86pt oracle rig, if it is missing.
-# spec/oracle-qemu-kvm.md §1: qemu-system-x86 is the smallest Debian package that ships
+# docs/oracles.md §4.1: qemu-system-x86 is the smallest Debian package that ships
 # qemu-system-x86_64; --no-install-recommends keeps it to ~30 packages / ~85 MB.
 # Exit 0 when QEMU is present afterwards, non-zero otherwise.
 # SPDX-License-Identifier: GPL-2.0-or-later

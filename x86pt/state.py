@@ -1,7 +1,7 @@
 """PagingState: the architectural inputs of a walk, and Profiles: the named, tested ways an
 implementation (a vendor's manual, or an oracle we compare with) behaves.
 
-Control-register bits: SDM Vol. 3A §2.5 (CR0/CR4), §2.2.1 (EFER); spec/paging.md §1.1.
+Control-register bits: SDM Vol. 3A §2.5 (CR0/CR4), §2.2.1 (EFER); docs/paging.md §2.1.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class Profile:
     vendor: str = "intel"
     maxphyaddr: int = 46
     features: Features = field(default_factory=Features)
-    # RSVD faults carry P=1 (SDM). QEMU >= 7.2 TCG reports 0x08 without P (paging.md §11.2 #1).
+    # RSVD faults carry P=1 (SDM). QEMU >= 7.2 TCG reports 0x08 without P (docs/paging.md §12.1).
     rsvd_sets_p: bool = True
     # PDPTE.PS is honoured even when the CPU lacks 1-GByte pages (QEMU/unicorn, §11.2 #4).
     ps_1g_without_gbpages: bool = False
@@ -121,13 +121,13 @@ PROFILES: dict[str, Profile] = {
     "intel": Profile("intel", note="Intel SDM Vol. 3A ch. 4"),
     "amd": Profile("amd", vendor="amd", maxphyaddr=48, features=Features(pks=False),
                    note="AMD APM Vol. 2 ch. 5: PML4E/PML5E bit 8 reserved"),
-    # QEMU 7.2 TCG, -cpu max (AuthenticAMD, phys-bits 40): spec/oracle-qemu-kvm.md §0, §6.
+    # QEMU 7.2 TCG, -cpu max (AuthenticAMD, phys-bits 40): docs/oracles.md §4.2, docs/paging.md §12.1.
     "qemu": Profile("qemu", vendor="amd", maxphyaddr=40,
                     features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
                     rsvd_sets_p=False, ps_1g_without_gbpages=True, amd_top_bit8_reserved=False,
                     a_on_1g_leaf_before_checks=True, implicit_smap_honours_ac=True,
                     note="QEMU 7.2.22 TCG -cpu max"),
-    # unicorn 2.1.4 (QEMU 5.0 MMU inside), Icelake-Server model: spec/oracle-unicorn.md §5.
+    # unicorn 2.1.4 (QEMU 5.0 MMU inside), Icelake-Server model: docs/oracles.md §2.4.
     "unicorn": Profile("unicorn", vendor="intel", maxphyaddr=40,
                        features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
                        ps_1g_without_gbpages=True, a_on_1g_leaf_before_checks=True,

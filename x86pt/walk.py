@@ -1,5 +1,5 @@
 """One linear-address translation, with the full IA-32e semantics (Intel SDM Vol. 3A §4.5-4.8,
-spec/paging.md §1-§8): canonical check, 4/5 levels, 4K/2M/1G leaves, reserved bits (MAXPHYADDR,
+docs/paging.md §2-§10): canonical check, 4/5 levels, 4K/2M/1G leaves, reserved bits (MAXPHYADDR,
 vendor, NXE, PS where it is reserved, large-frame alignment), RW/US ANDed and XD ORed across
 levels, WP, SMEP, SMAP with EFLAGS.AC (explicit vs implicit), PKRU/PKRS, the #PF error code and
 CR2, and optionally the A/D writes a processor would make.
@@ -115,7 +115,7 @@ Result = Translation | PageFault | GeneralProtection
 
 def rsvd_mask(state: PagingState, level: Level, kind: Kind) -> int:
     """The reserved bits of a present entry of `kind` at `level` under `state` (SDM §4.5, table 4-
-    14..4-21 'Reserved'; paging.md §3): the field table's RSVD fields (51:M, PS in PML4E/PML5E,
+    14..4-21 'Reserved'; docs/paging.md §5): the field table's RSVD fields (51:M, PS in PML4E/PML5E,
     large-frame holes, AMD bit 8), plus bit 63 when EFER.NXE=0 and PS in a PDPTE without 1-GByte
     pages."""
     m = masks_for(kind, state.m, state.vendor).rsvd
@@ -140,7 +140,7 @@ def _error_bits(state: PagingState, access: Access) -> int:
 
 
 def check_rights(state: PagingState, rights: Rights, access: Access) -> tuple[bool, bool, str]:
-    """Decide a complete translation's access (SDM §4.6, paging.md §5.3 decision table).
+    """Decide a complete translation's access (SDM §4.6, docs/paging.md §7.3 decision table).
     Returns (fault, key_denied, reason). PK is reported whenever the key denies (SDM §4.7), even if
     another rule denies too."""
     reasons = []
@@ -255,7 +255,7 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
             return fault(base_code, f"{kind.sdm_name} not present", level.number)
         if kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks:
             # QEMU/unicorn: the high reserved bits are checked, then A is set, then the 1G frame
-            # alignment bits and the rights are checked (paging.md §11.2 #3).
+            # alignment bits and the rights are checked (docs/paging.md §12.1).
             low = masks_for(kind, m, vendor).rsvd & ((1 << 30) - 1)
             if raw & (rsvd & ~low):
                 bad = raw & rsvd & ~low
@@ -306,7 +306,7 @@ def error_code_dont_care(state: PagingState, va: int, access: Access) -> int:
 
 
 def debug_translate(state: PagingState, memory, va: int) -> tuple[int, int] | None:
-    """The translation a debugger's walker reports (QEMU's `gva2gpa`/`x`, paging.md §11.2/§2.2 of
+    """The translation a debugger's walker reports (QEMU's `gva2gpa`/`x`, docs/paging.md §12.1/§2.2 of
     oracle-qemu-kvm.md): P and PS only — no rights, no reserved-bit checks, no A/D — and the
     address taken from bits 51:12 of the leaf, so reserved bits pass into it. (pa, page size) or
     None for a non-canonical or unmapped address."""
