@@ -177,16 +177,21 @@ def _flush_json(d: FlushDone) -> dict:
 
 
 def replay_tlb(m: CpaModel, ops: list[tuple], *, ncpus: int = 2, assume: str = "speculate",
-               flushes: str = "model", runner_cpu: int = 0) -> TlbResult:
+               flushes: str = "model", runner_cpu: int = 0, on_flush=None) -> TlbResult:
     """Replay `ops` on `m` with the TLB model. `runner_cpu` is the CPU that runs each op: the
-    target of local flushes (kernel_map_pages, kfence)."""
+    target of local flushes (kernel_map_pages, kfence). `on_flush(index, kind, start, end)` is
+    told of every flush the CPA model issues (also when flushes come from the trace)."""
     from x86pt.cpa.trace import apply_op, format_op
     mem = LiveTables(m)
     kernel = m.version.name
     r = TlbReplay(mem, m.paging_state(), ncpus, kernel=kernel, assume=assume, flushes=flushes)
     res = TlbResult(ncpus, assume, flushes, kernel)
 
+    cur = [-1]
+
     def hook(kind: str, start: int = 0, end: int = U64) -> None:
+        if on_flush is not None:
+            on_flush(cur[0], kind, start, end)
         cpu = runner_cpu if kind in ("local", "page") else None
         r.flush(mem, kind, start, end, cpu)
 
@@ -205,6 +210,7 @@ def replay_tlb(m: CpaModel, ops: list[tuple], *, ncpus: int = 2, assume: str = "
 
     try:
         for idx, op in enumerate(ops):
+            cur[0] = idx
             name = op[0]
             is_tlb = name in TLB_NAMES
             if not is_tlb:
