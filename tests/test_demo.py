@@ -119,3 +119,19 @@ def test_demo_exit_status_is_1_when_a_section_fails(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert rc == 1
     assert "demo: FAILED cpa: none: validator: op 3: invariant (a) violated: planted by the test" in err
+
+
+def test_demo_tlb_section_verdict(demo_json):
+    # A set_memory_ro of one page inside a 2M direct-map page: each CPU may hold the writable 2M
+    # entry until an INVLPG of the page (SDM Vol. 3A §4.10.4.1); the recorded flush closes the
+    # window at op 1, and without it the call ends with the page writable on both CPUs.
+    recs = {r["case"]: r for r in _section(demo_json[1], "tlb")}
+    va = 0xffff888012345000
+    ok, bad = recs["with-flush"], recs["flush-removed"]
+    assert ok["ok"] and ok["dangerous_at_end_of_call"] == [] and ok["open_at_end"] == []
+    assert {(w["cpu"], w["kind"], w["opened"], w["closed"]) for w in ok["windows_closed"]
+            if w["severity"] == "dangerous"} == {(0, "rw", 0, 1), (1, "rw", 0, 1)}
+    assert not bad["ok"]
+    (f,) = bad["dangerous_at_end_of_call"]
+    assert [(w["cpu"], w["start"], w["end"], w["kind"]) for w in f["windows"]] == [
+        (0, hex(va), hex(va + 0x1000), "rw"), (1, hex(va), hex(va + 0x1000), "rw")]

@@ -399,9 +399,45 @@ def demo_section(ctx) -> None:
         from x86pt.cli import emit_json
         for r in results:
             emit_json({"section": "cpa", **r.summary(), "plot": png, "trace": trace})
+        _tlb_demo_section(ctx)
         return
     print(render_table([r.summary() for r in results]))
     for r in results:
         print(f"{r.policy}: validator {'held' if r.violation is None else 'FAILED: ' + str(r.violation)}"
               f" ({r.pages_checked} page checks)")
     print(f"trace: {trace}\nplot written to {png}")
+    _tlb_demo_section(ctx)
+
+
+def _tlb_demo_section(ctx) -> None:
+    """A set_memory_ro whose flush is left out of a recorded trace: the TLB model reports the
+    page still writable on both CPUs at the end of the call (dangerous), and with the flush in
+    place the window closes at the flush op."""
+    from x86pt.cpa.importer import model_from_image
+    from x86pt.cpa.layout import demo_layout
+    from x86pt.cpa.tlbreplay import render_text, replay_tlb
+    from x86pt.cpa.trace import parse_trace
+    ctx.heading("TLB model (x86pt cpa replay TRACE --tlb --tlb-flushes trace)")
+    layout = demo_layout()
+    va = layout.page_offset + 0x12345000            # direct map, inside a 2M page
+    lines = {"with-flush": [f"set_memory_ro {va:#x} 1", f"flush_tlb_kernel_range {va:#x} {va + 0x1000:#x}"],
+             "flush-removed": [f"set_memory_ro {va:#x} 1"]}
+    for name, text in lines.items():
+        path = os.path.join(ctx.out_dir, f"tlb-{name}.trace")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"# x86pt demo: set_memory_ro of one direct-map page, {name.replace('-', ' ')}\n"
+                    + "\n".join(text) + "\n")
+        m = model_from_image((ctx.memory, ctx.state), layout, "6.15", "none")
+        res = replay_tlb(m, parse_trace(text), ncpus=2, flushes="trace")
+        # SDM Vol. 3A §4.10.4.1: without an invalidation both CPUs may keep the writable 2M entry;
+        # the flush (INVLPG of the page on every CPU) removes it.
+        got = sorted((w.cpu, w.start, w.end, w.kind) for f in res.findings for w in f.windows)
+        want = [] if name == "with-flush" else [(0, va, va + 0x1000, "rw"), (1, va, va + 0x1000, "rw")]
+        if got != want or res.failed != (name == "flush-removed"):
+            ctx.fail("tlb", f"{name}: dangerous windows {got}, expected {want}")
+        if ctx.json:
+            from x86pt.cli import emit_json
+            emit_json({"section": "tlb", "trace": path, "case": name, **res.to_json()})
+        else:
+            print(f"-- {name}: {path}")
+            print(render_text(res))
