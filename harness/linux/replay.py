@@ -307,7 +307,8 @@ class FlushCheck:
     mismatches: list[tuple[int, str, list, list]]   # (op index, op, model's, kernel's)
     caller_flushes: int             # flush_tlb_kernel_range calls (vm_reset_perms, vmap purges)
     dangerous: list[str]            # windows open at the end of an API call or of the step
-    recorded_flushes: bool          # the step's trace has flush events at all
+    recorded_flushes: bool          # the step's trace was recorded with the flush probes
+    windows: list[tuple] = field(default_factory=list)   # (call index or None, cpu, start, end, kind)
 
     @property
     def exact(self) -> bool:
@@ -355,7 +356,8 @@ def _as_called(op: tuple, api: str) -> tuple:
     return op
 
 
-def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2) -> FlushCheck:
+def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2,
+                text: str | None = None) -> FlushCheck:
     """Replay step k from image k-1 with the TLB model and the kernel's recorded flushes: the
     model's flushes per call must equal the kernel's (count and addresses), and no dangerous
     window may remain at the end of an API call."""
@@ -371,7 +373,8 @@ def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2) ->
         tmp = tmp or own
         m = load_model(steps[k - 1], layout, kernel, os.path.join(tmp, f"{k - 1}"))
         after = load_model(steps[k], layout, kernel, os.path.join(tmp, f"{k}"))
-    text = read_artifact(steps[k], "cpa.trace").decode()
+    if text is None:
+        text = read_artifact(steps[k], "cpa.trace").decode()
     ops: list[tuple] = []
     recorded: dict[int, list[tuple]] = {}       # CPA op index -> the kernel's flushes it made
     caller = 0
@@ -382,9 +385,11 @@ def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2) ->
         if s.startswith("# set_"):
             api = s[2:].split()[0]
             continue
+        if s.startswith("# with the kernel's TLB flushes"):
+            has_flushes = True
+            continue
         if s.startswith("#   in-call "):
             ev = _recorded_event(parse_tlb_line(s[len("#   in-call "):]))
-            has_flushes = True
             if ops and ev is not None:
                 recorded.setdefault(len(ops) - 1, []).append(ev)
             continue
@@ -395,7 +400,6 @@ def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2) ->
             op = _as_called(op, api)
         ev = _recorded_event(op) if op[0] != "cpa" else None
         if op[0] != "cpa":
-            has_flushes = True
             if ev is not None and ev[0] == "range":
                 caller += 1          # never cpa_flush's before v6.18: the caller's own flush
             elif ev is not None:
@@ -420,11 +424,13 @@ def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2) ->
                  for f in res.findings for w in f.windows]
     dangerous += [f"end of step: cpu {w.cpu} {w.start:#x}-{w.end:#x} {w.kind} since op {w.opened}"
                   for w in res.open_at_end if w.severity == "dangerous"]
+    wins = [(f.index, w.cpu, w.start, w.end, w.kind) for f in res.findings for w in f.windows]
+    wins += [(None, w.cpu, w.start, w.end, w.kind) for w in res.open_at_end if w.severity == "dangerous"]
     step = load_json(os.path.join(steps[k], "step.json"))
     return FlushCheck(os.path.basename(run_dir), k, step.get("name", ""),
                       sum(1 for o in ops if o[0] == "cpa"),
                       sum(len(v) for v in predicted.values()), sum(len(v) for v in recorded.values()),
-                      mism, caller, dangerous, has_flushes)
+                      mism, caller, dangerous, has_flushes, wins)
 
 
 def render_flushes(results: list[FlushCheck]) -> str:
