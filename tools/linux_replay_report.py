@@ -7,6 +7,11 @@ compared with the kernel after step k: direct-map and highmap leaves, /proc/memi
 split events. Prints one row per step and the agreement per kernel and paging mode.
 
     python3 tools/linux_replay_report.py [RUN_DIR ...]
+    python3 tools/linux_replay_report.py --flushes [RUN_DIR ...]
+
+--flushes: the kernel's TLB flushes instead (issue 15 item 4): per step, the flushes the model
+issues for the recorded calls against the kernel's, and the dangerous windows a TLB replay with
+the kernel's own flushes finds at the end of API calls (harness.linux.replay.flush_check).
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from x86pt.errors import X86ptError  # noqa: E402
 
 def main(argv: list[str]) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if argv[:1] == ["--flushes"]:
+        return flushes(root, argv[1:])
     runs = argv or sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "fixtures", "linux", "*", "meta.json")))
     results, groups = [], {}
     try:
@@ -44,6 +51,22 @@ def main(argv: list[str]) -> int:
         for d in r.divergences[:5]:
             print(f"divergence {r.run} step {r.step}: {d}")
     return 0
+
+
+def flushes(root: str, argv: list[str]) -> int:
+    from harness.linux.replay import flush_check, render_flushes, step_dirs
+    runs = argv or sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "fixtures", "linux", "*", "meta.json")))
+    try:
+        rs = [flush_check(d, k) for d in runs for k in range(1, len(step_dirs(d)))]
+    except X86ptError as e:
+        print(f"linux_replay_report: error: {e}", file=sys.stderr)
+        return 2
+    print(render_flushes(rs))
+    exact = sum(r.exact for r in rs)
+    print(f"\nsteps {len(rs)}, predicted exactly {exact}; flushes: model {sum(r.predicted for r in rs)}, "
+          f"kernel {sum(r.recorded for r in rs)} (+{sum(r.caller_flushes for r in rs)} "
+          f"flush_tlb_kernel_range by callers); dangerous windows {sum(len(r.dangerous) for r in rs)}")
+    return 0 if exact == len(rs) and not any(r.dangerous for r in rs) else 1
 
 
 if __name__ == "__main__":
