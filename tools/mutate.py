@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Mutation-test one verdict module with mutmut 3, in a throw-away copy of the repo.
+
+    tools/mutate.py x86pt/walk.py                 # the module's fast test selection (table below)
+    tools/mutate.py x86pt/walk.py --tests tests/test_walk_rules.py
+    tools/mutate.py --list                        # the module -> tests table
+    tools/mutate.py x86pt/walk.py --update        # rewrite tools/mutants/walk.txt's survivor list
+
+The working tree is copied (tracked + untracked, not ignored files) into a temporary directory and
+mutmut runs there: files in the checkout are never touched. mutmut 3 mutates inside functions and
+methods only (module-level tables are not mutated: see docs/mutation.md). It prints the score
+(killed / total) and every survivor as file:line, the function and the mutation, then compares the
+survivors with tools/mutants/<module>.txt, the justified list kept in the repo: exit 0 when every
+survivor is listed there, 1 when a survivor is new (kill it with a test or justify it), 2 on a tool
+error.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTS = ROOT / "tools" / "mutants"
+
+# module -> the in-process test files that exercise it. Fast (a module's run fits in minutes on 2
+# cores) and never oracle-heavy (no qemu/kvm/linux tests; unicorn-free model tests preferred).
+# Tests that only drive the code through a subprocess do not count: mutmut maps tests to functions
+# by tracing calls in-process.
+TESTS: dict[str, list[str]] = {
+    "x86pt/walk.py": ["tests/test_walk_rules.py", "tests/test_walk_measured.py", "tests/test_tlb.py",
+                      "tests/test_mutants_walk.py"],
+    "x86pt/fields.py": ["tests/test_fields.py", "tests/test_mutants_fields.py"],
+    "x86pt/state.py": ["tests/test_walk_rules.py", "tests/test_walk_measured.py", "tests/test_tlb.py",
+                       "tests/test_matrix.py", "tests/test_mutants_state.py"],
+    "x86pt/coalesce.py": ["tests/test_formats_ptdump.py", "tests/test_formats_qemu.py",
+                          "tests/test_scan.py", "tests/test_mutants_coalesce.py"],
+    "x86pt/census.py": ["tests/test_cpa_rules.py", "tests/test_dump_cli.py",
+                        "tests/test_mutants_census.py"],
+    "x86pt/formats/ptdump.py": ["tests/test_formats_ptdump.py", "tests/test_mutants_ptdump.py"],
+    "x86pt/formats/qemu.py": ["tests/test_formats_qemu.py", "tests/test_mutants_qemu.py"],
+    "x86pt/cpa/counters.py": ["tests/test_cpa_rules.py", "tests/test_cpa_merge.py",
+                              "tests/test_mutants_counters.py"],
+    "x86pt/cpa/split.py": ["tests/test_cpa_rules.py", "tests/test_cpa_merge.py",
+                           "tests/test_mutants_split.py"],
+    "x86pt/cpa/merge.py": ["tests/test_cpa_merge.py", "tests/test_cpa_rules.py",
+                           "tests/test_mutants_merge.py"],
+    "x86pt/cpa/validate.py": ["tests/test_cpa_rules.py", "tests/test_cpa_reference.py",
+                              "tests/test_mutants_validate.py"],
+    "x86pt/scan.py": ["tests/test_scan.py", "tests/test_hostile_values.py", "tests/test_mutants_scan.py"],
+    "harness/differential.py": ["tests/test_differential.py", "tests/test_mutants_differential.py"],
+    "harness/matrix.py": ["tests/test_matrix.py", "tests/test_mutants_matrix.py"],
+}
+
+MUTMUT_HINT = ("mutmut 3 is missing: .venv/bin/pip install 'mutmut>=3.3,<4' "
+               "(the pyproject extra `mutation` lists it)")
+
+
+@dataclass
+class Survivor:
+    key: str        # mutmut's name, e.g. x86pt.walk.x_walk__mutmut_12 (ordinal: unstable)
+    status: str     # survived / no tests / timeout / suspicious ...
+    line: int       # line in the original module (0 if unknown)
+    func: str       # Class.method or function
+    old: str        # the original line
+    new: str        # the mutated line
+
+    @property
+    def ident(self) -> str:
+        """Stable identity kept in tools/mutants/*.txt: function and the changed line, not the
+        mutant's ordinal (which shifts when the function changes)."""
+        return f"{self.func} | {self.old.strip()} => {self.new.strip()}"
+
+
+def list_name(module: str) -> Path:
+    return LISTS / (Path(module).stem + ".txt")
+
+
+def check_mutmut() -> str:
+    exe = Path(sys.executable).parent / "mutmut"
+    if not exe.exists():
+        found = shutil.which("mutmut")
+        if not found:
+            print(MUTMUT_HINT, file=sys.stderr)
+            sys.exit(2)
+        exe = Path(found)
+    try:        # `mutmut --version` needs a config in the cwd: ask the package metadata instead
+        from importlib.metadata import version
+        out = version("mutmut")
+    except Exception:       # noqa: BLE001 - any failure means "not usable here"
+        out = ""
+    if not out or int(out.split(".")[0]) < 3:
+        print(f"need mutmut 3, found {out or 'none'}. " + MUTMUT_HINT, file=sys.stderr)
+        sys.exit(2)
+    return str(exe)
+
+
+def copy_tree(dest: Path) -> None:
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
+                           capture_output=True, check=True).stdout.split(b"\0")
+    for raw in files:
+        if not raw:
+            continue
+        rel = raw.decode()
+        src = ROOT / rel
+        if not src.is_file() or rel.startswith(("mutants/", "build/")):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+
+
+def func_lines(source: str) -> dict[str, int]:
+    """'Class.method' / 'function' -> line of its `def` (nested defs are part of their parent)."""
+    out: dict[str, int] = {}
+    tree = ast.parse(source)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out[node.name] = node.lineno
+        elif isinstance(node, ast.ClassDef):
+            for sub in node.body:
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    out[f"{node.name}.{sub.name}"] = sub.lineno
+    return out
+
+
+def func_of_key(key: str) -> str:
+    """x86pt.fields.xǁLevelǁindex__mutmut_1 -> Level.index; x86pt.walk.x_walk__mutmut_3 -> walk."""
+    name = key.split(".")[-1].rsplit("__mutmut_", 1)[0]
+    parts = name.split("ǁ")
+    if len(parts) == 3:
+        return f"{parts[1]}.{parts[2]}"
+    return name[2:] if name.startswith("x_") else name
+
+
+def locate(mutmut: str, work: Path, key: str, defs: dict[str, int]) -> tuple[int, str, str]:
+    diff = subprocess.run([mutmut, "show", key], cwd=work, capture_output=True, text=True).stdout
+    lines = diff.splitlines()
+    start, old, new, rel = 0, "", "", 0
+    for i, ln in enumerate(lines):
+        m = re.match(r"@@ -(\d+)", ln)
+        if m:
+            start = int(m.group(1))
+            rel = 0
+            for ln2 in lines[i + 1:]:
+                if ln2.startswith("-") and not old:
+                    old = ln2[1:]
+                    break
+                if not ln2.startswith("+"):
+                    rel += 1
+            for ln2 in lines[i + 1:]:
+                if ln2.startswith("+") and not ln2.startswith("+++"):
+                    new = ln2[1:]
+                    break
+            break
+    func = func_of_key(key)
+    base = defs.get(func, 0)
+    line = base + start - 1 + rel if base and start else 0
+    return line, old, new
+
+
+def read_list(path: Path) -> dict[str, str]:
+    """ident -> justification from a survivor list (lines: `ident  # justification`)."""
+    out: dict[str, str] = {}
+    if not path.exists():
+        return out
+    for ln in path.read_text().splitlines():
+        if not ln.strip() or ln.startswith("#"):
+            continue
+        body = re.sub(r"^\S+:\d+\s+", "", ln)            # drop the file:line prefix
+        ident, _, why = body.partition("  # ")
+        out[ident.strip()] = why.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("module", nargs="?", help="e.g. x86pt/walk.py")
+    ap.add_argument("--tests", nargs="+", help="test files to use instead of the table's")
+    ap.add_argument("--max-children", type=int, default=2, help="worker processes (default 2, the cap)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copy and print its path")
+    ap.add_argument("--update", action="store_true",
+                    help="rewrite tools/mutants/<module>.txt with the survivors (keeps justifications)")
+    ap.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    ap.add_argument("--list", action="store_true", help="print the module -> tests table")
+    a = ap.parse_args(argv)
+    if a.module is None or a.list:
+        for mod, tests in TESTS.items():
+            print(f"{mod:26} {' '.join(tests)}")
+        return 0
+    module = a.module
+    if not (ROOT / module).is_file():
+        print(f"no such module: {module}", file=sys.stderr)
+        return 2
+    tests = a.tests or TESTS.get(module)
+    if not tests:
+        print(f"{module} has no test selection in the table; pass --tests", file=sys.stderr)
+        return 2
+    tests = [t for t in tests if (ROOT / t).exists()]
+    mutmut = check_mutmut()
+    children = max(1, min(a.max_children, 2))
+
+    tmp = Path(tempfile.mkdtemp(prefix="x86pt-mutate-"))
+    try:
+        copy_tree(tmp)
+        pkg = module.split("/")[0]
+        other = [d for d in ("x86pt", "harness", "fixtures", "tests", "docs", "tools") if d != pkg]
+        sel = "\n    ".join(tests)
+        (tmp / "setup.cfg").write_text(
+            "[mutmut]\n"
+            f"source_paths = {pkg}\n"
+            f"only_mutate = {module}\n"
+            f"also_copy =\n    " + "\n    ".join(other) + "\n    README.md\n    pyproject.toml\n"
+            f"pytest_add_cli_args_test_selection =\n    {sel}\n"
+            "pytest_add_cli_args = -p no:cacheprovider -p no:randomly -q\n")
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", X86PT_REQUIRE_ORACLES="")
+        t0 = time.time()
+        r = subprocess.run([mutmut, "run", "--max-children", str(children)], cwd=tmp, env=env,
+                           capture_output=True, text=True)
+        took = time.time() - t0
+        meta = tmp / "mutants" / (module + ".meta")
+        if not meta.exists():
+            print(r.stdout[-3000:], r.stderr[-3000:], sep="\n", file=sys.stderr)
+            print(f"mutmut produced no results for {module}", file=sys.stderr)
+            return 2
+        codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
+        res = subprocess.run([mutmut, "results", "--all", "true"], cwd=tmp, capture_output=True,
+                             text=True).stdout
+        status = {}
+        for ln in res.splitlines():
+            k, _, s = ln.strip().partition(": ")
+            if k in codes:
+                status[k] = s.strip()
+        defs = func_lines((ROOT / module).read_text())
+        survivors: list[Survivor] = []
+        killed = 0
+        for key in codes:
+            st = status.get(key, "?")
+            if st == "killed":
+                killed += 1
+                continue
+            line, old, new = locate(mutmut, tmp, key, defs)
+            survivors.append(Survivor(key, st, line, func_of_key(key), old, new))
+        total = len(codes)
+        survivors.sort(key=lambda s: (s.line, s.key))
+        pct = 100.0 * killed / total if total else 100.0
+        print(f"{module}: {killed}/{total} killed ({pct:.1f}%), {len(survivors)} not killed, "
+              f"{took:.0f} s, tests: {' '.join(tests)}")
+        known = read_list(list_name(module))
+        new_ones = []
+        for s in survivors:
+            why = known.get(s.ident)
+            mark = "  # " + why if why else "  # NEW: not justified"
+            if not why:
+                new_ones.append(s)
+            print(f"  {module}:{s.line} [{s.status}] {s.ident}{mark}")
+        gone = set(known) - {s.ident for s in survivors}
+        for g in sorted(gone):
+            print(f"  (listed but now killed or gone: {g})")
+        if a.update:
+            LISTS.mkdir(parents=True, exist_ok=True)
+            with open(list_name(module), "w") as fh:
+                fh.write(f"# Surviving mutants of {module} (tools/mutate.py {module}); score "
+                         f"{killed}/{total} on {time.strftime('%Y-%m-%d')}.\n"
+                         "# Each line: file:line  function | original => mutated  # why it is "
+                         "equivalent (or not worth a test)\n")
+                for s in survivors:
+                    fh.write(f"{module}:{s.line}  {s.ident}  # {known.get(s.ident, 'TODO')}\n")
+        if a.json:
+            Path(a.json).write_text(json.dumps({
+                "module": module, "killed": killed, "total": total, "seconds": round(took),
+                "tests": tests, "survivors": [s.__dict__ for s in survivors]}, indent=1))
+        return 1 if new_ones else 0
+    finally:
+        if a.keep:
+            print(f"kept: {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
