@@ -1,0 +1,609 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""What a direct-map state costs in translations: dTLB reach and page-walk memory references.
+
+Input: the direct map's leaves (`Leaves`, from a CpaModel or from an image through the scanner)
+and an access pattern over physical memory (`Pattern`: uniform over the mapped RAM, a hot set of
+2M regions, a trace of physical addresses, or the pages a CPA workload touched). Addresses are
+offsets into the direct map (va - PAGE_OFFSET), which equal physical addresses there.
+
+Output (`Cost`): the distinct translations the pattern needs per page size (the TLB reach it
+asks for), and per access: L1 dTLB misses, STLB misses (= page walks) and page-walk memory
+references, counting the paging-structure caches (SDM Vol. 3A §4.10.3) that shorten a walk: a
+walk for a 4K leaf that hits the PDE cache reads 1 entry (the PTE), a PDPTE-cache hit reads 2,
+a PML4E-cache hit 3, a cold walk 4 (5 with LA57); a 2M leaf 1/2/3 (PDPTE/PML4E/none), a 1G
+leaf 1/2.
+
+Two estimators, so that each checks the other:
+  * `analytic()`: steady state under the independent reference model (each access draws a page
+    from the pattern's distribution), every TLB and paging-structure cache approximated by a
+    fully-associative LRU cache of the same capacity, whose hit probabilities come from Che's
+    approximation (a characteristic time T with sum_i (1 - exp(-p_i T)) = C; item i hits with
+    1 - exp(-p_i T)). For n equally likely translations and C < n it gives the exact LRU /
+    random-replacement answer, miss rate 1 - C/n; for n <= C, no misses. The STLB is treated as
+    seeing the whole access stream (inclusive hierarchy: a reference misses the STLB when its
+    reuse distance exceeds the STLB capacity); the paging-structure caches see the walk stream;
+    their levels are treated as independent.
+  * `simulate()`: a seeded address stream through set-associative LRU TLBs of the given geometry
+    (set = virtual page number mod sets) and fully-associative LRU paging-structure caches,
+    after a warm-up, counting the same quantities.
+
+Default geometry (`SKYLAKE`): Intel 64 and IA-32 Architectures Optimization Reference Manual
+(order no. 248966-045, February 2022), Table 2-15 "TLB Parameters of the Skylake
+Microarchitecture": DTLB 4K 64 entries 4-way, 2M/4M 32 entries 4-way, 1G 4 entries 4-way; STLB
+4K+2M/4M shared 1536 entries 12-way, 1G 16 entries 4-way. The manual gives no paging-structure
+cache sizes (the SDM §4.10.3 leaves them implementation-specific): the defaults below (PDE 32,
+PDPTE 4, PML4E 2) are assumptions, configurable.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from x86pt.errors import BadInputError
+
+K4, M2, G1 = 12, 21, 30
+SIZES = (K4, M2, G1)
+SIZE_NAME = {K4: "4K", M2: "2M", G1: "1G"}
+LEVEL_OF = {K4: 1, M2: 2, G1: 3}          # SDM level of the leaf entry
+PAGE = 1 << 12
+
+
+# -- geometry -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geometry:
+    """Entries and ways of each TLB structure; ways == entries is fully associative."""
+
+    name: str
+    l1: dict[int, tuple[int, int]]                # page shift -> (entries, ways)
+    stlb: tuple[tuple[int, ...], int, int]        # (page shifts sharing it, entries, ways)
+    stlb_1g: tuple[int, int] | None               # 1G entries of the STLB (None: 1G misses walk)
+    psc: dict[int, int] = field(default_factory=dict)   # PSC level (2 PDE, 3 PDPTE, 4 PML4E, 5) -> entries
+
+    def describe(self) -> str:
+        l1 = ", ".join(f"{SIZE_NAME[s]} {e}/{w}-way" for s, (e, w) in sorted(self.l1.items()))
+        st = "+".join(SIZE_NAME[s] for s in self.stlb[0])
+        g = f", 1G {self.stlb_1g[0]}/{self.stlb_1g[1]}-way" if self.stlb_1g else ""
+        psc = ", ".join(f"{PSC_NAME[k]} {v}" for k, v in sorted(self.psc.items()))
+        return f"{self.name}: L1 dTLB {l1}; STLB {st} {self.stlb[1]}/{self.stlb[2]}-way{g}; PSC {psc or 'none'}"
+
+
+PSC_NAME = {2: "PDE", 3: "PDPTE", 4: "PML4E", 5: "PML5E"}
+
+# Intel Optimization Reference Manual 248966-045 (Feb 2022) Table 2-15 (Skylake); PSC sizes
+# are not documented there: assumed.
+SKYLAKE = Geometry("skylake", {K4: (64, 4), M2: (32, 4), G1: (4, 4)}, ((K4, M2), 1536, 12), (16, 4),
+                   {2: 32, 3: 4, 4: 2})
+GEOMETRIES = {"skylake": SKYLAKE}
+
+
+def geometry_named(spec: str) -> Geometry:
+    """'skylake', optionally followed by overrides: 'skylake,l1-4k=64/4,stlb=1536/12,stlb-1g=16/4,
+    pde=32,pdpte=4,pml4e=2' (ENTRIES/WAYS; 'stlb-1g=0' sends 1G misses to the walker)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts or parts[0] not in GEOMETRIES:
+        raise BadInputError(f"unknown TLB geometry {spec!r} (known: {', '.join(GEOMETRIES)}, then key=value overrides)")
+    g = GEOMETRIES[parts[0]]
+    l1, stlb, s1g, psc = dict(g.l1), g.stlb, g.stlb_1g, dict(g.psc)
+
+    def ew(v: str) -> tuple[int, int]:
+        try:
+            e, _, w = v.partition("/")
+            e_, w_ = int(e), int(w or e)
+        except ValueError:
+            raise BadInputError(f"TLB geometry: {v!r} is not ENTRIES/WAYS") from None
+        if e_ < 0 or w_ <= 0 or (e_ and e_ % w_):
+            raise BadInputError(f"TLB geometry: {v!r}: entries must be a multiple of ways")
+        return e_, w_
+
+    for p in parts[1:]:
+        k, _, v = p.partition("=")
+        if k in ("l1-4k", "l1-2m", "l1-1g"):
+            l1[{"l1-4k": K4, "l1-2m": M2, "l1-1g": G1}[k]] = ew(v)
+        elif k == "stlb":
+            stlb = (stlb[0], *ew(v))
+        elif k == "stlb-1g":
+            e, w = ew(v)
+            s1g = (e, w) if e else None
+        elif k in ("pde", "pdpte", "pml4e", "pml5e"):
+            try:
+                psc[{"pde": 2, "pdpte": 3, "pml4e": 4, "pml5e": 5}[k]] = int(v)
+            except ValueError:
+                raise BadInputError(f"TLB geometry: {p!r}: entries must be an integer") from None
+        else:
+            raise BadInputError(f"TLB geometry: unknown key {k!r} (l1-4k, l1-2m, l1-1g, stlb, stlb-1g, "
+                                "pde, pdpte, pml4e, pml5e)")
+    return Geometry(spec, l1, stlb, s1g, psc)
+
+
+# -- leaves ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Leaves:
+    """Present direct-map leaves, sorted: start offset (bytes from PAGE_OFFSET) and page shift."""
+
+    start: np.ndarray          # uint64
+    shift: np.ndarray          # uint8: 12, 21 or 30
+    levels: int = 4            # paging levels (walk length of a 4K leaf)
+
+    @classmethod
+    def from_runs(cls, runs, levels: int = 4) -> "Leaves":
+        """From (start, size) pairs; a run longer than its page size is cut into pages of `size`
+        when given as (start, size, count)."""
+        st, sh = [], []
+        for r in runs:
+            s, size = r[0], r[1]
+            n = r[2] if len(r) > 2 else 1
+            b = size.bit_length() - 1
+            if size not in (1 << K4, 1 << M2, 1 << G1) or s % size:
+                raise BadInputError(f"leaf {s:#x} size {size:#x}: sizes are 4K/2M/1G, aligned")
+            st.append(s + np.arange(n, dtype=np.uint64) * np.uint64(size))
+            sh.append(np.full(n, b, dtype=np.uint8))
+        return cls._sorted(st, sh, levels)
+
+    @classmethod
+    def _sorted(cls, st, sh, levels) -> "Leaves":
+        start = np.concatenate(st).astype(np.uint64) if st else np.zeros(0, np.uint64)
+        shift = np.concatenate(sh).astype(np.uint8) if sh else np.zeros(0, np.uint8)
+        o = np.argsort(start, kind="stable")
+        return cls(start[o], shift[o], levels)
+
+    @classmethod
+    def from_model(cls, m) -> "Leaves":
+        """The present leaves of a CpaModel's direct map (its t3/t2/t1 tables)."""
+        from x86pt.cpa.kernel import P, PSE
+        lo, hi = m.dm_bounds()
+        st, sh = [], []
+        for tables, tshift, lshift in ((m.t3, 39, G1), (m.t2, 30, M2)):
+            for k, t in tables.items():
+                base = k << tshift
+                if not lo <= base < hi:
+                    continue
+                idx = [i for i, e in enumerate(t) if e & P and e & PSE]
+                if idx:
+                    st.append(np.uint64(base - lo) + (np.array(idx, np.uint64) << np.uint64(lshift)))
+                    sh.append(np.full(len(idx), lshift, np.uint8))
+        for k, t in m.t1.items():
+            base = k << 21
+            if not lo <= base < hi:
+                continue
+            a = np.array(t, dtype=np.uint64)
+            idx = np.nonzero(a & np.uint64(P))[0].astype(np.uint64)
+            if len(idx):
+                st.append(np.uint64(base - lo) + (idx << np.uint64(12)))
+                sh.append(np.full(len(idx), K4, np.uint8))
+        return cls._sorted(st, sh, m.levels)
+
+    @classmethod
+    def from_image(cls, state, memory, page_offset: int | None = None, **scan_kw) -> "Leaves":
+        """The present leaves in [PAGE_OFFSET, +2^46) (2^52 with LA57) of an image; PAGE_OFFSET
+        detected as census() does when not given."""
+        from x86pt.census import census
+        from x86pt.scan import EFF_P, Scanner, U64
+        if page_offset is None:
+            page_offset = census(state, memory, **scan_kw).page_offset
+        end = page_offset + (1 << (52 if state.la57 else 46))
+        st, sh = [], []
+        for ch in Scanner(state, memory, **scan_kw).chunks():
+            sel = ((ch.eff & np.uint8(EFF_P)) != 0) & (ch.va >= U64(page_offset))
+            if end < 1 << 64:
+                sel &= ch.va < U64(end)
+            if not sel.any():
+                continue
+            va, cnt, lvl = ch.va[sel], ch.count[sel].astype(np.int64), ch.level[sel].astype(np.int64)
+            shift = np.array([0, 12, 21, 30, 39, 48], np.uint64)[lvl]
+            rep = np.repeat(np.arange(len(va)), cnt)
+            k = np.arange(len(rep)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+            st.append(va[rep] - U64(page_offset) + (k.astype(np.uint64) << shift[rep]))
+            sh.append(shift[rep].astype(np.uint8))
+        return cls._sorted(st, sh, state.paging_levels)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    @property
+    def end(self) -> np.ndarray:
+        return self.start + (np.uint64(1) << self.shift.astype(np.uint64))
+
+    def counts(self) -> dict[str, int]:
+        return {SIZE_NAME[s]: int((self.shift == s).sum()) for s in SIZES}
+
+    def find(self, pa: np.ndarray) -> np.ndarray:
+        """Index of the leaf holding each offset, -1 where none does."""
+        pa = np.asarray(pa, dtype=np.uint64)
+        i = np.searchsorted(self.start, pa, side="right").astype(np.int64) - 1
+        ok = i >= 0
+        ok[ok] &= pa[ok] < self.end[i[ok]]
+        return np.where(ok, i, -1)
+
+
+# -- access patterns ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pattern:
+    """A piecewise-uniform distribution over direct-map offsets: intervals [lo, hi) with weights
+    (probability mass, summing to 1), plus, for a trace, the addresses in order."""
+
+    name: str
+    lo: np.ndarray
+    hi: np.ndarray
+    w: np.ndarray
+    stream: np.ndarray | None = None
+
+    @property
+    def bytes(self) -> int:
+        return int((self.hi - self.lo).sum())
+
+    def leaf_mass(self, leaves: Leaves) -> np.ndarray:
+        """Probability that an access falls in each leaf (exact for piecewise-uniform density)."""
+        if self.stream is not None:
+            idx = leaves.find(self.stream)
+            idx = idx[idx >= 0]
+            return np.bincount(idx, minlength=len(leaves)) / max(len(self.stream), 1)
+        # density steps at lo (+d) and hi (-d); F(x) = integral of the density up to x
+        d = self.w / (self.hi - self.lo).astype(np.float64)
+        xs = np.concatenate([self.lo, self.hi]).astype(np.float64)
+        ds = np.concatenate([d, -d])
+        o = np.argsort(xs, kind="stable")
+        xs, ds = xs[o], ds[o]
+        dens = np.cumsum(ds)
+        F = np.concatenate([[0.0], np.cumsum(dens[:-1] * np.diff(xs))])
+        s = leaves.start.astype(np.float64)
+        e = leaves.end.astype(np.float64)
+        return np.maximum(np.interp(e, xs, F) - np.interp(s, xs, F), 0.0)
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        """n page-aligned offsets drawn from the distribution (a trace: its own addresses,
+        repeated as needed)."""
+        if self.stream is not None:
+            reps = -(-n // max(len(self.stream), 1))
+            return np.tile(self.stream, reps)[:n] & ~np.uint64(PAGE - 1)
+        rng = np.random.default_rng(seed)
+        k = rng.choice(len(self.w), size=n, p=self.w / self.w.sum())
+        pages = ((self.hi - self.lo) >> np.uint64(12))[k]
+        off = (rng.random(n) * pages.astype(np.float64)).astype(np.uint64)
+        return self.lo[k] + (np.minimum(off, pages - np.uint64(1)) << np.uint64(12))
+
+
+def _mk(name: str, ranges: list[tuple[int, int]], weights=None, stream=None) -> Pattern:
+    if not ranges:
+        raise BadInputError(f"access pattern {name}: no memory to access")
+    lo = np.array([r[0] for r in ranges], np.uint64)
+    hi = np.array([r[1] for r in ranges], np.uint64)
+    w = (hi - lo).astype(np.float64) if weights is None else np.asarray(weights, np.float64)
+    return Pattern(name, lo, hi, w / w.sum(), stream)
+
+
+def _merged_leaf_ranges(leaves: Leaves) -> list[tuple[int, int]]:
+    s, e = leaves.start, leaves.end
+    if not len(s):
+        return []
+    brk = np.nonzero(s[1:] != e[:-1])[0]
+    starts = np.concatenate([[s[0]], s[brk + 1]])
+    ends = np.concatenate([e[brk], [e[-1]]])
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def uniform(leaves: Leaves) -> Pattern:
+    """Every mapped byte of the direct map equally likely (a kernel model maps exactly the RAM)."""
+    return _mk("uniform", _merged_leaf_ranges(leaves))
+
+
+def mapped_2m_regions(leaves: Leaves) -> np.ndarray:
+    """Start offsets of the 2M-aligned regions the direct map maps completely, sorted."""
+    sh = leaves.shift.astype(np.uint64)
+    big = leaves.shift >= M2
+    parts = []
+    for s, b in zip(leaves.start[big].tolist(), sh[big].tolist()):
+        parts.append(np.uint64(s) + (np.arange(1 << (int(b) - M2), dtype=np.uint64) << np.uint64(M2)))
+    small = leaves.start[~big] >> np.uint64(M2)
+    u, c = np.unique(small, return_counts=True)
+    parts.append(u[c == 512] << np.uint64(M2))
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+
+
+def hot_set(leaves: Leaves, gib: float, seed: int = 1) -> Pattern:
+    """`gib` GiB of 2M-aligned, fully mapped regions chosen at random (seeded), uniform inside."""
+    regions = mapped_2m_regions(leaves)
+    n = int(round(gib * 512))
+    if n <= 0:
+        raise BadInputError(f"hot set of {gib} GiB: need at least one 2M region")
+    if n > len(regions):
+        raise BadInputError(f"hot set of {gib} GiB needs {n} 2M regions; the direct map maps "
+                            f"{len(regions)} completely")
+    pick = np.sort(np.random.default_rng(seed).choice(regions, size=n, replace=False))
+    return _mk(f"hot:{gib:g}G", [(int(p), int(p) + (1 << M2)) for p in pick.tolist()])
+
+
+def from_addresses(name: str, addrs, ordered: bool = True) -> Pattern:
+    """A trace: the addresses in order (simulated mode replays them); the analytic mode uses
+    their frequencies."""
+    a = np.asarray(addrs, dtype=np.uint64)
+    if not len(a):
+        raise BadInputError(f"access pattern {name}: no addresses")
+    pages = np.unique(a >> np.uint64(12)) << np.uint64(12)
+    return _mk(name, [(p, p + PAGE) for p in pages.tolist()], stream=a if ordered else None)
+
+
+def read_trace(path: str) -> Pattern:
+    """One physical address per line (0x-hex or decimal); '#' starts a comment."""
+    out = []
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                t = line.split("#", 1)[0].strip()
+                if not t:
+                    continue
+                try:
+                    v = int(t, 0)
+                except ValueError:
+                    raise BadInputError(f"{path}:{n}: not an address: {t!r}") from None
+                if not 0 <= v < 1 << 64:
+                    raise BadInputError(f"{path}:{n}: address out of range: {t!r}")
+                out.append(v)
+    except OSError as e:
+        raise BadInputError(f"cannot read address trace {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise BadInputError(f"address trace {path} is not UTF-8 text") from None
+    return from_addresses(f"trace:{path}", out)
+
+
+def workload_pages(ops, page_offset: int, dm_size: int = 1 << 46) -> Pattern:
+    """The 4K pages of the direct map a CPA workload touched: its direct-map operands and the
+    frames it vmapped (whose direct-map alias CPA changes too); uniform over them."""
+    pages: set[int] = set()
+    for op in ops:
+        name = op[0]
+        if name == "vmap":
+            pages.update(range(op[2] >> 12, (op[2] >> 12) + op[3]))
+        elif len(op) > 2 and isinstance(op[1], int) and page_offset <= op[1] < page_offset + dm_size:
+            first = (op[1] - page_offset) >> 12
+            n = op[2] if name not in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush") else 1
+            n = n if isinstance(n, int) and 0 < n <= 1 << 24 else 1
+            pages.update(range(first, first + n))
+    if not pages:
+        raise BadInputError("access pattern workload: the trace touches no direct-map page")
+    p = np.array(sorted(pages), np.uint64) << np.uint64(12)
+    return _mk("workload", [(int(x), int(x) + PAGE) for x in p.tolist()])
+
+
+def pattern_named(spec: str, leaves: Leaves, *, seed: int = 1, ops=None, page_offset: int = 0) -> Pattern:
+    """'uniform', 'hot:N' (N GiB), 'trace:FILE', 'workload' (needs ops)."""
+    if spec == "uniform":
+        return uniform(leaves)
+    if spec.startswith("hot:"):
+        try:
+            g = float(spec[4:].rstrip("GgiB"))
+        except ValueError:
+            raise BadInputError(f"access pattern {spec!r}: hot:N with N in GiB") from None
+        return hot_set(leaves, g, seed)
+    if spec.startswith("trace:"):
+        return read_trace(spec[6:])
+    if spec == "workload":
+        if ops is None:
+            raise BadInputError("access pattern workload needs a CPA trace")
+        return workload_pages(ops, page_offset)
+    raise BadInputError(f"unknown access pattern {spec!r} (uniform, hot:N, trace:FILE, workload)")
+
+
+# -- the result -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cost:
+    mode: str                       # "analytic" | "simulated"
+    pattern: str
+    geometry: str
+    translations: dict[str, int]    # distinct translations the pattern needs, per page size
+    l1_miss: float                  # per access
+    walks: float                    # STLB misses (page walks) per access
+    refs: float                     # page-walk memory references per access
+    accesses: int = 0               # simulated: accesses counted (after warm-up)
+
+    @property
+    def refs_per_walk(self) -> float:
+        return self.refs / self.walks if self.walks else 0.0
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "pattern": self.pattern, "geometry": self.geometry,
+                "translations": self.translations, "l1_miss_per_access": self.l1_miss,
+                "walks_per_access": self.walks, "walk_refs_per_access": self.refs,
+                "refs_per_walk": self.refs_per_walk, "accesses": self.accesses}
+
+    def render(self) -> str:
+        t = "  ".join(f"{k} {v}" for k, v in self.translations.items())
+        n = f" over {self.accesses} accesses" if self.accesses else ""
+        return (f"cost ({self.mode}{n}, pattern {self.pattern}, TLB {self.geometry}):\n"
+                f"  translations needed: {t}\n"
+                f"  per 1000 accesses: L1 dTLB misses {1000 * self.l1_miss:.2f}, page walks "
+                f"{1000 * self.walks:.2f}, walk memory references {1000 * self.refs:.2f} "
+                f"({self.refs_per_walk:.2f} per walk)\n")
+
+
+# -- analytic -------------------------------------------------------------------------------------
+def che_hits(p: np.ndarray, capacity: int) -> np.ndarray:
+    """Hit probability per item of a fully-associative LRU cache of `capacity` entries under
+    independent references with probabilities p (Che's approximation). Items with p == 0 get 0."""
+    p = np.asarray(p, np.float64)
+    live = p > 0
+    n = int(live.sum())
+    h = np.zeros_like(p)
+    if capacity <= 0 or n == 0:
+        return h
+    if n <= capacity:
+        h[live] = 1.0
+        return h
+    q = p[live]
+    # sum(1 - exp(-q T)) is increasing in T from 0 to n > capacity: bisect on log T
+    lo, hi = 0.0, 1.0
+    while np.sum(-np.expm1(-q * hi)) < capacity:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if np.sum(-np.expm1(-q * mid)) < capacity:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    h[live] = -np.expm1(-q * (lo + hi) / 2)
+    return h
+
+
+def _translations(leaves: Leaves, mass: np.ndarray) -> dict[str, int]:
+    used = mass > 0
+    return {SIZE_NAME[s]: int((used & (leaves.shift == s)).sum()) for s in SIZES}
+
+
+def _walk_refs_analytic(leaves: Leaves, rate: np.ndarray, psc: dict[int, int]) -> float:
+    """Expected memory references per access for walks occurring at `rate` (per access, per
+    leaf), with PSC hit probabilities from Che's approximation over the walk stream."""
+    total = rate.sum()
+    if total <= 0:
+        return 0.0
+    L = leaves.levels
+    lvl = leaves.shift.astype(np.int64)
+    leaf_level = np.where(lvl == K4, 1, np.where(lvl == M2, 2, 3))
+    hit = {}
+    for k, entries in psc.items():
+        if k > L:
+            continue
+        applies = leaf_level < k
+        region = (leaves.start >> np.uint64(12 + 9 * (k - 1)))
+        q = np.where(applies, rate, 0.0) / total
+        u, inv = np.unique(region, return_inverse=True)
+        qr = np.bincount(inv, weights=q, minlength=len(u))
+        hr = che_hits(qr, entries)
+        hit[k] = np.where(applies, hr[inv], 0.0)
+    refs = np.zeros(len(leaves))
+    miss_below = np.ones(len(leaves))          # no lower-level PSC hit so far
+    for k in range(2, L + 1):
+        h = hit.get(k, np.zeros(len(leaves)))
+        refs += miss_below * h * (k - leaf_level)
+        miss_below *= 1 - h
+    refs += miss_below * (L + 1 - leaf_level)
+    return float((rate * refs).sum())
+
+
+def analytic(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE) -> Cost:
+    """Steady-state expected misses and walk references per access (see the module docstring)."""
+    p = pattern.leaf_mass(leaves)
+    l1_miss = 0.0
+    for sh, (entries, _ways) in geometry.l1.items():
+        sel = leaves.shift == sh
+        l1_miss += float((p[sel] * (1 - che_hits(p[sel], entries))).sum())
+    miss = np.zeros(len(leaves))
+    shared = np.isin(leaves.shift, np.array(geometry.stlb[0], np.uint8))
+    miss[shared] = 1 - che_hits(p[shared], geometry.stlb[1])
+    big = leaves.shift == G1
+    if G1 not in geometry.stlb[0]:
+        if geometry.stlb_1g:
+            miss[big] = 1 - che_hits(p[big], geometry.stlb_1g[0])
+        else:
+            # no 1G STLB: a 1G translation is found in the L1 or walked
+            miss[big] = 1 - che_hits(p[big], geometry.l1.get(G1, (0, 1))[0])
+    rest = ~(shared | big)
+    miss[rest] = 1.0
+    rate = p * miss
+    return Cost("analytic", pattern.name, geometry.name, _translations(leaves, p), l1_miss,
+                float(rate.sum()), _walk_refs_analytic(leaves, rate, geometry.psc))
+
+
+# -- simulated ------------------------------------------------------------------------------------
+class _SetAssoc:
+    """Set-associative LRU: set = key's page number mod sets."""
+
+    __slots__ = ("sets", "ways", "nsets")
+
+    def __init__(self, entries: int, ways: int) -> None:
+        self.nsets = max(entries // ways, 1) if entries else 0
+        self.ways = ways
+        self.sets = [OrderedDict() for _ in range(self.nsets)]
+
+    def access(self, vpn: int, key) -> bool:
+        """Look up and fill: True on a hit."""
+        if not self.nsets:
+            return False
+        s = self.sets[vpn % self.nsets]
+        if key in s:
+            s.move_to_end(key)
+            return True
+        s[key] = None
+        if len(s) > self.ways:
+            s.popitem(last=False)
+        return False
+
+
+def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, accesses: int = 200_000,
+             warmup: int | None = None, seed: int = 1) -> Cost:
+    """A seeded stream of `warmup + accesses` page accesses through the TLBs and PSCs of
+    `geometry`; counts after the warm-up (default: as many accesses as the TLBs have entries x 8,
+    at least 10000)."""
+    if warmup is None:
+        warmup = max(10_000, 8 * (geometry.stlb[1] + sum(e for e, _ in geometry.l1.values())))
+    addrs = pattern.sample(warmup + accesses, seed)
+    idx = leaves.find(addrs)
+    if (idx < 0).any():
+        bad = int(addrs[np.argmax(idx < 0)])
+        raise BadInputError(f"access pattern {pattern.name}: offset {bad:#x} is not mapped by the direct map")
+    shifts = leaves.shift[idx].tolist()
+    starts = leaves.start[idx].tolist()
+    L = leaves.levels
+    l1 = {sh: _SetAssoc(e, w) for sh, (e, w) in geometry.l1.items()}
+    stlb = _SetAssoc(geometry.stlb[1], geometry.stlb[2])
+    stlb_sizes = set(geometry.stlb[0])
+    stlb1g = _SetAssoc(*geometry.stlb_1g) if geometry.stlb_1g and G1 not in stlb_sizes else None
+    psc = {k: (OrderedDict(), n) for k, n in geometry.psc.items() if k <= L and n > 0}
+    leaf_level = LEVEL_OF
+    l1m = walks = refs = 0
+    for i, (sh, st) in enumerate(zip(shifts, starts)):
+        count = i >= warmup
+        vpn = st >> sh
+        key = (sh, vpn)
+        t = l1.get(sh)
+        if t is not None and t.access(vpn, key):
+            continue
+        if count:
+            l1m += 1
+        if sh in stlb_sizes:
+            hit = stlb.access(vpn, key)
+        elif sh == G1 and stlb1g is not None:
+            hit = stlb1g.access(vpn, key)
+        else:
+            hit = False
+        if hit:
+            continue
+        # walk: start below the lowest PSC entry that hits (SDM §4.10.3.2), fill the PSCs with
+        # the entries the walk used (§4.10.3.1)
+        ll = leaf_level[sh]
+        top = L                         # highest level whose entry the walk reads from memory
+        for k in range(ll + 1, L + 1):
+            c = psc.get(k)
+            if c is not None and (st >> (12 + 9 * (k - 1))) in c[0]:
+                top = k - 1
+                c[0].move_to_end(st >> (12 + 9 * (k - 1)))
+                break
+        cost = top + 1 - ll
+        for k in range(ll + 1, top + 1):          # entries read now cached (§4.10.3.1)
+            c = psc.get(k)
+            if c is None:
+                continue
+            cache, cap = c
+            region = st >> (12 + 9 * (k - 1))
+            cache[region] = None
+            if len(cache) > cap:
+                cache.popitem(last=False)
+        if count:
+            walks += 1
+            refs += cost
+    n = accesses
+    return Cost("simulated", pattern.name, geometry.name,
+                _translations(leaves, pattern.leaf_mass(leaves)), l1m / n, walks / n, refs / n, n)
+
+
+def cost_of(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, mode: str = "analytic",
+            **kw) -> Cost:
+    if mode == "analytic":
+        return analytic(leaves, pattern, geometry)
+    if mode == "simulated":
+        return simulate(leaves, pattern, geometry, **kw)
+    raise BadInputError(f"unknown cost mode {mode!r} (analytic, simulated)")
