@@ -251,7 +251,17 @@ class Pattern:
         F = np.concatenate([[0.0], np.cumsum(dens[:-1] * np.diff(xs))])
         s = leaves.start.astype(np.float64)
         e = leaves.end.astype(np.float64)
-        return np.maximum(np.interp(e, xs, F) - np.interp(s, xs, F), 0.0)
+        m = np.maximum(np.interp(e, xs, F) - np.interp(s, xs, F), 0.0)
+        # a leaf inside one constant-density piece: density x size, so that leaves of one size
+        # under one density get exactly one probability (the difference above rounds)
+        j = np.searchsorted(xs, s, side="right") - 1
+        ok = j >= 0
+        jj = np.where(ok, j, 0)
+        nxt = np.where(jj + 1 < len(xs), xs[np.minimum(jj + 1, len(xs) - 1)], np.inf)
+        inside = ok & (e <= nxt)
+        m[inside] = np.maximum(dens[jj[inside]], 0.0) * (e - s)[inside]
+        m[m < 1e-300] = 0.0
+        return m
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """n page-aligned offsets drawn from the distribution (a trace: its own addresses,
@@ -420,30 +430,37 @@ class Cost:
 
 
 # -- analytic -------------------------------------------------------------------------------------
-def che_hits(p: np.ndarray, capacity: int) -> np.ndarray:
-    """Hit probability per item of a fully-associative LRU cache of `capacity` entries under
-    independent references with probabilities p (Che's approximation). Items with p == 0 get 0."""
+def che_hits(p: np.ndarray, capacity: int, count: np.ndarray | None = None) -> np.ndarray:
+    """Hit probability of each item of a fully-associative LRU cache of `capacity` entries under
+    independent references with probabilities p (Che's approximation): T solves
+    sum_i count_i (1 - exp(-p_i T)) = capacity, item i hits with 1 - exp(-p_i T). `count` makes
+    entry i stand for count_i items of probability p_i each. Items with p == 0 get 0."""
     p = np.asarray(p, np.float64)
+    cnt = np.ones_like(p) if count is None else np.asarray(count, np.float64)
     live = p > 0
-    n = int(live.sum())
+    n = float(cnt[live].sum())
     h = np.zeros_like(p)
     if capacity <= 0 or n == 0:
         return h
     if n <= capacity:
         h[live] = 1.0
         return h
-    q = p[live]
-    # sum(1 - exp(-q T)) is increasing in T from 0 to n > capacity: bisect on log T
+    q, c = p[live], cnt[live]
+
+    def filled(t: float) -> float:
+        return float(np.dot(c, -np.expm1(-q * t)))
+
+    # filled(T) increases from 0 to n > capacity: bracket, then bisect
     lo, hi = 0.0, 1.0
-    while np.sum(-np.expm1(-q * hi)) < capacity:
+    while filled(hi) < capacity:
         hi *= 2
     for _ in range(200):
         mid = (lo + hi) / 2
-        if np.sum(-np.expm1(-q * mid)) < capacity:
+        if filled(mid) < capacity:
             lo = mid
         else:
             hi = mid
-        if hi - lo <= 1e-12 * hi:
+        if hi - lo <= 1e-13 * hi:
             break
     h[live] = -np.expm1(-q * (lo + hi) / 2)
     return h
@@ -454,58 +471,78 @@ def _translations(leaves: Leaves, mass: np.ndarray) -> dict[str, int]:
     return {SIZE_NAME[s]: int((used & (leaves.shift == s)).sum()) for s in SIZES}
 
 
-def _walk_refs_analytic(leaves: Leaves, rate: np.ndarray, psc: dict[int, int]) -> float:
-    """Expected memory references per access for walks occurring at `rate` (per access, per
-    leaf), with PSC hit probabilities from Che's approximation over the walk stream."""
-    total = rate.sum()
+@dataclass(frozen=True)
+class _Runs:
+    """Leaves grouped into runs of equal page size and equal probability that share every
+    paging-structure region above their level (a 4K run stays inside one 2M region, a 2M run
+    inside one 1G region): the analytic estimate treats a run's leaves alike, so a 64 GiB map
+    split to 4K is ~32768 runs, not 16.7M leaves."""
+
+    start: np.ndarray
+    shift: np.ndarray
+    count: np.ndarray
+    p: np.ndarray          # probability of each leaf of the run
+
+    @classmethod
+    def of(cls, leaves: Leaves, p: np.ndarray) -> "_Runs":
+        if not len(leaves):
+            z = np.zeros(0)
+            return cls(z.astype(np.uint64), z.astype(np.uint8), z, z)
+        sh = leaves.shift
+        region = leaves.start >> (sh.astype(np.uint64) + np.uint64(9))
+        brk = np.flatnonzero((sh[1:] != sh[:-1]) | (p[1:] != p[:-1]) | (region[1:] != region[:-1])) + 1
+        first = np.concatenate([[0], brk])
+        count = np.diff(np.concatenate([first, [len(sh)]])).astype(np.float64)
+        return cls(leaves.start[first], sh[first], count, p[first])
+
+
+def _walk_refs_analytic(runs: _Runs, rate: np.ndarray, psc: dict[int, int], levels: int) -> float:
+    """Expected memory references per access for walks occurring at `rate` (per access, per leaf
+    of each run), with PSC hit probabilities from Che's approximation over the walk stream (a
+    PSC entry of level k covers a 2^(12+9(k-1))-byte region; a walk fills every level it reads)
+    and the levels treated as independent."""
+    total = float((rate * runs.count).sum())
     if total <= 0:
         return 0.0
-    L = leaves.levels
-    lvl = leaves.shift.astype(np.int64)
-    leaf_level = np.where(lvl == K4, 1, np.where(lvl == M2, 2, 3))
-    hit = {}
-    for k, entries in psc.items():
-        if k > L:
-            continue
+    leaf_level = np.where(runs.shift == K4, 1, np.where(runs.shift == M2, 2, 3))
+    refs = np.zeros(len(runs.p))
+    miss_below = np.ones(len(runs.p))          # no lower-level PSC hit so far
+    for k in range(2, levels + 1):
+        entries = psc.get(k, 0)
         applies = leaf_level < k
-        region = (leaves.start >> np.uint64(12 + 9 * (k - 1)))
-        q = np.where(applies, rate, 0.0) / total
-        u, inv = np.unique(region, return_inverse=True)
-        qr = np.bincount(inv, weights=q, minlength=len(u))
-        hr = che_hits(qr, entries)
-        hit[k] = np.where(applies, hr[inv], 0.0)
-    refs = np.zeros(len(leaves))
-    miss_below = np.ones(len(leaves))          # no lower-level PSC hit so far
-    for k in range(2, L + 1):
-        h = hit.get(k, np.zeros(len(leaves)))
+        if entries > 0 and applies.any():
+            region = runs.start >> np.uint64(12 + 9 * (k - 1))
+            # runs are sorted by start: each region's runs are consecutive
+            inv = np.concatenate([[0], np.cumsum(region[1:] != region[:-1])])
+            qr = np.bincount(inv, weights=np.where(applies, rate * runs.count, 0.0) / total)
+            h = np.where(applies, che_hits(qr, entries)[inv], 0.0)
+        else:
+            h = np.zeros(len(runs.p))
         refs += miss_below * h * (k - leaf_level)
         miss_below *= 1 - h
-    refs += miss_below * (L + 1 - leaf_level)
-    return float((rate * refs).sum())
+    refs += miss_below * (levels + 1 - leaf_level)
+    return float((rate * runs.count * refs).sum())
 
 
 def analytic(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE) -> Cost:
     """Steady-state expected misses and walk references per access (see the module docstring)."""
     p = pattern.leaf_mass(leaves)
+    r = _Runs.of(leaves, p)
     l1_miss = 0.0
     for sh, (entries, _ways) in geometry.l1.items():
-        sel = leaves.shift == sh
-        l1_miss += float((p[sel] * (1 - che_hits(p[sel], entries))).sum())
-    miss = np.zeros(len(leaves))
-    shared = np.isin(leaves.shift, np.array(geometry.stlb[0], np.uint8))
-    miss[shared] = 1 - che_hits(p[shared], geometry.stlb[1])
-    big = leaves.shift == G1
-    if G1 not in geometry.stlb[0]:
-        if geometry.stlb_1g:
-            miss[big] = 1 - che_hits(p[big], geometry.stlb_1g[0])
-        else:
-            # no 1G STLB: a 1G translation is found in the L1 or walked
-            miss[big] = 1 - che_hits(p[big], geometry.l1.get(G1, (0, 1))[0])
-    rest = ~(shared | big)
-    miss[rest] = 1.0
-    rate = p * miss
+        sel = r.shift == sh
+        l1_miss += float((r.count[sel] * r.p[sel] * (1 - che_hits(r.p[sel], entries, r.count[sel]))).sum())
+    miss = np.ones(len(r.p))
+    shared = np.isin(r.shift, np.array(geometry.stlb[0], np.uint8))
+    miss[shared] = 1 - che_hits(r.p[shared], geometry.stlb[1], r.count[shared])
+    big = (r.shift == G1) & ~shared
+    if big.any():
+        # 1G entries: the STLB's 1G array, or (without one) only the L1's
+        e = geometry.stlb_1g[0] if geometry.stlb_1g else geometry.l1.get(G1, (0, 1))[0]
+        miss[big] = 1 - che_hits(r.p[big], e, r.count[big])
+    rate = r.p * miss
     return Cost("analytic", pattern.name, geometry.name, _translations(leaves, p), l1_miss,
-                float(rate.sum()), _walk_refs_analytic(leaves, rate, geometry.psc))
+                float((rate * r.count).sum()), _walk_refs_analytic(r, rate, geometry.psc, leaves.levels))
 
 
 # -- simulated ------------------------------------------------------------------------------------
