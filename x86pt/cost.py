@@ -92,7 +92,7 @@ def geometry_named(spec: str) -> Geometry:
     def ew(v: str) -> tuple[int, int]:
         try:
             e, _, w = v.partition("/")
-            e_, w_ = int(e), int(w or e)
+            e_, w_ = int(e), int(w) if w else max(int(e), 1)
         except ValueError:
             raise BadInputError(f"TLB geometry: {v!r} is not ENTRIES/WAYS") from None
         if e_ < 0 or w_ <= 0 or (e_ and e_ % w_):
