@@ -99,3 +99,9 @@ def test_unknown_kind_lists_the_choices():
     with pytest.raises(BadInputError, match=r"^unknown entry kind 'zz' \(one of pml5e, pml4e, pdpte, pdpte1g, "
                                             r"pde, pde2m, pte\)$"):
         kind_from_name("zz")
+
+
+def test_unknown_field_message_uses_the_vendor_table():
+    # AMD: bit 8 of a PML4E is reserved (rsvd8), not ignored (ign8) — APM Vol. 2 §5.3.
+    with pytest.raises(BadInputError, match=r"\(fields: xd, ign_hi, rsvd_hi, addr, avl, rsvd8, ps, ign6, a, "):
+        field_named(Kind.PML4E, "zz", 40, "amd")

@@ -290,3 +290,21 @@ def test_debug_translate_4k_2m_1g_and_misses():
     m = mem4k(0x9000 | P)
     m.write_u64(E4, 0)
     assert debug_translate(s, m, VA) is None
+
+
+def test_unicorn_1g_leaf_high_reserved_bits_keep_p():
+    # unicorn (like QEMU) checks a 1G leaf's high reserved bits first, but reports RSVD with P=1.
+    r = walk(st("unicorn"), mem1g((1 << 45) | (1 << 30) | PS | 7), VA)
+    assert (r.error_code, r.reason) == (EC_P | EC_RSVD, "reserved bits 0x200000000000 set in PDPTE (1GB page)")
+
+
+def test_translate_honours_the_access():
+    m = mem4k(0x9000 | P | RW)                               # supervisor page
+    assert translate(st(), m, VA, Access("read", user=True)) is None
+    assert translate(st(), m, VA | 1, Access("read")) == 0x9123
+
+
+def test_debug_translate_ignores_cr3_low_bits_and_keeps_odd_offsets():
+    s = st(cr3=PML4 | 1)                     # CR3 bit 0 is ignored (SDM §4.5.2, PCIDE=0)
+    m = mem4k(0x9000 | P)
+    assert debug_translate(s, m, VA | 1) == (0x9123, 4096)
