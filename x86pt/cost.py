@@ -62,6 +62,9 @@ class Geometry:
     stlb: tuple[tuple[int, ...], int, int]        # (page shifts sharing it, entries, ways)
     stlb_1g: tuple[int, int] | None               # 1G entries of the STLB (None: 1G misses walk)
     psc: dict[int, int] = field(default_factory=dict)   # PSC level (2 PDE, 3 PDPTE, 4 PML4E, 5) -> entries
+    # TLB entries are 4K pieces of every leaf (QEMU's softmmu TLB does this); walks still read
+    # the entries down to the leaf
+    splinter: bool = False
 
     def describe(self) -> str:
         l1 = ", ".join(f"{SIZE_NAME[s]} {e}/{w}-way" for s, (e, w) in sorted(self.l1.items()))
@@ -77,7 +80,11 @@ PSC_NAME = {2: "PDE", 3: "PDPTE", 4: "PML4E", 5: "PML5E"}
 # are not documented there: assumed.
 SKYLAKE = Geometry("skylake", {K4: (64, 4), M2: (32, 4), G1: (4, 4)}, ((K4, M2), 1536, 12), (16, 4),
                    {2: 32, 3: 4, 4: 2})
-GEOMETRIES = {"skylake": SKYLAKE}
+# QEMU's softmmu TLB as unicorn 2.1 (QEMU 5.0) builds it: a direct-mapped table of
+# 2^CPU_TLB_DYN_DEFAULT_BITS = 256 entries, each a 4K piece of its leaf, and an 8-entry victim
+# TLB (CPU_VTLB_SIZE) here taken as an 8-entry fully associative second level; no PSC.
+QEMU = Geometry("qemu", {K4: (256, 1)}, ((K4,), 8, 8), None, {}, splinter=True)
+GEOMETRIES = {"skylake": SKYLAKE, "qemu": QEMU}
 
 
 def geometry_named(spec: str) -> Geometry:
@@ -116,7 +123,7 @@ def geometry_named(spec: str) -> Geometry:
         else:
             raise BadInputError(f"TLB geometry: unknown key {k!r} (l1-4k, l1-2m, l1-1g, stlb, stlb-1g, "
                                 "pde, pdpte, pml4e, pml5e)")
-    return Geometry(spec, l1, stlb, s1g, psc)
+    return Geometry(spec, l1, stlb, s1g, psc, g.splinter)
 
 
 # -- leaves ---------------------------------------------------------------------------------------
@@ -237,10 +244,6 @@ class Pattern:
 
     def leaf_mass(self, leaves: Leaves) -> np.ndarray:
         """Probability that an access falls in each leaf (exact for piecewise-uniform density)."""
-        if self.stream is not None:
-            idx = leaves.find(self.stream)
-            idx = idx[idx >= 0]
-            return np.bincount(idx, minlength=len(leaves)) / max(len(self.stream), 1)
         # density steps at lo (+d) and hi (-d); F(x) = integral of the density up to x
         d = self.w / (self.hi - self.lo).astype(np.float64)
         xs = np.concatenate([self.lo, self.hi]).astype(np.float64)
@@ -332,8 +335,9 @@ def from_addresses(name: str, addrs, ordered: bool = True) -> Pattern:
     a = np.asarray(addrs, dtype=np.uint64)
     if not len(a):
         raise BadInputError(f"access pattern {name}: no addresses")
-    pages = np.unique(a >> np.uint64(12)) << np.uint64(12)
-    return _mk(name, [(p, p + PAGE) for p in pages.tolist()], stream=a if ordered else None)
+    pages, counts = np.unique(a >> np.uint64(12), return_counts=True)
+    pages <<= np.uint64(12)
+    return _mk(name, [(p, p + PAGE) for p in pages.tolist()], counts, stream=a if ordered else None)
 
 
 def read_trace(path: str) -> Pattern:
@@ -482,18 +486,21 @@ class _Runs:
     shift: np.ndarray
     count: np.ndarray
     p: np.ndarray          # probability of each leaf of the run
+    x: np.ndarray          # a second per-leaf value runs must agree on (splintered walk rates)
 
     @classmethod
-    def of(cls, leaves: Leaves, p: np.ndarray) -> "_Runs":
+    def of(cls, leaves: Leaves, p: np.ndarray, x: np.ndarray | None = None) -> "_Runs":
         if not len(leaves):
             z = np.zeros(0)
-            return cls(z.astype(np.uint64), z.astype(np.uint8), z, z)
+            return cls(z.astype(np.uint64), z.astype(np.uint8), z, z, z)
+        x = np.zeros_like(p) if x is None else x
         sh = leaves.shift
         region = leaves.start >> (sh.astype(np.uint64) + np.uint64(9))
-        brk = np.flatnonzero((sh[1:] != sh[:-1]) | (p[1:] != p[:-1]) | (region[1:] != region[:-1])) + 1
+        brk = np.flatnonzero((sh[1:] != sh[:-1]) | (p[1:] != p[:-1]) | (x[1:] != x[:-1])
+                             | (region[1:] != region[:-1])) + 1
         first = np.concatenate([[0], brk])
         count = np.diff(np.concatenate([first, [len(sh)]])).astype(np.float64)
-        return cls(leaves.start[first], sh[first], count, p[first])
+        return cls(leaves.start[first], sh[first], count, p[first], x[first])
 
 
 def _walk_refs_analytic(runs: _Runs, rate: np.ndarray, psc: dict[int, int], levels: int) -> float:
@@ -524,23 +531,43 @@ def _walk_refs_analytic(runs: _Runs, rate: np.ndarray, psc: dict[int, int], leve
     return float((rate * runs.count * refs).sum())
 
 
+def _tlb_miss(tsh: np.ndarray, tp: np.ndarray, tcount: np.ndarray, geometry: Geometry
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(L1 miss, walk probability) of TLB items of page size tsh, probability tp each, tcount
+    alike: Che per structure; a reference walks when it misses both levels, which under LRU in
+    an inclusive hierarchy is the larger one's miss (per item: the smaller probability)."""
+    miss_l1 = np.ones(len(tp))
+    for sh, (entries, _ways) in geometry.l1.items():
+        sel = tsh == sh
+        miss_l1[sel] = 1 - che_hits(tp[sel], entries, tcount[sel])
+    miss = np.ones(len(tp))
+    shared = np.isin(tsh, np.array(geometry.stlb[0], np.uint8))
+    miss[shared] = 1 - che_hits(tp[shared], geometry.stlb[1], tcount[shared])
+    big = (tsh == G1) & ~shared
+    if big.any() and geometry.stlb_1g:
+        miss[big] = 1 - che_hits(tp[big], geometry.stlb_1g[0], tcount[big])
+    return miss_l1, np.minimum(miss, miss_l1)
+
+
 def analytic(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE) -> Cost:
     """Steady-state expected misses and walk references per access (see the module docstring)."""
     p = pattern.leaf_mass(leaves)
-    r = _Runs.of(leaves, p)
-    l1_miss = 0.0
-    for sh, (entries, _ways) in geometry.l1.items():
-        sel = r.shift == sh
-        l1_miss += float((r.count[sel] * r.p[sel] * (1 - che_hits(r.p[sel], entries, r.count[sel]))).sum())
-    miss = np.ones(len(r.p))
-    shared = np.isin(r.shift, np.array(geometry.stlb[0], np.uint8))
-    miss[shared] = 1 - che_hits(r.p[shared], geometry.stlb[1], r.count[shared])
-    big = (r.shift == G1) & ~shared
-    if big.any():
-        # 1G entries: the STLB's 1G array, or (without one) only the L1's
-        e = geometry.stlb_1g[0] if geometry.stlb_1g else geometry.l1.get(G1, (0, 1))[0]
-        miss[big] = 1 - che_hits(r.p[big], e, r.count[big])
-    rate = r.p * miss
+    if not geometry.splinter:
+        r = _Runs.of(leaves, p)
+        miss_l1, miss = _tlb_miss(r.shift, r.p, r.count, geometry)
+        l1_miss = float((r.count * r.p * miss_l1).sum())
+        rate = r.p * miss
+    else:
+        # the TLB items are the pattern's own 4K pages: interval i has (hi - lo) / 4K of them,
+        # w_i / pages each; the walk rate of a leaf is the pattern re-weighted by each page's
+        # walk probability, integrated over the leaf
+        pages = ((pattern.hi - pattern.lo) >> np.uint64(12)).astype(np.float64)
+        tp = pattern.w / pages
+        miss_l1, miss = _tlb_miss(np.full(len(tp), K4, np.uint8), tp, pages, geometry)
+        l1_miss = float((pattern.w * miss_l1).sum())
+        walk = replace(pattern, w=pattern.w * miss, stream=None).leaf_mass(leaves)
+        r = _Runs.of(leaves, p, walk)
+        rate = r.x
     return Cost("analytic", pattern.name, geometry.name, _translations(leaves, p), l1_miss,
                 float((rate * r.count).sum()), _walk_refs_analytic(r, rate, geometry.psc, leaves.levels))
 
@@ -584,6 +611,7 @@ def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, 
         raise BadInputError(f"access pattern {pattern.name}: offset {bad:#x} is not mapped by the direct map")
     shifts = leaves.shift[idx].tolist()
     starts = leaves.start[idx].tolist()
+    pieces = addrs.tolist() if geometry.splinter else starts
     L = leaves.levels
     l1 = {sh: _SetAssoc(e, w) for sh, (e, w) in geometry.l1.items()}
     stlb = _SetAssoc(geometry.stlb[1], geometry.stlb[2])
@@ -592,18 +620,20 @@ def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, 
     psc = {k: (OrderedDict(), n) for k, n in geometry.psc.items() if k <= L and n > 0}
     leaf_level = LEVEL_OF
     l1m = walks = refs = 0
-    for i, (sh, st) in enumerate(zip(shifts, starts)):
+    splinter = geometry.splinter
+    for i, (sh, st, pc) in enumerate(zip(shifts, starts, pieces)):
         count = i >= warmup
-        vpn = st >> sh
-        key = (sh, vpn)
-        t = l1.get(sh)
+        tsh = K4 if splinter else sh          # the size of the TLB entry
+        vpn = pc >> tsh
+        key = (tsh, vpn)
+        t = l1.get(tsh)
         if t is not None and t.access(vpn, key):
             continue
         if count:
             l1m += 1
-        if sh in stlb_sizes:
+        if tsh in stlb_sizes:
             hit = stlb.access(vpn, key)
-        elif sh == G1 and stlb1g is not None:
+        elif tsh == G1 and stlb1g is not None:
             hit = stlb1g.access(vpn, key)
         else:
             hit = False
