@@ -219,3 +219,46 @@ def test_pattern_named_errors(tmp_path):
     with pytest.raises(BadInputError):
         geometry_named("skylake,stlb=10/3")
     assert SKYLAKE.stlb == ((12, 21), 1536, 12)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def _lines(out: str) -> list[dict]:
+    import json
+    return [json.loads(x) for x in out.splitlines() if x.strip()]
+
+
+def test_census_cost_cli_on_a_real_kernel_dump(tmp_path, capsys):
+    """`x86pt census --cost uniform` on the 6.12 modules fixture: the translations needed are the
+    direct-map leaves the census counts (every present leaf is touched by a uniform pattern)."""
+    import lzma
+    import os
+    from tests.conftest import FIXTURES
+    from x86pt.cli import main
+    src = os.path.join(FIXTURES, "linux", "6.12-4l-modules", "step-00", "tables.elf.xz")
+    img = tmp_path / "t.elf"
+    img.write_bytes(lzma.decompress(open(src, "rb").read()))
+    assert main(["census", str(img), "--cost", "uniform", "--json"]) == 0
+    d = _lines(capsys.readouterr().out)[0]
+    leaves = d["direct_map_leaves"]
+    assert d["cost"]["translations"] == leaves
+    assert 1.0 <= d["cost"]["refs_per_walk"] <= 4.0
+    assert main(["census", str(img), "--cost", "hot:0.25", "--cost-mode", "simulated"]) == 0
+    assert "page walks" in capsys.readouterr().out
+    assert main(["census", str(img), "--cost", "hot:x"]) == 2
+
+
+def test_cpa_compare_cost_cli(tmp_path, capsys):
+    """`cpa compare --cost workload`: a trace that set_memory_4k's one direct-map page inside a
+    2M-mapped region of laptop-4g. The page is split off to 4K and marked _PAGE_KERNEL_4K, which
+    no policy merges back: the workload's one page needs one 4K translation under each policy."""
+    from x86pt.cli import main
+    t = tmp_path / "w.trace"
+    po = 0xffff888000000000
+    t.write_text(f"set_memory_4k {po + 0x40200000:#x} 1\n")
+    assert main(["cpa", "compare", str(t), "--layout", "laptop-4g", "--policies", "none,ideal",
+                 "--cost", "workload", "--json"]) == 0
+    rows = {r["policy"]: r["cost"]["translations"] for r in _lines(capsys.readouterr().out)}
+    assert rows == {p: {"4K": 1, "2M": 0, "1G": 0} for p in ("none", "ideal")}
+    assert main(["cpa", "compare", str(t), "--layout", "laptop-4g", "--policies", "none",
+                 "--cost", "uniform"]) == 0
+    assert "walks/1k" in capsys.readouterr().out

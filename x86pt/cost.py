@@ -674,3 +674,48 @@ def cost_of(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, mode
     if mode == "simulated":
         return simulate(leaves, pattern, geometry, **kw)
     raise BadInputError(f"unknown cost mode {mode!r} (analytic, simulated)")
+
+
+# -- CLI glue (x86pt census --cost, x86pt cpa compare --cost) ---------------------------------------
+def add_cost_args(p) -> None:
+    """--cost PATTERN and its knobs, for a command that has a direct map to price."""
+    p.add_argument("--cost", default=None, metavar="PATTERN",
+                   help="dTLB reach and page-walk cost for an access pattern: uniform, hot:N (N GiB "
+                        "of random 2M regions), trace:FILE (physical addresses), workload (cpa only)")
+    p.add_argument("--tlb-geometry", default="skylake", metavar="GEOM",
+                   help="TLB sizes for --cost: skylake (Intel opt. manual 248966-045 Table 2-15) or "
+                        "qemu, then overrides, e.g. skylake,stlb=2048/16,pde=32 (docs/cost.md)")
+    p.add_argument("--cost-mode", default="analytic", choices=("analytic", "simulated"),
+                   help="--cost estimate: analytic (steady state, fully associative LRU) or simulated")
+    p.add_argument("--cost-seed", default=1, type=int, metavar="S", help="seed of hot:N and the simulation")
+
+
+def image_cost(state, memory, page_offset: int, args, **scan_kw) -> Cost:
+    """`x86pt census --cost`: the image's direct map priced for args.cost."""
+    lv = Leaves.from_image(state, memory, page_offset, **scan_kw)
+    pat = pattern_named(args.cost, lv, seed=args.cost_seed, page_offset=page_offset)
+    return cost_of(lv, pat, geometry_named(args.tlb_geometry), args.cost_mode,
+                   **({"seed": args.cost_seed} if args.cost_mode == "simulated" else {}))
+
+
+def model_cost(m, args, ops=None) -> Cost:
+    """`x86pt cpa compare --cost`: a CPA model's direct map priced for args.cost."""
+    lv = Leaves.from_model(m)
+    pat = pattern_named(args.cost, lv, seed=args.cost_seed, ops=ops, page_offset=m.page_offset)
+    return cost_of(lv, pat, geometry_named(args.tlb_geometry), args.cost_mode,
+                   **({"seed": args.cost_seed} if args.cost_mode == "simulated" else {}))
+
+
+def render_costs(rows: list[tuple[str, Cost]]) -> str:
+    """One line per policy: the cost columns of `cpa compare --cost`."""
+    c0 = rows[0][1]
+    head = ["policy", "4K", "2M", "1G", "L1 miss/1k", "walks/1k", "walk refs/1k", "refs/walk"]
+    out = [head]
+    for name, c in rows:
+        t = c.translations
+        out.append([name, str(t["4K"]), str(t["2M"]), str(t["1G"]), f"{1000 * c.l1_miss:.2f}",
+                    f"{1000 * c.walks:.2f}", f"{1000 * c.refs:.2f}", f"{c.refs_per_walk:.2f}"])
+    w = [max(len(r[i]) for r in out) for i in range(len(head))]
+    lines = [" ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(r)) for r in out]
+    return (f"cost ({c0.mode}, pattern {c0.pattern}, TLB {c0.geometry}; translations needed per "
+            f"page size, then per 1000 accesses):\n" + "\n".join(lines))

@@ -254,6 +254,9 @@ def cmd_compare(args) -> int:
     m = None
     for p in pols:
         r, m = _run(args, p, ops, False)
+        if args.cost:
+            from x86pt.cost import model_cost
+            r.cost = model_cost(m, args, ops)
         results.append(r)
     return _report(args, results, m)
 
@@ -266,9 +269,14 @@ def _report(args, results, m) -> int:
         plot_fragmentation(results, plot, f"{os.path.basename(args.trace)} on {args.layout}")
     if args.json:
         for r in results:
-            emit_json({**r.summary(), "notes": list(r.notes), "plot": plot})
+            cost = getattr(r, "cost", None)
+            emit_json({**r.summary(), "notes": list(r.notes), "plot": plot,
+                       **({"cost": cost.to_json()} if cost else {})})
     else:
         print(render_table([r.summary() for r in results]))
+        if any(getattr(r, "cost", None) for r in results):
+            from x86pt.cost import render_costs
+            print(render_costs([(r.policy, r.cost) for r in results]))
         for r in results:
             for n in r.notes:
                 print(f"note ({r.policy}): {n}")
@@ -359,6 +367,8 @@ def register(subparsers) -> None:
     cp = sub.add_parser("compare", help="replay a trace under several policies side by side")
     _common(cp, False)
     cp.add_argument("--policies", default="none,upstream,nr-same-prot,ideal")
+    from x86pt.cost import add_cost_args
+    add_cost_args(cp)
     cp.set_defaults(func=cmd_compare)
     g = sub.add_parser("generate", help="generate a workload trace (spec §8 sequences)")
     g.add_argument("workload", help="mixed, mixed-rox, modules, modules-rox, bpf, bpf-nopack, kfence, "

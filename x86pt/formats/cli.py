@@ -223,10 +223,15 @@ def cmd_census(args) -> int:
         size = parse_size(args.kernel_image_size, "--kernel-image-size", hi=(1 << 64) - KERNEL_MAP)
         c = census(img.state, img.memory, _page_offset(args), max_entries=_max_entries(args),
                    kernel_map=(KERNEL_MAP, KERNEL_MAP + size) if size else None)
+        cost = None
+        if args.cost:
+            from x86pt.cost import image_cost
+            cost = image_cost(img.state, img.memory, c.page_offset, args, max_entries=_max_entries(args))
         if args.json:
-            print(json.dumps(c.to_json(), separators=(",", ":")))
+            print(json.dumps({**c.to_json(), **({"cost": cost.to_json()} if cost else {})},
+                             separators=(",", ":")))
         else:
-            sys.stdout.write(c.render(gbpages=not args.no_gbpages))
+            sys.stdout.write(c.render(gbpages=not args.no_gbpages) + (cost.render() if cost else ""))
     return 0
 
 
@@ -432,6 +437,8 @@ def register(sub) -> None:
                    help="KERNEL_IMAGE_SIZE: splits of [__START_KERNEL_map, +SIZE) count in DirectMap "
                         "as in the kernel (1G with KASLR support, the default; 512M without; 0: ignore)")
     c.add_argument("--json", action="store_true")
+    from x86pt.cost import add_cost_args
+    add_cost_args(c)
     _scan_args(c)
     add_state_args(c)
     c.set_defaults(func=cmd_census)
