@@ -128,3 +128,19 @@ def test_profile_lookup():
     assert as_profile(p) is p
     with pytest.raises(BadInputError, match=r"^unknown profile 'nope' \(one of intel, amd, qemu, unicorn, "):
         profile_named("nope")
+
+
+def test_from_json_errors_name_the_field():
+    for name in ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs"):
+        with pytest.raises(BadInputError, match=f"^bad {name}: "):
+            PagingState.from_json({name: "zz"})
+    with pytest.raises(BadInputError, match=r"^bad maxphyaddr: .*53.* is above 0x34$"):
+        PagingState.from_json({"maxphyaddr": 53})
+    with pytest.raises(BadInputError, match=r"^bad maxphyaddr: .*31.* is below 0x20$"):
+        PagingState.from_json({"maxphyaddr": 31})
+
+
+def test_cr3_message_shows_only_the_bits_above_m():
+    # CR3 bit 0 is ignored (not reserved): it must not appear among "bits 63:46".
+    with pytest.raises(BadInputError, match=r"cr3 bits 63:46 \(0xc00000000000, above MAXPHYADDR 46\)"):
+        PagingState(cr3=(3 << 46) | 0x1001)

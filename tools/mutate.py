@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         new_ones = []
         for s in survivors:
             why = known.get(s.ident)
+            if why in ("", "TODO"):
+                why = None
             mark = "  # " + why if why else "  # NEW: not justified"
             if not why:
                 new_ones.append(s)
