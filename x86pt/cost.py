@@ -19,13 +19,19 @@ Two estimators, so that each checks the other:
     fully-associative LRU cache of the same capacity, whose hit probabilities come from Che's
     approximation (a characteristic time T with sum_i (1 - exp(-p_i T)) = C; item i hits with
     1 - exp(-p_i T)). For n equally likely translations and C < n it gives the exact LRU /
-    random-replacement answer, miss rate 1 - C/n; for n <= C, no misses. The STLB is treated as
-    seeing the whole access stream (inclusive hierarchy: a reference misses the STLB when its
-    reuse distance exceeds the STLB capacity); the paging-structure caches see the walk stream;
-    their levels are treated as independent.
+    random-replacement answer, miss rate 1 - C/n; for n <= C, no misses. Associativity is
+    ignored (no conflict misses). Each TLB level is priced as if it saw the whole access
+    stream, and a reference walks when it misses both (inclusive hierarchy under LRU: the
+    larger level's miss; per translation, the smaller of the two miss probabilities). The
+    paging-structure caches see the walk stream; their levels are treated as independent.
+    Compulsory (first-touch) misses are not counted: it is a steady state.
   * `simulate()`: a seeded address stream through set-associative LRU TLBs of the given geometry
     (set = virtual page number mod sets) and fully-associative LRU paging-structure caches,
-    after a warm-up, counting the same quantities.
+    after a warm-up, counting the same quantities. The second level is filled by walks and
+    looked up after a first-level miss; it is not a victim cache of the first level.
+
+`Geometry.splinter` makes every TLB entry a 4K piece of its leaf (QEMU's softmmu TLB; the walk
+still reads down to the leaf): the `QEMU` geometry, used to check the model against unicorn.
 
 Default geometry (`SKYLAKE`): Intel 64 and IA-32 Architectures Optimization Reference Manual
 (order no. 248966-045, February 2022), Table 2-15 "TLB Parameters of the Skylake
@@ -36,8 +42,6 @@ PDPTE 4, PML4E 2) are assumptions, configurable.
 """
 from __future__ import annotations
 
-import math
-import random
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
