@@ -85,3 +85,25 @@ def test_collect_take_and_present_only():
     assert rows(t) == [(0x3000, 0x203000, 0, 2, 0, 0, 0, 1), (0x5000, 0x6000, PRW, 1, 0x7003, 0x7000, PRW, 1)]
     kept = list(present_only([ch, chunk((0x9000, 1, 1, 0, 0, 0)), chunk((0xA000, 1, 1, 0xA001, 0xA000, P))]))
     assert [list(map(int, c.va)) for c in kept] == [[0x1000, 0x5000], [0xA000]]
+
+
+def test_carried_run_keeps_its_first_level_and_later_runs_theirs():
+    # B (4K) + C (2M) + D (2M, next chunk) form one run (same key, adjacent); its level is B's.
+    # A chunk holding only the continuation of the open run closes nothing: no empty batch.
+    c1 = chunk((0x1000, 1, 1, 0x5001, 0x5000, P), (0x1FF000, 1, 1, 0x7003, 0x7000, PRW),
+               (0x200000, 1, 2, 0x200083, 0x200000, PRW))
+    c2 = chunk((0x400000, 1, 2, 0x400083, 0x400000, PRW))
+    c3 = chunk((0x600000, 1, 1, 0xB001, 0xB000, P))
+    out = list(coalesce([c1, c2, c3], key))
+    assert all(len(r) for r in out)
+    assert rows(collect(out)) == [
+        (0x1000, 0x2000, P, 1, 0x5001, 0x5000, P, 1),
+        (0x1FF000, 0x600000, PRW, 1, 0x7003, 0x7000, PRW, 3),
+        (0x600000, 0x601000, P, 1, 0xB001, 0xB000, P, 1)]
+    c2 = chunk((0x400000, 1, 2, 0x400083, 0x400000, PRW), (0x600000, 1, 1, 0xB001, 0xB000, P))
+    assert [r[3] for r in rows(collect(coalesce([c1, c2], key)))] == [1, 1, 1]
+
+
+def test_empty_collect_has_no_rows_in_any_column():
+    empty = collect([])
+    assert [len(getattr(empty, f)) for f in ("start", "end", "key", "level", "raw", "pa", "eff", "entries")] == [0] * 8
