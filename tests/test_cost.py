@@ -186,6 +186,11 @@ def test_workload_pages():
     ops = [("set_memory_ro", po + 0x5000, 2), ("vmap", 0xffffc90000000000, 0x200000, 3, False)]
     p = workload_pages(ops, po)
     assert p.lo.tolist() == [0x5000, 0x6000, 0x200000, 0x201000, 0x202000]
+    # an oob write touches its one page (its third field is a mask, not a count); hotplug
+    # operands are physical ranges and vunmap a vmalloc range: neither adds direct-map pages
+    more = ops + [("oob", po + 0x9000, 1 << 63, 0), ("memory_add", 0x100000000, 1 << 27),
+                  ("vunmap", 0xffffc90000000000, 3)]
+    assert workload_pages(more, po).lo.tolist() == [0x5000, 0x6000, 0x9000, 0x200000, 0x201000, 0x202000]
     assert analytic(all_2m(4), p).translations == {"4K": 0, "2M": 2, "1G": 0}
 
 
@@ -262,3 +267,16 @@ def test_cpa_compare_cost_cli(tmp_path, capsys):
     assert main(["cpa", "compare", str(t), "--layout", "laptop-4g", "--policies", "none",
                  "--cost", "uniform"]) == 0
     assert "walks/1k" in capsys.readouterr().out
+
+
+def test_unmapped_pages_are_left_out():
+    """A trace with 3 addresses, one of them (5 GiB) outside a 4 GiB all-2M map: the pattern keeps
+    the 2 mapped pages, says it left 1 out, and both modes run on it."""
+    import tempfile
+    lv = all_2m(4)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("0x1000\n0x40000000\n0x140000000\n")
+    p = pattern_named(f"trace:{f.name}", lv)
+    assert p.lo.tolist() == [0x1000, 0x40000000] and "1 unmapped" in p.name
+    assert analytic(lv, p).translations == {"4K": 0, "2M": 2, "1G": 0}
+    assert simulate(lv, p, accesses=100, warmup=0).walks == 0.02      # 2 first touches

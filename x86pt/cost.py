@@ -370,20 +370,42 @@ def read_trace(path: str) -> Pattern:
 def workload_pages(ops, page_offset: int, dm_size: int = 1 << 46) -> Pattern:
     """The 4K pages of the direct map a CPA workload touched: its direct-map operands and the
     frames it vmapped (whose direct-map alias CPA changes too); uniform over them."""
+    from x86pt.cpa.ops import API
     pages: set[int] = set()
     for op in ops:
         name = op[0]
-        if name == "vmap":
+        if name == "vmap":                        # (vmap, va, pa, n, huge)
             pages.update(range(op[2] >> 12, (op[2] >> 12) + op[3]))
-        elif len(op) > 2 and isinstance(op[1], int) and page_offset <= op[1] < page_offset + dm_size:
+            continue
+        if name in API or name in ("cpa", "kernel_map_pages"):       # (name, addr, numpages, ...)
+            n = op[2]
+        elif name in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "oob"):
+            n = 1                                  # one page at addr (oob: addr, set, clr)
+        else:
+            continue                               # vunmap, hotplug (physical), TLB ops
+        if page_offset <= op[1] < page_offset + dm_size and 0 < n <= 1 << 24:
             first = (op[1] - page_offset) >> 12
-            n = op[2] if name not in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush") else 1
-            n = n if isinstance(n, int) and 0 < n <= 1 << 24 else 1
             pages.update(range(first, first + n))
     if not pages:
         raise BadInputError("access pattern workload: the trace touches no direct-map page")
     p = np.array(sorted(pages), np.uint64) << np.uint64(12)
     return _mk("workload", [(int(x), int(x) + PAGE) for x in p.tolist()])
+
+
+def mapped_only(p: Pattern, leaves: Leaves) -> Pattern:
+    """A page-granular pattern without the pages the direct map does not map now (a workload's
+    pages left non-present, trace addresses outside RAM); the name says how many went."""
+    keep = leaves.find(p.lo) >= 0
+    if keep.all():
+        return p
+    if not keep.any():
+        raise BadInputError(f"access pattern {p.name}: none of its {len(keep)} pages is mapped by the direct map")
+    stream = p.stream
+    if stream is not None:
+        stream = stream[leaves.find(stream) >= 0]
+    w = p.w[keep]
+    return Pattern(f"{p.name} ({int((~keep).sum())} unmapped pages left out)", p.lo[keep], p.hi[keep],
+                   w / w.sum(), stream)
 
 
 def pattern_named(spec: str, leaves: Leaves, *, seed: int = 1, ops=None, page_offset: int = 0) -> Pattern:
@@ -397,11 +419,11 @@ def pattern_named(spec: str, leaves: Leaves, *, seed: int = 1, ops=None, page_of
             raise BadInputError(f"access pattern {spec!r}: hot:N with N in GiB") from None
         return hot_set(leaves, g, seed)
     if spec.startswith("trace:"):
-        return read_trace(spec[6:])
+        return mapped_only(read_trace(spec[6:]), leaves)
     if spec == "workload":
         if ops is None:
             raise BadInputError("access pattern workload needs a CPA trace")
-        return workload_pages(ops, page_offset)
+        return mapped_only(workload_pages(ops, page_offset), leaves)
     raise BadInputError(f"unknown access pattern {spec!r} (uniform, hot:N, trace:FILE, workload)")
 
 
