@@ -54,7 +54,7 @@ def _open_oracle(name: str, profile: str | None):
 
 
 def make_source(args, oracle, caps):
-    """The case source for one oracle: its feature set decides the matrix (§10.2 invalid bits)."""
+    """The case source for one oracle: its feature set decides the matrix (docs/paging.md §11.2: invalid bits)."""
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for, select
     from x86pt.state import as_profile
     feat = MatrixFeatures.from_caps(caps)

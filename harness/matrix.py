@@ -1,17 +1,17 @@
 """The access matrix: our own implementation of the kvm-unit-tests `x86/access.c` class of test
 (docs/paging.md §11), packed into rig images.
 
-A case is an int of flags. Bits 0..30 are KUT's 31 flags in KUT's enum order (§10.1); bits 31 and
-up are our extensions (cases KUT lacks, §13.3): SMAP with EFLAGS.AC, 1G leaves, PS and bit 8 in
+A case is an int of flags. Bits 0..30 are KUT's 31 flags in KUT's enum order (docs/paging.md §11.1); bits 31 and
+up are our extensions (cases KUT lacks, docs/paging.md §11): SMAP with EFLAGS.AC, 1G leaves, PS and bit 8 in
 the PML4E, 5-level paging, non-canonical addresses.
 
 Enumeration. KUT walks flags = 0, 1, 2 ... skipping never-toggled bits (`ac_test_bump`) and
 rejects illegal values (`ac_test_legal`). `bump_enumerate` does exactly that (slow: 2^28 values for
 a PKU host). `Space` enumerates the same set by construction: the legality rules only couple a few
 bits, so the legal set is a product of small groups (the coupled bits enumerated together), and
-case i is a mixed-radix number. Tests check that both agree, and the counts against §10.6.
+case i is a mixed-radix number. Tests check that both agree, and the counts against docs/paging.md §11.6.
 
-Packing (§10.3 adapted to the rig, harness/oracles/base.py): every case gets its own PDE and its
+Packing (docs/paging.md §11.3 adapted to the rig, harness/oracles/base.py): every case gets its own PDE and its
 own PTE (PTs are shared: case k of a PT page uses PTE k and VA bits 20:12 = k), PDPTEs are shared
 by the cases with the same pdpte.ro, PML4Es by the cases with the same top-level variant. Cases
 that need different CR0/CR4/EFER/PKRU go into different batches. Data frames (filled with
@@ -62,7 +62,7 @@ HI_BIT_SHIFT, HI_BIT_MASK = 40, 0x3F << 40
 HI_AT_SHIFT, HI_AT_MASK = 46, 0x7 << 46
 HI_AT_NAMES = ("pde", "pdpte", "pdpte1g", "pml4e", "pml5e")
 
-# Entry bits KUT sets (its own bit positions: 51, 36, 13 are raw bit numbers, §10.1).
+# Entry bits KUT sets (its own bit positions: 51, 36, 13 are raw bit numbers, docs/paging.md §11.1).
 _P, _RW, _US, _A, _D, _PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
 _B51, _B36, _B13, _B8, _XD = 1 << 51, 1 << 36, 1 << 13, 1 << 8, 1 << 63
 _PK1, _PK2 = 1 << 59, 2 << 59
@@ -147,7 +147,7 @@ class MatrixFeatures:
                    gbpages=f.gbpages, la57=f.la57, vendor=profile.vendor)
 
 
-# -- KUT's enumeration, literally (paging.md §10.2) ----------------------------------------------------
+# -- KUT's enumeration, literally (docs/paging.md §11.2) ----------------------------------------------------
 def invalid_mask(feat: MatrixFeatures) -> int:
     """Bits `ac_test_bump` never toggles."""
     inv = 0
@@ -484,7 +484,7 @@ def matrix_for(feat: MatrixFeatures, extended: bool = False) -> Matrix:
 
 # -- CPU state per case ------------------------------------------------------------------------------------
 def state_key(flags: int) -> tuple[int, int, int, int]:
-    """(cr0, cr4, efer, pkru) the case needs (§10.3: PKRU = 0x30 | WD1 | AD1, key 2 denied)."""
+    """(cr0, cr4, efer, pkru) the case needs (docs/paging.md §11.3: PKRU = 0x30 | WD1 | AD1, key 2 denied)."""
     cr0 = CR0_PE | CR0_PG | (CR0_WP if flags & CR0_WP_F else 0)
     cr4 = CR4_PAE
     if flags & PKE:
@@ -619,7 +619,7 @@ def _sext(va: int, bits: int) -> int:
 
 
 def _leaf_bits(flags: int, pfx: str) -> int:
-    """P/RW/US/A/D/NX/51/36 of `pfx` (pte or pde) from the flags (§10.3); '51' is the case's
+    """P/RW/US/A/D/NX/51/36 of `pfx` (pte or pde) from the flags (docs/paging.md §11.3); '51' is the case's
     hi_bit, and pde.51 stays out of the PDE when hi_at puts it higher."""
     g = F
     raw = 0
@@ -643,7 +643,7 @@ def _leaf_bits(flags: int, pfx: str) -> int:
 
 
 def case_probes(flags: int, va: int, pa: int) -> list[Probe]:
-    """The probes of one case: with `twice`, a supervisor read first (§10.4)."""
+    """The probes of one case: with `twice`, a supervisor read first (docs/paging.md §11.4)."""
     kind = "write" if flags & ACC_WRITE else "fetch" if flags & ACC_FETCH else "read"
     if flags & NONCANON:
         va ^= 1 << 62

@@ -48,7 +48,7 @@ def test_oob_write_keeps_the_frame_of_an_inverted_model():
 
 
 def test_in_place_np_of_a_whole_2m_leaf_inverts_and_p_restores():
-    """set_memory_np over one whole aligned 2M leaf rewrites it in place (spec §4.4 step 10,
+    """set_memory_np over one whole aligned 2M leaf rewrites it in place (docs/cpa.md §4.4 step 10,
     pfn_pte(old_pfn, prot)): prot = 4k_2_large((0x...163 & ~P)) with G cleared (protnone) =
     0x8000000000000062, frame inverted; set_memory_p brings P back with PSE and without G."""
     m = _model()

@@ -2,7 +2,7 @@
 """Every generated workload x every merge policy x every kernel rule set, replayed with the
 validator on (issue 10 / issue 12 item 4).
 
-The verdict each cell must reach is derived from the policies' definitions (spec/cpa.md §5, §6),
+The verdict each cell must reach is derived from the policies' definitions (docs/cpa.md §7),
 not from a previous run: every cell is clean, except nr-same-prot on a trace with out-of-band
 (kfence) writers. The 2022 RFC adjusts nr_same_prot only in CPA's set_pte path; kfence clears
 _PAGE_PRESENT with a raw set_pte (Hyeonggon Yoo's review), so the first such write to a page whose

@@ -126,7 +126,7 @@ def test_minimal_reproducer_is_small():
 
 def test_nr_same_prot_undoes_set_memory_4k_on_6_15():
     """With _PAGE_KERNEL_4K every PTE of a fully 4K-requested 2M leaves same_prot; the count
-    hits 0, re-baselines to 512 and the RFC merges the table back (spec §6 review)."""
+    hits 0, re-baselines to 512 and the RFC merges the table back (docs/cpa.md §7.3, the review)."""
     base = PO + 0x20000000
     ops = parse_trace([f"set_memory_4k {base:#x} 512", f"oob {base + 0x3000:#x} set=0x0 clr=0x1"])
     r = replay(CpaModel(LAY, "6.15", "nr-same-prot"), ops, validate=True, samples=0)

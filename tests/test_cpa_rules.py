@@ -1,4 +1,4 @@
-"""Hand-derived cases for each rule of spec/cpa.md §4 and §5. Expected entry values are written
+"""Hand-derived cases for each rule of docs/cpa.md §4 and §7.2. Expected entry values are written
 from the spec's constants (__PAGE_KERNEL = 0x8000000000000163, _RO = ...121, _KERNPG_TABLE = 0x63)
 and the DirectMap arithmetic of §2, never computed by the model."""
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_pat_bit_moves_between_12_and_7(m15):
 
 
 def test_global_lost_after_np_p(m15):
-    """spec §6 patch 1: 0x8000000000000163 -> np -> ...062 -> p -> ...063."""
+    """docs/cpa.md §7.3, patch 1: 0x8000000000000163 -> np -> ...062 -> p -> ...063."""
     va = PO + A2M + 0x7000
     run(m15, f"set_memory_4k {va:#x} 1")
     run(m15, f"cpa {va:#x} 1 set=0x0 clr=0x1")

@@ -30,7 +30,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 def test_census_meminfo_lines(capsys):
     """demo RAM: 4K over [0, 0x9f000) and [1M, 2M) = 159 + 256 pages = 1660 kB; 2M pages from 2M
     to 1G = 511 x 2048 kB; 1G pages for [1G, 3G) and [4G, 6G) = 4 GiB. The kernel also counts each
-    page table under its image mapping as a 2M -> 512 x 4K split (cpa.md §2): with a 512M
+    page table under its image mapping as a 2M -> 512 x 4K split (docs/cpa.md §5): with a 512M
     KERNEL_IMAGE_SIZE that is the kernel data PT at 0xffffffff81c00000 (+2048 kB 4K, -2048 kB 2M);
     with 1G the module PT at 0xffffffffa0000000 is inside the range too (another 2048 kB)."""
     rc, out, err = run(capsys, "census", LINUX, "--kernel-image-size", "512M")

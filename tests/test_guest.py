@@ -74,7 +74,7 @@ def test_symbols_and_sizes():
 
 
 def test_no_zero_padding_executes():
-    # spec §8 pitfall 4: zero padding decodes as 'add [rax], al'; code must be padded with nops.
+    # docs/oracles.md §3: zero padding decodes as 'add [rax], al'; code must be padded with nops.
     text = listing.listing()
     assert "add byte ptr [rax], al" not in text
     assert "ud2" in text and "iretq" in text and "invlpg" in text

@@ -1,5 +1,5 @@
 """Hostile and malformed images through dump, census, wx, find and diff: typed errors and one
-line on stderr, issues reported, never a traceback or a hang (spec/anchors.md §1.9 item 6)."""
+line on stderr, issues reported, never a traceback or a hang (docs/design.md §2.5)."""
 from __future__ import annotations
 
 import os

@@ -1,6 +1,6 @@
 """Physical memory sources: raw, ELF core (QEMU dump-guest-memory layout), LiME, sparse; and the
 bad-input cases (truncated, overlapping, past the end, malformed). Byte layouts here are written by
-hand from the formats (ELF64 gABI, QEMUCPUState as in spec/anchors.md §1.3, LiME's header)."""
+hand from the formats (ELF64 gABI, QEMUCPUState as in docs/formats.md §4, LiME's header)."""
 from __future__ import annotations
 
 import os

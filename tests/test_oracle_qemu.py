@@ -233,7 +233,7 @@ def test_sdm_accessed_dirty(qemu):
 
 # -- capabilities ------------------------------------------------------------------------------------------
 def test_capabilities_match_profile(qemu):
-    """The measured capabilities (spec §4: -cpu max is AuthenticAMD, phys-bits 40, with pdpe1gb,
+    """The measured capabilities (docs/oracles.md §4: -cpu max is AuthenticAMD, phys-bits 40, with pdpe1gb,
     la57, smep, smap, pku) are what PROFILES['qemu'] says."""
     caps = qemu.capabilities()
     prof = PROFILES["qemu"]
@@ -394,7 +394,7 @@ def test_bios_rebuilds_identically(tmp_path):
     with open(BIOS_PATH, "rb") as f, open(tmp_path / "bios.bin", "rb") as g:
         shipped, rebuilt = f.read(), g.read()
     assert len(shipped) == 65536 and shipped == rebuilt
-    assert shipped[0xFFF0:0xFFF3] == bytes([0xE9, 0x0D, 0x00])      # jmp to offset 0 (spec §4)
+    assert shipped[0xFFF0:0xFFF3] == bytes([0xE9, 0x0D, 0x00])      # jmp to offset 0 (docs/oracles.md §4)
 
 
 # -- cross-check: model vs oracle ------------------------------------------------------------------------

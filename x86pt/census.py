@@ -1,14 +1,14 @@
 """`x86pt census`: the direct map's DirectMap4k/2M/1G as /proc/meminfo prints them, plus leaf
 counts per level and the table pages the tree uses.
 
-Linux counts direct_pages_count[] per level as it maps and splits (spec/cpa.md §2,
+Linux counts direct_pages_count[] per level as it maps and splits (docs/cpa.md §5,
 arch_report_meminfo()); from an image we reconstruct the same numbers:
   * the leaves in the direct-map range [PAGE_OFFSET, PAGE_OFFSET + 2^46) (2^52 with 5-level);
   * plus the direct-map 4K entries that are not present but still hold their frame
     (set_direct_map_invalid_noflush: secretmem, vm_reset_perms) — the kernel never uncounts them;
   * plus the splits of the kernel-image mapping [__START_KERNEL_map, + KERNEL_IMAGE_SIZE): it
     starts as 2M leaves only and CPA counts every split there too (virt_addr_valid() is true for
-    it; cpa.md §2 [reading], confirmed on real 6.1/6.12 kernels in oracle-linux.md §9.1): each
+    it; docs/cpa.md §5 [reading], confirmed on real 6.1/6.12 kernels in docs/cpa.md §11): each
     page table under it moved 2M -> 512 x 4K in the counters.
 tests/test_linux_fixtures.py checks the result against /proc/meminfo of real kernels.
 PAGE_OFFSET is given, or detected as the 1 GiB-aligned (KASLR granularity) VA-PA offset that

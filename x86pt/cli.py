@@ -105,7 +105,7 @@ def cmd_walk(args) -> int:
     return cmd_translate(args, steps=True)
 
 
-# -- probe (the interface other tools rely on: ../shared/DESIGN.md) -------------------------------
+# -- probe (the interface other tools rely on: docs/formats.md §2) -------------------------------
 def read_probes(path: str):
     """Parse a JSONL probe file. Each line: {"va": "0x...", "access": "read"|"write"|"fetch",
     "user": bool, "ac": bool}. A bad line is a one-line error naming its line number."""

@@ -22,7 +22,7 @@ PAGE_OFFSET = 0xFFFF888000000000
 KERNEL_MAP = 0xFFFFFFFF80000000        # __START_KERNEL_map
 KERNEL_TEXT = 0xFFFFFFFF81000000
 MODULES = 0xFFFFFFFFC0000000         # MODULES_VADDR with KERNEL_IMAGE_SIZE = 1 GiB (KASLR kernels)
-# Linux's kernel protections (spec/cpa.md §1.1): __PAGE_KERNEL = P|RW|A|D|G|NX, ..._RO = P|A|G|NX,
+# Linux's kernel protections (docs/cpa.md §2.2): __PAGE_KERNEL = P|RW|A|D|G|NX, ..._RO = P|A|G|NX,
 # ..._ROX = P|A|G; user pages get US.
 KERNEL = "p rw a d g nx"
 KERNEL_RO = "p a g nx"

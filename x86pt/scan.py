@@ -11,7 +11,7 @@ consecutive frames (a whole table like that is one record: the "uniform table" s
 (non-present entries) are records too when asked for (ptdump needs their level). Effective
 rights follow SDM §4.6.1 and Linux's effective_prot(): RW and US ANDed down the walk, XD ORed.
 
-Hostile tables are data, not crashes (spec/anchors.md §1.9 item 6):
+Hostile tables are data, not crashes (docs/design.md §2.5):
 * a table that is its own ancestor (a recursive PML4 slot) is walked like the CPU would, which
   is bounded by the number of levels, and reported as an Issue 'loop';
 * a table pointer past the end of the image is an Issue 'past-end' and walks as an empty table

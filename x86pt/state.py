@@ -82,16 +82,16 @@ class Profile:
     features: Features = field(default_factory=Features)
     # RSVD faults carry P=1 (SDM). QEMU >= 7.2 TCG reports 0x08 without P (docs/paging.md §12.1).
     rsvd_sets_p: bool = True
-    # PDPTE.PS is honoured even when the CPU lacks 1-GByte pages (QEMU/unicorn, §11.2 #4).
+    # PDPTE.PS is honoured even when the CPU lacks 1-GByte pages (QEMU/unicorn, docs/paging.md §12.1).
     ps_1g_without_gbpages: bool = False
-    # AMD reserves bit 8 of PML4E/PML5E; QEMU's AMD models do not check it (§11.2 #5).
+    # AMD reserves bit 8 of PML4E/PML5E; QEMU's AMD models do not check it (docs/paging.md §12.1).
     amd_top_bit8_reserved: bool = True
-    # A 1G leaf gets A=1 before its reserved-bit and rights checks (QEMU/unicorn, §11.2 #3).
+    # A 1G leaf gets A=1 before its reserved-bit and rights checks (QEMU/unicorn, docs/paging.md §12.1).
     a_on_1g_leaf_before_checks: bool = False
     # A faulting walk: 'used' sets A in the non-leaf entries it used (hardware may), 'none' leaves
     # every entry alone (KVM's software walker). Tests treat this as don't-care (KUT does too).
     a_on_faulting_walk: str = "used"
-    # Implicit supervisor accesses at CPL<3 honour EFLAGS.AC for SMAP (QEMU/unicorn, §11.2 #6).
+    # Implicit supervisor accesses at CPL<3 honour EFLAGS.AC for SMAP (QEMU/unicorn, docs/paging.md §12.1).
     implicit_smap_honours_ac: bool = False
     # A non-canonical access writes CR2 (predicted for QEMU by code reading; not seen on 7.2.22).
     gp_writes_cr2: bool = False

@@ -307,7 +307,7 @@ def error_code_dont_care(state: PagingState, va: int, access: Access) -> int:
 
 def debug_translate(state: PagingState, memory, va: int) -> tuple[int, int] | None:
     """The translation a debugger's walker reports (QEMU's `gva2gpa`/`x`, docs/paging.md §12.1/§2.2 of
-    oracle-qemu-kvm.md): P and PS only — no rights, no reserved-bit checks, no A/D — and the
+    docs/oracles.md §5): P and PS only — no rights, no reserved-bit checks, no A/D — and the
     address taken from bits 51:12 of the leaf, so reserved bits pass into it. (pa, page size) or
     None for a non-canonical or unmapped address."""
     if not state.canonical(va):

@@ -1,4 +1,4 @@
-"""The probe guest's layout and the Python side of running it (spec/oracle-qemu-kvm.md §3).
+"""The probe guest's layout and the Python side of running it (docs/oracles.md §3).
 
 The guest (harness.S, prebuilt into h_main.bin and h_ustub.bin by build.sh) lives in
 guest-physical [0x100000, 0x200000) and sees itself at VA KBASE + GPA through the harness slot
@@ -290,7 +290,7 @@ def setup_fault(ram) -> SetupFault:
 
 
 def check_status(ram, what: str = "guest") -> None:
-    """OracleError unless the guest finished all probes (status 0x600d, spec §8 pitfall 3)."""
+    """OracleError unless the guest finished all probes (status 0x600d, docs/oracles.md §3)."""
     st = status(ram)
     if st == STATUS_DONE:
         return

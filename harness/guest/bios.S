@@ -1,6 +1,6 @@
 /*
  * x86pt QEMU reset trampoline: a 64 KiB -bios image that takes the CPU from the reset state to
- * the probe guest in 64-bit mode (spec/oracle-qemu-kvm.md §4).  SPDX-License-Identifier: GPL-2.0-or-later
+ * the probe guest in 64-bit mode (docs/oracles.md §4).  SPDX-License-Identifier: GPL-2.0-or-later
  *
  * The ROM is mapped at 0xffff0000-0xffffffff.  After reset CS.base is 0xffff0000 and IP 0xfff0,
  * so execution starts 16 bytes below the top of this file.  Steps:

@@ -1,5 +1,5 @@
 /*
- * x86pt probe guest (spec/oracle-qemu-kvm.md §3).  SPDX-License-Identifier: GPL-2.0-or-later
+ * x86pt probe guest (docs/oracles.md §3).  SPDX-License-Identifier: GPL-2.0-or-later
  *
  * A 64-bit blob linked at 0xffffffff80100000 (guest-physical 0x100000, reached through the
  * harness slot PML4[511] / PML5[511]).  It is entered in 64-bit mode at its first byte with any
@@ -78,7 +78,7 @@ _start:
 	movl	%eax, %gs
 
 	/* 64-bit TSS descriptor at GDT+0x28 (SDM §8.2.3).  Type 0x89 also clears the busy bit a
-	 * previous entry left, or ltr would #GP when the same vCPU runs again (spec §8 pitfall 3). */
+	 * previous entry left, or ltr would #GP when the same vCPU runs again (docs/oracles.md §3). */
 	leaq	tss(%rip), %rax
 	leaq	gdt(%rip), %rdi
 	movw	%ax, TSS_SEL+2(%rdi)

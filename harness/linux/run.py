@@ -84,7 +84,7 @@ class RunConfig:
     levels: int = 4                 # 4: -cpu max,la57=off; 5: -cpu max (LA57)
     kaslr: bool = False             # True boots the bzImage (the decompressor does the KASLR;
                                     # it also switches to 5-level, so levels=5 boots it too)
-    ram_mb: int = 3072              # >= 3G so GiB 1 is all RAM and gets a 1G leaf (§3)
+    ram_mb: int = 3072              # >= 3G so GiB 1 is all RAM and gets a 1G leaf (docs/oracles.md §7)
     images: str = "guest"           # guest: one boot, the guest dumps its tables at each step
                                     # (reproducible); all: one boot per checkpoint; pause: one
                                     # boot, paused at each checkpoint; last: last image only

@@ -1,11 +1,11 @@
 """KVM oracle: the probe guest (harness/guest) in a fresh VM per batch, driven through /dev/kvm
-from pure Python (os, fcntl, mmap, ctypes). spec/oracle-qemu-kvm.md §5 (ioctls, measured
-results), §8 (pitfalls). Long mode is set directly through KVM_SET_SREGS; the guest then loads
+from pure Python (os, fcntl, mmap, ctypes). docs/oracles.md §6 (ioctls, measured
+results), docs/oracles.md §6 (pitfalls). Long mode is set directly through KVM_SET_SREGS; the guest then loads
 the test registers itself.
 
 On this project's host (kvm_pvm, AMD, shadow paging) CPL0 probes exercise KVM's software walker
-and CPL3 probes the hardware through shadow PTEs (spec §0). What the oracle really does is found
-by running a tiny batch (`capabilities()`), not by trusting CPUID (§7).
+and CPL3 probes the hardware through shadow PTEs (docs/oracles.md §6). What the oracle really does is found
+by running a tiny batch (`capabilities()`), not by trusting CPUID (docs/oracles.md §6).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4
 
 DEV = "/dev/kvm"
 
-# _IOC(dir, 0xAE, nr, size) values for x86-64 (spec §5.1; linux/kvm.h).
+# _IOC(dir, 0xAE, nr, size) values for x86-64 (docs/oracles.md §6.1; linux/kvm.h).
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
 KVM_CHECK_EXTENSION = 0xAE03
@@ -210,7 +210,7 @@ class _Vm:
             self.vm_fd = _ioctl(kvm_fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
             self.ram = mmap.mmap(-1, ram_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
-            # from_buffer exports the mmap; drop the object at once so close() works (§8 pitfall 8).
+            # from_buffer exports the mmap; drop the object at once so close() works (docs/oracles.md §6).
             anchor = ctypes.c_char.from_buffer(self.ram)
             uaddr = ctypes.addressof(anchor)
             del anchor
@@ -342,7 +342,7 @@ class KvmOracle:
             self.cpuid = self._supported_cpuid()
             self.cpuid_advertised = cpuid_info(self.cpuid)
             if patch_cpuid:
-                # SMAP is enforced only with the CPUID bit present (spec §5.3); SMEP works either
+                # SMAP is enforced only with the CPUID bit present (docs/oracles.md §6.4); SMEP works either
                 # way on kvm_pvm. Advertise both so CR4 writes are accepted.
                 l7 = _leaf(self.cpuid, 7)
                 if l7 is not None:

@@ -1,5 +1,5 @@
 """The QEMU backend of the comparison rig: QEMU TCG runs the probe guest (harness/guest) on the
-test image and reports, per probe, what the emulated CPU did (spec/oracle-qemu-kvm.md §4).
+test image and reports, per probe, what the emulated CPU did (docs/oracles.md §4).
 
 One launch per batch of at most MAX_PROBES (8192) probes:
 
@@ -285,7 +285,7 @@ def discover_capabilities(binary: str | None = None, cpu: str = "max") -> Capabi
     vendor = _vendor(binary, cpu)
     notes = ["measured by a capability batch (harness/oracles/qemu.py _capability_image)",
              "vendor from the vCPU's QOM property (qom-get vendor)",
-             "RSVD #PF error code lacks P on QEMU >= 7.2 (paging.md §11.2 #1)"]
+             "RSVD #PF error code lacks P on QEMU >= 7.2 (docs/paging.md §12.1)"]
     return Capabilities(
         name="qemu", vendor=vendor, maxphyaddr=maxphyaddr,
         gbpages=gb.outcome == "ok",

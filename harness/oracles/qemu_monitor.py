@@ -1,15 +1,15 @@
 """QEMU without guest code: a paused VM whose RAM is our image, whose control registers are set
-through the gdbstub, queried through the monitor (spec/oracle-qemu-kvm.md §2).
+through the gdbstub, queried through the monitor (docs/oracles.md §5).
 
     with QemuMonitor(memory, state) as mon:
         mon.gva2gpa(0x400123)      # -> 0x201123, or None for 'Unmapped'
-        mon.info_tlb()             # text, one line per present leaf (paging.md §11.3)
+        mon.info_tlb()             # text, one line per present leaf (docs/paging.md §13.3)
         mon.info_mem()             # text, ranges with folded u/w rights
         mon.dump_guest_memory("vm.elf")
 
 What the answers mean: HMP's `gva2gpa`, `info tlb` and `info mem` use QEMU's *debug* walker. It
 follows P and PS and checks the canonical form; it does not check NX, U/S, WP, SMEP, SMAP, PKU or
-reserved bits and never sets A/D (§2.2). So this is an oracle for translation and page size only.
+reserved bits and never sets A/D (docs/oracles.md §5). So this is an oracle for translation and page size only.
 
 Mechanics, and why:
 * RAM is a `memory-backend-file` on tmpfs (/dev/shm) that we create, mmap MAP_SHARED and fill from
@@ -21,7 +21,7 @@ Mechanics, and why:
 * The pc machine maps RAM at [0, below_4g) and [4 GiB, ...); we pin `max-ram-below-4g=3G` so the
   split is known. [0xc0000, 0x100000) is ROM space, not RAM, in that machine: refused (strict).
 * gdbstub register writes to CRn/EFER take only the low 4 bytes while CS is not a 64-bit code
-  segment (§2.1, gdb_write_reg_cs64). For a CR3 at or above 4 GiB we first make CS a 64-bit
+  segment (docs/oracles.md §5, gdb_write_reg_cs64). For a CR3 at or above 4 GiB we first make CS a 64-bit
   segment: with CR0.PE=1, PG=0 and EFER.LMA=1 the gdbstub loads CS from the reset GDT (base 0), so
   a long-mode code descriptor written for a moment at physical 8 gives CS.L=1, and later writes are
   8 bytes wide. Every register is read back and compared.
@@ -446,7 +446,7 @@ class GdbClient:
 
     def load_register_map(self) -> None:
         """Number the registers from the target description (comments stripped: QEMU's i386
-        XML has commented-out *_base registers that would shift the numbering, §8.6)."""
+        XML has commented-out *_base registers that would shift the numbering, docs/oracles.md §5)."""
         regs: list[tuple[str, int, int | None]] = []
         self._collect("target.xml", regs, depth=0)
         num = 0
@@ -510,7 +510,7 @@ def _rsp_unescape(payload: bytes) -> bytes:
 # -- monitor output --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TlbLine:
-    """One `info tlb` line: a present leaf (flags of the leaf entry only, paging.md §11.3)."""
+    """One `info tlb` line: a present leaf (flags of the leaf entry only, docs/paging.md §13.3)."""
 
     va: int
     pa: int
@@ -665,7 +665,7 @@ class QemuMonitor:
 
     # -- state ---------------------------------------------------------------------------------------------
     def set_state(self, state: PagingState) -> None:
-        """Load CR4, CR3, EFER, CR0 (that order, §2.1), then read them back."""
+        """Load CR4, CR3, EFER, CR0 (that order, docs/oracles.md §5), then read them back."""
         self._need()
         g = self.gdb
         wide = max(state.cr0, state.cr3, state.cr4, state.efer) >= FOUR_GIB
@@ -680,7 +680,7 @@ class QemuMonitor:
         g.write_register("efer", state.efer)
         g.write_register("cr0", state.cr0)
         got = {r: g.read_register(r) for r in ("cr0", "cr3", "cr4", "efer")}
-        # CR0.ET reads as 1 on every CPU since the 486DX (SDM §2.5); QEMU forces it too.
+        # CR0.ET reads as 1 on every CPU since the 486DX (SDM docs/oracles.md §5); QEMU forces it too.
         want = {"cr0": state.cr0 | CR0_ET, "cr3": state.cr3, "cr4": state.cr4, "efer": state.efer}
         # QEMU sets EFER.LMA itself when PG turns on with LME (cpu_x86_update_cr0).
         lma = EFER_LMA if state.cr0 & CR0_PG and state.efer & EFER_LME else 0

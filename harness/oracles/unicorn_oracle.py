@@ -1,14 +1,14 @@
 """The unicorn backend of the comparison rig: real IA-32e walks from CR3 inside an in-process
 unicorn 2.1.4 engine (QEMU 5.0's x86 MMU), many probes per `emu_start`.
 
-Facts this file relies on were measured on this machine (spec/oracle-unicorn.md):
-* mem_map / mem_read / memory hooks use guest-physical addresses once paging is on (§2.2, P7);
+Facts this file relies on were measured on this machine (docs/oracles.md docs/oracles.md §2):
+* mem_map / mem_read / memory hooks use guest-physical addresses once paging is on (docs/oracles.md §2);
 * exceptions never reach a guest IDT, they reach UC_HOOK_INTR; the #PF error code only lives in
   the saved context blob (CPUX86State.error_code, byte 5424 in 2.1.4), and `old_exception` must be
-  reset after every fault or the next one becomes #DF and then a silent stop (§2.4, P1, P2);
-* CPL3 is only reachable through a guest IRETQ (§2.3); there is no way back, so every stretch of
+  reset after every fault or the next one becomes #DF and then a silent stop (docs/oracles.md §2, P2);
+* CPL3 is only reachable through a guest IRETQ (docs/oracles.md §2); there is no way back, so every stretch of
   CPL3 probes ends its `emu_start` and the next one starts from a saved CPL0 context;
-* `context_restore` and `mem_write` do not flush the TLB (§3, P3): a CR3 reload flushes it before
+* `context_restore` and `mem_write` do not flush the TLB (docs/oracles.md §2): a CR3 reload flushes it before
   each stretch of probes and again before any probe whose page the stretch already touched, which
   gives every probe a fresh walk (the INVLPG-per-probe convention of base.py, at one TB per probe);
 * memory hooks see RIP synced at TB starts only, so every access instruction starts a TB;
@@ -60,7 +60,7 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 
 PINNED_VERSION = (2, 1, 4)
 # bytes(UcContext) offset of CPUX86State.error_code for unicorn 2.1.4 x86-64: the 48-byte
-# uc_context header + offsetof(CPUX86State, error_code) (spec/oracle-unicorn.md §2.4). The
+# uc_context header + offsetof(CPUX86State, error_code) (docs/oracles.md docs/oracles.md §2). The
 # self-test re-checks it; old_exception sits 112 bytes further.
 ERROR_CODE_OFFSET = 5424
 OLD_EXCEPTION_OFFSET = ERROR_CODE_OFFSET + 112
@@ -93,7 +93,7 @@ SEL_KCODE, SEL_KDATA, SEL_UDATA, SEL_UCODE = 0x08, 0x10, 0x1B, 0x23
 GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF, 0, 0)
 SEL_LDT = 0x28
 # An implicit probe loads ES with LDT entry 0 (TI=1; RPL 0 at CPL0, 3 at CPL3): the descriptor
-# read is an implicit supervisor-mode read of the probe's qword (SDM Vol. 3A §4.6). The frames
+# read is an implicit supervisor-mode read of the probe's qword (SDM Vol. 3A docs/oracles.md §2). The frames
 # hold no valid descriptor (access byte 0, a system type), so a read that goes through ends in
 # #GP(selector & ~3) = #GP(4) (SDM Vol. 2B MOV); that is the "ok" of an implicit probe.
 SEL_IMPLICIT_K, SEL_IMPLICIT_U, IMPLICIT_GP_CODE = 0x4, 0x7, 0x4
@@ -114,7 +114,7 @@ _PUSHFQ, _POPFQ = b"\x9c", b"\x9d"
 _OR_RSP_IMM = bytes.fromhex("48810c24")    # or qword ptr [rsp], imm32
 _AND_RSP_IMM = bytes.fromhex("48812424")   # and qword ptr [rsp], imm32 (sign-extended)
 _IRETQ = bytes.fromhex("48cf")
-_RELOAD_CR3 = bytes.fromhex("0f20d80f22d8")   # mov rax, cr3; mov cr3, rax: flushes the TLB (§3)
+_RELOAD_CR3 = bytes.fromhex("0f20d80f22d8")   # mov rax, cr3; mov cr3, rax: flushes the TLB (docs/oracles.md §2)
 _INT3 = b"\xcc"
 
 
@@ -130,7 +130,7 @@ def _store_result(slot: int) -> bytes:
 
 
 def _to_cpl3(target: int, rflags: int) -> bytes:
-    """IRETQ frame [rip, cs, rflags, rsp, ss] on the kernel stack (spec §2.3: writing CS does not
+    """IRETQ frame [rip, cs, rflags, rsp, ss] on the kernel stack (docs/oracles.md docs/oracles.md §2: writing CS does not
     change CPL; IRETQ does)."""
     return (_movabs("rax", target) + b"\x6a" + bytes([SEL_UDATA]) +
             _movabs("rcx", U_BASE + H_USTACK_TOP) + b"\x51" +
@@ -141,7 +141,7 @@ _TO_CPL3_LEN = len(_to_cpl3(0, 0))
 
 
 def ldt_descriptor(base: int) -> tuple[int, int]:
-    """(low, high) qwords of a 64-bit LDT descriptor (SDM Vol. 3A §8.2.3 / Figure 8-4): type 2,
+    """(low, high) qwords of a 64-bit LDT descriptor (SDM Vol. 3A docs/oracles.md §2 / Figure 8-4): type 2,
     present, limit 7 (one entry), the given base."""
     lo = 7 | (base & 0xFFFFFF) << 16 | 0x82 << 40 | ((base >> 24) & 0xFF) << 56
     return lo, (base >> 32) & 0xFFFFFFFF
@@ -258,7 +258,7 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
     tails), or straight at the next access when the tail only loads rbx. The TLB is flushed by a
     CR3 reload at the start of each stretch and before any probe whose page the stretch already
     touched, so every probe walks from CR3 (base.py convention). A CPL3 stretch is entered with
-    IRETQ from CPL0 and ends its segment (no way back, spec §2.3).
+    IRETQ from CPL0 and ends its segment (no way back, docs/oracles.md docs/oracles.md §2).
     """
     code = bytearray()
     access_at: dict[int, int] = {}
@@ -528,7 +528,7 @@ class _Engine:
         uc.ctl_set_cpu_model(cpu)
         uc.ctl_set_tlb_mode(_uc.UC_TLB_CPU)
         if hasattr(uc, "ctl_set_tcg_buffer_size"):
-            uc.ctl_set_tcg_buffer_size(8 << 20)    # 1 ms engines instead of 5 (spec §4)
+            uc.ctl_set_tcg_buffer_size(8 << 20)    # 1 ms engines instead of 5 (docs/oracles.md docs/oracles.md §2)
         uc.mem_map(0, ram_size, _uc.UC_PROT_ALL)
         self.uc = uc
         ctx = uc.context_save()
@@ -556,7 +556,7 @@ class _Engine:
         self.ctx_k = None
 
     def flush_tlb(self) -> None:
-        # The binding has no TLB-flush wrapper (spec §2.5); ctl_flush_tb is the TB cache only.
+        # The binding has no TLB-flush wrapper (docs/oracles.md docs/oracles.md §2); ctl_flush_tb is the TB cache only.
         self.uc.ctl(_uc.UC_CTL_TLB_FLUSH, _uc.UC_CTL_IO_WRITE)
 
     def close(self) -> None:
@@ -645,7 +645,7 @@ def _harness_tables(state: PagingState, user_key: int) -> list[tuple[int, bytes]
 
 
 def _free_pkey(state: PagingState) -> int | None:
-    """A protection key whose PKRU AD and WD bits are both clear (SDM §4.6.2), for the harness's
+    """A protection key whose PKRU AD and WD bits are both clear (SDM docs/oracles.md §2), for the harness's
     user pages; None when PKRU closes every key."""
     if not state.pke:
         return 0
@@ -724,10 +724,10 @@ class UnicornOracle:
         return "\n".join(lines) + "\n"
 
     def implicit_gdt_read(self, memory: SparseMemory, state: PagingState, *, ac: bool) -> ProbeResult:
-        """An implicit supervisor-mode read at CPL0 (SDM §4.6: descriptor-table reads are implicit
+        """An implicit supervisor-mode read at CPL0 (SDM docs/oracles.md §2: descriptor-table reads are implicit
         supervisor accesses): GDTR is pointed at the harness GDT through its *user* view and DS is
         loaded with EFLAGS.AC=`ac`. With CR4.SMAP the SDM faults this whatever AC says; QEMU's
-        cpu_mmu_index_kernel lets AC=1 through (paging.md §11.2 #6)."""
+        cpu_mmu_index_kernel lets AC=1 through (docs/paging.md docs/oracles.md §2)."""
         state.check()
         _check_image(memory, self.ram_size)
         gdt_va = U_BASE + H_GDT
@@ -793,7 +793,7 @@ class UnicornOracle:
             uc.mem_write(pa, data)
         x = _x86
         uc.reg_write(x.UC_X86_REG_GDTR, (0, K_BASE + H_GDT, len(GDT) * 8 - 1, 0))
-        # P9 / §2.2: CR4.PAE, then EFER, then CR3, then CR0.PG; reg_write never raises #GP, so a
+        # docs/oracles.md §2: CR4.PAE, then EFER, then CR3, then CR0.PG; reg_write never raises #GP, so a
         # wrong order fails silently. Read them back to be sure.
         cr4 = state.cr4 | CR4_PAE
         efer = state.efer | EFER_LME | EFER_LMA
@@ -932,7 +932,7 @@ def cpuid(model: str, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
     eng = _Engine(model, RIG_RAM_SIZE)
     try:
         uc = eng.uc
-        # Paging is off in a fresh UC_MODE_64 engine (spec §2.1): VA = PA.
+        # Paging is off in a fresh UC_MODE_64 engine (docs/oracles.md docs/oracles.md §2): VA = PA.
         code = (b"\xb8" + struct.pack("<I", leaf) + b"\xb9" + struct.pack("<I", subleaf) +
                 bytes.fromhex("0fa290"))                  # mov eax; mov ecx; cpuid; nop
         uc.mem_write(H_STUB, code)
@@ -965,7 +965,7 @@ def _discover(model: str) -> Capabilities:
     probes = [Probe(0x1000, "read"), Probe(0x1000, "fetch"), Probe(0x2000, "read", user=True),
               Probe(0x3000, "fetch"), Probe(0x4000, "read"), Probe((1 << 30) + 0x300000, "read")]
     # MAXPHYADDR: a non-leaf PDE with address bit b set. Below M the walk reads an unbacked PT
-    # (zero, D6) and says not-present; from M up the bit is reserved (SDM §4.5 table 4-19).
+    # (zero, D6) and says not-present; from M up the bit is reserved (SDM docs/oracles.md §2 table 4-19).
     bits = range(32, 52)
     for b in bits:
         mem.write_u64(pd + 8 * (b - 31), (0x203000 | (1 << b)) | user)

@@ -370,7 +370,7 @@ def register(subparsers) -> None:
     from x86pt.cost import add_cost_args
     add_cost_args(cp)
     cp.set_defaults(func=cmd_compare)
-    g = sub.add_parser("generate", help="generate a workload trace (spec §8 sequences)")
+    g = sub.add_parser("generate", help="generate a workload trace (docs/cpa.md §10 sequences)")
     g.add_argument("workload", help="mixed, mixed-rox, modules, modules-rox, bpf, bpf-nopack, kfence, "
                                     "secretmem, hotplug")
     g.add_argument("-o", "--output", required=True)

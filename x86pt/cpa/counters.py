@@ -1,5 +1,5 @@
 """The numbers the kernel keeps about its direct map and the costs the model measures
-(spec/cpa.md §2, §4.8): direct_pages_count[] as /proc/meminfo prints it, the vmstat events, the
+(docs/cpa.md §5, §4.8): direct_pages_count[] as /proc/meminfo prints it, the vmstat events, the
 cpa_stats debugfs figures, TLB flushes and page-table pages."""
 from __future__ import annotations
 

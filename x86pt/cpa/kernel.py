@@ -1,5 +1,5 @@
 """Linux x86-64 page-table bits, CPA flags and the kernel versions the model knows
-(spec/cpa.md §1, §3, §9). Values are the kernel's; names are the kernel's (_PAGE_RW -> RW ...).
+(docs/cpa.md §2, §3, §6). Values are the kernel's; names are the kernel's (_PAGE_RW -> RW ...).
 
 A kernel version is a row of behaviour switches, not a branch scattered through the code: every
 difference the model makes between 6.1 and 6.15+ is a field of `KernelVersion`.
@@ -18,7 +18,7 @@ PWT = 1 << 3
 PCD = 1 << 4
 ACCESSED = 1 << 5
 DIRTY = 1 << 6
-PSE = 1 << 7            # PSE on PMD/PUD leaves, PAT on 4K PTEs (same bit, spec §1.1)
+PSE = 1 << 7            # PSE on PMD/PUD leaves, PAT on 4K PTEs (same bit, docs/cpa.md §2.2)
 PAT = 1 << 7
 GLOBAL = 1 << 8         # PROTNONE when P=0
 SOFTW1 = 1 << 9
@@ -39,7 +39,7 @@ PAGE_KERNEL_LARGE = PAGE_KERNEL | PSE
 PAGE_KERNEL_LARGE_EXEC = PAGE_KERNEL_EXEC | PSE                  # head_64.S highmap
 KERNPG_TABLE = P | RW | ACCESSED | DIRTY                        # 0x63, parent entries
 
-# struct cpa_data flags (spec §3)
+# struct cpa_data flags (docs/cpa.md §3)
 CPA_FLUSHTLB = 1
 CPA_ARRAY = 2
 CPA_PAGES_ARRAY = 4
@@ -84,7 +84,7 @@ def flags_of(entry: int, level: int) -> int:
 
 @dataclass(frozen=True)
 class KernelVersion:
-    """Behaviour switches of one kernel release (spec/cpa.md §9)."""
+    """Behaviour switches of one kernel release (docs/cpa.md §6)."""
 
     name: str
     ro_clears_dirty: bool          # 6.6: set_memory_ro / __set_pages_np clear _PAGE_DIRTY

@@ -19,10 +19,10 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class KernelImage:
-    """Physical addresses of the linker symbols CPA looks at (spec §4.6, §4.7), page aligned.
+    """Physical addresses of the linker symbols CPA looks at (docs/cpa.md §4.6, §4.7), page aligned.
     Defaults mimic a distribution kernel loaded at CONFIG_PHYSICAL_START = 16 MiB; rodata starts
     2M-aligned (X86_ALIGN_RODATA_BEGIN) and the other ends are not, so boot leaves 4K pieces in
-    the highmap as a real kernel does (oracle-linux.md §9.1)."""
+    the highmap as a real kernel does (docs/cpa.md §11)."""
 
     text: int = 0x1000000                 # _text
     etext: int = 0x1E03000                # PFN_ALIGN(_etext)

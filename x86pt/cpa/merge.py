@@ -1,4 +1,4 @@
-"""Merge policies, side by side (spec/cpa.md §5, §6):
+"""Merge policies, side by side (docs/cpa.md §7):
 
 * `none`        never merge (the kernel before 6.15, and every call but set_memory_rox after).
 * `upstream`    v6.15 `cpa_collapse_large_pages`: only for calls with CPA_COLLAPSE
@@ -118,7 +118,7 @@ class Upstream(Policy):
             self.note = f"kernel {m.version.name} has no CPA_COLLAPSE: upstream behaves as none"
 
     def collapse(self, addr: int, numpages: int) -> None:
-        """cpa_collapse_large_pages (spec §5): candidates are the 2M-aligned addresses of the
+        """cpa_collapse_large_pages (docs/cpa.md §7.2): candidates are the 2M-aligned addresses of the
         primary range; PMD collapse, then PUD collapse only where the PMD one succeeded."""
         m = self.m
         if not m.version.collapse:

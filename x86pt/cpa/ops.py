@@ -1,6 +1,6 @@
 """The CPA model: the kernel's page tables (the authoritative structure: per-table Python int
 lists keyed by the VA they cover), built as the kernel builds them at boot, and the operations of
-spec/cpa.md §3 run through the algorithm of §4 with the alias processing of §4.7, the static
+docs/cpa.md §3 run through the algorithm of §4 with the alias processing of §4.7, the static
 protections of §4.6 and the flush rule of §4.8. Merge policies live in merge.py.
 
 Tables: `t3[va >> 39]` is the PUD table under one PGD slot, `t2[va >> 30]` a PMD table,
@@ -414,9 +414,9 @@ class CpaModel:
         if self.layout.pti:
             self.set_memory_np_noalias(begin, n)
 
-    # -- the CPA algorithm (spec §4) -------------------------------------------------------------
+    # -- the CPA algorithm (docs/cpa.md §4) -------------------------------------------------------------
     def static_protections(self, prot: int, start: int, pfn: int, npg: int, lpsize: int) -> int:
-        """static_protections (spec §4.6); 64-bit, no PCI BIOS rule."""
+        """static_protections (docs/cpa.md §4.6); 64-bit, no PCI BIOS rule."""
         if not prot & P:
             return prot
         end = start + npg * 4096 - 1
@@ -438,7 +438,7 @@ class CpaModel:
 
     def change_page_attr_set_clr(self, addr: int, numpages: int, set_: int, clr: int,
                                  force_split: bool = False, flags: int = 0) -> int:
-        """change_page_attr_set_clr (spec §4.1). Returns 0 or a negative errno."""
+        """change_page_attr_set_clr (docs/cpa.md §4.1). Returns 0 or a negative errno."""
         c = self.counters
         c.cpa_calls += 1
         if not set_ and not clr and not force_split:
@@ -480,7 +480,7 @@ class CpaModel:
         return 0
 
     def set_clr(self, call: Call, addr: int, numpages: int) -> int:
-        """__change_page_attr_set_clr (spec §4.2): step through the range, the alias after each
+        """__change_page_attr_set_clr (docs/cpa.md §4.2): step through the range, the alias after each
         primary step with the same chunk size."""
         if not call.set and not call.clr and not call.force_split:
             return 0
@@ -501,7 +501,7 @@ class CpaModel:
         return 0
 
     def change_page_attr(self, call: Call, address: int, numpages: int) -> int:
-        """__change_page_attr (spec §4.3). Returns pages consumed or a negative errno."""
+        """__change_page_attr (docs/cpa.md §4.3). Returns pages consumed or a negative errno."""
         while True:
             v = address & self.vmask
             t = self.t3.get(v >> 39)
@@ -576,7 +576,7 @@ class CpaModel:
         return EFAULT
 
     def process_alias(self, call: Call, vaddr: int, n: int) -> int:
-        """cpa_process_alias (spec §4.7)."""
+        """cpa_process_alias (docs/cpa.md §4.7)."""
         pfn = call.pfn
         ram = self.ram
         j = bisect.bisect_right(self._ram_starts, pfn) - 1
@@ -599,7 +599,7 @@ class CpaModel:
             self.set_clr(alias, self.hva(pfn << 12), n)   # errors ignored
         return 0
 
-    # -- the API (spec §3) ---------------------------------------------------------------------
+    # -- the API (docs/cpa.md §3) ---------------------------------------------------------------------
     def _nx_only_flags(self, set_: int, clr: int) -> int:
         # before 6.2 an NX-only change skipped alias processing altogether
         if not self.version.nx_alias_strip and (set_ | clr) == NX:
@@ -832,7 +832,7 @@ class CpaModel:
 
     def census(self) -> dict[str, int]:
         """Leaves of the direct map by size (non-zero entries), plus the highmap PTE tables the
-        kernel accounts as direct-map splits (oracle-linux.md §9.1)."""
+        kernel accounts as direct-map splits (docs/cpa.md §11)."""
         lo, hi = self.dm_bounds()
         n4 = n2 = n1 = 0
         for k, t in self.t1.items():

@@ -6,7 +6,7 @@ address, writable, executable — with what the operation sequence asks for.
 
 It shares no code with x86pt/cpa/validate.py: the expectation is a flat per-page array of the
 hardware-visible bits (P, RW, NX), updated from each trace op by the APIs' definitions
-(spec/cpa.md §3: masks; §4.6: rodata stays read-only; §4.7: the direct-map alias of a vmalloc or
+(docs/cpa.md §3: masks; §4.6: rodata stays read-only; §4.7: the direct-map alias of a vmalloc or
 kernel-image page gets the masks with NX stripped since 6.2, and NX-only calls skip it before),
 and the observation is the walker's, never the model's lookup. Bits the hardware ignores for
 translation and supervisor rights (A, D, G, cache bits, software bits) are out of its reach; the

@@ -1,4 +1,4 @@
-"""Large-page handling of CPA (spec/cpa.md §4.4, §4.5): decide keep / rewrite in place / split,
+"""Large-page handling of CPA (docs/cpa.md §4.4, §4.5): decide keep / rewrite in place / split,
 and split a 1G leaf into 512 2M leaves or a 2M leaf into 512 PTEs.
 
 Functions take the model (x86pt.cpa.ops.CpaModel) as their first argument; they are the kernel's
@@ -20,7 +20,7 @@ M48 = (1 << 48) - 1
 def should_split(m: "CpaModel", c: "Call", level: int, t: list, i: int, address: int,
                  numpages: int) -> int:
     """__should_split_large_page. Returns pages consumed (> 0: leaf kept or rewritten) or 0:
-    split and retry. Step numbers refer to spec §4.4."""
+    split and retry. Step numbers refer to docs/cpa.md §4.4."""
     if c.force_split:
         return 0
     old = t[i]

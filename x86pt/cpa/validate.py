@@ -8,7 +8,7 @@
 (e) on sampled steps, the oracles of the comparison rig agree with the model and the reference on
     every page the op touched (x86pt/cpa/oracle_probe.py; checks "e" with a model.oracle_check).
 
-The reference is written from the API's definition (spec §3, §4.6, §4.7 at page granularity),
+The reference is written from the API's definition (docs/cpa.md §3, §4.6, §4.7 at page granularity),
 not from the model's code path: that is what lets it catch a merge or split that changes a
 translation.
 """

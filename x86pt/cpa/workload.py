@@ -1,4 +1,4 @@
-"""Workload generator: the realistic operation sequences of spec/cpa.md §8 as trace ops.
+"""Workload generator: the realistic operation sequences of docs/cpa.md §10 as trace ops.
 
 Scenarios (mixable with weights): `modules` (pre-ROX module load/unload churn: vmalloc 4K pages
 with scattered frames, ro/x/nx, unload through vm_reset_perms), `modules-rox` (6.15 ROX cache:

@@ -1,5 +1,5 @@
 """Linux x86 ptdump text (arch/x86/mm/dump_pagetables.c note_page()/printk_prot() on top of the
-generic mm/ptdump.c walk; spec/paging.md §12), reproduced from the format rules:
+generic mm/ptdump.c walk; docs/paging.md §13.1), reproduced from the format rules:
 
 * the kernel walks [0, half of the PGD) and [GUARD_HOLE_END_ADDR, ~0UL), calling note_page() for
   every entry start (leaves, holes at the level they occur, every PTE) and once more at address 0

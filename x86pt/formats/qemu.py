@@ -1,4 +1,4 @@
-"""QEMU 7.2's monitor formats, byte for byte (target/i386/monitor.c; spec/paging.md §11.3).
+"""QEMU 7.2's monitor formats, byte for byte (target/i386/monitor.c; docs/paging.md §13.3).
 
 `info tlb`: one line per present leaf entry, in table order, with the leaf's own flags:
     "%016x: %016x %c%c%c%c%c%c%c%c%c\\n"  VA (sign-extended), entry & frame mask,
@@ -147,7 +147,7 @@ def mem_bytes(chunks: Iterable[Chunk], state: PagingState) -> Iterator[bytes]:
 
 
 def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_ENTRIES) -> Iterator[bytes]:
-    """QEMU 7.2's mem_info_la57() walk, quirk included (spec/paging.md §11.2 #9): below the PML4
+    """QEMU 7.2's mem_info_la57() walk, quirk included (docs/paging.md §13.3.2): below the PML4
     its present tests are inverted, so present PDPTEs/PDEs are holes and non-present ones are
     followed (a zero entry points at physical page 0). Emulated with a memo per
     (table, level, inherited prot): each subtree becomes a list of prot changes.

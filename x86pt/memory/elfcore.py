@@ -1,4 +1,4 @@
-"""ELF cores as QEMU's `dump-guest-memory` writes them (spec/anchors.md §1.3), read and written.
+"""ELF cores as QEMU's `dump-guest-memory` writes them (docs/formats.md §4), read and written.
 
 Reading: ELF64 ET_CORE; one PT_LOAD per RAM block keyed by **p_paddr** (p_vaddr may equal it and
 means nothing); bytes past p_filesz up to p_memsz read as zero. PT_NOTE holds per CPU a "CORE"

@@ -1,5 +1,5 @@
 """LiME: repeated [header, data]; header <IIQQQ = magic 0x4C694D45, version 1, start, end
-(inclusive), reserved. Ranges ascend and do not overlap (spec/anchors.md §1.3)."""
+(inclusive), reserved. Ranges ascend and do not overlap (docs/formats.md §4)."""
 from __future__ import annotations
 
 import bisect
