@@ -280,3 +280,24 @@ def test_unmapped_pages_are_left_out():
     assert p.lo.tolist() == [0x1000, 0x40000000] and "1 unmapped" in p.name
     assert analytic(lv, p).translations == {"4K": 0, "2M": 2, "1G": 0}
     assert simulate(lv, p, accesses=100, warmup=0).walks == 0.02      # 2 first touches
+
+
+def test_cost_series_ends_at_the_final_state():
+    """Three points over a 3-op trace on laptop-4g: set_memory_4k of one page in three different
+    2M-mapped regions. With `workload`, point i needs i 4K translations (one per op so far; each
+    page was split off to 4K), and the last point equals the cost of the model replayed whole."""
+    from x86pt.cost import cost_series, model_cost
+    from x86pt.cpa.layout import layout_named
+    from x86pt.cpa.ops import CpaModel
+    from x86pt.cpa.trace import replay
+    po = 0xffff888000000000
+    ops = [("set_memory_4k", po + 0x40200000 + (i << 21), 1) for i in range(3)]
+    lay = layout_named("laptop-4g")
+    s = cost_series(CpaModel(lay), ops, "workload", points=3)
+    assert [(d, c.translations["4K"]) for d, c in s] == [(1, 1), (2, 2), (3, 3)]
+
+    class A:
+        cost, tlb_geometry, cost_mode, cost_seed = "workload", "skylake", "analytic", 1
+    m = CpaModel(lay)
+    replay(m, ops, samples=0)
+    assert model_cost(m, A(), ops) == s[-1][1]

@@ -745,3 +745,26 @@ def render_costs(rows: list[tuple[str, Cost]]) -> str:
     lines = [" ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(r)) for r in out]
     return (f"cost ({c0.mode}, pattern {c0.pattern}, TLB {c0.geometry}; translations needed per "
             f"page size, then per 1000 accesses):\n" + "\n".join(lines))
+
+
+def cost_series(m, ops, spec: str, geometry: Geometry = SKYLAKE, *, points: int = 8, mode: str = "analytic",
+                seed: int = 1) -> list[tuple[int, Cost]]:
+    """Replay `ops` on model `m` in `points` equal chunks and price the direct map after each:
+    [(ops done, Cost)]. `workload` prices the pages touched so far. The replay is the CPA
+    model's own (validation off); each point costs about one analytic estimate (docs/cost.md:
+    0.3-0.4 x a 100k-op replay on the 64 GiB preset), so keep `points` small."""
+    from x86pt.cpa.trace import replay
+    if points < 1:
+        raise BadInputError("cost series: at least one point")
+    n = len(ops)
+    bounds = sorted({max(1, round(n * (i + 1) / points)) for i in range(points)}) if n else [0]
+    out: list[tuple[int, Cost]] = []
+    done = 0
+    for b in bounds:
+        if b > done:
+            replay(m, ops[done:b], samples=0)
+            done = b
+        lv = Leaves.from_model(m)
+        pat = pattern_named(spec, lv, seed=seed, ops=ops[:done], page_offset=m.page_offset)
+        out.append((done, cost_of(lv, pat, geometry, mode, **({"seed": seed} if mode == "simulated" else {}))))
+    return out
