@@ -111,6 +111,8 @@ def cmd_conform(args) -> int:
     args.per_tree = parse_int(args.per_tree, "--per-tree", lo=1, hi=8192)
     names = _oracle_list(args.oracle)
     explicit = args.oracle != "all"
+    if not args.no_repro and os.path.exists(args.repro_dir) and not os.path.isdir(args.repro_dir):
+        raise BadInputError(f"--repro-dir {args.repro_dir}: exists and is not a directory")
 
     if args.repro:
         try:

@@ -97,3 +97,12 @@ def test_conform_default_is_a_bounded_sample(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "a seeded sample of 20,000 matrix cases" in r.stderr
     assert r.stdout.strip().splitlines()[-1] == "conform: 0 mismatches in 20000 cases (model)"
+
+
+def test_repro_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("keep me\n")
+    r = subprocess.run(_x86pt("conform", "--oracle", "model", "--limit", "10", "--repro-dir", "afile",
+                              cwd=tmp_path), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert (tmp_path / "afile").read_text() == "keep me\n"
