@@ -34,8 +34,8 @@ Two estimators, so that each checks the other:
 still reads down to the leaf): the `QEMU` geometry, used to check the model against unicorn.
 
 Default geometry (`SKYLAKE`): Intel 64 and IA-32 Architectures Optimization Reference Manual
-(order no. 248966-045, February 2022), Table 2-15 "TLB Parameters of the Skylake
-Microarchitecture": DTLB 4K 64 entries 4-way, 2M/4M 32 entries 4-way, 1G 4 entries 4-way; STLB
+(order no. 248966-045, February 2022), Table 2-15 (the TLB parameters of the Skylake client
+microarchitecture, which Skylake server shares): DTLB 4K 64 entries 4-way, 2M/4M 32 entries 4-way, 1G 4 entries 4-way; STLB
 4K+2M/4M shared 1536 entries 12-way, 1G 16 entries 4-way. The manual gives no paging-structure
 cache sizes (the SDM §4.10.3 leaves them implementation-specific): the defaults below (PDE 32,
 PDPTE 4, PML4E 2) are assumptions, configurable.
