@@ -593,7 +593,8 @@ class CpaModel:
             r = self.set_clr(alias, po + (pfn << 12), n)
             if r:
                 return r
-        if not (self.text_va <= vaddr <= self.brk_end_va) and self.highmap_spfn <= pfn <= self.highmap_epfn:
+        # within(vaddr, _text, _brk_end) excludes _brk_end itself (set_memory.c, v6.1..v6.18)
+        if not (self.text_va <= vaddr < self.brk_end_va) and self.highmap_spfn <= pfn <= self.highmap_epfn:
             alias = Call(s, cl, call.force_split, call.flags & ~6, False, False, False, 0, False)
             call.force_flush_all = True
             self.set_clr(alias, self.hva(pfn << 12), n)   # errors ignored

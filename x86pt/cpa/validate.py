@@ -191,7 +191,7 @@ class Reference:
                 a = (lo + (pfn << 12)) & self.vmask
                 self._page(a, aset, aclr)
                 touched.append(a)
-            if not self.text_va <= v <= self.brk_end_va and self.highmap[0] <= pfn <= self.highmap[1]:
+            if not self.text_va <= v < self.brk_end_va and self.highmap[0] <= pfn <= self.highmap[1]:
                 a = (self.skm + (pfn << 12)) & self.vmask
                 self._page(a, aset, aclr)
                 touched.append(a)
