@@ -47,7 +47,9 @@ TESTS: dict[str, list[str]] = {
                           "tests/test_scan.py", "tests/test_mutants_coalesce.py"],
     "x86pt/census.py": ["tests/test_cpa_rules.py", "tests/test_dump_cli.py",
                         "tests/test_mutants_census.py"],
-    "x86pt/formats/ptdump.py": ["tests/test_formats_ptdump.py", "tests/test_mutants_ptdump.py"],
+    # the real-kernel fixtures (recorded dumps, no boot) are the ground truth for the format
+    "x86pt/formats/ptdump.py": ["tests/test_formats_ptdump.py", "tests/test_linux_ptdump_exact.py",
+                                "tests/test_mutants_ptdump.py"],
     "x86pt/formats/qemu.py": ["tests/test_formats_qemu.py", "tests/test_mutants_qemu.py"],
     "x86pt/cpa/counters.py": ["tests/test_cpa_rules.py", "tests/test_cpa_merge.py",
                               "tests/test_mutants_counters.py"],

@@ -1,0 +1,93 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Tests that kill surviving mutants of x86pt/formats/ptdump.py (tools/mutate.py x86pt/formats/ptdump.py).
+
+Expectations by hand from the kernel: Documentation/arch/x86/x86_64/mm.rst (the address map),
+arch/x86/mm/dump_pagetables.c (address_markers[], printk_prot()'s column order and widths,
+note_wx(), ptdump_walk_pgd_level_core()'s ranges and the W+X summary) and
+arch/x86/include/asm/pgtable_types.h (_PAGE_* bits); never from the code's output."""
+from __future__ import annotations
+
+import numpy as np
+
+from x86pt.formats.ptdump import (LINUX_ADDR_MASK, _prot_text, linux_depth, linux_markers, scan_kwargs,
+                                  size_text, walk_ranges, wx_report)
+from x86pt.state import CR4_LA57, CR4_PAE, PagingState
+
+MASK = (1 << 64) - 1
+
+
+def test_linux_markers_4_level_nokaslr_map():
+    m = [(x.start, x.name, x.max_lines) for x in linux_markers(4)]
+    assert m == [
+        (0, "User Space", 0), (1 << 63, "Kernel Space", 0),
+        (0xFFFF880000000000, "LDT remap", 0), (0xFFFF888000000000, "Low Kernel Mapping", 0),
+        (0xFFFFC90000000000, "vmalloc() Area", 0), (0xFFFFEA0000000000, "Vmemmap", 0),
+        (0xFFFFFE0000000000, "CPU entry Area", 0), (0xFFFFFF0000000000, "ESPfix Area", 16),
+        (0xFFFFFFEF00000000, "EFI Runtime Services", 0), (0xFFFFFFFF80000000, "High Kernel Mapping", 0),
+        (0xFFFFFFFFC0000000, "Modules", 0), (0xFFFFFFFFFF000000, "End Modules", 0),
+        (0xFFFFFFFFFF579000, "Fixmap Area", 0)]
+
+
+def test_linux_markers_5_level_and_options():
+    m = {x.name: x.start for x in linux_markers(5)}
+    assert m["LDT remap"] == 0xFF10000000000000
+    assert m["Low Kernel Mapping"] == 0xFF11000000000000
+    assert m["vmalloc() Area"] == 0xFFA0000000000000
+    assert m["Vmemmap"] == 0xFFD4000000000000
+    m = linux_markers(4, page_offset=0xFFFF9A0000000000, vmalloc=0xFFFFB00000000000, vmemmap=0xFFFFD00000000000,
+                      modules=0xFFFFFFFFC1000000, fixmap=0xFFFFFFFFFF500000, ldt=False, espfix=False, efi=False)
+    assert [(x.start, x.name) for x in m] == [
+        (0, "User Space"), (1 << 63, "Kernel Space"), (0xFFFF9A0000000000, "Low Kernel Mapping"),
+        (0xFFFFB00000000000, "vmalloc() Area"), (0xFFFFD00000000000, "Vmemmap"),
+        (0xFFFFFE0000000000, "CPU entry Area"), (0xFFFFFFFF80000000, "High Kernel Mapping"),
+        (0xFFFFFFFFC1000000, "Modules"), (0xFFFFFFFFFF000000, "End Modules"), (0xFFFFFFFFFF500000, "Fixmap Area")]
+
+
+def test_walk_ranges_skip_the_hypervisor_guard_hole():
+    # lower half, then from GUARD_HOLE_END_ADDR (pgd index 256 + 16) to the top
+    assert walk_ranges(PagingState()) == ((0, 1 << 47), (0xFFFF880000000000, 1 << 64))
+    assert walk_ranges(PagingState(cr4=CR4_PAE | CR4_LA57)) == ((0, 1 << 56), (0xFF10000000000000, 1 << 64))
+
+
+def test_linux_depth_folds_p4d_with_4_levels():
+    lv = np.array([4, 3, 2, 1], np.uint8)
+    assert linux_depth(lv, 4).tolist() == [0, 2, 3, 4]
+    assert linux_depth(np.array([5, 4, 3, 2, 1], np.uint8), 5).tolist() == [0, 1, 2, 3, 4]
+    assert linux_depth(lv, 4).dtype == np.uint8
+
+
+def test_size_text_units():
+    assert size_text(4096) == "        4K "
+    assert size_text(4097) == "     4097B "
+    assert size_text(3 << 20) == "        3M "
+    assert size_text(1 << 30) == "        1G "
+    assert size_text(1 << 40) == "        1T "
+    assert size_text(1 << 50) == "        1P "
+    assert size_text(1 << 60) == "        1E "
+    assert size_text(0) == "        0E "                # 0 divides by 1024 until E, the last unit
+    assert size_text(1 << 70) == "        0E "            # a u64: 2**70 is 0
+    assert size_text(-4096) == f"{(1 << 54) - 4:9d}K "     # end below start: the kernel's u64 wraps
+
+
+def test_prot_text_columns():
+    assert _prot_text(0, 4) == " " * 30 + "pte"
+    assert _prot_text(0x80, 3) == " " * 30 + "pmd"           # not present: flags are not printed
+    assert _prot_text(1 | 2 | 4 | 8 | 16 | 0x80 | (1 << 63), 4) == "USR RW PWT PCD     PAT     NX pte"
+    assert _prot_text(1 | 0x80 | 0x1000 | 0x100, 3) == "    ro         PSE PAT GLB x  pmd"
+    assert _prot_text(1 | 0x80 | 0x1000, 2) == "    ro         PSE PAT     x  pud"
+    assert _prot_text(1 | 0x80 | 0x1000, 1) == "    ro         PSE         x  p4d"   # PAT_LARGE only at pud/pmd
+    assert _prot_text(1 | 0x1000, 4) == "    ro                     x  pte"   # bit 12 of a PTE is the PFN
+    assert _prot_text(1 | 0x80, 0) == "    ro         PSE         x  pgd"
+
+
+def test_wx_report():
+    assert wx_report([(0x1000, 0x3000), (0xFFFFFFFFFFFFF000, 0)]) == (
+        ["x86/mm: Found insecure W+X mapping at address 0x1000\n",
+         "x86/mm: Found insecure W+X mapping at address 0xfffffffffffff000\n",
+         "x86/mm: Checked W+X mappings: FAILED, 3 W+X pages found.\n"], 3)
+    assert wx_report([]) == (["x86/mm: Checked W+X mappings: passed, no W+X pages found.\n"], 0)
+
+
+def test_scan_kwargs():
+    assert LINUX_ADDR_MASK == 0x000FFFFFFFFFF000
+    assert scan_kwargs() == {"addr_mask": 0x000FFFFFFFFFF000, "holes": True, "top_breaks": (256, 272)}
