@@ -14,16 +14,14 @@ What is compared (docs/paging.md §11.5, §13.4):
 from __future__ import annotations
 
 import json
-import sys
 import time
-from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Protocol, Sequence
 
-from harness.oracles.base import (BatchResult, Oracle, Probe, ProbeResult, pa_from_value,
+from harness.oracles.base import (BatchResult, Probe, ProbeResult, pa_from_value,
                                   tag_value)
 from harness.oracles.model import as_probe_result, model_run, read_value
 from x86pt.errors import BadInputError, OracleError, PhysicalAddressError
-from x86pt.fields import Kind
 from x86pt.memory.sparse import SparseMemory
 from x86pt.progress import Interrupt, ProgressBar
 from x86pt.state import PagingState, as_profile

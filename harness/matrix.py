@@ -21,8 +21,8 @@ there and 1G leaves (frame 0) reach them through VA bits 29:21.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 

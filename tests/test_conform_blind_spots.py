@@ -22,7 +22,7 @@ import pytest
 
 from conftest import need_oracle
 from harness import matrix as mx
-from harness.differential import Batch, run_conformance
+from harness.differential import run_conformance
 from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
 from harness.oracles import availability, get_oracle
 from x86pt.state import as_profile

@@ -102,7 +102,7 @@ def corrupt(m, touched, pick: int, kind: str, bit: int):
     """Apply one corruption to an entry the op wrote; returns (kind, span va, span size) or None
     when no entry suits the kind."""
     cands = []
-    for tl, key, tbl, i, va, size in _entries(m, touched):
+    for tl, _key, tbl, i, va, size in _entries(m, touched):
         e = tbl[i]
         leaf = tl == 1 or (e & PSE) or not e & P
         if kind in ("frame", "flag", "present", "rw", "nx") and leaf and e:

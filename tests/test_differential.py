@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from harness import matrix as mx
@@ -90,7 +89,7 @@ def test_a_wrong_physical_address_is_reported():
 
 
 def test_compare_probe_rules():
-    st = profile_named("intel")
+    profile_named("intel")
     pf = PageFault(0x1000, 0x9, 0x1000, "r", (), 1)
     p = Probe(0x1000)
     assert compare_probe(pf, ProbeResult("page_fault", 0x9, 0x1000), p) == []

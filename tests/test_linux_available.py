@@ -5,7 +5,6 @@ X86PT_REQUIRE_ORACLES=linux). No download and no boot here."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest

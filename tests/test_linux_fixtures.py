@@ -14,9 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import subprocess
-import sys
 
 import pytest
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from x86pt.build import Builder
-from x86pt.state import CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, PROFILES
-from x86pt.walk import Access, GeneralProtection, PageFault, Translation, walk
+from x86pt.state import CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE
+from x86pt.walk import Access, GeneralProtection, Translation, walk
 
 COLS = [("read", False), ("write", False), ("fetch", False), ("read", True), ("write", True), ("fetch", True)]
 

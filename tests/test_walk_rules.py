@@ -9,7 +9,7 @@ import pytest
 from x86pt.build import Builder
 from x86pt.errors import PhysicalAddressError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP,
+from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP,
                          EFER_LMA, EFER_LME, EFER_NXE, Features, PagingState, PROFILES, Profile)
 from x86pt.walk import Access, GeneralProtection, PageFault, Translation, walk
 

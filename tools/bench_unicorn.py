@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if faults != want:
             print(f"{label}: expected {want} faults, got {faults}", file=sys.stderr)
             return 1
-        t_o = median_time(lambda: oracle.run(b.memory, state, probes), args.repeat)
+        t_o = median_time(lambda: oracle.run(b.memory, state, probes), args.repeat)  # noqa: B023 (called in this iteration)
         acc = [Access(p.access, p.user, p.ac) for p in probes]
-        t_m = median_time(lambda: [walk(state, b.memory, p.va, a) for p, a in zip(probes, acc)],
+        t_m = median_time(lambda: [walk(state, b.memory, p.va, a) for p, a in zip(probes, acc)],  # noqa: B023 (called in this iteration)
                           args.repeat)
         rates[label] = n / t_o
         print(f"{label:<26}{n / t_o:>12,.0f}{n / t_m:>12,.0f}{t_m / t_o:>14.2f}")

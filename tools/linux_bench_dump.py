@@ -44,7 +44,7 @@ def main() -> int:
             return 2
         steps = sorted(d for d in os.listdir(run_dir) if d.startswith("step-"))
         elf = materialize(os.path.join(run_dir, steps[-1]), "tables.elf", tmp)
-        layout = load_json(os.path.join(run_dir, "layout.json"))
+        load_json(os.path.join(run_dir, "layout.json"))
         times = []
         lines = 0
         for _ in range(args.repeat):

@@ -131,7 +131,7 @@ def main() -> int:
         if not args.pack_only:
             shutil.rmtree(run_dir, ignore_errors=True)
             t = time.monotonic()
-            meta = run(RUNS[n], run_dir, log=lambda m: print(f"[{n}] {m}", file=sys.stderr, flush=True))
+            meta = run(RUNS[n], run_dir, log=lambda m: print(f"[{n}] {m}", file=sys.stderr, flush=True))  # noqa: B023 (called in this iteration)
             print(f"{n}: wall {time.monotonic() - t:.1f} s, deterministic {meta['deterministic_steps']}")
         dest = os.path.join(FIXTURES, n)
         if os.path.isdir(dest):

@@ -7,12 +7,12 @@ import tomllib
 from dataclasses import dataclass
 
 from x86pt.errors import BadInputError, BudgetError
-from x86pt.fields import Kind, LEVELS, Level, encode_fast, levels_for, masks_for
+from x86pt.fields import Kind, LEVELS, encode_fast, levels_for, masks_for
 from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
 from x86pt.numbers import parse_int, parse_size
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, EFER_LMA, EFER_LME,
-                         EFER_NXE, PagingState, Profile, PROFILES, profile_named)
+                         EFER_NXE, PagingState, Profile, profile_named)
 
 PAGE_SIZES = {1 << 12: 1, 1 << 21: 2, 1 << 30: 3}
 # Leaf entries one Builder writes at most, checked before any table is allocated: 2^20 PTEs map

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from x86pt.coalesce import present_only
 from x86pt.errors import BadInputError
 from x86pt.scan import U64, Scanner, ScanStats
 from x86pt.state import PagingState

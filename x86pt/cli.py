@@ -11,7 +11,6 @@ import importlib
 import json
 import os
 import sys
-from typing import Callable
 
 from x86pt import __version__
 from x86pt.errors import BadInputError, X86ptError

@@ -874,7 +874,7 @@ def cpu_differences(c: Cpu, memory, memo: dict | None = None, *, prune: bool = F
                 for v in range(s, e_, PAGE):
                     cur_runs.append((v, v + PAGE, None if leaf is None else
                                      _Leaf(leaf.pa + (v - s), leaf.rw, leaf.us, leaf.x, leaf.pkey, leaf.dirty)))
-            out.extend(_diff_ranges(c, memory, p.base, p.base + p.span, lambda v: through.get(v),
+            out.extend(_diff_ranges(c, memory, p.base, p.base + p.span, lambda v: through.get(v),  # noqa: B023 (called in this iteration)
                                     p.describe() + " (walk through the old table)", cur_runs))
     if fresh:
         c._drop_psc(lambda p: id(p) in fresh)

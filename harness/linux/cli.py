@@ -40,7 +40,7 @@ def cmd_fetch(args) -> int:
             _log(f"{k}: downloading {len(p.packages)} packages, {_mb(p.download_bytes)}, into {p.path}")
         bar = ProgressBar(max(p.download_bytes, 1), f"fetch {k}", unit="B") if not p.cached else None
         try:
-            t = fetch(k, progress=None if bar is None else (lambda done, total, pkg: bar.update_to(done)))
+            t = fetch(k, progress=None if bar is None else (lambda done, total, pkg: bar.update_to(done)))  # noqa: B023 (called in this iteration)
         finally:
             if bar is not None:
                 bar.close()

@@ -13,7 +13,7 @@ import io
 import lzma
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from x86pt.errors import BadInputError, OracleUnavailable
 from x86pt.memory.atomic import write_bytes_atomic

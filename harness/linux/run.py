@@ -43,7 +43,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from harness.linux import cache_dir
 from harness.linux.btf import struct_members
 from harness.linux.build import build_helpers, build_module
 from harness.linux.collect import (BootText, Capture, capture, capture_from_dump, decode_trace,

@@ -16,7 +16,7 @@ from harness.oracles.base import RIG_RAM_SIZE, BatchResult, Capabilities, Probe,
 from x86pt.errors import PhysicalAddressError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import PagingState, Profile, as_profile
-from x86pt.walk import Access, GeneralProtection, PageFault, Result, Translation, walk
+from x86pt.walk import Access, PageFault, Result, Translation, walk
 
 
 def as_probe_result(r: Result, value: int | None = None) -> ProbeResult:

@@ -3,7 +3,7 @@
 cpa_stats debugfs figures, TLB flushes and page-table pages."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 
 @dataclass

@@ -17,7 +17,7 @@ from x86pt.cpa import split as _split
 from x86pt.cpa.counters import Counters
 from x86pt.cpa.kernel import (CACHE_MASK, CPA_COLLAPSE, CPA_NO_CHECK_ALIAS, DIRTY, EFAULT,
                               GLOBAL, KERNEL_4K, KERNPG_TABLE, NX, P, PAGE_KERNEL,
-                              PAGE_KERNEL_LARGE, PAGE_KERNEL_LARGE_EXEC, PMD_PFN_MASK, PSE,
+                              PAGE_KERNEL_LARGE_EXEC, PMD_PFN_MASK, PSE,
                               PTE_PFN_MASK, PUD_PFN_MASK, RW, TLB_SINGLE_PAGE_FLUSH_CEILING, U64,
                               KernelVersion, flags_of, kernel_version)
 from x86pt.cpa.layout import (MAX_MAP_LEAVES, MAX_PHYSMEM_BITS, Layout, check_direct_map_size,

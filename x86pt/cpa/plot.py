@@ -55,7 +55,7 @@ def plot_fragmentation(results, path: str, title: str = "") -> str:
         # the last column: every policy minus the first one, so equal policies lie on zero and
         # the others' gains or losses are read off directly
         base = results[0]
-        for k, (name, unit, scale) in enumerate(METRICS):
+        for k, (_name, _unit, scale) in enumerate(METRICS):
             ax = axes[k][cols]
             for c, r in enumerate(results[1:], 1):
                 xs = [s[0] for s in r.samples]

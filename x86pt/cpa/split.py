@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from x86pt.cpa.kernel import (GLOBAL, KERNPG_TABLE, NX, P, PMD_PFN_MASK, PSE, PTE_PFN_MASK,
-                              PUD_PFN_MASK, RW, U64, k4_2_large, large_2_4k)
+from x86pt.cpa.kernel import (GLOBAL, KERNPG_TABLE, P, PMD_PFN_MASK, PSE, PTE_PFN_MASK,
+                              PUD_PFN_MASK, U64, k4_2_large, large_2_4k)
 
 if TYPE_CHECKING:  # pragma: no cover
     from x86pt.cpa.ops import CpaModel, Call

@@ -30,7 +30,6 @@ from x86pt.cpa.ops import API, CpaModel
 from x86pt.cpa.validate import Validator, Violation
 from x86pt.errors import BadInputError
 from x86pt.memory.atomic import write_text_atomic
-from x86pt.numbers import parse_int
 
 API_NAMES = tuple(API)
 OTHER = ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "kernel_map_pages",

@@ -315,7 +315,7 @@ def cmd_wx(args) -> int:
             if hole:
                 lo, hi = guard_hole(img.state)
                 lines = lines[:-1]
-                for s, e in hole:
+                for s, _e in hole:
                     lines.append(f"x86pt: Found insecure W+X mapping at address {s:#x} in the "
                                  f"hypervisor guard hole [{lo:#x}, {hi:#x}), which the kernel's "
                                  f"check does not walk\n")
