@@ -18,7 +18,7 @@ PAGE_SIZES = {1 << 12: 1, 1 << 21: 2, 1 << 30: 3}
 # Leaf entries one Builder writes at most, checked before any table is allocated: 2^20 PTEs map
 # 4 GiB in 4K pages (or 2 TiB in 2M pages) and need 2,048 tables (8 MiB for the sparse image);
 # building that many takes about a second.
-DEFAULT_MAX_BUILD_ENTRIES = 1 << 20
+from x86pt.limits import DEFAULT_MAX_BUILD_ENTRIES  # noqa: E402  (one definition)
 FLAG_WORDS = {"p", "rw", "us", "pwt", "pcd", "a", "d", "g", "pat", "xd", "nx", "user", "w",
               "global", "ro", "x"}
 

@@ -14,7 +14,6 @@ import sys
 
 from x86pt import __version__
 from x86pt.errors import BadInputError, X86ptError
-from x86pt.fields import kind_from_name, Kind
 from x86pt.numbers import parse_int
 
 PLUGINS = ("x86pt.formats.cli", "x86pt.cpa.cli", "harness.cli", "harness.linux.cli")
@@ -28,6 +27,7 @@ def emit_json(obj, out=None) -> None:
 def cmd_decode(args) -> int:
     from x86pt.describe import decode_entry, render_decode
     raw = parse_int(args.value, "entry value")
+    from x86pt.fields import Kind, kind_from_name
     kind = kind_from_name(args.kind)
     if args.kind.lower() in ("pdpte", "pde") and raw & 0x80:   # PS picks the leaf format
         kind = {Kind.PDPTE: Kind.PDPTE_1G, Kind.PDE: Kind.PDE_2M}[kind]
@@ -43,6 +43,7 @@ def cmd_decode(args) -> int:
 def cmd_encode(args) -> int:
     from x86pt.describe import decode_entry, render_decode
     from x86pt import layouts
+    from x86pt.fields import Kind, kind_from_name
     kind = kind_from_name(args.kind)
     m = parse_int(args.maxphyaddr, "--maxphyaddr", lo=32, hi=52)
     values: dict[str, int] = {}
@@ -273,7 +274,7 @@ def _add_access_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from x86pt.image import add_state_args
+    from x86pt.cliargs import add_state_args
     p = argparse.ArgumentParser(prog="x86pt", description="x86-64 page tables: model, oracles, dumps, CPA")
     p.add_argument("--version", action="version", version=f"x86pt {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_probe)
 
-    from x86pt.build import DEFAULT_MAX_BUILD_ENTRIES
+    from x86pt.limits import DEFAULT_MAX_BUILD_ENTRIES
     b = sub.add_parser("build", help="build an image from a TOML spec of mappings")
     b.add_argument("spec")
     b.add_argument("-o", "--output", required=True)

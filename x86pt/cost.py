@@ -703,17 +703,7 @@ def cost_of(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, mode
 
 
 # -- CLI glue (x86pt census --cost, x86pt cpa compare --cost) ---------------------------------------
-def add_cost_args(p) -> None:
-    """--cost PATTERN and its knobs, for a command that has a direct map to price."""
-    p.add_argument("--cost", default=None, metavar="PATTERN",
-                   help="dTLB reach and page-walk cost for an access pattern: uniform, hot:N (N GiB "
-                        "of random 2M regions), trace:FILE (physical addresses), workload (cpa only)")
-    p.add_argument("--tlb-geometry", default="skylake", metavar="GEOM",
-                   help="TLB sizes for --cost: skylake (Intel opt. manual 248966-045 Table 2-15) or "
-                        "qemu, then overrides, e.g. skylake,stlb=2048/16,pde=32 (docs/cost.md)")
-    p.add_argument("--cost-mode", default="analytic", choices=("analytic", "simulated"),
-                   help="--cost estimate: analytic (steady state, fully associative LRU) or simulated")
-    p.add_argument("--cost-seed", default=1, type=int, metavar="S", help="seed of hot:N and the simulation")
+from x86pt.cliargs import add_cost_args  # noqa: E402,F401  (re-exported)
 
 
 def image_cost(state, memory, page_offset: int, args, **scan_kw) -> Cost:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from x86pt.cliargs import add_state_args  # noqa: F401  (re-exported: callers import it from here)
 from x86pt.errors import BadInputError, X86ptError
 from x86pt.memory import MemoryBase, open_memory
 from x86pt.numbers import parse_int
@@ -27,17 +28,6 @@ class Image:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def add_state_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("paging state (default: from the ELF core's notes)")
-    for reg in ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs"):
-        g.add_argument(f"--{reg}", metavar="N", help=f"{reg.upper()} (decimal or 0x-hex)")
-    g.add_argument("--maxphyaddr", metavar="M", help="MAXPHYADDR (default: the profile's)")
-    g.add_argument("--profile", default=None,
-                   help="intel (default), amd, qemu, unicorn or kvm")
-    g.add_argument("--image-format", dest="image_format", choices=("elf", "lime", "raw"),
-                   help="image format (default: detected from the first bytes)")
 
 
 def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None,

@@ -53,7 +53,7 @@ EFF_ROOT = EFF_RW | EFF_US
 U64 = np.uint64
 SHIFT = np.array([0, 12, 21, 30, 39, 48], dtype=np.uint64)   # index shift by SDM level number
 PS_BIT = 1 << 7
-DEFAULT_MAX_ENTRIES = 1 << 26     # page-table entries visited (512 per table read)
+from x86pt.limits import DEFAULT_MAX_ENTRIES  # noqa: E402  (one definition)
 RECORD_COST = 64                  # budget charged per record emitted
 MAX_ISSUES = 1000
 _COLS = ("va", "count", "level", "raw", "pa", "eff", "entry_addr")

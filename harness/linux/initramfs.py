@@ -16,7 +16,6 @@ import stat
 from dataclasses import dataclass
 
 from x86pt.errors import BadInputError, OracleUnavailable
-from x86pt.memory.atomic import write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -268,4 +267,5 @@ def build_initramfs(out: str, *, busybox: str, modules_dir: str, ptdump_ko: str,
         if "|" in s.name or "|" in s.command or "\n" in s.command:
             raise BadInputError(f"workload step {s.name!r}: no '|' or newline allowed")
     a.file("steps.txt", "".join(f"{s.name}|{s.command}\n" for s in workload.steps).encode())
+    from x86pt.memory.atomic import write_bytes_atomic   # lazy: start-up time
     write_bytes_atomic(out, gzip.compress(a.finish(), compresslevel=1, mtime=0))

@@ -342,7 +342,7 @@ def _common(p, policy_arg: bool) -> None:
     p.add_argument("--dump-out", default=None, metavar="PATH", help="where --dump-at writes the image")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
-    from x86pt.image import add_state_args
+    from x86pt.cliargs import add_state_args
     add_state_args(p)
 
 
@@ -367,7 +367,7 @@ def register(subparsers) -> None:
     cp = sub.add_parser("compare", help="replay a trace under several policies side by side")
     _common(cp, False)
     cp.add_argument("--policies", default="none,upstream,nr-same-prot,ideal")
-    from x86pt.cost import add_cost_args
+    from x86pt.cliargs import add_cost_args
     add_cost_args(cp)
     cp.set_defaults(func=cmd_compare)
     g = sub.add_parser("generate", help="generate a workload trace (docs/cpa.md §10 sequences)")

@@ -10,11 +10,14 @@ import argparse
 import contextlib
 import json
 import sys
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 from x86pt.errors import BadInputError
 from x86pt.numbers import parse_int
-from x86pt.scan import DEFAULT_MAX_ENTRIES, Filter, Scanner
+from x86pt.limits import DEFAULT_MAX_ENTRIES
+
+if TYPE_CHECKING:
+    from x86pt.scan import Filter, Scanner
 
 MAX_NOTES = 20
 
@@ -66,6 +69,7 @@ def parse_levels(text: str) -> tuple[int, ...]:
 
 def _filter_from(args, nxe: bool) -> Filter:
     user = True if getattr(args, "user_only", False) else (False if getattr(args, "kernel_only", False) else None)
+    from x86pt.scan import Filter
     return Filter(user=user, writable=True if getattr(args, "writable", False) else None,
                   executable=True if getattr(args, "executable", False) else None,
                   levels=parse_levels(args.level) if getattr(args, "level", None) else None,
@@ -142,12 +146,14 @@ def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset:
     """Render one image in `fmt` to the binary stream `out`; returns the scanner (stats, issues)."""
     from x86pt.formats import ptdump, qemu, tabular
     state, memory = img.state, img.memory
+    from x86pt.scan import Filter
     filt = filt or Filter(nxe=state.nxe)
     kw = {"va_range": va_range, "max_entries": max_entries}
     if fmt in ("qemu-mem", "qemu-tlb"):
         kw.update(qemu.scan_kwargs())
     elif fmt == "ptdump":
         kw.update(ptdump.scan_kwargs())
+    from x86pt.scan import Scanner
     sc = Scanner(state, memory, **kw)
     chunks = filt.apply(sc.chunks())
 
@@ -238,6 +244,7 @@ def cmd_census(args) -> int:
 # -- wx ---------------------------------------------------------------------------------------------
 def wx_ranges(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[int, int]], Scanner]:
     from x86pt.formats import ptdump
+    from x86pt.scan import Scanner
     sc = Scanner(img.state, img.memory, max_entries=max_entries, **ptdump.scan_kwargs())
     ranges: list[tuple[int, int]] = []
     for _ in ptdump.ptdump_lines(sc.chunks(), img.state,
@@ -266,6 +273,7 @@ def guard_hole_wx(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tup
     from x86pt.coalesce import coalesce, present_only
     from x86pt.scan import EFF_NX, EFF_RW
     lo, hi = guard_hole(img.state)
+    from x86pt.scan import Scanner
     sc = Scanner(img.state, img.memory, max_entries=max_entries, va_range=(lo, hi))
     nx_mask = EFF_NX if img.state.nxe else 0
     ranges: list[tuple[int, int]] = []
@@ -338,6 +346,7 @@ def find_aliases(state, memory, pa: int, max_entries: int = DEFAULT_MAX_ENTRIES)
     from x86pt.scan import SHIFT, U64
     hits = []
     p = U64(pa)
+    from x86pt.scan import Scanner
     sc = Scanner(state, memory, max_entries=max_entries)
     for ch in present_only(sc.chunks()):
         inside = (ch.pa <= p) & (p - ch.pa < ch.span)
@@ -395,7 +404,7 @@ def cmd_diff(args) -> int:
 # -- registration -------------------------------------------------------------------------------------
 def register(sub) -> None:
     from x86pt.formats import FORMATS
-    from x86pt.image import add_state_args
+    from x86pt.cliargs import add_state_args
 
     d = sub.add_parser("dump", help="dump every mapping: ptdump, QEMU info mem/tlb, JSON, CSV")
     d.add_argument("image")
@@ -437,7 +446,7 @@ def register(sub) -> None:
                    help="KERNEL_IMAGE_SIZE: splits of [__START_KERNEL_map, +SIZE) count in DirectMap "
                         "as in the kernel (1G with KASLR support, the default; 512M without; 0: ignore)")
     c.add_argument("--json", action="store_true")
-    from x86pt.cost import add_cost_args
+    from x86pt.cliargs import add_cost_args
     add_cost_args(c)
     _scan_args(c)
     add_state_args(c)
