@@ -249,3 +249,40 @@ def test_batch_equals_scalar_walk_on_random_trees(seed):
         else:
             assert int(got.error_code[i]) == r.error_code, (i, hex(int(vas[i])), r)
     assert {"ok", "page_fault", "general_protection"} <= outcomes    # the sample exercised all paths
+
+
+AMD_SPEC = """
+[image]
+{image}
+maxphyaddr = 48
+[[map]]
+va = "0x8000000000"
+pa = "0x400000"
+flags = "rw"
+[[entry]]
+va = "0x8000000000"
+level = 4
+value = "0x0000000000101127"
+"""
+
+
+@pytest.mark.parametrize("image,expect", [('vendor = "amd"', 0x9), ('profile = "amd"', 0x9),
+                                          ('vendor = "intel"', None), ("", None)])
+def test_spec_vendor_decides_the_walks_rules(image, expect):
+    """PML4E bit 8 (0x100 in 0x101127) is MBZ on AMD (APM Vol. 2 §5.3.3): P|RSVD = 0x9; Intel
+    ignores it (SDM Table 4-15). `vendor` in the spec must reach the walk, not only the encoder."""
+    from x86pt.build import build_from_spec
+    from x86pt.walk import Access, PageFault, walk
+    mem, st = build_from_spec(AMD_SPEC.format(image=image))
+    r = walk(st, mem, 0x8000000000, Access("read"))
+    if expect is None:
+        assert not isinstance(r, PageFault) and r.pa == 0x400000
+    else:
+        assert isinstance(r, PageFault) and r.error_code == expect
+
+
+def test_spec_vendor_contradicting_the_profile_is_refused():
+    from x86pt.build import build_from_spec
+    from x86pt.errors import BadInputError
+    with pytest.raises(BadInputError, match="contradicts profile"):
+        build_from_spec(AMD_SPEC.format(image='vendor = "amd"\nprofile = "intel"'))

@@ -283,12 +283,18 @@ def build_from_spec(text: str, source: str = "spec", *,
     regs = _section(doc, "registers", source, {"cr0", "cr4", "efer", "pkru", "pkrs"})
     levels = parse_int(_scalar(img.get("levels", 4), f"{source}: image.levels"),
                        f"{source}: image.levels", lo=4, hi=5)
-    prof = profile_named(_text(img.get("profile", "intel"), f"{source}: image.profile"))
+    vendor = img.get("vendor")
+    if vendor is not None and _text(vendor, f"{source}: image.vendor") not in ("intel", "amd"):
+        raise BadInputError(f"{source}: image.vendor must be intel or amd, not {vendor!r}")
+    # The walk takes its vendor rules from the profile: vendor = "amd" alone means the AMD
+    # manual's profile; a profile of the other vendor is a contradiction, not a silent choice.
+    prof = profile_named(_text(img.get("profile", vendor or "intel"), f"{source}: image.profile"))
+    if vendor is not None and vendor != prof.vendor:
+        raise BadInputError(f"{source}: image.vendor {vendor!r} contradicts profile {prof.name!r} "
+                            f"(vendor {prof.vendor})")
+    vendor = prof.vendor
     m = parse_int(_scalar(img.get("maxphyaddr", prof.maxphyaddr), f"{source}: image.maxphyaddr"),
                   f"{source}: image.maxphyaddr", lo=32, hi=52)
-    vendor = _text(img.get("vendor", prof.vendor), f"{source}: image.vendor")
-    if vendor not in ("intel", "amd"):
-        raise BadInputError(f"{source}: image.vendor must be intel or amd, not {vendor!r}")
     tflags = img.get("table_flags", "p rw us a")
     if not isinstance(tflags, str):
         raise BadInputError(f"{source}: image.table_flags must be a string of flag words")
