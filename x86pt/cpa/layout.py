@@ -80,11 +80,17 @@ class Layout:
         return self.ram[-1][1] >> 12 if self.ram else 0
 
     def to_json(self) -> dict:
+        """Every field, so layout_from_json(to_json()) gives the same layout back."""
         return {"name": self.name, "ram": [[hex(s), hex(e)] for s, e in self.ram],
-                "gbpages": self.gbpages, "pti": self.pti, "page_offset": hex(self.page_offset),
-                "modules_vaddr": hex(self.modules_vaddr),
+                "gbpages": self.gbpages, "pti": self.pti,
+                **{k: hex(getattr(self, k)) for k in ADDRESS_FIELDS},
+                "table_pool": [[hex(s), hex(e)] for s, e in self.table_pool],
                 "kernel": {k: hex(v) for k, v in self.kernel.__dict__.items()}}
 
+
+# The Layout fields a layout JSON may give as numbers (besides ram, table_pool and kernel).
+ADDRESS_FIELDS = ("page_offset", "start_kernel_map", "phys_base", "kernel_image_size",
+                  "modules_vaddr", "modules_end", "vmalloc_start", "vmalloc_end", "reserved_below")
 
 PRESETS: dict[str, Layout] = {
     # A 4 GiB laptop: firmware holes below 4G, the rest remapped above 4G.
@@ -158,9 +164,16 @@ def layout_from_json(d: dict, source: str = "layout") -> Layout:
     k = KernelImage(**{key: parse_int(v, f"{source} kernel.{key}") for key, v in kd.items()})
     lay = Layout(str(d.get("name", source)), ram, gbpages=bool(d.get("gbpages", True)),
                  pti=bool(d.get("pti", False)), kernel=k)
-    for key in ("page_offset", "start_kernel_map", "modules_vaddr", "vmalloc_start"):
+    for key in ADDRESS_FIELDS:
         if key in d:
             lay = replace(lay, **{key: parse_int(d[key], f"{source} {key}")})
+    if "table_pool" in d:
+        try:
+            pool = tuple((parse_int(a, f"{source} table_pool start"), parse_int(b, f"{source} table_pool end"))
+                         for a, b in d["table_pool"])
+        except (TypeError, ValueError):
+            raise BadInputError(f"{source}: table_pool must be a list of [start, end] pairs") from None
+        lay = replace(lay, table_pool=pool)
     lay.check()
     return lay
 

@@ -1,4 +1,4 @@
-"""The highmap alias at the kernel image's end: cpa_process_alias() (arch/x86/mm/pat/set_memory.c,
+"""Regressions of the CPA model. The highmap alias at the kernel image's end: cpa_process_alias() (arch/x86/mm/pat/set_memory.c,
 v6.1-v6.18) skips the highmap alias only when the primary address is `within(vaddr, _text,
 _brk_end)`, and within() excludes its end. So a call whose address is exactly _brk_end's highmap
 address (its frame still below roundup(_brk_end, PMD_SIZE), inside the highmap frames) processes
@@ -33,3 +33,13 @@ def test_a_call_at_brk_end_processes_the_highmap_alias(kernel):
 def test_a_call_just_below_brk_end_is_within_the_image(kernel):
     """One page below: within [_text, _brk_end), so only the primary PTE and its direct-map alias."""
     assert _call(kernel, -0x1000) == 2
+
+
+@pytest.mark.parametrize("name", ["laptop-4g", "server-64g", "server-1t", "demo"])
+def test_layout_json_round_trips(name):
+    """A layout written as JSON and read back is the same layout (every field, the demo's
+    modules_end and kernel_image_size included)."""
+    from x86pt.cpa.layout import layout_from_json
+    lay = layout_named(name)
+    back = layout_from_json(lay.to_json(), "t")
+    assert back == lay
