@@ -91,3 +91,75 @@ def test_wx_report():
 def test_scan_kwargs():
     assert LINUX_ADDR_MASK == 0x000FFFFFFFFFF000
     assert scan_kwargs() == {"addr_mask": 0x000FFFFFFFFFF000, "holes": True, "top_breaks": (256, 272)}
+
+
+def test_markers_default_to_4_levels_and_pse_only_when_set():
+    assert linux_markers() == linux_markers(4)
+    assert _prot_text(1 | 2, 3) == "    RW                     x  pmd"
+    assert _prot_text(1 | 4, 1) == "USR ro                     x  p4d"
+
+
+def test_long_dumps_come_in_blocks_that_join_to_whole_lines():
+    """More than 4096 lines: the text is yielded in blocks; every line keeps the format
+    `0x%016lx-0x%016lx   %9lu%c <prot> <level>`."""
+    import io
+    import re
+
+    from x86pt.build import Builder
+    from x86pt.formats.cli import dump_to
+    from x86pt.image import Image
+    b = Builder(levels=4, table_base=0x10000000)
+    for i in range(4200):                      # alternate RW and RO: one line per page
+        b.map(0x400000 + i * 4096, 0x1000000 + i * 4096, 4096, 4096, "p rw nx" if i % 2 else "p nx")
+    out = io.BytesIO()
+    dump_to(out, Image(b.memory, b.state(), "<test>"), "ptdump", markers="none")
+    lines = out.getvalue().decode().splitlines()
+    assert len(lines) > 4200
+    pat = re.compile(r"^0x[0-9a-f]{16}-0x[0-9a-f]{16} {3}[ 0-9]{9,}[BKMGTPE] .*(pgd|p4d|pud|pmd|pte)$")
+    assert all(pat.match(ln) for ln in lines)
+
+
+def _one_page_with_pde3(raw_pde3: int) -> str:
+    """tests/test_formats_ptdump.py's one-user-page image (hand-derived there), plus PD[3]
+    (0x600000-0x800000) set to `raw_pde3`."""
+    import io
+
+    from x86pt.build import Builder
+    from x86pt.formats.cli import dump_to
+    from x86pt.image import Image
+    b = Builder(levels=4, table_base=0x100000)
+    b.map(0x400000, 0x5000000, 4096, 4096, "p rw us nx")
+    mem, st = b.memory, b.state()
+    pdpt = mem.read_u64(st.root) & 0x000FFFFFFFFFF000
+    pd = mem.read_u64(pdpt) & 0x000FFFFFFFFFF000
+    mem.write_u64(pd + 3 * 8, raw_pde3)
+    out = io.BytesIO()
+    dump_to(out, Image(mem, st, "<test>"), "ptdump", markers="none")
+    return out.getvalue().decode()
+
+
+HEAD = ("0x0000000000000000-0x0000000000400000           4M                               pmd\n"
+        "0x0000000000400000-0x0000000000401000           4K USR RW                     NX pte\n")
+TAIL = ("0x0000000000800000-0x0000000040000000        1016M                               pmd\n"
+        "0x0000000040000000-0x0000008000000000         511G                               pud\n"
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+
+
+def test_non_present_nonzero_pmd_without_pse_is_not_noted():
+    # mm/pagewalk.c: a non-present, non-zero PMD without PSE gets no note_page() call, so the
+    # pte-level hole that began at 0x401000 runs on to the next call, PD[4] at 0x800000.
+    assert _one_page_with_pde3(0x12345000) == HEAD + (
+        "0x0000000000401000-0x0000000000800000        4092K                               pte\n") + TAIL
+    # A and D alone (_PAGE_KNL_ERRATUM_MASK) make the entry "none": a hole noted at pmd level
+    assert _one_page_with_pde3(0x60) == HEAD + (
+        "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
+        "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
+        "0x0000000040000000-0x0000008000000000         511G                               pud\n"
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+
+
+def test_non_present_pmd_with_pse_is_noted_like_a_leaf():
+    # with PSE it is noted with its value: own flags 0x80 differ from a zero hole, so its own line
+    assert _one_page_with_pde3(0x12345080) == HEAD + (
+        "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
+        "0x0000000000600000-0x0000000000800000           2M                               pmd\n") + TAIL
