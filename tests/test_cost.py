@@ -301,3 +301,27 @@ def test_cost_series_ends_at_the_final_state():
     m = CpaModel(lay)
     replay(m, ops, samples=0)
     assert model_cost(m, A(), ops) == s[-1][1]
+
+
+def test_compare_cost_over_time_json_and_plot(tmp_path):
+    """`cpa compare --cost` prices every policy at 8 evenly spaced checkpoints; the last point is
+    the policy's final cost, and the plot gets a cost row."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    env = {**__import__("os").environ, "PYTHONPATH": ROOT}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "x86pt", *a], cwd=tmp_path, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    r = run("cpa", "generate", "modules", "--ops", "400", "-o", "t.trace", "--layout", "laptop-4g")
+    assert r.returncode == 0, r.stderr
+    r = run("cpa", "compare", "t.trace", "--layout", "laptop-4g", "--policies", "none,ideal",
+            "--cost", "uniform", "--json", "--plot", "p.png")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    for row in rows:
+        pts = row["cost_series"]
+        assert [p["ops"] for p in pts] == [50, 100, 150, 200, 250, 300, 350, 400]
+        assert pts[-1]["walks_per_access"] == row["cost"]["walks_per_access"]
+    assert (tmp_path / "p.png").stat().st_size > 10_000

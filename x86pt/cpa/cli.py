@@ -24,6 +24,10 @@ def render_table(summaries: list[dict]) -> str:
     return "\n".join(out)
 
 
+# Points of `--cost` over time (docs/cost.md: one estimate costs about 0.4x a 100k-op replay).
+COST_POINTS = 8
+
+
 class Progress:
     """The replay's progress callback on the project's one bar (x86pt.progress): drawn on a TTY
     only, never past its total."""
@@ -117,8 +121,21 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
                         inputs=[args.trace, args.image, args.layout])
             if not args.json:
                 print(f"image after {idx + 1} ops written to {path}", file=sys.stderr)
+    cost_points: list = []
+    checkpoints: frozenset[int] = frozenset()
+    on_checkpoint = None
+    if getattr(args, "cost", None):
+        # the cost over time: a few evenly spaced points (each costs about one estimate)
+        from x86pt.cost import model_cost
+        n = len(ops)
+        checkpoints = frozenset(max(1, round(n * (i + 1) / COST_POINTS)) for i in range(COST_POINTS))
+
+        def on_checkpoint(model, done):
+            cost_points.append((done, model_cost(model, args, ops[:done])))
     r = replay(m, ops, validate=args.validate, checks=checks, progress=prog,
-               dump_at=dump_idx, on_dump=on_dump)
+               dump_at=dump_idx, on_dump=on_dump, checkpoints=checkpoints,
+               on_checkpoint=on_checkpoint)
+    r.cost_series = cost_points
     if oc is not None:
         r.notes = r.notes + tuple(oc.notes) + tuple(oc.summary())
     if r.violation is not None and args.validate:
@@ -256,7 +273,8 @@ def cmd_compare(args) -> int:
         r, m = _run(args, p, ops, False)
         if args.cost:
             from x86pt.cost import model_cost
-            r.cost = model_cost(m, args, ops)
+            series = getattr(r, "cost_series", [])
+            r.cost = series[-1][1] if series and series[-1][0] == r.ops else model_cost(m, args, ops[:r.ops])
         results.append(r)
     return _report(args, results, m)
 
@@ -270,8 +288,11 @@ def _report(args, results, m) -> int:
     if args.json:
         for r in results:
             cost = getattr(r, "cost", None)
+            series = getattr(r, "cost_series", None)
             emit_json({**r.summary(), "notes": list(r.notes), "plot": plot,
-                       **({"cost": cost.to_json()} if cost else {})})
+                       **({"cost": cost.to_json()} if cost else {}),
+                       **({"cost_series": [{"ops": k, **c.to_json()} for k, c in series]}
+                          if cost and series else {})})
     else:
         print(render_table([r.summary() for r in results]))
         if any(getattr(r, "cost", None) for r in results):

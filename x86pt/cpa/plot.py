@@ -21,8 +21,10 @@ def plot_fragmentation(results, path: str, title: str = "") -> str:
     cols = max(1, len(results))
     diff = len(results) > 1 and all(len(r.samples) == len(results[0].samples) for r in results)
     ncols = cols + (1 if diff else 0)
-    fig, axes = plt.subplots(len(METRICS), ncols, figsize=(3.4 * ncols + 1.2, 9), sharex=True,
-                             squeeze=False)
+    cost = all(getattr(r, "cost_series", None) for r in results)
+    nrows = len(METRICS) + (1 if cost else 0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 1.2, 9 + (2.2 if cost else 0)),
+                             sharex=True, squeeze=False)
     for row in axes:
         for ax in row[1:cols]:
             ax.sharey(row[0])
@@ -46,6 +48,18 @@ def plot_fragmentation(results, path: str, title: str = "") -> str:
             ax.ticklabel_format(axis="y", style="plain", useOffset=False)
             if c == 0:
                 ax.set_ylabel(f"{name}" + (f" ({unit})" if unit else ""))
+        if cost:
+            # the cost panel: page walks per 1000 accesses at the --cost checkpoints
+            ax = axes[len(METRICS)][c]
+            xs = [k for k, _ in r.cost_series]
+            ys = [1000 * v.walks for _, v in r.cost_series]
+            ax.plot(xs, ys, color=colour, linewidth=1.4, marker="o", markersize=3)
+            ax.annotate(f"end: {ys[-1]:,.1f}", xy=(0.98, 0.06), xycoords="axes fraction", ha="right",
+                        va="bottom", fontsize="small",
+                        bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.85})
+            ax.grid(True, alpha=0.3)
+            if c == 0:
+                ax.set_ylabel(f"page walks / 1k accesses\n({r.cost_series[-1][1].pattern})")
         head = f"{r.policy} ({r.kernel})"
         if r.violation is not None:
             head += f"\nstopped: invariant ({r.violation.invariant}) at op {r.violation.op_index}"
@@ -66,6 +80,16 @@ def plot_fragmentation(results, path: str, title: str = "") -> str:
             ax.grid(True, alpha=0.3)
             ax.yaxis.tick_right()
             ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        if cost and all(len(r.cost_series) == len(base.cost_series) for r in results):
+            ax = axes[len(METRICS)][cols]
+            for c, r in enumerate(results[1:], 1):
+                xs = [k for k, _ in r.cost_series]
+                ys = [1000 * (v.walks - b.walks) for (_, v), (_, b) in zip(r.cost_series, base.cost_series)]
+                ax.plot(xs, ys, color=COLOURS[c % len(COLOURS)], marker="o", markersize=3,
+                        linewidth=1.4 + 0.8 * (len(results) - c), alpha=0.9)
+            ax.axhline(0, color=COLOURS[0], linewidth=1)
+            ax.grid(True, alpha=0.3)
+            ax.yaxis.tick_right()
         axes[0][cols].set_title(f"difference to {base.policy}", fontsize="medium")
         axes[0][cols].legend(loc="best", fontsize="small")
         axes[-1][cols].set_xlabel("operation index")

@@ -232,8 +232,10 @@ def new_model(layout, kernel: str, policy: str, image=None) -> CpaModel:
 def replay(m: CpaModel, ops: list[tuple], *, validate: bool = False, checks: str = "abcd",
            samples: int = 400, progress: Callable[[int, int], None] | None = None,
            dump_at: int | None = None, on_dump: Callable[[CpaModel, int], None] | None = None,
-           stop_on_violation: bool = True) -> ReplayResult:
-    """Run `ops` on `m`. With `validate`, check after each op (first violation stops)."""
+           stop_on_violation: bool = True, checkpoints: frozenset[int] = frozenset(),
+           on_checkpoint: Callable[[CpaModel, int], None] | None = None) -> ReplayResult:
+    """Run `ops` on `m`. With `validate`, check after each op (first violation stops).
+    `on_checkpoint(m, done)` runs after `done` ops for each `done` in `checkpoints`."""
     val = Validator(m, checks) if validate else None
     violation = val.initial() if val else None
     pol = m.policy
@@ -271,6 +273,8 @@ def replay(m: CpaModel, ops: list[tuple], *, validate: bool = False, checks: str
             progress(idx, n)
         if dump_at is not None and idx == dump_at and on_dump:
             on_dump(m, idx)
+        if on_checkpoint is not None and idx + 1 in checkpoints:
+            on_checkpoint(m, idx + 1)
     secs = time.perf_counter() - t0
     if progress:
         progress(n, n)
