@@ -163,3 +163,88 @@ def test_non_present_pmd_with_pse_is_noted_like_a_leaf():
     assert _one_page_with_pde3(0x12345080) == HEAD + (
         "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
         "0x0000000000600000-0x0000000000800000           2M                               pmd\n") + TAIL
+
+
+def _one_page_with(table_level: int, index: int, raw: int) -> str:
+    """The one-user-page image with entry `index` of its PML4 (4), PDPT (3) or PD (2) set to `raw`."""
+    import io
+
+    from x86pt.build import Builder
+    from x86pt.formats.cli import dump_to
+    from x86pt.image import Image
+    b = Builder(levels=4, table_base=0x100000)
+    b.map(0x400000, 0x5000000, 4096, 4096, "p rw us nx")
+    mem, st = b.memory, b.state()
+    table = st.root
+    for _ in range(4 - table_level):
+        table = mem.read_u64(table) & 0x000FFFFFFFFFF000
+    mem.write_u64(table + index * 8, raw)
+    out = io.BytesIO()
+    dump_to(out, Image(mem, st, "<test>"), "ptdump", markers="none")
+    return out.getvalue().decode()
+
+
+PLAIN = HEAD + ("0x0000000000401000-0x0000000000600000        2044K                               pte\n"
+                "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
+                "0x0000000040000000-0x0000008000000000         511G                               pud\n"
+                "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+
+
+def test_non_present_pgd_entries_are_plain_holes():
+    # a non-present PGD is a hole whatever its value (with or without bit 7): unchanged text
+    assert _one_page_with(4, 1, 0x12345000) == PLAIN
+    assert _one_page_with(4, 1, 0x12345080) == PLAIN
+
+
+def test_non_present_pud_without_pse_is_skipped_with_pse_noted():
+    # PDPT[1] (0x40000000-0x80000000) gets no note without PSE: the pmd hole runs to PDPT[2]
+    assert _one_page_with(3, 1, 0x12345000) == HEAD + (
+        "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
+        "0x0000000000600000-0x0000000080000000        2042M                               pmd\n"
+        "0x0000000080000000-0x0000008000000000         510G                               pud\n"
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+    assert _one_page_with(3, 1, 0x12345080) == HEAD + (
+        "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
+        "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
+        "0x0000000040000000-0x0000000080000000           1G                               pud\n"
+        "0x0000000080000000-0x0000008000000000         510G                               pud\n"
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+
+
+def test_non_present_pte_is_noted_with_its_value():
+    # every PTE is noted with its value: own flags RW (bit 1) without P make a line of their own
+    from x86pt.build import Builder  # noqa: F401  (same image as above, PT[1] set)
+    import io
+
+    from x86pt.formats.cli import dump_to
+    from x86pt.image import Image
+    b = Builder(levels=4, table_base=0x100000)
+    b.map(0x400000, 0x5000000, 4096, 4096, "p rw us nx")
+    mem, st = b.memory, b.state()
+    t = st.root
+    for _ in range(2):                                         # PML4[0] -> PDPT, PDPT[0] -> PD
+        t = mem.read_u64(t) & 0x000FFFFFFFFFF000
+    t = mem.read_u64(t + 2 * 8) & 0x000FFFFFFFFFF000          # PD[2] -> the PT of 0x400000
+    mem.write_u64(t + 8, 0x12345002)
+    out = io.BytesIO()
+    dump_to(out, Image(mem, st, "<test>"), "ptdump", markers="none")
+    assert out.getvalue().decode() == HEAD + (
+        "0x0000000000401000-0x0000000000402000           4K                               pte\n"
+        "0x0000000000402000-0x0000000000600000        2040K                               pte\n"
+        "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
+        "0x0000000040000000-0x0000008000000000         511G                               pud\n"
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+
+
+def test_large_nx_page_shows_no_pat():
+    import io
+
+    from x86pt.build import Builder
+    from x86pt.formats.cli import dump_to
+    from x86pt.image import Image
+    b = Builder(levels=4, table_base=0x100000)
+    b.map(0x200000, 0x400000, 1 << 21, 1 << 21, "p rw nx")
+    out = io.BytesIO()
+    dump_to(out, Image(b.memory, b.state(), "<test>"), "ptdump", markers="none")
+    assert ("0x0000000000200000-0x0000000000400000           2M     RW         PSE         NX pmd\n"
+            in out.getvalue().decode())
