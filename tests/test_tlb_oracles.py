@@ -15,6 +15,9 @@ value is asserted too: it proves the test sees a cached translation at all. KVM 
 (kvm_pvm: shadow paging) runs the guest on the real CPU; host writes to guest memory bypass the
 shadow MMU's write protection, so the stale entry is observable there as well; whether it is seen
 is recorded, not required (a CPU may drop an entry at any time, §4.10.2.2).
+
+The PCID rules (MOV to CR3 with CR4.PCIDE=1, CR4.PCIDE 1 -> 0, INVPCID types 0-3) are in
+tests/test_tlb_oracles_pcid.py, with what each oracle of this host refuses.
 """
 from __future__ import annotations
 
