@@ -368,7 +368,8 @@ def qemu_extras() -> dict[int, bytes]:
     return out
 
 
-def _qemu_guest(mem: SparseMemory, steps=None):
+def _qemu_guest(mem: SparseMemory) -> PagingState:
+    """The IDT, handlers, prologue and 64-bit code descriptor in mem; the boot state."""
     from harness.oracles.qemu_monitor import CODE64_DESCRIPTOR
     for pa, data in qemu_extras().items():
         mem.write(pa, data)
@@ -456,8 +457,9 @@ def run_qemu(global_x: bool, steps) -> dict[int, int]:
                 at, = struct.unpack("<Q", mon.read_memory(rsp + (8 if vec in ERROR_CODE_VECTORS else 0), 8))
                 off_at = at - CODE
                 what = ("INVPCID" if off_at in asm.invpcid_at else
-                        "MOV to CR4 setting PCIDE" if off_at in asm.pcide_set_at else
-                        f"the instruction at {at:#x}")
+                        "MOV to CR4 setting PCIDE" if off_at in asm.pcide_set_at else None)
+                if what is None:                 # not a refusal of a PCID instruction: a bug
+                    raise AssertionError(f"qemu: vector {vec} at {at:#x}")
                 raise Refused(f"qemu {mon.version} -cpu max: {what} raised vector {vec}")
             if rip != CODE + off:
                 raise AssertionError(f"qemu stopped at {rip:#x} ({reply}), not {CODE + off:#x}")
