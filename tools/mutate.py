@@ -171,6 +171,37 @@ def locate(mutmut: str, work: Path, key: str, defs: dict[str, int]) -> tuple[int
     return line, old, new
 
 
+def confirm(work: Path, module: str, survivors: list[Survivor], tests: list[str],
+            env: dict[str, str]) -> set[str]:
+    """Keys of the survivors that `tests` kill, each applied alone to the copy's module."""
+    path = work / module
+    orig = path.read_text()
+    lines = orig.splitlines(keepends=True)
+    killed = set()
+    for s in survivors:
+        i = s.line - 1
+        if not (0 <= i < len(lines)) or lines[i].strip() != s.old.strip() or not s.new.strip():
+            continue
+        indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+        text = "".join(lines[:i] + [indent + s.new.strip() + "\n"] + lines[i + 1:])
+        try:
+            ast.parse(text)             # a mutation spanning lines cannot be replayed this way
+        except SyntaxError:
+            continue
+        path.write_text(text)
+        try:
+            r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                *tests], cwd=work, env=dict(env, PYTHONPATH=str(work)), capture_output=True,
+                               timeout=120)   # a hang (an endless loop) counts as killed
+            if r.returncode not in (0, 5):
+                killed.add(s.key)
+        except subprocess.TimeoutExpired:
+            killed.add(s.key)
+        finally:
+            path.write_text(orig)
+    return killed
+
+
 def read_list(path: Path) -> dict[str, str]:
     """ident -> justification from a survivor list (lines: `ident  # justification`)."""
     out: dict[str, str] = {}
@@ -196,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="rewrite tools/mutants/<module>.txt with the survivors (keeps justifications)")
     ap.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     ap.add_argument("--list", action="store_true", help="print the module -> tests table")
+    ap.add_argument("--confirm-with", nargs="+", metavar="TEST",
+                    help="apply each unjustified survivor by hand to the copy and run these (slower) "
+                         "tests on it, e.g. tests/test_linux_ptdump_exact.py: a survivor they fail "
+                         "on is killed by them")
     a = ap.parse_args(argv)
     if a.module is None or a.list:
         for mod, tests in TESTS.items():
@@ -260,10 +295,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{module}: {killed}/{total} killed ({pct:.1f}%), {len(survivors)} not killed, "
               f"{took:.0f} s, tests: {' '.join(tests)}")
         known = read_list(list_name(module))
+        if a.confirm_with:
+            confirmed = confirm(tmp, module, [s for s in survivors
+                                              if not known.get(s.ident) or known[s.ident].startswith("TODO")],
+                                a.confirm_with, env)
+            for s in survivors:
+                if s.key in confirmed:
+                    known[s.ident] = f"killed by {' '.join(a.confirm_with)} (--confirm-with)"
         new_ones = []
         for s in survivors:
             why = known.get(s.ident)
-            if why in ("", "TODO"):
+            if not why or why.startswith("TODO"):
                 why = None
             mark = "  # " + why if why else "  # NEW: not justified"
             if not why:
