@@ -19,9 +19,16 @@ setup() {
     # Install (or refresh) x86pt with its test extras; quiet unless it fails.
     stamp="$venv/.x86pt-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        echo "run.sh: installing x86pt and its dependencies into $venv" >&2
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" >&2
+        # pip's output goes to a log; its tail is shown when it fails.
+        plog="$venv/install-pip.log"
+        echo "run.sh: installing x86pt and its dependencies into $venv (log: $plog)" >&2
+        if ! { "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip &&
+               "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"; } \
+               >"$plog" 2>&1; then
+            tail -n 30 "$plog" >&2
+            echo "run.sh: pip install failed (full log: $plog)" >&2
+            exit 1
+        fi
         touch "$stamp"
     fi
     # QEMU is an oracle of the rig (Debian's qemu-system-x86); installed when we may.
