@@ -26,7 +26,7 @@ import struct
 import pytest
 
 from tests.conftest import need_oracle
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE,
+from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PCIDE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE,
                          PagingState, profile_named)
 from x86pt.memory.sparse import SparseMemory
 from x86pt.tlb import TlbSystem
@@ -125,7 +125,8 @@ def assemble(steps) -> Asm:
 
 
 def model_sets(global_x: bool, steps) -> dict[int, frozenset]:
-    """slot -> the physical addresses the model allows for that read."""
+    """slot -> the physical addresses the model allows for that read. The steps of both scenario
+    files: read, host write, invlpg, cr3 (a reload, or a value), pge, pcide, invpcid."""
     mem = SparseMemory(RAM)
     for pa, v in base_memory(global_x).items():
         mem.write(pa, struct.pack("<Q", v))
@@ -143,10 +144,16 @@ def model_sets(global_x: bool, steps) -> dict[int, frozenset]:
         elif s[0] == "invlpg":
             tlb.invlpg(s[1], 0)
         elif s[0] == "cr3":
-            cpu.mov_cr3(PML4)
+            cpu.mov_cr3(s[1] if len(s) > 1 else PML4)
         elif s[0] == "pge":
-            cpu.mov_cr4(CR4 & ~CR4_PGE)
-            cpu.mov_cr4(CR4)
+            cpu.toggle_pge()
+        elif s[0] == "pcide":
+            cr4 = cpu.state.cr4
+            cpu.mov_cr4(cr4 | CR4_PCIDE if s[1] else cr4 & ~CR4_PCIDE)
+        elif s[0] == "invpcid":
+            cpu.invpcid(s[1], s[2], s[3])
+        else:
+            raise ValueError(s)
     return out
 
 

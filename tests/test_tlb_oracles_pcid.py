@@ -44,11 +44,10 @@ import pytest
 
 from tests.conftest import need_oracle
 from tests.test_tlb_oracles import (A, B, CODE, CR0, EFER, G, P, PML4, PORT, PT2, RAM, RES, RW,
-                                    STACK, X, Asm, base_memory, observed_pa)
+                                    STACK, X, Asm, base_memory, model_sets, observed_pa)
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import CR4_PAE, CR4_PCIDE, CR4_PGE, PagingState, profile_named
-from x86pt.tlb import CR3_NOFLUSH, TlbSystem
-from x86pt.walk import Access
+from x86pt.state import CR4_PAE, CR4_PGE, PagingState, profile_named
+from x86pt.tlb import CR3_NOFLUSH
 
 CR4 = CR4_PAE | CR4_PGE                  # the boot value; scenarios set PCIDE in the guest
 DESC = 0x28000                           # INVPCID descriptors, 16 bytes each (low 2M, identity)
@@ -157,33 +156,6 @@ def guest_memory(global_x: bool, asm: PcidAsm) -> dict[int, int]:
     for i, (pcid, va) in enumerate(asm.descriptors):
         q[DESC + 16 * i], q[DESC + 16 * i + 8] = pcid, va
     return q
-
-
-def model_sets(global_x: bool, steps) -> dict[int, frozenset]:
-    mem = SparseMemory(RAM)
-    for pa, v in base_memory(global_x).items():
-        mem.write(pa, struct.pack("<Q", v))
-    st = PagingState(cr3=PML4, cr0=CR0, cr4=CR4, efer=EFER, profile=profile_named("intel"), maxphyaddr=46)
-    tlb = TlbSystem(mem, st, 1)
-    cpu = tlb.cpu(0)
-    rd = Access("read")
-    out = {}
-    for s in steps:
-        if s[0] == "read":
-            out[s[2]] = frozenset(o[1] for o in tlb.outcomes(0, s[1], rd) if o[0] == "ok")
-            tlb.touch(0, s[1], rd)
-        elif s[0] == "host":
-            mem.write(s[1], struct.pack("<Q", s[2]))
-        elif s[0] == "pcide":
-            cr4 = cpu.state.cr4
-            cpu.mov_cr4(cr4 | CR4_PCIDE if s[1] else cr4 & ~CR4_PCIDE)
-        elif s[0] == "cr3":
-            cpu.mov_cr3(s[1])
-        elif s[0] == "invpcid":
-            cpu.invpcid(s[1], s[2], s[3])
-        elif s[0] == "pge":
-            cpu.toggle_pge()
-    return out
 
 
 KINDS = ("cr3-pcid-noflush", "cr3-other-pcid", "pcide-off", "cr3-pcid-global",
