@@ -41,3 +41,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", params=[pytest.param("unicorn", marks=pytest.mark.unicorn),
+                                        pytest.param("qemu", marks=pytest.mark.qemu),
+                                        pytest.param("kvm", marks=pytest.mark.kvm)])
+def oracle(request):
+    """Each real oracle of the rig in turn (skipped, or failed when required, where it is missing);
+    closed after the module."""
+    from harness.oracles import availability, get_oracle
+    name = request.param
+    ok, why = availability(name)
+    need_oracle(name, ok, why)
+    o = get_oracle(name)
+    try:
+        yield o
+    finally:
+        o.close()

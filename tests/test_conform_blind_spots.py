@@ -20,26 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from conftest import need_oracle
 from harness import matrix as mx
 from harness.differential import run_conformance
 from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
-from harness.oracles import availability, get_oracle
 from x86pt.state import as_profile
 
 
-@pytest.fixture(scope="module", params=[pytest.param("unicorn", marks=pytest.mark.unicorn),
-                                        pytest.param("qemu", marks=pytest.mark.qemu),
-                                        pytest.param("kvm", marks=pytest.mark.kvm)])
-def oracle(request):
-    name = request.param
-    ok, why = availability(name)
-    need_oracle(name, ok, why)
-    o = get_oracle(name)
-    try:
-        yield o
-    finally:
-        o.close()
 
 
 def _setup(o):

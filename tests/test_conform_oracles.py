@@ -7,13 +7,10 @@ Skips (or, with X86PT_REQUIRE_ORACLES, fails) with the registry's reason when an
 """
 from __future__ import annotations
 
-import pytest
 
-from conftest import need_oracle
 from harness import matrix as mx
 from harness.differential import run_conformance
 from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
-from harness.oracles import availability, get_oracle
 from harness.random_tables import RandomSource
 from x86pt.state import as_profile
 
@@ -23,18 +20,6 @@ SIZES = {"unicorn": (4000, 2000, 3000), "qemu": (1500, 800, 1500), "kvm": (1500,
 SEED = 20260601
 
 
-@pytest.fixture(scope="module", params=[pytest.param("unicorn", marks=pytest.mark.unicorn),
-                                        pytest.param("qemu", marks=pytest.mark.qemu),
-                                        pytest.param("kvm", marks=pytest.mark.kvm)])
-def oracle(request):
-    name = request.param
-    ok, why = availability(name)
-    need_oracle(name, ok, why)
-    o = get_oracle(name)
-    try:
-        yield o
-    finally:
-        o.close()
 
 
 # Every difference must be explained by the oracle's profile (x86pt/state.py): none is excused here.
