@@ -240,7 +240,8 @@ def seed_vmalloc(m: CpaModel, after: CpaModel, ops: list[tuple], alias: dict[int
     return n_alias, n_img, n_none
 
 
-def replay_step(run_dir: str, k: int, tmp: str | None = None) -> StepReplay:
+def _step_models(run_dir: str, k: int, tmp: str | None):
+    """(step folders, layout, kernel, the model of image k-1, the model of image k) of a run."""
     steps = step_dirs(run_dir)
     if not 1 <= k < len(steps):
         raise ValueError(f"step {k} has no predecessor in {run_dir}")
@@ -249,6 +250,11 @@ def replay_step(run_dir: str, k: int, tmp: str | None = None) -> StepReplay:
         tmp = tmp or own
         m = load_model(steps[k - 1], layout, kernel, os.path.join(tmp, f"{k - 1}"))
         after = load_model(steps[k], layout, kernel, os.path.join(tmp, f"{k}"))
+    return steps, layout, kernel, m, after
+
+
+def replay_step(run_dir: str, k: int, tmp: str | None = None) -> StepReplay:
+    steps, layout, kernel, m, after = _step_models(run_dir, k, tmp)
     text = read_artifact(steps[k], "cpa.trace").decode()
     ops = [op for op in (parse_line(l) for l in text.splitlines()) if op]
     sa, si, sn = seed_vmalloc(m, after, ops, _alias_frames(text, m))
@@ -365,14 +371,7 @@ def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2,
     from x86pt.cpa.tlbreplay import replay_tlb
     from x86pt.cpa.trace import format_op
     from x86pt.tlb import parse_tlb_line
-    steps = step_dirs(run_dir)
-    if not 1 <= k < len(steps):
-        raise ValueError(f"step {k} has no predecessor in {run_dir}")
-    layout, kernel = run_layout(run_dir), run_kernel(run_dir)
-    with tempfile.TemporaryDirectory(prefix="x86pt-replay-") as own:
-        tmp = tmp or own
-        m = load_model(steps[k - 1], layout, kernel, os.path.join(tmp, f"{k - 1}"))
-        after = load_model(steps[k], layout, kernel, os.path.join(tmp, f"{k}"))
+    steps, layout, kernel, m, after = _step_models(run_dir, k, tmp)
     if text is None:
         text = read_artifact(steps[k], "cpa.trace").decode()
     ops: list[tuple] = []
