@@ -217,7 +217,7 @@ def cmd_conform(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "conform", help="differential conformance: the x86pt model vs unicorn/QEMU/KVM",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--oracle", default="unicorn",
                    help="unicorn, qemu, kvm, model, a comma list, or all (default unicorn)")
     p.add_argument("--profile", default=None, help="profile for --oracle model (default intel)")
