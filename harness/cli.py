@@ -36,18 +36,12 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _oracle_list(name: str) -> list[str]:
-    from harness.oracles import BACKENDS, REAL_ORACLES
-    if name == "all":
-        return list(REAL_ORACLES)
-    names = [n.strip() for n in name.split(",") if n.strip()]
-    for n in names:
-        if n not in BACKENDS:
-            raise BadInputError(f"unknown oracle {n!r} (one of {', '.join(BACKENDS)}, all)")
-    return names
+    from x86pt.oracle import oracle_list
+    return oracle_list(name)
 
 
 def _open_oracle(name: str, profile: str | None):
-    from harness.oracles import get_oracle
+    from x86pt.oracle import get_oracle
     if name == "model":
         return get_oracle("model", profile=profile or "intel")
     return get_oracle(name)

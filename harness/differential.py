@@ -18,14 +18,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Protocol, Sequence
 
-from harness.oracles.base import (BatchResult, Probe, ProbeResult, pa_from_value,
-                                  tag_value)
-from harness.oracles.model import as_probe_result, model_run, read_value
+from x86pt.compare import agrees, as_probe_result, compare_probe, describe_outcome, model_run, read_value
 from x86pt.errors import BadInputError, OracleError, PhysicalAddressError
 from x86pt.memory.sparse import SparseMemory
+from x86pt.oracle import BatchResult, Probe, ProbeResult, tag_value
 from x86pt.progress import Interrupt, ProgressBar
 from x86pt.state import PagingState, as_profile
-from x86pt.walk import BIT_A, Access, PageFault, Result, Translation, error_code_dont_care
+from x86pt.walk import BIT_A, Result, Translation
 
 REPRO_VERSION = 1
 
@@ -111,57 +110,6 @@ def probe_instruction(oracle, probe: Probe) -> str:
 
 
 # -- comparison ------------------------------------------------------------------------------------------
-def oracle_pa(got: ProbeResult, probe: Probe) -> int | None:
-    if got.pa is not None:
-        return got.pa
-    if probe.access == "read":
-        return pa_from_value(got.value, probe.va)
-    return None
-
-
-def compare_probe(model: Result, got: ProbeResult, probe: Probe, state: PagingState | None = None) -> list[str]:
-    """Differences between the model's and the oracle's answer for one probe. Error-code bits the
-    profile of `state` leaves open (walk.error_code_dont_care) are not compared."""
-    want = as_probe_result(model)
-    diffs = []
-    if want.outcome != got.outcome:
-        diffs.append(f"outcome: model {describe_outcome(want)}, oracle {describe_outcome(got)}")
-        return diffs
-    if want.outcome == "page_fault":
-        loose = dont_care(state, probe)
-        if got.error_code is None or (got.error_code ^ want.error_code) & ~loose:
-            diffs.append(f"#PF error code: model {want.error_code:#x}, oracle "
-                         f"{'?' if got.error_code is None else hex(got.error_code)}")
-        if got.cr2 is not None and got.cr2 != want.cr2:
-            diffs.append(f"CR2: model {want.cr2:#x}, oracle {got.cr2:#x}")
-    elif want.outcome == "general_protection":
-        if got.error_code is not None and got.error_code != want.error_code:
-            diffs.append(f"#GP error code: model {want.error_code:#x}, oracle {got.error_code:#x}")
-        model_wrote = want.cr2 is not None
-        oracle_wrote = got.cr2 is not None and got.cr2 == probe.va
-        if model_wrote != oracle_wrote:
-            diffs.append(f"CR2 on #GP: model {'writes' if model_wrote else 'leaves'} it, oracle "
-                         f"{'writes' if oracle_wrote else 'leaves'} it")
-    else:
-        pa = oracle_pa(got, probe)
-        if pa is not None and pa != want.pa:
-            diffs.append(f"physical address: model {want.pa:#x}, oracle {pa:#x}")
-        elif pa is None and probe.access == "read" and got.value is not None and not probe.va & 7:
-            diffs.append(f"read returned {got.value:#x}, not the frame tag {tag_value(want.pa):#x} "
-                         f"of model pa {want.pa:#x}")
-    return diffs
-
-
-def describe_outcome(r: ProbeResult) -> str:
-    if r.outcome == "ok":
-        return "ok" + (f" pa={r.pa:#x}" if r.pa is not None else "")
-    if r.outcome == "page_fault":
-        from x86pt.describe import error_code_names
-        ec = "?" if r.error_code is None else f"{r.error_code:#x} ({error_code_names(r.error_code)})"
-        return f"#PF {ec}" + (f" cr2={r.cr2:#x}" if r.cr2 is not None else "")
-    return f"#GP({r.error_code})" + (f" cr2={r.cr2:#x}" if r.cr2 is not None else "")
-
-
 def _entries_of_case(case: CaseInfo, results: Sequence[Result]) -> dict[int, tuple[str, bool]]:
     """addr -> (kind, used by a successful walk of this case)."""
     out: dict[int, tuple[str, bool]] = {e.addr: (e.kind, False) for e in case.owned}
@@ -371,7 +319,7 @@ def check_batch(oracle_name: str, batch: Batch, results: Sequence[Result], model
     for case in batch.cases:
         diffs = []
         for i in case.probes:
-            if _agrees(results[i], got.results[i], batch.probes[i], batch.state):
+            if agrees(results[i], got.results[i], batch.probes[i], batch.state):
                 continue
             for d in compare_probe(results[i], got.results[i], batch.probes[i], batch.state):
                 diffs.append(f"probe {i - case.probes[0] + 1}: {d}" if len(case.probes) > 1 else d)
@@ -422,30 +370,6 @@ def _check_translation_only(oracle_name: str, batch: Batch, results: Sequence[Re
                 tuple(probe_instruction(oracle, p) for p in ps),
                 make_repro(oracle_name, batch, case, results, diffs)))
     return out
-
-
-def _agrees(model: Result, got: ProbeResult, probe: Probe, state: PagingState | None = None) -> bool:
-    """Fast path of compare_probe for the common case (everything equal)."""
-    if isinstance(model, Translation):
-        if got.outcome != "ok":
-            return False
-        pa = oracle_pa(got, probe)
-        if pa is None:
-            return probe.access != "read" or got.value is None or bool(probe.va & 7)
-        return pa == model.pa
-    if isinstance(model, PageFault):
-        return (got.outcome == "page_fault" and got.error_code is not None
-                and not (got.error_code ^ model.error_code) & ~dont_care(state, probe)
-                and (got.cr2 is None or got.cr2 == model.cr2))
-    return False
-
-
-def dont_care(state: PagingState | None, probe: Probe) -> int:
-    """Error-code bits the profile leaves open for this probe (walk.error_code_dont_care)."""
-    if state is None or not state.profile.cpl3_blind_ranges:
-        return 0
-    return error_code_dont_care(state, probe.va, Access(probe.access, user=probe.user, ac=probe.ac,
-                                                        implicit=probe.implicit))
 
 
 def differing_qwords(model_after: SparseMemory, oracle_after) -> set[int]:

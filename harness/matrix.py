@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from harness.differential import Batch, CaseInfo, OwnedEntry
-from harness.oracles.base import RIG_IMAGE_BASE, RIG_RAM_SIZE, Capabilities, Probe, tag_value
+from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, Capabilities, Probe, tag_value
 from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from harness.differential import Batch, CaseInfo
 from harness.matrix import FRAME_BASE, NR_FRAMES, TABLE_BASE, MatrixFeatures, fill_frames
-from harness.oracles.base import HARNESS_SLOT, Probe
+from x86pt.oracle import HARNESS_SLOT, Probe
 from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,

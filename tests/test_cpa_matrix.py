@@ -112,7 +112,7 @@ def test_sampled_states_agree_with_unicorn():
     unicorn (every page each sampled op touched, read/write/fetch at CPL0) for the merge
     policies on the oldest and newest rule sets."""
     from conftest import need_oracle
-    from harness.oracles import availability
+    from x86pt.oracle import availability
     from x86pt.cpa.oracle_probe import OracleCheck, sampled_steps
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)
@@ -124,8 +124,7 @@ def test_sampled_states_agree_with_unicorn():
                              log=lambda s: None)
             try:
                 m = CpaModel(lay, kernel, policy)
-                m.oracle_check = oc
-                r = replay(m, ops, validate=True, checks="abcde", samples=0)
+                r = replay(m, ops, validate=True, checks="abcde", samples=0, oracle_check=oc)
                 assert r.violation is None, (kernel, policy, r.violation)
                 st = oc.stats["unicorn"]
                 assert st.steps == 3 and st.probes > 0, (kernel, policy, oc.summary())

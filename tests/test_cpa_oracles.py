@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from conftest import need_oracle
-from harness.oracles import availability
+from x86pt.oracle import availability
 from x86pt.cli import main
 
 LAYOUT = "server-64g-nogb"          # KVM here has no 1G pages; 2M leaves everywhere
@@ -86,7 +86,8 @@ def test_corrupted_image_fires_e(name, tmp_path, monkeypatch, capsys):
 
 
 def test_missing_oracle_is_skipped_with_a_message(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("harness.oracles._host_check", lambda name: "not on this host (test)")
+    from harness.oracles.kvm import KvmOracle
+    monkeypatch.setattr(KvmOracle, "available", staticmethod(lambda: (False, "not on this host (test)")))
     path = tmp_path / "ro.trace"
     path.write_text(f"set_memory_ro {DM_PAGE:#x} 4\n")
     rc = main(["cpa", "replay", str(path), "--layout", LAYOUT, "--validate", "--oracle", "kvm",

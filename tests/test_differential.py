@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from harness import matrix as mx
-from harness.differential import (Batch, CaseInfo, OwnedEntry, compare_entries, compare_probe,
-                                  disassemble, model_run, replay, run_conformance)
+from harness.differential import Batch, CaseInfo, OwnedEntry, compare_entries, disassemble, replay, run_conformance
+from x86pt.compare import compare_probe, model_run
 from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
-from harness.oracles import availability, get_oracle
-from harness.oracles.base import Probe, ProbeResult
+from x86pt.oracle import availability, get_oracle
+from x86pt.oracle import Probe, ProbeResult
 from harness.oracles.model import ModelOracle, deviation
 from harness.random_tables import RandomSource
 from x86pt.cli import main
@@ -233,7 +233,7 @@ def test_translation_only_oracle_is_judged_on_translations():
     (present + PS; reserved bits pass into the address, per docs/oracles.md §5), so a wrong
     or missing translation is reported and a rights fault is not."""
     from harness.differential import check_batch
-    from harness.oracles.base import BatchResult
+    from x86pt.oracle import BatchResult
     from x86pt.build import Builder
     b = Builder(maxphyaddr=40, table_base=0x200000)
     b.map(0x1000, 0x400000, 0x1000, 0x1000, "p")                 # supervisor RO page
@@ -242,7 +242,7 @@ def test_translation_only_oracle_is_judged_on_translations():
     st = b.state(profile="qemu")
     probes = [Probe(0x1008, "write", user=True), Probe(0x2000)]
     batch = Batch(b.memory, st, probes, [CaseInfo("t#0", None, (0,)), CaseInfo("t#1", None, (1,))])
-    from harness.oracles.model import model_run
+    from x86pt.compare import model_run
     results, model_after = model_run(b.memory, st, probes)
     right = BatchResult([ProbeResult("ok", pa=(1 << 51) | 0x400008), ProbeResult("page_fault")], b.memory)
     assert check_batch("qemu-monitor", batch, results, model_after, right) == []

@@ -13,7 +13,8 @@ import sys
 
 from tests.conftest import FIXTURES, ROOT
 from x86pt.build import Builder
-from x86pt.cli import main, write_image
+from x86pt.cli import main
+from x86pt.memory import write_image
 
 DUMP = os.path.join(FIXTURES, "dump")
 LINUX = os.path.join(DUMP, "linuxlike4.elf")

@@ -12,7 +12,7 @@ import pytest
 
 import harness.guest as g
 from harness.guest import listing
-from harness.oracles.base import Probe, tag_value
+from x86pt.oracle import Probe, tag_value
 from x86pt.errors import BadInputError, OracleError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import CR4_LA57, CR4_PAE, PagingState, profile_named

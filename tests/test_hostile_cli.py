@@ -87,7 +87,7 @@ def run_cli(argv, cwd, timeout: float = TIMEOUT, stdin: bytes | None = None) -> 
 # -- inputs ---------------------------------------------------------------------------------------------
 def _elf_core(path: str) -> None:
     from x86pt.build import Builder
-    from x86pt.cli import write_image
+    from x86pt.memory import write_image
     b = Builder(maxphyaddr=46)
     b.map(0x400000, 0x5000000, 0x2000, 4096, "rw us")
     b.map(0xFFFF888000000000, 0, 1 << 21, 1 << 21, "rw nx g")

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings, strategies as hst
 
 from tests.conftest import FIXTURES
 from x86pt.build import Builder
-from x86pt.cli import main, write_image
+from x86pt.cli import main
+from x86pt.memory import write_image
 
 DUMP = os.path.join(FIXTURES, "dump")
 FORMATS = ("ptdump", "qemu-mem", "qemu-tlb", "json", "csv")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from harness import matrix as mx
-from harness.differential import model_run
+from x86pt.compare import model_run
 from harness.matrix import MatrixFeatures, matrix_for
 from x86pt.state import profile_named
 from x86pt.walk import PageFault, Translation

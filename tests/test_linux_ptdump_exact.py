@@ -109,7 +109,7 @@ def test_explicit_bases_equal_layout_and_defaults_do_not_fit_kaslr(tmp_path):
 ])
 def test_bad_layout_is_one_line_exit_2(tmp_path, content, what):
     from x86pt.build import Builder
-    from x86pt.cli import write_image
+    from x86pt.memory import write_image
     b = Builder(levels=4)
     b.map(0x400000, 0x5000000, 4096, 4096, "p rw")
     img = str(tmp_path / "t.elf")

@@ -8,7 +8,7 @@ import pytest
 
 from harness import matrix as mx
 from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
-from harness.oracles.base import HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE
+from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE
 from x86pt.state import profile_named
 
 # (features, §10.6 count)

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from harness.oracles.base import Probe, tag_value
+from x86pt.oracle import Probe, tag_value
 from harness.oracles.kvm import (PVM_BLIND_RANGE, KvmOracle, cached_capabilities, cached_profile,
                                  kvm_usable)
 from conftest import need_oracle

@@ -27,7 +27,7 @@ from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PKE, CR4_SMAP, CR4
                          EFER_LME, EFER_NXE, PROFILES)
 from x86pt.walk import Access, walk
 
-from harness.oracles.base import Probe, tag_value
+from x86pt.oracle import Probe, tag_value
 
 pytestmark = pytest.mark.qemu
 

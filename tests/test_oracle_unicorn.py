@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import need_oracle
-from harness.oracles.base import HARNESS_SLOT, RIG_IMAGE_BASE, Probe, tag_value
+from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, Probe, tag_value
 from harness.oracles.unicorn_oracle import (INSN, UnicornOracle, available, cpuid)
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError

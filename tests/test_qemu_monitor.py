@@ -20,7 +20,7 @@ from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.elfcore import ElfCore
 from x86pt.state import CR4_LA57, CR4_PAE
 
-from harness.oracles.base import Probe
+from x86pt.oracle import Probe
 
 pytestmark = pytest.mark.qemu
 

@@ -77,7 +77,7 @@ def _available(name: str) -> tuple[bool, str]:
     if name == "linux":
         from harness.linux.run import available
         return available("6.1")
-    from harness.oracles import availability
+    from x86pt.oracle import availability
     return availability(name)
 
 

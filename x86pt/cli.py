@@ -1,8 +1,9 @@
 """The `x86pt` command. Each command is a library call plus a renderer; bad input of any kind ends
 in one line on stderr and exit status 2, never a traceback.
 
-Other parts of the project add commands through `register(subparsers)` in their own cli module
-(PLUGINS below), so this file stays the core's.
+The library's other parts add commands through `register(subparsers)` in their own cli module
+(x86pt.plugins.BUILTIN_COMMANDS); other packages (the rig among them) through a module registered under the
+`x86pt.commands` entry-point group (x86pt/plugins.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from x86pt import __version__
 from x86pt.errors import BadInputError, X86ptError
 from x86pt.numbers import parse_int
 
-PLUGINS = ("x86pt.formats.cli", "x86pt.cpa.cli", "harness.cli", "harness.linux.cli")
 
 
 def emit_json(obj, out=None) -> None:
@@ -213,29 +213,9 @@ class _Overlay:
 
 
 # -- build ----------------------------------------------------------------------------------------
-def write_image(memory, state, path: str, fmt: str | None = None, inputs=()) -> str:
-    """Write an image as an ELF core (default for .elf/.core/.vmcore names) or raw, through the
-    one output writer (x86pt.memory.atomic): never over one of `inputs`, a directory or a device."""
-    from x86pt.memory import write_elf_core, write_lime
-    from x86pt.memory.atomic import check_output, write_bytes_atomic
-    check_output(path, inputs)
-    if fmt is None:
-        fmt = "raw" if path.endswith((".raw", ".bin", ".img", ".mem")) else "elf"
-    if fmt == "elf":
-        write_elf_core(path, memory, cr0=state.cr0, cr3=state.cr3, cr4=state.cr4, efer=state.efer,
-                       pkru=state.pkru, pkrs=state.pkrs, maxphyaddr=state.m, vendor=state.vendor,
-                       profile=state.profile.name, inputs=inputs)
-    elif fmt == "raw":
-        write_bytes_atomic(path, memory.to_bytes(), inputs=inputs)
-    elif fmt == "lime":
-        write_lime(path, memory, inputs)
-    else:
-        raise BadInputError(f"unknown output format {fmt!r} (elf, raw or lime)")
-    return fmt
-
-
 def cmd_build(args) -> int:
     from x86pt.build import build_from_spec
+    from x86pt.memory import write_image
     from x86pt.memory.atomic import check_output
     check_output(args.output, [args.spec])        # before any work
     try:
@@ -332,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--json", action="store_true")
     dm.set_defaults(func=cmd_demo)
 
-    for mod in PLUGINS:
+    from x86pt.plugins import command_modules
+    for mod in command_modules():
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -89,7 +89,8 @@ class DemoContext:
 
 
 def run_demo(args) -> int:
-    from x86pt.cli import PLUGINS, write_image
+    from x86pt.memory import write_image
+    from x86pt.plugins import command_modules
     from x86pt.describe import render_result, result_json
     from x86pt.walk import Access, walk
     out_dir = args.out or tempfile.mkdtemp(prefix="x86pt-demo-")
@@ -136,7 +137,7 @@ def run_demo(args) -> int:
         else:
             print(f"-- {what}: {acc.describe()}")
             print(render_result(r, steps=(what == "module text, a 4K alias of the direct map")))
-    for mod in PLUGINS:
+    for mod in command_modules():
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError:

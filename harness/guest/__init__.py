@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from harness.oracles.base import HARNESS_SLOT, RIG_IMAGE_BASE, Probe, ProbeResult, pa_from_value
+from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, Probe, ProbeResult, pa_from_value
 from x86pt.errors import BadInputError, OracleError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE,

@@ -23,8 +23,8 @@ from functools import lru_cache
 from typing import Sequence
 
 import harness.guest as guest
-from harness.oracles.base import (RIG_RAM_SIZE, BatchResult, Capabilities, Probe, implicit_support,
-                                  tag_value)
+from x86pt.oracle import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, tag_value
+from harness.oracles.base import implicit_support
 from x86pt.errors import OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
@@ -320,6 +320,8 @@ class _Vm:
 class KvmOracle:
     """The `kvm` oracle (profile 'kvm'). One /dev/kvm fd per oracle; a fresh VM per batch, so no
     state (busy TSS, TLB, A/D) leaks from one batch into the next."""
+
+    available = staticmethod(kvm_usable)
 
     name = "kvm"
 

@@ -12,57 +12,18 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from harness.oracles.base import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
-from x86pt.errors import PhysicalAddressError
+from x86pt.compare import as_probe_result, model_run
 from x86pt.memory.sparse import SparseMemory
+from x86pt.oracle import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
 from x86pt.state import PagingState, Profile, as_profile
-from x86pt.walk import Access, PageFault, Result, Translation, walk
-
-
-def as_probe_result(r: Result, value: int | None = None) -> ProbeResult:
-    """The model's answer in the oracle's record shape."""
-    if isinstance(r, Translation):
-        return ProbeResult("ok", pa=r.pa, value=value)
-    if isinstance(r, PageFault):
-        return ProbeResult("page_fault", error_code=r.error_code, cr2=r.cr2, vector=14, detail=r.reason)
-    return ProbeResult("general_protection", error_code=r.error_code, cr2=r.cr2, vector=13,
-                       detail=r.reason)
-
-
-def model_run(memory: SparseMemory, state: PagingState, probes: Sequence[Probe],
-              values: list | None = None) -> tuple[list[Result], SparseMemory]:
-    """Walk every probe in order on a copy of `memory` with A/D updates; returns the walk results
-    and the memory afterwards. With `values`, the qword each read loaded (at that moment) is
-    appended there, one per probe."""
-    mem = memory.copy()
-    out: list[Result] = []
-    for p in probes:
-        r = walk(state, mem, p.va, Access(p.access, user=p.user, ac=p.ac, implicit=p.implicit),
-                 update_ad=True)
-        if isinstance(r, Translation) and p.access == "write":
-            try:
-                mem.write_u64(r.pa, p.wvalue)
-            except PhysicalAddressError:
-                pass
-        if values is not None:
-            values.append(read_value(mem, r, p))
-        out.append(r)
-    return out, mem
-
-
-def read_value(memory: SparseMemory, r: Result, probe: Probe) -> int | None:
-    if not isinstance(r, Translation) or probe.access != "read":
-        return None
-    try:
-        return memory.read_u64(r.pa)
-    except PhysicalAddressError:
-        return None
 
 
 @dataclass
 class ModelOracle:
     """The x86pt model behind the Oracle protocol. `deviate` (tests only) may rewrite answers to
     play a buggy oracle."""
+
+    in_all = False    # the model compared with itself proves nothing
 
     profile: "str | Profile" = "intel"
     maxphyaddr: int | None = None

@@ -36,8 +36,8 @@ from x86pt.state import (CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, PagingState, PF_I
                          PF_RSVD, profile_named)
 
 from harness import guest
-from harness.oracles.base import (RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe,
-                                  ProbeResult, implicit_support, tag_value)
+from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult, tag_value
+from harness.oracles.base import implicit_support
 from harness.oracles.qemu_monitor import (BELOW_4G, QEMU_BINARY, QemuMonitor, RamFile,
                                           kill_group, qemu_binary, wait_exit, qemu_version, read_stderr,
                                           round_ram_size, scratch_dir, spawn_qemu)
@@ -59,6 +59,8 @@ def available() -> tuple[bool, str]:
 
 class QemuOracle:
     """Oracle "qemu" (profile "qemu"): QEMU TCG with the probe guest."""
+
+    available = staticmethod(available)
 
     name = "qemu"
     profile = "qemu"

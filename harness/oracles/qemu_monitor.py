@@ -54,7 +54,7 @@ from x86pt.memory.base import PAGE, MemoryBase
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_ET, CR0_PE, CR0_PG, EFER_LMA, EFER_LME, PagingState)
 
-from harness.oracles.base import (RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult)
+from x86pt.oracle import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
 
 QEMU_BINARY = "qemu-system-x86_64"
 MiB = 1 << 20
@@ -798,6 +798,9 @@ MONITOR_NOTES = (
 class QemuMonitorOracle:
     """Oracle "qemu-monitor": one paused QEMU per batch, one `gva2gpa` per probe. The access kind,
     CPL and AC of a probe do not matter to it (see MONITOR_NOTES)."""
+
+    available = staticmethod(qemu_available)
+    in_all = False    # translation only: no error codes, no A/D
 
     name = "qemu-monitor"
     profile = "qemu"

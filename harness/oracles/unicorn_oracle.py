@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from harness.oracles.base import (HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult,
-                                  Capabilities, Probe, ProbeResult, implicit_support, tag_value)
+from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult, tag_value
+from harness.oracles.base import implicit_support
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
@@ -659,6 +659,8 @@ def _free_pkey(state: PagingState) -> int | None:
 class UnicornOracle:
     """Oracle protocol backend (harness/oracles/base.py) on unicorn 2.1.4."""
 
+    available = staticmethod(available)
+
     name = "unicorn"
     profile = "unicorn"
 
@@ -995,7 +997,7 @@ def _discover(model: str) -> Capabilities:
         nx=(r[3].outcome, r[3].error_code) == ("page_fault", 0x11),
         rsvd_sets_p=bool(r[4].error_code is not None and r[4].error_code & 1),
         implicit_cpl0=impl0, implicit_cpl3=impl3, implicit_note=impl_note,
-        ram_size=oracle.ram_size, version=oracle.version,
+        ram_size=oracle.ram_size, unbacked="error", version=oracle.version,
         notes=(f"#PF error code read at context offset {ERROR_CODE_OFFSET}",
                "fetch probes report no pa (no memory hook sees instruction fetches)",
                f"CPUID vendor {vendor}"))

@@ -72,11 +72,9 @@ def _oracle_check(args, n_ops: int, minimising: bool = False):
     names = getattr(args, "oracle", None)
     if not names:
         return None
-    from harness.oracles import REAL_ORACLES
     from x86pt.cpa.oracle_probe import OracleCheck, sampled_steps
-    want = [n.strip() for n in names.split(",") if n.strip()]
-    if want == ["all"]:
-        want = list(REAL_ORACLES)
+    from x86pt.oracle import oracle_list
+    want = oracle_list(names)
     cap = parse_int(args.oracle_cap, "--oracle-cap", lo=1, hi=1 << 20)
     quiet = args.quiet or args.json
     log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
@@ -106,7 +104,6 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
     m = make()
     checks = args.checks
     if oc is not None:
-        m.oracle_check = oc
         checks = checks if "e" in checks else checks + "e"
     prog = Progress(f"{policy:>12}", not args.quiet and not args.json)
     on_dump = None
@@ -115,7 +112,7 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
         dump_idx = args.dump_at - 1          # --dump-at N: after the first N ops (1-based)
 
         def on_dump(model, idx):
-            from x86pt.cli import write_image
+            from x86pt.memory import write_image
             path = args.dump_out
             write_image(model.export(), model.paging_state(), path, None,
                         inputs=[args.trace, args.image, args.layout])
@@ -134,19 +131,13 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
             cost_points.append((done, model_cost(model, args, ops[:done])))
     r = replay(m, ops, validate=args.validate, checks=checks, progress=prog,
                dump_at=dump_idx, on_dump=on_dump, checkpoints=checkpoints,
-               on_checkpoint=on_checkpoint)
+               on_checkpoint=on_checkpoint, oracle_check=oc)
     r.cost_series = cost_points
     if oc is not None:
         r.notes = r.notes + tuple(oc.notes) + tuple(oc.summary())
     if r.violation is not None and args.validate:
         from x86pt.cpa.trace import minimise, write_trace
         mini_oc = _oracle_check(args, len(ops), True) if r.violation.invariant == "e" else None
-
-        def make_checked():
-            mm = make()
-            if mini_oc is not None:
-                mm.oracle_check = mini_oc
-            return mm
         path = _repro_path(args, policy)
         if path is None:
             # nothing is written unless asked: minimising costs time and leaves a file
@@ -155,7 +146,8 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
                 mini_oc.close()
             return r, m
         try:
-            mini = minimise(make_checked, ops, r.violation, checks, budget_s=args.minimise_seconds)
+            mini = minimise(make, ops, r.violation, checks, budget_s=args.minimise_seconds,
+                            oracle_check=mini_oc)
         finally:
             if mini_oc is not None:
                 mini_oc.close()
@@ -206,12 +198,12 @@ def _check_run_args(args, n_ops: int) -> None:
         if not args.dump_out:
             raise BadInputError("--dump-at needs --dump-out PATH (where the image goes)")
     if args.oracle is not None:
-        from harness.oracles import REAL_ORACLES
-        want = [n.strip() for n in args.oracle.split(",") if n.strip()]
-        bad = [n for n in want if n not in REAL_ORACLES + ("all",)]
-        if not want or bad:
-            raise BadInputError(f"--oracle {args.oracle!r}: unknown oracle "
-                                f"{bad[0] if bad else ''!r} (one of {', '.join(REAL_ORACLES)}, all)")
+        from x86pt.oracle import all_oracles, oracle_list
+        runnable = all_oracles()
+        bad = [n for n in oracle_list(args.oracle) if n not in runnable]
+        if bad:
+            raise BadInputError(f"--oracle {args.oracle!r}: {bad[0]!r} does not run probes "
+                                f"(one of {', '.join(runnable)}, all)")
         if not args.validate:
             raise BadInputError("--oracle needs --validate (the oracles check invariant (e) of "
                                 "the validation)")

@@ -6,13 +6,13 @@ harness; every table reachable from the other slots relocated into guest RAM abo
 RIG_IMAGE_BASE), and every page the op touched is probed the way the kernel touches its own
 memory: a read at CPL0, an instruction fetch, and a write at CPL0 with CR0.WP=1. Each oracle's
 answer is compared with
-  1. x86pt.walk on the same copy under the oracle's profile (harness.differential.compare_probe), and
+  1. x86pt.walk on the same copy under the oracle's profile (x86pt.compare.compare_probe), and
   2. the CPA validator's flat per-page reference (present / RW / NX / frame), through the #PF error
      codes of SDM Vol. 3A §4.7 (P=bit 0, W/R=bit 1, I/D=bit 4).
 A disagreement is a Violation(op, "e", ...).
 
 Frames are the kernel's, so most of them lie beyond the oracle's RAM. What each backend does there
-decides what can be probed (harness/oracles/base.py and the backends' notes):
+decides what can be probed (x86pt/oracle.py and the backends' notes):
   * qemu / kvm read all-ones from unbacked physical memory and drop writes (no fault), so reads
     and writes that translate are probed; fetches are not (execution from unbacked memory is an
     emulation failure on KVM), nor anything whose frame is in the PC's MMIO hole [3 GiB, 4 GiB).
@@ -105,7 +105,7 @@ def oracle_image(memory, cr3: int, ram_size: int, *, base: int = 0x200000) -> Or
 
 
 def tag_page(memory, pa_page: int) -> None:
-    from harness.oracles.base import tag_value
+    from x86pt.oracle import tag_value
     memory.pages[pa_page >> 12] = bytearray(
         struct.pack("<512Q", *(tag_value(pa_page + 8 * q) for q in range(512))))
 
@@ -186,13 +186,13 @@ def _ref_expect(ref_val, access: str, off: int):
 
 
 class OracleCheck:
-    """Probes sampled steps of a replay on the named oracles. Attach to a CpaModel as
-    `model.oracle_check` before `replay(..., validate=True, checks="...e")`."""
+    """Probes sampled steps of a replay on the named oracles. Give it to
+    `replay(..., validate=True, checks="...e", oracle_check=THIS)`."""
 
     def __init__(self, names: Sequence[str], *, every: int | None = None,
                  steps: Sequence[int] | None = None, cap: int = DEFAULT_CAP,
                  log: Callable[[str], None] | None = None, oracles: dict | None = None) -> None:
-        from harness.oracles import availability, get_oracle
+        from x86pt.oracle import availability, get_oracle
         if cap < 1:
             raise BadInputError("the probe cap per step must be at least 1")
         self.every = every
@@ -291,8 +291,8 @@ class OracleCheck:
         return ostate, kstate
 
     def _run_one(self, name: str, oracle, exported, regs, ref, idx: int, vas: list[int]) -> Violation | None:
-        from harness.differential import compare_probe, describe_outcome
-        from harness.oracles.base import Probe, tag_value
+        from x86pt.compare import compare_probe, describe_outcome
+        from x86pt.oracle import Probe, tag_value
         from x86pt.walk import Access, walk
         st = self.stats[name]
         ram = max(self.caps[name].ram_size, getattr(oracle, "ram_size", 0) or 0)
@@ -370,8 +370,8 @@ class OracleCheck:
             if (page >> 12) in img.tables and acc != "read":
                 return f"{acc}s to frames holding the copy's tables"
             return None
-        if name == "unicorn":
-            return f"{acc}s of frames beyond unicorn's RAM"
+        if self.caps[name].unbacked != "ones":
+            return f"{acc}s of frames beyond {name}'s RAM"
         if MMIO_HOLE[0] <= page < MMIO_HOLE[1]:
             return f"{acc}s of frames in the MMIO hole"
         if acc == "fetch":

@@ -233,10 +233,13 @@ def replay(m: CpaModel, ops: list[tuple], *, validate: bool = False, checks: str
            samples: int = 400, progress: Callable[[int, int], None] | None = None,
            dump_at: int | None = None, on_dump: Callable[[CpaModel, int], None] | None = None,
            stop_on_violation: bool = True, checkpoints: frozenset[int] = frozenset(),
-           on_checkpoint: Callable[[CpaModel, int], None] | None = None) -> ReplayResult:
+           on_checkpoint: Callable[[CpaModel, int], None] | None = None,
+           oracle_check=None) -> ReplayResult:
     """Run `ops` on `m`. With `validate`, check after each op (first violation stops).
-    `on_checkpoint(m, done)` runs after `done` ops for each `done` in `checkpoints`."""
-    val = Validator(m, checks) if validate else None
+    `on_checkpoint(m, done)` runs after `done` ops for each `done` in `checkpoints`.
+    `oracle_check` (an x86pt.cpa.oracle_probe.OracleCheck) decides invariant (e) when `checks`
+    holds "e"."""
+    val = Validator(m, checks, oracle_check=oracle_check) if validate else None
     violation = val.initial() if val else None
     pol = m.policy
     track = validate or pol.needs_touched
@@ -286,14 +289,15 @@ def replay(m: CpaModel, ops: list[tuple], *, validate: bool = False, checks: str
                         val.pages_checked if val else 0)
 
 
-def reproduces(make: Callable[[], CpaModel], ops: list[tuple], invariant: str, checks: str) -> bool:
+def reproduces(make: Callable[[], CpaModel], ops: list[tuple], invariant: str, checks: str,
+               oracle_check=None) -> bool:
     m = make()
-    r = replay(m, ops, validate=True, checks=checks, samples=0)
+    r = replay(m, ops, validate=True, checks=checks, samples=0, oracle_check=oracle_check)
     return r.violation is not None and r.violation.invariant == invariant
 
 
 def minimise(make: Callable[[], CpaModel], ops: list[tuple], violation: Violation,
-             checks: str = "abcd", budget_s: float = 30.0) -> list[tuple]:
+             checks: str = "abcd", budget_s: float = 30.0, oracle_check=None) -> list[tuple]:
     """A small trace that still violates the same invariant: the shortest failing suffix of the
     prefix up to the failing op, then delta debugging (ddmin) within a time budget."""
     deadline = time.monotonic() + budget_s
@@ -303,7 +307,7 @@ def minimise(make: Callable[[], CpaModel], ops: list[tuple], violation: Violatio
     cur = prefix
     while w < len(prefix):
         cand = prefix[-w:]
-        if reproduces(make, cand, inv, checks):
+        if reproduces(make, cand, inv, checks, oracle_check):
             cur = cand
             break
         if time.monotonic() > deadline:
@@ -315,7 +319,7 @@ def minimise(make: Callable[[], CpaModel], ops: list[tuple], violation: Violatio
         reduced = False
         for i in range(0, len(cur), chunk):
             cand = cur[:i] + cur[i + chunk:]
-            if cand and reproduces(make, cand, inv, checks):
+            if cand and reproduces(make, cand, inv, checks, oracle_check):
                 cur = cand
                 n = max(n - 1, 2)
                 reduced = True

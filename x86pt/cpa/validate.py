@@ -6,7 +6,7 @@
     as the kernel accounts them),
 (d) the nr-same-prot counters equal a recount of their tables,
 (e) on sampled steps, the oracles of the comparison rig agree with the model and the reference on
-    every page the op touched (x86pt/cpa/oracle_probe.py; checks "e" with a model.oracle_check).
+    every page the op touched (x86pt/cpa/oracle_probe.py; checks "e" with the OracleCheck replay() is given).
 
 The reference is written from the API's definition (docs/cpa.md §3, §4.6, §4.7 at page granularity),
 not from the model's code path: that is what lets it catch a merge or split that changes a
@@ -292,7 +292,7 @@ class Validator:
     """Incremental checks over the entries an op touched (CpaModel.touched) and the pages the
     reference changed."""
 
-    def __init__(self, m, checks: str = "abcd") -> None:
+    def __init__(self, m, checks: str = "abcd", oracle_check=None) -> None:
         self.m = m
         self.checks = checks
         self.vmask = m.vmask
@@ -314,9 +314,8 @@ class Validator:
         for k in m.t3:
             self._recount(3, k)
         self.pages_checked = 0
-        # Invariant (e): an OracleCheck the caller attached to the model (replay() builds the
-        # Validator itself, so the model carries it there).
-        self.oracle = getattr(m, "oracle_check", None) if "e" in checks else None
+        # Invariant (e): the caller's OracleCheck (x86pt/cpa/oracle_probe.py), when checks hold "e".
+        self.oracle = oracle_check if "e" in checks else None
 
     def _recount(self, tl: int, key: int) -> None:
         shift = 12 + 9 * tl

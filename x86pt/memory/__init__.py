@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import stat
 
-from x86pt.errors import ImageError
+from x86pt.errors import BadInputError, ImageError
 from x86pt.memory.base import PAGE, MemoryBase, PhysicalMemory, Segment
 from x86pt.memory.elfcore import ElfCore, write_elf_core
 from x86pt.memory.lime import LIME_MAGIC, LimeFile, write_lime
@@ -12,7 +12,7 @@ from x86pt.memory.raw import RawFile
 from x86pt.memory.sparse import SparseMemory
 
 __all__ = ["PAGE", "MemoryBase", "PhysicalMemory", "Segment", "ElfCore", "LimeFile", "RawFile",
-           "SparseMemory", "open_memory", "write_elf_core", "write_lime", "image_format"]
+           "SparseMemory", "open_memory", "write_elf_core", "write_lime", "write_image", "image_format"]
 
 
 def image_format(path: str) -> str:
@@ -51,3 +51,23 @@ def open_memory(path: str, fmt: str | None = None) -> MemoryBase:
     if fmt == "raw":
         return RawFile(path)
     raise ImageError(f"unknown image format {fmt!r} (elf, lime or raw)")
+
+
+def write_image(memory, state, path: str, fmt: str | None = None, inputs=()) -> str:
+    """Write an image as an ELF core (default for .elf/.core/.vmcore names) or raw, through the
+    one output writer (x86pt.memory.atomic): never over one of `inputs`, a directory or a device."""
+    from x86pt.memory.atomic import check_output, write_bytes_atomic
+    check_output(path, inputs)
+    if fmt is None:
+        fmt = "raw" if path.endswith((".raw", ".bin", ".img", ".mem")) else "elf"
+    if fmt == "elf":
+        write_elf_core(path, memory, cr0=state.cr0, cr3=state.cr3, cr4=state.cr4, efer=state.efer,
+                       pkru=state.pkru, pkrs=state.pkrs, maxphyaddr=state.m, vendor=state.vendor,
+                       profile=state.profile.name, inputs=inputs)
+    elif fmt == "raw":
+        write_bytes_atomic(path, memory.to_bytes(), inputs=inputs)
+    elif fmt == "lime":
+        write_lime(path, memory, inputs)
+    else:
+        raise BadInputError(f"unknown output format {fmt!r} (elf, raw or lime)")
+    return fmt
