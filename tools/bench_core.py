@@ -35,7 +35,7 @@ PAGES = 4096
 def build_image():
     """4096 4K pages (user RW NX on odd pages, supervisor on even) in the rig's layout: tables from
     2 MiB, frames 4 MiB..20 MiB, so the same image runs on unicorn."""
-    from harness.oracles.base import RIG_IMAGE_BASE, tag_value
+    from x86pt.oracle import RIG_IMAGE_BASE, tag_value
     b = Builder(maxphyaddr=40, table_base=RIG_IMAGE_BASE)
     for i in range(PAGES):
         flags = "p rw us nx" if i % 2 else "p rw"
@@ -86,7 +86,7 @@ def main() -> int:
 
     uni_note = ""
     try:
-        from harness.oracles.base import Probe
+        from x86pt.oracle import Probe
         from harness.oracles.unicorn_oracle import UnicornOracle
         # Grouped by CPL: unicorn's best batched case (one emu_start per privilege level), so the
         # ratio below is the conservative one.

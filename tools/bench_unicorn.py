@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness.oracles.base import RIG_IMAGE_BASE, Probe, tag_value  # noqa: E402
+from x86pt.oracle import RIG_IMAGE_BASE, Probe, tag_value  # noqa: E402
 from harness.oracles.unicorn_oracle import UnicornOracle, available  # noqa: E402
 from x86pt.build import Builder  # noqa: E402
 from x86pt.state import CR4_PAE, CR4_SMAP  # noqa: E402
