@@ -11,7 +11,7 @@ a PKU host). `Space` enumerates the same set by construction: the legality rules
 bits, so the legal set is a product of small groups (the coupled bits enumerated together), and
 case i is a mixed-radix number. Tests check that both agree, and the counts against docs/paging.md §11.6.
 
-Packing (docs/paging.md §11.3 adapted to the rig, harness/oracles/base.py): every case gets its own PDE and its
+Packing (docs/paging.md §11.3 adapted to the rig, x86pt/oracle.py): every case gets its own PDE and its
 own PTE (PTs are shared: case k of a PT page uses PTE k and VA bits 20:12 = k), PDPTEs are shared
 by the cases with the same pdpte.ro, PML4Es by the cases with the same top-level variant. Cases
 that need different CR0/CR4/EFER/PKRU go into different batches. Data frames (filled with

@@ -3,7 +3,7 @@ random, reserved bits show up now and then (51:M, PS in the PML4E/PML5E, AMD bit
 frame holes 20:13 / 29:13, XD without NXE), 2M and 1G leaves, 5-level paging where the oracle has
 LA57, and probes at several offsets of every mapping (plus holes and non-canonical addresses).
 
-Rig conventions (harness/oracles/base.py): tables and frames in [RIG_IMAGE_BASE, ram_size), the
+Rig conventions (x86pt/oracle.py): tables and frames in [RIG_IMAGE_BASE, ram_size), the
 root's slot 511 left to the harness. Frames are the tagged pages of harness.matrix (2 MiB aligned,
 so a 2M leaf can point at them and a 1G leaf, whose frame is 0, reaches them through VA bits 29:12).
 Each probe is one case; batch b of seed s is generated from Random(f"{s}:{b}") alone, so shards

@@ -211,7 +211,7 @@ def test_registers(state: PagingState) -> dict[str, int]:
 
 
 def check_image(memory: SparseMemory, state: PagingState, ram_size: int) -> None:
-    """BadInputError unless the image fits the rig's conventions (harness/oracles/base.py)."""
+    """BadInputError unless the image fits the rig's conventions (x86pt/oracle.py)."""
     for pn in memory.pages:
         gpa = pn * PAGE
         if gpa < RIG_IMAGE_BASE:

@@ -3,7 +3,7 @@ profile. It exists to test the differential runner without an emulator, and `mod
 one place where the model side of every comparison is computed.
 
 Probes run in order on a copy of the image; A/D writes carry from probe to probe (as on the rig,
-harness/oracles/base.py), a successful write stores `wvalue` at the translated address and a
+x86pt/oracle.py), a successful write stores `wvalue` at the translated address and a
 successful read loads the 8 bytes there.
 """
 from __future__ import annotations

@@ -657,7 +657,7 @@ def _free_pkey(state: PagingState) -> int | None:
 
 # -- the oracle ----------------------------------------------------------------------------------
 class UnicornOracle:
-    """Oracle protocol backend (harness/oracles/base.py) on unicorn 2.1.4."""
+    """Oracle protocol backend (x86pt/oracle.py) on unicorn 2.1.4."""
 
     available = staticmethod(available)
 
