@@ -144,6 +144,15 @@ class Oracle(Protocol):
 
 
 # -- the registry ---------------------------------------------------------------------------------
+# A name "cmd:PROGRAM ARGS" is an external program speaking the command-oracle protocol
+# (x86pt/cmdoracle.py, docs/oracle-protocol.md); it needs no registration.
+CMD_PREFIX = "cmd:"
+
+
+def is_command(name: str) -> bool:
+    return name.startswith(CMD_PREFIX)
+
+
 def oracle_names() -> tuple[str, ...]:
     """Every oracle registered under the `x86pt.oracles` entry-point group, sorted."""
     from x86pt.plugins import ORACLES, entry_points
@@ -153,6 +162,9 @@ def oracle_names() -> tuple[str, ...]:
 def oracle_class(name: str) -> type:
     """The class registered as `name`; OracleUnavailable when the name is unknown or its package
     cannot be imported here (with the missing module named)."""
+    if is_command(name):
+        from x86pt.cmdoracle import CmdOracle
+        return CmdOracle
     from x86pt.plugins import ORACLES, entry_points, load
     eps = entry_points(ORACLES)
     if name not in eps:
@@ -170,6 +182,9 @@ def oracle_class(name: str) -> type:
 
 def availability(name: str) -> tuple[bool, str]:
     """(available, reason): the class's own `available()` when it has one."""
+    if is_command(name):
+        from x86pt.cmdoracle import program_available
+        return program_available(name[len(CMD_PREFIX):])
     try:
         cls = oracle_class(name)
     except OracleUnavailable as e:
@@ -208,6 +223,8 @@ def get_oracle(name: str, **kwargs: Any) -> Oracle:
                                 else f"{name}: {why}")
     cls = oracle_class(name)
     try:
+        if is_command(name):
+            return cls(name[len(CMD_PREFIX):], **kwargs)
         return cls(**kwargs)
     except OracleUnavailable:
         raise
@@ -216,13 +233,28 @@ def get_oracle(name: str, **kwargs: Any) -> Oracle:
 
 
 def oracle_list(text: str, *, what: str = "--oracle") -> list[str]:
-    """The oracles a comma list names ("all": all_oracles()); BadInputError for an unknown name."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    """The oracles a comma list names ("all": all_oracles()); BadInputError for an unknown name.
+    A "cmd:PROGRAM ARGS" item runs to the end of the text (its arguments may hold commas)."""
+    head, sep, command = text.partition(CMD_PREFIX)
+    if sep and head.strip() and not head.rstrip().endswith(","):
+        raise BadInputError(f"{what} {text!r}: {CMD_PREFIX} starts an item of the list")
+    names = [n.strip() for n in head.split(",") if n.strip()]
+    if sep:
+        if not command.strip():
+            raise BadInputError(f"{what} {text!r}: {CMD_PREFIX} names no program ({CMD_PREFIX}PROGRAM ARGS)")
+        if names == ["all"]:
+            raise BadInputError(f"{what} {text!r}: all cannot be combined with {CMD_PREFIX}")
+        known = oracle_names()
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise BadInputError(f"{what} {text!r}: unknown oracle {bad[0]!r} (one of {', '.join(known)}, all, "
+                                f"{CMD_PREFIX}PROGRAM ARGS)")
+        return names + [CMD_PREFIX + command.strip()]
     if names == ["all"]:
         return list(all_oracles())
     known = oracle_names()
     bad = [n for n in names if n not in known]
     if not names or bad:
         raise BadInputError(f"{what} {text!r}: unknown oracle {bad[0] if bad else ''!r} "
-                            f"(one of {', '.join(known)}, all)")
+                            f"(one of {', '.join(known)}, all, {CMD_PREFIX}PROGRAM ARGS)")
     return names

@@ -1,0 +1,494 @@
+"""The command oracle: an emulator that is not written in Python, run as a program per batch.
+
+`x86pt conform --oracle 'cmd:PROGRAM ARGS'` (and get_oracle("cmd:PROGRAM ARGS")) makes a
+CmdOracle. The protocol (version 1, docs/oracle-protocol.md; JSON Schema in
+docs/oracle-protocol.schema.json, the same file as x86pt/data/oracle-protocol.schema.json):
+
+* `PROGRAM ARGS capabilities` prints one JSON object on stdout: the protocol version, the x86pt
+  profile that models the emulator, and the Capabilities fields (x86pt/oracle.py).
+* `PROGRAM ARGS run CASE_DIR`, once per batch: CASE_DIR holds `case.json` (paths, state, RAM
+  size), the image (an ELF core with the CPU-state notes, as x86pt.memory.write_image writes it,
+  or a raw image when the capabilities ask for it) and the probes as JSONL (docs/formats.md §2.1
+  plus `wvalue`). The program writes one result line per probe to the `results` path and, when its
+  capabilities say `memory_after`, the image after the run (A/D bits, written data) as an ELF core.
+  The environment carries X86PT_PROTOCOL=1 and X86PT_CASE_DIR.
+
+Everything the program does wrong (not found, a crash, a non-zero exit, a timeout, output that is
+not JSON or violates the schema, a wrong number of results) is an OracleError whose one-line
+message ends with the tail of the program's stderr; never a mismatch. The program runs in a
+process group of its own, which is killed when the call ends (on a timeout, and after a normal
+exit too, so nothing it started outlives the batch). Per-call timeout: `timeout=` or the
+environment variable X86PT_CMD_TIMEOUT (seconds; default 300).
+
+Without `memory_after` the A/D comparison is switched off for the program: its memory after the
+run is taken to be the model's (x86pt.compare.model_run), and a note in its capabilities says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from typing import Any, Sequence
+
+from x86pt.errors import BadInputError, OracleError, OracleUnavailable, X86ptError
+from x86pt.memory.sparse import SparseMemory
+from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, BatchResult, Capabilities, Probe, ProbeResult
+from x86pt.state import PagingState
+
+PREFIX = "cmd:"
+PROTOCOL = 1
+DEFAULT_TIMEOUT = 300.0
+TIMEOUT_ENV = "X86PT_CMD_TIMEOUT"
+STDERR_TAIL = 400                  # characters of the program's stderr in an error message
+MAX_CAPS_BYTES = 1 << 20
+_SCHEMA_FILE = os.path.join(os.path.dirname(__file__), "data", "oracle-protocol.schema.json")
+
+
+# -- the schema and a small validator ---------------------------------------------------------------
+_schema_cache: dict | None = None
+
+
+def schema() -> dict:
+    """The protocol's JSON Schema (docs/oracle-protocol.schema.json)."""
+    global _schema_cache
+    if _schema_cache is None:
+        with open(_SCHEMA_FILE, encoding="utf-8") as f:
+            _schema_cache = json.load(f)
+    return _schema_cache
+
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+_pattern_cache: dict[str, re.Pattern] = {}
+
+
+def _type_ok(v: Any, t: str) -> bool:
+    if t == "integer":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, _TYPES[t])
+
+
+def check(value: Any, definition: str) -> str | None:
+    """None when `value` is valid against `$defs/<definition>` of the schema, else the first
+    violation as one line ("at $.cr2: ..."). Implements the keywords the schema uses: $ref, anyOf,
+    type, enum, const, required, properties, additionalProperties (false), items, minimum,
+    maximum, minLength, pattern (tests/test_cmd_oracle.py checks that no other keyword appears)."""
+    s = schema()
+    return _check(value, s["$defs"][definition], s, "$")
+
+
+def _check(v: Any, sch: dict, root: dict, at: str) -> str | None:
+    ref = sch.get("$ref")
+    if ref is not None:
+        return _check(v, root["$defs"][ref.rsplit("/", 1)[1]], root, at)
+    alts = sch.get("anyOf")
+    if alts is not None:
+        errs = [_check(v, a, root, at) for a in alts]
+        if all(errs):
+            return f"at {at}: {_short(v)} matches none of the allowed forms ({'; '.join(e.split(': ', 1)[1] for e in errs)})"
+        return None
+    if "const" in sch and not (v == sch["const"] and type(v) is type(sch["const"])):
+        return f"at {at}: expected {json.dumps(sch['const'])}, got {_short(v)}"
+    if "enum" in sch and not any(v == e and type(v) is type(e) for e in sch["enum"]):
+        return f"at {at}: {_short(v)} is not one of {', '.join(json.dumps(e) for e in sch['enum'])}"
+    t = sch.get("type")
+    if t is not None:
+        ts = t if isinstance(t, list) else [t]
+        if not any(_type_ok(v, x) for x in ts):
+            return f"at {at}: expected {' or '.join(ts)}, got {_short(v)}"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if "minimum" in sch and v < sch["minimum"]:
+            return f"at {at}: {v} is below {sch['minimum']}"
+        if "maximum" in sch and v > sch["maximum"]:
+            return f"at {at}: {v} is above {sch['maximum']}"
+    if isinstance(v, str):
+        if "minLength" in sch and len(v) < sch["minLength"]:
+            return f"at {at}: empty string"
+        pat = sch.get("pattern")
+        if pat is not None:
+            rx = _pattern_cache.get(pat) or _pattern_cache.setdefault(pat, re.compile(pat))
+            if not rx.search(v):
+                return f"at {at}: {_short(v)} does not match {pat}"
+    if isinstance(v, dict):
+        for k in sch.get("required", ()):
+            if k not in v:
+                return f"at {at}: {k!r} is missing"
+        props = sch.get("properties", {})
+        if sch.get("additionalProperties") is False:
+            extra = [k for k in v if k not in props]
+            if extra:
+                return f"at {at}: unknown key {extra[0]!r}"
+        for k, sub in props.items():
+            if k in v:
+                e = _check(v[k], sub, root, f"{at}.{k}")
+                if e:
+                    return e
+    if isinstance(v, list) and "items" in sch:
+        for i, x in enumerate(v):
+            e = _check(x, sch["items"], root, f"{at}[{i}]")
+            if e:
+                return e
+    return None
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _u64(v: Any) -> int | None:
+    if v is None:
+        return None
+    return v if isinstance(v, int) else int(v, 16)
+
+
+# -- what x86pt writes -----------------------------------------------------------------------------
+def probe_json(p: Probe) -> dict:
+    """One probe line: docs/formats.md §2.1 plus wvalue (the value a write stores)."""
+    d = {"va": hex(p.va), "access": p.access, "user": p.user, "ac": p.ac}
+    if p.implicit:
+        d["implicit"] = True
+    if p.access == "write":
+        d["wvalue"] = hex(p.wvalue)
+    return d
+
+
+def probe_from_json(d: dict) -> Probe:
+    """A probe line back (the adapter side); BadInputError when it violates the schema."""
+    err = check(d, "probe")
+    if err:
+        raise BadInputError(f"bad probe line: {err}")
+    return Probe(_u64(d["va"]), d["access"], d.get("user", False), d.get("ac", False),
+                 _u64(d.get("wvalue", 0)), d.get("implicit", False))
+
+
+def result_json(r: ProbeResult) -> dict:
+    """One result line (the adapter side)."""
+    return {"outcome": r.outcome, "error_code": r.error_code,
+            "cr2": None if r.cr2 is None else hex(r.cr2), "pa": None if r.pa is None else hex(r.pa),
+            "value": None if r.value is None else hex(r.value), "vector": r.vector,
+            **({"detail": r.detail} if r.detail else {})}
+
+
+def result_from_json(d: dict) -> ProbeResult:
+    return ProbeResult(d["outcome"], d.get("error_code"), _u64(d.get("cr2")), _u64(d.get("pa")),
+                       _u64(d.get("value")), d.get("vector"), d.get("detail", ""))
+
+
+def write_case(case_dir: str, memory: SparseMemory, state: PagingState, probes: Sequence[Probe],
+               image_format: str = "elf") -> dict:
+    """Write a batch into `case_dir` (case.json, the image, probes.jsonl); returns the case dict."""
+    from x86pt.memory import write_image
+    image = os.path.join(case_dir, "image." + ("elf" if image_format == "elf" else "raw"))
+    write_image(memory, state, image, image_format)
+    probes_path = os.path.join(case_dir, "probes.jsonl")
+    with open(probes_path, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(probe_json(p), separators=(",", ":")) + "\n" for p in probes))
+    case = {"protocol": PROTOCOL, "image": image, "image_format": image_format, "probes": probes_path,
+            "probe_count": len(probes), "results": os.path.join(case_dir, "results.jsonl"),
+            "memory_after": os.path.join(case_dir, "memory-after.elf"), "state": state.to_json(),
+            "ram_size": memory.size, "rig_image_base": RIG_IMAGE_BASE, "harness_slot": HARNESS_SLOT}
+    with open(os.path.join(case_dir, "case.json"), "w", encoding="utf-8") as f:
+        json.dump(case, f, indent=1)
+        f.write("\n")
+    return case
+
+
+def read_case(case_dir: str) -> tuple[dict, SparseMemory, PagingState, list[Probe]]:
+    """The adapter side of write_case: (case dict, memory, state, probes). BadInputError on
+    anything that is not a protocol-1 case."""
+    from x86pt.memory import open_memory
+    try:
+        with open(os.path.join(case_dir, "case.json"), encoding="utf-8") as f:
+            case = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{case_dir}/case.json: {e}") from None
+    err = check(case, "case")
+    if err:
+        raise BadInputError(f"{case_dir}/case.json: {err}")
+    state = PagingState.from_json(case["state"])
+    mem = SparseMemory(case["ram_size"])
+    src = open_memory(case["image"], case["image_format"])
+    try:
+        for seg in src.segments():
+            mem.write(seg.start, src.read(seg.start, seg.size))
+    finally:
+        src.close()
+    probes = []
+    with open(case["probes"], encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    probes.append(probe_from_json(json.loads(line)))
+                except (ValueError, BadInputError) as e:
+                    raise BadInputError(f"{case['probes']}:{n}: {e}") from None
+    return case, _drop_zero_pages(mem), state, probes
+
+
+def _drop_zero_pages(mem: SparseMemory) -> SparseMemory:
+    """An image written from SparseMemory holds whole segments; pages never written read as
+    zeros either way, so all-zero pages are dropped to keep the copy as sparse as the original."""
+    zero = bytes(4096)
+    for pn in [pn for pn, page in mem.pages.items() if page == zero]:
+        del mem.pages[pn]
+    return mem
+
+
+# -- the oracle -------------------------------------------------------------------------------------------
+def split_command(command: str) -> list[str]:
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        raise BadInputError(f"{PREFIX}{command}: cannot split the command: {e}") from None
+    if not argv:
+        raise BadInputError(f"{PREFIX}: no program named (cmd:PROGRAM ARGS)")
+    return argv
+
+
+def program_available(command: str) -> tuple[bool, str]:
+    """(True, "") when the command splits and its program is found (PATH, or a path)."""
+    try:
+        argv = split_command(command)
+    except BadInputError as e:
+        return False, str(e)
+    prog = argv[0]
+    if os.sep in prog:
+        if not os.path.isfile(prog):
+            return False, f"{PREFIX}{command}: no such program {prog}"
+        if not os.access(prog, os.X_OK):
+            return False, f"{PREFIX}{command}: {prog} is not executable"
+        return True, ""
+    if shutil.which(prog) is None:
+        return False, f"{PREFIX}{command}: program {prog!r} not found on PATH"
+    return True, ""
+
+
+def _timeout_from_env() -> float:
+    text = os.environ.get(TIMEOUT_ENV, "")
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        t = float(text)
+    except ValueError:
+        raise BadInputError(f"{TIMEOUT_ENV}={text!r}: not a number of seconds") from None
+    if not t > 0:
+        raise BadInputError(f"{TIMEOUT_ENV}={text!r}: must be above 0")
+    return t
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 4 * STDERR_TAIL))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    out = " | ".join(lines)
+    return out if len(out) <= STDERR_TAIL else "..." + out[-STDERR_TAIL:]
+
+
+class CmdOracle:
+    """An external program behind the Oracle protocol (x86pt/oracle.py), protocol 1."""
+
+    in_all = False
+
+    def __init__(self, command: str, *, timeout: float | None = None) -> None:
+        self.command = command.strip()
+        self.argv = split_command(self.command)
+        self.name = PREFIX + self.command
+        self.timeout = float(timeout) if timeout is not None else _timeout_from_env()
+        ok, why = program_available(self.command)
+        if not ok:
+            raise OracleUnavailable(why)
+        self.calls = 0
+        caps = self._capabilities()
+        self.profile: str = caps["profile"]
+        self.max_probes: int | None = caps.get("max_probes")
+        self.memory_after: bool = bool(caps.get("memory_after", False))
+        self.image_format: str = caps.get("image_format", "elf")
+        notes = tuple(caps.get("notes", ()))
+        if not self.memory_after:
+            notes += ("no memory after the run: A/D bits and written data are not compared",)
+        fields = {k: caps[k] for k in ("vendor", "maxphyaddr", "gbpages", "la57", "pku", "smep", "smap",
+                                       "nx", "rsvd_sets_p", "implicit_cpl0", "implicit_cpl3",
+                                       "implicit_note", "ram_size", "unbacked", "version") if k in caps}
+        self._caps = Capabilities(name=caps.get("name") or self.name, notes=notes, **fields)
+
+    @staticmethod
+    def available(command: str = "") -> tuple[bool, str]:
+        return program_available(command)
+
+    # -- running the program ----------------------------------------------------------------------
+    def _call(self, args: list[str], work: str, what: str, extra_env: dict[str, str] | None = None
+              ) -> tuple[str, str]:
+        """Run the program with `args` appended, stdout and stderr into files in `work`; returns
+        their paths. OracleError on a failure to start, a timeout or a non-zero exit."""
+        out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
+        env = dict(os.environ, X86PT_PROTOCOL=str(PROTOCOL), **(extra_env or {}))
+        self.calls += 1
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            try:
+                proc = subprocess.Popen(self.argv + args, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        env=env, start_new_session=True)
+            except OSError as e:
+                raise OracleError(f"{self.name}: cannot start {self.argv[0]}: {e.strerror or e}") from None
+        status = self._wait(proc)
+        if status is None:
+            raise OracleError(f"{self.name}: {what} timed out after {self.timeout:g} s (process group "
+                              f"killed; {TIMEOUT_ENV} sets the limit){self._stderr(err_path)}")
+        if status != 0:
+            how = (f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
+            raise OracleError(f"{self.name}: {what} {how}{self._stderr(err_path)}")
+        return out_path, err_path
+
+    def _wait(self, proc: subprocess.Popen) -> int | None:
+        """Wait for the program; kill its whole process group when it ends or times out (the
+        leader is left a zombie until the group is killed, so its group id cannot be reused)."""
+        deadline = time.monotonic() + self.timeout
+        pause = 0.0005
+        timed_out = False
+        while True:
+            try:
+                info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                info = True
+            if info is not None:
+                break
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        status = proc.wait()
+        return None if timed_out else status
+
+    @staticmethod
+    def _stderr(err_path: str) -> str:
+        tail = _tail(err_path)
+        return f"; stderr: {tail}" if tail else "; stderr empty"
+
+    def _capabilities(self) -> dict:
+        with tempfile.TemporaryDirectory(prefix="x86pt-cmd-") as work:
+            try:
+                out_path, err_path = self._call(["capabilities"], work, "capabilities")
+            except OracleError as e:
+                raise OracleUnavailable(str(e)) from None
+            with open(out_path, "rb") as f:
+                raw = f.read(MAX_CAPS_BYTES + 1)
+            if len(raw) > MAX_CAPS_BYTES:
+                raise OracleUnavailable(f"{self.name}: capabilities: more than {MAX_CAPS_BYTES} bytes "
+                                        f"on stdout{self._stderr(err_path)}")
+            try:
+                caps = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise OracleUnavailable(f"{self.name}: capabilities: stdout is not one JSON object "
+                                        f"({_first_line(e)}){self._stderr(err_path)}") from None
+            if isinstance(caps, dict) and caps.get("protocol") != PROTOCOL and isinstance(
+                    caps.get("protocol"), int):
+                raise OracleUnavailable(f"{self.name}: speaks protocol {caps['protocol']}; this x86pt "
+                                        f"speaks protocol {PROTOCOL}")
+            err = check(caps, "capabilities")
+            if err:
+                raise OracleUnavailable(f"{self.name}: capabilities violate the protocol schema "
+                                        f"({err}){self._stderr(err_path)}")
+        from x86pt.state import profile_named
+        try:
+            profile_named(caps["profile"])
+        except BadInputError as e:
+            raise OracleUnavailable(f"{self.name}: capabilities: {e}") from None
+        return caps
+
+    # -- the Oracle protocol ----------------------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
+        t0 = time.perf_counter()
+        probes = list(probes)
+        with tempfile.TemporaryDirectory(prefix="x86pt-cmd-") as work:
+            try:
+                case = write_case(work, memory, state, probes, self.image_format)
+            except X86ptError as e:
+                raise OracleError(f"{self.name}: cannot write the case: {e}") from None
+            _, err_path = self._call(["run", work], work, "run",
+                                     {"X86PT_CASE_DIR": work})
+            results = self._read_results(case["results"], len(probes), err_path)
+            if self.memory_after:
+                after = self._read_memory_after(case["memory_after"], memory.size, err_path)
+            else:
+                from x86pt.compare import model_run
+                after = model_run(memory, state, probes)[1]
+        return BatchResult(results, after, time.perf_counter() - t0)
+
+    def _read_results(self, path: str, count: int, err_path: str) -> list[ProbeResult]:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise OracleError(f"{self.name}: run wrote no results file{self._stderr(err_path)}") from None
+        except OSError as e:
+            raise OracleError(f"{self.name}: cannot read its results: {e.strerror}") from None
+        out = []
+        for n, raw in enumerate(data.splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                d = json.loads(raw)
+            except (ValueError, RecursionError) as e:
+                raise OracleError(f"{self.name}: results line {n} is not JSON ({_first_line(e)})"
+                                  f"{self._stderr(err_path)}") from None
+            err = check(d, "result")
+            if err:
+                raise OracleError(f"{self.name}: results line {n} violates the protocol schema ({err})"
+                                  f"{self._stderr(err_path)}")
+            out.append(result_from_json(d))
+        if len(out) != count:
+            raise OracleError(f"{self.name}: answered {len(out)} results for {count} probes"
+                              f"{self._stderr(err_path)}")
+        return out
+
+    def _read_memory_after(self, path: str, size: int, err_path: str) -> SparseMemory:
+        from x86pt.memory import open_memory
+        if not os.path.exists(path):
+            raise OracleError(f"{self.name}: its capabilities promise memory_after, but run wrote no "
+                              f"{os.path.basename(path)}{self._stderr(err_path)}")
+        try:
+            src = open_memory(path, "elf")
+        except X86ptError as e:
+            raise OracleError(f"{self.name}: memory after the run: {e}") from None
+        mem = SparseMemory(size)
+        try:
+            for seg in src.segments():
+                mem.write(seg.start, src.read(seg.start, seg.size))
+        except X86ptError as e:
+            raise OracleError(f"{self.name}: memory after the run: {e}") from None
+        finally:
+            src.close()
+        return mem
+
+    def close(self) -> None:
+        """Nothing persists between runs: each call's process group is gone when it returns."""
+
+    def __enter__(self) -> "CmdOracle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
