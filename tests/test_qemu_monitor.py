@@ -1,4 +1,5 @@
-"""The QEMU monitor path (harness/oracles/qemu_monitor.py): a paused QEMU whose RAM is our image.
+"""The QEMU monitor path (harness/qemu/monitor.py, harness/oracles/qemu_monitor.py): a paused QEMU
+whose RAM is our image.
 
 Expectations are written by hand: translations from the SDM's address split (§4.5: 4K offset
 bits 11:0, 2M 20:0, 1G 29:0), and `info tlb` / `info mem` lines from the output format in
@@ -17,10 +18,13 @@ from tests.conftest import need_oracle
 
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
+from x86pt.formats.qemu_parse import parse_info_mem, parse_info_tlb
 from x86pt.memory.elfcore import ElfCore
 from x86pt.state import CR4_LA57, CR4_PAE
 
 from x86pt.oracle import Probe
+
+from harness.qemu.ram import RamLayout
 
 pytestmark = pytest.mark.qemu
 
@@ -108,14 +112,14 @@ def test_gva2gpa_unmapped(monitor, va):
 
 def test_info_tlb_lines(monitor):
     assert monitor.info_tlb().replace("\r\n", "\n") == INFO_TLB_4LEVEL
-    lines = _qm().parse_info_tlb(INFO_TLB_4LEVEL)
+    lines = parse_info_tlb(INFO_TLB_4LEVEL)
     assert [ln.large for ln in lines] == [False, True, False, True]
     assert [ln.nx for ln in lines] == [False, True, False, False]
 
 
 def test_info_mem_lines(monitor):
     assert monitor.info_mem().replace("\r\n", "\n") == INFO_MEM_4LEVEL
-    ranges = _qm().parse_info_mem(INFO_MEM_4LEVEL)
+    ranges = parse_info_mem(INFO_MEM_4LEVEL)
     assert ranges[1].size == 0x200000 and ranges[2].rights == "ur-"
 
 
@@ -310,7 +314,7 @@ def test_qemu_dies_with_its_parent(tmp_path):
 
 def test_offline_ram_layout_of_the_pc_machine():
     # pc machine with max-ram-below-4g=3G: RAM [0, 3G) at file offset 0, the rest from 4 GiB.
-    layout = _qm().RamLayout(5 << 30)
+    layout = RamLayout(5 << 30)
     assert layout.ranges == [(0, 3 << 30), (4 << 30, 6 << 30)]
     assert layout.offset(0x1000) == 0x1000
     assert layout.offset((4 << 30) + 0x2000, 8) == (3 << 30) + 0x2000
@@ -318,14 +322,13 @@ def test_offline_ram_layout_of_the_pc_machine():
         layout.offset((3 << 30) + 0x1000)                       # the PCI hole
     with pytest.raises(BadInputError):
         layout.offset((3 << 30) - 4, 8)                         # straddles the end of low RAM
-    assert _qm().RamLayout(32 << 20).ranges == [(0, 32 << 20)]
+    assert RamLayout(32 << 20).ranges == [(0, 32 << 20)]
 
 
 def test_offline_parse_monitor_lines():
-    qm = _qm()
     with pytest.raises(OracleError, match="info tlb"):
-        qm.parse_info_tlb("0000000000400000: 0000000000600000 ----A--U")
+        parse_info_tlb("0000000000400000: 0000000000600000 ----A--U")
     with pytest.raises(OracleError, match="info mem"):
-        qm.parse_info_mem("PG disabled")
-    line = qm.parse_info_tlb("ffff800000000000: 0000000040000000 XGP-----W")[0]
+        parse_info_mem("PG disabled")
+    line = parse_info_tlb("ffff800000000000: 0000000040000000 XGP-----W")[0]
     assert (line.va, line.pa, line.nx, line.large) == (0xFFFF800000000000, 0x40000000, True, True)

@@ -38,9 +38,10 @@ from x86pt.state import (CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, PagingState, PF_I
 from harness import guest
 from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult, tag_value
 from harness.oracles.base import implicit_support
-from harness.oracles.qemu_monitor import (BELOW_4G, QEMU_BINARY, QemuMonitor, RamFile,
-                                          kill_group, qemu_binary, wait_exit, qemu_version, read_stderr,
-                                          round_ram_size, scratch_dir, spawn_qemu)
+from harness.qemu.monitor import QemuMonitor
+from harness.qemu.process import (QEMU_BINARY, kill_group, qemu_binary, qemu_version, read_stderr,
+                                  scratch_dir, spawn_qemu, wait_exit)
+from harness.qemu.ram import BELOW_4G, RamFile, round_ram_size
 
 BIOS_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
 MAX_PROBES = guest.MAX_PROBES
