@@ -32,6 +32,8 @@ from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
                          CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, PagingState, Profile)
+from x86pt.fields import BIT_8 as _B8, BIT_A as _A, BIT_D as _D, BIT_P as _P, BIT_PS as _PS
+from x86pt.fields import BIT_RW as _RW, BIT_US as _US, BIT_XD as _XD, PK_SHIFT
 
 # -- the flags (KUT enum order = bit index, docs/paging.md §11.1) ------------------------------------------
 FLAG_NAMES: tuple[str, ...] = (
@@ -63,9 +65,8 @@ HI_AT_SHIFT, HI_AT_MASK = 46, 0x7 << 46
 HI_AT_NAMES = ("pde", "pdpte", "pdpte1g", "pml4e", "pml5e")
 
 # Entry bits KUT sets (its own bit positions: 51, 36, 13 are raw bit numbers, docs/paging.md §11.1).
-_P, _RW, _US, _A, _D, _PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
-_B51, _B36, _B13, _B8, _XD = 1 << 51, 1 << 36, 1 << 13, 1 << 8, 1 << 63
-_PK1, _PK2 = 1 << 59, 2 << 59
+_B51, _B36, _B13 = 1 << 51, 1 << 36, 1 << 13      # single address bits the cases set as reserved bits
+_PK1, _PK2 = 1 << PK_SHIFT, 2 << PK_SHIFT
 
 # Probe VA layout (KUT uses PML4 index 292 in the upper half too: VA 0xffff923400000000).
 TOP_INDEX_4 = 292

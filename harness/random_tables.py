@@ -22,9 +22,8 @@ from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
                          EFER_LMA, EFER_LME, EFER_NXE, PagingState, Profile)
-
-_P, _RW, _US, _PWT, _PCD, _A, _D, _PS, _G = 1, 2, 4, 8, 16, 32, 64, 128, 256
-_XD = 1 << 63
+from x86pt.fields import BIT_A as _A, BIT_D as _D, BIT_G as _G, BIT_P as _P, BIT_PCD as _PCD
+from x86pt.fields import BIT_PS as _PS, BIT_PWT as _PWT, BIT_RW as _RW, BIT_US as _US, BIT_XD as _XD
 
 
 @dataclass(frozen=True)

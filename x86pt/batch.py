@@ -13,7 +13,8 @@ import numpy as np
 
 from x86pt.errors import PhysicalAddressError
 from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState
-from x86pt.walk import BIT_PS, rsvd_mask
+from x86pt.fields import BIT_PS
+from x86pt.state import rsvd_mask
 
 OK, PAGE_FAULT, GENERAL_PROTECTION = 0, 1, 2
 OUTCOME_NAMES = ("ok", "page_fault", "general_protection")

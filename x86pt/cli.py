@@ -27,9 +27,9 @@ def emit_json(obj, out=None) -> None:
 def cmd_decode(args) -> int:
     from x86pt.describe import decode_entry, render_decode
     raw = parse_int(args.value, "entry value")
-    from x86pt.fields import Kind, kind_from_name
+    from x86pt.fields import BIT_PS, Kind, kind_from_name
     kind = kind_from_name(args.kind)
-    if args.kind.lower() in ("pdpte", "pde") and raw & 0x80:   # PS picks the leaf format
+    if args.kind.lower() in ("pdpte", "pde") and raw & BIT_PS:   # PS picks the leaf format
         kind = {Kind.PDPTE: Kind.PDPTE_1G, Kind.PDE: Kind.PDE_2M}[kind]
     m = parse_int(args.maxphyaddr, "--maxphyaddr", lo=32, hi=52)
     d = decode_entry(raw, kind, m, args.vendor)

@@ -2,12 +2,14 @@
 pyelftools' descriptions.py). They never read memory."""
 from __future__ import annotations
 
-from x86pt.fields import Kind, Role, decode_fast, fields_for
-from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState
-from x86pt.walk import GeneralProtection, PageFault, Result, Translation, rsvd_mask
+from functools import lru_cache
 
-_FLAG_LETTERS = (("xd", "XD"), ("g", "G"), ("ps", "PS"), ("pat", "PAT"), ("d", "D"), ("a", "A"),
-                 ("pcd", "PCD"), ("pwt", "PWT"), ("us", "US"), ("rw", "RW"), ("p", "P"))
+from x86pt.fields import BIT_P, LEVELS, PK_MASK, PK_SHIFT, Kind, Role, decode_fast, fields_for
+from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState, rsvd_mask
+from x86pt.walk import GeneralProtection, PageFault, Result, Translation
+
+# The order flags are printed in: the low attribute bits, then PS, G, PAT, XD.
+_FLAG_ORDER = ("p", "rw", "us", "pwt", "pcd", "a", "d", "ps", "g", "pat", "xd")
 
 
 def decode_entry(raw: int, kind: Kind, maxphyaddr: int = 52, vendor: str = "intel",
@@ -28,24 +30,36 @@ def decode_entry(raw: int, kind: Kind, maxphyaddr: int = 52, vendor: str = "inte
     if state is not None:
         from x86pt.fields import LEVEL_OF_KIND
         flagged = raw & rsvd_mask(state, LEVEL_OF_KIND[kind], kind)
-    present = bool(raw & 1)
+    present = bool(raw & BIT_P)
     return {"kind": kind.value, "name": kind.sdm_name, "raw": f"{raw:#018x}", "present": present,
             "reserved_set": hex(flagged) if flagged and present else None,
             "reserved_set_if_present": hex(flagged) if flagged else None, "fields": fields}
 
 
-def entry_flags(raw: int, kind: Kind) -> str:
-    """Short flag string of an entry, e.g. 'P RW US A D XD'."""
-    names = {f.name for f in fields_for(kind)}
-    out = []
-    for name, letter in _FLAG_LETTERS:
-        if name in names:
-            f = next(x for x in fields_for(kind) if x.name == name)
-            if f.get(raw) and f.role is not Role.RSVD:
-                out.append(letter)
-    if "pk" in names and (raw >> 59) & 0xF:
-        out.append(f"PK={(raw >> 59) & 0xF}")
-    return " ".join(reversed(out))
+@lru_cache(maxsize=None)
+def _flag_masks(kind: Kind) -> tuple[tuple[int, str], ...]:
+    """(in-place mask, name) of the flags `kind` has, from the field table: a bit that is reserved
+    in this kind (PS in a PML4E) or another field (bit 7 of a PTE is PAT, not PS) is not a flag."""
+    fields = {f.name: f for f in fields_for(kind) if f.role is not Role.RSVD}
+    return tuple((fields[n].mask, n) for n in _FLAG_ORDER if n in fields)
+
+
+def entry_flags(raw: int, kind: Kind, *, lower: bool = False, pkey: bool = True) -> str:
+    """The flags set in an entry of `kind` as words, e.g. 'P RW US A D XD PK=1' — the library's
+    one flag-to-text. `lower` gives 'p rw us a d xd' (the JSON/CSV column, the spelling `build`
+    reads); `pkey` adds a leaf's non-zero protection key."""
+    words = [name for mask, name in _flag_masks(Kind(kind)) if raw & mask]
+    if not lower:
+        words = [w.upper() for w in words]
+    if pkey and Kind(kind).is_leaf and raw & PK_MASK:
+        words.append(f"PK={(raw & PK_MASK) >> PK_SHIFT}")
+    return " ".join(words)
+
+
+def leaf_flags(raw: int, level: int) -> str:
+    """entry_flags of a leaf at SDM `level` (1: 4K PTE, 2: 2M PDE, 3: 1G PDPTE), lower case, no key."""
+    lv = LEVELS[level]
+    return entry_flags(raw, lv.leaf_kind or lv.table_kind, lower=True, pkey=False)
 
 
 def render_decode(d: dict) -> str:
@@ -94,7 +108,7 @@ def describe_step(step, state: PagingState | None = None, va: int | None = None)
     arrow = (f"-> {'frame' if kind.is_leaf else 'table'} {target:#x}" if step.raw & 1 else "not present")
     notes = []
     if step.raw & 1:
-        pk = (step.raw >> 59) & 0xF
+        pk = (step.raw & PK_MASK) >> PK_SHIFT
         if kind.is_leaf and pk:
             notes.append(f"pkey={pk}")
         avl = (step.raw >> 9) & 7

@@ -81,7 +81,7 @@ class Level:
     def kind_of(self, raw: int) -> Kind:
         """Kind of the entry `raw` at this level: PS (bit 7) selects the leaf format where the
         level has one. Bit 7 of a PTE is PAT and of a PML4E/PML5E is reserved: no leaf there."""
-        if self.leaf_kind is not None and raw & 0x80:
+        if self.leaf_kind is not None and raw & BIT_PS:
             return self.leaf_kind
         return self.table_kind
 
@@ -219,6 +219,32 @@ def field_named(kind: Kind, name: str, maxphyaddr: int = 52, vendor: str = "inte
             return f
     names = ", ".join(f.name for f in fields_for(Kind(kind), maxphyaddr, vendor))
     raise BadInputError(f"{Kind(kind).value} has no field {name!r} (fields: {names})")
+
+
+
+def _bit(kind: Kind, name: str, vendor: str = "intel") -> int:
+    return field_named(kind, name, 52, vendor).mask
+
+
+# In-place masks of single entry bits, read off the field table (never written by hand). A name
+# holds wherever the field sits at that bit: P/RW/US/PWT/PCD/A in every kind, D and G in leaves,
+# PS in PDPTE/PDE, XD in every kind; the PAT bit moves (bit 7 in a PTE, bit 12 in 2M/1G leaves).
+BIT_P = _bit(Kind.PTE, "p")
+BIT_RW = _bit(Kind.PTE, "rw")
+BIT_US = _bit(Kind.PTE, "us")
+BIT_PWT = _bit(Kind.PTE, "pwt")
+BIT_PCD = _bit(Kind.PTE, "pcd")
+BIT_A = _bit(Kind.PTE, "a")
+BIT_D = _bit(Kind.PTE, "d")
+BIT_PS = _bit(Kind.PDE_2M, "ps")
+BIT_PAT_4K = _bit(Kind.PTE, "pat")
+BIT_PAT_LARGE = _bit(Kind.PDE_2M, "pat")
+BIT_G = _bit(Kind.PTE, "g")
+BIT_8 = _bit(Kind.PML4E, "rsvd8", "amd")     # AMD: reserved in PML4E/PML5E
+BIT_XD = _bit(Kind.PTE, "xd")
+PK_MASK = _bit(Kind.PTE, "pk")
+PK_SHIFT = field_named(Kind.PTE, "pk").lo
+ADDR_MASK_52 = _bit(Kind.PTE, "addr")                # bits 51:12, the widest address field
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,8 @@ from typing import Iterator
 import numpy as np
 
 from x86pt.errors import BadInputError, BudgetError, PhysicalAddressError
-from x86pt.fields import LEVELS, Kind, Level
-from x86pt.state import PagingState
-from x86pt.walk import rsvd_mask
+from x86pt.fields import BIT_PAT_4K, BIT_PAT_LARGE, BIT_PS, LEVELS, Kind, Level
+from x86pt.state import PagingState, rsvd_mask
 
 # Bits of Chunk.eff. RW/US sit at their entry positions (bits 1, 2) so combining is an AND.
 EFF_NX = 1        # XD set in some entry of the walk (ORed)
@@ -52,7 +51,7 @@ EFF_ROOT = EFF_RW | EFF_US
 
 U64 = np.uint64
 SHIFT = np.array([0, 12, 21, 30, 39, 48], dtype=np.uint64)   # index shift by SDM level number
-PS_BIT = 1 << 7
+PS_BIT = BIT_PS
 from x86pt.limits import DEFAULT_MAX_ENTRIES  # noqa: E402  (one definition)
 RECORD_COST = 64                  # budget charged per record emitted
 MAX_ISSUES = 1000
@@ -601,7 +600,7 @@ class Filter:
             keep &= (ch.raw & U64(need)) == U64(need)
             keep &= (ch.raw & U64(clear)) == 0
             if pat is not None:
-                bit = np.where(ch.level == 1, U64(1 << 7), U64(1 << 12))
+                bit = np.where(ch.level == 1, U64(BIT_PAT_4K), U64(BIT_PAT_LARGE))
                 keep &= ((ch.raw & bit) != 0) == pat
         present = (eff & np.uint8(EFF_P)) != 0
         return keep | ~present

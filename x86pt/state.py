@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from x86pt.errors import BadInputError, StateError
-from x86pt.fields import levels_for, Level
+from x86pt.fields import BIT_8, BIT_PS, BIT_XD, Kind, Level, levels_for, masks_for
 
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1
@@ -280,8 +280,7 @@ class PagingState:
     @cached_property
     def walk_plan(self) -> tuple:
         """Per level, top down: (level, reserved mask when PS=0, leaf kind or None, reserved mask
-        of the leaf kind). Computed once per state from walk.rsvd_mask (the one definition)."""
-        from x86pt.walk import rsvd_mask
+        of the leaf kind). Computed once per state from rsvd_mask (the one definition)."""
         plan = []
         for lv in self.levels:
             leaf = lv.leaf_kind
@@ -345,3 +344,18 @@ class PagingState:
                    pkru=parse_int(d.get("pkru", 0), "pkru"), pkrs=parse_int(d.get("pkrs", 0), "pkrs"),
                    profile=prof, maxphyaddr=parse_int(d["maxphyaddr"], "maxphyaddr", lo=32, hi=52)
                    if "maxphyaddr" in d else None)
+
+
+def rsvd_mask(state: PagingState, level: Level, kind: Kind) -> int:
+    """The reserved bits of a present entry of `kind` at `level` under `state` (SDM §4.5, table 4-
+    14..4-21 'Reserved'; docs/paging.md §5): the field table's RSVD fields (51:M, PS in PML4E/PML5E,
+    large-frame holes, AMD bit 8), plus bit 63 when EFER.NXE=0 and PS in a PDPTE without 1-GByte
+    pages."""
+    m = masks_for(kind, state.m, state.vendor).rsvd
+    if kind in (Kind.PML5E, Kind.PML4E) and state.vendor == "amd" and not state.profile.top_bit8_reserved:
+        m &= ~BIT_8
+    if not state.nxe:
+        m |= BIT_XD
+    if level.number == 3 and not state.gbpages_ok:
+        m |= BIT_PS
+    return m

@@ -11,15 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from x86pt.errors import BadInputError, PhysicalAddressError
-from x86pt.fields import Kind, Level, masks_for
-from x86pt.state import (PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState)
+from x86pt.fields import ADDR_MASK_52, BIT_A, BIT_D, BIT_PS, BIT_XD, PK_MASK, PK_SHIFT, Kind, Level, masks_for
+from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState, rsvd_mask
 
 ACCESS_KINDS = ("read", "write", "fetch")
-BIT_A = 1 << 5
-BIT_D = 1 << 6
-BIT_PS = 1 << 7
-BIT_XD = 1 << 63
-BIT_8 = 1 << 8
 
 
 @dataclass(frozen=True)
@@ -111,21 +106,10 @@ class GeneralProtection:
 
 
 Result = Translation | PageFault | GeneralProtection
-
-
-def rsvd_mask(state: PagingState, level: Level, kind: Kind) -> int:
-    """The reserved bits of a present entry of `kind` at `level` under `state` (SDM §4.5, table 4-
-    14..4-21 'Reserved'; docs/paging.md §5): the field table's RSVD fields (51:M, PS in PML4E/PML5E,
-    large-frame holes, AMD bit 8), plus bit 63 when EFER.NXE=0 and PS in a PDPTE without 1-GByte
-    pages."""
-    m = masks_for(kind, state.m, state.vendor).rsvd
-    if kind in (Kind.PML5E, Kind.PML4E) and state.vendor == "amd" and not state.profile.top_bit8_reserved:
-        m &= ~BIT_8
-    if not state.nxe:
-        m |= BIT_XD
-    if level.number == 3 and not state.gbpages_ok:
-        m |= BIT_PS
-    return m
+# rsvd_mask (x86pt.state) is re-exported here, where the walk's other rules are.
+__all__ = ["ACCESS_KINDS", "BIT_A", "BIT_D", "BIT_PS", "BIT_XD", "Access", "GeneralProtection", "PageFault",
+           "Result", "Rights", "Step", "Translation", "check_rights", "debug_translate",
+           "error_code_dont_care", "rsvd_mask", "translate", "walk"]
 
 
 def _error_bits(state: PagingState, access: Access) -> int:
@@ -276,7 +260,7 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
         used.append((e_addr, raw))
         table = raw & phys
     leaf_raw = raw
-    pkey = (leaf_raw >> 59) & 0xF
+    pkey = (leaf_raw & PK_MASK) >> PK_SHIFT
     rights = Rights(bool(eff_rw), bool(eff_us), not (state.nxe and eff_xd), pkey)
     denied, key_denied, reason = check_rights(state, rights, access)
     if denied:
@@ -312,15 +296,15 @@ def debug_translate(state: PagingState, memory, va: int) -> tuple[int, int] | No
     None for a non-canonical or unmapped address."""
     if not state.canonical(va):
         return None
-    table = state.cr3 & 0x000FFFFFFFFFF000
+    table = state.cr3 & ADDR_MASK_52
     for lv in state.levels:
         raw = memory.read_u64(table | (lv.index(va) << 3))
         if not raw & 1:
             return None
         if lv.number == 1 or (lv.leaf_kind is not None and raw & BIT_PS):
             size = 1 << lv.shift
-            return (raw & 0x000FFFFFFFFFF000 & ~(size - 1)) | (va & (size - 1)), size
-        table = raw & 0x000FFFFFFFFFF000
+            return (raw & ADDR_MASK_52 & ~(size - 1)) | (va & (size - 1)), size
+        table = raw & ADDR_MASK_52
     return None
 
 

@@ -35,6 +35,7 @@ from x86pt.errors import BadInputError, OracleError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE,
                          PagingState)
+from x86pt.fields import BIT_A as _A, BIT_D as _D, BIT_P as _P, BIT_PS as _PS, BIT_RW as _RW, BIT_US as _US
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE = 0x1000
@@ -92,8 +93,6 @@ QEMU_EXIT_DONE = 33                   # isa-debug-exit: (0x10 << 1) | 1
 QEMU_EXIT_SETUP = 35                  # (0x11 << 1) | 1
 UD_VECTOR = 6
 
-# Entry bits (SDM Vol. 3A §4.5, Table 4-15..4-20) used for the harness's own tables.
-_P, _RW, _US, _A, _D, _PS = 0x1, 0x2, 0x4, 0x20, 0x40, 0x80
 # The harness slot: P|RW|US|A. No XD (NXE may be 0), no G (AMD reserves PML4E bit 8).
 SLOT_VALUE = HPT_PDPT | _P | _RW | _US | _A
 

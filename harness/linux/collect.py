@@ -19,9 +19,8 @@ from x86pt.memory.elfcore import write_elf_core
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import CR4_LA57, PagingState, profile_named
 from x86pt.walk import Translation, walk
+from x86pt.fields import ADDR_MASK_52 as ADDR_MASK, BIT_PS as PS   # bits 51:12; PS
 
-ADDR_MASK = 0x000F_FFFF_FFFF_F000   # bits 51:12 of a table entry (SDM 4.5, Table 4-15 ff.)
-PS = 1 << 7
 # cpa_data.flags (arch/x86/mm/pat/set_memory.c): CPA_ARRAY / CPA_PAGES_ARRAY carry more than
 # one address, of which the probe sees only the first.
 CPA_ARRAY, CPA_PAGES_ARRAY = 2, 4

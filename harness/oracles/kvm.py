@@ -437,7 +437,7 @@ def _cap_image() -> tuple[SparseMemory, int]:
     """A hand-written image (raw entries, no builder) for capability discovery."""
     m = SparseMemory(RIG_RAM_SIZE)
     pml4, pdpt, pd, pt, pdpt1, pd1, pt1, pt_m = (0x200000 + i * 0x1000 for i in range(8))
-    P, RW, US, A, PS = 1, 2, 4, 0x20, 0x80
+    from x86pt.fields import BIT_A as A, BIT_P as P, BIT_PS as PS, BIT_RW as RW, BIT_US as US
     t = P | RW | US | A
     m.write_u64(pml4 + 0 * 8, pdpt | t)
     m.write_u64(pdpt + 0 * 8, pd | t)

@@ -48,6 +48,8 @@ from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
                          CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, RFLAGS_AC, PagingState)
+from x86pt.fields import BIT_A as _PTE_A, BIT_D as _PTE_D, BIT_P as _PTE_P, BIT_RW as _PTE_RW
+from x86pt.fields import BIT_US as _PTE_US
 
 try:  # the rig imports this module even where unicorn is missing; run() then says why
     import unicorn as _uc
@@ -99,7 +101,6 @@ SEL_LDT = 0x28
 SEL_IMPLICIT_K, SEL_IMPLICIT_U, IMPLICIT_GP_CODE = 0x4, 0x7, 0x4
 MSR_EFER = 0xC0000080
 
-_PTE_P, _PTE_RW, _PTE_US, _PTE_A, _PTE_D = 1, 2, 4, 0x20, 0x40
 _Q = struct.Struct("<Q")
 
 # -- instruction encodings (hand-assembled; tests check them against capstone) -------------------

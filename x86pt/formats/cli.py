@@ -360,7 +360,7 @@ def find_aliases(state, memory, pa: int, max_entries: int = DEFAULT_MAX_ENTRIES)
 
 
 def cmd_find(args) -> int:
-    from x86pt.formats.tabular import flag_names
+    from x86pt.describe import leaf_flags
     from x86pt.image import open_image
     from x86pt.scan import EFF_NX, EFF_RSVD, EFF_RW, EFF_US
     pa = parse_int(args.pa, "physical address")
@@ -373,10 +373,10 @@ def cmd_find(args) -> int:
             size = {1: "4K", 2: "2M", 3: "1G"}[lvl]
             if args.json:
                 print(json.dumps({"va": f"{va:#018x}", "pa": hex(pa), "page_size": size, "rights": rights,
-                                  "flags": flag_names(raw, lvl), "entry_addr": hex(ea),
+                                  "flags": leaf_flags(raw, lvl), "entry_addr": hex(ea),
                                   "reserved": bool(eff & EFF_RSVD)}))
             else:
-                print(f"0x{va:016x}  {size}  {rights}  {flag_names(raw, lvl)}"
+                print(f"0x{va:016x}  {size}  {rights}  {leaf_flags(raw, lvl)}"
                       + ("  (reserved bits: faults)" if eff & EFF_RSVD else ""))
         if not hits and not args.json:
             print(f"x86pt: note: no virtual address maps {pa:#x}", file=sys.stderr)

@@ -22,14 +22,16 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from x86pt.coalesce import coalesce
+from x86pt.fields import (ADDR_MASK_52, BIT_A, BIT_D, BIT_G, BIT_P, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PCD, BIT_PS,
+                          BIT_PWT, BIT_RW, BIT_US, BIT_XD)
 from x86pt.scan import EFF_NX, EFF_P, EFF_RW, EFF_US, SHIFT, U64, Chunk
 from x86pt.state import PagingState
 
-PTE_FLAGS_MASK = ((1 << 64) - 1) & ~(((1 << 52) - 1) & ~0xFFF)
-LINUX_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF          # PTE_PFN_MASK without SME
+PTE_FLAGS_MASK = ((1 << 64) - 1) & ~ADDR_MASK_52
+LINUX_ADDR_MASK = ADDR_MASK_52                      # PTE_PFN_MASK without SME: bits 51:12
 LEVEL_NAMES = ("pgd", "p4d", "pud", "pmd", "pte")
 UNITS = "BKMGTPE"
-_NONE_IGNORED = (1 << 5) | (1 << 6)                  # _PAGE_KNL_ERRATUM_MASK: A|D
+_NONE_IGNORED = BIT_A | BIT_D                  # _PAGE_KNL_ERRATUM_MASK: A|D
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def _calls(chunks: Iterable[Chunk], state: PagingState) -> Iterator[Chunk]:
         present = (ch.eff & np.uint8(EFF_P)) != 0
         nonzero = (ch.raw & ~U64(_NONE_IGNORED)) != 0
         upper_np = ~present & nonzero & (ch.level >= 2) & (ch.level <= 3)
-        keep &= ~(upper_np & ((ch.raw & U64(1 << 7)) == 0))
+        keep &= ~(upper_np & ((ch.raw & U64(BIT_PS)) == 0))
         if not keep.all():
             ch = ch.take(keep)
         yield ch
@@ -109,7 +111,7 @@ def _key(ch: Chunk, levels: int) -> np.ndarray:
     present = (ch.eff & np.uint8(EFF_P)) != 0
     pte = ch.level == 1
     # holes at pmd level and above note val=0 unless their value is a leaf (PSE) or a PTE
-    noted_val = np.where(present | pte | ((ch.raw & U64(1 << 7)) != 0) & (ch.level <= 3), ch.raw,
+    noted_val = np.where(present | pte | ((ch.raw & U64(BIT_PS)) != 0) & (ch.level <= 3), ch.raw,
                          U64(0))
     own = noted_val & U64(PTE_FLAGS_MASK)
     eff = np.where(noted_val != 0, ch.eff & np.uint8(EFF_RW | EFF_US | EFF_NX), 0).astype(U64)
@@ -118,13 +120,13 @@ def _key(ch: Chunk, levels: int) -> np.ndarray:
 
 
 def _prot_text(own: int, depth: int) -> str:
-    if not own & 1:
+    if not own & BIT_P:
         return " " * 30 + LEVEL_NAMES[depth]
-    return ("USR " if own & 4 else "    ") + ("RW " if own & 2 else "ro ") + \
-        ("PWT " if own & 8 else "    ") + ("PCD " if own & 16 else "    ") + \
-        ("PSE " if depth <= 3 and own & 0x80 else "    ") + \
-        ("PAT " if depth == 4 and own & 0x80 or depth in (2, 3) and own & 0x1000 else "    ") + \
-        ("GLB " if own & 0x100 else "    ") + ("NX " if own >> 63 else "x  ") + LEVEL_NAMES[depth]
+    return ("USR " if own & BIT_US else "    ") + ("RW " if own & BIT_RW else "ro ") + \
+        ("PWT " if own & BIT_PWT else "    ") + ("PCD " if own & BIT_PCD else "    ") + \
+        ("PSE " if depth <= 3 and own & BIT_PS else "    ") + \
+        ("PAT " if depth == 4 and own & BIT_PAT_4K or depth in (2, 3) and own & BIT_PAT_LARGE else "    ") + \
+        ("GLB " if own & BIT_G else "    ") + ("NX " if own & BIT_XD else "x  ") + LEVEL_NAMES[depth]
 
 
 def size_text(delta: int) -> str:

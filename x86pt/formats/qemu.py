@@ -22,6 +22,8 @@ import numpy as np
 
 from x86pt.coalesce import coalesce, present_only
 from x86pt.errors import BudgetError
+from x86pt.fields import (BIT_A, BIT_D, BIT_G, BIT_P, BIT_PAT_4K, BIT_PCD, BIT_PS, BIT_PWT, BIT_RW, BIT_US,
+                          BIT_XD)
 from x86pt.scan import DEFAULT_MAX_ENTRIES, EFF_RSVD, EFF_RW, EFF_US, RECORD_COST, SHIFT, U64, Chunk
 from x86pt.state import CR0_PG, PagingState
 
@@ -31,7 +33,9 @@ PG_DISABLED = b"PG disabled\n"
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 HEX2 = np.stack([_HEX[np.arange(256) >> 4], _HEX[np.arange(256) & 15]], axis=1)   # (256, 2)
 # info tlb flag letters, left to right, with their entry bits (print_pte in monitor.c)
-TLB_FLAGS = ((63, "X"), (8, "G"), (7, "P"), (6, "D"), (5, "A"), (4, "C"), (3, "T"), (2, "U"), (1, "W"))
+TLB_FLAGS = tuple((mask.bit_length() - 1, ch) for mask, ch in (
+    (BIT_XD, "X"), (BIT_G, "G"), (BIT_PS, "P"), (BIT_D, "D"), (BIT_A, "A"), (BIT_PCD, "C"), (BIT_PWT, "T"),
+    (BIT_US, "U"), (BIT_RW, "W")))
 LINE_BLOCK = 1 << 18
 
 
@@ -47,7 +51,7 @@ def hex16(v: np.ndarray) -> np.ndarray:
 
 def _flag_bytes(raw: np.ndarray, level: np.ndarray) -> np.ndarray:
     """(n,) leaf entries -> (n, 9) letters. 4K entries are shown with bit 7 masked."""
-    raw = np.where(level == 1, raw & ~U64(1 << 7), raw)
+    raw = np.where(level == 1, raw & ~U64(BIT_PAT_4K), raw)
     out = np.empty((len(raw), 9), dtype=np.uint8)
     for col, (bit, ch) in enumerate(TLB_FLAGS):
         out[:, col] = np.where((raw >> U64(bit)) & U64(1), ord(ch), ord("-"))
@@ -156,8 +160,7 @@ def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_EN
     change held or copied) against `max_entries`: tables whose prot alternates entry by entry
     would otherwise expand to 2^27 changes per PDPT, held in memory."""
     from x86pt.errors import PhysicalAddressError
-    P, RW, US = 1, 2, 4
-    PS = 1 << 7
+    P, RW, US, PS = BIT_P, BIT_RW, BIT_US, BIT_PS
     mask = QEMU_TABLE_MASK
     memo: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {}
     spent = [0]

@@ -12,26 +12,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from x86pt.coalesce import coalesce, present_only
+from x86pt.describe import leaf_flags
+from x86pt.fields import BIT_P, PK_MASK, PK_SHIFT
 from x86pt.scan import EFF_LOOP, EFF_NX, EFF_RSVD, EFF_RW, EFF_US, SHIFT, U64, Chunk
 
 COLUMNS = ("va", "end", "size", "pa", "level", "page_size", "entries", "flags", "pk", "user",
            "writable", "executable", "reserved", "loop")
-
-
-def flag_names(raw: int, level: int) -> str:
-    names = []
-    for name, bit in (("p", 0), ("rw", 1), ("us", 2), ("pwt", 3), ("pcd", 4), ("a", 5), ("d", 6)):
-        if raw >> bit & 1:
-            names.append(name)
-    if level > 1 and raw & 0x80:
-        names.append("ps")
-    if raw & 0x100:
-        names.append("g")
-    if (level == 1 and raw & 0x80) or (level > 1 and raw & 0x1000):
-        names.append("pat")
-    if raw >> 63:
-        names.append("xd")
-    return " ".join(names)
 
 
 def _key(ch: Chunk) -> np.ndarray:
@@ -64,7 +50,7 @@ def rows(chunks: Iterable[Chunk], *, coalesce_mode: str = "phys", nxe: bool = Tr
 def _row(va: int, size: int, pa: int, level: int, raw: int, eff: int, entries: int, nxe: bool) -> dict:
     return {"va": f"{va:#018x}", "end": f"{(va + size) & ((1 << 64) - 1):#018x}", "size": size,
             "pa": f"{pa:#x}", "level": level, "page_size": 1 << int(SHIFT[level]), "entries": entries,
-            "flags": flag_names(raw, level), "pk": (raw >> 59) & 0xF if raw & 1 else 0,
+            "flags": leaf_flags(raw, level), "pk": (raw & PK_MASK) >> PK_SHIFT if raw & BIT_P else 0,
             "user": bool(eff & EFF_US), "writable": bool(eff & EFF_RW),
             "executable": not (nxe and eff & EFF_NX), "reserved": bool(eff & EFF_RSVD),
             "loop": bool(eff & EFF_LOOP)}

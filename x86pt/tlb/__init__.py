@@ -32,7 +32,8 @@ INVPCID, MOV to CR0/CR3/CR4), `differences` (stale translations and their window
 """
 from x86pt.tlb.differences import (KINDS, Difference, Window, WindowTracker, cpu_differences,
                                   merge_differences)
-from x86pt.tlb.entries import (BIT_G, CR3_NOFLUSH, PAGE, PAGE_SIZES, SIZE_1G, SIZE_2M, TLB_FLUSH_ALL,
+from x86pt.fields import BIT_G
+from x86pt.tlb.entries import (CR3_NOFLUSH, PAGE, PAGE_SIZES, SIZE_1G, SIZE_2M, TLB_FLUSH_ALL,
                                TLB_SINGLE_PAGE_FLUSH_CEILING, U64, GeneralProtection, PscEntry, TlbEntry,
                                Use)
 from x86pt.tlb.invalidate import Cpu

@@ -9,9 +9,9 @@ from typing import Iterable, Iterator
 
 from x86pt.errors import PhysicalAddressError
 from x86pt.state import PagingState
-from x86pt.walk import BIT_D, BIT_PS
+from x86pt.fields import BIT_D, BIT_G, BIT_PS, PK_MASK, PK_SHIFT
 from x86pt.tlb.cache import Caches
-from x86pt.tlb.entries import BIT_G, PAGE, U64, TlbEntry, _walk_from
+from x86pt.tlb.entries import PAGE, U64, TlbEntry, _walk_from
 
 
 # -- differences ---------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def _descend_level(state, memory, plan, i, start, end, table, rw, us, xd):
                 sbase = state.sign_extend(base)
                 if leaf:
                     yield ("leaf", sbase, span, raw & phys & ~(span - 1), r, u, not (nxe and x),
-                           (raw >> 59) & 0xF, bool(raw & BIT_D), bool(raw & BIT_G))
+                           (raw & PK_MASK) >> PK_SHIFT, bool(raw & BIT_D), bool(raw & BIT_G))
                 else:
                     yield ("table", level.number, sbase, span, raw & phys, r, u, x)
                     yield from _descend_level(state, memory, plan, i + 1, va, min(end, nxt),
@@ -134,7 +134,7 @@ def _runs_level(state, memory, plan, i, start, end, table, rw, us, xd):
             if leaf:
                 frame = raw & phys & ~(span - 1)
                 yield va, nxt, _Leaf(frame + (va & (span - 1)), r, u, not (state.nxe and x),
-                                     (raw >> 59) & 0xF, bool(raw & BIT_D))
+                                     (raw & PK_MASK) >> PK_SHIFT, bool(raw & BIT_D))
             else:
                 yield from _runs_level(state, memory, plan, i + 1, va, nxt, raw & phys, r, u, x)
         va = nxt

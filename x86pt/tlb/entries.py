@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from x86pt.errors import PhysicalAddressError, StateError
 from x86pt.state import CR4_PGE, PF_ID, PF_U, PF_W, PagingState
-from x86pt.walk import BIT_D, BIT_PS, Access, Rights
+from x86pt.fields import BIT_D, BIT_G, BIT_PS, PK_MASK, PK_SHIFT
+from x86pt.walk import Access, Rights
 
 
 PAGE = 1 << 12
@@ -17,7 +18,6 @@ SIZE_1G = 1 << 30
 PAGE_SIZES = (PAGE, SIZE_2M, SIZE_1G)
 U64 = (1 << 64) - 1
 CR3_NOFLUSH = 1 << 63          # MOV to CR3 with CR4.PCIDE=1: bit 63 of the source (SDM §4.10.4.1)
-BIT_G = 1 << 8
 TLB_FLUSH_ALL = U64            # the kernel's `end` for "everything" (arch/x86/include/asm/tlbflush.h)
 TLB_SINGLE_PAGE_FLUSH_CEILING = 33   # arch/x86/mm/tlb.c, debugfs-tunable; default since v4.6
 
@@ -156,7 +156,7 @@ def _walk_from(state: PagingState, memory, va: int, below: int, table: int,
         xd = xd or bool(raw >> 63)
         if leaf:
             size = 1 << level.shift
-            rights = Rights(rw, us, not (state.nxe and xd), (raw >> 59) & 0xF)
+            rights = Rights(rw, us, not (state.nxe and xd), (raw & PK_MASK) >> PK_SHIFT)
             return _Path(True, n, size, raw & phys & ~(size - 1), rights, bool(raw & BIT_D),
                          bool(raw & BIT_G) and bool(state.cr4 & CR4_PGE), e_addr, tuple(psc))
         base = _sx(state, va & ~((1 << level.shift) - 1))
