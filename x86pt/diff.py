@@ -14,25 +14,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from x86pt.coalesce import Runs, coalesce, collect, present_only
+from x86pt.fields import BIT_G, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PWT, PK_MASK, PK_SHIFT
 from x86pt.scan import EFF_NX, EFF_RSVD, EFF_RW, EFF_US, U64, Chunk, Scanner
 from x86pt.state import PagingState
+from x86pt.walk import rights_letters
 
 IDENTICAL, ADDED, REMOVED, RIGHTS, FRAME, BOTH = range(6)
 CATEGORY = {IDENTICAL: "=", ADDED: "+", REMOVED: "-", RIGHTS: "~rights", FRAME: "~frame",
             BOTH: "~rights+frame"}
+# Bit numbers of the leaf's own attributes, from the field table.
+_PWT, _G, _PAT_4K, _PAT_LARGE = (m.bit_length() - 1 for m in (BIT_PWT, BIT_G, BIT_PAT_4K, BIT_PAT_LARGE))
 
 
 def attr_key(ch: Chunk, nxe: bool = True) -> np.ndarray:
     """Packed attributes: bit0 NX, 1 RW, 2 US, 3 RSVD, 4 PWT, 5 PCD, 6 PAT, 7 G, 8..11 PK."""
     eff = ch.eff.astype(U64) & U64(EFF_RW | EFF_US | EFF_RSVD | (EFF_NX if nxe else 0))
     raw = ch.raw
-    pat = np.where(ch.level == 1, (raw >> U64(7)) & U64(1), (raw >> U64(12)) & U64(1))
-    return (eff | (((raw >> U64(3)) & U64(3)) << U64(4)) | (pat << U64(6))
-            | (((raw >> U64(8)) & U64(1)) << U64(7)) | (((raw >> U64(59)) & U64(15)) << U64(8)))
+    pat = np.where(ch.level == 1, (raw >> U64(_PAT_4K)) & U64(1), (raw >> U64(_PAT_LARGE)) & U64(1))
+    return (eff | (((raw >> U64(_PWT)) & U64(3)) << U64(4)) | (pat << U64(6))       # PWT, PCD adjacent
+            | (((raw >> U64(_G)) & U64(1)) << U64(7)) | (((raw & U64(PK_MASK)) >> U64(PK_SHIFT)) << U64(8)))
 
 
 def attr_text(key: int) -> str:
-    s = ("u" if key & EFF_US else "-") + "r" + ("w" if key & EFF_RW else "-") + ("-" if key & EFF_NX else "x")
+    s = rights_letters(bool(key & EFF_US), bool(key & EFF_RW), not key & EFF_NX)
     extra = [n for n, b in (("pwt", 16), ("pcd", 32), ("pat", 64), ("g", 128)) if key & b]
     if key >> 8 & 15:
         extra.append(f"pk{key >> 8 & 15}")

@@ -64,7 +64,13 @@ class Rights:
     pkey: int
 
     def letters(self) -> str:
-        return ("u" if self.user else "-") + "r" + ("w" if self.writable else "-") + ("x" if self.executable else "-")
+        return rights_letters(self.user, self.writable, self.executable)
+
+
+def rights_letters(user: bool, writable: bool, executable: bool) -> str:
+    """Effective rights as four letters, 'urwx' / '-r--' (every present translation reads): the
+    one rights-to-text of the library."""
+    return ("u" if user else "-") + "r" + ("w" if writable else "-") + ("x" if executable else "-")
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ Result = Translation | PageFault | GeneralProtection
 # rsvd_mask (x86pt.state) is re-exported here, where the walk's other rules are.
 __all__ = ["ACCESS_KINDS", "BIT_A", "BIT_D", "BIT_PS", "BIT_XD", "Access", "GeneralProtection", "PageFault",
            "Result", "Rights", "Step", "Translation", "check_rights", "debug_translate",
-           "error_code_dont_care", "rsvd_mask", "translate", "walk"]
+           "error_code_dont_care", "rights_letters", "rsvd_mask", "translate", "walk"]
 
 
 def _error_bits(state: PagingState, access: Access) -> int:

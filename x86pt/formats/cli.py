@@ -361,6 +361,7 @@ def find_aliases(state, memory, pa: int, max_entries: int = DEFAULT_MAX_ENTRIES)
 
 def cmd_find(args) -> int:
     from x86pt.describe import leaf_flags
+    from x86pt.walk import rights_letters
     from x86pt.image import open_image
     from x86pt.scan import EFF_NX, EFF_RSVD, EFF_RW, EFF_US
     pa = parse_int(args.pa, "physical address")
@@ -368,8 +369,7 @@ def cmd_find(args) -> int:
         hits, sc = find_aliases(img.state, img.memory, pa, _max_entries(args))
         nxe = img.state.nxe
         for va, lvl, raw, eff, ea in hits:
-            rights = ("u" if eff & EFF_US else "-") + "r" + ("w" if eff & EFF_RW else "-") + \
-                ("-" if nxe and eff & EFF_NX else "x")
+            rights = rights_letters(bool(eff & EFF_US), bool(eff & EFF_RW), not (nxe and eff & EFF_NX))
             size = {1: "4K", 2: "2M", 3: "1G"}[lvl]
             if args.json:
                 print(json.dumps({"va": f"{va:#018x}", "pa": hex(pa), "page_size": size, "rights": rights,

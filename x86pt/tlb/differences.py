@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 
 from x86pt.errors import PhysicalAddressError
 from x86pt.state import PagingState
+from x86pt.walk import rights_letters
 from x86pt.fields import BIT_D, BIT_G, BIT_PS, PK_MASK, PK_SHIFT
 from x86pt.tlb.cache import Caches
 from x86pt.tlb.entries import PAGE, U64, TlbEntry, _walk_from
@@ -159,8 +160,8 @@ def _compare(cached: _Leaf, cur: _Leaf | None) -> list[tuple[str, str]]:
 def _describe_leaf(l: _Leaf | None) -> str:
     if l is None:
         return "no translation"
-    return (f"pa {l.pa:#x} " + ("u" if l.us else "-") + "r" + ("w" if l.rw else "-")
-            + ("x" if l.x else "-") + (f" pkey {l.pkey}" if l.pkey else "") + (" D" if l.dirty else ""))
+    return (f"pa {l.pa:#x} " + rights_letters(l.us, l.rw, l.x) + (f" pkey {l.pkey}" if l.pkey else "")
+            + (" D" if l.dirty else ""))
 
 
 def _diff_ranges(c: Caches, memory, start: int, end: int, cached_at, cached_desc: str,
