@@ -10,6 +10,10 @@ stops after the batch in flight and prints what was done).
     x86pt conform --oracle qemu --cases random --limit 500
     x86pt conform --oracle kvm --shard 2/8 --progress
     x86pt conform --repro x86pt-repros/unicorn-matrix-123.json --oracle unicorn
+    x86pt conform --oracle unicorn --full --jobs 2                  # in 2 local processes
+    x86pt conform --oracle unicorn --full --executor dask://10.0.0.5:8786
+    x86pt conform --oracle unicorn --shard 1/4 --json-report s1.json   # ... one per shard, then
+    x86pt conform merge s1.json s2.json s3.json s4.json -o all.json
 """
 from __future__ import annotations
 
@@ -47,31 +51,63 @@ def _open_oracle(name: str, profile: str | None):
     return get_oracle(name)
 
 
-def make_source(args, oracle, caps):
-    """The case source for one oracle: its feature set decides the matrix (docs/paging.md §11.2: invalid bits)."""
+def _nest(units: int, parts) -> tuple[int, int]:
+    """The unit range [lo, hi) of nested parts (i, n), 1-based: each the i-th of n equal parts of
+    the range before it."""
+    lo, hi = 0, units
+    for i, n in parts:
+        w = hi - lo
+        lo, hi = lo + (i - 1) * w // n, lo + i * w // n
+    return lo, hi
+
+
+def _span(rng: tuple[int, int], span) -> tuple[int, int]:
+    lo, hi = rng
+    if span is None:
+        return lo, hi
+    a, b = span
+    return min(hi, lo + a), min(hi, lo + b)
+
+
+def make_source(args, oracle, caps, span=None):
+    """The case source for one oracle: its feature set decides the matrix (docs/paging.md §11.2:
+    invalid bits). The run's selection (--full, --limit, --sample; the random trees) is cut by
+    --shard I/N (the I-th of N equal parts), and an executor's part takes the units [a, b) of
+    that (`span`), so shards and parts together are exactly the unsharded run
+    (docs/conformance-sweeps.md §2)."""
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for, select
     from x86pt.state import as_profile
     feat = MatrixFeatures.from_caps(caps)
     profile = as_profile(getattr(oracle, "profile", "intel"))
     batch = args.batch
+    parts = [args.shard] if args.shard else []
     if args.cases == "random":
         from harness.random_tables import RandomSource
         total = args.limit if args.limit is not None else (args.sample or 2000)
-        first = 0
-        if args.shard:
-            i, n = args.shard
-            per = args.per_tree
-            nb = -(-total // per)
-            lo, hi = (i - 1) * nb // n, i * nb // n
-            first, total = lo, max(0, min(total, hi * per) - lo * per)
-        return RandomSource(feat, profile, seed=args.seed, cases=total, per_batch=args.per_tree,
+        per = args.per_tree
+        lo, hi = _span(_nest(-(-total // per), parts), span)
+        first, total = lo, max(0, min(total, hi * per) - lo * per)
+        return RandomSource(feat, profile, seed=args.seed, cases=total, per_batch=per,
                             first_batch=first)
     m = matrix_for(feat, extended=args.extended)
-    idx, start, stop = select(m.size, shard=args.shard, limit=args.limit, sample=args.sample,
-                              seed=args.seed)
+    idx, start, stop = select(m.size, limit=args.limit, sample=args.sample, seed=args.seed)
+    lo, hi = _span(_nest(len(idx) if idx is not None else stop - start, parts), span)
+    if idx is not None:
+        idx = idx[lo:hi]
+    else:
+        start, stop = start + lo, start + hi
     return MatrixSource(m, profile, indices=idx, start=start, stop=stop,
                         batch_cases=batch or _default_batch(oracle),
                         name="xmatrix" if args.extended else "matrix")
+
+
+def selection_units(args, src) -> tuple[int, int]:
+    """How many units (matrix cases, or random trees) `src` holds, and the alignment of an
+    executor's parts in units: a matrix part starts on a chunk of the source (the cases it groups
+    into batches), so every case is built in the same batch as in one local run."""
+    if args.cases == "random":
+        return -(-src.total // args.per_tree), 1
+    return src.total, src.chunk
 
 
 def _default_batch(oracle) -> int:
@@ -82,20 +118,12 @@ def _default_batch(oracle) -> int:
     return 4096
 
 
-def _repro_path(args, mm) -> str | None:
-    if args.no_repro:
-        return None
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{mm.oracle}-{mm.case.label}")
-    return os.path.join(args.repro_dir, safe + ".json")
-
-
 def cmd_conform(args) -> int:
-    from harness.differential import load_repro, replay, run_conformance
-    from x86pt.progress import Interrupt, ProgressBar
+    from harness.differential import load_repro, replay
     from x86pt.cli import emit_json
-    from x86pt.memory.atomic import write_text_atomic
-    import json
 
+    if getattr(args, "conform_cmd", None) == "merge":
+        return cmd_merge(args)
     args.shard = _shard(args.shard) if args.shard else None
     for opt in ("limit", "sample", "batch"):
         v = getattr(args, opt)
@@ -103,10 +131,13 @@ def cmd_conform(args) -> int:
             setattr(args, opt, parse_int(v, f"--{opt}", lo=1, hi=1 << 40))
     args.seed = parse_int(args.seed, "--seed")
     args.per_tree = parse_int(args.per_tree, "--per-tree", lo=1, hi=8192)
+    args.jobs = parse_int(args.jobs, "--jobs", lo=1, hi=1024)
     names = _oracle_list(args.oracle)
     explicit = args.oracle != "all"
     if not args.no_repro and os.path.exists(args.repro_dir) and not os.path.isdir(args.repro_dir):
         raise BadInputError(f"--repro-dir {args.repro_dir}: exists and is not a directory")
+    if args.json_report and os.path.isdir(args.json_report):
+        raise BadInputError(f"--json-report {args.json_report}: is a directory")
 
     if args.repro:
         try:
@@ -144,68 +175,125 @@ def cmd_conform(args) -> int:
             print(f"conform: a seeded sample of {DEFAULT_SAMPLE:,} matrix cases (--seed "
                   f"{args.seed}); --full runs every case (19.2M classic, 155M extended)",
                   file=sys.stderr)
-    total_cases = total_mm = 0
-    ran: list[str] = []
-    reported = 0
-    interrupted = False
-    with Interrupt() as stop:
-        for name in names:
-            if stop.requested:
-                break
-            try:
-                oracle = _open_oracle(name, args.profile)
-            except OracleUnavailable as e:
-                if explicit:
-                    raise
-                print(f"conform: skipping {name}: {e}", file=sys.stderr)
-                continue
-            try:
-                caps = oracle.capabilities()
-                src = make_source(args, oracle, caps)
-                prog = ProgressBar(src.total, name, unit="cases", enabled=True if args.progress else None)
+    from harness.executors import MAX_CARRIED, open_executor
+    from harness.reports import Reporter, run_config
+    from x86pt.progress import Interrupt
 
-                def on_mm(mm, _prog=prog):
-                    nonlocal reported
-                    path = _repro_path(args, mm) if reported < args.max_repros else None
-                    if path:
-                        os.makedirs(args.repro_dir, exist_ok=True)
-                        mm.repro["file"] = path
-                        write_text_atomic(path, json.dumps(mm.repro, indent=1) + "\n")
-                    reported += 1
-                    if args.json:
-                        emit_json(mm.to_json())
-                    elif reported <= args.max_report:
-                        _prog.write(mm.render())
+    rep = Reporter(args, run_config(args), (args.shard[1], [args.shard[0]]) if args.shard else (1, [1]),
+                   keep=bool(args.json_report), max_kept=MAX_CARRIED)
+    interrupted = False
+    executor = open_executor(args.executor, args.jobs)
+    try:
+        if executor is not None:
+            rep.extra = {"executor": executor.name, "workers": executor.workers}
+        with Interrupt() as stop:
+            for name in names:
+                if stop.requested:
+                    break
+                run = _run_here if executor is None else _run_on
                 try:
-                    summ = run_conformance(oracle, src, on_mismatch=on_mm, progress=prog,
-                                           interrupt=stop)
-                finally:
-                    prog.close()
-            finally:
-                oracle.close()
-            interrupted = interrupted or summ.interrupted
-            ran.append(name)
-            total_cases += summ.cases
-            total_mm += summ.mismatches
-            if args.json:
-                emit_json(summ.to_json() | {"capabilities": caps.to_json()})
-            else:
-                j = summ.to_json()
-                print(f"{name}: {summ.cases} cases ({summ.probes} probes), {summ.mismatches} mismatches, "
-                      f"{summ.seconds:.1f} s; oracle {j['oracle_cases_per_s']} cases/s, "
-                      f"model {j['model_cases_per_s']} cases/s"
-                      + (" (interrupted)" if summ.interrupted else ""))
-        interrupted = interrupted or stop.requested
-    if not ran and not interrupted:
+                    done = run(executor, args, name, stop, rep)
+                except OracleUnavailable as e:
+                    if explicit:
+                        raise
+                    rep.skip(name, str(e))
+                    continue
+                interrupted = interrupted or done
+            interrupted = interrupted or stop.requested
+    finally:
+        if executor is not None:
+            executor.close()
+    if not rep.ran and not interrupted:
         raise OracleUnavailable("no oracle could run here (" + ", ".join(names) + ")")
-    if total_mm > args.max_report and not args.json:
-        print(f"({total_mm - args.max_report} more mismatches not shown; --max-report N)")
-    line = f"conform: {total_mm} mismatches in {total_cases} cases ({', '.join(ran)})"
+    return rep.finish(interrupted, args.json_report)
+
+
+def _run_here(_executor, args, name, stop, rep) -> bool:
+    """One oracle in this process (--jobs 1, the default): mismatches are reported as they come."""
+    from harness.differential import run_conformance
+    from harness.executors import mismatch_record
+    from x86pt.progress import ProgressBar
+    oracle = _open_oracle(name, args.profile)
+    try:
+        caps = oracle.capabilities()
+        src = make_source(args, oracle, caps)
+        prog = ProgressBar(src.total, name, unit="cases", enabled=True if args.progress else None)
+        try:
+            summ = run_conformance(oracle, src, on_mismatch=lambda mm: rep.mismatch(mismatch_record(mm),
+                                                                                   prog.write),
+                                   progress=prog, interrupt=stop)
+        finally:
+            prog.close()
+    finally:
+        oracle.close()
+    rep.oracle_done(summ.to_json(), caps.to_json())
+    return summ.interrupted
+
+
+def _run_on(executor, args, name, stop, rep) -> bool:
+    """One oracle on an executor: the selection in parts, reported in part order (so the output
+    is the same whichever part finishes first)."""
+    import time
+    from harness.executors import part_spec, plan, run_part, split
+    from harness.reports import combine_summaries
+    from x86pt.progress import ProgressBar
+    t0 = time.perf_counter()
+    pl = executor.call(plan, part_spec(args, name))
+    specs = [part_spec(args, name, sp) for sp in split(pl["units"], pl["align"], executor.workers, args.cases)]
+    n = len(specs)
+    prog = ProgressBar(pl["cases"], name, unit="cases", enabled=True if args.progress else None)
+    results: dict[int, dict] = {}
+    emitted = 0
+    done_cases = done_mm = 0
+
+    def emit(i: int) -> None:
+        for rec in results[i]["mismatches"]:
+            rep.mismatch(rec, prog.write)
+        rep.dropped(results[i].get("dropped", 0))
+    try:
+        for i, res in executor.run(run_part, specs, stop):
+            results[i] = res
+            done_cases += res["summary"]["cases"]
+            done_mm += res["summary"]["mismatches"]
+            prog.update_to(done_cases, mismatches=done_mm)
+            while emitted in results:
+                emit(emitted)
+                emitted += 1
+    finally:
+        prog.close()
+    for i in sorted(results):          # after Ctrl-C: what finished behind a missing part
+        if i >= emitted:
+            emit(i)
+    parts = [results[i]["summary"] for i in sorted(results)]
+    summary = combine_summaries(name, parts, time.perf_counter() - t0)
+    interrupted = len(results) < n or bool(summary.get("interrupted"))
     if interrupted:
-        print(line + ", interrupted", flush=True)
-        return 130
-    print(line, flush=True)
-    return 0 if total_mm == 0 else 1
+        summary["interrupted"] = True
+    caps = results[min(results)]["capabilities"] if results else pl["capabilities"]
+    rep.oracle_done(summary, caps, {"executor": executor.name, "workers": executor.workers, "parts": n})
+    return interrupted
+
+
+def cmd_merge(args) -> int:
+    """`x86pt conform merge REPORT...`: shard reports of one run joined into the run's report."""
+    from harness.reports import Reporter, load_report, merge_reports
+    if not args.no_repro and os.path.exists(args.repro_dir) and not os.path.isdir(args.repro_dir):
+        raise BadInputError(f"--repro-dir {args.repro_dir}: exists and is not a directory")
+    if args.output and os.path.isdir(args.output):
+        raise BadInputError(f"--output {args.output}: is a directory")
+    merged = merge_reports([(p, load_report(p)) for p in args.reports])
+    count = merged["count"]
+    rep = Reporter(args, merged["config"], (count, list(range(1, count + 1))), keep=bool(args.output))
+    rep.extra = {"merged_from": len(args.reports)}
+    for s in merged["skipped"]:
+        if s not in rep.skipped:
+            rep.skipped.append(s)
+    for o in merged["oracles"]:
+        for rec in o["mismatches"]:
+            rep.mismatch(rec)
+        rep.dropped(o["dropped"])
+        rep.oracle_done(o["summary"], o["capabilities"])
+    return rep.finish(False, args.output, inputs=args.reports)
 
 
 def register(subparsers) -> None:
@@ -234,4 +322,27 @@ def register(subparsers) -> None:
     p.add_argument("--no-repro", action="store_true", help="write no repro files")
     p.add_argument("--max-repros", type=int, default=50, help="write at most N repro files")
     p.add_argument("--max-report", type=int, default=20, help="print at most N mismatch reports")
+    p.add_argument("--jobs", default="1", metavar="N",
+                   help="run the selection in parts on N local processes (default 1: this process)")
+    p.add_argument("--executor", default="local", metavar="local|dask://HOST:PORT",
+                   help="where the parts run: local processes (--jobs) or a Dask distributed scheduler "
+                        "(extra x86pt[dask]; docs/conformance-sweeps.md)")
+    p.add_argument("--json-report", default=None, metavar="FILE",
+                   help="write the run's report (summaries, mismatches with their repros) as JSON, "
+                        "for `x86pt conform merge`")
     p.set_defaults(func=cmd_conform)
+    sub = p.add_subparsers(dest="conform_cmd", metavar="merge", title="subcommand")
+    m = sub.add_parser("merge", help="join the --json-report files of the shards of one run",
+                       description="Join the --json-report files written by the shards of one run "
+                                   "(--shard I/N each) into the run's report: it prints what one run "
+                                   "would, writes the repro files, and with -o the joined report. "
+                                   "Reports of different runs, and missing or duplicate shards, "
+                                   "are refused.")
+    m.add_argument("reports", nargs="+", metavar="REPORT")
+    m.add_argument("-o", "--output", default=None, metavar="FILE", help="write the joined report here")
+    m.add_argument("--json", action="store_true", help="one JSON record per mismatch, then summaries")
+    m.add_argument("--repro-dir", default="x86pt-repros", help="where repro files go (default ./x86pt-repros)")
+    m.add_argument("--no-repro", action="store_true", help="write no repro files")
+    m.add_argument("--max-repros", type=int, default=50, help="write at most N repro files")
+    m.add_argument("--max-report", type=int, default=20, help="print at most N mismatch reports")
+    m.set_defaults(func=cmd_conform, conform_cmd="merge")
