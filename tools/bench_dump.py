@@ -9,7 +9,7 @@ For each shape, in one run:
   * raw read: reading the table bytes into memory (one readinto), the floor for any dumper;
   * x86pt as a user runs it (a new process, start-up included; wall time and peak RSS from
     wait4): dump --format qemu-mem, qemu-tlb, ptdump, and census;
-  * QEMU 7.2 (qemu-system-x86_64, paused, RAM = the image; harness/oracles/qemu_monitor.py):
+  * QEMU 7.2 (qemu-system-x86_64, paused, RAM = the image; harness/qemu/monitor.py):
     `info mem` and `info tlb` through QMP, timed around the monitor command only;
   * outputs compared byte for byte (QEMU's CR LF line ends normalised).
 
@@ -103,36 +103,11 @@ _CHILD = ("import sys; from x86pt.cli import main; rc = main(sys.argv[1:]); sys.
 
 
 def hmp_timed(mon, command: str, timeout: float = 1800.0) -> tuple[str, float]:
-    """Run an HMP command through the monitor's QMP socket with a linear-time reader; returns
-    (text, seconds from sending to the last byte of the answer). QmpClient's own reader
-    re-scans and re-copies its buffer per recv, which costs minutes on an 800 MB answer and
-    would be charged to QEMU."""
-    sock = mon.qmp.sock
-    sock.settimeout(timeout)
-    req = {"execute": "human-monitor-command", "arguments": {"command-line": command},
-           "id": "x86pt-bench"}
-    buf = bytearray()
+    """Run an HMP command through the monitor's QMP session (harness/qemu/qmp.py); returns (text,
+    seconds from sending to the parsed answer)."""
     t = time.perf_counter()
-    sock.sendall(json.dumps(req).encode() + b"\n")
-    scanned = 0
-    while True:
-        data = sock.recv(1 << 20)
-        if not data:
-            raise SystemExit("QEMU closed the QMP socket")
-        buf += data
-        nl = buf.find(b"\n", scanned)
-        scanned = len(buf)
-        while nl >= 0:
-            line = bytes(buf[:nl])
-            del buf[:nl + 1]
-            scanned = len(buf)
-            msg = json.loads(line)
-            if msg.get("id") == "x86pt-bench":
-                secs = time.perf_counter() - t
-                if "error" in msg:
-                    raise SystemExit(f"QEMU: {msg['error']}")
-                return msg["return"], secs
-            nl = buf.find(b"\n")
+    text = mon.qmp.hmp(command, timeout=timeout)
+    return text, time.perf_counter() - t
 
 
 class _Null:
@@ -142,17 +117,15 @@ class _Null:
 
 def in_process(img: str) -> dict:
     """The library calls alone (image opened, scan, render; no interpreter start-up): best of 3."""
-    import argparse as _ap
     from x86pt.census import census
     from x86pt.formats.cli import dump_to
     from x86pt.image import open_image
-    ns = _ap.Namespace(cr3=hex(BASE), cr0="0x80010011", cr4="0xa0", efer="0xd00")
     out = {}
     for name in ("qemu-mem", "qemu-tlb", "ptdump", "census"):
         best = None
         for _ in range(3):
             t = time.perf_counter()
-            with open_image(img, ns) as im:
+            with open_image(img, cr3=BASE, cr0=0x80010011, cr4=0xA0, efer=0xD00) as im:
                 if name == "census":
                     census(im.state, im.memory)
                 else:
@@ -194,7 +167,7 @@ def main(argv=None) -> int:
                     else os.path.getsize(outs[name]) // 45
             r.update(in_process(img))
             if not args.skip_qemu:
-                from harness.oracles.qemu_monitor import QemuMonitor
+                from harness.qemu.monitor import QemuMonitor
                 from x86pt.memory import RawFile
                 from x86pt.state import PagingState
                 st = PagingState(cr3=BASE, cr0=0x80010011, cr4=0xA0, efer=0xD00)

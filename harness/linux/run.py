@@ -29,15 +29,11 @@ a RAM file unlinked as soon as QEMU has created it (kept open by the host until 
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,26 +47,19 @@ from harness.linux.collect import (BootText, Capture, capture, capture_from_dump
                                    write_capture)
 from harness.linux.fetch import KernelTree, fetch
 from harness.linux.initramfs import Workload, build_initramfs, steps_archive, workload_named
+from harness.qemu.process import QEMU_BINARY, QemuProcess, qemu_binary, qemu_release, read_stderr
+from harness.qemu.qmp import Qmp
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.atomic import write_bytes_atomic, write_text_atomic
 from x86pt.memory.raw import RawFile
 
-QEMU = "qemu-system-x86_64"
+QEMU = QEMU_BINARY
 ICOUNT = "shift=0,sleep=off,align=off"
 RTC = "base=2024-01-01T00:00:00,clock=vm"
 
 
-def qemu_binary() -> str | None:
-    return shutil.which(QEMU)
-
-
 def qemu_version(binary: str | None = None) -> str:
-    binary = binary or qemu_binary()
-    if not binary:
-        return ""
-    p = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
-    m = re.search(r"version (\S+)(?: \(([^)]*)\))?", p.stdout)
-    return (m.group(1) + (f" ({m.group(2)})" if m.group(2) else "")) if m else p.stdout.strip()
+    return qemu_release(binary) if binary or qemu_binary() else ""
 
 
 IMAGE_MODES = ("guest", "all", "pause", "last")
@@ -137,52 +126,6 @@ def kernel_cmdline(tree: KernelTree, cfg: RunConfig, wl: Workload) -> str:
     return " ".join(words)
 
 
-# -- QMP ----------------------------------------------------------------------------------------------
-class Qmp:
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise OracleError(f"cannot connect to QMP at {path}") from None
-                time.sleep(0.05)
-        self.sock.settimeout(timeout)
-        self.buf = b""
-        self._reply()                               # greeting
-        self.command("qmp_capabilities")
-
-    def _reply(self) -> dict:
-        while True:
-            while b"\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise OracleError("QMP connection closed")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\n", 1)
-            msg = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def command(self, name: str, **args) -> object:
-        self.sock.sendall(json.dumps({"execute": name, "arguments": args} if args else
-                                     {"execute": name}).encode() + b"\n")
-        r = self._reply()
-        if "error" in r:
-            raise OracleError(f"QMP {name}: {r['error'].get('desc')}")
-        return r.get("return")
-
-    def hmp(self, line: str) -> str:
-        return str(self.command("human-monitor-command", **{"command-line": line}))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 # -- one boot -------------------------------------------------------------------------------------------
 @dataclass
 class BootResult:
@@ -205,37 +148,43 @@ class BootResult:
 
 
 class Guest:
-    """One QEMU process, started paused-free (the workload runs on its own), cleaned up always."""
+    """One QEMU process, started paused-free (the workload runs on its own), cleaned up always:
+    its process group killed and its scratch directory (QMP socket, RAM file) removed
+    (harness/qemu/process.py)."""
 
     def __init__(self, binary: str, kernel: str, initrd: str, append: str, cfg: RunConfig,
                  workdir: str) -> None:
         self.workdir = workdir
         self.out = os.path.join(workdir, "ttyS1.txt")
         self.console = os.path.join(workdir, "console.log")
-        self.qmp_path = os.path.join(workdir, "qmp.sock")
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else workdir
-        self.ram = os.path.join(shm, f"x86pt-linux-{os.getpid()}-{os.path.basename(workdir)}.ram")
-        cpu = "max" if cfg.levels == 5 else "max,la57=off"
-        self.cmd = [binary, "-machine", "pc,memory-backend=ram0", "-m", f"{cfg.ram_mb}M",
-                    "-object", f"memory-backend-file,id=ram0,size={cfg.ram_mb}M,mem-path={self.ram},share=on",
-                    "-cpu", cpu, "-smp", "1", "-accel", "tcg",
-                    "-icount", ICOUNT, "-seed", str(cfg.seed), "-rtc", RTC,
-                    "-nodefaults", "-display", "none", "-no-reboot",
-                    "-kernel", kernel, "-initrd", initrd, "-append", append,
-                    "-serial", f"file:{self.console}",
-                    "-chardev", f"file,id=out,path={self.out}", "-serial", "chardev:out",
-                    "-device", "pvpanic", "-action", "panic=pause",
-                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
-        self.proc: subprocess.Popen | None = None
+        self.qemu: QemuProcess | None = None
         self.qmp: Qmp | None = None
         self.ram_fd: int | None = None
+        self.binary, self.kernel, self.initrd, self.append, self.cfg = binary, kernel, initrd, append, cfg
+        self.ram = ""
+
+    def _args(self, qemu: QemuProcess) -> list[str]:
+        cfg = self.cfg
+        self.ram = qemu.path("ram")
+        cpu = "max" if cfg.levels == 5 else "max,la57=off"
+        return [self.binary, "-machine", "pc,memory-backend=ram0", "-m", f"{cfg.ram_mb}M",
+                "-object", f"memory-backend-file,id=ram0,size={cfg.ram_mb}M,mem-path={self.ram},share=on",
+                "-cpu", cpu, "-smp", "1", "-accel", "tcg",
+                "-icount", ICOUNT, "-seed", str(cfg.seed), "-rtc", RTC,
+                "-nodefaults", "-display", "none", "-no-reboot",
+                "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append,
+                "-serial", f"file:{self.console}",
+                "-chardev", f"file,id=out,path={self.out}", "-serial", "chardev:out",
+                "-device", "pvpanic", "-action", "panic=pause",
+                "-qmp", f"unix:{qemu.path('qmp.sock')},server=on,wait=off"]
 
     def __enter__(self) -> "Guest":
-        atexit.register(self.close)
-        self.stderr = open(os.path.join(self.workdir, "qemu.stderr"), "wb")
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self.stderr,
-                                     stderr=self.stderr, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+        self.qemu = QemuProcess()
+        try:
+            self.qemu.start(self._args(self.qemu))
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def _hold_ram(self) -> None:
@@ -264,14 +213,15 @@ class Guest:
                 on_poll(text)
             if text.startswith(marker) or "\n" + marker in text:
                 break
-            if self.proc.poll() is not None:
-                raise OracleError(f"QEMU exited ({self.proc.returncode}) before checkpoint {k}: "
-                                  + _last_line(os.path.join(self.workdir, "qemu.stderr"), self.console))
+            if not self.qemu.alive:
+                raise OracleError(f"QEMU exited ({self.qemu.proc.returncode}) before checkpoint {k}: "
+                                  + _last_text_line(read_stderr(self.qemu.stderr), self.console))
             if time.monotonic() > deadline:
                 raise OracleError(f"guest did not reach checkpoint {k} in time: " + _last_line(self.console))
             time.sleep(0.1)
         if self.qmp is None:
-            self.qmp = Qmp(self.qmp_path)
+            self.qmp = Qmp.connect_path(self.qemu.path("qmp.sock"), proc=self.qemu.proc,
+                                        stderr=self.qemu.stderr, timeout=30.0)
         while True:
             st = self.qmp.command("query-status")
             if isinstance(st, dict) and st.get("status") in ("guest-panicked", "paused"):
@@ -284,59 +234,22 @@ class Guest:
         self.qmp.command("cont")
 
     def close(self) -> None:
-        atexit.unregister(self.close)
-        asked_to_quit = self.qmp is not None
+        """Ask QEMU to quit when we talk to it (it then ends on its own, within 5 s), else or
+        after that kill its process group; then drop the RAM file and the scratch directory."""
+        if self.qmp is not None and self.qemu is not None and self.qemu.alive:
+            with contextlib.suppress(OracleError):
+                self.qmp.command("quit", timeout=5.0)
+                with contextlib.suppress(OracleError):
+                    self.qemu.wait(5.0)
         if self.qmp is not None:
-            try:
-                self.qmp.command("quit")
-            except Exception:
-                pass
             self.qmp.close()
             self.qmp = None
-        if self.proc is not None:
-            try:
-                # after `quit` QEMU ends on its own; without QMP (stopped early) nothing asks it to
-                self.proc.wait(timeout=5 if asked_to_quit else 0.01)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
-            self.proc = None
-        if getattr(self, "stderr", None):
-            self.stderr.close()
-            self.stderr = None
+        if self.qemu is not None:
+            self.qemu.close()
+            self.qemu = None
         if self.ram_fd is not None:
             os.close(self.ram_fd)
             self.ram_fd = None
-        for p in (self.ram, self.qmp_path):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-
-
-def _prctl():
-    try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-# resolved here, in the parent: a forked child must not import or load anything (another
-# thread may hold the import lock at fork time)
-_PRCTL = _prctl()
-_PR_SET_PDEATHSIG = 1
-_SIGKILL = int(signal.SIGKILL)
-
-
-def _die_with_parent() -> None:
-    """In the QEMU child before exec: SIGKILL when the process that started it dies (Linux
-    PR_SET_PDEATHSIG), so a killed test run leaves no guest behind."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
 
 
 @contextlib.contextmanager
@@ -368,8 +281,13 @@ def _read_text(path: str) -> str:
 
 
 def _last_line(*paths: str) -> str:
-    for p in paths:
-        lines = [l for l in _read_text(p).splitlines() if l.strip()]
+    return _last_text_line(*(_read_text(p) for p in paths))
+
+
+def _last_text_line(*texts: str) -> str:
+    """The last non-empty line of the first text that has one (QEMU's stderr, then the console)."""
+    for text in texts:
+        lines = [l for l in text.splitlines() if l.strip()]
         if lines:
             return lines[-1].strip()[:200]
     return "(no output)"
@@ -441,7 +359,7 @@ def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
                              cap_s, captures=captures, all_regs=regs)
             if info_mem:
                 t1 = time.monotonic()
-                out = g.qmp.hmp("info mem")
+                out = g.qmp.hmp("info mem", timeout=cfg.timeout)
                 res.info_mem_seconds = time.monotonic() - t1
                 res.info_mem_lines = len(out.splitlines())
                 res.info_mem_text = out
