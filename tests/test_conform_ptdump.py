@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 
 from x86pt.build import Builder
-from x86pt.formats.cli import dump_to
+from x86pt.formats.dump import dump_to
 from x86pt.image import Image
 
 

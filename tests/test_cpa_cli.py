@@ -67,7 +67,7 @@ def test_repro_goes_where_asked(cwd, tmp_path, capsys):
 def _writable(path: str, va: int) -> bool:
     from x86pt.image import open_image
     from x86pt.walk import Access, walk
-    img = open_image(path, None)
+    img = open_image(path)
     return walk(img.state, img.memory, va, Access("write")).outcome == "ok"
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import io
 
 from x86pt.build import Builder
-from x86pt.formats.cli import dump_to, wx_ranges
+from x86pt.formats.dump import dump_to
+from x86pt.formats.wx import wx_ranges
 from x86pt.formats.ptdump import size_text, wx_report
 from x86pt.image import Image
 

@@ -3,7 +3,6 @@
 images built here."""
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
@@ -14,7 +13,7 @@ import pytest
 
 from tests.conftest import FIXTURES, need_oracle
 from x86pt.build import Builder
-from x86pt.formats.cli import dump_to
+from x86pt.formats.dump import dump_to
 from x86pt.image import Image, open_image
 from x86pt.state import CR4_PGE
 
@@ -30,10 +29,8 @@ def _render(img, fmt: str, crlf: bool = True) -> bytes:
 
 def _open(name: str) -> Image:
     meta = json.load(open(os.path.join(DUMP, f"{name}.meta.json")))
-    ns = argparse.Namespace()
-    if "registers" in meta:     # QEMU's own core: no EFER note
-        ns.efer = meta["registers"]["efer"]
-    return open_image(os.path.join(DUMP, meta["image"]), ns)
+    efer = meta["registers"]["efer"] if "registers" in meta else None   # QEMU's own core: no EFER note
+    return open_image(os.path.join(DUMP, meta["image"]), efer=efer)
 
 
 def test_goldens_present():

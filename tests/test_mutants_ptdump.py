@@ -106,7 +106,7 @@ def test_long_dumps_come_in_blocks_that_join_to_whole_lines():
     import re
 
     from x86pt.build import Builder
-    from x86pt.formats.cli import dump_to
+    from x86pt.formats.dump import dump_to
     from x86pt.image import Image
     b = Builder(levels=4, table_base=0x10000000)
     for i in range(4200):                      # alternate RW and RO: one line per page
@@ -125,7 +125,7 @@ def _one_page_with_pde3(raw_pde3: int) -> str:
     import io
 
     from x86pt.build import Builder
-    from x86pt.formats.cli import dump_to
+    from x86pt.formats.dump import dump_to
     from x86pt.image import Image
     b = Builder(levels=4, table_base=0x100000)
     b.map(0x400000, 0x5000000, 4096, 4096, "p rw us nx")
@@ -170,7 +170,7 @@ def _one_page_with(table_level: int, index: int, raw: int) -> str:
     import io
 
     from x86pt.build import Builder
-    from x86pt.formats.cli import dump_to
+    from x86pt.formats.dump import dump_to
     from x86pt.image import Image
     b = Builder(levels=4, table_base=0x100000)
     b.map(0x400000, 0x5000000, 4096, 4096, "p rw us nx")
@@ -216,7 +216,7 @@ def test_non_present_pte_is_noted_with_its_value():
     from x86pt.build import Builder  # noqa: F401  (same image as above, PT[1] set)
     import io
 
-    from x86pt.formats.cli import dump_to
+    from x86pt.formats.dump import dump_to
     from x86pt.image import Image
     b = Builder(levels=4, table_base=0x100000)
     b.map(0x400000, 0x5000000, 4096, 4096, "p rw us nx")
@@ -240,7 +240,7 @@ def test_large_nx_page_shows_no_pat():
     import io
 
     from x86pt.build import Builder
-    from x86pt.formats.cli import dump_to
+    from x86pt.formats.dump import dump_to
     from x86pt.image import Image
     b = Builder(levels=4, table_base=0x100000)
     b.map(0x200000, 0x400000, 1 << 21, 1 << 21, "p rw nx")

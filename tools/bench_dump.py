@@ -118,7 +118,7 @@ class _Null:
 def in_process(img: str) -> dict:
     """The library calls alone (image opened, scan, render; no interpreter start-up): best of 3."""
     from x86pt.census import census
-    from x86pt.formats.cli import dump_to
+    from x86pt.formats.dump import dump_to
     from x86pt.image import open_image
     out = {}
     for name in ("qemu-mem", "qemu-tlb", "ptdump", "census"):

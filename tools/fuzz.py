@@ -227,23 +227,20 @@ class Hang(Exception):
 
 def run_library(case: Case, path: str, probes_path: str) -> dict[str, int]:
     """The library calls the CLI makes, without the CLI. Returns counts of what ran."""
-    import argparse
     from x86pt.census import census
     from x86pt.cli import read_probes
     from x86pt.diff import diff_images
-    from x86pt.formats.cli import dump_to, find_aliases, wx_ranges
+    from x86pt.aliases import find_aliases
+    from x86pt.formats.dump import dump_to
+    from x86pt.formats.wx import wx_ranges
     from x86pt.image import open_image
     from x86pt.walk import Access, walk
     n = {"walks": 0, "scans": 0, "probe_files": 0}
     with contextlib.suppress(X86ptError):
         read_probes(probes_path)
         n["probe_files"] += 1
-    args = argparse.Namespace(**{k: (hex(v) if v is not None and k != "maxphyaddr" else v)
-                                 for k, v in case.regs.items()}, profile=case.profile)
-    if args.maxphyaddr is not None:
-        args.maxphyaddr = str(args.maxphyaddr)
     try:
-        img = open_image(path, args)
+        img = open_image(path, **case.regs, profile=case.profile)
     except X86ptError:
         return n
     with img:

@@ -7,7 +7,8 @@ import tomllib
 from dataclasses import dataclass
 
 from x86pt.errors import BadInputError, BudgetError
-from x86pt.fields import Kind, LEVELS, encode_fast, levels_for, masks_for
+from x86pt.fields import (ADDR_MASK_52, BIT_A, BIT_D, BIT_P, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PS, BIT_RW, BIT_US,
+                          LEVELS, Kind, encode_fast, levels_for, masks_for)
 from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
 from x86pt.numbers import parse_int, parse_size
@@ -361,3 +362,24 @@ def build_from_spec(text: str, source: str = "spec", *,
     b.memory.control_registers = {"cr0": st.cr0, "cr3": st.cr3, "cr4": st.cr4, "efer": st.efer,
                                   "pkru": st.pkru, "pkrs": st.pkrs, "maxphyaddr": st.m}
     return b.memory, st
+
+
+def split_2m(memory, state: PagingState, va: int, table_pa: int, ro_pages: range = range(0)) -> None:
+    """Replace the 2M leaf mapping `va` by a PT at `table_pa` with 512 PTEs of the same frames
+    and flags (what Linux's split_large_page() does: PS dropped, the PAT bit moved from bit 12
+    to bit 7), then clear RW on `ro_pages` (indices). The PDE then points at the PT with
+    P|RW|A|D and the 2M leaf's US."""
+    from x86pt.walk import Translation, walk
+    r = walk(state, memory, va)
+    if not isinstance(r, Translation) or r.page_size != 1 << 21:
+        raise BadInputError(f"{va:#x} is not mapped by a 2M page")
+    pde = r.steps[-1]
+    flags = pde.raw & ~ADDR_MASK_52                     # bit 12 (the 2M PAT) is in the address mask
+    pte_flags = (flags & ~BIT_PS) | (BIT_PAT_4K if pde.raw & BIT_PAT_LARGE else 0)
+    frame = pde.raw & state.phys_mask & ~((1 << 21) - 1)
+    for i in range(512):
+        v = frame + (i << 12) | pte_flags
+        if i in ro_pages:
+            v &= ~BIT_RW
+        memory.write_u64(table_pa + 8 * i, v)
+    memory.write_u64(pde.entry_addr, table_pa | BIT_P | BIT_RW | BIT_A | BIT_D | (pde.raw & BIT_US))

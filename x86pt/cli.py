@@ -79,9 +79,10 @@ def _access_from(args):
 
 def cmd_translate(args, steps: bool = False) -> int:
     from x86pt.describe import render_result, result_json
+    from x86pt.cliargs import image_options
     from x86pt.image import open_image
     from x86pt.walk import walk
-    with open_image(args.image, args) as img:
+    with open_image(args.image, **image_options(args)) as img:
         access = _access_from(args)
         results = []
         for v in args.va:
@@ -150,12 +151,13 @@ def read_probes(path: str):
 
 def cmd_probe(args) -> int:
     from x86pt.batch import ACCESS_CODES, OUTCOME_NAMES, translate_batch
+    from x86pt.cliargs import image_options
     from x86pt.image import open_image
     from x86pt.walk import Translation, walk
     import numpy as np
     probes = read_probes(args.probes)
     out = []
-    with open_image(args.image, args) as img:
+    with open_image(args.image, **image_options(args)) as img:
         if args.update_ad:
             # A/D carried from probe to probe: the scalar walker on a copy-on-write overlay, so the
             # input image is never written.

@@ -17,7 +17,13 @@ def add_state_args(p: argparse.ArgumentParser) -> None:
                    help="image format (default: detected from the first bytes)")
 
 
-def add_cost_args(p) -> None:
+def image_options(args: argparse.Namespace) -> dict[str, object]:
+    """The add_state_args options of a parsed command line as x86pt.image.open_image keywords."""
+    keys = ("image_format", "cr0", "cr3", "cr4", "efer", "pkru", "pkrs", "maxphyaddr", "profile")
+    return {k: getattr(args, k, None) for k in keys}
+
+
+def add_cost_args(p: argparse.ArgumentParser) -> None:
     """--cost PATTERN and its knobs, for a command that has a direct map to price."""
     p.add_argument("--cost", default=None, metavar="PATTERN",
                    help="dTLB reach and page-walk cost for an access pattern: uniform, hot:N (N GiB "

@@ -2,10 +2,8 @@
 ELF core's notes when present and are overridden by command-line values."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
-from x86pt.cliargs import add_state_args  # noqa: F401  (re-exported: callers import it from here)
 from x86pt.errors import BadInputError, X86ptError
 from x86pt.memory import MemoryBase, open_memory
 from x86pt.numbers import parse_int
@@ -30,17 +28,27 @@ class Image:
         self.close()
 
 
-def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None,
-                    profile_hint: str | None = None,
-                    source: str = "the image") -> tuple[PagingState, tuple[str, ...]]:
-    """The paging state from the image's registers (`regs`, `profile_hint`) overridden by the
-    command line. An error caused by what the image says names `source`."""
+REGISTERS = ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs")
+
+
+def paging_state(regs: dict[str, int] | None = None, *, overrides: dict[str, int | str | None] | None = None,
+                 maxphyaddr: int | str | None = None, profile: str | None = None,
+                 profile_hint: str | None = None,
+                 source: str = "the image") -> tuple[PagingState, tuple[str, ...]]:
+    """The paging state from an image's registers (`regs`, `profile_hint`), each overridden by a
+    value in `overrides` (cr0 cr3 cr4 efer pkru pkrs: int or text as users type it), `maxphyaddr`
+    and `profile`. Returns the state and what was assumed. An error caused by what the image
+    says names `source`."""
     regs = dict(regs or {})
-    from_image = [r for r in ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs", "maxphyaddr")
-                  if r in regs and getattr(args, r, None) is None]
+    given = {r: v for r, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(REGISTERS))
+    if unknown:
+        raise BadInputError(f"unknown register {unknown[0]!r} (one of {', '.join(REGISTERS)})")
+    from_image = [r for r in (*REGISTERS, "maxphyaddr") if r in regs and r not in given
+                  and not (r == "maxphyaddr" and maxphyaddr is not None)]
     notes: list[str] = []
-    for reg in ("cr0", "cr3", "cr4", "efer", "pkru", "pkrs"):
-        v = getattr(args, reg, None)
+    for reg in REGISTERS:
+        v = given.get(reg)
         if v is not None:
             regs[reg] = parse_int(v, f"--{reg}", hi=(1 << 32) - 1 if reg in ("pkru", "pkrs") else (1 << 64) - 1)
     if "cr3" not in regs:
@@ -55,10 +63,10 @@ def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None
         regs["efer"] = EFER_LME | EFER_LMA | EFER_NXE
         notes.append("EFER not in the image: assuming LME|LMA|NXE (pass --efer)")
     try:
-        prof = profile_named(getattr(args, "profile", None) or profile_hint or "intel")
+        prof = profile_named(profile or profile_hint or "intel")
     except BadInputError as e:
         raise BadInputError(f"{source}: {e}; the image names it, pass --profile") from None
-    m = getattr(args, "maxphyaddr", None)
+    m = maxphyaddr
     if m is not None:
         m = parse_int(m, "--maxphyaddr", lo=32, hi=52)
     elif "maxphyaddr" in regs:
@@ -82,12 +90,20 @@ def state_from_args(args: argparse.Namespace, regs: dict[str, int] | None = None
     return st, tuple(notes)
 
 
-def open_image(path: str, args: argparse.Namespace | None = None) -> Image:
-    args = args or argparse.Namespace()
-    mem = open_memory(path, getattr(args, "image_format", None))
+def open_image(path: str, *, image_format: str | None = None, cr0: int | str | None = None,
+               cr3: int | str | None = None, cr4: int | str | None = None, efer: int | str | None = None,
+               pkru: int | str | None = None, pkrs: int | str | None = None,
+               maxphyaddr: int | str | None = None, profile: str | None = None) -> Image:
+    """Open the image at `path` (format detected unless `image_format`: elf, lime, raw) with the
+    paging state its notes give, each register overridden by the value passed here (an int, or
+    text as users type it: decimal or 0x-hex). A raw image needs at least `cr3`."""
+    mem = open_memory(path, image_format)
     try:
-        st, notes = state_from_args(args, getattr(mem, "control_registers", {}),
-                                    getattr(mem, "profile_name", None), path)
+        st, notes = paging_state(getattr(mem, "control_registers", {}),
+                                 overrides={"cr0": cr0, "cr3": cr3, "cr4": cr4, "efer": efer,
+                                            "pkru": pkru, "pkrs": pkrs},
+                                 maxphyaddr=maxphyaddr, profile=profile,
+                                 profile_hint=getattr(mem, "profile_name", None), source=path)
     except BaseException:
         mem.close()
         raise

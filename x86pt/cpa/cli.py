@@ -58,7 +58,8 @@ def _model_factory(args, policy: str):
     layout = layout_named(args.layout)
     if args.image:
         from x86pt.image import open_image
-        img = open_image(args.image, args)
+        from x86pt.cliargs import image_options
+        img = open_image(args.image, **image_options(args))
 
         def make():
             return new_model(layout, args.kernel, policy, img)

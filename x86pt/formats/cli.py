@@ -1,6 +1,7 @@
 """The dump, census, wx, find and diff commands, and their section of `x86pt demo`.
 
-Each is a scan (x86pt.scan) plus a renderer (x86pt.formats.*). Output streams to stdout in large
+Each is a library call (x86pt.formats.dump, x86pt.formats.wx, x86pt.aliases, x86pt.census,
+x86pt.diff) plus a renderer (x86pt.formats.*). Output streams to stdout in large
 blocks, or goes to `-o FILE` atomically. Table issues (loops, pointers past the end, reserved bits)
 go to stderr as notes for the byte-exact text formats and inline for JSON.
 """
@@ -139,68 +140,14 @@ def _marker_bases(args) -> dict[str, int | None]:
 
 
 # -- dump -------------------------------------------------------------------------------------------
-def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset: int | None = None,
-            vmalloc: int | None = None, vmemmap: int | None = None, filt: Filter | None = None, va_range: tuple[int, int] | None = None,
-            coalesce_mode: str = "phys", crlf: bool = False,
-            max_entries: int = DEFAULT_MAX_ENTRIES) -> Scanner:
-    """Render one image in `fmt` to the binary stream `out`; returns the scanner (stats, issues)."""
-    from x86pt.formats import ptdump, qemu, tabular
-    state, memory = img.state, img.memory
-    from x86pt.scan import Filter
-    filt = filt or Filter(nxe=state.nxe)
-    kw = {"va_range": va_range, "max_entries": max_entries}
-    if fmt in ("qemu-mem", "qemu-tlb"):
-        kw.update(qemu.scan_kwargs())
-    elif fmt == "ptdump":
-        kw.update(ptdump.scan_kwargs())
-    from x86pt.scan import Scanner
-    sc = Scanner(state, memory, **kw)
-    chunks = filt.apply(sc.chunks())
-
-    def put(blocks):
-        for b in blocks:
-            if isinstance(b, str):
-                b = b.encode()
-            if crlf:
-                b = bytes(b).replace(b"\n", b"\r\n")
-            out.write(b)
-
-    if fmt == "qemu-tlb":
-        if not state.cr0 & qemu.CR0_PG:
-            put([qemu.PG_DISABLED])
-        else:
-            put(qemu.tlb_bytes(chunks))
-    elif fmt == "qemu-mem":
-        if not state.cr0 & qemu.CR0_PG:
-            put([qemu.PG_DISABLED])
-        elif state.la57:
-            if filt.active or va_range is not None:
-                raise BadInputError("filters are not supported with --format qemu-mem under LA57 "
-                                    "(QEMU 7.2's 5-level info mem walk is emulated as a whole)")
-            put(qemu.mem_bytes_la57(memory, state, max_entries))
-        else:
-            put(qemu.mem_bytes(chunks, state))
-    elif fmt == "ptdump":
-        mk = None
-        if markers == "linux":
-            mk = ptdump.linux_markers(state.paging_levels, page_offset=page_offset,
-                                      vmalloc=vmalloc, vmemmap=vmemmap)
-        put(ptdump.ptdump_lines(chunks, state, mk))
-    elif fmt == "json":
-        put(tabular.json_lines(chunks, lambda: sc.stats.issues, coalesce_mode=coalesce_mode,
-                               nxe=state.nxe))
-    elif fmt == "csv":
-        put(tabular.csv_lines(chunks, coalesce_mode=coalesce_mode, nxe=state.nxe))
-    else:
-        raise BadInputError(f"unknown format {fmt!r}")
-    return sc
-
-
 def cmd_dump(args) -> int:
+    from x86pt.formats.dump import dump_to
+    from x86pt.formats.wx import guard_hole, guard_hole_wx
+    from x86pt.cliargs import image_options
     from x86pt.image import open_image
     va_range = parse_range(args.range) if args.range else None
     bases = _marker_bases(args)
-    with open_image(args.image, args) as img:
+    with open_image(args.image, **image_options(args)) as img:
         with _output(args.output, [args.image, getattr(args, "layout", None)]) as out:
             sc = dump_to(out, img, args.dump_format, markers=args.markers, **bases,
                          filt=_filter_from(args, img.state.nxe),
@@ -221,8 +168,9 @@ def cmd_dump(args) -> int:
 # -- census -----------------------------------------------------------------------------------------
 def cmd_census(args) -> int:
     from x86pt.census import census
+    from x86pt.cliargs import image_options
     from x86pt.image import open_image
-    with open_image(args.image, args) as img:
+    with open_image(args.image, **image_options(args)) as img:
         from x86pt.census import KERNEL_MAP
         from x86pt.numbers import parse_size
         # [__START_KERNEL_map, +size) must end inside the address space: at most 2 GiB
@@ -242,63 +190,12 @@ def cmd_census(args) -> int:
 
 
 # -- wx ---------------------------------------------------------------------------------------------
-def wx_ranges(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[int, int]], Scanner]:
-    from x86pt.formats import ptdump
-    from x86pt.scan import Scanner
-    sc = Scanner(img.state, img.memory, max_entries=max_entries, **ptdump.scan_kwargs())
-    ranges: list[tuple[int, int]] = []
-    for _ in ptdump.ptdump_lines(sc.chunks(), img.state,
-                                 ptdump.linux_markers(img.state.paging_levels), wx=ranges):
-        pass
-    return ranges, sc
-
-
-def guard_hole(state) -> tuple[int, int]:
-    """The hypervisor guard hole, [start of the upper half, start of ptdump's second walk
-    range): 16 PGD entries (PML4 slots 256-271, or PML5 slots 256-271) that the kernel's ptdump
-    and W+X check never walk."""
-    half = 1 << (state.va_bits - 1)
-    start = ((1 << 64) - half) & ((1 << 64) - 1)
-    return start, ptdump_walk_ranges(state)[1][0]
-
-
-def ptdump_walk_ranges(state):
-    from x86pt.formats.ptdump import walk_ranges
-    return walk_ranges(state)
-
-
-def guard_hole_wx(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[int, int]], int, Scanner]:
-    """W+X ranges inside the guard hole (which Linux's check skips), and how many present leaf
-    entries lie there at all. The audit looks where the kernel does not: an attacker would."""
-    from x86pt.coalesce import coalesce, present_only
-    from x86pt.scan import EFF_NX, EFF_RW
-    lo, hi = guard_hole(img.state)
-    from x86pt.scan import Scanner
-    sc = Scanner(img.state, img.memory, max_entries=max_entries, va_range=(lo, hi))
-    nx_mask = EFF_NX if img.state.nxe else 0
-    ranges: list[tuple[int, int]] = []
-    present = 0
-
-    def key(ch):
-        import numpy as np
-        wx = ((ch.eff & np.uint8(EFF_RW)) != 0) & ((ch.eff & np.uint8(nx_mask)) == 0)
-        return wx.astype(np.uint64)
-
-    for runs in coalesce(present_only(sc.chunks()), key=key):
-        for s_, e_, k in zip(runs.start.tolist(), runs.end.tolist(), runs.key.tolist()):
-            present += 1
-            if k:
-                if ranges and ranges[-1][1] == s_:
-                    ranges[-1] = (ranges[-1][0], e_)
-                else:
-                    ranges.append((s_, e_))
-    return ranges, present, sc
-
-
 def cmd_wx(args) -> int:
+    from x86pt.formats.wx import guard_hole, guard_hole_wx, wx_ranges
     from x86pt.formats import ptdump
+    from x86pt.cliargs import image_options
     from x86pt.image import open_image
-    with open_image(args.image, args) as img:
+    with open_image(args.image, **image_options(args)) as img:
         if not img.state.nxe:
             # ptdump_walk_pgd_level_checkwx(): no NX support, nothing to check
             print("x86pt: note: EFER.NXE=0: every mapping is executable; the kernel skips the W+X "
@@ -339,33 +236,15 @@ def cmd_wx(args) -> int:
 
 
 # -- find -------------------------------------------------------------------------------------------
-def find_aliases(state, memory, pa: int, max_entries: int = DEFAULT_MAX_ENTRIES):
-    """Every (va, level, raw, eff) whose leaf maps physical address `pa`."""
-    import numpy as np
-    from x86pt.coalesce import present_only
-    from x86pt.scan import SHIFT, U64
-    hits = []
-    p = U64(pa)
-    from x86pt.scan import Scanner
-    sc = Scanner(state, memory, max_entries=max_entries)
-    for ch in present_only(sc.chunks()):
-        inside = (ch.pa <= p) & (p - ch.pa < ch.span)
-        for i in np.nonzero(inside)[0].tolist():
-            off = pa - int(ch.pa[i])
-            size = 1 << int(SHIFT[ch.level[i]])
-            k = off // size            # which entry of the run
-            hits.append((int(ch.va[i]) + off, int(ch.level[i]), int(ch.raw[i]) + k * size,
-                         int(ch.eff[i]), int(ch.entry_addr[i]) + 8 * k))
-    return hits, sc
-
-
 def cmd_find(args) -> int:
+    from x86pt.aliases import find_aliases
     from x86pt.describe import leaf_flags
     from x86pt.walk import rights_letters
+    from x86pt.cliargs import image_options
     from x86pt.image import open_image
     from x86pt.scan import EFF_NX, EFF_RSVD, EFF_RW, EFF_US
     pa = parse_int(args.pa, "physical address")
-    with open_image(args.image, args) as img:
+    with open_image(args.image, **image_options(args)) as img:
         hits, sc = find_aliases(img.state, img.memory, pa, _max_entries(args))
         nxe = img.state.nxe
         for va, lvl, raw, eff, ea in hits:
@@ -387,8 +266,10 @@ def cmd_find(args) -> int:
 # -- diff -------------------------------------------------------------------------------------------
 def cmd_diff(args) -> int:
     from x86pt.diff import diff_images
+    from x86pt.cliargs import image_options
     from x86pt.image import open_image
-    with open_image(args.image_a, args) as a, open_image(args.image_b, args) as b:
+    with open_image(args.image_a, **image_options(args)) as a, \
+            open_image(args.image_b, **image_options(args)) as b:
         r = diff_images(a.state, a.memory, b.state, b.memory, max_entries=_max_entries(args))
     if args.json:
         for p in r.pieces:
@@ -480,30 +361,12 @@ def register(sub) -> None:
 
 
 # -- demo -------------------------------------------------------------------------------------------
-def split_2m(memory, state, va: int, table_pa: int, ro_pages: range = range(0)) -> None:
-    """Replace the 2M leaf mapping `va` by a PT at `table_pa` with 512 PTEs of the same frames
-    and flags (what Linux's split_large_page() does), then clear RW on `ro_pages` (indices)."""
-    from x86pt.walk import Translation, walk
-    r = walk(state, memory, va)
-    if not isinstance(r, Translation) or r.page_size != 1 << 21:
-        raise BadInputError(f"{va:#x} is not mapped by a 2M page")
-    pde = r.steps[-1]
-    flags = pde.raw & ~(((1 << 52) - 1) & ~0xFFF)
-    pat = (pde.raw >> 12) & 1
-    pte_flags = (flags & ~0x80) | (pat << 7)
-    frame = pde.raw & state.phys_mask & ~((1 << 21) - 1)
-    for i in range(512):
-        v = frame + (i << 12) | pte_flags
-        if i in ro_pages:
-            v &= ~2
-        memory.write_u64(table_pa + 8 * i, v)
-    memory.write_u64(pde.entry_addr, table_pa | 0x63 | (pde.raw & (1 << 2)))
-
-
 def demo_section(ctx) -> None:
     import io
+    from x86pt.build import split_2m
     from x86pt.census import census
     from x86pt.demo import PAGE_OFFSET
+    from x86pt.formats.dump import dump_to
     from x86pt.diff import diff_images
     from x86pt.image import Image
 
