@@ -144,6 +144,11 @@ PROFILES: dict[str, Profile] = {
                             a_on_faulting_walk="none",
                             cpl3_blind_ranges=((0xFFFF800000000000, 0xFFFF808000000000),),
                             note="KVM on an AMD EPYC host (kvm_pvm, shadow paging), 2026-11"),
+    # Bochs 2.7 (Debian 12), cpu model tigerlake: docs/oracles.md "Bochs"; the proofs are in
+    # tests/test_oracle_bochs.py.
+    "bochs": Profile("bochs", vendor="intel", maxphyaddr=40,
+                     features=Features(gbpages=True, la57=False, pku=True, smep=True, smap=True),
+                     implicit_smap_honours_ac=True, note="Bochs 2.7, cpu model tigerlake"),
     # `kvm` names whatever KVM this machine runs. Its facts (vendor, MAXPHYADDR, 1G pages, LA57,
     # PKU, the RSVD error code, PML4E bit 8, CPL3 blind ranges) are measured by the kvm oracle
     # when it starts (harness/oracles/kvm.py: host_profile), which hands the model that profile.

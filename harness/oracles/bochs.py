@@ -1,0 +1,492 @@
+"""The Bochs backend of the comparison rig: Bochs 2.7 (Debian's package) runs the probe guest
+(harness/guest) on the test image and reports, per probe, what its emulated CPU did
+(docs/oracles.md "Bochs"). Bochs has its own page walk (cpu/paging.cc), written independently
+of QEMU's target/i386 walk that the unicorn and QEMU oracles share.
+
+One Bochs start per batch of at most MAX_PROBES (8192) probes:
+
+    bochs -q -f <dir>/bochsrc -rc /dev/fd/N        (stdin /dev/null, own session, headless)
+
+* The RAM: `guest.prepare_ram` fills a buffer exactly as for QEMU; [0x100000, end) is written to
+  <dir>/ram.img and loaded with `optramimage1:`. The reset ROM is the QEMU backend's bios.bin
+  (`romimage:`), unchanged.
+* Bochs' built-in debugger is driven through a pipe given as its -rc file (/dev/fd/N, inherited):
+  we write commands and read what it prints on stdout. Before the first instruction we read one
+  qword of every 128 KiB RAM block of the image in ascending order (see _touch_commands: Bochs 2.7
+  places an optramimage contiguously in host memory and hands host blocks to guest blocks in the
+  order they are first touched, so this order is what makes the image land where it belongs; the
+  qwords read back are compared with the file, so a wrong layout is an OracleError, never a wrong
+  answer). Then `lb` on the guest's `finish` label and `c`.
+* At the breakpoint: `xp` (physical memory) of the params page, the result records and every
+  image page; `page VA` for every write probe, so a write into a frame the caller left unbacked
+  is read back too. `q` ends Bochs.
+
+Bochs ignores SIGTERM: every start runs in its own session and its process group is killed with
+SIGKILL on every path; the scratch directory is removed on every path. A triple fault is a Bochs
+panic (`reset_on_triple_fault=0`, `panic: action=fatal`), so Bochs exits; that, a timeout, or
+anything unexpected on the debugger's output is an OracleError with Bochs' output tail.
+
+Batches larger than MAX_PROBES are split into consecutive starts, each from the image the previous
+one left (A/D bits carry over, as the rig's conventions ask).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+from typing import Callable, Sequence
+
+from x86pt.build import Builder
+from x86pt.errors import BadInputError, OracleError, OracleUnavailable
+from x86pt.memory.sparse import SparseMemory
+from x86pt.oracle import (RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult,
+                          tag_value)
+from x86pt.state import (CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, PagingState, PF_ID, PF_P, PF_PK,
+                         PF_RSVD)
+
+from harness import guest
+from harness.oracles.base import implicit_support
+
+BOCHS_BINARY = "bochs"
+ROM_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
+# Bochs refuses to start without a VGA ROM; Debian's vgabios package ships this one.
+VGA_ROMS = ("/usr/share/vgabios/vgabios-stdvga.bin", "/usr/share/bochs/VGABIOS-lgpl-latest")
+DEFAULT_CPU = "tigerlake"          # docs/oracles.md "Bochs": PKU, SMEP, SMAP, 1G pages, NX; no LA57
+MAX_PROBES = guest.MAX_PROBES
+BLOCK = 0x20000                    # Bochs 2.7's RAM allocation block (its log: "mem block size")
+LOAD_BASE = guest.HARNESS_GPA      # optramimage1 address: the file holds [LOAD_BASE, end)
+MARK = 0x5A17E0D                   # `? MARK` prints "0x5a17e0d 94469645": the end of a reply
+_MARK_LINE = f"{MARK:#x} {MARK}"
+
+_XP_RE = re.compile(r"^0x([0-9a-f]+) <[^>]*>:((?:\s+0x[0-9a-f]+)+)\s*$")
+_PAGE_RE = re.compile(r"^linear page 0x([0-9a-f]+) maps to physical page 0x([0-9a-f]+)")
+_CPUID_RE = re.compile(r"CPUID\[0x([0-9a-f]+)\]: ([0-9a-f]{8}) ([0-9a-f]{8}) ([0-9a-f]{8}) ([0-9a-f]{8})")
+_Q = struct.Struct("<Q")
+
+
+def bochs_binary() -> str | None:
+    return shutil.which(BOCHS_BINARY)
+
+
+def vga_rom() -> str | None:
+    return next((p for p in VGA_ROMS if os.path.isfile(p)), None)
+
+
+def available() -> tuple[bool, str]:
+    """(usable here, why not): the binary on PATH, a VGA ROM and the shipped bios.bin."""
+    if bochs_binary() is None:
+        return False, f"{BOCHS_BINARY} not found on PATH (run tools/install_bochs.sh)"
+    if vga_rom() is None:
+        return False, f"no VGA ROM ({VGA_ROMS[0]}; run tools/install_bochs.sh)"
+    if not os.path.isfile(ROM_PATH):
+        return False, f"{ROM_PATH} is missing (run harness/guest/build_bios.sh)"
+    return True, ""
+
+
+def bochs_version(binary: str | None = None) -> str:
+    """'Bochs x86 Emulator 2.7' (Bochs has no --version: its banner, printed by `-help`), plus the
+    Debian package version when dpkg knows it."""
+    binary = binary or bochs_binary()
+    if binary is None:
+        return ""
+    try:
+        out = subprocess.run([binary, "-help", "cpu"], stdin=subprocess.DEVNULL, capture_output=True,
+                             timeout=20, start_new_session=True)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    text = (out.stdout + out.stderr).decode(errors="replace")
+    m = re.search(r"Bochs x86 Emulator [0-9][^\s]*", text)
+    ver = m.group(0) if m else "Bochs (version unknown)"
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        d = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "bochs"], capture_output=True,
+                           timeout=10)
+        if d.returncode == 0 and d.stdout.strip():
+            ver += f" (Debian {d.stdout.decode().strip()})"
+    return ver
+
+
+def _kill_group(proc: subprocess.Popen | None) -> None:
+    """SIGKILL Bochs' process group (it catches SIGTERM) and reap it. Safe to call twice."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def _tail(text: str, n: int = 12) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("ALSA lib")]
+    return "\n".join(lines[-n:])
+
+
+class _Session:
+    """One Bochs process with its debugger on a pipe; the scratch directory it reads from.
+    close() kills the process group and removes the directory, whatever happened."""
+
+    def __init__(self, binary: str, bochsrc: str, workdir: str, deadline: float) -> None:
+        self.deadline = deadline
+        self.proc: subprocess.Popen | None = None
+        self.out = bytearray()
+        self.pos = 0                      # how much of self.out the parser has consumed
+        self.errpath = os.path.join(workdir, "stderr.txt")
+        rfd, self.wfd = os.pipe()
+        try:
+            with open(self.errpath, "wb") as err:
+                self.proc = subprocess.Popen(
+                    [binary, "-q", "-f", bochsrc, "-rc", f"/dev/fd/{rfd}"],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, cwd=workdir,
+                    start_new_session=True, close_fds=True, pass_fds=(rfd,),
+                    env={**os.environ, "TERM": os.environ.get("TERM") or "dumb"})
+        except OSError as e:
+            os.close(self.wfd)
+            self.wfd = -1
+            raise OracleUnavailable(f"cannot start {binary}: {e.strerror}") from None
+        finally:
+            os.close(rfd)
+        os.set_blocking(self.wfd, False)
+
+    def stderr_tail(self) -> str:
+        try:
+            with open(self.errpath, "rb") as f:
+                err = f.read().decode(errors="replace")
+        except OSError:
+            err = ""
+        return _tail(err + "\n" + self.out.decode(errors="replace"))
+
+    def exchange(self, commands: list[str], what: str) -> list[str]:
+        """Send `commands` plus the end marker; the lines Bochs printed until the marker."""
+        data = ("\n".join(commands + [f"? {MARK:#x}"]) + "\n").encode()
+        fd = self.proc.stdout.fileno()
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise OracleError(f"Bochs did not finish {what} in time (killed)"
+                                  + (f"; its output ends: {self.stderr_tail()}" if self.stderr_tail() else ""))
+            wl = [self.wfd] if data else []
+            r, w, _ = select.select([fd], wl, [], min(left, 1.0))
+            if w:
+                try:
+                    n = os.write(self.wfd, data)
+                    data = data[n:]
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:
+                    data = b""
+            if r:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise OracleError(f"Bochs exited during {what}: {self.stderr_tail()}")
+                self.out += chunk
+                end = self.out.find(_MARK_LINE.encode(), self.pos)
+                if end >= 0:
+                    nl = self.out.find(b"\n", end)
+                    if nl >= 0:
+                        text = self.out[self.pos:end].decode(errors="replace")
+                        self.pos = nl + 1
+                        return text.splitlines()
+
+    def close(self) -> None:
+        if self.wfd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.wfd, b"q\n")
+            with contextlib.suppress(OSError):
+                os.close(self.wfd)
+            self.wfd = -1
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.5)
+            _kill_group(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def parse_xp(lines: Sequence[str]) -> dict[int, int]:
+    """qwords printed by `xp /Ngx` (one or two per line): {physical address: value}."""
+    out: dict[int, int] = {}
+    for ln in lines:
+        m = _XP_RE.match(ln)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        for k, v in enumerate(m.group(2).split()):
+            out[addr + 8 * k] = int(v, 16)
+    return out
+
+
+def _xp_pages(pages: Sequence[int]) -> list[str]:
+    return [f"xp /512gx {pn * guest.PAGE:#x}" for pn in pages]
+
+
+class BochsOracle:
+    """Oracle "bochs" (profile "bochs"): Bochs 2.7 with the probe guest, CPU model tigerlake."""
+
+    available = staticmethod(available)
+
+    name = "bochs"
+    profile = "bochs"
+    max_probes = MAX_PROBES          # per start; run() splits bigger batches
+
+    def __init__(self, *, binary: str | None = None, cpu: str = DEFAULT_CPU, ram_size: int = RIG_RAM_SIZE,
+                 timeout: float = 60.0) -> None:
+        self.binary = binary or bochs_binary()
+        ok, why = available()
+        if self.binary is None or not ok:
+            raise OracleUnavailable(why or f"{BOCHS_BINARY} not found on PATH (run tools/install_bochs.sh)")
+        if not re.fullmatch(r"[a-z0-9_]+", cpu):
+            raise BadInputError(f"bad Bochs CPU model {cpu!r} (see `bochs -help cpu`)")
+        if ram_size % (1 << 20) or not 4 << 20 <= ram_size <= 2 << 30:
+            raise BadInputError("the Bochs oracle's RAM must be whole MiB, 4 MiB .. 2 GiB")
+        self.cpu = cpu
+        self.ram_size = ram_size
+        self.timeout = timeout
+        self.launches = 0
+        self.last_launch_seconds = 0.0
+        self.last_log = ""            # Bochs' log of the last start (CPUID lines, panics)
+        self.last_pid: int | None = None
+        self.last_workdir: str | None = None
+
+    @functools.cached_property
+    def version(self) -> str:
+        return bochs_version(self.binary)
+
+    def capabilities(self) -> Capabilities:
+        return discover_capabilities(self.binary, self.cpu, self.ram_size)
+
+    def close(self) -> None:
+        pass
+
+    # -- running -----------------------------------------------------------------------------------
+    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe], *,
+            ram_hook: Callable[[bytearray], None] | None = None) -> BatchResult:
+        """Run `probes` in order on `memory` under `state`. `ram_hook(ram)` (experiments only) may
+        patch the prepared guest RAM before each start, e.g. the harness's own tables."""
+        if not isinstance(memory, SparseMemory):
+            raise BadInputError("the Bochs oracle takes a SparseMemory image")
+        t0 = time.monotonic()
+        results: list[ProbeResult] = []
+        current = memory
+        chunks = [probes[i:i + MAX_PROBES] for i in range(0, len(probes), MAX_PROBES)] or [[]]
+        for chunk in chunks:
+            res, current = self._launch(current, state, chunk, ram_hook)
+            results.extend(res)
+        return BatchResult(results, current, time.monotonic() - t0)
+
+    def _bochsrc(self, workdir: str) -> str:
+        mib = self.ram_size >> 20
+        text = "\n".join([
+            f"memory: guest={mib}, host={mib}",
+            f"romimage: file={ROM_PATH}, address=0xffff0000",
+            f"vgaromimage: file={vga_rom()}",
+            f"optramimage1: file={os.path.join(workdir, 'ram.img')}, address={LOAD_BASE:#x}",
+            f"cpu: model={self.cpu}, count=1, reset_on_triple_fault=0",
+            "display_library: term",
+            f"log: {os.path.join(workdir, 'bochs.log')}",
+            "panic: action=fatal",
+            "error: action=report",
+            "info: action=report",
+            "debug: action=ignore",
+            "clock: sync=none",
+            "",
+        ])
+        path = os.path.join(workdir, "bochsrc")
+        with open(path, "w", encoding="ascii") as f:
+            f.write(text)
+        return path
+
+    def _launch(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe],
+                ram_hook: Callable[[bytearray], None] | None = None,
+                ) -> tuple[list[ProbeResult], SparseMemory]:
+        ram = bytearray(self.ram_size)
+        # A fresh bytearray reads as zeros: prepare_ram need not clear 32 MiB.
+        guest.prepare_ram(ram, memory, state, probes, clear=False, ram_size=self.ram_size)
+        if ram_hook is not None:
+            ram_hook(ram)
+        image_end = max([guest.HARNESS_END] + [(pn + 1) * guest.PAGE for pn in memory.pages])
+        end = min(self.ram_size, -(-image_end // BLOCK) * BLOCK)
+        t0 = time.monotonic()
+        workdir = tempfile.mkdtemp(prefix=f"x86pt-bochs-{os.getpid()}-")
+        self.last_workdir = workdir
+        session = None
+        cleanup = functools.partial(shutil.rmtree, workdir, True)
+        atexit.register(cleanup)       # a KeyboardInterrupt at the wrong moment still cleans up
+        try:
+            with open(os.path.join(workdir, "ram.img"), "wb") as f:
+                f.write(memoryview(ram)[LOAD_BASE:end])
+            bochsrc = self._bochsrc(workdir)
+            session = _Session(self.binary, bochsrc, workdir, time.monotonic() + self.timeout)
+            self.last_pid = session.proc.pid
+            what = f"{len(probes)} probes"
+            # 1. Touch the image's RAM blocks in order (module docstring) and check what they hold.
+            touch = list(range(LOAD_BASE + BLOCK, end, BLOCK))
+            got = parse_xp(session.exchange([f"xp /1gx {a:#x}" for a in touch], "loading the image"))
+            for a in touch:
+                want = _Q.unpack_from(ram, a)[0]
+                if got.get(a) != want:
+                    raise OracleError(f"Bochs did not load the RAM image where it belongs: qword "
+                                      f"{a:#x} reads {got.get(a)!r}, the image has {want:#x}")
+            # 2. Run the guest to its `finish` label.
+            finish = guest.symbols()["finish"]
+            lines = session.exchange([f"lb {finish:#x}", "c"], what)
+            if not any("Breakpoint 1," in ln for ln in lines):
+                raise OracleError(f"Bochs stopped before the guest finished {what}: "
+                                  f"{_tail(chr(10).join(lines))}")
+            # 3. Read back params, results, the image, and where each write probe's VA maps now.
+            npages = -(-len(probes) * guest.RECORD // guest.PAGE)
+            pages = sorted({guest.PARAMS_GPA // guest.PAGE}
+                           | set(range(guest.RESULTS_GPA // guest.PAGE, guest.RESULTS_GPA // guest.PAGE + npages))
+                           | set(memory.pages))
+            writes = sorted({p.va & ~0xFFF for p in probes if p.access == "write"})
+            lines = session.exchange(_xp_pages(pages) + [f"page {va:#x}" for va in writes], "reading back")
+            back = parse_xp(lines)
+            new = set()
+            for ln in lines:
+                m = _PAGE_RE.match(ln)
+                if m:
+                    pn = int(m.group(2), 16) // guest.PAGE
+                    if (RIG_IMAGE_BASE // guest.PAGE <= pn < self.ram_size // guest.PAGE
+                            and pn not in memory.pages):
+                        new.add(pn)
+            if new:
+                back.update(parse_xp(session.exchange(_xp_pages(sorted(new)), "reading back")))
+        finally:
+            if session is not None:
+                session.close()
+            with contextlib.suppress(OSError):
+                with open(os.path.join(workdir, "bochs.log"), encoding="utf-8", errors="replace") as f:
+                    self.last_log = f.read()
+            cleanup()
+            atexit.unregister(cleanup)
+        self.launches += 1
+        self.last_launch_seconds = time.monotonic() - t0
+        for pn in pages + sorted(new):
+            base = pn * guest.PAGE
+            for off in range(0, guest.PAGE, 8):
+                v = back.get(base + off)
+                if v is None:
+                    raise OracleError(f"Bochs' debugger did not print the qword at {base + off:#x}")
+                _Q.pack_into(ram, base + off, v)
+        guest.check_status(ram, "Bochs")
+        results = guest.read_results(ram, len(probes), probes)
+        after = guest.image_after(ram, memory, state, scan_new=False, ram_size=self.ram_size)
+        for pn in sorted(new):
+            data = ram[pn * guest.PAGE:(pn + 1) * guest.PAGE]
+            if any(data):
+                after.pages[pn] = bytearray(data)
+        return results, after
+
+
+# -- capabilities, measured -------------------------------------------------------------------------------
+CAP_BASE = RIG_IMAGE_BASE            # tables
+CAP_FRAMES = 0x400000                # 4K frames filled with tag values (0xC3 low byte: fetchable)
+CAP_1G_VA = 0x40000000               # 1G leaf -> PA 0 (frames below 1 GiB; RAM is 32 MiB)
+CAP_M_VA = 0x200000000               # one PTE per candidate MAXPHYADDR bit
+CAP_UNBACKED = 0x3000000             # 48 MiB: past the 32 MiB RAM, reached through the 1G leaf
+
+
+def _fill_frame(mem: SparseMemory, pa: int) -> None:
+    for off in range(0, 0x1000, 8):
+        mem.write_u64(pa + off, tag_value(pa + off))
+
+
+def _capability_image(la57: bool) -> tuple[SparseMemory, PagingState, list[Probe], dict]:
+    """Probes whose outcome tells what Bochs enforces: see discover_capabilities."""
+    b = Builder(levels=5 if la57 else 4, maxphyaddr=52, vendor="intel", table_base=CAP_BASE)
+    mem = b.memory
+    for i in range(4):
+        _fill_frame(mem, CAP_FRAMES + i * 0x1000)
+    b.map(0x1000, CAP_FRAMES, 0x1000, flags="rw")                      # supervisor page
+    b.map(0x2000, CAP_FRAMES + 0x1000, 0x1000, flags="rw us", pk=1)    # user page, key 1
+    b.map(0x3000, CAP_FRAMES + 0x2000, 0x1000, flags="rw us")          # user page, key 0
+    b.map(CAP_1G_VA, 0, 1 << 30, 1 << 30, flags="rw")
+    b.map(0x4000, CAP_FRAMES + 0x3000, 0x1000, flags="rw")             # bit 51: reserved if M < 52
+    b.set_entry(0x4000, 1, b.get_entry(0x4000, 1) | (1 << 51))
+    mbits = list(range(32, 52))
+    for k, bit in enumerate(mbits):
+        va = CAP_M_VA + k * 0x1000
+        b.map(va, CAP_FRAMES, 0x1000, flags="rw")
+        b.set_entry(va, 1, b.get_entry(va, 1) | (1 << bit))
+    probes = [Probe(0x1000), Probe(CAP_1G_VA + CAP_FRAMES), Probe(0x4000),
+              Probe(0x3000, "fetch"), Probe(0x3000), Probe(0x2000, user=True),
+              Probe(CAP_1G_VA + CAP_UNBACKED)]
+    probes += [Probe(CAP_M_VA + k * 0x1000) for k in range(len(mbits))]
+    if not la57:
+        probes += [Probe(va, user=u, implicit=True) for u in (False, True) for va in (0x3000, 0x1000)]
+    else:
+        # Bit 55 set: canonical only with 5-level paging (bits 63:56 must equal bit 56, SDM §4.5).
+        b.map(0x0080000000001000, CAP_FRAMES, 0x1000, flags="rw")
+        probes.append(Probe(0x0080000000001000))
+    st = b.state(cr4=CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE, pkru=0b0100, profile="bochs",
+                 maxphyaddr=52)
+    return mem, st, probes, {"mbits": mbits}
+
+
+def cpuid_from_log(log: str) -> dict[int, tuple[int, int, int, int]]:
+    """The CPUID leaves Bochs writes to its log at reset ("CPUID[0x00000007]: eax ebx ecx edx")."""
+    out: dict[int, tuple[int, int, int, int]] = {}
+    for m in _CPUID_RE.finditer(log):
+        out.setdefault(int(m.group(1), 16), tuple(int(x, 16) for x in m.groups()[1:]))
+    return out
+
+
+def vendor_of(cpuid: dict[int, tuple[int, int, int, int]]) -> str:
+    if 0 not in cpuid:
+        return "unknown"
+    _, ebx, ecx, edx = cpuid[0]
+    v = struct.pack("<III", ebx, edx, ecx).decode(errors="replace")
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(v, v)
+
+
+@functools.lru_cache(maxsize=8)
+def discover_capabilities(binary: str | None = None, cpu: str = DEFAULT_CPU,
+                          ram_size: int = RIG_RAM_SIZE) -> Capabilities:
+    """Run the capability batch (4-level, then 5-level) once per process and CPU model."""
+    oracle = BochsOracle(binary=binary, cpu=cpu, ram_size=ram_size)
+    mem, st, probes, info = _capability_image(False)
+    r = oracle.run(mem, st, probes).results
+    log = oracle.last_log
+    base_ok, gb, rsvd, smep_r, smap_r, pku_r, unb = r[:7]
+    if base_ok.outcome != "ok":
+        raise OracleError(f"Bochs capability batch: a plain supervisor read failed: {base_ok}")
+    mres = r[7:7 + len(info["mbits"])]
+    impl0, impl3, impl_note = implicit_support(r[-4:], "bochs")
+    maxphyaddr = next((bit for bit, x in zip(info["mbits"], mres)
+                       if x.outcome == "page_fault" and x.error_code is not None
+                       and x.error_code & PF_RSVD), 52)
+    try:
+        mem5, st5, probes5, _ = _capability_image(True)
+        r5 = oracle.run(mem5, st5, probes5).results
+        la57 = r5[0].outcome == "ok" and r5[-1].outcome == "ok"
+    except OracleError:
+        la57 = False          # CR4.LA57 is not accepted: the boot ROM's mov to CR4 faults
+    if unb.outcome == "ok" and unb.value == 0xFFFFFFFFFFFFFFFF:
+        unbacked = "ones"
+    else:
+        unbacked = "error"
+    cpuid = cpuid_from_log(log)
+    notes = ["measured by a capability batch (harness/oracles/bochs.py _capability_image)",
+             f"vendor from the CPUID table Bochs logs at reset (CPU model {cpu})"]
+    return Capabilities(
+        name="bochs", vendor=vendor_of(cpuid), maxphyaddr=maxphyaddr,
+        gbpages=gb.outcome == "ok",
+        la57=la57,
+        pku=pku_r.outcome == "page_fault" and bool((pku_r.error_code or 0) & PF_PK),
+        smep=smep_r.outcome == "page_fault" and (smep_r.error_code or 0) == (PF_P | PF_ID),
+        smap=smap_r.outcome == "page_fault" and (smap_r.error_code or 0) == PF_P,
+        nx=True,
+        rsvd_sets_p=rsvd.outcome == "page_fault" and bool((rsvd.error_code or 0) & PF_P),
+        implicit_cpl0=impl0, implicit_cpl3=impl3, implicit_note=impl_note,
+        ram_size=oracle.ram_size, unbacked=unbacked, version=oracle.version, notes=tuple(notes))
