@@ -254,7 +254,6 @@ class Masks:
     kind: Kind
     addr: int        # in-place mask of the address field
     rsvd: int        # OR of the RSVD fields (state-dependent rules like XD/NXE are added by walk)
-    pat_bit: int     # bit number of PAT in this kind, or -1
     shifts: tuple[tuple[str, int, int], ...]  # (name, lo, width-mask) for decode_fast
 
 
@@ -263,9 +262,8 @@ def masks_for(kind: Kind, maxphyaddr: int = 52, vendor: str = "intel") -> Masks:
     fs = fields_for(Kind(kind), maxphyaddr, vendor)
     addr = sum(f.mask for f in fs if f.role is Role.ADDR)
     rsvd = sum(f.mask for f in fs if f.role is Role.RSVD)
-    pat = next((f.lo for f in fs if f.role is Role.PAT), -1)
     shifts = tuple((f.name, f.lo, (1 << f.width) - 1) for f in fs)
-    return Masks(Kind(kind), addr, rsvd, pat, shifts)
+    return Masks(Kind(kind), addr, rsvd, shifts)
 
 
 def decode_fast(raw: int, kind: Kind, maxphyaddr: int = 52, vendor: str = "intel") -> dict[str, int]:

@@ -137,15 +137,6 @@ class Chunk:
         return Chunk(np.zeros(0, U64), np.zeros(0, U64), np.zeros(0, np.uint8), np.zeros(0, U64),
                      np.zeros(0, U64), np.zeros(0, np.uint8), np.zeros(0, U64))
 
-    @staticmethod
-    def concat(chunks: list["Chunk"]) -> "Chunk":
-        chunks = [c for c in chunks if len(c)]
-        if not chunks:
-            return Chunk.empty()
-        if len(chunks) == 1:
-            return chunks[0]
-        return Chunk(*(np.concatenate([getattr(c, col) for c in chunks]) for col in _COLS))
-
 
 def merge_sorted(a: Chunk, b: Chunk) -> Chunk:
     """Merge two VA-sorted chunks whose records do not overlap (O(n log n) searchsorted, no sort)."""
@@ -492,11 +483,6 @@ class Scanner:
                 f"work limit reached: the tables expand to more than {self.max_entries} page-table "
                 f"entries (shared or looping subtrees?); raise it with --max-entries N if the image "
                 f"really is this large")
-
-
-def scan(state: PagingState, memory, **kw) -> Iterator[Chunk]:
-    """Shorthand: the chunk stream of a Scanner."""
-    return Scanner(state, memory, **kw).chunks()
 
 
 def scan_reference(state: PagingState, memory, *, addr_mask: int | None = None) -> list[Mapping]:

@@ -261,12 +261,6 @@ def prepare_ram(ram, memory: SparseMemory, state: PagingState, probes: Sequence[
     _u64(ram, slot_address(state), slot_entry(state))
 
 
-def reset_run(ram) -> None:
-    """Make the prepared RAM runnable again (same probes): idx, status and phase back to 0."""
-    for off in (P_IDX, P_STATUS, P_PHASE, P_CUR, P_SAVED_RSP):
-        _u64(ram, PARAMS_GPA + off, 0)
-
-
 def status(ram) -> int:
     return _get(ram, PARAMS_GPA + P_STATUS)
 

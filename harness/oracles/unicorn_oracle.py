@@ -125,11 +125,6 @@ def _movabs(reg: str, imm: int) -> bytes:
     return op + _Q.pack(imm & (2**64 - 1))
 
 
-def _store_result(slot: int) -> bytes:
-    """mov qword ptr [r15 + 8*slot], rax"""
-    return b"\x49\x89\x87" + struct.pack("<i", 8 * slot)
-
-
 def _to_cpl3(target: int, rflags: int) -> bytes:
     """IRETQ frame [rip, cs, rflags, rsp, ss] on the kernel stack (docs/oracles.md docs/oracles.md §2: writing CS does not
     change CPL; IRETQ does)."""

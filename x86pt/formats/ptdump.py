@@ -92,7 +92,7 @@ def linux_depth(level: np.ndarray, levels: int) -> np.ndarray:
 
 def _calls(chunks: Iterable[Chunk], state: PagingState) -> Iterator[Chunk]:
     """Keep the records that are note_page() calls inside the walked ranges."""
-    (lo0, hi0), (lo1, _) = walk_ranges(state)
+    (_, hi0), (lo1, _) = walk_ranges(state)
     for ch in chunks:
         va = ch.va
         keep = (va < U64(hi0)) | (va >= U64(lo1))

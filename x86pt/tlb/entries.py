@@ -121,7 +121,6 @@ class _Path:
     rights: Rights | None
     dirty: bool
     g: bool
-    leaf_addr: int | None
     psc: tuple[tuple[int, int, int, bool, bool, bool], ...]   # (level, base, table, rw, us, xd)
     rsvd: bool = False
 
@@ -147,10 +146,10 @@ def _walk_from(state: PagingState, memory, va: int, below: int, table: int,
         except PhysicalAddressError:
             raw = 0            # an entry outside memory gives no translation to cache
         if not raw & 1:
-            return _Path(False, n, 0, 0, None, False, False, None, tuple(psc))
+            return _Path(False, n, 0, 0, None, False, False, tuple(psc))
         leaf = n == 1 or (leaf_kind is not None and bool(raw & BIT_PS))
         if raw & (rsvd_leaf if leaf and n > 1 else rsvd_table):
-            return _Path(False, n, 0, 0, None, False, False, None, tuple(psc), True)
+            return _Path(False, n, 0, 0, None, False, False, tuple(psc), True)
         rw = rw and bool(raw & 2)
         us = us and bool(raw & 4)
         xd = xd or bool(raw >> 63)
@@ -158,7 +157,7 @@ def _walk_from(state: PagingState, memory, va: int, below: int, table: int,
             size = 1 << level.shift
             rights = Rights(rw, us, not (state.nxe and xd), (raw & PK_MASK) >> PK_SHIFT)
             return _Path(True, n, size, raw & phys & ~(size - 1), rights, bool(raw & BIT_D),
-                         bool(raw & BIT_G) and bool(state.cr4 & CR4_PGE), e_addr, tuple(psc))
+                         bool(raw & BIT_G) and bool(state.cr4 & CR4_PGE), tuple(psc))
         base = _sx(state, va & ~((1 << level.shift) - 1))
         table = raw & phys
         psc.append((n, base, table, rw, us, xd))
