@@ -32,7 +32,7 @@ class Runs:
     def __len__(self) -> int:
         return len(self.start)
 
-    def take(self, sel) -> "Runs":
+    def take(self, sel: np.ndarray | slice) -> "Runs":
         return Runs(*(getattr(self, f)[sel] for f in _FIELDS))
 
 

@@ -14,7 +14,8 @@ from x86pt.errors import PhysicalAddressError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.oracle import Probe, ProbeResult, pa_from_value, tag_value
 from x86pt.state import PagingState
-from x86pt.walk import Access, PageFault, Result, Translation, error_code_dont_care, walk
+from x86pt.walk import (Access, GeneralProtection, PageFault, Result, Translation, error_code_dont_care,
+                        walk)
 
 
 def as_probe_result(r: Result, value: int | None = None) -> ProbeResult:
@@ -28,7 +29,7 @@ def as_probe_result(r: Result, value: int | None = None) -> ProbeResult:
 
 
 def model_run(memory: SparseMemory, state: PagingState, probes: Sequence[Probe],
-              values: list | None = None) -> tuple[list[Result], SparseMemory]:
+              values: list[int | None] | None = None) -> tuple[list[Result], SparseMemory]:
     """Walk every probe in order on a copy of `memory` with A/D updates; returns the walk results
     and the memory afterwards. With `values`, the qword each read loaded (at that moment) is
     appended there, one per probe."""
@@ -69,32 +70,33 @@ def compare_probe(model: Result, got: ProbeResult, probe: Probe, state: PagingSt
     """Differences between the model's and the oracle's answer for one probe. Error-code bits the
     profile of `state` leaves open (walk.error_code_dont_care) are not compared."""
     want = as_probe_result(model)
-    diffs = []
+    diffs: list[str] = []
     if want.outcome != got.outcome:
         diffs.append(f"outcome: model {describe_outcome(want)}, oracle {describe_outcome(got)}")
         return diffs
-    if want.outcome == "page_fault":
+    # the outcomes agree; the model's own record has the numbers (as_probe_result copies them)
+    if isinstance(model, PageFault):
         loose = dont_care(state, probe)
-        if got.error_code is None or (got.error_code ^ want.error_code) & ~loose:
-            diffs.append(f"#PF error code: model {want.error_code:#x}, oracle "
+        if got.error_code is None or (got.error_code ^ model.error_code) & ~loose:
+            diffs.append(f"#PF error code: model {model.error_code:#x}, oracle "
                          f"{'?' if got.error_code is None else hex(got.error_code)}")
-        if got.cr2 is not None and got.cr2 != want.cr2:
-            diffs.append(f"CR2: model {want.cr2:#x}, oracle {got.cr2:#x}")
-    elif want.outcome == "general_protection":
-        if got.error_code is not None and got.error_code != want.error_code:
-            diffs.append(f"#GP error code: model {want.error_code:#x}, oracle {got.error_code:#x}")
-        model_wrote = want.cr2 is not None
+        if got.cr2 is not None and got.cr2 != model.cr2:
+            diffs.append(f"CR2: model {model.cr2:#x}, oracle {got.cr2:#x}")
+    elif isinstance(model, GeneralProtection):
+        if got.error_code is not None and got.error_code != model.error_code:
+            diffs.append(f"#GP error code: model {model.error_code:#x}, oracle {got.error_code:#x}")
+        model_wrote = model.cr2 is not None
         oracle_wrote = got.cr2 is not None and got.cr2 == probe.va
         if model_wrote != oracle_wrote:
             diffs.append(f"CR2 on #GP: model {'writes' if model_wrote else 'leaves'} it, oracle "
                          f"{'writes' if oracle_wrote else 'leaves'} it")
     else:
         pa = oracle_pa(got, probe)
-        if pa is not None and pa != want.pa:
-            diffs.append(f"physical address: model {want.pa:#x}, oracle {pa:#x}")
+        if pa is not None and pa != model.pa:
+            diffs.append(f"physical address: model {model.pa:#x}, oracle {pa:#x}")
         elif pa is None and probe.access == "read" and got.value is not None and not probe.va & 7:
-            diffs.append(f"read returned {got.value:#x}, not the frame tag {tag_value(want.pa):#x} "
-                         f"of model pa {want.pa:#x}")
+            diffs.append(f"read returned {got.value:#x}, not the frame tag {tag_value(model.pa):#x} "
+                         f"of model pa {model.pa:#x}")
     return diffs
 
 

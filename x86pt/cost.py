@@ -44,10 +44,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from x86pt.errors import BadInputError
+
+if TYPE_CHECKING:                  # only for annotations: cost imports no CPA or scan code at start-up
+    import argparse
+
+    from x86pt.cpa.ops import CpaModel
+    from x86pt.memory.base import PhysicalMemory
+    from x86pt.state import PagingState
+
+# A CPA trace operation: (name, operands...) as x86pt.cpa.trace reads them
+Op = tuple[Any, ...]
 
 K4, M2, G1 = 12, 21, 30
 SIZES = (K4, M2, G1)
@@ -140,10 +151,11 @@ class Leaves:
     levels: int = 4            # paging levels (walk length of a 4K leaf)
 
     @classmethod
-    def from_runs(cls, runs, levels: int = 4) -> "Leaves":
+    def from_runs(cls, runs: Iterable[Sequence[int]], levels: int = 4) -> "Leaves":
         """From (start, size) pairs; a run longer than its page size is cut into pages of `size`
         when given as (start, size, count)."""
-        st, sh = [], []
+        st: list[np.ndarray] = []
+        sh: list[np.ndarray] = []
         for r in runs:
             s, size = r[0], r[1]
             n = r[2] if len(r) > 2 else 1
@@ -155,14 +167,14 @@ class Leaves:
         return cls._sorted(st, sh, levels)
 
     @classmethod
-    def _sorted(cls, st, sh, levels) -> "Leaves":
+    def _sorted(cls, st: list[np.ndarray], sh: list[np.ndarray], levels: int) -> "Leaves":
         start = np.concatenate(st).astype(np.uint64) if st else np.zeros(0, np.uint64)
         shift = np.concatenate(sh).astype(np.uint8) if sh else np.zeros(0, np.uint8)
         o = np.argsort(start, kind="stable")
         return cls(start[o], shift[o], levels)
 
     @classmethod
-    def from_model(cls, m) -> "Leaves":
+    def from_model(cls, m: CpaModel) -> "Leaves":
         """The present leaves of a CpaModel's direct map (its t3/t2/t1 tables)."""
         from x86pt.cpa.kernel import P, PSE
         lo, hi = m.dm_bounds()
@@ -181,14 +193,15 @@ class Leaves:
             if not lo <= base < hi:
                 continue
             a = np.array(t, dtype=np.uint64)
-            idx = np.nonzero(a & np.uint64(P))[0].astype(np.uint64)
-            if len(idx):
-                st.append(np.uint64(base - lo) + (idx << np.uint64(12)))
-                sh.append(np.full(len(idx), K4, np.uint8))
+            present = np.nonzero(a & np.uint64(P))[0].astype(np.uint64)
+            if len(present):
+                st.append(np.uint64(base - lo) + (present << np.uint64(12)))
+                sh.append(np.full(len(present), K4, np.uint8))
         return cls._sorted(st, sh, m.levels)
 
     @classmethod
-    def from_image(cls, state, memory, page_offset: int | None = None, **scan_kw) -> "Leaves":
+    def from_image(cls, state: PagingState, memory: PhysicalMemory, page_offset: int | None = None,
+                   **scan_kw: Any) -> "Leaves":
         """The present leaves in [PAGE_OFFSET, +2^46) (2^52 with LA57) of an image; PAGE_OFFSET
         detected as census() does when not given."""
         from x86pt.census import census
@@ -216,7 +229,8 @@ class Leaves:
 
     @property
     def end(self) -> np.ndarray:
-        return self.start + (np.uint64(1) << self.shift.astype(np.uint64))
+        end: np.ndarray = self.start + (np.uint64(1) << self.shift.astype(np.uint64))
+        return end
 
     def counts(self) -> dict[str, int]:
         return {SIZE_NAME[s]: int((self.shift == s).sum()) for s in SIZES}
@@ -258,7 +272,7 @@ class Pattern:
         F = np.concatenate([[0.0], np.cumsum(dens[:-1] * np.diff(xs))])
         s = leaves.start.astype(np.float64)
         e = leaves.end.astype(np.float64)
-        m = np.maximum(np.interp(e, xs, F) - np.interp(s, xs, F), 0.0)
+        m: np.ndarray = np.maximum(np.interp(e, xs, F) - np.interp(s, xs, F), 0.0)
         # a leaf inside one constant-density piece: density x size, so that leaves of one size
         # under one density get exactly one probability (the difference above rounds)
         j = np.searchsorted(xs, s, side="right") - 1
@@ -275,15 +289,18 @@ class Pattern:
         repeated as needed)."""
         if self.stream is not None:
             reps = -(-n // max(len(self.stream), 1))
-            return np.tile(self.stream, reps)[:n] & ~np.uint64(PAGE - 1)
+            trace: np.ndarray = np.tile(self.stream, reps)[:n] & ~np.uint64(PAGE - 1)
+            return trace
         rng = np.random.default_rng(seed)
         k = rng.choice(len(self.w), size=n, p=self.w / self.w.sum())
         pages = ((self.hi - self.lo) >> np.uint64(12))[k]
         off = (rng.random(n) * pages.astype(np.float64)).astype(np.uint64)
-        return self.lo[k] + (np.minimum(off, pages - np.uint64(1)) << np.uint64(12))
+        drawn: np.ndarray = self.lo[k] + (np.minimum(off, pages - np.uint64(1)) << np.uint64(12))
+        return drawn
 
 
-def _mk(name: str, ranges: list[tuple[int, int]], weights=None, stream=None) -> Pattern:
+def _mk(name: str, ranges: list[tuple[int, int]], weights: np.ndarray | None = None,
+        stream: np.ndarray | None = None) -> Pattern:
     if not ranges:
         raise BadInputError(f"access pattern {name}: no memory to access")
     lo = np.array([r[0] for r in ranges], np.uint64)
@@ -333,7 +350,7 @@ def hot_set(leaves: Leaves, gib: float, seed: int = 1) -> Pattern:
     return _mk(f"hot:{gib:g}G", [(int(p), int(p) + (1 << M2)) for p in pick.tolist()])
 
 
-def from_addresses(name: str, addrs, ordered: bool = True) -> Pattern:
+def from_addresses(name: str, addrs: Sequence[int] | np.ndarray, ordered: bool = True) -> Pattern:
     """A trace: the addresses in order (simulated mode replays them); the analytic mode uses
     their frequencies."""
     a = np.asarray(addrs, dtype=np.uint64)
@@ -367,7 +384,7 @@ def read_trace(path: str) -> Pattern:
     return from_addresses(f"trace:{path}", out)
 
 
-def workload_pages(ops, page_offset: int, dm_size: int = 1 << 46) -> Pattern:
+def workload_pages(ops: Iterable[Op], page_offset: int, dm_size: int = 1 << 46) -> Pattern:
     """The 4K pages of the direct map a CPA workload touched: its direct-map operands and the
     frames it vmapped (whose direct-map alias CPA changes too); uniform over them."""
     from x86pt.cpa.ops import API
@@ -408,7 +425,8 @@ def mapped_only(p: Pattern, leaves: Leaves) -> Pattern:
                    w / w.sum(), stream)
 
 
-def pattern_named(spec: str, leaves: Leaves, *, seed: int = 1, ops=None, page_offset: int = 0) -> Pattern:
+def pattern_named(spec: str, leaves: Leaves, *, seed: int = 1, ops: Iterable[Op] | None = None,
+                  page_offset: int = 0) -> Pattern:
     """'uniform', 'hot:N' (N GiB), 'trace:FILE', 'workload' (needs ops)."""
     if spec == "uniform":
         return uniform(leaves)
@@ -443,7 +461,7 @@ class Cost:
     def refs_per_walk(self) -> float:
         return self.refs / self.walks if self.walks else 0.0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"mode": self.mode, "pattern": self.pattern, "geometry": self.geometry,
                 "translations": self.translations, "l1_miss_per_access": self.l1_miss,
                 "walks_per_access": self.walks, "walk_refs_per_access": self.refs,
@@ -607,9 +625,9 @@ class _SetAssoc:
     def __init__(self, entries: int, ways: int) -> None:
         self.nsets = max(entries // ways, 1) if entries else 0
         self.ways = ways
-        self.sets = [OrderedDict() for _ in range(self.nsets)]
+        self.sets: list[OrderedDict[tuple[int, int], None]] = [OrderedDict() for _ in range(self.nsets)]
 
-    def access(self, vpn: int, key) -> bool:
+    def access(self, vpn: int, key: tuple[int, int]) -> bool:
         """Look up and fill: True on a hit."""
         if not self.nsets:
             return False
@@ -643,7 +661,8 @@ def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, 
     stlb = _SetAssoc(geometry.stlb[1], geometry.stlb[2])
     stlb_sizes = set(geometry.stlb[0])
     stlb1g = _SetAssoc(*geometry.stlb_1g) if geometry.stlb_1g and G1 not in stlb_sizes else None
-    psc = {k: (OrderedDict(), n) for k, n in geometry.psc.items() if k <= L and n > 0}
+    psc: dict[int, tuple[OrderedDict[int, None], int]] = {
+        k: (OrderedDict(), n) for k, n in geometry.psc.items() if k <= L and n > 0}
     leaf_level = LEVEL_OF
     l1m = walks = refs = 0
     splinter = geometry.splinter
@@ -694,7 +713,7 @@ def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, 
 
 
 def cost_of(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, mode: str = "analytic",
-            **kw) -> Cost:
+            **kw: int) -> Cost:
     if mode == "analytic":
         return analytic(leaves, pattern, geometry)
     if mode == "simulated":
@@ -706,7 +725,8 @@ def cost_of(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, mode
 from x86pt.cliargs import add_cost_args  # noqa: E402,F401  (re-exported)
 
 
-def image_cost(state, memory, page_offset: int, args, **scan_kw) -> Cost:
+def image_cost(state: PagingState, memory: PhysicalMemory, page_offset: int, args: argparse.Namespace,
+               **scan_kw: Any) -> Cost:
     """`x86pt census --cost`: the image's direct map priced for args.cost."""
     lv = Leaves.from_image(state, memory, page_offset, **scan_kw)
     pat = pattern_named(args.cost, lv, seed=args.cost_seed, page_offset=page_offset)
@@ -714,7 +734,7 @@ def image_cost(state, memory, page_offset: int, args, **scan_kw) -> Cost:
                    **({"seed": args.cost_seed} if args.cost_mode == "simulated" else {}))
 
 
-def model_cost(m, args, ops=None) -> Cost:
+def model_cost(m: CpaModel, args: argparse.Namespace, ops: list[Op] | None = None) -> Cost:
     """`x86pt cpa compare --cost`: a CPA model's direct map priced for args.cost."""
     lv = Leaves.from_model(m)
     pat = pattern_named(args.cost, lv, seed=args.cost_seed, ops=ops, page_offset=m.page_offset)
@@ -737,7 +757,7 @@ def render_costs(rows: list[tuple[str, Cost]]) -> str:
             f"page size, then per 1000 accesses):\n" + "\n".join(lines))
 
 
-def cost_series(m, ops, spec: str, geometry: Geometry = SKYLAKE, *, points: int = 8, mode: str = "analytic",
+def cost_series(m: CpaModel, ops: list[Op], spec: str, geometry: Geometry = SKYLAKE, *, points: int = 8, mode: str = "analytic",
                 seed: int = 1) -> list[tuple[int, Cost]]:
     """Replay `ops` on model `m` in `points` equal chunks and price the direct map after each:
     [(ops done, Cost)]. `workload` prices the pages touched so far. The replay is the CPA

@@ -5,7 +5,7 @@ from x86pt.errors import BadInputError
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def _shown(text) -> str:
+def _shown(text: object) -> str:
     """The value for an error message: repr, cut to 40 characters (a 5000-digit number or a long
     string stays one short line). Ints are shown by their length past 40 digits, since
     converting one to text beyond 4300 digits raises."""

@@ -77,7 +77,7 @@ def entry_points(group: str) -> dict[str, str]:
     return found
 
 
-def load(value: str):
+def load(value: str) -> object:
     """The object an entry point names: "package.module:attr.attr" (or a module alone)."""
     module, _, attr = value.partition(":")
     obj = importlib.import_module(module.strip())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import TYPE_CHECKING, Iterable
 
 from x86pt.errors import BadInputError, ImageError
 from x86pt.memory.base import PAGE, MemoryBase, PhysicalMemory, Segment
@@ -10,6 +11,9 @@ from x86pt.memory.elfcore import ElfCore, write_elf_core
 from x86pt.memory.lime import LIME_MAGIC, LimeFile, write_lime
 from x86pt.memory.raw import RawFile
 from x86pt.memory.sparse import SparseMemory
+
+if TYPE_CHECKING:                       # the state layer sits above memory: no import at run time
+    from x86pt.state import PagingState
 
 __all__ = ["PAGE", "MemoryBase", "PhysicalMemory", "Segment", "ElfCore", "LimeFile", "RawFile",
            "SparseMemory", "open_memory", "write_elf_core", "write_lime", "write_image", "image_format"]
@@ -53,7 +57,8 @@ def open_memory(path: str, fmt: str | None = None) -> MemoryBase:
     raise ImageError(f"unknown image format {fmt!r} (elf, lime or raw)")
 
 
-def write_image(memory, state, path: str, fmt: str | None = None, inputs=()) -> str:
+def write_image(memory: SparseMemory, state: PagingState, path: str, fmt: str | None = None,
+                inputs: Iterable[str | os.PathLike[str] | None] = ()) -> str:
     """Write an image as an ELF core (default for .elf/.core/.vmcore names) or raw, through the
     one output writer (x86pt.memory.atomic): never over one of `inputs`, a directory or a device."""
     from x86pt.memory.atomic import check_output, write_bytes_atomic

@@ -20,7 +20,8 @@ import contextlib
 import os
 import stat
 import tempfile
-from typing import Iterable
+from contextlib import AbstractContextManager
+from typing import Any, BinaryIO, Iterable, Iterator, Literal, TextIO, overload
 
 from x86pt.errors import BadInputError
 
@@ -28,7 +29,7 @@ _KIND = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR
          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def _same_file_as_input(target: str, inputs: Iterable[str | os.PathLike | None]) -> str | None:
+def _same_file_as_input(target: str, inputs: Iterable[str | os.PathLike[str] | None]) -> str | None:
     try:
         st = os.stat(target)
     except OSError:
@@ -45,7 +46,7 @@ def _same_file_as_input(target: str, inputs: Iterable[str | os.PathLike | None])
     return None
 
 
-def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> str:
+def check_output(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None] = ()) -> str:
     """Refuse `path` as an output (BadInputError) if it is an input, a directory or a special
     file; return the real path to replace (the symlink's target when `path` is a symlink)."""
     path = os.fspath(path)
@@ -70,9 +71,19 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | N
     return target
 
 
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "wb", *,
-                  inputs: Iterable[str | os.PathLike | None] = ()):
+@overload
+def atomic_writer(path: str | os.PathLike[str], mode: Literal["wb"] = "wb", *,
+                  inputs: Iterable[str | os.PathLike[str] | None] = ()) -> AbstractContextManager[BinaryIO]: ...
+
+
+@overload
+def atomic_writer(path: str | os.PathLike[str], mode: Literal["w"], *,
+                  inputs: Iterable[str | os.PathLike[str] | None] = ()) -> AbstractContextManager[TextIO]: ...
+
+
+@contextlib.contextmanager   # (callers see the overloads above: a binary or a text file by `mode`)
+def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *,
+                  inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[Any]:
     """Yield a file object; on success the data replaces `path` (or a symlink's target) at once.
     On any error the temporary file is removed and the target is untouched."""
     path = os.fspath(path)
@@ -105,13 +116,13 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb", *,
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, *,
-                       inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *,
+                       inputs: Iterable[str | os.PathLike[str] | None] = ()) -> None:
     with atomic_writer(path, inputs=inputs) as f:
         f.write(data)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, *,
-                      inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+def write_text_atomic(path: str | os.PathLike[str], text: str, *,
+                      inputs: Iterable[str | os.PathLike[str] | None] = ()) -> None:
     with atomic_writer(path, "w", inputs=inputs) as f:
         f.write(text)

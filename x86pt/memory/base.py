@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 import types
 from dataclasses import dataclass
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Iterable, Mapping, Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class MemoryBase:
 
     writable = False
     # Sources with registers (ELF cores) set their own dict in __init__; this default is read-only.
-    control_registers = types.MappingProxyType({})
+    control_registers: Mapping[str, int] = types.MappingProxyType({})
 
     def segments(self) -> list[Segment]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -54,7 +54,8 @@ class MemoryBase:
         raise NotImplementedError
 
     def read_u64(self, pa: int) -> int:
-        return _Q.unpack(self.read(pa, 8))[0]
+        value: int = _Q.unpack(self.read(pa, 8))[0]
+        return value
 
     def table(self, pa: int) -> np.ndarray:
         """The 512 entries of the 4 KiB table at `pa` (page-aligned) as uint64."""
@@ -94,10 +95,10 @@ class MemoryBase:
     def close(self) -> None:
         pass
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

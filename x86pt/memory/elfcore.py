@@ -11,7 +11,9 @@ MAXPHYADDR and the profile name, and the reader uses it when present.
 from __future__ import annotations
 
 import bisect
+import os
 import struct
+from typing import Iterable
 
 import numpy as np
 
@@ -49,7 +51,7 @@ class ElfCore(MemoryBase):
         if f.size < _EHDR.size:
             raise ImageError(f"{path}: truncated ELF header ({f.size} bytes)")
         (ident, e_type, e_machine, _ver, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum,
-         shentsize, _shnum, _shstrndx) = _EHDR.unpack_from(f.map, 0)
+         shentsize, _shnum, _shstrndx) = _EHDR.unpack_from(f.data, 0)
         if ident[:4] != b"\x7fELF":
             raise ImageError(f"{path}: not an ELF file")
         if ident[4] != 2:
@@ -63,14 +65,14 @@ class ElfCore(MemoryBase):
         if phnum == PN_XNUM:   # the real count is in section header 0's sh_info
             if shoff == 0 or shoff + _SHDR.size > f.size:
                 raise ImageError(f"{path}: e_phnum is PN_XNUM but section header 0 is missing")
-            phnum = _SHDR.unpack_from(f.map, shoff)[7]
+            phnum = _SHDR.unpack_from(f.data, shoff)[7]
         if phnum and phentsize != _PHDR.size:
             raise ImageError(f"{path}: bad program header size {phentsize}")
         if phoff + phnum * _PHDR.size > f.size:
             raise ImageError(f"{path}: program headers past the end of the file")
         loads: list[tuple[int, int, int, int]] = []   # (paddr, memsz, offset, filesz)
         for i in range(phnum):
-            p_type, _pf, off, _vaddr, paddr, filesz, memsz, _al = _PHDR.unpack_from(f.map, phoff + i * _PHDR.size)
+            p_type, _pf, off, _vaddr, paddr, filesz, memsz, _al = _PHDR.unpack_from(f.data, phoff + i * _PHDR.size)
             if p_type == PT_LOAD:
                 if filesz > memsz:
                     raise ImageError(f"{path}: PT_LOAD {i} has p_filesz > p_memsz")
@@ -85,7 +87,7 @@ class ElfCore(MemoryBase):
             elif p_type == PT_NOTE:
                 if off + filesz > f.size:
                     raise ImageError(f"{path}: PT_NOTE is truncated")
-                self._parse_notes(bytes(f.map[off:off + filesz]))
+                self._parse_notes(bytes(f.data[off:off + filesz]))
         loads.sort()
         for a, b in zip(loads, loads[1:]):
             if a[0] + a[1] > b[0]:
@@ -132,7 +134,7 @@ class ElfCore(MemoryBase):
     def segments(self) -> list[Segment]:
         return [Segment(p, p + m) for p, m, _, _ in self._loads]
 
-    def _find(self, pa: int, n: int):
+    def _find(self, pa: int, n: int) -> tuple[int, int, int]:
         i = bisect.bisect_right(self._starts, pa) - 1
         if i >= 0:
             p, m, off, filesz = self._loads[i]
@@ -144,9 +146,9 @@ class ElfCore(MemoryBase):
         p, off, filesz = self._find(pa, n)
         rel = pa - p
         if rel + n <= filesz:
-            return self.file.map[off + rel: off + rel + n]
+            return self.file.data[off + rel: off + rel + n]
         have = max(0, filesz - rel)
-        return (self.file.map[off + rel: off + rel + have] if have else b"") + bytes(n - have)
+        return (self.file.data[off + rel: off + rel + have] if have else b"") + bytes(n - have)
 
     def table(self, pa: int) -> np.ndarray:
         pa &= ~0xFFF
@@ -207,7 +209,7 @@ def qemu_cpustate(cr0: int, cr3: int, cr4: int, cr2: int = 0, rip: int = 0, rfla
 
 def write_elf_core(path: str, memory: MemoryBase, *, cr0: int, cr3: int, cr4: int, efer: int,
                    pkru: int = 0, pkrs: int = 0, maxphyaddr: int = 52, vendor: str = "intel",
-                   profile: str = "", inputs=()) -> None:
+                   profile: str = "", inputs: Iterable[str | os.PathLike[str] | None] = ()) -> None:
     """Write `memory` as an ELF core with the note layout QEMU uses, plus an X86PT note."""
     segs = memory.segments()
     prstatus = bytearray(336)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import os
 import struct
+from typing import Iterable
 
 import numpy as np
 
@@ -19,14 +21,14 @@ class LimeFile(MemoryBase):
     def __init__(self, path: str) -> None:
         self.file = MappedFile(path)
         self.path = path
-        self.control_registers = {}
+        self.control_registers: dict[str, int] = {}
         self._segs: list[tuple[int, int, int]] = []   # (start, end, file offset)
         off = 0
         size = self.file.size
         while off < size:
             if off + _HDR.size > size:
                 raise ImageError(f"{path}: truncated LiME header at file offset {off:#x}")
-            magic, version, start, end, _ = _HDR.unpack_from(self.file.map, off)
+            magic, version, start, end, _ = _HDR.unpack_from(self.file.data, off)
             if magic != LIME_MAGIC:
                 raise ImageError(f"{path}: bad LiME magic {magic:#x} at file offset {off:#x}")
             if version != 1:
@@ -57,13 +59,13 @@ class LimeFile(MemoryBase):
 
     def read(self, pa: int, n: int) -> bytes:
         off = self._find(pa, n)
-        return self.file.map[off:off + n]
+        return self.file.data[off:off + n]
 
     def table(self, pa: int) -> np.ndarray:
         off = self._find(pa & ~0xFFF, PAGE)
         if off % 8 == 0:
             return self.file.u64[off // 8: off // 8 + 512]
-        return np.frombuffer(self.file.map[off:off + PAGE], dtype="<u8")
+        return np.frombuffer(self.file.data[off:off + PAGE], dtype="<u8")
 
     def contains(self, pa: int, n: int = 1) -> bool:
         try:
@@ -76,7 +78,7 @@ class LimeFile(MemoryBase):
         self.file.close()
 
 
-def write_lime(path: str, memory: MemoryBase, inputs=()) -> None:
+def write_lime(path: str, memory: MemoryBase, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> None:
     from x86pt.memory.atomic import atomic_writer
     with atomic_writer(path, inputs=inputs) as f:
         for seg in memory.segments():

@@ -27,16 +27,19 @@ class MappedFile:
             if not (st.st_mode & 0o170000) == 0o100000:
                 raise ImageError(f"{path} is not a regular file")
             self.size = st.st_size
-            self.map = mmap.mmap(fd, self.size, prot=mmap.PROT_READ) if self.size else None
+            self.map: mmap.mmap | None = mmap.mmap(fd, self.size, prot=mmap.PROT_READ) if self.size else None
         except OSError as e:
             raise ImageError(f"cannot map {path}: {e.strerror}") from None
         finally:
             os.close(fd)
+        # what reads index: the mapping, or no bytes for an empty (or closed) file
+        self.data: mmap.mmap | bytes = self.map if self.map is not None else b""
         self.u64 = (np.frombuffer(self.map, dtype="<u8", count=self.size // 8)
                     if self.map is not None else np.zeros(0, dtype="<u8"))
 
     def close(self) -> None:
         self.u64 = np.zeros(0, dtype="<u8")
+        self.data = b""
         if self.map is not None:
             try:
                 self.map.close()
@@ -49,7 +52,7 @@ class RawFile(MemoryBase):
     def __init__(self, path: str) -> None:
         self.file = MappedFile(path)
         self.path = path
-        self.control_registers = {}
+        self.control_registers: dict[str, int] = {}
 
     def segments(self) -> list[Segment]:
         return [Segment(0, self.file.size)] if self.file.size else []
@@ -57,12 +60,13 @@ class RawFile(MemoryBase):
     def read(self, pa: int, n: int) -> bytes:
         if pa < 0 or pa + n > self.file.size:
             raise self._outside(pa, n)
-        return self.file.map[pa:pa + n] if n else b""
+        return self.file.data[pa:pa + n] if n else b""
 
     def read_u64(self, pa: int) -> int:
         if pa < 0 or pa + 8 > self.file.size:
             raise self._outside(pa, 8)
-        return _Q.unpack_from(self.file.map, pa)[0]
+        value: int = _Q.unpack_from(self.file.data, pa)[0]
+        return value
 
     def table(self, pa: int) -> np.ndarray:
         pa &= ~0xFFF

@@ -47,8 +47,10 @@ class SparseMemory(MemoryBase):
         pn, off = divmod(pa, PAGE)
         if off <= PAGE - 8 and 0 <= pa and pa + 8 <= self.size:
             page = self.pages.get(pn)
-            return _Q.unpack_from(page, off)[0] if page is not None else 0
-        return _Q.unpack(self.read(pa, 8))[0]
+            value: int = _Q.unpack_from(page, off)[0] if page is not None else 0
+            return value
+        value = _Q.unpack(self.read(pa, 8))[0]
+        return value
 
     def write(self, pa: int, data: bytes) -> None:
         self._check(pa, len(data))
