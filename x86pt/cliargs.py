@@ -17,7 +17,7 @@ def add_state_args(p: argparse.ArgumentParser) -> None:
                    help="image format (default: detected from the first bytes)")
 
 
-def image_options(args: argparse.Namespace) -> dict[str, object]:
+def image_options(args: argparse.Namespace) -> dict[str, str | None]:
     """The add_state_args options of a parsed command line as x86pt.image.open_image keywords."""
     keys = ("image_format", "cr0", "cr3", "cr4", "efer", "pkru", "pkrs", "maxphyaddr", "profile")
     return {k: getattr(args, k, None) for k in keys}
