@@ -30,7 +30,7 @@ MONITOR_NOTES = (
 
 
 class QemuMonitorOracle:
-    """Oracle "qemu-monitor": one paused QEMU per batch, one `gva2gpa` per probe. The access kind,
+    """Oracle "qemu-monitor": one paused QEMU per batch, one `gva2gpa` per probe (pipelined). The access kind,
     CPL and AC of a probe do not matter to it (see MONITOR_NOTES)."""
 
     available = staticmethod(qemu_available)
@@ -59,8 +59,7 @@ class QemuMonitorOracle:
         results: list[ProbeResult] = []
         with QemuMonitor(memory, state, cpu=self.cpu, binary=self.binary,
                          timeout=self.timeout) as mon:
-            for p in probes:
-                pa = mon.gva2gpa(p.va)
+            for pa in mon.gva2gpa_many([p.va for p in probes]):
                 if pa is None:
                     results.append(ProbeResult("page_fault", detail="gva2gpa: Unmapped"))
                 else:

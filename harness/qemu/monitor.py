@@ -207,15 +207,22 @@ class QemuMonitor:
 
     def gva2gpa(self, va: int) -> int | None:
         """QEMU's debug translation of `va`; None when it says 'Unmapped' (also non-canonical)."""
-        if not 0 <= va < 1 << 64:
-            raise BadInputError(f"virtual address {va:#x} is not a 64-bit value")
-        out = self.hmp(f"gva2gpa {va:#x}").strip()
-        if out == "Unmapped":
-            return None
-        m = re.fullmatch(r"gpa: (?:0x)?([0-9a-fA-F]+)", out)
-        if not m:
-            raise OracleError(f"unexpected gva2gpa answer for {va:#x}: {out[:80]!r}")
-        return int(m.group(1), 16)
+        return self.gva2gpa_many([va])[0]
+
+    def gva2gpa_many(self, vas: Sequence[int], batch: int = 64) -> list[int | None]:
+        """gva2gpa of every address, `batch` commands in flight at a time (QMP answers in order;
+        docs/oracles.md §5.1 has the speed-up)."""
+        for va in vas:
+            if not 0 <= va < 1 << 64:
+                raise BadInputError(f"virtual address {va:#x} is not a 64-bit value")
+        self._need()
+        out: list[int | None] = []
+        for i in range(0, len(vas), batch):
+            chunk = vas[i:i + batch]
+            texts = self.qmp.pipeline([("human-monitor-command", {"command-line": f"gva2gpa {va:#x}"})
+                                       for va in chunk])
+            out.extend(_gpa(va, str(t)) for va, t in zip(chunk, texts))
+        return out
 
     def info_tlb(self) -> str:
         return self.hmp("info tlb", timeout=max(self.timeout, 120.0))
@@ -252,3 +259,13 @@ class QemuMonitor:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _gpa(va: int, text: str) -> int | None:
+    out = text.strip()
+    if out == "Unmapped":
+        return None
+    m = re.fullmatch(r"gpa: (?:0x)?([0-9a-fA-F]+)", out)
+    if not m:
+        raise OracleError(f"unexpected gva2gpa answer for {va:#x}: {out[:80]!r}")
+    return int(m.group(1), 16)
