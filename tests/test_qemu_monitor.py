@@ -110,6 +110,16 @@ def test_gva2gpa_unmapped(monitor, va):
     assert monitor.gva2gpa(va) is None
 
 
+def test_gva2gpa_many_crosses_batches_in_order(monitor):
+    # 2M leaf at 0x40000000 -> 0x800000 (offset bits 20:0); every third address is in the
+    # not-present PDE after it. 150 addresses in batches of 64: three pipelined batches.
+    vas = [0x40000000 + i * 0x3008 if i % 3 else 0x40200000 + i * 0x1000 for i in range(150)]
+    want = [0x800000 + i * 0x3008 if i % 3 else None for i in range(150)]
+    assert monitor.gva2gpa_many(vas, batch=64) == want
+    with pytest.raises(BadInputError):
+        monitor.gva2gpa_many([0x1000, 1 << 64])
+
+
 def test_info_tlb_lines(monitor):
     assert monitor.info_tlb().replace("\r\n", "\n") == INFO_TLB_4LEVEL
     lines = parse_info_tlb(INFO_TLB_4LEVEL)
