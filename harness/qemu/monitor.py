@@ -71,7 +71,7 @@ class QemuMonitor:
         t0 = time.monotonic()
         try:
             self.qemu = qemu = QemuProcess()
-            self.ram = RamFile(qemu.path(""), size)
+            self.ram = ram = RamFile(qemu.path(""), size)
             args = [binary, "-S", "-nographic", "-nodefaults", "-no-user-config",
                     "-accel", "tcg", "-cpu", cpu, "-m", f"{size >> 20}M",
                     "-object", f"memory-backend-file,id=ram,size={size >> 20}M,"
@@ -82,16 +82,16 @@ class QemuMonitor:
                     "-gdb", "chardev:x86ptgdb", *extra_args]
             proc = qemu.start(args)
             # QEMU boots (~40 ms) while we copy the image: the file is shared, order is free.
-            self.hidden = self.ram.load(memory, strict=strict)
+            self.hidden = ram.load(memory, strict=strict)
             deadline = time.monotonic() + timeout
             self.qmp = Qmp(qemu.connect("qmp.sock", "QMP", deadline), timeout=timeout, proc=proc,
                            stderr=qemu.stderr)
-            self.gdb = GdbClient(qemu.connect("gdb.sock", "gdbstub", deadline), timeout)
+            self.gdb = gdb = GdbClient(qemu.connect("gdb.sock", "gdbstub", deadline), timeout)
             # The backend is created before the monitor answers: QEMU holds the RAM file now,
             # and both sockets are connected. Drop every name, so a SIGKILL leaves nothing behind.
-            self.ram.unlink()
+            ram.unlink()
             qemu.forget_dir()
-            self.gdb.load_register_map()
+            gdb.load_register_map()
             self.version = self.qmp.version
             self.set_state(state)
         except BaseException:
@@ -133,11 +133,30 @@ class QemuMonitor:
             raise OracleError("the QEMU monitor is closed or QEMU has exited"
                               + (f": {self.qemu.why_dead()}" if self.qemu is not None and self.qemu.stderr else ""))
 
+    # The parts, for a caller that checked _need() (or gets a one-line error here).
+    @property
+    def _qmp(self) -> Qmp:
+        if self.qmp is None:
+            raise OracleError("the QEMU monitor is closed")
+        return self.qmp
+
+    @property
+    def _gdb(self) -> GdbClient:
+        if self.gdb is None:
+            raise OracleError("the QEMU monitor is closed")
+        return self.gdb
+
+    @property
+    def _ram(self) -> RamFile:
+        if self.ram is None:
+            raise OracleError("the QEMU monitor is closed")
+        return self.ram
+
     # -- state ---------------------------------------------------------------------------------------------
     def set_state(self, state: PagingState) -> None:
         """Load CR4, CR3, EFER, CR0 (that order, docs/oracles.md §5), then read them back."""
         self._need()
-        g = self.gdb
+        g = self._gdb
         wide = max(state.cr0, state.cr3, state.cr4, state.efer) >= FOUR_GIB
         # PG off first: LA57 may only change with paging off, and leaving long mode also drops
         # the 64-bit CS (cpu_x86_update_cr0), so the wide-write setup below comes after it.
@@ -162,16 +181,16 @@ class QemuMonitor:
 
     def _enter_cs64(self) -> None:
         """Make CS a 64-bit code segment so the gdbstub takes 8-byte CR writes (see module doc)."""
-        g = self.gdb
-        saved = self.ram.read(8, 8)
+        g = self._gdb
+        saved = self._ram.read(8, 8)
         try:
             g.write_register("efer", EFER_LME | EFER_LMA)
-            self.ram.write_u64(8, CODE64_DESCRIPTOR)
+            self._ram.write_u64(8, CODE64_DESCRIPTOR)
             # x86_cpu_gdb_load_seg only reloads when the selector changes.
             g.write_register("cs", 0)
             g.write_register("cs", 8)
         finally:
-            self.ram.write(8, saved)
+            self._ram.write(8, saved)
         probe = 0x123456789000
         g.write_register("cr3", probe)
         if g.read_register("cr3") != probe:
@@ -184,18 +203,18 @@ class QemuMonitor:
         """Replace the RAM contents (QEMU's debug walker reads RAM directly: no relaunch)."""
         self._need()
         if clear:
-            self.ram.clear()
-        self.hidden = self.ram.load(memory, strict=strict)
+            self._ram.clear()
+        self.hidden = self._ram.load(memory, strict=strict)
         if state is not None:
             self.set_state(state)
 
     def write_memory(self, pa: int, data: bytes) -> None:
         self._need()
-        self.ram.write(pa, data)
+        self._ram.write(pa, data)
 
     def read_memory(self, pa: int, n: int) -> bytes:
         self._need()
-        return self.ram.read(pa, n)
+        return self._ram.read(pa, n)
 
     # -- queries --------------------------------------------------------------------------------------------
     def hmp(self, command: str, timeout: float | None = None) -> str:
@@ -203,7 +222,7 @@ class QemuMonitor:
         self._need()
         if "\n" in command:
             raise BadInputError("one HMP command per call")
-        return self.qmp.hmp(command, timeout)
+        return self._qmp.hmp(command, timeout)
 
     def gva2gpa(self, va: int) -> int | None:
         """QEMU's debug translation of `va`; None when it says 'Unmapped' (also non-canonical)."""
@@ -219,7 +238,7 @@ class QemuMonitor:
         out: list[int | None] = []
         for i in range(0, len(vas), batch):
             chunk = vas[i:i + batch]
-            texts = self.qmp.pipeline([("human-monitor-command", {"command-line": f"gva2gpa {va:#x}"})
+            texts = self._qmp.pipeline([("human-monitor-command", {"command-line": f"gva2gpa {va:#x}"})
                                        for va in chunk])
             out.extend(_gpa(va, str(t)) for va, t in zip(chunk, texts))
         return out
@@ -234,14 +253,14 @@ class QemuMonitor:
         """A QOM property of the (only) vCPU, e.g. 'vendor', 'pdpe1gb', 'phys-bits': what the CPU
         model really became, after -cpu's +/- flags."""
         self._need()
-        cpus = self.qmp.command("query-cpus-fast")
+        cpus = self._qmp.command("query-cpus-fast")
         if not cpus:
             raise OracleError("QMP query-cpus-fast returned no vCPU")
-        return self.qmp.command("qom-get", {"path": cpus[0]["qom-path"], "property": name})
+        return self._qmp.command("qom-get", {"path": cpus[0]["qom-path"], "property": name})
 
     def registers(self) -> dict[str, int]:
         self._need()
-        return {r: self.gdb.read_register(r) for r in ("cr0", "cr2", "cr3", "cr4", "efer")}
+        return {r: self._gdb.read_register(r) for r in ("cr0", "cr2", "cr3", "cr4", "efer")}
 
     def dump_guest_memory(self, path: str, timeout: float = 600.0) -> None:
         """QMP dump-guest-memory (paging=false: physical RAM as ELF PT_LOADs + QEMU CPU notes),
@@ -251,7 +270,7 @@ class QemuMonitor:
         fd, tmp = tempfile.mkstemp(prefix=".x86pt-dump-", dir=directory)
         os.close(fd)
         try:
-            self.qmp.command("dump-guest-memory", {"paging": False, "protocol": f"file:{tmp}"},
+            self._qmp.command("dump-guest-memory", {"paging": False, "protocol": f"file:{tmp}"},
                              timeout=timeout)
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import IO, Sequence
+from typing import IO, Any, Sequence
 
 from x86pt.errors import OracleError, OracleUnavailable
 
@@ -28,6 +28,7 @@ NOT_FOUND = f"{QEMU_BINARY} not found on PATH (run tools/install_qemu.sh)"
 
 # Resolved here, in the parent: the child between fork and exec must not import or load anything
 # (another thread may hold the import lock at fork time).
+_PRCTL: Any
 try:
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):       # pragma: no cover - not Linux

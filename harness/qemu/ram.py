@@ -95,26 +95,32 @@ class RamFile:
                               f"{e.strerror}") from None
 
     @property
+    def _mm(self) -> mmap.mmap:
+        if self.map is None:
+            raise OracleError("the RAM file is closed")
+        return self.map
+
+    @property
     def size(self) -> int:
         return self.layout.size
 
     def write(self, pa: int, data: bytes) -> None:
         off = self.layout.offset(pa, len(data))
-        self.map[off:off + len(data)] = data
+        self._mm[off:off + len(data)] = data
 
     def read(self, pa: int, n: int) -> bytes:
         off = self.layout.offset(pa, n)
-        return self.map[off:off + n]
+        return self._mm[off:off + n]
 
     def read_u64(self, pa: int) -> int:
-        return _Q.unpack_from(self.map, self.layout.offset(pa, 8))[0]
+        return _Q.unpack_from(self._mm, self.layout.offset(pa, 8))[0]
 
     def write_u64(self, pa: int, value: int) -> None:
-        _Q.pack_into(self.map, self.layout.offset(pa, 8), value)
+        _Q.pack_into(self._mm, self.layout.offset(pa, 8), value)
 
     def zero(self, pa: int, n: int) -> None:
         off = self.layout.offset(pa, n)
-        self.map[off:off + n] = bytes(n)
+        self._mm[off:off + n] = bytes(n)
 
     def load(self, memory: MemoryBase, *, strict: bool = True) -> list[tuple[int, int]]:
         """Copy every byte `memory` holds into RAM at its guest-physical address. Data in the
@@ -140,12 +146,12 @@ class RamFile:
     def clear(self) -> None:
         """All RAM back to zero. MADV_REMOVE frees the tmpfs pages (cheap even for many GiB)."""
         try:
-            self.map.madvise(mmap.MADV_REMOVE)
+            self._mm.madvise(mmap.MADV_REMOVE)
         except (OSError, AttributeError):
             step = 64 * MiB
             for off in range(0, self.size, step):
                 n = min(step, self.size - off)
-                self.map[off:off + n] = bytes(n)
+                self._mm[off:off + n] = bytes(n)
 
     def unlink(self) -> None:
         if self.path is not None:
