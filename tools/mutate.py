@@ -61,6 +61,7 @@ TESTS: dict[str, list[str]] = {
     "x86pt/cpa/validate.py": ["tests/test_cpa_rules.py", "tests/test_cpa_reference.py",
                               "tests/test_mutants_validate.py"],
     "x86pt/scan.py": ["tests/test_scan.py", "tests/test_hostile_values.py", "tests/test_mutants_scan.py"],
+    "x86pt/compare.py": ["tests/test_mutants_compare.py", "tests/test_differential.py"],
     "harness/differential.py": ["tests/test_differential.py", "tests/test_mutants_differential.py"],
     "harness/matrix.py": ["tests/test_matrix.py", "tests/test_mutants_matrix.py"],
 }
