@@ -279,8 +279,9 @@ def cmd_merge(args) -> int:
     from harness.reports import Reporter, load_report, merge_reports
     if not args.no_repro and os.path.exists(args.repro_dir) and not os.path.isdir(args.repro_dir):
         raise BadInputError(f"--repro-dir {args.repro_dir}: exists and is not a directory")
-    if args.output and os.path.isdir(args.output):
-        raise BadInputError(f"--output {args.output}: is a directory")
+    if args.output:
+        from x86pt.memory.atomic import check_output
+        check_output(args.output, args.reports)      # not over a report it reads, nor a directory
     merged = merge_reports([(p, load_report(p)) for p in args.reports])
     count = merged["count"]
     rep = Reporter(args, merged["config"], (count, list(range(1, count + 1))), keep=bool(args.output))

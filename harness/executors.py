@@ -116,7 +116,7 @@ def split(units: int, align: int, workers: int, cases: str) -> list[tuple[int, i
     blocks = -(-units // max(1, align))
     most = PARTS_PER_WORKER * max(1, workers)
     if cases == "random":
-        most = min(most, -(-blocks // MIN_PART_TREES))
+        most = min(most, max(1, blocks // MIN_PART_TREES))
     n = max(1, min(most, blocks))
     cuts = [min(units, (k * blocks // n) * align) for k in range(n + 1)]
     cuts[-1] = units
