@@ -45,12 +45,23 @@ setup() {
             echo "run.sh: qemu-system-x86_64 missing (run as root to install it); QEMU tests will skip" >&2
         fi
     fi
+    # Bochs is the rig's fourth oracle (Debian's bochs 2.7, headless); installed when we may.
+    if ! command -v bochs >/dev/null 2>&1; then
+        if [ "$(id -u)" = "0" ]; then
+            log="$venv/install-bochs.log"
+            echo "run.sh: installing Bochs (Debian's bochs; log: $log)" >&2
+            sh tools/install_bochs.sh >"$log" 2>&1 || { tail -n 20 "$log" >&2; echo "run.sh: Bochs could not be installed; Bochs tests will skip" >&2; }
+        else
+            echo "run.sh: bochs missing (run as root to install it); Bochs tests will skip" >&2
+        fi
+    fi
 }
 
 oracles_here() {
-    # The oracles this machine has: unicorn always (PyPI), qemu when installed, kvm when /dev/kvm opens.
+    # The oracles this machine has: unicorn always (PyPI), qemu and bochs when installed, kvm when /dev/kvm opens.
     local list="unicorn"
     command -v qemu-system-x86_64 >/dev/null 2>&1 && list="$list,qemu"
+    command -v bochs >/dev/null 2>&1 && list="$list,bochs"
     if "$venv/bin/python" - <<'PY' 2>/dev/null
 import fcntl, os, sys
 fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
