@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from x86pt.cmdoracle import CmdOracle, check, schema
+from x86pt.cmdoracle import CmdOracle, check, check_result, schema
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.oracle import availability, get_oracle, oracle_list
 
@@ -89,6 +89,23 @@ def test_hand_written_result_lines_are_valid(line):
 def test_hand_written_bad_result_lines_are_refused(line, says):
     err = check(line, "result")
     assert err is not None and says in err, err
+
+
+def test_the_fast_result_check_agrees_with_the_schema():
+    import random
+    rng = random.Random(1)
+    pool = [None, 0, 1, -1, 7, 255, 256, 0xFFFFFFFF, 1 << 32, (1 << 64) - 1, 1 << 64, True, 1.5, "",
+            "0x0", "0X1f", "0x" + "f" * 16, "0x" + "f" * 17, "12", "0x1\n", "0xg", [], {}, "ok",
+            "page_fault", "general_protection", "crash"]
+    keys = ["outcome", "error_code", "cr2", "pa", "value", "vector", "detail", "extra"]
+    agree = 0
+    for _ in range(20000):
+        d = {k: rng.choice(pool) for k in rng.sample(keys, rng.randrange(len(keys) + 1))}
+        if rng.random() < 0.7:
+            d["outcome"] = rng.choice(["ok", "page_fault", "general_protection"])
+        assert (check_result(d) is None) == (check(d, "result") is None), d
+        agree += check_result(d) is None
+    assert 100 < agree < 19900          # both verdicts were exercised
 
 
 def test_capabilities_need_the_protocol_version_and_the_features():

@@ -138,6 +138,49 @@ def _check(v: Any, sch: dict, root: dict, at: str) -> str | None:
     return None
 
 
+_OUTCOMES = ("ok", "page_fault", "general_protection")
+_U64_KEYS = ("cr2", "pa", "value")
+
+
+def check_result(d: Any) -> str | None:
+    """check(d, "result"), with a fast path for the valid lines of every batch (about 20x faster
+    than the general validator; tests/test_cmd_oracle.py checks that the two agree)."""
+    return None if _result_ok(d) else check(d, "result")
+
+
+def _result_ok(d: Any) -> bool:
+    if type(d) is not dict:
+        return False
+    oc = d.get("outcome")
+    if type(oc) is not str or oc not in _OUTCOMES:
+        return False
+    rx = _hex_rx()
+    for k, v in d.items():
+        if v is None and k != "detail" and k != "outcome":
+            continue
+        if k in _U64_KEYS:
+            if type(v) is int:
+                if not 0 <= v <= 0xFFFFFFFFFFFFFFFF:
+                    return False
+            elif type(v) is not str or not rx.search(v):
+                return False
+        elif k == "error_code":
+            if type(v) is not int or not 0 <= v <= 0xFFFFFFFF:
+                return False
+        elif k == "vector":
+            if type(v) is not int or not 0 <= v <= 255:
+                return False
+        elif k == "detail":
+            if type(v) is not str:
+                return False
+    return True
+
+
+def _hex_rx() -> re.Pattern:
+    pat = schema()["$defs"]["u64"]["anyOf"][1]["pattern"]
+    return _pattern_cache.get(pat) or _pattern_cache.setdefault(pat, re.compile(pat))
+
+
 def _short(v: Any) -> str:
     text = json.dumps(v) if not isinstance(v, str) else repr(v)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -451,7 +494,7 @@ class CmdOracle:
             except (ValueError, RecursionError) as e:
                 raise OracleError(f"{self.name}: results line {n} is not JSON ({_first_line(e)})"
                                   f"{self._stderr(err_path)}") from None
-            err = check(d, "result")
+            err = check_result(d)
             if err:
                 raise OracleError(f"{self.name}: results line {n} violates the protocol schema ({err})"
                                   f"{self._stderr(err_path)}")

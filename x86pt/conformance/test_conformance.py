@@ -1,0 +1,7 @@
+"""The conformance suite's one test: each item is a batch of cases of one CPU configuration,
+compared between the x86pt model and the oracle of --x86pt-oracle. The items come from the x86pt
+pytest plugin (pytest_generate_tests); without --x86pt-oracle there is one skipped item."""
+
+
+def test_conformance(x86pt_case):
+    x86pt_case.check()
