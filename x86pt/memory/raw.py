@@ -32,14 +32,14 @@ class MappedFile:
             raise ImageError(f"cannot map {path}: {e.strerror}") from None
         finally:
             os.close(fd)
-        # what reads index: the mapping, or no bytes for an empty (or closed) file
+        # what reads index: the mapping (closed by close(): a later read raises), or no bytes for
+        # an empty file
         self.data: mmap.mmap | bytes = self.map if self.map is not None else b""
         self.u64 = (np.frombuffer(self.map, dtype="<u8", count=self.size // 8)
                     if self.map is not None else np.zeros(0, dtype="<u8"))
 
     def close(self) -> None:
         self.u64 = np.zeros(0, dtype="<u8")
-        self.data = b""
         if self.map is not None:
             try:
                 self.map.close()
