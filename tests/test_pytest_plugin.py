@@ -134,6 +134,49 @@ def test_unicorn_passes_cpa_replays(tmp_path):
     assert len(re.findall(r"test_conformance\[cpa-[a-z-]+-seed0\] PASSED", r.stdout)) == 2
 
 
+@pytest.mark.unicorn
+def test_the_reference_adapter_runs_under_the_plugin(tmp_path):
+    _unicorn()
+    oracle = f"cmd:{shlex.quote(sys.executable)} {shlex.quote(os.path.join(EXAMPLES, 'cmd_oracle_adapter.py'))}"
+    r = suite(tmp_path, "-v", "--x86pt-oracle", oracle, "--x86pt-cases", "random", "--x86pt-limit", "128")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert len(re.findall(r"test_conformance\[random-seed0-tree\d\] PASSED", r.stdout)) == 2
+
+
+def test_a_third_party_oracle_package_runs_under_the_plugin(tmp_path):
+    """A package outside the repo, registered by its metadata only (as in test_plugins.py)."""
+    from test_plugins import _fake_dist
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_dist(site, "tinyemu2", '''
+        from x86pt.oracle import get_oracle
+
+        class TinyOracle:
+            name = "tiny2"
+            profile = "intel"
+
+            def __init__(self):
+                self._inner = get_oracle("model", profile="intel")
+
+            def capabilities(self):
+                return self._inner.capabilities()
+
+            def run(self, memory, state, probes):
+                return self._inner.run(memory, state, probes)
+
+            def close(self):
+                pass
+        ''', '''
+        [x86pt.oracles]
+        tiny2 = tinyemu2:TinyOracle
+        ''')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    r = suite(tmp_path, "-v", "--x86pt-oracle", "tiny2", "--x86pt-cases", "random", "--x86pt-limit", "64",
+              env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "test_conformance[random-seed0-tree0] PASSED" in r.stdout
+
+
 # the configuration flag each id word names -> the bracketed word PagingState.describe() prints
 CFG_WORDS = {"cr0.wp": "WP", "efer.nx": "NXE", "cr4.smep": "SMEP", "cr4.smap": "SMAP", "cr4.pke": "PKE"}
 
