@@ -494,7 +494,13 @@ def test_rules_explain_every_random_table_mismatch(bochs):
                            on_mismatch=mms.append)
     assert summ.cases == 1200 and mms
     for mm in mms:
-        assert not any("after the batch" in d or "missing from" in d for d in mm.differences), mm.render()
+        # Probes of one tree share entries: when Bochs lets a probe through that the model faults
+        # (or the reverse), the entries it used get A/D on one side only, and every case walking
+        # them reports that. So entries may differ here, in A (0x20) and D (0x40) only.
+        for d in mm.differences:
+            assert "missing from" not in d, mm.render()
+            if "after the batch" in d:
+                assert int(d.rsplit("differs in ", 1)[1].rstrip(")"), 16) & ~0x60 == 0, mm.render()
         batch = batch_from_repro(mm.repro)
         mem = batch.memory.copy()
         for p, got in zip(mm.probes, mm.got):

@@ -67,7 +67,7 @@ LOAD_BASE = guest.HARNESS_GPA      # optramimage1 address: the file holds [LOAD_
 MARK = 0x5A17E0D                   # `? MARK` prints "0x5a17e0d 94469645": the end of a reply
 _MARK_LINE = f"{MARK:#x} {MARK}"
 
-_XP_RE = re.compile(r"^0x([0-9a-f]+) <[^>]*>:((?:\s+0x[0-9a-f]+)+)\s*$")
+_XP_FIND = re.compile(r"^0x([0-9a-f]+) <[^>\n]*>:[ \t]+0x([0-9a-f]+)(?:[ \t]+0x([0-9a-f]+))?[ \t]*$", re.M)
 _PAGE_RE = re.compile(r"^linear page 0x([0-9a-f]+) maps to physical page 0x([0-9a-f]+)")
 _CPUID_RE = re.compile(r"CPUID\[0x([0-9a-f]+)\]: ([0-9a-f]{8}) ([0-9a-f]{8}) ([0-9a-f]{8}) ([0-9a-f]{8})")
 _Q = struct.Struct("<Q")
@@ -198,17 +198,20 @@ class _Session:
                         self.pos = nl + 1
                         return text.splitlines()
 
-    def close(self) -> None:
+    def close(self, graceful: bool = False) -> None:
+        """Kill Bochs; `graceful` first asks it to quit (`q`, ~0.1 s), which flushes its log."""
         if self.wfd >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self.wfd, b"q\n")
+            if graceful:
+                with contextlib.suppress(OSError):
+                    os.write(self.wfd, b"q\n")
             with contextlib.suppress(OSError):
                 os.close(self.wfd)
             self.wfd = -1
         proc, self.proc = self.proc, None
         if proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.5)
+            if graceful:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=2.0)
             _kill_group(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
@@ -217,13 +220,11 @@ class _Session:
 def parse_xp(lines: Sequence[str]) -> dict[int, int]:
     """qwords printed by `xp /Ngx` (one or two per line): {physical address: value}."""
     out: dict[int, int] = {}
-    for ln in lines:
-        m = _XP_RE.match(ln)
-        if not m:
-            continue
-        addr = int(m.group(1), 16)
-        for k, v in enumerate(m.group(2).split()):
-            out[addr + 8 * k] = int(v, 16)
+    for addr, v0, v1 in _XP_FIND.findall("\n".join(lines)):
+        a = int(addr, 16)
+        out[a] = int(v0, 16)
+        if v1:
+            out[a + 8] = int(v1, 16)
     return out
 
 
@@ -255,7 +256,8 @@ class BochsOracle:
         self.timeout = timeout
         self.launches = 0
         self.last_launch_seconds = 0.0
-        self.last_log = ""            # Bochs' log of the last start (CPUID lines, panics)
+        self.keep_log = False         # quit Bochs gracefully so its log is complete (CPUID lines)
+        self.last_log = ""            # Bochs' log of the last start
         self.last_pid: int | None = None
         self.last_workdir: str | None = None
 
@@ -344,13 +346,28 @@ class BochsOracle:
             if not any("Breakpoint 1," in ln for ln in lines):
                 raise OracleError(f"Bochs stopped before the guest finished {what}: "
                                   f"{_tail(chr(10).join(lines))}")
-            # 3. Read back params, results, the image, and where each write probe's VA maps now.
-            npages = -(-len(probes) * guest.RECORD // guest.PAGE)
-            pages = sorted({guest.PARAMS_GPA // guest.PAGE}
-                           | set(range(guest.RESULTS_GPA // guest.PAGE, guest.RESULTS_GPA // guest.PAGE + npages))
-                           | set(memory.pages))
+            # 3. Read back params and results (binary, through the harness slot the test's root
+            # table maps: `writemem` takes linear addresses), the image pages (`xp`, physical),
+            # and where each write probe's VA maps now.
+            nres = len(probes) * guest.RECORD
+            dumps = [("params.bin", guest.PARAMS_GPA, guest.PAGE)] + (
+                [("results.bin", guest.RESULTS_GPA, nres)] if nres else [])
+            pages = sorted(memory.pages)
             writes = sorted({p.va & ~0xFFF for p in probes if p.access == "write"})
-            lines = session.exchange(_xp_pages(pages) + [f"page {va:#x}" for va in writes], "reading back")
+            lines = session.exchange(
+                [f'writemem "{os.path.join(workdir, name)}" {guest.KBASE + gpa:#x} {size}'
+                 for name, gpa, size in dumps]
+                + _xp_pages(pages) + [f"page {va:#x}" for va in writes], "reading back")
+            for name, gpa, size in dumps:
+                try:
+                    with open(os.path.join(workdir, name), "rb") as f:
+                        data = f.read()
+                except OSError:
+                    data = b""
+                if len(data) != size:
+                    raise OracleError(f"Bochs' debugger did not dump {size} bytes at {gpa:#x} "
+                                      f"({len(data)}): {_tail(chr(10).join(lines))}")
+                ram[gpa:gpa + size] = data
             back = parse_xp(lines)
             new = set()
             for ln in lines:
@@ -364,7 +381,7 @@ class BochsOracle:
                 back.update(parse_xp(session.exchange(_xp_pages(sorted(new)), "reading back")))
         finally:
             if session is not None:
-                session.close()
+                session.close(graceful=self.keep_log)
             with contextlib.suppress(OSError):
                 with open(os.path.join(workdir, "bochs.log"), encoding="utf-8", errors="replace") as f:
                     self.last_log = f.read()
@@ -372,7 +389,7 @@ class BochsOracle:
             atexit.unregister(cleanup)
         self.launches += 1
         self.last_launch_seconds = time.monotonic() - t0
-        for pn in pages + sorted(new):
+        for pn in pages + sorted(new):         # the image pages `xp` printed
             base = pn * guest.PAGE
             for off in range(0, guest.PAGE, 8):
                 v = back.get(base + off)
@@ -455,6 +472,7 @@ def discover_capabilities(binary: str | None = None, cpu: str = DEFAULT_CPU,
                           ram_size: int = RIG_RAM_SIZE) -> Capabilities:
     """Run the capability batch (4-level, then 5-level) once per process and CPU model."""
     oracle = BochsOracle(binary=binary, cpu=cpu, ram_size=ram_size)
+    oracle.keep_log = True
     mem, st, probes, info = _capability_image(False)
     r = oracle.run(mem, st, probes).results
     log = oracle.last_log
