@@ -124,12 +124,19 @@ class Case:
         return f"<x86pt case {self.id}>"
 
     def check(self) -> None:
-        if self.kind == "cpa":
-            return _check_cpa(self)
-        from harness.differential import run_conformance
-        st = _state(self.config)
-        mms = []
-        summ = run_conformance(st["oracle"], _OneBatch(self), on_mismatch=mms.append)
+        from x86pt.errors import X86ptError
+        error = None
+        try:
+            if self.kind == "cpa":
+                return _check_cpa(self)
+            from harness.differential import run_conformance
+            st = _state(self.config)
+            mms: list = []
+            summ = run_conformance(st["oracle"], _OneBatch(self), on_mismatch=mms.append)
+        except X86ptError as e:      # the oracle failed (a command oracle's crash, timeout, ...)
+            error = str(e)
+        if error is not None:
+            pytest.fail(f"oracle error: {error}", pytrace=False)
         st["cases"] = st.get("cases", 0) + summ.cases
         if mms:
             fail_with(self.config, mms)
@@ -409,10 +416,17 @@ class UserCase:
         oracle = st["oracle"]
         batch = Batch(self.memory, self.state(**state), list(self.probes),
                       [CaseInfo(f"user#{i}", None, (i,), (), ()) for i in range(len(self.probes))])
+        from x86pt.errors import X86ptError
         results, after = model_run(batch.memory, batch.state, batch.probes)
         fix_write_values(batch, results)
-        got = oracle.run(batch.memory, batch.state, batch.probes)
-        mms = check_batch(st["name"], batch, results, after, got, oracle)
+        error = None
+        try:
+            got = oracle.run(batch.memory, batch.state, batch.probes)
+            mms = check_batch(st["name"], batch, results, after, got, oracle)
+        except X86ptError as e:
+            error = str(e)
+        if error is not None:
+            pytest.fail(f"oracle error: {error}", pytrace=False)
         if mms:
             fail_with(self.config, mms)
         return got.results

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import need_oracle
 from x86pt.oracle import availability
-from test_cmd_oracle import FLIP
+from test_cmd_oracle import BROKEN, FLIP
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
@@ -216,6 +216,17 @@ def test_a_broken_oracle_is_a_one_line_usage_error(tmp_path):
     assert r.returncode == 4 and "bad --x86pt-shard '3/2'" in r.stderr, r.stderr
     r = suite(tmp_path, "-q", "--x86pt-oracle", "cmd:/no/such/emulator")
     assert r.returncode == 4 and "no such program /no/such/emulator" in r.stderr, r.stderr
+
+
+def test_a_program_crashing_in_a_batch_fails_that_item_with_the_oracle_error(tmp_path):
+    prog = tmp_path / "broken.py"
+    prog.write_text(BROKEN)
+    oracle = f"cmd:{shlex.quote(sys.executable)} {shlex.quote(str(prog))} crash"
+    r = suite(tmp_path, "-q", "--x86pt-oracle", oracle, "--x86pt-cases", "random", "--x86pt-limit", "20")
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert re.search(r"^oracle error: cmd:.* run exited with status 3; stderr: emulator log line \| "
+                     r"emulator exploded at rip=0xdead$", r.stdout, re.M), r.stdout[-3000:]
+    assert "Traceback" not in r.stdout and "MISMATCH" not in r.stdout and "During handling" not in r.stdout
 
 
 # -- fixtures for users' own cases ---------------------------------------------------------------------------

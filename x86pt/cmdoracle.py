@@ -400,23 +400,25 @@ class CmdOracle:
         deadline = time.monotonic() + self.timeout
         pause = 0.0005
         timed_out = False
-        while True:
-            try:
-                info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                info = True
-            if info is not None:
-                break
-            if time.monotonic() >= deadline:
-                timed_out = True
-                break
-            time.sleep(pause)
-            pause = min(pause * 2, 0.02)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        status = proc.wait()
+            while True:
+                try:
+                    info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                except ChildProcessError:
+                    info = True
+                if info is not None:
+                    break
+                if time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 0.02)
+        finally:      # also on KeyboardInterrupt: nothing of the program survives the call
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            status = proc.wait()
         return None if timed_out else status
 
     @staticmethod
