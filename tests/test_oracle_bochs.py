@@ -588,6 +588,18 @@ def test_bochs_failure_is_an_oracle_error_with_its_message(bochs):
     assert not _alive(bochs.last_pid) and _leftovers() == []
 
 
+def test_bochs_config_error_is_an_oracle_error_with_its_reason():
+    """Bochs refusing its configuration (an unknown CPU model) is an OracleError carrying Bochs'
+    own words, not a hang or a traceback."""
+    need_oracle("bochs", OK, REASON)
+    from harness.oracles.bochs import BochsOracle
+    b = hand_image()
+    o = BochsOracle(cpu="nosuchcpu")
+    with pytest.raises(OracleError, match="Bochs is exiting: .*cpu directive malformed"):
+        o.run(b.memory, state(b), [P(KRW)])
+    assert not _alive(o.last_pid) and _leftovers() == []
+
+
 def test_bad_image_refused(bochs):
     b = hand_image()
     b.memory.write_u64(0x100000, 1)                                   # harness area

@@ -128,7 +128,15 @@ def _kill_group(proc: subprocess.Popen | None) -> None:
 
 
 def _tail(text: str, n: int = 12) -> str:
+    """Bochs' own reason when it gave one ("Bochs is exiting with the following message:"),
+    else the last lines of its output without the ALSA noise and the banner."""
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("ALSA lib")]
+    for i, ln in enumerate(lines):
+        if "Bochs is exiting with the following message" in ln:
+            why = [x.strip() for x in lines[i + 1:i + 4] if not x.startswith("=")]
+            return "Bochs is exiting: " + " ".join(why[:1])
+    lines = [ln for ln in lines if not ln.startswith("=") and "Bochs x86 Emulator" not in ln
+             and "Built from" not in ln and "Timestamp:" not in ln]
     return "\n".join(lines[-n:])
 
 
