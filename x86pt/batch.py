@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from x86pt.errors import PhysicalAddressError
-from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState
-from x86pt.fields import BIT_PS
-from x86pt.state import rsvd_mask
+from x86pt.fields import BIT_P, BIT_PS, BIT_RW, BIT_US, BIT_XD, PK_MASK, PK_SHIFT
+from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState, rsvd_mask
 
 OK, PAGE_FAULT, GENERAL_PROTECTION = 0, 1, 2
 OUTCOME_NAMES = ("ok", "page_fault", "general_protection")
@@ -41,10 +40,50 @@ def _u(x: int) -> np.uint64:
     return U64(x & ((1 << 64) - 1))
 
 
+@dataclass
+class _Probes:
+    """The probes of one batch and what the walk has found for each so far (index-aligned)."""
+
+    vas: np.ndarray
+    write: np.ndarray
+    fetch: np.ndarray
+    user: np.ndarray
+    ac: np.ndarray
+    implicit: np.ndarray
+    user_acc: np.ndarray      # a user-mode access: user and not implicit
+    base: np.ndarray          # the access's error-code bits (W, U, I/D)
+    outcome: np.ndarray
+    pa: np.ndarray
+    size: np.ndarray
+    level: np.ndarray
+    err: np.ndarray
+    leaf_raw: np.ndarray
+    leaf_rw: np.ndarray
+    leaf_us: np.ndarray
+    leaf_xd: np.ndarray
+
+
 def translate_batch(state: PagingState, memory, vas, access="read", user=False, ac=False,
                     implicit=False) -> BatchTranslation:
     """Translate many VAs at once. `access` is 'read'|'write'|'fetch' or an array of codes
-    (0 read, 1 write, 2 fetch); `user`, `ac`, `implicit` are bools or bool arrays."""
+    (0 read, 1 write, 2 fetch); `user`, `ac`, `implicit` are bools or bool arrays.
+
+    The steps: the probes as arrays; the canonical check and the profile's blind ranges; the
+    walk, one level at a time over the probes still walking; the rights of the complete
+    translations."""
+    p = _probes(state, vas, access, user, ac, implicit)
+    view = getattr(memory, "gather_view", None)
+    memory = view() if view is not None else memory      # stack sparse pages once per batch
+    canon = _before_the_walk(state, p)
+    _walk_levels(state, memory, p, np.nonzero(canon)[0])
+    _check_rights(state, p, canon)
+    okm = p.outcome == OK
+    p.pa[~okm] = 0
+    p.size[~okm] = 0
+    return BatchTranslation(p.outcome, p.pa, p.size, p.err, p.level)
+
+
+def _probes(state: PagingState, vas, access, user, ac, implicit) -> _Probes:
     vas = np.asarray(vas, dtype=U64)
     n = len(vas)
     if isinstance(access, str):
@@ -54,60 +93,50 @@ def translate_batch(state: PagingState, memory, vas, access="read", user=False, 
     user = np.broadcast_to(np.asarray(user, dtype=bool), (n,))
     ac = np.broadcast_to(np.asarray(ac, dtype=bool), (n,))
     implicit = np.broadcast_to(np.asarray(implicit, dtype=bool), (n,))
-    prof = state.profile
-    view = getattr(memory, "gather_view", None)
-    memory = view() if view is not None else memory      # stack sparse pages once per batch
     write = acc == 1
     fetch = acc == 2
     user_acc = user & ~implicit
-
-    outcome = np.zeros(n, dtype=np.uint8)
-    pa = np.zeros(n, dtype=U64)
-    size = np.zeros(n, dtype=U64)
-    level_out = np.zeros(n, dtype=np.uint8)
     base = (np.where(write, PF_W, 0) | np.where(user_acc, PF_U, 0) |
             np.where(fetch & (state.nxe or state.smep), PF_ID, 0)).astype(np.uint32)
-    err = np.zeros(n, dtype=np.uint32)
+    return _Probes(vas, write, fetch, user, ac, implicit, user_acc, base,
+                   outcome=np.zeros(n, dtype=np.uint8), pa=np.zeros(n, dtype=U64),
+                   size=np.zeros(n, dtype=U64), level=np.zeros(n, dtype=np.uint8),
+                   err=np.zeros(n, dtype=np.uint32), leaf_raw=np.zeros(n, dtype=U64),
+                   leaf_rw=np.zeros(n, dtype=bool), leaf_us=np.zeros(n, dtype=bool),
+                   leaf_xd=np.zeros(n, dtype=bool))
 
-    # Canonical check (SDM §3.3.7.1): #GP(0), nothing read.
-    top = vas >> U64(state.va_bits - 1)
+
+def _before_the_walk(state: PagingState, p: _Probes) -> np.ndarray:
+    """The canonical check (SDM §3.3.7.1: #GP(0), nothing read) and the profile's CPL3 blind
+    ranges (#PF without a walk). Returns which probes walk."""
+    top = p.vas >> U64(state.va_bits - 1)
     canon = (top == 0) | (top == _u((1 << (65 - state.va_bits)) - 1))
-    outcome[~canon] = GENERAL_PROTECTION
-
-    for start, end in prof.cpl3_blind_ranges:
-        blind = canon & user_acc & (vas >= _u(start)) & (vas < _u(end))
+    p.outcome[~canon] = GENERAL_PROTECTION
+    for start, end in state.profile.cpl3_blind_ranges:
+        blind = canon & p.user_acc & (p.vas >= _u(start)) & (p.vas < _u(end))
         if blind.any():
-            outcome[blind] = PAGE_FAULT
-            err[blind] = base[blind] | np.where(fetch[blind], PF_ID, 0).astype(np.uint32)
+            p.outcome[blind] = PAGE_FAULT
+            p.err[blind] = p.base[blind] | np.where(p.fetch[blind], PF_ID, 0).astype(np.uint32)
             canon = canon & ~blind
+    return canon
 
-    active = np.nonzero(canon)[0]
+
+def _walk_levels(state: PagingState, memory, p: _Probes, active: np.ndarray) -> None:
+    """The walk from CR3 down, one level at a time over the probes still walking (`active`):
+    a not-present or reserved entry ends a probe's walk with a #PF; a leaf ends it with a
+    translation and the rights accumulated (RW/US ANDed, XD ORed)."""
     table = np.full(len(active), _u(state.root), dtype=U64)
     eff_rw = np.ones(len(active), dtype=bool)
     eff_us = np.ones(len(active), dtype=bool)
     eff_xd = np.zeros(len(active), dtype=bool)
-    leaf_raw = np.zeros(n, dtype=U64)
-    leaf_rw = np.zeros(n, dtype=bool)
-    leaf_us = np.zeros(n, dtype=bool)
-    leaf_xd = np.zeros(n, dtype=bool)
     phys = _u(state.phys_mask)
+    prof = state.profile
     p_rsvd = PF_RSVD | (PF_P if prof.rsvd_sets_p else 0)
     for lv in state.levels:
         if len(active) == 0:
             break
-        va = vas[active]
-        e_addr = table | (((va >> U64(lv.shift)) & U64(0x1FF)) << U64(3))
-        raw, valid = memory.gather_u64(e_addr)
-        if not valid.all():
-            if prof.unbacked_read == "zero":
-                raw = np.where(valid, raw, U64(0))
-            elif prof.unbacked_read == "ones":
-                raw = np.where(valid, raw, _u(-1))
-            else:
-                bad = int(e_addr[~valid][0])
-                raise PhysicalAddressError(
-                    f"{lv.table} entry at {bad:#x} (for va {int(va[~valid][0]):#x}) lies outside the image", bad)
-        present = (raw & U64(1)) == 1
+        raw = _read_entries(memory, prof, lv, p.vas[active], table)
+        present = (raw & _u(BIT_P)) != 0
         is_leaf = np.zeros(len(active), dtype=bool)
         if lv.leaf_kind is not None:
             is_leaf = (raw & _u(BIT_PS)) != 0
@@ -118,36 +147,59 @@ def translate_batch(state: PagingState, memory, vas, access="read", user=False, 
         rs = np.where(is_leaf & (lv.leaf_kind is not None), m_leaf, m_table)
         reserved = present & ((raw & rs) != 0)
         np_idx = active[~present]
-        outcome[np_idx] = PAGE_FAULT
-        err[np_idx] = base[np_idx]
-        level_out[np_idx] = lv.number
+        p.outcome[np_idx] = PAGE_FAULT
+        p.err[np_idx] = p.base[np_idx]
+        p.level[np_idx] = lv.number
         rs_idx = active[reserved]
-        outcome[rs_idx] = PAGE_FAULT
-        err[rs_idx] = base[rs_idx] | p_rsvd
-        level_out[rs_idx] = lv.number
+        p.outcome[rs_idx] = PAGE_FAULT
+        p.err[rs_idx] = p.base[rs_idx] | p_rsvd
+        p.level[rs_idx] = lv.number
         good = present & ~reserved
-        eff_rw &= ((raw >> U64(1)) & U64(1)) == 1
-        eff_us &= ((raw >> U64(2)) & U64(1)) == 1
-        eff_xd |= (raw >> U64(63)) == 1
+        eff_rw &= (raw & _u(BIT_RW)) != 0
+        eff_us &= (raw & _u(BIT_US)) != 0
+        eff_xd |= (raw & _u(BIT_XD)) != 0
         done = good & is_leaf
         d_idx = active[done]
-        leaf_raw[d_idx] = raw[done]
-        leaf_rw[d_idx] = eff_rw[done]
-        leaf_us[d_idx] = eff_us[done]
-        leaf_xd[d_idx] = eff_xd[done]
-        level_out[d_idx] = lv.number
+        p.leaf_raw[d_idx] = raw[done]
+        p.leaf_rw[d_idx] = eff_rw[done]
+        p.leaf_us[d_idx] = eff_us[done]
+        p.leaf_xd[d_idx] = eff_xd[done]
+        p.level[d_idx] = lv.number
         psz = U64(1 << lv.shift)
-        pa[d_idx] = (raw[done] & phys & ~(psz - U64(1))) | (vas[d_idx] & (psz - U64(1)))
-        size[d_idx] = psz
+        p.pa[d_idx] = (raw[done] & phys & ~(psz - U64(1))) | (p.vas[d_idx] & (psz - U64(1)))
+        p.size[d_idx] = psz
         cont = good & ~is_leaf
         table = raw[cont] & phys
         eff_rw, eff_us, eff_xd = eff_rw[cont], eff_us[cont], eff_xd[cont]
         active = active[cont]
 
-    # Rights on complete translations (SDM §4.6; walk.check_rights is the scalar twin).
-    walked = (outcome == OK) & canon
-    ua = leaf_us
-    executable = ~(leaf_xd & state.nxe)
+
+def _read_entries(memory, prof, lv, va: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """The entries of level `lv` the probes `va` use, from their tables; an entry outside the
+    image reads as the profile says (zeros, ones) or is an error."""
+    e_addr = table | (((va >> U64(lv.shift)) & U64(0x1FF)) << U64(3))
+    raw, valid = memory.gather_u64(e_addr)
+    if not valid.all():
+        if prof.unbacked_read == "zero":
+            raw = np.where(valid, raw, U64(0))
+        elif prof.unbacked_read == "ones":
+            raw = np.where(valid, raw, _u(-1))
+        else:
+            bad = int(e_addr[~valid][0])
+            raise PhysicalAddressError(
+                f"{lv.table} entry at {bad:#x} (for va {int(va[~valid][0]):#x}) lies outside the image", bad)
+    return raw
+
+
+def _check_rights(state: PagingState, p: _Probes, canon: np.ndarray) -> None:
+    """Rights on complete translations (SDM §4.6; walk.check_rights is the scalar twin): a
+    denied access becomes a #PF with P (and PK when the key denies), level 0."""
+    n = len(p.vas)
+    prof = state.profile
+    walked = (p.outcome == OK) & canon
+    ua = p.leaf_us
+    write, fetch, user_acc, leaf_rw = p.write, p.fetch, p.user_acc, p.leaf_rw
+    executable = ~(p.leaf_xd & state.nxe)
     sup = ~user_acc
     fault = np.zeros(n, dtype=bool)
     fault |= user_acc & ~ua
@@ -155,12 +207,12 @@ def translate_batch(state: PagingState, memory, vas, access="read", user=False, 
     fault |= user_acc & ua & fetch & ~executable
     fault |= sup & fetch & ua & state.smep
     fault |= sup & fetch & ~executable
-    smap_ac_ok = ac & (~implicit | (prof.implicit_smap_honours_ac & ~user))
+    smap_ac_ok = p.ac & (~p.implicit | (prof.implicit_smap_honours_ac & ~p.user))
     fault |= sup & ~fetch & ua & state.smap & ~smap_ac_ok
     fault |= sup & write & ~leaf_rw & state.wp
     key_denied = np.zeros(n, dtype=bool)
     if state.pke or state.pks:
-        pk = ((leaf_raw >> U64(59)) & U64(0xF)).astype(np.uint32)
+        pk = ((p.leaf_raw & _u(PK_MASK)) >> U64(PK_SHIFT)).astype(np.uint32)
         reg = np.zeros(n, dtype=np.uint32)
         applies = np.zeros(n, dtype=bool)
         if state.pke:
@@ -174,10 +226,6 @@ def translate_batch(state: PagingState, memory, vas, access="read", user=False, 
         key_denied = applies & ~fetch & (ad | (write & wd & (user_acc | state.wp)))
     fault |= key_denied
     fault &= walked
-    outcome[fault] = PAGE_FAULT
-    err[fault] = base[fault] | PF_P | np.where(key_denied[fault], PF_PK, 0).astype(np.uint32)
-    level_out[fault] = 0
-    okm = outcome == OK
-    pa[~okm] = 0
-    size[~okm] = 0
-    return BatchTranslation(outcome, pa, size, err, level_out)
+    p.outcome[fault] = PAGE_FAULT
+    p.err[fault] = p.base[fault] | PF_P | np.where(key_denied[fault], PF_PK, 0).astype(np.uint32)
+    p.level[fault] = 0

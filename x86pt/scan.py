@@ -32,12 +32,12 @@ Coalescing lives in x86pt/coalesce.py; renderers in x86pt/formats/.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from x86pt.errors import BadInputError, BudgetError, PhysicalAddressError
-from x86pt.fields import BIT_PAT_4K, BIT_PAT_LARGE, BIT_PS, LEVELS, Kind, Level
+from x86pt.fields import BIT_P, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PS, BIT_XD, LEVELS, Kind, Level
 from x86pt.state import PagingState, rsvd_mask
 
 # Bits of Chunk.eff. RW/US sit at their entry positions (bits 1, 2) so combining is an AND.
@@ -52,6 +52,7 @@ EFF_ROOT = EFF_RW | EFF_US
 U64 = np.uint64
 SHIFT = np.array([0, 12, 21, 30, 39, 48], dtype=np.uint64)   # index shift by SDM level number
 PS_BIT = BIT_PS
+_XD_SHIFT = BIT_XD.bit_length() - 1
 from x86pt.limits import DEFAULT_MAX_ENTRIES  # noqa: E402  (one definition)
 RECORD_COST = 64                  # budget charged per record emitted
 MAX_ISSUES = 1000
@@ -240,6 +241,19 @@ class _Tables:
         return out, ok
 
 
+class _Runs(NamedTuple):
+    """Runs of entries inside a batch of tables (one row per run, in VA order): the run's table
+    row in the batch, its entry count, the first entry's raw value, VA and address, and the eff
+    bits the table inherited."""
+
+    r: np.ndarray
+    cnt: np.ndarray
+    raw: np.ndarray
+    va: np.ndarray
+    eaddr: np.ndarray
+    peff: np.ndarray
+
+
 class Scanner:
     """Scan a tree. `chunks()` streams records; `stats` fills in as it goes.
 
@@ -308,135 +322,30 @@ class Scanner:
                                    pent_addr[sl])
 
     def _batch(self, lnum, pas, bases, effs, anc, pent_raw, pent_addr) -> Iterator[Chunk]:
+        """One batch of tables of level `lnum`, in named steps: read them; emit the uniform ones
+        as one record each; cut the others into runs; emit the runs that are leaves (and holes);
+        list the child tables of the rest; then interleave this level's records with the
+        children's in VA order."""
         lv: Level = self.levels[lnum]
-        shift = U64(lv.shift)
-        size = 1 << lv.shift
-        n = len(pas)
-        st = self.stats
-        st.tables[lnum] += n
-        st.table_pas.append(pas.copy())
-        E, ok = self._tables.read(pas)
-        if not ok.all():
-            for i in np.nonzero(~ok)[0].tolist():
-                st.add_issue(Issue("past-end", int(sign_extend(bases[i:i + 1], self.bits)[0]),
-                                   lnum + 1, int(pent_addr[i]), int(pent_raw[i])))
-        rs_tab, rs_leaf = self._rsvd[lnum]
-        can_leaf = lnum == 1 or lv.leaf_kind is not None
-        frame_mask = U64(self.addr_mask & ~(size - 1))
-        idx = np.arange(512, dtype=U64)
-
-        # Uniform tables: 512 present leaves, same non-frame bits, consecutive frames.
-        uni = np.zeros(n, dtype=bool)
-        if can_leaf and self.va_range is None:
-            first = E[:, 0]
-            cand = ok & ((first & U64(1)) != 0)
-            if lnum > 1:
-                cand &= (first & U64(PS_BIT)) != 0
-            if cand.any():
-                ci = np.nonzero(cand)[0]
-                # Equal non-frame bits and consecutive frames <=> entry i == entry 0 + i*size,
-                # as long as the last frame does not carry out of the frame field.
-                last = (first[ci] & frame_mask) + U64(511 * size)
-                ci = ci[(last <= frame_mask) & (last >= (first[ci] & frame_mask))]
-                uni[ci[_rows_arithmetic(E, ci, idx * U64(size))]] = True
+        frame_mask = U64(self.addr_mask & ~((1 << lv.shift) - 1))
+        E, ok = self._read_batch(lnum, pas, bases, pent_raw, pent_addr)
+        uni = self._uniform_tables(lnum, E, ok, frame_mask)
         parts: list[Chunk] = []
         if uni.any():
-            ui = np.nonzero(uni)[0]
-            raw = E[ui, 0]
-            eff = self._combine(effs[ui], raw) | np.uint8(EFF_P)
-            bad = (raw & U64(rs_leaf)) != 0
-            if bad.any():
-                eff[bad] |= np.uint8(EFF_RSVD)
-                for j in np.nonzero(bad)[0][:16].tolist():
-                    st.add_issue(Issue("reserved", int(sign_extend(bases[ui[j]:ui[j] + 1], self.bits)[0]),
-                                       lnum, int(pas[ui[j]]), int(raw[j])))
-            parts.append(Chunk(sign_extend(bases[ui], self.bits), np.full(len(ui), 512, U64),
-                               np.full(len(ui), lnum, np.uint8), raw, raw & frame_mask, eff,
-                               pas[ui].copy()))
-            self._count(lnum, 512 * len(ui))
+            parts.append(self._uniform_records(lnum, E, np.nonzero(uni)[0], pas, bases, effs, frame_mask))
         nu = np.nonzero(~uni)[0]
         children = None
         if len(nu):
-            Eu = E if len(nu) == n else E[nu]
-            m = len(nu)
-            # Runs inside each table: an entry continues the previous one when its value steps by
-            # one page (same bits, next frame) or both are zero. Only run starts are decoded, so
-            # a split 2M page (511 RW PTEs and one RO) costs three records, not 512.
-            cont = np.zeros((m, 512), dtype=bool)
-            np.equal(Eu[:, 1:], Eu[:, :-1] + U64(size), out=cont[:, 1:])
-            zero = Eu == 0
-            cont[:, 1:] |= zero[:, 1:] & zero[:, :-1]
-            if lnum == self.state.paging_levels:
-                cont[:, list(self.top_breaks)] = False
-            inr = None
-            if self.va_range is not None:
-                lo, hi = self.va_range
-                cva = sign_extend(bases[nu][:, None] + (idx << shift)[None, :], self.bits)
-                inr = (cva + U64(size - 1) >= U64(lo)) & (cva < U64(hi))
-                cont[:, 1:] &= inr[:, 1:] == inr[:, :-1]
-            r, c = np.nonzero(~cont)
-            cnt = np.diff(np.append(r.astype(np.int64) * 512 + c, m * 512)).astype(U64)
-            if inr is not None:
-                keep = inr[r, c]
-                r, c, cnt = r[keep], c[keep], cnt[keep]
-            raw = Eu[r, c]
-            cu = c.astype(U64)
-            va = bases[nu][r] + (cu << shift)
-            eaddr = pas[nu][r] + cu * U64(8)
-            peff = effs[nu][r]
-            present = (raw & U64(1)) != 0
+            runs = self._table_runs(lnum, E, nu, pas, bases, effs)
+            present = (runs.raw & U64(BIT_P)) != 0
             if lnum == 1:
                 leaf = present
             elif lv.leaf_kind is not None:
-                leaf = present & ((raw & U64(PS_BIT)) != 0)
+                leaf = present & ((runs.raw & U64(PS_BIT)) != 0)
             else:
                 leaf = np.zeros_like(present)
-            li = np.nonzero(leaf)[0]
-            if len(li):
-                lraw = raw[li]
-                eff = self._combine(peff[li], lraw) | np.uint8(EFF_P)
-                bad = (lraw & U64(rs_leaf)) != 0
-                if bad.any():
-                    eff[bad] |= np.uint8(EFF_RSVD)
-                    self._issues_reserved(lnum, va[li][bad], eaddr[li][bad], lraw[bad])
-                self._count(lnum, int(cnt[li].sum()))
-                parts.append(Chunk(sign_extend(va[li], self.bits), cnt[li],
-                                   np.full(len(li), lnum, np.uint8), lraw, lraw & frame_mask, eff,
-                                   eaddr[li]))
-            if self.holes:
-                hi_ = np.nonzero(~present)[0]   # a past-end table reads as zeros (QEMU does too)
-                if len(hi_):
-                    hraw = raw[hi_]
-                    # eff of a hole: what Linux's effective_prot() would carry for it (ptdump
-                    # breaks runs on it for non-zero, non-present PTEs); never EFF_P.
-                    parts.append(Chunk(sign_extend(va[hi_], self.bits), cnt[hi_],
-                                       np.full(len(hi_), lnum, np.uint8), hraw,
-                                       np.zeros(len(hi_), U64), self._combine(peff[hi_], hraw),
-                                       eaddr[hi_]))
-            ti = np.nonzero(present & ~leaf)[0]
-            if len(ti):
-                tcnt = cnt[ti].astype(np.int64)
-                self._charge(int(tcnt.sum()))      # before the child lists are allocated
-                rep = np.repeat(ti, tcnt)
-                k = (np.arange(len(rep), dtype=np.int64) - np.repeat(np.cumsum(tcnt) - tcnt, tcnt)).astype(U64)
-                traw = raw[rep] + k * U64(size)          # a run's entries step by one page
-                tva = va[rep] + (k << shift)
-                teaddr = eaddr[rep] + k * U64(8)
-                ceff = self._combine(peff[rep], traw)
-                bad = (traw & U64(rs_tab)) != 0
-                if bad.any():
-                    ceff[bad] |= np.uint8(EFF_RSVD)
-                    self._issues_reserved(lnum, tva[bad], teaddr[bad], traw[bad])
-                cpa = traw & U64(self.addr_mask)
-                canc = anc[nu][r[rep]]
-                loop = (canc == cpa[:, None]).any(axis=1)
-                if loop.any():
-                    ceff[loop] |= np.uint8(EFF_LOOP)
-                    for j in np.nonzero(loop)[0][:64].tolist():
-                        st.add_issue(Issue("loop", int(sign_extend(tva[j:j + 1], self.bits)[0]),
-                                           lnum, int(teaddr[j]), int(traw[j])))
-                children = (cpa, tva, ceff, np.concatenate([canc, cpa[:, None]], axis=1), traw,
-                            teaddr)
+            parts += self._leaf_records(lnum, runs, leaf, present, frame_mask)
+            children = self._child_tables(lnum, runs, np.nonzero(present & ~leaf)[0], anc, nu)
         self._charge(0, sum(len(p) for p in parts))
         mine = Chunk.empty()
         for p in parts:          # each part is VA-sorted and disjoint from the others
@@ -445,6 +354,146 @@ class Scanner:
             if len(mine):
                 yield mine
             return
+        yield from self._with_children(lnum, mine, children)
+
+    def _read_batch(self, lnum, pas, bases, pent_raw, pent_addr) -> tuple[np.ndarray, np.ndarray]:
+        """The tables as an (n, 512) array, counted in the stats; a table past the end of the
+        image is an issue and reads as zeros."""
+        st = self.stats
+        st.tables[lnum] += len(pas)
+        st.table_pas.append(pas.copy())
+        E, ok = self._tables.read(pas)
+        if not ok.all():
+            for i in np.nonzero(~ok)[0].tolist():
+                st.add_issue(Issue("past-end", int(sign_extend(bases[i:i + 1], self.bits)[0]),
+                                   lnum + 1, int(pent_addr[i]), int(pent_raw[i])))
+        return E, ok
+
+    def _uniform_tables(self, lnum, E, ok, frame_mask) -> np.ndarray:
+        """Which tables are uniform: 512 present leaves, same non-frame bits, consecutive frames."""
+        lv: Level = self.levels[lnum]
+        uni = np.zeros(len(E), dtype=bool)
+        if not ((lnum == 1 or lv.leaf_kind is not None) and self.va_range is None):
+            return uni
+        size = 1 << lv.shift
+        first = E[:, 0]
+        cand = ok & ((first & U64(BIT_P)) != 0)
+        if lnum > 1:
+            cand &= (first & U64(PS_BIT)) != 0
+        if cand.any():
+            ci = np.nonzero(cand)[0]
+            # Equal non-frame bits and consecutive frames <=> entry i == entry 0 + i*size,
+            # as long as the last frame does not carry out of the frame field.
+            last = (first[ci] & frame_mask) + U64(511 * size)
+            ci = ci[(last <= frame_mask) & (last >= (first[ci] & frame_mask))]
+            uni[ci[_rows_arithmetic(E, ci, np.arange(512, dtype=U64) * U64(size))]] = True
+        return uni
+
+    def _uniform_records(self, lnum, E, ui, pas, bases, effs, frame_mask) -> Chunk:
+        """One record of 512 entries per uniform table `ui`."""
+        rs_leaf = self._rsvd[lnum][1]
+        raw = E[ui, 0]
+        eff = self._combine(effs[ui], raw) | np.uint8(EFF_P)
+        bad = (raw & U64(rs_leaf)) != 0
+        if bad.any():
+            eff[bad] |= np.uint8(EFF_RSVD)
+            for j in np.nonzero(bad)[0][:16].tolist():
+                self.stats.add_issue(Issue("reserved", int(sign_extend(bases[ui[j]:ui[j] + 1], self.bits)[0]),
+                                           lnum, int(pas[ui[j]]), int(raw[j])))
+        chunk = Chunk(sign_extend(bases[ui], self.bits), np.full(len(ui), 512, U64),
+                      np.full(len(ui), lnum, np.uint8), raw, raw & frame_mask, eff, pas[ui].copy())
+        self._count(lnum, 512 * len(ui))
+        return chunk
+
+    def _table_runs(self, lnum, E, nu, pas, bases, effs) -> _Runs:
+        """The runs inside tables `nu`: an entry continues the previous one when its value steps
+        by one page (same bits, next frame) or both are zero. Only run starts are decoded, so a
+        split 2M page (511 RW PTEs and one RO) costs three records, not 512. With a va_range,
+        runs end at its edges and the runs outside it are dropped."""
+        lv: Level = self.levels[lnum]
+        shift = U64(lv.shift)
+        size = 1 << lv.shift
+        Eu = E if len(nu) == len(E) else E[nu]
+        m = len(nu)
+        cont = np.zeros((m, 512), dtype=bool)
+        np.equal(Eu[:, 1:], Eu[:, :-1] + U64(size), out=cont[:, 1:])
+        zero = Eu == 0
+        cont[:, 1:] |= zero[:, 1:] & zero[:, :-1]
+        if lnum == self.state.paging_levels:
+            cont[:, list(self.top_breaks)] = False
+        inr = None
+        if self.va_range is not None:
+            lo, hi = self.va_range
+            idx = np.arange(512, dtype=U64)
+            cva = sign_extend(bases[nu][:, None] + (idx << shift)[None, :], self.bits)
+            inr = (cva + U64(size - 1) >= U64(lo)) & (cva < U64(hi))
+            cont[:, 1:] &= inr[:, 1:] == inr[:, :-1]
+        r, c = np.nonzero(~cont)
+        cnt = np.diff(np.append(r.astype(np.int64) * 512 + c, m * 512)).astype(U64)
+        if inr is not None:
+            keep = inr[r, c]
+            r, c, cnt = r[keep], c[keep], cnt[keep]
+        cu = c.astype(U64)
+        return _Runs(r, cnt, Eu[r, c], bases[nu][r] + (cu << shift), pas[nu][r] + cu * U64(8), effs[nu][r])
+
+    def _leaf_records(self, lnum, runs: _Runs, leaf, present, frame_mask) -> list[Chunk]:
+        """The records of the runs that are leaves, and of the holes when asked for."""
+        out = []
+        li = np.nonzero(leaf)[0]
+        if len(li):
+            lraw = runs.raw[li]
+            eff = self._combine(runs.peff[li], lraw) | np.uint8(EFF_P)
+            bad = (lraw & U64(self._rsvd[lnum][1])) != 0
+            if bad.any():
+                eff[bad] |= np.uint8(EFF_RSVD)
+                self._issues_reserved(lnum, runs.va[li][bad], runs.eaddr[li][bad], lraw[bad])
+            self._count(lnum, int(runs.cnt[li].sum()))
+            out.append(Chunk(sign_extend(runs.va[li], self.bits), runs.cnt[li],
+                             np.full(len(li), lnum, np.uint8), lraw, lraw & frame_mask, eff,
+                             runs.eaddr[li]))
+        if self.holes:
+            hi_ = np.nonzero(~present)[0]   # a past-end table reads as zeros (QEMU does too)
+            if len(hi_):
+                hraw = runs.raw[hi_]
+                # eff of a hole: what Linux's effective_prot() would carry for it (ptdump
+                # breaks runs on it for non-zero, non-present PTEs); never EFF_P.
+                out.append(Chunk(sign_extend(runs.va[hi_], self.bits), runs.cnt[hi_],
+                                 np.full(len(hi_), lnum, np.uint8), hraw,
+                                 np.zeros(len(hi_), U64), self._combine(runs.peff[hi_], hraw),
+                                 runs.eaddr[hi_]))
+        return out
+
+    def _child_tables(self, lnum, runs: _Runs, ti, anc, nu) -> tuple | None:
+        """The tables the runs `ti` point at, one per entry (a run's entries step by one page),
+        charged to the budget before they are listed; reserved bits and loops (a table that is
+        its own ancestor) are issues. None when there are none."""
+        if not len(ti):
+            return None
+        size = 1 << self.levels[lnum].shift
+        tcnt = runs.cnt[ti].astype(np.int64)
+        self._charge(int(tcnt.sum()))      # before the child lists are allocated
+        rep = np.repeat(ti, tcnt)
+        k = (np.arange(len(rep), dtype=np.int64) - np.repeat(np.cumsum(tcnt) - tcnt, tcnt)).astype(U64)
+        traw = runs.raw[rep] + k * U64(size)          # a run's entries step by one page
+        tva = runs.va[rep] + (k << U64(self.levels[lnum].shift))
+        teaddr = runs.eaddr[rep] + k * U64(8)
+        ceff = self._combine(runs.peff[rep], traw)
+        bad = (traw & U64(self._rsvd[lnum][0])) != 0
+        if bad.any():
+            ceff[bad] |= np.uint8(EFF_RSVD)
+            self._issues_reserved(lnum, tva[bad], teaddr[bad], traw[bad])
+        cpa = traw & U64(self.addr_mask)
+        canc = anc[nu][runs.r[rep]]
+        loop = (canc == cpa[:, None]).any(axis=1)
+        if loop.any():
+            ceff[loop] |= np.uint8(EFF_LOOP)
+            for j in np.nonzero(loop)[0][:64].tolist():
+                self.stats.add_issue(Issue("loop", int(sign_extend(tva[j:j + 1], self.bits)[0]),
+                                           lnum, int(teaddr[j]), int(traw[j])))
+        return (cpa, tva, ceff, np.concatenate([canc, cpa[:, None]], axis=1), traw, teaddr)
+
+    def _with_children(self, lnum, mine: Chunk, children: tuple) -> Iterator[Chunk]:
+        """This level's records merged into the children's stream in VA order."""
         pending = mine
         for ch in self._level(lnum - 1, *children):
             if len(pending):
@@ -461,7 +510,7 @@ class Scanner:
     def _combine(parent: np.ndarray, raw: np.ndarray) -> np.ndarray:
         """Linux effective_prot() / SDM §4.6.1: RW, US ANDed; XD ORed; other flags inherited."""
         low = (raw & U64(EFF_RW | EFF_US)).astype(np.uint8)
-        nx = (raw >> U64(63)).astype(np.uint8)
+        nx = (raw >> U64(_XD_SHIFT)).astype(np.uint8)
         return (parent & np.uint8(~(EFF_RW | EFF_US) & 0xFF)) | (parent & low) | nx
 
     def _issues_reserved(self, lnum, vas, addrs, raws) -> None:

@@ -188,76 +188,44 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
     A in every entry used, D in the leaf on a successful write; a fault leaves the leaf alone and
     (profile `used`) sets A in the non-leaf entries above it. They are returned either way in
     `ad_writes`.
+
+    The steps: the checks before any table is read (`_before_the_walk`); the entries from CR3
+    down, each checked for P and reserved bits (`_reserved_fault`), the rights accumulated; the
+    complete translation's rights and A/D writes (`_complete`).
     """
     access = access or Access()
     if not 0 <= va < (1 << 64):
         raise BadInputError(f"virtual address {va:#x} is not a 64-bit value")
-    prof = state.profile
-    if not state.canonical(va):
-        # SDM §6.15 / §3.3.7.1: #GP(0), no table read, CR2 untouched.
-        return GeneralProtection(va, 0, va if prof.gp_writes_cr2 else None,
-                                 f"non-canonical address for {state.va_bits}-bit linear addresses")
     base_code = _error_bits(state, access)
-    if prof.cpl3_blind_ranges and access.user_access:
-        for start, end in prof.cpl3_blind_ranges:
-            if start <= va < end:
-                code = base_code | (PF_ID if access.kind == "fetch" else 0)
-                return PageFault(va, code, va, f"profile {prof.name}: CPL3 accesses to "
-                                 f"{start:#x}-{end:#x} never reach the guest's tables", (), None)
-    m = state.m
-    vendor = state.vendor
+    early = _before_the_walk(state, va, access, base_code)
+    if early is not None:
+        return early
+    prof = state.profile
     table = state.root
     eff_rw = eff_us = 1
     eff_xd = 0
     steps: list[Step] = []
     used: list[tuple[int, int]] = []     # (entry address, raw) of entries the walk used
-
-    def fault(code: int, reason: str, level: int | None, extra_a: list[tuple[int, int]] = ()) -> PageFault:
-        writes: list[tuple[int, int]] = []
-        if prof.a_on_faulting_walk == "used":
-            writes = [(a, r | BIT_A) for a, r in used if not r & BIT_A]
-        writes += [(a, r | BIT_A) for a, r in extra_a if not r & BIT_A]
-        if update_ad:
-            for a, r in writes:
-                memory.write_u64(a, r)
-        return PageFault(va, code, va, reason, tuple(steps), level, tuple(writes))
-
     phys = state.phys_mask
     for level, rsvd_table, leaf_kind, rsvd_leaf in state.walk_plan:
         e_addr = table | (((va >> level.shift) & 0x1FF) << 3)
         try:
             raw = memory.read_u64(e_addr)
         except PhysicalAddressError:
-            if prof.unbacked_read == "zero":
-                raw = 0
-            elif prof.unbacked_read == "ones":
-                raw = (1 << 64) - 1
-            else:
-                raise PhysicalAddressError(
-                    f"{level.table} entry at {e_addr:#x} (for va {va:#x}) lies outside the image",
-                    e_addr) from None
+            raw = _unbacked(prof, level, e_addr, va)
         if leaf_kind is not None and raw & BIT_PS:
             kind, rsvd, is_leaf = leaf_kind, rsvd_leaf, True
         else:
             kind, rsvd, is_leaf = level.table_kind, rsvd_table, level.number == 1
         steps.append(Step(level, e_addr, raw, kind))
         if not raw & 1:
-            return fault(base_code, f"{kind.sdm_name} not present", level.number)
-        if kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks:
-            # QEMU/unicorn: the high reserved bits are checked, then A is set, then the 1G frame
-            # alignment bits and the rights are checked (docs/paging.md §12.1).
-            low = masks_for(kind, m, vendor).rsvd & ((1 << 30) - 1)
-            if raw & (rsvd & ~low):
-                bad = raw & rsvd & ~low
-                return fault(base_code | PF_RSVD | (PF_P if prof.rsvd_sets_p else 0),
-                             f"reserved bits {bad:#x} set in {kind.sdm_name}", level.number)
-            if raw & low:
-                return fault(base_code | PF_RSVD | (PF_P if prof.rsvd_sets_p else 0),
-                             f"reserved bits {raw & low:#x} set in {kind.sdm_name}", level.number,
-                             [(e_addr, raw)])
-        elif raw & rsvd:
-            return fault(base_code | PF_RSVD | (PF_P if prof.rsvd_sets_p else 0),
-                         f"reserved bits {raw & rsvd:#x} set in {kind.sdm_name}", level.number)
+            return _fault(prof, memory, va, base_code, f"{kind.sdm_name} not present", level.number,
+                          steps, used, (), update_ad)
+        if raw & rsvd or (kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks):
+            fault = _reserved_fault(state, memory, va, base_code, kind, level, e_addr, raw, rsvd,
+                                    steps, used, update_ad)
+            if fault is not None:
+                return fault
         eff_rw &= (raw >> 1) & 1
         eff_us &= (raw >> 2) & 1
         eff_xd |= raw >> 63
@@ -265,13 +233,83 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
             break
         used.append((e_addr, raw))
         table = raw & phys
-    leaf_raw = raw
-    pkey = (leaf_raw & PK_MASK) >> PK_SHIFT
-    rights = Rights(bool(eff_rw), bool(eff_us), not (state.nxe and eff_xd), pkey)
+    rights = Rights(bool(eff_rw), bool(eff_us), not (state.nxe and eff_xd), (raw & PK_MASK) >> PK_SHIFT)
+    return _complete(state, memory, va, access, base_code, rights, kind, level, e_addr, raw, steps,
+                     used, update_ad)
+
+
+def _before_the_walk(state: PagingState, va: int, access: Access, base_code: int) -> Result | None:
+    """What happens before any table is read: #GP(0) for a non-canonical address (SDM §6.15 /
+    §3.3.7.1: no table read, CR2 untouched), and the profile's CPL3 blind ranges."""
+    prof = state.profile
+    if not state.canonical(va):
+        return GeneralProtection(va, 0, va if prof.gp_writes_cr2 else None,
+                                 f"non-canonical address for {state.va_bits}-bit linear addresses")
+    if prof.cpl3_blind_ranges and access.user_access:
+        for start, end in prof.cpl3_blind_ranges:
+            if start <= va < end:
+                code = base_code | (PF_ID if access.kind == "fetch" else 0)
+                return PageFault(va, code, va, f"profile {prof.name}: CPL3 accesses to "
+                                 f"{start:#x}-{end:#x} never reach the guest's tables", (), None)
+    return None
+
+
+def _unbacked(prof, level: Level, e_addr: int, va: int) -> int:
+    """An entry outside the image: what the profile reads there (zeros, ones), or an error."""
+    if prof.unbacked_read == "zero":
+        return 0
+    if prof.unbacked_read == "ones":
+        return (1 << 64) - 1
+    raise PhysicalAddressError(
+        f"{level.table} entry at {e_addr:#x} (for va {va:#x}) lies outside the image", e_addr) from None
+
+
+def _reserved_fault(state: PagingState, memory, va: int, base_code: int, kind: Kind, level: Level,
+                    e_addr: int, raw: int, rsvd: int, steps, used, update_ad: bool) -> PageFault | None:
+    """The #PF with RSVD for a present entry with reserved bits set, or None when none are."""
+    prof = state.profile
+    code = base_code | PF_RSVD | (PF_P if prof.rsvd_sets_p else 0)
+    if kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks:
+        # QEMU/unicorn: the high reserved bits are checked, then A is set, then the 1G frame
+        # alignment bits and the rights are checked (docs/paging.md §12.1).
+        low = masks_for(kind, state.m, state.vendor).rsvd & ((1 << 30) - 1)
+        if raw & (rsvd & ~low):
+            bad = raw & rsvd & ~low
+            return _fault(prof, memory, va, code, f"reserved bits {bad:#x} set in {kind.sdm_name}",
+                          level.number, steps, used, (), update_ad)
+        if raw & low:
+            return _fault(prof, memory, va, code, f"reserved bits {raw & low:#x} set in {kind.sdm_name}",
+                          level.number, steps, used, [(e_addr, raw)], update_ad)
+        return None
+    return _fault(prof, memory, va, code, f"reserved bits {raw & rsvd:#x} set in {kind.sdm_name}",
+                  level.number, steps, used, (), update_ad)
+
+
+def _fault(prof, memory, va: int, code: int, reason: str, level: int | None, steps, used, extra_a,
+           update_ad: bool) -> PageFault:
+    """A #PF ending the walk, with the A writes the profile makes on a faulting walk: in the
+    non-leaf entries used (profile `used`) and in `extra_a`."""
+    writes: list[tuple[int, int]] = []
+    if prof.a_on_faulting_walk == "used":
+        writes = [(a, r | BIT_A) for a, r in used if not r & BIT_A]
+    writes += [(a, r | BIT_A) for a, r in extra_a if not r & BIT_A]
+    if update_ad:
+        for a, r in writes:
+            memory.write_u64(a, r)
+    return PageFault(va, code, va, reason, tuple(steps), level, tuple(writes))
+
+
+def _complete(state: PagingState, memory, va: int, access: Access, base_code: int, rights: Rights,
+              kind: Kind, level: Level, e_addr: int, leaf_raw: int, steps, used, update_ad: bool) -> Result:
+    """A complete translation: its rights decide the access (a #PF with P, and PK when the key
+    denies); else the physical address and the A/D writes (A in every entry used, D in the leaf
+    on a write)."""
+    prof = state.profile
     denied, key_denied, reason = check_rights(state, rights, access)
     if denied:
         extra = [(e_addr, leaf_raw)] if kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks else []
-        return fault(base_code | PF_P | (PF_PK if key_denied else 0), reason, None, extra)
+        return _fault(prof, memory, va, base_code | PF_P | (PF_PK if key_denied else 0), reason, None,
+                      steps, used, extra, update_ad)
     size = kind.page_size
     frame = leaf_raw & state.phys_mask & ~(size - 1)
     pa = frame | (va & (size - 1))
