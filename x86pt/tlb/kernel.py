@@ -182,33 +182,66 @@ def apply_tlb_op(system: TlbSystem, op: tuple, *, kernel: str = "6.15",
                  ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING) -> FlushDone | frozenset | int | None:
     """Run one TLB trace op (from parse_tlb_line) on `system`. Flushes return a FlushDone;
     `touch` the set of possible outcomes of its last access; `speculate` the entries added."""
-    name = op[0]
-    if name == "flush_tlb_all":
-        system.flush_all()
-        return FlushDone(full=1, cpus=tuple(c.index for c in system.cpus))
-    if name == "flush_tlb_kernel_range":
-        return flush_tlb_kernel_range(system, op[1], op[2], kernel=kernel, ceiling=ceiling)
-    if name == "flush_tlb_local":
-        system.flush_all(op[1])
-        return FlushDone(full=1, cpus=tuple(c.index for c in system.selected(op[1])))
-    if name == "invlpg":
-        system.invlpg(op[1], op[2])
-        return FlushDone(pages=(op[1],), cpus=tuple(c.index for c in system.selected(op[2])))
-    if name == "touch":
-        _, cpu, addr, n, kind, user = op
-        res: frozenset = frozenset()
-        for c in system.selected(cpu):
-            for i in range(n):
-                res = system.touch(c.index, addr + i * PAGE, Access(kind, user=user))
-        return res
-    if name == "speculate":
-        return system.speculate(op[1], op[2], op[3])
-    if name in ("mov_cr3", "mov_cr4"):
-        for c in system.selected(op[1]):
-            (c.mov_cr3 if name == "mov_cr3" else c.mov_cr4)(op[2])
-        return None
-    if name == "invpcid":
-        for c in system.selected(op[1]):
-            c.invpcid(op[2], op[3], op[4])
-        return None
-    raise BadInputError(f"unknown TLB operation {name!r} (known: {', '.join(TLB_OPS)})")
+    run = _APPLY.get(op[0])
+    if run is None:
+        raise BadInputError(f"unknown TLB operation {op[0]!r} (known: {', '.join(TLB_OPS)})")
+    return run(system, op, kernel, ceiling)
+
+
+def _cpus(system: TlbSystem, which: int | None) -> tuple[int, ...]:
+    return tuple(c.index for c in system.selected(which))
+
+
+def _apply_flush_all(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> FlushDone:
+    system.flush_all()
+    return FlushDone(full=1, cpus=_cpus(system, None))
+
+
+def _apply_kernel_range(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> FlushDone:
+    return flush_tlb_kernel_range(system, op[1], op[2], kernel=kernel, ceiling=ceiling)
+
+
+def _apply_flush_local(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> FlushDone:
+    system.flush_all(op[1])
+    return FlushDone(full=1, cpus=_cpus(system, op[1]))
+
+
+def _apply_invlpg(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> FlushDone:
+    system.invlpg(op[1], op[2])
+    return FlushDone(pages=(op[1],), cpus=_cpus(system, op[2]))
+
+
+def _apply_touch(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> frozenset:
+    _, cpu, addr, n, kind, user = op
+    res: frozenset = frozenset()
+    for c in system.selected(cpu):
+        for i in range(n):
+            res = system.touch(c.index, addr + i * PAGE, Access(kind, user=user))
+    return res
+
+
+def _apply_speculate(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> int:
+    return system.speculate(op[1], op[2], op[3])
+
+
+def _apply_mov_cr3(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> None:
+    for c in system.selected(op[1]):
+        c.mov_cr3(op[2])
+
+
+def _apply_mov_cr4(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> None:
+    for c in system.selected(op[1]):
+        c.mov_cr4(op[2])
+
+
+def _apply_invpcid(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> None:
+    for c in system.selected(op[1]):
+        c.invpcid(op[2], op[3], op[4])
+
+
+# op name -> what it does on a TlbSystem (the names of TLB_OPS, one handler each)
+_APPLY = {"flush_tlb_all": _apply_flush_all, "flush_tlb_kernel_range": _apply_kernel_range,
+          "flush_tlb_local": _apply_flush_local, "invlpg": _apply_invlpg, "touch": _apply_touch,
+          "speculate": _apply_speculate, "mov_cr3": _apply_mov_cr3, "mov_cr4": _apply_mov_cr4,
+          "invpcid": _apply_invpcid}
+assert set(_APPLY) == set(TLB_OPS)
