@@ -37,7 +37,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from x86pt.errors import BadInputError, BudgetError, PhysicalAddressError
-from x86pt.fields import BIT_P, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PS, BIT_XD, LEVELS, Kind, Level
+from x86pt.fields import (BIT_A, BIT_D, BIT_G, BIT_P, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PCD, BIT_PS, BIT_PWT, BIT_RW,
+                          BIT_US, BIT_XD, LEVELS, Kind, Level)
 from x86pt.state import PagingState, rsvd_mask
 
 # Bits of Chunk.eff. RW/US sit at their entry positions (bits 1, 2) so combining is an AND.
@@ -570,8 +571,10 @@ def scan_reference(state: PagingState, memory, *, addr_mask: int | None = None) 
 
 
 # -- filters (gdb-pt-dump's -filter/-range/-has, applied while streaming) ------------------------------
-FLAG_BITS = {"p": 0, "rw": 1, "us": 2, "pwt": 3, "pcd": 4, "a": 5, "d": 6, "ps": 7, "g": 8,
-             "xd": 63, "nx": 63}
+# --has words -> bit numbers, from the field table
+FLAG_BITS = {name: mask.bit_length() - 1 for name, mask in (
+    ("p", BIT_P), ("rw", BIT_RW), ("us", BIT_US), ("pwt", BIT_PWT), ("pcd", BIT_PCD), ("a", BIT_A),
+    ("d", BIT_D), ("ps", BIT_PS), ("g", BIT_G), ("xd", BIT_XD), ("nx", BIT_XD))}
 
 
 def parse_has(words: str) -> tuple[int, int, bool]:
