@@ -13,6 +13,11 @@ replaces the three marked places (EMULATOR: ...) with its own emulator:
                                         write one result line per probe to case["results"] and
                                         (if capabilities say memory_after) the image after the run
                                         to case["memory_after"]; exit 0
+    PROGRAM ARGS serve               -> only if capabilities say "serve": true (--serve here): one
+                                        process for the whole session; for each CASE_DIR line on
+                                        stdin, do what `run` does and print {"status": "done"}
+                                        (or {"status": "error", "message": ...}) on stdout; exit
+                                        at the end of stdin
 
 Anything else on stdout during `run` and anything on stderr is free-form log; the tail of stderr
 is what x86pt shows when the adapter fails. Exit non-zero on any error. The protocol files are
@@ -45,7 +50,7 @@ def open_emulator(name: str, *, self_test: bool):
 
 
 # -- capabilities ----------------------------------------------------------------------------------------
-def capabilities(name: str) -> dict:
+def capabilities(name: str, serve: bool = False) -> dict:
     emu = open_emulator(name, self_test=True)
     try:
         # EMULATOR: measure what it does (CPU features as it really behaves, not as CPUID says).
@@ -55,7 +60,7 @@ def capabilities(name: str) -> dict:
         emu.close()
     caps["notes"] = list(caps.get("notes", ())) + [f"through examples/cmd_oracle_adapter.py ({name})"]
     return {"protocol": PROTOCOL, **caps, "name": f"adapter:{caps['name']}", "profile": profile,
-            "max_probes": 8192, "memory_after": True, "image_format": "elf"}
+            "max_probes": 8192, "memory_after": True, "image_format": "elf", "serve": serve}
 
 
 # -- run ---------------------------------------------------------------------------------------------------
@@ -94,17 +99,19 @@ def result_line(r) -> dict:
             **({"detail": r.detail} if r.detail else {})}
 
 
-def run(case_dir: str, name: str, transform=None) -> None:
-    """Run one case. `transform(probe, result_dict) -> result_dict` rewrites answers (the tests
-    use it to play a buggy emulator)."""
+def run(case_dir: str, name: str, transform=None, emu=None) -> None:
+    """Run one case (on `emu`, or on an emulator started for it). `transform(probe, result_dict)
+    -> result_dict` rewrites answers (the tests use it to play a buggy emulator)."""
     from x86pt.memory import write_image
     case, memory, state, probes = read_case(case_dir)
-    emu = open_emulator(name, self_test=False)
+    own = emu is None
+    emu = open_emulator(name, self_test=False) if own else emu
     try:
         # EMULATOR: run the probes in order on the image, each with a fresh walk.
         got = emu.run(memory, state, probes)
     finally:
-        emu.close()
+        if own:
+            emu.close()
     with open(case["results"], "w", encoding="utf-8") as f:
         for p, r in zip(probes, got.results):
             d = result_line(r)
@@ -115,17 +122,41 @@ def run(case_dir: str, name: str, transform=None) -> None:
     write_image(got.memory_after, state, case["memory_after"], "elf")
 
 
+def serve(name: str, transform=None) -> None:
+    """Serve mode: the emulator starts once; one reply line per CASE_DIR line."""
+    emu = open_emulator(name, self_test=False)
+    try:
+        for line in sys.stdin:
+            case_dir = line.strip()
+            if not case_dir:
+                continue
+            try:
+                run(case_dir, name, transform, emu)
+                reply = {"status": "done"}
+            except Exception as e:     # this batch failed; the next one may not
+                reply = {"status": "error", "message": f"{type(e).__name__}: {e}"}
+            sys.stdout.write(json.dumps(reply) + "\n")
+            sys.stdout.flush()
+    finally:
+        emu.close()
+
+
 def main(argv=None, transform=None) -> int:
     ap = argparse.ArgumentParser(prog="cmd_oracle_adapter.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--oracle", default="unicorn", choices=("unicorn", "model"),
                     help="the built-in oracle to answer with (default unicorn)")
-    ap.add_argument("verb", choices=("capabilities", "run"))
+    ap.add_argument("--serve", action="store_true",
+                    help="announce serve mode in the capabilities (one process for the session)")
+    ap.add_argument("verb", choices=("capabilities", "run", "serve"))
     ap.add_argument("case_dir", nargs="?")
     args = ap.parse_args(argv)
     try:
         if args.verb == "capabilities":
-            json.dump(capabilities(args.oracle), sys.stdout)
+            json.dump(capabilities(args.oracle, args.serve), sys.stdout)
             sys.stdout.write("\n")
+            return 0
+        if args.verb == "serve":
+            serve(args.oracle, transform)
             return 0
         if not args.case_dir:
             ap.error("run needs CASE_DIR")

@@ -202,15 +202,16 @@ def _summary(text: str) -> tuple[str, str]:
 
 
 @pytest.mark.unicorn
+@pytest.mark.parametrize("serve", ["", " --serve"])
 @pytest.mark.parametrize("cases", [["--cases", "random", "--limit", "200"],
                                    ["--cases", "matrix", "--limit", "1500", "--seed", "4"]])
-def test_conform_through_the_adapter_gives_unicorns_report(tmp_path, cases):
+def test_conform_through_the_adapter_gives_unicorns_report(tmp_path, cases, serve):
     _unicorn()
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = dict(os.environ, TMPDIR=str(tmp))
     a = conform("unicorn", *cases, "--no-repro", env=env)
-    b = conform(ADAPTER_CMD, *cases, "--no-repro", env=env)
+    b = conform(ADAPTER_CMD + serve, *cases, "--no-repro", env=env)
     assert a.returncode == 0 and b.returncode == 0, b.stderr[-2000:]
     assert _summary(a.stdout) == _summary(b.stdout) == ("0", cases[3])
     assert not list(tmp.iterdir()), "case directories left behind"
@@ -254,6 +255,8 @@ import json, os, subprocess, sys, time
 mode, verb = sys.argv[1], sys.argv[2]
 caps = {"protocol": 1, "name": "broken", "profile": "intel", "vendor": "intel", "maxphyaddr": 46,
         "gbpages": True, "la57": False, "pku": False, "smep": True, "smap": True}
+if mode.startswith("serve-"):
+    caps["serve"] = True
 if verb == "capabilities":
     if mode == "caps-garbage":
         print("emulator v0.1 starting up")
@@ -266,6 +269,20 @@ if verb == "capabilities":
         sys.exit(4)
     else:
         print(json.dumps(caps))
+    sys.exit(0)
+if verb == "serve":
+    sys.stderr.write("serving\n")
+    sys.stderr.flush()
+    for line in sys.stdin:
+        if mode == "serve-crash":
+            sys.stderr.write("emulator died\n")
+            sys.exit(5)
+        if mode == "serve-hang":
+            time.sleep(600)
+        if mode == "serve-garbage":
+            print("hello", flush=True)
+        if mode == "serve-error":
+            print(json.dumps({"status": "error", "message": "image too big"}), flush=True)
     sys.exit(0)
 case = json.load(open(os.path.join(sys.argv[3], "case.json")))
 n = case["probe_count"]
@@ -312,6 +329,10 @@ def broken_program(tmp_path, mode: str) -> str:
     ("caps-protocol2", r"speaks protocol 2; this x86pt speaks protocol 1"),
     ("caps-profile", r"capabilities: unknown profile 'bochs-2.7'"),
     ("caps-crash", r"capabilities exited with status 4; stderr: cannot open /dev/emulator$"),
+    ("serve-crash", r"serve: the program ended before answering \(exit status 5\); stderr: serving \| "
+                    r"emulator died$"),
+    ("serve-garbage", r"serve: bad reply 'hello' \(at \$: expected object, got 'hello'\); stderr: serving$"),
+    ("serve-error", r"serve: image too big; stderr: serving$"),
 ])
 def test_a_broken_program_is_a_one_line_oracle_error(tmp_path, mode, says):
     tmp = tmp_path / "tmp"
@@ -324,6 +345,34 @@ def test_a_broken_program_is_a_one_line_oracle_error(tmp_path, mode, says):
     assert re.search(says, lines[0]), lines[0]
     assert "MISMATCH" not in r.stdout and "Traceback" not in r.stderr
     assert not list(tmp.iterdir()), "case directories left behind"
+
+
+def test_a_hanging_server_is_killed(tmp_path):
+    env = dict(os.environ, X86PT_CMD_TIMEOUT="2")
+    r = conform(broken_program(tmp_path, "serve-hang"), "--cases", "random", "--limit", "20", env=env,
+                cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert re.search(r"serve: run timed out after 2 s \(process group killed; X86PT_CMD_TIMEOUT sets the "
+                     r"limit\); stderr: serving$", r.stderr.strip()), r.stderr
+
+
+@pytest.mark.unicorn
+def test_close_ends_the_server(tmp_path):
+    _unicorn()
+    from harness.matrix import MatrixFeatures
+    from harness.random_tables import random_batch
+    from x86pt.state import profile_named
+    cmd = get_oracle(ADAPTER_CMD + " --serve")
+    assert cmd.serve
+    b = random_batch(1, 0, MatrixFeatures.from_caps(cmd.capabilities()), profile_named("unicorn"), 16)
+    cmd.run(b.memory, b.state, b.probes)
+    cmd.run(b.memory, b.state, b.probes)
+    pid, where = cmd._server.pid, cmd._server_dir
+    assert cmd.calls == 2           # capabilities, then one serving process for both batches
+    cmd.close()
+    assert not os.path.exists(where)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_a_hanging_program_is_killed_with_its_process_group(tmp_path):

@@ -12,6 +12,9 @@ docs/oracle-protocol.schema.json, the same file as x86pt/data/oracle-protocol.sc
   plus `wvalue`). The program writes one result line per probe to the `results` path and, when its
   capabilities say `memory_after`, the image after the run (A/D bits, written data) as an ELF core.
   The environment carries X86PT_PROTOCOL=1 and X86PT_CASE_DIR.
+* Serve mode (capabilities say "serve": true): `PROGRAM ARGS serve` runs once for the oracle's
+  lifetime instead; x86pt writes each CASE_DIR as a line on its stdin and reads one reply line,
+  {"status": "done"} or {"status": "error", "message": ...}, from its stdout.
 
 Everything the program does wrong (not found, a crash, a non-zero exit, a timeout, output that is
 not JSON or violates the schema, a wrong number of results) is an OracleError whose one-line
@@ -359,6 +362,10 @@ class CmdOracle:
         self.max_probes: int | None = caps.get("max_probes")
         self.memory_after: bool = bool(caps.get("memory_after", False))
         self.image_format: str = caps.get("image_format", "elf")
+        self.serve: bool = bool(caps.get("serve", False))
+        self._server: subprocess.Popen | None = None
+        self._server_dir: str | None = None
+        self._buf = b""
         notes = tuple(caps.get("notes", ()))
         if not self.memory_after:
             notes += ("no memory after the run: A/D bits and written data are not compared",)
@@ -394,10 +401,10 @@ class CmdOracle:
             raise OracleError(f"{self.name}: {what} {how}{self._stderr(err_path)}")
         return out_path, err_path
 
-    def _wait(self, proc: subprocess.Popen) -> int | None:
+    def _wait(self, proc: subprocess.Popen, timeout: float | None = None) -> int | None:
         """Wait for the program; kill its whole process group when it ends or times out (the
         leader is left a zombie until the group is killed, so its group id cannot be reused)."""
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         pause = 0.0005
         timed_out = False
         try:
@@ -469,8 +476,10 @@ class CmdOracle:
                 case = write_case(work, memory, state, probes, self.image_format)
             except X86ptError as e:
                 raise OracleError(f"{self.name}: cannot write the case: {e}") from None
-            _, err_path = self._call(["run", work], work, "run",
-                                     {"X86PT_CASE_DIR": work})
+            if self.serve:
+                err_path = self._serve_run(work)
+            else:
+                _, err_path = self._call(["run", work], work, "run", {"X86PT_CASE_DIR": work})
             results = self._read_results(case["results"], len(probes), err_path)
             if self.memory_after:
                 after = self._read_memory_after(case["memory_after"], memory.size, err_path)
@@ -525,14 +534,113 @@ class CmdOracle:
             src.close()
         return mem
 
+    # -- serve mode: one process for the oracle's lifetime ----------------------------------------------
+    def _serve_run(self, work: str) -> str:
+        """Hand CASE_DIR to the serving program (one line on its stdin) and wait for its reply
+        line on stdout; returns the path of its stderr file."""
+        if self._server is None:
+            self._serve_start()
+        proc, err_path = self._server, os.path.join(self._server_dir, "stderr")
+        try:
+            proc.stdin.write(work.encode() + b"\n")
+            proc.stdin.flush()
+        except OSError:
+            status, tail = self._serve_stop(graceful=False)
+            raise OracleError(f"{self.name}: serve: the program is gone ({_how(status)}){tail}") from None
+        line, why = self._read_line(proc.stdout.fileno(), time.monotonic() + self.timeout)
+        if line is None:
+            # after an EOF the program is exiting: a moment to collect its exit status
+            status, tail = self._serve_stop(graceful=False, wait=0.0 if why == "timeout" else 2.0)
+            if why == "timeout":
+                raise OracleError(f"{self.name}: serve: run timed out after {self.timeout:g} s (process group "
+                                  f"killed; {TIMEOUT_ENV} sets the limit){tail}")
+            what = "ended" if why == "eof" else why
+            raise OracleError(f"{self.name}: serve: the program {what} before answering ({_how(status)}){tail}")
+        try:
+            reply = json.loads(line)
+        except (ValueError, RecursionError):
+            reply = line.decode("utf-8", "replace")
+        err = check(reply, "serve_reply")
+        if err or self._buf.strip():
+            _, tail = self._serve_stop(graceful=False)
+            why = f"({err})" if err else "(more than one reply line)"
+            raise OracleError(f"{self.name}: serve: bad reply {_short(reply)} {why}{tail}")
+        if reply["status"] == "error":
+            raise OracleError(f"{self.name}: serve: {reply.get('message', 'error')}{self._stderr(err_path)}")
+        return err_path
+
+    def _serve_start(self) -> None:
+        self._server_dir = tempfile.mkdtemp(prefix="x86pt-cmd-serve-")
+        self._buf = b""
+        env = dict(os.environ, X86PT_PROTOCOL=str(PROTOCOL))
+        self.calls += 1
+        with open(os.path.join(self._server_dir, "stderr"), "wb") as err:
+            try:
+                self._server = subprocess.Popen(self.argv + ["serve"], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, stderr=err, env=env,
+                                                start_new_session=True)
+            except OSError as e:
+                self._serve_cleanup()
+                raise OracleError(f"{self.name}: cannot start {self.argv[0]}: {e.strerror or e}") from None
+
+    def _read_line(self, fd: int, deadline: float) -> tuple[bytes | None, str]:
+        import select
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None, "timeout"
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None, "eof"
+            self._buf += chunk
+            if len(self._buf) > MAX_CAPS_BYTES:
+                return None, "wrote more than 1 MiB"
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line, ""
+
+    def _serve_stop(self, graceful: bool, wait: float = 0.0) -> tuple[int | None, str]:
+        """End the serving program: EOF on its stdin and a few seconds to exit when graceful,
+        then its process group is killed. Returns its exit status (None: it had to be killed)
+        and the tail of its stderr for a message."""
+        proc = self._server
+        self._server = None
+        status = None
+        if proc is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            status = self._wait(proc, timeout=5.0 if graceful else wait)
+            proc.stdout.close()
+        tail = self._stderr(os.path.join(self._server_dir, "stderr")) if self._server_dir else ""
+        self._serve_cleanup()
+        return status, tail
+
+    def _serve_cleanup(self) -> None:
+        if self._server_dir is not None:
+            shutil.rmtree(self._server_dir, ignore_errors=True)
+            self._server_dir = None
+
     def close(self) -> None:
-        """Nothing persists between runs: each call's process group is gone when it returns."""
+        """Ends the serving program, if any; without serve mode nothing persists between runs
+        (each call's process group is gone when it returns)."""
+        if self._server is not None:
+            self._serve_stop(graceful=True)
 
     def __enter__(self) -> "CmdOracle":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _how(status: int | None) -> str:
+    if status is None:
+        return "killed"
+    return f"killed by signal {-status}" if status < 0 else f"exit status {status}"
 
 
 def _first_line(e: Exception) -> str:
