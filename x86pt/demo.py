@@ -14,21 +14,21 @@ import tempfile
 from dataclasses import dataclass, field
 
 from x86pt.build import Builder
+# The embedded machine's address space (RAM, PAGE_OFFSET, kernel text, modules) is the CPA
+# model's `demo` layout; both read it from x86pt/cpa/layout.py.
+from x86pt.cpa.layout import DEMO_KERNEL_TEXT as KERNEL_TEXT
+from x86pt.cpa.layout import DEMO_RAM as RAM
+from x86pt.cpa.layout import MODULES_VADDR as MODULES
+from x86pt.cpa.layout import PAGE_OFFSET
 from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import CR4_PGE, CR4_SMAP, CR4_SMEP, PagingState
 
-PAGE_OFFSET = 0xFFFF888000000000
-KERNEL_MAP = 0xFFFFFFFF80000000        # __START_KERNEL_map
-KERNEL_TEXT = 0xFFFFFFFF81000000
-MODULES = 0xFFFFFFFFC0000000         # MODULES_VADDR with KERNEL_IMAGE_SIZE = 1 GiB (KASLR kernels)
 # Linux's kernel protections (docs/cpa.md §2.2): __PAGE_KERNEL = P|RW|A|D|G|NX, ..._RO = P|A|G|NX,
 # ..._ROX = P|A|G; user pages get US.
 KERNEL = "p rw a d g nx"
 KERNEL_RO = "p a g nx"
 KERNEL_ROX = "p a g"
-# Physical RAM of the embedded machine (an e820-like list): 0-640K, 1M-3G, 4G-6G.
-RAM = ((0x0, 0x9F000), (0x100000, 0xC0000000), (0x100000000, 0x180000000))
 
 
 def linux_like_image(levels: int = 4) -> tuple[SparseMemory, PagingState, dict[str, int]]:

@@ -5,20 +5,24 @@ the RAM list comes from the layout, and direct_pages_count starts at the census 
 
 Real kernels share some table pages between several parent entries: the ESPfix area
 (init_espfix_bsp / init_espfix_ap) points many PUD entries at one PMD page and many PMD entries at
-one PTE page. Such a page is imported once and the same Python list is installed under every key
+one PTE page. Such a page is imported once and the same table object is installed under every key
 that references it, so a write through one alias is seen through all of them as on hardware. The
 model never splits there (CPA is not called on ESPfix addresses); `shared` lists those pages.
 A page seen at two different levels is a loop or a corrupt image and is refused.
 """
 from __future__ import annotations
 
+from typing import Any
+
+from x86pt.cpa.boot import boot_ram_ranges
 from x86pt.cpa.kernel import P, PSE, PTE_PFN_MASK
 from x86pt.cpa.layout import Layout
-from x86pt.cpa.ops import CpaModel, TablePool
+from x86pt.cpa.ops import CpaModel
+from x86pt.cpa.tables import Table, TablePool, table_of, zero_table
 from x86pt.errors import ImageError
 
 
-def model_from_image(image, layout: Layout, kernel: str, policy: str) -> CpaModel:
+def model_from_image(image: Any, layout: Layout, kernel: str, policy: str) -> CpaModel:
     """`image`: an x86pt.image.Image, or a (memory, PagingState) pair."""
     memory, state = (image.memory, image.state) if hasattr(image, "memory") else image
     levels = state.paging_levels
@@ -28,10 +32,10 @@ def model_from_image(image, layout: Layout, kernel: str, policy: str) -> CpaMode
     m.set_levels(levels)
     m.l1tf_invert = True                      # a real kernel's tables hold inverted frames
     root = state.cr3 & PTE_PFN_MASK
-    seen: dict[int, tuple[int, list[int]]] = {root: (levels, [])}   # pa -> (table level, list)
+    seen: dict[int, tuple[int, Table]] = {root: (levels, zero_table())}   # pa -> (level, table)
     shared: set[int] = set()
 
-    def read(pa: int, level: int) -> list[int]:
+    def read(pa: int, level: int) -> Table:
         got = seen.get(pa)
         if got is not None:
             if got[0] != level:
@@ -41,7 +45,7 @@ def model_from_image(image, layout: Layout, kernel: str, policy: str) -> CpaMode
             return got[1]
         if not memory.contains(pa, 4096):
             raise ImageError(f"page table {pa:#x} is outside the image")
-        t = [int(x) for x in memory.table(pa)]
+        t = table_of(memory.table(pa))
         seen[pa] = (level, t)
         return t
 
@@ -62,8 +66,8 @@ def model_from_image(image, layout: Layout, kernel: str, policy: str) -> CpaMode
 
     if not memory.contains(root, 4096):
         raise ImageError(f"CR3 {root:#x} points outside the image")
-    top = [int(x) for x in memory.table(root)]
-    m.pgd = [0] * 256 + top[256:]
+    top = table_of(memory.table(root))
+    m.pgd = table_of([0] * 256 + list(top[256:]))
     m.pgd_pa = root
     for gi in range(256, 512):
         e = top[gi]
@@ -77,8 +81,7 @@ def model_from_image(image, layout: Layout, kernel: str, policy: str) -> CpaMode
         for i4, e4 in enumerate(p4d):
             if e4 & P:
                 pud_tree((gi << 9) | i4, e4)
-    ranges = [(0, 0x100000)] + [(max(s, 0x100000), e) for s, e in layout.ram if e > 0x100000]
-    m._set_ram([(s >> 12, e >> 12) for s, e in ranges])
+    m._set_ram([(s >> 12, e >> 12) for s, e in boot_ram_ranges(layout)])
     taken = set(seen)
     pool = TablePool(layout.table_pool, taken)
     m.pool = pool

@@ -1,4 +1,4 @@
-"""Linux x86-64 page-table bits, CPA flags and the kernel versions the model knows
+"""Linux x86-64 page-table bits, CPA flags, struct cpa_data and the kernel versions the model knows
 (docs/cpa.md §2, §3, §6). Values are the kernel's; names are the kernel's (_PAGE_RW -> RW ...).
 
 A kernel version is a row of behaviour switches, not a branch scattered through the code: every
@@ -130,3 +130,22 @@ def kernel_version(name: str) -> KernelVersion:
         if minor >= cut:
             return VERSIONS[key]
     raise BadInputError(f"unknown kernel version {name!r}")
+
+
+@dataclass
+class Call:
+    """struct cpa_data, the parts that vary per call: the masks, the CPA_* flags, whether this
+    is the primary call or an alias, and what the steps report back (flushtlb, pfn of the page
+    last looked at, force_flush_all, force_static_prot)."""
+
+    __slots__ = ("set", "clr", "force_split", "flags", "primary", "flushtlb", "force_flush_all",
+                 "pfn", "force_static_prot")
+    set: int
+    clr: int
+    force_split: bool
+    flags: int
+    primary: bool
+    flushtlb: bool
+    force_flush_all: bool
+    pfn: int
+    force_static_prot: bool

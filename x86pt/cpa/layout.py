@@ -16,6 +16,16 @@ from x86pt.numbers import parse_int
 GiB = 1 << 30
 MiB = 1 << 20
 
+# The x86-64 4-level layout without KASLR (Documentation/arch/x86/x86_64/mm.rst).
+PAGE_OFFSET = 0xFFFF888000000000          # the direct map
+START_KERNEL_MAP = 0xFFFFFFFF80000000     # __START_KERNEL_map, the kernel image ("highmap")
+MODULES_VADDR = 0xFFFFFFFFC0000000        # with KERNEL_IMAGE_SIZE = 1 GiB (KASLR kernels)
+
+# The machine of `x86pt demo`'s embedded image (x86pt/demo.py builds its tables from these):
+# RAM as an e820-like list, 0-640K, 1M-3G, 4G-6G, and the kernel text at 16 MiB.
+DEMO_RAM = ((0x0, 0x9F000), (0x100000, 0xC0000000), (0x100000000, 0x180000000))
+DEMO_KERNEL_TEXT = START_KERNEL_MAP + 0x1000000
+
 
 @dataclass(frozen=True)
 class KernelImage:
@@ -48,11 +58,11 @@ class Layout:
     ram: tuple[tuple[int, int], ...]        # e820 RAM ranges [start, end), sorted
     gbpages: bool = True                    # direct_gbpages (CPU GBPAGES, no nogbpages)
     pti: bool = False                       # PTI: no _PAGE_GLOBAL on kernel mappings
-    page_offset: int = 0xFFFF888000000000
-    start_kernel_map: int = 0xFFFFFFFF80000000
+    page_offset: int = PAGE_OFFSET
+    start_kernel_map: int = START_KERNEL_MAP
     phys_base: int = 0
     kernel_image_size: int = GiB            # KERNEL_IMAGE_SIZE with KASLR support
-    modules_vaddr: int = 0xFFFFFFFFC0000000
+    modules_vaddr: int = MODULES_VADDR
     modules_end: int = 0xFFFFFFFFFF000000
     vmalloc_start: int = 0xFFFFC90000000000
     vmalloc_end: int = 0xFFFFE90000000000
@@ -108,16 +118,15 @@ PRESETS["server-64g-nogb"] = replace(PRESETS["server-64g"], name="server-64g-nog
 
 def demo_layout() -> Layout:
     """The layout of `x86pt demo`'s embedded image (x86pt/demo.py)."""
-    from x86pt import demo
-    text = demo.KERNEL_TEXT - demo.KERNEL_MAP
+    text = DEMO_KERNEL_TEXT - START_KERNEL_MAP
     k = KernelImage(text=text, etext=text + (8 << 20), start_rodata=text + (8 << 20),
                     end_rodata=text + (12 << 20), end_rodata_hpage_align=text + (12 << 20),
                     sdata=text + (12 << 20), init_begin=text + (12 << 20),
                     init_end=text + (12 << 20), brk_end=text + (14 << 20))
-    return Layout("demo", tuple(demo.RAM), gbpages=True, page_offset=demo.PAGE_OFFSET,
-                  start_kernel_map=demo.KERNEL_MAP, modules_vaddr=demo.MODULES,
-                  kernel_image_size=demo.MODULES - demo.KERNEL_MAP,   # 1 GiB (KASLR layout)
-                  modules_end=demo.MODULES + (1 << 30) - (16 << 20), kernel=k,
+    return Layout("demo", DEMO_RAM, gbpages=True, page_offset=PAGE_OFFSET,
+                  start_kernel_map=START_KERNEL_MAP, modules_vaddr=MODULES_VADDR,
+                  kernel_image_size=MODULES_VADDR - START_KERNEL_MAP,   # 1 GiB (KASLR layout)
+                  modules_end=MODULES_VADDR + (1 << 30) - (16 << 20), kernel=k,
                   table_pool=((0x8000000, 0x10000000),), reserved_below=0x10000000)
 
 

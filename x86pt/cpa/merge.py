@@ -16,20 +16,14 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from x86pt.cpa.kernel import (KERNEL_4K, P, PMD_PFN_MASK, PSE, PTE_PFN_MASK, PUD_PFN_MASK, U64,
                               flags_of, k4_2_large)
+from x86pt.cpa.space import KernelSpace
+from x86pt.cpa.tables import M48, Table, is_run
 from x86pt.errors import BadInputError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from x86pt.cpa.ops import CpaModel
-
 POLICIES = ("none", "upstream", "nr-same-prot", "ideal")
-M48 = (1 << 48) - 1
 HI = ~M48 & U64
-_STEP4K = [k << 12 for k in range(512)]
-_STEP2M = [k << 21 for k in range(512)]
 
 
 def _va(key: int, shift: int) -> int:
@@ -41,7 +35,7 @@ class Policy:
     name = "none"
     needs_touched = False
 
-    def __init__(self, m: "CpaModel") -> None:
+    def __init__(self, m: KernelSpace) -> None:
         self.m = m
         self.note = ""
 
@@ -55,46 +49,31 @@ class Policy:
         """A CPA call with force_split (set_memory_4k, its alias too) covers these pages."""
 
     # shared merge steps ------------------------------------------------------------------------
-    def pte_table_mergeable(self, t: list[int], honour_4k: bool = True) -> bool:
+    def pte_table_mergeable(self, t: Table, honour_4k: bool = True) -> bool:
         first = t[0]
         if not first & P or first & PTE_PFN_MASK & 0x1FF000:
             return False
         if honour_4k and first & KERNEL_4K:
             return False
-        return t == list(range(first, first + (512 << 12), 1 << 12))
+        return is_run(t, 1 << 12)
 
-    def pmd_table_mergeable(self, t: list[int]) -> bool:
+    def pmd_table_mergeable(self, t: Table) -> bool:
         first = t[0]
         if not first & P or not first & PSE or first & PMD_PFN_MASK & 0x3FE00000:
             return False
-        return t == list(range(first, first + (512 << 21), 1 << 21))
+        return is_run(t, 1 << 21)
 
     def merge_pte_table(self, key: int, rfc: bool) -> None:
         """Replace PTE table `key` by a 2M leaf made from its entry 0 (pfn_pmd + 4k_2_large)."""
-        m = self.m
-        t = m.t1.pop(key)
-        first = t[0]
+        first = self.m.t1[key][0]
         new = (first & PTE_PFN_MASK) | k4_2_large(first & ~PTE_PFN_MASK & U64) | PSE
-        parent = m.t2[key >> 9]
-        pa = parent[key & 511] & PTE_PFN_MASK
-        m.counters.all_merges += 1
-        if m.virt_addr_counted(_va(key, 21)):
-            m.collapse_page_count(2, rfc)
-        m.write(2, key >> 9, parent, key & 511, new)
-        m.free_queue.append(pa)
+        self.m.free_queue.append(replace_table(self.m, 1, key, new, rfc))
 
     def merge_pmd_table(self, key: int, rfc: bool) -> None:
-        m = self.m
-        t = m.t2.pop(key)
-        first = t[0]
+        """Replace PMD table `key` by a 1G leaf made from its entry 0."""
+        first = self.m.t2[key][0]
         new = (first & PUD_PFN_MASK) | flags_of(first, 2)
-        parent = m.t3[key >> 9]
-        pa = parent[key & 511] & PTE_PFN_MASK
-        m.counters.all_merges += 1
-        if m.virt_addr_counted(_va(key, 30)):
-            m.collapse_page_count(3, rfc)
-        m.write(3, key >> 9, parent, key & 511, new)
-        m.free_queue.append(pa)
+        self.m.free_queue.append(replace_table(self.m, 2, key, new, rfc))
 
     def flush_and_free(self) -> None:
         m = self.m
@@ -112,7 +91,7 @@ class Policy:
 class Upstream(Policy):
     name = "upstream"
 
-    def __init__(self, m: "CpaModel") -> None:
+    def __init__(self, m: KernelSpace) -> None:
         super().__init__(m)
         if not m.version.collapse:
             self.note = f"kernel {m.version.name} has no CPA_COLLAPSE: upstream behaves as none"
@@ -145,7 +124,7 @@ class Ideal(Policy):
     name = "ideal"
     needs_touched = True
 
-    def __init__(self, m: "CpaModel") -> None:
+    def __init__(self, m: KernelSpace) -> None:
         super().__init__(m)
         self.pinned: set[int] = set()     # 2M regions (va >> 21) set_memory_4k asked to keep 4K
 
@@ -153,7 +132,7 @@ class Ideal(Policy):
         v = addr & self.m.vmask
         self.pinned.update(range(v >> 21, ((v + (numpages << 12) - 1) >> 21) + 1))
 
-    def _pinned(self, tl: int, key: int, t: list[int]) -> bool:
+    def _pinned(self, tl: int, key: int, t: Table) -> bool:
         # a PMD table holding a pinned region never becomes mergeable (that entry stays a
         # pointer to the pinned PTE table), so only PTE tables are looked up
         return tl == 1 and key in self.pinned
@@ -195,15 +174,15 @@ class NrSameProt(Policy):
 
     name = "nr-same-prot"
 
-    def __init__(self, m: "CpaModel") -> None:
+    def __init__(self, m: KernelSpace) -> None:
         super().__init__(m)
         self.st: dict[int, dict[int, list[int]]] = {1: {}, 2: {}}
         m.nsp = self
 
-    def new_table(self, tl: int, key: int, children: list[int], ref: int) -> None:
+    def new_table(self, tl: int, key: int, children: Table, ref: int) -> None:
         self.st[tl][key] = [ref, 512]
 
-    def adjust(self, tl: int, key: int, t: list[int], i: int, old: int, new: int) -> None:
+    def adjust(self, tl: int, key: int, t: Table, i: int, old: int, new: int) -> None:
         """set_pte_adjust_nr_same_prot."""
         d = self.st.get(tl)
         if d is None:
@@ -223,23 +202,17 @@ class NrSameProt(Policy):
         if s[1] == 512 and sp & P and (tl == 1 or sp & PSE):
             self.merge_splitted_mapping(tl, key, sp)
 
+    def forget(self, tl: int, key: int) -> None:
+        """Table `key` was freed outside CPA (vmap's pmd_free_pte_page)."""
+        self.st[tl].pop(key, None)
+
     def merge_splitted_mapping(self, tl: int, key: int, sp: int) -> None:
         """Merge without any PFN contiguity test (tables born from splits are contiguous)."""
         m = self.m
         del self.st[tl][key]
-        if tl == 1:
-            t = m.t1.pop(key)
-            new = (t[0] & PTE_PFN_MASK) | k4_2_large(sp) | PSE
-            parent, pkey, plevel, shift = m.t2[key >> 9], key >> 9, 2, 21
-        else:
-            t = m.t2.pop(key)
-            new = (t[0] & PTE_PFN_MASK) | sp
-            parent, pkey, plevel, shift = m.t3[key >> 9], key >> 9, 3, 30
-        pa = parent[key & 511] & PTE_PFN_MASK
-        m.counters.all_merges += 1
-        if m.virt_addr_counted(_va(key, shift)):
-            m.collapse_page_count(plevel, True)
-        m.write(plevel, pkey, parent, key & 511, new)   # may cascade through the parent's count
+        first = (m.t1 if tl == 1 else m.t2)[key][0]
+        new = (first & PTE_PFN_MASK) | (k4_2_large(sp) | PSE if tl == 1 else sp)
+        pa = replace_table(m, tl, key, new, True)     # may cascade through the parent's count
         m.counters.flush_all += 1                      # flush_tlb_all inside pgd_lock
         m.counters.flush_all_merge += 1
         if m.flush_hook is not None:
@@ -256,7 +229,22 @@ class NrSameProt(Policy):
         return s[1], sum(1 for e in t if flags_of(e, tl) == s[0])
 
 
-def make_policy(name: str, m: "CpaModel") -> Policy:
+def replace_table(m: KernelSpace, tl: int, key: int, new: int, rfc: bool) -> int:
+    """Drop PTE (tl 1) or PMD (tl 2) table `key` and write the large leaf `new` into its parent
+    entry through the CPA write, with the collapse/merge accounting. Returns the freed table's
+    physical page (the caller flushes the TLB before the page goes back to the pool)."""
+    tables, parents = (m.t1, m.t2) if tl == 1 else (m.t2, m.t3)
+    del tables[key]
+    parent = parents[key >> 9]
+    pa = parent[key & 511] & PTE_PFN_MASK
+    m.counters.all_merges += 1
+    if m.virt_addr_counted(_va(key, 21 if tl == 1 else 30)):
+        m.collapse_page_count(tl + 1, rfc)
+    m.write(tl + 1, key >> 9, parent, key & 511, new)
+    return pa
+
+
+def make_policy(name: str, m: KernelSpace) -> Policy:
     cls = {"none": Policy, "upstream": Upstream, "nr-same-prot": NrSameProt, "ideal": Ideal}.get(name)
     if cls is None:
         raise BadInputError(f"unknown merge policy {name!r} (one of {', '.join(POLICIES)})")
