@@ -50,7 +50,7 @@ def open_emulator(name: str, *, self_test: bool):
 
 
 # -- capabilities ----------------------------------------------------------------------------------------
-def capabilities(name: str, serve: bool = False) -> dict:
+def capabilities(name: str, serve: bool = False, raw: bool = False) -> dict:
     emu = open_emulator(name, self_test=True)
     try:
         # EMULATOR: measure what it does (CPU features as it really behaves, not as CPUID says).
@@ -60,7 +60,7 @@ def capabilities(name: str, serve: bool = False) -> dict:
         emu.close()
     caps["notes"] = list(caps.get("notes", ())) + [f"through examples/cmd_oracle_adapter.py ({name})"]
     return {"protocol": PROTOCOL, **caps, "name": f"adapter:{caps['name']}", "profile": profile,
-            "max_probes": 8192, "memory_after": True, "image_format": "elf", "serve": serve}
+            "max_probes": 8192, "memory_after": True, "image_format": "raw" if raw else "elf", "serve": serve}
 
 
 # -- run ---------------------------------------------------------------------------------------------------
@@ -147,12 +147,14 @@ def main(argv=None, transform=None) -> int:
                     help="the built-in oracle to answer with (default unicorn)")
     ap.add_argument("--serve", action="store_true",
                     help="announce serve mode in the capabilities (one process for the session)")
+    ap.add_argument("--raw", action="store_true",
+                    help="ask for raw images (the registers then come from case.json's state)")
     ap.add_argument("verb", choices=("capabilities", "run", "serve"))
     ap.add_argument("case_dir", nargs="?")
     args = ap.parse_args(argv)
     try:
         if args.verb == "capabilities":
-            json.dump(capabilities(args.oracle, args.serve), sys.stdout)
+            json.dump(capabilities(args.oracle, args.serve, args.raw), sys.stdout)
             sys.stdout.write("\n")
             return 0
         if args.verb == "serve":

@@ -237,6 +237,17 @@ def flip_program(tmp_path) -> str:
     return f"cmd:{shlex.quote(sys.executable)} {shlex.quote(str(p))} --oracle model"
 
 
+def test_raw_images_with_the_state_in_case_json(tmp_path):
+    """image_format raw: no ELF notes, the registers from case.json; the model behind the adapter
+    agrees with the model, and a flipped bit behind it does not (the raw path carries data)."""
+    adapter = f"cmd:{shlex.quote(sys.executable)} {shlex.quote(ADAPTER)} --oracle model --raw"
+    r = conform(adapter, "--cases", "random", "--limit", "128", "--no-repro", cwd=tmp_path)
+    assert r.returncode == 0 and _summary(r.stdout) == ("0", "128"), r.stdout + r.stderr
+    r = conform(flip_program(tmp_path) + " --raw", "--cases", "random", "--limit", "128", "--no-repro",
+                cwd=tmp_path)
+    assert r.returncode == 1 and "#PF error code: model" in r.stdout, r.stdout[-2000:] + r.stderr
+
+
 def test_a_program_that_flips_an_error_code_bit_is_a_mismatch_with_a_repro(tmp_path):
     r = conform(flip_program(tmp_path), "--cases", "random", "--limit", "64", "--seed", "2",
                 "--repro-dir", str(tmp_path / "repros"), cwd=tmp_path)
