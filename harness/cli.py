@@ -338,8 +338,14 @@ def register(subparsers) -> None:
                                    "(--shard I/N each) into the run's report: it prints what one run "
                                    "would, writes the repro files, and with -o the joined report. "
                                    "Reports of different runs, and missing or duplicate shards, "
-                                   "are refused.")
-    m.add_argument("reports", nargs="+", metavar="REPORT")
+                                   "are refused.",
+                       epilog="examples:\n"
+                              "  x86pt conform merge shard-1.json shard-2.json -o conform.json\n"
+                              "  x86pt conform merge shard-*.json --json --no-repro\n"
+                              "  x86pt conform merge conform.json --max-report 100 --repro-dir repros",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("reports", nargs="+", metavar="REPORT",
+                   help="--json-report files of the shards of one run (any order)")
     m.add_argument("-o", "--output", default=None, metavar="FILE", help="write the joined report here")
     m.add_argument("--json", action="store_true", help="one JSON record per mismatch, then summaries")
     m.add_argument("--repro-dir", default="x86pt-repros", help="where repro files go (default ./x86pt-repros)")
