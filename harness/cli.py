@@ -74,7 +74,7 @@ def make_source(args, oracle, caps, span=None):
     invalid bits). The run's selection (--full, --limit, --sample; the random trees) is cut by
     --shard I/N (the I-th of N equal parts), and an executor's part takes the units [a, b) of
     that (`span`), so shards and parts together are exactly the unsharded run
-    (docs/conformance-sweeps.md §2)."""
+    (docs/conformance-sweeps.md §1)."""
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for, select
     from x86pt.state import as_profile
     feat = MatrixFeatures.from_caps(caps)

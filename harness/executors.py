@@ -1,8 +1,10 @@
-"""Where `x86pt conform` runs its shards: in local processes (`--jobs N`, the default) or as tasks
-of a Dask distributed cluster (`--executor dask://HOST:PORT`, extra `x86pt[dask]`).
+"""Where `x86pt conform` runs the parts of a run when it does not run in one process: in N local
+processes (`--jobs N`; `--jobs 1`, the default, is no executor at all) or as tasks of a Dask
+distributed cluster (`--executor dask://HOST:PORT`, extra `x86pt[dask]`).
 
-A run's case selection (the matrix sample, limit or shard; the random trees) is cut into parts
-(docs/conformance-sweeps.md §2). A part is a plain dict (`part_spec`); `run_part` opens the oracle
+A run's case selection (the matrix sample, limit or shard; the random trees) is cut into parts on
+MatrixSource chunk boundaries, so each case is built in the batch one process would build it in
+(docs/conformance-sweeps.md §1, §2). A part is a plain dict (`part_spec`); `run_part` opens the oracle
 in the worker, runs the part and returns a plain dict: the summary, the oracle's capabilities and
 every mismatch as a record (`mismatch_record`: its JSON, its text and its repro, so the parent
 writes the repro file where a local run would). Nothing but dicts, lists, strings and numbers
