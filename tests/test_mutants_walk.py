@@ -308,3 +308,54 @@ def test_debug_translate_ignores_cr3_low_bits_and_keeps_odd_offsets():
     s = st(cr3=PML4 | 1)                     # CR3 bit 0 is ignored (SDM §4.5.2, PCIDE=0)
     m = mem4k(0x9000 | P)
     assert debug_translate(s, m, VA | 1) == (0x9123, 4096)
+
+
+# -- the walk's named steps pass the whole record on (x86pt/walk.py: _before_the_walk,
+# _reserved_fault, _fault, _complete): address, CR2, and the A writes applied to memory with
+# update_ad. SDM §4.5 (reserved bits 51:M, the 1-GByte alignment bits 29:13), §4.8 (a faulting walk
+# may set A in the entries it used: profile `used`), §6.15; unicorn's 1G order: docs/paging.md §12.1.
+def _record(r) -> tuple:
+    return (type(r).__name__, r.va, r.cr2, r.error_code, r.reason, r.level)
+
+
+def test_step_not_present_fault_writes_a_in_the_entries_used():
+    m = mem4k(0)
+    r = walk(st(), m, VA, Access("read"), update_ad=True)
+    assert _record(r) == ("PageFault", VA, VA, 0, "PTE not present", 1)
+    assert [m.read_u64(a) for a in (E4, E3, E2, E1)] == [PDPT | 7 | A, PD | 7 | A, PT | 7 | A, 0]
+
+
+def test_step_reserved_bit_fault_record_and_a_writes():
+    # Intel profile, MAXPHYADDR 46: bit 51 of a PTE is reserved; P|RSVD for a supervisor read.
+    m = mem4k(0x9000 | P | RW | (1 << 51))
+    r = walk(st(), m, VA, Access("read"), update_ad=True)
+    assert _record(r) == ("PageFault", VA, VA, EC_P | EC_RSVD, "reserved bits 0x8000000000000 set in PTE", 1)
+    assert [m.read_u64(a) for a in (E4, E3, E2)] == [PDPT | 7 | A, PD | 7 | A, PT | 7 | A]
+    assert m.read_u64(E1) == 0x9000 | P | RW | (1 << 51)        # the faulting entry keeps A=0
+
+
+def test_step_1g_leaf_high_reserved_bit_faults_before_a_on_the_leaf():
+    # unicorn: MAXPHYADDR 40, bit 51 reserved; checked before the leaf gets A.
+    leaf = 0x40000000 | P | RW | PS | (1 << 51)
+    m = mem1g(leaf)
+    r = walk(st("unicorn"), m, VA, Access("read"), update_ad=True)
+    assert _record(r) == ("PageFault", VA, VA, EC_P | EC_RSVD,
+                          "reserved bits 0x8000000000000 set in PDPTE (1GB page)", 3)
+    assert (m.read_u64(E4), m.read_u64(E3)) == (PDPT | 7 | A, leaf)
+
+
+def test_step_1g_leaf_alignment_bit_faults_after_a_on_the_leaf():
+    # unicorn: bit 13 of a 1G leaf (alignment, reserved) is checked after the leaf gets A.
+    leaf = 0x40000000 | (1 << 13) | P | RW | PS
+    m = mem1g(leaf)
+    r = walk(st("unicorn"), m, VA, Access("read"), update_ad=True)
+    assert _record(r) == ("PageFault", VA, VA, EC_P | EC_RSVD, "reserved bits 0x2000 set in PDPTE (1GB page)", 3)
+    assert (m.read_u64(E4), m.read_u64(E3)) == (PDPT | 7 | A, leaf | A)
+
+
+def test_step_rights_fault_record():
+    # A user read of a supervisor page (US=0 above): #PF with P|U, no level (a rights fault).
+    m = mem4k(0x9000 | P | RW | US, upper=P | RW)
+    r = walk(st(), m, VA, Access("read", user=True), update_ad=True)
+    assert _record(r) == ("PageFault", VA, VA, EC_P | EC_U, "user access to a supervisor-mode address", None)
+    assert [m.read_u64(a) for a in (E4, E3, E2)] == [PDPT | 3 | A, PD | 3 | A, PT | 3 | A]
