@@ -119,3 +119,14 @@ def test_kind_names():
     assert kind_from_name("pmd") is Kind.PDE
     with pytest.raises(BadInputError):
         kind_from_name("pgd3")
+
+
+def test_single_bit_masks_are_the_sdm_positions():
+    """fields.BIT_* are read off the field table; the positions, by hand from SDM Vol. 3A table
+    4-19/4-20 (PTE, PDE 2M): P 0, R/W 1, U/S 2, PWT 3, PCD 4, A 5, D 6, PS/PAT(4K) 7, G 8, PAT(2M)
+    12, PK 62:59, XD 63; address 51:12; AMD APM: PML4E bit 8 reserved."""
+    from x86pt import fields as f
+    assert (f.BIT_P, f.BIT_RW, f.BIT_US, f.BIT_PWT, f.BIT_PCD, f.BIT_A, f.BIT_D) == (1, 2, 4, 8, 16, 32, 64)
+    assert (f.BIT_PS, f.BIT_PAT_4K, f.BIT_G, f.BIT_8, f.BIT_PAT_LARGE) == (128, 128, 256, 256, 4096)
+    assert (f.BIT_XD, f.PK_MASK, f.PK_SHIFT) == (1 << 63, 0xF << 59, 59)
+    assert f.ADDR_MASK_52 == 0x000F_FFFF_FFFF_F000

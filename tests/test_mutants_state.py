@@ -144,3 +144,29 @@ def test_cr3_message_shows_only_the_bits_above_m():
     # CR3 bit 0 is ignored (not reserved): it must not appear among "bits 63:46".
     with pytest.raises(BadInputError, match=r"cr3 bits 63:46 \(0xc00000000000, above MAXPHYADDR 46\)"):
         PagingState(cr3=(3 << 46) | 0x1001)
+
+
+# -- rsvd_mask (moved here from walk.py) -----------------------------------------------------------
+# By hand from SDM Vol. 3A tables 4-15 ff. (bits 51:M reserved; PS, bit 7, reserved in a PML4E;
+# XD reserved when EFER.NXE=0) and AMD APM Vol. 2 §5.3 (PML4E bit 8 reserved on AMD); QEMU's AMD
+# model does not check bit 8 (docs/paging.md §12.1).
+def _rsvd(profile: str, kind, level: int, efer: int = EFER) -> int:
+    from x86pt.fields import LEVELS
+    from x86pt.state import rsvd_mask
+    return rsvd_mask(PagingState(cr3=0x1000, efer=efer, profile=PROFILES[profile]), LEVELS[level], kind)
+
+
+def test_rsvd_mask_of_a_pml4e_per_vendor():
+    from x86pt.fields import Kind
+    above = lambda m: ((1 << 52) - 1) & ~((1 << m) - 1)      # noqa: E731  bits 51:M
+    assert _rsvd("intel", Kind.PML4E, 4) == above(46) | 0x80
+    assert _rsvd("amd", Kind.PML4E, 4) == above(48) | 0x80 | 0x100
+    assert _rsvd("qemu", Kind.PML4E, 4) == above(40) | 0x80          # bit 8 not checked
+    assert _rsvd("qemu", Kind.PDE, 2) == above(40)                    # bit 8 of a PDE: ignored
+
+
+def test_rsvd_mask_adds_xd_without_nxe():
+    from x86pt.fields import Kind
+    above46 = ((1 << 52) - 1) & ~((1 << 46) - 1)
+    assert _rsvd("intel", Kind.PTE, 1, efer=EFER_LME | EFER_LMA) == above46 | (1 << 63)
+    assert _rsvd("intel", Kind.PTE, 1) == above46

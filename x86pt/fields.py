@@ -222,30 +222,27 @@ def field_named(kind: Kind, name: str, maxphyaddr: int = 52, vendor: str = "inte
 
 
 
-def _bit(kind: Kind, name: str, vendor: str = "intel") -> int:
-    return field_named(kind, name, 52, vendor).mask
-
-
 # In-place masks of single entry bits, read off the field table (never written by hand). A name
 # holds wherever the field sits at that bit: P/RW/US/PWT/PCD/A in every kind, D and G in leaves,
 # PS in PDPTE/PDE, XD in every kind; the PAT bit moves (bit 7 in a PTE, bit 12 in 2M/1G leaves).
-BIT_P = _bit(Kind.PTE, "p")
-BIT_RW = _bit(Kind.PTE, "rw")
-BIT_US = _bit(Kind.PTE, "us")
-BIT_PWT = _bit(Kind.PTE, "pwt")
-BIT_PCD = _bit(Kind.PTE, "pcd")
-BIT_A = _bit(Kind.PTE, "a")
-BIT_D = _bit(Kind.PTE, "d")
-BIT_PS = _bit(Kind.PDE_2M, "ps")
-BIT_PAT_4K = _bit(Kind.PTE, "pat")
-BIT_PAT_LARGE = _bit(Kind.PDE_2M, "pat")
-BIT_G = _bit(Kind.PTE, "g")
-BIT_8 = _bit(Kind.PML4E, "rsvd8", "amd")     # AMD: reserved in PML4E/PML5E
-BIT_XD = _bit(Kind.PTE, "xd")
-PK_MASK = _bit(Kind.PTE, "pk")
-PK_SHIFT = field_named(Kind.PTE, "pk").lo
-ADDR_MASK_52 = _bit(Kind.PTE, "addr")                # bits 51:12, the widest address field
-
+_PTE_FIELD = {f.name: f for f in fields_for(Kind.PTE)}
+_PDE_2M_FIELD = {f.name: f for f in fields_for(Kind.PDE_2M)}
+BIT_P = _PTE_FIELD["p"].mask
+BIT_RW = _PTE_FIELD["rw"].mask
+BIT_US = _PTE_FIELD["us"].mask
+BIT_PWT = _PTE_FIELD["pwt"].mask
+BIT_PCD = _PTE_FIELD["pcd"].mask
+BIT_A = _PTE_FIELD["a"].mask
+BIT_D = _PTE_FIELD["d"].mask
+BIT_PS = _PDE_2M_FIELD["ps"].mask
+BIT_PAT_4K = _PTE_FIELD["pat"].mask
+BIT_PAT_LARGE = _PDE_2M_FIELD["pat"].mask
+BIT_G = _PTE_FIELD["g"].mask
+BIT_8 = next(f.mask for f in fields_for(Kind.PML4E, 52, "amd") if f.name == "rsvd8")   # AMD: reserved in PML4E/PML5E
+BIT_XD = _PTE_FIELD["xd"].mask
+PK_MASK = _PTE_FIELD["pk"].mask
+PK_SHIFT = _PTE_FIELD["pk"].lo
+ADDR_MASK_52 = _PTE_FIELD["addr"].mask                # bits 51:12, the widest address field (M = 52)
 
 @dataclass(frozen=True)
 class Masks:
