@@ -62,10 +62,13 @@ def _needs(cmd: str) -> list[str]:
     need = []
     if re.search(r"\blinux (run|report)\b", cmd):
         need.append("linux")
-    m = re.search(r"--oracle (\S+)", cmd)
-    if m:
+    m = re.search(r"--(?:x86pt-)?oracle (\S+)", cmd)
+    if m and "cmd:" in m.group(1):
+        need.append("unicorn")                 # the example adapter wraps unicorn
+    elif m:
+        from x86pt.oracle import all_oracles
         names = m.group(1).split(",")
-        need += ["unicorn", "qemu", "kvm"] if names == ["all"] else names
+        need += list(all_oracles()) if names == ["all"] else names
     if "bench_dump.py" in cmd:
         need.append("qemu")
     if "bench_core.py" in cmd or "bench_conform.py" in cmd:
@@ -96,6 +99,8 @@ def workdir(tmp_path_factory):
     toml = [b for b in _blocks("toml")]
     assert len(toml) == 1, "the README prints one build spec"
     (d / "spec.toml").write_text(toml[0], encoding="utf-8")
+    # The commands the README runs "from a clone" name the example adapter by its relative path.
+    (d / "examples").symlink_to(os.path.join(ROOT, "examples"), target_is_directory=True)
     return d
 
 
