@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from x86pt.cpa.kernel import P, PMD_PFN_MASK, PSE, PTE_PFN_MASK, PUD_PFN_MASK, U64, flags_of, large_2_4k
 from x86pt.cpa.space import KernelSpace
-from x86pt.cpa.tables import Table
+from x86pt.cpa.tables import Table, table_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from x86pt.memory.sparse import SparseMemory
@@ -72,11 +72,10 @@ class Exporter(KernelSpace):
 
     def export(self) -> "SparseMemory":
         """The tables as a SparseMemory image (+ control registers), for dumps and oracles."""
-        import numpy as np
         from x86pt.memory.sparse import SparseMemory
         mem = SparseMemory(1 << MAXPHYADDR)
         for pa, t in self.table_pages().items():
-            mem.pages[pa >> 12] = bytearray(np.array(t, dtype="<u8").tobytes())
+            mem.pages[pa >> 12] = bytearray(table_bytes(t))
         mem.control_registers = {**self.export_registers(), "maxphyaddr": MAXPHYADDR}
         return mem
 

@@ -18,7 +18,7 @@ from x86pt.cpa.boot import boot_ram_ranges
 from x86pt.cpa.kernel import P, PSE, PTE_PFN_MASK
 from x86pt.cpa.layout import Layout
 from x86pt.cpa.ops import CpaModel
-from x86pt.cpa.tables import Table, TablePool, table_of, zero_table
+from x86pt.cpa.tables import Table, TablePool, table_from_bytes, table_of, zero_table
 from x86pt.errors import ImageError
 
 
@@ -45,7 +45,7 @@ def model_from_image(image: Any, layout: Layout, kernel: str, policy: str) -> Cp
             return got[1]
         if not memory.contains(pa, 4096):
             raise ImageError(f"page table {pa:#x} is outside the image")
-        t = table_of(memory.table(pa))
+        t = table_from_bytes(memory.table(pa).astype("<u8").tobytes())
         seen[pa] = (level, t)
         return t
 
@@ -66,8 +66,8 @@ def model_from_image(image: Any, layout: Layout, kernel: str, policy: str) -> Cp
 
     if not memory.contains(root, 4096):
         raise ImageError(f"CR3 {root:#x} points outside the image")
-    top = table_of(memory.table(root))
-    m.pgd = table_of([0] * 256 + list(top[256:]))
+    top = table_from_bytes(memory.table(root).astype("<u8").tobytes())
+    m.pgd = table_of([0] * 256 + top[256:].tolist())
     m.pgd_pa = root
     for gi in range(256, 512):
         e = top[gi]

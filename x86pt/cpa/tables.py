@@ -1,54 +1,109 @@
 """The table store of the CPA model: the kernel's page-table pages and their entries, nothing
 about what the entries mean to CPA.
 
-Tables are keyed by the VA they cover: `t3[va >> 39]` is the PUD table under one PGD slot,
-`t2[va >> 30]` a PMD table, `t1[va >> 21]` a PTE table (va masked to the paging width, `vmask`:
-48 bits with 4-level paging, 57 with 5-level, where `p4d[va >> 48]` holds the P4D tables). A
-parent entry holds the child's physical address, from `pool`, so the tables can be written out
-as an image any walker can read (export.py). The same table object may sit under several keys
-(ESPfix, importer.py): a write through one key is seen through all of them, as on hardware.
+A table is 512 packed unsigned 64-bit entries (`array('Q')`: 4 KiB, the page as the CPU reads
+it), not a list of Python ints, where every entry above 2^30 is an object of its own (32 bytes
+and a pointer) and a model of ~7,000 tables took six times the bytes of its tables. Tables are
+keyed by the VA they cover: `t3[va >> 39]` is the PUD table under one PGD slot, `t2[va >> 30]` a
+PMD table, `t1[va >> 21]` a PTE table (va masked to the paging width, `vmask`: 48 bits with
+4-level paging, 57 with 5-level, where `p4d[va >> 48]` holds the P4D tables). A parent entry
+holds the child's physical address, from `pool`, so the tables can be written out as an image
+any walker can read (export.py). The same table object may sit under several keys (ESPfix,
+importer.py): a write through one key is seen through all of them, as on hardware.
+
+Whole-table work (a split's 512 children, a merge's contiguity test, a census) goes through the
+functions below, which use numpy on the table's buffer where it pays.
 """
 from __future__ import annotations
 
-from typing import Iterable, TypeAlias
+import sys
+from array import array
+from typing import TYPE_CHECKING, Iterable, TypeAlias
 
 from x86pt.cpa.kernel import KERNPG_TABLE, P, PSE
 from x86pt.errors import BadInputError
 
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import numpy.typing as npt
+
 M48 = (1 << 48) - 1
 M57 = (1 << 57) - 1
 ENTRIES = 512
+_ZERO_PAGE = bytes(8 * ENTRIES)
 
-Table: TypeAlias = "list[int]"   # 512 entries
+Table: TypeAlias = "array[int]"   # array('Q') of 512 entries
 
 
 def zero_table() -> Table:
     """A table page of 512 empty entries."""
-    return [0] * ENTRIES
+    return array("Q", _ZERO_PAGE)
 
 
 def table_of(entries: Iterable[int]) -> Table:
     """A table page holding these 512 entries."""
-    t = [int(e) for e in entries]
+    t = array("Q", entries)
     if len(t) != ENTRIES:
         raise ValueError(f"a page table holds {ENTRIES} entries, not {len(t)}")
     return t
 
 
+def table_from_bytes(data: bytes) -> Table:
+    """A table page from its 4 KiB little-endian image."""
+    if len(data) != 8 * ENTRIES:
+        raise ValueError(f"a page table is {8 * ENTRIES} bytes, not {len(data)}")
+    t = array("Q")
+    t.frombytes(data)
+    if sys.byteorder != "little":     # pragma: no cover
+        t.byteswap()
+    return t
+
+
+def table_bytes(t: Table) -> bytes:
+    """The 4 KiB little-endian image of a table page."""
+    if sys.byteorder != "little":     # pragma: no cover
+        t = array("Q", t)
+        t.byteswap()
+    return t.tobytes()
+
+
+def entries(t: Table) -> "npt.NDArray[np.uint64]":
+    """The table's entries as a numpy view (no copy; valid while the table lives)."""
+    import numpy as np
+    return np.frombuffer(t, dtype=np.uint64)
+
+
+_steps: dict[int, "npt.NDArray[np.uint64]"] = {}
+
+
 def run_table(first: int, step: int) -> Table:
     """The table `first, first + step, ..., first + 511 * step` (a split's children: one frame
-    step apart, the flags of `first`)."""
-    return list(range(first, first + ENTRIES * step, step))
+    step apart, the flags of `first`). numpy adds the 512 values at C speed; it is loaded on the
+    first call, so a model that never splits does not pay its import."""
+    steps = _steps.get(step)
+    if steps is None:
+        import numpy as np
+        steps = _steps[step] = np.arange(ENTRIES, dtype=np.uint64) * np.uint64(step)
+    t = array("Q")
+    t.frombytes((steps + first).tobytes())
+    return t
 
 
 def xor_table(t: Table, mask: int) -> Table:
     """Every entry of `t` XOR `mask` (a new table)."""
-    return [e ^ mask for e in t]
+    import numpy as np
+    out = array("Q")
+    out.frombytes((entries(t) ^ np.uint64(mask)).tobytes())
+    return out
 
 
 def is_run(t: Table, step: int) -> bool:
-    """Whether t is `t[0], t[0] + step, ...` (512 entries one step apart)."""
-    return t == run_table(t[0], step)
+    """Whether t is `t[0], t[0] + step, ...` (512 entries one step apart, no wrap past 2^64)."""
+    first = t[0]
+    last = first + (ENTRIES - 1) * step
+    if t[ENTRIES - 1] != last or last >> 64:
+        return False
+    return t == run_table(first, step)
 
 
 class TablePool:

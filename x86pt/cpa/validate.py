@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from x86pt.cpa.kernel import (CPA_NO_CHECK_ALIAS, DIRTY, GLOBAL, KERNEL_4K, NX, P, PMD_PFN_MASK,
                               PSE, PTE_PFN_MASK, PUD_PFN_MASK, RW, U64, flags_of, large_2_4k)
+from x86pt.cpa.tables import Table, run_table, table_of, xor_table, zero_table
 
 M48 = (1 << 48) - 1          # 4-level key space (oracle_probe.py); the validator uses m.vmask
 HI = ~M48 & U64
@@ -41,9 +42,9 @@ class Reference:
         self.m = m
         self.v = m.version
         self.vmask = m.vmask                 # 48-bit keys, or 57-bit with LA57 (as the model's)
-        self.s3 = {k: list(t) for k, t in m.t3.items()}
-        self.s2 = {k: list(t) for k, t in m.t2.items()}
-        self.s1 = {k: list(t) for k, t in m.t1.items()}
+        self.s3 = {k: table_of(t) for k, t in m.t3.items()}      # copies of the tables
+        self.s2 = {k: table_of(t) for k, t in m.t2.items()}
+        self.s1 = {k: table_of(t) for k, t in m.t1.items()}
         self.over: dict[int, tuple[int, int] | None] = {}    # vp (48-bit va >> 12) -> (pfn, flags)
         self.ov2m: dict[int, set[int]] = {}
         self.events: list[tuple[int, int, bool]] = []         # hotplug (spfn, epfn, added)
@@ -418,7 +419,7 @@ class Validator:
             return self.oracle.check(m, self.ref, idx, pages, touched)
         return None
 
-    def expected_pte_table(self, k2: int) -> list[int] | None:
+    def expected_pte_table(self, k2: int) -> Table | None:
         """The 512 PTE values the reference asks for in 2M region k2 (va >> 21), or None when
         the hot-plug history makes it irregular (then pages are compared one by one)."""
         ref = self.ref
@@ -427,19 +428,28 @@ class Validator:
         v = k2 << 21
         t1 = ref.s1.get(k2)
         if t1 is not None and self._snap_is_table(v):
-            exp = list(t1)
+            exp = table_of(t1)
         else:
             b = ref._snap(v)
             if b is None:
-                exp = [0] * 512
+                exp = zero_table()
                 if any(ref._snap(v + (j << 12)) for j in (1, 255, 511)):
                     return None
             else:
-                exp = [self._enc(b[0] + j, b[1]) for j in range(512)]
+                exp = self._enc_run(b[0], b[1])
         for vp in ref.ov2m.get(k2, ()):
             val = ref.over[vp]
             exp[vp & 511] = 0 if val is None else self._enc(val[0], val[1])
         return exp
+
+    def _enc_run(self, pfn: int, flags: int) -> Table:
+        """The 512 PTEs `_enc(pfn + j, flags)` of one large leaf's frames, as one table."""
+        if flags & PTE_PFN_MASK:        # reserved bits of a large leaf among the flags: one by one
+            return table_of(self._enc(pfn + j, flags) for j in range(512))
+        t = run_table((pfn << 12) | flags, 1 << 12)
+        if not flags & P and self.m.l1tf_invert:
+            t = xor_table(t, PTE_PFN_MASK)        # flags hold no frame bit: the frame inverted
+        return t
 
     def _enc(self, pfn: int, flags: int) -> int:
         """A 4K entry as the kernel stores it (pfn_pte): the frame inverted when not present."""
