@@ -121,10 +121,11 @@ def _before_the_walk(state: PagingState, p: _Probes) -> np.ndarray:
     return canon
 
 
-def _walk_levels(state: PagingState, memory, p: _Probes, active: np.ndarray) -> None:
+def _walk_levels(state: PagingState, memory, p: _Probes, active: np.ndarray, trace: list | None = None) -> None:
     """The walk from CR3 down, one level at a time over the probes still walking (`active`):
     a not-present or reserved entry ends a probe's walk with a #PF; a leaf ends it with a
-    translation and the rights accumulated (RW/US ANDed, XD ORed)."""
+    translation and the rights accumulated (RW/US ANDed, XD ORed). With `trace`, each level
+    appends (level, probe indices, entry addresses, raw entries, reserved mask, reserved, leaf)."""
     table = np.full(len(active), _u(state.root), dtype=U64)
     eff_rw = np.ones(len(active), dtype=bool)
     eff_us = np.ones(len(active), dtype=bool)
@@ -146,6 +147,9 @@ def _walk_levels(state: PagingState, memory, p: _Probes, active: np.ndarray) -> 
         m_leaf = _u(rsvd_mask(state, lv, lv.leaf_kind)) if lv.leaf_kind is not None else m_table
         rs = np.where(is_leaf & (lv.leaf_kind is not None), m_leaf, m_table)
         reserved = present & ((raw & rs) != 0)
+        if trace is not None:
+            e_addr = table | (((p.vas[active] >> U64(lv.shift)) & U64(0x1FF)) << U64(3))
+            trace.append((lv, active, e_addr, raw, rs, present, reserved, is_leaf))
         np_idx = active[~present]
         p.outcome[np_idx] = PAGE_FAULT
         p.err[np_idx] = p.base[np_idx]
@@ -229,3 +233,112 @@ def _check_rights(state: PagingState, p: _Probes, canon: np.ndarray) -> None:
     p.outcome[fault] = PAGE_FAULT
     p.err[fault] = p.base[fault] | PF_P | np.where(key_denied[fault], PF_PK, 0).astype(np.uint32)
     p.level[fault] = 0
+
+
+# -- the model side of a differential batch: translations plus the A/D writes ---------------------------
+@dataclass
+class ModelBatch:
+    """`model_batch`'s answer: per-probe translations, the memory after every probe ran in order
+    (A/D writes and the writes' values applied, as compare.model_run leaves it), and the pages the
+    walks read entries from."""
+
+    translation: BatchTranslation
+    memory_after: object
+    entry_addrs: np.ndarray      # every entry address a walk read (sorted, unique)
+
+
+class NotBatchable(Exception):
+    """The batch needs the scalar walker: probes that write into pages the walks read, or an A/D
+    write outside the image."""
+
+
+def model_batch(state: PagingState, memory, vas, access, user, ac, implicit, wvalues) -> ModelBatch:
+    """compare.model_run over arrays: every probe walked with A/D updates, in order, on a copy of
+    `memory` (a SparseMemory). The A/D writes are ORs of bits no walk decides on (SDM §4.8), so
+    their order does not matter; a write probe's value goes in last, which is the same as in order
+    as long as no write lands on a page a walk reads (else NotBatchable). A/D rules as walk.walk:
+    A in every non-leaf entry used and the leaf, D in the leaf of a write; on a fault, A in the
+    non-leaf entries used (profile `a_on_faulting_walk` 'used'), and the 1G leaf's A for profiles
+    that set it before the checks (`a_on_1g_leaf_before_checks`)."""
+    from x86pt.fields import BIT_A, BIT_D, Kind, masks_for
+    p = _probes(state, vas, access, user, ac, implicit)
+    view = getattr(memory, "gather_view", None)
+    mem_view = view() if view is not None else memory
+    canon = _before_the_walk(state, p)
+    trace: list = []
+    _walk_levels(state, mem_view, p, np.nonzero(canon)[0], trace)
+    _check_rights(state, p, canon)
+    okm = p.outcome == OK
+    prof = state.profile
+    fault_a = prof.a_on_faulting_walk == "used"
+    addrs: list[np.ndarray] = []
+    bits: list[np.ndarray] = []
+    read: list[np.ndarray] = []
+    a_bit, d_bit = U64(BIT_A), U64(BIT_D)
+    for lv, idx, e_addr, raw, rs, present, reserved, is_leaf in trace:
+        read.append(e_addr)
+        ok = okm[idx]
+        good = present & ~reserved
+        used = good & ~is_leaf                      # a non-leaf entry the walk went through
+        sel = used & (ok | fault_a)
+        addrs.append(e_addr[sel])
+        bits.append(np.full(int(sel.sum()), a_bit, dtype=U64))
+        leaf = good & is_leaf
+        lsel = leaf & ok
+        addrs.append(e_addr[lsel])
+        bits.append(np.where(p.write[idx[lsel]], a_bit | d_bit, a_bit).astype(U64))
+        if lv.number == 3 and lv.leaf_kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks:
+            gig = present & is_leaf
+            # a rights fault after the walk: A was set before the checks
+            rf = gig & good & ~ok
+            # reserved bits only among the low (frame alignment) ones: A set, then the #PF
+            low = U64(masks_for(Kind.PDPTE_1G, state.m, state.vendor).rsvd & ((1 << 30) - 1))
+            high_bad = (raw & rs & ~low) != 0
+            lowf = gig & reserved & ~high_bad & ((raw & low) != 0)
+            extra = rf | lowf
+            addrs.append(e_addr[extra])
+            bits.append(np.full(int(extra.sum()), a_bit, dtype=U64))
+    entry_addrs = np.unique(np.concatenate(read)) if read else np.zeros(0, dtype=U64)
+    table_pages = np.unique(entry_addrs >> U64(12))
+    wr = np.flatnonzero(okm & p.write)
+    pa_w = p.pa[wr]
+    if len(wr) and (np.isin(pa_w >> U64(12), table_pages).any()
+                    or np.isin((pa_w + U64(7)) >> U64(12), table_pages).any()):
+        raise NotBatchable("a write probe lands on a page the walks read")
+    after = memory.copy()
+    if addrs:
+        _or_into(after, np.concatenate(addrs), np.concatenate(bits))
+    wv = np.asarray(wvalues, dtype=object)
+    for k, pa in zip(wr.tolist(), pa_w.tolist()):
+        try:
+            after.write_u64(pa, int(wv[k]))
+        except PhysicalAddressError:
+            pass
+    p.pa[~okm] = 0
+    p.size[~okm] = 0
+    return ModelBatch(BatchTranslation(p.outcome, p.pa, p.size, p.err, p.level), after, entry_addrs)
+
+
+def _or_into(memory, addrs: np.ndarray, bits: np.ndarray) -> None:
+    """OR `bits` into the qwords at `addrs` (8-aligned entry addresses) of a SparseMemory."""
+    if not len(addrs):
+        return
+    order = np.argsort(addrs, kind="stable")
+    addrs, bits = addrs[order], bits[order]
+    first = np.concatenate(([True], addrs[1:] != addrs[:-1]))
+    starts = np.flatnonzero(first)
+    uaddr = addrs[starts]
+    ubits = np.bitwise_or.reduceat(bits, starts)
+    if int(uaddr[-1]) + 8 > memory.size:
+        raise NotBatchable("an A/D write outside the image")
+    pns = uaddr >> U64(12)
+    pstart = np.flatnonzero(np.concatenate(([True], pns[1:] != pns[:-1])))
+    bounds = list(pstart.tolist()) + [len(uaddr)]
+    slots = ((uaddr >> U64(3)) & U64(511)).astype(np.int64)
+    for a, b in zip(bounds, bounds[1:]):
+        pn = int(pns[a])
+        page = memory.pages.get(pn)
+        if page is None:
+            page = memory.pages[pn] = bytearray(4096)
+        q = np.frombuffer(page, dtype="<u8")
+        q[slots[a:b]] |= ubits[a:b]
