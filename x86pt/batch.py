@@ -8,6 +8,7 @@ does not explain faults; use `walk` for that.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,7 @@ def _before_the_walk(state: PagingState, p: _Probes) -> np.ndarray:
     return canon
 
 
-def _walk_levels(state: PagingState, memory, p: _Probes, active: np.ndarray, trace: list | None = None) -> None:
+def _walk_levels(state: PagingState, memory, p: _Probes, active: np.ndarray, trace: list[tuple[Any, ...]] | None = None) -> None:
     """The walk from CR3 down, one level at a time over the probes still walking (`active`):
     a not-present or reserved entry ends a probe's walk with a #PF; a leaf ends it with a
     translation and the rights accumulated (RW/US ANDed, XD ORed). With `trace`, each level
@@ -265,7 +266,7 @@ def model_batch(state: PagingState, memory, vas, access, user, ac, implicit, wva
     view = getattr(memory, "gather_view", None)
     mem_view = view() if view is not None else memory
     canon = _before_the_walk(state, p)
-    trace: list = []
+    trace: list[tuple[Any, ...]] = []
     _walk_levels(state, mem_view, p, np.nonzero(canon)[0], trace)
     _check_rights(state, p, canon)
     okm = p.outcome == OK
