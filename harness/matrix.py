@@ -254,7 +254,11 @@ class Space:
         return out
 
     def flags_array(self, start: int, stop: int) -> np.ndarray:
-        idx = np.arange(start, stop, dtype=np.int64)
+        return self.flags_of(np.arange(start, stop, dtype=np.int64))
+
+    def flags_of(self, indices: np.ndarray) -> np.ndarray:
+        """flags_at of every index (int64 array, 0 <= i < size), as one array."""
+        idx = np.array(indices, dtype=np.int64)
         out = np.zeros(len(idx), dtype=np.uint64)
         key = np.zeros(len(idx), dtype=np.int64)
         wkey = np.zeros(len(idx), dtype=np.int64)
@@ -467,6 +471,20 @@ class Matrix:
             base += s.size
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
 
+    def flags_of(self, indices: np.ndarray) -> np.ndarray:
+        """flags_at of every index of `indices` (any order), as one array."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.zeros(len(idx), dtype=np.uint64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.size):
+            raise IndexError(int(idx.max() if idx.max() >= self.size else idx.min()))
+        base = 0
+        for s in self.spaces:
+            sel = (idx >= base) & (idx < base + s.size)
+            if sel.any():
+                out[sel] = s.flags_of(idx[sel] - base)
+            base += s.size
+        return out
+
     def counts(self) -> dict[str, int]:
         return {s.name: s.size for s in self.spaces}
 
@@ -650,10 +668,44 @@ def case_probes(flags: int, va: int, pa: int) -> list[Probe]:
         va ^= 1 << 62
     out = []
     if flags & ACC_TWICE:
-        out.append(Probe(va, "read", False, False))
-    out.append(Probe(va, kind, bool(flags & ACC_USER), bool(flags & ACC_AC),
-                     tag_value(pa) if kind == "write" else 0, implicit=bool(flags & IMPLICIT)))
+        out.append(_made(Probe, {"va": va, "access": "read", "user": False, "ac": False, "wvalue": 0,
+                                 "implicit": False}))
+    out.append(_made(Probe, {"va": va, "access": kind, "user": bool(flags & ACC_USER),
+                             "ac": bool(flags & ACC_AC), "wvalue": tag_value(pa) if kind == "write" else 0,
+                             "implicit": bool(flags & IMPLICIT)}))
     return out
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _made(cls, fields: dict):
+    """An instance of the frozen dataclass `cls` with these fields (all of them, in field order),
+    made without its __init__: equal, hashing and printing as cls(**fields), ~3x cheaper. Only
+    for values valid by construction (a matrix case's probe, entry, case info)."""
+    obj = _new(cls)
+    _set(obj, "__dict__", fields)
+    return obj
+
+
+def _leaf_table(first: int, names: Sequence[str]) -> tuple[int, ...]:
+    """Entry bits of every combination of the flags `names` (consecutive flag bits from `first`):
+    P/RW/US/A/D/NX/36 as _leaf_bits sets them; the reserved bit of '.51' and PS are added apart."""
+    bit_of = {"rw": _RW, "user": _US, "a": _A, "d": _D, "nx": _XD, "p": _P, "36": _B36}
+    out = []
+    for v in range(1 << len(names)):
+        raw = 0
+        for k, n in enumerate(names):
+            if v >> k & 1 and n.split(".")[1] in bit_of:
+                raw |= bit_of[n.split(".")[1]]
+        out.append(raw)
+    assert all(F[n] == 1 << (first + k) for k, n in enumerate(names))
+    return tuple(out)
+
+
+_PTE_BITS = _leaf_table(0, FLAG_NAMES[0:8])        # pte.rw .. pte.36
+_PDE_BITS = _leaf_table(8, FLAG_NAMES[8:17])       # pde.rw .. pde.36 (pde.pse adds nothing here)
 
 
 def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile: Profile) -> Batch:
@@ -670,50 +722,81 @@ def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile:
     lay = _Layout(mem, levels, feat.ram_size)
     probes: list[Probe] = []
     infos: list[CaseInfo] = []
+    # the cases' own entries are written after the loop (each slot once, all pages allocated)
+    w_addr: list[int] = []
+    w_val: list[int] = []
+    pte_bits, pde_bits = _PTE_BITS, _PDE_BITS
+    top_vas: dict[int, int] = {}
     for n, (label, flags) in enumerate(cases):
         j = n % NR_FRAMES
         off = 8 * ((n // NR_FRAMES) % 512)
         frame = FRAME_BASE + j * 4096
+        target = frame + off
         variant = "ps" if flags & PML4E_PS else "bit8" if flags & PML4E_8 else "normal"
         if flags & PDE_51 and flags & HI_AT_MASK:
             variant = ("hi", hi_at(flags), hi_bit(flags))
         pk_leaf = _PK1 if flags & PKEY else 0
-        owned: list[OwnedEntry] = []
+        pde_leaf = pde_bits[(flags >> 8) & 0x1FF]
+        if flags & PDE_51 and not flags & HI_AT_MASK:
+            pde_leaf |= 1 << hi_bit(flags)
         if flags & PDPTE_1G:
             pdpt, top, pidx = lay.pdpte_slot(variant)
-            raw = 0 | _PS | pk_leaf | _leaf_bits(flags, "pde") | (_B13 if flags & PDE_13 else 0)
+            raw = _PS | pk_leaf | pde_leaf | (_B13 if flags & PDE_13 else 0)
             addr = pdpt + pidx * 8
-            mem.write_u64(addr, raw)
-            owned.append(OwnedEntry(addr, raw, "pdpte1g"))
-            va = lay.top_va(top) | pidx << 30 | (frame - 0) | off
-            target = frame + off
+            w_addr.append(addr)
+            w_val.append(raw)
+            owned: tuple[OwnedEntry, ...] = (_made(OwnedEntry, {"addr": addr, "raw": raw, "kind": "pdpte1g"}),)
+            va = lay.top_va(top) | pidx << 30 | frame | off
         else:
             pd, top, pidx, didx = lay.pde_slot(variant, bool(flags & PDPTE_RO))
-            base_va = lay.top_va(top) | pidx << 30 | didx << 21
+            tva = top_vas.get(top)
+            if tva is None:
+                tva = top_vas[top] = lay.top_va(top)
+            base_va = tva | pidx << 30 | didx << 21
             pde_addr = pd + didx * 8
             if flags & PDE_PSE:
-                raw = FRAME_BASE | _PS | pk_leaf | _leaf_bits(flags, "pde") | (_B13 if flags & PDE_13 else 0)
-                mem.write_u64(pde_addr, raw)
-                owned.append(OwnedEntry(pde_addr, raw, "pde2m"))
+                raw = FRAME_BASE | _PS | pk_leaf | pde_leaf | (_B13 if flags & PDE_13 else 0)
+                w_addr.append(pde_addr)
+                w_val.append(raw)
+                owned = (_made(OwnedEntry, {"addr": pde_addr, "raw": raw, "kind": "pde2m"}),)
                 va = base_va | (frame - FRAME_BASE) | off
             else:
                 pt, tidx = lay.pte_slot()
-                raw = pt | (_PK2 if flags & PKEY else 0) | _leaf_bits(flags, "pde")
-                mem.write_u64(pde_addr, raw)
+                raw = pt | (_PK2 if flags & PKEY else 0) | pde_leaf
                 pte_addr = pt + tidx * 8
-                pte = frame | pk_leaf | _leaf_bits(flags, "pte")
-                mem.write_u64(pte_addr, pte)
-                owned.append(OwnedEntry(pde_addr, raw, "pde"))
-                owned.append(OwnedEntry(pte_addr, pte, "pte"))
+                pte = frame | pk_leaf | pte_bits[flags & 0xFF]
+                if flags & PTE_51:
+                    pte |= 1 << hi_bit(flags)
+                w_addr += (pde_addr, pte_addr)
+                w_val += (raw, pte)
+                owned = (_made(OwnedEntry, {"addr": pde_addr, "raw": raw, "kind": "pde"}),
+                         _made(OwnedEntry, {"addr": pte_addr, "raw": pte, "kind": "pte"}))
                 va = base_va | tidx << 12 | off
-            target = frame + off
         first = len(probes)
-        probes.extend(case_probes(flags, va, target))
-        infos.append(CaseInfo(label, flags, tuple(range(first, len(probes))), tuple(owned),
-                              (target & ~0xFFF,)))
+        probes += case_probes(flags, va, target)
+        infos.append(_made(CaseInfo, {"label": label, "flags": flags, "probes": tuple(range(first, len(probes))),
+                                      "owned": owned, "frames": (target & ~0xFFF,), "description": ""}))
+    _scatter(mem, w_addr, w_val)
     state = PagingState(cr3=lay.root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile=profile,
                         maxphyaddr=feat.maxphyaddr)
     return Batch(mem, state, probes, infos)
+
+
+def _scatter(mem: SparseMemory, addrs: list[int], values: list[int]) -> None:
+    """Write qwords at distinct 8-aligned addresses of allocated pages, a page at a time."""
+    if not addrs:
+        return
+    a = np.array(addrs, dtype=np.uint64)
+    v = np.array(values, dtype=np.uint64)
+    order = np.argsort(a, kind="stable")
+    a, v = a[order], v[order]
+    pns = a >> np.uint64(12)
+    slots = ((a >> np.uint64(3)) & np.uint64(511)).astype(np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], pns[1:] != pns[:-1])))
+    bounds = starts.tolist() + [len(a)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        page = mem.pages[int(pns[lo])]
+        np.frombuffer(page, dtype="<u8")[slots[lo:hi]] = v[lo:hi]
 
 
 @dataclass
@@ -739,7 +822,7 @@ class MatrixSource:
         if self.indices is not None:
             for lo in range(0, len(self.indices), self.chunk):
                 idx = self.indices[lo:lo + self.chunk]
-                yield idx, np.array([self.matrix.flags_at(int(i)) for i in idx], dtype=np.uint64)
+                yield idx, self.matrix.flags_of(idx)
             return
         stop = self.stop if self.stop is not None else self.matrix.size
         for lo in range(self.start, stop, self.chunk):
@@ -757,7 +840,8 @@ class MatrixSource:
             for grp in np.split(order, bounds):
                 for lo in range(0, len(grp), self.batch_cases):
                     sel = grp[lo:lo + self.batch_cases]
-                    cases = [(f"{self.name}#{int(idx[k])}", int(flags[k])) for k in sel]
+                    name = self.name
+                    cases = [(f"{name}#{i}", f) for i, f in zip(idx[sel].tolist(), flags[sel].tolist())]
                     yield build_batch(cases, feat, self.profile)
 
 

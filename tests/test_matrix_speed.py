@@ -185,3 +185,24 @@ def test_a_clean_run_takes_the_fast_path_and_reports_nothing(monkeypatch):
     assert (summ.cases, summ.mismatches) == (4096, 0)
     assert calls == []                         # no batch needed the scalar walker
 
+
+
+def test_matrix_objects_made_without_init_are_the_real_ones():
+    # build_batch makes its probes, entries and case infos without their __init__ (harness.matrix
+    # _made): every field must be given, and the object must equal the one __init__ makes.
+    import dataclasses
+
+    from harness.differential import CaseInfo, OwnedEntry
+    from harness.matrix import _made, build_batch
+    from x86pt.oracle import Probe
+    b = build_batch([("m#1", 0), ("m#2", 1 << 25)], FEAT, as_profile("intel"))   # 1<<25: twice
+    for obj in list(b.probes) + list(b.cases) + [e for c in b.cases for e in c.owned]:
+        cls = type(obj)
+        assert cls in (Probe, CaseInfo, OwnedEntry)
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert list(vars(obj)) == names
+        real = cls(**vars(obj))
+        assert real == obj and hash(real) == hash(obj) and repr(real) == repr(obj)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.probes[0].va = 0
+    assert _made(OwnedEntry, {"addr": 8, "raw": 1, "kind": "pte"}) == OwnedEntry(8, 1, "pte")

@@ -6,8 +6,10 @@ Facts this file relies on were measured on this machine (docs/oracles.md docs/or
 * exceptions never reach a guest IDT, they reach UC_HOOK_INTR; the #PF error code only lives in
   the saved context blob (CPUX86State.error_code, byte 5424 in 2.1.4), and `old_exception` must be
   reset after every fault or the next one becomes #DF and then a silent stop (docs/oracles.md §2, P2);
-* CPL3 is only reachable through a guest IRETQ (docs/oracles.md §2); there is no way back, so every stretch of
-  CPL3 probes ends its `emu_start` and the next one starts from a saved CPL0 context;
+* CPL3 is only reachable through a guest IRETQ (docs/oracles.md §2), and the guest has no way back (no IDT
+  is ever used); so a stretch of CPL3 probes ends in `hlt`, whose #GP(0) (privileged at CPL3)
+  reaches UC_HOOK_INTR, and the hook restores the saved CPL0 context and resumes at the CPL0 code after the stretch: one
+  `emu_start` per chunk however the probes alternate between CPL0 and CPL3;
 * `context_restore` and `mem_write` do not flush the TLB (docs/oracles.md §2): a CR3 reload flushes it before
   each stretch of probes and again before any probe whose page the stretch already touched, which
   gives every probe a fresh walk (the INVLPG-per-probe convention of base.py, at one TB per probe);
@@ -117,6 +119,7 @@ _AND_RSP_IMM = bytes.fromhex("48812424")   # and qword ptr [rsp], imm32 (sign-ex
 _IRETQ = bytes.fromhex("48cf")
 _RELOAD_CR3 = bytes.fromhex("0f20d80f22d8")   # mov rax, cr3; mov cr3, rax: flushes the TLB (docs/oracles.md §2)
 _INT3 = b"\xcc"
+_HLT = b"\xf4"                             # ends a CPL3 stretch: #GP(0) at CPL3, the hook goes back to CPL0
 
 
 def _movabs(reg: str, imm: int) -> bytes:
@@ -202,6 +205,8 @@ class _Program:
     # that TB start directly instead of translating the tail as a new TB (~2x faster faults).
     skip: tuple[tuple[int, int] | None, ...]
     block_at: tuple[tuple[int, int], ...]   # (phys start of its set-up, index), for listings
+    # VA of the `hlt` ending a CPL3 stretch (user view) -> VA where CPL0 code goes on (kernel view)
+    back_at: dict[int, int] = field(default_factory=dict)
 
 
 def _pages(p: Probe) -> tuple[int, int]:
@@ -265,6 +270,7 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
     segments: list[_Segment] = []
     pack = _Q.pack
     seg: dict | None = None
+    back_at: dict[int, int] = {}
 
     def close_segment(base: int) -> None:
         nonlocal seg
@@ -329,12 +335,19 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
                 code += _STORE + struct.pack("<i", 8 * i)
             resume.append(vbase + len(code))
             skip.append(None)
-        if user or end == len(probes):
+        if end == len(probes):
             close_segment(base)
+        elif user:
+            # back to CPL0 through the hook: hlt (#GP at CPL3), then the kernel view of the next byte
+            back_at[U_BASE + H_CODE + len(code)] = K_BASE + H_CODE + len(code) + len(_HLT)
+            code.extend(_HLT)
+            here = H_CODE + len(code)
+            seg["parts"].append((seg["start"], here, U_BASE))
+            seg["start"] = here
     if H_CODE + len(code) > H_END:
         raise _TooBig(len(code))
     return _Program(first, tuple(probes), bytes(code), tuple(segments), access_at, ret_at,
-                    tuple(resume), tuple(skip), tuple(blocks))
+                    tuple(resume), tuple(skip), tuple(blocks), back_at)
 
 
 class _TooBig(Exception):
@@ -414,6 +427,7 @@ class _Scratch:
     error: BaseException | None = None
     last_cr2: int = 0
     ram_size: int = RIG_RAM_SIZE
+    ctx_k: object = None            # the saved CPL0 context a CPL3 stretch's hlt goes back to
 
 
 def _harness_pa(va: int) -> int:
@@ -425,6 +439,13 @@ def _harness_pa(va: int) -> int:
 def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
     x = _x86
     rip = raw.reg(x.UC_X86_REG_RIP)
+    if intno == 13 and st.prog is not None and rip in st.prog.back_at and st.ctx_k is not None:
+        # the end of a CPL3 stretch: the CPL0 context as run_segment starts it (kernel stack,
+        # AC=0, CR2 and old_exception as saved), then on at the CPL0 code after the hlt
+        raw.lib.uc_context_restore(raw.uch, st.ctx_k.context)
+        st.last_cr2 = raw.reg(x.UC_X86_REG_CR2)
+        raw.set_reg(x.UC_X86_REG_RIP, st.prog.back_at[rip])
+        return
     ctx = st.ctx.context
     raw.lib.uc_context_save(raw.uch, ctx)
     code = st.ec.value & 0xFFFFFFFF
@@ -564,6 +585,7 @@ class _Engine:
         self._cbs = ()
         self.ctx_k = None
         self.st.prog = None
+        self.st.ctx_k = None
         self.uc = None
 
     def emu(self, begin: int, until: int, timeout: int = 0) -> None:
@@ -820,6 +842,7 @@ class UnicornOracle:
         if eng.st.faults:
             raise OracleError("the harness set-up stub (wrpkru) did not complete")
         eng.ctx_k = uc.context_save()
+        eng.st.ctx_k = eng.ctx_k
 
     def _run_chunk(self, eng: _Engine, prog: _Program) -> list[ProbeResult]:
         uc = eng.uc
