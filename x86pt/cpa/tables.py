@@ -25,7 +25,7 @@ from x86pt.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    import numpy.typing as npt
+    from numpy.typing import NDArray
 
 M48 = (1 << 48) - 1
 M57 = (1 << 57) - 1
@@ -67,13 +67,13 @@ def table_bytes(t: Table) -> bytes:
     return t.tobytes()
 
 
-def entries(t: Table) -> "npt.NDArray[np.uint64]":
+def entries(t: Table) -> NDArray[np.uint64]:
     """The table's entries as a numpy view (no copy; valid while the table lives)."""
     import numpy as np
     return np.frombuffer(t, dtype=np.uint64)
 
 
-_steps: dict[int, "npt.NDArray[np.uint64]"] = {}
+_steps: dict[int, NDArray[np.uint64]] = {}
 
 
 def run_table(first: int, step: int) -> Table:

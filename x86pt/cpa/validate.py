@@ -14,15 +14,21 @@ translation.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 from x86pt.cpa.kernel import (CPA_NO_CHECK_ALIAS, DIRTY, GLOBAL, KERNEL_4K, NX, P, PMD_PFN_MASK,
                               PSE, PTE_PFN_MASK, PUD_PFN_MASK, RW, U64, flags_of, large_2_4k)
-from x86pt.cpa.tables import Table, run_table, table_of, xor_table, zero_table
+from x86pt.cpa.tables import Table, entries, run_table, table_of, xor_table, zero_table
 
 M48 = (1 << 48) - 1          # 4-level key space (oracle_probe.py); the validator uses m.vmask
 HI = ~M48 & U64
-_MISSING = object()
+_MISSING: Any = object()
+_IRREGULAR = object()        # a 2M region the replay-start tables do not give as one table or run
+_ZERO = zero_table()         # never written
+_P_PSE = P | PSE
+_FLAGS = ~PTE_PFN_MASK & U64
 
 
 @dataclass(frozen=True)
@@ -42,11 +48,19 @@ class Reference:
         self.m = m
         self.v = m.version
         self.vmask = m.vmask                 # 48-bit keys, or 57-bit with LA57 (as the model's)
-        self.s3 = {k: table_of(t) for k, t in m.t3.items()}      # copies of the tables
-        self.s2 = {k: table_of(t) for k, t in m.t2.items()}
-        self.s1 = {k: table_of(t) for k, t in m.t1.items()}
+        self.s3 = {k: t[:] for k, t in m.t3.items()}      # copies of the tables
+        self.s2 = {k: t[:] for k, t in m.t2.items()}
+        self.s1 = {k: t[:] for k, t in m.t1.items()}
         self.over: dict[int, tuple[int, int] | None] = {}    # vp (48-bit va >> 12) -> (pfn, flags)
+        # The 512 PTEs the reference asks for in each 2M region with overrides (va >> 21 ->
+        # table), built at the region's first override and kept up to date by put(); the 1G
+        # regions holding one (va >> 30). After a hot-plug event the validator compares page
+        # by page, and ov2m (va >> 21 -> pages with overrides) takes their place.
+        self.exp: dict[int, Table] = {}
+        self.ov1g: set[int] = set()
         self.ov2m: dict[int, set[int]] = {}
+        self.changed: list[int] = []      # pages (va >> 12) put() since the validator looked
+        self.l1tf = m.l1tf_invert
         self.events: list[tuple[int, int, bool]] = []         # hotplug (spfn, epfn, added)
         self.ram = list(m.ram)
         self.want4k: set[int] = set()
@@ -56,6 +70,7 @@ class Reference:
         self.brk_end_va = m.brk_end_va & self.vmask
         self.ro = m.kernel_set_to_readonly
         self.rodata = (m.rodata_spfn, m.rodata_epfn)
+        self.rodata_s, self.rodata_e = self.rodata
         self.highmap = (m.highmap_spfn, m.highmap_epfn)
         self.skm = lo.start_kernel_map - lo.phys_base
 
@@ -87,7 +102,9 @@ class Reference:
         e = t[(v >> 12) & 511] if t is not None else 0
         if not e:
             return None
-        return self._pfn(e, PTE_PFN_MASK), e & ~PTE_PFN_MASK & U64
+        if not e & P and self.l1tf:
+            return (~e & PTE_PFN_MASK) >> 12, e & _FLAGS
+        return (e & PTE_PFN_MASK) >> 12, e & _FLAGS
 
     def _dm_pfn(self, v: int) -> int | None:
         lo = self.po & self.vmask
@@ -131,14 +148,83 @@ class Reference:
 
     def put(self, v: int, val: tuple[int, int] | None) -> None:
         vp = v >> 12
-        st = self.ov2m.get(vp >> 9)
-        if st is None:
-            st = self.ov2m[vp >> 9] = set()
-        st.add(vp)
         self.over[vp] = val
+        self.changed.append(vp)
+        k2 = vp >> 9
+        t = self.exp.get(k2)
+        if t is None:
+            if self.events:
+                st = self.ov2m.get(k2)
+                if st is None:
+                    st = self.ov2m[k2] = set()
+                st.add(vp)
+                return
+            self.ov1g.add(k2 >> 9)
+            base = self.base_2m(k2)
+            if base is _IRREGULAR:
+                return                       # compared page by page
+            t = self.exp[k2] = self.as_table(base)[:]
+        if val is None:
+            t[vp & 511] = 0
+        else:
+            pfn, fl = val                    # enc(), inlined
+            t[vp & 511] = ((~(pfn << 12) & PTE_PFN_MASK) | fl if not fl & P and self.l1tf
+                           else (pfn << 12) | fl)
+
+    def base_2m(self, k2: int) -> object:
+        """The replay-start tables' 4K entries for 2M region k2 (va >> 21): the PTE table, (frame
+        of the region's first page, flags in 4K format) when a large leaf maps it, None when
+        nothing does, or _IRREGULAR when none of these describes it."""
+        v = k2 << 21
+        if self.snap_is_table(v):
+            t1 = self.s1.get(k2)
+            return t1 if t1 is not None else _IRREGULAR
+        b = self._snap(v)
+        if b is None:
+            if any(self._snap(v + (j << 12)) for j in (1, 255, 511)):
+                return _IRREGULAR
+            return None
+        return b
+
+    def snap_is_table(self, v: int) -> bool:
+        """Whether the replay-start tables map the 2M region at v by a PTE table."""
+        t = self.s3.get(v >> 39)
+        if t is None:
+            return False
+        e = t[(v >> 30) & 511]
+        if not e or not e & P or e & PSE:
+            return False
+        t2 = self.s2.get(v >> 30)
+        e = t2[(v >> 21) & 511] if t2 is not None else 0
+        return bool(e) and bool(e & P) and not e & PSE
+
+    def as_table(self, x: object) -> Table:
+        """A region's entries (forms of base_2m, not _IRREGULAR) as one table (maybe shared)."""
+        if x is None:
+            return _ZERO
+        if type(x) is tuple:
+            return self.enc_run(x[0], x[1])
+        return x
+
+    def enc_run(self, pfn: int, flags: int) -> Table:
+        """The 512 PTEs `enc(pfn + j, flags)` of one large leaf's frames, as one table."""
+        if flags & PTE_PFN_MASK:        # reserved bits of a large leaf among the flags: one by one
+            return table_of(self.enc(pfn + j, flags) for j in range(512))
+        t = run_table((pfn << 12) | flags, 1 << 12)
+        if not flags & P and self.l1tf:
+            t = xor_table(t, PTE_PFN_MASK)        # flags hold no frame bit: the frame inverted
+        return t
+
+    def enc(self, pfn: int, flags: int) -> int:
+        """A 4K entry as the kernel stores it (pfn_pte): the frame inverted when not present."""
+        if not flags & P and self.l1tf:
+            return (~(pfn << 12) & PTE_PFN_MASK) | flags
+        return (pfn << 12) | flags
 
     def pfn_mapped(self, pfn: int) -> bool:
-        return any(s <= pfn < e for s, e in self.ram)
+        ram = self.ram
+        i = bisect.bisect_right(ram, (pfn, U64 + 1)) - 1
+        return i >= 0 and pfn < ram[i][1]
 
     # -- the operations, page by page ------------------------------------------------------------
     def _static(self, v: int, pfn: int, prot: int) -> int:
@@ -151,13 +237,21 @@ class Reference:
         return prot
 
     def _page(self, v: int, set_: int, clr: int) -> int | None:
-        cur = self.get(v)
+        """One page of a CPA call: (flags & ~clr) | set, the static protections (_static,
+        inlined), PROTNONE bits cleared. Returns the page's frame, None when it has no entry."""
+        cur = self.over.get(v >> 12, _MISSING)
+        if cur is _MISSING:
+            cur = self._snap(v) if not self.events else self.base(v)
         if cur is None:
             return None
         pfn, fl = cur
-        new = ((fl & ~clr) | set_) & ~PTE_PFN_MASK & U64
-        new = self._static(v, pfn, new)
-        if not new & P:
+        new = ((fl & ~clr) | set_) & _FLAGS
+        if new & P:
+            if self.text_va <= v < self.etext_va:
+                new &= ~NX
+            if self.ro and self.rodata_s <= pfn <= self.rodata_e:
+                new &= ~RW
+        else:
             new &= ~GLOBAL
         if new != fl:
             self.put(v, (pfn, new))
@@ -173,9 +267,12 @@ class Reference:
             aclr &= ~NX
         lo = self.po & self.vmask
         dm_end = lo + ((self.ram[-1][1] if self.ram else 0) << 12)
+        page, pfn_mapped, vmask = self._page, self.pfn_mapped, self.vmask
+        text_va, brk_end_va, skm = self.text_va, self.brk_end_va, self.skm
+        h0, h1 = self.highmap
         for k in range(n):
             v = v0 + (k << 12)
-            pfn = self._page(v, set_, clr)
+            pfn = page(v, set_, clr)
             touched.append(v)
             if pfn is None:
                 if not primary:
@@ -186,15 +283,15 @@ class Reference:
                         continue
                 else:
                     return                       # -EFAULT stops the call
-            if not alias or not self.pfn_mapped(pfn):
+            if not alias or not pfn_mapped(pfn):
                 continue
             if not lo <= v < dm_end:
-                a = (lo + (pfn << 12)) & self.vmask
-                self._page(a, aset, aclr)
+                a = (lo + (pfn << 12)) & vmask
+                page(a, aset, aclr)
                 touched.append(a)
-            if not self.text_va <= v < self.brk_end_va and self.highmap[0] <= pfn <= self.highmap[1]:
-                a = (self.skm + (pfn << 12)) & self.vmask
-                self._page(a, aset, aclr)
+            if not text_va <= v < brk_end_va and h0 <= pfn <= h1:
+                a = (skm + (pfn << 12)) & vmask
+                page(a, aset, aclr)
                 touched.append(a)
 
     def apply(self, op: tuple, accepted: object, touched: list[int]) -> str | None:
@@ -250,6 +347,11 @@ class Reference:
         elif name in ("memory_add", "memory_remove"):
             s, e = op[1] >> 12, (op[1] + op[2]) >> 12
             added = name == "memory_add"
+            if not self.events:             # from now on page by page: the overrides by 2M
+                self.exp.clear()
+                self.ov1g.clear()
+                for vp in self.over:
+                    self.ov2m.setdefault(vp >> 9, set()).add(vp)
             self.events.append((s, e, added))
             lo = (self.po & self.vmask) >> 12
             for vp in [vp for vp in self.over if s <= vp - lo < e]:
@@ -294,6 +396,8 @@ class Validator:
     reference changed."""
 
     def __init__(self, m, checks: str = "abcd", oracle_check=None) -> None:
+        import numpy
+        self._np = numpy
         self.m = m
         self.checks = checks
         self.vmask = m.vmask
@@ -315,6 +419,7 @@ class Validator:
         for k in m.t3:
             self._recount(3, k)
         self.pages_checked = 0
+        self._hm_counted: tuple[object, int] | None = None    # (m.ram, highmap tables counted)
         # Invariant (e): the caller's OracleCheck (x86pt/cpa/oracle_probe.py), when checks hold "e".
         self.oracle = oracle_check if "e" in checks else None
 
@@ -322,13 +427,17 @@ class Validator:
         shift = 12 + 9 * tl
         if not self.dm[0] <= key << shift < self.dm[1]:
             return
-        t = (self.m.t1, self.m.t2, self.m.t3)[tl - 1].get(key)
+        m = self.m
+        t = (m.t1 if tl == 1 else m.t2 if tl == 2 else m.t3).get(key)
+        np = self._np
         if t is None:
             n = 0
         elif tl == 1:
-            n = 512 - t.count(0)
+            n = int(np.count_nonzero(np.frombuffer(t, np.uint64)))
         else:
-            n = sum(1 for e in t if e and (not e & P or e & PSE))
+            # leaves and non-present entries: every non-zero entry but the table pointers
+            a = np.frombuffer(t, np.uint64)
+            n = int(np.count_nonzero(a)) - int(np.count_nonzero((a & _P_PSE) == P))
         old = self.cnt.pop((tl, key), 0)
         if n:
             self.cnt[(tl, key)] = n
@@ -345,7 +454,7 @@ class Validator:
         if "c" not in self.checks:
             return None
         c = self.m.counters
-        h = sum(1 for k in self.hm_tables if self.m.virt_addr_counted(self._canon(k << 21)))
+        h = self._highmap_counted()
         want = (self.tot[1] + 512 * h, self.tot[2] - h, self.tot[3])
         have = (c.dpc4k, c.dpc2m, c.dpc1g)
         if want != have:
@@ -353,31 +462,42 @@ class Validator:
                                        f"{want} (census incl. {h} highmap PTE tables)")
         return None
 
+    def _highmap_counted(self) -> int:
+        """The highmap PTE tables the kernel accounts as direct-map splits: recounted when the
+        set of those tables or the RAM list changed since the last time."""
+        hc = self._hm_counted
+        if hc is None or hc[0] is not self.m.ram:
+            h = sum(1 for k in self.hm_tables if self.m.virt_addr_counted(self._canon(k << 21)))
+            hc = self._hm_counted = (self.m.ram, h)
+        return hc[1]
+
     def check(self, idx: int, op: tuple, accepted: object, touched: set[int] | None) -> Violation | None:
         m = self.m
         pages: list[int] = []
+        self.ref.changed.clear()
         msg = self.ref.apply(op, accepted, pages)
         if msg:
             return Violation(idx, "b", msg)
-        regions: set[tuple[int, int]] = set()
         tables: set[tuple[int, int]] = set()
+        pointers = False
         for ek in touched or ():
             tl, k = ek & 3, ek >> 2
-            regions.add((tl, k))
             tables.add((tl, k >> 9))
             if tl > 1:
                 tables.add((tl - 1, k))
-        for v in pages:
-            regions.add((1, v >> 12))
+                pointers = True
         # (c) census, incrementally
         if "c" in self.checks:
             for tl, key in tables:
                 self._recount(tl, key)
                 if tl == 1 and self.hm[0] <= key << 21 < self.hm[1]:
                     if key in m.t1:
-                        self.hm_tables.add(key)
-                    else:
+                        if key not in self.hm_tables:
+                            self.hm_tables.add(key)
+                            self._hm_counted = None
+                    elif key in self.hm_tables:
                         self.hm_tables.discard(key)
+                        self._hm_counted = None
             v = self._check_counters(idx)
             if v:
                 return v
@@ -393,7 +513,7 @@ class Validator:
         # (b) a table entry an op wrote must not restrict its table: the kernel installs
         # _KERNPG_TABLE (P|RW|A|D) and leaves protections to the leaves; RW=0 or NX=1 there
         # would change all 512 translations below without any leaf differing
-        if "b" in self.checks:
+        if pointers and "b" in self.checks:
             for ek in touched or ():
                 tl, k = ek & 3, ek >> 2
                 if tl < 2:
@@ -409,64 +529,177 @@ class Validator:
                                                f"every page below it")
         # (a), (b) over the touched regions
         if "a" in self.checks or "b" in self.checks:
-            done: set[tuple[int, int]] = set()
-            for tl, k in sorted(regions, key=lambda r: -r[0]):
-                v = self._region(idx, tl, k, done)
-                if v:
-                    return v
+            v = self._check_regions(idx, touched, pages) if not self.ref.events else \
+                self._check_regions_by_page(idx, touched, pages)
+            if v:
+                return v
         # (e) the oracles, on sampled steps only
         if self.oracle is not None and self.oracle.wants(idx):
             return self.oracle.check(m, self.ref, idx, pages, touched)
         return None
 
+    # -- (a), (b): 2M regions compared as whole tables ---------------------------------------------
+    def _check_regions(self, idx: int, touched: set[int] | None, pages: list[int]) -> Violation | None:
+        """Every 2M region where the op changed something (an entry the model wrote, a page
+        whose translation the reference changed), larger spans first: the model's 512
+        effective 4K entries against the reference's, as two tables compared at once; pages
+        that differ are then compared one by one (_page_check), which decides whether the
+        difference is a violation. A page neither side changed needs no look: both sides
+        agreed on it before the op (they start equal, and every op is checked so)."""
+        big: list[int] = []
+        mid: list[int] = []
+        small: set[int] = set()
+        for ek in touched or ():
+            tl, k = ek & 3, ek >> 2
+            if tl == 3:
+                if not self._check_1g(k):
+                    big.extend(range(k << 9, (k + 1) << 9))
+            elif tl == 2:
+                mid.append(k)
+            else:
+                small.add(k >> 9)
+        for vp in self.ref.changed:
+            small.add(vp >> 9)
+        done: set[int] = set()
+        for group in (big, mid, small):
+            for k2 in group:
+                if k2 not in done:
+                    done.add(k2)
+                    r = self._check_2m(idx, k2)
+                    if r:
+                        return r
+        return None
+
+    def _check_2m(self, idx: int, k2: int) -> Violation | None:
+        v = k2 << 21
+        exp = self.ref.exp.get(k2)
+        if exp is not None:       # the common case, inlined: a PTE table against its expectation
+            m = self.m
+            t = m.t3.get(v >> 39)
+            if t is not None:
+                e = t[(v >> 30) & 511]
+                if e & P and not e & PSE:
+                    e = m.t2[v >> 30][(v >> 21) & 511]
+                    if e & P and not e & PSE and m.t1[v >> 21] == exp:
+                        self.pages_checked += 512
+                        return None
+        want = self._expected_2m(k2)
+        if want is _IRREGULAR:
+            return self._pages(idx, v, range(512))
+        got = self._actual_2m(v)
+        self.pages_checked += 512
+        if got == want:
+            return None
+        if type(got) is tuple and type(want) is tuple:
+            diff = range(512)            # two different runs: the first page tells
+        else:
+            gt, wt = self._as_table(got), self._as_table(want)
+            if gt == wt:
+                return None
+            diff = self._np.flatnonzero(entries(gt) != entries(wt)).tolist()
+        return self._pages(idx, v, diff)
+
+    def _pages(self, idx: int, v: int, js: Iterable[int]) -> Violation | None:
+        for j in js:
+            r = self._page_check(idx, v + (j << 12))
+            if r:
+                return r
+        return None
+
+    def _page_check(self, idx: int, v: int) -> Violation | None:
+        """One page: the model's translation of v (frame, flags in 4K format) against the
+        reference's."""
+        lvl, t, i = self.m.lookup(v)
+        e = t[i] if t is not None else 0
+        if lvl == 1:
+            return self._cmp(idx, v, self._pte(e), self.ref.get(v))
+        got = None
+        if e:
+            pfn0, fl = self._large(lvl, e)
+            got = (pfn0 + ((v & ((1 << (12 + 9 * (lvl - 1))) - 1)) >> 12), fl)
+        return self._cmp(idx, v, got, self.ref.get(v))
+
+    def _large(self, lvl: int, e: int) -> tuple[int, int]:
+        """(first frame, flags in 4K format) of a non-zero PMD/PUD entry that is a leaf or not
+        present; a non-present one holds its frame inverted (L1TF)."""
+        raw = ~e & U64 if not e & P and self.m.l1tf_invert else e
+        mask = (PMD_PFN_MASK if lvl == 2 else PUD_PFN_MASK) if e & PSE else PTE_PFN_MASK
+        return (raw & mask) >> 12, large_2_4k(flags_of(e, lvl))
+
+    def _actual_2m(self, v: int) -> Table | tuple[int, int] | None:
+        """The model's 4K entries for the 2M region at v: its PTE table, (frame of the region's
+        first page, flags) when a large leaf maps it, None when nothing does."""
+        lvl, t, i = self.m.lookup(v)
+        if lvl == 1:
+            return t
+        e = t[i] if t is not None else 0
+        if not e:
+            return None
+        pfn0, fl = self._large(lvl, e)
+        return pfn0 + ((v & ((1 << (12 + 9 * (lvl - 1))) - 1)) >> 12), fl
+
+    def _expected_2m(self, k2: int) -> object:
+        """The reference's 4K entries for 2M region k2 in the forms of _actual_2m, or
+        _IRREGULAR when the replay-start tables do not make it one table or one run."""
+        t = self.ref.exp.get(k2)
+        if t is not None:
+            return t
+        return self.ref.base_2m(k2)     # no override in the region (or an irregular one)
+
+    def _as_table(self, x: object) -> Table:
+        return self.ref.as_table(x)
+
+    def _check_1g(self, k3: int) -> bool:
+        """Whether the 1G region k3 (va >> 30) is, as a whole, what the reference asks for: no
+        override in it, a 1G leaf at replay start, and the model's PUD entry that leaf still, or
+        a PMD table of its 512 2M pieces (a 1G split). False: compare it 2M by 2M."""
+        ref = self.ref
+        if ref.events or k3 in ref.ov1g:
+            return False
+        t = ref.s3.get(k3 >> 9)
+        e = t[k3 & 511] if t is not None else 0
+        if not e & P or not e & PSE or e & 0x3FE00000:
+            return False
+        mt = self.m.t3.get(k3 >> 9)
+        me = mt[k3 & 511] if mt is not None else 0
+        if me != e:
+            t2 = self.m.t2.get(k3)
+            if not me & P or me & PSE or t2 is None or t2 != run_table(e, 1 << 21):
+                return False
+        self.pages_checked += 1 << 18
+        return True
+
     def expected_pte_table(self, k2: int) -> Table | None:
         """The 512 PTE values the reference asks for in 2M region k2 (va >> 21), or None when
         the hot-plug history makes it irregular (then pages are compared one by one)."""
-        ref = self.ref
-        if ref.events:
+        if self.ref.events:
             return None
-        v = k2 << 21
-        t1 = ref.s1.get(k2)
-        if t1 is not None and self._snap_is_table(v):
-            exp = table_of(t1)
-        else:
-            b = ref._snap(v)
-            if b is None:
-                exp = zero_table()
-                if any(ref._snap(v + (j << 12)) for j in (1, 255, 511)):
-                    return None
-            else:
-                exp = self._enc_run(b[0], b[1])
-        for vp in ref.ov2m.get(k2, ()):
-            val = ref.over[vp]
-            exp[vp & 511] = 0 if val is None else self._enc(val[0], val[1])
-        return exp
+        exp = self._expected_2m(k2)
+        return None if exp is _IRREGULAR else self._as_table(exp)[:]
 
     def _enc_run(self, pfn: int, flags: int) -> Table:
-        """The 512 PTEs `_enc(pfn + j, flags)` of one large leaf's frames, as one table."""
-        if flags & PTE_PFN_MASK:        # reserved bits of a large leaf among the flags: one by one
-            return table_of(self._enc(pfn + j, flags) for j in range(512))
-        t = run_table((pfn << 12) | flags, 1 << 12)
-        if not flags & P and self.m.l1tf_invert:
-            t = xor_table(t, PTE_PFN_MASK)        # flags hold no frame bit: the frame inverted
-        return t
+        return self.ref.enc_run(pfn, flags)
 
     def _enc(self, pfn: int, flags: int) -> int:
-        """A 4K entry as the kernel stores it (pfn_pte): the frame inverted when not present."""
-        if not flags & P and self.m.l1tf_invert:
-            return (~(pfn << 12) & PTE_PFN_MASK) | flags
-        return (pfn << 12) | flags
+        return self.ref.enc(pfn, flags)
+
+    # -- (a), (b) with a hot-plug history: region by region, page by page --------------------------
+    def _check_regions_by_page(self, idx: int, touched: set[int] | None,
+                               pages: list[int]) -> Violation | None:
+        regions: set[tuple[int, int]] = set()
+        for ek in touched or ():
+            regions.add((ek & 3, ek >> 2))
+        for v in pages:
+            regions.add((1, v >> 12))
+        done: set[tuple[int, int]] = set()
+        for tl, k in sorted(regions, key=lambda r: -r[0]):
+            r = self._region(idx, tl, k, done)
+            if r:
+                return r
+        return None
 
     def _snap_is_table(self, v: int) -> bool:
-        t = self.ref.s3.get(v >> 39)
-        if t is None:
-            return False
-        e = t[(v >> 30) & 511]
-        if not e or not e & P or e & PSE:
-            return False
-        t2 = self.ref.s2.get(v >> 30)
-        e = t2[(v >> 21) & 511] if t2 is not None else 0
-        return bool(e) and bool(e & P) and not e & PSE
+        return self.ref.snap_is_table(v)
 
     def _region(self, idx: int, tl: int, k: int, done: set) -> Violation | None:
         """Check the span of one entry key (tl=1: a page, 2: 2M, 3: 1G) against the reference."""
