@@ -354,6 +354,19 @@ class _TooBig(Exception):
     pass
 
 
+_new, _set = object.__new__, object.__setattr__
+
+
+def _made_result(outcome, error_code, cr2, pa, value, vector, detail) -> ProbeResult:
+    """ProbeResult(outcome, error_code, cr2, pa, value, vector, detail) without its __init__ (a
+    frozen dataclass: ~3x cheaper, equal and printing the same; tests/test_matrix_speed.py checks
+    the field list)."""
+    r = _new(ProbeResult)
+    _set(r, "__dict__", {"outcome": outcome, "error_code": error_code, "cr2": cr2, "pa": pa,
+                         "value": value, "vector": vector, "detail": detail})
+    return r
+
+
 def _chunks(probes: Sequence[Probe]) -> list[_Program]:
     """Split a batch so each chunk's results and code fit the harness; a chunk of CPL3 probes that
     each need their own segment can outgrow the code area, and is then halved."""
@@ -393,14 +406,16 @@ class _Raw:
         self.buf = ctypes.c_uint64()
         self.addr = ctypes.addressof(self.buf)
         self.mbuf = ctypes.create_string_buffer(8)
+        self._read, self._write = self.lib.uc_reg_read, self.lib.uc_reg_write
+        self.ctx_save, self.ctx_restore = self.lib.uc_context_save, self.lib.uc_context_restore
 
     def reg(self, reg: int) -> int:
-        self.lib.uc_reg_read(self.uch, reg, self.addr)
+        self._read(self.uch, reg, self.addr)
         return self.buf.value
 
     def set_reg(self, reg: int, value: int) -> None:
         self.buf.value = value & (2**64 - 1)
-        self.lib.uc_reg_write(self.uch, reg, self.addr)
+        self._write(self.uch, reg, self.addr)
 
     def u64(self, pa: int) -> int:
         if self.lib.uc_mem_read(self.uch, pa, self.mbuf, 8) != 0:
@@ -439,22 +454,22 @@ def _harness_pa(va: int) -> int:
 def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
     x = _x86
     rip = raw.reg(x.UC_X86_REG_RIP)
-    if intno == 13 and st.prog is not None and rip in st.prog.back_at and st.ctx_k is not None:
+    prog = st.prog
+    if intno == 13 and prog is not None and rip in prog.back_at and st.ctx_k is not None:
         # the end of a CPL3 stretch: the CPL0 context as run_segment starts it (kernel stack,
         # AC=0, CR2 and old_exception as saved), then on at the CPL0 code after the hlt
-        raw.lib.uc_context_restore(raw.uch, st.ctx_k.context)
+        raw.ctx_restore(raw.uch, st.ctx_k.context)
         st.last_cr2 = raw.reg(x.UC_X86_REG_CR2)
-        raw.set_reg(x.UC_X86_REG_RIP, st.prog.back_at[rip])
+        raw.set_reg(x.UC_X86_REG_RIP, prog.back_at[rip])
         return
     ctx = st.ctx.context
-    raw.lib.uc_context_save(raw.uch, ctx)
+    raw.ctx_save(raw.uch, ctx)
     code = st.ec.value & 0xFFFFFFFF
     old = st.old.value
     # Pitfall P1: unicorn never delivers the exception, so QEMU's double-fault tracking must be
     # reset by hand, else the next #PF becomes #DF and the one after a silent triple-fault stop.
     st.old.value = -1
-    raw.lib.uc_context_restore(raw.uch, ctx)
-    prog = st.prog
+    raw.ctx_restore(raw.uch, ctx)
     if prog is None:
         raise OracleError(f"vector {intno} (error code {code:#x}) at rip {rip:#x} during the "
                           "harness set-up")
@@ -532,6 +547,18 @@ def _guarded(raw: _Raw, st: _Scratch, fn, *args):
         raw.stop()
 
 
+def _intr_hook(raw: _Raw, st: _Scratch):
+    """The UC_HOOK_INTR callback: _on_intr, guarded as _guarded does (one frame less per fault)."""
+    def cb(h, intno, user):
+        try:
+            _on_intr(raw, st, intno)
+        except BaseException as e:   # noqa: BLE001 - re-raised by _Engine.run_segment
+            if st.error is None:
+                st.error = e
+            raw.stop()
+    return cb
+
+
 class _Engine:
     """One unicorn instance set up for one image and state. Hooks are registered on the raw
     library with callbacks that only see `_Raw` and `_Scratch`, so nothing cycles back to the Uc
@@ -555,8 +582,7 @@ class _Engine:
                                 ram_size=ram_size)
         self.raw = raw = _Raw(uc)
         self._cbs = (
-            (_uc.UC_HOOK_INTR, 1, 0, _ucpy.HOOK_INTR_CFUNC(
-                lambda h, intno, user: _guarded(raw, st, _on_intr, intno))),
+            (_uc.UC_HOOK_INTR, 1, 0, _ucpy.HOOK_INTR_CFUNC(_intr_hook(raw, st))),
             (_uc.UC_HOOK_MEM_READ | _uc.UC_HOOK_MEM_WRITE, RIG_IMAGE_BASE, ram_size - 1,
              _ucpy.HOOK_MEM_ACCESS_CFUNC(
                 lambda h, acc, addr, size, value, user: _guarded(raw, st, _on_mem, acc, addr, size))),
@@ -857,20 +883,23 @@ class UnicornOracle:
         values = struct.unpack(f"<{n}Q", bytes(uc.mem_read(H_RESULTS, 8 * n))) if n else ()
         out = []
         stray = "; ".join(st.stray)
+        stray_detail = f"stray accesses in this chunk: {stray}" if stray else ""
+        faults, pas, first, made = st.faults, st.pa, prog.first, _made_result
         for k, p in enumerate(prog.probes):
-            i = prog.first + k
-            f = st.faults.get(i)
+            i = first + k
+            f = faults.get(i)
             if f is not None and p.implicit and f.vector == 13 and f.error_code == IMPLICIT_GP_CODE:
-                out.append(ProbeResult("ok", pa=st.pa.get(i)))   # the descriptor read went through
+                # the descriptor read went through
+                out.append(made("ok", None, None, pas.get(i), None, None, ""))
             elif f is None:
-                out.append(ProbeResult("ok", pa=st.pa.get(i),
-                                       value=values[k] if p.access == "read" and not p.implicit else None,
-                                       detail=f"stray accesses in this chunk: {stray}" if stray else ""))
+                out.append(made("ok", None, None, pas.get(i),
+                                values[k] if p.access == "read" and not p.implicit else None, None,
+                                stray_detail))
             elif f.vector == 14:
-                out.append(ProbeResult("page_fault", f.error_code, f.cr2, vector=14, detail=f.detail))
+                out.append(made("page_fault", f.error_code, f.cr2, None, None, 14, f.detail))
             else:
-                out.append(ProbeResult("general_protection", f.error_code, f.cr2, vector=f.vector,
-                                       detail=f.detail))
+                out.append(made("general_protection", f.error_code, f.cr2, None, None, f.vector,
+                                f.detail))
         return out
 
     def _memory_after(self, eng: _Engine, memory: SparseMemory, state: PagingState) -> SparseMemory:
