@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 from x86pt import tlb
 from x86pt.cpa.ops import API, CpaModel
+from x86pt.cpa.traceops import Hotplug, MapPages, OnePage, Oob, PageRange, RawCpa, Vmap
 from x86pt.cpa.validate import Validator, Violation
 from x86pt.errors import BadInputError
 from x86pt.memory.atomic import write_text_atomic
@@ -62,15 +63,16 @@ def parse_line(line: str, where: str = "trace") -> tuple | None:
     if name.startswith("set_memory_") and name in API:
         if len(args) != 2:
             raise BadInputError(f"{where}: {name} takes ADDR NPAGES")
-        return (name, _num(args[0], "address", where), _num(args[1], "page count", where))
+        return PageRange(name, _num(args[0], "address", where), _num(args[1], "page count", where))
     if name in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush"):
         if len(args) != 1:
             raise BadInputError(f"{where}: {name} takes one ADDR (the page's direct-map address)")
-        return (name, _num(args[0], "address", where))
+        return OnePage(name, _num(args[0], "address", where))
     if name == "kernel_map_pages":
         if len(args) != 3 or args[2] not in ("0", "1"):
             raise BadInputError(f"{where}: kernel_map_pages takes ADDR NPAGES 0|1")
-        return (name, _num(args[0], "address", where), _num(args[1], "page count", where), int(args[2]))
+        return MapPages(name, _num(args[0], "address", where), _num(args[1], "page count", where),
+                        int(args[2]))
     if name in ("cpa", "oob"):
         if len(args) < (2 if name == "oob" else 3):
             raise BadInputError(f"{where}: {name} needs ADDR{' NPAGES' if name == 'cpa' else ''} set=.. clr=..")
@@ -97,23 +99,24 @@ def parse_line(line: str, where: str = "trace") -> tuple | None:
         if kv["set"] is None or kv["clr"] is None:
             raise BadInputError(f"{where}: {name} needs both set=MASK and clr=MASK")
         if name == "oob":
-            return ("oob", addr, kv["set"], kv["clr"])
-        if kv["flags"] & 6:
+            return Oob("oob", addr, kv["set"], kv["clr"])
+        flags = kv["flags"] or 0
+        if flags & 6:
             raise BadInputError(f"{where}: CPA_ARRAY/CPA_PAGES_ARRAY (flags & 6) are not modelled")
-        return ("cpa", addr, n, kv["set"], kv["clr"], kv["flags"], primary, force)
+        return RawCpa("cpa", addr, n, kv["set"], kv["clr"], flags, primary, force)
     if name == "vmap":
         if len(args) not in (3, 4) or (len(args) == 4 and args[3] != "huge"):
             raise BadInputError(f"{where}: vmap takes ADDR PA NPAGES [huge]")
-        return ("vmap", _num(args[0], "address", where), _num(args[1], "physical address", where),
-                _num(args[2], "page count", where), len(args) == 4)
+        return Vmap("vmap", _num(args[0], "address", where), _num(args[1], "physical address", where),
+                    _num(args[2], "page count", where), len(args) == 4)
     if name == "vunmap":
         if len(args) != 2:
             raise BadInputError(f"{where}: vunmap takes ADDR NPAGES")
-        return ("vunmap", _num(args[0], "address", where), _num(args[1], "page count", where))
+        return PageRange("vunmap", _num(args[0], "address", where), _num(args[1], "page count", where))
     if name in ("memory_add", "memory_remove"):
         if len(args) != 2:
             raise BadInputError(f"{where}: {name} takes PA SIZE")
-        return (name, _num(args[0], "physical address", where), _num(args[1], "size", where))
+        return Hotplug(name, _num(args[0], "physical address", where), _num(args[1], "size", where))
     op = tlb.parse_tlb_line(line, where)
     if op is not None:
         return op

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from x86pt.cpa.kernel import P, kernel_version
 from x86pt.cpa.layout import Layout
+from x86pt.cpa.traceops import Hotplug, OnePage, Oob, PageRange, Vmap
 from x86pt.errors import BadInputError
 
 SCENARIOS = ("modules", "modules-rox", "bpf", "bpf-nopack", "kfence", "secretmem", "hotplug")
@@ -109,16 +110,16 @@ class Generator:
     # -- scenarios: each call yields the ops of one event ----------------------------------------
     def _reset_perms(self, pages: list[int]) -> Iterator[tuple]:
         for pa in pages:
-            yield ("set_direct_map_invalid_noflush", self.dm(pa))
+            yield OnePage("set_direct_map_invalid_noflush", self.dm(pa))
         for pa in pages:
-            yield ("set_direct_map_default_noflush", self.dm(pa))
+            yield OnePage("set_direct_map_default_noflush", self.dm(pa))
 
     def modules(self) -> Iterator[tuple]:
         r = self.rng
         if self.loaded and (len(self.loaded) > 40 or r.random() < 0.45):
             va, pages, text, ro, data = self.loaded.pop(r.randrange(len(self.loaded)))
             yield from self._reset_perms(pages)
-            yield ("vunmap", va, len(pages))
+            yield PageRange("vunmap", va, len(pages))
             self.va.release(va, len(pages))
             for pa in pages:
                 self.frames.free(pa)
@@ -128,14 +129,14 @@ class Generator:
         va = self.va.alloc(n)
         pages = [self.frames.page() for _ in range(n)]
         for k, pa in enumerate(pages):
-            yield ("vmap", va + k * 4096, pa, 1, False)
+            yield Vmap("vmap", va + k * 4096, pa, 1, False)
         if self.v.native_rox:
-            yield ("set_memory_rox", va, text)
-            yield ("set_memory_ro", va + text * 4096, ro)
+            yield PageRange("set_memory_rox", va, text)
+            yield PageRange("set_memory_ro", va + text * 4096, ro)
         else:
-            yield ("set_memory_ro", va, text + ro)
-            yield ("set_memory_x", va, text)
-        yield ("set_memory_nx", va + text * 4096, ro + data)
+            yield PageRange("set_memory_ro", va, text + ro)
+            yield PageRange("set_memory_x", va, text)
+        yield PageRange("set_memory_nx", va + text * 4096, ro + data)
         self.loaded.append((va, pages, text, ro, data))
 
     def modules_rox(self) -> Iterator[tuple]:
@@ -145,13 +146,13 @@ class Generator:
                 # a fully free 2M piece goes back through vfree (vm_reset_perms)
                 ova, _, opa = self.rox_chunks.pop(0)
                 yield from self._reset_perms([opa + k * 4096 for k in range(512)])
-                yield ("vunmap", ova, 512)
+                yield PageRange("vunmap", ova, 512)
                 self.va.release(ova, 512, 1 << 21)
                 self.frames.free(opa, 512)
             va = self.va.alloc(512, 1 << 21)
             pa = self.frames.huge()
-            yield ("vmap", va, pa, 512, True)
-            yield ("set_memory_rox", va, 512)
+            yield Vmap("vmap", va, pa, 512, True)
+            yield PageRange("set_memory_rox", va, 512)
             self.rox_chunks.append([va, 0, pa])
         ch = self.rox_chunks[-1]
         n = r.randint(1, 24)
@@ -159,23 +160,23 @@ class Generator:
         sub = ch[0] + ch[1] * 4096
         ch[1] += n
         # execmem_make_temp_rw, relocations/alternatives, execmem_restore_rox
-        yield ("set_memory_nx", sub, n)
-        yield ("set_memory_rw", sub, n)
-        yield ("set_memory_rox", sub, n)
+        yield PageRange("set_memory_nx", sub, n)
+        yield PageRange("set_memory_rw", sub, n)
+        yield PageRange("set_memory_rox", sub, n)
         data = r.randint(1, 6)
         dva = self.va.alloc(data)
         pages = [self.frames.page() for _ in range(data)]
         for k, pa in enumerate(pages):
-            yield ("vmap", dva + k * 4096, pa, 1, False)
-        yield ("set_memory_nx", dva, data)
+            yield Vmap("vmap", dva + k * 4096, pa, 1, False)
+        yield PageRange("set_memory_nx", dva, data)
         if r.random() < 0.4:
             # unload of the data part; text pieces go back to the cache (rw, INT3 fill, rox)
             yield from self._reset_perms(pages)
-            yield ("vunmap", dva, data)
+            yield PageRange("vunmap", dva, data)
             self.va.release(dva, data)
-            yield ("set_memory_nx", sub, n)
-            yield ("set_memory_rw", sub, n)
-            yield ("set_memory_rox", sub, n)
+            yield PageRange("set_memory_nx", sub, n)
+            yield PageRange("set_memory_rw", sub, n)
+            yield PageRange("set_memory_rox", sub, n)
 
     def bpf(self) -> Iterator[tuple]:
         r = self.rng
@@ -183,13 +184,13 @@ class Generator:
             if self.packs and (r.random() < 0.3 and len(self.packs) > 2 or len(self.packs) > 32):
                 va, _, pa = self.packs.pop(0)
                 yield from self._reset_perms([pa + k * 4096 for k in range(512)])
-                yield ("vunmap", va, 512)
+                yield PageRange("vunmap", va, 512)
                 self.va.release(va, 512, 1 << 21)
                 self.frames.free(pa, 512)
             va = self.va.alloc(512, 1 << 21)
             pa = self.frames.huge()
-            yield ("vmap", va, pa, 512, True)
-            yield ("set_memory_rox", va, 512)
+            yield Vmap("vmap", va, pa, 512, True)
+            yield PageRange("set_memory_rox", va, 512)
             self.packs.append([va, 0, pa])
         self.packs[-1][1] += 1     # a program from the pack: text_poke only, no CPA
 
@@ -198,7 +199,7 @@ class Generator:
         if self.progs and (len(self.progs) > 60 or r.random() < 0.5):
             va, pages = self.progs.pop(r.randrange(len(self.progs)))
             yield from self._reset_perms(pages)
-            yield ("vunmap", va, len(pages))
+            yield PageRange("vunmap", va, len(pages))
             self.va.release(va, len(pages))
             for pa in pages:
                 self.frames.free(pa)
@@ -207,12 +208,12 @@ class Generator:
         va = self.va.alloc(n)
         pages = [self.frames.page() for _ in range(n)]
         for k, pa in enumerate(pages):
-            yield ("vmap", va + k * 4096, pa, 1, False)
+            yield Vmap("vmap", va + k * 4096, pa, 1, False)
         if self.v.native_rox:
-            yield ("set_memory_rox", va, n)
+            yield PageRange("set_memory_rox", va, n)
         else:
-            yield ("set_memory_ro", va, n)
-            yield ("set_memory_x", va, n)
+            yield PageRange("set_memory_ro", va, n)
+            yield PageRange("set_memory_x", va, n)
         self.progs.append((va, pages))
 
     def kfence_ops(self) -> Iterator[tuple]:
@@ -228,38 +229,38 @@ class Generator:
             for k in range(512):
                 pa = base + k * 4096
                 if k == 0 or not pa & 0x1FFFFF:
-                    yield ("set_memory_4k", self.dm(pa), 1)
+                    yield PageRange("set_memory_4k", self.dm(pa), 1)
             return
         base, n = self.kfence
         k = r.randrange(1, n, 2)                    # object pages; guard pages stay protected
         a = self.dm(base + k * 4096)
         if a in self.kfence_down:
             self.kfence_down.discard(a)
-            yield ("oob", a, P, 0)
+            yield Oob("oob", a, P, 0)
         else:
             self.kfence_down.add(a)
-            yield ("oob", a, 0, P)
+            yield Oob("oob", a, 0, P)
 
     def secretmem(self) -> Iterator[tuple]:
         r = self.rng
         if self.secret and (len(self.secret) > 200 or r.random() < 0.45):
             pa = self.secret.pop(r.randrange(len(self.secret)))
-            yield ("set_direct_map_default_noflush", self.dm(pa))
+            yield OnePage("set_direct_map_default_noflush", self.dm(pa))
             self.frames.free(pa)
             return
         pa = self.frames.page()
         self.secret.append(pa)
-        yield ("set_direct_map_invalid_noflush", self.dm(pa))
+        yield OnePage("set_direct_map_invalid_noflush", self.dm(pa))
 
     def hotplug(self) -> Iterator[tuple]:
         block = 128 << 20
         if self.hot and (len(self.hot) > 16 or self.rng.random() < 0.4):
             pa = self.hot.pop()
-            yield ("memory_remove", pa, block)
+            yield Hotplug("memory_remove", pa, block)
             return
         pa = self.hot_next + len(self.hot) * block
         self.hot.append(pa)
-        yield ("memory_add", pa, block)
+        yield Hotplug("memory_add", pa, block)
 
     def run(self, scenario: str, n_ops: int) -> list[tuple]:
         weights = MIXES.get(scenario, {scenario: 1})
