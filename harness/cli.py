@@ -75,7 +75,7 @@ def make_source(args, oracle, caps, span=None):
     --shard I/N (the I-th of N equal parts), and an executor's part takes the units [a, b) of
     that (`span`), so shards and parts together are exactly the unsharded run
     (docs/conformance-sweeps.md §1)."""
-    from harness.matrix import MatrixFeatures, MatrixSource, matrix_for, select
+    from harness.matrix import MatrixFeatures, MatrixSource, matrix_for, probe_cap, select
     from x86pt.state import as_profile
     feat = MatrixFeatures.from_caps(caps)
     profile = as_profile(getattr(oracle, "profile", "intel"))
@@ -97,7 +97,7 @@ def make_source(args, oracle, caps, span=None):
     else:
         start, stop = start + lo, start + hi
     return MatrixSource(m, profile, indices=idx, start=start, stop=stop,
-                        batch_cases=batch or _default_batch(oracle),
+                        batch_cases=batch or _default_batch(oracle), batch_probes=None if batch else probe_cap(oracle),
                         name="xmatrix" if args.extended else "matrix")
 
 

@@ -811,6 +811,10 @@ class MatrixSource:
     batch_cases: int = 4096
     chunk: int = 1 << 16
     name: str = "matrix"
+    # With batch_probes, a batch takes the next cases of its group while their probes (two for a
+    # `twice` case, else one) fit in batch_probes, however many cases that is: an oracle that
+    # starts a VM per max_probes probes (QEMU, Bochs) then starts one per batch, all of it used.
+    batch_probes: int | None = None
 
     @property
     def total(self) -> int:
@@ -829,6 +833,16 @@ class MatrixSource:
             hi = min(stop, lo + self.chunk)
             yield np.arange(lo, hi), self.matrix.flags_range(lo, hi)
 
+    def _cut(self, grp: np.ndarray, flags: np.ndarray) -> Iterator[np.ndarray]:
+        """The batches of one CPU-state group (indices into the chunk), in order."""
+        if self.batch_probes is None:
+            for lo in range(0, len(grp), self.batch_cases):
+                yield grp[lo:lo + self.batch_cases]
+            return
+        per = 1 + ((flags[grp] & np.uint64(ACC_TWICE)) != 0).astype(np.int64)
+        for lo, hi in _probe_cuts(per, self.batch_probes):
+            yield grp[lo:hi]
+
     def batches(self) -> Iterator[Batch]:
         feat = self.matrix.features
         for idx, flags in self._chunks():
@@ -838,11 +852,30 @@ class MatrixSource:
             sk = keys[order]
             bounds = np.flatnonzero(np.diff(sk)) + 1
             for grp in np.split(order, bounds):
-                for lo in range(0, len(grp), self.batch_cases):
-                    sel = grp[lo:lo + self.batch_cases]
+                for sel in self._cut(grp, flags):
                     name = self.name
                     cases = [(f"{name}#{i}", f) for i, f in zip(idx[sel].tolist(), flags[sel].tolist())]
                     yield build_batch(cases, feat, self.profile)
+
+
+def probe_cap(oracle) -> int | None:
+    """The probes an oracle runs per VM start (its `max_probes`), None when it has no such cap."""
+    cap = getattr(oracle, "max_probes", None)
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 1 else None
+
+
+def _probe_cuts(per_case: np.ndarray, most: int) -> list[tuple[int, int]]:
+    """[lo, hi) runs of cases whose probe counts (`per_case`) sum to at most `most` each (a case
+    alone may exceed it), greedily from the front."""
+    cum = np.concatenate(([0], np.cumsum(per_case)))
+    out = []
+    lo, n = 0, len(per_case)
+    while lo < n:
+        hi = int(np.searchsorted(cum, cum[lo] + most, side="right")) - 1
+        hi = min(n, max(hi, lo + 1))
+        out.append((lo, hi))
+        lo = hi
+    return out
 
 
 def select(total: int, *, shard: tuple[int, int] | None = None, limit: int | None = None,

@@ -222,3 +222,19 @@ def test_oracle_results_made_without_init_are_the_real_ones():
         r = made(*args)
         assert r == ProbeResult(*args) and repr(r) == repr(ProbeResult(*args))
         assert r.to_json() == ProbeResult(*args).to_json()
+
+
+def test_batches_filled_by_probes_hold_the_same_cases():
+    # batch_probes (x86pt conform with an oracle that has max_probes) changes how the cases of a
+    # CPU-state group are cut into batches, not which cases run or in what order.
+    m = matrix_for(FEAT)
+    by_cases = MatrixSource(m, as_profile("qemu"), start=2_000_000, stop=2_020_000, batch_cases=4096)
+    by_probes = MatrixSource(m, as_profile("qemu"), start=2_000_000, stop=2_020_000, batch_cases=4096,
+                             batch_probes=8192)
+    a = [c.label for b in by_cases.batches() for c in b.cases]
+    got = list(by_probes.batches())
+    assert [c.label for b in got for c in b.cases] == a
+    assert all(len(b.probes) <= 8192 for b in got)
+    assert len(got) < len(list(by_cases.batches()))
+    full = [b for b in got[:-1] if len(b.probes) < 8191]       # only a group's last batch is short
+    assert len(full) <= 3

@@ -2,8 +2,9 @@
 """How fast the classic access matrix runs against each oracle, phase by phase, on a fixed slice,
 and the projected wall time of the full matrix (`x86pt conform --oracle O --full --jobs 2`).
 
-The slice: --blocks blocks of --block consecutive cases, spread evenly over the oracle's classic
-matrix (so every CPU-state group is in it), cut into batches as `x86pt conform` cuts them. Per
+The slice: --blocks blocks of --block consecutive cases (default 2 x 65,536, one MatrixSource chunk
+each, one at each end of the matrix: the PKU-off and the PKU-on state groups), cut into batches
+exactly as `x86pt conform --full` cuts them. Per
 oracle, three passes over the same slice, timed in CPU seconds (getrusage: user + system of this
 process and of the children it reaped, i.e. the QEMU processes; KVM's guest time is this thread's
 system time), with the wall time beside it:
@@ -20,7 +21,7 @@ plus one oracle open per part (x86pt conform cuts a --jobs 2 run into 8 parts). 
 because the machine is shared: wall time says what the load was, not what the code costs.
 
     python3 tools/bench_matrix.py                          # unicorn, qemu, kvm (those available)
-    python3 tools/bench_matrix.py --oracle qemu --blocks 16 --block 4096
+    python3 tools/bench_matrix.py --oracle qemu --blocks 4
     python3 tools/bench_matrix.py --oracle unicorn --scalar-model --json
 """
 from __future__ import annotations
@@ -67,9 +68,12 @@ class _Clock:
 
 
 def slice_indices(size: int, blocks: int, block: int):
+    """`blocks` runs of `block` cases spread evenly over the matrix, each starting on a multiple of
+    `block` (with --block 65536, a MatrixSource chunk: the batches a --full run builds)."""
     import numpy as np
-    starts = [k * (size - block) // max(1, blocks - 1) for k in range(blocks)] if blocks > 1 else [0]
-    return np.concatenate([np.arange(s, s + block) for s in starts])
+    last = max(0, (size - block) // block)
+    starts = [(k * last // max(1, blocks - 1)) * block for k in range(blocks)] if blocks > 1 else [0]
+    return np.concatenate([np.arange(s, min(size, s + block)) for s in starts])
 
 
 def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: bool) -> dict:
@@ -77,6 +81,11 @@ def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: 
     from harness.cli import _default_batch
     from harness.differential import run_conformance
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+    try:
+        from harness.matrix import probe_cap
+    except ImportError:               # a tree from before batch_probes: batches by cases only
+        def probe_cap(oracle):
+            return None
     from x86pt.compare import model_run
     from x86pt.oracle import get_oracle
     from x86pt.state import as_profile
@@ -94,6 +103,8 @@ def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: 
 
         def source():
             src = MatrixSource(m, prof, indices=idx, batch_cases=bc)
+            if batch is None and probe_cap(o) is not None:
+                src.batch_probes = probe_cap(o)      # as x86pt conform does
             src.chunk = block          # each block is grouped into batches as a run's chunk is
             return src
 
@@ -144,8 +155,9 @@ def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--oracle", action="append", help="unicorn, qemu, kvm (repeatable; default all available)")
-    ap.add_argument("--blocks", type=int, default=8, help="blocks in the slice (spread over the matrix)")
-    ap.add_argument("--block", type=int, default=8192, help="consecutive cases per block")
+    ap.add_argument("--blocks", type=int, default=2, help="blocks in the slice (spread over the matrix)")
+    ap.add_argument("--block", type=int, default=1 << 16,
+                    help="consecutive cases per block (default: one MatrixSource chunk)")
     ap.add_argument("--batch", type=int, default=None, help="cases per oracle batch (default: conform's)")
     ap.add_argument("--scalar-model", action="store_true", help="the scalar walker as the model side")
     ap.add_argument("--json", action="store_true")
