@@ -41,7 +41,7 @@ def _u64(v):
 
 # -- EMULATOR: start the emulator ---------------------------------------------------------------------
 def open_emulator(name: str, *, self_test: bool):
-    from x86pt.oracle import get_oracle
+    from x86pt.registry import get_oracle
     if name == "unicorn":
         return get_oracle("unicorn", self_test=self_test)
     if name == "model":

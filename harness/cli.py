@@ -40,12 +40,12 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _oracle_list(name: str) -> list[str]:
-    from x86pt.oracle import oracle_list
+    from x86pt.registry import oracle_list
     return oracle_list(name)
 
 
 def _open_oracle(name: str, profile: str | None):
-    from x86pt.oracle import get_oracle
+    from x86pt.registry import get_oracle
     if name == "model":
         return get_oracle("model", profile=profile or "intel")
     return get_oracle(name)

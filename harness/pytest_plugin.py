@@ -100,7 +100,7 @@ def open_oracle(config):
         if not name:
             raise pytest.UsageError("x86pt: no oracle: pass --x86pt-oracle NAME (or cmd:PROGRAM ARGS)")
         from x86pt.errors import X86ptError
-        from x86pt.oracle import get_oracle, oracle_list
+        from x86pt.registry import get_oracle, oracle_list
         try:
             names = oracle_list(name, what="--x86pt-oracle")
             if len(names) != 1:

@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(config, items):
 def oracle(request):
     """Each real oracle of the rig in turn (skipped, or failed when required, where it is missing);
     closed after the module."""
-    from x86pt.oracle import availability, get_oracle
+    from x86pt.registry import availability, get_oracle
     name = request.param
     ok, why = availability(name)
     need_oracle(name, ok, why)

@@ -19,7 +19,7 @@ import pytest
 
 from x86pt.cmdoracle import CmdOracle, check, check_result, schema
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
-from x86pt.oracle import availability, get_oracle, oracle_list
+from x86pt.registry import availability, get_oracle, oracle_list
 
 from conftest import need_oracle
 

@@ -171,7 +171,7 @@ def test_dask_matrix_run_is_the_local_run(cluster, matrix_here, tmp_path):
 
 @needs_dask
 def test_dask_random_run_on_unicorn_is_the_local_run(cluster, tmp_path):
-    from x86pt.oracle import availability
+    from x86pt.registry import availability
     from conftest import need_oracle
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)

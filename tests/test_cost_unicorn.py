@@ -142,7 +142,7 @@ def measure(kind: str, offs: list[int], flush: bool = True) -> int | tuple[int, 
 
 @pytest.fixture(scope="module")
 def unicorn_ok():
-    from x86pt.oracle import availability
+    from x86pt.registry import availability
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)
 

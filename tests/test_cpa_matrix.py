@@ -112,7 +112,7 @@ def test_sampled_states_agree_with_unicorn():
     unicorn (every page each sampled op touched, read/write/fetch at CPL0) for the merge
     policies on the oldest and newest rule sets."""
     from conftest import need_oracle
-    from x86pt.oracle import availability
+    from x86pt.registry import availability
     from x86pt.cpa.oracle_probe import OracleCheck, sampled_steps
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)

@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from conftest import need_oracle
-from x86pt.oracle import availability
+from x86pt.registry import availability
 from x86pt.cli import main
 
 LAYOUT = "server-64g-nogb"          # KVM here has no 1G pages; 2M leaves everywhere

@@ -14,7 +14,7 @@ from harness import matrix as mx
 from harness.differential import Batch, CaseInfo, OwnedEntry, compare_entries, disassemble, replay, run_conformance
 from x86pt.compare import compare_probe, model_run
 from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
-from x86pt.oracle import availability, get_oracle
+from x86pt.registry import availability, get_oracle
 from x86pt.oracle import Probe, ProbeResult
 from harness.oracles.model import ModelOracle, deviation
 from harness.random_tables import RandomSource

@@ -29,7 +29,7 @@ def _env() -> dict:
 @pytest.mark.parametrize("oracle", ["model", pytest.param("unicorn", marks=pytest.mark.unicorn)])
 def test_ctrl_c_prints_a_partial_summary_and_exits_130(oracle, tmp_path):
     if oracle == "unicorn":
-        from x86pt.oracle import availability
+        from x86pt.registry import availability
         ok, why = availability("unicorn")
         need_oracle("unicorn", ok, why)
     p = subprocess.Popen(_x86pt("conform", "--oracle", oracle, "--full", "--no-repro", cwd=tmp_path),

@@ -21,14 +21,6 @@ import pytest
 
 grimp = pytest.importorskip("grimp")
 
-# Circles of modules that another change is still taking apart: the SCC (as a set of modules) ->
-# why it is still there. Each is xfail(strict=True) below: when the circle is gone the mark must go.
-KNOWN_CIRCLES: dict[frozenset[str], str] = {
-    frozenset({"x86pt.oracle", "x86pt.cmdoracle", "x86pt.compare"}):
-        "x86pt.oracle.get_oracle imports x86pt.cmdoracle (function level) for 'cmd:' oracles, "
-        "cmdoracle imports x86pt.oracle and x86pt.compare, compare imports x86pt.oracle",
-}
-
 # (c): highest first. Names relative to x86pt; a package stands for everything in it. The
 # modules not listed (errors, numbers, limits, memory, plugins, oracle, tlb, cost, ...) are
 # free to be imported by any layer, but a chain through them still counts.
@@ -165,21 +157,14 @@ def test_a_planted_rig_import_is_found():
 # -- (b) ---------------------------------------------------------------------------------------------
 def test_no_import_circles_in_x86pt():
     g = _graph()
-    circles = [c for c in _sccs(g) if c not in KNOWN_CIRCLES]
+    circles = list(_sccs(g))
     assert not circles, "import circles: " + "; ".join(_circle_text(g, c) for c in circles)
-
-
-@pytest.mark.parametrize("circle", sorted(KNOWN_CIRCLES, key=sorted), ids=lambda c: "+".join(sorted(c)))
-@pytest.mark.xfail(strict=True, reason="a known circle another change is taking apart (KNOWN_CIRCLES); "
-                                       "when this passes, remove the entry")
-def test_known_circle_is_gone(circle):
-    assert circle not in _sccs(_graph()), KNOWN_CIRCLES[circle]
 
 
 def test_a_planted_circle_is_found():
     g = _fresh_graph()
     g.add_import(importer="x86pt.fields", imported="x86pt.walk", line_number=1, line_contents="import")
-    circles = [c for c in _sccs(g) if c not in KNOWN_CIRCLES]
+    circles = list(_sccs(g))
     assert any({"x86pt.fields", "x86pt.walk"} <= c for c in circles)
 
 

@@ -26,7 +26,8 @@ from tests.conftest import ROOT, need_oracle
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.oracle import Probe, availability, get_oracle, oracle_names, tag_value
+from x86pt.oracle import Probe, tag_value
+from x86pt.registry import availability, get_oracle, oracle_names
 from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_LMA,
                          EFER_LME, EFER_NXE, PROFILES)
 from x86pt.walk import Access, PageFault, Translation, walk

@@ -13,7 +13,7 @@ import pytest
 
 from x86pt import plugins
 from x86pt.errors import BadInputError, OracleUnavailable
-from x86pt.oracle import all_oracles, availability, get_oracle, oracle_class, oracle_list, oracle_names
+from x86pt.registry import all_oracles, availability, get_oracle, oracle_class, oracle_list, oracle_names
 
 
 @pytest.mark.parametrize("group", [plugins.ORACLES, plugins.COMMANDS, "console_scripts"])

@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conftest import need_oracle
-from x86pt.oracle import availability
+from x86pt.registry import availability
 from test_cmd_oracle import BROKEN, FLIP
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +149,7 @@ def test_a_third_party_oracle_package_runs_under_the_plugin(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     _fake_dist(site, "tinyemu2", '''
-        from x86pt.oracle import get_oracle
+        from x86pt.registry import get_oracle
 
         class TinyOracle:
             name = "tiny2"

@@ -66,7 +66,7 @@ def _needs(cmd: str) -> list[str]:
     if m and "cmd:" in m.group(1):
         need.append("unicorn")                 # the example adapter wraps unicorn
     elif m:
-        from x86pt.oracle import all_oracles
+        from x86pt.registry import all_oracles
         names = m.group(1).split(",")
         need += list(all_oracles()) if names == ["all"] else names
     if "bench_dump.py" in cmd:
@@ -80,7 +80,7 @@ def _available(name: str) -> tuple[bool, str]:
     if name == "linux":
         from harness.linux.run import available
         return available("6.1")
-    from x86pt.oracle import availability
+    from x86pt.registry import availability
     return availability(name)
 
 

@@ -185,7 +185,7 @@ def test_model_sets_match_the_sdm(kind):
 
 # -- unicorn --------------------------------------------------------------------------------------
 def run_unicorn(global_x: bool, steps) -> dict[int, int]:
-    from x86pt.oracle import availability
+    from x86pt.registry import availability
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)
     import unicorn as uc_mod

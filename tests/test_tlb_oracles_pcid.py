@@ -206,7 +206,7 @@ def _unicorn_cpuid(uc_mod, x) -> tuple[int, int]:
 
 
 def run_unicorn(global_x: bool, steps) -> dict[int, int]:
-    from x86pt.oracle import availability
+    from x86pt.registry import availability
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)
     import unicorn as uc_mod
@@ -397,7 +397,7 @@ def run_qemu(global_x: bool, steps) -> dict[int, int]:
     """The guest runs under QEMU's gdbstub: a breakpoint at each `out`, where the host writes the
     shared RAM file (QEMU's softmmu TLB is not told) and resumes past the `out`; an exception
     reaches a handler whose breakpoint reports the vector and the faulting instruction."""
-    from x86pt.oracle import availability
+    from x86pt.registry import availability
     from harness.oracles.qemu_monitor import QemuMonitor
     from x86pt.errors import OracleError
     ok, why = availability("qemu")

@@ -96,7 +96,7 @@ def test_wheel_demo(installed):
                                     pytest.param("qemu", marks=pytest.mark.qemu),
                                     pytest.param("kvm", marks=pytest.mark.kvm)])
 def test_wheel_conform(installed, oracle):
-    from x86pt.oracle import availability
+    from x86pt.registry import availability
     ok, why = availability(oracle)
     need_oracle(oracle, ok, why)
     r = _run(installed, "conform", "--oracle", oracle, "--limit", "300")

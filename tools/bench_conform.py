@@ -30,7 +30,7 @@ def _work(oracle_name: str, extended: bool, lo: int, hi: int, step: int, batch: 
     import numpy as np
     from harness.differential import run_conformance
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
-    from x86pt.oracle import get_oracle
+    from x86pt.registry import get_oracle
     from x86pt.state import as_profile
     o = get_oracle(oracle_name)
     try:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.fraction <= 1 or args.jobs < 1:
         ap.error("--fraction must be in (0, 1], --jobs >= 1")
     from harness.matrix import MatrixFeatures, matrix_for
-    from x86pt.oracle import availability, get_oracle
+    from x86pt.registry import availability, get_oracle
     ok, why = availability(args.oracle)
     if not ok:
         print(f"bench_conform: {args.oracle} not available: {why}", file=sys.stderr)

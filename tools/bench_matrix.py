@@ -87,7 +87,7 @@ def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: 
         def probe_cap(oracle):
             return None
     from x86pt.compare import model_run
-    from x86pt.oracle import get_oracle
+    from x86pt.registry import get_oracle
     from x86pt.state import as_profile
     if scalar:
         diff._fast_model = lambda b: None
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.blocks < 1 or args.block < 1 or (args.batch is not None and args.batch < 1):
         ap.error("--blocks, --block and --batch must be >= 1")
-    from x86pt.oracle import availability
+    from x86pt.registry import availability
     names = args.oracle or ["unicorn", "qemu", "kvm"]
     rc = 0
     for name in names:

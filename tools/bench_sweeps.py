@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_sweeps: needs dask[distributed] (pip install 'x86pt[dask]')", file=sys.stderr)
         return 2
     from harness.matrix import MatrixFeatures, matrix_for
-    from x86pt.oracle import get_oracle
+    from x86pt.registry import get_oracle
     sel = ["--oracle", args.oracle, *shlex.split(args.slice)]
     o = get_oracle(args.oracle)
     try:

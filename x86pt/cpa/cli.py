@@ -74,7 +74,7 @@ def _oracle_check(args, n_ops: int, minimising: bool = False):
     if not names:
         return None
     from x86pt.cpa.oracle_probe import OracleCheck, sampled_steps
-    from x86pt.oracle import oracle_list
+    from x86pt.registry import oracle_list
     want = oracle_list(names)
     cap = parse_int(args.oracle_cap, "--oracle-cap", lo=1, hi=1 << 20)
     quiet = args.quiet or args.json
@@ -199,7 +199,7 @@ def _check_run_args(args, n_ops: int) -> None:
         if not args.dump_out:
             raise BadInputError("--dump-at needs --dump-out PATH (where the image goes)")
     if args.oracle is not None:
-        from x86pt.oracle import all_oracles, oracle_list
+        from x86pt.registry import all_oracles, oracle_list
         runnable = all_oracles()
         bad = [n for n in oracle_list(args.oracle) if n not in runnable]
         if bad:

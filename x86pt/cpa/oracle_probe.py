@@ -192,7 +192,7 @@ class OracleCheck:
     def __init__(self, names: Sequence[str], *, every: int | None = None,
                  steps: Sequence[int] | None = None, cap: int = DEFAULT_CAP,
                  log: Callable[[str], None] | None = None, oracles: dict | None = None) -> None:
-        from x86pt.oracle import availability, get_oracle
+        from x86pt.registry import availability, get_oracle
         if cap < 1:
             raise BadInputError("the probe cap per step must be at least 1")
         self.every = every
