@@ -201,9 +201,10 @@ class _Program:
     access_at: dict[int, int]               # VA of the access instruction -> probe index
     ret_at: dict[int, int]                  # return address of a fetch probe's call -> index
     resume: tuple[int, ...]                 # VA where probe i's block continues after a fault
-    # (VA of the next access, its rbx) when probe i's tail only loads rbx: a fault then resumes on
-    # that TB start directly instead of translating the tail as a new TB (~2x faster faults).
-    skip: tuple[tuple[int, int] | None, ...]
+    # (VA of the next access, its rbx[, its rdx]) when probe i's tail only loads rbx (and rdx, for
+    # a write): a fault then resumes on that TB start directly, the hook loading the registers,
+    # instead of translating the tail as a new TB (~2x faster faults).
+    skip: tuple[tuple[int, ...] | None, ...]
     block_at: tuple[tuple[int, int], ...]   # (phys start of its set-up, index), for listings
     # VA of the `hlt` ending a CPL3 stretch (user view) -> VA where CPL0 code goes on (kernel view)
     back_at: dict[int, int] = field(default_factory=dict)
@@ -265,7 +266,7 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
     access_at: dict[int, int] = {}
     ret_at: dict[int, int] = {}
     resume: list[int] = []
-    skip: list[tuple[int, int] | None] = []
+    skip: list[tuple[int, ...] | None] = []
     blocks: list[tuple[int, int]] = []
     segments: list[_Segment] = []
     pack = _Q.pack
@@ -323,6 +324,8 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
             code += _MOV_RBX + pack(p.va & _M64) + _JMP_NEXT
             if i > start and len(code) - tail == 12:      # movabs rbx + jmp $+2 only
                 skip[-1] = (vbase + len(code), p.va)
+            elif i > start and len(code) - tail == 22 and code[tail:tail + 2] == _MOV_RDX:
+                skip[-1] = (vbase + len(code), p.va, p.wvalue & _M64)    # movabs rdx, rbx + jmp
             # the access, starting its TB
             access_at[vbase + len(code)] = first + i
             code += _MOV_ES_EAX if p.implicit else INSN[p.access]
@@ -512,6 +515,8 @@ def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
         raw.set_reg(x.UC_X86_REG_RIP, prog.resume[i - prog.first])
     else:
         raw.set_reg(x.UC_X86_REG_RBX, fast[1])
+        if len(fast) == 3:
+            raw.set_reg(x.UC_X86_REG_RDX, fast[2])
         raw.set_reg(x.UC_X86_REG_RIP, fast[0])
 
 
