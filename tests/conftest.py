@@ -45,7 +45,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module", params=[pytest.param("unicorn", marks=pytest.mark.unicorn),
                                         pytest.param("qemu", marks=pytest.mark.qemu),
-                                        pytest.param("kvm", marks=pytest.mark.kvm)])
+                                        pytest.param("kvm", marks=pytest.mark.kvm),
+                                        pytest.param("bochs", marks=pytest.mark.bochs)])
 def oracle(request):
     """Each real oracle of the rig in turn (skipped, or failed when required, where it is missing);
     closed after the module."""

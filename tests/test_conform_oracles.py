@@ -16,7 +16,8 @@ from x86pt.state import as_profile
 
 # (classic sample, extended sample, random cases): unicorn batches are cheap; QEMU pays a launch
 # per batch of one CPU state, KVM a VM; keep each oracle's part well under a minute.
-SIZES = {"unicorn": (4000, 2000, 3000), "qemu": (1500, 800, 1500), "kvm": (1500, 800, 1500)}
+SIZES = {"unicorn": (4000, 2000, 3000), "qemu": (1500, 800, 1500), "kvm": (1500, 800, 1500),
+         "bochs": (1500, 800, 1500)}
 SEED = 20260601
 
 

@@ -13,6 +13,7 @@ Each Bochs start costs ~0.15 s.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import struct
@@ -424,10 +425,10 @@ PK_TABLE = [
 ]
 
 
-def test_deviation_pkru_checked_by_cpl_not_by_page(bochs):
-    """Bochs 2.7 applies PKRU by the CPL of the access instead of the page's U/S (§4.6.2); the
-    model has no Profile field for it yet (docs/oracles.md "Bochs"), so this test pins both
-    sides: Bochs answers the table's Bochs column, the model (profile bochs) the SDM column."""
+def test_profile_pkru_by_cpl(bochs):
+    """Bochs 2.7 applies PKRU by the CPL of the access instead of the page's U/S (§4.6.2): Bochs
+    answers the table's Bochs column, and so does the model under profile bochs (pkru_by_cpl);
+    under the manual's profile the model answers the SDM column (so the field is what differs)."""
     b = hand_image()
     assert sum(r[5] != r[6] for r in PK_TABLE) == 10
     for wp in (1, 0):
@@ -441,20 +442,27 @@ def test_deviation_pkru_checked_by_cpl_not_by_page(bochs):
             for p, row in zip(probes, rows):
                 assert bochs_expected(st, b.memory, p)[1] == row[5], row
                 m = walk(st, b.memory, p.va, Access(p.access, p.user))
+                assert (None if m.outcome == "ok" else m.error_code) == row[5], row
+                sdm = dataclasses.replace(PROFILES["bochs"], pkru_by_cpl=False)
+                m = walk(st.replace(profile=sdm), b.memory, p.va, Access(p.access, p.user))
                 assert (None if m.outcome == "ok" else m.error_code) == row[6], row
 
 
 def test_pk_rule_explains_every_matrix_mismatch(bochs):
-    """A seeded sample of the classic matrix on Bochs: every mismatch with the model is a PKE case
-    that bochs_pk_denies explains; none is anything else."""
+    """A seeded sample of the classic matrix on Bochs: no mismatch with the model under profile
+    bochs; without the profile's two Bochs fields every mismatch is a PKE case that the hand rule
+    bochs_pk_denies explains, and none is anything else."""
     from harness import matrix as mx
     from harness.differential import batch_from_repro, run_conformance
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
     feat = MatrixFeatures.from_caps(bochs.capabilities())
     m = matrix_for(feat)
     idx, _, _ = mx.select(m.size, sample=1500, seed=20261202)
+    summ = run_conformance(bochs, MatrixSource(m, PROFILES["bochs"], indices=idx))
+    assert (summ.cases, summ.mismatches) == (1500, 0)
+    bare = dataclasses.replace(PROFILES["bochs"], pkru_by_cpl=False, implicit_smap_honours_ac_cpl3=False)
     mms = []
-    summ = run_conformance(bochs, MatrixSource(m, PROFILES["bochs"], indices=idx), on_mismatch=mms.append)
+    summ = run_conformance(bochs, MatrixSource(m, bare, indices=idx), on_mismatch=mms.append)
     assert summ.cases == 1500
     assert mms, "the sample should contain PK cases Bochs answers its own way"
     for mm in mms:
@@ -468,31 +476,37 @@ def test_pk_rule_explains_every_matrix_mismatch(bochs):
             walk(batch.state, mem, p.va, Access(p.access, p.user, p.ac, p.implicit), update_ad=True)
 
 
-def test_deviation_implicit_smap_at_cpl3_honours_ac(bochs):
+def test_profile_implicit_smap_honours_ac_cpl3(bochs):
     """An implicit supervisor read (an LDT descriptor) of a user page at CPL3 with EFLAGS.AC=1
-    and CR4.SMAP=1: the SDM (§4.6.1: implicit accesses are always SMAP-checked) and the model
-    under profile bochs (implicit_smap_honours_ac is for CPL<3) say #PF P; Bochs lets it through.
-    Control: AC=0 faults on Bochs too. No Profile field says it yet (docs/oracles.md "Bochs")."""
+    and CR4.SMAP=1: the SDM (§4.6.1: implicit accesses are always SMAP-checked) says #PF P; Bochs
+    lets it through, and so does the model under profile bochs (implicit_smap_honours_ac_cpl3);
+    without that field the model says #PF P. Control: AC=0 faults on Bochs too."""
     b = hand_image()
     st = state(b, cr4=CR4_PAE | CR4_SMAP)
     probes = [Probe(URW, user=True, ac=True, implicit=True), Probe(URW, user=True, implicit=True)]
     res = bochs.run(b.memory, st, probes).results
     assert [(r.outcome, r.error_code) for r in res] == [("ok", None), ("page_fault", 0x1)]
     m = walk(st, b.memory, URW, Access("read", user=True, ac=True, implicit=True))
+    assert m.outcome == "ok"
+    sdm = st.replace(profile=dataclasses.replace(PROFILES["bochs"], implicit_smap_honours_ac_cpl3=False))
+    m = walk(sdm, b.memory, URW, Access("read", user=True, ac=True, implicit=True))
     assert (m.outcome, m.error_code) == ("page_fault", 0x1)
     assert bochs_expected(st, b.memory, probes[0]) == ("ok", None)
 
 
 def test_rules_explain_every_random_table_mismatch(bochs):
-    """Random page tables (reserved bits, large leaves, keys, implicit reads): every mismatch is
-    one of the two deviations above, as bochs_expected computes them."""
+    """Random page tables (reserved bits, large leaves, keys, implicit reads): none under profile
+    bochs; without its two Bochs fields every mismatch is one of the two deviations above, as
+    bochs_expected computes them."""
     from harness.differential import batch_from_repro, run_conformance
     from harness.matrix import MatrixFeatures
     from harness.random_tables import RandomSource
     feat = MatrixFeatures.from_caps(bochs.capabilities())
+    summ = run_conformance(bochs, RandomSource(feat, PROFILES["bochs"], seed=9, cases=1200))
+    assert (summ.cases, summ.mismatches) == (1200, 0)
+    bare = dataclasses.replace(PROFILES["bochs"], pkru_by_cpl=False, implicit_smap_honours_ac_cpl3=False)
     mms = []
-    summ = run_conformance(bochs, RandomSource(feat, PROFILES["bochs"], seed=9, cases=1200),
-                           on_mismatch=mms.append)
+    summ = run_conformance(bochs, RandomSource(feat, bare, seed=9, cases=1200), on_mismatch=mms.append)
     assert summ.cases == 1200 and mms
     for mm in mms:
         # Probes of one tree share entries: when Bochs lets a probe through that the model faults

@@ -94,7 +94,8 @@ def test_wheel_demo(installed):
 
 @pytest.mark.parametrize("oracle", [pytest.param("unicorn", marks=pytest.mark.unicorn),
                                     pytest.param("qemu", marks=pytest.mark.qemu),
-                                    pytest.param("kvm", marks=pytest.mark.kvm)])
+                                    pytest.param("kvm", marks=pytest.mark.kvm),
+                                    pytest.param("bochs", marks=pytest.mark.bochs)])
 def test_wheel_conform(installed, oracle):
     from x86pt.registry import availability
     ok, why = availability(oracle)

@@ -212,7 +212,8 @@ def _check_rights(state: PagingState, p: _Probes, canon: np.ndarray) -> None:
     fault |= user_acc & ua & fetch & ~executable
     fault |= sup & fetch & ua & state.smep
     fault |= sup & fetch & ~executable
-    smap_ac_ok = p.ac & (~p.implicit | (prof.implicit_smap_honours_ac & ~p.user))
+    smap_ac_ok = p.ac & (~p.implicit | (prof.implicit_smap_honours_ac
+                                        & (~p.user | prof.implicit_smap_honours_ac_cpl3)))
     fault |= sup & ~fetch & ua & state.smap & ~smap_ac_ok
     fault |= sup & write & ~leaf_rw & state.wp
     key_denied = np.zeros(n, dtype=bool)
@@ -220,13 +221,19 @@ def _check_rights(state: PagingState, p: _Probes, canon: np.ndarray) -> None:
         pk = ((p.leaf_raw & _u(PK_MASK)) >> U64(PK_SHIFT)).astype(np.uint32)
         reg = np.zeros(n, dtype=np.uint32)
         applies = np.zeros(n, dtype=bool)
-        if state.pke:
+        by_cpl = state.pke and prof.pkru_by_cpl       # walk.check_rights: PKRU by the CPL
+        if by_cpl:
+            reg[:] = np.uint32(state.pkru)
+            applies[:] = True
+        if state.pke and not by_cpl:
             reg = np.where(ua, np.uint32(state.pkru), reg)
             applies |= ua
-        if state.pks:
+        if state.pks and not by_cpl:
             reg = np.where(~ua, np.uint32(state.pkrs), reg)
             applies |= ~ua
         ad = ((reg >> (2 * pk)) & 1) == 1
+        if by_cpl:
+            ad &= user_acc
         wd = ((reg >> (2 * pk + 1)) & 1) == 1
         key_denied = applies & ~fetch & (ad | (write & wd & (user_acc | state.wp)))
     fault |= key_denied

@@ -93,6 +93,12 @@ class Profile:
     a_on_faulting_walk: str = "used"
     # Implicit supervisor accesses at CPL<3 honour EFLAGS.AC for SMAP (QEMU/unicorn, docs/paging.md §12.1).
     implicit_smap_honours_ac: bool = False
+    # ... at CPL3 too (with implicit_smap_honours_ac; Bochs 2.7, docs/paging.md §12.1).
+    implicit_smap_honours_ac_cpl3: bool = False
+    # PKRU is applied by the CPL of the access, not by the page's U/S bit (Bochs 2.7, docs/paging.md
+    # §12.1): a user-mode access obeys AD and WD on every page; a supervisor-mode access ignores AD
+    # and obeys WD on writes when CR0.WP=1, on every page. (SDM §4.6.2: keys of user pages only.)
+    pkru_by_cpl: bool = False
     # A non-canonical access writes CR2 (predicted for QEMU by code reading; not seen on 7.2.22).
     gp_writes_cr2: bool = False
     # What a read of an unbacked physical address returns: 'error', 'zero' (unicorn D6), 'ones'.
@@ -148,7 +154,8 @@ PROFILES: dict[str, Profile] = {
     # tests/test_oracle_bochs.py.
     "bochs": Profile("bochs", vendor="intel", maxphyaddr=40,
                      features=Features(gbpages=True, la57=False, pku=True, smep=True, smap=True),
-                     implicit_smap_honours_ac=True, note="Bochs 2.7, cpu model tigerlake"),
+                     implicit_smap_honours_ac=True, implicit_smap_honours_ac_cpl3=True,
+                     pkru_by_cpl=True, note="Bochs 2.7, cpu model tigerlake"),
     # `kvm` names whatever KVM this machine runs. Its facts (vendor, MAXPHYADDR, 1G pages, LA57,
     # PKU, the RSVD error code, PML4E bit 8, CPL3 blind ranges) are measured by the kvm oracle
     # when it starts (harness/oracles/kvm.py: host_profile), which hands the model that profile.

@@ -153,16 +153,21 @@ def check_rights(state: PagingState, rights: Rights, access: Access) -> tuple[bo
                 reasons.append("fetch from an execute-disabled address")
         else:
             if user_addr and state.smap:
+                prof = state.profile
                 ac_ok = access.ac and (not access.implicit or
-                                       (state.profile.implicit_smap_honours_ac and not access.user))
+                                       (prof.implicit_smap_honours_ac and
+                                        (not access.user or prof.implicit_smap_honours_ac_cpl3)))
                 if not ac_ok:
                     reasons.append("SMAP: supervisor data access to a user-mode address" +
                                    (" (implicit)" if access.implicit else " with AC=0"))
             if write and not rights.writable and state.wp:
                 reasons.append("supervisor write to a read-only address with CR0.WP=1")
     key_denied = False
+    by_cpl = state.pke and state.profile.pkru_by_cpl
     if not fetch:
-        if user_addr and state.pke:
+        if by_cpl:
+            reg, regname = state.pkru, "PKRU"
+        elif user_addr and state.pke:
             reg, regname = state.pkru, "PKRU"
         elif not user_addr and state.pks:
             reg, regname = state.pkrs, "PKRS"
@@ -171,7 +176,7 @@ def check_rights(state: PagingState, rights: Rights, access: Access) -> tuple[bo
         if reg is not None:
             ad = (reg >> (2 * rights.pkey)) & 1
             wd = (reg >> (2 * rights.pkey + 1)) & 1
-            if ad:
+            if ad and (access.user_access or not by_cpl):
                 key_denied = True
                 reasons.append(f"{regname} AD{rights.pkey}=1 denies data access")
             elif write and wd and (access.user_access or state.wp):
