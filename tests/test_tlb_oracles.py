@@ -124,13 +124,14 @@ def assemble(steps) -> Asm:
     return a
 
 
-def model_sets(global_x: bool, steps) -> dict[int, frozenset]:
-    """slot -> the physical addresses the model allows for that read. The steps of both scenario
-    files: read, host write, invlpg, cr3 (a reload, or a value), pge, pcide, invpcid."""
+def model_sets(global_x: bool, steps, profile: str = "intel") -> dict[int, frozenset]:
+    """slot -> the physical addresses the model allows for that read, under `profile`. The steps
+    of both scenario files: read, host write, invlpg, cr3 (a reload, or a value), pge, pcide,
+    invpcid."""
     mem = SparseMemory(RAM)
     for pa, v in base_memory(global_x).items():
         mem.write(pa, struct.pack("<Q", v))
-    st = PagingState(cr3=PML4, cr0=CR0, cr4=CR4, efer=EFER, profile=profile_named("intel"), maxphyaddr=46)
+    st = PagingState(cr3=PML4, cr0=CR0, cr4=CR4, efer=EFER, profile=profile_named(profile), maxphyaddr=46)
     tlb = TlbSystem(mem, st, 1)
     cpu = tlb.cpu(0)
     out = {}

@@ -99,6 +99,10 @@ class Profile:
     # §12.1): a user-mode access obeys AD and WD on every page; a supervisor-mode access ignores AD
     # and obeys WD on writes when CR0.WP=1, on every page. (SDM §4.6.2: keys of user pages only.)
     pkru_by_cpl: bool = False
+    # MOV to CR4 clearing PCIDE invalidates every TLB and paging-structure-cache entry, globals
+    # included (SDM §4.10.4.1). QEMU's TCG (7.2, and unicorn's 5.0) flushes nothing for it and
+    # keeps using the stale translation (docs/tlb.md; tests/test_tlb_oracles_pcid.py).
+    pcide_off_flushes: bool = True
     # A non-canonical access writes CR2 (predicted for QEMU by code reading; not seen on 7.2.22).
     gp_writes_cr2: bool = False
     # What a read of an unbacked physical address returns: 'error', 'zero' (unicorn D6), 'ones'.
@@ -132,12 +136,12 @@ PROFILES: dict[str, Profile] = {
                     features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
                     rsvd_sets_p=False, ps_1g_without_gbpages=True, amd_top_bit8_reserved=False,
                     a_on_1g_leaf_before_checks=True, implicit_smap_honours_ac=True,
-                    note="QEMU 7.2.22 TCG -cpu max"),
+                    pcide_off_flushes=False, note="QEMU 7.2.22 TCG -cpu max"),
     # unicorn 2.1.4 (QEMU 5.0 MMU inside), Icelake-Server model: docs/oracles.md §2.4.
     "unicorn": Profile("unicorn", vendor="intel", maxphyaddr=40,
                        features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
                        ps_1g_without_gbpages=True, a_on_1g_leaf_before_checks=True,
-                       implicit_smap_honours_ac=True, unbacked_read="zero",
+                       implicit_smap_honours_ac=True, unbacked_read="zero", pcide_off_flushes=False,
                        note="unicorn 2.1.4, UC_CPU_X86_ICELAKE_SERVER"),
     # KVM as first measured, on an AMD EPYC host under kvm_pvm with shadow paging (2026-11).
     # A record of that host, for the model tests of its tables (tests/test_walk_measured.py); the

@@ -74,7 +74,8 @@ class Cpu(Caches):
     def mov_cr4(self, value: int) -> None:
         """MOV to CR4 (SDM §4.10.4.1): a change of PGE, or PCIDE 1->0, removes everything
         (global entries and all PCIDs); a change of PAE, or SMEP 0->1, removes every entry of
-        the current PCID. PCIDE 0->1 removes nothing and needs CR3[11:0] = 0 (§4.10.1)."""
+        the current PCID. PCIDE 0->1 removes nothing and needs CR3[11:0] = 0 (§4.10.1). A profile
+        with pcide_off_flushes=False (QEMU's TCG) removes nothing for PCIDE 1->0."""
         old = self.state.cr4
         value &= U64
         if (value ^ old) & CR4_LA57:
@@ -83,7 +84,8 @@ class Cpu(Caches):
             raise GeneralProtection("#GP(0): CR4.PCIDE set while CR3[11:0] is not 0")
         cur = self.pcid
         self.state = self.state.replace(cr4=value)
-        if (value ^ old) & CR4_PGE or (old & CR4_PCIDE and not value & CR4_PCIDE):
+        pcide_off = bool(old & CR4_PCIDE and not value & CR4_PCIDE)
+        if (value ^ old) & CR4_PGE or (pcide_off and self.state.profile.pcide_off_flushes):
             self.flush_everything()
         elif (value ^ old) & CR4_PAE or (value & CR4_SMEP and not old & CR4_SMEP):
             self._drop_tlb(lambda e: e.pcid == cur)
