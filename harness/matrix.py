@@ -725,7 +725,7 @@ def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile:
     # the cases' own entries are written after the loop (each slot once, all pages allocated)
     w_addr: list[int] = []
     w_val: list[int] = []
-    pte_bits, pde_bits = _PTE_BITS, _PDE_BITS
+    pte_bits, pde_bits, made = _PTE_BITS, _PDE_BITS, _made
     top_vas: dict[int, int] = {}
     for n, (label, flags) in enumerate(cases):
         j = n % NR_FRAMES
@@ -772,10 +772,23 @@ def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile:
                 owned = (_made(OwnedEntry, {"addr": pde_addr, "raw": raw, "kind": "pde"}),
                          _made(OwnedEntry, {"addr": pte_addr, "raw": pte, "kind": "pte"}))
                 va = base_va | tidx << 12 | off
+        # case_probes, inlined: with `twice` a supervisor read first, then the case's access
         first = len(probes)
-        probes += case_probes(flags, va, target)
-        infos.append(_made(CaseInfo, {"label": label, "flags": flags, "probes": tuple(range(first, len(probes))),
-                                      "owned": owned, "frames": (target & ~0xFFF,), "description": ""}))
+        kind = "write" if flags & ACC_WRITE else "fetch" if flags & ACC_FETCH else "read"
+        if flags & NONCANON:
+            va ^= 1 << 62
+        if flags & ACC_TWICE:
+            probes.append(made(Probe, {"va": va, "access": "read", "user": False, "ac": False, "wvalue": 0,
+                                       "implicit": False}))
+            ids: tuple[int, ...] = (first, first + 1)
+        else:
+            ids = (first,)
+        probes.append(made(Probe, {"va": va, "access": kind, "user": bool(flags & ACC_USER),
+                                   "ac": bool(flags & ACC_AC),
+                                   "wvalue": tag_value(target) if kind == "write" else 0,
+                                   "implicit": bool(flags & IMPLICIT)}))
+        infos.append(made(CaseInfo, {"label": label, "flags": flags, "probes": ids, "owned": owned,
+                                     "frames": (target & ~0xFFF,), "description": ""}))
     _scatter(mem, w_addr, w_val)
     state = PagingState(cr3=lay.root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile=profile,
                         maxphyaddr=feat.maxphyaddr)
