@@ -28,14 +28,14 @@ from x86pt.errors import BadInputError, OracleError
 from x86pt.fields import LEVELS, Kind
 from x86pt.memory.sparse import SparseMemory
 from x86pt.oracle import BatchResult, Probe, ProbeResult, tag_value
-from x86pt.state import EFER_LMA, EFER_LME, PagingState, profile_named
+from x86pt.state import CR4_PAE, CR4_SMAP, EFER_LMA, EFER_LME, PagingState, profile_named
 from x86pt.walk import PageFault, Rights, Step, Translation
 
 # -- the hand-written image ----------------------------------------------------------------------
 # PML4 @0x200000, PDPT @0x201000, PD @0x202000, PT @0x203000, an empty PT @0x204000.
 # Flags: P=1 RW=2 US=4 A=0x20 PS=0x80.
 PML4E, PDPTE, PDE0, PDE1, PDE2, PDE3 = 0x200000, 0x201000, 0x202000, 0x202008, 0x202010, 0x202018
-PTE1, PTE2, PTE3 = 0x203008, 0x203010, 0x203018
+PTE1, PTE2, PTE3, PTE4 = 0x203008, 0x203010, 0x203018, 0x203020
 RAW = {
     PML4E: 0x201007,          # -> PDPT, P RW US
     PDPTE: 0x202007,          # -> PD
@@ -45,6 +45,7 @@ RAW = {
     PDE3: 0x204007,           # -> empty PT                 VA 0x600000-0x7fffff
     PTE1: 0x400007,           # VA 0x1000 -> 0x400000, RW US
     PTE2: 0x401005,           # VA 0x2000 -> 0x401000, RO US
+    PTE4: 0x402003,           # VA 0x4000 -> 0x402000, RW supervisor
 }                             # PTE3 (VA 0x3000) is 0: not present
 A = 0x20
 FRAMES = (0x400000, 0x401000, 0x600000)
@@ -904,3 +905,45 @@ def test_a_translation_only_oracle_through_the_whole_run():
     assert (s.cases, s.probes, s.mismatches) == (6, 6, 2)
     assert [(m.case.label, m.differences) for m in mms] == [
         ("q#1", ("monitor maps 0x200010 to 0x401000, the tables to 0x600010",))] * 2
+
+
+def test_a_translation_only_oracle_is_never_judged_by_the_full_compare():
+    """The model behind the name qemu-monitor answers a rights fault with #PF, where the tables map
+    the address (0x2008 -> 0x401008): a translation-only oracle saying 'fault' there is wrong, even
+    though the full compare would find both answers equal."""
+    cases = (CaseInfo("q#0", None, (0,)), CaseInfo("q#1", None, (1,)))
+    _, mms = conform(ModelOracle("intel", name="qemu-monitor"), probes=(P_READ, P_ROWRITE), cases=cases)
+    assert [(m.case.label, m.differences) for m in mms] == [
+        ("q#1", ("monitor says 0x2008 is unmapped; the tables map it to 0x401008",))]
+
+
+# One probe per batch: a lie the fast path waves through is then not rescued by another probe of the
+# batch sending it to check_batch.
+def one(probe, label="one"):
+    return dict(probes=(probe,), cases=(CaseInfo(label, None, (0,)),))
+
+
+@pytest.mark.parametrize("probe,state,lie,text", [
+    # an ok the oracle calls a fault, and it tells no pa or value
+    (P_READ, STATE, dict(outcome="page_fault", error_code=0x5, cr2=0x1000, pa=None, value=None),
+     "outcome: model ok pa=0x400000, oracle #PF 0x5 (P|U) cr2=0x1000"),
+    # an aligned read (bit 3 set) that returns no tag
+    (Probe(0x1008), STATE, dict(pa=None, value=0x1234),
+     "read returned 0x1234, not the frame tag 0x400008c3 of model pa 0x400008"),
+    # a fault with error code 0 the oracle gives a bit
+    (P_EMPTY, STATE, dict(error_code=0x4), "#PF error code: model 0x0, oracle 0x4"),
+    # a user write answered as a supervisor one
+    (P_ROWRITE, STATE, dict(error_code=0x3), "#PF error code: model 0x7, oracle 0x3"),
+    # SMAP: a supervisor read of a user page with EFLAGS.AC=1 is allowed (SDM Vol. 3A §4.6.1)
+    (Probe(0x1000, ac=True), PagingState(cr3=0x200000, cr4=CR4_PAE | CR4_SMAP, profile=profile_named("intel")),
+     dict(outcome="page_fault", error_code=0x1, cr2=0x1000, pa=None, value=None),
+     "outcome: model ok pa=0x400000, oracle #PF 0x1 (P) cr2=0x1000"),
+    # an implicit (supervisor) read at CPL3 of a supervisor page is allowed (SDM Vol. 3A §4.6)
+    (Probe(0x4000, user=True, implicit=True), STATE,
+     dict(outcome="page_fault", error_code=0x5, cr2=0x4000, pa=None, value=None),
+     "outcome: model ok pa=0x402000, oracle #PF 0x5 (P|U) cr2=0x4000"),
+])
+def test_a_lie_alone_in_its_batch_is_reported(probe, state, lie, text):
+    _, mms = conform(ModelOracle("intel", deviate=deviation(**lie)), state=state, **one(probe))
+    assert [(m.case.label, m.differences) for m in mms] == [("one", (text,))]
+    assert conform(ModelOracle("intel"), state=state, **one(probe))[1] == []
