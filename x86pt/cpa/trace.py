@@ -165,34 +165,34 @@ def read_trace(path: str) -> list[tuple]:
         raise BadInputError(f"trace {path} is not UTF-8 text") from None
 
 
+def _api_call(f: Callable[[CpaModel, int, int], int]) -> Callable[[CpaModel, tuple], object]:
+    return lambda m, op: f(m, op[1], op[2])
+
+
+# op name -> how the model runs it (positional fields, so a plain tuple of the fields works too)
+APPLY: dict[str, Callable[[CpaModel, tuple], object]] = {
+    **{name: _api_call(f) for name, f in API.items()},
+    "set_direct_map_invalid_noflush": lambda m, op: m.set_direct_map_invalid_noflush(op[1]),
+    "set_direct_map_default_noflush": lambda m, op: m.set_direct_map_default_noflush(op[1]),
+    "cpa": lambda m, op: m.cpa(op[1], op[2], op[3], op[4], op[5], op[6], op[7]),
+    "oob": lambda m, op: m.oob(op[1], op[2], op[3]),
+    "kernel_map_pages": lambda m, op: m.kernel_map_pages(op[1], op[2], op[3]),
+    "vmap": lambda m, op: m.vmap(op[1], op[2], op[3], op[4]),
+    "vunmap": lambda m, op: m.vunmap(op[1], op[2]),
+    "memory_add": lambda m, op: m.memory_add(op[1], op[2]),
+    "memory_remove": lambda m, op: m.memory_remove(op[1], op[2]),
+}
+
+
 def apply_op(m: CpaModel, op: tuple) -> object:
     """Run one op on the model; returns the op's result (errno, or oob's accepted flag). TLB ops
     change no table: None (cpa replay --tlb sends them to its TlbReplay.trace_op)."""
-    name = op[0]
-    if name in TLB_NAMES:
-        return None
-    f = API.get(name)
+    f = APPLY.get(op[0])
     if f is not None:
-        return f(m, op[1], op[2])
-    if name == "set_direct_map_invalid_noflush":
-        return m.set_direct_map_invalid_noflush(op[1])
-    if name == "set_direct_map_default_noflush":
-        return m.set_direct_map_default_noflush(op[1])
-    if name == "cpa":
-        return m.cpa(op[1], op[2], op[3], op[4], op[5], op[6], op[7])
-    if name == "oob":
-        return m.oob(op[1], op[2], op[3])
-    if name == "kernel_map_pages":
-        return m.kernel_map_pages(op[1], op[2], op[3])
-    if name == "vmap":
-        return m.vmap(op[1], op[2], op[3], op[4])
-    if name == "vunmap":
-        return m.vunmap(op[1], op[2])
-    if name == "memory_add":
-        return m.memory_add(op[1], op[2])
-    if name == "memory_remove":
-        return m.memory_remove(op[1], op[2])
-    raise BadInputError(f"unknown operation {name!r}")
+        return f(m, op)
+    if op[0] in TLB_NAMES:
+        return None
+    raise BadInputError(f"unknown operation {op[0]!r}")
 
 
 @dataclass

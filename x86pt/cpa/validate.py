@@ -522,11 +522,13 @@ class Validator:
                 e = t[k & 511] if t is not None else 0
                 if e & P and not e & PSE and (not e & RW or e & NX):
                     va = k << (12 + 9 * (tl - 1))
-                    va = self._canon(va)
-                    return Violation(idx, "b", f"{'PMD' if tl == 2 else 'PUD'} entry for {va:#x} "
-                                               f"points to a table with RW={int(bool(e & RW))} "
-                                               f"NX={int(bool(e & NX))} ({e:#x}): it restricts "
-                                               f"every page below it")
+                    # name the first page the restriction changes, when one is
+                    hit = self._first_restricted(va, 1 << (12 + 9 * (tl - 1)), e)
+                    at = f"page {self._canon(hit):#x}: the " if hit is not None else ""
+                    return Violation(idx, "b", f"{at}{'PMD' if tl == 2 else 'PUD'} entry for "
+                                               f"{self._canon(va):#x} points to a table with "
+                                               f"RW={int(bool(e & RW))} NX={int(bool(e & NX))} "
+                                               f"({e:#x}): it restricts every page below it")
         # (a), (b) over the touched regions
         if "a" in self.checks or "b" in self.checks:
             v = self._check_regions(idx, touched, pages) if not self.ref.events else \
@@ -536,6 +538,21 @@ class Validator:
         # (e) the oracles, on sampled steps only
         if self.oracle is not None and self.oracle.wants(idx):
             return self.oracle.check(m, self.ref, idx, pages, touched)
+        return None
+
+    def _first_restricted(self, va: int, span: int, ptr: int) -> int | None:
+        """The first page in [va, va + span) whose translation the restricting table pointer
+        `ptr` changes: a present leaf that is writable (ptr RW=0) or executable (ptr NX=1)."""
+        m = self.m
+        v, end = va, va + span
+        while v < end:
+            lvl, t, i = m.lookup(v)
+            e = t[i] if t is not None else 0
+            size = 1 << (12 + 9 * (lvl - 1)) if lvl <= 3 else 1 << 39
+            if e & P and (lvl == 1 or e & PSE) and ((ptr & NX and not e & NX)
+                                                    or (not ptr & RW and e & RW)):
+                return v
+            v = (v & ~(size - 1)) + size
         return None
 
     # -- (a), (b): 2M regions compared as whole tables ---------------------------------------------
