@@ -264,7 +264,7 @@ def test_unicorn_reads_fall_in_the_models_set(kind, record_property):
     record_property("reads", {k: hex(v) for k, v in got.items()})
     check_inside(kind, got, model_sets(g, steps, "unicorn"))
     if kind == "pcide-off":      # the deviation behind the profile field: still the stale frame
-        assert got[2] == A, f"unicorn now flushes on CR4.PCIDE 1 -> 0: set its pcide_off_flushes to True"
+        assert got[2] == A, "unicorn now flushes on CR4.PCIDE 1 -> 0: set its pcide_off_flushes to True"
     # the stale translation was seen before any invalidation: the test observes a cached entry
     assert got[1] == A
 
@@ -455,7 +455,7 @@ def test_qemu_reads_fall_in_the_models_set(kind, record_property):
     record_property("reads", {k: hex(v) for k, v in got.items()})
     check_inside(kind, got, model_sets(g, steps, "qemu"))
     if kind == "pcide-off":      # the deviation behind the profile field: still the stale frame
-        assert got[2] == A, f"qemu now flushes on CR4.PCIDE 1 -> 0: set its pcide_off_flushes to True"
+        assert got[2] == A, "qemu now flushes on CR4.PCIDE 1 -> 0: set its pcide_off_flushes to True"
     assert got[1] == A                   # a cached translation is observed at all
 
 
