@@ -190,7 +190,8 @@ class Mismatch:
         for d in self.differences:
             lines.append(f"  FAIL: {d}")
         if self.repro.get("file"):
-            lines.append(f"  repro: x86pt conform --repro {self.repro['file']} --oracle {self.oracle}")
+            from harness.reports import repro_line
+            lines.append(repro_line(self.repro["file"], self.oracle))
         return "\n".join(lines)
 
 

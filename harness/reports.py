@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 from typing import Callable
 
@@ -57,8 +58,9 @@ def summary_line(s: dict) -> str:
 
 
 def repro_line(path: str, oracle: str) -> str:
-    """The last line of a mismatch's text when it has a repro file (Mismatch.render)."""
-    return f"  repro: x86pt conform --repro {path} --oracle {oracle}"
+    """The last line of a mismatch's text when it has a repro file (Mismatch.render), quoted so
+    it can be pasted into a shell (a cmd: oracle's name holds spaces)."""
+    return f"  repro: x86pt conform --repro {shlex.quote(path)} --oracle {shlex.quote(oracle)}"
 
 
 class Reporter:

@@ -256,7 +256,7 @@ def test_a_program_that_flips_an_error_code_bit_is_a_mismatch_with_a_repro(tmp_p
     repros = sorted((tmp_path / "repros").iterdir())
     n = int(_summary(r.stdout)[0])
     assert n > 0 and len(repros) == min(n, 50)     # --max-repros 50
-    shown = re.findall(r"repro: x86pt conform --repro (\S+) --oracle cmd:", r.stdout)
+    shown = re.findall(r"repro: x86pt conform --repro (\S+) --oracle 'cmd:", r.stdout)
     assert shown and {os.path.basename(s) for s in shown} <= {p.name for p in repros}
 
 

@@ -199,7 +199,7 @@ def test_a_planted_mismatch_fails_its_item_with_the_walk_and_the_repro_in_junit(
         assert "MISMATCH matrix#" in text and "#PF error code: model" in text
         assert "walk (model, entries as they were before the batch):" in text
         assert re.search(r"L4 PML4\s*\[", text)            # the decoded walk
-        repro = re.search(r"repro: x86pt conform --repro (\S+\.json) --oracle cmd:", text)
+        repro = re.search(r"repro: x86pt conform --repro (\S+\.json) --oracle 'cmd:", text)
         assert repro and os.path.exists(repro.group(1))
         # the configuration in the item's name is the state in its message
         state = re.search(r"state: .*\[([A-Z0-9 ]*)\]", text).group(1).split()
