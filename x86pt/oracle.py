@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
@@ -84,7 +84,7 @@ class ProbeResult:
     vector: int | None = None          # raw exception vector seen (14, 13, ...), None for ok
     detail: str = ""                   # anything odd the backend noticed
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "error_code": self.error_code,
                 "cr2": None if self.cr2 is None else hex(self.cr2),
                 "pa": None if self.pa is None else hex(self.pa)}
@@ -124,7 +124,7 @@ class Capabilities:
     version: str = ""
     notes: tuple[str, ...] = ()
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
