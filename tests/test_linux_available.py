@@ -40,3 +40,11 @@ def test_cached_kernel_needs_no_network(tmp_path, monkeypatch):
     assert available("6.1", root=str(tmp_path)) == (True, "")
     assert fetch_mod.fetch("6.1", root=str(tmp_path)).release == "6.1.0-99-amd64"
     assert not available("6.12", root=str(tmp_path))[0]
+
+
+def test_the_cli_offers_every_guest_workload():
+    """harness.linux.WORKLOAD_NAMES (what `x86pt linux run --workload` offers without importing
+    the initramfs builder) names exactly the workloads the builder has."""
+    from harness.linux import WORKLOAD_NAMES
+    from harness.linux.initramfs import WORKLOADS
+    assert tuple(sorted(WORKLOADS)) == WORKLOAD_NAMES

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 
 KERNELS = ("6.1", "6.12")
+# The guest workloads by name (harness/linux/initramfs.py: WORKLOADS holds them; this list lets the
+# command line offer them without importing that module: tests/test_linux_cli.py checks both agree).
+WORKLOAD_NAMES = ("boot", "bpf", "modules", "secretmem", "secretmem1g")
 
 
 def cache_dir() -> str:

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from harness.linux import KERNELS
+from harness.linux import KERNELS, WORKLOAD_NAMES
 
 
 def _log(msg: str) -> None:
@@ -158,14 +158,13 @@ def register(subparsers) -> None:
     f.add_argument("--json", action="store_true", help="print what was fetched as JSON")
     f.set_defaults(func=lambda a: cmd_fetch(argparse.Namespace(kernel=a.kernel or list(KERNELS), json=a.json)))
 
-    from harness.linux.initramfs import WORKLOADS
     r = sub.add_parser("run", help="boot, run a workload deterministically, collect every step",
                        description="Boot the kernel with a scripted workload and collect, per step, the "
                                    "CPA trace, /proc counters, the kernel's ptdump and a page-table image. "
                                    "The same inputs give the same bytes (icount, one boot).",
                        epilog=EPILOG_RUN, formatter_class=raw)
     r.add_argument("--kernel", choices=KERNELS, default="6.1", help="kernel line (default 6.1)")
-    r.add_argument("--workload", choices=sorted(WORKLOADS), default="modules", help="what the guest does")
+    r.add_argument("--workload", choices=WORKLOAD_NAMES, default="modules", help="what the guest does")
     r.add_argument("--out", required=True, metavar="DIR", help="folder for the run's artefacts")
     r.add_argument("--levels", type=int, choices=(4, 5), default=4, help="paging levels of the guest")
     r.add_argument("--kaslr", action="store_true", help="boot the bzImage with KASLR (default nokaslr)")
