@@ -9,28 +9,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from x86pt.errors import BadInputError
+from x86pt.fields import (ADDR_MASK_52, BIT_A, BIT_D, BIT_G, BIT_P, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PCD,
+                          BIT_PS, BIT_PWT, BIT_RW, BIT_US, BIT_XD)
 
 U64 = (1 << 64) - 1
-P = 1 << 0
-RW = 1 << 1
-USER = 1 << 2
-PWT = 1 << 3
-PCD = 1 << 4
-ACCESSED = 1 << 5
-DIRTY = 1 << 6
-PSE = 1 << 7            # PSE on PMD/PUD leaves, PAT on 4K PTEs (same bit, docs/cpa.md §2.2)
-PAT = 1 << 7
-GLOBAL = 1 << 8         # PROTNONE when P=0
-SOFTW1 = 1 << 9
-SOFTW3 = 1 << 11
+# The kernel's names for the entry bits (arch/x86/include/asm/pgtable_types.h), taken from the one
+# field table (x86pt/fields.py); only the software bits are the kernel's own.
+P = BIT_P
+RW = BIT_RW
+USER = BIT_US
+PWT = BIT_PWT
+PCD = BIT_PCD
+ACCESSED = BIT_A
+DIRTY = BIT_D
+PSE = BIT_PS            # PSE on PMD/PUD leaves, PAT on 4K PTEs (same bit, docs/cpa.md §2.2)
+PAT = BIT_PAT_4K
+GLOBAL = BIT_G          # PROTNONE when P=0
+SOFTW1 = 1 << 9         # _PAGE_SOFTW1: an ignored bit the kernel uses (not a paging field)
+SOFTW3 = 1 << 11        # _PAGE_SOFTW3
 KERNEL_4K = SOFTW3      # _PAGE_KERNEL_4K, v6.15+ (set_memory_4k marks pages never to collapse)
-PAT_LARGE = 1 << 12
-NX = 1 << 63
+PAT_LARGE = BIT_PAT_LARGE
+NX = BIT_XD
 CACHE_MASK = PWT | PCD | PAT
 
-PTE_PFN_MASK = 0x000FFFFFFFFFF000      # __PHYSICAL_MASK_SHIFT = 52
-PMD_PFN_MASK = 0x000FFFFFFFE00000      # PHYSICAL_PMD_PAGE_MASK
-PUD_PFN_MASK = 0x000FFFFFC0000000      # PHYSICAL_PUD_PAGE_MASK
+PTE_PFN_MASK = ADDR_MASK_52                        # __PHYSICAL_MASK_SHIFT = 52
+PMD_PFN_MASK = ADDR_MASK_52 & ~((1 << 21) - 1)     # PHYSICAL_PMD_PAGE_MASK
+PUD_PFN_MASK = ADDR_MASK_52 & ~((1 << 30) - 1)     # PHYSICAL_PUD_PAGE_MASK
 PFN_MASK_OF_LEVEL = {1: PTE_PFN_MASK, 2: PMD_PFN_MASK, 3: PUD_PFN_MASK}
 
 PAGE_KERNEL = P | RW | ACCESSED | DIRTY | GLOBAL | NX          # 0x8000000000000163

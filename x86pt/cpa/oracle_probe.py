@@ -35,12 +35,13 @@ from typing import Callable, Sequence
 
 from x86pt.cpa.validate import HI, M48, Violation
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
+from x86pt.fields import ADDR_MASK_52, BIT_P, BIT_PS, BIT_RW, BIT_XD
 
 PAGE = 4096
 DEFAULT_CAP = 512
 MMIO_HOLE = (3 << 30, 4 << 30)
-P_BIT, RW_BIT, PS_BIT, NX_BIT = 1, 2, 0x80, 1 << 63
-ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
+P_BIT, RW_BIT, PS_BIT, NX_BIT = BIT_P, BIT_RW, BIT_PS, BIT_XD
+ADDR_MASK = ADDR_MASK_52
 ACCESSES = ("read", "fetch", "write")     # write last: a write to a tagged frame keeps the tag
 # #PF error codes of SDM Vol. 3A §4.7 for the accesses the kernel makes at CPL0.
 _NP_CODE = {"read": 0x0, "write": 0x2, "fetch": 0x10}

@@ -23,8 +23,9 @@ import numpy as np
 
 from x86pt.batch import OK, translate_batch
 from x86pt.errors import BadInputError
+from x86pt.fields import BIT_P, BIT_RW, BIT_XD
 
-_P, _RW, _NX = 1, 2, 1 << 63
+_P, _RW, _NX = BIT_P, BIT_RW, BIT_XD
 _NO_ALIAS = 8          # CPA_NO_CHECK_ALIAS
 
 
