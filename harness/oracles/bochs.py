@@ -45,16 +45,13 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
-from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
-from x86pt.oracle import (RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult,
-                          tag_value)
-from x86pt.state import (CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, PagingState, PF_ID, PF_P, PF_PK,
-                         PF_RSVD)
+from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
+from x86pt.state import PagingState
 
 from harness import guest
-from harness.oracles.base import implicit_support
+from harness.oracles.capability import capability_image, measured
 
 BOCHS_BINARY = "bochs"
 ROM_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
@@ -415,48 +412,7 @@ class BochsOracle:
 
 
 # -- capabilities, measured -------------------------------------------------------------------------------
-CAP_BASE = RIG_IMAGE_BASE            # tables
-CAP_FRAMES = 0x400000                # 4K frames filled with tag values (0xC3 low byte: fetchable)
-CAP_1G_VA = 0x40000000               # 1G leaf -> PA 0 (frames below 1 GiB; RAM is 32 MiB)
-CAP_M_VA = 0x200000000               # one PTE per candidate MAXPHYADDR bit
 CAP_UNBACKED = 0x3000000             # 48 MiB: past the 32 MiB RAM, reached through the 1G leaf
-
-
-def _fill_frame(mem: SparseMemory, pa: int) -> None:
-    for off in range(0, 0x1000, 8):
-        mem.write_u64(pa + off, tag_value(pa + off))
-
-
-def _capability_image(la57: bool) -> tuple[SparseMemory, PagingState, list[Probe], dict]:
-    """Probes whose outcome tells what Bochs enforces: see discover_capabilities."""
-    b = Builder(levels=5 if la57 else 4, maxphyaddr=52, vendor="intel", table_base=CAP_BASE)
-    mem = b.memory
-    for i in range(4):
-        _fill_frame(mem, CAP_FRAMES + i * 0x1000)
-    b.map(0x1000, CAP_FRAMES, 0x1000, flags="rw")                      # supervisor page
-    b.map(0x2000, CAP_FRAMES + 0x1000, 0x1000, flags="rw us", pk=1)    # user page, key 1
-    b.map(0x3000, CAP_FRAMES + 0x2000, 0x1000, flags="rw us")          # user page, key 0
-    b.map(CAP_1G_VA, 0, 1 << 30, 1 << 30, flags="rw")
-    b.map(0x4000, CAP_FRAMES + 0x3000, 0x1000, flags="rw")             # bit 51: reserved if M < 52
-    b.set_entry(0x4000, 1, b.get_entry(0x4000, 1) | (1 << 51))
-    mbits = list(range(32, 52))
-    for k, bit in enumerate(mbits):
-        va = CAP_M_VA + k * 0x1000
-        b.map(va, CAP_FRAMES, 0x1000, flags="rw")
-        b.set_entry(va, 1, b.get_entry(va, 1) | (1 << bit))
-    probes = [Probe(0x1000), Probe(CAP_1G_VA + CAP_FRAMES), Probe(0x4000),
-              Probe(0x3000, "fetch"), Probe(0x3000), Probe(0x2000, user=True),
-              Probe(CAP_1G_VA + CAP_UNBACKED)]
-    probes += [Probe(CAP_M_VA + k * 0x1000) for k in range(len(mbits))]
-    if not la57:
-        probes += [Probe(va, user=u, implicit=True) for u in (False, True) for va in (0x3000, 0x1000)]
-    else:
-        # Bit 55 set: canonical only with 5-level paging (bits 63:56 must equal bit 56, SDM §4.5).
-        b.map(0x0080000000001000, CAP_FRAMES, 0x1000, flags="rw")
-        probes.append(Probe(0x0080000000001000))
-    st = b.state(cr4=CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE, pkru=0b0100, profile="bochs",
-                 maxphyaddr=52)
-    return mem, st, probes, {"mbits": mbits}
 
 
 def cpuid_from_log(log: str) -> dict[int, tuple[int, int, int, int]]:
@@ -478,41 +434,20 @@ def vendor_of(cpuid: dict[int, tuple[int, int, int, int]]) -> str:
 @functools.lru_cache(maxsize=8)
 def discover_capabilities(binary: str | None = None, cpu: str = DEFAULT_CPU,
                           ram_size: int = RIG_RAM_SIZE) -> Capabilities:
-    """Run the capability batch (4-level, then 5-level) once per process and CPU model."""
+    """Run the capability batch (harness/oracles/capability.py; 4-level, then 5-level) once per
+    process and CPU model."""
     oracle = BochsOracle(binary=binary, cpu=cpu, ram_size=ram_size)
     oracle.keep_log = True
-    mem, st, probes, info = _capability_image(False)
+    mem, st, probes = capability_image(False, "intel", "bochs", unbacked_pa=CAP_UNBACKED)
     r = oracle.run(mem, st, probes).results
     log = oracle.last_log
-    base_ok, gb, rsvd, smep_r, smap_r, pku_r, unb = r[:7]
-    if base_ok.outcome != "ok":
-        raise OracleError(f"Bochs capability batch: a plain supervisor read failed: {base_ok}")
-    mres = r[7:7 + len(info["mbits"])]
-    impl0, impl3, impl_note = implicit_support(r[-4:], "bochs")
-    maxphyaddr = next((bit for bit, x in zip(info["mbits"], mres)
-                       if x.outcome == "page_fault" and x.error_code is not None
-                       and x.error_code & PF_RSVD), 52)
     try:
-        mem5, st5, probes5, _ = _capability_image(True)
+        mem5, st5, probes5 = capability_image(True, "intel", "bochs")
         r5 = oracle.run(mem5, st5, probes5).results
-        la57 = r5[0].outcome == "ok" and r5[-1].outcome == "ok"
     except OracleError:
-        la57 = False          # CR4.LA57 is not accepted: the boot ROM's mov to CR4 faults
-    if unb.outcome == "ok" and unb.value == 0xFFFFFFFFFFFFFFFF:
-        unbacked = "ones"
-    else:
-        unbacked = "error"
-    cpuid = cpuid_from_log(log)
-    notes = ["measured by a capability batch (harness/oracles/bochs.py _capability_image)",
+        r5 = None             # CR4.LA57 is not accepted: the boot ROM's mov to CR4 faults
+    notes = ["measured by a capability batch (harness/oracles/capability.py)",
              f"vendor from the CPUID table Bochs logs at reset (CPU model {cpu})"]
-    return Capabilities(
-        name="bochs", vendor=vendor_of(cpuid), maxphyaddr=maxphyaddr,
-        gbpages=gb.outcome == "ok",
-        la57=la57,
-        pku=pku_r.outcome == "page_fault" and bool((pku_r.error_code or 0) & PF_PK),
-        smep=smep_r.outcome == "page_fault" and (smep_r.error_code or 0) == (PF_P | PF_ID),
-        smap=smap_r.outcome == "page_fault" and (smap_r.error_code or 0) == PF_P,
-        nx=True,
-        rsvd_sets_p=rsvd.outcome == "page_fault" and bool((rsvd.error_code or 0) & PF_P),
-        implicit_cpl0=impl0, implicit_cpl3=impl3, implicit_note=impl_note,
-        ram_size=oracle.ram_size, unbacked=unbacked, version=oracle.version, notes=tuple(notes))
+    return Capabilities(name="bochs", vendor=vendor_of(cpuid_from_log(log)),
+                        **measured("bochs", r, r5, unbacked=True),
+                        ram_size=oracle.ram_size, version=oracle.version, notes=tuple(notes))

@@ -32,12 +32,11 @@ from typing import Callable, Sequence
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, PagingState, PF_ID, PF_P, PF_PK,
-                         PF_RSVD, profile_named)
+from x86pt.state import (PagingState, profile_named)
 
 from harness import guest
-from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult, tag_value
-from harness.oracles.base import implicit_support
+from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
+from harness.oracles.capability import capability_image, fill_frame, measured
 from harness.qemu.monitor import QemuMonitor
 from harness.qemu.process import (QEMU_BINARY, kill_group, qemu_binary, qemu_version, read_stderr,
                                   scratch_dir, spawn_qemu, wait_exit)
@@ -221,85 +220,23 @@ class _Scratch:
 
 
 # -- capabilities, measured -------------------------------------------------------------------------------
-CAP_BASE = RIG_IMAGE_BASE            # tables
-CAP_FRAMES = 0x400000                # 4K frames filled with tag values (0xC3 low byte: fetchable)
-CAP_1G_VA = 0x40000000               # 1G leaf -> PA 0 (frames below 1 GiB are RAM)
-CAP_M_VA = 0x200000000               # one PTE per candidate MAXPHYADDR bit
-
-
-def _fill_frame(mem: SparseMemory, pa: int) -> None:
-    for off in range(0, 0x1000, 8):
-        mem.write_u64(pa + off, tag_value(pa + off))
-
-
-def _capability_image(la57: bool) -> tuple[SparseMemory, PagingState, list[Probe], dict]:
-    """Probes whose outcome tells what QEMU enforces: see discover_capabilities."""
-    b = Builder(levels=5 if la57 else 4, maxphyaddr=52, vendor="amd", table_base=CAP_BASE)
-    mem = b.memory
-    for i in range(4):
-        _fill_frame(mem, CAP_FRAMES + i * 0x1000)
-    b.map(0x1000, CAP_FRAMES, 0x1000, flags="rw")                      # supervisor page
-    b.map(0x2000, CAP_FRAMES + 0x1000, 0x1000, flags="rw us", pk=1)    # user page, key 1
-    b.map(0x3000, CAP_FRAMES + 0x2000, 0x1000, flags="rw us")          # user page, key 0
-    b.map(CAP_1G_VA, 0, 1 << 30, 1 << 30, flags="rw")
-    # Reserved-bit probe: bit 51 of a PTE's address field is reserved for every M < 52.
-    b.map(0x4000, CAP_FRAMES + 0x3000, 0x1000, flags="rw")
-    b.set_entry(0x4000, 1, b.get_entry(0x4000, 1) | (1 << 51))
-    mbits = list(range(32, 52))
-    for k, bit in enumerate(mbits):
-        va = CAP_M_VA + k * 0x1000
-        b.map(va, CAP_FRAMES, 0x1000, flags="rw")
-        b.set_entry(va, 1, b.get_entry(va, 1) | (1 << bit))
-    probes = [Probe(0x1000), Probe(CAP_1G_VA + CAP_FRAMES), Probe(0x4000),
-              Probe(0x3000, "fetch"), Probe(0x3000), Probe(0x2000, user=True)]
-    probes += [Probe(CAP_M_VA + k * 0x1000) for k in range(len(mbits))]
-    if not la57:
-        probes += [Probe(va, user=u, implicit=True) for u in (False, True) for va in (0x3000, 0x1000)]
-    if la57:
-        # Bit 55 set: canonical only with 5-level paging (bits 63:56 must equal bit 56, SDM §4.5).
-        b.map(0x0080000000001000, CAP_FRAMES, 0x1000, flags="rw")
-        probes.append(Probe(0x0080000000001000))
-    st = b.state(cr4=CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE, pkru=0b0100, profile="qemu",
-                 maxphyaddr=52)
-    return mem, st, probes, {"mbits": mbits}
-
-
 @functools.lru_cache(maxsize=8)
 def discover_capabilities(binary: str | None = None, cpu: str = "max") -> Capabilities:
-    """Run the capability batch (4-level and 5-level) once per process and QEMU/CPU model."""
+    """Run the capability batch (harness/oracles/capability.py; 4-level and 5-level) once per
+    process and QEMU/CPU model."""
     oracle = QemuOracle(binary=binary, cpu=cpu)
-    mem, st, probes, info = _capability_image(False)
+    mem, st, probes = capability_image(False, "amd", "qemu")
     r = oracle.run(mem, st, probes).results
-    base_ok, gb, rsvd, smep_r, smap_r, pku_r = r[:6]
-    if base_ok.outcome != "ok":
-        raise OracleError(f"QEMU capability batch: a plain supervisor read failed: {base_ok}")
-    mres = r[6:6 + len(info["mbits"])]
-    impl0, impl3, impl_note = implicit_support(r[-4:], "qemu")
-    maxphyaddr = next((bit for bit, x in zip(info["mbits"], mres)
-                       if x.outcome == "page_fault" and x.error_code is not None
-                       and x.error_code & PF_RSVD), 52)
-    la57 = False
     try:
-        mem5, st5, probes5, _ = _capability_image(True)
+        mem5, st5, probes5 = capability_image(True, "amd", "qemu")
         r5 = oracle.run(mem5, st5, probes5).results
-        la57 = r5[0].outcome == "ok" and r5[-1].outcome == "ok"
     except OracleError:
-        la57 = False
-    vendor = _vendor(binary, cpu)
-    notes = ["measured by a capability batch (harness/oracles/qemu.py _capability_image)",
+        r5 = None
+    notes = ["measured by a capability batch (harness/oracles/capability.py)",
              "vendor from the vCPU's QOM property (qom-get vendor)",
              "RSVD #PF error code lacks P on QEMU >= 7.2 (docs/paging.md §12.1)"]
-    return Capabilities(
-        name="qemu", vendor=vendor, maxphyaddr=maxphyaddr,
-        gbpages=gb.outcome == "ok",
-        la57=la57,
-        pku=pku_r.outcome == "page_fault" and bool((pku_r.error_code or 0) & PF_PK),
-        smep=smep_r.outcome == "page_fault" and (smep_r.error_code or 0) == (PF_P | PF_ID),
-        smap=smap_r.outcome == "page_fault" and (smap_r.error_code or 0) == PF_P,
-        nx=True,
-        rsvd_sets_p=rsvd.outcome == "page_fault" and bool((rsvd.error_code or 0) & PF_P),
-        implicit_cpl0=impl0, implicit_cpl3=impl3, implicit_note=impl_note,
-        ram_size=oracle.ram_size, version=oracle.version, notes=tuple(notes))
+    return Capabilities(name="qemu", vendor=_vendor(binary, cpu), **measured("qemu", r, r5),
+                        ram_size=oracle.ram_size, version=oracle.version, notes=tuple(notes))
 
 
 def _vendor(binary: str | None, cpu: str) -> str:
@@ -320,7 +257,7 @@ def _bench_image() -> tuple[SparseMemory, PagingState, list[Probe]]:
     b = Builder(table_base=RIG_IMAGE_BASE, maxphyaddr=40, vendor="amd")
     for i in range(64):
         pa = 0x400000 + i * 0x1000
-        _fill_frame(b.memory, pa)
+        fill_frame(b.memory, pa)
         b.map(0x10000000 + i * 0x1000, pa, 0x1000, flags=("rw us", "rw", "us nx", "rw us nx")[i % 4])
     rng = random.Random(7)
     probes = [Probe(0x10000000 + rng.randrange(72) * 0x1000 + 8 * rng.randrange(512),
