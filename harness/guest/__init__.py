@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from harness.oracles.base import made_result
 from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, Probe, ProbeResult, pa_from_value
 from x86pt.errors import BadInputError, OracleError
 from x86pt.memory.sparse import SparseMemory
@@ -318,7 +319,7 @@ def read_results(ram, n: int, probes: Sequence[Probe] | None = None) -> list[Pro
     ustub_end = ustub_va + PAGE
     recs = np.frombuffer(bytes(ram[RESULTS_GPA:RESULTS_GPA + n * RECORD]), dtype="<u8").reshape(n, 4)
     vectors, codes, cr2s, values = (recs[:, k].tolist() for k in range(4))
-    made = _made_result
+    made = made_result
     for i in range(n):
         vector, code, cr2, value = vectors[i], codes[i], cr2s[i], values[i]
         p = probes[i] if probes is not None else None
@@ -357,19 +358,6 @@ def read_results(ram, n: int, probes: Sequence[Probe] | None = None) -> list[Pro
                                    vector=vector, detail=(detail + f" unexpected vector {vector} "
                                                           f"at rip {value:#x}").strip()))
     return out
-
-
-_new, _set = object.__new__, object.__setattr__
-
-
-def _made_result(outcome, error_code, cr2, pa, value, vector, detail) -> ProbeResult:
-    """ProbeResult(outcome, error_code, cr2, pa, value, vector, detail) without its __init__ (a
-    frozen dataclass: ~3x cheaper, equal and printing the same; tests/test_matrix_speed.py checks
-    the field list)."""
-    r = _new(ProbeResult)
-    _set(r, "__dict__", {"outcome": outcome, "error_code": error_code, "cr2": cr2, "pa": pa,
-                         "value": value, "vector": vector, "detail": detail})
-    return r
 
 
 def image_after(ram, memory: SparseMemory, state: PagingState | None = None, *,

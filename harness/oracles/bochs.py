@@ -38,7 +38,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import struct
 import subprocess
 import tempfile
@@ -52,6 +51,7 @@ from x86pt.state import PagingState
 
 from harness import guest
 from harness.oracles.capability import capability_image, measured
+from harness.process_group import kill_group
 
 BOCHS_BINARY = "bochs"
 ROM_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
@@ -109,19 +109,6 @@ def bochs_version(binary: str | None = None) -> str:
         if d.returncode == 0 and d.stdout.strip():
             ver += f" (Debian {d.stdout.decode().strip()})"
     return ver
-
-
-def _kill_group(proc: subprocess.Popen | None) -> None:
-    """SIGKILL Bochs' process group (it catches SIGTERM) and reap it. Safe to call twice."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
 
 
 def _tail(text: str, n: int = 12) -> str:
@@ -217,7 +204,7 @@ class _Session:
             if graceful:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=2.0)
-            _kill_group(proc)
+            kill_group(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult, tag_value
-from harness.oracles.base import implicit_support
+from harness.oracles.base import implicit_support, made_result
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
@@ -355,19 +355,6 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
 
 class _TooBig(Exception):
     pass
-
-
-_new, _set = object.__new__, object.__setattr__
-
-
-def _made_result(outcome, error_code, cr2, pa, value, vector, detail) -> ProbeResult:
-    """ProbeResult(outcome, error_code, cr2, pa, value, vector, detail) without its __init__ (a
-    frozen dataclass: ~3x cheaper, equal and printing the same; tests/test_matrix_speed.py checks
-    the field list)."""
-    r = _new(ProbeResult)
-    _set(r, "__dict__", {"outcome": outcome, "error_code": error_code, "cr2": cr2, "pa": pa,
-                         "value": value, "vector": vector, "detail": detail})
-    return r
 
 
 def _chunks(probes: Sequence[Probe]) -> list[_Program]:
@@ -889,7 +876,7 @@ class UnicornOracle:
         out = []
         stray = "; ".join(st.stray)
         stray_detail = f"stray accesses in this chunk: {stray}" if stray else ""
-        faults, pas, first, made = st.faults, st.pa, prog.first, _made_result
+        faults, pas, first, made = st.faults, st.pa, prog.first, made_result
         for k, p in enumerate(prog.probes):
             i = first + k
             f = faults.get(i)

@@ -21,6 +21,7 @@ import tempfile
 import time
 from typing import IO, Any, Sequence
 
+from harness.process_group import kill_group
 from x86pt.errors import OracleError, OracleUnavailable
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -105,19 +106,6 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
         return proc.returncode
     finally:
         os.close(pidfd)
-
-
-def kill_group(proc: subprocess.Popen | None) -> None:
-    """SIGKILL QEMU's process group and reap it. Safe to call twice."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
 
 
 def read_stderr(f: IO[bytes] | None) -> str:
