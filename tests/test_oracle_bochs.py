@@ -326,6 +326,18 @@ def bochs_expected(st, memory, p: Probe):
     return ("page_fault", code | 0x20)
 
 
+def assert_bochs_rules_explain(mm) -> None:
+    """Every answer of a mismatch's probes is what bochs_expected says, the probes walked in order
+    on the repro's image with A/D updates (as the oracle ran them)."""
+    from harness.differential import batch_from_repro
+    batch = batch_from_repro(mm.repro)
+    mem = batch.memory.copy()
+    for p, got in zip(mm.probes, mm.got):
+        want = bochs_expected(batch.state, mem, p)
+        assert (got.outcome, got.error_code if got.outcome != "ok" else None) == want, mm.render()
+        walk(batch.state, mem, p.va, Access(p.access, p.user, p.ac, p.implicit), update_ad=True)
+
+
 PK_TABLE = [
     # CR0.WP, PKRU, page U/S, CPL, access -> Bochs' answer, the SDM's answer (§4.6.2, hand-derived):
     # an error code, or None for ok. Key 1 on both pages; AD1 is PKRU bit 2, WD1 bit 3.
@@ -382,7 +394,7 @@ def test_pk_rule_explains_every_matrix_mismatch(bochs):
     bochs; without the profile's two Bochs fields every mismatch is a PKE case that the hand rule
     bochs_pk_denies explains, and none is anything else."""
     from harness import matrix as mx
-    from harness.differential import batch_from_repro, run_conformance
+    from harness.differential import run_conformance
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
     feat = MatrixFeatures.from_caps(bochs.capabilities())
     m = matrix_for(feat)
@@ -397,12 +409,7 @@ def test_pk_rule_explains_every_matrix_mismatch(bochs):
     for mm in mms:
         assert mm.state.pke, mm.render()
         assert not any("after the batch" in d or "missing from" in d for d in mm.differences), mm.render()
-        batch = batch_from_repro(mm.repro)
-        mem = batch.memory.copy()
-        for p, got in zip(mm.probes, mm.got):
-            want = bochs_expected(batch.state, mem, p)
-            assert (got.outcome, got.error_code if got.outcome != "ok" else None) == want, mm.render()
-            walk(batch.state, mem, p.va, Access(p.access, p.user, p.ac, p.implicit), update_ad=True)
+        assert_bochs_rules_explain(mm)
 
 
 def test_profile_implicit_smap_honours_ac_cpl3(bochs):
@@ -427,7 +434,7 @@ def test_rules_explain_every_random_table_mismatch(bochs):
     """Random page tables (reserved bits, large leaves, keys, implicit reads): none under profile
     bochs; without its two Bochs fields every mismatch is one of the two deviations above, as
     bochs_expected computes them."""
-    from harness.differential import batch_from_repro, run_conformance
+    from harness.differential import run_conformance
     from harness.matrix import MatrixFeatures
     from harness.random_tables import RandomSource
     feat = MatrixFeatures.from_caps(bochs.capabilities())
@@ -445,12 +452,7 @@ def test_rules_explain_every_random_table_mismatch(bochs):
             assert "missing from" not in d, mm.render()
             if "after the batch" in d:
                 assert int(d.rsplit("differs in ", 1)[1].rstrip(")"), 16) & ~0x60 == 0, mm.render()
-        batch = batch_from_repro(mm.repro)
-        mem = batch.memory.copy()
-        for p, got in zip(mm.probes, mm.got):
-            want = bochs_expected(batch.state, mem, p)
-            assert (got.outcome, got.error_code if got.outcome != "ok" else None) == want, mm.render()
-            walk(batch.state, mem, p.va, Access(p.access, p.user, p.ac, p.implicit), update_ad=True)
+        assert_bochs_rules_explain(mm)
 
 
 def test_conform_matrix_slice_has_no_mismatches():
