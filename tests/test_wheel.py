@@ -104,3 +104,83 @@ def test_wheel_conform(installed, oracle):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]
     assert last == f"conform: 0 mismatches in 300 cases ({oracle})", last
+
+
+TINY_ORACLE = '''
+"""A third party's oracle for x86pt: x86pt's own model behind another name (a stand-in emulator)."""
+import dataclasses
+
+from harness.oracles.model import ModelOracle
+
+
+class TinyOracle:
+    name = "tinyemu"
+    profile = "intel"
+
+    def __init__(self):
+        self._inner = ModelOracle()
+
+    @staticmethod
+    def available():
+        return True, ""
+
+    def capabilities(self):
+        return dataclasses.replace(self._inner.capabilities(), name="tinyemu")
+
+    def run(self, memory, state, probes):
+        return self._inner.run(memory, state, probes)
+
+    def close(self):
+        pass
+'''
+
+TINY_PYPROJECT = '''
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "tinyemu-x86pt"
+version = "0.1"
+
+[project.entry-points."x86pt.oracles"]
+tinyemu = "tinyemu_x86pt:TinyOracle"
+
+[tool.setuptools]
+py-modules = ["tinyemu_x86pt", "tinyemu_adapter"]
+'''
+
+
+@pytest.fixture(scope="module")
+def third_party(installed, tmp_path_factory):
+    """A separate package, built and pip-installed into the wheel's venv: an oracle registered by
+    entry point, and a command oracle (the reference adapter, shipped as a module of the package)."""
+    src = tmp_path_factory.mktemp("tinyemu")
+    (src / "pyproject.toml").write_text(TINY_PYPROJECT)
+    (src / "tinyemu_x86pt.py").write_text(TINY_ORACLE)
+    shutil.copy2(os.path.join(ROOT, "examples", "cmd_oracle_adapter.py"), src / "tinyemu_adapter.py")
+    bindir, _ = installed
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(bindir / "python"), "install", "-q",
+                        "--no-deps", "--disable-pip-version-check", str(src)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return bindir
+
+
+def test_a_separate_package_adds_oracles_by_entry_point_and_by_command(installed, third_party):
+    """issue 14's "done when": a package outside this repo adds an oracle by entry point and by
+    command; both run under `x86pt conform` and under the pytest plugin (x86pt from the wheel)."""
+    bindir, work = installed
+    by_command = f"cmd:{bindir / 'python'} -m tinyemu_adapter --oracle model"
+    for oracle in ("tinyemu", by_command):
+        r = _run(installed, "conform", "--oracle", oracle, "--limit", "300", "--no-repro")
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.stdout.strip().splitlines()[-1].startswith("conform: 0 mismatches in 300 cases"), r.stdout
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+        env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+        r = subprocess.run([str(bindir / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "--pyargs", "x86pt.conformance", "--x86pt-oracle", oracle,
+                            "--x86pt-limit", "300"], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-2000:]
