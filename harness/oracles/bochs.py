@@ -438,3 +438,83 @@ def discover_capabilities(binary: str | None = None, cpu: str = DEFAULT_CPU,
     return Capabilities(name="bochs", vendor=vendor_of(cpuid_from_log(log)),
                         **measured("bochs", r, r5, unbacked=True),
                         ram_size=oracle.ram_size, version=oracle.version, notes=tuple(notes))
+
+
+# -- a free-form guest under the debugger (TLB experiments) ----------------------------------------------
+class DebuggerRun:
+    """Bochs at its reset vector with the rig's reset ROM (bios.bin: long mode from the boot block
+    at guest.PARAMS_GPA + 0x100, then a jump to guest.ENTRY_VA), guest RAM written through the
+    debugger (`setpmem`, 4 bytes at a time; no optramimage), and the debugger left to the caller:
+    `exchange(commands)` returns what Bochs printed. A context manager: on exit Bochs is asked to
+    quit (so its log, with the CPUID table, is complete in `log`), its process group is killed and
+    the scratch directory removed, whatever happened."""
+
+    def __init__(self, ram: dict[int, bytes], *, cpu: str = DEFAULT_CPU, ram_mib: int = 32,
+                 timeout: float = 60.0, binary: str | None = None) -> None:
+        self.binary = binary or bochs_binary()
+        ok, why = available()
+        if self.binary is None or not ok:
+            raise OracleUnavailable(why or f"{BOCHS_BINARY} not found on PATH")
+        if not re.fullmatch(r"[a-z0-9_]+", cpu):
+            raise BadInputError(f"bad Bochs CPU model {cpu!r} (see `bochs -help cpu`)")
+        self.ram, self.cpu, self.ram_mib, self.timeout = ram, cpu, ram_mib, timeout
+        self.log = ""
+        self.workdir: str | None = None
+        self.session: _Session | None = None
+
+    def __enter__(self) -> "DebuggerRun":
+        self.workdir = tempfile.mkdtemp(prefix=f"x86pt-bochs-dbg-{os.getpid()}-")
+        self._cleanup = functools.partial(shutil.rmtree, self.workdir, True)
+        atexit.register(self._cleanup)
+        try:
+            text = "\n".join([
+                f"memory: guest={self.ram_mib}, host={self.ram_mib}",
+                f"romimage: file={ROM_PATH}, address=0xffff0000",
+                f"vgaromimage: file={vga_rom()}",
+                f"cpu: model={self.cpu}, count=1, reset_on_triple_fault=0",
+                "display_library: term",
+                f"log: {os.path.join(self.workdir, 'bochs.log')}",
+                "panic: action=fatal", "error: action=report", "info: action=report",
+                "debug: action=ignore", "clock: sync=none", ""])
+            rc = os.path.join(self.workdir, "bochsrc")
+            with open(rc, "w", encoding="ascii") as f:
+                f.write(text)
+            self.session = _Session(self.binary, rc, self.workdir, time.monotonic() + self.timeout)
+            cmds = []
+            for pa, data in sorted(self.ram.items()):
+                data = bytes(data) + bytes(-len(data) % 4)
+                for off in range(0, len(data), 4):
+                    v = struct.unpack_from("<I", data, off)[0]
+                    if v:
+                        cmds.append(f"setpmem {pa + off:#x} 4 {v:#x}")
+            self.exchange(cmds, "loading guest RAM")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def exchange(self, commands: list[str], what: str = "a debugger command") -> list[str]:
+        return self.session.exchange(commands, what)
+
+    def read_qwords(self, pa: int, n: int) -> list[int]:
+        """n qwords of physical memory from pa (`xp`); OracleError if Bochs printed fewer."""
+        got = parse_xp(self.exchange([f"xp /{n}gx {pa:#x}"], "reading memory"))
+        try:
+            return [got[pa + 8 * i] for i in range(n)]
+        except KeyError:
+            raise OracleError(f"Bochs' debugger did not print {n} qwords at {pa:#x}") from None
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.session is not None:
+                self.session.close(graceful=True)
+        finally:
+            self.session = None
+            if self.workdir is not None:
+                with contextlib.suppress(OSError):
+                    with open(os.path.join(self.workdir, "bochs.log"), encoding="utf-8",
+                              errors="replace") as f:
+                        self.log = f.read()
+                self._cleanup()
+                atexit.unregister(self._cleanup)
+                self.workdir = None
