@@ -29,6 +29,16 @@ KERNEL_MAP = 0xFFFFFFFF80000000          # __START_KERNEL_map
 KERNEL_IMAGE_SIZE = 1 << 30              # with CONFIG_RANDOMIZE_BASE (Debian); 512 MiB without
 
 
+def meminfo_text(dpc4k: int, dpc2m: int, dpc1g: int, gbpages: bool = True) -> str:
+    """arch_report_meminfo() (arch/x86/mm/pat/set_memory.c): direct_pages_count[] in kB as
+    "DirectMap4k:    %8lu kB" (4 spaces after the colon); the 1G line only with gbpages."""
+    s = f"DirectMap4k:    {dpc4k << 2:8d} kB\n"
+    s += f"DirectMap2M:    {dpc2m << 11:8d} kB\n"
+    if gbpages:
+        s += f"DirectMap1G:    {dpc1g << 20:8d} kB\n"
+    return s
+
+
 @dataclass(frozen=True)
 class Census:
     page_offset: int
@@ -50,13 +60,8 @@ class Census:
                 2: self.direct.get(2, 0) - self.highmap_splits, 3: self.direct.get(3, 0)}
 
     def meminfo(self, gbpages: bool = True) -> str:
-        """arch_report_meminfo(): "DirectMap4k:    %8lu kB" (4 spaces after the colon)."""
         c = self.counts
-        s = f"DirectMap4k:    {c[1] << 2:8d} kB\n"
-        s += f"DirectMap2M:    {c[2] << 11:8d} kB\n"
-        if gbpages:
-            s += f"DirectMap1G:    {c[3] << 20:8d} kB\n"
-        return s
+        return meminfo_text(c[1], c[2], c[3], gbpages)
 
     def to_json(self) -> dict:
         c = self.counts

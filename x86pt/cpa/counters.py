@@ -68,7 +68,9 @@ class Counters:
         return out
 
     def meminfo_text(self, gbpages: bool) -> str:
-        return "".join(f"{k}:{v:>15} kB\n" for k, v in self.meminfo(gbpages).items())
+        """The DirectMap lines of /proc/meminfo, byte for byte (x86pt.census.meminfo_text)."""
+        from x86pt.census import meminfo_text
+        return meminfo_text(self.dpc4k, self.dpc2m, self.dpc1g, gbpages)
 
     def vmstat(self) -> dict[str, int]:
         return {"direct_map_level2_splits": self.split_2m, "direct_map_level3_splits": self.split_1g,
