@@ -375,8 +375,10 @@ def _check_translation_only(oracle_name: str, batch: Batch, results: Sequence[Re
 
 
 def differing_qwords(model_after: SparseMemory, oracle_after) -> set[int]:
-    """Addresses of the qwords where the two memories differ, over the model's pages (page-wise
-    byte compare first: almost every page is equal)."""
+    """Addresses of the qwords where the two memories differ (page-wise byte compare first: almost
+    every page is equal): over the model's pages (every qword of a page the oracle cannot read),
+    and over the oracle's own pages the model never held (a non-zero qword there differs from the
+    model's zero)."""
     import numpy as np
     out: set[int] = set()
     for pn, page in model_after.pages.items():
@@ -384,13 +386,18 @@ def differing_qwords(model_after: SparseMemory, oracle_after) -> set[int]:
         try:
             other = oracle_after.read(base, 4096)
         except PhysicalAddressError:
-            out.add(base)
+            out.update(range(base, base + 4096, 8))
             continue
         if other == page:
             continue
         a = np.frombuffer(bytes(page), dtype="<u8")
         b = np.frombuffer(other, dtype="<u8")
         out.update(int(base + 8 * i) for i in np.flatnonzero(a != b))
+    for pn, page in getattr(oracle_after, "pages", {}).items():
+        if pn in model_after.pages:
+            continue
+        b = np.frombuffer(bytes(page), dtype="<u8")
+        out.update(int(pn * 4096 + 8 * i) for i in np.flatnonzero(b))
     return out
 
 

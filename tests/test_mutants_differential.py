@@ -398,7 +398,8 @@ def test_differing_qwords_lists_each_differing_qword_and_each_missing_page():
     oracle.write_u64(0x4008, 1)
     oracle.write_u64(0x4010, 2)
     oracle.write_u64(0x4ff8, 6)
-    assert differing_qwords(model, oracle) == {0x9000, 0x4010, 0x4FF8}
+    # every qword of the page the oracle lacks, not only its first
+    assert differing_qwords(model, oracle) == set(range(0x9000, 0xA000, 8)) | {0x4010, 0x4FF8}
     assert differing_qwords(oracle, oracle.copy()) == set()
 
 
@@ -979,3 +980,19 @@ def test_agreeing_batches_are_settled_by_the_fast_path(monkeypatch):
     # and a differing batch does reach it, once
     conform(ModelOracle("intel", deviate=deviation(error_code=0x5, when=lambda p, r: p == P_ROWRITE)))
     assert calls == ["t#read"]
+
+
+def test_differing_qwords_sees_pages_only_one_side_holds():
+    """A page the oracle's memory lacks differs in every qword (not only its first), and a page
+    only the oracle's memory holds differs wherever it is not zero (the model reads zeros there)."""
+    from harness.differential import differing_qwords
+    model = SparseMemory(0x10000)
+    model.write_u64(0x1018, 0x2001)                     # an entry at offset 0x18 of page 1
+    oracle = SparseMemory(0x1000)                       # page 1 is past the oracle's memory
+    assert {0x1000, 0x1018, 0x1ff8} <= differing_qwords(model, oracle)
+    oracle = SparseMemory(0x10000)
+    oracle.write_u64(0x1018, 0x2001)
+    oracle.write_u64(0x3020, 0x20)                      # A set in a table page the model never held
+    assert differing_qwords(model, oracle) == {0x3020}
+    oracle.write_u64(0x3020, 0)
+    assert differing_qwords(model, oracle) == set()
