@@ -52,36 +52,44 @@ def _fake_dist(root, name: str, body: str, eps: str) -> None:
     (info / "entry_points.txt").write_text(textwrap.dedent(eps))
 
 
+def tiny_oracle_source(name: str) -> str:
+    """A third party's oracle module: x86pt's model behind another name (a stand-in emulator).
+    tests/test_wheel.py installs it as a real package."""
+    return f'''
+import dataclasses
+
+from harness.oracles.model import ModelOracle
+
+
+class TinyOracle:
+    name = "{name}"
+    profile = "intel"
+
+    def __init__(self):
+        self._inner = ModelOracle()
+
+    @staticmethod
+    def available():
+        return True, ""
+
+    def capabilities(self):
+        return dataclasses.replace(self._inner.capabilities(), name="{name}")
+
+    def run(self, memory, state, probes):
+        return self._inner.run(memory, state, probes)
+
+    def close(self):
+        pass
+'''
+
+
 def test_a_third_party_oracle_is_found_by_entry_point(tmp_path, monkeypatch):
     """A package outside the repo adds an oracle: registered by its metadata only."""
-    _fake_dist(tmp_path, "tinyemu", '''
-        import dataclasses
-        from harness.oracles.model import ModelOracle
+    _fake_dist(tmp_path, "tinyemu", tiny_oracle_source("tiny") + '''
 
-        class TinyOracle:
-            """A stand-in emulator: the model behind another name."""
-            name = "tiny"
-            profile = "intel"
-
-            def __init__(self):
-                self._inner = ModelOracle()
-
-            @staticmethod
-            def available():
-                return True, ""
-
-            def capabilities(self):
-                return dataclasses.replace(self._inner.capabilities(), name="tiny")
-
-            def run(self, memory, state, probes):
-                return self._inner.run(memory, state, probes)
-
-            def close(self):
-                pass
-
-        class Broken:
-            pass
-        ''', '''
+class Broken:
+    pass
+''', '''
         [x86pt.oracles]
         tiny = tinyemu:TinyOracle
         broken = tinyemu:Broken

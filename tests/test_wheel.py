@@ -106,34 +106,6 @@ def test_wheel_conform(installed, oracle):
     assert last == f"conform: 0 mismatches in 300 cases ({oracle})", last
 
 
-TINY_ORACLE = '''
-"""A third party's oracle for x86pt: x86pt's own model behind another name (a stand-in emulator)."""
-import dataclasses
-
-from harness.oracles.model import ModelOracle
-
-
-class TinyOracle:
-    name = "tinyemu"
-    profile = "intel"
-
-    def __init__(self):
-        self._inner = ModelOracle()
-
-    @staticmethod
-    def available():
-        return True, ""
-
-    def capabilities(self):
-        return dataclasses.replace(self._inner.capabilities(), name="tinyemu")
-
-    def run(self, memory, state, probes):
-        return self._inner.run(memory, state, probes)
-
-    def close(self):
-        pass
-'''
-
 TINY_PYPROJECT = '''
 [build-system]
 requires = ["setuptools>=61"]
@@ -157,7 +129,8 @@ def third_party(installed, tmp_path_factory):
     entry point, and a command oracle (the reference adapter, shipped as a module of the package)."""
     src = tmp_path_factory.mktemp("tinyemu")
     (src / "pyproject.toml").write_text(TINY_PYPROJECT)
-    (src / "tinyemu_x86pt.py").write_text(TINY_ORACLE)
+    from test_plugins import tiny_oracle_source
+    (src / "tinyemu_x86pt.py").write_text(tiny_oracle_source("tinyemu"))
     shutil.copy2(os.path.join(ROOT, "examples", "cmd_oracle_adapter.py"), src / "tinyemu_adapter.py")
     bindir, _ = installed
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(bindir / "python"), "install", "-q",
