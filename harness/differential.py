@@ -208,8 +208,8 @@ def probe_from_json(d: dict) -> Probe:
                      bool(d.get("implicit", False)))
     except KeyError as e:
         raise BadInputError(f"repro probe lacks {e.args[0]}") from None
-    except ValueError as e:
-        raise BadInputError(f"bad repro probe: {e}") from None
+    except (TypeError, AttributeError):          # not a JSON object
+        raise BadInputError(f"bad repro probe: {d!r:.80} is not an object") from None
 
 
 def decoded_walk(state: PagingState, results: Sequence[Result], memory: SparseMemory) -> list[str]:

@@ -996,3 +996,11 @@ def test_differing_qwords_sees_pages_only_one_side_holds():
     assert differing_qwords(model, oracle) == {0x3020}
     oracle.write_u64(0x3020, 0)
     assert differing_qwords(model, oracle) == set()
+
+
+def test_a_repro_probe_that_is_not_an_object_is_one_line():
+    from harness.differential import probe_from_json
+    from x86pt.errors import BadInputError
+    for bad in ([1, 2], "0x1000", 7, None):
+        with pytest.raises(BadInputError, match="bad repro probe: .* is not an object"):
+            probe_from_json(bad)
