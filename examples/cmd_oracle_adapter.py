@@ -24,6 +24,7 @@ is what x86pt shows when the adapter fails. Exit non-zero on any error. The prot
 read and written below with the standard json module, so the shape does not depend on x86pt; the
 image (an ELF core, docs/formats.md §4.3) is read with x86pt's reader to keep this file short.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ def _u64(v):
 # -- EMULATOR: start the emulator ---------------------------------------------------------------------
 def open_emulator(name: str, *, self_test: bool):
     from x86pt.registry import get_oracle
+
     if name == "unicorn":
         return get_oracle("unicorn", self_test=self_test)
     if name == "model":
@@ -59,8 +61,16 @@ def capabilities(name: str, serve: bool = False, raw: bool = False) -> dict:
     finally:
         emu.close()
     caps["notes"] = list(caps.get("notes", ())) + [f"through examples/cmd_oracle_adapter.py ({name})"]
-    return {"protocol": PROTOCOL, **caps, "name": f"adapter:{caps['name']}", "profile": profile,
-            "max_probes": 8192, "memory_after": True, "image_format": "raw" if raw else "elf", "serve": serve}
+    return {
+        "protocol": PROTOCOL,
+        **caps,
+        "name": f"adapter:{caps['name']}",
+        "profile": profile,
+        "max_probes": 8192,
+        "memory_after": True,
+        "image_format": "raw" if raw else "elf",
+        "serve": serve,
+    }
 
 
 # -- run ---------------------------------------------------------------------------------------------------
@@ -69,11 +79,13 @@ def read_case(case_dir: str):
     from x86pt.memory.sparse import SparseMemory
     from x86pt.oracle import Probe
     from x86pt.state import PagingState
+
     with open(os.path.join(case_dir, "case.json"), encoding="utf-8") as f:
         case = json.load(f)
     if case.get("protocol") != PROTOCOL:
-        raise SystemExit(f"cmd_oracle_adapter: case protocol {case.get('protocol')!r}, this adapter "
-                         f"speaks {PROTOCOL}")
+        raise SystemExit(
+            f"cmd_oracle_adapter: case protocol {case.get('protocol')!r}, this adapter speaks {PROTOCOL}"
+        )
     state = PagingState.from_json(case["state"])
     memory = SparseMemory(case["ram_size"])
     image = open_memory(case["image"], case["image_format"])
@@ -87,22 +99,36 @@ def read_case(case_dir: str):
         for line in f:
             if line.strip():
                 d = json.loads(line)
-                probes.append(Probe(_u64(d["va"]), d.get("access", "read"), d.get("user", False),
-                                    d.get("ac", False), _u64(d.get("wvalue", 0)), d.get("implicit", False)))
+                probes.append(
+                    Probe(
+                        _u64(d["va"]),
+                        d.get("access", "read"),
+                        d.get("user", False),
+                        d.get("ac", False),
+                        _u64(d.get("wvalue", 0)),
+                        d.get("implicit", False),
+                    )
+                )
     return case, memory, state, probes
 
 
 def result_line(r) -> dict:
-    return {"outcome": r.outcome, "error_code": r.error_code,
-            "cr2": None if r.cr2 is None else hex(r.cr2), "pa": None if r.pa is None else hex(r.pa),
-            "value": None if r.value is None else hex(r.value), "vector": r.vector,
-            **({"detail": r.detail} if r.detail else {})}
+    return {
+        "outcome": r.outcome,
+        "error_code": r.error_code,
+        "cr2": None if r.cr2 is None else hex(r.cr2),
+        "pa": None if r.pa is None else hex(r.pa),
+        "value": None if r.value is None else hex(r.value),
+        "vector": r.vector,
+        **({"detail": r.detail} if r.detail else {}),
+    }
 
 
 def run(case_dir: str, name: str, transform=None, emu=None) -> None:
     """Run one case (on `emu`, or on an emulator started for it). `transform(probe, result_dict)
     -> result_dict` rewrites answers (the tests use it to play a buggy emulator)."""
     from x86pt.memory import write_image
+
     case, memory, state, probes = read_case(case_dir)
     own = emu is None
     emu = open_emulator(name, self_test=False) if own else emu
@@ -133,7 +159,7 @@ def serve(name: str, transform=None) -> None:
             try:
                 run(case_dir, name, transform, emu)
                 reply = {"status": "done"}
-            except Exception as e:     # this batch failed; the next one may not
+            except Exception as e:  # this batch failed; the next one may not
                 reply = {"status": "error", "message": f"{type(e).__name__}: {e}"}
             sys.stdout.write(json.dumps(reply) + "\n")
             sys.stdout.flush()
@@ -143,12 +169,22 @@ def serve(name: str, transform=None) -> None:
 
 def main(argv=None, transform=None) -> int:
     ap = argparse.ArgumentParser(prog="cmd_oracle_adapter.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--oracle", default="unicorn", choices=("unicorn", "model"),
-                    help="the built-in oracle to answer with (default unicorn)")
-    ap.add_argument("--serve", action="store_true",
-                    help="announce serve mode in the capabilities (one process for the session)")
-    ap.add_argument("--raw", action="store_true",
-                    help="ask for raw images (the registers then come from case.json's state)")
+    ap.add_argument(
+        "--oracle",
+        default="unicorn",
+        choices=("unicorn", "model"),
+        help="the built-in oracle to answer with (default unicorn)",
+    )
+    ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="announce serve mode in the capabilities (one process for the session)",
+    )
+    ap.add_argument(
+        "--raw",
+        action="store_true",
+        help="ask for raw images (the registers then come from case.json's state)",
+    )
     ap.add_argument("verb", choices=("capabilities", "run", "serve"))
     ap.add_argument("case_dir", nargs="?")
     args = ap.parse_args(argv)
@@ -164,7 +200,7 @@ def main(argv=None, transform=None) -> int:
             ap.error("run needs CASE_DIR")
         run(args.case_dir, args.oracle, transform)
         return 0
-    except Exception as e:      # one line on stderr: x86pt shows the tail of stderr
+    except Exception as e:  # one line on stderr: x86pt shows the tail of stderr
         print(f"cmd_oracle_adapter: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 

@@ -11,6 +11,7 @@ What is compared (docs/paging.md §11.5, §13.4):
   when a successful walk of the case used the entry (non-leaf A on faulting walks, and a large
   leaf's A on a faulting access, are don't-care, as KUT's ignore_pde).
 """
+
 from __future__ import annotations
 
 import gc
@@ -43,11 +44,11 @@ class OwnedEntry:
 
 @dataclass(frozen=True)
 class CaseInfo:
-    label: str                        # e.g. "matrix#123456" or "random#7:12"
-    flags: int | None                 # matrix flags (None for random cases)
-    probes: tuple[int, ...]           # indices into Batch.probes
+    label: str  # e.g. "matrix#123456" or "random#7:12"
+    flags: int | None  # matrix flags (None for random cases)
+    probes: tuple[int, ...]  # indices into Batch.probes
     owned: tuple[OwnedEntry, ...] = ()
-    frames: tuple[int, ...] = ()      # frame pages the case's accesses aim at (for repros)
+    frames: tuple[int, ...] = ()  # frame pages the case's accesses aim at (for repros)
     description: str = ""
 
 
@@ -70,8 +71,11 @@ class CaseSource(Protocol):
 
 # -- instruction decoding --------------------------------------------------------------------------------
 # Canonical encodings of the rig's accesses: mov rax,[rbx] / mov [rbx],rdx / call rbx.
-CANONICAL_BYTES = {"read": bytes.fromhex("488b03"), "write": bytes.fromhex("488913"),
-                   "fetch": bytes.fromhex("ffd3")}
+CANONICAL_BYTES = {
+    "read": bytes.fromhex("488b03"),
+    "write": bytes.fromhex("488913"),
+    "fetch": bytes.fromhex("ffd3"),
+}
 
 
 def canonical_instruction(probe: Probe) -> bytes:
@@ -95,14 +99,16 @@ IMPLICIT_BYTES = bytes.fromhex("8ec0")
 def probe_instruction(oracle, probe: Probe) -> str:
     if probe.implicit:
         who = "CPL3" if probe.user else "CPL0"
-        return (f"{disassemble(IMPLICIT_BYTES)}   ({who}{', EFLAGS.AC=1' if probe.ac else ''}, "
-                f"implicit supervisor read of LDT entry 0, LDT base={probe.va:#x})")
+        return (
+            f"{disassemble(IMPLICIT_BYTES)}   ({who}{', EFLAGS.AC=1' if probe.ac else ''}, "
+            f"implicit supervisor read of LDT entry 0, LDT base={probe.va:#x})"
+        )
     code = None
     fn = getattr(oracle, "instruction_bytes", None)
     if callable(fn):
         try:
             code = fn(probe)
-        except Exception:       # a backend without a fixed encoding: use the canonical one
+        except Exception:  # a backend without a fixed encoding: use the canonical one
             code = None
     if not code:
         code = canonical_instruction(probe)
@@ -130,8 +136,9 @@ def _read(mem, addr: int) -> int | None:
         return None
 
 
-def compare_entries(case: CaseInfo, results: Sequence[Result], model_after: SparseMemory,
-                    oracle_after) -> list[str]:
+def compare_entries(
+    case: CaseInfo, results: Sequence[Result], model_after: SparseMemory, oracle_after
+) -> list[str]:
     diffs = []
     for addr, (kind, used_ok) in sorted(_entries_of_case(case, results).items()):
         want = _read(model_after, addr)
@@ -143,8 +150,10 @@ def compare_entries(case: CaseInfo, results: Sequence[Result], model_after: Spar
         if kind != "pte" and not used_ok:
             mask &= ~BIT_A
         if (want ^ got) & mask:
-            diffs.append(f"{kind} at {addr:#x} after the batch: model {want:#018x}, oracle {got:#018x}"
-                         f" (differs in {(want ^ got) & mask:#x})")
+            diffs.append(
+                f"{kind} at {addr:#x} after the batch: model {want:#018x}, oracle {got:#018x}"
+                f" (differs in {(want ^ got) & mask:#x})"
+            )
     return diffs
 
 
@@ -158,22 +167,31 @@ class Mismatch:
     model: tuple[ProbeResult, ...]
     got: tuple[ProbeResult, ...]
     differences: tuple[str, ...]
-    walk: tuple[str, ...]              # decoded entries of the model's walks
+    walk: tuple[str, ...]  # decoded entries of the model's walks
     instructions: tuple[str, ...]
     repro: dict
 
     def to_json(self) -> dict:
         from harness.matrix import flag_names
-        return {"type": "mismatch", "oracle": self.oracle, "case": self.case.label,
-                "flags": None if self.case.flags is None else flag_names(self.case.flags),
-                "state": self.state.to_json(),
-                "probes": [probe_json(p) for p in self.probes],
-                "model": [r.to_json() for r in self.model], "oracle_result": [r.to_json() for r in self.got],
-                "differences": list(self.differences), "walk": list(self.walk),
-                "instructions": list(self.instructions), "repro": self.repro.get("file")}
+
+        return {
+            "type": "mismatch",
+            "oracle": self.oracle,
+            "case": self.case.label,
+            "flags": None if self.case.flags is None else flag_names(self.case.flags),
+            "state": self.state.to_json(),
+            "probes": [probe_json(p) for p in self.probes],
+            "model": [r.to_json() for r in self.model],
+            "oracle_result": [r.to_json() for r in self.got],
+            "differences": list(self.differences),
+            "walk": list(self.walk),
+            "instructions": list(self.instructions),
+            "repro": self.repro.get("file"),
+        }
 
     def render(self) -> str:
         from harness.matrix import flag_names
+
         lines = [f"MISMATCH {self.case.label} on {self.oracle}"]
         if self.case.flags is not None:
             lines.append(f"  test {flag_names(self.case.flags)}")
@@ -181,8 +199,10 @@ class Mismatch:
             lines.append(f"  {self.case.description}")
         lines.append(f"  state: {self.state.describe()}")
         for p, ins, m, g in zip(self.probes, self.instructions, self.model, self.got):
-            lines.append(f"  probe {'implicit ' if p.implicit else ''}{p.access} va={p.va:#x} "
-                         f"{'user' if p.user else 'supervisor'}{' ac' if p.ac else ''}: {ins}")
+            lines.append(
+                f"  probe {'implicit ' if p.implicit else ''}{p.access} va={p.va:#x} "
+                f"{'user' if p.user else 'supervisor'}{' ac' if p.ac else ''}: {ins}"
+            )
             lines.append(f"    model:  {describe_outcome(m)}")
             lines.append(f"    oracle: {describe_outcome(g)}")
         lines.append("  walk (model, entries as they were before the batch):")
@@ -191,29 +211,43 @@ class Mismatch:
             lines.append(f"  FAIL: {d}")
         if self.repro.get("file"):
             from harness.reports import repro_line
+
             lines.append(repro_line(self.repro["file"], self.oracle))
         return "\n".join(lines)
 
 
 def probe_json(p: Probe) -> dict:
-    return {"va": hex(p.va), "access": p.access, "user": p.user, "ac": p.ac, "wvalue": hex(p.wvalue),
-            **({"implicit": True} if p.implicit else {})}
+    return {
+        "va": hex(p.va),
+        "access": p.access,
+        "user": p.user,
+        "ac": p.ac,
+        "wvalue": hex(p.wvalue),
+        **({"implicit": True} if p.implicit else {}),
+    }
 
 
 def probe_from_json(d: dict) -> Probe:
     from x86pt.numbers import parse_int
+
     try:
-        return Probe(parse_int(d["va"], "probe va"), str(d.get("access", "read")), bool(d.get("user", False)),
-                     bool(d.get("ac", False)), parse_int(d.get("wvalue", 0), "probe wvalue"),
-                     bool(d.get("implicit", False)))
+        return Probe(
+            parse_int(d["va"], "probe va"),
+            str(d.get("access", "read")),
+            bool(d.get("user", False)),
+            bool(d.get("ac", False)),
+            parse_int(d.get("wvalue", 0), "probe wvalue"),
+            bool(d.get("implicit", False)),
+        )
     except KeyError as e:
         raise BadInputError(f"repro probe lacks {e.args[0]}") from None
-    except (TypeError, AttributeError):          # not a JSON object
+    except (TypeError, AttributeError):  # not a JSON object
         raise BadInputError(f"bad repro probe: {d!r:.80} is not an object") from None
 
 
 def decoded_walk(state: PagingState, results: Sequence[Result], memory: SparseMemory) -> list[str]:
     from x86pt.describe import decode_entry, entry_flags
+
     lines = []
     seen = set()
     for r in results:
@@ -225,14 +259,17 @@ def decoded_walk(state: PagingState, results: Sequence[Result], memory: SparseMe
             raw = s.raw if raw is None else raw
             d = decode_entry(raw, s.kind, state.m, state.vendor, state)
             rsv = f"  RESERVED {d['reserved_set']}" if d["reserved_set"] else ""
-            lines.append(f"L{s.level.number} {s.level.table:<4}[{(r.va >> s.level.shift) & 0x1FF:3d}] "
-                         f"@{s.entry_addr:#x} = {raw:#018x}  {s.kind.sdm_name}: {entry_flags(raw, s.kind)}"
-                         f"{rsv}")
+            lines.append(
+                f"L{s.level.number} {s.level.table:<4}[{(r.va >> s.level.shift) & 0x1FF:3d}] "
+                f"@{s.entry_addr:#x} = {raw:#018x}  {s.kind.sdm_name}: {entry_flags(raw, s.kind)}"
+                f"{rsv}"
+            )
     return lines
 
 
-def make_repro(oracle_name: str, batch: Batch, case: CaseInfo, results: Sequence[Result],
-               differences: Sequence[str]) -> dict:
+def make_repro(
+    oracle_name: str, batch: Batch, case: CaseInfo, results: Sequence[Result], differences: Sequence[str]
+) -> dict:
     """A minimal image: the case's entries (owned and walked), as they were before the batch,
     plus its frame pages (re-filled with tags on replay)."""
     entries: dict[int, tuple[int, str]] = {e.addr: (e.raw, e.kind) for e in case.owned}
@@ -244,19 +281,26 @@ def make_repro(oracle_name: str, batch: Batch, case: CaseInfo, results: Sequence
         r = results[i]
         if isinstance(r, Translation):
             frames.add(r.pa & ~0xFFF)
-    return {"x86pt_repro": REPRO_VERSION, "oracle": oracle_name, "case": case.label,
-            "flags": case.flags, "state": batch.state.to_json(),
-            "ram_size": batch.memory.size,
-            "entries": [{"pa": hex(a), "value": f"{v:#018x}", "kind": k}
-                        for a, (v, k) in sorted(entries.items())],
-            "frames": [hex(f) for f in sorted(frames)],
-            "probes": [probe_json(batch.probes[i]) for i in case.probes],
-            "differences": list(differences)}
+    return {
+        "x86pt_repro": REPRO_VERSION,
+        "oracle": oracle_name,
+        "case": case.label,
+        "flags": case.flags,
+        "state": batch.state.to_json(),
+        "ram_size": batch.memory.size,
+        "entries": [
+            {"pa": hex(a), "value": f"{v:#018x}", "kind": k} for a, (v, k) in sorted(entries.items())
+        ],
+        "frames": [hex(f) for f in sorted(frames)],
+        "probes": [probe_json(batch.probes[i]) for i in case.probes],
+        "differences": list(differences),
+    }
 
 
 def batch_from_repro(d: dict) -> Batch:
     from harness.matrix import fill_frames
     from x86pt.numbers import parse_int
+
     if not isinstance(d, dict) or d.get("x86pt_repro") != REPRO_VERSION:
         raise BadInputError("not an x86pt conform repro file (x86pt_repro: 1 missing)")
     try:
@@ -277,8 +321,12 @@ def batch_from_repro(d: dict) -> Batch:
     if not probes:
         raise BadInputError("repro file has no probes")
     flags = d.get("flags")
-    case = CaseInfo(str(d.get("case", "repro")), flags if isinstance(flags, int) else None,
-                    tuple(range(len(probes))), tuple(owned))
+    case = CaseInfo(
+        str(d.get("case", "repro")),
+        flags if isinstance(flags, int) else None,
+        tuple(range(len(probes))),
+        tuple(owned),
+    )
     return Batch(mem, state, probes, [case])
 
 
@@ -297,23 +345,36 @@ class Summary:
     interrupted: bool = False
 
     def to_json(self) -> dict:
-        return {"type": "summary", "oracle": self.oracle, "cases": self.cases, "probes": self.probes,
-                "mismatches": self.mismatches, "seconds": round(self.seconds, 3),
-                "model_seconds": round(self.model_seconds, 3),
-                "oracle_seconds": round(self.oracle_seconds, 3),
-                "build_seconds": round(self.build_seconds, 3),
-                "oracle_cases_per_s": round(self.cases / self.oracle_seconds) if self.oracle_seconds else None,
-                "model_cases_per_s": round(self.cases / self.model_seconds) if self.model_seconds else None,
-                **({"skipped": self.skipped} if self.skipped else {}),
-                **({"interrupted": True} if self.interrupted else {})}
+        return {
+            "type": "summary",
+            "oracle": self.oracle,
+            "cases": self.cases,
+            "probes": self.probes,
+            "mismatches": self.mismatches,
+            "seconds": round(self.seconds, 3),
+            "model_seconds": round(self.model_seconds, 3),
+            "oracle_seconds": round(self.oracle_seconds, 3),
+            "build_seconds": round(self.build_seconds, 3),
+            "oracle_cases_per_s": round(self.cases / self.oracle_seconds) if self.oracle_seconds else None,
+            "model_cases_per_s": round(self.cases / self.model_seconds) if self.model_seconds else None,
+            **({"skipped": self.skipped} if self.skipped else {}),
+            **({"interrupted": True} if self.interrupted else {}),
+        }
 
 
-def check_batch(oracle_name: str, batch: Batch, results: Sequence[Result], model_after: SparseMemory,
-                got: BatchResult, oracle=None) -> list[Mismatch]:
+def check_batch(
+    oracle_name: str,
+    batch: Batch,
+    results: Sequence[Result],
+    model_after: SparseMemory,
+    got: BatchResult,
+    oracle=None,
+) -> list[Mismatch]:
     """Compare one batch; one Mismatch per differing case."""
     if len(got.results) != len(batch.probes):
-        raise OracleError(f"{oracle_name} answered {len(got.results)} probes for a batch of "
-                          f"{len(batch.probes)}")
+        raise OracleError(
+            f"{oracle_name} answered {len(got.results)} probes for a batch of {len(batch.probes)}"
+        )
     if oracle_name == "qemu-monitor":
         return _check_translation_only(oracle_name, batch, results, got, oracle)
     out = []
@@ -331,22 +392,31 @@ def check_batch(oracle_name: str, batch: Batch, results: Sequence[Result], model
             continue
         rs = [results[i] for i in case.probes]
         ps = tuple(batch.probes[i] for i in case.probes)
-        out.append(Mismatch(
-            oracle_name, case, batch.state, ps,
-            tuple(as_probe_result(r, read_value(model_after, r, p)) for r, p in zip(rs, ps)),
-            tuple(got.results[i] for i in case.probes), tuple(diffs),
-            tuple(decoded_walk(batch.state, rs, batch.memory)),
-            tuple(probe_instruction(oracle, p) for p in ps),
-            make_repro(oracle_name, batch, case, results, diffs)))
+        out.append(
+            Mismatch(
+                oracle_name,
+                case,
+                batch.state,
+                ps,
+                tuple(as_probe_result(r, read_value(model_after, r, p)) for r, p in zip(rs, ps)),
+                tuple(got.results[i] for i in case.probes),
+                tuple(diffs),
+                tuple(decoded_walk(batch.state, rs, batch.memory)),
+                tuple(probe_instruction(oracle, p) for p in ps),
+                make_repro(oracle_name, batch, case, results, diffs),
+            )
+        )
     return out
 
 
-def _check_translation_only(oracle_name: str, batch: Batch, results: Sequence[Result], got: BatchResult,
-                            oracle=None) -> list[Mismatch]:
+def _check_translation_only(
+    oracle_name: str, batch: Batch, results: Sequence[Result], got: BatchResult, oracle=None
+) -> list[Mismatch]:
     """A translation-only oracle (QEMU's monitor: gva2gpa) is compared with the debugger's view of
     the same tables (walk.debug_translate): mapped or not, and where to. Rights, reserved bits,
     error codes and A/D are not its business."""
     from x86pt.walk import debug_translate
+
     out = []
     for case in batch.cases:
         diffs = []
@@ -365,12 +435,20 @@ def _check_translation_only(oracle_name: str, batch: Batch, results: Sequence[Re
         if diffs:
             rs = [results[i] for i in case.probes]
             ps = tuple(batch.probes[i] for i in case.probes)
-            out.append(Mismatch(
-                oracle_name, case, batch.state, ps, tuple(as_probe_result(r) for r in rs),
-                tuple(got.results[i] for i in case.probes), tuple(diffs),
-                tuple(decoded_walk(batch.state, rs, batch.memory)),
-                tuple(probe_instruction(oracle, p) for p in ps),
-                make_repro(oracle_name, batch, case, results, diffs)))
+            out.append(
+                Mismatch(
+                    oracle_name,
+                    case,
+                    batch.state,
+                    ps,
+                    tuple(as_probe_result(r) for r in rs),
+                    tuple(got.results[i] for i in case.probes),
+                    tuple(diffs),
+                    tuple(decoded_walk(batch.state, rs, batch.memory)),
+                    tuple(probe_instruction(oracle, p) for p in ps),
+                    make_repro(oracle_name, batch, case, results, diffs),
+                )
+            )
     return out
 
 
@@ -380,6 +458,7 @@ def differing_qwords(model_after: SparseMemory, oracle_after) -> set[int]:
     and over the oracle's own pages the model never held (a non-zero qword there differs from the
     model's zero)."""
     import numpy as np
+
     out: set[int] = set()
     for pn, page in model_after.pages.items():
         base = pn * 4096
@@ -420,9 +499,9 @@ _ACCESS_CODE = {"read": 0, "write": 1, "fetch": 2}
 
 @dataclass
 class _FastModel:
-    probes: list[Probe]          # the batch's probes as the model ran them (before fix_write_values)
-    run: object                  # x86pt.batch.ModelBatch
-    owned: object                # numpy array of the cases' owned entry addresses
+    probes: list[Probe]  # the batch's probes as the model ran them (before fix_write_values)
+    run: object  # x86pt.batch.ModelBatch
+    owned: object  # numpy array of the cases' owned entry addresses
 
 
 def _fast_model(batch: Batch) -> _FastModel | None:
@@ -431,13 +510,21 @@ def _fast_model(batch: Batch) -> _FastModel | None:
     try:
         import numpy as np
         from x86pt.batch import model_batch
+
         probes = list(batch.probes)
         code = _ACCESS_CODE
-        run = model_batch(batch.state, batch.memory, [p.va for p in probes], [code[p.access] for p in probes],
-                          [p.user for p in probes], [p.ac for p in probes], [p.implicit for p in probes],
-                          [p.wvalue for p in probes])
+        run = model_batch(
+            batch.state,
+            batch.memory,
+            [p.va for p in probes],
+            [code[p.access] for p in probes],
+            [p.user for p in probes],
+            [p.ac for p in probes],
+            [p.implicit for p in probes],
+            [p.wvalue for p in probes],
+        )
         owned = np.array([e.addr for c in batch.cases for e in c.owned], dtype=np.uint64)
-    except Exception:            # anything unusual: the scalar walker runs (and raises what it raises)
+    except Exception:  # anything unusual: the scalar walker runs (and raises what it raises)
         return None
     return _FastModel(probes, run, owned)
 
@@ -446,6 +533,7 @@ def _fix_write_values_fast(batch: Batch, fast: _FastModel) -> None:
     """fix_write_values from the vectorised translations."""
     import numpy as np
     from x86pt.batch import OK
+
     tr = fast.run.translation
     writes = np.flatnonzero(tr.outcome == OK)
     pas = tr.pa[writes].tolist()
@@ -460,6 +548,7 @@ def _fast_check(batch: Batch, fast: _FastModel, got: BatchResult) -> list | None
     owned or walked entry among the differing qwords); None when check_batch must look."""
     from x86pt.batch import OK, PAGE_FAULT
     from x86pt.oracle import pa_from_value
+
     if len(got.results) != len(batch.probes):
         return None
     tr = fast.run.translation
@@ -488,6 +577,7 @@ def _fast_check(batch: Batch, fast: _FastModel, got: BatchResult) -> list | None
     suspect = differing_qwords(fast.run.memory_after, got.memory_after)
     if suspect:
         import numpy as np
+
         addrs = np.array(sorted(suspect), dtype=np.uint64)
         if np.isin(addrs, fast.run.entry_addrs).any() or np.isin(addrs, fast.owned).any():
             return None
@@ -496,12 +586,19 @@ def _fast_check(batch: Batch, fast: _FastModel, got: BatchResult) -> list | None
 
 def _dont_care(state: PagingState, p: Probe) -> int:
     from x86pt.compare import dont_care
+
     return dont_care(state, p)
 
 
-def run_conformance(oracle, source: CaseSource, *, on_mismatch: Callable[[Mismatch], None] | None = None,
-                    progress: ProgressBar | None = None, compare: bool = True,
-                    interrupt: Interrupt | None = None) -> Summary:
+def run_conformance(
+    oracle,
+    source: CaseSource,
+    *,
+    on_mismatch: Callable[[Mismatch], None] | None = None,
+    progress: ProgressBar | None = None,
+    compare: bool = True,
+    interrupt: Interrupt | None = None,
+) -> Summary:
     """Run every batch of `source` on the model and on `oracle`; report mismatches through
     `on_mismatch`. With compare=False only the model runs (to time it). When `interrupt` is
     requested (Ctrl-C), the run stops after the batch in flight: the summary says so."""
@@ -540,7 +637,7 @@ def _run(oracle, source: CaseSource, name: str, on_mismatch, progress, compare: 
             summ.oracle_seconds += t3 - t2
             mms = _fast_check(batch, fast, got) if fast is not None else None
             if mms is None:
-                if fast is not None:     # something differs: the scalar walker decides, as always
+                if fast is not None:  # something differs: the scalar walker decides, as always
                     results, model_after = model_run(batch.memory, batch.state, fast.probes)
                 mms = check_batch(name, batch, results, model_after, got, oracle)
             for mm in mms:
@@ -577,5 +674,8 @@ def replay(oracle, repro: dict) -> tuple[Batch, list[Result], list[Mismatch]]:
     results, model_after = model_run(batch.memory, batch.state, batch.probes)
     fix_write_values(batch, results)
     got = oracle.run(batch.memory, batch.state, batch.probes)
-    return batch, results, check_batch(getattr(oracle, "name", "oracle"), batch, results, model_after,
-                                       got, oracle)
+    return (
+        batch,
+        results,
+        check_batch(getattr(oracle, "name", "oracle"), batch, results, model_after, got, oracle),
+    )

@@ -14,6 +14,7 @@ An executor has three calls: `call(fn, arg)` runs one task and returns its resul
 stop)` runs many and yields (index, result) as they finish, cancelling what has not started once
 `stop.requested` is set; `close()`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,19 @@ DASK_CONNECT_TIMEOUT = 10.0
 def part_spec(args: argparse.Namespace, oracle: str, span: tuple[int, int] | None = None) -> dict:
     """The picklable description of one part: the run's selection options, one oracle, and the
     units [a, b) of the run's selection (inside its own --shard) the part runs."""
-    return {"oracle": oracle, "profile": args.profile, "cases": args.cases, "extended": bool(args.extended),
-            "seed": args.seed, "limit": args.limit, "sample": args.sample, "batch": args.batch,
-            "per_tree": args.per_tree, "shard": list(args.shard) if args.shard else None,
-            "span": list(span) if span is not None else None}
+    return {
+        "oracle": oracle,
+        "profile": args.profile,
+        "cases": args.cases,
+        "extended": bool(args.extended),
+        "seed": args.seed,
+        "limit": args.limit,
+        "sample": args.sample,
+        "batch": args.batch,
+        "per_tree": args.per_tree,
+        "shard": list(args.shard) if args.shard else None,
+        "span": list(span) if span is not None else None,
+    }
 
 
 def _namespace(spec: dict) -> argparse.Namespace:
@@ -61,6 +71,7 @@ def mismatch_record(mm) -> dict:
 def plan(spec: dict) -> dict:
     """Open the oracle once: its capabilities and the size of the run's selection."""
     from harness.cli import _open_oracle, make_source, selection_units
+
     oracle = _open_oracle(spec["oracle"], spec["profile"])
     try:
         caps = oracle.capabilities()
@@ -90,6 +101,7 @@ def run_part(spec: dict) -> dict:
     """Run one part in this process: open the oracle, run, close. Returns the part's report."""
     from harness.cli import _open_oracle, make_source
     from harness.differential import run_conformance
+
     oracle = _open_oracle(spec["oracle"], spec["profile"])
     records: list[dict] = []
     dropped = 0
@@ -100,6 +112,7 @@ def run_part(spec: dict) -> dict:
             records.append(mismatch_record(mm))
         else:
             dropped += 1
+
     try:
         caps = oracle.capabilities()
         span = tuple(spec["span"]) if spec.get("span") is not None else None
@@ -107,8 +120,14 @@ def run_part(spec: dict) -> dict:
         summ = run_conformance(oracle, src, on_mismatch=on_mm, interrupt=_WORKER_STOP)
     finally:
         oracle.close()
-    return {"oracle": spec["oracle"], "span": spec["span"], "summary": summ.to_json(),
-            "capabilities": caps.to_json(), "mismatches": records, "dropped": dropped}
+    return {
+        "oracle": spec["oracle"],
+        "span": spec["span"],
+        "summary": summ.to_json(),
+        "capabilities": caps.to_json(),
+        "mismatches": records,
+        "dropped": dropped,
+    }
 
 
 def split(units: int, align: int, workers: int, cases: str) -> list[tuple[int, int]]:
@@ -139,6 +158,7 @@ class Executor(Protocol):
 
 def _init_local_worker(event) -> None:
     import signal
+
     global _WORKER_STOP
     # Ctrl-C reaches every process of the terminal's group: the parent sets `event`, the
     # workers stop after the batch in flight, as a local run does.
@@ -152,18 +172,21 @@ class LocalProcesses:
     def __init__(self, jobs: int) -> None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
+
         self.name = f"local:{jobs}"
         self.workers = jobs
         ctx = mp.get_context("spawn")
         self._event = ctx.Event()
-        self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_local_worker,
-                                         initargs=(self._event,))
+        self._pool = ProcessPoolExecutor(
+            max_workers=jobs, mp_context=ctx, initializer=_init_local_worker, initargs=(self._event,)
+        )
 
     def call(self, fn, arg):
-        return fn(arg)       # the plan runs here: one oracle open, as a local run does
+        return fn(arg)  # the plan runs here: one oracle open, as a local run does
 
     def run(self, fn, args, stop):
         from concurrent.futures import FIRST_COMPLETED, wait
+
         futs = {self._pool.submit(fn, a): i for i, a in enumerate(args)}
         pending = set(futs)
         while pending:
@@ -209,6 +232,7 @@ class DaskExecutor:
 
     def run(self, fn, args, stop):
         import time
+
         futs = [self._client.submit(fn, a, pure=False) for a in args]
         pending = dict(enumerate(futs))
         while pending:
@@ -228,7 +252,7 @@ class DaskExecutor:
     def close(self) -> None:
         try:
             self._client.close(timeout=5)
-        except Exception:       # an already lost scheduler: nothing more to release
+        except Exception:  # an already lost scheduler: nothing more to release
             pass
 
 
@@ -236,6 +260,7 @@ def _result(get: Callable[[], dict]) -> dict:
     """A task's result; an exception in the worker becomes one oracle error line (an
     X86ptError keeps its message)."""
     from x86pt.errors import X86ptError
+
     try:
         return get()
     except X86ptError:

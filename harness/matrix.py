@@ -18,6 +18,7 @@ that need different CR0/CR4/EFER/PKRU go into different batches. Data frames (fi
 `tag_value`, low byte 0xC3 = ret) sit at RIG_IMAGE_BASE, which is 2M-aligned, so 2M leaves point
 there and 1G leaves (frame 0) reach them through VA bits 29:21.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,26 +31,74 @@ from harness.differential import Batch, CaseInfo, OwnedEntry
 from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, Capabilities, Probe, tag_value
 from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
-                         CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, PagingState, Profile)
+from x86pt.state import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    CR4_PKE,
+    CR4_SMAP,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PagingState,
+    Profile,
+)
 from x86pt.fields import BIT_8 as _B8, BIT_A as _A, BIT_D as _D, BIT_P as _P, BIT_PS as _PS
 from x86pt.fields import BIT_RW as _RW, BIT_US as _US, BIT_XD as _XD, PK_SHIFT
 
 # -- the flags (KUT enum order = bit index, docs/paging.md §11.1) ------------------------------------------
 FLAG_NAMES: tuple[str, ...] = (
-    "pte.rw", "pte.user", "pte.a", "pte.d", "pte.nx", "pte.p", "pte.51", "pte.36",
-    "pde.rw", "pde.user", "pde.a", "pde.d", "pde.pse", "pde.nx", "pde.p", "pde.51", "pde.36",
-    "pde.13", "pdpte.ro", "pkru.ad", "pkru.wd", "pkey=1", "user", "write", "fetch", "twice",
-    "efer.nx", "cr0.wp", "cr4.smep", "cr4.pke", "fep",
+    "pte.rw",
+    "pte.user",
+    "pte.a",
+    "pte.d",
+    "pte.nx",
+    "pte.p",
+    "pte.51",
+    "pte.36",
+    "pde.rw",
+    "pde.user",
+    "pde.a",
+    "pde.d",
+    "pde.pse",
+    "pde.nx",
+    "pde.p",
+    "pde.51",
+    "pde.36",
+    "pde.13",
+    "pdpte.ro",
+    "pkru.ad",
+    "pkru.wd",
+    "pkey=1",
+    "user",
+    "write",
+    "fetch",
+    "twice",
+    "efer.nx",
+    "cr0.wp",
+    "cr4.smep",
+    "cr4.pke",
+    "fep",
     # our extensions (not in KUT)
-    "cr4.smap", "ac", "pdpte.1g", "pml4e.ps", "pml4e.8", "la57", "noncanon", "implicit",
+    "cr4.smap",
+    "ac",
+    "pdpte.1g",
+    "pml4e.ps",
+    "pml4e.8",
+    "la57",
+    "noncanon",
+    "implicit",
 )
 NR_AC_FLAGS = 31
 F: dict[str, int] = {name: 1 << i for i, name in enumerate(FLAG_NAMES)}
 
 PTE_RW, PTE_USER, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_51, PTE_36 = (F[n] for n in FLAG_NAMES[0:8])
-(PDE_RW, PDE_USER, PDE_A, PDE_D, PDE_PSE, PDE_NX, PDE_P, PDE_51, PDE_36,
- PDE_13) = (F[n] for n in FLAG_NAMES[8:18])
+(PDE_RW, PDE_USER, PDE_A, PDE_D, PDE_PSE, PDE_NX, PDE_P, PDE_51, PDE_36, PDE_13) = (
+    F[n] for n in FLAG_NAMES[8:18]
+)
 PDPTE_RO, PKU_AD, PKU_WD, PKEY = (F[n] for n in FLAG_NAMES[18:22])
 ACC_USER, ACC_WRITE, ACC_FETCH, ACC_TWICE = (F[n] for n in FLAG_NAMES[22:26])
 EFER_NX, CR0_WP_F, SMEP, PKE, FEP = (F[n] for n in FLAG_NAMES[26:31])
@@ -65,14 +114,14 @@ HI_AT_SHIFT, HI_AT_MASK = 46, 0x7 << 46
 HI_AT_NAMES = ("pde", "pdpte", "pdpte1g", "pml4e", "pml5e")
 
 # Entry bits KUT sets (its own bit positions: 51, 36, 13 are raw bit numbers, docs/paging.md §11.1).
-_B51, _B36, _B13 = 1 << 51, 1 << 36, 1 << 13      # single address bits the cases set as reserved bits
+_B51, _B36, _B13 = 1 << 51, 1 << 36, 1 << 13  # single address bits the cases set as reserved bits
 _PK1, _PK2 = 1 << PK_SHIFT, 2 << PK_SHIFT
 
 # Probe VA layout (KUT uses PML4 index 292 in the upper half too: VA 0xffff923400000000).
 TOP_INDEX_4 = 292
 PML5_INDEX = 300
 NR_FRAMES = 16
-FRAME_BASE = RIG_IMAGE_BASE          # 2 MiB aligned: a 2M leaf points here
+FRAME_BASE = RIG_IMAGE_BASE  # 2 MiB aligned: a 2M leaf points here
 TABLE_BASE = FRAME_BASE + NR_FRAMES * 4096
 
 
@@ -128,24 +177,39 @@ class MatrixFeatures:
     smap: bool = True
     gbpages: bool = True
     la57: bool = False
-    fep: bool = False            # KVM forced emulation: never here
+    fep: bool = False  # KVM forced emulation: never here
     vendor: str = "intel"
     ram_size: int = RIG_RAM_SIZE
-    implicit_cpl0: bool = True   # the oracle runs implicit supervisor reads (Probe.implicit)
+    implicit_cpl0: bool = True  # the oracle runs implicit supervisor reads (Probe.implicit)
     implicit_cpl3: bool = True
 
     @classmethod
     def from_caps(cls, caps: Capabilities) -> "MatrixFeatures":
-        return cls(maxphyaddr=caps.maxphyaddr, pku=caps.pku, smep=caps.smep, smap=caps.smap,
-                   gbpages=caps.gbpages, la57=caps.la57, vendor=caps.vendor, ram_size=caps.ram_size,
-                   implicit_cpl0=getattr(caps, "implicit_cpl0", False),
-                   implicit_cpl3=getattr(caps, "implicit_cpl3", False))
+        return cls(
+            maxphyaddr=caps.maxphyaddr,
+            pku=caps.pku,
+            smep=caps.smep,
+            smap=caps.smap,
+            gbpages=caps.gbpages,
+            la57=caps.la57,
+            vendor=caps.vendor,
+            ram_size=caps.ram_size,
+            implicit_cpl0=getattr(caps, "implicit_cpl0", False),
+            implicit_cpl3=getattr(caps, "implicit_cpl3", False),
+        )
 
     @classmethod
     def from_profile(cls, profile: Profile, maxphyaddr: int | None = None) -> "MatrixFeatures":
         f = profile.features
-        return cls(maxphyaddr=maxphyaddr or profile.maxphyaddr, pku=f.pku, smep=f.smep, smap=f.smap,
-                   gbpages=f.gbpages, la57=f.la57, vendor=profile.vendor)
+        return cls(
+            maxphyaddr=maxphyaddr or profile.maxphyaddr,
+            pku=f.pku,
+            smep=f.smep,
+            smap=f.smap,
+            gbpages=f.gbpages,
+            la57=f.la57,
+            vendor=profile.vendor,
+        )
 
 
 # -- KUT's enumeration, literally (docs/paging.md §11.2) ----------------------------------------------------
@@ -274,8 +338,9 @@ class Space:
         for rot in self.rotations:
             k = wkey if rot.weighted else key
             table = np.array(rot.choices, dtype=np.uint64)
-            sel = ((out & np.uint64(rot.all_of)) == np.uint64(rot.all_of)) & \
-                  ((out & np.uint64(rot.none_of)) == 0)
+            sel = ((out & np.uint64(rot.all_of)) == np.uint64(rot.all_of)) & (
+                (out & np.uint64(rot.none_of)) == 0
+            )
             out |= np.where(sel, table[k % len(rot.choices)], np.uint64(0))
         return out
 
@@ -325,14 +390,23 @@ def hi_rotations(feat: MatrixFeatures, levels: int = 4, *, above: bool = True) -
     if above:
         ats += ["pdpte", "pdpte1g", "pml4e"] + (["pml5e"] if levels == 5 else [])
     at_bits = tuple(HI_AT_NAMES.index(a) << HI_AT_SHIFT | b for a in ats for b in bits)
-    return (Rotation("pte.hi", bits, weighted=True, all_of=PTE_51),
-            Rotation("pde.hi", at_bits, weighted=True, all_of=PDE_51 | PDE_P),
-            Rotation("pde.hi-np", bits, weighted=True, all_of=PDE_51, none_of=PDE_P))
+    return (
+        Rotation("pte.hi", bits, weighted=True, all_of=PTE_51),
+        Rotation("pde.hi", at_bits, weighted=True, all_of=PDE_51 | PDE_P),
+        Rotation("pde.hi-np", bits, weighted=True, all_of=PDE_51, none_of=PDE_P),
+    )
 
 
-def classic_space(feat: MatrixFeatures, extra_invalid: int = 0, *, smep: bool = False,
-                  smap: bool = False, name: str = "classic", rotate: bool = True,
-                  levels: int = 4) -> Space:
+def classic_space(
+    feat: MatrixFeatures,
+    extra_invalid: int = 0,
+    *,
+    smep: bool = False,
+    smap: bool = False,
+    name: str = "classic",
+    rotate: bool = True,
+    levels: int = 4,
+) -> Space:
     """KUT's legal set as a product. With `smep`/`smap` (extended mode) CR4.SMEP becomes legal and
     CR4.SMAP x EFLAGS.AC is added (AC only for supervisor accesses: it means nothing at CPL 3).
     Without them (`rotate`), SMEP/SMAP/AC come as a rotation of CPU configurations; the reserved
@@ -346,14 +420,31 @@ def classic_space(feat: MatrixFeatures, extra_invalid: int = 0, *, smep: bool = 
     if smap and feat.smap:
         groups.append(Group("smap", (0, SMAP)))
     groups.append(Group("wp", tuple(c for c in (0, CR0_WP_F) if not c & inv)))
-    groups.append(_group("rsvd", [EFER_NX, PDE_PSE, PDE_NX, PTE_NX, PDE_51, PDE_36, PDE_13, PTE_51,
-                                  PTE_36], _rsv_ok, inv))
+    groups.append(
+        _group(
+            "rsvd", [EFER_NX, PDE_PSE, PDE_NX, PTE_NX, PDE_51, PDE_36, PDE_13, PTE_51, PTE_36], _rsv_ok, inv
+        )
+    )
     groups.append(Group("access", tuple(c for c in (0, ACC_WRITE, ACC_FETCH) if not c & inv)))
     if smap and feat.smap:
         groups.append(Group("ac", (0, ACC_AC)))
     groups.append(Group("fep", tuple(c for c in (0, FEP) if not c & inv)))
-    for bit in (PKEY, ACC_USER, ACC_TWICE, PDPTE_RO, PDE_P, PDE_RW, PDE_USER, PDE_A, PDE_D,
-                PTE_P, PTE_RW, PTE_USER, PTE_A, PTE_D):
+    for bit in (
+        PKEY,
+        ACC_USER,
+        ACC_TWICE,
+        PDPTE_RO,
+        PDE_P,
+        PDE_RW,
+        PDE_USER,
+        PDE_A,
+        PDE_D,
+        PTE_P,
+        PTE_RW,
+        PTE_USER,
+        PTE_A,
+        PTE_D,
+    ):
         groups.append(Group(FLAG_NAMES[bit.bit_length() - 1], tuple(c for c in (0, bit) if not c & inv)))
     rots: list[Rotation] = []
     if rotate:
@@ -371,8 +462,7 @@ def gig_space(feat: MatrixFeatures) -> Space:
     groups = [
         _group("pke", [PKE, PKU_AD, PKU_WD], lambda c: not (c & (PKU_AD | PKU_WD)) or c & PKE, inv),
         Group("wp", (0, CR0_WP_F)),
-        _group("rsvd", [EFER_NX, PDE_NX, PDE_51, PDE_36, PDE_13],
-               lambda c: _rsv_ok(c | PDE_PSE), inv),
+        _group("rsvd", [EFER_NX, PDE_NX, PDE_51, PDE_36, PDE_13], lambda c: _rsv_ok(c | PDE_PSE), inv),
         Group("access", (0, ACC_WRITE, ACC_FETCH)),
         Group("1g", (PDPTE_1G,)),
     ]
@@ -384,17 +474,25 @@ def gig_space(feat: MatrixFeatures) -> Space:
 def top_space(feat: MatrixFeatures) -> Space:
     """PS and bit 8 in the PML4E (PS reserved everywhere; bit 8 reserved on AMD only), over a
     small set of lower-level shapes."""
-    return Space("top", (
-        Group("wp", (0, CR0_WP_F)),
-        Group("nx", (0, EFER_NX)),
-        Group("top", (PML4E_PS, PML4E_8)),
-        Group("access", (0, ACC_WRITE, ACC_FETCH)),
-        Group("user", (0, ACC_USER)),
-        Group("shape", (PDE_P | PDE_RW | PDE_USER | PTE_P | PTE_RW | PTE_USER,
-                        PDE_P | PDE_RW | PDE_USER | PDE_PSE,
-                        PDE_P | PDE_RW | PDE_USER | PTE_P | PTE_USER | PTE_A | PTE_D,
-                        PDE_P | PDE_RW | PDE_USER)),
-    ))
+    return Space(
+        "top",
+        (
+            Group("wp", (0, CR0_WP_F)),
+            Group("nx", (0, EFER_NX)),
+            Group("top", (PML4E_PS, PML4E_8)),
+            Group("access", (0, ACC_WRITE, ACC_FETCH)),
+            Group("user", (0, ACC_USER)),
+            Group(
+                "shape",
+                (
+                    PDE_P | PDE_RW | PDE_USER | PTE_P | PTE_RW | PTE_USER,
+                    PDE_P | PDE_RW | PDE_USER | PDE_PSE,
+                    PDE_P | PDE_RW | PDE_USER | PTE_P | PTE_USER | PTE_A | PTE_D,
+                    PDE_P | PDE_RW | PDE_USER,
+                ),
+            ),
+        ),
+    )
 
 
 def la57_space(feat: MatrixFeatures) -> Space:
@@ -405,9 +503,13 @@ def la57_space(feat: MatrixFeatures) -> Space:
 
 
 def noncanon_space(feat: MatrixFeatures) -> Space:
-    groups = [Group("wp", (0, CR0_WP_F)), Group("access", (0, ACC_WRITE, ACC_FETCH)),
-              Group("user", (0, ACC_USER)), Group("nc", (NONCANON,)),
-              Group("shape", (PDE_P | PDE_RW | PDE_USER | PTE_P | PTE_RW | PTE_USER, 0))]
+    groups = [
+        Group("wp", (0, CR0_WP_F)),
+        Group("access", (0, ACC_WRITE, ACC_FETCH)),
+        Group("user", (0, ACC_USER)),
+        Group("nc", (NONCANON,)),
+        Group("shape", (PDE_P | PDE_RW | PDE_USER | PTE_P | PTE_RW | PTE_USER, 0)),
+    ]
     if feat.la57:
         groups.insert(0, Group("la57", (0, LA57)))
     return Space("noncanon", tuple(groups))
@@ -431,15 +533,18 @@ def implicit_space(feat: MatrixFeatures) -> Space:
     groups.append(Group("ac", (0, ACC_AC)))
     if feat.implicit_cpl3:
         groups.append(Group("user", (0, ACC_USER)))
-    shapes = [PDE_P | PDE_RW | PTE_P | PTE_RW, PDE_P | PDE_RW | PDE_PSE, PDE_P | PDE_RW,
-              PDE_P | PDE_RW | PDE_PSE | PDPTE_RO]
+    shapes = [
+        PDE_P | PDE_RW | PTE_P | PTE_RW,
+        PDE_P | PDE_RW | PDE_PSE,
+        PDE_P | PDE_RW,
+        PDE_P | PDE_RW | PDE_PSE | PDPTE_RO,
+    ]
     if feat.maxphyaddr < 52:
         shapes += [PDE_P | PDE_RW | PTE_P | PTE_RW | PTE_51, PDE_P | PDE_RW | PDE_51]
     groups.append(Group("shape", tuple(shapes)))
     if feat.pku:
         groups.append(Group("pkey", (0, PKEY)))
-    groups += [Group("pde.user", (0, PDE_USER)), Group("pte.user", (0, PTE_USER)),
-               Group("pte.a", (0, PTE_A))]
+    groups += [Group("pde.user", (0, PDE_USER)), Group("pte.user", (0, PTE_USER)), Group("pte.a", (0, PTE_A))]
     return Space("implicit", tuple(groups), hi_rotations(feat))
 
 
@@ -494,8 +599,13 @@ def matrix_for(feat: MatrixFeatures, extended: bool = False) -> Matrix:
     5-level paging and non-canonical addresses."""
     if not extended:
         return Matrix((classic_space(feat),), feat)
-    spaces = [classic_space(feat, smep=True, smap=True, name="classic+smep+smap"), gig_space(feat),
-              top_space(feat), noncanon_space(feat), implicit_space(feat)]
+    spaces = [
+        classic_space(feat, smep=True, smap=True, name="classic+smep+smap"),
+        gig_space(feat),
+        top_space(feat),
+        noncanon_space(feat),
+        implicit_space(feat),
+    ]
     if feat.la57:
         spaces.append(la57_space(feat))
     return Matrix(tuple(s for s in spaces if s.groups), feat)
@@ -551,12 +661,12 @@ class _Layout:
         self.next_top = TOP_INDEX_4
         self.pdpts: dict[object, list[list[int]]] = {}  # variant -> [[pdpt page, top idx, used]]
         self.pds: dict[tuple[object, bool], list[int]] = {}  # (variant, ro) -> [pd page, pdpt idx, top, used]
-        self.pt: list[int] = [0, 512]                    # [pt page, used]
+        self.pt: list[int] = [0, 512]  # [pt page, used]
         # A variant is "normal", "ps", "bit8" (the PML4E), or ("hi", entry, bit): a reserved bit
         # in the PML5E, PML4E, PDPTE or a 1G PDPTE leaf, shared by the cases that want it there
         # (the walk stops at that entry; what lies below is never read).
-        self.top_pml5: dict[int, int] = {}               # PML4 index -> PML5 index (5-level)
-        self.pml5_hi: dict[int, int] = {}                # bit -> PML5 index of its PML5E
+        self.top_pml5: dict[int, int] = {}  # PML4 index -> PML5 index (5-level)
+        self.pml5_hi: dict[int, int] = {}  # bit -> PML5 index of its PML5E
 
     def alloc(self) -> int:
         pa = self.next
@@ -668,11 +778,25 @@ def case_probes(flags: int, va: int, pa: int) -> list[Probe]:
         va ^= 1 << 62
     out = []
     if flags & ACC_TWICE:
-        out.append(_made(Probe, {"va": va, "access": "read", "user": False, "ac": False, "wvalue": 0,
-                                 "implicit": False}))
-    out.append(_made(Probe, {"va": va, "access": kind, "user": bool(flags & ACC_USER),
-                             "ac": bool(flags & ACC_AC), "wvalue": tag_value(pa) if kind == "write" else 0,
-                             "implicit": bool(flags & IMPLICIT)}))
+        out.append(
+            _made(
+                Probe,
+                {"va": va, "access": "read", "user": False, "ac": False, "wvalue": 0, "implicit": False},
+            )
+        )
+    out.append(
+        _made(
+            Probe,
+            {
+                "va": va,
+                "access": kind,
+                "user": bool(flags & ACC_USER),
+                "ac": bool(flags & ACC_AC),
+                "wvalue": tag_value(pa) if kind == "write" else 0,
+                "implicit": bool(flags & IMPLICIT),
+            },
+        )
+    )
     return out
 
 
@@ -704,8 +828,8 @@ def _leaf_table(first: int, names: Sequence[str]) -> tuple[int, ...]:
     return tuple(out)
 
 
-_PTE_BITS = _leaf_table(0, FLAG_NAMES[0:8])        # pte.rw .. pte.36
-_PDE_BITS = _leaf_table(8, FLAG_NAMES[8:17])       # pde.rw .. pde.36 (pde.pse adds nothing here)
+_PTE_BITS = _leaf_table(0, FLAG_NAMES[0:8])  # pte.rw .. pte.36
+_PDE_BITS = _leaf_table(8, FLAG_NAMES[8:17])  # pde.rw .. pde.36 (pde.pse adds nothing here)
 
 
 def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile: Profile) -> Batch:
@@ -745,7 +869,9 @@ def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile:
             addr = pdpt + pidx * 8
             w_addr.append(addr)
             w_val.append(raw)
-            owned: tuple[OwnedEntry, ...] = (_made(OwnedEntry, {"addr": addr, "raw": raw, "kind": "pdpte1g"}),)
+            owned: tuple[OwnedEntry, ...] = (
+                _made(OwnedEntry, {"addr": addr, "raw": raw, "kind": "pdpte1g"}),
+            )
             va = lay.top_va(top) | pidx << 30 | frame | off
         else:
             pd, top, pidx, didx = lay.pde_slot(variant, bool(flags & PDPTE_RO))
@@ -769,8 +895,10 @@ def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile:
                     pte |= 1 << hi_bit(flags)
                 w_addr += (pde_addr, pte_addr)
                 w_val += (raw, pte)
-                owned = (_made(OwnedEntry, {"addr": pde_addr, "raw": raw, "kind": "pde"}),
-                         _made(OwnedEntry, {"addr": pte_addr, "raw": pte, "kind": "pte"}))
+                owned = (
+                    _made(OwnedEntry, {"addr": pde_addr, "raw": raw, "kind": "pde"}),
+                    _made(OwnedEntry, {"addr": pte_addr, "raw": pte, "kind": "pte"}),
+                )
                 va = base_va | tidx << 12 | off
         # case_probes, inlined: with `twice` a supervisor read first, then the case's access
         first = len(probes)
@@ -778,20 +906,45 @@ def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile:
         if flags & NONCANON:
             va ^= 1 << 62
         if flags & ACC_TWICE:
-            probes.append(made(Probe, {"va": va, "access": "read", "user": False, "ac": False, "wvalue": 0,
-                                       "implicit": False}))
+            probes.append(
+                made(
+                    Probe,
+                    {"va": va, "access": "read", "user": False, "ac": False, "wvalue": 0, "implicit": False},
+                )
+            )
             ids: tuple[int, ...] = (first, first + 1)
         else:
             ids = (first,)
-        probes.append(made(Probe, {"va": va, "access": kind, "user": bool(flags & ACC_USER),
-                                   "ac": bool(flags & ACC_AC),
-                                   "wvalue": tag_value(target) if kind == "write" else 0,
-                                   "implicit": bool(flags & IMPLICIT)}))
-        infos.append(made(CaseInfo, {"label": label, "flags": flags, "probes": ids, "owned": owned,
-                                     "frames": (target & ~0xFFF,), "description": ""}))
+        probes.append(
+            made(
+                Probe,
+                {
+                    "va": va,
+                    "access": kind,
+                    "user": bool(flags & ACC_USER),
+                    "ac": bool(flags & ACC_AC),
+                    "wvalue": tag_value(target) if kind == "write" else 0,
+                    "implicit": bool(flags & IMPLICIT),
+                },
+            )
+        )
+        infos.append(
+            made(
+                CaseInfo,
+                {
+                    "label": label,
+                    "flags": flags,
+                    "probes": ids,
+                    "owned": owned,
+                    "frames": (target & ~0xFFF,),
+                    "description": "",
+                },
+            )
+        )
     _scatter(mem, w_addr, w_val)
-    state = PagingState(cr3=lay.root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile=profile,
-                        maxphyaddr=feat.maxphyaddr)
+    state = PagingState(
+        cr3=lay.root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile=profile, maxphyaddr=feat.maxphyaddr
+    )
     return Batch(mem, state, probes, infos)
 
 
@@ -818,7 +971,7 @@ class MatrixSource:
 
     matrix: Matrix
     profile: Profile
-    indices: np.ndarray | None = None       # None: all, in order
+    indices: np.ndarray | None = None  # None: all, in order
     start: int = 0
     stop: int | None = None
     batch_cases: int = 4096
@@ -838,7 +991,7 @@ class MatrixSource:
     def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self.indices is not None:
             for lo in range(0, len(self.indices), self.chunk):
-                idx = self.indices[lo:lo + self.chunk]
+                idx = self.indices[lo : lo + self.chunk]
                 yield idx, self.matrix.flags_of(idx)
             return
         stop = self.stop if self.stop is not None else self.matrix.size
@@ -850,7 +1003,7 @@ class MatrixSource:
         """The batches of one CPU-state group (indices into the chunk), in order."""
         if self.batch_probes is None:
             for lo in range(0, len(grp), self.batch_cases):
-                yield grp[lo:lo + self.batch_cases]
+                yield grp[lo : lo + self.batch_cases]
             return
         per = 1 + ((flags[grp] & np.uint64(ACC_TWICE)) != 0).astype(np.int64)
         for lo, hi in _probe_cuts(per, self.batch_probes):
@@ -891,8 +1044,14 @@ def _probe_cuts(per_case: np.ndarray, most: int) -> list[tuple[int, int]]:
     return out
 
 
-def select(total: int, *, shard: tuple[int, int] | None = None, limit: int | None = None,
-           sample: int | None = None, seed: int = 0) -> tuple[np.ndarray | None, int, int]:
+def select(
+    total: int,
+    *,
+    shard: tuple[int, int] | None = None,
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray | None, int, int]:
     """(indices or None, start, stop) for a shard I/N (1-based), a seeded sample, a limit."""
     start, stop = 0, total
     if shard is not None:

@@ -1,6 +1,7 @@
 """Ending an emulator for good: every emulator the rig starts (QEMU, Bochs) runs in its own
 process group, and this kills the whole group with SIGKILL (Bochs catches SIGTERM and keeps
 running) and reaps the leader."""
+
 from __future__ import annotations
 
 import contextlib

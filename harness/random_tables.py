@@ -9,6 +9,7 @@ so a 2M leaf can point at them and a 1G leaf, whose frame is 0, reaches them thr
 Each probe is one case; batch b of seed s is generated from Random(f"{s}:{b}") alone, so shards
 and limits reproduce the same cases.
 """
+
 from __future__ import annotations
 
 import random
@@ -20,22 +21,42 @@ from harness.matrix import FRAME_BASE, NR_FRAMES, TABLE_BASE, MatrixFeatures, fi
 from x86pt.oracle import HARNESS_SLOT, Probe
 from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
-                         EFER_LMA, EFER_LME, EFER_NXE, PagingState, Profile)
+from x86pt.state import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    CR4_PKE,
+    CR4_SMAP,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PagingState,
+    Profile,
+)
 from x86pt.fields import BIT_A as _A, BIT_D as _D, BIT_G as _G, BIT_P as _P, BIT_PCD as _PCD
 from x86pt.fields import BIT_PS as _PS, BIT_PWT as _PWT, BIT_RW as _RW, BIT_US as _US, BIT_XD as _XD
 
 
 @dataclass(frozen=True)
 class _Leaf:
-    va: int          # first VA of the mapping
-    size: int        # 4K, 2M or 1G
-    reach: int       # how many bytes from `va` land in the tagged frames
+    va: int  # first VA of the mapping
+    size: int  # 4K, 2M or 1G
+    reach: int  # how many bytes from `va` land in the tagged frames
 
 
 class _Tree:
-    def __init__(self, rng: random.Random, feat: MatrixFeatures, state_nxe: bool, levels: int,
-                 mem: SparseMemory, rsvd_rate: float) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        feat: MatrixFeatures,
+        state_nxe: bool,
+        levels: int,
+        mem: SparseMemory,
+        rsvd_rate: float,
+    ) -> None:
         self.rng, self.feat, self.nxe, self.levels, self.mem = rng, feat, state_nxe, levels, mem
         self.rsvd_rate = rsvd_rate
         self.next = TABLE_BASE
@@ -65,15 +86,15 @@ class _Tree:
                 raw |= r.randrange(16) << 59
         else:
             if r.random() < 0.05:
-                raw |= r.randrange(16) << 59    # ignored in non-leaves (SDM §4.6.2)
+                raw |= r.randrange(16) << 59  # ignored in non-leaves (SDM §4.6.2)
             if r.random() < 0.1:
-                raw |= _D                       # bit 6 is ignored in non-leaves
+                raw |= _D  # bit 6 is ignored in non-leaves
         if r.random() < (0.25 if self.nxe else 0.04):
-            raw |= _XD                          # reserved when EFER.NXE=0
+            raw |= _XD  # reserved when EFER.NXE=0
         if r.random() < 0.1:
-            raw |= r.randrange(8) << 9          # software-available 11:9
+            raw |= r.randrange(8) << 9  # software-available 11:9
         if r.random() < 0.05:
-            raw |= r.randrange(1 << 7) << 52    # ignored 58:52
+            raw |= r.randrange(1 << 7) << 52  # ignored 58:52
         return raw
 
     def reserved(self, level: int, kind: str) -> int:
@@ -86,7 +107,7 @@ class _Tree:
         if m < 52:
             choices += [1 << 51, 1 << r.randrange(m, 52)]
         if kind == "top":
-            choices += [_PS, _G]               # PS reserved; bit 8 reserved on AMD only
+            choices += [_PS, _G]  # PS reserved; bit 8 reserved on AMD only
         if kind == "2m":
             choices.append(1 << r.randrange(13, 21))
         if kind == "1g":
@@ -108,7 +129,7 @@ class _Tree:
             frame = FRAME_BASE + r.randrange(NR_FRAMES) * 4096
             raw = frame | self.flags(True) | self.reserved(1, "pte")
             if r.random() < 0.15:
-                raw |= 1 << 7                      # PAT in a PTE: not a size bit
+                raw |= 1 << 7  # PAT in a PTE: not a size bit
             self.mem.write_u64(addr, raw)
             self.leaves.append(_Leaf(va, 4096, 4096))
             return
@@ -119,7 +140,7 @@ class _Tree:
             kind = "2m" if level == 2 else "1g"
             raw = frame | _PS | self.flags(True) | self.reserved(level, kind)
             if r.random() < 0.2:
-                raw |= 1 << 12                     # PAT in a large leaf
+                raw |= 1 << 12  # PAT in a large leaf
             self.mem.write_u64(addr, raw)
             reach = NR_FRAMES * 4096
             self.leaves.append(_Leaf(va + (FRAME_BASE if level == 3 else 0), size, reach))
@@ -146,8 +167,9 @@ def _sext(va: int, bits: int) -> int:
     return va
 
 
-def random_state(rng: random.Random, feat: MatrixFeatures, profile: Profile, levels: int,
-                 root: int) -> PagingState:
+def random_state(
+    rng: random.Random, feat: MatrixFeatures, profile: Profile, levels: int, root: int
+) -> PagingState:
     cr0 = CR0_PE | CR0_PG | (CR0_WP if rng.random() < 0.6 else 0)
     cr4 = CR4_PAE | (CR4_LA57 if levels == 5 else 0)
     if feat.smep and rng.random() < 0.4:
@@ -161,12 +183,20 @@ def random_state(rng: random.Random, feat: MatrixFeatures, profile: Profile, lev
         # user pages with key 0, and a closed key 0 faults the harness instead of the probe.
         pkru = rng.getrandbits(32) & ~3
     efer = EFER_LME | EFER_LMA | (EFER_NXE if rng.random() < 0.8 else 0)
-    return PagingState(cr3=root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile=profile,
-                       maxphyaddr=feat.maxphyaddr)
+    return PagingState(
+        cr3=root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile=profile, maxphyaddr=feat.maxphyaddr
+    )
 
 
-def random_batch(seed: int, index: int, feat: MatrixFeatures, profile: Profile, n_probes: int,
-                 rsvd_rate: float = 0.08, name: str = "random") -> Batch:
+def random_batch(
+    seed: int,
+    index: int,
+    feat: MatrixFeatures,
+    profile: Profile,
+    n_probes: int,
+    rsvd_rate: float = 0.08,
+    name: str = "random",
+) -> Batch:
     rng = random.Random(f"{seed}:{index}")
     levels = 5 if feat.la57 and rng.random() < 0.3 else 4
     nxe_pick = rng.random() < 0.8
@@ -194,18 +224,30 @@ def random_batch(seed: int, index: int, feat: MatrixFeatures, profile: Profile, 
             va = rng.getrandbits(bits - 1) & ~7
         va = _sext(va, bits)
         if rng.random() < 0.02:
-            va ^= 1 << 62                          # non-canonical
+            va ^= 1 << 62  # non-canonical
         access = rng.choice(("read", "read", "write", "fetch"))
         user = rng.random() < 0.5
         ac = state.smap and not user and rng.random() < 0.5
         canonical = (va >> (bits - 1)) in (0, (1 << (65 - bits)) - 1)
-        implicit = (access == "read" and canonical and irng.random() < 0.1
-                    and (feat.implicit_cpl3 if user else feat.implicit_cpl0))
+        implicit = (
+            access == "read"
+            and canonical
+            and irng.random() < 0.1
+            and (feat.implicit_cpl3 if user else feat.implicit_cpl0)
+        )
         if implicit and user and irng.random() < 0.5:
-            ac = True                              # EFLAGS.AC at CPL3: SMAP still applies
+            ac = True  # EFLAGS.AC at CPL3: SMAP still applies
         probes.append(Probe(va, access, user, ac, implicit=implicit))
-        cases.append(CaseInfo(f"{name}#{seed}:{index}:{i}", None, (i,), (),
-                              (FRAME_BASE,), f"random tree seed {seed} batch {index} probe {i}"))
+        cases.append(
+            CaseInfo(
+                f"{name}#{seed}:{index}:{i}",
+                None,
+                (i,),
+                (),
+                (FRAME_BASE,),
+                f"random tree seed {seed} batch {index} probe {i}",
+            )
+        )
     return Batch(mem, state, probes, cases)
 
 

@@ -8,6 +8,7 @@ one summary dict per oracle. The Reporter writes the repro files (the first --ma
 the first --max-report mismatches (or every one as JSON with --json), the summary lines and the
 closing `conform: M mismatches in N cases (...)` line, and keeps the report.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,16 @@ _SECONDS_KEYS = ("model_seconds", "oracle_seconds", "build_seconds")
 
 def run_config(args) -> dict:
     """What decides a run's cases and their outcomes (not how it ran: --batch, --jobs, executor)."""
-    return {"oracle": args.oracle, "profile": args.profile, "cases": args.cases,
-            "extended": bool(args.extended), "seed": args.seed, "limit": args.limit,
-            "sample": args.sample, "per_tree": args.per_tree if args.cases == "random" else None}
+    return {
+        "oracle": args.oracle,
+        "profile": args.profile,
+        "cases": args.cases,
+        "extended": bool(args.extended),
+        "seed": args.seed,
+        "limit": args.limit,
+        "sample": args.sample,
+        "per_tree": args.per_tree if args.cases == "random" else None,
+    }
 
 
 def combine_summaries(name: str, parts: list[dict], seconds: float) -> dict:
@@ -52,9 +60,11 @@ def combine_summaries(name: str, parts: list[dict], seconds: float) -> dict:
 
 
 def summary_line(s: dict) -> str:
-    return (f"{s['oracle']}: {s['cases']} cases ({s['probes']} probes), {s['mismatches']} mismatches, "
-            f"{s['seconds']:.1f} s; oracle {s['oracle_cases_per_s']} cases/s, "
-            f"model {s['model_cases_per_s']} cases/s" + (" (interrupted)" if s.get("interrupted") else ""))
+    return (
+        f"{s['oracle']}: {s['cases']} cases ({s['probes']} probes), {s['mismatches']} mismatches, "
+        f"{s['seconds']:.1f} s; oracle {s['oracle_cases_per_s']} cases/s, "
+        f"model {s['model_cases_per_s']} cases/s" + (" (interrupted)" if s.get("interrupted") else "")
+    )
 
 
 def repro_line(path: str, oracle: str) -> str:
@@ -64,12 +74,13 @@ def repro_line(path: str, oracle: str) -> str:
 
 
 class Reporter:
-    def __init__(self, args, config: dict, shards: tuple[int, list[int]], *, keep: bool,
-                 max_kept: int = 10_000) -> None:
+    def __init__(
+        self, args, config: dict, shards: tuple[int, list[int]], *, keep: bool, max_kept: int = 10_000
+    ) -> None:
         self.args = args
         self.config = config
         self.shards = shards
-        self.keep = keep                  # keep records for the report file
+        self.keep = keep  # keep records for the report file
         self.max_kept = max_kept
         self.reported = 0
         self.total_cases = 0
@@ -92,6 +103,7 @@ class Reporter:
     def mismatch(self, rec: dict, write: Callable[[str], None] = print) -> None:
         from x86pt.cli import emit_json
         from x86pt.memory.atomic import write_text_atomic
+
         oracle = rec["json"]["oracle"]
         path = self._repro_path(oracle, rec["case"])
         text = rec["text"]
@@ -117,6 +129,7 @@ class Reporter:
     # -- one oracle ----------------------------------------------------------------------------------------
     def oracle_done(self, summary: dict, caps: dict, extra: dict | None = None) -> None:
         from x86pt.cli import emit_json
+
         name = summary["oracle"]
         self.ran.append(name)
         self.total_cases += summary["cases"]
@@ -125,8 +138,15 @@ class Reporter:
             emit_json(summary | (extra or {}) | {"capabilities": caps})
         else:
             print(summary_line(summary))
-        self.oracles.append({"name": name, "summary": summary, "capabilities": caps,
-                             "mismatches": self._records, "dropped": self._dropped})
+        self.oracles.append(
+            {
+                "name": name,
+                "summary": summary,
+                "capabilities": caps,
+                "mismatches": self._records,
+                "dropped": self._dropped,
+            }
+        )
         self._records, self._dropped = [], 0
 
     def skip(self, name: str, reason: str) -> None:
@@ -136,20 +156,29 @@ class Reporter:
     # -- the end ----------------------------------------------------------------------------------------------
     def report(self, interrupted: bool) -> dict:
         from x86pt import __version__
+
         count, done = self.shards
-        return {"x86pt_conform_report": REPORT_VERSION, "x86pt_version": __version__,
-                "config": self.config, "shards": {"count": count, "done": sorted(done)},
-                **self.extra, "interrupted": bool(interrupted),
-                "totals": {"cases": self.total_cases, "mismatches": self.total_mm},
-                "oracles": self.oracles, "skipped": self.skipped}
+        return {
+            "x86pt_conform_report": REPORT_VERSION,
+            "x86pt_version": __version__,
+            "config": self.config,
+            "shards": {"count": count, "done": sorted(done)},
+            **self.extra,
+            "interrupted": bool(interrupted),
+            "totals": {"cases": self.total_cases, "mismatches": self.total_mm},
+            "oracles": self.oracles,
+            "skipped": self.skipped,
+        }
 
     def finish(self, interrupted: bool, report_file: str | None, inputs=()) -> int:
         from x86pt.memory.atomic import write_text_atomic
+
         if self.total_mm > self.args.max_report and not self.args.json:
             print(f"({self.total_mm - self.args.max_report} more mismatches not shown; --max-report N)")
         if report_file:
-            write_text_atomic(report_file, json.dumps(self.report(interrupted), indent=1) + "\n",
-                              inputs=inputs)
+            write_text_atomic(
+                report_file, json.dumps(self.report(interrupted), indent=1) + "\n", inputs=inputs
+            )
         line = f"conform: {self.total_mm} mismatches in {self.total_cases} cases ({', '.join(self.ran)})"
         if interrupted:
             print(line + ", interrupted", flush=True)
@@ -171,21 +200,40 @@ def load_report(path: str) -> dict:
     if not isinstance(d, dict) or d.get("x86pt_conform_report") is None:
         raise BadInputError(what)
     if d["x86pt_conform_report"] != REPORT_VERSION:
-        raise BadInputError(f"{path}: conform report version {d['x86pt_conform_report']!r}, this x86pt "
-                            f"reads version {REPORT_VERSION}")
+        raise BadInputError(
+            f"{path}: conform report version {d['x86pt_conform_report']!r}, this x86pt "
+            f"reads version {REPORT_VERSION}"
+        )
     try:
         cfg, sh, ors = d["config"], d["shards"], d["oracles"]
-        ok = (isinstance(cfg, dict) and all(k in cfg for k in CONFIG_KEYS) and isinstance(sh, dict)
-              and isinstance(sh["count"], int) and sh["count"] >= 1 and isinstance(sh["done"], list)
-              and all(isinstance(i, int) and 1 <= i <= sh["count"] for i in sh["done"])
-              and isinstance(ors, list))
+        ok = (
+            isinstance(cfg, dict)
+            and all(k in cfg for k in CONFIG_KEYS)
+            and isinstance(sh, dict)
+            and isinstance(sh["count"], int)
+            and sh["count"] >= 1
+            and isinstance(sh["done"], list)
+            and all(isinstance(i, int) and 1 <= i <= sh["count"] for i in sh["done"])
+            and isinstance(ors, list)
+        )
         for o in ors:
             s = o["summary"]
-            ok = ok and isinstance(o["name"], str) and isinstance(o["mismatches"], list) and all(
-                isinstance(s[k], int) for k in _SUM_KEYS) and isinstance(o["capabilities"], dict)
+            ok = (
+                ok
+                and isinstance(o["name"], str)
+                and isinstance(o["mismatches"], list)
+                and all(isinstance(s[k], int) for k in _SUM_KEYS)
+                and isinstance(o["capabilities"], dict)
+            )
             for r in o["mismatches"]:
-                ok = ok and isinstance(r["case"], str) and isinstance(r["text"], str) and isinstance(
-                    r["json"], dict) and isinstance(r["repro"], dict) and r["json"].get("oracle") == o["name"]
+                ok = (
+                    ok
+                    and isinstance(r["case"], str)
+                    and isinstance(r["text"], str)
+                    and isinstance(r["json"], dict)
+                    and isinstance(r["repro"], dict)
+                    and r["json"].get("oracle") == o["name"]
+                )
     except (KeyError, TypeError):
         ok = False
     if not ok:
@@ -205,41 +253,68 @@ def merge_reports(reports: list[tuple[str, dict]]) -> dict:
         if r.get("interrupted"):
             raise BadInputError(f"conform merge: {path} is the report of an interrupted run")
         if r.get("x86pt_version") != r0.get("x86pt_version"):
-            raise BadInputError(f"conform merge: {path} and {p0} differ in x86pt version "
-                                f"({r.get('x86pt_version')} vs {r0.get('x86pt_version')})")
+            raise BadInputError(
+                f"conform merge: {path} and {p0} differ in x86pt version "
+                f"({r.get('x86pt_version')} vs {r0.get('x86pt_version')})"
+            )
         for k in CONFIG_KEYS:
             if r["config"].get(k) != r0["config"].get(k):
-                raise BadInputError(f"conform merge: {path} and {p0} are not shards of one run: {k} "
-                                    f"{r['config'].get(k)!r} vs {r0['config'].get(k)!r}")
+                raise BadInputError(
+                    f"conform merge: {path} and {p0} are not shards of one run: {k} "
+                    f"{r['config'].get(k)!r} vs {r0['config'].get(k)!r}"
+                )
         if r["shards"]["count"] != count:
-            raise BadInputError(f"conform merge: {path} and {p0} differ in shard count "
-                                f"({r['shards']['count']} vs {count})")
+            raise BadInputError(
+                f"conform merge: {path} and {p0} differ in shard count ({r['shards']['count']} vs {count})"
+            )
         names, names0 = [o["name"] for o in r["oracles"]], [o["name"] for o in r0["oracles"]]
         if names != names0:
-            raise BadInputError(f"conform merge: {path} ran {', '.join(names) or 'no oracle'}, {p0} ran "
-                                f"{', '.join(names0) or 'no oracle'}")
+            raise BadInputError(
+                f"conform merge: {path} ran {', '.join(names) or 'no oracle'}, {p0} ran "
+                f"{', '.join(names0) or 'no oracle'}"
+            )
         for o, o0 in zip(r["oracles"], r0["oracles"]):
             if o["capabilities"] != o0["capabilities"]:
-                diff = sorted(k for k in set(o["capabilities"]) | set(o0["capabilities"])
-                              if o["capabilities"].get(k) != o0["capabilities"].get(k))
-                raise BadInputError(f"conform merge: {path} and {p0} ran {o['name']} with different "
-                                    f"capabilities ({', '.join(diff)})")
+                diff = sorted(
+                    k
+                    for k in set(o["capabilities"]) | set(o0["capabilities"])
+                    if o["capabilities"].get(k) != o0["capabilities"].get(k)
+                )
+                raise BadInputError(
+                    f"conform merge: {path} and {p0} ran {o['name']} with different "
+                    f"capabilities ({', '.join(diff)})"
+                )
         for i in r["shards"]["done"]:
             if i in owner:
                 raise BadInputError(f"conform merge: shard {i}/{count} is in both {owner[i]} and {path}")
             owner[i] = path
     missing = [i for i in range(1, count + 1) if i not in owner]
     if missing:
-        raise BadInputError(f"conform merge: shard{'s' if len(missing) > 1 else ''} "
-                            f"{', '.join(map(str, missing))} of {count} missing")
+        raise BadInputError(
+            f"conform merge: shard{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(map(str, missing))} of {count} missing"
+        )
     ordered = sorted(reports, key=lambda pr: min(pr[1]["shards"]["done"], default=0))
     oracles = []
     for k, o0 in enumerate(r0["oracles"]):
         parts = [r["oracles"][k] for _, r in ordered]
-        summ = combine_summaries(o0["name"], [o["summary"] for o in parts],
-                                 sum(float(o["summary"].get("seconds", 0.0)) for o in parts))
-        oracles.append({"name": o0["name"], "summary": summ, "capabilities": o0["capabilities"],
-                        "mismatches": [rec for o in parts for rec in o["mismatches"]],
-                        "dropped": sum(int(o.get("dropped", 0)) for o in parts)})
-    return {"config": r0["config"], "count": count, "oracles": oracles,
-            "skipped": [s for _, r in ordered for s in r.get("skipped", [])]}
+        summ = combine_summaries(
+            o0["name"],
+            [o["summary"] for o in parts],
+            sum(float(o["summary"].get("seconds", 0.0)) for o in parts),
+        )
+        oracles.append(
+            {
+                "name": o0["name"],
+                "summary": summ,
+                "capabilities": o0["capabilities"],
+                "mismatches": [rec for o in parts for rec in o["mismatches"]],
+                "dropped": sum(int(o.get("dropped", 0)) for o in parts),
+            }
+        )
+    return {
+        "config": r0["config"],
+        "count": count,
+        "oracles": oracles,
+        "skipped": [s for _, r in ordered for s in r.get("skipped", [])],
+    }

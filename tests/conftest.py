@@ -1,5 +1,6 @@
 """Shared test plumbing. Oracle tests call `need_oracle(name)`: it skips with the reason when the
 oracle is missing, and fails instead when X86PT_REQUIRE_ORACLES names that oracle (CI sets it)."""
+
 from __future__ import annotations
 
 import os
@@ -43,14 +44,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="module", params=[pytest.param("unicorn", marks=pytest.mark.unicorn),
-                                        pytest.param("qemu", marks=pytest.mark.qemu),
-                                        pytest.param("kvm", marks=pytest.mark.kvm),
-                                        pytest.param("bochs", marks=pytest.mark.bochs)])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("unicorn", marks=pytest.mark.unicorn),
+        pytest.param("qemu", marks=pytest.mark.qemu),
+        pytest.param("kvm", marks=pytest.mark.kvm),
+        pytest.param("bochs", marks=pytest.mark.bochs),
+    ],
+)
 def oracle(request):
     """Each real oracle of the rig in turn (skipped, or failed when required, where it is missing);
     closed after the module."""
     from x86pt.registry import availability, get_oracle
+
     name = request.param
     ok, why = availability(name)
     need_oracle(name, ok, why)

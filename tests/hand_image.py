@@ -1,6 +1,7 @@
 """The hand-built image of the probe-guest oracle tests (tests/test_oracle_qemu.py,
 tests/test_oracle_bochs.py): one page per rule of SDM Vol. 3A §4.6, frames tagged with the rig's
 pattern so a read names the frame it reached, and the helpers that check hand-derived answers."""
+
 from __future__ import annotations
 
 from x86pt.build import Builder
@@ -10,22 +11,22 @@ from x86pt.state import CR0_PE, CR0_PG, CR0_WP, EFER_LMA, EFER_LME, EFER_NXE
 
 CR0 = CR0_PE | CR0_PG | CR0_WP
 EFER = EFER_LME | EFER_LMA | EFER_NXE
-FRAMES = 0x400000            # 4K frames, tagged: the qword at pa holds tag_value(pa)
+FRAMES = 0x400000  # 4K frames, tagged: the qword at pa holds tag_value(pa)
 
 # Virtual addresses of the hand image (4-level).
-KRW = 0x10000000             # supervisor, RW, executable
-URW = 0x10001000             # user, RW
-URO = 0x10002000             # user, read-only
-UNX = 0x10003000             # user, RW, XD
-NP = 0x10004000              # not present (its PT exists)
-UPK = 0x10005000             # user, RW, protection key 1
-KRO = 0x10006000             # supervisor, read-only
-RSV = 0x10007000             # PTE with bit 45 set (reserved: 51:M with M=40)
-AD_R = 0x10008000            # supervisor RW, A=D=0: read once
-AD_W = 0x10009000            # user RW, A=D=0: written once
-KPK = 0x1000A000             # supervisor, RW, protection key 1
-M2 = 0x20000000              # 2M page -> 0x600000
-G1 = 0x40000000              # 1G page -> 0
+KRW = 0x10000000  # supervisor, RW, executable
+URW = 0x10001000  # user, RW
+URO = 0x10002000  # user, read-only
+UNX = 0x10003000  # user, RW, XD
+NP = 0x10004000  # not present (its PT exists)
+UPK = 0x10005000  # user, RW, protection key 1
+KRO = 0x10006000  # supervisor, read-only
+RSV = 0x10007000  # PTE with bit 45 set (reserved: 51:M with M=40)
+AD_R = 0x10008000  # supervisor RW, A=D=0: read once
+AD_W = 0x10009000  # user RW, A=D=0: written once
+KPK = 0x1000A000  # supervisor, RW, protection key 1
+M2 = 0x20000000  # 2M page -> 0x600000
+G1 = 0x40000000  # 1G page -> 0
 NONCANON = 0x0000800000000000
 
 
@@ -72,8 +73,7 @@ def check(results, cases) -> None:
         elif w[0] == "pf":
             ok = got.outcome == "page_fault" and got.error_code == w[1] and got.cr2 == p.va
         else:
-            ok = (got.outcome == "general_protection" and got.error_code == w[1]
-                  and got.cr2 is None)
+            ok = got.outcome == "general_protection" and got.error_code == w[1] and got.cr2 is None
         if not ok:
             bad.append(f"{p}: wanted {want}, got {got}")
     assert not bad, "\n".join(bad)

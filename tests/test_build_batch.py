@@ -1,5 +1,6 @@
 """Builder <-> walker (what the builder maps, the walker finds), the TOML spec, and the batch
 translator against the scalar walker on random trees (every level's bits random)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,22 @@ from x86pt.batch import OUTCOME_NAMES, translate_batch
 from x86pt.build import Builder, build_from_spec
 from x86pt.errors import BadInputError, BudgetError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP,
-                         EFER_LMA, EFER_LME, EFER_NXE, PagingState, PROFILES)
+from x86pt.state import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    CR4_PKE,
+    CR4_PKS,
+    CR4_SMAP,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PagingState,
+    PROFILES,
+)
 from x86pt.walk import Access, Translation, walk
 
 SIZES = {4096: 1, 1 << 21: 2, 1 << 30: 3}
@@ -33,10 +48,20 @@ def mappings(draw):
         if (va >> 30) in used:
             continue
         used.add(va >> 30)
-        pa = draw(st.integers(0, (1 << 12) - 1)) * (1 << 30) + (draw(st.integers(0, 511)) * size if size < (1 << 30) else 0)
+        pa = draw(st.integers(0, (1 << 12) - 1)) * (1 << 30) + (
+            draw(st.integers(0, 511)) * size if size < (1 << 30) else 0
+        )
         pa &= ~(size - 1)
-        flags = draw(st.fixed_dictionaries({"rw": st.integers(0, 1), "us": st.integers(0, 1),
-                                            "xd": st.integers(0, 1), "g": st.integers(0, 1)}))
+        flags = draw(
+            st.fixed_dictionaries(
+                {
+                    "rw": st.integers(0, 1),
+                    "us": st.integers(0, 1),
+                    "xd": st.integers(0, 1),
+                    "g": st.integers(0, 1),
+                }
+            )
+        )
         out.append((va, pa, size, flags))
     return out
 
@@ -53,7 +78,10 @@ def test_what_the_builder_maps_the_walker_finds(maps, off):
         assert isinstance(r, Translation)
         assert (r.pa, r.page_size) == (pa + off, size)
         assert (r.rights.writable, r.rights.user, r.rights.executable) == (
-            bool(flags["rw"]), bool(flags["us"]), not flags["xd"])
+            bool(flags["rw"]),
+            bool(flags["us"]),
+            not flags["xd"],
+        )
 
 
 def test_builder_refuses_overlaps_and_misalignment():
@@ -106,37 +134,39 @@ def test_toml_spec_builds_the_described_image():
     assert isinstance(r, Translation) and r.pa == 0x1234010
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("[image]\nlevels = 3\n", "levels"),
-    ("[[map]]\nva = 'zz'\n", "bad"),
-    ("[[map]]\npa = 0\n", "missing key 'va'"),
-    ("[oops]\n", "unknown section"),
-    ("[[map]]\nva = '0x1000'\nflags = 'rw wat'\n", "unknown flag"),
-    ("this is not toml = = =", "bad TOML"),
-    # wrong types and keys (were TypeError/KeyError, exit 3)
-    ("image = 5\n", r"\[image\] must be a table"),
-    ("map = 5\n", "array of tables"),
-    ("[[map]]\nva = 0\nsize = [1]\n", "expected a number or a string, not list"),
-    ("[[map]]\nva = true\n", "not bool"),
-    ("[[map]]\nva = 0\nflags = 3\n", "flags must be a string"),
-    ("[[map]]\nva = 0\nwat = 1\n", "unknown key 'wat'"),
-    ("[[entry]]\nva = 0\n", "missing key 'value'"),
-    ("[[entry]]\nva = 0\nlevel = 9\nvalue = 1\n", "level"),
-    ("[image]\nmaxphyaddr = 60\n", "maxphyaddr"),
-    ("[image]\nvendor = 'via'\n", "intel or amd"),
-    ("[[data]]\npa = 0\nhex = 'zz'\n", "bad hex"),
-    ("[[data]]\npa = '0x3ffffffffffc'\nu64 = [1]\n", "past MAXPHYADDR"),   # 4 bytes left below 2^46
-    ("[registers]\ncr4 = 0x1020\n", "LA57 but image.levels is 4"),
-    ("[registers]\npkru = 0x100000000\n", "pkru"),
-    ("[image]\ntables = '0x400000000000'\n", "tables"),                 # 2^46: no room below M=46
-    # 0x0000800000000000 is not canonical with 48-bit VAs (bit 47 set, 63:48 clear): it used to land
-    # at 0xffff800000000000 because the index bits ignore bits 63:48.
-    ("[[map]]\nva = '0x0000800000000000'\n", "not canonical"),
-    ("[[map]]\nva = '0x7ffffffff000'\nsize = '8K'\n", "not canonical"),
-    # the last page of a 36-bit space plus one more: ends at 2^36 + 0x1000
-    ("[image]\nmaxphyaddr = 36\n[[map]]\nva = 0\npa = '0xffffff000'\nsize = '8K'\n",
-     "above MAXPHYADDR"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("[image]\nlevels = 3\n", "levels"),
+        ("[[map]]\nva = 'zz'\n", "bad"),
+        ("[[map]]\npa = 0\n", "missing key 'va'"),
+        ("[oops]\n", "unknown section"),
+        ("[[map]]\nva = '0x1000'\nflags = 'rw wat'\n", "unknown flag"),
+        ("this is not toml = = =", "bad TOML"),
+        # wrong types and keys (were TypeError/KeyError, exit 3)
+        ("image = 5\n", r"\[image\] must be a table"),
+        ("map = 5\n", "array of tables"),
+        ("[[map]]\nva = 0\nsize = [1]\n", "expected a number or a string, not list"),
+        ("[[map]]\nva = true\n", "not bool"),
+        ("[[map]]\nva = 0\nflags = 3\n", "flags must be a string"),
+        ("[[map]]\nva = 0\nwat = 1\n", "unknown key 'wat'"),
+        ("[[entry]]\nva = 0\n", "missing key 'value'"),
+        ("[[entry]]\nva = 0\nlevel = 9\nvalue = 1\n", "level"),
+        ("[image]\nmaxphyaddr = 60\n", "maxphyaddr"),
+        ("[image]\nvendor = 'via'\n", "intel or amd"),
+        ("[[data]]\npa = 0\nhex = 'zz'\n", "bad hex"),
+        ("[[data]]\npa = '0x3ffffffffffc'\nu64 = [1]\n", "past MAXPHYADDR"),  # 4 bytes left below 2^46
+        ("[registers]\ncr4 = 0x1020\n", "LA57 but image.levels is 4"),
+        ("[registers]\npkru = 0x100000000\n", "pkru"),
+        ("[image]\ntables = '0x400000000000'\n", "tables"),  # 2^46: no room below M=46
+        # 0x0000800000000000 is not canonical with 48-bit VAs (bit 47 set, 63:48 clear): it used to land
+        # at 0xffff800000000000 because the index bits ignore bits 63:48.
+        ("[[map]]\nva = '0x0000800000000000'\n", "not canonical"),
+        ("[[map]]\nva = '0x7ffffffff000'\nsize = '8K'\n", "not canonical"),
+        # the last page of a 36-bit space plus one more: ends at 2^36 + 0x1000
+        ("[image]\nmaxphyaddr = 36\n[[map]]\nva = 0\npa = '0xffffff000'\nsize = '8K'\n", "above MAXPHYADDR"),
+    ],
+)
 def test_bad_specs_are_one_line_errors(text, msg):
     with pytest.raises(BadInputError, match=msg) as ei:
         build_from_spec(text)
@@ -148,7 +178,7 @@ def test_build_budget_refused_before_any_table():
     b = Builder()
     with pytest.raises(BudgetError, match="--max-entries"):
         b.map(0xFFFF800000000000, 0, 1 << 46, 4096)
-    assert b.tables == [0x100000] and b.entries_written == 0        # only the root
+    assert b.tables == [0x100000] and b.entries_written == 0  # only the root
     # 3 pages against a limit of 2: the second map is refused, the first stays.
     b = Builder(max_entries=2)
     b.map(0x1000, 0x5000, 0x1000)
@@ -182,13 +212,13 @@ def random_tree(rng: np.random.Generator, levels: int, m: int):
             if rng.random() < 0.85:
                 v |= 1
             if rng.random() < 0.6:
-                v |= tables[int(rng.integers(0, len(tables)))]          # points at some table
+                v |= tables[int(rng.integers(0, len(tables)))]  # points at some table
             else:
                 v |= frames + int(rng.integers(0, 1 << 10)) * 0x200000
             if rng.random() < 0.1 and m < 52:
-                v |= 1 << int(rng.integers(m, 52))                      # reserved high bit
+                v |= 1 << int(rng.integers(m, 52))  # reserved high bit
             if rng.random() < 0.05:
-                v |= 1 << int(rng.integers(13, 21))                     # large-frame hole
+                v |= 1 << int(rng.integers(13, 21))  # large-frame hole
             if rng.random() < 0.3:
                 v |= 1 << 63
             v |= int(rng.integers(0, 16)) << 59
@@ -210,8 +240,16 @@ def test_batch_equals_scalar_walk_on_random_trees(seed):
         if rng.random() < 0.5:
             cr4 |= bit
     efer = EFER_LME | EFER_LMA | (EFER_NXE if rng.random() < 0.7 else 0)
-    st_ = PagingState(cr3=tables[0], cr0=cr0, cr4=cr4, efer=efer, pkru=int(rng.integers(0, 1 << 32)),
-                      pkrs=int(rng.integers(0, 1 << 32)), profile=prof, maxphyaddr=m)
+    st_ = PagingState(
+        cr3=tables[0],
+        cr0=cr0,
+        cr4=cr4,
+        efer=efer,
+        pkru=int(rng.integers(0, 1 << 32)),
+        pkrs=int(rng.integers(0, 1 << 32)),
+        profile=prof,
+        maxphyaddr=m,
+    )
     n = 3000
     # VAs made by random descents through populated entries, so many walks complete.
     tset = set(tables)
@@ -221,8 +259,11 @@ def test_batch_equals_scalar_walk_on_random_trees(seed):
         t, va = tables[0], 0
         for k in range(levels):
             choices = pop.get(t)
-            ix = int(rng.choice(choices)) if choices is not None and len(choices) and rng.random() < 0.95 \
+            ix = (
+                int(rng.choice(choices))
+                if choices is not None and len(choices) and rng.random() < 0.95
                 else int(rng.integers(0, 512))
+            )
             va |= ix << (12 + 9 * (levels - 1 - k))
             nxt = int(mem.read_u64(t + 8 * ix)) & 0xFFFFFFFFF000 if t in tset else 0
             t = nxt if nxt in tset else None
@@ -230,7 +271,7 @@ def test_batch_equals_scalar_walk_on_random_trees(seed):
     top = 57 if levels == 5 else 48
     neg = vas >> np.uint64(top - 1) & np.uint64(1)
     vas = np.where(neg == 1, vas | np.uint64(((1 << 64) - 1) ^ ((1 << top) - 1)), vas)
-    flip = rng.random(n) < 0.03                                            # some non-canonical
+    flip = rng.random(n) < 0.03  # some non-canonical
     vas = np.where(flip, vas ^ np.uint64(1 << 60), vas)
     acc = rng.integers(0, 3, size=n)
     user = rng.random(n) < 0.5
@@ -240,15 +281,19 @@ def test_batch_equals_scalar_walk_on_random_trees(seed):
     kinds = ("read", "write", "fetch")
     outcomes = set()
     for i in range(n):
-        r = walk(st_, mem, int(vas[i]), Access(kinds[acc[i]], user=bool(user[i]), ac=bool(ac[i]),
-                                                  implicit=bool(implicit[i])))
+        r = walk(
+            st_,
+            mem,
+            int(vas[i]),
+            Access(kinds[acc[i]], user=bool(user[i]), ac=bool(ac[i]), implicit=bool(implicit[i])),
+        )
         outcomes.add(r.outcome)
         assert OUTCOME_NAMES[got.outcome[i]] == r.outcome, (i, hex(int(vas[i])), r)
         if isinstance(r, Translation):
             assert (int(got.pa[i]), int(got.page_size[i])) == (r.pa, r.page_size)
         else:
             assert int(got.error_code[i]) == r.error_code, (i, hex(int(vas[i])), r)
-    assert {"ok", "page_fault", "general_protection"} <= outcomes    # the sample exercised all paths
+    assert {"ok", "page_fault", "general_protection"} <= outcomes  # the sample exercised all paths
 
 
 AMD_SPEC = """
@@ -266,13 +311,16 @@ value = "0x0000000000101127"
 """
 
 
-@pytest.mark.parametrize("image,expect", [('vendor = "amd"', 0x9), ('profile = "amd"', 0x9),
-                                          ('vendor = "intel"', None), ("", None)])
+@pytest.mark.parametrize(
+    "image,expect",
+    [('vendor = "amd"', 0x9), ('profile = "amd"', 0x9), ('vendor = "intel"', None), ("", None)],
+)
 def test_spec_vendor_decides_the_walks_rules(image, expect):
     """PML4E bit 8 (0x100 in 0x101127) is MBZ on AMD (APM Vol. 2 §5.3.3): P|RSVD = 0x9; Intel
     ignores it (SDM Table 4-15). `vendor` in the spec must reach the walk, not only the encoder."""
     from x86pt.build import build_from_spec
     from x86pt.walk import Access, PageFault, walk
+
     mem, st = build_from_spec(AMD_SPEC.format(image=image))
     r = walk(st, mem, 0x8000000000, Access("read"))
     if expect is None:
@@ -284,5 +332,6 @@ def test_spec_vendor_decides_the_walks_rules(image, expect):
 def test_spec_vendor_contradicting_the_profile_is_refused():
     from x86pt.build import build_from_spec
     from x86pt.errors import BadInputError
+
     with pytest.raises(BadInputError, match="contradicts profile"):
         build_from_spec(AMD_SPEC.format(image='vendor = "amd"\nprofile = "intel"'))

@@ -1,5 +1,6 @@
 """The core CLI end to end (a subprocess per call, as a user runs it), and every kind of bad input
 named in the project's standards: one line on stderr, non-zero exit, no traceback, no hang."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,15 @@ ENV = {**os.environ, "PYTHONPATH": ROOT}
 
 
 def x86pt(*args, stdin=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "x86pt", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=timeout, env=ENV, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "x86pt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout,
+        env=ENV,
+        cwd=ROOT,
+    )
 
 
 def one_line_error(p, *needles):
@@ -66,7 +74,7 @@ def test_decode_flags_reserved_bits():
     p = x86pt("decode", "0x0000800000001067", "--kind", "pte", "--maxphyaddr", "46", "--json")
     d = json.loads(p.stdout)
     assert d["reserved_set"] == hex(1 << 47)
-    p = x86pt("decode", "0x80000000400000e3", "--kind", "pde")      # PS=1 picks the 2M format
+    p = x86pt("decode", "0x80000000400000e3", "--kind", "pde")  # PS=1 picks the 2M format
     assert "PDE (2MB page)" in p.stdout and "RESERVED" not in p.stdout
 
 
@@ -83,7 +91,7 @@ def test_translate_and_walk_from_elf_notes(image):
     assert d["pa"] == "0x123456" and d["page_size"] == 2 << 20
     p = x86pt("walk", elf, "0x400010", "--access", "write", "--user")
     assert "#PF error code 0x7" in p.stdout and "PML4[  0]" in p.stdout
-    p = x86pt("translate", elf, "0x400000", "--access", "fetch")     # SMEP from the note's CR4
+    p = x86pt("translate", elf, "0x400000", "--access", "fetch")  # SMEP from the note's CR4
     assert "0x11" in p.stdout
 
 
@@ -97,19 +105,33 @@ def test_raw_images_need_cr3(image):
 def test_probe_interface(image):
     elf, _raw, d = image
     probes = d / "p.jsonl"
-    probes.write_text('{"va": "0x400008", "access": "read", "user": true}\n'
-                      '{"va": "0x400008", "access": "write", "user": true}\n'
-                      '{"va": "0x0000800000000000"}\n')
+    probes.write_text(
+        '{"va": "0x400008", "access": "read", "user": true}\n'
+        '{"va": "0x400008", "access": "write", "user": true}\n'
+        '{"va": "0x0000800000000000"}\n'
+    )
     p = x86pt("probe", elf, "--probes", probes, "--json", "--profile", "intel")
     recs = [json.loads(l) for l in p.stdout.splitlines()]
-    assert recs[0] == {"va": "0x400008", "access": "read", "user": True, "outcome": "ok", "pa": "0x2000008",
-                       "page_size": 4096, "error_code": None, "cr2": None}
+    assert recs[0] == {
+        "va": "0x400008",
+        "access": "read",
+        "user": True,
+        "outcome": "ok",
+        "pa": "0x2000008",
+        "page_size": 4096,
+        "error_code": None,
+        "cr2": None,
+    }
     assert recs[1]["outcome"] == "page_fault" and recs[1]["error_code"] == 7 and recs[1]["cr2"] == "0x400008"
     assert recs[2]["outcome"] == "general_protection" and recs[2]["cr2"] is None
     before = open(elf, "rb").read()
     p = x86pt("probe", elf, "--probes", probes, "--json", "--update-ad")
-    assert [json.loads(l)["outcome"] for l in p.stdout.splitlines()] == ["ok", "page_fault", "general_protection"]
-    assert open(elf, "rb").read() == before            # input never written
+    assert [json.loads(l)["outcome"] for l in p.stdout.splitlines()] == [
+        "ok",
+        "page_fault",
+        "general_protection",
+    ]
+    assert open(elf, "rb").read() == before  # input never written
 
 
 def test_demo_runs_without_arguments():
@@ -119,15 +141,18 @@ def test_demo_runs_without_arguments():
 
 
 # -- bad input -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args,needle", [
-    (["decode", "0xZZ", "--kind", "pte"], "bad entry value"),
-    (["decode", "1", "--kind", "pxe"], "unknown entry kind"),
-    (["decode", "-5", "--kind", "pte"], "below"),
-    (["decode", str(1 << 64), "--kind", "pte"], "above"),
-    (["encode", "--kind", "pte", "pk=99"], "does not fit"),
-    (["encode", "--kind", "pte", "frob=1"], "no field"),
-    (["translate", "/nonexistent/img", "0x1000"], "no such image"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["decode", "0xZZ", "--kind", "pte"], "bad entry value"),
+        (["decode", "1", "--kind", "pxe"], "unknown entry kind"),
+        (["decode", "-5", "--kind", "pte"], "below"),
+        (["decode", str(1 << 64), "--kind", "pte"], "above"),
+        (["encode", "--kind", "pte", "pk=99"], "does not fit"),
+        (["encode", "--kind", "pte", "frob=1"], "no field"),
+        (["translate", "/nonexistent/img", "0x1000"], "no such image"),
+    ],
+)
 def test_bad_arguments(args, needle):
     one_line_error(x86pt(*args), needle)
 
@@ -139,13 +164,13 @@ def test_truncated_image_and_pointer_past_the_end(image, tmp_path):
     t.write_bytes(data[: len(data) // 2])
     one_line_error(x86pt("translate", t, "0x400000"), "truncated")
     small = tmp_path / "small.raw"
-    small.write_bytes(open(raw, "rb").read()[:0x101000])           # PML4 only: PDPT pointer past the end
+    small.write_bytes(open(raw, "rb").read()[:0x101000])  # PML4 only: PDPT pointer past the end
     one_line_error(x86pt("translate", small, "0x400000", "--cr3", "0x100000"), "outside the image")
 
 
 def test_looping_tables_terminate(tmp_path):
     img = bytearray(0x3000)
-    struct.pack_into("<Q", img, 0x1000, 0x1000 | 7)               # PML4[0] -> itself
+    struct.pack_into("<Q", img, 0x1000, 0x1000 | 7)  # PML4[0] -> itself
     struct.pack_into("<Q", img, 0x1000 + 8 * 511, 0x1000 | 7)
     p = tmp_path / "loop.raw"
     p.write_bytes(bytes(img))
@@ -159,14 +184,17 @@ def test_malformed_elf(tmp_path):
     one_line_error(x86pt("translate", p, "0x1000"), "truncated ELF header")
 
 
-@pytest.mark.parametrize("line,needle", [
-    ("{not json", ":2: bad JSON"),
-    ('{"va": "0xZ"}', "va"),
-    ('{"va": "0x1000", "access": "exec"}', "access must be"),
-    ('{"va": "0x1000", "user": "yes"}', "true or false"),
-    ('{"va": "0x1000", "colour": 1}', "unknown key"),
-    ('[1, 2]', "an object"),
-])
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ("{not json", ":2: bad JSON"),
+        ('{"va": "0xZ"}', "va"),
+        ('{"va": "0x1000", "access": "exec"}', "access must be"),
+        ('{"va": "0x1000", "user": "yes"}', "true or false"),
+        ('{"va": "0x1000", "colour": 1}', "unknown key"),
+        ("[1, 2]", "an object"),
+    ],
+)
 def test_bad_probe_lines(image, tmp_path, line, needle):
     elf, _raw, _ = image
     f = tmp_path / "p.jsonl"

@@ -13,6 +13,7 @@ Zero mismatches allowed: every difference must be a named profile field (x86pt/s
 Skips (or, with X86PT_REQUIRE_ORACLES, fails) with the registry's reason when an oracle is absent;
 an oracle that cannot run implicit reads skips that test with the reason it measured.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,6 @@ from harness import matrix as mx
 from harness.differential import run_conformance
 from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
 from x86pt.state import as_profile
-
-
 
 
 def _setup(o):
@@ -60,7 +59,7 @@ class FlagSource:
             by_state.setdefault(mx.state_bits(f), []).append((f"{self.name}#{k}", f))
         for cases in by_state.values():
             for lo in range(0, len(cases), 2048):
-                yield mx.build_batch(cases[lo:lo + 2048], self.feat, self.profile)
+                yield mx.build_batch(cases[lo : lo + 2048], self.feat, self.profile)
 
 
 def high_bit_cases(feat: MatrixFeatures) -> list[int]:
@@ -69,10 +68,15 @@ def high_bit_cases(feat: MatrixFeatures) -> list[int]:
     m = feat.maxphyaddr
     out = []
     ok = mx.PDE_P | mx.PDE_RW | mx.PDE_USER | mx.PTE_P | mx.PTE_RW | mx.PTE_USER
-    shapes = [("pte", ok | mx.PTE_51, 0), ("pde", ok | mx.PDE_51, 0),
-              ("pde", (ok & ~(mx.PTE_P | mx.PTE_RW | mx.PTE_USER)) | mx.PDE_PSE | mx.PDE_51, 0)]
-    shapes += [(at, ok | mx.PDE_51, mx.HI_AT_NAMES.index(at) << mx.HI_AT_SHIFT)
-               for at in ("pdpte", "pdpte1g", "pml4e")]
+    shapes = [
+        ("pte", ok | mx.PTE_51, 0),
+        ("pde", ok | mx.PDE_51, 0),
+        ("pde", (ok & ~(mx.PTE_P | mx.PTE_RW | mx.PTE_USER)) | mx.PDE_PSE | mx.PDE_51, 0),
+    ]
+    shapes += [
+        (at, ok | mx.PDE_51, mx.HI_AT_NAMES.index(at) << mx.HI_AT_SHIFT)
+        for at in ("pdpte", "pdpte1g", "pml4e")
+    ]
     if feat.la57:
         shapes.append(("pml5e", ok | mx.PDE_51 | mx.LA57, mx.HI_AT_NAMES.index("pml5e") << mx.HI_AT_SHIFT))
     for _, flags, at in shapes:
@@ -85,10 +89,19 @@ def high_bit_cases(feat: MatrixFeatures) -> list[int]:
 
 def test_high_bit_cases_cover_every_entry_kind_and_bit():
     feat = MatrixFeatures(maxphyaddr=40, la57=True)
-    seen = {("pte" if f & mx.PTE_51 else mx.hi_at(f), bool(f & mx.PDE_PSE), mx.hi_bit(f))
-            for f in high_bit_cases(feat)}
-    kinds = {("pte", False), ("pde", False), ("pde", True), ("pdpte", False), ("pdpte1g", False),
-             ("pml4e", False), ("pml5e", False)}
+    seen = {
+        ("pte" if f & mx.PTE_51 else mx.hi_at(f), bool(f & mx.PDE_PSE), mx.hi_bit(f))
+        for f in high_bit_cases(feat)
+    }
+    kinds = {
+        ("pte", False),
+        ("pde", False),
+        ("pde", True),
+        ("pdpte", False),
+        ("pdpte1g", False),
+        ("pml4e", False),
+        ("pml5e", False),
+    }
     assert seen == {(k, ps, b) for k, ps in kinds for b in range(40, 52)}
 
 
@@ -134,6 +147,7 @@ def test_classic_matrix_smap_configurations(oracle):
 def test_random_tables_carry_implicit_reads_at_both_cpls():
     from harness.random_tables import RandomSource
     from x86pt.state import profile_named
+
     prof = profile_named("unicorn")
     feat = MatrixFeatures.from_profile(prof)
     probes = [p for b in RandomSource(feat, prof, seed=3, cases=3000).batches() for p in b.probes]
@@ -141,5 +155,4 @@ def test_random_tables_carry_implicit_reads_at_both_cpls():
     assert len(impl) > 50 and {p.user for p in impl} == {False, True}
     assert all(p.access == "read" for p in impl)
     off = MatrixFeatures(maxphyaddr=40, implicit_cpl0=False, implicit_cpl3=False)
-    assert not any(p.implicit for b in RandomSource(off, prof, seed=3, cases=500).batches()
-                   for p in b.probes)
+    assert not any(p.implicit for b in RandomSource(off, prof, seed=3, cases=500).batches() for p in b.probes)

@@ -9,6 +9,7 @@ entry point of a package on PYTHONPATH, so the workers find it too): x86pt's own
 #PF error code's I/D bit flipped on some faults, a deviation that depends on a case's flags only.
 The expected result is the in-process run's; the planted rule gives the expected count too.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,13 @@ from x86pt.cli import main
 
 try:
     import distributed  # noqa: F401
+
     HAVE_DASK = True
 except ImportError:
     HAVE_DASK = False
-needs_dask = pytest.mark.skipif(not HAVE_DASK, reason="dask[distributed] not installed (pip install "
-                                                      "'x86pt[dask]'; the test extra has it)")
+needs_dask = pytest.mark.skipif(
+    not HAVE_DASK, reason="dask[distributed] not installed (pip install 'x86pt[dask]'; the test extra has it)"
+)
 
 PLUGIN = '''
 from dataclasses import replace
@@ -64,8 +67,9 @@ def plugin_dir(tmp_path_factory):
     (d / "planted_x86pt.py").write_text(textwrap.dedent(PLUGIN))
     meta = d / "planted_x86pt-1.0.dist-info"
     meta.mkdir()
-    (meta / "entry_points.txt").write_text("[x86pt.oracles]\nplanted = planted_x86pt:PlantedOracle\n"
-                                           "broken = planted_x86pt:BrokenOracle\n")
+    (meta / "entry_points.txt").write_text(
+        "[x86pt.oracles]\nplanted = planted_x86pt:PlantedOracle\nbroken = planted_x86pt:BrokenOracle\n"
+    )
     old_env, old_path = os.environ.get("PYTHONPATH"), list(sys.path)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(d)] + ([old_env] if old_env else []))
     sys.path.insert(0, str(d))
@@ -82,9 +86,11 @@ def cluster(plugin_dir):
     """A local two-worker cluster (processes, 1 thread each); closed after the module."""
     import logging
     from distributed import LocalCluster
+
     logging.getLogger("distributed").setLevel(logging.ERROR)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as c:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+    ) as c:
         yield "dask://" + c.scheduler_address.removeprefix("tcp://")
 
 
@@ -92,6 +98,7 @@ def _run(argv, tmp_path, tag):
     """Run conform; (exit status, stdout lines, report, repro files by name without their path)."""
     import contextlib
     import io
+
     rdir = tmp_path / f"repros-{tag}"
     rep = tmp_path / f"report-{tag}.json"
     buf = io.StringIO()
@@ -106,8 +113,18 @@ def _run(argv, tmp_path, tag):
     return rc, buf.getvalue().replace(str(rdir), "R").splitlines(), report, repros
 
 
-MATRIX_ARGV = ["--oracle", "planted", "--sample", "70000", "--seed", "3", "--max-report", "3",
-               "--max-repros", "5"]
+MATRIX_ARGV = [
+    "--oracle",
+    "planted",
+    "--sample",
+    "70000",
+    "--seed",
+    "3",
+    "--max-report",
+    "3",
+    "--max-repros",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +136,7 @@ def matrix_here(plugin_dir, tmp_path_factory):
 
 def _same_text(a: list[str], b: list[str]) -> None:
     """Equal but for the summary line's timings."""
+
     def norm(lines):
         out = []
         for s in lines:
@@ -126,6 +144,7 @@ def _same_text(a: list[str], b: list[str]) -> None:
                 s = s.split(" mismatches, ")[0]
             out.append(s)
         return out
+
     assert norm(a) == norm(b)
 
 
@@ -173,6 +192,7 @@ def test_dask_matrix_run_is_the_local_run(cluster, matrix_here, tmp_path):
 def test_dask_random_run_on_unicorn_is_the_local_run(cluster, tmp_path):
     from x86pt.registry import availability
     from conftest import need_oracle
+
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)
     argv = ["--oracle", "unicorn", "--cases", "random", "--limit", "2048", "--seed", "5"]
@@ -213,6 +233,7 @@ def _free_port() -> int:
 @needs_dask
 def test_unreachable_scheduler_is_one_line_exit_2(monkeypatch, capsys):
     import harness.executors as ex
+
     monkeypatch.setattr(ex, "DASK_CONNECT_TIMEOUT", 1.0)
     port = _free_port()
     rc = main(["conform", "--oracle", "model", "--limit", "10", "--executor", f"dask://127.0.0.1:{port}"])
@@ -221,8 +242,18 @@ def test_unreachable_scheduler_is_one_line_exit_2(monkeypatch, capsys):
     assert err[0].startswith(f"x86pt: error: cannot reach the Dask scheduler at 127.0.0.1:{port}")
 
 
-@pytest.mark.parametrize("text", ["dask://", "dask://host", "dask://host:0", "dask://host:99999",
-                                  "tcp://127.0.0.1:8786", "spark://h:1", "localx"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "dask://",
+        "dask://host",
+        "dask://host:0",
+        "dask://host:99999",
+        "tcp://127.0.0.1:8786",
+        "spark://h:1",
+        "localx",
+    ],
+)
 def test_bad_executor_is_one_line_exit_2(text, capsys):
     rc = main(["conform", "--oracle", "model", "--limit", "10", "--executor", text])
     err = capsys.readouterr().err.strip().splitlines()
@@ -246,9 +277,14 @@ def test_worker_failure_is_an_oracle_error(cluster, capsys):
 
 def test_parts_cover_the_selection_on_chunk_boundaries():
     from harness.executors import split
+
     # matrix: 200,000 cases in chunks of 65,536 for 2 workers -> 4 parts, one per chunk
-    assert split(200_000, 65_536, 2, "matrix") == [(0, 65_536), (65_536, 131_072), (131_072, 196_608),
-                                                   (196_608, 200_000)]
+    assert split(200_000, 65_536, 2, "matrix") == [
+        (0, 65_536),
+        (65_536, 131_072),
+        (131_072, 196_608),
+        (196_608, 200_000),
+    ]
     # a selection within one chunk is one part whatever the workers
     assert split(60_000, 65_536, 8, "matrix") == [(0, 60_000)]
     # random: at least 16 trees a part

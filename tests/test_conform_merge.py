@@ -7,6 +7,7 @@ The oracle is x86pt's model with a planted deviation (the #PF error code's I/D b
 user-mode AC writes that fault on a reserved bit): it depends on a case's flags only, so the
 mismatches are known without the code under test, and the runs have some to carry.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def planted(p, r):
 @contextlib.contextmanager
 def planted_model():
     real = hcli._open_oracle
-    hcli._open_oracle = (lambda name, profile: ModelOracle("intel", deviate=planted) if name == "model"
-                         else real(name, profile))
+    hcli._open_oracle = lambda name, profile: (
+        ModelOracle("intel", deviate=planted) if name == "model" else real(name, profile)
+    )
     try:
         yield
     finally:
@@ -60,7 +62,11 @@ def run(argv, out_dir, tag, *, merge=False):
     """(exit status, stdout lines, stderr lines, report, repros by name without their path)."""
     rdir = out_dir / f"repros-{tag}"
     rep = out_dir / f"report-{tag}.json"
-    cmd = ["conform", "merge", *argv, "-o", str(rep)] if merge else ["conform", *argv, "--json-report", str(rep)]
+    cmd = (
+        ["conform", "merge", *argv, "-o", str(rep)]
+        if merge
+        else ["conform", *argv, "--json-report", str(rep)]
+    )
     out, err = io.StringIO(), io.StringIO()
     with planted_model(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(cmd + ["--repro-dir", str(rdir)])
@@ -158,6 +164,7 @@ def test_merged_matrix_shards_anywhere_have_the_local_verdicts(tmp_path):
 
     def verdicts(rep):
         return sorted((r["case"], tuple(r["json"]["differences"])) for r in rep["oracles"][0]["mismatches"])
+
     assert verdicts(rep1) == verdicts(rep2) and planted_count(rep2) == s2["mismatches"]
 
 
@@ -198,17 +205,20 @@ def _edit(rep, path, value):
     return r
 
 
-@pytest.mark.parametrize("key,value,msg", [
-    (("config", "seed"), 1, "seed 1 vs 0"),
-    (("config", "limit"), 700, "limit 700 vs 640"),
-    (("config", "oracle"), "unicorn", "oracle 'unicorn' vs 'model'"),
-    (("config", "cases"), "matrix", "cases"),
-    (("config", "per_tree"), 32, "per_tree"),
-    (("config", "sample"), 20000, "sample"),
-    (("shards", "count"), 3, "shard count"),
-    (("x86pt_version",), "0.0.9", "x86pt version"),
-    (("interrupted",), True, "interrupted run"),
-])
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [
+        (("config", "seed"), 1, "seed 1 vs 0"),
+        (("config", "limit"), 700, "limit 700 vs 640"),
+        (("config", "oracle"), "unicorn", "oracle 'unicorn' vs 'model'"),
+        (("config", "cases"), "matrix", "cases"),
+        (("config", "per_tree"), 32, "per_tree"),
+        (("config", "sample"), 20000, "sample"),
+        (("shards", "count"), 3, "shard count"),
+        (("x86pt_version",), "0.0.9", "x86pt version"),
+        (("interrupted",), True, "interrupted run"),
+    ],
+)
 def test_merge_refuses_reports_of_another_run(shard_reports, tmp_path, key, value, msg):
     a, b = shard_reports
     if key == ("shards", "count"):
@@ -231,12 +241,16 @@ def test_merge_refuses_missing_and_duplicate_shards(shard_reports, tmp_path):
     assert "shard 1/2 is in both" in _merge_err(tmp_path, [a, b, a])
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("not json", "is not JSON"), ("[1, 2]", "not an x86pt conform report"),
-    ('{"x86pt_conform_report": 2}', "report version 2"),
-    ('{"x86pt_conform_report": 1, "config": {}}', "malformed"),
-    ("[" * 100000, "is not JSON"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("not json", "is not JSON"),
+        ("[1, 2]", "not an x86pt conform report"),
+        ('{"x86pt_conform_report": 2}', "report version 2"),
+        ('{"x86pt_conform_report": 1, "config": {}}', "malformed"),
+        ("[" * 100000, "is not JSON"),
+    ],
+)
 def test_merge_refuses_files_that_are_not_reports(tmp_path, text, msg):
     assert msg in _merge_err(tmp_path, [text])
 

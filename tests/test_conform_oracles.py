@@ -5,6 +5,7 @@ profile entry in x86pt/state.py, so anything left is unexplained).
 
 Skips (or, with X86PT_REQUIRE_ORACLES, fails) with the registry's reason when an oracle is absent.
 """
+
 from __future__ import annotations
 
 
@@ -16,11 +17,13 @@ from x86pt.state import as_profile
 
 # (classic sample, extended sample, random cases): unicorn batches are cheap; QEMU pays a launch
 # per batch of one CPU state, KVM a VM; keep each oracle's part well under a minute.
-SIZES = {"unicorn": (4000, 2000, 3000), "qemu": (1500, 800, 1500), "kvm": (1500, 800, 1500),
-         "bochs": (1500, 800, 1500)}
+SIZES = {
+    "unicorn": (4000, 2000, 3000),
+    "qemu": (1500, 800, 1500),
+    "kvm": (1500, 800, 1500),
+    "bochs": (1500, 800, 1500),
+}
 SEED = 20260601
-
-
 
 
 # Every difference must be explained by the oracle's profile (x86pt/state.py): none is excused here.
@@ -60,6 +63,7 @@ def test_extended_matrix_sample_has_no_mismatches(oracle):
     base = m.spaces[0].size
     small = [base + i for i in range(0, m.size - base, max(1, (m.size - base) // n))]
     import numpy as np
+
     idx = np.unique(np.concatenate([idx, np.array(small[:n], dtype=idx.dtype)]))
     summ, mms, detail = _run(oracle, MatrixSource(m, prof, indices=idx, name="xmatrix"))
     assert summ.cases == len(idx)

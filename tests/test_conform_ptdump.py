@@ -6,6 +6,7 @@ when the effective rights are the same; printk_prot() prints "GLB " for bit 8).
 
 Before these, a ptdump that merged ranges across a G difference passed every hand-written test
 and was caught only by the real-kernel fixtures (issue 12)."""
+
 from __future__ import annotations
 
 import io
@@ -35,7 +36,8 @@ def test_ptdump_breaks_lines_where_only_g_differs_4k():
         "0x0000000000402000-0x0000000000600000        2040K                               pte\n"
         "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
         "0x0000000040000000-0x0000008000000000         511G                               pud\n"
-        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n"
+    )
     assert _dump(b) == want
 
 
@@ -52,5 +54,6 @@ def test_ptdump_breaks_lines_where_only_g_differs_2m():
         "0x0000000000400000-0x0000000000600000           2M     RW         PSE     GLB NX pmd\n"
         "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
         "0x0000000040000000-0x0000008000000000         511G                               pud\n"
-        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n"
+    )
     assert _dump(b) == want

@@ -8,14 +8,26 @@ facts: an LRU (or random) cache of C entries under uniform references to n > C i
 probability 1 - C/n, and with n <= C never misses in steady state; a walk for a 4K leaf reads
 1 entry after a PDE-cache hit, 2 after a PDPTE-cache hit, 3 after a PML4E-cache hit, 4 cold
 (SDM Vol. 3A §4.10.3.2); a 2M leaf 1/2/3, a 1G leaf 1/2."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from x86pt.cost import (SKYLAKE, Leaves, analytic, che_hits, from_addresses, geometry_named,
-                        hot_set, mapped_2m_regions, pattern_named, simulate, uniform,
-                        workload_pages)
+from x86pt.cost import (
+    SKYLAKE,
+    Leaves,
+    analytic,
+    che_hits,
+    from_addresses,
+    geometry_named,
+    hot_set,
+    mapped_2m_regions,
+    pattern_named,
+    simulate,
+    uniform,
+    workload_pages,
+)
 from x86pt.errors import BadInputError
 
 K, M, G = 1 << 12, 1 << 21, 1 << 30
@@ -142,7 +154,7 @@ def test_simulated_cyclic_trace_misses_every_access():
     assert (c.l1_miss, c.walks, c.refs) == (1.0, 0.0, 0.0)
     g0 = geometry_named("skylake,l1-4k=4/4,stlb=8/8,pde=0")
     c = simulate(lv, from_addresses("c9", [i * K for i in range(9)] * 10), g0, accesses=900, warmup=90)
-    assert c.refs == 2.0          # PDPTE-cache hit: PDE + PTE
+    assert c.refs == 2.0  # PDPTE-cache hit: PDE + PTE
 
 
 def test_simulated_set_conflicts():
@@ -170,7 +182,7 @@ def test_mapped_regions_and_hot_set_seeded():
     """one_split(): 511 2M leaves + 512 4K leaves covering region 511: all 512 regions are fully
     mapped. A hot set is the same for the same seed and lies in those regions."""
     assert len(mapped_2m_regions(one_split())) == 512
-    lv = Leaves.from_runs([(0, M, 3), (3 * M, K, 100)])     # region 3 only partly mapped
+    lv = Leaves.from_runs([(0, M, 3), (3 * M, K, 100)])  # region 3 only partly mapped
     assert mapped_2m_regions(lv).tolist() == [0, M, 2 * M]
     a, b = hot_set(all_2m(), 0.25, seed=5), hot_set(all_2m(), 0.25, seed=5)
     assert a.lo.tolist() == b.lo.tolist() and len(a.lo) == 128
@@ -182,14 +194,17 @@ def test_workload_pages():
     """A trace that set_memory_ro's 2 direct-map pages at PA 0x5000 and vmaps 3 frames at PA
     0x200000 touches exactly pages {0x5000, 0x6000, 0x200000, 0x201000, 0x202000}; a 4 GiB all-2M
     map needs 2 translations (2M leaves 0 and 1) for them."""
-    po = 0xffff888000000000
-    ops = [("set_memory_ro", po + 0x5000, 2), ("vmap", 0xffffc90000000000, 0x200000, 3, False)]
+    po = 0xFFFF888000000000
+    ops = [("set_memory_ro", po + 0x5000, 2), ("vmap", 0xFFFFC90000000000, 0x200000, 3, False)]
     p = workload_pages(ops, po)
     assert p.lo.tolist() == [0x5000, 0x6000, 0x200000, 0x201000, 0x202000]
     # an oob write touches its one page (its third field is a mask, not a count); hotplug
     # operands are physical ranges and vunmap a vmalloc range: neither adds direct-map pages
-    more = ops + [("oob", po + 0x9000, 1 << 63, 0), ("memory_add", 0x100000000, 1 << 27),
-                  ("vunmap", 0xffffc90000000000, 3)]
+    more = ops + [
+        ("oob", po + 0x9000, 1 << 63, 0),
+        ("memory_add", 0x100000000, 1 << 27),
+        ("vunmap", 0xFFFFC90000000000, 3),
+    ]
     assert workload_pages(more, po).lo.tolist() == [0x5000, 0x6000, 0x9000, 0x200000, 0x201000, 0x202000]
     assert analytic(all_2m(4), p).translations == {"4K": 0, "2M": 2, "1G": 0}
 
@@ -200,6 +215,7 @@ def test_leaves_from_model_match_image_and_census():
     kernel-image PTE tables it counts as 2M -> 4K splits (each 512 4K, -1 2M)."""
     from x86pt.cpa.layout import layout_named
     from x86pt.cpa.ops import CpaModel
+
     m = CpaModel(layout_named("server-64g"))
     a = Leaves.from_model(m)
     b = Leaves.from_image(m.paging_state(), m.export(), m.page_offset)
@@ -229,6 +245,7 @@ def test_pattern_named_errors(tmp_path):
 # -- CLI ------------------------------------------------------------------------------------------
 def _lines(out: str) -> list[dict]:
     import json
+
     return [json.loads(x) for x in out.splitlines() if x.strip()]
 
 
@@ -239,6 +256,7 @@ def test_census_cost_cli_on_a_real_kernel_dump(tmp_path, capsys):
     import os
     from tests.conftest import FIXTURES
     from x86pt.cli import main
+
     src = os.path.join(FIXTURES, "linux", "6.12-4l-modules", "step-00", "tables.elf.xz")
     img = tmp_path / "t.elf"
     img.write_bytes(lzma.decompress(open(src, "rb").read()))
@@ -257,15 +275,33 @@ def test_cpa_compare_cost_cli(tmp_path, capsys):
     2M-mapped region of laptop-4g. The page is split off to 4K and marked _PAGE_KERNEL_4K, which
     no policy merges back: the workload's one page needs one 4K translation under each policy."""
     from x86pt.cli import main
+
     t = tmp_path / "w.trace"
-    po = 0xffff888000000000
+    po = 0xFFFF888000000000
     t.write_text(f"set_memory_4k {po + 0x40200000:#x} 1\n")
-    assert main(["cpa", "compare", str(t), "--layout", "laptop-4g", "--policies", "none,ideal",
-                 "--cost", "workload", "--json"]) == 0
+    assert (
+        main(
+            [
+                "cpa",
+                "compare",
+                str(t),
+                "--layout",
+                "laptop-4g",
+                "--policies",
+                "none,ideal",
+                "--cost",
+                "workload",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = {r["policy"]: r["cost"]["translations"] for r in _lines(capsys.readouterr().out)}
     assert rows == {p: {"4K": 1, "2M": 0, "1G": 0} for p in ("none", "ideal")}
-    assert main(["cpa", "compare", str(t), "--layout", "laptop-4g", "--policies", "none",
-                 "--cost", "uniform"]) == 0
+    assert (
+        main(["cpa", "compare", str(t), "--layout", "laptop-4g", "--policies", "none", "--cost", "uniform"])
+        == 0
+    )
     assert "walks/1k" in capsys.readouterr().out
 
 
@@ -273,13 +309,14 @@ def test_unmapped_pages_are_left_out():
     """A trace with 3 addresses, one of them (5 GiB) outside a 4 GiB all-2M map: the pattern keeps
     the 2 mapped pages, says it left 1 out, and both modes run on it."""
     import tempfile
+
     lv = all_2m(4)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("0x1000\n0x40000000\n0x140000000\n")
     p = pattern_named(f"trace:{f.name}", lv)
     assert p.lo.tolist() == [0x1000, 0x40000000] and "1 unmapped" in p.name
     assert analytic(lv, p).translations == {"4K": 0, "2M": 2, "1G": 0}
-    assert simulate(lv, p, accesses=100, warmup=0).walks == 0.02      # 2 first touches
+    assert simulate(lv, p, accesses=100, warmup=0).walks == 0.02  # 2 first touches
 
 
 def test_cost_series_ends_at_the_final_state():
@@ -290,7 +327,8 @@ def test_cost_series_ends_at_the_final_state():
     from x86pt.cpa.layout import layout_named
     from x86pt.cpa.ops import CpaModel
     from x86pt.cpa.trace import replay
-    po = 0xffff888000000000
+
+    po = 0xFFFF888000000000
     ops = [("set_memory_4k", po + 0x40200000 + (i << 21), 1) for i in range(3)]
     lay = layout_named("laptop-4g")
     s = cost_series(CpaModel(lay), ops, "workload", points=3)
@@ -298,6 +336,7 @@ def test_cost_series_ends_at_the_final_state():
 
     class A:
         cost, tlb_geometry, cost_mode, cost_seed = "workload", "skylake", "analytic", 1
+
     m = CpaModel(lay)
     replay(m, ops, samples=0)
     assert model_cost(m, A(), ops) == s[-1][1]
@@ -311,13 +350,32 @@ def test_compare_cost_over_time_json_and_plot(tmp_path):
     import sys
 
     from conftest import ROOT
+
     env = {**__import__("os").environ, "PYTHONPATH": ROOT}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "x86pt", *a], cwd=tmp_path, env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "x86pt", *a],
+        cwd=tmp_path,
+        env=env,  # noqa: E731
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     r = run("cpa", "generate", "modules", "--ops", "400", "-o", "t.trace", "--layout", "laptop-4g")
     assert r.returncode == 0, r.stderr
-    r = run("cpa", "compare", "t.trace", "--layout", "laptop-4g", "--policies", "none,ideal",
-            "--cost", "uniform", "--json", "--plot", "p.png")
+    r = run(
+        "cpa",
+        "compare",
+        "t.trace",
+        "--layout",
+        "laptop-4g",
+        "--policies",
+        "none,ideal",
+        "--cost",
+        "uniform",
+        "--json",
+        "--plot",
+        "p.png",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     for row in rows:

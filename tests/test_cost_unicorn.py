@@ -13,6 +13,7 @@ QEMU's walker has no paging-structure caches, so the model runs with no TLB and 
 in each map state and the walk length per leaf size. What it cannot: TLB capacities, set
 conflicts and PSC hit rates of a real CPU (QEMU's TLB is a software cache with its own geometry,
 and this machine's PMU exposes no dTLB events; docs/cost.md)."""
+
 from __future__ import annotations
 
 import random
@@ -23,17 +24,17 @@ import pytest
 from tests.conftest import need_oracle
 from x86pt.cost import QEMU, Leaves, analytic, from_addresses, geometry_named, simulate
 
-PO = 0xFFFF888000000000          # direct-map base (PML4 slot 273)
-DM_PA = 0x40000000               # the direct map maps PA [1G, 2G) at PO + 1G
-TABLES = 0x10000000              # MMIO: page tables
+PO = 0xFFFF888000000000  # direct-map base (PML4 slot 273)
+DM_PA = 0x40000000  # the direct map maps PA [1G, 2G) at PO + 1G
+TABLES = 0x10000000  # MMIO: page tables
 TABLES_SIZE = 0x400000
 CODE, LIST, STACK = 0x1000, 0x10000, 0x8000
 PML4 = TABLES
 PDPT_DM, PD_DM = TABLES + 0x1000, TABLES + 0x2000
-PT_DM = TABLES + 0x3000            # 512 PTs from here
+PT_DM = TABLES + 0x3000  # 512 PTs from here
 PDPT_LO, PD_LO = TABLES + 0x300000, TABLES + 0x301000
-A_D = 0x60                          # accessed + dirty preset: the walker writes nothing
-TBL = 0x3 | A_D                     # P | RW | A | D
+A_D = 0x60  # accessed + dirty preset: the walker writes nothing
+TBL = 0x3 | A_D  # P | RW | A | D
 LEAF = 0x3 | A_D
 PS = 0x80
 PROBES = 1500
@@ -71,8 +72,9 @@ def leaves(kind: str) -> Leaves:
     if kind == "2m":
         return Leaves.from_runs([(DM_PA, 1 << 21, 512)])
     if kind == "split":
-        return Leaves.from_runs([(DM_PA, 1 << 21, 100), (DM_PA + (100 << 21), 4096, 512),
-                                 (DM_PA + (101 << 21), 1 << 21, 411)])
+        return Leaves.from_runs(
+            [(DM_PA, 1 << 21, 100), (DM_PA + (100 << 21), 4096, 512), (DM_PA + (101 << 21), 1 << 21, 411)]
+        )
     return Leaves.from_runs([(DM_PA, 4096, 512 * 512)])
 
 
@@ -94,6 +96,7 @@ def measure(kind: str, offs: list[int], flush: bool = True) -> int | tuple[int, 
     (walks, entries read): a walk reads the direct map's PML4E once."""
     import unicorn as U
     from unicorn import x86_const as x
+
     ent = tables(kind)
     dm_pages = {PDPT_DM, PD_DM} | ({PT_DM + (i << 12) for i in range(512)} if kind != "1g" else set())
     dm_pml4e = PML4 + 8 * ((PO >> 39) & 511)
@@ -105,7 +108,7 @@ def measure(kind: str, offs: list[int], flush: bool = True) -> int | tuple[int, 
         if q == dm_pml4e:
             count[2] += size
         if q == dm_pml4e or (pa & ~0xFFF) in dm_pages:
-            count[0] += size              # unicorn's MMIO splits an 8-byte read into two 4-byte ones
+            count[0] += size  # unicorn's MMIO splits an 8-byte read into two 4-byte ones
         else:
             count[1] += size
         return (ent.get(q, 0) >> (8 * (pa - q))) & ((1 << (8 * size)) - 1)
@@ -120,15 +123,15 @@ def measure(kind: str, offs: list[int], flush: bool = True) -> int | tuple[int, 
     uc.mmio_map(TABLES, TABLES_SIZE, rd, None, wr, None)
     # loop: rax = [rsi]; rdx = [rax]; cr3 = rbx; rsi += 8; rcx--; jnz loop; nop
     if flush:
-        code = bytes.fromhex("488b06" "488b10" "0f22db" "4883c608" "48ffc9" "75ee" "90")
-    else:   # the same loop without the MOV to CR3
-        code = bytes.fromhex("488b06" "488b10" "4883c608" "48ffc9" "75f1" "90")
+        code = bytes.fromhex("488b06488b100f22db4883c60848ffc975ee90")
+    else:  # the same loop without the MOV to CR3
+        code = bytes.fromhex("488b06488b104883c60848ffc975f190")
     uc.mem_write(CODE, code)
     uc.mem_write(LIST, b"".join(struct.pack("<Q", PO + o) for o in offs))
-    uc.reg_write(x.UC_X86_REG_CR4, 0x20)                       # PAE
-    uc.reg_write(x.UC_X86_REG_MSR, (0xC0000080, 0x100))        # EFER.LME
+    uc.reg_write(x.UC_X86_REG_CR4, 0x20)  # PAE
+    uc.reg_write(x.UC_X86_REG_MSR, (0xC0000080, 0x100))  # EFER.LME
     uc.reg_write(x.UC_X86_REG_CR3, PML4)
-    uc.reg_write(x.UC_X86_REG_CR0, 0x80000011)                 # PG | ET | PE
+    uc.reg_write(x.UC_X86_REG_CR0, 0x80000011)  # PG | ET | PE
     uc.reg_write(x.UC_X86_REG_RSP, STACK)
     uc.reg_write(x.UC_X86_REG_RSI, LIST)
     uc.reg_write(x.UC_X86_REG_RCX, len(offs))
@@ -143,6 +146,7 @@ def measure(kind: str, offs: list[int], flush: bool = True) -> int | tuple[int, 
 @pytest.fixture(scope="module")
 def unicorn_ok():
     from x86pt.registry import availability
+
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)
 
@@ -155,12 +159,21 @@ def test_walk_references_match_unicorn(unicorn_ok, kind):
     4 inside (the stream puts every 4th probe there, the rest land there with odds 1/512)."""
     offs = probes()
     measured = measure(kind, offs)
-    c = simulate(leaves(kind), from_addresses("probes", offs), geometry_named(NOPAGING_GEOM),
-                 accesses=len(offs), warmup=0)
+    c = simulate(
+        leaves(kind),
+        from_addresses("probes", offs),
+        geometry_named(NOPAGING_GEOM),
+        accesses=len(offs),
+        warmup=0,
+    )
     model = round(c.refs * len(offs))
     inside = sum(1 for o in offs if (o - DM_PA) >> 21 == 100)
-    hand = {"1g": 2 * PROBES, "2m": 3 * PROBES, "4k": 4 * PROBES,
-            "split": 3 * (PROBES - inside) + 4 * inside}[kind]
+    hand = {
+        "1g": 2 * PROBES,
+        "2m": 3 * PROBES,
+        "4k": 4 * PROBES,
+        "split": 3 * (PROBES - inside) + 4 * inside,
+    }[kind]
     assert c.walks == 1.0
     assert measured == hand, f"unicorn read {measured} direct-map entries, hand count {hand}"
     assert model == hand
@@ -179,9 +192,13 @@ def tlb_streams() -> dict[str, list[int]]:
     def hot(n):
         pages = r.sample(range(512), n)
         return [region + (r.choice(pages) << 12) + 8 * r.randrange(512) for _ in range(N_TLB)]
-    return {"hot512": hot(512), "hot300": hot(300),
-            "uni1g": [DM_PA + (r.randrange(1 << 18) << 12) for _ in range(N_TLB)],
-            "cyc10": [DM_PA + (((i % 10) * 256) << 12) for i in range(N_TLB)]}
+
+    return {
+        "hot512": hot(512),
+        "hot300": hot(300),
+        "uni1g": [DM_PA + (r.randrange(1 << 18) << 12) for _ in range(N_TLB)],
+        "cyc10": [DM_PA + (((i % 10) * 256) << 12) for i in range(N_TLB)],
+    }
 
 
 # stream -> largest |simulated - measured| / measured walks allowed (measured on unicorn 2.1.4:
@@ -208,7 +225,7 @@ def test_qemu_tlb_walks_against_the_simulated_model(unicorn_ok, kind):
         sim = c.walks * len(offs)
         assert abs(sim - walks) <= TLB_TOL[name] * walks, (name, walks, sim)
         assert round(c.refs * len(offs)) == per_walk * round(sim)
-        if name in ("hot512", "uni1g"):     # few conflicts: the fully associative estimate holds
+        if name in ("hot512", "uni1g"):  # few conflicts: the fully associative estimate holds
             a = analytic(leaves(kind), from_addresses(name, offs, ordered=False), QEMU)
             assert abs(a.walks * len(offs) - walks) <= 0.03 * walks, (name, walks, a.walks * len(offs))
 

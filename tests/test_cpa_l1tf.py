@@ -7,6 +7,7 @@ on) and replays a generated workload whose kfence `oob` writer toggled P on the 
 a non-present PTE with a non-inverted frame; the validator, decoding it as pte_pfn() does, saw
 page 0x10fe4a000 map frame 0xffffef01b5000. Expected words are written from the kernel's
 constants (__PAGE_KERNEL = 0x8000000000000163, large leaf 0x...1e3), not from the model."""
+
 from __future__ import annotations
 
 from x86pt.cpa.importer import model_from_image
@@ -52,7 +53,7 @@ def test_in_place_np_of_a_whole_2m_leaf_inverts_and_p_restores():
     pfn_pte(old_pfn, prot)): prot = 4k_2_large((0x...163 & ~P)) with G cleared (protnone) =
     0x8000000000000062, frame inverted; set_memory_p brings P back with PSE and without G."""
     m = _model()
-    pa = 0x20000000                      # a 2M leaf of the demo's direct map
+    pa = 0x20000000  # a 2M leaf of the demo's direct map
     assert m.leaf(PO + pa) == (2, pa | 0x80000000000001E3)
     r = replay(m, parse_trace([f"set_memory_np {PO + pa:#x} 512"]), validate=True, samples=0)
     assert r.violation is None, r.violation
@@ -67,9 +68,14 @@ def test_generated_model_keeps_raw_words():
     """Without inversion (generated models) the oob writer is a plain P toggle."""
     from x86pt.cpa.layout import PRESETS
     from x86pt.cpa.ops import CpaModel
+
     m = CpaModel(PRESETS["laptop-4g"], "6.1", "none")
     pa = 0x20005000
-    r = replay(m, parse_trace([f"set_memory_4k {PO + pa:#x} 1", f"oob {PO + pa:#x} set=0x0 clr=0x1"]),
-               validate=True, samples=0)
+    r = replay(
+        m,
+        parse_trace([f"set_memory_4k {PO + pa:#x} 1", f"oob {PO + pa:#x} set=0x0 clr=0x1"]),
+        validate=True,
+        samples=0,
+    )
     assert r.violation is None
     assert _pte(m, PO + pa) == pa | 0x8000000000000162

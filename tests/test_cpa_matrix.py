@@ -15,6 +15,7 @@ item 2): it is a true finding, on every kernel rule set. It looked 6.1-only beca
 called set_memory_4k on every kfence page, which on 6.15+ marked them all _PAGE_KERNEL_4K;
 arch_kfence_init_pool calls it only where lookup_address() finds a large page.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -114,14 +115,14 @@ def test_sampled_states_agree_with_unicorn():
     from conftest import need_oracle
     from x86pt.registry import availability
     from x86pt.cpa.oracle_probe import OracleCheck, sampled_steps
+
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)
     lay = PRESETS["server-64g-nogb"]
     for kernel in ("6.1", "6.18"):
         ops = generate(lay, kernel, "modules-rox", 200, 2)
         for policy in ("upstream", "ideal", "nr-same-prot"):
-            oc = OracleCheck(["unicorn"], steps=sampled_steps(len(ops), 3, 11), cap=128,
-                             log=lambda s: None)
+            oc = OracleCheck(["unicorn"], steps=sampled_steps(len(ops), 3, 11), cap=128, log=lambda s: None)
             try:
                 m = CpaModel(lay, kernel, policy)
                 r = replay(m, ops, validate=True, checks="abcde", samples=0, oracle_check=oc)

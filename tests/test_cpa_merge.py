@@ -1,6 +1,7 @@
 """Merge correctness: random traces replayed under every policy with the validator on, and the
 failure the 2022 RFC's review predicted (Hyeonggon Yoo: kfence flips _PAGE_PRESENT with set_pte
 outside CPA, so a per-table nr_same_prot counter drifts and a merge goes wrong)."""
+
 from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -15,8 +16,18 @@ VM = 0xFFFFFFFFC0400000
 # a small arena: two 2M regions below 1G, one 1G-leaf region, four vmalloc pages
 DM = [PO + 0x20000000, PO + 0x20200000, PO + 0x100000000 + 0x3FE00000]
 FRAMES = [0x20001000, 0x20003000, 0x201FF000, 0x20200000]
-APIS = ["set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx", "set_memory_rox",
-        "set_memory_np", "set_memory_p", "set_memory_4k", "set_memory_global", "set_memory_nonglobal"]
+APIS = [
+    "set_memory_ro",
+    "set_memory_rw",
+    "set_memory_x",
+    "set_memory_nx",
+    "set_memory_rox",
+    "set_memory_np",
+    "set_memory_p",
+    "set_memory_4k",
+    "set_memory_global",
+    "set_memory_nonglobal",
+]
 
 
 @st.composite
@@ -33,7 +44,9 @@ def traces(draw, oob: bool = False):
             lines.append(f"set_direct_map_{draw(st.sampled_from(['invalid', 'default']))}_noflush {a:#x}")
         elif kind == "oob":
             a = draw(st.sampled_from(DM)) + 4096 * draw(st.integers(0, 511))
-            lines.append(f"oob {a:#x} set=0x0 clr=0x1" if draw(st.booleans()) else f"oob {a:#x} set=0x1 clr=0x0")
+            lines.append(
+                f"oob {a:#x} set=0x0 clr=0x1" if draw(st.booleans()) else f"oob {a:#x} set=0x1 clr=0x0"
+            )
         else:
             base = draw(st.sampled_from(DM))
             k = draw(st.sampled_from([0, 1, 2, 255, 510, 511]))
@@ -109,8 +122,9 @@ def test_ideal_still_merges_a_table_split_by_an_ordinary_call():
     leaf and ideal merges it back (512 equal PTEs, contiguous, aligned)."""
     a = PO + 0x20009000
     m = CpaModel(LAY, "6.1", "ideal")
-    r = replay(m, parse_trace([f"set_memory_ro {a:#x} 1", f"set_memory_rw {a:#x} 1"]),
-               validate=True, samples=0)
+    r = replay(
+        m, parse_trace([f"set_memory_ro {a:#x} 1", f"set_memory_rw {a:#x} 1"]), validate=True, samples=0
+    )
     assert r.violation is None
     assert m.leaf(a)[0] == 2 and m.counters.merge_2m == 1
 
@@ -141,8 +155,14 @@ def test_ideal_keeps_a_table_set_memory_4k_found_already_split():
     on 6.1 no bit written): ideal must still never merge that table, or kfence's later PTE
     write finds a 2M leaf."""
     a = PO + 0x20009000
-    ops = parse_trace([f"set_memory_ro {a:#x} 1", f"set_memory_4k {PO + 0x20005000:#x} 1",
-                       f"set_memory_rw {a:#x} 1", f"oob {PO + 0x20005000:#x} set=0x0 clr=0x1"])
+    ops = parse_trace(
+        [
+            f"set_memory_ro {a:#x} 1",
+            f"set_memory_4k {PO + 0x20005000:#x} 1",
+            f"set_memory_rw {a:#x} 1",
+            f"oob {PO + 0x20005000:#x} set=0x0 clr=0x1",
+        ]
+    )
     for kernel in ("6.1", "6.15"):
         m = CpaModel(LAY, kernel, "ideal")
         r = replay(m, ops, validate=True, samples=0)

@@ -5,6 +5,7 @@ Expected values: the oracles themselves (unicorn 2.1.4, QEMU 7.2 TCG, the host's
 The corruption test proves the comparison can fail: an exported image whose PTE for a page the op
 changed lost its P bit must be reported as invariant (e).
 """
+
 from __future__ import annotations
 
 import struct
@@ -15,8 +16,8 @@ from conftest import need_oracle
 from x86pt.registry import availability
 from x86pt.cli import main
 
-LAYOUT = "server-64g-nogb"          # KVM here has no 1G pages; 2M leaves everywhere
-DM_PAGE = 0xFFFF888100000000         # direct map of PA 4 GiB (2M-aligned: the first page is probed)
+LAYOUT = "server-64g-nogb"  # KVM here has no 1G pages; 2M leaves everywhere
+DM_PAGE = 0xFFFF888100000000  # direct map of PA 4 GiB (2M-aligned: the first page is probed)
 
 ORACLES = [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("unicorn", "kvm", "qemu")]
 
@@ -29,16 +30,50 @@ def _need(name: str) -> None:
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("cpaor") / "mixed.trace")
-    assert main(["cpa", "generate", "mixed", "--ops", "150", "--seed", "3", "--layout", LAYOUT,
-                 "-o", path, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "cpa",
+                "generate",
+                "mixed",
+                "--ops",
+                "150",
+                "--seed",
+                "3",
+                "--layout",
+                LAYOUT,
+                "-o",
+                path,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return path
 
 
 @pytest.mark.parametrize("name", ORACLES)
 def test_generated_trace_agrees(name, trace, capsys):
     _need(name)
-    rc = main(["cpa", "replay", trace, "--layout", LAYOUT, "--policy", "upstream", "--validate",
-               "--oracle", name, "--oracle-sample", "3", "--oracle-seed", "5", "--quiet"])
+    rc = main(
+        [
+            "cpa",
+            "replay",
+            trace,
+            "--layout",
+            LAYOUT,
+            "--policy",
+            "upstream",
+            "--validate",
+            "--oracle",
+            name,
+            "--oracle-sample",
+            "3",
+            "--oracle-seed",
+            "5",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert "VIOLATION" not in out, out
     assert rc == 0
@@ -52,6 +87,7 @@ def _corrupt_export(monkeypatch, va: int) -> None:
     """Clear P in the leaf that maps `va` in every exported image (the model itself is untouched,
     so (a)-(d) hold and only the oracle comparison against the reference can notice)."""
     from x86pt.cpa.ops import CpaModel
+
     real = CpaModel.export
 
     def export(self):
@@ -65,6 +101,7 @@ def _corrupt_export(monkeypatch, va: int) -> None:
                 return mem
             pa = e & 0x000FFFFFFFFFF000
         return mem
+
     monkeypatch.setattr(CpaModel, "export", export)
 
 
@@ -75,8 +112,25 @@ def test_corrupted_image_fires_e(name, tmp_path, monkeypatch, capsys):
     path.write_text(f"set_memory_ro {DM_PAGE:#x} 4\n")
     _corrupt_export(monkeypatch, DM_PAGE)
     repro = tmp_path / "mini.trace"
-    rc = main(["cpa", "replay", str(path), "--layout", LAYOUT, "--validate", "--oracle", name,
-               "--oracle-every", "1", "--repro", str(repro), "--minimise-seconds", "5", "--quiet"])
+    rc = main(
+        [
+            "cpa",
+            "replay",
+            str(path),
+            "--layout",
+            LAYOUT,
+            "--validate",
+            "--oracle",
+            name,
+            "--oracle-every",
+            "1",
+            "--repro",
+            str(repro),
+            "--minimise-seconds",
+            "5",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "invariant (e) violated" in out
@@ -87,11 +141,24 @@ def test_corrupted_image_fires_e(name, tmp_path, monkeypatch, capsys):
 
 def test_missing_oracle_is_skipped_with_a_message(tmp_path, capsys, monkeypatch):
     from harness.oracles.kvm import KvmOracle
+
     monkeypatch.setattr(KvmOracle, "available", staticmethod(lambda: (False, "not on this host (test)")))
     path = tmp_path / "ro.trace"
     path.write_text(f"set_memory_ro {DM_PAGE:#x} 4\n")
-    rc = main(["cpa", "replay", str(path), "--layout", LAYOUT, "--validate", "--oracle", "kvm",
-               "--oracle-every", "1"])
+    rc = main(
+        [
+            "cpa",
+            "replay",
+            str(path),
+            "--layout",
+            LAYOUT,
+            "--validate",
+            "--oracle",
+            "kvm",
+            "--oracle-every",
+            "1",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0
     assert "oracle kvm skipped: not on this host (test)" in cap.err + cap.out
@@ -99,6 +166,7 @@ def test_missing_oracle_is_skipped_with_a_message(tmp_path, capsys, monkeypatch)
 
 def test_sample_evenly_and_changed_ranges():
     from x86pt.cpa.oracle_probe import changed_ranges, sample_evenly
+
     # a PMD entry (level 2) written for va 0x40000000 spans 512 pages; a page inside it merges
     key = ((0x40000000 >> 21) << 2) | 2
     r = changed_ranges([0x40001000, 0x80000000], {key})

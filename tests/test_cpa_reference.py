@@ -14,6 +14,7 @@ expectation written from the APIs' definitions; it shares no code with validate.
 * the same at the last 4K page of a 2M region, by name (the audit's planted bug: a validator
   that skips that page passed every test before).
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,18 @@ LAY = Layout("brute-force", ((0x0, 0x9F000), (0x100000, 0x4000000), (0x40000000,
 VM = 0xFFFFFFFFC0400000
 DM = [PO + 0x400000, PO + 0x2000000, PO + 0x40000000, PO + 0x7FE00000]
 FRAMES = [0x401000, 0x2003000, 0x7FFFF000, 0x40000000]
-APIS = ["set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx", "set_memory_rox",
-        "set_memory_np", "set_memory_p", "set_memory_4k", "set_memory_global", "set_memory_nonglobal"]
+APIS = [
+    "set_memory_ro",
+    "set_memory_rw",
+    "set_memory_x",
+    "set_memory_nx",
+    "set_memory_rox",
+    "set_memory_np",
+    "set_memory_p",
+    "set_memory_4k",
+    "set_memory_global",
+    "set_memory_nonglobal",
+]
 
 
 @st.composite
@@ -70,7 +81,7 @@ def test_clean_traces_brute_force_and_validator_agree(ops, policy, kernel):
 
 
 # -- corruptions -------------------------------------------------------------------------------
-LEAF_FLAG_BITS = [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 63]     # + bit 7 (PAT) on PTEs, 12 on large
+LEAF_FLAG_BITS = [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 63]  # + bit 7 (PAT) on PTEs, 12 on large
 VISIBLE = {"frame", "present", "rw", "nx", "ptr-rw", "ptr-nx", "ps", "drop"}
 
 
@@ -115,7 +126,7 @@ def corrupt(m, touched, pick: int, kind: str, bit: int):
     if kind == "frame":
         mask = PTE_PFN_MASK if tl == 1 or not e & PSE else (PMD_PFN_MASK if tl == 2 else PUD_PFN_MASK)
         lo = {1: 12, 2: 21, 3: 30}[tl] if e & PSE or tl == 1 else 12
-        b = lo + bit % (40 - lo)                        # a frame bit below MAXPHYADDR 46
+        b = lo + bit % (40 - lo)  # a frame bit below MAXPHYADDR 46
         assert mask >> b & 1
         tbl[i] = e ^ (1 << b)
     elif kind == "flag":
@@ -132,9 +143,9 @@ def corrupt(m, touched, pick: int, kind: str, bit: int):
     elif kind == "ptr-nx":
         tbl[i] = e | NX
     elif kind == "ps":
-        tbl[i] = e | PSE                               # a table pointer read as a leaf
+        tbl[i] = e | PSE  # a table pointer read as a leaf
     elif kind == "drop":
-        tbl[i] = 0                                     # the whole table below is gone
+        tbl[i] = 0  # the whole table below is gone
     return kind, va, size
 
 
@@ -182,16 +193,22 @@ KINDS = ["frame", "flag", "present", "rw", "nx", "ptr-rw", "ptr-nx", "ps", "drop
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(traces(max_ops=5), st.sampled_from(["ideal", "none", "upstream", "nr-same-prot"]),
-       st.sampled_from(["6.1", "6.15"]), st.integers(0, 10), st.integers(0, 1000),
-       st.sampled_from(KINDS), st.integers(0, 1000))
+@given(
+    traces(max_ops=5),
+    st.sampled_from(["ideal", "none", "upstream", "nr-same-prot"]),
+    st.sampled_from(["6.1", "6.15"]),
+    st.integers(0, 10),
+    st.integers(0, 1000),
+    st.sampled_from(KINDS),
+    st.integers(0, 1000),
+)
 def test_single_entry_corruption_is_reported_at_its_op(ops, policy, kernel, k, pick, kind, bit):
-    k = 4 + k % (len(ops) - 4)                        # an op after the four vmaps
+    k = 4 + k % (len(ops) - 4)  # an op after the four vmaps
     run_corrupted(ops, kernel, policy, k, pick, kind, bit)
 
 
 # -- the last page of a 2M region, by name -------------------------------------------------------
-LAST = PO + 0x4001FF000 - 0x3C0000000                 # PO + 0x401FF000: last 4K of a 2M region
+LAST = PO + 0x4001FF000 - 0x3C0000000  # PO + 0x401FF000: last 4K of a 2M region
 
 
 @pytest.mark.parametrize("kind", ["frame", "flag", "present", "rw", "nx"])
@@ -238,9 +255,11 @@ def test_validator_reports_nothing_on_the_kernels_own_steps():
     import glob
     import os
     import tempfile
+
     R = pytest.importorskip("harness.linux.replay")
     from harness.linux.collect import read_artifact
     from x86pt.cpa.trace import parse_line
+
     fx = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "linux")
     runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(fx, "*", "meta.json")))
     if not runs:

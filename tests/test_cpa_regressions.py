@@ -4,6 +4,7 @@ _brk_end)`, and within() excludes its end. So a call whose address is exactly _b
 address (its frame still below roundup(_brk_end, PMD_SIZE), inside the highmap frames) processes
 the alias, and an alias call sets force_flush_all: the call ends with one flush_tlb_all instead
 of a one-page flush. One page below _brk_end is within: no alias, a one-page flush."""
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def test_layout_json_round_trips(name):
     """A layout written as JSON and read back is the same layout (every field, the demo's
     modules_end and kernel_image_size included)."""
     from x86pt.cpa.layout import layout_from_json
+
     lay = layout_named(name)
     back = layout_from_json(lay.to_json(), "t")
     assert back == lay

@@ -1,6 +1,7 @@
 """Hand-derived cases for each rule of docs/cpa.md §4 and §7.2. Expected entry values are written
 from the spec's constants (__PAGE_KERNEL = 0x8000000000000163, _RO = ...121, _KERNPG_TABLE = 0x63)
 and the DirectMap arithmetic of §2, never computed by the model."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,9 +13,9 @@ from x86pt.errors import BadInputError
 
 PO = 0xFFFF888000000000
 L64 = PRESETS["server-64g"]
-A1G = 0x500000000          # 20 GiB: inside a 1G leaf
-A2M = 0x20000000           # 512 MiB: inside a 2M leaf (below 1G the boot map uses 2M)
-VM = 0xFFFFFFFFC0400000    # module area
+A1G = 0x500000000  # 20 GiB: inside a 1G leaf
+A2M = 0x20000000  # 512 MiB: inside a 2M leaf (below 1G the boot map uses 2M)
+VM = 0xFFFFFFFFC0400000  # module area
 
 
 def pte(m, va):
@@ -63,7 +64,7 @@ def test_same_prot_keeps_large_page(m15):
     c = m15.counters
     s, f = c.all_splits, c.flush_all + c.flush_ranges
     run(m15, f"set_memory_nx {PO + A2M + 0x3000:#x} 3")
-    assert c.all_splits == s and c.flush_all + c.flush_ranges == f   # nothing changed: no flush
+    assert c.all_splits == s and c.flush_all + c.flush_ranges == f  # nothing changed: no flush
     assert pte(m15, PO + A2M) == (2, A2M | 0x80000000000001E3)
 
 
@@ -72,8 +73,8 @@ def test_whole_aligned_2m_rewritten_in_place(m15):
     s, p, fa = c.all_splits, c.preserved_2m, c.flush_all
     run(m15, f"set_memory_ro {PO + A2M:#x} 512")
     assert c.all_splits == s and c.preserved_2m == p + 1
-    assert pte(m15, PO + A2M) == (2, A2M | 0x80000000000001A1)   # P|A|PSE|G|NX
-    assert c.flush_all == fa + 1                                  # 512 > 33 pages
+    assert pte(m15, PO + A2M) == (2, A2M | 0x80000000000001A1)  # P|A|PSE|G|NX
+    assert c.flush_all == fa + 1  # 512 > 33 pages
 
 
 def test_whole_1g_rewritten_in_place(m15):
@@ -83,10 +84,10 @@ def test_whole_1g_rewritten_in_place(m15):
 
 
 def test_pat_bit_moves_between_12_and_7(m15):
-    run(m15, f"cpa {PO + A2M:#x} 512 set=0x80 clr=0x0")            # PAT in 4K format = bit 7
-    assert pte(m15, PO + A2M) == (2, A2M | 0x80000000000011E3)    # ... is bit 12 in a 2M leaf
+    run(m15, f"cpa {PO + A2M:#x} 512 set=0x80 clr=0x0")  # PAT in 4K format = bit 7
+    assert pte(m15, PO + A2M) == (2, A2M | 0x80000000000011E3)  # ... is bit 12 in a 2M leaf
     run(m15, f"set_memory_ro {PO + A2M + 0x1000:#x} 1")
-    assert pte(m15, PO + A2M) == (1, A2M | 0x80000000000001E3)    # PTE: bit 7 = PAT again
+    assert pte(m15, PO + A2M) == (1, A2M | 0x80000000000001E3)  # PTE: bit 7 = PAT again
     assert pte(m15, PO + A2M + 0x1000) == (1, (A2M + 0x1000) | 0x80000000000001A1)
 
 
@@ -95,7 +96,7 @@ def test_global_lost_after_np_p(m15):
     va = PO + A2M + 0x7000
     run(m15, f"set_memory_4k {va:#x} 1")
     run(m15, f"cpa {va:#x} 1 set=0x0 clr=0x1")
-    assert pte(m15, va)[1] & 0x80000000000007FF == 0x8000000000000062   # bit 11: _PAGE_KERNEL_4K
+    assert pte(m15, va)[1] & 0x80000000000007FF == 0x8000000000000062  # bit 11: _PAGE_KERNEL_4K
     run(m15, f"cpa {va:#x} 1 set=0x1 clr=0x0")
     assert pte(m15, va)[1] & 0x80000000000007FF == 0x8000000000000063
 
@@ -112,13 +113,13 @@ def test_alias_of_vmalloc_page(m15):
     frame = 0x31234000
     run(m15, f"vmap {VM:#x} {frame:#x} 1\nset_memory_ro {VM:#x} 1")
     assert pte(m15, VM) == (1, frame | 0x8000000000000121)
-    assert pte(m15, PO + frame) == (1, frame | 0x8000000000000121)   # alias RO, NX kept
+    assert pte(m15, PO + frame) == (1, frame | 0x8000000000000121)  # alias RO, NX kept
     assert c.split_2m == 1
     fa = c.flush_all
     run(m15, f"set_memory_x {VM:#x} 1")
     assert pte(m15, VM) == (1, frame | 0x121)
-    assert pte(m15, PO + frame) == (1, frame | 0x8000000000000121)   # NX stripped from alias mask
-    assert c.flush_all == fa + 1                                     # alias => force_flush_all
+    assert pte(m15, PO + frame) == (1, frame | 0x8000000000000121)  # NX stripped from alias mask
+    assert c.flush_all == fa + 1  # alias => force_flush_all
 
 
 def test_nx_only_change_skips_alias_on_6_1():
@@ -150,15 +151,15 @@ def test_upstream_collapse_restores_vmalloc_pmd_not_direct_map():
     m = CpaModel(L64, "6.15", "upstream")
     frame = 0x40000000
     run(m, f"vmap {VM:#x} {frame:#x} 512 huge\nset_memory_rox {VM:#x} 512")
-    assert pte(m, VM) == (2, frame | 0x1A1)                    # P|A|PSE|G: rewritten in place
+    assert pte(m, VM) == (2, frame | 0x1A1)  # P|A|PSE|G: rewritten in place
     run(m, f"set_memory_nx {VM + 0x3000:#x} 4\nset_memory_rw {VM + 0x3000:#x} 4")
     assert pte(m, VM)[0] == 1
     freed = m.counters.tables_freed
     run(m, f"set_memory_rox {VM + 0x3000:#x} 4")
-    assert pte(m, VM) == (2, frame | 0x1A1)                    # collapsed back
+    assert pte(m, VM) == (2, frame | 0x1A1)  # collapsed back
     assert m.counters.tables_freed == freed + 1
-    assert m.counters.collapse_2m == 0                         # vmalloc: not accounted
-    assert pte(m, PO + frame + 0x3000)[0] == 1                 # the direct-map alias stays split
+    assert m.counters.collapse_2m == 0  # vmalloc: not accounted
+    assert pte(m, PO + frame + 0x3000)[0] == 1  # the direct-map alias stays split
 
 
 def test_upstream_collapse_skips_kernel_4k_pages():
@@ -176,10 +177,10 @@ def test_static_protections():
     k = L64.kernel
     rodata_dm = PO + k.start_rodata
     run(m, f"set_memory_rw {rodata_dm:#x} 1")
-    assert not m.translate(rodata_dm)[1] & 2                  # protect_rodata binds every alias
+    assert not m.translate(rodata_dm)[1] & 2  # protect_rodata binds every alias
     text = L64.start_kernel_map + k.text
     run(m, f"set_memory_nx {text:#x} 1")
-    assert not m.translate(text)[1] >> 63                      # protect_kernel_text
+    assert not m.translate(text)[1] >> 63  # protect_kernel_text
 
 
 def test_census_matches_counters_for_every_preset():
@@ -192,18 +193,27 @@ def test_census_matches_counters_for_every_preset():
         assert (c.dpc4k, c.dpc2m, c.dpc1g) == (cen["4k"], cen["2m"], cen["1g"]), name
         # total mapped RAM is what the e820 list (+ the whole ISA range) says
         ram = sum(e - s for s, e in lay.ram if s >= 0x100000) + 0x100000
-        assert (c.dpc4k - 512 * m.highmap_pte_tables()) * 4096 + \
-               (c.dpc2m + m.highmap_pte_tables()) * (1 << 21) + c.dpc1g * (1 << 30) == ram
+        assert (c.dpc4k - 512 * m.highmap_pte_tables()) * 4096 + (c.dpc2m + m.highmap_pte_tables()) * (
+            1 << 21
+        ) + c.dpc1g * (1 << 30) == ram
 
 
 def test_export_walks_like_the_model():
     """The exported image, walked by the independent x86pt walker, gives the model's frames."""
     from x86pt.walk import Access, Translation, walk
+
     m = CpaModel(PRESETS["laptop-4g"], "6.15", "none")
     run(m, f"vmap {VM:#x} 0x31234000 2\nset_memory_ro {VM:#x} 2\nset_memory_np {PO + 0x20000000:#x} 1")
     mem, st = m.export(), m.paging_state()
-    for va in (PO + 0x31234000, PO + 0x20001000, PO + 0x3000, VM, VM + 0x1000,
-               L64.start_kernel_map + 0x1000000, PO + 0x100000000 + 0x1234000):
+    for va in (
+        PO + 0x31234000,
+        PO + 0x20001000,
+        PO + 0x3000,
+        VM,
+        VM + 0x1000,
+        L64.start_kernel_map + 0x1000000,
+        PO + 0x100000000 + 0x1234000,
+    ):
         r = walk(st, mem, va, Access("read"))
         got = m.translate(va)
         assert isinstance(r, Translation) and r.pa >> 12 == got[0], hex(va)
@@ -216,21 +226,30 @@ def test_validator_can_fail():
     m = CpaModel(L64, "6.15", "none")
     ops = parse_trace([f"set_memory_ro {PO + A2M:#x} 1", f"set_memory_rw {PO + A2M:#x} 1"])
     from x86pt.cpa.validate import Validator
+
     val = Validator(m)
     m.touched = set()
     res = m.set_memory_ro(PO + A2M, 1)
     assert val.check(0, ops[0], res, m.touched) is None
     lvl, t, i = m.lookup(PO + A2M)
-    t[i] += 0x1000                                              # wrong frame
+    t[i] += 0x1000  # wrong frame
     m.touched = set()
     res = m.set_memory_rw(PO + A2M, 1)
     v = val.check(1, ops[1], res, m.touched)
     assert v is not None and v.invariant == "a"
 
 
-@pytest.mark.parametrize("line", ["set_memory_ro 0x10", "set_memory_ro zz 1", "cpa 0x1000 1 set=1",
-                                  "frobnicate 1 2", "oob 0x1000 set=1 clr=0 flags=2",
-                                  "cpa 0x1000 1 set=0 clr=1 flags=2"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "set_memory_ro 0x10",
+        "set_memory_ro zz 1",
+        "cpa 0x1000 1 set=1",
+        "frobnicate 1 2",
+        "oob 0x1000 set=1 clr=0 flags=2",
+        "cpa 0x1000 1 set=0 clr=1 flags=2",
+    ],
+)
 def test_bad_trace_lines(line):
     with pytest.raises(BadInputError):
         parse_trace([line])
@@ -238,6 +257,7 @@ def test_bad_trace_lines(line):
 
 def test_cli_bad_trace_is_one_line(tmp_path, capsys):
     from x86pt.cli import main
+
     p = tmp_path / "bad.trace"
     p.write_text("set_memory_ro 0xffff888000000000 1\nset_memory_ro nope 1\n")
     assert main(["cpa", "replay", str(p), "--quiet"]) == 2

@@ -1,5 +1,6 @@
 """Trace ops are named tuples (x86pt/cpa/traceops.py): the fields a trace line gives, by name,
 in the grammar's order (x86pt/cpa/trace.py), equal to the plain tuple of those fields."""
+
 from __future__ import annotations
 
 from x86pt.cpa.layout import PRESETS
@@ -11,11 +12,22 @@ from x86pt.cpa.workload import generate
 def test_each_line_gives_its_named_fields():
     op = parse_line("cpa 0x1000 3 set=0x2 clr=0x8000000000000000 flags=0x10 alias force_split")
     assert type(op) is RawCpa
-    assert (op.addr, op.npages, op.set, op.clr, op.flags, op.primary, op.force_split) == \
-        (0x1000, 3, 2, 1 << 63, 16, False, True)
+    assert (op.addr, op.npages, op.set, op.clr, op.flags, op.primary, op.force_split) == (
+        0x1000,
+        3,
+        2,
+        1 << 63,
+        16,
+        False,
+        True,
+    )
     assert op == ("cpa", 0x1000, 3, 2, 1 << 63, 16, False, True)
     op = parse_line("set_memory_rox 0xffffffffc0001000 12  # module text")
-    assert type(op) is PageRange and (op.name, op.addr, op.npages) == ("set_memory_rox", 0xFFFFFFFFC0001000, 12)
+    assert type(op) is PageRange and (op.name, op.addr, op.npages) == (
+        "set_memory_rox",
+        0xFFFFFFFFC0001000,
+        12,
+    )
     op = parse_line("set_direct_map_invalid_noflush 0xffff888012345000")
     assert type(op) is OnePage and op.addr == 0xFFFF888012345000
     op = parse_line("kernel_map_pages 0xffff888000200000 4 0")
@@ -31,8 +43,13 @@ def test_each_line_gives_its_named_fields():
 
 
 def test_format_and_parse_round_trip():
-    for line in ("cpa 0x1000 3 set=0x2 clr=0x0 flags=0x10 alias force_split", "oob 0x2000 set=0x1 clr=0x0",
-                 "vmap 0x3000 0x4000 2", "memory_remove 0x40000000 0x8000000", "kernel_map_pages 0x5000 1 1"):
+    for line in (
+        "cpa 0x1000 3 set=0x2 clr=0x0 flags=0x10 alias force_split",
+        "oob 0x2000 set=0x1 clr=0x0",
+        "vmap 0x3000 0x4000 2",
+        "memory_remove 0x40000000 0x8000000",
+        "kernel_map_pages 0x5000 1 1",
+    ):
         assert format_op(parse_line(line)) == line
 
 

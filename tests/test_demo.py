@@ -3,6 +3,7 @@
 demo's exit status says when one does not. Expected values are derived by hand from the image's
 construction (x86pt/demo.py's RAM list and mappings) and the SDM's access rules, not read from a
 previous run."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,14 @@ def demo_json(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cwd")
     out = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "PYTHONPATH": ROOT}
-    p = subprocess.run([sys.executable, "-m", "x86pt", "demo", "--json", "--out", str(out)],
-                       cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "x86pt", "demo", "--json", "--out", str(out)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     return p, recs, cwd, out
 
@@ -36,7 +43,7 @@ def test_demo_exits_0_and_writes_only_into_out(demo_json):
     p, recs, cwd, out = demo_json
     assert p.returncode == 0, p.stderr
     assert "FAILED" not in p.stdout + p.stderr
-    assert os.listdir(cwd) == []          # nothing in the working folder
+    assert os.listdir(cwd) == []  # nothing in the working folder
     assert {"linux-like.elf", "cpa-demo.trace", "cpa-demo.png"} <= set(os.listdir(out))
 
 
@@ -75,8 +82,11 @@ def test_demo_census_section_verdict(demo_json):
     split into 512 PTEs (counted as the kernel does) = 927 pages = 3708 kB; 2M: 2M..1G = 511
     leaves minus that split = 510; 1G: 1-2G, 2-3G, 4-5G, 5-6G = 4."""
     (c,) = _section(demo_json[1], "census")
-    assert (c["DirectMap4k_kB"], c["DirectMap2M_kB"], c["DirectMap1G_kB"]) == \
-        (927 * 4, 510 * 2048, 4 * 1048576)
+    assert (c["DirectMap4k_kB"], c["DirectMap2M_kB"], c["DirectMap1G_kB"]) == (
+        927 * 4,
+        510 * 2048,
+        4 * 1048576,
+    )
 
 
 def test_demo_diff_section_verdict(demo_json):
@@ -107,12 +117,14 @@ def test_demo_exit_status_is_1_when_a_section_fails(tmp_path, monkeypatch, capsy
     import x86pt.cpa.trace as trace
     from x86pt.cpa.validate import Violation
     from x86pt.demo import run_demo
+
     real = trace.replay
 
     def bad_replay(m, ops, **kw):
         r = real(m, ops[:10], **kw)
         r.violation = Violation(3, "a", "planted by the test")
         return r
+
     monkeypatch.setattr(trace, "replay", bad_replay)
     monkeypatch.chdir(tmp_path)
     rc = run_demo(argparse.Namespace(out=str(tmp_path / "out"), json=False))
@@ -126,12 +138,17 @@ def test_demo_tlb_section_verdict(demo_json):
     # entry until an INVLPG of the page (SDM Vol. 3A §4.10.4.1); the recorded flush closes the
     # window at op 1, and without it the call ends with the page writable on both CPUs.
     recs = {r["case"]: r for r in _section(demo_json[1], "tlb")}
-    va = 0xffff888012345000
+    va = 0xFFFF888012345000
     ok, bad = recs["with-flush"], recs["flush-removed"]
     assert ok["ok"] and ok["dangerous_at_end_of_call"] == [] and ok["open_at_end"] == []
-    assert {(w["cpu"], w["kind"], w["opened"], w["closed"]) for w in ok["windows_closed"]
-            if w["severity"] == "dangerous"} == {(0, "rw", 0, 1), (1, "rw", 0, 1)}
+    assert {
+        (w["cpu"], w["kind"], w["opened"], w["closed"])
+        for w in ok["windows_closed"]
+        if w["severity"] == "dangerous"
+    } == {(0, "rw", 0, 1), (1, "rw", 0, 1)}
     assert not bad["ok"]
     (f,) = bad["dangerous_at_end_of_call"]
     assert [(w["cpu"], w["start"], w["end"], w["kind"]) for w in f["windows"]] == [
-        (0, hex(va), hex(va + 0x1000), "rw"), (1, hex(va), hex(va + 0x1000), "rw")]
+        (0, hex(va), hex(va + 0x1000), "rw"),
+        (1, hex(va), hex(va + 0x1000), "rw"),
+    ]

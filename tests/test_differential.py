@@ -1,6 +1,7 @@
 """The differential runner and `x86pt conform`, driven by the ModelOracle (x86pt's own walker) so no
 emulator is needed. A 'buggy oracle' is the model with a `deviate` hook: every deviation must be
 reported with the state, the decoded walk, the decoded instruction and a repro that replays it."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,15 @@ import sys
 import pytest
 
 from harness import matrix as mx
-from harness.differential import Batch, CaseInfo, OwnedEntry, compare_entries, disassemble, replay, run_conformance
+from harness.differential import (
+    Batch,
+    CaseInfo,
+    OwnedEntry,
+    compare_entries,
+    disassemble,
+    replay,
+    run_conformance,
+)
 from x86pt.compare import compare_probe, model_run
 from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
 from x86pt.registry import availability, get_oracle
@@ -75,8 +84,8 @@ def test_a_deviating_oracle_is_reported(field, value):
     mm = mms[0]
     text = mm.render()
     assert "MISMATCH" in text and "state: cr0=" in text and "FAIL:" in text
-    assert "L4 PML4" in text                       # the decoded walk
-    assert "qword ptr [rbx]" in text or "call rbx" in text   # capstone
+    assert "L4 PML4" in text  # the decoded walk
+    assert "qword ptr [rbx]" in text or "call rbx" in text  # capstone
     j = mm.to_json()
     assert j["type"] == "mismatch" and j["differences"] and j["walk"]
 
@@ -93,7 +102,7 @@ def test_compare_probe_rules():
     pf = PageFault(0x1000, 0x9, 0x1000, "r", (), 1)
     p = Probe(0x1000)
     assert compare_probe(pf, ProbeResult("page_fault", 0x9, 0x1000), p) == []
-    assert compare_probe(pf, ProbeResult("page_fault", 0x9, None), p) == []   # CR2 unknown
+    assert compare_probe(pf, ProbeResult("page_fault", 0x9, None), p) == []  # CR2 unknown
     assert compare_probe(pf, ProbeResult("page_fault", 0x8, 0x1000), p)
     assert compare_probe(pf, ProbeResult("ok", pa=0x2000), p)
 
@@ -107,11 +116,11 @@ def _entries_case(kind: str, raw: int) -> tuple[CaseInfo, SparseMemory]:
 def test_entry_comparison_pte_exact_pde_a_dont_care_on_faults():
     case, model_after = _entries_case("pte", 0x1)
     oracle_after = SparseMemory(1 << 30)
-    oracle_after.write_u64(0x3000, 0x21)        # the oracle set A in a PTE the model left alone
+    oracle_after.write_u64(0x3000, 0x21)  # the oracle set A in a PTE the model left alone
     assert compare_entries(case, [], model_after, oracle_after)
     case, model_after = _entries_case("pde", 0x1)
-    assert compare_entries(case, [], model_after, oracle_after) == []   # non-leaf A: don't-care
-    oracle_after.write_u64(0x3000, 0x41)        # but any other bit counts
+    assert compare_entries(case, [], model_after, oracle_after) == []  # non-leaf A: don't-care
+    oracle_after.write_u64(0x3000, 0x41)  # but any other bit counts
     assert compare_entries(case, [], model_after, oracle_after)
 
 
@@ -171,11 +180,16 @@ def test_conform_cli_shards_cover_the_limit(capsys):
     assert total == 300
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--shard", "0/3"], "bad --shard"), (["--shard", "x"], "bad --shard"),
-    (["--limit", "-1"], "bad --limit"), (["--oracle", "bogus"], "unknown oracle"),
-    (["--repro", "/nonexistent/r.json"], "cannot read repro"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--shard", "0/3"], "bad --shard"),
+        (["--shard", "x"], "bad --shard"),
+        (["--limit", "-1"], "bad --limit"),
+        (["--oracle", "bogus"], "unknown oracle"),
+        (["--repro", "/nonexistent/r.json"], "cannot read repro"),
+    ],
+)
 def test_conform_cli_bad_input_is_one_line_exit_2(argv, msg, capsys):
     rc = main(["conform", "--oracle", "model", *argv] if "--oracle" not in argv else ["conform", *argv])
     err = capsys.readouterr().err.strip().splitlines()
@@ -194,14 +208,30 @@ def test_conform_cli_bad_repro_file(tmp_path, capsys):
 
 def test_conform_cli_mismatch_exit_status_and_repro_file(tmp_path, capsys, monkeypatch):
     import harness.cli as hcli
+
     real = hcli._open_oracle
     dev = deviation(error_code=0x55, when=lambda p, r: r.outcome == "page_fault" and p.access == "write")
-    monkeypatch.setattr(hcli, "_open_oracle",
-                        lambda name, profile: ModelOracle("unicorn", deviate=dev) if name == "model"
-                        else real(name, profile))
+    monkeypatch.setattr(
+        hcli,
+        "_open_oracle",
+        lambda name, profile: ModelOracle("unicorn", deviate=dev) if name == "model" else real(name, profile),
+    )
     rdir = tmp_path / "repros"
-    rc = main(["conform", "--oracle", "model", "--sample", "300", "--seed", "4",
-               "--repro-dir", str(rdir), "--max-report", "1"])
+    rc = main(
+        [
+            "conform",
+            "--oracle",
+            "model",
+            "--sample",
+            "300",
+            "--seed",
+            "4",
+            "--repro-dir",
+            str(rdir),
+            "--max-report",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 1
     assert out[-1].startswith("conform: ") and out[-1].endswith(" cases (model)")
@@ -221,8 +251,14 @@ def test_conform_cli_mismatch_exit_status_and_repro_file(tmp_path, capsys, monke
 
 def test_conform_progress_bar_goes_to_stderr():
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "x86pt", "conform", "--oracle", "model", "--limit", "5000",
-                        "--progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "x86pt", "conform", "--oracle", "model", "--limit", "5000", "--progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "cases/s" in p.stderr and "5000/5000" in p.stderr
     assert p.stdout.strip().splitlines()[-1] == "conform: 0 mismatches in 5000 cases (model)"
@@ -235,14 +271,16 @@ def test_translation_only_oracle_is_judged_on_translations():
     from harness.differential import check_batch
     from x86pt.oracle import BatchResult
     from x86pt.build import Builder
+
     b = Builder(maxphyaddr=40, table_base=0x200000)
-    b.map(0x1000, 0x400000, 0x1000, 0x1000, "p")                 # supervisor RO page
+    b.map(0x1000, 0x400000, 0x1000, 0x1000, "p")  # supervisor RO page
     pte = b.entry_address(0x1000, 1, create=False)
-    b.memory.write_u64(pte, b.memory.read_u64(pte) | 1 << 51)    # reserved above M=40
+    b.memory.write_u64(pte, b.memory.read_u64(pte) | 1 << 51)  # reserved above M=40
     st = b.state(profile="qemu")
     probes = [Probe(0x1008, "write", user=True), Probe(0x2000)]
     batch = Batch(b.memory, st, probes, [CaseInfo("t#0", None, (0,)), CaseInfo("t#1", None, (1,))])
     from x86pt.compare import model_run
+
     results, model_after = model_run(b.memory, st, probes)
     right = BatchResult([ProbeResult("ok", pa=(1 << 51) | 0x400008), ProbeResult("page_fault")], b.memory)
     assert check_batch("qemu-monitor", batch, results, model_after, right) == []

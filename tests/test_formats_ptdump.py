@@ -2,6 +2,7 @@
 (docs/oracles.md §7.3, the debugfs ptdump of a Debian guest) or lines derived by hand from the
 kernel's format rules (docs/paging.md §13.1: note_page()/printk_prot() in dump_pagetables.c, the
 generic walk in mm/ptdump.c and mm/pagewalk.c). Never from x86pt's own output."""
+
 from __future__ import annotations
 
 import io
@@ -46,7 +47,8 @@ def test_one_user_page_hand_derived():
         "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
         "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
         "0x0000000040000000-0x0000008000000000         511G                               pud\n"
-        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n"
+    )
     assert _dump(b) == want
 
 
@@ -69,17 +71,22 @@ def test_low_kernel_mapping_as_a_real_kernel_printed_it():
         "0xffff888000099000-0xffff88800009b000           8K     ro                 GLB x  pte\n"
         "0xffff88800009b000-0xffff888000200000        1428K     RW                 GLB NX pte\n"
         "0xffff888000200000-0xffff888001000000          14M     RW         PSE     GLB NX pmd\n"
-        "0xffff888001000000-0xffff888001e00000          14M     ro         PSE     GLB NX pmd\n")
+        "0xffff888001000000-0xffff888001e00000          14M     ro         PSE     GLB NX pmd\n"
+    )
     assert real in text
     # The marker lags one note_page() call (one marker per break): PA 0's hole line is printed
     # under "LDT remap" (docs/oracles.md §7.3: "the first direct-map page is printed under LDT remap").
-    assert ("---[ LDT remap ]---\n"
-            "0xffff888000000000-0xffff888000001000           4K                               pte\n"
-            "---[ Low Kernel Mapping ]---\n") in text
-    assert text.startswith("---[ User Space ]---\n"
-                           "0x0000000000000000-0xffff880000000000    16777096T                               pgd\n"
-                           "---[ Kernel Space ]---\n"
-                           "0xffff880000000000-0xffff888000000000         512G                               pgd\n")
+    assert (
+        "---[ LDT remap ]---\n"
+        "0xffff888000000000-0xffff888000001000           4K                               pte\n"
+        "---[ Low Kernel Mapping ]---\n"
+    ) in text
+    assert text.startswith(
+        "---[ User Space ]---\n"
+        "0x0000000000000000-0xffff880000000000    16777096T                               pgd\n"
+        "---[ Kernel Space ]---\n"
+        "0xffff880000000000-0xffff888000000000         512G                               pgd\n"
+    )
 
 
 def test_flags_break_lines_even_when_printed_the_same():
@@ -90,9 +97,11 @@ def test_flags_break_lines_even_when_printed_the_same():
     b.map(0x401000, 0x5001000, 4096, 4096, "p rw a")
     b.map(0x402000, 0x5002000, 4096, 4096, "p pwt pcd pat g")
     text = _dump(b)
-    assert ("0x0000000000400000-0x0000000000401000           4K     RW                     x  pte\n"
-            "0x0000000000401000-0x0000000000402000           4K     RW                     x  pte\n"
-            "0x0000000000402000-0x0000000000403000           4K     ro PWT PCD     PAT GLB x  pte\n") in text
+    assert (
+        "0x0000000000400000-0x0000000000401000           4K     RW                     x  pte\n"
+        "0x0000000000401000-0x0000000000402000           4K     RW                     x  pte\n"
+        "0x0000000000402000-0x0000000000403000           4K     ro PWT PCD     PAT GLB x  pte\n"
+    ) in text
 
 
 def test_effective_rights_break_lines_but_own_flags_are_printed():
@@ -104,8 +113,10 @@ def test_effective_rights_break_lines_but_own_flags_are_printed():
     pde = b.entry_address(0x400000, 2)
     b.memory.write_u64(pde, b.memory.read_u64(pde) & ~2)
     text = _dump(b)
-    assert ("0x00000000003ff000-0x0000000000400000           4K USR RW                     NX pte\n"
-            "0x0000000000400000-0x0000000000401000           4K USR RW                     NX pte\n") in text
+    assert (
+        "0x00000000003ff000-0x0000000000400000           4K USR RW                     NX pte\n"
+        "0x0000000000400000-0x0000000000401000           4K USR RW                     NX pte\n"
+    ) in text
 
 
 def test_espfix_area_prints_16_lines_then_the_skip_count():
@@ -123,18 +134,23 @@ def test_espfix_area_prints_16_lines_then_the_skip_count():
     text = _dump(b, "linux")
     rw = "           4K     RW                 GLB NX pte\n"
     ro = "           4K     ro                 GLB NX pte\n"
-    lines = "".join(f"0x{esp + i * 4096:016x}-0x{esp + (i + 1) * 4096:016x}{rw if i % 2 == 0 else ro}"
-                    for i in range(16))
-    want = ("---[ ESPfix Area ]---\n" + lines + "... 7 entries skipped ... \n"
-            "---[ EFI Runtime Services ]---\n"
-            "0xffffffef00000000-0xffffffff80000000          66G                               pud\n"
-            "---[ High Kernel Mapping ]---\n"
-            "0xffffffff80000000-0xffffffff81000000          16M                               pmd\n"
-            "0xffffffff81000000-0xffffffff81200000           2M     ro         PSE     GLB x  pmd\n")
+    lines = "".join(
+        f"0x{esp + i * 4096:016x}-0x{esp + (i + 1) * 4096:016x}{rw if i % 2 == 0 else ro}" for i in range(16)
+    )
+    want = (
+        "---[ ESPfix Area ]---\n" + lines + "... 7 entries skipped ... \n"
+        "---[ EFI Runtime Services ]---\n"
+        "0xffffffef00000000-0xffffffff80000000          66G                               pud\n"
+        "---[ High Kernel Mapping ]---\n"
+        "0xffffffff80000000-0xffffffff81000000          16M                               pmd\n"
+        "0xffffffff81000000-0xffffffff81200000           2M     ro         PSE     GLB x  pmd\n"
+    )
     assert want in text
     # the region before: CPU entry Area's trailing PGD hole ends at ESPFIX_BASE_ADDR
-    assert ("0xfffffe8000000000-0xffffff0000000000         512G                               pgd\n"
-            "---[ ESPfix Area ]---\n") in text
+    assert (
+        "0xfffffe8000000000-0xffffff0000000000         512G                               pgd\n"
+        "---[ ESPfix Area ]---\n"
+    ) in text
 
 
 def test_empty_regions_lag_one_marker_per_break():
@@ -175,7 +191,8 @@ def test_empty_regions_lag_one_marker_per_break():
         f"0xffffff0000003000-0xffffff0000200000        2036K{hole}pte\n"
         f"0xffffff0000200000-0xffffff0040000000        1022M{hole}pmd\n"
         f"0xffffff0040000000-0xffffff8000000000         511G{hole}pud\n"
-        f"0xffffff8000000000-0x0000000000000000         512G{hole}pgd\n")
+        f"0xffffff8000000000-0x0000000000000000         512G{hole}pgd\n"
+    )
 
 
 def test_five_level_names_and_pat_column_of_large_pages():
@@ -190,7 +207,8 @@ def test_five_level_names_and_pat_column_of_large_pages():
         "0x0000000000400000-0x0000000040000000        1020M                               pmd\n"
         "0x0000000040000000-0x0000008000000000         511G                               pud\n"
         "0x0000008000000000-0x0001000000000000      261632G                               p4d\n"
-        "0x0001000000000000-0x0000000000000000    16776960T                               pgd\n")
+        "0x0001000000000000-0x0000000000000000    16776960T                               pgd\n"
+    )
 
 
 def test_wx_check_counts_pages_like_note_wx():
@@ -205,9 +223,11 @@ def test_wx_check_counts_pages_like_note_wx():
     ranges, _ = wx_ranges(Image(b.memory, b.state(), "<t>"))
     lines, pages = wx_report(ranges)
     assert pages == 515
-    assert lines == ["x86/mm: Found insecure W+X mapping at address 0xffffffff81000000\n",
-                     "x86/mm: Found insecure W+X mapping at address 0xffffffffa0000000\n",
-                     "x86/mm: Checked W+X mappings: FAILED, 515 W+X pages found.\n"]
+    assert lines == [
+        "x86/mm: Found insecure W+X mapping at address 0xffffffff81000000\n",
+        "x86/mm: Found insecure W+X mapping at address 0xffffffffa0000000\n",
+        "x86/mm: Checked W+X mappings: FAILED, 515 W+X pages found.\n",
+    ]
 
 
 def test_wx_passed():
@@ -226,5 +246,6 @@ def test_range_dump_ends_where_the_range_ends():
         "0x0000000000400000-0x0000000000500000           1M                               pte\n"
         "0x0000000000500000-0x0000000000501000           4K USR RW                     x  pte\n"
         "0x0000000000501000-0x0000000000600000        1020K                               pte\n"
-        "0x0000000000600000-0x0000000000800000           2M                               pmd\n")
+        "0x0000000000600000-0x0000000000800000           2M                               pmd\n"
+    )
     assert _dump(b, va_range=(0x400000, 0x800000)) == want

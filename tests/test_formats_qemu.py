@@ -1,6 +1,7 @@
 """`x86pt dump --format qemu-tlb|qemu-mem` against QEMU itself: goldens captured from QEMU 7.2
 (fixtures/dump/*.meta.json name the version) and, when QEMU is installed, a live comparison on
 images built here."""
+
 from __future__ import annotations
 
 import glob
@@ -18,7 +19,9 @@ from x86pt.image import Image, open_image
 from x86pt.state import CR4_PGE
 
 DUMP = os.path.join(FIXTURES, "dump")
-GOLDENS = sorted(os.path.basename(p)[:-len(".meta.json")] for p in glob.glob(os.path.join(DUMP, "*.meta.json")))
+GOLDENS = sorted(
+    os.path.basename(p)[: -len(".meta.json")] for p in glob.glob(os.path.join(DUMP, "*.meta.json"))
+)
 
 
 def _render(img, fmt: str, crlf: bool = True) -> bytes:
@@ -29,7 +32,7 @@ def _render(img, fmt: str, crlf: bool = True) -> bytes:
 
 def _open(name: str) -> Image:
     meta = json.load(open(os.path.join(DUMP, f"{name}.meta.json")))
-    efer = meta["registers"]["efer"] if "registers" in meta else None   # QEMU's own core: no EFER note
+    efer = meta["registers"]["efer"] if "registers" in meta else None  # QEMU's own core: no EFER note
     return open_image(os.path.join(DUMP, meta["image"]), efer=efer)
 
 
@@ -87,7 +90,7 @@ def _random_image(seed: int):
         half = rnd.random() < 0.5
         base = (0xFFFF800000000000 if half else 0) + rnd.randrange(0, 1 << 46, 1 << 30)
         va = base + rnd.randrange(0, 1 << 30, size)
-        key = (va >> 30)
+        key = va >> 30
         if key in used and size == 1 << 30:
             continue
         n = rnd.choice([1, 1, 2, 5]) if size == 4096 else 1
@@ -97,7 +100,7 @@ def _random_image(seed: int):
         except Exception:
             continue
         used.add(key)
-    for pa in b.tables[1:]:           # random rights on some table entries
+    for pa in b.tables[1:]:  # random rights on some table entries
         for i in rnd.sample(range(512), 3):
             raw = b.memory.read_u64(pa + 8 * i)
             if raw & 1 and not raw & 0x80:
@@ -109,6 +112,7 @@ def _random_image(seed: int):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_live_qemu_agrees(seed):
     from harness.oracles.qemu_monitor import QemuMonitor, qemu_available
+
     need_oracle("qemu", qemu_available(), "qemu-system-x86_64 not on PATH")
     mem, st = _random_image(seed)
     img = Image(mem, st, "<random>")

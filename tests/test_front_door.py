@@ -1,6 +1,7 @@
 """The front door's manners: Ctrl-C stops a long run with a partial summary and exit 130 (no
 traceback, also with unicorn's callbacks in flight); progress is drawn only on a terminal, so a
 redirected stderr gets no carriage-return updates; conform's default run is bounded."""
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -30,13 +31,19 @@ def _env() -> dict:
 def test_ctrl_c_prints_a_partial_summary_and_exits_130(oracle, tmp_path):
     if oracle == "unicorn":
         from x86pt.registry import availability
+
         ok, why = availability("unicorn")
         need_oracle("unicorn", ok, why)
-    p = subprocess.Popen(_x86pt("conform", "--oracle", oracle, "--full", "--no-repro", cwd=tmp_path),
-                         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        _x86pt("conform", "--oracle", oracle, "--full", "--no-repro", cwd=tmp_path),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        time.sleep(3.0)              # start-up, then some batches
+        time.sleep(3.0)  # start-up, then some batches
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
@@ -48,19 +55,37 @@ def test_ctrl_c_prints_a_partial_summary_and_exits_130(oracle, tmp_path):
     last = out.strip().splitlines()[-1]
     assert last.startswith("conform: 0 mismatches in ") and last.endswith(", interrupted"), last
     done = int(last.split(" in ")[1].split()[0])
-    assert 0 < done < 19_169_280            # some cases ran, far fewer than the full matrix
+    assert 0 < done < 19_169_280  # some cases ran, far fewer than the full matrix
 
 
 def test_redirected_stderr_gets_no_progress_updates(tmp_path):
-    r = subprocess.run(_x86pt("conform", "--oracle", "model", "--limit", "3000", cwd=tmp_path),
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        _x86pt("conform", "--oracle", "model", "--limit", "3000", cwd=tmp_path),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr, repr(r.stderr[:300])
-    r = subprocess.run(_x86pt("cpa", "generate", "modules", "--ops", "300", "-o", "t.trace", cwd=tmp_path),
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        _x86pt("cpa", "generate", "modules", "--ops", "300", "-o", "t.trace", cwd=tmp_path),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(_x86pt("cpa", "compare", "t.trace", "--policies", "none,upstream", cwd=tmp_path),
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        _x86pt("cpa", "compare", "t.trace", "--policies", "none,upstream", cwd=tmp_path),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr, repr(r.stderr[:300])
 
@@ -68,11 +93,13 @@ def test_redirected_stderr_gets_no_progress_updates(tmp_path):
 def test_progress_is_drawn_on_a_terminal(tmp_path):
     """On a TTY the bar is there, and it never counts past its total."""
     pid, fd = pty.fork()
-    if pid == 0:                                  # the child: stdout/stderr are the pty
+    if pid == 0:  # the child: stdout/stderr are the pty
         os.chdir(tmp_path)
         os.environ["PYTHONPATH"] = ROOT
-        os.execv(sys.executable, _x86pt("conform", "--oracle", "model", "--limit", "5000",
-                                        "--no-repro", cwd=tmp_path))
+        os.execv(
+            sys.executable,
+            _x86pt("conform", "--oracle", "model", "--limit", "5000", "--no-repro", cwd=tmp_path),
+        )
     chunks = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -92,8 +119,14 @@ def test_progress_is_drawn_on_a_terminal(tmp_path):
 
 
 def test_conform_default_is_a_bounded_sample(tmp_path):
-    r = subprocess.run(_x86pt("conform", "--oracle", "model", "--no-repro", cwd=tmp_path),
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _x86pt("conform", "--oracle", "model", "--no-repro", cwd=tmp_path),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "a seeded sample of 20,000 matrix cases" in r.stderr
     assert r.stdout.strip().splitlines()[-1] == "conform: 0 mismatches in 20000 cases (model)"
@@ -101,8 +134,13 @@ def test_conform_default_is_a_bounded_sample(tmp_path):
 
 def test_repro_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("keep me\n")
-    r = subprocess.run(_x86pt("conform", "--oracle", "model", "--limit", "10", "--repro-dir", "afile",
-                              cwd=tmp_path), cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        _x86pt("conform", "--oracle", "model", "--limit", "10", "--repro-dir", "afile", cwd=tmp_path),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert (tmp_path / "afile").read_text() == "keep me\n"

@@ -9,6 +9,7 @@ CI runs a fixed budget (150 examples a test, derandomized: about 20-30 s for bot
     X86PT_FUZZ_LONG=1 pytest tests/test_fuzz_hostile.py     # 20,000 examples a test
     python tools/fuzz.py --seconds 3600 --seed 7            # plain seeded randomness, much faster
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,15 +24,23 @@ from tests.conftest import ROOT
 
 _spec = importlib.util.spec_from_file_location("x86pt_fuzz", os.path.join(ROOT, "tools", "fuzz.py"))
 fuzz = importlib.util.module_from_spec(_spec)
-sys.modules["x86pt_fuzz"] = fuzz             # dataclasses look their module up there
+sys.modules["x86pt_fuzz"] = fuzz  # dataclasses look their module up there
 _spec.loader.exec_module(fuzz)
 
 LONG = os.environ.get("X86PT_FUZZ_LONG") == "1"
 EXAMPLES = 20_000 if LONG else 150
 CASE_SECONDS = 10.0
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not LONG,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 
 
 class HypothesisSource:
@@ -71,14 +80,14 @@ def test_fuzz_library(paths, data):
     case = fuzz.make_case(HypothesisSource(data))
     _write(case, paths)
     t = time.monotonic()
-    fuzz.run_library(case, *paths)           # raises on anything but an X86ptError
+    fuzz.run_library(case, *paths)  # raises on anything but an X86ptError
     assert time.monotonic() - t < CASE_SECONDS
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzz_cli(paths, data, monkeypatch):
-    monkeypatch.setenv("X86PT_DEBUG", "1")   # an internal error raises here with its traceback
+    monkeypatch.setenv("X86PT_DEBUG", "1")  # an internal error raises here with its traceback
     src = HypothesisSource(data)
     case = fuzz.make_case(src)
     _write(case, paths)

@@ -1,6 +1,7 @@
 """The probe guest: the shipped bytes rebuild from harness.S, the layout matches
 docs/oracles.md §3.1, and the RAM preparation / result decoding do what the layout says.
 Expected values are the spec's layout table and hand-computed entries, not the module's output."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,9 @@ RAM = 32 << 20
 def test_rebuild_matches_shipped_bytes(tmp_path):
     if not all(shutil.which(t) for t in ("as", "ld", "objcopy", "nm")):
         pytest.skip("binutils (as, ld, objcopy, nm) not installed")
-    subprocess.run(["sh", os.path.join(HERE, "build.sh"), str(tmp_path)], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["sh", os.path.join(HERE, "build.sh"), str(tmp_path)], check=True, capture_output=True, timeout=60
+    )
     for name in ("h_main.bin", "h_ustub.bin", "h_main.sym"):
         with open(os.path.join(HERE, name), "rb") as a, open(tmp_path / name, "rb") as b:
             assert a.read() == b.read(), f"{name} differs from a rebuild of harness.S"
@@ -36,7 +38,12 @@ def test_layout_is_the_spec_table():
     # docs/oracles.md §3.1, copied by hand.
     assert g.KBASE == 0xFFFFFFFF80000000
     assert (g.HARNESS_GPA, g.PARAMS_GPA, g.IDT_GPA) == (0x100000, 0x108000, 0x109000)
-    assert (g.USTUB_GPA, g.USTACK_GPA, g.PROBES_GPA, g.RESULTS_GPA) == (0x10E000, 0x10F000, 0x110000, 0x150000)
+    assert (g.USTUB_GPA, g.USTACK_GPA, g.PROBES_GPA, g.RESULTS_GPA) == (
+        0x10E000,
+        0x10F000,
+        0x110000,
+        0x150000,
+    )
     assert (g.HPT_PDPT, g.BOOT_PML4) == (0x1F0000, 0x1F3000)
     assert g.MAX_PROBES * 32 == g.RESULTS_GPA - g.PROBES_GPA
     assert g.RESULTS_GPA + g.MAX_PROBES * 32 <= g.HPT_PDPT
@@ -50,16 +57,28 @@ def test_asm_constants_match_python():
         parts = line.split()
         if len(parts) >= 3 and parts[0] == ".set":
             consts[parts[1].rstrip(",")] = " ".join(parts[2:]).split("/*")[0].strip()
+
     def gpa(name):
         return int(consts[name].replace("KBASE +", "").strip(), 0)
+
     assert gpa("PARAMS") == 0x108000 and gpa("IDT") == 0x109000
     assert gpa("USTUB") == 0x10E000 and gpa("PROBES") == 0x110000 and gpa("RESULTS") == 0x150000
     assert gpa("KSTACK_TOP") == g.KSTACK_TOP_GPA and gpa("XSTACK_TOP") == g.XSTACK_TOP_GPA
-    for asm, py in (("P_CR3", g.P_CR3), ("P_N", g.P_N), ("P_IDX", g.P_IDX), ("P_STATUS", g.P_STATUS),
-                    ("P_PKRU", g.P_PKRU), ("P_FLAGS", g.P_FLAGS), ("P_PHASE", g.P_PHASE),
-                    ("P_SETUP_REC", g.P_SETUP_REC), ("PR_USER", g.PR_USER), ("PR_AC", g.PR_AC),
-                    ("PR_NOINVLPG", g.PR_NOINVLPG), ("STATUS_DONE", g.STATUS_DONE),
-                    ("CR2_SENTINEL", g.CR2_SENTINEL)):
+    for asm, py in (
+        ("P_CR3", g.P_CR3),
+        ("P_N", g.P_N),
+        ("P_IDX", g.P_IDX),
+        ("P_STATUS", g.P_STATUS),
+        ("P_PKRU", g.P_PKRU),
+        ("P_FLAGS", g.P_FLAGS),
+        ("P_PHASE", g.P_PHASE),
+        ("P_SETUP_REC", g.P_SETUP_REC),
+        ("PR_USER", g.PR_USER),
+        ("PR_AC", g.PR_AC),
+        ("PR_NOINVLPG", g.PR_NOINVLPG),
+        ("STATUS_DONE", g.STATUS_DONE),
+        ("CR2_SENTINEL", g.CR2_SENTINEL),
+    ):
         assert int(consts[asm], 0) == py, asm
 
 
@@ -69,7 +88,7 @@ def test_symbols_and_sizes():
     assert s["ustub_read"] == 0xFFFFFFFF8010E000
     assert len(g.blob("h_main.bin")) < 0x8000
     assert len(g.blob("h_ustub.bin")) <= 0x40
-    assert s["ustub_implicit"] == 0xFFFFFFFF8010E030          # kind 3 at USTUB + 3 * 16
+    assert s["ustub_implicit"] == 0xFFFFFFFF8010E030  # kind 3 at USTUB + 3 * 16
     assert (s["isr_table"] & 15) == 0
 
 
@@ -78,7 +97,7 @@ def test_no_zero_padding_executes():
     text = listing.listing()
     assert "add byte ptr [rax], al" not in text
     assert "ud2" in text and "iretq" in text and "invlpg" in text
-    assert "stac" not in text.split()   # kvm_pvm cannot emulate stac (§8 pitfall 2)
+    assert "stac" not in text.split()  # kvm_pvm cannot emulate stac (§8 pitfall 2)
 
 
 def test_user_stubs_end_in_ud2():
@@ -117,7 +136,7 @@ class _RamMemory(SparseMemory):
 
     def read(self, pa, n):
         self._check(pa, n)
-        return bytes(self.ram[pa:pa + n])
+        return bytes(self.ram[pa : pa + n])
 
     def read_u64(self, pa):
         return struct.unpack_from("<Q", self.ram, pa)[0]
@@ -128,12 +147,14 @@ def test_prepare_ram_maps_harness_through_slot():
     ram = bytearray(RAM)
     g.prepare_ram(ram, m, st, [Probe(0x400000), Probe(0x400000, "write", user=True, ac=True, wvalue=5)])
     assert struct.unpack_from("<Q", ram, 0x200000 + 511 * 8)[0] == 0x1F0027
-    assert m.read_u64(0x200000 + 511 * 8) == 0          # the caller's memory is untouched
+    assert m.read_u64(0x200000 + 511 * 8) == 0  # the caller's memory is untouched
     mem = _RamMemory(ram)
-    for va, pa, user, writable, kind in ((g.ENTRY_VA, 0x100000, False, True, "fetch"),
-                                         (g.KBASE + 0x150000, 0x150000, False, True, "write"),
-                                         (g.KBASE + 0x10E000, 0x10E000, True, False, "fetch"),
-                                         (g.KBASE + 0x10F008, 0x10F008, True, True, "write")):
+    for va, pa, user, writable, kind in (
+        (g.ENTRY_VA, 0x100000, False, True, "fetch"),
+        (g.KBASE + 0x150000, 0x150000, False, True, "write"),
+        (g.KBASE + 0x10E000, 0x10E000, True, False, "fetch"),
+        (g.KBASE + 0x10F008, 0x10F008, True, True, "write"),
+    ):
         t = walk(st, mem, va, Access(kind, user=user))
         assert isinstance(t, Translation) and t.pa == pa, (hex(va), t)
         assert t.rights.user == user and t.rights.writable == writable
@@ -154,12 +175,14 @@ def test_boot_tables_identity_and_harness():
     g.prepare_ram(ram, m, st, [])
     mem = _RamMemory(ram)
     for la57, cr3 in ((False, 0x1F3000), (True, 0x1F9000)):
-        boot = PagingState(cr3=cr3, cr4=CR4_PAE | (CR4_LA57 if la57 else 0), profile=profile_named("kvm-epyc-pvm"))
+        boot = PagingState(
+            cr3=cr3, cr4=CR4_PAE | (CR4_LA57 if la57 else 0), profile=profile_named("kvm-epyc-pvm")
+        )
         assert g.boot_registers(boot)["cr3"] == cr3
-        assert walk(boot, mem, 0xFFFF0000, Access("fetch")).pa == 0xFFFF0000   # bios.bin
+        assert walk(boot, mem, 0xFFFF0000, Access("fetch")).pa == 0xFFFF0000  # bios.bin
         assert walk(boot, mem, 0x100000, Access("fetch")).pa == 0x100000
         assert walk(boot, mem, g.ENTRY_VA, Access("fetch")).pa == 0x100000
-        assert struct.unpack_from("<Q", ram, 0x108100)[0] == 0x1F3000      # boot block: 4-level here
+        assert struct.unpack_from("<Q", ram, 0x108100)[0] == 0x1F3000  # boot block: 4-level here
 
 
 def test_la57_slot():
@@ -198,12 +221,24 @@ def _results(ram, *recs):
 
 def test_read_results_decodes_records():
     ram = bytearray(RAM)
-    probes = [Probe(0x400008), Probe(0x400000, "write"), Probe(0x500000), Probe(1 << 47),
-              Probe(0x600000, user=True), Probe(0x700000, "fetch")]
+    probes = [
+        Probe(0x400008),
+        Probe(0x400000, "write"),
+        Probe(0x500000),
+        Probe(1 << 47),
+        Probe(0x600000, user=True),
+        Probe(0x700000, "fetch"),
+    ]
     k_read = g.symbols()["k_read_insn"]
-    _results(ram, (0xFF, 0, 0, tag_value(0x300008)), (0xFF, 0, 0, 0), (14, 0x9, 0x500000, k_read),
-             (13, 0, g.CR2_SENTINEL, k_read), (14, 5, 0x600000, 0xFFFFFFFF8010E000),
-             (14, 0x11, 0x700000, 0x700000))
+    _results(
+        ram,
+        (0xFF, 0, 0, tag_value(0x300008)),
+        (0xFF, 0, 0, 0),
+        (14, 0x9, 0x500000, k_read),
+        (13, 0, g.CR2_SENTINEL, k_read),
+        (14, 5, 0x600000, 0xFFFFFFFF8010E000),
+        (14, 0x11, 0x700000, 0x700000),
+    )
     r = g.read_results(ram, 6, probes)
     assert (r[0].outcome, r[0].pa, r[0].value) == ("ok", 0x300008, tag_value(0x300008))
     assert (r[1].outcome, r[1].pa, r[1].value) == ("ok", None, None)
@@ -225,16 +260,27 @@ def test_implicit_probes_are_kind_3_and_gp4_at_their_load_means_ok():
     with pytest.raises(BadInputError):
         Probe(0x400000, "write", implicit=True)
     ram = bytearray(RAM)
-    k_impl, u_impl = s["k_implicit_insn"], s["ustub_implicit"] + 5     # after `mov $7, %eax`
-    _results(ram, (13, 4, g.CR2_SENTINEL, k_impl), (13, 4, g.CR2_SENTINEL, u_impl),
-             (14, 1, 0x400000, k_impl), (14, 0, 0x400000, u_impl), (13, 0x38, g.CR2_SENTINEL, k_impl))
+    k_impl, u_impl = s["k_implicit_insn"], s["ustub_implicit"] + 5  # after `mov $7, %eax`
+    _results(
+        ram,
+        (13, 4, g.CR2_SENTINEL, k_impl),
+        (13, 4, g.CR2_SENTINEL, u_impl),
+        (14, 1, 0x400000, k_impl),
+        (14, 0, 0x400000, u_impl),
+        (13, 0x38, g.CR2_SENTINEL, k_impl),
+    )
     r = g.read_results(ram, 5, [p0, p3, p0, p3, p0])
     assert [(x.outcome, x.error_code) for x in r] == [
-        ("ok", None), ("ok", None), ("page_fault", 1), ("page_fault", 0), ("general_protection", 0x38)]
+        ("ok", None),
+        ("ok", None),
+        ("page_fault", 1),
+        ("page_fault", 0),
+        ("general_protection", 0x38),
+    ]
     assert r[0].pa is None and r[0].value is None
     # the bytes at the symbols are the instructions the docs name (8e c0 = mov es, eax)
     main = g.blob("h_main.bin")
-    assert main[k_impl - g.ENTRY_VA:k_impl - g.ENTRY_VA + 2] == bytes.fromhex("8ec0")
+    assert main[k_impl - g.ENTRY_VA : k_impl - g.ENTRY_VA + 2] == bytes.fromhex("8ec0")
     assert g.blob("h_ustub.bin")[0x30:0x39] == bytes.fromhex("b8070000008ec00f0b")
 
 
@@ -268,8 +314,8 @@ def test_image_after_restores_slot_and_finds_new_pages():
     m, st = _image()
     ram = bytearray(RAM)
     g.prepare_ram(ram, m, st, [])
-    struct.pack_into("<Q", ram, 0x203000, 0x300000 | 0x63)       # the guest set A and D
-    struct.pack_into("<Q", ram, 0x900010, 0xC3)                  # a write into an unbacked frame
+    struct.pack_into("<Q", ram, 0x203000, 0x300000 | 0x63)  # the guest set A and D
+    struct.pack_into("<Q", ram, 0x900010, 0xC3)  # a write into an unbacked frame
     after = g.image_after(ram, m, st)
     assert after.read_u64(0x203000) == 0x300063
     assert after.read_u64(0x200000 + 511 * 8) == 0

@@ -1,5 +1,6 @@
 """Help a person can use: every subcommand (and sub-subcommand) has a description, every option a
 help text, and an epilog with 2-4 real examples; each example is a command the parser accepts."""
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -28,18 +29,28 @@ COMMANDS = list(_commands(build_parser()))
 
 def test_every_command_is_listed():
     names = {" ".join(p) for p, _ in COMMANDS}
-    for want in ("decode", "dump", "cpa replay", "cpa compare", "cpa generate", "conform",
-                 "linux run", "linux report"):
+    for want in (
+        "decode",
+        "dump",
+        "cpa replay",
+        "cpa compare",
+        "cpa generate",
+        "conform",
+        "linux run",
+        "linux report",
+    ):
         assert want in names
 
 
 @pytest.mark.parametrize("path,parser", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
 def test_help_is_complete(path, parser):
     assert (parser.description or "").strip(), f"x86pt {' '.join(path)}: no description"
-    missing = [a.option_strings or a.dest for a in parser._actions
-               if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction,
-                                     argparse._VersionAction))
-               and not (a.help and a.help.strip() and a.help != argparse.SUPPRESS)]
+    missing = [
+        a.option_strings or a.dest
+        for a in parser._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction, argparse._VersionAction))
+        and not (a.help and a.help.strip() and a.help != argparse.SUPPRESS)
+    ]
     assert not missing, f"x86pt {' '.join(path)}: options without help: {missing}"
     if _is_group(parser):
         return
@@ -51,12 +62,15 @@ def test_help_is_complete(path, parser):
         words = shlex.split(ex.split("  #")[0], comments=True)[1:]
         try:
             top.parse_args(words)
-        except SystemExit as e:      # argparse refuses: the example is not a real command line
+        except SystemExit as e:  # argparse refuses: the example is not a real command line
             pytest.fail(f"example does not parse: {ex} (exit {e.code})")
 
 
-@pytest.mark.parametrize("path,parser", [(p, q) for p, q in COMMANDS if not _is_group(q)],
-                         ids=[" ".join(p) for p, q in COMMANDS if not _is_group(q)])
+@pytest.mark.parametrize(
+    "path,parser",
+    [(p, q) for p, q in COMMANDS if not _is_group(q)],
+    ids=[" ".join(p) for p, q in COMMANDS if not _is_group(q)],
+)
 def test_every_command_speaks_json(path, parser):
     """The README: every command prints JSON with --json (dump: with --format json)."""
     opts = {o for a in parser._actions for o in a.option_strings}

@@ -1,5 +1,6 @@
 """Hostile and malformed images through dump, census, wx, find and diff: typed errors and one
 line on stderr, issues reported, never a traceback or a hang (docs/design.md §2.5)."""
+
 from __future__ import annotations
 
 import os
@@ -39,15 +40,15 @@ def test_recursive_pml4_slot_is_shown_not_looped(capsys, fmt):
     else:
         assert "recursive mapping" in err
     if fmt == "qemu-tlb":
-        assert "ffffff7fbfdfe000" in out      # the PML4 itself, seen through slot 510 four times
+        assert "ffffff7fbfdfe000" in out  # the PML4 itself, seen through slot 510 four times
 
 
 def test_table_pointer_past_the_end(tmp_path, capsys):
     """A raw image whose PML4 points at a PDPT beyond the file: an issue, no crash."""
     img = bytearray(0x3000)
-    struct.pack_into("<Q", img, 0x1000, 0x7FFF0000 | 0x3)          # PML4[0] -> past the end
-    struct.pack_into("<Q", img, 0x1000 + 8 * 256, 0x2000 | 0x3)     # PML4[256] -> PDPT at 0x2000
-    struct.pack_into("<Q", img, 0x2000, 0x40000000 | 0x83)          # 1G leaf
+    struct.pack_into("<Q", img, 0x1000, 0x7FFF0000 | 0x3)  # PML4[0] -> past the end
+    struct.pack_into("<Q", img, 0x1000 + 8 * 256, 0x2000 | 0x3)  # PML4[256] -> PDPT at 0x2000
+    struct.pack_into("<Q", img, 0x2000, 0x40000000 | 0x83)  # 1G leaf
     path = _raw(tmp_path, "pastend.raw", bytes(img))
     for fmt in FORMATS:
         rc, out, err = run(capsys, "dump", path, "--cr3", "0x1000", "--format", fmt)
@@ -82,25 +83,36 @@ def test_looping_subtrees_stop_at_the_budget(tmp_path, capsys):
         struct.pack_into("<Q", img, 0x1000 + 8 * i, 0x1000 | 0x3)
     path = _raw(tmp_path, "loops.raw", bytes(img))
     t = time.monotonic()
-    for cmd in (("dump", path, "--format", "qemu-tlb"), ("census", path), ("wx", path),
-                ("find", path, "0x1000"), ("diff", path, path)):
+    for cmd in (
+        ("dump", path, "--format", "qemu-tlb"),
+        ("census", path),
+        ("wx", path),
+        ("find", path, "0x1000"),
+        ("diff", path, path),
+    ):
         rc, out, err = run(capsys, *cmd, "--cr3", "0x1000", "--max-entries", "100000")
         assert rc == 2, (cmd, err)
-        assert err.startswith("x86pt: error: work limit reached: the tables expand to more than 100000") and err.count("\n") == 1
+        assert (
+            err.startswith("x86pt: error: work limit reached: the tables expand to more than 100000")
+            and err.count("\n") == 1
+        )
     assert time.monotonic() - t < 30
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (("dump", "{elf}", "--range", "5-3"), "--range"),
-    (("dump", "{elf}", "--range", "zz"), "--range"),
-    (("dump", "{elf}", "--level", "3m"), "--level"),
-    (("dump", "{elf}", "--has", "bogus"), "unknown flag"),
-    (("dump", "{trunc}"), "truncated"),
-    (("dump", "{missing}"), "no such image"),
-    (("census", "{elf}", "--page-offset", "x"), "--page-offset"),
-    (("find", "{elf}", "-1"), "physical address"),
-    (("dump", "{empty}", "--cr3", "0"), ""),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (("dump", "{elf}", "--range", "5-3"), "--range"),
+        (("dump", "{elf}", "--range", "zz"), "--range"),
+        (("dump", "{elf}", "--level", "3m"), "--level"),
+        (("dump", "{elf}", "--has", "bogus"), "unknown flag"),
+        (("dump", "{trunc}"), "truncated"),
+        (("dump", "{missing}"), "no such image"),
+        (("census", "{elf}", "--page-offset", "x"), "--page-offset"),
+        (("find", "{elf}", "-1"), "physical address"),
+        (("dump", "{empty}", "--cr3", "0"), ""),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, msg):
     elf = os.path.join(DUMP, "mixed4.elf")
     data = open(elf, "rb").read()
@@ -116,10 +128,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, msg):
     assert err.startswith("x86pt: error: ") and err.count("\n") == 1 and msg in err
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                               HealthCheck.function_scoped_fixture])
-@given(data=hst.binary(min_size=0, max_size=3 * 4096), cr3=hst.sampled_from([0, 0x1000, 0x2000]),
-       la57=hst.booleans(), fmt=hst.sampled_from(FORMATS))
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    data=hst.binary(min_size=0, max_size=3 * 4096),
+    cr3=hst.sampled_from([0, 0x1000, 0x2000]),
+    la57=hst.booleans(),
+    fmt=hst.sampled_from(FORMATS),
+)
 def test_fuzz_random_images(tmp_path, capsys, data, cr3, la57, fmt):
     """Random bytes as a raw image: dump, census and diff exit 0 or 2 (a typed error), never 3
     (an internal error) and never hang."""
@@ -134,8 +153,11 @@ def test_fuzz_random_images(tmp_path, capsys, data, cr3, la57, fmt):
     assert time.monotonic() - t < 20
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                               HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(flips=hst.lists(hst.tuples(hst.integers(0, 98303), hst.integers(0, 255)), min_size=1, max_size=40))
 def test_fuzz_mutated_fixture(tmp_path, capsys, flips):
     """The mixed4 image with random bytes overwritten (tables and ELF headers alike)."""
@@ -143,7 +165,11 @@ def test_fuzz_mutated_fixture(tmp_path, capsys, flips):
     for off, val in flips:
         data[off % len(data)] = val
     path = _raw(tmp_path, "mut.elf", bytes(data))
-    for cmd in (("dump", path, "--format", "ptdump"), ("dump", path, "--format", "qemu-mem"),
-                ("census", path), ("diff", path, os.path.join(DUMP, "mixed4.elf"))):
+    for cmd in (
+        ("dump", path, "--format", "ptdump"),
+        ("dump", path, "--format", "qemu-mem"),
+        ("census", path),
+        ("diff", path, os.path.join(DUMP, "mixed4.elf")),
+    ):
         rc, out, err = run(capsys, *cmd, "--max-entries", "20000")
         assert rc in (0, 2), (cmd, err)

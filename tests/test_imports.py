@@ -11,6 +11,7 @@ a circle hidden that way is still a circle):
 
 Each check is shown to fail on a graph with a planted violation, so a green run means something.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,8 @@ grimp = pytest.importorskip("grimp")
 COMMANDS = ("cli", "helpdoc", "demo", "formats.cli", "cpa.cli")
 LAYERS: tuple[tuple[str, ...], ...] = (
     COMMANDS,
-    ("cpa",),                                   # minus cpa.cli (a command), see _layers()
-    ("formats", "census", "diff"),              # minus formats.cli
+    ("cpa",),  # minus cpa.cli (a command), see _layers()
+    ("formats", "census", "diff"),  # minus formats.cli
     ("scan", "coalesce", "batch", "build", "aliases"),
     ("state", "walk", "describe"),
     ("fields", "layouts"),
@@ -65,7 +66,7 @@ def _layer_violations(graph) -> list[str]:
     layers = [_expand(graph, names) for names in LAYERS]
     found = []
     for hi_i, high in enumerate(layers):
-        for low in layers[hi_i + 1:]:
+        for low in layers[hi_i + 1 :]:
             for lo_mod in sorted(low):
                 for hi_mod in sorted(high):
                     if graph.chain_exists(lo_mod, hi_mod):
@@ -174,16 +175,20 @@ def test_imports_in_functions_and_under_type_checking_count(tmp_path, monkeypatc
     pkg = tmp_path / "circlepkg_x86pt"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text(textwrap.dedent("""\
+    (pkg / "a.py").write_text(
+        textwrap.dedent("""\
         def f():
             from circlepkg_x86pt import b
             return b
-        """))
-    (pkg / "b.py").write_text(textwrap.dedent("""\
+        """)
+    )
+    (pkg / "b.py").write_text(
+        textwrap.dedent("""\
         from typing import TYPE_CHECKING
         if TYPE_CHECKING:
             from circlepkg_x86pt.a import f
-        """))
+        """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         g = grimp.build_graph("circlepkg_x86pt", cache_dir=None)
@@ -197,11 +202,14 @@ def test_layers_inside_x86pt_import_only_downwards():
     assert _layer_violations(_graph()) == []
 
 
-@pytest.mark.parametrize("importer,imported", [
-    ("x86pt.walk", "x86pt.scan"),            # state/walk -> scan/batch
-    ("x86pt.scan", "x86pt.formats.ptdump"),  # scan/batch -> formats
-    ("x86pt.cpa.ops", "x86pt.cli"),          # cpa -> commands
-])
+@pytest.mark.parametrize(
+    "importer,imported",
+    [
+        ("x86pt.walk", "x86pt.scan"),  # state/walk -> scan/batch
+        ("x86pt.scan", "x86pt.formats.ptdump"),  # scan/batch -> formats
+        ("x86pt.cpa.ops", "x86pt.cli"),  # cpa -> commands
+    ],
+)
 def test_a_planted_upward_import_is_found(importer, imported):
     g = _fresh_graph()
     g.add_import(importer=importer, imported=imported, line_number=1, line_contents="import")

@@ -14,6 +14,7 @@ them here are the SDM's (Vol. 3A §4.6: an implicit access is a supervisor-mode 
 the CPL, SMAP-checked whatever EFLAGS.AC; §4.7: its #PF error code has U/S=0), plus one measured
 profile deviation (QEMU/unicorn let EFLAGS.AC=1 lift SMAP for an implicit access at CPL0).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ A, D = 1 << 5, 1 << 6
 class Expect:
     fault: bool
     error: int
-    pte_add: int          # bits the PTE gains (A, D)
+    pte_add: int  # bits the PTE gains (A, D)
     pde_add: int
     ignore_pde_a: bool
 
@@ -44,8 +45,17 @@ def _has(flags: int, *names: str) -> bool:
     return all(flags & mx.F[n] for n in names)
 
 
-def kut_expect(flags: int, *, user: bool, write: bool, fetch: bool, m: int, ac: bool = False,
-               implicit: bool = False, implicit_ac_at_cpl0: bool = False) -> Expect:
+def kut_expect(
+    flags: int,
+    *,
+    user: bool,
+    write: bool,
+    fetch: bool,
+    m: int,
+    ac: bool = False,
+    implicit: bool = False,
+    implicit_ac_at_cpl0: bool = False,
+) -> Expect:
     """One access of a matrix case, the KUT way (`implicit`: a descriptor-table read, which is a
     supervisor access at any CPL)."""
     f = flags
@@ -78,7 +88,7 @@ def kut_expect(flags: int, *, user: bool, write: bool, fetch: bool, m: int, ac: 
             bad = True
         if fetch and not execable:
             bad = True
-        if fetch and upage and smep and not user:       # SDM: SMEP is for supervisor fetches
+        if fetch and upage and smep and not user:  # SDM: SMEP is for supervisor fetches
             bad = True
         if _has(f, "cr4.smap") and upage and not user and not fetch and not smap_lifted:
             bad = True
@@ -129,8 +139,9 @@ def kut_expect(flags: int, *, user: bool, write: bool, fetch: bool, m: int, ac: 
     return Expect(fault, error, pte_add, pde_add, ignore_pde_a)
 
 
-def check_case(flags: int, batch, case, results, after, m: int,
-               implicit_ac_at_cpl0: bool = False) -> list[str]:
+def check_case(
+    flags: int, batch, case, results, after, m: int, implicit_ac_at_cpl0: bool = False
+) -> list[str]:
     """KUT's five checks for one case of a model run."""
     msgs = []
     probes = [batch.probes[i] for i in case.probes]
@@ -141,9 +152,16 @@ def check_case(flags: int, batch, case, results, after, m: int,
         if not first.fault:
             pte_add |= first.pte_add
             pde_add |= first.pde_add
-    e = kut_expect(flags, user=bool(flags & mx.ACC_USER), write=bool(flags & mx.ACC_WRITE),
-                   fetch=bool(flags & mx.ACC_FETCH), m=m, ac=bool(flags & mx.ACC_AC),
-                   implicit=bool(flags & mx.IMPLICIT), implicit_ac_at_cpl0=implicit_ac_at_cpl0)
+    e = kut_expect(
+        flags,
+        user=bool(flags & mx.ACC_USER),
+        write=bool(flags & mx.ACC_WRITE),
+        fetch=bool(flags & mx.ACC_FETCH),
+        m=m,
+        ac=bool(flags & mx.ACC_AC),
+        implicit=bool(flags & mx.IMPLICIT),
+        implicit_ac_at_cpl0=implicit_ac_at_cpl0,
+    )
     pte_add |= e.pte_add
     pde_add |= e.pde_add
     r = rs[-1]
@@ -168,14 +186,20 @@ def check_case(flags: int, batch, case, results, after, m: int,
         got = after.read_u64(pde.addr)
         mask = ~0
         if e.fault and not pde.raw & A:
-            mask = ~A          # KUT: PDE.A is don't-care when the access faults
+            mask = ~A  # KUT: PDE.A is don't-care when the access faults
         if (got ^ want) & mask:
             msgs.append(f"pde {got:x} expected {want:x}")
     return msgs
 
 
-def _run_sample(profile: str, n: int, seed: int, extended: bool = False, maxphyaddr: int | None = None,
-                space_name: str | None = None):
+def _run_sample(
+    profile: str,
+    n: int,
+    seed: int,
+    extended: bool = False,
+    maxphyaddr: int | None = None,
+    space_name: str | None = None,
+):
     prof = profile_named(profile)
     feat = MatrixFeatures.from_profile(prof, maxphyaddr)
     m = matrix_for(feat, extended=extended)
@@ -195,16 +219,18 @@ def _run_sample(profile: str, n: int, seed: int, extended: bool = False, maxphya
     for batch in src.batches():
         results, after = model_run(batch.memory, batch.state, batch.probes)
         for case in batch.cases:
-            msgs = check_case(case.flags, batch, case, results, after, feat.maxphyaddr,
-                              prof.implicit_smap_honours_ac)
+            msgs = check_case(
+                case.flags, batch, case, results, after, feat.maxphyaddr, prof.implicit_smap_honours_ac
+            )
             count += 1
             if msgs:
                 failures.append(f"test {mx.flag_names(case.flags)}: " + "; ".join(msgs))
     return count, failures
 
 
-@pytest.mark.parametrize("profile,maxphyaddr", [("intel", 40), ("intel", 36), ("intel", 52),
-                                                ("unicorn", None), ("kvm", None)])
+@pytest.mark.parametrize(
+    "profile,maxphyaddr", [("intel", 40), ("intel", 36), ("intel", 52), ("unicorn", None), ("kvm", None)]
+)
 def test_model_agrees_with_kut_expectations_on_a_matrix_sample(profile, maxphyaddr):
     count, failures = _run_sample(profile, 12000, seed=11, maxphyaddr=maxphyaddr)
     assert count == 12000
@@ -218,12 +244,15 @@ def test_model_agrees_with_kut_expectations_with_smep_and_smap():
     assert not failures, f"{len(failures)} of {count} cases differ, e.g.:\n" + "\n".join(failures[:10])
 
 
-@pytest.mark.parametrize("profile,maxphyaddr", [("intel", 40), ("intel", 48), ("unicorn", None), ("kvm", None)])
+@pytest.mark.parametrize(
+    "profile,maxphyaddr", [("intel", 40), ("intel", 48), ("unicorn", None), ("kvm", None)]
+)
 def test_model_agrees_with_hand_expectations_on_implicit_accesses(profile, maxphyaddr):
     # The extended matrix's implicit space: descriptor-table reads at CPL0 and CPL3, SMAP x AC,
     # keys, user/supervisor pages, not-present and reserved-bit walks.
-    count, failures = _run_sample(profile, 4000, seed=13, extended=True, maxphyaddr=maxphyaddr,
-                                  space_name="implicit")
+    count, failures = _run_sample(
+        profile, 4000, seed=13, extended=True, maxphyaddr=maxphyaddr, space_name="implicit"
+    )
     assert count >= 1500
     assert not failures, f"{len(failures)} of {count} cases differ, e.g.:\n" + "\n".join(failures[:10])
 
@@ -243,8 +272,9 @@ def test_implicit_expectation_by_hand():
     # CPL0 with AC=1: the SDM faults, QEMU/unicorn's deviation lets it through
     f = mx.flags_from_names("pte.p pte.user pde.p pde.user cr4.smap ac implicit")
     assert kut_expect(f, user=False, write=False, fetch=False, m=40, ac=True, implicit=True).fault
-    assert not kut_expect(f, user=False, write=False, fetch=False, m=40, ac=True, implicit=True,
-                          implicit_ac_at_cpl0=True).fault
+    assert not kut_expect(
+        f, user=False, write=False, fetch=False, m=40, ac=True, implicit=True, implicit_ac_at_cpl0=True
+    ).fault
 
 
 def test_the_expectation_can_fail():
@@ -256,6 +286,7 @@ def test_the_expectation_can_fail():
     e = kut_expect(mx.flags_from_names("fetch"), user=False, write=False, fetch=True, m=40)
     assert e.fault and e.error == 0
     # reserved bit 51 in the PTE under a present PDE
-    e = kut_expect(mx.flags_from_names("pte.p pte.51 pde.p efer.nx"), user=False, write=False,
-                   fetch=False, m=40)
+    e = kut_expect(
+        mx.flags_from_names("pte.p pte.51 pde.p efer.nx"), user=False, write=False, fetch=False, m=40
+    )
     assert e.fault and e.error == PFERR_P | PFERR_RSVD and e.pde_add == A

@@ -7,6 +7,7 @@ Expectations: PML4E bit 8 is reserved on AMD (APM Vol. 2 §5.3.3, "MBZ") and ign
 (SDM Vol. 3A Table 4-15); a PDPTE's PS is reserved without 1-GByte pages (SDM §4.5); bits M..51
 of an entry are reserved (SDM §4.5); the kvm_pvm blind range is PML4 slot 256.
 """
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -35,22 +36,50 @@ class FakeKvm:
         return self.model.run(memory, state, probes)
 
 
-AMD_HOST = Profile("fake-amd-pvm", vendor="amd", maxphyaddr=48,
-                   features=Features(gbpages=False, la57=False, pku=False, smep=True, smap=True),
-                   a_on_faulting_walk="none", cpl3_blind_ranges=(PVM_BLIND_RANGE,))
-AMD_CPUID = CpuidInfo(vendor="AuthenticAMD", maxphyaddr=48, nx=True, gbpages=False, la57=False,
-                      pku=False, smep=False, smap=False)
-INTEL_HOST = Profile("fake-intel", vendor="intel", maxphyaddr=46,
-                     features=Features(gbpages=True, la57=False, pku=False, smep=True, smap=True))
-INTEL_CPUID = CpuidInfo(vendor="GenuineIntel", maxphyaddr=46, nx=True, gbpages=True, la57=False,
-                        pku=False, smep=True, smap=True)
+AMD_HOST = Profile(
+    "fake-amd-pvm",
+    vendor="amd",
+    maxphyaddr=48,
+    features=Features(gbpages=False, la57=False, pku=False, smep=True, smap=True),
+    a_on_faulting_walk="none",
+    cpl3_blind_ranges=(PVM_BLIND_RANGE,),
+)
+AMD_CPUID = CpuidInfo(
+    vendor="AuthenticAMD",
+    maxphyaddr=48,
+    nx=True,
+    gbpages=False,
+    la57=False,
+    pku=False,
+    smep=False,
+    smap=False,
+)
+INTEL_HOST = Profile(
+    "fake-intel",
+    vendor="intel",
+    maxphyaddr=46,
+    features=Features(gbpages=True, la57=False, pku=False, smep=True, smap=True),
+)
+INTEL_CPUID = CpuidInfo(
+    vendor="GenuineIntel", maxphyaddr=46, nx=True, gbpages=True, la57=False, pku=False, smep=True, smap=True
+)
 
 
 def test_discovery_on_an_amd_host_finds_its_facts():
     caps, facts = _discover(FakeKvm(AMD_HOST, AMD_CPUID))
-    assert facts == HostFacts(vendor="amd", maxphyaddr=48, gbpages=False, la57=False, pku=False,
-                              smep=True, smap=True, nx=True, rsvd_sets_p=True,
-                              top_bit8_reserved=True, cpl3_blind_slot256=True)
+    assert facts == HostFacts(
+        vendor="amd",
+        maxphyaddr=48,
+        gbpages=False,
+        la57=False,
+        pku=False,
+        smep=True,
+        smap=True,
+        nx=True,
+        rsvd_sets_p=True,
+        top_bit8_reserved=True,
+        cpl3_blind_slot256=True,
+    )
     assert (caps.vendor, caps.maxphyaddr, caps.gbpages) == ("amd", 48, False)
     prof = host_profile(facts)
     assert prof.vendor == "amd" and prof.top_bit8_reserved
@@ -59,9 +88,19 @@ def test_discovery_on_an_amd_host_finds_its_facts():
 
 def test_discovery_on_an_intel_host_finds_its_facts():
     caps, facts = _discover(FakeKvm(INTEL_HOST, INTEL_CPUID))
-    assert facts == HostFacts(vendor="intel", maxphyaddr=46, gbpages=True, la57=False, pku=False,
-                              smep=True, smap=True, nx=True, rsvd_sets_p=True,
-                              top_bit8_reserved=False, cpl3_blind_slot256=False)
+    assert facts == HostFacts(
+        vendor="intel",
+        maxphyaddr=46,
+        gbpages=True,
+        la57=False,
+        pku=False,
+        smep=True,
+        smap=True,
+        nx=True,
+        rsvd_sets_p=True,
+        top_bit8_reserved=False,
+        cpl3_blind_slot256=False,
+    )
     prof = host_profile(facts)
     assert prof.vendor == "intel" and not prof.top_bit8_reserved
     assert prof.cpl3_blind_ranges == () and prof.features.gbpages and prof.maxphyaddr == 46
@@ -76,15 +115,26 @@ def test_discovery_reads_the_rsvd_error_code_of_the_host():
 
 def test_discovery_refuses_an_unknown_vendor():
     from x86pt.errors import OracleUnavailable
+
     odd = dataclasses.replace(INTEL_CPUID, vendor="HygonGenuine")
     with pytest.raises(OracleUnavailable, match="neither Intel nor AMD"):
         _discover(FakeKvm(INTEL_HOST, odd))
 
 
 def _facts(**kw) -> HostFacts:
-    base = dict(vendor="intel", maxphyaddr=48, gbpages=False, la57=False, pku=False, smep=True,
-                smap=True, nx=True, rsvd_sets_p=True, top_bit8_reserved=False,
-                cpl3_blind_slot256=False)
+    base = dict(
+        vendor="intel",
+        maxphyaddr=48,
+        gbpages=False,
+        la57=False,
+        pku=False,
+        smep=True,
+        smap=True,
+        nx=True,
+        rsvd_sets_p=True,
+        top_bit8_reserved=False,
+        cpl3_blind_slot256=False,
+    )
     base.update(kw)
     return HostFacts(**base)
 
@@ -98,7 +148,7 @@ def test_model_under_the_host_profile_treats_pml4e_bit8_by_vendor(vendor, bit8, 
     b.memory.write_u64(a, b.memory.read_u64(a) | 1 << 8)
     r = walk(b.state(profile=prof), b.memory, 0x8000000000, Access("read"))
     if expect_rsvd:
-        assert isinstance(r, PageFault) and r.error_code == 0x09      # P|RSVD
+        assert isinstance(r, PageFault) and r.error_code == 0x09  # P|RSVD
     else:
         assert isinstance(r, Translation) and r.pa == 0x400000
 
@@ -117,4 +167,4 @@ def test_no_live_profile_is_hard_coded_to_a_vendor():
     """The static `kvm` entry only stands in for replays without an oracle: it follows the SDM."""
     stand_in = PROFILES["kvm"]
     assert stand_in.vendor == "intel" and stand_in.cpl3_blind_ranges == ()
-    assert PROFILES["kvm-epyc-pvm"].vendor == "amd"      # the record of the first host
+    assert PROFILES["kvm-epyc-pvm"].vendor == "amd"  # the record of the first host

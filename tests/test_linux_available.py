@@ -2,6 +2,7 @@
 """When may the `linux` tests run? With the kernel in the cache (no network needed), or with the
 Debian registry reachable; otherwise `available` says why (the skip reason, or the failure under
 X86PT_REQUIRE_ORACLES=linux). No download and no boot here."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,16 @@ import pytest
 import harness.linux.fetch as fetch_mod
 from harness.linux.run import available
 
-pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("qemu-system-x86_64", "gcc", "make", "dpkg-deb")),
-                                reason="QEMU, gcc, make or dpkg-deb missing")
+pytestmark = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("qemu-system-x86_64", "gcc", "make", "dpkg-deb")),
+    reason="QEMU, gcc, make or dpkg-deb missing",
+)
 
 
 def _offline(monkeypatch):
     def no_apt(*a, **k):
         raise fetch_mod.OracleUnavailable("apt-cache failed: Temporary failure resolving 'deb.debian.org'")
+
     monkeypatch.setattr(fetch_mod, "resolve", no_apt)
     monkeypatch.setattr(fetch_mod, "registry_reachable", lambda *a, **k: (False, "registry unreachable"))
 
@@ -47,4 +51,5 @@ def test_the_cli_offers_every_guest_workload():
     the initramfs builder) names exactly the workloads the builder has."""
     from harness.linux import WORKLOAD_NAMES
     from harness.linux.initramfs import WORKLOADS
+
     assert tuple(sorted(WORKLOADS)) == WORKLOAD_NAMES

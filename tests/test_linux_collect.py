@@ -1,6 +1,7 @@
 """Unit tests of the Linux ground-truth collection (no QEMU): the ttyS1 parser, the CPA trace
 decoder, the counters, the newc writer, register parsing and the table copier. Expected values are
 derived by hand from the formats' documentation and the kernel's accounting rules cited below."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,8 +9,15 @@ import sys
 
 import pytest
 
-from harness.linux.collect import (collect_tables, decode_trace, parse_counters, parse_output,
-                                   parse_registers, trace_summary, trace_text)
+from harness.linux.collect import (
+    collect_tables,
+    decode_trace,
+    parse_counters,
+    parse_output,
+    parse_registers,
+    trace_summary,
+    trace_text,
+)
 from harness.linux.initramfs import Cpio, steps_archive
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError
@@ -40,9 +48,15 @@ def test_decode_trace_nests_alias_and_attributes_splits():
     assert invalid.splits() == (1, 1)
     assert invalid.force_split
     assert primary.api.startswith("set_memory_ro addr=0xffffffffc0208000")
-    assert trace_summary(dec) == {"calls": 3, "top_level_calls": 2, "api_calls": 2, "splits_1g": 1,
-                                  "splits_2m": 2, "unmatched": 0,
-                                  "flushes": {"all": 0, "range": 0, "page": 0}}
+    assert trace_summary(dec) == {
+        "calls": 3,
+        "top_level_calls": 2,
+        "api_calls": 2,
+        "splits_1g": 1,
+        "splits_2m": 2,
+        "unmatched": 0,
+        "flushes": {"all": 0, "range": 0, "page": 0},
+    }
 
 
 def test_trace_text_has_top_level_calls_active_and_aliases_commented():
@@ -64,24 +78,34 @@ def test_decode_trace_counts_unmatched_and_skips_noise():
 
 
 def test_parse_counters_reads_meminfo_kb_and_vmstat():
-    c = parse_counters(["DirectMap4k:       24448 kB", "DirectMap2M:     2072576 kB",
-                        "DirectMap1G:     1048576 kB"],
-                       ["direct_map_level2_splits 3", "direct_map_level3_splits 0"])
-    assert c == {"DirectMap4k": 24448, "DirectMap2M": 2072576, "DirectMap1G": 1048576,
-                 "direct_map_level2_splits": 3, "direct_map_level3_splits": 0}
+    c = parse_counters(
+        ["DirectMap4k:       24448 kB", "DirectMap2M:     2072576 kB", "DirectMap1G:     1048576 kB"],
+        ["direct_map_level2_splits 3", "direct_map_level3_splits 0"],
+    )
+    assert c == {
+        "DirectMap4k": 24448,
+        "DirectMap2M": 2072576,
+        "DirectMap1G": 1048576,
+        "direct_map_level2_splits": 3,
+        "direct_map_level3_splits": 0,
+    }
 
 
 def test_parse_output_sections_steps_and_end():
-    text = ("@@BEGIN\n@@UNAME\n6.1.0-56-amd64\n@@KALLSYMS\nffffffff82a10000 D init_top_pgt\n"
-            "@@STEP 0 baseline\n@@MEMINFO\nDirectMap4k: 4 kB\n@@ENDSTEP 0\n"
-            "@@LOG 1\ninsmod: ok\n@@RC 0\n@@STEP 1 insmod crc7\n@@PTDUMP\n---[ x ]---\n@@ENDSTEP 1\n"
-            "@@END 0001\n")
+    text = (
+        "@@BEGIN\n@@UNAME\n6.1.0-56-amd64\n@@KALLSYMS\nffffffff82a10000 D init_top_pgt\n"
+        "@@STEP 0 baseline\n@@MEMINFO\nDirectMap4k: 4 kB\n@@ENDSTEP 0\n"
+        "@@LOG 1\ninsmod: ok\n@@RC 0\n@@STEP 1 insmod crc7\n@@PTDUMP\n---[ x ]---\n@@ENDSTEP 1\n"
+        "@@END 0001\n"
+    )
     b = parse_output(text)
     assert b.ended == 1 and b.header["UNAME"] == ["6.1.0-56-amd64"]
-    assert [(s.number, s.name, s.rc, s.log) for s in b.steps] == [(0, "baseline", None, []),
-                                                                  (1, "insmod crc7", 0, ["insmod: ok"])]
+    assert [(s.number, s.name, s.rc, s.log) for s in b.steps] == [
+        (0, "baseline", None, []),
+        (1, "insmod crc7", 0, ["insmod: ok"]),
+    ]
     assert b.steps[1].sections["PTDUMP"] == ["---[ x ]---"]
-    assert parse_output("@@STEP 0 base\n@@MEMINFO\nDirect").ended is None   # cut off: no @@END
+    assert parse_output("@@STEP 0 base\n@@MEMINFO\nDirect").ended is None  # cut off: no @@END
 
 
 def test_cpio_newc_header_by_hand():
@@ -90,8 +114,18 @@ def test_cpio_newc_header_by_hand():
     data = a.finish()
     # 070701, then 13 8-digit hex fields: ino 1, mode 0100644, uid, gid, nlink 1, mtime, size 2,
     # devmajor, devminor, rdevmajor, rdevminor, namesize 2 ("a\0"), check; 110 + 2 = 112 bytes.
-    head = b"070701" + b"00000001" + b"000081A4" + b"0" * 16 + b"00000001" + b"0" * 8 + b"00000002" \
-        + b"0" * 32 + b"00000002" + b"0" * 8
+    head = (
+        b"070701"
+        + b"00000001"
+        + b"000081A4"
+        + b"0" * 16
+        + b"00000001"
+        + b"0" * 8
+        + b"00000002"
+        + b"0" * 32
+        + b"00000002"
+        + b"0" * 8
+    )
     assert data.startswith(head + b"a\0" + b"xy\0\0")
     assert b"TRAILER!!!\0" in data and len(data) % 512 == 0
 
@@ -104,18 +138,25 @@ def test_steps_archive_is_fixed_size():
 
 
 def test_parse_registers_from_info_registers():
-    info = ("RAX=0000000000000000 RBX=0000000000000000\nCR0=80050033 CR2=0000000000477a90 "
-            "CR3=00000000083c0000 CR4=00750ef0\nEFER=0000000000000d01\n")
-    assert parse_registers(info) == {"cr0": 0x80050033, "cr2": 0x477a90, "cr3": 0x83c0000,
-                                     "cr4": 0x750ef0, "efer": 0xd01}
+    info = (
+        "RAX=0000000000000000 RBX=0000000000000000\nCR0=80050033 CR2=0000000000477a90 "
+        "CR3=00000000083c0000 CR4=00750ef0\nEFER=0000000000000d01\n"
+    )
+    assert parse_registers(info) == {
+        "cr0": 0x80050033,
+        "cr2": 0x477A90,
+        "cr3": 0x83C0000,
+        "cr4": 0x750EF0,
+        "efer": 0xD01,
+    }
     with pytest.raises(OracleError):
         parse_registers("RAX=0")
 
 
 def test_collect_tables_copies_exactly_the_tables():
     b = Builder(levels=4, table_base=0x100000)
-    b.map(0xffff888000000000, 0x0, 0x1000, page_size=4096, flags="rw nx g")
-    b.map(0xffff888000200000, 0x200000, 0x200000, page_size=2 << 20, flags="rw nx g")
+    b.map(0xFFFF888000000000, 0x0, 0x1000, page_size=4096, flags="rw nx g")
+    b.map(0xFFFF888000200000, 0x200000, 0x200000, page_size=2 << 20, flags="rw nx g")
     st = b.state()
     # one 4K page needs a PML4, a PDPT, a PD and a PT; the 2M leaf lives in the same PD
     mem = collect_tables(b.memory, st.cr3, 4)
@@ -125,8 +166,12 @@ def test_collect_tables_copies_exactly_the_tables():
 
 
 def test_report_rejects_a_directory_that_is_not_a_run(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "x86pt", "linux", "report", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "x86pt", "linux", "report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2
     assert p.stderr.startswith("x86pt: error:") and len(p.stderr.strip().splitlines()) == 1
 
@@ -150,17 +195,24 @@ TLB_TRACE = """\
 
 def test_decode_trace_records_the_kernels_flushes_in_order():
     from harness.linux.collect import Flush
+
     dec = decode_trace(TLB_TRACE.splitlines())
     assert [(f.kind, f.start, f.end, f.in_call) for f in dec.flushes] == [
-        ("all", 0, 0, True), ("page", 0xffffffffc0208000, 0xffffffffc0209000, False),
-        ("page", 0xffffffffc0209000, 0xffffffffc020a000, False),
-        ("range", 0xffffffffc0208000, 0xffffffffc020a000, False),
-        ("page", 0xffffffffc0208000, 0xffffffffc0209000, False)]
+        ("all", 0, 0, True),
+        ("page", 0xFFFFFFFFC0208000, 0xFFFFFFFFC0209000, False),
+        ("page", 0xFFFFFFFFC0209000, 0xFFFFFFFFC020A000, False),
+        ("range", 0xFFFFFFFFC0208000, 0xFFFFFFFFC020A000, False),
+        ("page", 0xFFFFFFFFC0208000, 0xFFFFFFFFC0209000, False),
+    ]
     assert isinstance(dec.seq[0], type(dec.calls[0])) and isinstance(dec.seq[1], Flush)
     text = trace_text(dec, "t").splitlines()
     body = [l for l in text if not l.startswith("# ") or l.startswith("#   in-call")]
-    assert body == ["cpa 0xffffffffc0208000 2 set=0x0 clr=0x2 flags=0x0 primary  # split 1G:0 2M:1",
-                    "#   in-call flush_tlb_all", "invlpg 0xffffffffc0208000", "invlpg 0xffffffffc0209000",
-                    "flush_tlb_kernel_range 0xffffffffc0208000 0xffffffffc020a000",
-                    "invlpg 0xffffffffc0208000"]
+    assert body == [
+        "cpa 0xffffffffc0208000 2 set=0x0 clr=0x2 flags=0x0 primary  # split 1G:0 2M:1",
+        "#   in-call flush_tlb_all",
+        "invlpg 0xffffffffc0208000",
+        "invlpg 0xffffffffc0209000",
+        "flush_tlb_kernel_range 0xffffffffc0208000 0xffffffffc020a000",
+        "invlpg 0xffffffffc0208000",
+    ]
     assert trace_summary(dec)["flushes"] == {"all": 1, "range": 1, "page": 3}

@@ -2,6 +2,7 @@
 """harness/linux/compare.py on the committed real-kernel fixture: a run compared with itself under
 another kernel package version takes the build-independent path and finds nothing; planted
 changes of the kind a wrong kernel or a wrong collector would make are each reported."""
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,14 @@ def _rewrite(step_dir: str, name: str, fn) -> None:
 
 def test_same_sources_compare_bytes(tmp_path):
     from harness.linux.compare import compare_runs
+
     c = compare_runs(FIXTURE, _copy(tmp_path))
     assert c.mode == "bytes" and c.same
 
 
 def test_kernel_update_alone_changes_nothing_build_independent(tmp_path):
     from harness.linux.compare import compare_runs
+
     c = compare_runs(FIXTURE, _copy(tmp_path, "6.1.192-99"))
     assert c.mode == "build-independent"
     assert c.same, c.differences
@@ -58,17 +61,27 @@ def test_a_lost_glb_is_a_note_a_lost_rw_is_a_difference(tmp_path):
     """Which pages lack G follows page placement (a build changes it): noted, not failed. A page
     that changes rights changes what the workload did: a difference."""
     from harness.linux.compare import compare_independent
+
     d = _copy(tmp_path, "6.1.192-99")
     step = os.path.join(d, "step-03")
     text = read_artifact(step, "ptdump.txt").decode()
     lines = text.splitlines()
-    i = next(n for n, l in enumerate(lines) if l.startswith("0xffff888") and " GLB " in l and " pte" in l
-             and l.split()[1].endswith("K") and int(l.split()[1][:-1]) >= 16)
+    i = next(
+        n
+        for n, l in enumerate(lines)
+        if l.startswith("0xffff888")
+        and " GLB " in l
+        and " pte" in l
+        and l.split()[1].endswith("K")
+        and int(l.split()[1][:-1]) >= 16
+    )
     start, end = (int(x, 16) for x in lines[i].split()[0].split("-"))
     # the first 4K of that range without G: same attributes otherwise
     nog = lines[i].replace(" GLB ", "     ", 1)
-    lines[i:i + 1] = [f"0x{start:016x}-0x{start + 4096:016x}" + nog[37:],
-                      f"0x{start + 4096:016x}-0x{end:016x}" + lines[i][37:]]
+    lines[i : i + 1] = [
+        f"0x{start:016x}-0x{start + 4096:016x}" + nog[37:],
+        f"0x{start + 4096:016x}-0x{end:016x}" + lines[i][37:],
+    ]
     _rewrite(step, "ptdump.txt", lambda _t: "\n".join(lines) + "\n")
     notes: list[str] = []
     assert compare_independent(FIXTURE, d, replay=False, notes=notes) == []
@@ -84,6 +97,7 @@ def test_a_lost_glb_is_a_note_a_lost_rw_is_a_difference(tmp_path):
 
 def test_counter_and_mask_changes_are_reported(tmp_path):
     from harness.linux.compare import compare_independent
+
     d = _copy(tmp_path, "6.1.192-99")
     cj = os.path.join(d, "step-02", "counters.json")
     with open(cj, encoding="utf-8") as f:
@@ -92,9 +106,12 @@ def test_counter_and_mask_changes_are_reported(tmp_path):
     c["DirectMap2M"] -= 2048
     with open(cj, "w", encoding="utf-8") as f:
         json.dump(c, f)
-    _rewrite(os.path.join(d, "step-05"), "calls.jsonl",
-             lambda t: t.replace('"mask_clr": "0x2"', '"mask_clr": "0x3"', 1))
+    _rewrite(
+        os.path.join(d, "step-05"),
+        "calls.jsonl",
+        lambda t: t.replace('"mask_clr": "0x2"', '"mask_clr": "0x3"', 1),
+    )
     diffs = compare_independent(FIXTURE, d, replay=False)
     assert any(x.startswith("step 2: counter deltas") for x in diffs), diffs
-    assert any(x.startswith("step 3: counter deltas") for x in diffs), diffs     # back again
+    assert any(x.startswith("step 3: counter deltas") for x in diffs), diffs  # back again
     assert any(x.startswith("step 5:") and "CPA calls" in x for x in diffs), diffs

@@ -9,6 +9,7 @@ QEMU versions). The expectations are the kernel's own outputs: its ptdump text, 
 * `x86pt dump --format ptdump --markers linux`, `x86pt census` and `x86pt cpa replay` are
   compared when those commands exist, and skipped naming the missing command otherwise.
 """
+
 from __future__ import annotations
 
 import glob
@@ -38,6 +39,7 @@ def _id(x) -> str:
 
 def _subcommands(parser) -> dict:
     import argparse
+
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction):
             return dict(a.choices)
@@ -47,6 +49,7 @@ def _subcommands(parser) -> dict:
 def _commands() -> set[str]:
     """The x86pt commands that exist in this tree ("dump", "cpa replay", ...)."""
     from x86pt.cli import build_parser
+
     out = set()
     for name, sp in _subcommands(build_parser()).items():
         out.add(name)
@@ -91,7 +94,7 @@ def check_image_against_ptdump(run_dir: str, step_dir: str, tmp_path: str) -> No
         espfix = False
         for line in text.splitlines():
             if line.startswith("---["):
-                espfix = "ESPfix" in line      # ptdump cuts this area short on purpose (§5)
+                espfix = "ESPfix" in line  # ptdump cuts this area short on purpose (§5)
                 continue
             for r in parse_ptdump(line):
                 if espfix:
@@ -135,10 +138,13 @@ def check_trace_accounts(run_dir: str) -> None:
         s1g = sum(x["splits"][0] for x in calls)
         s2m = sum(x["splits"][1] for x in calls)
         if prev is not None:
-            got = (c["DirectMap4k"] - prev["DirectMap4k"], c["DirectMap2M"] - prev["DirectMap2M"],
-                   c["DirectMap1G"] - prev["DirectMap1G"],
-                   c["direct_map_level2_splits"] - prev["direct_map_level2_splits"],
-                   c["direct_map_level3_splits"] - prev["direct_map_level3_splits"])
+            got = (
+                c["DirectMap4k"] - prev["DirectMap4k"],
+                c["DirectMap2M"] - prev["DirectMap2M"],
+                c["DirectMap1G"] - prev["DirectMap1G"],
+                c["direct_map_level2_splits"] - prev["direct_map_level2_splits"],
+                c["direct_map_level3_splits"] - prev["direct_map_level3_splits"],
+            )
             want = (2048 * s2m, 1048576 * s1g - 2048 * s2m, -1048576 * s1g, s2m, s1g)
             assert got == want, f"{os.path.basename(sd)}"
         prev = c
@@ -146,6 +152,7 @@ def check_trace_accounts(run_dir: str) -> None:
 
 def _no_glb_direct_map_pages(run_dir: str, step: str) -> int:
     from harness.linux.report import direct_map_stats
+
     layout = load_json(os.path.join(run_dir, "layout.json"))
     text = read_artifact(os.path.join(run_dir, step), "ptdump.txt").decode()
     return direct_map_stats(parse_ptdump(text), direct_map_span(layout))["no_glb_pages"]
@@ -170,7 +177,8 @@ def _x86pt(*args: str) -> subprocess.CompletedProcess:
     import contextlib
     import io
     from x86pt.cli import main
-    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()   # dump writes .buffer
+
+    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()  # dump writes .buffer
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(list(args))
     out.flush()
@@ -206,8 +214,9 @@ def test_dump_ptdump_equals_kernel_text(run_dir, step_dir, tmp_path, commands):
 def check_dump_equals_kernel(run_dir: str, step_dir: str, tmp_path) -> None:
     elf = materialize(step_dir, "tables.elf", str(tmp_path))
     layout = load_json(os.path.join(run_dir, "layout.json"))
-    p = _x86pt("dump", elf, "--format", "ptdump", "--markers", "linux",
-               "--page-offset", layout["page_offset_base"])
+    p = _x86pt(
+        "dump", elf, "--format", "ptdump", "--markers", "linux", "--page-offset", layout["page_offset_base"]
+    )
     assert p.returncode == 0, p.stderr
     kernel = read_artifact(step_dir, "ptdump.txt").decode()
     assert _normalise_ptdump(p.stdout) == _normalise_ptdump(kernel)
@@ -267,8 +276,11 @@ def test_census_equals_meminfo_exactly(run_dir, step_dir, tmp_path, commands):
         pytest.skip("`x86pt census` does not exist yet")
     got = _census(run_dir, step_dir, tmp_path)
     want = load_json(os.path.join(step_dir, "counters.json"))
-    assert (got["DirectMap4k_kB"], got["DirectMap2M_kB"], got["DirectMap1G_kB"]) == \
-        (want["DirectMap4k"], want["DirectMap2M"], want["DirectMap1G"])
+    assert (got["DirectMap4k_kB"], got["DirectMap2M_kB"], got["DirectMap1G_kB"]) == (
+        want["DirectMap4k"],
+        want["DirectMap2M"],
+        want["DirectMap1G"],
+    )
     # The two kernel-only terms, derived another way: from the kernel's own ptdump text and a
     # walk of each direct-map hole.
     text = read_artifact(step_dir, "ptdump.txt").decode()
@@ -289,6 +301,7 @@ def test_replay_reaches_the_kernel_state(run_dir):
     replaying trace k, ends with image k's direct map and highmap (leaf for leaf), the kernel's
     DirectMap counters and its split events (harness/linux/replay.py)."""
     from harness.linux.replay import replay_run
+
     results = replay_run(run_dir)
     if not results:
         pytest.skip("a one-step run has nothing to replay")
@@ -298,11 +311,10 @@ def test_replay_reaches_the_kernel_state(run_dir):
         assert r.tables_equal, f"step {r.step}: " + "; ".join(map(str, r.divergences[:5]))
         assert r.meminfo_model == r.meminfo_kernel, f"step {r.step}"
         assert r.splits_model == r.splits_kernel, f"step {r.step}"
-        assert r.leaves > 5000          # not vacuous: thousands of entries compared (7.6k-9.7k seen)
+        assert r.leaves > 5000  # not vacuous: thousands of entries compared (7.6k-9.7k seen)
 
 
-INFO_MEM_STEPS = [(r, s) for r, s in STEPS
-                  if glob.glob(os.path.join(s, "qemu-info-mem.txt*"))]
+INFO_MEM_STEPS = [(r, s) for r, s in STEPS if glob.glob(os.path.join(s, "qemu-info-mem.txt*"))]
 
 
 @pytest.mark.parametrize("run_dir,step_dir", INFO_MEM_STEPS, ids=[_id(x) for x in INFO_MEM_STEPS])
@@ -316,8 +328,11 @@ def test_dump_qemu_mem_equals_qemu_info_mem(run_dir, step_dir, tmp_path, command
     assert p.returncode == 0, p.stderr
     # QEMU walked the paused task's CR3 (user half: the pvpanic helper); the image is rooted at
     # init_top_pgt, whose user half is empty. The kernel halves are the same tables.
-    want = [l for l in read_artifact(step_dir, "qemu-info-mem.txt").decode().replace("\r\n", "\n").splitlines()
-            if l[:1] in "89abcdef"]
+    want = [
+        l
+        for l in read_artifact(step_dir, "qemu-info-mem.txt").decode().replace("\r\n", "\n").splitlines()
+        if l[:1] in "89abcdef"
+    ]
     got = p.stdout.replace("\r\n", "\n").splitlines()
     assert len(want) > 1000
     assert got == want

@@ -13,6 +13,7 @@
 Needs QEMU, gcc, make and the kernel (in the cache, or apt and Debian's package registry to
 download 85 MB on first use); skipped with the reason otherwise, or failed when
 X86PT_REQUIRE_ORACLES names `linux`. About 45 s on 2 cores with the kernel cached."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,19 +37,21 @@ pytestmark = pytest.mark.linux
 def live_runs(tmp_path_factory):
     """Two fresh runs of 6.1, 4-level, `modules`, with the defaults of `x86pt linux run`."""
     from harness.linux.run import RunConfig, available, prepare, run
+
     ok, why = available("6.1")
     need_oracle("linux", ok, why)
     base = tmp_path_factory.mktemp("linux-live")
     dirs = [str(base / "run1"), str(base / "run2")]
     cfg = RunConfig(kernel="6.1", workload="modules", levels=4, timeout=600)
     try:
-        prepare(cfg)                    # download (first use) and build: may be unavailable here
+        prepare(cfg)  # download (first use) and build: may be unavailable here
     except OracleUnavailable as e:
         need_oracle("linux", False, str(e))
     try:
         # the first exactly as a user types it (the CLI, --json); the second through the library
-        rc, out, err = _x86pt("linux", "run", "--kernel", "6.1", "--workload", "modules", "--out", dirs[0],
-                              "--json")
+        rc, out, err = _x86pt(
+            "linux", "run", "--kernel", "6.1", "--workload", "modules", "--out", dirs[0], "--json"
+        )
         assert rc == 0, err
         summary = json.loads(out)
         assert summary["out"] == dirs[0] and summary["config"]["images"] == "guest"
@@ -62,6 +65,7 @@ def live_runs(tmp_path_factory):
 
 def _x86pt(*args: str) -> tuple[int, str, str]:
     from x86pt.cli import main
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(list(args))
@@ -69,13 +73,13 @@ def _x86pt(*args: str) -> tuple[int, str, str]:
 
 
 def test_live_run_is_consistent(live_runs, tmp_path):
-    from test_linux_fixtures import (check_dump_equals_kernel, check_image_against_ptdump,
-                                     check_trace_accounts)
+    from test_linux_fixtures import check_dump_equals_kernel, check_image_against_ptdump, check_trace_accounts
+
     out = live_runs[0]
     meta = load_json(os.path.join(out, "run.json"))
     steps = sorted(os.path.join(out, d) for d in os.listdir(out) if d.startswith("step-"))
     assert len(steps) == 7 and meta["chain_consistent"] == "6/6"
-    assert meta["image_check"] == "same"        # the guest's dump of step 6 = the RAM at the pause
+    assert meta["image_check"] == "same"  # the guest's dump of step 6 = the RAM at the pause
     check_trace_accounts(out)
     for sd in (steps[0], steps[-1]):
         check_image_against_ptdump(out, sd, str(tmp_path))
@@ -99,19 +103,24 @@ def test_live_report_on_a_fresh_run_replays_every_step(live_runs, tmp_path):
 
 def test_live_run_repeats_byte_for_byte(live_runs):
     from harness.linux.compare import compare_bytes
+
     a, b = live_runs
     assert compare_bytes(a, b) == []
-    assert read_artifact(os.path.join(a, "boots"), "boot-06.txt") == \
-        read_artifact(os.path.join(b, "boots"), "boot-06.txt")
+    assert read_artifact(os.path.join(a, "boots"), "boot-06.txt") == read_artifact(
+        os.path.join(b, "boots"), "boot-06.txt"
+    )
 
 
 def test_live_run_matches_the_committed_fixture(live_runs):
     """Bytes when the sources match; across a kernel package update, what the workload does."""
     from harness.linux.compare import compare_runs
+
     if not os.path.isdir(FIXTURE):
         pytest.skip("fixture 6.1-4l-modules not committed")
     c = compare_runs(live_runs[0], FIXTURE)
     fx = load_json(os.path.join(FIXTURE, "meta.json"))
-    assert c.same, (f"{c.mode} compare with the fixture (kernel {fx['kernel_package_version']}, QEMU "
-                    f"{fx['qemu_version']}) failed; regenerate with tools/linux_fixtures.py if the "
-                    "kernel really changed:\n" + "\n".join(c.differences[:20]))
+    assert c.same, (
+        f"{c.mode} compare with the fixture (kernel {fx['kernel_package_version']}, QEMU "
+        f"{fx['qemu_version']}) failed; regenerate with tools/linux_fixtures.py if the "
+        "kernel really changed:\n" + "\n".join(c.differences[:20])
+    )

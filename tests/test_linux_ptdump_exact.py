@@ -8,6 +8,7 @@ The ESPfix area is compared too, with nothing cut: the kernel prints its first 1
 "... N entries skipped ... " (dump_pagetables.c, address marker max_lines), and x86pt reproduces
 both the lines and N.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,9 @@ import pytest
 from harness.linux.collect import load_json, materialize, read_artifact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_DIRS = sorted(os.path.dirname(p)
-                  for p in glob.glob(os.path.join(ROOT, "fixtures", "linux", "*", "meta.json")))
+RUN_DIRS = sorted(
+    os.path.dirname(p) for p in glob.glob(os.path.join(ROOT, "fixtures", "linux", "*", "meta.json"))
+)
 STEPS = [(r, s) for r in RUN_DIRS for s in sorted(glob.glob(os.path.join(r, "step-*")))]
 pytestmark = pytest.mark.skipif(not STEPS, reason="no fixtures/linux runs committed")
 SKIPPED = re.compile(r"^\.\.\. \d+ entries skipped \.\.\. $", re.M)
@@ -35,7 +37,8 @@ def _id(x) -> str:
 def _x86pt(*args: str) -> tuple[int, bytes, str]:
     """Run an x86pt command in-process: (exit code, stdout bytes, stderr text)."""
     from x86pt.cli import main
-    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()   # dump writes .buffer
+
+    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()  # dump writes .buffer
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(list(args))
     out.flush()
@@ -54,8 +57,16 @@ def _first_diff(got: str, want: str) -> str:
 def test_dump_is_the_kernel_text_byte_for_byte(run_dir, step_dir, tmp_path):
     elf = materialize(step_dir, "tables.elf", str(tmp_path))
     kernel = read_artifact(step_dir, "ptdump.txt")
-    rc, got, err = _x86pt("dump", elf, "--format", "ptdump", "--markers", "linux",
-                          "--layout", os.path.join(run_dir, "layout.json"))
+    rc, got, err = _x86pt(
+        "dump",
+        elf,
+        "--format",
+        "ptdump",
+        "--markers",
+        "linux",
+        "--layout",
+        os.path.join(run_dir, "layout.json"),
+    )
     assert rc == 0 and err == "", err
     # the ESPfix truncation is part of what is compared, not cut away
     assert len(SKIPPED.findall(kernel.decode())) == 1
@@ -77,7 +88,10 @@ def test_fixtures_cover_kaslr_and_la57():
     assert any(lay.get("la57") for lay in lays)
     assert any(not lay.get("la57") for lay in lays)
     assert _kaslr_run() is not None
-    assert {lay["release"].split(".")[0] + "." + lay["release"].split(".")[1] for lay in lays} >= {"6.1", "6.12"}
+    assert {lay["release"].split(".")[0] + "." + lay["release"].split(".")[1] for lay in lays} >= {
+        "6.1",
+        "6.12",
+    }
 
 
 def test_explicit_bases_equal_layout_and_defaults_do_not_fit_kaslr(tmp_path):
@@ -89,27 +103,39 @@ def test_explicit_bases_equal_layout_and_defaults_do_not_fit_kaslr(tmp_path):
     lay = load_json(os.path.join(run, "layout.json"))
     kernel = read_artifact(step, "ptdump.txt")
     base = ("dump", elf, "--format", "ptdump", "--markers", "linux")
-    rc, got, _ = _x86pt(*base, "--page-offset", lay["page_offset_base"],
-                        "--vmalloc-base", lay["vmalloc_base"], "--vmemmap-base", lay["vmemmap_base"])
+    rc, got, _ = _x86pt(
+        *base,
+        "--page-offset",
+        lay["page_offset_base"],
+        "--vmalloc-base",
+        lay["vmalloc_base"],
+        "--vmemmap-base",
+        lay["vmemmap_base"],
+    )
     assert rc == 0 and got == kernel
     rc, got, _ = _x86pt(*base)
     assert rc == 0 and got != kernel
     # an option overrides the layout file's value
-    rc, got, _ = _x86pt(*base, "--layout", os.path.join(run, "layout.json"),
-                        "--vmalloc-base", "0xffffc90000000000")
+    rc, got, _ = _x86pt(
+        *base, "--layout", os.path.join(run, "layout.json"), "--vmalloc-base", "0xffffc90000000000"
+    )
     assert rc == 0 and got != kernel
 
 
-@pytest.mark.parametrize("content,what", [
-    (b"{not json", "not JSON"),
-    (b"[1, 2]", "JSON object"),
-    (b'{"vmalloc_base": "0xzz"}', "vmalloc_base"),
-    (b'{"page_offset_base": true}', "page_offset_base"),
-    (b'{"vmemmap_base": "0x10000000000000000"}', "vmemmap_base"),
-])
+@pytest.mark.parametrize(
+    "content,what",
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"vmalloc_base": "0xzz"}', "vmalloc_base"),
+        (b'{"page_offset_base": true}', "page_offset_base"),
+        (b'{"vmemmap_base": "0x10000000000000000"}', "vmemmap_base"),
+    ],
+)
 def test_bad_layout_is_one_line_exit_2(tmp_path, content, what):
     from x86pt.build import Builder
     from x86pt.memory import write_image
+
     b = Builder(levels=4)
     b.map(0x400000, 0x5000000, 4096, 4096, "p rw")
     img = str(tmp_path / "t.elf")

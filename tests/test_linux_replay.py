@@ -1,6 +1,7 @@
 """The replay check's parts (harness/linux/replay.py, x86pt/cpa/importer.py) on the committed
 real-kernel fixtures: the expectations are the kernel's own counters (/proc/meminfo, vmstat) and
 its captured tables, and hand derivations from arch/x86/include/asm/pgtable-invert.h."""
+
 from __future__ import annotations
 
 import glob
@@ -39,8 +40,11 @@ def test_import_of_a_real_image_counts_like_meminfo(name, tmp_path):
     m = R.load_model(step, lay, R.run_kernel(d), str(tmp_path))
     want = load_json(os.path.join(step, "counters.json"))
     mi = m.counters.meminfo(lay.gbpages)
-    assert (mi["DirectMap4k"], mi["DirectMap2M"], mi["DirectMap1G"]) == \
-        (want["DirectMap4k"], want["DirectMap2M"], want["DirectMap1G"])
+    assert (mi["DirectMap4k"], mi["DirectMap2M"], mi["DirectMap1G"]) == (
+        want["DirectMap4k"],
+        want["DirectMap2M"],
+        want["DirectMap1G"],
+    )
     assert m.shared, "ESPfix's shared table pages were expected"
     assert m.levels == load_json(os.path.join(d, "layout.json"))["levels"]
     if m.levels == 5:
@@ -55,7 +59,7 @@ def test_replay_check_can_fail():
     assert good.identical and good.splits_kernel == (1, 0)
     orig = R.parse_line
     try:
-        R.parse_line = lambda line, where="trace": None          # an empty trace
+        R.parse_line = lambda line, where="trace": None  # an empty trace
         bad = R.replay_step(d, 1)
     finally:
         R.parse_line = orig
@@ -99,7 +103,8 @@ def test_importer_refuses_a_table_seen_at_two_levels():
     mem = SparseMemory(1 << 32)
     root = 0x1000
     mem.write_u64(root + 256 * 8, root | 0x63)
-    st = PagingState(cr3=root, cr0=0x80010033, cr4=0x20, efer=0xD01, profile=profile_named("intel"),
-                     maxphyaddr=46)
+    st = PagingState(
+        cr3=root, cr0=0x80010033, cr4=0x20, efer=0xD01, profile=profile_named("intel"), maxphyaddr=46
+    )
     with pytest.raises(ImageError, match="level"):
         model_from_image((mem, st), PRESETS["server-64g"], "6.1", "none")

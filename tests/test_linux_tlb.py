@@ -5,6 +5,7 @@ its CPA calls; replaying a step from the image before it must predict the flushe
 made for each call (count and addresses), and with the kernel's own flushes no dangerous window
 may be open at the end of an API call. A trace with one recorded flush removed is reported at
 the call and the addresses the kernel's trace names."""
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,16 @@ from harness.linux.replay import flush_check, step_dirs
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "linux")
 # the bpf runs (a 4.8 MB module: thousands of pages per call) take ~30 s each
-RUNS = ("6.1-4l-modules", "6.12-4l-modules", "6.1-5l-modules", "6.12-5l-modules",
-        "6.1-4l-secretmem", "6.12-4l-secretmem",
-        pytest.param("6.1-4l-bpf", marks=pytest.mark.slow), pytest.param("6.12-4l-bpf", marks=pytest.mark.slow))
+RUNS = (
+    "6.1-4l-modules",
+    "6.12-4l-modules",
+    "6.1-5l-modules",
+    "6.12-5l-modules",
+    "6.1-4l-secretmem",
+    "6.12-4l-secretmem",
+    pytest.param("6.1-4l-bpf", marks=pytest.mark.slow),
+    pytest.param("6.12-4l-bpf", marks=pytest.mark.slow),
+)
 
 
 def _steps(run):
@@ -51,8 +59,9 @@ def test_a_removed_flush_is_reported_at_its_call_and_addresses():
     i = lines.index("cpa 0xffffffffc0210000 1 set=0x0 clr=0x2 flags=0x0 primary")
     assert lines[i + 1].startswith("#   alias cpa 0xffff8880bff29000 1 ")
     assert lines[i + 2] == "flush_tlb_all"
-    r = flush_check(d, 1, text="\n".join(lines[:i + 2] + lines[i + 3:]))
+    r = flush_check(d, 1, text="\n".join(lines[: i + 2] + lines[i + 3 :]))
     assert [(m[0], m[2], m[3]) for m in r.mismatches] == [(0, [("all",)], [])]
     at_call = sorted((cpu, s, e, kind) for op, cpu, s, e, kind in r.windows if op == 0)
-    assert at_call == [(cpu, s, s + 0x1000, "rw") for cpu in (0, 1)
-                       for s in (0xffff8880bff29000, 0xffffffffc0210000)]
+    assert at_call == [
+        (cpu, s, s + 0x1000, "rw") for cpu in (0, 1) for s in (0xFFFF8880BFF29000, 0xFFFFFFFFC0210000)
+    ]

@@ -1,6 +1,7 @@
 """The access matrix: counts against kvm-unit-tests' (docs/paging.md §11.6, counted there by a C port
 of ac_test_bump/ac_test_legal), the product enumeration against the literal bump enumeration, and
 the packing of cases into rig images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,14 +14,14 @@ from x86pt.state import profile_named
 
 # (features, §10.6 count)
 KUT_COUNTS = [
-    (MatrixFeatures(maxphyaddr=40, pku=True), 19_169_280),     # PKU, 37 <= M <= 51
+    (MatrixFeatures(maxphyaddr=40, pku=True), 19_169_280),  # PKU, 37 <= M <= 51
     (MatrixFeatures(maxphyaddr=51, pku=True), 19_169_280),
     (MatrixFeatures(maxphyaddr=37, pku=True), 19_169_280),
-    (MatrixFeatures(maxphyaddr=48, pku=False), 1_916_928),     # no PKU, 37 <= M <= 51
-    (MatrixFeatures(maxphyaddr=36, pku=True), 28_999_680),     # PKU, M <= 36
-    (MatrixFeatures(maxphyaddr=36, pku=False), 2_899_968),     # IvyBridge, phys-bits=36
-    (MatrixFeatures(maxphyaddr=52, pku=True), 9_338_880),      # PKU, M = 52
-    (MatrixFeatures(maxphyaddr=40, pku=True, fep=True), 38_338_560),   # force_emulation
+    (MatrixFeatures(maxphyaddr=48, pku=False), 1_916_928),  # no PKU, 37 <= M <= 51
+    (MatrixFeatures(maxphyaddr=36, pku=True), 28_999_680),  # PKU, M <= 36
+    (MatrixFeatures(maxphyaddr=36, pku=False), 2_899_968),  # IvyBridge, phys-bits=36
+    (MatrixFeatures(maxphyaddr=52, pku=True), 9_338_880),  # PKU, M = 52
+    (MatrixFeatures(maxphyaddr=40, pku=True, fep=True), 38_338_560),  # force_emulation
 ]
 
 
@@ -35,12 +36,28 @@ def test_smep_absent_or_present_gives_the_same_classic_count():
 
 
 # Fix most free bits so the literal enumeration walks ~2^17 values instead of 2^28.
-_SHRINK = (mx.PTE_A | mx.PTE_D | mx.PDE_A | mx.PDE_D | mx.PTE_RW | mx.PDE_RW | mx.PDE_USER
-           | mx.ACC_TWICE | mx.PDPTE_RO)
+_SHRINK = (
+    mx.PTE_A
+    | mx.PTE_D
+    | mx.PDE_A
+    | mx.PDE_D
+    | mx.PTE_RW
+    | mx.PDE_RW
+    | mx.PDE_USER
+    | mx.ACC_TWICE
+    | mx.PDPTE_RO
+)
 
 
-@pytest.mark.parametrize("feat", [MatrixFeatures(maxphyaddr=40, pku=True), MatrixFeatures(maxphyaddr=36, pku=False),
-                                  MatrixFeatures(maxphyaddr=52, pku=True), MatrixFeatures(maxphyaddr=48, pku=False)])
+@pytest.mark.parametrize(
+    "feat",
+    [
+        MatrixFeatures(maxphyaddr=40, pku=True),
+        MatrixFeatures(maxphyaddr=36, pku=False),
+        MatrixFeatures(maxphyaddr=52, pku=True),
+        MatrixFeatures(maxphyaddr=48, pku=False),
+    ],
+)
 def test_product_enumeration_equals_kut_bump_enumeration(feat):
     literal = set(mx.bump_enumerate(feat, extra_invalid=_SHRINK))
     space = mx.classic_space(feat, extra_invalid=_SHRINK)
@@ -80,7 +97,7 @@ def test_kut_legal_rules():
     assert not mx.kut_legal(mx.PDE_13)
     assert mx.kut_legal(mx.PDE_13 | mx.PDE_PSE)
     assert not mx.kut_legal(mx.PDE_51 | mx.PTE_51)
-    assert not mx.kut_legal(mx.PTE_NX | mx.PTE_51)                 # NX is reserved without efer.nx
+    assert not mx.kut_legal(mx.PTE_NX | mx.PTE_51)  # NX is reserved without efer.nx
     assert mx.kut_legal(mx.PTE_NX | mx.PTE_51 | mx.EFER_NX)
     assert not mx.kut_legal(mx.SMEP)
 
@@ -133,6 +150,7 @@ def test_twice_adds_a_supervisor_read_first():
 
 def test_cases_of_different_cpu_state_cannot_share_a_batch():
     from x86pt.errors import BadInputError
+
     with pytest.raises(BadInputError):
         mx.build_batch([("a", 0), ("b", mx.CR0_WP_F)], MatrixFeatures(), profile_named("intel"))
 
@@ -159,7 +177,7 @@ def test_classic_matrix_runs_under_smep_smap_and_smap_ac():
     want = {0, mx.SMEP, mx.SMAP, mx.SMAP | mx.ACC_AC}
     assert {int(c) for c in np.unique(cfg)} == want
     counts = [int((cfg == np.uint64(c)).sum()) for c in want]
-    assert max(counts) - min(counts) <= len(flags) // 20        # a quarter each
+    assert max(counts) - min(counts) <= len(flags) // 20  # a quarter each
     # Every (CPL, access, pte.user, pde.user) combination meets every configuration.
     key = flags & np.uint64(mx.ACC_USER | mx.ACC_WRITE | mx.ACC_FETCH | mx.PTE_USER | mx.PDE_USER)
     pairs = {(int(k), int(c)) for k, c in zip(key, cfg)}
@@ -172,7 +190,7 @@ def test_classic_matrix_runs_under_smep_smap_and_smap_ac():
 @pytest.mark.parametrize("m,levels", [(40, 4), (48, 4), (40, 5), (36, 4)])
 def test_reserved_high_bit_reaches_every_bit_from_m_to_51_and_every_level(m, levels):
     feat = MatrixFeatures(maxphyaddr=m, pku=False, la57=levels == 5)
-    space = (mx.la57_space(feat) if levels == 5 else mx.classic_space(feat))
+    space = mx.la57_space(feat) if levels == 5 else mx.classic_space(feat)
     flags = space.flags_array(0, space.size)
     seen = set()
     for f in flags[(flags & np.uint64(mx.PTE_51 | mx.PDE_51)) != 0][::7].tolist():
@@ -187,6 +205,7 @@ def test_hi_names_round_trip():
     assert mx.flags_from_names(mx.flag_names(f)) == f
     assert mx.hi_bit(mx.PTE_51) == 51 and mx.hi_at(mx.PDE_51) == "pde"
     from x86pt.errors import BadInputError
+
     for bad in ("hi.bit=53", "hi.at=cr3", "hi.bit=x"):
         with pytest.raises(BadInputError):
             mx.flags_from_names(bad)
@@ -206,7 +225,9 @@ def _entries_by_hand(mem, cr3: int, va: int, levels: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("at,level_from_top", [("pml5e", 0), ("pml4e", 1), ("pdpte", 2), ("pdpte1g", 2), ("pde", 3)])
+@pytest.mark.parametrize(
+    "at,level_from_top", [("pml5e", 0), ("pml4e", 1), ("pdpte", 2), ("pdpte1g", 2), ("pde", 3)]
+)
 def test_the_reserved_bit_sits_in_the_named_entry(at, level_from_top):
     levels = 5
     f = mx.flags_from_names(f"la57 pde.p pde.rw pte.p pte.rw pde.51 hi.bit=45 hi.at={at}")
@@ -216,4 +237,4 @@ def test_the_reserved_bit_sits_in_the_named_entry(at, level_from_top):
     assert hit == [level_from_top] and len(es) >= level_from_top + 1
     assert all(not (e >> 51) & 1 for e in es)
     if at == "pdpte1g":
-        assert es[2] & 0x80                                  # a 1G leaf
+        assert es[2] & 0x80  # a 1G leaf

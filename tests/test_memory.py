@@ -1,6 +1,7 @@
 """Physical memory sources: raw, ELF core (QEMU dump-guest-memory layout), LiME, sparse; and the
 bad-input cases (truncated, overlapping, past the end, malformed). Byte layouts here are written by
 hand from the formats (ELF64 gABI, QEMUCPUState as in docs/formats.md §4, LiME's header)."""
+
 from __future__ import annotations
 
 import os
@@ -27,13 +28,34 @@ def hand_elf(loads, notes=b"", phnum_override=None, machine=62, etype=4, eclass=
         parts.append(data)
         off += len(data)
     ident = b"\x7fELF" + bytes([eclass, 1, 1]) + bytes(9)
-    hdr = struct.pack("<16sHHIQQQIHHHHHH", ident, etype, machine, 1, 0, 64, 0, 0, 64, 56,
-                      phnum if phnum_override is None else phnum_override, 64, 0, 0)
+    hdr = struct.pack(
+        "<16sHHIQQQIHHHHHH",
+        ident,
+        etype,
+        machine,
+        1,
+        0,
+        64,
+        0,
+        0,
+        64,
+        56,
+        phnum if phnum_override is None else phnum_override,
+        64,
+        0,
+        0,
+    )
     return hdr + b"".join(phdrs) + notes + b"".join(parts)
 
 
 def qemu_note(cr0, cr3, cr4):
-    desc = struct.pack("<II", 1, 440) + bytes(18 * 8) + bytes(240) + struct.pack("<5Q", cr0, 0, 0, cr3, cr4) + bytes(8)
+    desc = (
+        struct.pack("<II", 1, 440)
+        + bytes(18 * 8)
+        + bytes(240)
+        + struct.pack("<5Q", cr0, 0, 0, cr3, cr4)
+        + bytes(8)
+    )
     name = b"QEMU\0\0\0\0"
     return struct.pack("<III", 5, len(desc), 0) + name + desc
 
@@ -46,19 +68,21 @@ def write(tmp_path, name, data):
 
 def test_elf_core_reads_paddr_zero_fill_and_qemu_registers(tmp_path):
     seg1 = bytes(range(256)) * 16
-    seg2 = b"\xAA" * 4096
-    data = hand_elf([(0x100000, seg1, 0x2000, 0xDEAD0000), (0x400000, seg2, 0x1000, 0)],
-                    qemu_note(0x80050033, 0x1234000, 0x3406F0))
+    seg2 = b"\xaa" * 4096
+    data = hand_elf(
+        [(0x100000, seg1, 0x2000, 0xDEAD0000), (0x400000, seg2, 0x1000, 0)],
+        qemu_note(0x80050033, 0x1234000, 0x3406F0),
+    )
     path = write(tmp_path, "c.elf", data)
     with open_memory(path) as m:
         assert isinstance(m, ElfCore)
-        assert m.read(0x100000, 4) == b"\x00\x01\x02\x03"              # keyed by p_paddr, not p_vaddr
-        assert m.read(0x101000 + 0x10, 2) == bytes(2)                  # p_filesz < p_memsz: zeros
+        assert m.read(0x100000, 4) == b"\x00\x01\x02\x03"  # keyed by p_paddr, not p_vaddr
+        assert m.read(0x101000 + 0x10, 2) == bytes(2)  # p_filesz < p_memsz: zeros
         assert m.read_u64(0x400000) == 0xAAAAAAAAAAAAAAAA
         assert m.control_registers["cr3"] == 0x1234000
         assert m.control_registers["cr0"] == 0x80050033
         assert m.control_registers["cr4"] == 0x3406F0
-        assert "efer" not in m.control_registers                       # QEMUCPUState has no EFER
+        assert "efer" not in m.control_registers  # QEMUCPUState has no EFER
         assert [(s.start, s.end) for s in m.segments()] == [(0x100000, 0x102000), (0x400000, 0x401000)]
         with pytest.raises(PhysicalAddressError):
             m.read(0x200000, 8)
@@ -67,14 +91,17 @@ def test_elf_core_reads_paddr_zero_fill_and_qemu_registers(tmp_path):
         assert int(vals[2]) == 0xAAAAAAAAAAAAAAAA and int(vals[1]) == 0
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda d: d[:40], "truncated ELF header"),
-    (lambda d: b"\x7fELG" + d[4:], "not an ELF"),
-    (lambda d: d[:4] + b"\x01" + d[5:], "ELF64"),
-    (lambda d: d[:16] + struct.pack("<H", 2) + d[18:], "not a core"),
-    (lambda d: d[:18] + struct.pack("<H", 3) + d[20:], "not x86-64"),
-    (lambda d: d[:-100], "truncated"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda d: d[:40], "truncated ELF header"),
+        (lambda d: b"\x7fELG" + d[4:], "not an ELF"),
+        (lambda d: d[:4] + b"\x01" + d[5:], "ELF64"),
+        (lambda d: d[:16] + struct.pack("<H", 2) + d[18:], "not a core"),
+        (lambda d: d[:18] + struct.pack("<H", 3) + d[20:], "not x86-64"),
+        (lambda d: d[:-100], "truncated"),
+    ],
+)
 def test_malformed_elf_cores(tmp_path, mutate, message):
     data = hand_elf([(0x0, b"\1" * 4096, 4096, 0)], qemu_note(0x80000011, 0x1000, 0x20))
     path = write(tmp_path, "bad.elf", mutate(data))
@@ -104,18 +131,37 @@ def test_elf_writer_round_trip_carries_registers(tmp_path):
     mem.write_u64(0x1000, 0x2003)
     mem.write(0x5000, b"hello")
     path = str(tmp_path / "out.elf")
-    write_elf_core(path, mem, cr0=0x80010001, cr3=0x1000, cr4=0x1020, efer=0xD00, pkru=0x55,
-                   maxphyaddr=40, vendor="amd", profile="qemu")
+    write_elf_core(
+        path,
+        mem,
+        cr0=0x80010001,
+        cr3=0x1000,
+        cr4=0x1020,
+        efer=0xD00,
+        pkru=0x55,
+        maxphyaddr=40,
+        vendor="amd",
+        profile="qemu",
+    )
     with ElfCore(path) as m:
         assert m.read_u64(0x1000) == 0x2003 and m.read(0x5000, 5) == b"hello"
-        assert m.control_registers == {"cr0": 0x80010001, "cr2": 0, "cr3": 0x1000, "cr4": 0x1020,
-                                       "rip": 0, "rflags": 2, "efer": 0xD00, "pkru": 0x55, "pkrs": 0,
-                                       "maxphyaddr": 40}
+        assert m.control_registers == {
+            "cr0": 0x80010001,
+            "cr2": 0,
+            "cr3": 0x1000,
+            "cr4": 0x1020,
+            "rip": 0,
+            "rflags": 2,
+            "efer": 0xD00,
+            "pkru": 0x55,
+            "pkrs": 0,
+            "maxphyaddr": 40,
+        }
         assert m.profile_name == "qemu"
         # the QEMU note sits where QEMU puts it: CR3 at payload offset 416
         desc = next(d for n, t, d in m.notes if n == "QEMU")
         assert struct.unpack_from("<Q", desc, 416)[0] == 0x1000
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".x86pt-")]   # no temp left behind
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".x86pt-")]  # no temp left behind
 
 
 def test_raw_file_is_read_only_and_bounded(tmp_path):
@@ -129,7 +175,7 @@ def test_raw_file_is_read_only_and_bounded(tmp_path):
         assert m.table(0x1000).shape == (512,)
         with pytest.raises(PhysicalAddressError):
             m.table(0x2000)
-    os.chmod(path, stat.S_IRUSR)           # opening needs read permission only
+    os.chmod(path, stat.S_IRUSR)  # opening needs read permission only
     RawFile(path).close()
 
 
@@ -157,7 +203,7 @@ def test_lime_round_trip_and_errors(tmp_path):
 def test_sparse_memory_zero_fill_and_bounds():
     m = SparseMemory(size=0x10000)
     assert m.read_u64(0x8000) == 0
-    m.write(0xFFC, b"\1\2\3\4\5\6\7\x08")            # across a page boundary
+    m.write(0xFFC, b"\1\2\3\4\5\6\7\x08")  # across a page boundary
     assert m.read(0xFFC, 8) == b"\1\2\3\4\5\6\7\x08"
     with pytest.raises(PhysicalAddressError):
         m.read(0xFFFC, 8)

@@ -4,14 +4,23 @@
 Expectations are written by hand from Intel SDM Vol. 3A §4.5 (tables 4-15..4-21: which VA bits
 index each level, which entries have a PS bit, where PAT sits) and the Linux level names
 (arch/x86/include/asm/pgtable_types.h: pgd/p4d/pud/pmd/pte), never from the code's output."""
+
 from __future__ import annotations
 
 import pytest
 
 from x86pt.errors import BadInputError
-from x86pt.fields import (LEVELS, Field, Kind, Role, decode_fast, encode_fast, field_named, kind_from_name,
-                          levels_for)
-
+from x86pt.fields import (
+    LEVELS,
+    Field,
+    Kind,
+    Role,
+    decode_fast,
+    encode_fast,
+    field_named,
+    kind_from_name,
+    levels_for,
+)
 
 
 def test_level_index_takes_nine_va_bits_at_the_level_shift():
@@ -74,11 +83,17 @@ def test_defaults_are_maxphyaddr_52_and_intel():
 
 
 def test_error_messages_name_the_kind_and_the_fields():
-    with pytest.raises(BadInputError, match=r"^pte has no field 'zz' \(fields: xd, pk, ign_hi, addr, avl, g, "
-                                            r"pat, d, a, pcd, pwt, us, rw, p\)$"):
+    with pytest.raises(
+        BadInputError,
+        match=r"^pte has no field 'zz' \(fields: xd, pk, ign_hi, addr, avl, g, "
+        r"pat, d, a, pcd, pwt, us, rw, p\)$",
+    ):
         field_named(Kind.PTE, "zz")
-    with pytest.raises(BadInputError, match=r"^pde has no field 'zz' \(fields: xd, ign_hi, rsvd_hi, addr, avl, "
-                                            r"ign8, ps, ign6, a, pcd, pwt, us, rw, p\)$"):
+    with pytest.raises(
+        BadInputError,
+        match=r"^pde has no field 'zz' \(fields: xd, ign_hi, rsvd_hi, addr, avl, "
+        r"ign8, ps, ign6, a, pcd, pwt, us, rw, p\)$",
+    ):
         field_named(Kind.PDE, "zz", 40, "intel")
     with pytest.raises(BadInputError, match=r"^pte has no field 'zz'$"):
         encode_fast({"zz": 1}, Kind.PTE)
@@ -86,22 +101,37 @@ def test_error_messages_name_the_kind_and_the_fields():
         encode_fast({"rw": 2}, Kind.PTE)
 
 
-@pytest.mark.parametrize("name,kind", [
-    ("pud", Kind.PDPTE), ("PMD", Kind.PDE), ("pdpte_1g", Kind.PDPTE_1G), ("pde_2m", Kind.PDE_2M),
-    ("PDPE", Kind.PDPTE), ("1G", Kind.PDPTE_1G), ("2m", Kind.PDE_2M), ("4k", Kind.PTE),
-    (" pte ", Kind.PTE), ("pml5e", Kind.PML5E),
-])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("pud", Kind.PDPTE),
+        ("PMD", Kind.PDE),
+        ("pdpte_1g", Kind.PDPTE_1G),
+        ("pde_2m", Kind.PDE_2M),
+        ("PDPE", Kind.PDPTE),
+        ("1G", Kind.PDPTE_1G),
+        ("2m", Kind.PDE_2M),
+        ("4k", Kind.PTE),
+        (" pte ", Kind.PTE),
+        ("pml5e", Kind.PML5E),
+    ],
+)
 def test_kind_aliases(name, kind):
     assert kind_from_name(name) is kind
 
 
 def test_unknown_kind_lists_the_choices():
-    with pytest.raises(BadInputError, match=r"^unknown entry kind 'zz' \(one of pml5e, pml4e, pdpte, pdpte1g, "
-                                            r"pde, pde2m, pte\)$"):
+    with pytest.raises(
+        BadInputError,
+        match=r"^unknown entry kind 'zz' \(one of pml5e, pml4e, pdpte, pdpte1g, "
+        r"pde, pde2m, pte\)$",
+    ):
         kind_from_name("zz")
 
 
 def test_unknown_field_message_uses_the_vendor_table():
     # AMD: bit 8 of a PML4E is reserved (rsvd8), not ignored (ign8) — APM Vol. 2 §5.3.
-    with pytest.raises(BadInputError, match=r"\(fields: xd, ign_hi, rsvd_hi, addr, avl, rsvd8, ps, ign6, a, "):
+    with pytest.raises(
+        BadInputError, match=r"\(fields: xd, ign_hi, rsvd_hi, addr, avl, rsvd8, ps, ign6, a, "
+    ):
         field_named(Kind.PML4E, "zz", 40, "amd")

@@ -2,32 +2,54 @@
 the reserved-high-bit fields, KUT's invalid mask and legality rule, run selection (shards, limits,
 samples) and the probe cap. Expectations are written by hand from kvm-unit-tests' access test as
 docs/paging.md §11 describes it and from the functions' stated contracts, not from their output."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from harness import matrix as mx
-from harness.matrix import (F, MatrixFeatures, _probe_cuts, flag_names, flags_from_names, hi_at, hi_bit,
-                            invalid_mask, kut_legal, probe_cap, select)
+from harness.matrix import (
+    F,
+    MatrixFeatures,
+    _probe_cuts,
+    flag_names,
+    flags_from_names,
+    hi_at,
+    hi_bit,
+    invalid_mask,
+    kut_legal,
+    probe_cap,
+    select,
+)
 from x86pt.errors import BadInputError
 
-HB, HA = 1 << 40, 1 << 46          # one unit of the hi.bit field (bits 45:40) and of hi.at (48:46)
+HB, HA = 1 << 40, 1 << 46  # one unit of the hi.bit field (bits 45:40) and of hi.at (48:46)
 
 
 def test_the_flag_bits_are_kut_s_order():
     assert (F["pte.rw"], F["pte.user"], F["pde.p"], F["efer.nx"], F["fep"], F["cr4.smap"], F["implicit"]) == (
-        1, 2, 1 << 14, 1 << 26, 1 << 30, 1 << 31, 1 << 38)
+        1,
+        2,
+        1 << 14,
+        1 << 26,
+        1 << 30,
+        1 << 31,
+        1 << 38,
+    )
 
 
-@pytest.mark.parametrize("flags,name", [
-    (0, "(none)"),
-    (1 | 1 << 14, "pte.rw pde.p"),
-    (1 << 38 | 1 << 22, "user implicit"),
-    (1 << 6 | 40 * HB, "pte.51 hi.bit=40"),
-    (1 << 15 | 3 * HA, "pde.51 hi.at=pml4e"),
-    (45 * HB | 4 * HA, "hi.bit=45 hi.at=pml5e"),
-])
+@pytest.mark.parametrize(
+    "flags,name",
+    [
+        (0, "(none)"),
+        (1 | 1 << 14, "pte.rw pde.p"),
+        (1 << 38 | 1 << 22, "user implicit"),
+        (1 << 6 | 40 * HB, "pte.51 hi.bit=40"),
+        (1 << 15 | 3 * HA, "pde.51 hi.at=pml4e"),
+        (45 * HB | 4 * HA, "hi.bit=45 hi.at=pml5e"),
+    ],
+)
 def test_flag_names(flags, name):
     assert flag_names(flags) == name
     assert flags_from_names(name if flags else "") == flags
@@ -44,13 +66,16 @@ def test_flags_from_names_accepts_commas_and_the_bit_range_ends():
     assert flags_from_names("hi.at=pde") == 0 and flags_from_names("hi.at=pdpte") == HA
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("hi.bit=11", "bad 'hi.bit=11' (a bit number 12..51)"),
-    ("hi.bit=52", "bad 'hi.bit=52' (a bit number 12..51)"),
-    ("hi.bit=x", "bad 'hi.bit=x' (a bit number 12..51)"),
-    ("hi.at=pt", "bad 'hi.at=pt' (one of pde, pdpte, pdpte1g, pml4e, pml5e)"),
-    ("pte.rw bogus", "unknown matrix flag 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("hi.bit=11", "bad 'hi.bit=11' (a bit number 12..51)"),
+        ("hi.bit=52", "bad 'hi.bit=52' (a bit number 12..51)"),
+        ("hi.bit=x", "bad 'hi.bit=x' (a bit number 12..51)"),
+        ("hi.at=pt", "bad 'hi.at=pt' (one of pde, pdpte, pdpte1g, pml4e, pml5e)"),
+        ("pte.rw bogus", "unknown matrix flag 'bogus'"),
+    ],
+)
 def test_bad_flag_names(text, msg):
     with pytest.raises(BadInputError) as e:
         flags_from_names(text)
@@ -73,16 +98,31 @@ def test_invalid_mask_per_feature():
     assert invalid_mask(MatrixFeatures(maxphyaddr=36, smep=False)) == F["fep"] | F["cr4.smep"]
 
 
-@pytest.mark.parametrize("names,legal", [
-    ("", True),
-    ("cr4.smep", False),                       # excluded since KUT commit 73695c95
-    ("fetch write", False), ("fetch", True), ("write", True),
-    ("pkru.ad", False), ("pkru.wd", False), ("pkru.ad cr4.pke", True), ("pkru.wd cr4.pke", True),
-    ("pde.13", False), ("pde.13 pde.pse", True),
-    ("pde.51", True), ("pde.51 pte.36", False), ("pte.51 pte.36", False), ("pde.36 pde.13 pde.pse", False),
-    ("pte.nx", True), ("pte.nx pde.51", False), ("pte.nx pde.51 efer.nx", True),
-    ("pte.nx pde.nx", False), ("pte.nx pde.nx efer.nx", True),
-])
+@pytest.mark.parametrize(
+    "names,legal",
+    [
+        ("", True),
+        ("cr4.smep", False),  # excluded since KUT commit 73695c95
+        ("fetch write", False),
+        ("fetch", True),
+        ("write", True),
+        ("pkru.ad", False),
+        ("pkru.wd", False),
+        ("pkru.ad cr4.pke", True),
+        ("pkru.wd cr4.pke", True),
+        ("pde.13", False),
+        ("pde.13 pde.pse", True),
+        ("pde.51", True),
+        ("pde.51 pte.36", False),
+        ("pte.51 pte.36", False),
+        ("pde.36 pde.13 pde.pse", False),
+        ("pte.nx", True),
+        ("pte.nx pde.51", False),
+        ("pte.nx pde.51 efer.nx", True),
+        ("pte.nx pde.nx", False),
+        ("pte.nx pde.nx efer.nx", True),
+    ],
+)
 def test_kut_legal(names, legal):
     assert kut_legal(flags_from_names(names)) is legal
 
@@ -95,7 +135,7 @@ def test_select_shards_limits_and_samples():
     assert select(10, shard=(2, 3), limit=2) == (None, 3, 5)
     assert select(10, shard=(2, 3), limit=9) == (None, 3, 6)
     assert select(10, limit=4) == (None, 0, 4)
-    idx, a, b = select(10, shard=(2, 3), sample=10, seed=3)     # the sample is the whole shard
+    idx, a, b = select(10, shard=(2, 3), sample=10, seed=3)  # the sample is the whole shard
     assert (idx.tolist(), a, b) == ([3, 4, 5], 0, 0)
     idx, _, _ = select(1000, sample=50, seed=7)
     assert len(idx) == 50 and len(set(idx.tolist())) == 50 and idx.tolist() == sorted(idx.tolist())
@@ -110,6 +150,7 @@ def test_select_shards_limits_and_samples():
 def test_probe_cap():
     class O:
         pass
+
     o = O()
     assert probe_cap(o) is None
     for v, want in ((5, 5), (2, 2), (1, None), (0, None), (True, None), ("5", None), (None, None)):
@@ -119,7 +160,7 @@ def test_probe_cap():
 
 def test_probe_cuts():
     assert _probe_cuts(np.array([3, 2, 4, 1]), 5) == [(0, 2), (2, 4)]
-    assert _probe_cuts(np.array([7, 1]), 5) == [(0, 1), (1, 2)]       # a case alone may exceed
+    assert _probe_cuts(np.array([7, 1]), 5) == [(0, 1), (1, 2)]  # a case alone may exceed
     assert _probe_cuts(np.array([1, 1, 1]), 3) == [(0, 3)]
     assert _probe_cuts(np.array([1, 1, 1]), 1) == [(0, 1), (1, 2), (2, 3)]
     assert _probe_cuts(np.array([], dtype=np.int64), 4) == []

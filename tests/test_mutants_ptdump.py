@@ -5,12 +5,21 @@ Expectations by hand from the kernel: Documentation/arch/x86/x86_64/mm.rst (the 
 arch/x86/mm/dump_pagetables.c (address_markers[], printk_prot()'s column order and widths,
 note_wx(), ptdump_walk_pgd_level_core()'s ranges and the W+X summary) and
 arch/x86/include/asm/pgtable_types.h (_PAGE_* bits); never from the code's output."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from x86pt.formats.ptdump import (LINUX_ADDR_MASK, _prot_text, linux_depth, linux_markers, scan_kwargs,
-                                  size_text, walk_ranges, wx_report)
+from x86pt.formats.ptdump import (
+    LINUX_ADDR_MASK,
+    _prot_text,
+    linux_depth,
+    linux_markers,
+    scan_kwargs,
+    size_text,
+    walk_ranges,
+    wx_report,
+)
 from x86pt.state import CR4_LA57, CR4_PAE, PagingState
 
 MASK = (1 << 64) - 1
@@ -19,13 +28,20 @@ MASK = (1 << 64) - 1
 def test_linux_markers_4_level_nokaslr_map():
     m = [(x.start, x.name, x.max_lines) for x in linux_markers(4)]
     assert m == [
-        (0, "User Space", 0), (1 << 63, "Kernel Space", 0),
-        (0xFFFF880000000000, "LDT remap", 0), (0xFFFF888000000000, "Low Kernel Mapping", 0),
-        (0xFFFFC90000000000, "vmalloc() Area", 0), (0xFFFFEA0000000000, "Vmemmap", 0),
-        (0xFFFFFE0000000000, "CPU entry Area", 0), (0xFFFFFF0000000000, "ESPfix Area", 16),
-        (0xFFFFFFEF00000000, "EFI Runtime Services", 0), (0xFFFFFFFF80000000, "High Kernel Mapping", 0),
-        (0xFFFFFFFFC0000000, "Modules", 0), (0xFFFFFFFFFF000000, "End Modules", 0),
-        (0xFFFFFFFFFF579000, "Fixmap Area", 0)]
+        (0, "User Space", 0),
+        (1 << 63, "Kernel Space", 0),
+        (0xFFFF880000000000, "LDT remap", 0),
+        (0xFFFF888000000000, "Low Kernel Mapping", 0),
+        (0xFFFFC90000000000, "vmalloc() Area", 0),
+        (0xFFFFEA0000000000, "Vmemmap", 0),
+        (0xFFFFFE0000000000, "CPU entry Area", 0),
+        (0xFFFFFF0000000000, "ESPfix Area", 16),
+        (0xFFFFFFEF00000000, "EFI Runtime Services", 0),
+        (0xFFFFFFFF80000000, "High Kernel Mapping", 0),
+        (0xFFFFFFFFC0000000, "Modules", 0),
+        (0xFFFFFFFFFF000000, "End Modules", 0),
+        (0xFFFFFFFFFF579000, "Fixmap Area", 0),
+    ]
 
 
 def test_linux_markers_5_level_and_options():
@@ -34,13 +50,29 @@ def test_linux_markers_5_level_and_options():
     assert m["Low Kernel Mapping"] == 0xFF11000000000000
     assert m["vmalloc() Area"] == 0xFFA0000000000000
     assert m["Vmemmap"] == 0xFFD4000000000000
-    m = linux_markers(4, page_offset=0xFFFF9A0000000000, vmalloc=0xFFFFB00000000000, vmemmap=0xFFFFD00000000000,
-                      modules=0xFFFFFFFFC1000000, fixmap=0xFFFFFFFFFF500000, ldt=False, espfix=False, efi=False)
+    m = linux_markers(
+        4,
+        page_offset=0xFFFF9A0000000000,
+        vmalloc=0xFFFFB00000000000,
+        vmemmap=0xFFFFD00000000000,
+        modules=0xFFFFFFFFC1000000,
+        fixmap=0xFFFFFFFFFF500000,
+        ldt=False,
+        espfix=False,
+        efi=False,
+    )
     assert [(x.start, x.name) for x in m] == [
-        (0, "User Space"), (1 << 63, "Kernel Space"), (0xFFFF9A0000000000, "Low Kernel Mapping"),
-        (0xFFFFB00000000000, "vmalloc() Area"), (0xFFFFD00000000000, "Vmemmap"),
-        (0xFFFFFE0000000000, "CPU entry Area"), (0xFFFFFFFF80000000, "High Kernel Mapping"),
-        (0xFFFFFFFFC1000000, "Modules"), (0xFFFFFFFFFF000000, "End Modules"), (0xFFFFFFFFFF500000, "Fixmap Area")]
+        (0, "User Space"),
+        (1 << 63, "Kernel Space"),
+        (0xFFFF9A0000000000, "Low Kernel Mapping"),
+        (0xFFFFB00000000000, "vmalloc() Area"),
+        (0xFFFFD00000000000, "Vmemmap"),
+        (0xFFFFFE0000000000, "CPU entry Area"),
+        (0xFFFFFFFF80000000, "High Kernel Mapping"),
+        (0xFFFFFFFFC1000000, "Modules"),
+        (0xFFFFFFFFFF000000, "End Modules"),
+        (0xFFFFFFFFFF500000, "Fixmap Area"),
+    ]
 
 
 def test_walk_ranges_skip_the_hypervisor_guard_hole():
@@ -64,27 +96,33 @@ def test_size_text_units():
     assert size_text(1 << 40) == "        1T "
     assert size_text(1 << 50) == "        1P "
     assert size_text(1 << 60) == "        1E "
-    assert size_text(0) == "        0E "                # 0 divides by 1024 until E, the last unit
-    assert size_text(1 << 70) == "        0E "            # a u64: 2**70 is 0
-    assert size_text(-4096) == f"{(1 << 54) - 4:9d}K "     # end below start: the kernel's u64 wraps
+    assert size_text(0) == "        0E "  # 0 divides by 1024 until E, the last unit
+    assert size_text(1 << 70) == "        0E "  # a u64: 2**70 is 0
+    assert size_text(-4096) == f"{(1 << 54) - 4:9d}K "  # end below start: the kernel's u64 wraps
 
 
 def test_prot_text_columns():
     assert _prot_text(0, 4) == " " * 30 + "pte"
-    assert _prot_text(0x80, 3) == " " * 30 + "pmd"           # not present: flags are not printed
+    assert _prot_text(0x80, 3) == " " * 30 + "pmd"  # not present: flags are not printed
     assert _prot_text(1 | 2 | 4 | 8 | 16 | 0x80 | (1 << 63), 4) == "USR RW PWT PCD     PAT     NX pte"
     assert _prot_text(1 | 0x80 | 0x1000 | 0x100, 3) == "    ro         PSE PAT GLB x  pmd"
     assert _prot_text(1 | 0x80 | 0x1000, 2) == "    ro         PSE PAT     x  pud"
-    assert _prot_text(1 | 0x80 | 0x1000, 1) == "    ro         PSE         x  p4d"   # PAT_LARGE only at pud/pmd
-    assert _prot_text(1 | 0x1000, 4) == "    ro                     x  pte"   # bit 12 of a PTE is the PFN
+    assert (
+        _prot_text(1 | 0x80 | 0x1000, 1) == "    ro         PSE         x  p4d"
+    )  # PAT_LARGE only at pud/pmd
+    assert _prot_text(1 | 0x1000, 4) == "    ro                     x  pte"  # bit 12 of a PTE is the PFN
     assert _prot_text(1 | 0x80, 0) == "    ro         PSE         x  pgd"
 
 
 def test_wx_report():
     assert wx_report([(0x1000, 0x3000), (0xFFFFFFFFFFFFF000, 0)]) == (
-        ["x86/mm: Found insecure W+X mapping at address 0x1000\n",
-         "x86/mm: Found insecure W+X mapping at address 0xfffffffffffff000\n",
-         "x86/mm: Checked W+X mappings: FAILED, 3 W+X pages found.\n"], 3)
+        [
+            "x86/mm: Found insecure W+X mapping at address 0x1000\n",
+            "x86/mm: Found insecure W+X mapping at address 0xfffffffffffff000\n",
+            "x86/mm: Checked W+X mappings: FAILED, 3 W+X pages found.\n",
+        ],
+        3,
+    )
     assert wx_report([]) == (["x86/mm: Checked W+X mappings: passed, no W+X pages found.\n"], 0)
 
 
@@ -108,8 +146,9 @@ def test_long_dumps_come_in_blocks_that_join_to_whole_lines():
     from x86pt.build import Builder
     from x86pt.formats.dump import dump_to
     from x86pt.image import Image
+
     b = Builder(levels=4, table_base=0x10000000)
-    for i in range(4200):                      # alternate RW and RO: one line per page
+    for i in range(4200):  # alternate RW and RO: one line per page
         b.map(0x400000 + i * 4096, 0x1000000 + i * 4096, 4096, 4096, "p rw nx" if i % 2 else "p nx")
     out = io.BytesIO()
     dump_to(out, Image(b.memory, b.state(), "<test>"), "ptdump", markers="none")
@@ -127,6 +166,7 @@ def _one_page_with_pde3(raw_pde3: int) -> str:
     from x86pt.build import Builder
     from x86pt.formats.dump import dump_to
     from x86pt.image import Image
+
     b = Builder(levels=4, table_base=0x100000)
     b.map(0x400000, 0x5000000, 4096, 4096, "p rw us nx")
     mem, st = b.memory, b.state()
@@ -138,31 +178,46 @@ def _one_page_with_pde3(raw_pde3: int) -> str:
     return out.getvalue().decode()
 
 
-HEAD = ("0x0000000000000000-0x0000000000400000           4M                               pmd\n"
-        "0x0000000000400000-0x0000000000401000           4K USR RW                     NX pte\n")
-TAIL = ("0x0000000000800000-0x0000000040000000        1016M                               pmd\n"
-        "0x0000000040000000-0x0000008000000000         511G                               pud\n"
-        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+HEAD = (
+    "0x0000000000000000-0x0000000000400000           4M                               pmd\n"
+    "0x0000000000400000-0x0000000000401000           4K USR RW                     NX pte\n"
+)
+TAIL = (
+    "0x0000000000800000-0x0000000040000000        1016M                               pmd\n"
+    "0x0000000040000000-0x0000008000000000         511G                               pud\n"
+    "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n"
+)
 
 
 def test_non_present_nonzero_pmd_without_pse_is_not_noted():
     # mm/pagewalk.c: a non-present, non-zero PMD without PSE gets no note_page() call, so the
     # pte-level hole that began at 0x401000 runs on to the next call, PD[4] at 0x800000.
-    assert _one_page_with_pde3(0x12345000) == HEAD + (
-        "0x0000000000401000-0x0000000000800000        4092K                               pte\n") + TAIL
+    assert (
+        _one_page_with_pde3(0x12345000)
+        == HEAD
+        + ("0x0000000000401000-0x0000000000800000        4092K                               pte\n")
+        + TAIL
+    )
     # A and D alone (_PAGE_KNL_ERRATUM_MASK) make the entry "none": a hole noted at pmd level
     assert _one_page_with_pde3(0x60) == HEAD + (
         "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
         "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
         "0x0000000040000000-0x0000008000000000         511G                               pud\n"
-        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n"
+    )
 
 
 def test_non_present_pmd_with_pse_is_noted_like_a_leaf():
     # with PSE it is noted with its value: own flags 0x80 differ from a zero hole, so its own line
-    assert _one_page_with_pde3(0x12345080) == HEAD + (
-        "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
-        "0x0000000000600000-0x0000000000800000           2M                               pmd\n") + TAIL
+    assert (
+        _one_page_with_pde3(0x12345080)
+        == HEAD
+        + (
+            "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
+            "0x0000000000600000-0x0000000000800000           2M                               pmd\n"
+        )
+        + TAIL
+    )
 
 
 def _one_page_with(table_level: int, index: int, raw: int) -> str:
@@ -172,6 +227,7 @@ def _one_page_with(table_level: int, index: int, raw: int) -> str:
     from x86pt.build import Builder
     from x86pt.formats.dump import dump_to
     from x86pt.image import Image
+
     b = Builder(levels=4, table_base=0x100000)
     b.map(0x400000, 0x5000000, 4096, 4096, "p rw us nx")
     mem, st = b.memory, b.state()
@@ -184,10 +240,12 @@ def _one_page_with(table_level: int, index: int, raw: int) -> str:
     return out.getvalue().decode()
 
 
-PLAIN = HEAD + ("0x0000000000401000-0x0000000000600000        2044K                               pte\n"
-                "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
-                "0x0000000040000000-0x0000008000000000         511G                               pud\n"
-                "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+PLAIN = HEAD + (
+    "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
+    "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
+    "0x0000000040000000-0x0000008000000000         511G                               pud\n"
+    "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n"
+)
 
 
 def test_non_present_pgd_entries_are_plain_holes():
@@ -202,13 +260,15 @@ def test_non_present_pud_without_pse_is_skipped_with_pse_noted():
         "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
         "0x0000000000600000-0x0000000080000000        2042M                               pmd\n"
         "0x0000000080000000-0x0000008000000000         510G                               pud\n"
-        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n"
+    )
     assert _one_page_with(3, 1, 0x12345080) == HEAD + (
         "0x0000000000401000-0x0000000000600000        2044K                               pte\n"
         "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
         "0x0000000040000000-0x0000000080000000           1G                               pud\n"
         "0x0000000080000000-0x0000008000000000         510G                               pud\n"
-        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n"
+    )
 
 
 def test_non_present_pte_is_noted_with_its_value():
@@ -218,13 +278,14 @@ def test_non_present_pte_is_noted_with_its_value():
 
     from x86pt.formats.dump import dump_to
     from x86pt.image import Image
+
     b = Builder(levels=4, table_base=0x100000)
     b.map(0x400000, 0x5000000, 4096, 4096, "p rw us nx")
     mem, st = b.memory, b.state()
     t = st.root
-    for _ in range(2):                                         # PML4[0] -> PDPT, PDPT[0] -> PD
+    for _ in range(2):  # PML4[0] -> PDPT, PDPT[0] -> PD
         t = mem.read_u64(t) & 0x000FFFFFFFFFF000
-    t = mem.read_u64(t + 2 * 8) & 0x000FFFFFFFFFF000          # PD[2] -> the PT of 0x400000
+    t = mem.read_u64(t + 2 * 8) & 0x000FFFFFFFFFF000  # PD[2] -> the PT of 0x400000
     mem.write_u64(t + 8, 0x12345002)
     out = io.BytesIO()
     dump_to(out, Image(mem, st, "<test>"), "ptdump", markers="none")
@@ -233,7 +294,8 @@ def test_non_present_pte_is_noted_with_its_value():
         "0x0000000000402000-0x0000000000600000        2040K                               pte\n"
         "0x0000000000600000-0x0000000040000000        1018M                               pmd\n"
         "0x0000000040000000-0x0000008000000000         511G                               pud\n"
-        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n")
+        "0x0000008000000000-0x0000000000000000   17179868672G                               pgd\n"
+    )
 
 
 def test_large_nx_page_shows_no_pat():
@@ -242,9 +304,12 @@ def test_large_nx_page_shows_no_pat():
     from x86pt.build import Builder
     from x86pt.formats.dump import dump_to
     from x86pt.image import Image
+
     b = Builder(levels=4, table_base=0x100000)
     b.map(0x200000, 0x400000, 1 << 21, 1 << 21, "p rw nx")
     out = io.BytesIO()
     dump_to(out, Image(b.memory, b.state(), "<test>"), "ptdump", markers="none")
-    assert ("0x0000000000200000-0x0000000000400000           2M     RW         PSE         NX pmd\n"
-            in out.getvalue().decode())
+    assert (
+        "0x0000000000200000-0x0000000000400000           2M     RW         PSE         NX pmd\n"
+        in out.getvalue().decode()
+    )

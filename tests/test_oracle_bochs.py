@@ -11,6 +11,7 @@
   or an error; the `x86pt conform --oracle bochs --cases matrix --limit 2000` slice.
 Each Bochs start costs ~0.15 s.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,15 +24,36 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, need_oracle
-from tests.hand_image import (AD_R, AD_W, CR0, EFER, FRAMES, G1, KPK, KRO, KRW, M2, NONCANON, NP, RSV,
-                               UNX, UPK, URO, URW, P, check, frame, run_cases, tag_frames)
+from tests.hand_image import (
+    AD_R,
+    AD_W,
+    CR0,
+    EFER,
+    FRAMES,
+    G1,
+    KPK,
+    KRO,
+    KRW,
+    M2,
+    NONCANON,
+    NP,
+    RSV,
+    UNX,
+    UPK,
+    URO,
+    URW,
+    P,
+    check,
+    frame,
+    run_cases,
+    tag_frames,
+)
 from tests.hand_image import hand_image as shared_hand_image
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError
 from x86pt.oracle import Probe, tag_value
 from x86pt.registry import availability, get_oracle, oracle_names
-from x86pt.state import (CR0_WP, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_LMA,
-                         EFER_LME, PROFILES)
+from x86pt.state import CR0_WP, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_LME, PROFILES
 from x86pt.walk import Access, PageFault, Translation, walk
 
 pytestmark = pytest.mark.bochs
@@ -43,6 +65,7 @@ OK, REASON = availability("bochs")
 def bochs():
     need_oracle("bochs", OK, REASON)
     from harness.oracles.bochs import BochsOracle
+
     return BochsOracle(timeout=60)
 
 
@@ -69,25 +92,25 @@ def test_sdm_base_wp_nxe(bochs):
     b = hand_image()
     cases = [
         (P(KRW + 0x18), ("ok", frame(0) + 0x18)),
-        (P(KRW + 0x18, user=True), ("pf", 0x05)),          # U on S page: P|U
-        (P(URO, "write"), ("pf", 0x03)),                   # WP=1: P|W
-        (P(URO, "write", user=True), ("pf", 0x07)),        # P|W|U
+        (P(KRW + 0x18, user=True), ("pf", 0x05)),  # U on S page: P|U
+        (P(URO, "write"), ("pf", 0x03)),  # WP=1: P|W
+        (P(URO, "write", user=True), ("pf", 0x07)),  # P|W|U
         (P(URO + 8, user=True), ("ok", frame(2) + 8)),
-        (P(UNX, "fetch"), ("pf", 0x11)),                   # XD with NXE: P|I/D
+        (P(UNX, "fetch"), ("pf", 0x11)),  # XD with NXE: P|I/D
         (P(UNX, "fetch", user=True), ("pf", 0x15)),
         (P(URW + 0x40, "fetch", user=True), "ok"),
         (P(KRW + 0x40, "fetch"), "ok"),
         (P(NP), ("pf", 0x00)),
         (P(NP, "write", user=True), ("pf", 0x06)),
-        (P(NP, "fetch"), ("pf", 0x10)),                    # I/D reported since NXE=1
+        (P(NP, "fetch"), ("pf", 0x10)),  # I/D reported since NXE=1
         (P(KRO, "write"), ("pf", 0x03)),
-        (P(RSV), ("pf", 0x09)),                            # §4.7: RSVD comes with P=1
+        (P(RSV), ("pf", 0x09)),  # §4.7: RSVD comes with P=1
         (P(RSV, "write", user=True), ("pf", 0x0F)),
         (P(RSV, "fetch"), ("pf", 0x19)),
-        (P(M2 + 0x1008), ("ok", 0x601008)),                # 2M: offset bits 20:0
-        (P(G1 + FRAMES + 0x10), ("ok", FRAMES + 0x10)),    # 1G: offset bits 29:0
+        (P(M2 + 0x1008), ("ok", 0x601008)),  # 2M: offset bits 20:0
+        (P(G1 + FRAMES + 0x10), ("ok", FRAMES + 0x10)),  # 1G: offset bits 29:0
         (P(G1 + FRAMES + 0x10, user=True), ("ok", FRAMES + 0x10)),
-        (P(NONCANON), ("gp", 0)),                          # §6.15: #GP(0), CR2 untouched
+        (P(NONCANON), ("gp", 0)),  # §6.15: #GP(0), CR2 untouched
         (P(NONCANON, "write", user=True), ("gp", 0)),
     ]
     run_cases(bochs, b, state(b), cases)
@@ -96,7 +119,7 @@ def test_sdm_base_wp_nxe(bochs):
 def test_sdm_wp0(bochs):
     b = hand_image()
     cases = [
-        (P(URO + 8, "write"), "ok"),                       # supervisor write ignores RO if WP=0
+        (P(URO + 8, "write"), "ok"),  # supervisor write ignores RO if WP=0
         (P(KRO + 8, "write"), "ok"),
         (P(URO + 8, "write", user=True), ("pf", 0x07)),
     ]
@@ -118,10 +141,10 @@ def test_sdm_nxe0(bochs):
 def test_sdm_smep(bochs):
     b = hand_image()
     cases = [
-        (P(URW + 0x40, "fetch"), ("pf", 0x11)),            # SMEP: supervisor fetch from U page
+        (P(URW + 0x40, "fetch"), ("pf", 0x11)),  # SMEP: supervisor fetch from U page
         (P(KRW + 0x40, "fetch"), "ok"),
         (P(URW + 0x40, "fetch", user=True), "ok"),
-        (P(URW + 0x40), "ok"),                             # data access unaffected
+        (P(URW + 0x40), "ok"),  # data access unaffected
     ]
     run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_SMEP), cases)
 
@@ -129,11 +152,11 @@ def test_sdm_smep(bochs):
 def test_sdm_smap_and_ac(bochs):
     b = hand_image()
     cases = [
-        (P(URW + 8), ("pf", 0x01)),                        # SMAP: P only
-        (P(URW + 8, ac=True), ("ok", frame(1) + 8)),       # explicit access with AC=1 allowed
+        (P(URW + 8), ("pf", 0x01)),  # SMAP: P only
+        (P(URW + 8, ac=True), ("ok", frame(1) + 8)),  # explicit access with AC=1 allowed
         (P(URW + 8, "write"), ("pf", 0x03)),
         (P(URW + 8, "write", ac=True), "ok"),
-        (P(URO + 8, "write", ac=True), ("pf", 0x03)),      # AC does not override WP
+        (P(URO + 8, "write", ac=True), ("pf", 0x03)),  # AC does not override WP
         (P(URW + 8, user=True), "ok"),
         (P(KRW + 8), "ok"),
     ]
@@ -145,8 +168,12 @@ def test_sdm_implicit_supervisor_reads(bochs):
     read a user page (§4.6.1; with EFLAGS.AC=1 at CPL0 Bochs deviates: see
     test_profile_implicit_smap_honours_ac)."""
     b = hand_image()
-    probes = [Probe(URW, implicit=True), Probe(KRW, implicit=True),
-              Probe(URW, user=True, implicit=True), Probe(KRW, user=True, implicit=True)]
+    probes = [
+        Probe(URW, implicit=True),
+        Probe(KRW, implicit=True),
+        Probe(URW, user=True, implicit=True),
+        Probe(KRW, user=True, implicit=True),
+    ]
     res = bochs.run(b.memory, state(b, cr4=CR4_PAE | CR4_SMAP), probes[:4]).results
     got = [(r.outcome, r.error_code if r.outcome == "page_fault" else None) for r in res]
     assert got == [("page_fault", 0x1), ("ok", None), ("page_fault", 0x1), ("ok", None)]
@@ -155,16 +182,16 @@ def test_sdm_implicit_supervisor_reads(bochs):
 def test_sdm_pkru_on_user_pages_at_cpl3(bochs):
     """§4.6.2, the part where Bochs follows the SDM: user accesses to user pages."""
     b = hand_image()
-    ad1 = [                                                # PKRU.AD1 (bit 2)
-        (P(UPK + 8, user=True), ("pf", 0x25)),             # P|U|PK
-        (P(UPK + 0x40, "fetch", user=True), "ok"),         # keys do not apply to fetches
-        (P(URW + 8, user=True), "ok"),                     # key 0 allowed
+    ad1 = [  # PKRU.AD1 (bit 2)
+        (P(UPK + 8, user=True), ("pf", 0x25)),  # P|U|PK
+        (P(UPK + 0x40, "fetch", user=True), "ok"),  # keys do not apply to fetches
+        (P(URW + 8, user=True), "ok"),  # key 0 allowed
     ]
     run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b0100), ad1)
-    wd1 = [                                                # PKRU.WD1 (bit 3)
+    wd1 = [  # PKRU.WD1 (bit 3)
         (P(UPK + 8, user=True), ("ok", frame(4) + 8)),
         (P(UPK + 8, "write", user=True), ("pf", 0x27)),
-        (P(UPK + 8, "write"), ("pf", 0x23)),               # WP=1: supervisor writes checked too
+        (P(UPK + 8, "write"), ("pf", 0x23)),  # WP=1: supervisor writes checked too
     ]
     run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b1000), wd1)
 
@@ -175,16 +202,23 @@ def test_sdm_accessed_dirty(bochs):
     b = hand_image()
     pte_r = b.entry_address(AD_R, 1, create=False)
     pte_w = b.entry_address(AD_W, 1, create=False)
-    assert b.memory.read_u64(pte_r) == frame(7) | 0x3               # P|RW, A=D=0
-    assert b.memory.read_u64(pte_w) == frame(8) | 0x7               # P|RW|US
-    res = run_cases(bochs, b, state(b), [(P(AD_R + 8), "ok"),
-                                         (Probe(AD_W + 8, "write", user=True, wvalue=0x1234), "ok"),
-                                         (P(NP), ("pf", 0x00))])
+    assert b.memory.read_u64(pte_r) == frame(7) | 0x3  # P|RW, A=D=0
+    assert b.memory.read_u64(pte_w) == frame(8) | 0x7  # P|RW|US
+    res = run_cases(
+        bochs,
+        b,
+        state(b),
+        [
+            (P(AD_R + 8), "ok"),
+            (Probe(AD_W + 8, "write", user=True, wvalue=0x1234), "ok"),
+            (P(NP), ("pf", 0x00)),
+        ],
+    )
     after = res.memory_after
-    assert after.read_u64(pte_r) == frame(7) | 0x23                 # +A
-    assert after.read_u64(pte_w) == frame(8) | 0x67                 # +A +D
+    assert after.read_u64(pte_r) == frame(7) | 0x23  # +A
+    assert after.read_u64(pte_w) == frame(8) | 0x67  # +A +D
     assert after.read_u64(b.entry_address(NP, 1, create=False)) == 0
-    assert after.read_u64(frame(8) + 8) == 0x1234                   # the write landed
+    assert after.read_u64(frame(8) + 8) == 0x1234  # the write landed
     assert after.read_u64(frame(8) + 16) == tag_value(frame(8) + 16)
     # The harness slot is the backend's: the caller's root table comes back unchanged.
     assert after.read_u64(b.root + 511 * 8) == 0
@@ -220,7 +254,7 @@ def test_capabilities_match_profile(bochs):
     assert caps.implicit_cpl0 and caps.implicit_cpl3, caps.implicit_note
     assert caps.unbacked == "ones"
     assert caps.version.startswith("Bochs x86 Emulator 2.7")
-    assert bochs.capabilities() is caps                              # cached per process
+    assert bochs.capabilities() is caps  # cached per process
 
 
 def test_cpuid_table_of_the_model(bochs):
@@ -228,11 +262,12 @@ def test_cpuid_table_of_the_model(bochs):
     (7.EBX[7]), SMAP (7.EBX[20]), PKU (7.ECX[3]), no LA57 (7.ECX[16]), no PKS (7.ECX[31]),
     1G pages (80000001h.EDX[26]), NX (80000001h.EDX[20]), MAXPHYADDR (80000008h.EAX[7:0])."""
     from harness.oracles.bochs import cpuid_from_log, vendor_of
+
     b = hand_image()
     bochs.run(b.memory, state(b), [P(KRW)])
     c = cpuid_from_log(bochs.last_log)
     assert vendor_of(c) == "intel"
-    bit = lambda v, n: (v >> n) & 1                                  # noqa: E731
+    bit = lambda v, n: (v >> n) & 1  # noqa: E731
     assert (bit(c[7][1], 7), bit(c[7][1], 20), bit(c[7][2], 3)) == (1, 1, 1)
     assert (bit(c[7][2], 16), bit(c[7][2], 31)) == (0, 0)
     assert (bit(c[0x80000001][3], 26), bit(c[0x80000001][3], 20)) == (1, 1)
@@ -246,17 +281,31 @@ def test_profile_has_no_qemu_deviations(bochs):
     a rights fault gets no A (§4.8: A is set on entries used by the translation; a faulting
     leaf is not used), and a non-canonical #GP leaves CR2 alone."""
     prof = PROFILES["bochs"]
-    assert (prof.rsvd_sets_p, prof.ps_1g_without_gbpages, prof.a_on_1g_leaf_before_checks,
-            prof.gp_writes_cr2, prof.amd_top_bit8_reserved) == (True, False, False, False, True)
+    assert (
+        prof.rsvd_sets_p,
+        prof.ps_1g_without_gbpages,
+        prof.a_on_1g_leaf_before_checks,
+        prof.gp_writes_cr2,
+        prof.amd_top_bit8_reserved,
+    ) == (True, False, False, False, True)
     b = hand_image()
     g_rsvd, g_sup = 0x80000000, 0xC0000000
     b.map(g_rsvd, 1 << 30, 1 << 30, 1 << 30, flags="rw")
-    b.set_entry(g_rsvd, 3, b.get_entry(g_rsvd, 3) | (1 << 13))          # PDPTE bit 13: reserved
+    b.set_entry(g_rsvd, 3, b.get_entry(g_rsvd, 3) | (1 << 13))  # PDPTE bit 13: reserved
     b.map(g_sup, 2 << 30, 1 << 30, 1 << 30, flags="rw")
     addrs = [b.entry_address(va, 3, create=False) for va in (g_rsvd, g_sup)]
     before = [b.memory.read_u64(a) for a in addrs]
-    res = run_cases(bochs, b, state(b), [(P(g_rsvd), ("pf", 0x09)), (P(g_sup, user=True), ("pf", 0x05)),
-                                         (P(NP), ("pf", 0x00)), (P(NONCANON), ("gp", 0))])
+    res = run_cases(
+        bochs,
+        b,
+        state(b),
+        [
+            (P(g_rsvd), ("pf", 0x09)),
+            (P(g_sup, user=True), ("pf", 0x05)),
+            (P(NP), ("pf", 0x00)),
+            (P(NONCANON), ("gp", 0)),
+        ],
+    )
     assert [res.memory_after.read_u64(a) for a in addrs] == before
 
 
@@ -264,6 +313,7 @@ def _user_idt(ram) -> None:
     # The page holding the harness IDT becomes a user page: delivering an exception then reads
     # the IDT with an implicit supervisor access to a user page, which SMAP forbids (SDM §4.6.1).
     from harness import guest
+
     a = guest.HPT_PT + (guest.IDT_GPA >> 12) * 8
     v = struct.unpack_from("<Q", ram, a)[0]
     struct.pack_into("<Q", ram, a, v | 0x4)
@@ -280,14 +330,20 @@ def test_profile_implicit_smap_honours_ac(bochs):
     st = state(b, cr4=CR4_PAE | CR4_SMAP)
     res = bochs.run(b.memory, st, [Probe(URW, ac=True, implicit=True), Probe(URW, implicit=True)]).results
     assert [(r.outcome, r.error_code) for r in res] == [("ok", None), ("page_fault", 0x1)]
-    check(bochs.run(b.memory, st, [P(NP, ac=True)], ram_hook=_user_idt).results,
-          [(P(NP, ac=True), ("pf", 0x00))])
+    check(
+        bochs.run(b.memory, st, [P(NP, ac=True)], ram_hook=_user_idt).results,
+        [(P(NP, ac=True), ("pf", 0x00))],
+    )
     with pytest.raises(OracleError, match="Bochs exited"):
         bochs.run(b.memory, st, [P(NP)], ram_hook=_user_idt)
     # The model agrees under profile bochs, and the SDM profile does not.
     assert walk(st, b.memory, URW, Access("read", ac=True, implicit=True)).outcome == "ok"
-    assert walk(st.replace(profile=PROFILES["intel"]), b.memory, URW,
-                Access("read", ac=True, implicit=True)).outcome == "page_fault"
+    assert (
+        walk(
+            st.replace(profile=PROFILES["intel"]), b.memory, URW, Access("read", ac=True, implicit=True)
+        ).outcome
+        == "page_fault"
+    )
 
 
 # -- the protection-key deviation (docs/oracles.md "Bochs") ------------------------------------------------
@@ -310,19 +366,22 @@ def bochs_expected(st, memory, p: Probe):
     implicit access is a supervisor-mode access, §4.6, so it is judged as CPL0's). And for
     implicit reads with EFLAGS.AC=1 no SMAP at any CPL (the profile's implicit_smap_honours_ac
     covers CPL<3 only; test_deviation_implicit_smap_at_cpl3_honours_ac)."""
-    if p.implicit and p.ac:                   # EFLAGS.AC=1 lifts SMAP for implicit reads at any CPL
+    if p.implicit and p.ac:  # EFLAGS.AC=1 lifts SMAP for implicit reads at any CPL
         st = st.replace(cr4=st.cr4 & ~CR4_SMAP)
     r = walk(st.replace(pkru=0), memory, p.va, Access(p.access, p.user, p.ac, p.implicit))
     if isinstance(r, Translation):
         key = r.rights.pkey
-    elif isinstance(r, PageFault) and r.level is None and r.steps:   # a rights fault: P=1
+    elif isinstance(r, PageFault) and r.level is None and r.steps:  # a rights fault: P=1
         key = (r.steps[-1].raw >> 59) & 0xF
     else:
         return (r.outcome, getattr(r, "error_code", None))
     if not bochs_pk_denies(st, key, p.access, p.user and not p.implicit):
         return (r.outcome, getattr(r, "error_code", None))
-    code = r.error_code if isinstance(r, PageFault) else (
-        0x1 | (0x2 if p.access == "write" else 0) | (0x4 if p.user else 0))
+    code = (
+        r.error_code
+        if isinstance(r, PageFault)
+        else (0x1 | (0x2 if p.access == "write" else 0) | (0x4 if p.user else 0))
+    )
     return ("page_fault", code | 0x20)
 
 
@@ -330,6 +389,7 @@ def assert_bochs_rules_explain(mm) -> None:
     """Every answer of a mismatch's probes is what bochs_expected says, the probes walked in order
     on the repro's image with A/D updates (as the oracle ran them)."""
     from harness.differential import batch_from_repro
+
     batch = batch_from_repro(mm.repro)
     mem = batch.memory.copy()
     for p, got in zip(mm.probes, mm.got):
@@ -341,26 +401,26 @@ def assert_bochs_rules_explain(mm) -> None:
 PK_TABLE = [
     # CR0.WP, PKRU, page U/S, CPL, access -> Bochs' answer, the SDM's answer (§4.6.2, hand-derived):
     # an error code, or None for ok. Key 1 on both pages; AD1 is PKRU bit 2, WD1 bit 3.
-    (1, 0b0100, "U", 0, "read", None, 0x21),    # SDM: AD denies supervisor data accesses too
+    (1, 0b0100, "U", 0, "read", None, 0x21),  # SDM: AD denies supervisor data accesses too
     (1, 0b0100, "U", 0, "write", None, 0x23),
     (1, 0b0100, "U", 3, "read", 0x25, 0x25),
     (1, 0b0100, "U", 3, "write", 0x27, 0x27),
     (1, 0b0100, "S", 0, "read", None, None),
     (1, 0b0100, "S", 0, "write", None, None),
-    (1, 0b0100, "S", 3, "read", 0x25, 0x05),    # SDM: keys are for user pages only
+    (1, 0b0100, "S", 3, "read", 0x25, 0x05),  # SDM: keys are for user pages only
     (1, 0b0100, "S", 3, "write", 0x27, 0x07),
     (1, 0b1000, "U", 0, "read", None, None),
     (1, 0b1000, "U", 0, "write", 0x23, 0x23),
     (1, 0b1000, "U", 3, "read", None, None),
     (1, 0b1000, "U", 3, "write", 0x27, 0x27),
     (1, 0b1000, "S", 0, "read", None, None),
-    (1, 0b1000, "S", 0, "write", 0x23, None),   # SDM: keys are for user pages only
+    (1, 0b1000, "S", 0, "write", 0x23, None),  # SDM: keys are for user pages only
     (1, 0b1000, "S", 3, "read", 0x05, 0x05),
     (1, 0b1000, "S", 3, "write", 0x27, 0x07),
     (0, 0b0100, "U", 0, "read", None, 0x21),
     (0, 0b0100, "U", 0, "write", None, 0x23),
     (0, 0b0100, "S", 3, "read", 0x25, 0x05),
-    (0, 0b1000, "U", 0, "write", None, None),   # WD binds supervisor writes only with WP=1
+    (0, 0b1000, "U", 0, "write", None, None),  # WD binds supervisor writes only with WP=1
     (0, 0b1000, "S", 0, "write", None, None),
     (0, 0b1000, "S", 3, "write", 0x27, 0x07),
 ]
@@ -396,6 +456,7 @@ def test_pk_rule_explains_every_matrix_mismatch(bochs):
     from harness import matrix as mx
     from harness.differential import run_conformance
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+
     feat = MatrixFeatures.from_caps(bochs.capabilities())
     m = matrix_for(feat)
     idx, _, _ = mx.select(m.size, sample=1500, seed=20261202)
@@ -437,6 +498,7 @@ def test_rules_explain_every_random_table_mismatch(bochs):
     from harness.differential import run_conformance
     from harness.matrix import MatrixFeatures
     from harness.random_tables import RandomSource
+
     feat = MatrixFeatures.from_caps(bochs.capabilities())
     summ = run_conformance(bochs, RandomSource(feat, PROFILES["bochs"], seed=9, cases=1200))
     assert (summ.cases, summ.mismatches) == (1200, 0)
@@ -458,8 +520,25 @@ def test_rules_explain_every_random_table_mismatch(bochs):
 def test_conform_matrix_slice_has_no_mismatches():
     """The issue's slice: `x86pt conform --oracle bochs --cases matrix --limit 2000`."""
     need_oracle("bochs", OK, REASON)
-    r = subprocess.run([sys.executable, "-m", "x86pt", "conform", "--oracle", "bochs", "--cases", "matrix",
-                        "--limit", "2000", "--no-repro"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "x86pt",
+            "conform",
+            "--oracle",
+            "bochs",
+            "--cases",
+            "matrix",
+            "--limit",
+            "2000",
+            "--no-repro",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "conform: 0 mismatches in 2000 cases (bochs)" in r.stdout
 
@@ -477,11 +556,13 @@ def _alive(pid: int | None) -> bool:
 
 def _leftovers() -> list[str]:
     import tempfile
+
     return glob.glob(os.path.join(tempfile.gettempdir(), f"x86pt-bochs-{os.getpid()}-*"))
 
 
 def test_big_batch_is_split_and_ad_carries_over(bochs):
     from harness.oracles.bochs import MAX_PROBES
+
     b = hand_image()
     probes = [P(KRW + 8)] * (MAX_PROBES + 3) + [P(AD_W, "write", user=True)]
     launches = bochs.launches
@@ -514,6 +595,7 @@ def test_run_leaves_no_process_and_no_files(bochs):
 def test_timeout_kills_bochs_and_cleans_up():
     need_oracle("bochs", OK, REASON)
     from harness.oracles.bochs import BochsOracle
+
     o = BochsOracle(timeout=0.05)
     b = hand_image()
     with pytest.raises(OracleError, match="in time"):
@@ -539,6 +621,7 @@ def test_bochs_config_error_is_an_oracle_error_with_its_reason():
     own words, not a hang or a traceback."""
     need_oracle("bochs", OK, REASON)
     from harness.oracles.bochs import BochsOracle
+
     b = hand_image()
     o = BochsOracle(cpu="nosuchcpu")
     with pytest.raises(OracleError, match="Bochs is exiting: .*cpu directive malformed"):
@@ -548,27 +631,34 @@ def test_bochs_config_error_is_an_oracle_error_with_its_reason():
 
 def test_bad_image_refused(bochs):
     b = hand_image()
-    b.memory.write_u64(0x100000, 1)                                   # harness area
+    b.memory.write_u64(0x100000, 1)  # harness area
     with pytest.raises(BadInputError, match="harness area"):
         bochs.run(b.memory, state(b), [P(KRW)])
 
 
 def test_parse_xp_reads_one_and_two_qwords_per_line():
     from harness.oracles.bochs import parse_xp
-    lines = ["[bochs]:", "0x0000000000108000 <bogus+       0>:\t0x00200000\t0x80010001",
-             "0x0000000000120000 <bogus+       0>:\t0xff8010b000bc48fa", "garbage 0x1 0x2"]
-    assert parse_xp(lines) == {0x108000: 0x200000, 0x108008: 0x80010001, 0x120000: 0xff8010b000bc48fa}
+
+    lines = [
+        "[bochs]:",
+        "0x0000000000108000 <bogus+       0>:\t0x00200000\t0x80010001",
+        "0x0000000000120000 <bogus+       0>:\t0xff8010b000bc48fa",
+        "garbage 0x1 0x2",
+    ]
+    assert parse_xp(lines) == {0x108000: 0x200000, 0x108008: 0x80010001, 0x120000: 0xFF8010B000BC48FA}
 
 
 def test_install_script_is_a_no_op_when_installed():
     need_oracle("bochs", OK, REASON)
-    r = subprocess.run(["sh", os.path.join(ROOT, "tools", "install_bochs.sh")], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["sh", os.path.join(ROOT, "tools", "install_bochs.sh")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and "already installed: bochs 2.7" in r.stdout
 
 
 def test_unavailable_reason_names_the_install_script(monkeypatch):
     import harness.oracles.bochs as hb
+
     monkeypatch.setattr(hb.shutil, "which", lambda name: None)
     ok, why = hb.available()
     assert not ok and "tools/install_bochs.sh" in why

@@ -9,6 +9,7 @@ Three kinds of test:
   probes over a hand image under four control-register setups.
 Each QEMU launch costs ~0.1 s; the file runs in a few seconds.
 """
+
 from __future__ import annotations
 
 import random
@@ -19,13 +20,33 @@ import subprocess
 import pytest
 
 from tests.conftest import need_oracle
-from tests.hand_image import (AD_R, AD_W, CR0, EFER, FRAMES, G1, KRO, KRW, M2, NONCANON, NP, RSV,
-                               UNX, UPK, URO, URW, P, check, frame, run_cases, tag_frames)
+from tests.hand_image import (
+    AD_R,
+    AD_W,
+    CR0,
+    EFER,
+    FRAMES,
+    G1,
+    KRO,
+    KRW,
+    M2,
+    NONCANON,
+    NP,
+    RSV,
+    UNX,
+    UPK,
+    URO,
+    URW,
+    P,
+    check,
+    frame,
+    run_cases,
+    tag_frames,
+)
 from tests.hand_image import hand_image as shared_hand_image
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError
-from x86pt.state import (CR0_WP, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_LMA,
-                         EFER_LME, PROFILES)
+from x86pt.state import CR0_WP, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_LME, PROFILES
 from x86pt.oracle import Probe
 from x86pt.walk import Access, walk
 
@@ -39,6 +60,7 @@ REASON = "qemu-system-x86_64 not installed (tools/install_qemu.sh)"
 def qemu():
     need_oracle("qemu", HAVE_QEMU, REASON)
     from harness.oracles.qemu import QemuOracle
+
     return QemuOracle(timeout=30)
 
 
@@ -55,22 +77,22 @@ def test_sdm_base_wp_nxe(qemu):
     b = hand_image()
     cases = [
         (P(KRW + 0x18), ("ok", frame(0) + 0x18)),
-        (P(KRW + 0x18, user=True), ("pf", 0x05)),          # U on S page: P|U
-        (P(URO, "write"), ("pf", 0x03)),                   # WP=1: P|W
-        (P(URO, "write", user=True), ("pf", 0x07)),        # P|W|U
+        (P(KRW + 0x18, user=True), ("pf", 0x05)),  # U on S page: P|U
+        (P(URO, "write"), ("pf", 0x03)),  # WP=1: P|W
+        (P(URO, "write", user=True), ("pf", 0x07)),  # P|W|U
         (P(URO + 8, user=True), ("ok", frame(2) + 8)),
-        (P(UNX, "fetch"), ("pf", 0x11)),                   # XD with NXE: P|I/D
+        (P(UNX, "fetch"), ("pf", 0x11)),  # XD with NXE: P|I/D
         (P(UNX, "fetch", user=True), ("pf", 0x15)),
         (P(URW + 0x40, "fetch", user=True), "ok"),
         (P(KRW + 0x40, "fetch"), "ok"),
         (P(NP), ("pf", 0x00)),
         (P(NP, "write", user=True), ("pf", 0x06)),
-        (P(NP, "fetch"), ("pf", 0x10)),                    # I/D reported since NXE=1
+        (P(NP, "fetch"), ("pf", 0x10)),  # I/D reported since NXE=1
         (P(KRO, "write"), ("pf", 0x03)),
-        (P(M2 + 0x1008), ("ok", 0x601008)),                # 2M: offset bits 20:0
-        (P(G1 + FRAMES + 0x10), ("ok", FRAMES + 0x10)),    # 1G: offset bits 29:0
+        (P(M2 + 0x1008), ("ok", 0x601008)),  # 2M: offset bits 20:0
+        (P(G1 + FRAMES + 0x10), ("ok", FRAMES + 0x10)),  # 1G: offset bits 29:0
         (P(G1 + FRAMES + 0x10, user=True), ("ok", FRAMES + 0x10)),
-        (P(NONCANON), ("gp", 0)),                          # §6.15: #GP(0), CR2 untouched
+        (P(NONCANON), ("gp", 0)),  # §6.15: #GP(0), CR2 untouched
         (P(NONCANON, "write", user=True), ("gp", 0)),
     ]
     run_cases(qemu, b, state(b), cases)
@@ -79,7 +101,7 @@ def test_sdm_base_wp_nxe(qemu):
 def test_sdm_wp0(qemu):
     b = hand_image()
     cases = [
-        (P(URO + 8, "write", ac=False), "ok"),             # supervisor write ignores RO if WP=0
+        (P(URO + 8, "write", ac=False), "ok"),  # supervisor write ignores RO if WP=0
         (P(KRO + 8, "write"), "ok"),
         (P(URO + 8, "write", user=True), ("pf", 0x07)),
     ]
@@ -89,10 +111,10 @@ def test_sdm_wp0(qemu):
 def test_sdm_smep(qemu):
     b = hand_image()
     cases = [
-        (P(URW + 0x40, "fetch"), ("pf", 0x11)),            # SMEP: supervisor fetch from U page
+        (P(URW + 0x40, "fetch"), ("pf", 0x11)),  # SMEP: supervisor fetch from U page
         (P(KRW + 0x40, "fetch"), "ok"),
         (P(URW + 0x40, "fetch", user=True), "ok"),
-        (P(URW + 0x40), "ok"),                             # data access unaffected
+        (P(URW + 0x40), "ok"),  # data access unaffected
     ]
     run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_SMEP), cases)
 
@@ -100,11 +122,11 @@ def test_sdm_smep(qemu):
 def test_sdm_smap_and_ac(qemu):
     b = hand_image()
     cases = [
-        (P(URW + 8), ("pf", 0x01)),                        # SMAP: P only
-        (P(URW + 8, ac=True), ("ok", frame(1) + 8)),       # explicit access with AC=1 allowed
+        (P(URW + 8), ("pf", 0x01)),  # SMAP: P only
+        (P(URW + 8, ac=True), ("ok", frame(1) + 8)),  # explicit access with AC=1 allowed
         (P(URW + 8, "write"), ("pf", 0x03)),
         (P(URW + 8, "write", ac=True), "ok"),
-        (P(URO + 8, "write", ac=True), ("pf", 0x03)),      # AC does not override WP
+        (P(URO + 8, "write", ac=True), ("pf", 0x03)),  # AC does not override WP
         (P(URW + 8, user=True), "ok"),
         (P(KRW + 8), "ok"),
     ]
@@ -113,17 +135,17 @@ def test_sdm_smap_and_ac(qemu):
 
 def test_sdm_pkru(qemu):
     b = hand_image()
-    ad1 = [                                                # PKRU.AD1 (bit 2)
-        (P(UPK + 8, user=True), ("pf", 0x25)),             # P|U|PK
-        (P(UPK + 8), ("pf", 0x21)),                        # supervisor data access to a U page
-        (P(UPK + 0x40, "fetch", user=True), "ok"),         # keys do not apply to fetches
-        (P(URW + 8, user=True), "ok"),                     # key 0 allowed
+    ad1 = [  # PKRU.AD1 (bit 2)
+        (P(UPK + 8, user=True), ("pf", 0x25)),  # P|U|PK
+        (P(UPK + 8), ("pf", 0x21)),  # supervisor data access to a U page
+        (P(UPK + 0x40, "fetch", user=True), "ok"),  # keys do not apply to fetches
+        (P(URW + 8, user=True), "ok"),  # key 0 allowed
     ]
     run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b0100), ad1)
-    wd1 = [                                                # PKRU.WD1 (bit 3)
+    wd1 = [  # PKRU.WD1 (bit 3)
         (P(UPK + 8, user=True), ("ok", frame(4) + 8)),
         (P(UPK + 8, "write", user=True), ("pf", 0x27)),
-        (P(UPK + 8, "write"), ("pf", 0x23)),               # WP=1: supervisor writes checked too
+        (P(UPK + 8, "write"), ("pf", 0x23)),  # WP=1: supervisor writes checked too
     ]
     run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b1000), wd1)
 
@@ -131,13 +153,13 @@ def test_sdm_pkru(qemu):
 def test_sdm_la57(qemu):
     b = Builder(levels=5, table_base=0x200000, maxphyaddr=40, vendor="amd")
     tag_frames(b.memory, FRAMES, 1)
-    va = 0x0080000000001000                                 # bit 55: PML5 index 128
+    va = 0x0080000000001000  # bit 55: PML5 index 128
     b.map(va, FRAMES, 0x1000, flags="rw a")
     cases = [
         (P(va + 8), ("ok", FRAMES + 8)),
-        (P(0x0001000000000000), ("pf", 0x00)),              # PML5[1] not present
-        (P(0x0100000000000000), ("gp", 0)),                 # bit 56 set, 63:57 clear
-        (P(0xFE00000000001000), ("gp", 0)),                 # bits 63:57 set, bit 56 clear
+        (P(0x0001000000000000), ("pf", 0x00)),  # PML5[1] not present
+        (P(0x0100000000000000), ("gp", 0)),  # bit 56 set, 63:57 clear
+        (P(0xFE00000000001000), ("gp", 0)),  # bits 63:57 set, bit 56 clear
     ]
     run_cases(qemu, b, b.state(profile="qemu"), cases)
 
@@ -148,15 +170,19 @@ def test_sdm_accessed_dirty(qemu):
     b = hand_image()
     pte_r = b.entry_address(AD_R, 1, create=False)
     pte_w = b.entry_address(AD_W, 1, create=False)
-    assert b.memory.read_u64(pte_r) == frame(7) | 0x3               # P|RW, A=D=0
-    assert b.memory.read_u64(pte_w) == frame(8) | 0x7               # P|RW|US
-    res = run_cases(qemu, b, state(b), [(P(AD_R + 8), "ok"), (P(AD_W + 8, "write", user=True), "ok"),
-                                        (P(NP), ("pf", 0x00))])
+    assert b.memory.read_u64(pte_r) == frame(7) | 0x3  # P|RW, A=D=0
+    assert b.memory.read_u64(pte_w) == frame(8) | 0x7  # P|RW|US
+    res = run_cases(
+        qemu,
+        b,
+        state(b),
+        [(P(AD_R + 8), "ok"), (P(AD_W + 8, "write", user=True), "ok"), (P(NP), ("pf", 0x00))],
+    )
     after = res.memory_after
-    assert after.read_u64(pte_r) == frame(7) | 0x23                 # +A
-    assert after.read_u64(pte_w) == frame(8) | 0x67                 # +A +D
+    assert after.read_u64(pte_r) == frame(7) | 0x23  # +A
+    assert after.read_u64(pte_w) == frame(8) | 0x67  # +A +D
     assert after.read_u64(b.entry_address(NP, 1, create=False)) == 0
-    assert after.read_u64(frame(8) + 8) == 0                        # wvalue 0 was stored
+    assert after.read_u64(frame(8) + 8) == 0  # wvalue 0 was stored
     # The harness slot is the backend's: the caller's root table comes back unchanged.
     assert after.read_u64(b.root + 511 * 8) == 0
 
@@ -170,11 +196,16 @@ def test_capabilities_match_profile(qemu):
     assert caps.vendor == "amd" == prof.vendor
     assert caps.maxphyaddr == 40 == prof.maxphyaddr
     assert (caps.gbpages, caps.la57, caps.pku, caps.smep, caps.smap) == (True,) * 5
-    assert (prof.features.gbpages, prof.features.la57, prof.features.pku, prof.features.smep,
-            prof.features.smap) == (True,) * 5
+    assert (
+        prof.features.gbpages,
+        prof.features.la57,
+        prof.features.pku,
+        prof.features.smep,
+        prof.features.smap,
+    ) == (True,) * 5
     assert caps.rsvd_sets_p is False and prof.rsvd_sets_p is False
     assert caps.version.startswith("QEMU emulator version")
-    assert qemu.capabilities() is caps                              # cached per process
+    assert qemu.capabilities() is caps  # cached per process
 
 
 # -- profile proofs: one per deviation of PROFILES['qemu'] -------------------------------------------------
@@ -182,8 +213,12 @@ def test_profile_rsvd_sets_p_false(qemu):
     """docs/paging.md §12.1: RSVD faults report 0x08 without P (SDM: RSVD implies P=1, 0x09)."""
     assert PROFILES["qemu"].rsvd_sets_p is False
     b = hand_image()
-    run_cases(qemu, b, state(b), [(P(RSV), ("pf", 0x08)), (P(RSV, "write", user=True), ("pf", 0x0E)),
-                                  (P(RSV, "fetch"), ("pf", 0x18))])
+    run_cases(
+        qemu,
+        b,
+        state(b),
+        [(P(RSV), ("pf", 0x08)), (P(RSV, "write", user=True), ("pf", 0x0E)), (P(RSV, "fetch"), ("pf", 0x18))],
+    )
 
 
 def test_profile_ps_1g_without_gbpages():
@@ -192,10 +227,11 @@ def test_profile_ps_1g_without_gbpages():
     need_oracle("qemu", HAVE_QEMU, REASON)
     from harness.oracles.qemu import QemuOracle
     from harness.oracles.qemu_monitor import QemuMonitor
+
     assert PROFILES["qemu"].ps_1g_without_gbpages is True
     b = hand_image()
     st = state(b)
-    with QemuMonitor(b.memory, st, cpu="max,-pdpe1gb") as mon:       # the flag really is off
+    with QemuMonitor(b.memory, st, cpu="max,-pdpe1gb") as mon:  # the flag really is off
         assert mon.cpu_property("pdpe1gb") is False
     res = QemuOracle(cpu="max,-pdpe1gb").run(b.memory, st, [P(G1 + FRAMES + 0x10)]).results
     check(res, [(P(G1 + FRAMES + 0x10), ("ok", FRAMES + 0x10))])
@@ -220,14 +256,18 @@ def test_profile_a_on_1g_leaf_before_checks(qemu):
     g_rsvd, g_sup, m_rsvd = 0x80000000, 0xC0000000, 0x20200000
     b.map(g_rsvd, 1 << 30, 1 << 30, 1 << 30, flags="rw")
     b.set_entry(g_rsvd, 3, b.get_entry(g_rsvd, 3) | (1 << 13))
-    b.map(g_sup, 2 << 30, 1 << 30, 1 << 30, flags="rw")               # supervisor only
+    b.map(g_sup, 2 << 30, 1 << 30, 1 << 30, flags="rw")  # supervisor only
     b.map(m_rsvd, 0x800000, 0x200000, 0x200000, flags="rw")
     b.set_entry(m_rsvd, 2, b.get_entry(m_rsvd, 2) | (1 << 13))
     addrs = [b.entry_address(va, lv, create=False) for va, lv in ((g_rsvd, 3), (g_sup, 3), (m_rsvd, 2))]
     before = [b.memory.read_u64(a) for a in addrs]
     assert all(not v & 0x20 for v in before)
-    res = run_cases(qemu, b, state(b), [(P(g_rsvd), ("pf", 0x08)), (P(g_sup, user=True), ("pf", 0x05)),
-                                        (P(m_rsvd), ("pf", 0x08))])
+    res = run_cases(
+        qemu,
+        b,
+        state(b),
+        [(P(g_rsvd), ("pf", 0x08)), (P(g_sup, user=True), ("pf", 0x05)), (P(m_rsvd), ("pf", 0x08))],
+    )
     after = [res.memory_after.read_u64(a) for a in addrs]
     assert after == [before[0] | 0x20, before[1] | 0x20, before[2]]
 
@@ -236,6 +276,7 @@ def _user_idt(ram) -> None:
     # Make the page holding the harness IDT a user page: exception delivery then reads the IDT
     # with an implicit supervisor access to a user page, which SMAP forbids (SDM §4.6.1).
     from harness import guest
+
     a = guest.HPT_PT + (guest.IDT_GPA >> 12) * 8
     v = struct.unpack_from("<Q", ram, a)[0]
     struct.pack_into("<Q", ram, a, v | 0x4)
@@ -256,8 +297,12 @@ def test_profile_implicit_smap_honours_ac(qemu):
     # The model agrees: an implicit supervisor read of a user page under SMAP with AC=1.
     idt_like = walk(st, b.memory, URW, Access("read", ac=True, implicit=True))
     assert idt_like.outcome == "ok"
-    assert walk(st.replace(profile=PROFILES["amd"]), b.memory, URW,
-                Access("read", ac=True, implicit=True)).outcome == "page_fault"
+    assert (
+        walk(
+            st.replace(profile=PROFILES["amd"]), b.memory, URW, Access("read", ac=True, implicit=True)
+        ).outcome
+        == "page_fault"
+    )
 
 
 def test_profile_gp_leaves_cr2(qemu):
@@ -271,6 +316,7 @@ def test_profile_gp_leaves_cr2(qemu):
 # -- plumbing -----------------------------------------------------------------------------------------------
 def test_big_batch_is_split_and_ad_carries_over(qemu):
     from harness.oracles.qemu import MAX_PROBES
+
     b = hand_image()
     probes = [P(KRW + 8)] * (MAX_PROBES + 3) + [P(AD_W, "write", user=True)]
     launches = qemu.launches
@@ -284,6 +330,7 @@ def test_big_batch_is_split_and_ad_carries_over(qemu):
 def test_timeout_kills_qemu():
     need_oracle("qemu", HAVE_QEMU, REASON)
     from harness.oracles.qemu import QemuOracle
+
     b = hand_image()
     with pytest.raises(OracleError, match="within"):
         QemuOracle(timeout=0.001).run(b.memory, state(b), [P(KRW)])
@@ -291,7 +338,7 @@ def test_timeout_kills_qemu():
 
 def test_bad_image_refused(qemu):
     b = hand_image()
-    b.memory.write_u64(0x100000, 1)                                   # harness area
+    b.memory.write_u64(0x100000, 1)  # harness area
     with pytest.raises(BadInputError, match="harness area"):
         qemu.run(b.memory, state(b), [P(KRW)])
 
@@ -299,6 +346,7 @@ def test_bad_image_refused(qemu):
 def test_nothing_left_in_shm(qemu):
     import glob
     import os
+
     b = hand_image()
     qemu.run(b.memory, state(b), [P(KRW)])
     assert glob.glob(f"/dev/shm/x86pt-qemu-{os.getpid()}-*") == []
@@ -307,24 +355,28 @@ def test_nothing_left_in_shm(qemu):
 def test_install_script_is_a_no_op_when_installed():
     need_oracle("qemu", HAVE_QEMU, REASON)
     import os
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run(["sh", os.path.join(root, "tools", "install_qemu.sh")], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["sh", os.path.join(root, "tools", "install_qemu.sh")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and "already installed: QEMU emulator version" in r.stdout
 
 
 def test_bios_rebuilds_identically(tmp_path):
     """bios.bin is shipped; build_bios.sh must reproduce it byte for byte (needs binutils)."""
     import os
+
     if shutil.which("as") is None or shutil.which("objcopy") is None:
         pytest.skip("GNU as/objcopy not installed")
     from harness.oracles.qemu import BIOS_PATH
+
     script = os.path.join(os.path.dirname(BIOS_PATH), "build_bios.sh")
     subprocess.run(["sh", script, str(tmp_path)], check=True, capture_output=True, timeout=60)
     with open(BIOS_PATH, "rb") as f, open(tmp_path / "bios.bin", "rb") as g:
         shipped, rebuilt = f.read(), g.read()
     assert len(shipped) == 65536 and shipped == rebuilt
-    assert shipped[0xFFF0:0xFFF3] == bytes([0xE9, 0x0D, 0x00])      # jmp to offset 0 (docs/oracles.md §4)
+    assert shipped[0xFFF0:0xFFF3] == bytes([0xE9, 0x0D, 0x00])  # jmp to offset 0 (docs/oracles.md §4)
 
 
 # -- cross-check: model vs oracle ------------------------------------------------------------------------
@@ -337,7 +389,7 @@ def random_image(rng: random.Random, levels: int = 4) -> tuple[Builder, list[tup
         va = 0x10000000 + i * 0x1000
         kind = rng.random()
         if kind < 0.08:
-            b.entry_address(va, 1)                                    # table only: not present
+            b.entry_address(va, 1)  # table only: not present
         else:
             fl = " ".join(w for w in ("rw", "us", "nx", "a", "d") if rng.random() < 0.5)
             b.map(va, frame(i), 0x1000, flags=fl or "ro", pk=rng.randrange(4))
@@ -383,7 +435,7 @@ def test_model_agrees_with_qemu(qemu, config):
     cfg = dict(CROSS_CONFIGS[config])
     b, regions = random_image(rng, cfg.pop("levels", 4))
     if cfg["pkru"] is None:
-        cfg["pkru"] = rng.getrandbits(32) & ~0b11        # key 0 stays open: the guest's user stack
+        cfg["pkru"] = rng.getrandbits(32) & ~0b11  # key 0 stays open: the guest's user stack
     st = state(b, **cfg)
     if b.levels == 5:
         assert st.la57
@@ -392,8 +444,15 @@ def test_model_agrees_with_qemu(qemu, config):
         va, size = rng.choice(regions)
         off = rng.randrange(0, size, 8)
         kind = rng.choice(("read", "read", "write", "fetch"))
-        probes.append(Probe(va + off, kind, user=rng.random() < 0.5, ac=rng.random() < 0.3,
-                            wvalue=(rng.getrandbits(40) << 8) | 0xC3))
+        probes.append(
+            Probe(
+                va + off,
+                kind,
+                user=rng.random() < 0.5,
+                ac=rng.random() < 0.3,
+                wvalue=(rng.getrandbits(40) << 8) | 0xC3,
+            )
+        )
     probes.append(Probe(NONCANON))
     model_mem = b.memory.copy()
     res = qemu.run(b.memory, st, probes)
@@ -410,8 +469,10 @@ def test_model_agrees_with_qemu(qemu, config):
             diffs.append(f"{line}: model #GP {want.error_code}, qemu {got}")
         elif want.outcome == "ok":
             if p.access == "read" and got.value != model_mem.read_u64(want.pa):
-                diffs.append(f"{line}: read {got.value:#x}, model memory at {want.pa:#x} holds "
-                             f"{model_mem.read_u64(want.pa):#x}")
+                diffs.append(
+                    f"{line}: read {got.value:#x}, model memory at {want.pa:#x} holds "
+                    f"{model_mem.read_u64(want.pa):#x}"
+                )
             if p.access == "write":
                 model_mem.write_u64(want.pa, p.wvalue)
     # A/D bits and written data: every page of the image, as the model left it.

@@ -7,6 +7,7 @@ out by hand for each mapping below, or — for the profile proofs — from the d
 docs/oracles.md §2.4 (D1, D2, D6) and docs/paging.md §12.1. The x86pt model is only ever the
 thing checked, in the final cross-check, never the expectation.
 """
+
 from __future__ import annotations
 
 import random
@@ -16,33 +17,54 @@ import pytest
 
 from conftest import need_oracle
 from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, Probe, tag_value
-from harness.oracles.unicorn_oracle import (INSN, UnicornOracle, available, cpuid)
+from harness.oracles.unicorn_oracle import INSN, UnicornOracle, available, cpuid
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PKS, CR4_SMAP,
-                         CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, PROFILES, PagingState)
+from x86pt.state import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    CR4_PKE,
+    CR4_PKS,
+    CR4_SMAP,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PROFILES,
+    PagingState,
+)
 from x86pt.walk import Access, GeneralProtection, PageFault, Translation, walk
 
 pytestmark = pytest.mark.unicorn
 
-M = 40                                   # unicorn's MAXPHYADDR (every model, spec P6)
+M = 40  # unicorn's MAXPHYADDR (every model, spec P6)
 WP1 = CR0_PE | CR0_PG | CR0_WP
 WP0 = CR0_PE | CR0_PG
 NXE = EFER_LME | EFER_LMA | EFER_NXE
 ALL_CR4 = CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE
-PKRU = (1 << 2) | (1 << 5)               # AD1, WD2 (SDM §4.6.2: bits 2i and 2i+1)
+PKRU = (1 << 2) | (1 << 5)  # AD1, WD2 (SDM §4.6.2: bits 2i and 2i+1)
 
 # VA -> (PA, flags) of the hand image; every frame is filled with tag_value.
 SUP_RW, SUP_RO, USR_RW, USR_RO = 0x10000000, 0x10001000, 0x10002000, 0x10003000
 USR_NX, SUP_NX, USR_K1, USR_K2 = 0x10004000, 0x10005000, 0x10006000, 0x10007000
 RSVD, NP = 0x10008000, 0x10009000
 BIG2M, BIG1G = 0x10200000, 0x40000000
-BAD1G = 0x80000000                       # 1G leaf with bit 13 (reserved, SDM table 4-16) set
-UNBACKED = 0xC0000000                    # PDE -> a PT at 0x80000000, past the 32 MiB of RAM
-FOURK = {SUP_RW: (0x400000, "rw"), SUP_RO: (0x401000, ""), USR_RW: (0x402000, "rw us"),
-         USR_RO: (0x403000, "us"), USR_NX: (0x404000, "rw us nx"), SUP_NX: (0x405000, "rw nx"),
-         USR_K1: (0x406000, "rw us"), USR_K2: (0x407000, "rw us")}
+BAD1G = 0x80000000  # 1G leaf with bit 13 (reserved, SDM table 4-16) set
+UNBACKED = 0xC0000000  # PDE -> a PT at 0x80000000, past the 32 MiB of RAM
+FOURK = {
+    SUP_RW: (0x400000, "rw"),
+    SUP_RO: (0x401000, ""),
+    USR_RW: (0x402000, "rw us"),
+    USR_RO: (0x403000, "us"),
+    USR_NX: (0x404000, "rw us nx"),
+    SUP_NX: (0x405000, "rw nx"),
+    USR_K1: (0x406000, "rw us"),
+    USR_K2: (0x407000, "rw us"),
+}
 KEYS = {USR_K1: 1, USR_K2: 2}
 
 
@@ -64,13 +86,13 @@ def image(table_flags: str = "p rw us a") -> Builder:
     for va, (pa, flags) in FOURK.items():
         b.map(va, pa, 0x1000, 0x1000, flags, pk=KEYS.get(va, 0))
         fill(b.memory, pa, 0x1000)
-    b.set_entry(RSVD, 1, 0x408000 | 0x7 | (1 << 51))         # bit 51 >= M: reserved
+    b.set_entry(RSVD, 1, 0x408000 | 0x7 | (1 << 51))  # bit 51 >= M: reserved
     fill(b.memory, 0x408000, 0x1000)
     b.map(BIG2M, 0x600000, 1 << 21, 1 << 21, "rw us")
     fill(b.memory, 0x600000, 1 << 21)
-    b.map(BIG1G, 0, 1 << 30, 1 << 30, "rw")                   # PA 0: reads go to the frames above
-    b.set_entry(BAD1G, 3, 0x0 | 0x3 | 0x80 | (1 << 13))       # P RW PS, bit 13, A clear
-    b.set_entry(UNBACKED, 2, 0x80000000 | 0x7)                # below M, but no RAM there
+    b.map(BIG1G, 0, 1 << 30, 1 << 30, "rw")  # PA 0: reads go to the frames above
+    b.set_entry(BAD1G, 3, 0x0 | 0x3 | 0x80 | (1 << 13))  # P RW PS, bit 13, A clear
+    b.set_entry(UNBACKED, 2, 0x80000000 | 0x7)  # below M, but no RAM there
     return b
 
 
@@ -86,30 +108,52 @@ def P(va: int, access: str = "read", user: bool = False, ac: bool = False, wvalu
 # PKE, PKRU = AD1|WD2.
 SDM_CASES = [
     # not present (§4.7: P=0), W and U from the access
-    (P(NP), 0x0), (P(NP, "write"), 0x2), (P(NP, user=True), 0x4), (P(NP, "write", True), 0x6),
+    (P(NP), 0x0),
+    (P(NP, "write"), 0x2),
+    (P(NP, user=True), 0x4),
+    (P(NP, "write", True), 0x6),
     # I/D is set for fetches when NXE=1 (or SMEP=1)
-    (P(NP, "fetch"), 0x10), (P(NP, "fetch", True), 0x14),
+    (P(NP, "fetch"), 0x10),
+    (P(NP, "fetch", True), 0x14),
     # XD
-    (P(SUP_NX, "fetch"), 0x11), (P(USR_NX, "fetch", True), 0x15), (P(SUP_NX), "ok"),
+    (P(SUP_NX, "fetch"), 0x11),
+    (P(USR_NX, "fetch", True), 0x15),
+    (P(SUP_NX), "ok"),
     # U/S: CPL3 to a supervisor page
-    (P(SUP_RW, user=True), 0x5), (P(SUP_RW, "write", True), 0x7), (P(SUP_RW, "fetch", True), 0x15),
+    (P(SUP_RW, user=True), 0x5),
+    (P(SUP_RW, "write", True), 0x7),
+    (P(SUP_RW, "fetch", True), 0x15),
     # R/W with WP=1
-    (P(SUP_RO, "write"), 0x3), (P(USR_RO, "write", True), 0x7), (P(SUP_RO), "ok"),
+    (P(SUP_RO, "write"), 0x3),
+    (P(USR_RO, "write", True), 0x7),
+    (P(SUP_RO), "ok"),
     # SMEP
-    (P(USR_RW, "fetch"), 0x11), (P(USR_RW, "fetch", True), "ok"),
+    (P(USR_RW, "fetch"), 0x11),
+    (P(USR_RW, "fetch", True), "ok"),
     # SMAP: explicit supervisor data access to a user page needs AC=1
-    (P(USR_RW), 0x1), (P(USR_RW, "write"), 0x3), (P(USR_RW, ac=True), "ok"),
+    (P(USR_RW), 0x1),
+    (P(USR_RW, "write"), 0x3),
+    (P(USR_RW, ac=True), "ok"),
     (P(USR_RW, "write", ac=True), "ok"),
     # PKRU: key 1 access-disabled, key 2 write-disabled (PK=0x20 with P)
-    (P(USR_K1, user=True), 0x25), (P(USR_K1, "write", True), 0x27), (P(USR_K1, ac=True), 0x21),
-    (P(USR_K2, user=True), "ok"), (P(USR_K2, "write", True), 0x27), (P(USR_K2, "write", ac=True), 0x23),
-    (P(USR_K1, "fetch", True), "ok"),                          # keys never apply to fetches
+    (P(USR_K1, user=True), 0x25),
+    (P(USR_K1, "write", True), 0x27),
+    (P(USR_K1, ac=True), 0x21),
+    (P(USR_K2, user=True), "ok"),
+    (P(USR_K2, "write", True), 0x27),
+    (P(USR_K2, "write", ac=True), 0x23),
+    (P(USR_K1, "fetch", True), "ok"),  # keys never apply to fetches
     # reserved bit 51 (>= MAXPHYADDR): RSVD with P (SDM: RSVD faults are always on present entries)
-    (P(RSVD), 0x9), (P(RSVD, "write", True), 0xF), (P(RSVD, "fetch"), 0x19),
+    (P(RSVD), 0x9),
+    (P(RSVD, "write", True), 0xF),
+    (P(RSVD, "fetch"), 0x19),
     # non-canonical with 4-level paging: #GP(0), CR2 untouched
-    (P(0x0000800000000000), "GP"), (P(0xFFFF7FFFFFFFF000, "write"), "GP"),
+    (P(0x0000800000000000), "GP"),
+    (P(0xFFFF7FFFFFFFF000, "write"), "GP"),
     # successes that also prove the frame
-    (P(SUP_RW + 0x18), "ok"), (P(BIG2M + 0x1238, user=True), "ok"), (P(BIG1G + 0x405010), "ok"),
+    (P(SUP_RW + 0x18), "ok"),
+    (P(BIG2M + 0x1238, user=True), "ok"),
+    (P(BIG1G + 0x405010), "ok"),
 ]
 
 
@@ -155,8 +199,12 @@ def test_sdm_cases_one_per_batch_agree_with_the_big_batch(oracle):
 def test_wp0(oracle):
     """CR0.WP=0: supervisor writes ignore R/W and PKRU WD (SDM §4.6.1, §4.6.2); user writes don't."""
     b = image()
-    cases = [(P(SUP_RO, "write"), "ok"), (P(USR_RO, "write", True), 0x7),
-             (P(USR_K2, "write", ac=True), "ok"), (P(USR_K2, "write", True), 0x27)]
+    cases = [
+        (P(SUP_RO, "write"), "ok"),
+        (P(USR_RO, "write", True), 0x7),
+        (P(USR_K2, "write", ac=True), "ok"),
+        (P(USR_K2, "write", True), 0x27),
+    ]
     _check(oracle.run(b.memory, st(b, cr0=WP0), [p for p, _ in cases]).results, cases)
 
 
@@ -171,7 +219,7 @@ def test_nxe0_smep0_fetch_has_no_id_and_xd_is_reserved(oracle):
 def test_accessed_and_dirty_after_success(oracle):
     """SDM §4.8: A set in every entry used; D set in the leaf by a write only; the harness slot of
     the caller's root is not reported as changed."""
-    b = image(table_flags="p rw us")          # upper levels start with A=0
+    b = image(table_flags="p rw us")  # upper levels start with A=0
     leaf_2m = b.entry_address(BIG2M, 2, create=False)
     walk_4k = [b.entry_address(USR_RW, lv, create=False) for lv in (4, 3, 2, 1)]
     before = {a: b.memory.read_u64(a) for a in walk_4k + [leaf_2m]}
@@ -180,12 +228,12 @@ def test_accessed_and_dirty_after_success(oracle):
     assert [r.outcome for r in res.results] == ["ok", "ok"]
     after = res.memory_after
     for a in walk_4k:
-        assert after.read_u64(a) == before[a] | 0x20, hex(a)           # A, no D (a read)
-    assert after.read_u64(leaf_2m) == before[leaf_2m] | 0x60            # A and D
+        assert after.read_u64(a) == before[a] | 0x20, hex(a)  # A, no D (a read)
+    assert after.read_u64(leaf_2m) == before[leaf_2m] | 0x60  # A and D
     assert res.results[1].pa == 0x600008
     assert after.read_u64(0x600008) == 0x1234C3
     assert after.read_u64(b.root + 8 * HARNESS_SLOT) == b.memory.read_u64(b.root + 8 * HARNESS_SLOT)
-    assert b.memory.read_u64(leaf_2m) == before[leaf_2m]                # the caller's image untouched
+    assert b.memory.read_u64(leaf_2m) == before[leaf_2m]  # the caller's image untouched
 
 
 def test_la57_walk(oracle):
@@ -195,10 +243,13 @@ def test_la57_walk(oracle):
     fill(b.memory, 0x500000, 0x1000)
     s = b.state(profile="unicorn")
     assert s.cr4 & CR4_LA57
-    res = oracle.run(b.memory, s, [P(va + 0x40), P(1 << 47), P(1 << 56), P(va, "write", wvalue=0xC3),
-                                   P(va + 0x80, user=True)])
+    res = oracle.run(
+        b.memory,
+        s,
+        [P(va + 0x40), P(1 << 47), P(1 << 56), P(va, "write", wvalue=0xC3), P(va + 0x80, user=True)],
+    )
     r = res.results
-    assert (r[4].outcome, r[4].error_code, r[4].cr2) == ("page_fault", 0x5, va + 0x80)   # U/S=0 leaf
+    assert (r[4].outcome, r[4].error_code, r[4].cr2) == ("page_fault", 0x5, va + 0x80)  # U/S=0 leaf
     assert (r[0].outcome, r[0].pa, r[0].value) == ("ok", 0x500040, tag_value(0x500040))
     assert (r[1].outcome, r[1].error_code, r[1].cr2) == ("page_fault", 0x0, 1 << 47)  # canonical now
     assert (r[2].outcome, r[2].error_code) == ("general_protection", 0)
@@ -208,8 +259,12 @@ def test_la57_walk(oracle):
 def test_probes_run_in_order_and_writes_carry(oracle):
     """A write then a read of the same qword: the read sees the written value (base.py: in order)."""
     b = image()
-    probes = [P(SUP_RW + 0x20, "write", wvalue=0xAB12C3), P(SUP_RW + 0x20),
-              P(USR_RW + 0x28, "write", True, wvalue=0xCD34C3), P(USR_RW + 0x28, user=True)]
+    probes = [
+        P(SUP_RW + 0x20, "write", wvalue=0xAB12C3),
+        P(SUP_RW + 0x20),
+        P(USR_RW + 0x28, "write", True, wvalue=0xCD34C3),
+        P(USR_RW + 0x28, user=True),
+    ]
     r = oracle.run(b.memory, st(b), probes).results
     assert [x.value for x in r] == [None, 0xAB12C3, None, 0xCD34C3]
 
@@ -219,33 +274,50 @@ def test_capabilities_match_the_profile(oracle):
     prof = PROFILES["unicorn"]
     assert (caps.name, caps.vendor, caps.maxphyaddr) == ("unicorn", prof.vendor, prof.maxphyaddr)
     f = prof.features
-    assert (caps.gbpages, caps.la57, caps.pku, caps.smep, caps.smap, caps.nx) == \
-        (f.gbpages, f.la57, f.pku, f.smep, f.smap, f.nx)
+    assert (caps.gbpages, caps.la57, caps.pku, caps.smep, caps.smap, caps.nx) == (
+        f.gbpages,
+        f.la57,
+        f.pku,
+        f.smep,
+        f.smap,
+        f.nx,
+    )
     assert caps.rsvd_sets_p == prof.rsvd_sets_p
     assert "2.1.4" in caps.version
 
 
 def test_instruction_bytes_and_listing(oracle):
     import capstone
+
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     dis = {k: [(i.mnemonic, i.op_str) for i in md.disasm(v, 0)] for k, v in INSN.items()}
-    assert dis == {"read": [("mov", "rax, qword ptr [rbx]")], "write": [("mov", "qword ptr [rbx], rdx")],
-                   "fetch": [("call", "rbx")]}
+    assert dis == {
+        "read": [("mov", "rax, qword ptr [rbx]")],
+        "write": [("mov", "qword ptr [rbx], rdx")],
+        "fetch": [("call", "rbx")],
+    }
     assert oracle.instruction_bytes(P(0x1000, "write")) == INSN["write"]
     text = oracle.listing([P(0x1000, ac=True), P(0x2000, "write", True, True, 5), P(0x3000, "fetch")])
-    for needle in ("mov cr3, rax", "mov rax, qword ptr [rbx]", "iretq", "call rbx",
-                   "popfq", "probe #1: write va=0x2000 cpl=3 ac=1", "movabs rdx, 5"):
+    for needle in (
+        "mov cr3, rax",
+        "mov rax, qword ptr [rbx]",
+        "iretq",
+        "call rbx",
+        "popfq",
+        "probe #1: write va=0x2000 cpl=3 ac=1",
+        "movabs rdx, 5",
+    ):
         assert needle in text, needle
     assert "(bad)" not in text
 
 
 def test_bad_input(oracle):
     mem = SparseMemory()
-    mem.write_u64(0x100000, 0x3)          # a page inside the harness area
+    mem.write_u64(0x100000, 0x3)  # a page inside the harness area
     with pytest.raises(BadInputError, match="outside the rig's image region"):
         oracle.run(mem, PagingState(cr3=0x200000), [P(0)])
     b = image()
-    with pytest.raises(BadInputError, match="64-bit"):      # refused where the probe is made
+    with pytest.raises(BadInputError, match="64-bit"):  # refused where the probe is made
         oracle.run(b.memory, st(b), [P(1 << 64)])
     empty = oracle.run(b.memory, st(b), [])
     assert empty.results == [] and set(empty.memory_after.pages) == set(b.memory.pages)
@@ -257,7 +329,7 @@ def test_bad_input(oracle):
 
 def test_fetch_target_without_ret_is_an_error_not_a_wrong_answer(oracle):
     b = image()
-    b.memory.write(0x402100, b"\x0f\x0b")          # ud2 where the fetch lands
+    b.memory.write(0x402100, b"\x0f\x0b")  # ud2 where the fetch lands
     with pytest.raises(OracleError):
         oracle.run(b.memory, st(b), [P(USR_RW + 0x100, "fetch", True)])
 
@@ -316,19 +388,32 @@ def test_profile_unbacked_read_zero(oracle):
 
 # -- the model with profile 'unicorn' agrees with the oracle ------------------------------------------
 def _random_probes(rng: random.Random, n: int) -> list[Probe]:
-    vas = list(FOURK) + [RSVD, NP, BIG2M, BIG2M + 0x1FF000, BIG1G + 0x400000, BIG1G + 0x601000,
-                         BAD1G, UNBACKED, 0x0000800000000000, 0x20000000]
+    vas = list(FOURK) + [
+        RSVD,
+        NP,
+        BIG2M,
+        BIG2M + 0x1FF000,
+        BIG1G + 0x400000,
+        BIG1G + 0x601000,
+        BAD1G,
+        UNBACKED,
+        0x0000800000000000,
+        0x20000000,
+    ]
     out = []
     for _ in range(n):
         va = rng.choice(vas) + 8 * rng.randrange(512)
         access = rng.choice(("read", "read", "write", "fetch"))
         # Written values keep the low byte 0xC3 so later fetches from the same qword still return.
-        out.append(Probe(va, access, rng.random() < 0.5, rng.random() < 0.3,
-                         (rng.getrandbits(48) << 8) | 0xC3))
+        out.append(
+            Probe(va, access, rng.random() < 0.5, rng.random() < 0.3, (rng.getrandbits(48) << 8) | 0xC3)
+        )
     return out
 
 
-@pytest.mark.parametrize("cr0,cr4,efer", [(WP1, ALL_CR4, NXE), (WP0, CR4_PAE | CR4_SMEP, EFER_LME | EFER_LMA)])
+@pytest.mark.parametrize(
+    "cr0,cr4,efer", [(WP1, ALL_CR4, NXE), (WP0, CR4_PAE | CR4_SMEP, EFER_LME | EFER_LMA)]
+)
 def test_model_agrees_with_oracle_on_random_probes(oracle, cr0, cr4, efer):
     """Cross-check (the oracle is the expectation): outcome, error code, CR2, PA, and the A/D bits
     and data the run leaves behind."""
@@ -370,12 +455,15 @@ def test_no_stale_tlb_between_probes(oracle, user):
     b.map(va, 0x409000, 0x1000, 0x1000, "rw us g")
     fill(b.memory, 0x409000, 0x1000)
     pte = b.entry_address(va, 1, create=False)
-    alias = 0x10011000                                  # the PT page itself, user RW
+    alias = 0x10011000  # the PT page itself, user RW
     b.map(alias, pte & ~0xFFF, 0x1000, 0x1000, "rw us")
-    s = st(b, cr4=ALL_CR4 | (1 << 7), pkru=0)          # CR4.PGE
+    s = st(b, cr4=ALL_CR4 | (1 << 7), pkru=0)  # CR4.PGE
     code = 0x4 if user else 0x0
-    probes = [P(va, user=user, ac=True), P(alias + (pte & 0xFFF), "write", user, ac=True, wvalue=0),
-              P(va + 8, user=user, ac=True)]
+    probes = [
+        P(va, user=user, ac=True),
+        P(alias + (pte & 0xFFF), "write", user, ac=True, wvalue=0),
+        P(va + 8, user=user, ac=True),
+    ]
     r = oracle.run(b.memory, s, probes).results
     assert [(x.outcome, x.error_code) for x in r] == [("ok", None), ("ok", None), ("page_fault", code)]
 
@@ -383,6 +471,7 @@ def test_no_stale_tlb_between_probes(oracle, user):
 def test_chunks_continue_one_run(oracle, monkeypatch):
     """A batch longer than a chunk runs as several chunks on the same engine and image."""
     import harness.oracles.unicorn_oracle as U
+
     monkeypatch.setattr(U, "CHUNK", 7)
     b = image()
     res = oracle.run(b.memory, st(b), [p for p, _ in SDM_CASES])
@@ -392,6 +481,7 @@ def test_chunks_continue_one_run(oracle, monkeypatch):
 def test_other_unicorn_versions_are_refused(monkeypatch):
     import harness.oracles.unicorn_oracle as U
     from x86pt.errors import OracleUnavailable
+
     ok, why = available()
     need_oracle("unicorn", ok, why)
     monkeypatch.setattr(U, "_version_of_lib", lambda: (2, 1, 3))

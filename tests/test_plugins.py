@@ -1,6 +1,7 @@
 """Plugins by entry point (x86pt/plugins.py, x86pt/oracle.py's registry). Expectations come from
 importlib.metadata (the standard library's reader of the same files) and from packages this test
 writes by hand."""
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -85,16 +86,22 @@ class TinyOracle:
 
 def test_a_third_party_oracle_is_found_by_entry_point(tmp_path, monkeypatch):
     """A package outside the repo adds an oracle: registered by its metadata only."""
-    _fake_dist(tmp_path, "tinyemu", tiny_oracle_source("tiny") + '''
+    _fake_dist(
+        tmp_path,
+        "tinyemu",
+        tiny_oracle_source("tiny")
+        + """
 
 class Broken:
     pass
-''', '''
+""",
+        """
         [x86pt.oracles]
         tiny = tinyemu:TinyOracle
         broken = tinyemu:Broken
         gone = tinyemu_missing:Gone
-        ''')
+        """,
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert {"tiny", "broken", "gone"} <= set(oracle_names())
     assert oracle_class("tiny").__name__ == "TinyOracle"
@@ -105,27 +112,61 @@ class Broken:
     assert not ok and "missing module tinyemu_missing" in why
     # the whole CLI: conform finds it and compares (a model subclass agrees with the model)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "x86pt", "conform", "--oracle", "tiny", "--cases",
-                        "random", "--limit", "40", "--seed", "3"], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "x86pt",
+            "conform",
+            "--oracle",
+            "tiny",
+            "--cases",
+            "random",
+            "--limit",
+            "40",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tiny" in r.stdout + r.stderr
-    r = subprocess.run([sys.executable, "-m", "x86pt", "conform", "--oracle", "gone", "--cases",
-                        "random", "--limit", "5"], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "x86pt", "conform", "--oracle", "gone", "--cases", "random", "--limit", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode != 0 and "tinyemu_missing" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_third_party_command_is_found_by_entry_point(tmp_path):
-    _fake_dist(tmp_path, "tinycmd", '''
+    _fake_dist(
+        tmp_path,
+        "tinycmd",
+        """
         def register(sub):
             p = sub.add_parser("hello", help="say hello")
             p.set_defaults(func=lambda args: print("hello from a plugin") or 0)
-        ''', '''
+        """,
+        """
         [x86pt.commands]
         hello = tinycmd
-        ''')
+        """,
+    )
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "x86pt", "hello"], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "x86pt", "hello"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert r.returncode == 0 and "hello from a plugin" in r.stdout, r.stderr

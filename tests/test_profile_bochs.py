@@ -2,6 +2,7 @@
 `implicit_smap_honours_ac_cpl3`, against the hand-derived table of tests/test_oracle_bochs.py
 (PK_TABLE: a Bochs column measured on Bochs 2.7 and an SDM column derived from SDM Vol. 3A §4.6.2),
 for the scalar walker and the batch translator alike."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,11 +42,20 @@ def test_implicit_smap_with_ac(user, ac):
     b = hand_image()
     st = state(b, cr4=CR4_PAE | CR4_SMAP)
     acc = Access("read", user=user, ac=ac, implicit=True)
-    for prof, passes in ((BOCHS, ac), (dataclasses.replace(BOCHS, implicit_smap_honours_ac_cpl3=False),
-                                       ac and not user),
-                         (PROFILES["intel"], False)):
+    for prof, passes in (
+        (BOCHS, ac),
+        (dataclasses.replace(BOCHS, implicit_smap_honours_ac_cpl3=False), ac and not user),
+        (PROFILES["intel"], False),
+    ):
         r = walk(st.replace(profile=prof), b.memory, URW, acc)
         assert (r.outcome == "ok") == passes, (prof.name, user, ac, r)
-        out = translate_batch(st.replace(profile=prof), b.memory, np.array([URW], dtype=np.uint64),
-                              "read", user=user, ac=ac, implicit=True)
+        out = translate_batch(
+            st.replace(profile=prof),
+            b.memory,
+            np.array([URW], dtype=np.uint64),
+            "read",
+            user=user,
+            ac=ac,
+            implicit=True,
+        )
         assert (out.outcome[0] == 0) == passes, (prof.name, user, ac, "batch")

@@ -4,6 +4,7 @@ Each test runs pytest in a subprocess in a temporary project, as a user's CI wou
 come from outside the plugin: items that exist without it (a project's own tests), the CPU state a
 failing item's message prints (parsed here and compared with the configuration its id names),
 and a program that flips one error-code bit (test_cmd_oracle.FLIP)."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,14 @@ EXAMPLES = os.path.join(REPO, "examples")
 
 
 def pytest_run(cwd, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def suite(cwd, *args, **kw) -> subprocess.CompletedProcess:
@@ -39,7 +46,7 @@ def _unicorn():
 
 
 # -- nothing changes for runs that do not ask ---------------------------------------------------------
-PROJECT = '''
+PROJECT = """
 import sys
 
 def test_one():
@@ -48,7 +55,7 @@ def test_one():
 def test_nothing_heavy_was_imported():
     heavy = sorted(m for m in sys.modules if m == "numpy" or m.startswith(("x86pt", "harness.")))
     assert heavy == ["harness.pytest_plugin"]     # the plugin module itself, nothing else
-'''
+"""
 
 
 def test_a_project_without_the_option_sees_only_its_own_items(tmp_path):
@@ -65,8 +72,10 @@ def test_a_project_without_the_option_sees_only_its_own_items(tmp_path):
 
 
 def test_loading_the_plugin_imports_nothing_heavy():
-    code = ("import sys, harness.pytest_plugin as p; "
-            "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith(('x86pt', 'harness.'))))")
+    code = (
+        "import sys, harness.pytest_plugin as p; "
+        "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith(('x86pt', 'harness.'))))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "['harness.pytest_plugin']", r.stdout + r.stderr
 
@@ -99,19 +108,43 @@ def test_without_an_oracle_the_suite_is_one_skipped_item(tmp_path):
 
 # -- running the suite --------------------------------------------------------------------------------------
 def test_the_model_oracle_passes_with_one_item_per_random_tree(tmp_path):
-    r = suite(tmp_path, "-v", "--x86pt-oracle", "model", "--x86pt-cases", "random", "--x86pt-limit", "150",
-              "--x86pt-seed", "7")
+    r = suite(
+        tmp_path,
+        "-v",
+        "--x86pt-oracle",
+        "model",
+        "--x86pt-cases",
+        "random",
+        "--x86pt-limit",
+        "150",
+        "--x86pt-seed",
+        "7",
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     # 150 cases, 64 per tree: trees 0, 1, 2 of seed 7
-    assert re.findall(r"test_conformance\[(random-seed7-tree\d)\] PASSED", r.stdout) == \
-        ["random-seed7-tree0", "random-seed7-tree1", "random-seed7-tree2"]
+    assert re.findall(r"test_conformance\[(random-seed7-tree\d)\] PASSED", r.stdout) == [
+        "random-seed7-tree0",
+        "random-seed7-tree1",
+        "random-seed7-tree2",
+    ]
 
 
 def test_shards_split_the_items(tmp_path):
     ids = []
     for shard in ("1/2", "2/2"):
-        r = suite(tmp_path, "--co", "-q", "--x86pt-oracle", "model", "--x86pt-cases", "random",
-                  "--x86pt-limit", "256", "--x86pt-shard", shard)
+        r = suite(
+            tmp_path,
+            "--co",
+            "-q",
+            "--x86pt-oracle",
+            "model",
+            "--x86pt-cases",
+            "random",
+            "--x86pt-limit",
+            "256",
+            "--x86pt-shard",
+            shard,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         ids.append(re.findall(r"\[(random-\S+)\]", r.stdout))
     assert ids == [["random-seed0-tree0", "random-seed0-tree1"], ["random-seed0-tree2", "random-seed0-tree3"]]
@@ -137,7 +170,9 @@ def test_unicorn_passes_cpa_replays(tmp_path):
 @pytest.mark.unicorn
 def test_the_reference_adapter_runs_under_the_plugin(tmp_path):
     _unicorn()
-    oracle = f"cmd:{shlex.quote(sys.executable)} {shlex.quote(os.path.join(EXAMPLES, 'cmd_oracle_adapter.py'))}"
+    oracle = (
+        f"cmd:{shlex.quote(sys.executable)} {shlex.quote(os.path.join(EXAMPLES, 'cmd_oracle_adapter.py'))}"
+    )
     r = suite(tmp_path, "-v", "--x86pt-oracle", oracle, "--x86pt-cases", "random", "--x86pt-limit", "128")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert len(re.findall(r"test_conformance\[random-seed0-tree\d\] PASSED", r.stdout)) == 2
@@ -146,9 +181,13 @@ def test_the_reference_adapter_runs_under_the_plugin(tmp_path):
 def test_a_third_party_oracle_package_runs_under_the_plugin(tmp_path):
     """A package outside the repo, registered by its metadata only (as in test_plugins.py)."""
     from test_plugins import _fake_dist
+
     site = tmp_path / "site"
     site.mkdir()
-    _fake_dist(site, "tinyemu2", '''
+    _fake_dist(
+        site,
+        "tinyemu2",
+        """
         from x86pt.registry import get_oracle
 
         class TinyOracle:
@@ -166,13 +205,16 @@ def test_a_third_party_oracle_package_runs_under_the_plugin(tmp_path):
 
             def close(self):
                 pass
-        ''', '''
+        """,
+        """
         [x86pt.oracles]
         tiny2 = tinyemu2:TinyOracle
-        ''')
+        """,
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    r = suite(tmp_path, "-v", "--x86pt-oracle", "tiny2", "--x86pt-cases", "random", "--x86pt-limit", "64",
-              env=env)
+    r = suite(
+        tmp_path, "-v", "--x86pt-oracle", "tiny2", "--x86pt-cases", "random", "--x86pt-limit", "64", env=env
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "test_conformance[random-seed0-tree0] PASSED" in r.stdout
 
@@ -186,8 +228,17 @@ def test_a_planted_mismatch_fails_its_item_with_the_walk_and_the_repro_in_junit(
     flip.write_text(FLIP.format(examples=EXAMPLES))
     oracle = f"cmd:{shlex.quote(sys.executable)} {shlex.quote(str(flip))} --oracle model"
     xml = tmp_path / "out.xml"
-    r = suite(tmp_path, "-q", "--x86pt-oracle", oracle, "--x86pt-limit", "3000",
-              f"--junitxml={xml}", "--x86pt-repro-dir", str(tmp_path / "repros"))
+    r = suite(
+        tmp_path,
+        "-q",
+        "--x86pt-oracle",
+        oracle,
+        "--x86pt-limit",
+        "3000",
+        f"--junitxml={xml}",
+        "--x86pt-repro-dir",
+        str(tmp_path / "repros"),
+    )
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     cases = ET.parse(xml).getroot().iter("testcase")
     failed = [(c.get("name"), c.find("failure")) for c in cases if c.find("failure") is not None]
@@ -198,7 +249,7 @@ def test_a_planted_mismatch_fails_its_item_with_the_walk_and_the_repro_in_junit(
         text = failure.get("message", "") + (failure.text or "")
         assert "MISMATCH matrix#" in text and "#PF error code: model" in text
         assert "walk (model, entries as they were before the batch):" in text
-        assert re.search(r"L4 PML4\s*\[", text)            # the decoded walk
+        assert re.search(r"L4 PML4\s*\[", text)  # the decoded walk
         repro = re.search(r"repro: x86pt conform --repro (\S+\.json) --oracle 'cmd:", text)
         assert repro and os.path.exists(repro.group(1))
         # the configuration in the item's name is the state in its message
@@ -224,13 +275,17 @@ def test_a_program_crashing_in_a_batch_fails_that_item_with_the_oracle_error(tmp
     oracle = f"cmd:{shlex.quote(sys.executable)} {shlex.quote(str(prog))} crash"
     r = suite(tmp_path, "-q", "--x86pt-oracle", oracle, "--x86pt-cases", "random", "--x86pt-limit", "20")
     assert r.returncode == 1, r.stdout[-3000:]
-    assert re.search(r"^oracle error: cmd:.* run exited with status 3; stderr: emulator log line \| "
-                     r"emulator exploded at rip=0xdead$", r.stdout, re.M), r.stdout[-3000:]
+    assert re.search(
+        r"^oracle error: cmd:.* run exited with status 3; stderr: emulator log line \| "
+        r"emulator exploded at rip=0xdead$",
+        r.stdout,
+        re.M,
+    ), r.stdout[-3000:]
     assert "Traceback" not in r.stdout and "MISMATCH" not in r.stdout and "During handling" not in r.stdout
 
 
 # -- fixtures for users' own cases ---------------------------------------------------------------------------
-USER_TESTS = '''
+USER_TESTS = """
 def test_supervisor_write_to_a_read_only_page_with_wp(x86pt_builder):
     case = x86pt_builder()
     frame = case.frame()
@@ -245,7 +300,7 @@ def test_supervisor_write_to_a_read_only_page_with_wp(x86pt_builder):
 
 def test_the_oracle_fixture(x86pt_oracle):
     assert x86pt_oracle.capabilities().maxphyaddr >= 36
-'''
+"""
 
 
 def test_users_write_their_own_cases_with_the_fixtures(tmp_path):
@@ -255,10 +310,18 @@ def test_users_write_their_own_cases_with_the_fixtures(tmp_path):
     flip = tmp_path / "flip_adapter.py"
     flip.write_text(FLIP.format(examples=EXAMPLES))
     oracle = f"cmd:{shlex.quote(sys.executable)} {shlex.quote(str(flip))} --oracle model"
-    r = pytest_run(tmp_path, "-q", "--x86pt-oracle", oracle, "test_mine.py::test_supervisor_write_to_a_read_only_page_with_wp",
-                   "--x86pt-repro-dir", str(tmp_path / "repros"))
-    assert r.returncode == 1 and "MISMATCH user#0" in r.stdout and "#PF error code: model 0x3" in r.stdout, \
+    r = pytest_run(
+        tmp_path,
+        "-q",
+        "--x86pt-oracle",
+        oracle,
+        "test_mine.py::test_supervisor_write_to_a_read_only_page_with_wp",
+        "--x86pt-repro-dir",
+        str(tmp_path / "repros"),
+    )
+    assert r.returncode == 1 and "MISMATCH user#0" in r.stdout and "#PF error code: model 0x3" in r.stdout, (
         r.stdout[-3000:]
+    )
 
 
 def test_the_docs_name_every_option():

@@ -5,6 +5,7 @@ Expectations are written by hand: translations from the SDM's address split (§4
 bits 11:0, 2M 20:0, 1G 29:0), and `info tlb` / `info mem` lines from the output format in
 docs/paging.md §13.3 (fixed-width %016 hex, sign-extended VAs, leaf flags XGPDACTUW, folded urw).
 """
+
 from __future__ import annotations
 
 import glob
@@ -34,12 +35,13 @@ HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
 @pytest.fixture(autouse=True)
 def _qemu(request):
     if request.node.name.startswith("test_offline_"):
-        return                                      # pure functions: no QEMU needed
+        return  # pure functions: no QEMU needed
     need_oracle("qemu", HAVE_QEMU, "qemu-system-x86_64 not installed (tools/install_qemu.sh)")
 
 
 def _qm():
     from harness.oracles import qemu_monitor
+
     return qemu_monitor
 
 
@@ -87,25 +89,31 @@ def test_version_and_registers(monitor):
     assert regs["efer"] == 0xD00
 
 
-@pytest.mark.parametrize("va, pa", [
-    (0x400123, 0x600123),                        # 4K: offset bits 11:0
-    (0x400FFF, 0x600FFF),
-    (0x40012345, 0x812345),                      # 2M: offset bits 20:0
-    (0x7F0000001008, 0xA00008),
-    (0xFFFF800012345678, 0x52345678),            # 1G: offset bits 29:0
-])
+@pytest.mark.parametrize(
+    "va, pa",
+    [
+        (0x400123, 0x600123),  # 4K: offset bits 11:0
+        (0x400FFF, 0x600FFF),
+        (0x40012345, 0x812345),  # 2M: offset bits 20:0
+        (0x7F0000001008, 0xA00008),
+        (0xFFFF800012345678, 0x52345678),  # 1G: offset bits 29:0
+    ],
+)
 def test_gva2gpa_mapped(monitor, va, pa):
     assert monitor.gva2gpa(va) == pa
 
 
-@pytest.mark.parametrize("va", [
-    0x401000,                                    # PTE not present
-    0x40200000,                                  # PDE not present
-    0x7F0000000000,                              # PTE [0] of that table not present
-    0x0000800000000000,                          # non-canonical (bit 47 set, 63:48 clear)
-    0xFFFF7FFFFFFFF000,                          # non-canonical the other way
-    0xFFFFFFFFFFFFF000,                          # canonical, PML4[511] not present
-])
+@pytest.mark.parametrize(
+    "va",
+    [
+        0x401000,  # PTE not present
+        0x40200000,  # PDE not present
+        0x7F0000000000,  # PTE [0] of that table not present
+        0x0000800000000000,  # non-canonical (bit 47 set, 63:48 clear)
+        0xFFFF7FFFFFFFF000,  # non-canonical the other way
+        0xFFFFFFFFFFFFF000,  # canonical, PML4[511] not present
+    ],
+)
 def test_gva2gpa_unmapped(monitor, va):
     assert monitor.gva2gpa(va) is None
 
@@ -159,7 +167,7 @@ def test_la57_info_mem_prints_nothing():
     """docs/paging.md §13.3.2: under LA57, `info mem` treats present PDPTEs/PDEs as holes and prints
     nothing, while `info tlb` and gva2gpa still walk the 5 levels."""
     b = Builder(levels=5, maxphyaddr=40, vendor="amd", table_base=0x200000)
-    va = 0x0080000000001000                                         # bit 55: PML5 index 128
+    va = 0x0080000000001000  # bit 55: PML5 index 128
     b.map(va, 0x600000, 0x1000, flags="rw us a")
     # Fill the rest of that PDPT with 1G leaves. Besides more mappings for info mem to miss, this
     # keeps the buggy walk short: it descends into every *non-present* PDPTE (reading tables at
@@ -169,8 +177,8 @@ def test_la57_info_mem_prints_nothing():
     assert st.cr4 == CR4_PAE | CR4_LA57
     with _qm().QemuMonitor(b.memory, st) as mon:
         assert mon.gva2gpa(0x0080000000001234) == 0x600234
-        assert mon.gva2gpa(0x0080000080000010) == 0x80000010        # PDPTE[2]: 1G leaf
-        assert mon.gva2gpa(0x0100000000001234) is None             # bit 56 alone: non-canonical
+        assert mon.gva2gpa(0x0080000080000010) == 0x80000010  # PDPTE[2]: 1G leaf
+        assert mon.gva2gpa(0x0100000000001234) is None  # bit 56 alone: non-canonical
         tlb = mon.info_tlb().splitlines()
         assert tlb[0] == "0080000000001000: 0000000000600000 ----A--UW"
         assert tlb[1] == "0080000040000000: 0000000040000000 --P-----W"
@@ -250,8 +258,12 @@ def test_monitor_oracle_protocol():
     caps = o.capabilities()
     assert caps.name == "qemu-monitor" and not caps.smep and not caps.pku
     assert any("rights are not checked" in n for n in caps.notes)
-    probes = [Probe(0x400008), Probe(0x400008, "write", user=True), Probe(0x401000),
-              Probe(0x0000800000000000)]
+    probes = [
+        Probe(0x400008),
+        Probe(0x400008, "write", user=True),
+        Probe(0x401000),
+        Probe(0x0000800000000000),
+    ]
     res = o.run(b.memory, b.state(profile="qemu"), probes).results
     assert [r.outcome for r in res] == ["ok", "ok", "page_fault", "page_fault"]
     assert res[0].pa == 0x600008 and res[2].error_code is None
@@ -276,7 +288,7 @@ def test_load_new_image_without_relaunch():
         mon.load(b5.memory, b5.state(profile="qemu"))
         assert mon.registers()["cr4"] == CR4_PAE | CR4_LA57
         assert mon.gva2gpa(0x0080000000001010) == 0x700010
-        assert mon.gva2gpa(0x400123) is None                       # old image gone
+        assert mon.gva2gpa(0x400123) is None  # old image gone
         assert mon.proc.pid == pid
 
 
@@ -291,6 +303,7 @@ def test_qemu_dies_with_its_parent(tmp_path):
     import subprocess
     import sys
     import time
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
         "import sys, time\n"
@@ -301,11 +314,12 @@ def test_qemu_dies_with_its_parent(tmp_path):
         "b.map(0x1000, 0x600000, 0x1000)\n"
         "m = QemuMonitor(b.memory, b.state(profile='qemu'))\n"
         "print(m.proc.pid, flush=True)\n"
-        "time.sleep(60)\n")
+        "time.sleep(60)\n"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         qpid = int(child.stdout.readline())
-        os.kill(qpid, 0)                                            # QEMU is running
+        os.kill(qpid, 0)  # QEMU is running
     finally:
         child.kill()
         child.wait()
@@ -329,9 +343,9 @@ def test_offline_ram_layout_of_the_pc_machine():
     assert layout.offset(0x1000) == 0x1000
     assert layout.offset((4 << 30) + 0x2000, 8) == (3 << 30) + 0x2000
     with pytest.raises(BadInputError, match="not RAM"):
-        layout.offset((3 << 30) + 0x1000)                       # the PCI hole
+        layout.offset((3 << 30) + 0x1000)  # the PCI hole
     with pytest.raises(BadInputError):
-        layout.offset((3 << 30) - 4, 8)                         # straddles the end of low RAM
+        layout.offset((3 << 30) - 4, 8)  # straddles the end of low RAM
     assert RamLayout(32 << 20).ranges == [(0, 32 << 20)]
 
 

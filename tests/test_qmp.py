@@ -8,6 +8,7 @@ QMP specification (QEMU's docs/interop/qmp-spec.rst: the greeting object, `qmp_c
 byte the client receives is known. The others run qemu-system-x86_64 itself (error class
 `CommandNotFound` and the exit status come from QEMU, not from us).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,12 @@ from harness.qemu.qmp import Qmp
 from x86pt.errors import OracleError
 
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
-GREETING = {"QMP": {"version": {"qemu": {"micro": 3, "minor": 2, "major": 9}, "package": "(test)"},
-                    "capabilities": []}}
+GREETING = {
+    "QMP": {
+        "version": {"qemu": {"micro": 3, "minor": 2, "major": 9}, "package": "(test)"},
+        "capabilities": [],
+    }
+}
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +60,8 @@ def qemu_children() -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         if ppid == os.getpid() and comm.startswith("qemu-system"):
             out.append(int(pid))
     return out
@@ -143,15 +148,21 @@ def test_offline_events_are_not_replies():
 def test_offline_command_error_is_one_line_and_the_session_goes_on():
     def script(name, args):
         if name == "no-such-command":
-            return {"error": {"class": "CommandNotFound",
-                              "desc": "The command no-such-command has not been found"}}
+            return {
+                "error": {
+                    "class": "CommandNotFound",
+                    "desc": "The command no-such-command has not been found",
+                }
+            }
         return {"return": {}}
+
     fake = FakeQemu(script)
     with fake.client() as q:
         with pytest.raises(OracleError) as e:
             q.command("no-such-command")
-        assert one_line(e) == ("QMP no-such-command: CommandNotFound: "
-                               "The command no-such-command has not been found")
+        assert one_line(e) == (
+            "QMP no-such-command: CommandNotFound: The command no-such-command has not been found"
+        )
         assert q.command("cont") == {}
 
 
@@ -167,7 +178,7 @@ def test_offline_timeout_closes_the_session():
     with pytest.raises(OracleError) as e:
         q.command("query-status")
     assert one_line(e) == "QMP query-status: the session is closed"
-    q.close()                                   # twice is fine
+    q.close()  # twice is fine
 
 
 def test_offline_peer_hangs_up_mid_command():
@@ -179,11 +190,11 @@ def test_offline_peer_hangs_up_mid_command():
     assert q.closed
 
 
-@pytest.mark.parametrize("greeting", [b"SSH-2.0-OpenSSH_9.2\r\n", b"{\"not\": \"qmp\"}\r\n", b""])
+@pytest.mark.parametrize("greeting", [b"SSH-2.0-OpenSSH_9.2\r\n", b'{"not": "qmp"}\r\n', b""])
 def test_offline_not_a_qmp_server(greeting):
     fake = FakeQemu(lambda name, args: {"return": {}}, greeting=greeting)
     if not greeting:
-        fake.ours.shutdown(socket.SHUT_WR)      # hangs up before any greeting
+        fake.ours.shutdown(socket.SHUT_WR)  # hangs up before any greeting
     with pytest.raises(OracleError) as e:
         fake.client(timeout=2.0)
     assert one_line(e).startswith("QMP: cannot connect: ")
@@ -192,8 +203,12 @@ def test_offline_not_a_qmp_server(greeting):
 def test_offline_pipeline_answers_in_order():
     fake = FakeQemu(lambda name, args: {"return": f"gpa: {int(args['command-line'].split()[1], 16) + 1:x}"})
     with fake.client() as q:
-        out = q.pipeline([("human-monitor-command", {"command-line": f"gva2gpa {va:#x}"})
-                          for va in range(0x1000, 0x1000 + 64)])
+        out = q.pipeline(
+            [
+                ("human-monitor-command", {"command-line": f"gva2gpa {va:#x}"})
+                for va in range(0x1000, 0x1000 + 64)
+            ]
+        )
     assert out == [f"gpa: {va + 1:x}" for va in range(0x1000, 0x1000 + 64)]
 
 
@@ -207,9 +222,23 @@ def test_offline_hmp_is_one_command():
 # -- the real QEMU -------------------------------------------------------------------------------
 def paused_qemu(extra: tuple[str, ...] = ()) -> QemuProcess:
     qp = QemuProcess()
-    qp.start([qemu_binary(), "-S", "-nodefaults", "-no-user-config", "-display", "none",
-              "-accel", "tcg", "-m", "16M", "-qmp", f"unix:{qp.path('qmp.sock')},server=on,wait=off",
-              *extra])
+    qp.start(
+        [
+            qemu_binary(),
+            "-S",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-accel",
+            "tcg",
+            "-m",
+            "16M",
+            "-qmp",
+            f"unix:{qp.path('qmp.sock')},server=on,wait=off",
+            *extra,
+        ]
+    )
     return qp
 
 
@@ -232,7 +261,7 @@ def test_qemu_exits_before_qmp_is_ready():
             connect(qp)
         msg = one_line(e)
         assert msg.startswith("QEMU exited with status 1: "), msg
-        assert "unsupported machine type" in msg        # QEMU's own reason, passed on
+        assert "unsupported machine type" in msg  # QEMU's own reason, passed on
     finally:
         qp.close()
     assert_gone(qp, pid, directory)
@@ -259,7 +288,7 @@ def test_qemu_that_stops_answering_times_out():
     pid, directory = qp.proc.pid, qp.dir
     try:
         q = connect(qp)
-        os.kill(pid, signal.SIGSTOP)                    # alive, but deaf
+        os.kill(pid, signal.SIGSTOP)  # alive, but deaf
         t = time.monotonic()
         with pytest.raises(OracleError) as e:
             q.command("query-status", timeout=0.5)
@@ -267,7 +296,7 @@ def test_qemu_that_stops_answering_times_out():
         assert time.monotonic() - t < 5
         assert q.closed
     finally:
-        qp.close()                                      # SIGKILL reaches a stopped process
+        qp.close()  # SIGKILL reaches a stopped process
     assert_gone(qp, pid, directory)
 
 
@@ -293,7 +322,7 @@ def test_qemu_quit_then_wait():
         try:
             q.command("quit")
         except OracleError:
-            pass                                        # QEMU may hang up before it answers
+            pass  # QEMU may hang up before it answers
         assert qp.wait(10) == 0
         q.close()
     finally:

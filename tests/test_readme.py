@@ -5,6 +5,7 @@ prints), with the venv's x86pt on PATH. A command must exit 0 and print no failu
 `bash run.sh test` is the command that runs this file, so it is not run again here. Commands that
 need an oracle or a real kernel skip (or fail, under X86PT_REQUIRE_ORACLES) like the oracle tests.
 """
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -64,9 +65,10 @@ def _needs(cmd: str) -> list[str]:
         need.append("linux")
     m = re.search(r"--(?:x86pt-)?oracle (\S+)", cmd)
     if m and "cmd:" in m.group(1):
-        need.append("unicorn")                 # the example adapter wraps unicorn
+        need.append("unicorn")  # the example adapter wraps unicorn
     elif m:
         from x86pt.registry import all_oracles
+
         names = m.group(1).split(",")
         need += list(all_oracles()) if names == ["all"] else names
     if "bench_dump.py" in cmd:
@@ -79,8 +81,10 @@ def _needs(cmd: str) -> list[str]:
 def _available(name: str) -> tuple[bool, str]:
     if name == "linux":
         from harness.linux.run import available
+
         return available("6.1")
     from x86pt.registry import availability
+
     return availability(name)
 
 
@@ -104,8 +108,7 @@ def workdir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("index", range(len(COMMANDS)),
-                         ids=[_strip_comment(c)[:60] for c in COMMANDS])
+@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[_strip_comment(c)[:60] for c in COMMANDS])
 def test_readme_command(index, workdir):
     cmd = _strip_comment(COMMANDS[index])
     if cmd == "bash run.sh test":
@@ -127,8 +130,15 @@ def test_readme_command(index, workdir):
     else:
         cwd = workdir
     before = set(os.listdir(ROOT))
-    r = subprocess.run(["bash", "-c", shell_cmd], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=900, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        ["bash", "-c", shell_cmd],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        stdin=subprocess.DEVNULL,
+    )
     out = r.stdout + r.stderr
     want = _expected_exit(COMMANDS[index])
     assert r.returncode == want, f"{cmd}: exit {r.returncode}, the README says {want}\n{out[-4000:]}"

@@ -1,5 +1,6 @@
 """The vectorised scan equals the scalar reference scan and the walker on random trees
 (hypothesis), including loops, shared subtrees, pointers past the end and reserved bits."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,7 +43,7 @@ def random_tree(draw):
             else:
                 v = draw(hst.integers(0, (1 << 64) - 1))
             if draw(hst.booleans()) and kind != "junk":
-                v |= 1 << draw(hst.integers(M46, 51))      # a reserved address bit
+                v |= 1 << draw(hst.integers(M46, 51))  # a reserved address bit
             mem.write_u64(BASE + t * 4096 + 8 * idx, v)
     cr4 = CR4_PAE | (CR4_LA57 if levels == 5 else 0)
     st = PagingState(cr3=BASE, cr4=cr4, profile=PROFILES["intel"], maxphyaddr=M46)
@@ -57,7 +58,7 @@ def test_vectorised_equals_reference(tree, batch):
     try:
         fast = list(sc.mappings())
     except BadInputError:
-        return                               # blow-up guard: the reference would be as large
+        return  # blow-up guard: the reference would be as large
     assert fast == scan_reference(st, mem)
 
 
@@ -88,8 +89,8 @@ def test_scan_agrees_with_the_walker(tree):
         try:
             r = walk(st, mem, va)
         except PhysicalAddressError:
-            continue                 # a table past the end: the scan lists nothing below it
-        assert isinstance(r, PageFault)          # not present, or RSVD above an empty subtree
+            continue  # a table past the end: the scan lists nothing below it
+        assert isinstance(r, PageFault)  # not present, or RSVD above an empty subtree
 
 
 def test_uniform_table_is_one_record():
@@ -112,8 +113,8 @@ def test_holes_tile_the_address_space():
     chunks = list(Scanner(st, b.memory, holes=True).chunks())
     va = np.concatenate([c.va for c in chunks])
     end = np.concatenate([c.va + c.span for c in chunks])
-    assert va[0] == 0 and (va[1:] == end[:-1]).sum() == len(va) - 2   # one jump: the hole at bit 47
-    assert int(end[-1]) == 0                                          # wraps at the top
+    assert va[0] == 0 and (va[1:] == end[:-1]).sum() == len(va) - 2  # one jump: the hole at bit 47
+    assert int(end[-1]) == 0  # wraps at the top
 
 
 def test_recursive_slot_is_walked_once_per_level_and_flagged():

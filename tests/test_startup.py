@@ -1,5 +1,6 @@
 """Start-up: building the whole argument tree (`x86pt --help`) imports none of the heavy
 libraries; each command loads them when it runs (python -X importtime lists every import)."""
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ HEAVY = ("numpy", "construct", "matplotlib", "unicorn", "capstone", "tqdm")
 
 def _imported(*args: str) -> set[str]:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "x86pt", *args], env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "x86pt", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     names = set()
     for line in r.stderr.splitlines():
@@ -26,8 +32,16 @@ def _imported(*args: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("args", [("--help",), ("dump", "--help"), ("cpa", "replay", "--help"),
-                                  ("conform", "--help"), ("linux", "run", "--help")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--help",),
+        ("dump", "--help"),
+        ("cpa", "replay", "--help"),
+        ("conform", "--help"),
+        ("linux", "run", "--help"),
+    ],
+)
 def test_help_imports_nothing_heavy(args):
     mods = _imported(*args)
     heavy = sorted(m for m in mods if m.split(".")[0] in HEAVY)

@@ -2,6 +2,7 @@
 """The TLB model against expectations derived by hand from the SDM's rules (Intel SDM Vol. 3A
 §4.10 "Caching Translation Information"), one rule per test, the section quoted in the docstring.
 Expected sets are written out here as the rule gives them, not computed by x86pt."""
+
 from __future__ import annotations
 
 import time
@@ -10,16 +11,26 @@ import pytest
 
 from x86pt.build import Builder
 from x86pt.state import CR4_PCIDE, CR4_PGE, CR4_SMEP
-from x86pt.tlb import (CR3_NOFLUSH, TLB_FLUSH_ALL, FlushDone, GeneralProtection, TlbSystem, Use,
-                       apply_tlb_op, format_tlb_op, kernel_range_plan, parse_tlb_line)
+from x86pt.tlb import (
+    CR3_NOFLUSH,
+    TLB_FLUSH_ALL,
+    FlushDone,
+    GeneralProtection,
+    TlbSystem,
+    Use,
+    apply_tlb_op,
+    format_tlb_op,
+    kernel_range_plan,
+    parse_tlb_line,
+)
 from x86pt.walk import Access, Rights, Translation, walk
 
 KB4, MB2, GB1 = 1 << 12, 1 << 21, 1 << 30
-VA4K = 0xFFFF888000001000          # a 4K page (PTE)
-VA4K_B = 0xFFFF888000002000        # its neighbour in the same page table
-VA2M = 0xFFFF888000200000          # a 2M page (PDE with PS=1)
+VA4K = 0xFFFF888000001000  # a 4K page (PTE)
+VA4K_B = 0xFFFF888000002000  # its neighbour in the same page table
+VA2M = 0xFFFF888000200000  # a 2M page (PDE with PS=1)
 PA4K, PA4K_B, PA2M = 0x5000, 0x6000, 0x400000
-RW_NX = Rights(True, False, False, 0)      # kernel data: supervisor, writable, not executable
+RW_NX = Rights(True, False, False, 0)  # kernel data: supervisor, writable, not executable
 RO_NX = Rights(False, False, False, 0)
 BIT_RW, BIT_G, BIT_NX, BIT_D = 1 << 1, 1 << 8, 1 << 63, 1 << 6
 
@@ -79,9 +90,11 @@ def test_invlpg_anywhere_in_a_2m_page_removes_the_whole_2m_entry():
     s = system(b)
     s.touch(0, VA2M + 0x1000)
     change(b, VA2M, 2, clear=BIT_RW)
-    assert s.may_use(0, VA2M + 0x1000) == {tables(PA2M + 0x1000, MB2, RW_NX),
-                                           tables(PA2M + 0x1000, MB2, RO_NX)}
-    s.invlpg(VA2M + 0x1FF000, 0)               # the last 4K of the page, not the touched one
+    assert s.may_use(0, VA2M + 0x1000) == {
+        tables(PA2M + 0x1000, MB2, RW_NX),
+        tables(PA2M + 0x1000, MB2, RO_NX),
+    }
+    s.invlpg(VA2M + 0x1FF000, 0)  # the last 4K of the page, not the touched one
     assert s.may_use(0, VA2M + 0x1000) == {tables(PA2M + 0x1000, MB2, RO_NX)}
     assert s.may_use(0, VA2M + 0x100000) == {tables(PA2M + 0x100000, MB2, RO_NX)}
 
@@ -132,7 +145,7 @@ def test_an_entry_cached_with_d0_is_not_used_for_a_write():
     """§4.10.2.2: a TLB entry holds the dirty flag; §4.8: every write sets D in the leaf. An
     entry cached by a read with D=0 cannot complete a write without a walk, so after the PTE
     becomes read-only a write can only see the tables (fault); a read may still use it."""
-    b = image("rw nx g a")                   # D=0
+    b = image("rw nx g a")  # D=0
     s = system(b)
     s.touch(0, VA4K)
     change(b, VA4K, 1, clear=BIT_RW)
@@ -192,8 +205,8 @@ def test_mov_cr3_with_bit63_keeps_the_old_pcids_entries():
     s.touch(0, VA4K)
     change(b, VA4K, 1, clear=BIT_RW)
     c.mov_cr3(root | 2 | CR3_NOFLUSH)
-    assert c.state.cr3 == root | 2                    # bit 63 is not stored
-    assert s.may_use(0, VA4K) == {tables(PA4K, KB4, RO_NX)}        # PCID 2 sees no PCID-1 entry
+    assert c.state.cr3 == root | 2  # bit 63 is not stored
+    assert s.may_use(0, VA4K) == {tables(PA4K, KB4, RO_NX)}  # PCID 2 sees no PCID-1 entry
     c.mov_cr3(root | 1 | CR3_NOFLUSH)
     assert s.may_use(0, VA4K) == {tables(PA4K, KB4, RW_NX), tables(PA4K, KB4, RO_NX)}
 
@@ -204,12 +217,12 @@ def test_mov_cr3_without_bit63_flushes_only_the_new_pcid():
     b, s = pcid_system()
     c = s.cpus[0]
     root = c.state.root
-    s.touch(0, VA4K)                                   # cached under PCID 1
+    s.touch(0, VA4K)  # cached under PCID 1
     change(b, VA4K, 1, clear=BIT_RW)
-    c.mov_cr3(root | 2)                                # flushes PCID 2 only
+    c.mov_cr3(root | 2)  # flushes PCID 2 only
     c.mov_cr3(root | 1 | CR3_NOFLUSH)
     assert s.may_use(0, VA4K) == {tables(PA4K, KB4, RW_NX), tables(PA4K, KB4, RO_NX)}
-    c.mov_cr3(root | 1)                                # now PCID 1 itself
+    c.mov_cr3(root | 1)  # now PCID 1 itself
     assert s.may_use(0, VA4K) == {tables(PA4K, KB4, RO_NX)}
 
 
@@ -248,7 +261,7 @@ def test_invpcid_type0_individual_address():
     c.invpcid(0, 1, VA4K)
     assert not held(s, 1, VA4K) and held(s, 1, VA4K_B) and held(s, 2, VA4K)
     c.invpcid(0, 1, VA2M)
-    assert stale(s, VA2M)                               # global: kept
+    assert stale(s, VA2M)  # global: kept
 
 
 def test_invpcid_type1_single_context():
@@ -283,7 +296,7 @@ def test_invlpg_removes_a_global_entry_made_under_another_pcid():
     b, s = _two_pcids_and_a_global()
     c = s.cpus[0]
     c.mov_cr3(c.state.root | 2 | CR3_NOFLUSH)
-    assert stale(s, VA2M)                               # the PCID-1 global entry is usable here
+    assert stale(s, VA2M)  # the PCID-1 global entry is usable here
     c.invlpg(VA2M + 0x5000)
     assert not stale(s, VA2M)
 
@@ -299,7 +312,7 @@ def test_cr4_pcide_and_smep_changes():
     c.mov_cr3(c.state.root | 0 | CR3_NOFLUSH)
     c.mov_cr4(c.state.cr4 & ~CR4_PCIDE)
     assert not list(c.entries())
-    c.mov_cr3(c.state.root | 0x5)                        # PCIDE=0: bits 11:0 are not a PCID
+    c.mov_cr3(c.state.root | 0x5)  # PCIDE=0: bits 11:0 are not a PCID
     with pytest.raises(GeneralProtection):
         c.mov_cr4(c.state.cr4 | CR4_PCIDE)
 
@@ -342,7 +355,7 @@ def test_a_cached_pde_keeps_a_changed_pde_usable():
     kinds = {(d.kind, d.severity, d.start, d.end) for d in s.differences(0)}
     assert ("table", "dangerous", VA4K & ~(MB2 - 1), (VA4K & ~(MB2 - 1)) + MB2) in kinds
     assert ("frame", "dangerous", VA4K_B, VA4K_B + KB4) in kinds
-    s.invlpg(VA2M, 0)                                   # any address
+    s.invlpg(VA2M, 0)  # any address
     assert s.may_use(0, VA4K_B) == {tables(0x9000, KB4, RW_NX)}
 
 
@@ -367,16 +380,20 @@ def test_differences_kinds_and_severities_after_a_split():
     s = system(b, ncpus=2)
     s.touch(1, VA2M)
     pde = b.get_entry(VA2M, 2)
-    b.set_entry(VA2M, 2, 0)                             # split: a page table of 512 PTEs
+    b.set_entry(VA2M, 2, 0)  # split: a page table of 512 PTEs
     b.map(VA2M, PA2M, MB2, KB4, "rw x g a d")
-    change(b, VA2M + 0x1000, 1, clear=BIT_RW)                     # RW kept after read-only
-    change(b, VA2M + 0x2000, 1, set_=BIT_NX)                      # X kept after NX
-    b.unmap(VA2M + 0x3000)                                        # present kept after not-present
+    change(b, VA2M + 0x1000, 1, clear=BIT_RW)  # RW kept after read-only
+    change(b, VA2M + 0x2000, 1, set_=BIT_NX)  # X kept after NX
+    b.unmap(VA2M + 0x3000)  # present kept after not-present
     change(b, VA2M + 0x4000, 1, clear=0xFFFFFFFFF000, set_=0x7000)  # another frame
     assert pde & 1
     got = [(d.cpu, d.start - VA2M, d.end - VA2M, d.kind, d.severity) for d in s.differences()]
-    assert got == [(1, 0x1000, 0x2000, "rw", "dangerous"), (1, 0x2000, 0x3000, "x", "dangerous"),
-                   (1, 0x3000, 0x4000, "present", "dangerous"), (1, 0x4000, 0x5000, "frame", "dangerous")]
+    assert got == [
+        (1, 0x1000, 0x2000, "rw", "dangerous"),
+        (1, 0x2000, 0x3000, "x", "dangerous"),
+        (1, 0x3000, 0x4000, "present", "dangerous"),
+        (1, 0x4000, 0x5000, "frame", "dangerous"),
+    ]
     assert s.differences(0) == []
 
 
@@ -410,8 +427,10 @@ def test_differences_are_merged_into_ranges_and_fast_on_a_64g_direct_map():
     t0 = time.perf_counter()
     got = [(d.cpu, d.start, d.end, d.kind, d.severity) for d in s.differences()]
     assert time.perf_counter() - t0 < 5
-    assert got == [(0, victim + 8 * KB4, victim + 48 * KB4, "rw", "dangerous"),
-                   (1, victim + 8 * KB4, victim + 48 * KB4, "rw", "dangerous")]
+    assert got == [
+        (0, victim + 8 * KB4, victim + 48 * KB4, "rw", "dangerous"),
+        (1, victim + 8 * KB4, victim + 48 * KB4, "rw", "dangerous"),
+    ]
     s.flush_all()
     assert s.differences() == []
 
@@ -431,11 +450,19 @@ def test_flush_tlb_kernel_range_ceiling():
 
 
 def test_trace_ops_round_trip_and_apply():
-    lines = ["flush_tlb_all", "flush_tlb_kernel_range 0xffff888000200000 0xffff888000202000",
-             "flush_tlb_local 1", "invlpg 0xffff888000001000", "invlpg 0xffff888000001000 1",
-             "touch 0 0xffff888000001000 2 write", "touch all 0xffff888000001000 1 read user",
-             "speculate all 0xffff888000000000 0xffff888000400000", "mov_cr3 0 0x200000",
-             "mov_cr4 1 0xa0", "invpcid 0 3 0x0 0x0"]
+    lines = [
+        "flush_tlb_all",
+        "flush_tlb_kernel_range 0xffff888000200000 0xffff888000202000",
+        "flush_tlb_local 1",
+        "invlpg 0xffff888000001000",
+        "invlpg 0xffff888000001000 1",
+        "touch 0 0xffff888000001000 2 write",
+        "touch all 0xffff888000001000 1 read user",
+        "speculate all 0xffff888000000000 0xffff888000400000",
+        "mov_cr3 0 0x200000",
+        "mov_cr4 1 0xa0",
+        "invpcid 0 3 0x0 0x0",
+    ]
     for line in lines:
         op = parse_tlb_line(line)
         assert parse_tlb_line(format_tlb_op(op)) == op, line

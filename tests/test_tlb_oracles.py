@@ -19,6 +19,7 @@ is recorded, not required (a CPU may drop an entry at any time, §4.10.2.2).
 The PCID rules (MOV to CR3 with CR4.PCIDE=1, CR4.PCIDE 1 -> 0, INVPCID types 0-3) are in
 tests/test_tlb_oracles_pcid.py, with what each oracle of this host refuses.
 """
+
 from __future__ import annotations
 
 import struct
@@ -26,8 +27,19 @@ import struct
 import pytest
 
 from tests.conftest import need_oracle
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PCIDE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE,
-                         PagingState, profile_named)
+from x86pt.state import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_PAE,
+    CR4_PCIDE,
+    CR4_PGE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PagingState,
+    profile_named,
+)
 from x86pt.memory.sparse import SparseMemory
 from x86pt.tlb import TlbSystem
 from x86pt.walk import Access
@@ -35,13 +47,13 @@ from x86pt.walk import Access
 RAM = 8 << 20
 PML4, PDPT, PD, PT, PD2, PT2 = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000
 CODE, RES, STACK = 0x10000, 0x20000, 0x30000
-X = 0x40000000                      # a 4K page through PT2[0]
-X2 = 0x40200000                     # a 2M page through PD2[1]
-A, B = 0x100000, 0x101000           # 4K frames
-A2, B2 = 0x200000, 0x400000         # 2M frames; the probe reads X2 + 0x1000
+X = 0x40000000  # a 4K page through PT2[0]
+X2 = 0x40200000  # a 2M page through PD2[1]
+A, B = 0x100000, 0x101000  # 4K frames
+A2, B2 = 0x200000, 0x400000  # 2M frames; the probe reads X2 + 0x1000
 P, RW, PS, G = 1, 2, 0x80, 0x100
 PORT = 0x99
-CR0 = CR0_PE | CR0_PG | CR0_WP | 0x10        # ET
+CR0 = CR0_PE | CR0_PG | CR0_WP | 0x10  # ET
 CR4 = CR4_PAE | CR4_PGE
 EFER = EFER_LME | EFER_LMA | EFER_NXE
 
@@ -52,9 +64,16 @@ def marker(frame: int) -> int:
 
 def base_memory(global_x: bool) -> dict[int, int]:
     """Qwords by physical address: tables, markers."""
-    q = {PML4: PDPT | P | RW, PDPT: PD | P | RW, PDPT + 8: PD2 | P | RW, PD: PT | P | RW,
-         PD2: PT2 | P | RW, PD2 + 8: A2 | P | RW | PS, PT2: A | P | RW | (G if global_x else 0)}
-    for i in range(512):                     # the low 2M identity-mapped: code, results, stack
+    q = {
+        PML4: PDPT | P | RW,
+        PDPT: PD | P | RW,
+        PDPT + 8: PD2 | P | RW,
+        PD: PT | P | RW,
+        PD2: PT2 | P | RW,
+        PD2 + 8: A2 | P | RW | PS,
+        PT2: A | P | RW | (G if global_x else 0),
+    }
+    for i in range(512):  # the low 2M identity-mapped: code, results, stack
         q[PT + 8 * i] = (i << 12) | P | RW
     for f in (A, B):
         q[f] = marker(f)
@@ -68,42 +87,63 @@ class Asm:
 
     def __init__(self) -> None:
         self.code = bytearray()
-        self.stops: list[int] = []           # offsets of `out PORT, al` (the host acts there)
+        self.stops: list[int] = []  # offsets of `out PORT, al` (the host acts there)
 
     def read(self, va: int, slot: int) -> None:
-        self.code += b"\x48\xA1" + struct.pack("<Q", va)                  # mov rax, [moffs64]
-        self.code += b"\x48\xA3" + struct.pack("<Q", RES + 8 * slot)      # mov [moffs64], rax
+        self.code += b"\x48\xa1" + struct.pack("<Q", va)  # mov rax, [moffs64]
+        self.code += b"\x48\xa3" + struct.pack("<Q", RES + 8 * slot)  # mov [moffs64], rax
 
     def invlpg(self, va: int) -> None:
-        self.code += b"\x48\xBB" + struct.pack("<Q", va) + b"\x0F\x01\x3B"   # mov rbx, va; invlpg [rbx]
+        self.code += b"\x48\xbb" + struct.pack("<Q", va) + b"\x0f\x01\x3b"  # mov rbx, va; invlpg [rbx]
 
     def reload_cr3(self) -> None:
-        self.code += b"\x0F\x20\xD8\x0F\x22\xD8"                            # mov rax, cr3; mov cr3, rax
+        self.code += b"\x0f\x20\xd8\x0f\x22\xd8"  # mov rax, cr3; mov cr3, rax
 
     def toggle_pge(self) -> None:
-        self.code += (b"\x0F\x20\xE0" b"\x48\x0F\xBA\xF0\x07" b"\x0F\x22\xE0"  # mov rax, cr4; btr rax, 7; mov cr4, rax
-                      b"\x48\x0F\xBA\xE8\x07" b"\x0F\x22\xE0")               # bts rax, 7; mov cr4, rax
+        self.code += (
+            b"\x0f\x20\xe0"
+            b"\x48\x0f\xba\xf0\x07"
+            b"\x0f\x22\xe0"  # mov rax, cr4; btr rax, 7; mov cr4, rax
+            b"\x48\x0f\xba\xe8\x07"
+            b"\x0f\x22\xe0"
+        )  # bts rax, 7; mov cr4, rax
 
     def stop(self) -> None:
         self.stops.append(len(self.code))
-        self.code += bytes([0xE6, PORT])                                    # out PORT, al
+        self.code += bytes([0xE6, PORT])  # out PORT, al
 
 
 def scenario(kind: str):
     """(global_x, steps): steps are ("read", va, slot), ("host", pa, qword), or an invalidation;
     the guest stops (`out`) before each host write and at the end."""
     if kind == "invlpg-4k":
-        return False, [("read", X, 0), ("host", PT2, B | P | RW), ("read", X, 1), ("invlpg", X),
-                       ("read", X, 2)]
+        return False, [
+            ("read", X, 0),
+            ("host", PT2, B | P | RW),
+            ("read", X, 1),
+            ("invlpg", X),
+            ("read", X, 2),
+        ]
     if kind == "cr3-nonglobal":
-        return False, [("read", X, 0), ("host", PT2, B | P | RW), ("read", X, 1), ("cr3",),
-                       ("read", X, 2)]
+        return False, [("read", X, 0), ("host", PT2, B | P | RW), ("read", X, 1), ("cr3",), ("read", X, 2)]
     if kind == "cr3-global":
-        return True, [("read", X, 0), ("host", PT2, B | P | RW | G), ("read", X, 1), ("cr3",),
-                      ("read", X, 2), ("pge",), ("read", X, 3)]
+        return True, [
+            ("read", X, 0),
+            ("host", PT2, B | P | RW | G),
+            ("read", X, 1),
+            ("cr3",),
+            ("read", X, 2),
+            ("pge",),
+            ("read", X, 3),
+        ]
     if kind == "invlpg-2m":
-        return False, [("read", X2 + 0x1000, 0), ("host", PD2 + 8, B2 | P | RW | PS),
-                       ("read", X2 + 0x1000, 1), ("invlpg", X2 + 0x5000), ("read", X2 + 0x1000, 2)]
+        return False, [
+            ("read", X2 + 0x1000, 0),
+            ("host", PD2 + 8, B2 | P | RW | PS),
+            ("read", X2 + 0x1000, 1),
+            ("invlpg", X2 + 0x5000),
+            ("read", X2 + 0x1000, 2),
+        ]
     raise ValueError(kind)
 
 
@@ -187,10 +227,12 @@ def test_model_sets_match_the_sdm(kind):
 # -- unicorn --------------------------------------------------------------------------------------
 def run_unicorn(global_x: bool, steps) -> dict[int, int]:
     from x86pt.registry import availability
+
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)
     import unicorn as uc_mod
     from unicorn import x86_const as x
+
     asm = assemble(steps)
     uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_64)
     uc.ctl_set_tlb_mode(uc_mod.UC_TLB_CPU)
@@ -209,8 +251,10 @@ def run_unicorn(global_x: bool, steps) -> dict[int, int]:
     for i, off in enumerate(asm.stops):
         uc.emu_start(begin, CODE + off, timeout=5_000_000)
         if uc.reg_read(x.UC_X86_REG_RIP) != CODE + off:
-            raise AssertionError(f"unicorn stopped at {uc.reg_read(x.UC_X86_REG_RIP):#x}, not {CODE + off:#x}")
-        if i < len(hosts):                   # mem_write does not flush unicorn's TLB
+            raise AssertionError(
+                f"unicorn stopped at {uc.reg_read(x.UC_X86_REG_RIP):#x}, not {CODE + off:#x}"
+            )
+        if i < len(hosts):  # mem_write does not flush unicorn's TLB
             uc.mem_write(hosts[i][1], struct.pack("<Q", hosts[i][2]))
         begin = CODE + off + 2
     nslots = sum(1 for s in steps if s[0] == "read")
@@ -224,7 +268,9 @@ def test_unicorn_reads_fall_in_the_models_set(kind):
     got = {k: observed_pa(v) for k, v in run_unicorn(g, steps).items()}
     allowed = model_sets(g, steps)
     for slot, pa in got.items():
-        assert pa in allowed[slot], f"{kind}: read {slot} saw {pa:#x}, model allows {sorted(map(hex, allowed[slot]))}"
+        assert pa in allowed[slot], (
+            f"{kind}: read {slot} saw {pa:#x}, model allows {sorted(map(hex, allowed[slot]))}"
+        )
     # QEMU's softmmu TLB kept the old translation until the invalidation
     old = A2 + 0x1000 if kind == "invlpg-2m" else A
     assert got[1] == old
@@ -234,6 +280,7 @@ def test_unicorn_reads_fall_in_the_models_set(kind):
 # -- KVM ------------------------------------------------------------------------------------------
 def run_kvm(global_x: bool, steps) -> dict[int, int]:
     from harness.oracles.kvm import KvmOracle, _Vm, kvm_usable
+
     ok, why = kvm_usable()
     need_oracle("kvm", ok, why)
     asm = assemble(steps)
@@ -242,11 +289,11 @@ def run_kvm(global_x: bool, steps) -> dict[int, int]:
     with KvmOracle() as o, _Vm(o.fd, RAM, o.cpuid) as vm:
         for pa, v in base_memory(global_x).items():
             struct.pack_into("<Q", vm.ram, pa, v)
-        vm.ram[CODE:CODE + len(asm.code)] = bytes(asm.code)
+        vm.ram[CODE : CODE + len(asm.code)] = bytes(asm.code)
         vm.enter_long_mode({"cr0": CR0, "cr3": PML4, "cr4": CR4, "efer": EFER}, CODE, STACK + 0x1000)
         for i in range(len(asm.stops)):
             vm.run_to_exit_port(PORT, 10.0)
-            if i < len(hosts):                # behind the shadow MMU's back: no invalidation
+            if i < len(hosts):  # behind the shadow MMU's back: no invalidation
                 struct.pack_into("<Q", vm.ram, hosts[i][1], hosts[i][2])
         return {i: struct.unpack_from("<Q", vm.ram, RES + 8 * i)[0] for i in range(nslots)}
 
@@ -258,6 +305,8 @@ def test_kvm_reads_fall_in_the_models_set(kind, record_property):
     got = {k: observed_pa(v) for k, v in run_kvm(g, steps).items()}
     allowed = model_sets(g, steps)
     for slot, pa in got.items():
-        assert pa in allowed[slot], f"{kind}: read {slot} saw {pa:#x}, model allows {sorted(map(hex, allowed[slot]))}"
+        assert pa in allowed[slot], (
+            f"{kind}: read {slot} saw {pa:#x}, model allows {sorted(map(hex, allowed[slot]))}"
+        )
     old = A2 + 0x1000 if kind == "invlpg-2m" else A
     record_property("stale_seen", got[1] == old)

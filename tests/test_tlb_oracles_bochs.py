@@ -14,6 +14,7 @@ read from the table Bochs logs at reset; a scenario that needs a missing one ski
 measured. Every read must be in the model's set under profile "bochs"
 (check_inside(kind, got, model_sets(g, steps, "bochs"))); a rule Bochs breaks fails here, named.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,26 +31,37 @@ pytestmark = pytest.mark.bochs
 
 # Extra tables for the boot (frames unused by the scenarios' memory)
 PD_ROM, PDPT_K, PD_K, PT_K, TRAMPOLINE = 0x7000, 0x8000, 0x9000, 0xA000, 0x50000
-ENTRY_VA = 0xFFFFFFFF80100000          # where bios.bin jumps (harness/guest ENTRY_VA)
-BOOT_BLOCK = 0x108100                  # bios.bin's boot block: CR3, CR4, EFER
+ENTRY_VA = 0xFFFFFFFF80100000  # where bios.bin jumps (harness/guest ENTRY_VA)
+BOOT_BLOCK = 0x108100  # bios.bin's boot block: CR3, CR4, EFER
 
 
 def boot_extras() -> dict[int, bytes]:
-    q = {PDPT + 8 * 3: PD_ROM | P | RW,                      # 3-4 GiB: the ROM's 2M page, identity
-         PD_ROM + 8 * 511: 0xFFE00000 | P | RW | PS,
-         PML4 + 8 * 511: PDPT_K | P | RW,                    # ENTRY_VA -> TRAMPOLINE
-         PDPT_K + 8 * 510: PD_K | P | RW,
-         PD_K: PT_K | P | RW,
-         PT_K + 8 * 256: TRAMPOLINE | P | RW,
-         BOOT_BLOCK: PML4, BOOT_BLOCK + 8: base.CR4, BOOT_BLOCK + 16: base.EFER}
+    q = {
+        PDPT + 8 * 3: PD_ROM | P | RW,  # 3-4 GiB: the ROM's 2M page, identity
+        PD_ROM + 8 * 511: 0xFFE00000 | P | RW | PS,
+        PML4 + 8 * 511: PDPT_K | P | RW,  # ENTRY_VA -> TRAMPOLINE
+        PDPT_K + 8 * 510: PD_K | P | RW,
+        PD_K: PT_K | P | RW,
+        PT_K + 8 * 256: TRAMPOLINE | P | RW,
+        BOOT_BLOCK: PML4,
+        BOOT_BLOCK + 8: base.CR4,
+        BOOT_BLOCK + 16: base.EFER,
+    }
     out = {pa: struct.pack("<Q", v) for pa, v in q.items()}
-    out[TRAMPOLINE] = (b"\x48\xB8" + struct.pack("<Q", CR0) + b"\x0F\x22\xC0"       # mov rax, CR0; mov cr0, rax
-                       + b"\x48\xB8" + struct.pack("<Q", CODE) + b"\xFF\xE0")       # mov rax, CODE; jmp rax
+    out[TRAMPOLINE] = (
+        b"\x48\xb8"
+        + struct.pack("<Q", CR0)
+        + b"\x0f\x22\xc0"  # mov rax, CR0; mov cr0, rax
+        + b"\x48\xb8"
+        + struct.pack("<Q", CODE)
+        + b"\xff\xe0"
+    )  # mov rax, CODE; jmp rax
     return out
 
 
 def _need_bochs() -> None:
     from harness.oracles.bochs import available
+
     ok, why = available()
     need_oracle("bochs", ok, why)
 
@@ -58,6 +70,7 @@ def _need_bochs() -> None:
 def bochs_cpuid() -> tuple[int, int, str]:
     """(CPUID.01H:ECX, CPUID.(7,0):EBX, version) of Bochs' tigerlake, from its reset log."""
     from harness.oracles.bochs import DEFAULT_CPU, DebuggerRun, bochs_version, cpuid_from_log
+
     with DebuggerRun({}) as run:
         run.exchange([], "starting")
     table = cpuid_from_log(run.log)
@@ -73,6 +86,7 @@ class Refused(Exception):
 def run_bochs(global_x: bool, steps, asm, memory: dict[int, int]) -> dict[int, int]:
     from harness.oracles.bochs import DebuggerRun
     from x86pt.errors import OracleError
+
     needs_pcid = any(s[0] in ("pcide",) or (s[0] == "cr3" and len(s) > 1 and s[1] & 0xFFF) for s in steps)
     needs_invpcid = any(s[0] == "invpcid" for s in steps)
     if needs_pcid or needs_invpcid:
@@ -97,8 +111,10 @@ def run_bochs(global_x: bool, steps, asm, memory: dict[int, int]) -> dict[int, i
                 raise AssertionError(f"Bochs stopped elsewhere than stop {i}: {lines[-5:]}")
             if i < len(hosts):
                 pa, v = hosts[i][1], hosts[i][2]
-                run.exchange([f"setpmem {pa:#x} 4 {v & 0xFFFFFFFF:#x}",
-                              f"setpmem {pa + 4:#x} 4 {v >> 32:#x}"], "the host write")
+                run.exchange(
+                    [f"setpmem {pa:#x} 4 {v & 0xFFFFFFFF:#x}", f"setpmem {pa + 4:#x} 4 {v >> 32:#x}"],
+                    "the host write",
+                )
         vals = run.read_qwords(RES, nslots)
     return dict(enumerate(vals))
 
@@ -140,9 +156,15 @@ def test_bochs_pcid_reads_fall_in_the_models_set(kind, record_property):
 # it must see the stale entry (Bochs cached it), the read after it only the new one.
 def drop_scenario(kind: str):
     t = int(kind.rsplit("-", 1)[1])
-    g = t == 2                           # type 2 is the one that drops a global entry
-    steps = [("pcide", True), ("read", pcid.X, 0), ("host", base.PT2, pcid.B | P | RW | (base.G if g else 0)),
-             ("read", pcid.X, 1), ("invpcid", t, 0, pcid.X if t == 0 else 0), ("read", pcid.X, 2)]
+    g = t == 2  # type 2 is the one that drops a global entry
+    steps = [
+        ("pcide", True),
+        ("read", pcid.X, 0),
+        ("host", base.PT2, pcid.B | P | RW | (base.G if g else 0)),
+        ("read", pcid.X, 1),
+        ("invpcid", t, 0, pcid.X if t == 0 else 0),
+        ("read", pcid.X, 2),
+    ]
     return g, steps
 
 
@@ -153,8 +175,11 @@ DROP_KINDS = ("invpcid-drop-0", "invpcid-drop-1", "invpcid-drop-2", "invpcid-dro
 def test_drop_scenarios_model_sets_match_the_sdm(kind):
     """Hand derivation (SDM Vol. 2A INVPCID; Vol. 3A §4.10.4.1): old, then old or new, then new."""
     g, steps = drop_scenario(kind)
-    assert {k: set(v) for k, v in model_sets(g, steps, "bochs").items()} == {0: {A}, 1: {A, pcid.B},
-                                                                           2: {pcid.B}}
+    assert {k: set(v) for k, v in model_sets(g, steps, "bochs").items()} == {
+        0: {A},
+        1: {A, pcid.B},
+        2: {pcid.B},
+    }
 
 
 @pytest.mark.parametrize("kind", DROP_KINDS)
@@ -169,7 +194,7 @@ def test_bochs_each_invpcid_type_drops(kind, record_property):
     got = {k: observed_pa(v) for k, v in raw.items()}
     record_property("reads", {k: hex(v) for k, v in got.items()})
     pcid.check_inside(kind, got, model_sets(g, steps, "bochs"))
-    assert got[1] == A                   # the stale entry was there for INVPCID to drop
+    assert got[1] == A  # the stale entry was there for INVPCID to drop
 
 
 def test_bochs_keeps_nothing_across_cr3_writes():

@@ -38,6 +38,7 @@ tigerlake model has PCID and INVPCID). What no oracle here shows is the "kept" h
 rules: every one of them flushes more than the SDM requires (a MOV to CR3 with bit 63 set, a
 switch of PCID, an INVPCID naming another PCID), which the model's sets allow.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,15 +47,34 @@ import struct
 import pytest
 
 from tests.conftest import need_oracle
-from tests.test_tlb_oracles import (A, B, CODE, CR0, EFER, G, P, PML4, PORT, PT2, RAM, RES, RW,
-                                    STACK, X, Asm, base_memory, model_sets, observed_pa)
+from tests.test_tlb_oracles import (
+    A,
+    B,
+    CODE,
+    CR0,
+    EFER,
+    G,
+    P,
+    PML4,
+    PORT,
+    PT2,
+    RAM,
+    RES,
+    RW,
+    STACK,
+    X,
+    Asm,
+    base_memory,
+    model_sets,
+    observed_pa,
+)
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import CR4_PAE, CR4_PGE, PagingState, profile_named
 from x86pt.tlb import CR3_NOFLUSH
 
-CR4 = CR4_PAE | CR4_PGE                  # the boot value; scenarios set PCIDE in the guest
-DESC = 0x28000                           # INVPCID descriptors, 16 bytes each (low 2M, identity)
-INVPCID_OPCODE = b"\x66\x0F\x38\x82"
+CR4 = CR4_PAE | CR4_PGE  # the boot value; scenarios set PCIDE in the guest
+DESC = 0x28000  # INVPCID descriptors, 16 bytes each (low 2M, identity)
+INVPCID_OPCODE = b"\x66\x0f\x38\x82"
 
 
 class PcidAsm(Asm):
@@ -69,53 +89,120 @@ class PcidAsm(Asm):
     def set_pcide(self, on: bool) -> None:
         if on:
             self.pcide_set_at.append(len(self.code) + 8)
-        op = 0xE8 if on else 0xF0                                        # bts / btr
-        self.code += (b"\x0F\x20\xE0" + bytes([0x48, 0x0F, 0xBA, op, 17])  # mov rax, cr4; bt[sr] rax, 17
-                      + b"\x0F\x22\xE0")                                 # mov cr4, rax
+        op = 0xE8 if on else 0xF0  # bts / btr
+        self.code += (
+            b"\x0f\x20\xe0"
+            + bytes([0x48, 0x0F, 0xBA, op, 17])  # mov rax, cr4; bt[sr] rax, 17
+            + b"\x0f\x22\xe0"
+        )  # mov cr4, rax
 
     def mov_cr3(self, value: int) -> None:
-        self.code += b"\x48\xB8" + struct.pack("<Q", value) + b"\x0F\x22\xD8"   # mov rax, imm64; mov cr3, rax
+        self.code += b"\x48\xb8" + struct.pack("<Q", value) + b"\x0f\x22\xd8"  # mov rax, imm64; mov cr3, rax
 
     def invpcid(self, kind: int, pcid: int, va: int) -> None:
         desc = DESC + 16 * len(self.descriptors)
         self.descriptors.append((pcid, va))
-        self.code += b"\xB8" + struct.pack("<I", kind)                  # mov eax, kind
-        self.code += b"\x48\xBB" + struct.pack("<Q", desc)              # mov rbx, desc
+        self.code += b"\xb8" + struct.pack("<I", kind)  # mov eax, kind
+        self.code += b"\x48\xbb" + struct.pack("<Q", desc)  # mov rbx, desc
         self.invpcid_at.append(len(self.code))
-        self.code += INVPCID_OPCODE + b"\x03"                            # invpcid rax, [rbx]
+        self.code += INVPCID_OPCODE + b"\x03"  # invpcid rax, [rbx]
 
 
 def scenario(kind: str):
     """(global_x, steps); steps as in tests/test_tlb_oracles.py plus ("pcide", on),
     ("cr3", value) and ("invpcid", type, pcid, va)."""
     nf = CR3_NOFLUSH
-    if kind == "cr3-pcid-noflush":           # bit 63 set: nothing dropped; clear: the PCID's entries
-        return False, [("pcide", True), ("read", X, 0), ("host", PT2, B | P | RW), ("read", X, 1),
-                       ("cr3", PML4 | nf), ("read", X, 2), ("cr3", PML4), ("read", X, 3)]
-    if kind == "cr3-other-pcid":             # PCID 1's entry survives a switch to PCID 2 and back
-        return False, [("pcide", True), ("cr3", PML4 | 1), ("read", X, 0), ("host", PT2, B | P | RW),
-                       ("read", X, 1), ("cr3", PML4 | 2), ("read", X, 2), ("cr3", PML4 | 1 | nf),
-                       ("read", X, 3), ("cr3", PML4 | 1), ("read", X, 4)]
-    if kind == "pcide-off":                  # PCIDE 1 -> 0 drops a global entry too
-        return True, [("pcide", True), ("read", X, 0), ("host", PT2, B | P | RW | G), ("read", X, 1),
-                      ("pcide", False), ("read", X, 2)]
-    if kind == "cr3-pcid-global":            # PCIDE=1, bit 63 clear: a global entry may stay
-        return True, [("pcide", True), ("read", X, 0), ("host", PT2, B | P | RW | G), ("read", X, 1),
-                      ("cr3", PML4), ("read", X, 2), ("pge",), ("read", X, 3)]
-    if kind == "invpcid-0":                  # another PCID's address: kept; this PCID's: dropped
-        return False, [("pcide", True), ("read", X, 0), ("host", PT2, B | P | RW), ("read", X, 1),
-                       ("invpcid", 0, 1, X), ("read", X, 2), ("invpcid", 0, 0, X + 0x1000),
-                       ("read", X, 3), ("invpcid", 0, 0, X), ("read", X, 4)]
-    if kind == "invpcid-1":                  # another PCID: kept; this PCID: dropped
-        return False, [("pcide", True), ("read", X, 0), ("host", PT2, B | P | RW), ("read", X, 1),
-                       ("invpcid", 1, 1, 0), ("read", X, 2), ("invpcid", 1, 0, 0), ("read", X, 3)]
-    if kind == "invpcid-2":                  # a global entry: type 3 keeps it, type 2 drops it
-        return True, [("read", X, 0), ("host", PT2, B | P | RW | G), ("read", X, 1),
-                      ("invpcid", 3, 0, 0), ("read", X, 2), ("invpcid", 2, 0, 0), ("read", X, 3)]
-    if kind == "invpcid-3":                  # type 3 drops another PCID's non-global entry
-        return False, [("pcide", True), ("cr3", PML4 | 1), ("read", X, 0), ("host", PT2, B | P | RW),
-                       ("read", X, 1), ("cr3", PML4 | 2 | nf), ("invpcid", 3, 0, 0),
-                       ("cr3", PML4 | 1 | nf), ("read", X, 2)]
+    if kind == "cr3-pcid-noflush":  # bit 63 set: nothing dropped; clear: the PCID's entries
+        return False, [
+            ("pcide", True),
+            ("read", X, 0),
+            ("host", PT2, B | P | RW),
+            ("read", X, 1),
+            ("cr3", PML4 | nf),
+            ("read", X, 2),
+            ("cr3", PML4),
+            ("read", X, 3),
+        ]
+    if kind == "cr3-other-pcid":  # PCID 1's entry survives a switch to PCID 2 and back
+        return False, [
+            ("pcide", True),
+            ("cr3", PML4 | 1),
+            ("read", X, 0),
+            ("host", PT2, B | P | RW),
+            ("read", X, 1),
+            ("cr3", PML4 | 2),
+            ("read", X, 2),
+            ("cr3", PML4 | 1 | nf),
+            ("read", X, 3),
+            ("cr3", PML4 | 1),
+            ("read", X, 4),
+        ]
+    if kind == "pcide-off":  # PCIDE 1 -> 0 drops a global entry too
+        return True, [
+            ("pcide", True),
+            ("read", X, 0),
+            ("host", PT2, B | P | RW | G),
+            ("read", X, 1),
+            ("pcide", False),
+            ("read", X, 2),
+        ]
+    if kind == "cr3-pcid-global":  # PCIDE=1, bit 63 clear: a global entry may stay
+        return True, [
+            ("pcide", True),
+            ("read", X, 0),
+            ("host", PT2, B | P | RW | G),
+            ("read", X, 1),
+            ("cr3", PML4),
+            ("read", X, 2),
+            ("pge",),
+            ("read", X, 3),
+        ]
+    if kind == "invpcid-0":  # another PCID's address: kept; this PCID's: dropped
+        return False, [
+            ("pcide", True),
+            ("read", X, 0),
+            ("host", PT2, B | P | RW),
+            ("read", X, 1),
+            ("invpcid", 0, 1, X),
+            ("read", X, 2),
+            ("invpcid", 0, 0, X + 0x1000),
+            ("read", X, 3),
+            ("invpcid", 0, 0, X),
+            ("read", X, 4),
+        ]
+    if kind == "invpcid-1":  # another PCID: kept; this PCID: dropped
+        return False, [
+            ("pcide", True),
+            ("read", X, 0),
+            ("host", PT2, B | P | RW),
+            ("read", X, 1),
+            ("invpcid", 1, 1, 0),
+            ("read", X, 2),
+            ("invpcid", 1, 0, 0),
+            ("read", X, 3),
+        ]
+    if kind == "invpcid-2":  # a global entry: type 3 keeps it, type 2 drops it
+        return True, [
+            ("read", X, 0),
+            ("host", PT2, B | P | RW | G),
+            ("read", X, 1),
+            ("invpcid", 3, 0, 0),
+            ("read", X, 2),
+            ("invpcid", 2, 0, 0),
+            ("read", X, 3),
+        ]
+    if kind == "invpcid-3":  # type 3 drops another PCID's non-global entry
+        return False, [
+            ("pcide", True),
+            ("cr3", PML4 | 1),
+            ("read", X, 0),
+            ("host", PT2, B | P | RW),
+            ("read", X, 1),
+            ("cr3", PML4 | 2 | nf),
+            ("invpcid", 3, 0, 0),
+            ("cr3", PML4 | 1 | nf),
+            ("read", X, 2),
+        ]
     raise ValueError(kind)
 
 
@@ -123,14 +210,16 @@ def hand_expected(kind: str) -> dict[int, set]:
     """Derived by hand from SDM Vol. 3A §4.10.2.2 (a changed entry may still be cached),
     §4.10.2.4/§4.10.1 (only the current PCID's and global entries are used) and §4.10.4.1."""
     old, both, new = {A}, {A, B}, {B}
-    return {"cr3-pcid-noflush": {0: old, 1: both, 2: both, 3: new},
-            "cr3-other-pcid": {0: old, 1: both, 2: new, 3: both, 4: new},
-            "pcide-off": {0: old, 1: both, 2: new},
-            "cr3-pcid-global": {0: old, 1: both, 2: both, 3: new},
-            "invpcid-0": {0: old, 1: both, 2: both, 3: both, 4: new},
-            "invpcid-1": {0: old, 1: both, 2: both, 3: new},
-            "invpcid-2": {0: old, 1: both, 2: both, 3: new},
-            "invpcid-3": {0: old, 1: both, 2: new}}[kind]
+    return {
+        "cr3-pcid-noflush": {0: old, 1: both, 2: both, 3: new},
+        "cr3-other-pcid": {0: old, 1: both, 2: new, 3: both, 4: new},
+        "pcide-off": {0: old, 1: both, 2: new},
+        "cr3-pcid-global": {0: old, 1: both, 2: both, 3: new},
+        "invpcid-0": {0: old, 1: both, 2: both, 3: both, 4: new},
+        "invpcid-1": {0: old, 1: both, 2: both, 3: new},
+        "invpcid-2": {0: old, 1: both, 2: both, 3: new},
+        "invpcid-3": {0: old, 1: both, 2: new},
+    }[kind]
 
 
 def assemble(steps) -> PcidAsm:
@@ -161,8 +250,16 @@ def guest_memory(global_x: bool, asm: PcidAsm) -> dict[int, int]:
     return q
 
 
-KINDS = ("cr3-pcid-noflush", "cr3-other-pcid", "pcide-off", "cr3-pcid-global",
-         "invpcid-0", "invpcid-1", "invpcid-2", "invpcid-3")
+KINDS = (
+    "cr3-pcid-noflush",
+    "cr3-other-pcid",
+    "pcide-off",
+    "cr3-pcid-global",
+    "invpcid-0",
+    "invpcid-1",
+    "invpcid-2",
+    "invpcid-3",
+)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -174,8 +271,9 @@ def test_model_sets_match_the_sdm(kind):
 def check_inside(kind: str, got: dict[int, int], allowed: dict[int, frozenset]) -> None:
     assert set(got) == set(allowed)
     for slot, pa in got.items():
-        assert pa in allowed[slot], (f"{kind}: read {slot} saw {pa:#x}, model allows "
-                                     f"{sorted(map(hex, allowed[slot]))}")
+        assert pa in allowed[slot], (
+            f"{kind}: read {slot} saw {pa:#x}, model allows {sorted(map(hex, allowed[slot]))}"
+        )
 
 
 def test_profile_pcide_off_flushes():
@@ -199,8 +297,10 @@ def _unicorn_cpuid(uc_mod, x) -> tuple[int, int]:
     """CPUID.01H:ECX and CPUID.(EAX=07H,ECX=0):EBX as the engine's default model reports them."""
     uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_64)
     uc.mem_map(0, 0x1000, uc_mod.UC_PROT_ALL)
-    code = (b"\xB8\x01\x00\x00\x00\x0F\xA2\x41\x89\xC8"                # mov eax,1; cpuid; mov r8d, ecx
-            b"\xB8\x07\x00\x00\x00\x31\xC9\x0F\xA2")                   # mov eax,7; xor ecx,ecx; cpuid
+    code = (
+        b"\xb8\x01\x00\x00\x00\x0f\xa2\x41\x89\xc8"  # mov eax,1; cpuid; mov r8d, ecx
+        b"\xb8\x07\x00\x00\x00\x31\xc9\x0f\xa2"
+    )  # mov eax,7; xor ecx,ecx; cpuid
     uc.mem_write(0, code)
     uc.emu_start(0, len(code))
     return uc.reg_read(x.UC_X86_REG_R8), uc.reg_read(x.UC_X86_REG_RBX)
@@ -208,10 +308,12 @@ def _unicorn_cpuid(uc_mod, x) -> tuple[int, int]:
 
 def run_unicorn(global_x: bool, steps) -> dict[int, int]:
     from x86pt.registry import availability
+
     ok, why = availability("unicorn")
     need_oracle("unicorn", ok, why)
     import unicorn as uc_mod
     from unicorn import x86_const as x
+
     asm = assemble(steps)
     uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_64)
     uc.ctl_set_tlb_mode(uc_mod.UC_TLB_CPU)
@@ -240,14 +342,16 @@ def run_unicorn(global_x: bool, steps) -> dict[int, int]:
             rip = uc.reg_read(x.UC_X86_REG_RIP)
             if rip - CODE in asm.invpcid_at and e.errno == uc_mod.UC_ERR_INSN_INVALID:
                 ecx1, ebx7 = _unicorn_cpuid(uc_mod, x)
-                raise Refused(f"unicorn {uc_mod.__version__}: INVPCID raised #UD ({e}); default "
-                              f"model's CPUID.(EAX=07H,ECX=0):EBX = {ebx7:#x}, INVPCID bit 10 = "
-                              f"{ebx7 >> 10 & 1}; CPUID.01H:ECX.PCID = {ecx1 >> 17 & 1}") from None
+                raise Refused(
+                    f"unicorn {uc_mod.__version__}: INVPCID raised #UD ({e}); default "
+                    f"model's CPUID.(EAX=07H,ECX=0):EBX = {ebx7:#x}, INVPCID bit 10 = "
+                    f"{ebx7 >> 10 & 1}; CPUID.01H:ECX.PCID = {ecx1 >> 17 & 1}"
+                ) from None
             raise
         rip = uc.reg_read(x.UC_X86_REG_RIP)
         if faults or rip != CODE + off:
             raise AssertionError(f"unicorn stopped at {rip:#x} (interrupts {faults}), not {CODE + off:#x}")
-        if i < len(hosts):                   # mem_write does not flush unicorn's TLB
+        if i < len(hosts):  # mem_write does not flush unicorn's TLB
             uc.mem_write(hosts[i][1], struct.pack("<Q", hosts[i][2]))
         begin = CODE + off + 2
     nslots = sum(1 for s in steps if s[0] == "read")
@@ -265,7 +369,7 @@ def test_unicorn_reads_fall_in_the_models_set(kind, record_property):
     got = {k: observed_pa(v) for k, v in raw.items()}
     record_property("reads", {k: hex(v) for k, v in got.items()})
     check_inside(kind, got, model_sets(g, steps, "unicorn"))
-    if kind == "pcide-off":      # the deviation behind the profile field: still the stale frame
+    if kind == "pcide-off":  # the deviation behind the profile field: still the stale frame
         assert got[2] == A, "unicorn now flushes on CR4.PCIDE 1 -> 0: set its pcide_off_flushes to True"
     # the stale translation was seen before any invalidation: the test observes a cached entry
     assert got[1] == A
@@ -275,6 +379,7 @@ def test_unicorn_reads_fall_in_the_models_set(kind, record_property):
 def run_kvm(global_x: bool, steps) -> dict[int, int]:
     from harness.oracles.kvm import KvmOracle, _leaf, _Vm, kvm_usable
     from x86pt.errors import OracleError
+
     ok, why = kvm_usable()
     need_oracle("kvm", ok, why)
     asm = assemble(steps)
@@ -283,20 +388,25 @@ def run_kvm(global_x: bool, steps) -> dict[int, int]:
     with KvmOracle() as o:
         l1, l7 = _leaf(o.cpuid, 1), _leaf(o.cpuid, 7)
         adv = f"KVM_GET_SUPPORTED_CPUID: PCID {l1.ecx >> 17 & 1}, INVPCID {l7.ebx >> 10 & 1}"
-        l1.ecx |= 1 << 17                    # advertise both, so a refusal is the host's, not CPUID's
+        l1.ecx |= 1 << 17  # advertise both, so a refusal is the host's, not CPUID's
         l7.ebx |= 1 << 10
         with _Vm(o.fd, RAM, o.cpuid) as vm:
             for pa, v in guest_memory(global_x, asm).items():
                 struct.pack_into("<Q", vm.ram, pa, v)
-            vm.ram[CODE:CODE + len(asm.code)] = bytes(asm.code)
+            vm.ram[CODE : CODE + len(asm.code)] = bytes(asm.code)
             vm.enter_long_mode({"cr0": CR0, "cr3": PML4, "cr4": CR4, "efer": EFER}, CODE, STACK + 0x1000)
             for i in range(len(asm.stops)):
                 try:
                     vm.run_to_exit_port(PORT, 10.0)
                 except OracleError as e:
-                    at = {f"rip {CODE + off:#x}": what for what, offs in
-                          (("MOV to CR4 setting PCIDE", asm.pcide_set_at), ("INVPCID", asm.invpcid_at))
-                          for off in offs}
+                    at = {
+                        f"rip {CODE + off:#x}": what
+                        for what, offs in (
+                            ("MOV to CR4 setting PCIDE", asm.pcide_set_at),
+                            ("INVPCID", asm.invpcid_at),
+                        )
+                        for off in offs
+                    }
                     for rip, what in at.items():
                         if rip in str(e):
                             raise Refused(f"kvm_pvm refuses {what} ({adv}; forced on): {e}") from None
@@ -333,29 +443,29 @@ def qemu_extras() -> dict[int, bytes]:
         h = HANDLERS + 16 * v
         gate = (h & 0xFFFF) | 8 << 16 | 0x8E << 40 | (h >> 16 & 0xFFFF) << 48
         out[IDT + 16 * v] = struct.pack("<QQ", gate, h >> 32)
-        stub = b"\xC6\x04\x25" + struct.pack("<I", VECTOR) + bytes([v])     # mov byte [VECTOR], v
-        out[h] = stub + b"\xE9" + struct.pack("<i", fault - (h + len(stub) + 5))  # jmp fault
-    out[fault] = b"\xF4"                                                          # hlt
+        stub = b"\xc6\x04\x25" + struct.pack("<I", VECTOR) + bytes([v])  # mov byte [VECTOR], v
+        out[h] = stub + b"\xe9" + struct.pack("<i", fault - (h + len(stub) + 5))  # jmp fault
+    out[fault] = b"\xf4"  # hlt
     idtr = PROLOGUE + 0x40
     out[idtr] = struct.pack("<HQ", 32 * 16 - 1, IDT)
-    pro = b"\x0F\x01\x1C\x25" + struct.pack("<i", idtr)                        # lidt [idtr]
-    out[PROLOGUE] = pro + b"\xE9" + struct.pack("<i", CODE - (PROLOGUE + len(pro) + 5))  # jmp CODE
+    pro = b"\x0f\x01\x1c\x25" + struct.pack("<i", idtr)  # lidt [idtr]
+    out[PROLOGUE] = pro + b"\xe9" + struct.pack("<i", CODE - (PROLOGUE + len(pro) + 5))  # jmp CODE
     return out
 
 
 def _qemu_guest(mem: SparseMemory) -> PagingState:
     """The IDT, handlers, prologue and 64-bit code descriptor in mem; the boot state."""
     from harness.oracles.qemu_monitor import CODE64_DESCRIPTOR
+
     for pa, data in qemu_extras().items():
         mem.write(pa, data)
-    mem.write(8, struct.pack("<Q", CODE64_DESCRIPTOR))       # GDT[1] at the reset GDTR base 0
-    return PagingState(cr3=PML4, cr0=CR0, cr4=CR4, efer=EFER, profile=profile_named("intel"),
-                       maxphyaddr=46)
+    mem.write(8, struct.pack("<Q", CODE64_DESCRIPTOR))  # GDT[1] at the reset GDTR base 0
+    return PagingState(cr3=PML4, cr0=CR0, cr4=CR4, efer=EFER, profile=profile_named("intel"), maxphyaddr=46)
 
 
 def _qemu_start(mon) -> None:
     g = mon.gdb
-    g.write_register("cs", 0)                    # the selector must change for a reload
+    g.write_register("cs", 0)  # the selector must change for a reload
     g.write_register("cs", 8)
     g.write_register("rsp", STACK + 0x1000)
     g.write_register("rip", PROLOGUE)
@@ -367,12 +477,13 @@ def qemu_cr3_noflush_refusal() -> str:
     """Measure once what QEMU does with MOV to CR3 with CR4.PCIDE=1 and bit 63 set: run to the
     instruction, single-step it, see where RIP went. "" when it retires normally."""
     from harness.oracles.qemu_monitor import QemuMonitor
+
     a = PcidAsm()
     a.set_pcide(True)
     value = PML4 | CR3_NOFLUSH
-    a.code += b"\x48\xB8" + struct.pack("<Q", value)
+    a.code += b"\x48\xb8" + struct.pack("<Q", value)
     at = CODE + len(a.code)
-    a.code += b"\x0F\x22\xD8\x90"                                     # mov cr3, rax; nop
+    a.code += b"\x0f\x22\xd8\x90"  # mov cr3, rax; nop
     mem = SparseMemory(RAM)
     for pa, v in base_memory(False).items():
         mem.write(pa, struct.pack("<Q", v))
@@ -392,8 +503,10 @@ def qemu_cr3_noflush_refusal() -> str:
             return ""
         if rip == HANDLERS + 0x200 or HANDLERS <= rip < HANDLERS + 0x200:
             return f"qemu {mon.version}: MOV to CR3 of {value:#x} with CR4.PCIDE=1 faults"
-        return (f"qemu {mon.version} -cpu max: MOV to CR3 of {value:#x} with CR4.PCIDE=1 never "
-                f"retires (a single step leaves RIP at {rip:#x}, CR3 {cr3:#x})")
+        return (
+            f"qemu {mon.version} -cpu max: MOV to CR3 of {value:#x} with CR4.PCIDE=1 never "
+            f"retires (a single step leaves RIP at {rip:#x}, CR3 {cr3:#x})"
+        )
 
 
 def run_qemu(global_x: bool, steps) -> dict[int, int]:
@@ -403,6 +516,7 @@ def run_qemu(global_x: bool, steps) -> dict[int, int]:
     from x86pt.registry import availability
     from harness.oracles.qemu_monitor import QemuMonitor
     from x86pt.errors import OracleError
+
     ok, why = availability("qemu")
     need_oracle("qemu", ok, why)
     if any(s[0] == "cr3" and s[1] & CR3_NOFLUSH for s in steps):
@@ -429,11 +543,16 @@ def run_qemu(global_x: bool, steps) -> dict[int, int]:
             if rip == fault:
                 vec = mon.read_memory(VECTOR, 1)[0]
                 rsp = g.read_register("rsp")
-                at, = struct.unpack("<Q", mon.read_memory(rsp + (8 if vec in ERROR_CODE_VECTORS else 0), 8))
+                (at,) = struct.unpack("<Q", mon.read_memory(rsp + (8 if vec in ERROR_CODE_VECTORS else 0), 8))
                 off_at = at - CODE
-                what = ("INVPCID" if off_at in asm.invpcid_at else
-                        "MOV to CR4 setting PCIDE" if off_at in asm.pcide_set_at else None)
-                if what is None:                 # not a refusal of a PCID instruction: a bug
+                what = (
+                    "INVPCID"
+                    if off_at in asm.invpcid_at
+                    else "MOV to CR4 setting PCIDE"
+                    if off_at in asm.pcide_set_at
+                    else None
+                )
+                if what is None:  # not a refusal of a PCID instruction: a bug
                     raise AssertionError(f"qemu: vector {vec} at {at:#x}")
                 raise Refused(f"qemu {mon.version} -cpu max: {what} raised vector {vec}")
             if rip != CODE + off:
@@ -456,17 +575,19 @@ def test_qemu_reads_fall_in_the_models_set(kind, record_property):
     got = {k: observed_pa(v) for k, v in raw.items()}
     record_property("reads", {k: hex(v) for k, v in got.items()})
     check_inside(kind, got, model_sets(g, steps, "qemu"))
-    if kind == "pcide-off":      # the deviation behind the profile field: still the stale frame
+    if kind == "pcide-off":  # the deviation behind the profile field: still the stale frame
         assert got[2] == A, "qemu now flushes on CR4.PCIDE 1 -> 0: set its pcide_off_flushes to True"
-    assert got[1] == A                   # a cached translation is observed at all
+    assert got[1] == A  # a cached translation is observed at all
 
 
 def test_rules_no_oracle_proves_here():
     """The rules no oracle of this host proves (measured above), named so a reader of the test
     list sees the gap rather than a row of skips."""
     assert {"cr3-pcid-noflush", "cr3-other-pcid", "invpcid-0", "invpcid-1"} <= set(KINDS)
-    pytest.skip("the 'kept' half of the PCID rules (entries of other PCIDs, and of the current one "
-                "after a MOV to CR3 with bit 63 set, may stay cached) is shown by no oracle of this "
-                "host: unicorn, QEMU 7.2 and Bochs 2.7 flush more than SDM Vol. 3A §4.10.4.1 "
-                "requires; INVPCID raises #UD on unicorn and QEMU 7.2 and fails on kvm_pvm. The "
-                "dropping half runs on Bochs (tests/test_tlb_oracles_bochs.py)")
+    pytest.skip(
+        "the 'kept' half of the PCID rules (entries of other PCIDs, and of the current one "
+        "after a MOV to CR3 with bit 63 set, may stay cached) is shown by no oracle of this "
+        "host: unicorn, QEMU 7.2 and Bochs 2.7 flush more than SDM Vol. 3A §4.10.4.1 "
+        "requires; INVPCID raises #UD on unicorn and QEMU 7.2 and fails on kvm_pvm. The "
+        "dropping half runs on Bochs (tests/test_tlb_oracles_bochs.py)"
+    )

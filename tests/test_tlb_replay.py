@@ -4,6 +4,7 @@ point the kernel issues them, and the report. Expectations are hand-derived from
 flush rule (arch/x86/mm/pat/set_memory.c v6.15: a split does flush_tlb_all before the call's
 cpa_flush; cpa_flush of <= 33 pages invalidates each page on every CPU) and the SDM (§4.10.4:
 an entry changed without an invalidation may still be used)."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from x86pt.cpa.tlbreplay import LiveTables, replay_tlb
 from x86pt.cpa.trace import format_op, parse_trace, replay
 
 KB4 = 1 << 12
-PO = 0xffff888000000000          # laptop-4g's page_offset (no KASLR)
-A = PO + 0x40200000 + 5 * KB4    # inside a 2M direct-map page of RAM
+PO = 0xFFFF888000000000  # laptop-4g's page_offset (no KASLR)
+A = PO + 0x40200000 + 5 * KB4  # inside a 2M direct-map page of RAM
 
 
 def run(tmp_path, text, *extra, capsys):
@@ -30,11 +31,19 @@ def run(tmp_path, text, *extra, capsys):
 
 
 def test_tlb_lines_parse_and_format_back():
-    text = (f"set_memory_ro {A:#x} 1\nflush_tlb_kernel_range {A:#x} {A + KB4:#x}\ninvlpg {A:#x} 1\n"
-            f"flush_tlb_all\ntouch 1 {A:#x} 1 write\nflush_tlb_local 0\n")
+    text = (
+        f"set_memory_ro {A:#x} 1\nflush_tlb_kernel_range {A:#x} {A + KB4:#x}\ninvlpg {A:#x} 1\n"
+        f"flush_tlb_all\ntouch 1 {A:#x} 1 write\nflush_tlb_local 0\n"
+    )
     ops = parse_trace(text.splitlines())
-    assert [o[0] for o in ops] == ["set_memory_ro", "flush_tlb_kernel_range", "invlpg",
-                                   "flush_tlb_all", "touch", "flush_tlb_local"]
+    assert [o[0] for o in ops] == [
+        "set_memory_ro",
+        "flush_tlb_kernel_range",
+        "invlpg",
+        "flush_tlb_all",
+        "touch",
+        "flush_tlb_local",
+    ]
     assert parse_trace([format_op(o) for o in ops]) == ops
 
 
@@ -49,7 +58,7 @@ def test_plain_replay_skips_tlb_ops():
 def test_live_tables_read_what_export_writes():
     m = CpaModel(layout_named("laptop-4g"))
     live = LiveTables(m)
-    for i in range(3):                        # splits allocate tables: the index must follow
+    for i in range(3):  # splits allocate tables: the index must follow
         m.set_memory_ro(A + i * 0x200000, 1)
     mem = m.export()
     rnd = random.Random(1)
@@ -63,16 +72,26 @@ def test_missing_flush_is_reported_at_its_op_and_address(tmp_path, capsys):
     # usable on both CPUs (SDM §4.10.4.1: only an invalidation removes it)
     rc, d = run(tmp_path, f"set_memory_ro {A:#x} 1\n", "--tlb-flushes", "trace", capsys=capsys)
     assert rc == 1 and not d["ok"]
-    f, = d["dangerous_at_end_of_call"]
+    (f,) = d["dangerous_at_end_of_call"]
     assert f["index"] == 0
     assert sorted((w["cpu"], w["start"], w["end"], w["kind"], w["opened"]) for w in f["windows"]) == [
-        (0, hex(A), hex(A + KB4), "rw", 0), (1, hex(A), hex(A + KB4), "rw", 0)]
+        (0, hex(A), hex(A + KB4), "rw", 0),
+        (1, hex(A), hex(A + KB4), "rw", 0),
+    ]
     # the recorded flush after the call closes it: the window lasted until op 1
-    rc, d = run(tmp_path, f"set_memory_ro {A:#x} 1\nflush_tlb_kernel_range {A:#x} {A + KB4:#x}\n",
-                "--tlb-flushes", "trace", capsys=capsys)
+    rc, d = run(
+        tmp_path,
+        f"set_memory_ro {A:#x} 1\nflush_tlb_kernel_range {A:#x} {A + KB4:#x}\n",
+        "--tlb-flushes",
+        "trace",
+        capsys=capsys,
+    )
     assert rc == 0 and d["ok"] and d["dangerous_at_end_of_call"] == []
-    assert {(w["cpu"], w["kind"], w["opened"], w["closed"]) for w in d["windows_closed"]
-            if w["severity"] == "dangerous"} == {(0, "rw", 0, 1), (1, "rw", 0, 1)}
+    assert {
+        (w["cpu"], w["kind"], w["opened"], w["closed"])
+        for w in d["windows_closed"]
+        if w["severity"] == "dangerous"
+    } == {(0, "rw", 0, 1), (1, "rw", 0, 1)}
 
 
 def test_model_flushes_close_the_window(tmp_path, capsys):
@@ -89,12 +108,14 @@ def test_split_flush_mid_op_does_not_hide_a_missing_final_flush():
     # flush would wrongly close it.
     m = CpaModel(layout_named("laptop-4g"))
     from x86pt.cpa import tlbreplay
+
     real = tlbreplay.TlbReplay.flush
     kinds = []
 
     def drop_range(self, memory, kind, *a, **k):
         kinds.append(kind)
         return None if kind == "range" else real(self, memory, kind, *a, **k)
+
     tlbreplay.TlbReplay.flush = drop_range
     try:
         res = replay_tlb(m, parse_trace([f"set_memory_ro {A:#x} 1"]))
@@ -102,17 +123,23 @@ def test_split_flush_mid_op_does_not_hide_a_missing_final_flush():
         tlbreplay.TlbReplay.flush = real
     assert kinds == ["all", "range"]
     assert [(f.index, [(w.cpu, w.start, w.kind) for w in f.windows]) for f in res.findings] == [
-        (0, [(0, A, "rw"), (1, A, "rw")])]
+        (0, [(0, A, "rw"), (1, A, "rw")])
+    ]
 
 
 def test_noflush_needs_the_callers_flush(tmp_path, capsys):
     inv = f"set_direct_map_invalid_noflush {A:#x}\n"
     rc, d = run(tmp_path, inv, capsys=capsys)
-    assert rc == 1 and d["dangerous_at_end_of_call"] == []       # not the call's own flush
+    assert rc == 1 and d["dangerous_at_end_of_call"] == []  # not the call's own flush
     assert {(w["cpu"], w["kind"], w["opened"], w["closed"]) for w in d["open_at_end"]} == {
-        (0, "present", 0, None), (1, "present", 0, None)}
-    rc, d = run(tmp_path, inv + f"flush_tlb_kernel_range {A:#x} {A + KB4:#x}\n"
-                f"set_direct_map_default_noflush {A:#x}\n", capsys=capsys)
+        (0, "present", 0, None),
+        (1, "present", 0, None),
+    }
+    rc, d = run(
+        tmp_path,
+        inv + f"flush_tlb_kernel_range {A:#x} {A + KB4:#x}\nset_direct_map_default_noflush {A:#x}\n",
+        capsys=capsys,
+    )
     assert rc == 0 and d["open_at_end"] == []
 
 

@@ -10,6 +10,7 @@ has). Three checks:
   errors (a module that became clean leaves the list); codes an entry no longer needs are
   reported as a warning.
 """
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -46,9 +47,25 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _mypy(args: list[str], cache: str, config: str | Path = PYPROJECT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", cache,
-                           "--show-error-codes", "--no-color-output", "--no-error-summary", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(config),
+            "--cache-dir",
+            cache,
+            "--show-error-codes",
+            "--no-color-output",
+            "--no-error-summary",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _config() -> dict:
@@ -63,8 +80,9 @@ def _ratchet(cfg: dict) -> dict[str, set[str]]:
         mods = [o["module"]] if isinstance(o["module"], str) else o["module"]
         for m in mods:
             if m == "x86pt" or m.startswith("x86pt."):
-                assert set(o) == {"module", "disable_error_code"}, \
+                assert set(o) == {"module", "disable_error_code"}, (
                     f"ratchet entry {m}: relax by disable_error_code only ({sorted(set(o) - {'module'})})"
+                )
                 out[m] = set(o["disable_error_code"])
     return out
 
@@ -99,10 +117,11 @@ def _module(path: str) -> str:
 
 
 def test_library_passes_strict_mypy(cache_dir: str) -> None:
-    r = _mypy([], cache_dir)          # the files the configuration names (x86pt)
-    assert r.returncode == 0, ("mypy --strict (pyproject.toml [tool.mypy]) found errors; annotate, or "
-                               "fix, the code (the ratchet list only shrinks):\n"
-                               + r.stdout[-6000:] + r.stderr[-2000:])
+    r = _mypy([], cache_dir)  # the files the configuration names (x86pt)
+    assert r.returncode == 0, (
+        "mypy --strict (pyproject.toml [tool.mypy]) found errors; annotate, or "
+        "fix, the code (the ratchet list only shrinks):\n" + r.stdout[-6000:] + r.stderr[-2000:]
+    )
 
 
 def test_check_can_fail(cache_dir: str, tmp_path: Path) -> None:
@@ -116,8 +135,10 @@ def test_check_can_fail(cache_dir: str, tmp_path: Path) -> None:
     clean.write_text(src)
     planted = pkg / "numbers.py"
     n = src.count("\n")
-    planted.write_text(src + "\n\ndef planted_wrong_return(text: str) -> int:\n    return text\n"
-                       "\n\ndef planted_unannotated(text):\n    return text\n")
+    planted.write_text(
+        src + "\n\ndef planted_wrong_return(text: str) -> int:\n    return text\n"
+        "\n\ndef planted_unannotated(text):\n    return text\n"
+    )
     r = _mypy([str(clean), str(planted)], cache_dir)
     found = {(m["path"], m["code"]) for m in _ERROR.finditer(r.stdout)}
     assert r.returncode == 1, r.stdout + r.stderr
@@ -146,16 +167,25 @@ def test_ratchet_only_shrinks(cache_dir: str, tmp_path: Path) -> None:
         return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
     clean = sorted(mod for mod in allowed if exists(mod) and not have.get(mod))
-    assert not clean, ("these modules are clean under strict mypy: take their entries out of the ratchet "
-                       f"in pyproject.toml [tool.mypy]: {clean}")
+    assert not clean, (
+        "these modules are clean under strict mypy: take their entries out of the ratchet "
+        f"in pyproject.toml [tool.mypy]: {clean}"
+    )
     gone = sorted(mod for mod in allowed if not exists(mod))
-    stale = {mod: sorted(codes - have[mod]) for mod, codes in allowed.items()
-             if have.get(mod) and codes - have[mod]}
+    stale = {
+        mod: sorted(codes - have[mod])
+        for mod, codes in allowed.items()
+        if have.get(mod) and codes - have[mod]
+    }
     if gone or stale:
-        warnings.warn(f"mypy ratchet can shrink: codes no longer found {stale}; no such module {gone}",
-                      stacklevel=1)
-    unlisted = {mod: sorted(codes - allowed.get(mod, set())) for mod, codes in have.items()
-                if not codes <= allowed.get(mod, set())}
+        warnings.warn(
+            f"mypy ratchet can shrink: codes no longer found {stale}; no such module {gone}", stacklevel=1
+        )
+    unlisted = {
+        mod: sorted(codes - allowed.get(mod, set()))
+        for mod, codes in have.items()
+        if not codes <= allowed.get(mod, set())
+    }
     assert not unlisted, f"errors outside the ratchet (see test_library_passes_strict_mypy): {unlisted}"
 
 

@@ -1,5 +1,6 @@
 """Hand-derived expectations from the manuals' rules (SDM Vol. 3A §4.5-§4.8, §6.15 "Interrupt 14";
 docs/paging.md §2-§10), written here row by row — not computed by x86pt."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,8 +10,23 @@ import pytest
 from x86pt.build import Builder
 from x86pt.errors import PhysicalAddressError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP,
-                         EFER_LMA, EFER_LME, EFER_NXE, Features, PagingState, PROFILES, Profile)
+from x86pt.state import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_PAE,
+    CR4_PKE,
+    CR4_PKS,
+    CR4_SMAP,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    Features,
+    PagingState,
+    PROFILES,
+    Profile,
+)
 from x86pt.walk import Access, GeneralProtection, PageFault, Translation, walk
 
 P, W, U, RSVD, ID, PK = 1, 2, 4, 8, 16, 32
@@ -23,21 +39,21 @@ def expected(acc, cpl3, ac, addr_user, writable, executable, wp, smep, smap, pke
     err = (W if acc == "write" else 0) | (U if cpl3 else 0) | (ID if acc == "fetch" else 0)
     deny, keydeny = False, False
     if cpl3:
-        if not addr_user:                                   # "user x / supervisor-mode address: fault"
+        if not addr_user:  # "user x / supervisor-mode address: fault"
             deny = True
-        elif acc == "read":                                 # "allowed (PKRU AD check)"
+        elif acc == "read":  # "allowed (PKRU AD check)"
             keydeny = pke and ad
-        elif acc == "write":                                # "needs writable; PKRU AD/WD check"
+        elif acc == "write":  # "needs writable; PKRU AD/WD check"
             deny = not writable
             keydeny = pke and (ad or wd)
-        else:                                               # "needs executable; no key check"
+        else:  # "needs executable; no key check"
             deny = not executable
     else:
         if acc == "fetch":
-            deny = (addr_user and smep) or not executable   # "SMEP=1 -> fault; else needs executable"
-        elif not addr_user:                                 # supervisor-mode address
-            deny = acc == "write" and wp and not writable   # (PKS not enabled in this table)
-        else:                                               # user-mode address
+            deny = (addr_user and smep) or not executable  # "SMEP=1 -> fault; else needs executable"
+        elif not addr_user:  # supervisor-mode address
+            deny = acc == "write" and wp and not writable  # (PKS not enabled in this table)
+        else:  # user-mode address
             smap_fault = smap and not ac
             if acc == "read":
                 deny = smap_fault
@@ -64,26 +80,43 @@ def test_rights_decision_table_every_row():
     n = 0
     for (us, rw, xd), b in images.items():
         for acc, cpl3, ac, wp, smep, smap, pke, nxe, ad, wd in itertools.product(
-                ("read", "write", "fetch"), (False, True), (False, True), (False, True), (False, True),
-                (False, True), (False, True), (False, True), (False, True), (False, True)):
+            ("read", "write", "fetch"),
+            (False, True),
+            (False, True),
+            (False, True),
+            (False, True),
+            (False, True),
+            (False, True),
+            (False, True),
+            (False, True),
+            (False, True),
+        ):
             if cpl3 and ac:
-                continue           # AC only matters at CPL<3
+                continue  # AC only matters at CPL<3
             cr0 = CR0_PE | CR0_PG | (CR0_WP if wp else 0)
             cr4 = CR4_PAE | (CR4_SMEP if smep else 0) | (CR4_SMAP if smap else 0) | (CR4_PKE if pke else 0)
             efer = EFER_LME | EFER_LMA | (EFER_NXE if nxe else 0)
-            pkru = (1 << 2 if ad else 0) | (1 << 3 if wd else 0)      # key 1
+            pkru = (1 << 2 if ad else 0) | (1 << 3 if wd else 0)  # key 1
             st = PagingState(cr3=b.root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru)
             if xd and not nxe:
-                exp = (W if acc == "write" else 0) | (U if cpl3 else 0) | (ID if acc == "fetch" and smep else 0) | P | RSVD
+                exp = (
+                    (W if acc == "write" else 0)
+                    | (U if cpl3 else 0)
+                    | (ID if acc == "fetch" and smep else 0)
+                    | P
+                    | RSVD
+                )
             else:
-                exp = expected(acc, cpl3, ac, bool(us), bool(rw), not (xd and nxe), wp, smep, smap, pke, ad, wd)
+                exp = expected(
+                    acc, cpl3, ac, bool(us), bool(rw), not (xd and nxe), wp, smep, smap, pke, ad, wd
+                )
                 if exp is not None and acc == "fetch" and not (nxe or smep):
-                    exp &= ~ID            # I/D only with NXE or SMEP (SDM §4.7)
+                    exp &= ~ID  # I/D only with NXE or SMEP (SDM §4.7)
             r = walk(st, b.memory, 0x7123, Access(acc, user=cpl3, ac=ac))
             got = None if isinstance(r, Translation) else r.error_code
             assert got == exp, (us, rw, xd, acc, cpl3, ac, wp, smep, smap, pke, nxe, ad, wd, r)
             n += 1
-    assert n == 8 * 3 * 3 * 2 ** 7
+    assert n == 8 * 3 * 3 * 2**7
 
 
 def test_rights_fold_across_levels():
@@ -91,9 +124,11 @@ def test_rights_fold_across_levels():
     b = Builder(maxphyaddr=46, table_base=0x200000)
     b.map(0x40000000, 0x9000, 4096, 4096, "p rw us")
     st = b.state()
-    for level, clear, setbit, acc, user, code in ((3, 2, 0, "write", True, P | W | U),
-                                                  (2, 4, 0, "read", True, P | U),
-                                                  (4, 0, 1 << 63, "fetch", False, P | ID)):
+    for level, clear, setbit, acc, user, code in (
+        (3, 2, 0, "write", True, P | W | U),
+        (2, 4, 0, "read", True, P | U),
+        (4, 0, 1 << 63, "fetch", False, P | ID),
+    ):
         mem = b.memory.copy()
         a = b.entry_address(0x40000000, level, create=False)
         mem.write_u64(a, (mem.read_u64(a) & ~clear) | setbit)
@@ -103,36 +138,43 @@ def test_rights_fold_across_levels():
 
 # -- reserved bits (docs/paging.md §5), one rule at a time ---------------------------------------------
 def rsvd_case(profile="intel", m=46, levels=4, gb=True):
-    b = Builder(maxphyaddr=m, levels=levels, table_base=0x200000,
-                vendor=PROFILES[profile].vendor if isinstance(profile, str) else profile.vendor)
-    b.map(0x200000, 0x400000, 4096, 4096, "p rw us")           # 4K
+    b = Builder(
+        maxphyaddr=m,
+        levels=levels,
+        table_base=0x200000,
+        vendor=PROFILES[profile].vendor if isinstance(profile, str) else profile.vendor,
+    )
+    b.map(0x200000, 0x400000, 4096, 4096, "p rw us")  # 4K
     b.map(0x40000000, 0x40000000, 1 << 21, 1 << 21, "p rw us")  # 2M
     b.map(0x80000000, 0x80000000, 1 << 30, 1 << 30, "p rw us")  # 1G
     return b
 
 
-@pytest.mark.parametrize("va,level,bit,profile,m,rsvd", [
-    (0x200000, 1, 45, "intel", 46, False),    # below MAXPHYADDR: an address bit
-    (0x200000, 1, 46, "intel", 46, True),     # 51:M reserved
-    (0x200000, 1, 51, "intel", 46, True),
-    (0x200000, 1, 52, "intel", 46, False),    # 58:52 ignored
-    (0x200000, 1, 51, "intel", 52, False),    # M=52: nothing reserved up there
-    (0x200000, 2, 46, "intel", 46, True),     # non-leaf PDE too
-    (0x200000, 4, 7, "intel", 46, True),      # PS in PML4E
-    (0x200000, 4, 8, "intel", 46, False),     # PML4E bit 8: ignored on Intel
-    (0x200000, 4, 8, "amd", 48, True),        # ... reserved on AMD
-    (0x200000, 3, 8, "amd", 48, False),       # PDPTE bit 8: ignored on AMD too
-    (0x200000, 1, 7, "intel", 46, False),     # PTE bit 7 is PAT
-    (0x200000, 2, 6, "intel", 46, False),     # non-leaf bit 6 ignored
-    (0x40000000, 2, 13, "intel", 46, True),   # 2M leaf: 20:13 reserved
-    (0x40000000, 2, 20, "intel", 46, True),
-    (0x40000000, 2, 12, "intel", 46, False),  # 2M leaf bit 12 is PAT
-    (0x40000000, 2, 21, "intel", 46, False),  # an address bit (frame moves, no fault)
-    (0x80000000, 3, 13, "intel", 46, True),   # 1G leaf: 29:13 reserved
-    (0x80000000, 3, 29, "intel", 46, True),
-    (0x80000000, 3, 12, "intel", 46, False),  # 1G leaf bit 12 is PAT
-    (0x80000000, 3, 59, "intel", 46, False),  # key bits: not reserved
-])
+@pytest.mark.parametrize(
+    "va,level,bit,profile,m,rsvd",
+    [
+        (0x200000, 1, 45, "intel", 46, False),  # below MAXPHYADDR: an address bit
+        (0x200000, 1, 46, "intel", 46, True),  # 51:M reserved
+        (0x200000, 1, 51, "intel", 46, True),
+        (0x200000, 1, 52, "intel", 46, False),  # 58:52 ignored
+        (0x200000, 1, 51, "intel", 52, False),  # M=52: nothing reserved up there
+        (0x200000, 2, 46, "intel", 46, True),  # non-leaf PDE too
+        (0x200000, 4, 7, "intel", 46, True),  # PS in PML4E
+        (0x200000, 4, 8, "intel", 46, False),  # PML4E bit 8: ignored on Intel
+        (0x200000, 4, 8, "amd", 48, True),  # ... reserved on AMD
+        (0x200000, 3, 8, "amd", 48, False),  # PDPTE bit 8: ignored on AMD too
+        (0x200000, 1, 7, "intel", 46, False),  # PTE bit 7 is PAT
+        (0x200000, 2, 6, "intel", 46, False),  # non-leaf bit 6 ignored
+        (0x40000000, 2, 13, "intel", 46, True),  # 2M leaf: 20:13 reserved
+        (0x40000000, 2, 20, "intel", 46, True),
+        (0x40000000, 2, 12, "intel", 46, False),  # 2M leaf bit 12 is PAT
+        (0x40000000, 2, 21, "intel", 46, False),  # an address bit (frame moves, no fault)
+        (0x80000000, 3, 13, "intel", 46, True),  # 1G leaf: 29:13 reserved
+        (0x80000000, 3, 29, "intel", 46, True),
+        (0x80000000, 3, 12, "intel", 46, False),  # 1G leaf bit 12 is PAT
+        (0x80000000, 3, 59, "intel", 46, False),  # key bits: not reserved
+    ],
+)
 def test_reserved_bit_rules(va, level, bit, profile, m, rsvd):
     b = rsvd_case(profile, m)
     a = b.entry_address(va, level, create=False)
@@ -181,12 +223,12 @@ def test_first_entry_that_ends_the_walk_wins():
     pde = b.entry_address(0x200000, 2, create=False)
     pml4 = b.entry_address(0x200000, 4, create=False)
     b.memory.write_u64(pte, b.memory.read_u64(pte) | 1 << 50)
-    b.memory.write_u64(pml4, b.memory.read_u64(pml4) & ~4)           # US=0 up top
+    b.memory.write_u64(pml4, b.memory.read_u64(pml4) & ~4)  # US=0 up top
     r = walk(b.state(), b.memory, 0x200000, Access("read", user=True))
-    assert r.error_code == P | U | RSVD and r.level == 1             # RSVD, not the US fault
+    assert r.error_code == P | U | RSVD and r.level == 1  # RSVD, not the US fault
     b.memory.write_u64(pde, 0)
     r = walk(b.state(), b.memory, 0x200000, Access("read", user=True))
-    assert r.error_code == U and r.level == 2                        # P=0, nothing below read
+    assert r.error_code == U and r.level == 2  # P=0, nothing below read
     assert len(r.steps) == 3
 
 
@@ -195,23 +237,33 @@ def test_rsvd_without_p_in_the_qemu_profile():
     a = b.entry_address(0x200000, 1, create=False)
     b.memory.write_u64(a, b.memory.read_u64(a) | 1 << 45)
     r = walk(b.state(profile="qemu"), b.memory, 0x200000, Access("write"))
-    assert r.error_code == W | RSVD                                   # 0x0a, docs/paging.md §12.1
+    assert r.error_code == W | RSVD  # 0x0a, docs/paging.md §12.1
 
 
 # -- canonical addresses (SDM §3.3.7.1; sandpile's holes) -----------------------------------------
-@pytest.mark.parametrize("levels,va,canonical", [
-    (4, 0x00007FFFFFFFFFFF, True), (4, 0x0000800000000000, False),
-    (4, 0xFFFF7FFFFFFFFFFF, False), (4, 0xFFFF800000000000, True), (4, 0xFFFFFFFFFFFFFFFF, True),
-    (4, 0x0100000000000000, False),
-    (5, 0x00FFFFFFFFFFFFFF, True), (5, 0x0100000000000000, False), (5, 0x0000800000000000, True),
-    (5, 0xFEFFFFFFFFFFFFFF, False), (5, 0xFF00000000000000, True), (5, 0xFFFF800000000000, True),
-])
+@pytest.mark.parametrize(
+    "levels,va,canonical",
+    [
+        (4, 0x00007FFFFFFFFFFF, True),
+        (4, 0x0000800000000000, False),
+        (4, 0xFFFF7FFFFFFFFFFF, False),
+        (4, 0xFFFF800000000000, True),
+        (4, 0xFFFFFFFFFFFFFFFF, True),
+        (4, 0x0100000000000000, False),
+        (5, 0x00FFFFFFFFFFFFFF, True),
+        (5, 0x0100000000000000, False),
+        (5, 0x0000800000000000, True),
+        (5, 0xFEFFFFFFFFFFFFFF, False),
+        (5, 0xFF00000000000000, True),
+        (5, 0xFFFF800000000000, True),
+    ],
+)
 def test_canonical_boundaries(levels, va, canonical):
     b = Builder(levels=levels, table_base=0x200000)
     st = b.state()
     r = walk(st, b.memory, va, Access("read"))
     if canonical:
-        assert isinstance(r, PageFault) and r.error_code == 0       # walked, found nothing
+        assert isinstance(r, PageFault) and r.error_code == 0  # walked, found nothing
     else:
         assert isinstance(r, GeneralProtection) and r.error_code == 0 and r.cr2 is None and r.steps == ()
 
@@ -227,28 +279,28 @@ def test_five_level_walk_reaches_the_upper_half_of_57_bits():
 
 # -- A/D (SDM §4.8, docs/paging.md §9) --------------------------------------------------------------------
 def test_ad_on_success_fault_and_wp0():
-    b = Builder(table_base=0x200000, table_flags="p rw us")         # tables start with A=0
+    b = Builder(table_base=0x200000, table_flags="p rw us")  # tables start with A=0
     b.map(0x1000, 0x9000, 4096, 4096, "p us")
     entries = [b.entry_address(0x1000, lv, create=False) for lv in (4, 3, 2, 1)]
     raw0 = [b.memory.read_u64(a) for a in entries]
     st = b.state()
     mem = b.memory.copy()
-    r = walk(st, mem, 0x1000, Access("write", user=True), update_ad=True)   # protection fault
+    r = walk(st, mem, 0x1000, Access("write", user=True), update_ad=True)  # protection fault
     assert isinstance(r, PageFault)
-    assert mem.read_u64(entries[3]) == raw0[3]                               # leaf untouched, no D
+    assert mem.read_u64(entries[3]) == raw0[3]  # leaf untouched, no D
     assert all(mem.read_u64(a) == r0 | 0x20 for a, r0 in zip(entries[:3], raw0[:3]))  # 'used' upper A
     mem = b.memory.copy()
     walk(b.state(profile="kvm-epyc-pvm"), mem, 0x1000, Access("write", user=True), update_ad=True)
-    assert [mem.read_u64(a) for a in entries] == raw0                        # KVM: nothing on faults
+    assert [mem.read_u64(a) for a in entries] == raw0  # KVM: nothing on faults
     mem = b.memory.copy()
     walk(st, mem, 0x1000, Access("read"), update_ad=True)
-    assert [mem.read_u64(a) for a in entries] == [r | 0x20 for r in raw0]    # A everywhere, no D
+    assert [mem.read_u64(a) for a in entries] == [r | 0x20 for r in raw0]  # A everywhere, no D
     mem = b.memory.copy()
     wp0 = b.state(cr0=CR0_PE | CR0_PG)
-    r = walk(wp0, mem, 0x1000, Access("write"), update_ad=True)              # sup write, WP=0, RO page
+    r = walk(wp0, mem, 0x1000, Access("write"), update_ad=True)  # sup write, WP=0, RO page
     assert isinstance(r, Translation)
-    assert mem.read_u64(entries[3]) == raw0[3] | 0x60                        # D set although RW=0
-    assert mem.read_u64(entries[2]) == raw0[2] | 0x20                        # no D in a non-leaf
+    assert mem.read_u64(entries[3]) == raw0[3] | 0x60  # D set although RW=0
+    assert mem.read_u64(entries[2]) == raw0[2] | 0x20  # no D in a non-leaf
 
 
 def test_a_set_on_a_faulting_1g_leaf_in_the_qemu_profile_only():
@@ -270,11 +322,11 @@ def test_key_comes_from_the_leaf_only():
     b.map(0x1000, 0x9000, 4096, 4096, "p rw us", pk=1)
     pde = b.entry_address(0x1000, 2, create=False)
     b.memory.write_u64(pde, b.memory.read_u64(pde) | 2 << 59)
-    st = b.state(cr4=CR4_PAE | CR4_PKE, pkru=0b110000)               # AD2|WD2
+    st = b.state(cr4=CR4_PAE | CR4_PKE, pkru=0b110000)  # AD2|WD2
     assert isinstance(walk(st, b.memory, 0x1000, Access("write", user=True)), Translation)
-    st = b.state(cr4=CR4_PAE | CR4_PKE, pkru=0b0100)                 # AD1
+    st = b.state(cr4=CR4_PAE | CR4_PKE, pkru=0b0100)  # AD1
     assert walk(st, b.memory, 0x1000, Access("read", user=True)).error_code == P | U | PK
-    st = b.state(cr4=CR4_PAE, pkru=0xFFFFFFFC)                       # PKE=0: keys ignored
+    st = b.state(cr4=CR4_PAE, pkru=0xFFFFFFFC)  # PKE=0: keys ignored
     assert isinstance(walk(st, b.memory, 0x1000, Access("write", user=True)), Translation)
 
 
@@ -299,37 +351,41 @@ def test_pks_on_supervisor_pages():
     assert walk(wd, b.memory, 0x1000, Access("write")).error_code == P | W | PK
     assert isinstance(walk(wd0, b.memory, 0x1000, Access("write")), Translation)
     assert isinstance(walk(ad, b.memory, 0x2000, Access("read", user=True)), Translation)
-    assert isinstance(walk(ad, b.memory, 0x1000, Access("fetch")), Translation)   # keys never stop fetches
+    assert isinstance(walk(ad, b.memory, 0x1000, Access("fetch")), Translation)  # keys never stop fetches
 
 
 # -- SMAP and implicit accesses --------------------------------------------------------------------
 def test_implicit_supervisor_access_ignores_ac_except_in_the_qemu_profile():
     b = Builder(table_base=0x200000)
     b.map(0x1000, 0x9000, 4096, 4096, "p rw us")
-    for prof, cpl3, ok in (("intel", False, False), ("intel", True, False), ("qemu", False, True),
-                           ("qemu", True, False)):
+    for prof, cpl3, ok in (
+        ("intel", False, False),
+        ("intel", True, False),
+        ("qemu", False, True),
+        ("qemu", True, False),
+    ):
         st = b.state(cr4=CR4_PAE | CR4_SMAP, profile=prof)
         r = walk(st, b.memory, 0x1000, Access("read", user=cpl3, ac=True, implicit=True))
         assert isinstance(r, Translation) == ok, (prof, cpl3)
         if not ok:
-            assert r.error_code == P        # implicit at CPL3 is a supervisor access: no U bit
+            assert r.error_code == P  # implicit at CPL3 is a supervisor access: no U bit
 
 
 # -- bad memory --------------------------------------------------------------------------------------
 def test_table_pointer_past_the_end_is_a_clear_error():
     mem = SparseMemory(size=0x10000)
-    mem.write_u64(0x1000, 0x7FFF000 | 7)             # PML4E -> far beyond memory
+    mem.write_u64(0x1000, 0x7FFF000 | 7)  # PML4E -> far beyond memory
     st = PagingState(cr3=0x1000)
     with pytest.raises(PhysicalAddressError, match="outside"):
         walk(st, mem, 0x0, Access("read"))
     u = walk(st.replace(profile=PROFILES["unicorn"]), mem, 0x0, Access("read"))
-    assert isinstance(u, PageFault) and u.error_code == 0       # unicorn reads 0 there (D6)
+    assert isinstance(u, PageFault) and u.error_code == 0  # unicorn reads 0 there (D6)
 
 
 def test_self_referencing_table_cannot_loop():
     mem = SparseMemory()
-    mem.write_u64(0x1000, 0x1000 | 7)                 # PML4[0] -> PML4 itself (recursive map)
+    mem.write_u64(0x1000, 0x1000 | 7)  # PML4[0] -> PML4 itself (recursive map)
     st = PagingState(cr3=0x1000)
     r = walk(st, mem, 0x0, Access("read"))
-    assert len(r.steps) == 4                          # a walk has at most one step per level
+    assert len(r.steps) == 4  # a walk has at most one step per level
     assert isinstance(r, Translation) and r.pa == 0x1000

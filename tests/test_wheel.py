@@ -7,6 +7,7 @@ The venv reaches the project's dependencies (numpy, unicorn, ...) through a .pth
 test venv's site-packages, so nothing is downloaded but the build backend; x86pt itself comes from
 the wheel only (the repo is neither on sys.path nor the working folder).
 """
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -36,9 +37,23 @@ def installed(tmp_path_factory):
         else:
             shutil.copy2(p, src / name)
     dist = base / "dist"
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--disable-pip-version-check", "-w", str(dist), str(src)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if r.returncode != 0:
         if "x86pt-wheel" in required_oracles() or os.environ.get("CI") == "true":
             pytest.fail(f"building the wheel failed:\n{r.stderr[-3000:]}")
@@ -48,17 +63,39 @@ def installed(tmp_path_factory):
     env_dir = base / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
-    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     deps = [p for p in site.getsitepackages() if os.path.isdir(p)]
     with open(os.path.join(purelib, "x86pt-test-deps.pth"), "w") as f:
         f.write("\n".join(deps) + "\n")
-    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
-                        "--no-deps", "--disable-pip-version-check", str(wheels[0])],
-                       capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:      # pip older than 22.3 has no --python: install with the venv's own
-        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheels[0])],
-                           capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            "--disable-pip-version-check",
+            str(wheels[0]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if r.returncode != 0:  # pip older than 22.3 has no --python: install with the venv's own
+        r = subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheels[0])],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert r.returncode == 0, r.stderr[-3000:]
     work = base / "work"
     work.mkdir()
@@ -69,15 +106,24 @@ def _run(installed, *args, timeout=600):
     bindir, work = installed
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run([str(bindir / "x86pt"), *args], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(bindir / "x86pt"), *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_wheel_is_what_runs(installed):
     bindir, work = installed
-    r = subprocess.run([str(bindir / "python"), "-c",
-                        "import x86pt, harness; print(x86pt.__file__); print(harness.__file__)"],
-                       cwd=work, capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            str(bindir / "python"),
+            "-c",
+            "import x86pt, harness; print(x86pt.__file__); print(harness.__file__)",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for line in r.stdout.split():
         assert not line.startswith(ROOT + os.sep), f"imported from the repo: {line}"
 
@@ -89,15 +135,21 @@ def test_wheel_demo(installed):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert "FAILED" not in r.stdout and "VIOLATION" not in r.stdout
-    assert set(os.listdir(work)) == before          # the demo writes to its own temp folder
+    assert set(os.listdir(work)) == before  # the demo writes to its own temp folder
 
 
-@pytest.mark.parametrize("oracle", [pytest.param("unicorn", marks=pytest.mark.unicorn),
-                                    pytest.param("qemu", marks=pytest.mark.qemu),
-                                    pytest.param("kvm", marks=pytest.mark.kvm),
-                                    pytest.param("bochs", marks=pytest.mark.bochs)])
+@pytest.mark.parametrize(
+    "oracle",
+    [
+        pytest.param("unicorn", marks=pytest.mark.unicorn),
+        pytest.param("qemu", marks=pytest.mark.qemu),
+        pytest.param("kvm", marks=pytest.mark.kvm),
+        pytest.param("bochs", marks=pytest.mark.bochs),
+    ],
+)
 def test_wheel_conform(installed, oracle):
     from x86pt.registry import availability
+
     ok, why = availability(oracle)
     need_oracle(oracle, ok, why)
     r = _run(installed, "conform", "--oracle", oracle, "--limit", "300")
@@ -106,7 +158,7 @@ def test_wheel_conform(installed, oracle):
     assert last == f"conform: 0 mismatches in 300 cases ({oracle})", last
 
 
-TINY_PYPROJECT = '''
+TINY_PYPROJECT = """
 [build-system]
 requires = ["setuptools>=61"]
 build-backend = "setuptools.build_meta"
@@ -120,7 +172,7 @@ tinyemu = "tinyemu_x86pt:TinyOracle"
 
 [tool.setuptools]
 py-modules = ["tinyemu_x86pt", "tinyemu_adapter"]
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +182,27 @@ def third_party(installed, tmp_path_factory):
     src = tmp_path_factory.mktemp("tinyemu")
     (src / "pyproject.toml").write_text(TINY_PYPROJECT)
     from test_plugins import tiny_oracle_source
+
     (src / "tinyemu_x86pt.py").write_text(tiny_oracle_source("tinyemu"))
     shutil.copy2(os.path.join(ROOT, "examples", "cmd_oracle_adapter.py"), src / "tinyemu_adapter.py")
     bindir, _ = installed
-    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(bindir / "python"), "install", "-q",
-                        "--no-deps", "--disable-pip-version-check", str(src)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(bindir / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--disable-pip-version-check",
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return bindir
 
@@ -151,9 +218,26 @@ def test_a_separate_package_adds_oracles_by_entry_point_and_by_command(installed
         assert r.stdout.strip().splitlines()[-1].startswith("conform: 0 mismatches in 300 cases"), r.stdout
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
         env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
-        r = subprocess.run([str(bindir / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            "--pyargs", "x86pt.conformance", "--x86pt-oracle", oracle,
-                            "--x86pt-limit", "300"], cwd=work, env=env, capture_output=True,
-                           text=True, timeout=600)
+        r = subprocess.run(
+            [
+                str(bindir / "python"),
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--pyargs",
+                "x86pt.conformance",
+                "--x86pt-oracle",
+                oracle,
+                "--x86pt-limit",
+                "300",
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-2000:]

@@ -12,6 +12,7 @@ saying so.
     python3 tools/bench_conform.py --oracle unicorn --fraction 0.02 --jobs 2
     python3 tools/bench_conform.py --oracle kvm --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def _work(oracle_name: str, extended: bool, lo: int, hi: int, step: int, batch: 
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
     from x86pt.registry import get_oracle
     from x86pt.state import as_profile
+
     o = get_oracle(oracle_name)
     try:
         caps = o.capabilities()
@@ -50,9 +52,9 @@ def _work(oracle_name: str, extended: bool, lo: int, hi: int, step: int, batch: 
         def on_mm(mm):
             if len(examples) < 3:
                 examples.append(mm.render())
+
         s = run_conformance(o, src, on_mismatch=on_mm)
-        return s.to_json() | {"examples": examples, "matrix_size": m.size,
-                              "version": caps.version}
+        return s.to_json() | {"examples": examples, "matrix_size": m.size, "version": caps.version}
     finally:
         o.close()
 
@@ -62,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oracle", default="unicorn")
     ap.add_argument("--extended", action="store_true")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (each its own oracle)")
-    ap.add_argument("--fraction", type=float, default=1.0,
-                    help="run about this fraction of the matrix (blocks of 4096 spread evenly)")
+    ap.add_argument(
+        "--fraction",
+        type=float,
+        default=1.0,
+        help="run about this fraction of the matrix (blocks of 4096 spread evenly)",
+    )
     ap.add_argument("--batch", type=int, default=None, help="cases per oracle batch")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--fraction must be in (0, 1], --jobs >= 1")
     from harness.matrix import MatrixFeatures, matrix_for
     from x86pt.registry import availability, get_oracle
+
     ok, why = availability(args.oracle)
     if not ok:
         print(f"bench_conform: {args.oracle} not available: {why}", file=sys.stderr)
@@ -87,22 +94,41 @@ def main(argv: list[str] | None = None) -> int:
         outs = [_work(args.oracle, args.extended, parts[0][0], parts[0][1], step, args.batch)]
     else:
         with ProcessPoolExecutor(args.jobs) as ex:
-            futs = [ex.submit(_work, args.oracle, args.extended, lo, hi, step, args.batch) for lo, hi in parts]
+            futs = [
+                ex.submit(_work, args.oracle, args.extended, lo, hi, step, args.batch) for lo, hi in parts
+            ]
             outs = [f.result() for f in futs]
     wall = time.perf_counter() - t0
-    tot = {k: sum(o[k] for o in outs) for k in ("cases", "probes", "mismatches", "model_seconds",
-                                                   "oracle_seconds", "build_seconds", "seconds")}
+    tot = {
+        k: sum(o[k] for o in outs)
+        for k in (
+            "cases",
+            "probes",
+            "mismatches",
+            "model_seconds",
+            "oracle_seconds",
+            "build_seconds",
+            "seconds",
+        )
+    }
     compare_s = tot["seconds"] - tot["model_seconds"] - tot["oracle_seconds"] - tot["build_seconds"]
     res = {
-        "oracle": args.oracle, "version": outs[0]["version"], "extended": args.extended,
-        "matrix_cases": size, "cases": tot["cases"], "probes": tot["probes"],
-        "mismatches": tot["mismatches"], "jobs": args.jobs, "wall_seconds": round(wall, 2),
+        "oracle": args.oracle,
+        "version": outs[0]["version"],
+        "extended": args.extended,
+        "matrix_cases": size,
+        "cases": tot["cases"],
+        "probes": tot["probes"],
+        "mismatches": tot["mismatches"],
+        "jobs": args.jobs,
+        "wall_seconds": round(wall, 2),
         "oracle_cases_per_s": round(tot["cases"] / tot["oracle_seconds"]) if tot["oracle_seconds"] else None,
         "model_cases_per_s": round(tot["cases"] / tot["model_seconds"]) if tot["model_seconds"] else None,
         "build_cases_per_s": round(tot["cases"] / tot["build_seconds"]) if tot["build_seconds"] else None,
         "compare_cases_per_s": round(tot["cases"] / compare_s) if compare_s > 0 else None,
         "oracle_over_model_speed": round(tot["model_seconds"] / tot["oracle_seconds"], 3)
-        if tot["oracle_seconds"] else None,
+        if tot["oracle_seconds"]
+        else None,
         "cpu_seconds": {k: round(tot[k], 1) for k in ("oracle_seconds", "model_seconds", "build_seconds")}
         | {"compare_seconds": round(compare_s, 1)},
     }

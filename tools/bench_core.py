@@ -10,6 +10,7 @@
 Prints a table and the ratio batch/unicorn (the issue's aim: >= 10x).
 Usage: python tools/bench_core.py [--probes N] [--batch N] [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def build_image():
     """4096 4K pages (user RW NX on odd pages, supervisor on even) in the rig's layout: tables from
     2 MiB, frames 4 MiB..20 MiB, so the same image runs on unicorn."""
     from x86pt.oracle import RIG_IMAGE_BASE, tag_value
+
     b = Builder(maxphyaddr=40, table_base=RIG_IMAGE_BASE)
     for i in range(PAGES):
         flags = "p rw us nx" if i % 2 else "p rw"
@@ -66,7 +68,7 @@ def main() -> int:
     rng = np.random.default_rng(1)
     pages = rng.integers(0, PAGES, size=max(args.batch, args.probes))
     vas = (BASE_VA + pages * 4096 + 8).astype(np.uint64)
-    user = (pages % 2 == 1)
+    user = pages % 2 == 1
     rows = {}
 
     n = args.probes
@@ -88,13 +90,15 @@ def main() -> int:
     try:
         from x86pt.oracle import Probe
         from harness.oracles.unicorn_oracle import UnicornOracle
+
         # Grouped by CPL: unicorn's best batched case (one emu_start per privilege level), so the
         # ratio below is the conservative one.
-        probes = sorted((Probe(int(v), "read", user=bool(u)) for v, u in zip(vas[:n], user[:n])),
-                        key=lambda p: p.user)
+        probes = sorted(
+            (Probe(int(v), "read", user=bool(u)) for v, u in zip(vas[:n], user[:n])), key=lambda p: p.user
+        )
         oracle = UnicornOracle()
         try:
-            oracle.run(b.memory, st, probes[:64])            # warm-up: engine, self-test, capabilities
+            oracle.run(b.memory, st, probes[:64])  # warm-up: engine, self-test, capabilities
             t = best(lambda: oracle.run(b.memory, st, probes))
         finally:
             oracle.close()
@@ -109,9 +113,13 @@ def main() -> int:
         for k, v in rows.items():
             print(f"  {k:<24} {v:>14,.0f}")
         if "unicorn probes/s" in rows:
-            print(f"  batch / unicorn          {rows['batch translations/s'] / rows['unicorn probes/s']:>14.1f}x")
+            print(
+                f"  batch / unicorn          {rows['batch translations/s'] / rows['unicorn probes/s']:>14.1f}x"
+            )
             print(f"  scalar / unicorn         {rows['scalar walks/s'] / rows['unicorn probes/s']:>14.2f}x")
-        print(f"  batch / construct        {rows['batch translations/s'] / rows['construct decodes/s']:>14.0f}x")
+        print(
+            f"  batch / construct        {rows['batch translations/s'] / rows['construct decodes/s']:>14.0f}x"
+        )
         if uni_note:
             print("  " + uni_note)
     return 0

@@ -10,6 +10,7 @@ each pattern's analytic cost, one simulated run, and the ratio of one full analy
 + pattern + estimate) to the replay. `cpa compare --cost` computing it at each of S plot samples
 costs S times that: the last line gives the largest S that keeps cost under 10% of the replay.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,17 +58,23 @@ def main() -> int:
         t_an, c = best(lambda: analytic(lv, pat))  # noqa: B023 (called in this iteration)
         total = t_leaves + t_pat + t_an
         worst = max(worst, total)
-        print(f"  {spec:9s} pattern {t_pat * 1e3:7.1f} ms  analytic {t_an * 1e3:7.1f} ms  "
-              f"total {total * 1e3:7.1f} ms = {total / r.seconds:.4f} x replay | walks/1000 "
-              f"{1000 * c.walks:.2f} refs/1000 {1000 * c.refs:.2f}  translations {c.translations}")
+        print(
+            f"  {spec:9s} pattern {t_pat * 1e3:7.1f} ms  analytic {t_an * 1e3:7.1f} ms  "
+            f"total {total * 1e3:7.1f} ms = {total / r.seconds:.4f} x replay | walks/1000 "
+            f"{1000 * c.walks:.2f} refs/1000 {1000 * c.refs:.2f}  translations {c.translations}"
+        )
     pat = pattern_named("uniform", lv)
     t = time.perf_counter()
     s = simulate(lv, pat, accesses=a.sim_accesses, seed=1)
     t_sim = time.perf_counter() - t
-    print(f"simulated uniform ({a.sim_accesses} accesses + warm-up): {t_sim:.2f} s = "
-          f"{t_sim / r.seconds:.3f} x replay | walks/1000 {1000 * s.walks:.2f} refs/1000 {1000 * s.refs:.2f}")
-    print(f"ratio (slowest full analytic cost / replay): {worst / r.seconds:.4f}; samples that keep "
-          f"cost under 10% of the replay: {int(0.1 * r.seconds / worst)}")
+    print(
+        f"simulated uniform ({a.sim_accesses} accesses + warm-up): {t_sim:.2f} s = "
+        f"{t_sim / r.seconds:.3f} x replay | walks/1000 {1000 * s.walks:.2f} refs/1000 {1000 * s.refs:.2f}"
+    )
+    print(
+        f"ratio (slowest full analytic cost / replay): {worst / r.seconds:.4f}; samples that keep "
+        f"cost under 10% of the replay: {int(0.1 * r.seconds / worst)}"
+    )
     return 0
 
 

@@ -16,6 +16,7 @@ machine shared with other jobs the CPU-time figure is the one to compare between
 validator on (traces generated per rule set, seed 1) and prints one line per cell: the verdict
 (ok, or the first violation's op index and invariant) and the seconds it took.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def main() -> int:
     ap.add_argument("--kernel", default="6.15")
     ap.add_argument("--layout", default="server-64g")
     ap.add_argument("--policy", default="none")
-    ap.add_argument("--validated-ops", type=int, default=None, help="ops for the validated run (default: --ops)")
+    ap.add_argument(
+        "--validated-ops", type=int, default=None, help="ops for the validated run (default: --ops)"
+    )
     ap.add_argument("--repeat", type=int, default=1, help="replays per figure, the best kept (default 1)")
     ap.add_argument("--matrix", action="store_true", help="verdict and time of every cell")
     a = ap.parse_args()
@@ -53,8 +56,10 @@ def main() -> int:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     m, r, cpu = timed_replay(lay, a, ops, False)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"validation off : {r.ops / r.seconds:10.0f} ops/s  ({r.ops} ops, {r.seconds:.1f} s); "
-          f"CPU time {r.ops / cpu:.0f} ops/s; max-RSS growth {(rss1 - rss0) / 1024:.0f} MiB, tables {r.tables}")
+    print(
+        f"validation off : {r.ops / r.seconds:10.0f} ops/s  ({r.ops} ops, {r.seconds:.1f} s); "
+        f"CPU time {r.ops / cpu:.0f} ops/s; max-RSS growth {(rss1 - rss0) / 1024:.0f} MiB, tables {r.tables}"
+    )
     # tracemalloc slows Python down a lot: the model's own size is measured in a separate run
     tracemalloc.start()
     mm = CpaModel(lay, a.kernel, a.policy)
@@ -62,15 +67,20 @@ def main() -> int:
     cur, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     table_bytes = mm.table_count() * 4096
-    print(f"model after 200k ops: {cur / 2**20:.1f} MiB live ({mm.table_count()} tables, "
-          f"{table_bytes / 2**20:.1f} MiB of table pages: {cur / table_bytes:.2f}x), peak {peak / 2**20:.1f} MiB")
+    print(
+        f"model after 200k ops: {cur / 2**20:.1f} MiB live ({mm.table_count()} tables, "
+        f"{table_bytes / 2**20:.1f} MiB of table pages: {cur / table_bytes:.2f}x), peak {peak / 2**20:.1f} MiB"
+    )
     del mm
     nv = a.validated_ops or a.ops
     _, r2, cpu2 = timed_replay(lay, a, ops[:nv], True)
-    print(f"validation on  : {r2.ops / r2.seconds:10.0f} ops/s  ({r2.ops} ops, {r2.seconds:.1f} s); "
-          f"CPU time {r2.ops / cpu2:.0f} ops/s; {r2.pages_checked} page checks, violation: {r2.violation}")
+    print(
+        f"validation on  : {r2.ops / r2.seconds:10.0f} ops/s  ({r2.ops} ops, {r2.seconds:.1f} s); "
+        f"CPU time {r2.ops / cpu2:.0f} ops/s; {r2.pages_checked} page checks, violation: {r2.violation}"
+    )
     # peer: one x86pt.walk per op on the exported final image
     from x86pt.walk import Access, walk
+
     mem, st = m.export(), m.paging_state()
     sample = [op[1] for op in ops[:50_000]]
     acc = Access("read")
@@ -79,8 +89,10 @@ def main() -> int:
         walk(st, mem, va, acc)
     ws = len(sample) / (time.perf_counter() - t)
     print(f"peer x86pt.walk: {ws:10.0f} walks/s on the exported image")
-    print(f"ratio model(off)/walk = {r.ops / r.seconds / ws:.1f}x, model(validated)/walk = "
-          f"{r2.ops / r2.seconds / ws:.1f}x")
+    print(
+        f"ratio model(off)/walk = {r.ops / r.seconds / ws:.1f}x, model(validated)/walk = "
+        f"{r2.ops / r2.seconds / ws:.1f}x"
+    )
     print(f"max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print(m.counters.meminfo_text(lay.gbpages).rstrip())
     return 0
@@ -103,6 +115,7 @@ def timed_replay(lay, a, ops, validate: bool):
 def matrix(lay, n: int) -> int:
     from x86pt.cpa.merge import POLICIES
     from x86pt.cpa.workload import MIXES, SCENARIOS
+
     print(f"{'workload':<12} {'kernel':<6} " + " ".join(f"{p:>22}" for p in POLICIES))
     total = time.perf_counter()
     for wl in tuple(MIXES) + SCENARIOS:

@@ -24,6 +24,7 @@ because the machine is shared: wall time says what the load was, not what the co
     python3 tools/bench_matrix.py --oracle qemu --blocks 4
     python3 tools/bench_matrix.py --oracle unicorn --scalar-model --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 JOBS = 2
-PARTS = 8             # harness/executors.py: PARTS_PER_WORKER * workers parts for --jobs 2
+PARTS = 8  # harness/executors.py: PARTS_PER_WORKER * workers parts for --jobs 2
 
 
 class _Clock:
@@ -71,6 +72,7 @@ def slice_indices(size: int, blocks: int, block: int):
     """`blocks` runs of `block` cases spread evenly over the matrix, each starting on a multiple of
     `block` (with --block 65536, a MatrixSource chunk: the batches a --full run builds)."""
     import numpy as np
+
     last = max(0, (size - block) // block)
     starts = [(k * last // max(1, blocks - 1)) * block for k in range(blocks)] if blocks > 1 else [0]
     return np.concatenate([np.arange(s, min(size, s + block)) for s in starts])
@@ -81,14 +83,18 @@ def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: 
     from harness.cli import _default_batch
     from harness.differential import run_conformance
     from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+
     try:
         from harness.matrix import probe_cap
-    except ImportError:               # a tree from before batch_probes: batches by cases only
+    except ImportError:  # a tree from before batch_probes: batches by cases only
+
         def probe_cap(oracle):
             return None
+
     from x86pt.compare import model_run
     from x86pt.registry import get_oracle
     from x86pt.state import as_profile
+
     if scalar:
         diff._fast_model = lambda b: None
     c = _Clock()
@@ -104,17 +110,23 @@ def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: 
         def source():
             src = MatrixSource(m, prof, indices=idx, batch_cases=bc)
             if batch is None and probe_cap(o) is not None:
-                src.batch_probes = probe_cap(o)      # as x86pt conform does
-            src.chunk = block          # each block is grouped into batches as a run's chunk is
+                src.batch_probes = probe_cap(o)  # as x86pt conform does
+            src.chunk = block  # each block is grouped into batches as a run's chunk is
             return src
 
-        out: dict = {"oracle": name, "version": caps.version, "matrix_cases": m.size, "cases": len(idx),
-                     "batch_cases": bc, "model_side": "scalar" if scalar else "vectorised",
-                     "oracle_open_cpu_s": round(open_cpu, 3)}
+        out: dict = {
+            "oracle": name,
+            "version": caps.version,
+            "matrix_cases": m.size,
+            "cases": len(idx),
+            "batch_cases": bc,
+            "model_side": "scalar" if scalar else "vectorised",
+            "oracle_open_cpu_s": round(open_cpu, 3),
+        }
         gc_was = gc.get_threshold()
         gc.set_threshold(max(gc_was[0], 50_000), max(gc_was[1], 20), max(gc_was[2], 100))  # as conform
         c = _Clock()
-        probes = sum(len(b.probes) for b in source().batches())      # streamed, as conform builds
+        probes = sum(len(b.probes) for b in source().batches())  # streamed, as conform builds
         out["build"] = c.read()
         model, oside = _Clock(), _Clock()
         for b in source().batches():
@@ -142,8 +154,11 @@ def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: 
     n = out["cases"]
     for k in ("build", "model", "oracle_side", "end_to_end"):
         cpu, wall = out[k]
-        out[k] = {"cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
-                  "cases_per_cpu_s": round(n / cpu) if cpu > 0 else None}
+        out[k] = {
+            "cpu_s": round(cpu, 3),
+            "wall_s": round(wall, 3),
+            "cases_per_cpu_s": round(n / cpu) if cpu > 0 else None,
+        }
     e2e = out["end_to_end"]["cpu_s"]
     ocpu = out["oracle_side"]["cpu_s"]
     out["oracle_probes_per_cpu_s"] = round(probes / ocpu) if ocpu else None
@@ -154,10 +169,16 @@ def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--oracle", action="append", help="unicorn, qemu, kvm (repeatable; default all available)")
+    ap.add_argument(
+        "--oracle", action="append", help="unicorn, qemu, kvm (repeatable; default all available)"
+    )
     ap.add_argument("--blocks", type=int, default=2, help="blocks in the slice (spread over the matrix)")
-    ap.add_argument("--block", type=int, default=1 << 16,
-                    help="consecutive cases per block (default: one MatrixSource chunk)")
+    ap.add_argument(
+        "--block",
+        type=int,
+        default=1 << 16,
+        help="consecutive cases per block (default: one MatrixSource chunk)",
+    )
     ap.add_argument("--batch", type=int, default=None, help="cases per oracle batch (default: conform's)")
     ap.add_argument("--scalar-model", action="store_true", help="the scalar walker as the model side")
     ap.add_argument("--json", action="store_true")
@@ -165,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.blocks < 1 or args.block < 1 or (args.batch is not None and args.batch < 1):
         ap.error("--blocks, --block and --batch must be >= 1")
     from x86pt.registry import availability
+
     names = args.oracle or ["unicorn", "qemu", "kvm"]
     rc = 0
     for name in names:
@@ -177,16 +199,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(res))
             continue
-        print(f"{name} ({res['version']}): {res['cases']:,} cases of {res['matrix_cases']:,}, "
-              f"batches of {res['batch_cases']}, model side {res['model_side']}, "
-              f"{res['mismatches']} mismatches")
+        print(
+            f"{name} ({res['version']}): {res['cases']:,} cases of {res['matrix_cases']:,}, "
+            f"batches of {res['batch_cases']}, model side {res['model_side']}, "
+            f"{res['mismatches']} mismatches"
+        )
         for k in ("build", "model", "oracle_side", "end_to_end"):
             r = res[k]
-            print(f"  {k:<11} {r['cases_per_cpu_s']:>9,} cases/CPU-s   ({r['cpu_s']:.2f} CPU-s, "
-                  f"{r['wall_s']:.2f} s wall)")
+            print(
+                f"  {k:<11} {r['cases_per_cpu_s']:>9,} cases/CPU-s   ({r['cpu_s']:.2f} CPU-s, "
+                f"{r['wall_s']:.2f} s wall)"
+            )
         print(f"  peer: the oracle alone runs {res['oracle_probes_per_cpu_s']:,} probes/CPU-s")
-        print(f"  full classic matrix: {res['projected_full_cpu_s']:,.0f} CPU-s; with --jobs 2 on 2 "
-              f"free cores ~{res['projected_full_wall_s_jobs2'] / 60:.1f} min")
+        print(
+            f"  full classic matrix: {res['projected_full_cpu_s']:,.0f} CPU-s; with --jobs 2 on 2 "
+            f"free cores ~{res['projected_full_wall_s_jobs2'] / 60:.1f} min"
+        )
     return rc
 
 

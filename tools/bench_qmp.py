@@ -14,6 +14,7 @@ the bare one), in alternating rounds, and report medians:
 
     python3 tools/bench_qmp.py [--rounds 2000] [--tlb-gib 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ class BareQmp:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.buf = bytearray()
-        self._line()                                   # greeting
+        self._line()  # greeting
         self.command("qmp_capabilities")
 
     def _line(self) -> dict:
@@ -46,7 +47,7 @@ class BareQmp:
             nl = self.buf.find(b"\n", scanned)
             if nl >= 0:
                 line = bytes(self.buf[:nl])
-                del self.buf[:nl + 1]
+                del self.buf[: nl + 1]
                 return json.loads(line)
             scanned = len(self.buf)
             data = self.sock.recv(1 << 20)
@@ -81,13 +82,20 @@ def median_us(fn, n: int) -> float:
 
 def import_ms(stmt: str, n: int = 5) -> float:
     code = f"import time; t = time.perf_counter(); {stmt}; print(time.perf_counter() - t)"
-    runs = [float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                                 check=True).stdout) for _ in range(n)]
+    runs = [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for _ in range(n)
+    ]
     return statistics.median(runs) * 1e3
 
 
 def image(tlb_gib: int):
     from x86pt.build import Builder
+
     b = Builder(levels=4, maxphyaddr=40, vendor="amd", table_base=0x200000)
     b.map(0x400000, 0x600000, 0x1000, flags="rw us a")
     b.map(0xFFFF800000000000, 0x40000000, 1 << 30, 1 << 30, flags="rw")
@@ -113,11 +121,15 @@ def main(argv=None) -> int:
     side = scratch_dir()
     bare_path = os.path.join(side, "bare.sock")
     try:
-        with QemuMonitor(b.memory, b.state(profile="qemu"), timeout=600,
-                         extra_args=["-qmp", f"unix:{bare_path},server=on,wait=off"]) as mon:
+        with QemuMonitor(
+            b.memory,
+            b.state(profile="qemu"),
+            timeout=600,
+            extra_args=["-qmp", f"unix:{bare_path},server=on,wait=off"],
+        ) as mon:
             r["qemu"] = mon.version
             bare_c, lib_c = [], []
-            for _ in range(20):            # QEMU takes one client per socket at a time: alternate
+            for _ in range(20):  # QEMU takes one client per socket at a time: alternate
                 t = time.perf_counter()
                 BareQmp(bare_path).close()
                 bare_c.append(time.perf_counter() - t)
@@ -130,13 +142,16 @@ def main(argv=None) -> int:
             n = args.rounds
             info_mem = {"command-line": "info mem"}
             va = 0xFFFF800012345678
-            for _ in range(2):             # alternate rounds; keep the second (warm) pair
+            for _ in range(2):  # alternate rounds; keep the second (warm) pair
                 r["bare_query_status_us"] = median_us(lambda: bare.command("query-status"), n)
                 r["qmp_query_status_us"] = median_us(lambda: mon.qmp.command("query-status"), n)
                 r["bare_info_mem_us"] = median_us(lambda: bare.command("human-monitor-command", info_mem), n)
-                r["qmp_info_mem_us"] = median_us(lambda: mon.qmp.command("human-monitor-command", info_mem), n)
+                r["qmp_info_mem_us"] = median_us(
+                    lambda: mon.qmp.command("human-monitor-command", info_mem), n
+                )
                 r["bare_gva2gpa_us"] = median_us(
-                    lambda: bare.command("human-monitor-command", {"command-line": f"gva2gpa {va:#x}"}), n)
+                    lambda: bare.command("human-monitor-command", {"command-line": f"gva2gpa {va:#x}"}), n
+                )
                 r["qmp_gva2gpa_us"] = median_us(lambda: mon.gva2gpa(va), n)
             vas = [va + i * 8 for i in range(512)]
             want = [0x52345678 + i * 8 for i in range(512)]
@@ -166,18 +181,30 @@ def main(argv=None) -> int:
             bare.close()
     finally:
         shutil.rmtree(side, ignore_errors=True)
-    print(f"{r.pop('qemu')}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-          f"medians of {args.rounds}")
-    print(f"  import             qemu.qmp {r['import_qmp_ms']:6.1f} ms   socket+json {r['import_socket_json_ms']:6.1f} ms")
-    for key, label in (("connect", "connect+negotiate"), ("query_status", "query-status"),
-                       ("info_mem", "HMP info mem"), ("gva2gpa", "HMP gva2gpa")):
+    print(
+        f"{r.pop('qemu')}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+        f"medians of {args.rounds}"
+    )
+    print(
+        f"  import             qemu.qmp {r['import_qmp_ms']:6.1f} ms   socket+json {r['import_socket_json_ms']:6.1f} ms"
+    )
+    for key, label in (
+        ("connect", "connect+negotiate"),
+        ("query_status", "query-status"),
+        ("info_mem", "HMP info mem"),
+        ("gva2gpa", "HMP gva2gpa"),
+    ):
         q, s = r[f"qmp_{key}_us"], r[f"bare_{key}_us"]
         print(f"  {label:<18} qemu.qmp {q:8.0f} us   bare socket {s:8.0f} us   ratio {q / s:.2f}")
-    print(f"  gva2gpa of 512 addresses (best of 5): one at a time {r['qmp_gva2gpa_sequential_us']:.0f} us, "
-          f"pipelined (gva2gpa_many) {r['qmp_gva2gpa_pipelined_us']:.0f} us per address")
+    print(
+        f"  gva2gpa of 512 addresses (best of 5): one at a time {r['qmp_gva2gpa_sequential_us']:.0f} us, "
+        f"pipelined (gva2gpa_many) {r['qmp_gva2gpa_pipelined_us']:.0f} us per address"
+    )
     if "qmp_info_tlb_s" in r:
-        print(f"  info tlb ({r['info_tlb_mb']:.1f} MB)  qemu.qmp {r['qmp_info_tlb_s']:.2f} s   "
-              f"bare socket {r['bare_info_tlb_s']:.2f} s")
+        print(
+            f"  info tlb ({r['info_tlb_mb']:.1f} MB)  qemu.qmp {r['qmp_info_tlb_s']:.2f} s   "
+            f"bare socket {r['bare_info_tlb_s']:.2f} s"
+        )
     return 0
 
 

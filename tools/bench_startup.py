@@ -4,6 +4,7 @@ dump of a small image (the embedded demo image, written once). Best of N whole-p
 
     .venv/bin/python tools/bench_startup.py [--runs 15] [--json]
 """
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -43,12 +44,16 @@ def main() -> int:
             "python -c 'import numpy'": best([py, "-c", "import numpy"], args.runs, env),
             "x86pt --help": best(x + ["--help"], args.runs, env),
             "x86pt decode": best(x + ["decode", "0x80000000400000e3", "--kind", "pde"], args.runs, env),
-            "x86pt dump --format qemu-mem (demo image)": best(x + ["dump", img, "--format", "qemu-mem"],
-                                                             args.runs, env),
+            "x86pt dump --format qemu-mem (demo image)": best(
+                x + ["dump", img, "--format", "qemu-mem"], args.runs, env
+            ),
         }
     bare, numpy = t["python -c pass"], t["python -c 'import numpy'"]
-    ratios = {"--help / bare": t["x86pt --help"] / bare, "decode / bare": t["x86pt decode"] / bare,
-              "dump - (numpy import) [ms]": (t["x86pt dump --format qemu-mem (demo image)"] - numpy) * 1e3}
+    ratios = {
+        "--help / bare": t["x86pt --help"] / bare,
+        "decode / bare": t["x86pt decode"] / bare,
+        "dump - (numpy import) [ms]": (t["x86pt dump --format qemu-mem (demo image)"] - numpy) * 1e3,
+    }
     if args.json:
         print(json.dumps({"seconds": t, "ratios": ratios}, indent=1))
     else:

@@ -8,6 +8,7 @@ the same run: the x86pt model's scalar walk over the same probes, and the naive 
 Each figure is the median CPU time (time.process_time) of --repeat runs; run() time includes engine set-up, image copy, code
 generation and reading the image back.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,9 @@ def build(n: int):
         b.memory.write(pa, b"".join(tag_value(pa + 8 * q).to_bytes(8, "little") for q in range(512)))
     for i in range(n):
         b.map(VA0 + i * 0x1000, 0x1000000 + (i % FRAMES) * 0x1000, 0x1000, 0x1000, "rw us")
-    for i in range(n):                          # make sure the holes' page tables exist
+    for i in range(n):  # make sure the holes' page tables exist
         b.entry_address(VA0 + (n + i) * 0x1000, 1)
-    return b, b.state(cr4=CR4_PAE | CR4_SMAP, profile="unicorn")   # CPL0 probes run with AC=1
+    return b, b.state(cr4=CR4_PAE | CR4_SMAP, profile="unicorn")  # CPL0 probes run with AC=1
 
 
 def probes_for(n: int, fault_every: int | None, user: bool) -> list[Probe]:
@@ -77,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unicorn oracle, batches of {n} probes (reads/writes/fetches mixed), median of {args.repeat}")
     print(f"{'case':<26}{'oracle p/s':>12}{'model p/s':>12}{'oracle/model':>14}")
     rates = {}
-    for label, every, user in (("no fault, CPL0", None, False), ("all fault, CPL0", 1, False),
-                               ("50% fault, CPL0", 2, False), ("no fault, CPL3", None, True),
-                               ("all fault, CPL3", 1, True), ("50% fault, CPL3", 2, True)):
+    for label, every, user in (
+        ("no fault, CPL0", None, False),
+        ("all fault, CPL0", 1, False),
+        ("50% fault, CPL0", 2, False),
+        ("no fault, CPL3", None, True),
+        ("all fault, CPL3", 1, True),
+        ("50% fault, CPL3", 2, True),
+    ):
         probes = probes_for(n, every, user)
         res = oracle.run(b.memory, state, probes).results
         faults = sum(r.outcome != "ok" for r in res)
@@ -89,15 +95,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         t_o = median_time(lambda: oracle.run(b.memory, state, probes), args.repeat)  # noqa: B023 (called in this iteration)
         acc = [Access(p.access, p.user, p.ac) for p in probes]
-        t_m = median_time(lambda: [walk(state, b.memory, p.va, a) for p, a in zip(probes, acc)],  # noqa: B023 (called in this iteration)
-                          args.repeat)
+        t_m = median_time(
+            lambda: [walk(state, b.memory, p.va, a) for p, a in zip(probes, acc)],  # noqa: B023 (called in this iteration)
+            args.repeat,
+        )
         rates[label] = n / t_o
         print(f"{label:<26}{n / t_o:>12,.0f}{n / t_m:>12,.0f}{t_m / t_o:>14.2f}")
     few = probes_for(200, 2, False)
     t_one = median_time(lambda: [oracle.run(b.memory, state, [p]) for p in few], 3)
     t_batch = median_time(lambda: oracle.run(b.memory, state, few), 3)
-    print(f"one probe per run() (fresh engine each): {200 / t_one:,.0f} p/s; the same 200 probes in "
-          f"one batch: {200 / t_batch:,.0f} p/s (batch/per-probe = {t_one / t_batch:.1f}x)")
+    print(
+        f"one probe per run() (fresh engine each): {200 / t_one:,.0f} p/s; the same 200 probes in "
+        f"one batch: {200 / t_batch:,.0f} p/s (batch/per-probe = {t_one / t_batch:.1f}x)"
+    )
     return 0
 
 

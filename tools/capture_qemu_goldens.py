@@ -13,6 +13,7 @@ It also asks QEMU for `dump-guest-memory` of a small VM holding one of the image
 
     python3 tools/capture_qemu_goldens.py [--out fixtures/dump]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from x86pt.build import Builder                                  # noqa: E402
-from x86pt.memory import write_elf_core                          # noqa: E402
-from x86pt.memory.atomic import write_bytes_atomic, write_text_atomic   # noqa: E402
-from x86pt.state import CR4_PGE                                  # noqa: E402
+from x86pt.build import Builder  # noqa: E402
+from x86pt.memory import write_elf_core  # noqa: E402
+from x86pt.memory.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
+from x86pt.state import CR4_PGE  # noqa: E402
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 
@@ -46,8 +47,21 @@ def mixed(levels: int) -> tuple:
     b.map(0x603000, 0x1100000, 4 * K, 4 * K, "p rw us a d nx")
     b.map(0x604000, 0x1080000, 4 * K, 4 * K, "p rw us a d nx")
     # every flag letter: G P D A C T U W X over 4K pages (P shows only for large pages)
-    for i, fl in enumerate(("p", "p rw", "p us", "p pwt", "p pcd", "p a", "p d", "p g", "p pat",
-                            "p nx", "p rw us pwt pcd a d g pat nx")):
+    for i, fl in enumerate(
+        (
+            "p",
+            "p rw",
+            "p us",
+            "p pwt",
+            "p pcd",
+            "p a",
+            "p d",
+            "p g",
+            "p pat",
+            "p nx",
+            "p rw us pwt pcd a d g pat nx",
+        )
+    ):
         b.map(0x10000000 + i * 0x1000, 0x2000000 + i * 0x1000, 4 * K, 4 * K, fl)
     # 2M pages: RW, then RO, then user; one with PAT (bit 12) and PWT
     b.map(0x40000000, 0x40000000, 4 * M, 2 * M, "p rw a d g nx")
@@ -56,8 +70,7 @@ def mixed(levels: int) -> tuple:
     # 1G pages, the second one under a PDPT whose PML4E is read-only
     b.map(0x8000000000, 0x80000000, G, G, "p rw a d g nx")
     b.map(0x10000000000, 0xC0000000, G, G, "p rw us a d")
-    b.set_entry(0x10000000000, 4 if levels == 4 else 4,
-                b.get_entry(0x10000000000, 4) & ~0x2)
+    b.set_entry(0x10000000000, 4 if levels == 4 else 4, b.get_entry(0x10000000000, 4) & ~0x2)
     # a supervisor PDE over user PTEs: effective supervisor
     b.map(0x20000000000, 0x3000000, 0x2000, 4 * K, "p rw us a")
     b.set_entry(0x20000000000, 2, b.get_entry(0x20000000000, 2) & ~0x4)
@@ -94,12 +107,17 @@ def recursive4() -> tuple:
 
 def linuxlike4() -> tuple:
     from x86pt.demo import linux_like_image
+
     mem, st, _ = linux_like_image(4)
     return mem, st
 
 
-IMAGES = {"mixed4": lambda: mixed(4), "mixed5": lambda: mixed(5), "recursive4": recursive4,
-          "linuxlike4": linuxlike4}
+IMAGES = {
+    "mixed4": lambda: mixed(4),
+    "mixed5": lambda: mixed(5),
+    "recursive4": recursive4,
+    "linuxlike4": linuxlike4,
+}
 
 
 def small_guest() -> tuple:
@@ -118,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="fixture names (default: all)")
     args = ap.parse_args(argv)
     from harness.oracles.qemu_monitor import QemuMonitor, qemu_version
+
     os.makedirs(args.out, exist_ok=True)
     version = qemu_version()
     for name, make in IMAGES.items():
@@ -125,9 +144,19 @@ def main(argv=None) -> int:
             continue
         memory, state = make()
         img = os.path.join(args.out, f"{name}.elf")
-        write_elf_core(img, memory, cr0=state.cr0, cr3=state.cr3, cr4=state.cr4, efer=state.efer,
-                       pkru=state.pkru, pkrs=state.pkrs, maxphyaddr=state.m, vendor=state.vendor,
-                       profile=state.profile.name)
+        write_elf_core(
+            img,
+            memory,
+            cr0=state.cr0,
+            cr3=state.cr3,
+            cr4=state.cr4,
+            efer=state.efer,
+            pkru=state.pkru,
+            pkrs=state.pkrs,
+            maxphyaddr=state.m,
+            vendor=state.vendor,
+            profile=state.profile.name,
+        )
         t0 = time.monotonic()
         with QemuMonitor(memory, state) as mon:
             tlb = mon.info_tlb()
@@ -136,13 +165,18 @@ def main(argv=None) -> int:
         secs = time.monotonic() - t0
         write_bytes_atomic(os.path.join(args.out, f"{name}.qemu-tlb.txt"), tlb.encode())
         write_bytes_atomic(os.path.join(args.out, f"{name}.qemu-mem.txt"), mem.encode())
-        meta = {"image": f"{name}.elf", "expected": [f"{name}.qemu-tlb.txt", f"{name}.qemu-mem.txt"],
-                "source": "QEMU HMP 'info tlb' and 'info mem' (QMP human-monitor-command), text "
-                          "as sent (CR LF line ends)",
-                "oracle": "qemu-system-x86_64 -cpu max -accel tcg, paused, RAM = image, CRs via gdbstub",
-                "qemu_version": qv, "qemu_binary_version": version,
-                "state": state.to_json(), "captured_by": "tools/capture_qemu_goldens.py",
-                "seconds": round(secs, 3)}
+        meta = {
+            "image": f"{name}.elf",
+            "expected": [f"{name}.qemu-tlb.txt", f"{name}.qemu-mem.txt"],
+            "source": "QEMU HMP 'info tlb' and 'info mem' (QMP human-monitor-command), text "
+            "as sent (CR LF line ends)",
+            "oracle": "qemu-system-x86_64 -cpu max -accel tcg, paused, RAM = image, CRs via gdbstub",
+            "qemu_version": qv,
+            "qemu_binary_version": version,
+            "state": state.to_json(),
+            "captured_by": "tools/capture_qemu_goldens.py",
+            "seconds": round(secs, 3),
+        }
         write_text_atomic(os.path.join(args.out, f"{name}.meta.json"), json.dumps(meta, indent=1) + "\n")
         print(f"{name}: {tlb.count(chr(10))} tlb lines, {mem.count(chr(10))} mem lines ({secs:.1f} s)")
     if not args.only or "qemu-guest" in args.only:
@@ -156,13 +190,17 @@ def main(argv=None) -> int:
             qv = mon.version
         write_bytes_atomic(os.path.join(args.out, "qemu-guest.qemu-tlb.txt"), tlb.encode())
         write_bytes_atomic(os.path.join(args.out, "qemu-guest.qemu-mem.txt"), mem.encode())
-        meta = {"image": "qemu-guest.elf", "expected": ["qemu-guest.qemu-tlb.txt", "qemu-guest.qemu-mem.txt"],
-                "source": "QMP dump-guest-memory (paging=false) of a paused 2 MiB VM; 'info tlb'/'info mem' "
-                          "of the same VM; registers read back through the gdbstub",
-                "qemu_version": qv, "qemu_binary_version": version,
-                "registers": {k: hex(v) for k, v in regs.items()},
-                "note": "QEMU's core has no EFER: pass --efer (LME|LMA|NXE = 0xd00)",
-                "captured_by": "tools/capture_qemu_goldens.py"}
+        meta = {
+            "image": "qemu-guest.elf",
+            "expected": ["qemu-guest.qemu-tlb.txt", "qemu-guest.qemu-mem.txt"],
+            "source": "QMP dump-guest-memory (paging=false) of a paused 2 MiB VM; 'info tlb'/'info mem' "
+            "of the same VM; registers read back through the gdbstub",
+            "qemu_version": qv,
+            "qemu_binary_version": version,
+            "registers": {k: hex(v) for k, v in regs.items()},
+            "note": "QEMU's core has no EFER: pass --efer (LME|LMA|NXE = 0xd00)",
+            "captured_by": "tools/capture_qemu_goldens.py",
+        }
         write_text_atomic(os.path.join(args.out, "qemu-guest.meta.json"), json.dumps(meta, indent=1) + "\n")
         print(f"qemu-guest: {os.path.getsize(path)} bytes, regs {meta['registers']}")
     return 0

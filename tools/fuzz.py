@@ -19,6 +19,7 @@ second:
 The driver prints a summary (inputs tried by kind, findings, hangs, peak RSS) and writes each
 finding's input and traceback under --out. Exit status: 0 without findings, 1 with.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,18 @@ if ROOT not in sys.path:
 from x86pt.errors import X86ptError  # noqa: E402
 
 PAGE = 4096
-BUDGET = 20_000            # --max-entries of every scan: the fuzzer tests refusal, not throughput
+BUDGET = 20_000  # --max-entries of every scan: the fuzzer tests refusal, not throughput
 PROFILES = ("intel", "amd", "qemu", "unicorn", "kvm", "kvm-epyc-pvm")
-CR4_BITS = (1 << 4, 1 << 7, 1 << 12, 1 << 17, 1 << 20, 1 << 21, 1 << 22, 1 << 24)  # PSE PGE LA57 PCIDE SMEP SMAP PKE PKS
+CR4_BITS = (
+    1 << 4,
+    1 << 7,
+    1 << 12,
+    1 << 17,
+    1 << 20,
+    1 << 21,
+    1 << 22,
+    1 << 24,
+)  # PSE PGE LA57 PCIDE SMEP SMAP PKE PKS
 
 
 # -- a source of choices: seeded randomness here, hypothesis' data in the tests ------------------------
@@ -70,11 +80,11 @@ class RandomSource:
 # -- generators -------------------------------------------------------------------------------------
 @dataclass
 class Case:
-    image: bytes                       # the file's bytes
-    kind: str                          # tables, same, random, elf, lime
-    regs: dict[str, int | None]        # cr0 cr3 cr4 efer pkru maxphyaddr (None: not given)
+    image: bytes  # the file's bytes
+    kind: str  # tables, same, random, elf, lime
+    regs: dict[str, int | None]  # cr0 cr3 cr4 efer pkru maxphyaddr (None: not given)
     profile: str | None
-    probes: bytes                      # a JSONL probe file (hostile lines included)
+    probes: bytes  # a JSONL probe file (hostile lines included)
     vas: list[int] = field(default_factory=list)
 
 
@@ -114,8 +124,11 @@ def tables_image(src) -> tuple[bytearray, list[int]]:
 
 def registers(src, tables: list[int]) -> dict[str, int | None]:
     regs: dict[str, int | None] = {}
-    regs["cr3"] = (src.choice(tables) | src.int(0, 0xFFF) if src.coin(0.2) else src.choice(tables)) \
-        if tables and src.coin(0.97) else src.int(0, (1 << 64) - 1)
+    regs["cr3"] = (
+        (src.choice(tables) | src.int(0, 0xFFF) if src.coin(0.2) else src.choice(tables))
+        if tables and src.coin(0.97)
+        else src.int(0, (1 << 64) - 1)
+    )
     cr4 = 0x20
     for b in CR4_BITS:
         if src.coin(0.2):
@@ -143,13 +156,29 @@ def vas(src, n: int) -> list[int]:
         if k == 0:
             out.append(src.int(0, (1 << 64) - 1))
         elif k == 1:
-            out.append(src.int(0, 511) << 39 | src.int(0, 511) << 30 | src.int(0, 511) << 21
-                       | src.int(0, 511) << 12 | src.int(0, 0xFFF))
+            out.append(
+                src.int(0, 511) << 39
+                | src.int(0, 511) << 30
+                | src.int(0, 511) << 21
+                | src.int(0, 511) << 12
+                | src.int(0, 0xFFF)
+            )
         elif k == 2:
             out.append(0xFFFF800000000000 | src.int(0, (1 << 47) - 1))
         else:
-            out.append(src.choice((0, 0x400000, 0x7FFFFFFFF000, 0x800000000000, 0xFFFF800000000000,
-                                   0xFFFFFFFFFFFFF000, 0xFF00000000000000)))
+            out.append(
+                src.choice(
+                    (
+                        0,
+                        0x400000,
+                        0x7FFFFFFFF000,
+                        0x800000000000,
+                        0xFFFF800000000000,
+                        0xFFFFFFFFFFFFF000,
+                        0xFF00000000000000,
+                    )
+                )
+            )
     return out
 
 
@@ -163,27 +192,30 @@ def probe_line(src) -> bytes:
             if src.coin(0.3):
                 d[key] = src.coin()
         return json.dumps(d).encode()
-    return src.choice((
-        lambda: src.bytes(src.int(0, 40)),
-        lambda: b"[" * src.int(1, 5000) + b"]" * src.int(0, 5000),
-        lambda: b'{"va": ' + b"9" * src.int(1, 6000) + b"}",
-        lambda: b'{"va": "' + b"f" * src.int(1, 300) + b'"}',
-        lambda: b'{"va": 1.5e300}',
-        lambda: b'{"va": -1}',
-        lambda: b'{"va": "0x1000", "access": 5}',
-        lambda: b'{"va": "0x1000", "user": "yes"}',
-        lambda: b'{"va": "0x1000", "bogus": 1}',
-        lambda: b'[{"va": 1}]',
-        lambda: b'"va"',
-        lambda: b'{"va": "\xff\xfe"}',
-        lambda: b"# a comment",
-        lambda: b"",
-    ))()
+    return src.choice(
+        (
+            lambda: src.bytes(src.int(0, 40)),
+            lambda: b"[" * src.int(1, 5000) + b"]" * src.int(0, 5000),
+            lambda: b'{"va": ' + b"9" * src.int(1, 6000) + b"}",
+            lambda: b'{"va": "' + b"f" * src.int(1, 300) + b'"}',
+            lambda: b'{"va": 1.5e300}',
+            lambda: b'{"va": -1}',
+            lambda: b'{"va": "0x1000", "access": 5}',
+            lambda: b'{"va": "0x1000", "user": "yes"}',
+            lambda: b'{"va": "0x1000", "bogus": 1}',
+            lambda: b'[{"va": 1}]',
+            lambda: b'"va"',
+            lambda: b'{"va": "\xff\xfe"}',
+            lambda: b"# a comment",
+            lambda: b"",
+        )
+    )()
 
 
 def make_case(src) -> Case:
     from x86pt.memory import write_elf_core, write_lime
     from x86pt.memory.sparse import SparseMemory
+
     kind = src.choice(("tables", "tables", "tables", "same", "random", "elf", "elf", "lime"))
     if kind == "random":
         data, tables = bytearray(src.bytes(src.int(0, 3 * PAGE))), [0, PAGE, 2 * PAGE]
@@ -203,19 +235,26 @@ def make_case(src) -> Case:
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "img")
             if kind == "elf":
-                write_elf_core(p, mem, cr0=regs["cr0"] or 0x80010001, cr3=regs["cr3"] & ((1 << 64) - 1),
-                               cr4=regs["cr4"] or 0x20, efer=regs["efer"] or 0xD00,
-                               pkru=regs["pkru"] or 0, maxphyaddr=src.int(0, 255) if src.coin(0.1) else 46,
-                               profile=(profile or "") if src.coin(0.97) else "x" * 15)
+                write_elf_core(
+                    p,
+                    mem,
+                    cr0=regs["cr0"] or 0x80010001,
+                    cr3=regs["cr3"] & ((1 << 64) - 1),
+                    cr4=regs["cr4"] or 0x20,
+                    efer=regs["efer"] or 0xD00,
+                    pkru=regs["pkru"] or 0,
+                    maxphyaddr=src.int(0, 255) if src.coin(0.1) else 46,
+                    profile=(profile or "") if src.coin(0.97) else "x" * 15,
+                )
             else:
                 write_lime(p, mem)
             with open(p, "rb") as f:
                 data = bytearray(f.read())
-        for _ in range(src.choice((0, 0, 1, 4, 16))):       # damage headers and notes
+        for _ in range(src.choice((0, 0, 1, 4, 16))):  # damage headers and notes
             if data:
                 data[src.int(0, min(len(data), 0x600) - 1)] = src.int(0, 255)
         if src.coin(0.1) and data:
-            data = data[:src.int(0, len(data))]
+            data = data[: src.int(0, len(data))]
     lines = [probe_line(src) for _ in range(src.int(0, 6))]
     return Case(bytes(data), kind, regs, profile, b"\n".join(lines) + b"\n", vas(src, src.int(1, 8)))
 
@@ -235,6 +274,7 @@ def run_library(case: Case, path: str, probes_path: str) -> dict[str, int]:
     from x86pt.formats.wx import wx_ranges
     from x86pt.image import open_image
     from x86pt.walk import Access, walk
+
     n = {"walks": 0, "scans": 0, "probe_files": 0}
     with contextlib.suppress(X86ptError):
         read_probes(probes_path)
@@ -253,19 +293,31 @@ def run_library(case: Case, path: str, probes_path: str) -> dict[str, int]:
             with contextlib.suppress(X86ptError):
                 dump_to(io.BytesIO(), img, fmt, max_entries=BUDGET)
             n["scans"] += 1
-        for call in (lambda: census(img.state, img.memory, None, max_entries=BUDGET),
-                     lambda: diff_images(img.state, img.memory, img.state, img.memory, max_entries=BUDGET),
-                     lambda: find_aliases(img.state, img.memory, 0x5000, BUDGET),
-                     lambda: wx_ranges(img, BUDGET)):
+        for call in (
+            lambda: census(img.state, img.memory, None, max_entries=BUDGET),
+            lambda: diff_images(img.state, img.memory, img.state, img.memory, max_entries=BUDGET),
+            lambda: find_aliases(img.state, img.memory, 0x5000, BUDGET),
+            lambda: wx_ranges(img, BUDGET),
+        ):
             with contextlib.suppress(X86ptError):
                 call()
             n["scans"] += 1
     return n
 
 
-COMMANDS = (("walk", "VA"), ("translate", "VA"), ("probe",), ("dump", "--format", "ptdump"),
-            ("dump", "--format", "json"), ("dump", "--format", "qemu-tlb"), ("dump", "--format", "qemu-mem"),
-            ("census",), ("wx",), ("find", "0x5000"), ("diff", "IMG2"))
+COMMANDS = (
+    ("walk", "VA"),
+    ("translate", "VA"),
+    ("probe",),
+    ("dump", "--format", "ptdump"),
+    ("dump", "--format", "json"),
+    ("dump", "--format", "qemu-tlb"),
+    ("dump", "--format", "qemu-mem"),
+    ("census",),
+    ("wx",),
+    ("find", "0x5000"),
+    ("diff", "IMG2"),
+)
 
 
 def cli_argv(src, case: Case, path: str, probes_path: str) -> list[str]:
@@ -273,18 +325,26 @@ def cli_argv(src, case: Case, path: str, probes_path: str) -> list[str]:
     argv = [cmd[0], path] + [{"VA": hex(case.vas[0]), "IMG2": path}.get(w, w) for w in cmd[1:]]
     if cmd[0] == "probe":
         argv += ["--probes", probes_path] + (["--update-ad"] if src.coin(0.3) else [])
-    if cmd[0] == "dump" and src.coin(0.3):             # filters applied while walking
-        argv += src.choice((["--has", src.choice(("g", "!a d", "rw !nx", "pat"))],
-                            ["--range", src.choice(("0-0x800000000000", "0xffff800000000000+1G",
-                                                    "0x400000+0x1000"))],
-                            ["--level", src.choice(("4k", "2m,1g"))], [src.choice(("--user", "--kernel"))],
-                            ["--writable", "--executable"]))
+    if cmd[0] == "dump" and src.coin(0.3):  # filters applied while walking
+        argv += src.choice(
+            (
+                ["--has", src.choice(("g", "!a d", "rw !nx", "pat"))],
+                ["--range", src.choice(("0-0x800000000000", "0xffff800000000000+1G", "0x400000+0x1000"))],
+                ["--level", src.choice(("4k", "2m,1g"))],
+                [src.choice(("--user", "--kernel"))],
+                ["--writable", "--executable"],
+            )
+        )
     if cmd[0] in ("walk", "translate", "probe", "find", "census", "wx", "diff") and src.coin(0.3):
         argv.append("--json")
     for reg, v in case.regs.items():
         if v is not None:
-            argv += [f"--{reg}", str(v) if reg == "maxphyaddr" else
-                     (hex(v) if src.coin(0.98) else src.choice(("zz", "-1", "0x", "1" * 30, "")))]
+            argv += [
+                f"--{reg}",
+                str(v)
+                if reg == "maxphyaddr"
+                else (hex(v) if src.coin(0.98) else src.choice(("zz", "-1", "0x", "1" * 30, ""))),
+            ]
     if case.profile is not None:
         argv += ["--profile", case.profile]
     if cmd[0] in ("dump", "census", "wx", "find", "diff"):
@@ -295,13 +355,14 @@ def cli_argv(src, case: Case, path: str, probes_path: str) -> list[str]:
 def run_cli(argv: list[str], path: str) -> tuple[int, str]:
     """main(argv) in this process; returns (status, stderr). Raises what the CLI did not catch."""
     from x86pt.cli import main
+
     before = _digest(path)
-    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")      # dump writes to stdout.buffer
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # dump writes to stdout.buffer
     err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             rc = main(argv)
-        except SystemExit as e:          # argparse
+        except SystemExit as e:  # argparse
             rc = e.code if isinstance(e.code, int) else 2
     if _digest(path) != before:
         raise AssertionError(f"the CLI changed its input {path}")
@@ -325,6 +386,7 @@ def _digest(path: str) -> str:
 def time_limit(seconds: float):
     def on_alarm(signum, frame):
         raise Hang(f"no answer within {seconds} s")
+
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -336,8 +398,9 @@ def time_limit(seconds: float):
 
 # -- the long-mode driver -----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seconds", type=float, default=600, help="how long to run (default 600)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="fuzz-findings", help="folder for findings (created on the first)")
@@ -348,11 +411,20 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     limit = int(a.mem_gib * (1 << 30))
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    os.environ["X86PT_DEBUG"] = "1"           # the CLI re-raises internal errors: keep the traceback
+    os.environ["X86PT_DEBUG"] = "1"  # the CLI re-raises internal errors: keep the traceback
     rnd = random.Random(a.seed)
     src = RandomSource(rnd)
-    counts = {"cases": 0, "images": 0, "register_sets": 0, "probe_lines": 0, "walks": 0, "scans": 0,
-              "probe_files": 0, "cli_runs": 0, "cli_exit": {}}
+    counts = {
+        "cases": 0,
+        "images": 0,
+        "register_sets": 0,
+        "probe_lines": 0,
+        "walks": 0,
+        "scans": 0,
+        "probe_files": 0,
+        "cli_runs": 0,
+        "cli_exit": {},
+    }
     findings = hangs = 0
     worst = (0.0, "")
     t0 = last = time.monotonic()
@@ -392,10 +464,12 @@ def main(argv: list[str] | None = None) -> int:
                 worst = (dt, case.kind)
             if time.monotonic() - last > a.report_every:
                 last = time.monotonic()
-                print(f"[{last - t0:6.0f} s] cases {counts['cases']} walks {counts['walks']} "
-                      f"cli {counts['cli_runs']} findings {findings} hangs {hangs} "
-                      f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10} MiB",
-                      flush=True)
+                print(
+                    f"[{last - t0:6.0f} s] cases {counts['cases']} walks {counts['walks']} "
+                    f"cli {counts['cli_runs']} findings {findings} hangs {hangs} "
+                    f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10} MiB",
+                    flush=True,
+                )
     finally:
         for p in (path, probes_path):
             with contextlib.suppress(OSError):
@@ -403,12 +477,17 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.rmdir(work)
     elapsed = time.monotonic() - t0
-    summary = {"seconds": round(elapsed, 1), "seed": a.seed, **counts,
-               "inputs_total": counts["images"] + counts["register_sets"] + counts["probe_lines"]
-               + counts["walks"],
-               "findings": findings, "hangs": hangs, "slowest_case_s": round(worst[0], 2),
-               "slowest_case_kind": worst[1],
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10}
+    summary = {
+        "seconds": round(elapsed, 1),
+        "seed": a.seed,
+        **counts,
+        "inputs_total": counts["images"] + counts["register_sets"] + counts["probe_lines"] + counts["walks"],
+        "findings": findings,
+        "hangs": hangs,
+        "slowest_case_s": round(worst[0], 2),
+        "slowest_case_kind": worst[1],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
+    }
     print(json.dumps(summary, indent=1))
     return 1 if findings else 0
 
@@ -421,8 +500,19 @@ def _save(out: str, n: int, case: Case, argv_cli, text: str) -> None:
     with open(base + ".probes.jsonl", "wb") as f:
         f.write(case.probes)
     with open(base + ".txt", "w") as f:
-        f.write(json.dumps({"kind": case.kind, "regs": case.regs, "profile": case.profile,
-                            "vas": [hex(v) for v in case.vas], "cli": argv_cli}) + "\n" + text)
+        f.write(
+            json.dumps(
+                {
+                    "kind": case.kind,
+                    "regs": case.regs,
+                    "profile": case.profile,
+                    "vas": [hex(v) for v in case.vas],
+                    "cli": argv_cli,
+                }
+            )
+            + "\n"
+            + text
+        )
     print(f"finding {base}: {text.strip().splitlines()[-1][:300]}", file=sys.stderr, flush=True)
 
 

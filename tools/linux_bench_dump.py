@@ -9,6 +9,7 @@ very guest's RAM at that moment.
 With --run DIR, an existing run made with `x86pt linux run ... --info-mem` is used instead of
 booting. Prints the two times and their ratio; writes nothing into the repository.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,15 @@ def main() -> int:
         run_dir = args.run
         if run_dir is None:
             from harness.linux.run import RunConfig, run
+
             run_dir = os.path.join(tmp, "run")
-            run(RunConfig(kernel=args.kernel, workload="boot", levels=args.levels, images="last",
-                          info_mem=True), run_dir, log=lambda m: print(m, file=sys.stderr))
+            run(
+                RunConfig(
+                    kernel=args.kernel, workload="boot", levels=args.levels, images="last", info_mem=True
+                ),
+                run_dir,
+                log=lambda m: print(m, file=sys.stderr),
+            )
         meta = load_json(os.path.join(run_dir, "run.json"))
         if "info_mem_seconds" not in meta:
             print("that run has no info mem timing (run it with --info-mem)", file=sys.stderr)
@@ -49,8 +56,12 @@ def main() -> int:
         lines = 0
         for _ in range(args.repeat):
             t = time.monotonic()
-            p = subprocess.run([sys.executable, "-m", "x86pt", "dump", elf, "--format", "qemu-mem"],
-                               capture_output=True, text=True, cwd=ROOT)
+            p = subprocess.run(
+                [sys.executable, "-m", "x86pt", "dump", elf, "--format", "qemu-mem"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             times.append(time.monotonic() - t)
             if p.returncode != 0:
                 print(f"x86pt dump failed: {p.stderr.strip()}", file=sys.stderr)
@@ -58,9 +69,13 @@ def main() -> int:
             lines = len(p.stdout.splitlines())
         best = min(times)
         qemu = meta["info_mem_seconds"]
-        print(f"guest: {meta['kernel_release']} {meta['config']['levels']}-level, QEMU {meta['qemu_version']}")
+        print(
+            f"guest: {meta['kernel_release']} {meta['config']['levels']}-level, QEMU {meta['qemu_version']}"
+        )
         print(f"QEMU HMP `info mem`: {qemu:.2f} s, {meta.get('info_mem_lines')} lines")
-        print(f"x86pt dump --format qemu-mem (whole process, best of {args.repeat}): {best:.2f} s, {lines} lines")
+        print(
+            f"x86pt dump --format qemu-mem (whole process, best of {args.repeat}): {best:.2f} s, {lines} lines"
+        )
         print(f"ratio info mem / x86pt: {qemu / best:.1f}x")
     return 0
 

@@ -9,6 +9,7 @@ page-table image) and the guest's whole output, byte for byte.
 
 A name is KERNEL-LEVELSl-WORKLOAD (e.g. 6.1-5l-bpf). Runs go to a temporary folder, removed after.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,15 @@ def measure(name: str, runs: int, images: str) -> dict:
             print(f"[{name}] run {i + 1}/{runs}: {walls[-1]} s", file=sys.stderr, flush=True)
     keys = sorted(set().union(*prints))
     differ = [k for k in keys if len({p.get(k) for p in prints}) > 1]
-    return {"name": name, "images": images, "runs": runs, "files": len(keys),
-            "identical": not differ, "differing_files": differ, "wall_seconds": walls}
+    return {
+        "name": name,
+        "images": images,
+        "runs": runs,
+        "files": len(keys),
+        "identical": not differ,
+        "differing_files": differ,
+        "wall_seconds": walls,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -81,10 +89,16 @@ def main(argv: list[str]) -> int:
         if args.json:
             print(json.dumps(r, sort_keys=True), flush=True)
         else:
-            what = "identical" if r["identical"] else f"{len(r['differing_files'])} files differ: " + \
-                ", ".join(r["differing_files"][:6])
-            print(f"{name} ({r['images']}): {r['runs']} runs, {r['files']} files each, {what}; "
-                  f"wall {r['wall_seconds']} s", flush=True)
+            what = (
+                "identical"
+                if r["identical"]
+                else f"{len(r['differing_files'])} files differ: " + ", ".join(r["differing_files"][:6])
+            )
+            print(
+                f"{name} ({r['images']}): {r['runs']} runs, {r['files']} files each, {what}; "
+                f"wall {r['wall_seconds']} s",
+                flush=True,
+            )
     return 1 if bad else 0
 
 

@@ -16,6 +16,7 @@ build (counter deltas, the direct map's kB per level and rights, the trace's cal
 model's replay; harness/linux/compare.py). A kernel package update that changes only addresses
 prints "build-independent: same".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,14 +47,16 @@ RUNS: dict[str, RunConfig] = {
     "6.1-4l-secretmem": RunConfig(kernel="6.1", workload="secretmem", levels=4, images=P),
     # not a fixture: its ~500k CPA calls overflow the 32M trace ring buffer and take minutes
     # over the serial port (run it by hand: x86pt linux run --workload secretmem1g)
-    "6.1-4l-kaslr-boot": RunConfig(kernel="6.1", workload="boot", levels=4, images=P, kaslr=True, info_mem=True),
+    "6.1-4l-kaslr-boot": RunConfig(
+        kernel="6.1", workload="boot", levels=4, images=P, kaslr=True, info_mem=True
+    ),
     "6.1-5l-kaslr-boot": RunConfig(kernel="6.1", workload="boot", levels=5, images=P, kaslr=True),
     "6.12-4l-modules": RunConfig(kernel="6.12", workload="modules", levels=4, images=P),
     "6.12-5l-modules": RunConfig(kernel="6.12", workload="modules", levels=5, images=P),
     "6.12-4l-bpf": RunConfig(kernel="6.12", workload="bpf", levels=4, images=P),
     "6.12-4l-secretmem": RunConfig(kernel="6.12", workload="secretmem", levels=4, images=P),
 }
-COMPRESS_OVER = 16 * 1024          # bytes; smaller files stay plain text for easy diffs
+COMPRESS_OVER = 16 * 1024  # bytes; smaller files stay plain text for easy diffs
 
 
 def pack(run_dir: str, dest: str, name: str) -> int:
@@ -62,7 +65,7 @@ def pack(run_dir: str, dest: str, name: str) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(run_dir):
         rel = os.path.relpath(dirpath, run_dir)
-        if rel.split(os.sep)[0] == "boots":      # raw per-boot output: diagnosis only, large
+        if rel.split(os.sep)[0] == "boots":  # raw per-boot output: diagnosis only, large
             continue
         for fn in sorted(files):
             if fn.endswith(".png"):
@@ -79,18 +82,28 @@ def pack(run_dir: str, dest: str, name: str) -> int:
             total += len(data)
     with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
         meta = json.load(f)
-    write_text_atomic(os.path.join(dest, "meta.json"), json.dumps({
-        "name": name,
-        "source": "real Linux kernel: Debian package booted under QEMU TCG (-icount), CPA kprobes, "
-                  "/proc counters, the kernel's own ptdump (x86pt_ptdump module), page tables read "
-                  "from guest RAM",
-        "kernel_release": meta["kernel_release"], "kernel_package_version": meta["kernel_package_version"],
-        "qemu_version": meta["qemu_version"], "config": meta["config"],
-        "guest_digest": meta.get("guest_digest"),
-        "generated_by": "python3 tools/linux_fixtures.py " + name,
-        "compressed": "files ending in .xz are lzma (xz) compressed; harness.linux.collect.read_artifact "
-                      "opens either form",
-    }, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(
+        os.path.join(dest, "meta.json"),
+        json.dumps(
+            {
+                "name": name,
+                "source": "real Linux kernel: Debian package booted under QEMU TCG (-icount), CPA kprobes, "
+                "/proc counters, the kernel's own ptdump (x86pt_ptdump module), page tables read "
+                "from guest RAM",
+                "kernel_release": meta["kernel_release"],
+                "kernel_package_version": meta["kernel_package_version"],
+                "qemu_version": meta["qemu_version"],
+                "config": meta["config"],
+                "guest_digest": meta.get("guest_digest"),
+                "generated_by": "python3 tools/linux_fixtures.py " + name,
+                "compressed": "files ending in .xz are lzma (xz) compressed; harness.linux.collect.read_artifact "
+                "opens either form",
+            },
+            indent=1,
+            sort_keys=True,
+        )
+        + "\n",
+    )
     return total
 
 
@@ -98,6 +111,7 @@ def what_changed(old: str, new: str) -> str:
     """One paragraph: versions before -> after, then the comparison's verdict and differences."""
     from harness.linux.collect import run_meta
     from harness.linux.compare import compare_runs, source_key
+
     a, b = run_meta(old), run_meta(new)
     head = []
     for label, i in (("kernel package", 0), ("QEMU", 1), ("guest pieces", 2)):

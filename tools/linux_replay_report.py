@@ -13,6 +13,7 @@ split events. Prints one row per step and the agreement per kernel and paging mo
 issues for the recorded calls against the kernel's, and the dangerous windows a TLB replay with
 the kernel's own flushes finds at the end of API calls (harness.linux.replay.flush_check).
 """
+
 from __future__ import annotations
 
 import glob
@@ -30,7 +31,9 @@ def main(argv: list[str]) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if argv[:1] == ["--flushes"]:
         return flushes(root, argv[1:])
-    runs = argv or sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "fixtures", "linux", "*", "meta.json")))
+    runs = argv or sorted(
+        os.path.dirname(p) for p in glob.glob(os.path.join(root, "fixtures", "linux", "*", "meta.json"))
+    )
     results, groups = [], {}
     try:
         for d in runs:
@@ -45,8 +48,10 @@ def main(argv: list[str]) -> int:
         return 2
     print(render(results))
     print()
-    print("agreement (steps identical / total): " +
-          ", ".join(f"{k}: {a}/{n}" for k, (a, n) in sorted(groups.items())))
+    print(
+        "agreement (steps identical / total): "
+        + ", ".join(f"{k}: {a}/{n}" for k, (a, n) in sorted(groups.items()))
+    )
     for r in results:
         for d in r.divergences[:5]:
             print(f"divergence {r.run} step {r.step}: {d}")
@@ -55,7 +60,10 @@ def main(argv: list[str]) -> int:
 
 def flushes(root: str, argv: list[str]) -> int:
     from harness.linux.replay import flush_check, render_flushes, step_dirs
-    runs = argv or sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "fixtures", "linux", "*", "meta.json")))
+
+    runs = argv or sorted(
+        os.path.dirname(p) for p in glob.glob(os.path.join(root, "fixtures", "linux", "*", "meta.json"))
+    )
     try:
         rs = [flush_check(d, k) for d in runs for k in range(1, len(step_dirs(d)))]
     except X86ptError as e:
@@ -63,9 +71,11 @@ def flushes(root: str, argv: list[str]) -> int:
         return 2
     print(render_flushes(rs))
     exact = sum(r.exact for r in rs)
-    print(f"\nsteps {len(rs)}, predicted exactly {exact}; flushes: model {sum(r.predicted for r in rs)}, "
-          f"kernel {sum(r.recorded for r in rs)} (+{sum(r.caller_flushes for r in rs)} "
-          f"flush_tlb_kernel_range by callers); dangerous windows {sum(len(r.dangerous) for r in rs)}")
+    print(
+        f"\nsteps {len(rs)}, predicted exactly {exact}; flushes: model {sum(r.predicted for r in rs)}, "
+        f"kernel {sum(r.recorded for r in rs)} (+{sum(r.caller_flushes for r in rs)} "
+        f"flush_tlb_kernel_range by callers); dangerous windows {sum(len(r.dangerous) for r in rs)}"
+    )
     return 0 if exact == len(rs) and not any(r.dangerous for r in rs) else 1
 
 

@@ -15,6 +15,7 @@ survivors with tools/mutants/<module>.txt, the justified list kept in the repo: 
 survivor is listed there, 1 when a survivor is new (kill it with a test or justify it), 2 on a tool
 error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,46 +39,71 @@ LISTS = ROOT / "tools" / "mutants"
 # Tests that only drive the code through a subprocess do not count: mutmut maps tests to functions
 # by tracing calls in-process.
 TESTS: dict[str, list[str]] = {
-    "x86pt/walk.py": ["tests/test_walk_rules.py", "tests/test_walk_measured.py", "tests/test_tlb.py",
-                      "tests/test_mutants_walk.py"],
+    "x86pt/walk.py": [
+        "tests/test_walk_rules.py",
+        "tests/test_walk_measured.py",
+        "tests/test_tlb.py",
+        "tests/test_mutants_walk.py",
+    ],
     "x86pt/fields.py": ["tests/test_fields.py", "tests/test_mutants_fields.py"],
-    "x86pt/state.py": ["tests/test_walk_rules.py", "tests/test_walk_measured.py", "tests/test_tlb.py",
-                       "tests/test_matrix.py", "tests/test_mutants_state.py"],
-    "x86pt/coalesce.py": ["tests/test_formats_ptdump.py", "tests/test_formats_qemu.py",
-                          "tests/test_scan.py", "tests/test_mutants_coalesce.py"],
-    "x86pt/census.py": ["tests/test_cpa_rules.py", "tests/test_dump_cli.py",
-                        "tests/test_mutants_census.py"],
+    "x86pt/state.py": [
+        "tests/test_walk_rules.py",
+        "tests/test_walk_measured.py",
+        "tests/test_tlb.py",
+        "tests/test_matrix.py",
+        "tests/test_mutants_state.py",
+    ],
+    "x86pt/coalesce.py": [
+        "tests/test_formats_ptdump.py",
+        "tests/test_formats_qemu.py",
+        "tests/test_scan.py",
+        "tests/test_mutants_coalesce.py",
+    ],
+    "x86pt/census.py": ["tests/test_cpa_rules.py", "tests/test_dump_cli.py", "tests/test_mutants_census.py"],
     # The recorded real-kernel dumps (tests/test_linux_ptdump_exact.py, no boot) are the format's
     # ground truth but every mutant of the text path then costs ~6 s: a thorough run passes them
     # with --tests (about 25 min on 2 cores); the default stays fast.
     "x86pt/formats/ptdump.py": ["tests/test_formats_ptdump.py", "tests/test_mutants_ptdump.py"],
     "x86pt/formats/qemu.py": ["tests/test_formats_qemu.py", "tests/test_mutants_qemu.py"],
-    "x86pt/cpa/counters.py": ["tests/test_cpa_rules.py", "tests/test_cpa_merge.py",
-                              "tests/test_mutants_counters.py"],
-    "x86pt/cpa/split.py": ["tests/test_cpa_rules.py", "tests/test_cpa_merge.py",
-                           "tests/test_mutants_split.py"],
-    "x86pt/cpa/merge.py": ["tests/test_cpa_merge.py", "tests/test_cpa_rules.py",
-                           "tests/test_mutants_merge.py"],
-    "x86pt/cpa/validate.py": ["tests/test_cpa_rules.py", "tests/test_cpa_reference.py",
-                              "tests/test_mutants_validate.py"],
+    "x86pt/cpa/counters.py": [
+        "tests/test_cpa_rules.py",
+        "tests/test_cpa_merge.py",
+        "tests/test_mutants_counters.py",
+    ],
+    "x86pt/cpa/split.py": [
+        "tests/test_cpa_rules.py",
+        "tests/test_cpa_merge.py",
+        "tests/test_mutants_split.py",
+    ],
+    "x86pt/cpa/merge.py": [
+        "tests/test_cpa_merge.py",
+        "tests/test_cpa_rules.py",
+        "tests/test_mutants_merge.py",
+    ],
+    "x86pt/cpa/validate.py": [
+        "tests/test_cpa_rules.py",
+        "tests/test_cpa_reference.py",
+        "tests/test_mutants_validate.py",
+    ],
     "x86pt/scan.py": ["tests/test_scan.py", "tests/test_hostile_values.py", "tests/test_mutants_scan.py"],
     "x86pt/compare.py": ["tests/test_mutants_compare.py", "tests/test_differential.py"],
     "harness/differential.py": ["tests/test_differential.py", "tests/test_mutants_differential.py"],
     "harness/matrix.py": ["tests/test_matrix.py", "tests/test_mutants_matrix.py"],
 }
 
-MUTMUT_HINT = ("mutmut 3 is missing: .venv/bin/pip install 'mutmut>=3.3,<4' "
-               "(the pyproject extra `mutation` lists it)")
+MUTMUT_HINT = (
+    "mutmut 3 is missing: .venv/bin/pip install 'mutmut>=3.3,<4' (the pyproject extra `mutation` lists it)"
+)
 
 
 @dataclass
 class Survivor:
-    key: str        # mutmut's name, e.g. x86pt.walk.x_walk__mutmut_12 (ordinal: unstable)
-    status: str     # survived / no tests / timeout / suspicious ...
-    line: int       # line in the original module (0 if unknown)
-    func: str       # Class.method or function
-    old: str        # the original line
-    new: str        # the mutated line
+    key: str  # mutmut's name, e.g. x86pt.walk.x_walk__mutmut_12 (ordinal: unstable)
+    status: str  # survived / no tests / timeout / suspicious ...
+    line: int  # line in the original module (0 if unknown)
+    func: str  # Class.method or function
+    old: str  # the original line
+    new: str  # the mutated line
 
     @property
     def ident(self) -> str:
@@ -98,10 +124,11 @@ def check_mutmut() -> str:
             print(MUTMUT_HINT, file=sys.stderr)
             sys.exit(2)
         exe = Path(found)
-    try:        # `mutmut --version` needs a config in the cwd: ask the package metadata instead
+    try:  # `mutmut --version` needs a config in the cwd: ask the package metadata instead
         from importlib.metadata import version
+
         out = version("mutmut")
-    except Exception:       # noqa: BLE001 - any failure means "not usable here"
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
         out = ""
     if not out or int(out.split(".")[0]) < 3:
         print(f"need mutmut 3, found {out or 'none'}. " + MUTMUT_HINT, file=sys.stderr)
@@ -110,8 +137,11 @@ def check_mutmut() -> str:
 
 
 def copy_tree(dest: Path) -> None:
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
-                           capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     for raw in files:
         if not raw:
             continue
@@ -155,13 +185,13 @@ def locate(mutmut: str, work: Path, key: str, defs: dict[str, int]) -> tuple[int
         if m:
             start = int(m.group(1))
             rel = 0
-            for ln2 in lines[i + 1:]:
+            for ln2 in lines[i + 1 :]:
                 if ln2.startswith("-") and not old:
                     old = ln2[1:]
                     break
                 if not ln2.startswith("+"):
                     rel += 1
-            for ln2 in lines[i + 1:]:
+            for ln2 in lines[i + 1 :]:
                 if ln2.startswith("+") and not ln2.startswith("+++"):
                     new = ln2[1:]
                     break
@@ -172,8 +202,9 @@ def locate(mutmut: str, work: Path, key: str, defs: dict[str, int]) -> tuple[int
     return line, old, new
 
 
-def confirm(work: Path, module: str, survivors: list[Survivor], tests: list[str],
-            env: dict[str, str]) -> set[str]:
+def confirm(
+    work: Path, module: str, survivors: list[Survivor], tests: list[str], env: dict[str, str]
+) -> set[str]:
     """Keys of the survivors that `tests` kill, each applied alone to the copy's module."""
     path = work / module
     orig = path.read_text()
@@ -183,17 +214,21 @@ def confirm(work: Path, module: str, survivors: list[Survivor], tests: list[str]
         i = s.line - 1
         if not (0 <= i < len(lines)) or lines[i].strip() != s.old.strip() or not s.new.strip():
             continue
-        indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
-        text = "".join(lines[:i] + [indent + s.new.strip() + "\n"] + lines[i + 1:])
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        text = "".join(lines[:i] + [indent + s.new.strip() + "\n"] + lines[i + 1 :])
         try:
-            ast.parse(text)             # a mutation spanning lines cannot be replayed this way
+            ast.parse(text)  # a mutation spanning lines cannot be replayed this way
         except SyntaxError:
             continue
         path.write_text(text)
         try:
-            r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                *tests], cwd=work, env=dict(env, PYTHONPATH=str(work)), capture_output=True,
-                               timeout=120)   # a hang (an endless loop) counts as killed
+            r = subprocess.run(
+                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                cwd=work,
+                env=dict(env, PYTHONPATH=str(work)),
+                capture_output=True,
+                timeout=120,
+            )  # a hang (an endless loop) counts as killed
             if r.returncode not in (0, 5):
                 killed.add(s.key)
         except subprocess.TimeoutExpired:
@@ -211,27 +246,68 @@ def read_list(path: Path) -> dict[str, str]:
     for ln in path.read_text().splitlines():
         if not ln.strip() or ln.startswith("#"):
             continue
-        body = re.sub(r"^\S+:\d+\s+", "", ln)            # drop the file:line prefix
+        body = re.sub(r"^\S+:\d+\s+", "", ln)  # drop the file:line prefix
         ident, _, why = body.partition("  # ")
         out[ident.strip()] = why.strip()
     return out
 
 
+def _squeeze(text: str) -> str:
+    """A line with its layout taken out (spaces, trailing commas), for matching across reformatting."""
+    return re.sub(r"\s+", "", text).rstrip(",")
+
+
+def _parts(ident: str) -> tuple[str, str, str]:
+    func, _, change = ident.partition(" | ")
+    old, _, new = change.partition(" => ")
+    return func, _squeeze(old), _squeeze(new)
+
+
+def lookup(known: dict[str, str], ident: str) -> str | None:
+    """The justification listed for `ident`, also when the line was reformatted since it was listed
+    (ruff format splits or joins lines, so mutmut's changed line may be a fragment of the listed one,
+    or the listed line a fragment of it): same function and the same change inside the longer line."""
+    if ident in known:
+        return known[ident]
+    func, old, new = _parts(ident)
+    for listed, why in known.items():
+        lfunc, lold, lnew = _parts(listed)
+        if lfunc != func:
+            continue
+        if (lold, lnew) == (old, new):
+            return why
+        if old and old in lold and lold.replace(old, new, 1) == lnew:
+            return why
+        if lold and lold in old and old.replace(lold, lnew, 1) == new:
+            return why
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("module", nargs="?", help="e.g. x86pt/walk.py")
     ap.add_argument("--tests", nargs="+", help="test files to use instead of the table's")
     ap.add_argument("--max-children", type=int, default=2, help="worker processes (default 2, the cap)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy and print its path")
-    ap.add_argument("--update", action="store_true",
-                    help="rewrite tools/mutants/<module>.txt with the survivors (keeps justifications)")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="rewrite tools/mutants/<module>.txt with the survivors (keeps justifications)",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     ap.add_argument("--list", action="store_true", help="print the module -> tests table")
-    ap.add_argument("--confirm-with", nargs="+", metavar="TEST",
-                    help="apply each unjustified survivor by hand to the copy and run these (slower) "
-                         "tests on it, e.g. tests/test_linux_ptdump_exact.py: a survivor they fail "
-                         "on is killed by them")
+    ap.add_argument(
+        "--confirm-with",
+        nargs="+",
+        metavar="TEST",
+        help="apply each unjustified survivor by hand to the copy and run these (slower) "
+        "tests on it, e.g. tests/test_linux_ptdump_exact.py: a survivor they fail "
+        "on is killed by them",
+    )
     a = ap.parse_args(argv)
     if a.module is None or a.list:
         for mod, tests in TESTS.items():
@@ -261,11 +337,13 @@ def main(argv: list[str] | None = None) -> int:
             f"only_mutate = {module}\n"
             f"also_copy =\n    " + "\n    ".join(other) + "\n    README.md\n    pyproject.toml\n"
             f"pytest_add_cli_args_test_selection =\n    {sel}\n"
-            "pytest_add_cli_args = -p no:cacheprovider -p no:randomly -q\n")
+            "pytest_add_cli_args = -p no:cacheprovider -p no:randomly -q\n"
+        )
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", X86PT_REQUIRE_ORACLES="")
         t0 = time.time()
-        r = subprocess.run([mutmut, "run", "--max-children", str(children)], cwd=tmp, env=env,
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [mutmut, "run", "--max-children", str(children)], cwd=tmp, env=env, capture_output=True, text=True
+        )
         took = time.time() - t0
         meta = tmp / "mutants" / (module + ".meta")
         if not meta.exists():
@@ -273,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mutmut produced no results for {module}", file=sys.stderr)
             return 2
         codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
-        res = subprocess.run([mutmut, "results", "--all", "true"], cwd=tmp, capture_output=True,
-                             text=True).stdout
+        res = subprocess.run(
+            [mutmut, "results", "--all", "true"], cwd=tmp, capture_output=True, text=True
+        ).stdout
         status = {}
         for ln in res.splitlines():
             k, _, s = ln.strip().partition(": ")
@@ -293,13 +372,21 @@ def main(argv: list[str] | None = None) -> int:
         total = len(codes)
         survivors.sort(key=lambda s: (s.line, s.key))
         pct = 100.0 * killed / total if total else 100.0
-        print(f"{module}: {killed}/{total} killed ({pct:.1f}%), {len(survivors)} not killed, "
-              f"{took:.0f} s, tests: {' '.join(tests)}")
-        known = read_list(list_name(module))
+        print(
+            f"{module}: {killed}/{total} killed ({pct:.1f}%), {len(survivors)} not killed, "
+            f"{took:.0f} s, tests: {' '.join(tests)}"
+        )
+        listed = read_list(list_name(module))
+        # each survivor's listed justification, found across reformatting (lookup)
+        known = {s.ident: why for s in survivors if (why := lookup(listed, s.ident)) is not None}
         if a.confirm_with:
-            confirmed = confirm(tmp, module, [s for s in survivors
-                                              if not known.get(s.ident) or known[s.ident].startswith("TODO")],
-                                a.confirm_with, env)
+            confirmed = confirm(
+                tmp,
+                module,
+                [s for s in survivors if known.get(s.ident, "TODO").startswith("TODO")],
+                a.confirm_with,
+                env,
+            )
             for s in survivors:
                 if s.key in confirmed:
                     known[s.ident] = f"killed by {' '.join(a.confirm_with)} (--confirm-with)"
@@ -312,22 +399,34 @@ def main(argv: list[str] | None = None) -> int:
             if not why:
                 new_ones.append(s)
             print(f"  {module}:{s.line} [{s.status}] {s.ident}{mark}")
-        gone = set(known) - {s.ident for s in survivors}
+        gone = [g for g in listed if lookup({s.ident: "" for s in survivors}, g) is None]
         for g in sorted(gone):
             print(f"  (listed but now killed or gone: {g})")
         if a.update:
             LISTS.mkdir(parents=True, exist_ok=True)
             with open(list_name(module), "w") as fh:
-                fh.write(f"# Surviving mutants of {module} (tools/mutate.py {module}); score "
-                         f"{killed}/{total} on {time.strftime('%Y-%m-%d')}.\n"
-                         "# Each line: file:line  function | original => mutated  # why it is "
-                         "equivalent (or not worth a test)\n")
+                fh.write(
+                    f"# Surviving mutants of {module} (tools/mutate.py {module}); score "
+                    f"{killed}/{total} on {time.strftime('%Y-%m-%d')}.\n"
+                    "# Each line: file:line  function | original => mutated  # why it is "
+                    "equivalent (or not worth a test)\n"
+                )
                 for s in survivors:
                     fh.write(f"{module}:{s.line}  {s.ident}  # {known.get(s.ident, 'TODO')}\n")
         if a.json:
-            Path(a.json).write_text(json.dumps({
-                "module": module, "killed": killed, "total": total, "seconds": round(took),
-                "tests": tests, "survivors": [s.__dict__ for s in survivors]}, indent=1))
+            Path(a.json).write_text(
+                json.dumps(
+                    {
+                        "module": module,
+                        "killed": killed,
+                        "total": total,
+                        "seconds": round(took),
+                        "tests": tests,
+                        "survivors": [s.__dict__ for s in survivors],
+                    },
+                    indent=1,
+                )
+            )
         return 1 if new_ones else 0
     finally:
         if a.keep:

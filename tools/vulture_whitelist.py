@@ -5,5 +5,5 @@ the use; vulture reads this file, nothing imports it. Add a name here only with 
 dead code is deleted instead."""
 # ruff: noqa: F821, B018
 
-exc          # the exception arguments of __exit__(self, *exc) and (exc_type, exc, tb): the protocol's signature
+exc  # the exception arguments of __exit__(self, *exc) and (exc_type, exc, tb): the protocol's signature
 x86pt_oracle  # harness/pytest_plugin.py: a fixture requested by name, so its value is not read

@@ -2,6 +2,7 @@
 
 SPDX-License-Identifier: GPL-2.0-or-later
 """
+
 from x86pt.errors import X86ptError
 
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Every virtual address of a physical one: the leaves of a whole tree that map a physical address
 (`x86pt find`)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,14 @@ def find_aliases(state, memory, pa: int, max_entries: int = DEFAULT_MAX_ENTRIES)
         for i in np.nonzero(inside)[0].tolist():
             off = pa - int(ch.pa[i])
             size = 1 << int(SHIFT[ch.level[i]])
-            k = off // size            # which entry of the run
-            hits.append((int(ch.va[i]) + off, int(ch.level[i]), int(ch.raw[i]) + k * size,
-                         int(ch.eff[i]), int(ch.entry_addr[i]) + 8 * k))
+            k = off // size  # which entry of the run
+            hits.append(
+                (
+                    int(ch.va[i]) + off,
+                    int(ch.level[i]),
+                    int(ch.raw[i]) + k * size,
+                    int(ch.eff[i]),
+                    int(ch.entry_addr[i]) + 8 * k,
+                )
+            )
     return hits, sc

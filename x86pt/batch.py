@@ -5,6 +5,7 @@ reserved-bit checks with the same `rsvd_mask`, RW/US AND and XD OR, leaf by PS, 
 SMEP, SMAP/AC, PKRU/PKRS, error codes, the profile's deviations. It does not apply A/D writes and
 does not explain faults; use `walk` for that.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,12 +27,12 @@ U64 = np.uint64
 class BatchTranslation:
     """Per-probe results, index-aligned with the input."""
 
-    outcome: np.ndarray      # uint8: OK / PAGE_FAULT / GENERAL_PROTECTION
-    pa: np.ndarray           # uint64 (valid where outcome == OK)
-    page_size: np.ndarray    # uint64 (0 where not OK)
-    error_code: np.ndarray   # uint32 (#PF/#GP error code; 0 where OK)
-    level: np.ndarray        # uint8: leaf level when OK, level that ended the walk on a
-                             # not-present/RSVD fault, 0 for rights faults and #GP
+    outcome: np.ndarray  # uint8: OK / PAGE_FAULT / GENERAL_PROTECTION
+    pa: np.ndarray  # uint64 (valid where outcome == OK)
+    page_size: np.ndarray  # uint64 (0 where not OK)
+    error_code: np.ndarray  # uint32 (#PF/#GP error code; 0 where OK)
+    level: np.ndarray  # uint8: leaf level when OK, level that ended the walk on a
+    # not-present/RSVD fault, 0 for rights faults and #GP
 
     def __len__(self) -> int:
         return len(self.outcome)
@@ -51,8 +52,8 @@ class _Probes:
     user: np.ndarray
     ac: np.ndarray
     implicit: np.ndarray
-    user_acc: np.ndarray      # a user-mode access: user and not implicit
-    base: np.ndarray          # the access's error-code bits (W, U, I/D)
+    user_acc: np.ndarray  # a user-mode access: user and not implicit
+    base: np.ndarray  # the access's error-code bits (W, U, I/D)
     outcome: np.ndarray
     pa: np.ndarray
     size: np.ndarray
@@ -64,8 +65,9 @@ class _Probes:
     leaf_xd: np.ndarray
 
 
-def translate_batch(state: PagingState, memory, vas, access="read", user=False, ac=False,
-                    implicit=False) -> BatchTranslation:
+def translate_batch(
+    state: PagingState, memory, vas, access="read", user=False, ac=False, implicit=False
+) -> BatchTranslation:
     """Translate many VAs at once. `access` is 'read'|'write'|'fetch' or an array of codes
     (0 read, 1 write, 2 fetch); `user`, `ac`, `implicit` are bools or bool arrays.
 
@@ -74,7 +76,7 @@ def translate_batch(state: PagingState, memory, vas, access="read", user=False, 
     translations."""
     p = _probes(state, vas, access, user, ac, implicit)
     view = getattr(memory, "gather_view", None)
-    memory = view() if view is not None else memory      # stack sparse pages once per batch
+    memory = view() if view is not None else memory  # stack sparse pages once per batch
     canon = _before_the_walk(state, p)
     _walk_levels(state, memory, p, np.nonzero(canon)[0])
     _check_rights(state, p, canon)
@@ -97,14 +99,30 @@ def _probes(state: PagingState, vas, access, user, ac, implicit) -> _Probes:
     write = acc == 1
     fetch = acc == 2
     user_acc = user & ~implicit
-    base = (np.where(write, PF_W, 0) | np.where(user_acc, PF_U, 0) |
-            np.where(fetch & (state.nxe or state.smep), PF_ID, 0)).astype(np.uint32)
-    return _Probes(vas, write, fetch, user, ac, implicit, user_acc, base,
-                   outcome=np.zeros(n, dtype=np.uint8), pa=np.zeros(n, dtype=U64),
-                   size=np.zeros(n, dtype=U64), level=np.zeros(n, dtype=np.uint8),
-                   err=np.zeros(n, dtype=np.uint32), leaf_raw=np.zeros(n, dtype=U64),
-                   leaf_rw=np.zeros(n, dtype=bool), leaf_us=np.zeros(n, dtype=bool),
-                   leaf_xd=np.zeros(n, dtype=bool))
+    base = (
+        np.where(write, PF_W, 0)
+        | np.where(user_acc, PF_U, 0)
+        | np.where(fetch & (state.nxe or state.smep), PF_ID, 0)
+    ).astype(np.uint32)
+    return _Probes(
+        vas,
+        write,
+        fetch,
+        user,
+        ac,
+        implicit,
+        user_acc,
+        base,
+        outcome=np.zeros(n, dtype=np.uint8),
+        pa=np.zeros(n, dtype=U64),
+        size=np.zeros(n, dtype=U64),
+        level=np.zeros(n, dtype=np.uint8),
+        err=np.zeros(n, dtype=np.uint32),
+        leaf_raw=np.zeros(n, dtype=U64),
+        leaf_rw=np.zeros(n, dtype=bool),
+        leaf_us=np.zeros(n, dtype=bool),
+        leaf_xd=np.zeros(n, dtype=bool),
+    )
 
 
 def _before_the_walk(state: PagingState, p: _Probes) -> np.ndarray:
@@ -122,7 +140,9 @@ def _before_the_walk(state: PagingState, p: _Probes) -> np.ndarray:
     return canon
 
 
-def _walk_levels(state: PagingState, memory, p: _Probes, active: np.ndarray, trace: list[tuple[Any, ...]] | None = None) -> None:
+def _walk_levels(
+    state: PagingState, memory, p: _Probes, active: np.ndarray, trace: list[tuple[Any, ...]] | None = None
+) -> None:
     """The walk from CR3 down, one level at a time over the probes still walking (`active`):
     a not-present or reserved entry ends a probe's walk with a #PF; a leaf ends it with a
     translation and the rights accumulated (RW/US ANDed, XD ORed). With `trace`, each level
@@ -192,7 +212,8 @@ def _read_entries(memory, prof, lv, va: np.ndarray, table: np.ndarray) -> np.nda
         else:
             bad = int(e_addr[~valid][0])
             raise PhysicalAddressError(
-                f"{lv.table} entry at {bad:#x} (for va {int(va[~valid][0]):#x}) lies outside the image", bad)
+                f"{lv.table} entry at {bad:#x} (for va {int(va[~valid][0]):#x}) lies outside the image", bad
+            )
     return raw
 
 
@@ -212,8 +233,9 @@ def _check_rights(state: PagingState, p: _Probes, canon: np.ndarray) -> None:
     fault |= user_acc & ua & fetch & ~executable
     fault |= sup & fetch & ua & state.smep
     fault |= sup & fetch & ~executable
-    smap_ac_ok = p.ac & (~p.implicit | (prof.implicit_smap_honours_ac
-                                        & (~p.user | prof.implicit_smap_honours_ac_cpl3)))
+    smap_ac_ok = p.ac & (
+        ~p.implicit | (prof.implicit_smap_honours_ac & (~p.user | prof.implicit_smap_honours_ac_cpl3))
+    )
     fault |= sup & ~fetch & ua & state.smap & ~smap_ac_ok
     fault |= sup & write & ~leaf_rw & state.wp
     key_denied = np.zeros(n, dtype=bool)
@@ -221,7 +243,7 @@ def _check_rights(state: PagingState, p: _Probes, canon: np.ndarray) -> None:
         pk = ((p.leaf_raw & _u(PK_MASK)) >> U64(PK_SHIFT)).astype(np.uint32)
         reg = np.zeros(n, dtype=np.uint32)
         applies = np.zeros(n, dtype=bool)
-        by_cpl = state.pke and prof.pkru_by_cpl       # walk.check_rights: PKRU by the CPL
+        by_cpl = state.pke and prof.pkru_by_cpl  # walk.check_rights: PKRU by the CPL
         if by_cpl:
             reg[:] = np.uint32(state.pkru)
             applies[:] = True
@@ -252,7 +274,7 @@ class ModelBatch:
 
     translation: BatchTranslation
     memory_after: object
-    entry_addrs: np.ndarray      # every entry address a walk read (sorted, unique)
+    entry_addrs: np.ndarray  # every entry address a walk read (sorted, unique)
 
 
 class NotBatchable(Exception):
@@ -269,6 +291,7 @@ def model_batch(state: PagingState, memory, vas, access, user, ac, implicit, wva
     non-leaf entries used (profile `a_on_faulting_walk` 'used'), and the 1G leaf's A for profiles
     that set it before the checks (`a_on_1g_leaf_before_checks`)."""
     from x86pt.fields import BIT_A, BIT_D, Kind, masks_for
+
     p = _probes(state, vas, access, user, ac, implicit)
     view = getattr(memory, "gather_view", None)
     mem_view = view() if view is not None else memory
@@ -287,7 +310,7 @@ def model_batch(state: PagingState, memory, vas, access, user, ac, implicit, wva
         read.append(e_addr)
         ok = okm[idx]
         good = present & ~reserved
-        used = good & ~is_leaf                      # a non-leaf entry the walk went through
+        used = good & ~is_leaf  # a non-leaf entry the walk went through
         sel = used & (ok | fault_a)
         addrs.append(e_addr[sel])
         bits.append(np.full(int(sel.sum()), a_bit, dtype=U64))
@@ -310,8 +333,9 @@ def model_batch(state: PagingState, memory, vas, access, user, ac, implicit, wva
     table_pages = np.unique(entry_addrs >> U64(12))
     wr = np.flatnonzero(okm & p.write)
     pa_w = p.pa[wr]
-    if len(wr) and (np.isin(pa_w >> U64(12), table_pages).any()
-                    or np.isin((pa_w + U64(7)) >> U64(12), table_pages).any()):
+    if len(wr) and (
+        np.isin(pa_w >> U64(12), table_pages).any() or np.isin((pa_w + U64(7)) >> U64(12), table_pages).any()
+    ):
         raise NotBatchable("a write probe lands on a page the walks read")
     after = memory.copy()
     if addrs:

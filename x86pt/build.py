@@ -1,27 +1,70 @@
 """The encoder side: allocate paging structures in a memory and map ranges with a page size and
 flags. Entries are composed from the field table (fields.encode_fast), never from hand-written
 bit constants."""
+
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
 
 from x86pt.errors import BadInputError, BudgetError
-from x86pt.fields import (ADDR_MASK_52, BIT_A, BIT_D, BIT_P, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PS, BIT_RW, BIT_US,
-                          LEVELS, Kind, encode_fast, levels_for, masks_for)
+from x86pt.fields import (
+    ADDR_MASK_52,
+    BIT_A,
+    BIT_D,
+    BIT_P,
+    BIT_PAT_4K,
+    BIT_PAT_LARGE,
+    BIT_PS,
+    BIT_RW,
+    BIT_US,
+    LEVELS,
+    Kind,
+    encode_fast,
+    levels_for,
+    masks_for,
+)
 from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
 from x86pt.numbers import parse_int, parse_size
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, EFER_LMA, EFER_LME,
-                         EFER_NXE, PagingState, Profile, profile_named)
+from x86pt.state import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PagingState,
+    Profile,
+    profile_named,
+)
 
 PAGE_SIZES = {1 << 12: 1, 1 << 21: 2, 1 << 30: 3}
 # Leaf entries one Builder writes at most, checked before any table is allocated: 2^20 PTEs map
 # 4 GiB in 4K pages (or 2 TiB in 2M pages) and need 2,048 tables (8 MiB for the sparse image);
 # building that many takes about a second.
 from x86pt.limits import DEFAULT_MAX_BUILD_ENTRIES  # noqa: E402  (one definition)
-FLAG_WORDS = {"p", "rw", "us", "pwt", "pcd", "a", "d", "g", "pat", "xd", "nx", "user", "w",
-              "global", "ro", "x"}
+
+FLAG_WORDS = {
+    "p",
+    "rw",
+    "us",
+    "pwt",
+    "pcd",
+    "a",
+    "d",
+    "g",
+    "pat",
+    "xd",
+    "nx",
+    "user",
+    "w",
+    "global",
+    "ro",
+    "x",
+}
 
 
 def parse_flags(spec: str | int | dict | None, default: dict[str, int] | None = None) -> dict[str, int]:
@@ -62,8 +105,9 @@ def _normalise(d: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def entry_value(kind: Kind, target: int, flags: dict[str, int], maxphyaddr: int = 52,
-                vendor: str = "intel") -> int:
+def entry_value(
+    kind: Kind, target: int, flags: dict[str, int], maxphyaddr: int = 52, vendor: str = "intel"
+) -> int:
     """Compose an entry of `kind` pointing at physical address `target` with `flags`
     (field names: p rw us pwt pcd a d g pat xd pk avl ...). `p` defaults to 1."""
     kind = Kind(kind)
@@ -146,31 +190,45 @@ class Builder:
         addr = self.entry_address(va, level, create=False)
         return None if addr is None else self.memory.read_u64(addr)
 
-    def map(self, va: int, pa: int, size: int, page_size: int = PAGE,
-            flags: str | dict | None = "rw", *, pk: int = 0) -> None:
+    def map(
+        self,
+        va: int,
+        pa: int,
+        size: int,
+        page_size: int = PAGE,
+        flags: str | dict | None = "rw",
+        *,
+        pk: int = 0,
+    ) -> None:
         """Map [va, va+size) to [pa, pa+size) with leaves of `page_size` (4K, 2M or 1G)."""
         if page_size not in PAGE_SIZES:
             raise BadInputError(f"page size must be 4K, 2M or 1G, not {page_size:#x}")
         if size <= 0 or va % page_size or pa % page_size or size % page_size:
-            raise BadInputError(f"map {va:#x}->{pa:#x} size {size:#x}: not aligned to the page "
-                                f"size {page_size:#x}")
+            raise BadInputError(
+                f"map {va:#x}->{pa:#x} size {size:#x}: not aligned to the page size {page_size:#x}"
+            )
         va_bits = 57 if self.levels == 5 else 48
         half = 1 << (va_bits - 1)
         top = (1 << 64) - half
         for v in (va, va + size - 1):
             if not (v < half or top <= v < 1 << 64):
-                raise BadInputError(f"map {va:#x}+{size:#x}: {v:#x} is not canonical for "
-                                    f"{self.levels}-level paging (bits 63:{va_bits - 1} must be equal)")
+                raise BadInputError(
+                    f"map {va:#x}+{size:#x}: {v:#x} is not canonical for "
+                    f"{self.levels}-level paging (bits 63:{va_bits - 1} must be equal)"
+                )
         if va < half <= va + size - 1:
             raise BadInputError(f"map {va:#x}+{size:#x}: crosses the non-canonical hole")
         if pa + size > 1 << self.maxphyaddr:
-            raise BadInputError(f"map {va:#x}->{pa:#x} size {size:#x}: ends above MAXPHYADDR "
-                                f"({self.maxphyaddr} bits)")
+            raise BadInputError(
+                f"map {va:#x}->{pa:#x} size {size:#x}: ends above MAXPHYADDR ({self.maxphyaddr} bits)"
+            )
         n = size // page_size
         if self.entries_written + n > self.max_entries:
-            raise BudgetError(f"map {va:#x} size {size:#x} in {page_size >> 10}K pages: {n} entries, "
-                              f"more than the limit of {self.max_entries} leaf entries per image "
-                              f"(raise it with --max-entries N)")
+            raise BudgetError(
+                f"map {va:#x} size {size:#x} in {page_size >> 10}K pages: {n} entries, "
+                f"more than the limit of {self.max_entries} leaf entries per image "
+                f"(raise it with --max-entries N)"
+            )
         self.entries_written += n
         level = PAGE_SIZES[page_size]
         lv = LEVELS[level]
@@ -191,8 +249,9 @@ class Builder:
             addr = table | (lv.index(v) << 3)
             old = read(addr)
             if old & 1 and level > 1 and not lv.kind_of(old).is_leaf:
-                raise BadInputError(f"va {v:#x}: a table is mapped where a {page_size >> 10}K page "
-                                    "is asked for")
+                raise BadInputError(
+                    f"va {v:#x}: a table is mapped where a {page_size >> 10}K page is asked for"
+                )
             write(addr, template | (pa + off))
 
     def unmap(self, va: int, level: int = 1) -> None:
@@ -200,20 +259,37 @@ class Builder:
         if addr is not None:
             self.memory.write_u64(addr, 0)
 
-    def state(self, *, cr0: int = CR0_PE | CR0_PG | CR0_WP, cr4: int = CR4_PAE,
-              efer: int = EFER_LME | EFER_LMA | EFER_NXE, pkru: int = 0, pkrs: int = 0,
-              profile: Profile | str = "intel", maxphyaddr: int | None = None) -> PagingState:
-        cr4 |= CR4_PAE          # IA-32e paging needs PAE; LA57 follows the tree's depth
+    def state(
+        self,
+        *,
+        cr0: int = CR0_PE | CR0_PG | CR0_WP,
+        cr4: int = CR4_PAE,
+        efer: int = EFER_LME | EFER_LMA | EFER_NXE,
+        pkru: int = 0,
+        pkrs: int = 0,
+        profile: Profile | str = "intel",
+        maxphyaddr: int | None = None,
+    ) -> PagingState:
+        cr4 |= CR4_PAE  # IA-32e paging needs PAE; LA57 follows the tree's depth
         if self.levels == 5:
             cr4 |= CR4_LA57
         prof = profile_named(profile) if isinstance(profile, str) else profile
-        return PagingState(cr3=self.root, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, pkrs=pkrs,
-                           profile=prof, maxphyaddr=maxphyaddr if maxphyaddr is not None else
-                           (self.maxphyaddr if self.maxphyaddr < 52 else None))
+        return PagingState(
+            cr3=self.root,
+            cr0=cr0,
+            cr4=cr4,
+            efer=efer,
+            pkru=pkru,
+            pkrs=pkrs,
+            profile=prof,
+            maxphyaddr=maxphyaddr
+            if maxphyaddr is not None
+            else (self.maxphyaddr if self.maxphyaddr < 52 else None),
+        )
 
 
 # -- TOML spec -> image ------------------------------------------------------------------------------
-MAX_DATA_BYTES = 1 << 24       # one [[data]] block
+MAX_DATA_BYTES = 1 << 24  # one [[data]] block
 
 
 def _section(doc: dict, name: str, source: str, keys: set[str]) -> dict:
@@ -254,20 +330,20 @@ def _text(v, what: str) -> str:
 
 
 def _cr4_la57(v, source: str) -> bool:
-    return bool(parse_int(_scalar(v, f"{source}: registers.cr4"), f"{source}: registers.cr4")
-                & CR4_LA57)
+    return bool(parse_int(_scalar(v, f"{source}: registers.cr4"), f"{source}: registers.cr4") & CR4_LA57)
 
 
-def build_from_spec(text: str, source: str = "spec", *,
-                    max_entries: int = DEFAULT_MAX_BUILD_ENTRIES) -> tuple[SparseMemory, PagingState]:
+def build_from_spec(
+    text: str, source: str = "spec", *, max_entries: int = DEFAULT_MAX_BUILD_ENTRIES
+) -> tuple[SparseMemory, PagingState]:
     """Build an image from a TOML spec:
 
-        [image]      levels = 4, maxphyaddr = 46, vendor = "intel", tables = "0x100000",
-                     profile = "intel"
-        [registers]  cr0, cr4, efer, pkru, pkrs   (cr3 is the built root; LA57 follows levels)
-        [[map]]      va, pa, size, page = "4K"|"2M"|"1G", flags = "rw us nx g ...", pk = 0
-        [[entry]]    va, level = 1..5, value   (a raw entry, written after the maps)
-        [[data]]     pa, u64 = [...] or hex = "..."   (bytes at a physical address)
+    [image]      levels = 4, maxphyaddr = 46, vendor = "intel", tables = "0x100000",
+                 profile = "intel"
+    [registers]  cr0, cr4, efer, pkru, pkrs   (cr3 is the built root; LA57 follows levels)
+    [[map]]      va, pa, size, page = "4K"|"2M"|"1G", flags = "rw us nx g ...", pk = 0
+    [[entry]]    va, level = 1..5, value   (a raw entry, written after the maps)
+    [[data]]     pa, u64 = [...] or hex = "..."   (bytes at a physical address)
     """
     try:
         doc = tomllib.loads(text)
@@ -279,11 +355,13 @@ def build_from_spec(text: str, source: str = "spec", *,
     extra = sorted(set(doc) - known)
     if extra:
         raise BadInputError(f"{source}: unknown section [{extra[0]}] (known: {', '.join(sorted(known))})")
-    img = _section(doc, "image", source, {"levels", "maxphyaddr", "vendor", "tables", "profile",
-                                          "table_flags"})
+    img = _section(
+        doc, "image", source, {"levels", "maxphyaddr", "vendor", "tables", "profile", "table_flags"}
+    )
     regs = _section(doc, "registers", source, {"cr0", "cr4", "efer", "pkru", "pkrs"})
-    levels = parse_int(_scalar(img.get("levels", 4), f"{source}: image.levels"),
-                       f"{source}: image.levels", lo=4, hi=5)
+    levels = parse_int(
+        _scalar(img.get("levels", 4), f"{source}: image.levels"), f"{source}: image.levels", lo=4, hi=5
+    )
     vendor = img.get("vendor")
     if vendor is not None and _text(vendor, f"{source}: image.vendor") not in ("intel", "amd"):
         raise BadInputError(f"{source}: image.vendor must be intel or amd, not {vendor!r}")
@@ -291,18 +369,31 @@ def build_from_spec(text: str, source: str = "spec", *,
     # manual's profile; a profile of the other vendor is a contradiction, not a silent choice.
     prof = profile_named(_text(img.get("profile", vendor or "intel"), f"{source}: image.profile"))
     if vendor is not None and vendor != prof.vendor:
-        raise BadInputError(f"{source}: image.vendor {vendor!r} contradicts profile {prof.name!r} "
-                            f"(vendor {prof.vendor})")
+        raise BadInputError(
+            f"{source}: image.vendor {vendor!r} contradicts profile {prof.name!r} (vendor {prof.vendor})"
+        )
     vendor = prof.vendor
-    m = parse_int(_scalar(img.get("maxphyaddr", prof.maxphyaddr), f"{source}: image.maxphyaddr"),
-                  f"{source}: image.maxphyaddr", lo=32, hi=52)
+    m = parse_int(
+        _scalar(img.get("maxphyaddr", prof.maxphyaddr), f"{source}: image.maxphyaddr"),
+        f"{source}: image.maxphyaddr",
+        lo=32,
+        hi=52,
+    )
     tflags = img.get("table_flags", "p rw us a")
     if not isinstance(tflags, str):
         raise BadInputError(f"{source}: image.table_flags must be a string of flag words")
-    b = Builder(levels=levels, maxphyaddr=m, vendor=vendor,
-                table_base=parse_int(_scalar(img.get("tables", 0x100000), f"{source}: image.tables"),
-                                     f"{source}: image.tables", hi=(1 << m) - PAGE),
-                table_flags=tflags, max_entries=max_entries)
+    b = Builder(
+        levels=levels,
+        maxphyaddr=m,
+        vendor=vendor,
+        table_base=parse_int(
+            _scalar(img.get("tables", 0x100000), f"{source}: image.tables"),
+            f"{source}: image.tables",
+            hi=(1 << m) - PAGE,
+        ),
+        table_flags=tflags,
+        max_entries=max_entries,
+    )
     for i, mp in enumerate(_array(doc, "map", source)):
         where = f"{source}: map #{i + 1}"
         _keys(mp, where, {"va", "pa", "size", "page", "flags", "pk"}, {"va"})
@@ -323,8 +414,11 @@ def build_from_spec(text: str, source: str = "spec", *,
         _keys(en, where, {"va", "level", "value"}, {"va", "value"})
         lvl = parse_int(_scalar(en.get("level", 1), f"{where} level"), f"{where} level", lo=1, hi=levels)
         try:
-            b.set_entry(parse_int(_scalar(en["va"], f"{where} va"), f"{where} va"), lvl,
-                        parse_int(_scalar(en["value"], f"{where} value"), f"{where} value"))
+            b.set_entry(
+                parse_int(_scalar(en["va"], f"{where} va"), f"{where} va"),
+                lvl,
+                parse_int(_scalar(en["value"], f"{where} value"), f"{where} value"),
+            )
         except BadInputError as e:
             raise type(e)(f"{where}: {e}") from None
     for i, d in enumerate(_array(doc, "data", source)):
@@ -335,8 +429,9 @@ def build_from_spec(text: str, source: str = "spec", *,
         if not isinstance(u64, list):
             raise BadInputError(f"{where}: u64 must be an array of numbers")
         if pa + 8 * len(u64) > 1 << m or len(u64) > MAX_DATA_BYTES // 8:
-            raise BadInputError(f"{where}: u64 runs past MAXPHYADDR or is longer than "
-                                f"{MAX_DATA_BYTES // 8} qwords")
+            raise BadInputError(
+                f"{where}: u64 runs past MAXPHYADDR or is longer than {MAX_DATA_BYTES // 8} qwords"
+            )
         for j, v in enumerate(u64):
             b.memory.write_u64(pa + 8 * j, parse_int(_scalar(v, f"{where} u64[{j}]"), f"{where} u64[{j}]"))
         if "hex" in d:
@@ -351,16 +446,37 @@ def build_from_spec(text: str, source: str = "spec", *,
                 raise BadInputError(f"{where}: hex runs past MAXPHYADDR")
             b.memory.write(pa, data)
     if "cr4" in regs and levels == 4 and _cr4_la57(regs["cr4"], source):
-        raise BadInputError(f"{source}: registers.cr4 sets LA57 but image.levels is 4 "
-                            "(the tree's depth decides LA57; leave the bit clear)")
-    reg = {k: parse_int(_scalar(regs[k], f"{source}: registers.{k}"), f"{source}: registers.{k}",
-                        hi=0xFFFFFFFF if k in ("pkru", "pkrs") else (1 << 64) - 1) for k in regs}
-    st = b.state(cr0=reg.get("cr0", CR0_PE | CR0_PG | CR0_WP), cr4=reg.get("cr4", CR4_PAE),
-                 efer=reg.get("efer", EFER_LME | EFER_LMA | EFER_NXE), pkru=reg.get("pkru", 0),
-                 pkrs=reg.get("pkrs", 0), profile=prof, maxphyaddr=m)
+        raise BadInputError(
+            f"{source}: registers.cr4 sets LA57 but image.levels is 4 "
+            "(the tree's depth decides LA57; leave the bit clear)"
+        )
+    reg = {
+        k: parse_int(
+            _scalar(regs[k], f"{source}: registers.{k}"),
+            f"{source}: registers.{k}",
+            hi=0xFFFFFFFF if k in ("pkru", "pkrs") else (1 << 64) - 1,
+        )
+        for k in regs
+    }
+    st = b.state(
+        cr0=reg.get("cr0", CR0_PE | CR0_PG | CR0_WP),
+        cr4=reg.get("cr4", CR4_PAE),
+        efer=reg.get("efer", EFER_LME | EFER_LMA | EFER_NXE),
+        pkru=reg.get("pkru", 0),
+        pkrs=reg.get("pkrs", 0),
+        profile=prof,
+        maxphyaddr=m,
+    )
     st.check()
-    b.memory.control_registers = {"cr0": st.cr0, "cr3": st.cr3, "cr4": st.cr4, "efer": st.efer,
-                                  "pkru": st.pkru, "pkrs": st.pkrs, "maxphyaddr": st.m}
+    b.memory.control_registers = {
+        "cr0": st.cr0,
+        "cr3": st.cr3,
+        "cr4": st.cr4,
+        "efer": st.efer,
+        "pkru": st.pkru,
+        "pkrs": st.pkrs,
+        "maxphyaddr": st.m,
+    }
     return b.memory, st
 
 
@@ -370,11 +486,12 @@ def split_2m(memory, state: PagingState, va: int, table_pa: int, ro_pages: range
     to bit 7), then clear RW on `ro_pages` (indices). The PDE then points at the PT with
     P|RW|A|D and the 2M leaf's US."""
     from x86pt.walk import Translation, walk
+
     r = walk(state, memory, va)
     if not isinstance(r, Translation) or r.page_size != 1 << 21:
         raise BadInputError(f"{va:#x} is not mapped by a 2M page")
     pde = r.steps[-1]
-    flags = pde.raw & ~ADDR_MASK_52                     # bit 12 (the 2M PAT) is in the address mask
+    flags = pde.raw & ~ADDR_MASK_52  # bit 12 (the 2M PAT) is in the address mask
     pte_flags = (flags & ~BIT_PS) | (BIT_PAT_4K if pde.raw & BIT_PAT_LARGE else 0)
     frame = pde.raw & state.phys_mask & ~((1 << 21) - 1)
     for i in range(512):

@@ -14,6 +14,7 @@ tests/test_linux_fixtures.py checks the result against /proc/meminfo of real ker
 PAGE_OFFSET is given, or detected as the 1 GiB-aligned (KASLR granularity) VA-PA offset that
 maps the most bytes in the kernel half.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from x86pt.scan import U64, Scanner, ScanStats
 from x86pt.state import PagingState
 
 GiB = 1 << 30
-KERNEL_MAP = 0xFFFFFFFF80000000          # __START_KERNEL_map
-KERNEL_IMAGE_SIZE = 1 << 30              # with CONFIG_RANDOMIZE_BASE (Debian); 512 MiB without
+KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map
+KERNEL_IMAGE_SIZE = 1 << 30  # with CONFIG_RANDOMIZE_BASE (Debian); 512 MiB without
 
 
 def meminfo_text(dpc4k: int, dpc2m: int, dpc1g: int, gbpages: bool = True) -> str:
@@ -44,20 +45,23 @@ class Census:
     page_offset: int
     detected: bool
     direct_end: int
-    direct: dict[int, int]          # SDM level -> leaves inside the direct map
-    leaves: dict[int, int]          # SDM level -> leaves anywhere
-    tables: dict[int, int]          # SDM level -> table visits
+    direct: dict[int, int]  # SDM level -> leaves inside the direct map
+    leaves: dict[int, int]  # SDM level -> leaves anywhere
+    tables: dict[int, int]  # SDM level -> table visits
     distinct_tables: int
     issues: int
     levels: int
-    invalidated_4k: int = 0         # non-present direct-map PTEs that still hold a frame
-    highmap_splits: int = 0         # page tables under the kernel-image mapping (2M splits)
+    invalidated_4k: int = 0  # non-present direct-map PTEs that still hold a frame
+    highmap_splits: int = 0  # page tables under the kernel-image mapping (2M splits)
 
     @property
     def counts(self) -> dict[int, int]:
         """direct_pages_count[] as the kernel keeps it (level -> mappings)."""
-        return {1: self.direct.get(1, 0) + self.invalidated_4k + 512 * self.highmap_splits,
-                2: self.direct.get(2, 0) - self.highmap_splits, 3: self.direct.get(3, 0)}
+        return {
+            1: self.direct.get(1, 0) + self.invalidated_4k + 512 * self.highmap_splits,
+            2: self.direct.get(2, 0) - self.highmap_splits,
+            3: self.direct.get(3, 0),
+        }
 
     def meminfo(self, gbpages: bool = True) -> str:
         c = self.counts
@@ -65,29 +69,43 @@ class Census:
 
     def to_json(self) -> dict:
         c = self.counts
-        return {"page_offset": hex(self.page_offset), "page_offset_detected": self.detected,
-                "direct_map_end": hex(self.direct_end),
-                "DirectMap4k_kB": c[1] << 2, "DirectMap2M_kB": c[2] << 11, "DirectMap1G_kB": c[3] << 20,
-                "direct_map_leaves": {"4K": self.direct.get(1, 0), "2M": self.direct.get(2, 0),
-                                      "1G": self.direct.get(3, 0)},
-                "invalidated_4k": self.invalidated_4k, "kernel_image_splits": self.highmap_splits,
-                "leaves": {"4K": self.leaves.get(1, 0), "2M": self.leaves.get(2, 0), "1G": self.leaves.get(3, 0)},
-                "table_visits": {str(k): v for k, v in self.tables.items() if k <= self.levels},
-                "table_pages": self.distinct_tables, "issues": self.issues}
+        return {
+            "page_offset": hex(self.page_offset),
+            "page_offset_detected": self.detected,
+            "direct_map_end": hex(self.direct_end),
+            "DirectMap4k_kB": c[1] << 2,
+            "DirectMap2M_kB": c[2] << 11,
+            "DirectMap1G_kB": c[3] << 20,
+            "direct_map_leaves": {
+                "4K": self.direct.get(1, 0),
+                "2M": self.direct.get(2, 0),
+                "1G": self.direct.get(3, 0),
+            },
+            "invalidated_4k": self.invalidated_4k,
+            "kernel_image_splits": self.highmap_splits,
+            "leaves": {"4K": self.leaves.get(1, 0), "2M": self.leaves.get(2, 0), "1G": self.leaves.get(3, 0)},
+            "table_visits": {str(k): v for k, v in self.tables.items() if k <= self.levels},
+            "table_pages": self.distinct_tables,
+            "issues": self.issues,
+        }
 
     def render(self, gbpages: bool = True) -> str:
         names = {5: "PML5", 4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
-        out = [self.meminfo(gbpages), "\n",
-               f"direct map: {self.page_offset:#018x}-{self.direct_end:#018x} "
-               f"(PAGE_OFFSET {'detected' if self.detected else 'given'}): leaves 4K "
-               f"{self.direct.get(1, 0)}  2M {self.direct.get(2, 0)}  1G {self.direct.get(3, 0)}\n",
-               f"also counted as the kernel does: {self.invalidated_4k} invalidated 4K entries, "
-               f"{self.highmap_splits} kernel-image 2M splits\n",
-               "leaves (whole tree): " + "  ".join(
-                   f"{lbl} {self.leaves.get(l, 0)}" for l, lbl in ((1, "4K"), (2, "2M"), (3, "1G"))) + "\n",
-               "table pages: " + "  ".join(f"{names[l]} {self.tables.get(l, 0)}"
-                                           for l in range(self.levels, 0, -1))
-               + f"  (distinct {self.distinct_tables}, {self.distinct_tables * 4} KiB)\n"]
+        out = [
+            self.meminfo(gbpages),
+            "\n",
+            f"direct map: {self.page_offset:#018x}-{self.direct_end:#018x} "
+            f"(PAGE_OFFSET {'detected' if self.detected else 'given'}): leaves 4K "
+            f"{self.direct.get(1, 0)}  2M {self.direct.get(2, 0)}  1G {self.direct.get(3, 0)}\n",
+            f"also counted as the kernel does: {self.invalidated_4k} invalidated 4K entries, "
+            f"{self.highmap_splits} kernel-image 2M splits\n",
+            "leaves (whole tree): "
+            + "  ".join(f"{lbl} {self.leaves.get(l, 0)}" for l, lbl in ((1, "4K"), (2, "2M"), (3, "1G")))
+            + "\n",
+            "table pages: "
+            + "  ".join(f"{names[l]} {self.tables.get(l, 0)}" for l in range(self.levels, 0, -1))
+            + f"  (distinct {self.distinct_tables}, {self.distinct_tables * 4} KiB)\n",
+        ]
         if self.issues:
             out.append(f"issues: {self.issues} (see x86pt dump --format json)\n")
         return "".join(out)
@@ -105,20 +123,27 @@ def _pick(weights: dict[int, int]) -> int:
     aligned = {o: w for o, w in weights.items() if o % GiB == 0}
     pick = aligned or weights
     if not pick:
-        raise BadInputError("cannot detect PAGE_OFFSET: nothing is mapped in the kernel half; "
-                            "pass --page-offset")
+        raise BadInputError(
+            "cannot detect PAGE_OFFSET: nothing is mapped in the kernel half; pass --page-offset"
+        )
     return max(pick.items(), key=lambda kv: (kv[1], -kv[0]))[0]
 
 
-def census(state: PagingState, memory, page_offset: int | None = None, *,
-           kernel_map: tuple[int, int] | None = (KERNEL_MAP, KERNEL_MAP + KERNEL_IMAGE_SIZE),
-           **scan_kw) -> Census:
+def census(
+    state: PagingState,
+    memory,
+    page_offset: int | None = None,
+    *,
+    kernel_map: tuple[int, int] | None = (KERNEL_MAP, KERNEL_MAP + KERNEL_IMAGE_SIZE),
+    **scan_kw,
+) -> Census:
     """One scan: kernel-half records are kept (as runs, so a uniform 4K table is one row) until
     PAGE_OFFSET is known, then counted against the direct-map range. `kernel_map` is the
     kernel-image range whose splits the kernel counts too (None: do not count them)."""
     from x86pt.scan import EFF_P
+
     detected = page_offset is None
-    sc = Scanner(state, memory, holes=True, **scan_kw)       # holes: invalidated PTEs count too
+    sc = Scanner(state, memory, holes=True, **scan_kw)  # holes: invalidated PTEs count too
     weights: dict[int, int] = {}
     keep_va, keep_level, keep_count = [], [], []
     np_va, np_count = [], []
@@ -169,5 +194,16 @@ def census(state: PagingState, memory, page_offset: int | None = None, *,
         va, count = np.concatenate(np_va), np.concatenate(np_count)
         invalid = int(count[inside(va)].sum())
     st: ScanStats = sc.stats
-    return Census(page_offset, detected, end, direct, dict(st.entries), dict(st.tables),
-                  st.distinct_tables(), st.issue_count, state.paging_levels, invalid, len(hm_blocks))
+    return Census(
+        page_offset,
+        detected,
+        end,
+        direct,
+        dict(st.entries),
+        dict(st.tables),
+        st.distinct_tables(),
+        st.issue_count,
+        state.paging_levels,
+        invalid,
+        len(hm_blocks),
+    )

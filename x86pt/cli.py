@@ -5,6 +5,7 @@ The library's other parts add commands through `register(subparsers)` in their o
 (x86pt.plugins.BUILTIN_COMMANDS); other packages (the rig among them) through a module registered under the
 `x86pt.commands` entry-point group (x86pt/plugins.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,6 @@ from x86pt.errors import BadInputError, X86ptError
 from x86pt.numbers import parse_int
 
 
-
 def emit_json(obj, out=None) -> None:
     (out or sys.stdout).write(json.dumps(obj, indent=None, separators=(",", ":")) + "\n")
 
@@ -26,10 +26,12 @@ def emit_json(obj, out=None) -> None:
 # -- decode / encode -----------------------------------------------------------------------------
 def cmd_decode(args) -> int:
     from x86pt.describe import decode_entry, render_decode
+
     raw = parse_int(args.value, "entry value")
     from x86pt.fields import BIT_PS, Kind, kind_from_name
+
     kind = kind_from_name(args.kind)
-    if args.kind.lower() in ("pdpte", "pde") and raw & BIT_PS:   # PS picks the leaf format
+    if args.kind.lower() in ("pdpte", "pde") and raw & BIT_PS:  # PS picks the leaf format
         kind = {Kind.PDPTE: Kind.PDPTE_1G, Kind.PDE: Kind.PDE_2M}[kind]
     m = parse_int(args.maxphyaddr, "--maxphyaddr", lo=32, hi=52)
     d = decode_entry(raw, kind, m, args.vendor)
@@ -44,6 +46,7 @@ def cmd_encode(args) -> int:
     from x86pt.describe import decode_entry, render_decode
     from x86pt import layouts
     from x86pt.fields import Kind, kind_from_name
+
     kind = kind_from_name(args.kind)
     m = parse_int(args.maxphyaddr, "--maxphyaddr", lo=32, hi=52)
     values: dict[str, int] = {}
@@ -74,6 +77,7 @@ def cmd_encode(args) -> int:
 # -- translate / walk ------------------------------------------------------------------------------
 def _access_from(args):
     from x86pt.walk import Access
+
     return Access(args.access, user=args.user, ac=args.ac, implicit=getattr(args, "implicit", False))
 
 
@@ -82,6 +86,7 @@ def cmd_translate(args, steps: bool = False) -> int:
     from x86pt.cliargs import image_options
     from x86pt.image import open_image
     from x86pt.walk import walk
+
     with open_image(args.image, **image_options(args)) as img:
         access = _access_from(args)
         results = []
@@ -111,6 +116,7 @@ def read_probes(path: str):
     """Parse a JSONL probe file. Each line: {"va": "0x...", "access": "read"|"write"|"fetch",
     "user": bool, "ac": bool}. A bad line is a one-line error naming its line number."""
     from x86pt.walk import Access
+
     probes = []
     try:
         f = sys.stdin.buffer if path == "-" else open(path, "rb")
@@ -130,22 +136,31 @@ def read_probes(path: str):
                 raise BadInputError(f"{path}:{n}: bad JSON: {e.msg}") from None
             except RecursionError:
                 raise BadInputError(f"{path}:{n}: bad JSON: nested too deeply") from None
-            except ValueError as e:       # an integer longer than Python's digit limit
+            except ValueError as e:  # an integer longer than Python's digit limit
                 raise BadInputError(f"{path}:{n}: bad JSON: {str(e).split(':')[0]}") from None
             if not isinstance(d, dict) or "va" not in d:
-                raise BadInputError(f"{path}:{n}: a probe is an object with at least \"va\"")
+                raise BadInputError(f'{path}:{n}: a probe is an object with at least "va"')
             unknown = set(d) - {"va", "access", "user", "ac", "implicit"}
             if unknown:
                 raise BadInputError(f"{path}:{n}: unknown key {sorted(unknown)[0]!r}")
             for key in ("user", "ac", "implicit"):
                 if key in d and not isinstance(d[key], bool):
-                    raise BadInputError(f"{path}:{n}: \"{key}\" must be true or false")
+                    raise BadInputError(f'{path}:{n}: "{key}" must be true or false')
             va = parse_int(d["va"], f"{path}:{n}: va")
             access = d.get("access", "read")
             if access not in ("read", "write", "fetch"):
                 raise BadInputError(f"{path}:{n}: access must be read, write or fetch, not {access!r}")
-            probes.append((va, Access(access, user=d.get("user", False), ac=d.get("ac", False),
-                                      implicit=d.get("implicit", False))))
+            probes.append(
+                (
+                    va,
+                    Access(
+                        access,
+                        user=d.get("user", False),
+                        ac=d.get("ac", False),
+                        implicit=d.get("implicit", False),
+                    ),
+                )
+            )
     return probes
 
 
@@ -155,6 +170,7 @@ def cmd_probe(args) -> int:
     from x86pt.image import open_image
     from x86pt.walk import Translation, walk
     import numpy as np
+
     probes = read_probes(args.probes)
     out = []
     with open_image(args.image, **image_options(args)) as img:
@@ -165,31 +181,64 @@ def cmd_probe(args) -> int:
             for va, acc in probes:
                 r = walk(img.state, mem, va, acc, update_ad=True)
                 ok = isinstance(r, Translation)
-                out.append((va, acc, r.outcome, r.pa if ok else None, r.page_size if ok else None,
-                            None if ok else r.error_code, None if ok or r.cr2 is None else r.cr2))
+                out.append(
+                    (
+                        va,
+                        acc,
+                        r.outcome,
+                        r.pa if ok else None,
+                        r.page_size if ok else None,
+                        None if ok else r.error_code,
+                        None if ok or r.cr2 is None else r.cr2,
+                    )
+                )
         elif probes:
             vas = np.array([va for va, _ in probes], dtype=np.uint64)
-            res = translate_batch(img.state, img.memory, vas,
-                                  np.array([ACCESS_CODES[a.kind] for _, a in probes], dtype=np.uint8),
-                                  np.array([a.user for _, a in probes]), np.array([a.ac for _, a in probes]),
-                                  np.array([a.implicit for _, a in probes]))
+            res = translate_batch(
+                img.state,
+                img.memory,
+                vas,
+                np.array([ACCESS_CODES[a.kind] for _, a in probes], dtype=np.uint8),
+                np.array([a.user for _, a in probes]),
+                np.array([a.ac for _, a in probes]),
+                np.array([a.implicit for _, a in probes]),
+            )
             gp_cr2 = img.state.profile.gp_writes_cr2
             for i, (va, acc) in enumerate(probes):
                 oc = OUTCOME_NAMES[res.outcome[i]]
                 ok = oc == "ok"
                 cr2 = va if oc == "page_fault" or (oc == "general_protection" and gp_cr2) else None
-                out.append((va, acc, oc, int(res.pa[i]) if ok else None, int(res.page_size[i]) if ok else None,
-                            None if ok else int(res.error_code[i]), cr2))
+                out.append(
+                    (
+                        va,
+                        acc,
+                        oc,
+                        int(res.pa[i]) if ok else None,
+                        int(res.page_size[i]) if ok else None,
+                        None if ok else int(res.error_code[i]),
+                        cr2,
+                    )
+                )
     lines = []
     for va, acc, oc, pa, size, ec, cr2 in out:
-        rec = {"va": hex(va), "access": acc.kind, "user": acc.user, "outcome": oc,
-               "pa": None if pa is None else hex(pa), "page_size": size, "error_code": ec,
-               "cr2": None if cr2 is None else hex(cr2)}
+        rec = {
+            "va": hex(va),
+            "access": acc.kind,
+            "user": acc.user,
+            "outcome": oc,
+            "pa": None if pa is None else hex(pa),
+            "page_size": size,
+            "error_code": ec,
+            "cr2": None if cr2 is None else hex(cr2),
+        }
         if args.json:
             lines.append(json.dumps(rec, separators=(",", ":")))
         else:
-            extra = (f"pa={rec['pa']} size={size}" if oc == "ok" else
-                     f"error_code={ec:#x}" + (f" cr2={rec['cr2']}" if rec["cr2"] else ""))
+            extra = (
+                f"pa={rec['pa']} size={size}"
+                if oc == "ok"
+                else f"error_code={ec:#x}" + (f" cr2={rec['cr2']}" if rec["cr2"] else "")
+            )
             lines.append(f"{rec['va']} {acc.kind:<5} {'user' if acc.user else 'sup ':<4} {oc:<18} {extra}")
     if lines:
         sys.stdout.write("\n".join(lines) + "\n")
@@ -219,7 +268,8 @@ def cmd_build(args) -> int:
     from x86pt.build import build_from_spec
     from x86pt.memory import write_image
     from x86pt.memory.atomic import check_output
-    check_output(args.output, [args.spec])        # before any work
+
+    check_output(args.output, [args.spec])  # before any work
     try:
         with open(args.spec, "r", encoding="utf-8") as f:
             text = f.read()
@@ -227,23 +277,26 @@ def cmd_build(args) -> int:
         raise BadInputError(f"cannot read spec {args.spec}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise BadInputError(f"spec {args.spec} is not UTF-8 text") from None
-    memory, state = build_from_spec(text, args.spec,
-                                    max_entries=parse_int(args.max_entries, "--max-entries", lo=1))
+    memory, state = build_from_spec(
+        text, args.spec, max_entries=parse_int(args.max_entries, "--max-entries", lo=1)
+    )
     fmt = write_image(memory, state, args.output, args.out_format, inputs=[args.spec])
     if args.json:
-        emit_json({"image": args.output, "format": fmt, **state.to_json(),
-                   "table_pages": len(memory.pages)})
+        emit_json({"image": args.output, "format": fmt, **state.to_json(), "table_pages": len(memory.pages)})
     else:
         print(f"wrote {args.output} ({fmt}): {state.describe()}")
         if fmt == "raw":
-            print(f"  walk it with: x86pt walk {args.output} VA --cr3 {state.cr3:#x} --cr4 {state.cr4:#x} "
-                  f"--efer {state.efer:#x}")
+            print(
+                f"  walk it with: x86pt walk {args.output} VA --cr3 {state.cr3:#x} --cr4 {state.cr4:#x} "
+                f"--efer {state.efer:#x}"
+            )
     return 0
 
 
 # -- demo -------------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from x86pt.demo import run_demo
+
     return run_demo(args)
 
 
@@ -257,6 +310,7 @@ def _add_access_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from x86pt.cliargs import add_state_args
+
     p = argparse.ArgumentParser(prog="x86pt", description="x86-64 page tables: model, oracles, dumps, CPA")
     p.add_argument("--version", action="version", version=f"x86pt {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -279,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_encode)
 
-    for name, func, helptext in (("translate", cmd_translate, "translate virtual addresses"),
-                                 ("walk", cmd_walk, "walk step by step, each entry decoded")):
+    for name, func, helptext in (
+        ("translate", cmd_translate, "translate virtual addresses"),
+        ("walk", cmd_walk, "walk step by step, each entry decoded"),
+    ):
         t = sub.add_parser(name, help=helptext)
         t.add_argument("image")
         t.add_argument("va", nargs="+")
@@ -299,13 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_probe)
 
     from x86pt.limits import DEFAULT_MAX_BUILD_ENTRIES
+
     b = sub.add_parser("build", help="build an image from a TOML spec of mappings")
     b.add_argument("spec")
     b.add_argument("-o", "--output", required=True)
     b.add_argument("--out-format", choices=("elf", "raw", "lime"), default=None)
-    b.add_argument("--max-entries", default=str(DEFAULT_MAX_BUILD_ENTRIES), metavar="N",
-                   help="most leaf entries the spec may write (default %(default)s); a bigger "
-                        "spec stops with exit 2 before any table is allocated")
+    b.add_argument(
+        "--max-entries",
+        default=str(DEFAULT_MAX_BUILD_ENTRIES),
+        metavar="N",
+        help="most leaf entries the spec may write (default %(default)s); a bigger "
+        "spec stops with exit 2 before any table is allocated",
+    )
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_build)
 
@@ -315,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
 
     from x86pt.plugins import command_modules
+
     for mod in command_modules():
         try:
             m = importlib.import_module(mod)
@@ -324,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         m.register(sub)
     from x86pt.helpdoc import apply
+
     apply(p)
     return p
 
@@ -351,8 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # never a traceback for the user; X86PT_DEBUG=1 shows it
         if debug:
             raise
-        print(f"x86pt: internal error: {type(e).__name__}: {e} (X86PT_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"x86pt: internal error: {type(e).__name__}: {e} (X86PT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 3
 
 

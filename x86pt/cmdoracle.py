@@ -26,6 +26,7 @@ environment variable X86PT_CMD_TIMEOUT (seconds; default 300).
 Without `memory_after` the A/D comparison is switched off for the program: its memory after the
 run is taken to be the model's (x86pt.compare.model_run), and a note in its capabilities says so.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,7 @@ PREFIX = "cmd:"
 PROTOCOL = 1
 DEFAULT_TIMEOUT = 300.0
 TIMEOUT_ENV = "X86PT_CMD_TIMEOUT"
-STDERR_TAIL = 400                  # characters of the program's stderr in an error message
+STDERR_TAIL = 400  # characters of the program's stderr in an error message
 MAX_CAPS_BYTES = 1 << 20
 _SCHEMA_FILE = os.path.join(os.path.dirname(__file__), "data", "oracle-protocol.schema.json")
 
@@ -211,36 +212,69 @@ def probe_from_json(d: dict) -> Probe:
     err = check(d, "probe")
     if err:
         raise BadInputError(f"bad probe line: {err}")
-    return Probe(_u64(d["va"]), d["access"], d.get("user", False), d.get("ac", False),
-                 _u64(d.get("wvalue", 0)), d.get("implicit", False))
+    return Probe(
+        _u64(d["va"]),
+        d["access"],
+        d.get("user", False),
+        d.get("ac", False),
+        _u64(d.get("wvalue", 0)),
+        d.get("implicit", False),
+    )
 
 
 def result_json(r: ProbeResult) -> dict:
     """One result line (the adapter side)."""
-    return {"outcome": r.outcome, "error_code": r.error_code,
-            "cr2": None if r.cr2 is None else hex(r.cr2), "pa": None if r.pa is None else hex(r.pa),
-            "value": None if r.value is None else hex(r.value), "vector": r.vector,
-            **({"detail": r.detail} if r.detail else {})}
+    return {
+        "outcome": r.outcome,
+        "error_code": r.error_code,
+        "cr2": None if r.cr2 is None else hex(r.cr2),
+        "pa": None if r.pa is None else hex(r.pa),
+        "value": None if r.value is None else hex(r.value),
+        "vector": r.vector,
+        **({"detail": r.detail} if r.detail else {}),
+    }
 
 
 def result_from_json(d: dict) -> ProbeResult:
-    return ProbeResult(d["outcome"], d.get("error_code"), _u64(d.get("cr2")), _u64(d.get("pa")),
-                       _u64(d.get("value")), d.get("vector"), d.get("detail", ""))
+    return ProbeResult(
+        d["outcome"],
+        d.get("error_code"),
+        _u64(d.get("cr2")),
+        _u64(d.get("pa")),
+        _u64(d.get("value")),
+        d.get("vector"),
+        d.get("detail", ""),
+    )
 
 
-def write_case(case_dir: str, memory: SparseMemory, state: PagingState, probes: Sequence[Probe],
-               image_format: str = "elf") -> dict:
+def write_case(
+    case_dir: str,
+    memory: SparseMemory,
+    state: PagingState,
+    probes: Sequence[Probe],
+    image_format: str = "elf",
+) -> dict:
     """Write a batch into `case_dir` (case.json, the image, probes.jsonl); returns the case dict."""
     from x86pt.memory import write_image
+
     image = os.path.join(case_dir, "image." + ("elf" if image_format == "elf" else "raw"))
     write_image(memory, state, image, image_format)
     probes_path = os.path.join(case_dir, "probes.jsonl")
     with open(probes_path, "w", encoding="utf-8") as f:
         f.write("".join(json.dumps(probe_json(p), separators=(",", ":")) + "\n" for p in probes))
-    case = {"protocol": PROTOCOL, "image": image, "image_format": image_format, "probes": probes_path,
-            "probe_count": len(probes), "results": os.path.join(case_dir, "results.jsonl"),
-            "memory_after": os.path.join(case_dir, "memory-after.elf"), "state": state.to_json(),
-            "ram_size": memory.size, "rig_image_base": RIG_IMAGE_BASE, "harness_slot": HARNESS_SLOT}
+    case = {
+        "protocol": PROTOCOL,
+        "image": image,
+        "image_format": image_format,
+        "probes": probes_path,
+        "probe_count": len(probes),
+        "results": os.path.join(case_dir, "results.jsonl"),
+        "memory_after": os.path.join(case_dir, "memory-after.elf"),
+        "state": state.to_json(),
+        "ram_size": memory.size,
+        "rig_image_base": RIG_IMAGE_BASE,
+        "harness_slot": HARNESS_SLOT,
+    }
     with open(os.path.join(case_dir, "case.json"), "w", encoding="utf-8") as f:
         json.dump(case, f, indent=1)
         f.write("\n")
@@ -251,6 +285,7 @@ def read_case(case_dir: str) -> tuple[dict, SparseMemory, PagingState, list[Prob
     """The adapter side of write_case: (case dict, memory, state, probes). BadInputError on
     anything that is not a protocol-1 case."""
     from x86pt.memory import open_memory
+
     try:
         with open(os.path.join(case_dir, "case.json"), encoding="utf-8") as f:
             case = json.load(f)
@@ -369,9 +404,27 @@ class CmdOracle:
         notes = tuple(caps.get("notes", ()))
         if not self.memory_after:
             notes += ("no memory after the run: A/D bits and written data are not compared",)
-        fields = {k: caps[k] for k in ("vendor", "maxphyaddr", "gbpages", "la57", "pku", "smep", "smap",
-                                       "nx", "rsvd_sets_p", "implicit_cpl0", "implicit_cpl3",
-                                       "implicit_note", "ram_size", "unbacked", "version") if k in caps}
+        fields = {
+            k: caps[k]
+            for k in (
+                "vendor",
+                "maxphyaddr",
+                "gbpages",
+                "la57",
+                "pku",
+                "smep",
+                "smap",
+                "nx",
+                "rsvd_sets_p",
+                "implicit_cpl0",
+                "implicit_cpl3",
+                "implicit_note",
+                "ram_size",
+                "unbacked",
+                "version",
+            )
+            if k in caps
+        }
         self._caps = Capabilities(name=caps.get("name") or self.name, notes=notes, **fields)
 
     @staticmethod
@@ -379,8 +432,9 @@ class CmdOracle:
         return program_available(command)
 
     # -- running the program ----------------------------------------------------------------------
-    def _call(self, args: list[str], work: str, what: str, extra_env: dict[str, str] | None = None
-              ) -> tuple[str, str]:
+    def _call(
+        self, args: list[str], work: str, what: str, extra_env: dict[str, str] | None = None
+    ) -> tuple[str, str]:
         """Run the program with `args` appended, stdout and stderr into files in `work`; returns
         their paths. OracleError on a failure to start, a timeout or a non-zero exit."""
         out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
@@ -388,16 +442,24 @@ class CmdOracle:
         self.calls += 1
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
-                proc = subprocess.Popen(self.argv + args, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    self.argv + args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    env=env,
+                    start_new_session=True,
+                )
             except OSError as e:
                 raise OracleError(f"{self.name}: cannot start {self.argv[0]}: {e.strerror or e}") from None
         status = self._wait(proc)
         if status is None:
-            raise OracleError(f"{self.name}: {what} timed out after {self.timeout:g} s (process group "
-                              f"killed; {TIMEOUT_ENV} sets the limit){self._stderr(err_path)}")
+            raise OracleError(
+                f"{self.name}: {what} timed out after {self.timeout:g} s (process group "
+                f"killed; {TIMEOUT_ENV} sets the limit){self._stderr(err_path)}"
+            )
         if status != 0:
-            how = (f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
+            how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
             raise OracleError(f"{self.name}: {what} {how}{self._stderr(err_path)}")
         return out_path, err_path
 
@@ -420,7 +482,7 @@ class CmdOracle:
                     break
                 time.sleep(pause)
                 pause = min(pause * 2, 0.02)
-        finally:      # also on KeyboardInterrupt: nothing of the program survives the call
+        finally:  # also on KeyboardInterrupt: nothing of the program survives the call
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -442,22 +504,32 @@ class CmdOracle:
             with open(out_path, "rb") as f:
                 raw = f.read(MAX_CAPS_BYTES + 1)
             if len(raw) > MAX_CAPS_BYTES:
-                raise OracleUnavailable(f"{self.name}: capabilities: more than {MAX_CAPS_BYTES} bytes "
-                                        f"on stdout{self._stderr(err_path)}")
+                raise OracleUnavailable(
+                    f"{self.name}: capabilities: more than {MAX_CAPS_BYTES} bytes "
+                    f"on stdout{self._stderr(err_path)}"
+                )
             try:
                 caps = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, ValueError, RecursionError) as e:
-                raise OracleUnavailable(f"{self.name}: capabilities: stdout is not one JSON object "
-                                        f"({_first_line(e)}){self._stderr(err_path)}") from None
-            if isinstance(caps, dict) and caps.get("protocol") != PROTOCOL and isinstance(
-                    caps.get("protocol"), int):
-                raise OracleUnavailable(f"{self.name}: speaks protocol {caps['protocol']}; this x86pt "
-                                        f"speaks protocol {PROTOCOL}")
+                raise OracleUnavailable(
+                    f"{self.name}: capabilities: stdout is not one JSON object "
+                    f"({_first_line(e)}){self._stderr(err_path)}"
+                ) from None
+            if (
+                isinstance(caps, dict)
+                and caps.get("protocol") != PROTOCOL
+                and isinstance(caps.get("protocol"), int)
+            ):
+                raise OracleUnavailable(
+                    f"{self.name}: speaks protocol {caps['protocol']}; this x86pt speaks protocol {PROTOCOL}"
+                )
             err = check(caps, "capabilities")
             if err:
-                raise OracleUnavailable(f"{self.name}: capabilities violate the protocol schema "
-                                        f"({err}){self._stderr(err_path)}")
+                raise OracleUnavailable(
+                    f"{self.name}: capabilities violate the protocol schema ({err}){self._stderr(err_path)}"
+                )
         from x86pt.state import profile_named
+
         try:
             profile_named(caps["profile"])
         except BadInputError as e:
@@ -485,6 +557,7 @@ class CmdOracle:
                 after = self._read_memory_after(case["memory_after"], memory.size, err_path)
             else:
                 from x86pt.compare import model_run
+
                 after = model_run(memory, state, probes)[1]
         return BatchResult(results, after, time.perf_counter() - t0)
 
@@ -503,23 +576,30 @@ class CmdOracle:
             try:
                 d = json.loads(raw)
             except (ValueError, RecursionError) as e:
-                raise OracleError(f"{self.name}: results line {n} is not JSON ({_first_line(e)})"
-                                  f"{self._stderr(err_path)}") from None
+                raise OracleError(
+                    f"{self.name}: results line {n} is not JSON ({_first_line(e)}){self._stderr(err_path)}"
+                ) from None
             err = check_result(d)
             if err:
-                raise OracleError(f"{self.name}: results line {n} violates the protocol schema ({err})"
-                                  f"{self._stderr(err_path)}")
+                raise OracleError(
+                    f"{self.name}: results line {n} violates the protocol schema ({err})"
+                    f"{self._stderr(err_path)}"
+                )
             out.append(result_from_json(d))
         if len(out) != count:
-            raise OracleError(f"{self.name}: answered {len(out)} results for {count} probes"
-                              f"{self._stderr(err_path)}")
+            raise OracleError(
+                f"{self.name}: answered {len(out)} results for {count} probes{self._stderr(err_path)}"
+            )
         return out
 
     def _read_memory_after(self, path: str, size: int, err_path: str) -> SparseMemory:
         from x86pt.memory import open_memory
+
         if not os.path.exists(path):
-            raise OracleError(f"{self.name}: its capabilities promise memory_after, but run wrote no "
-                              f"{os.path.basename(path)}{self._stderr(err_path)}")
+            raise OracleError(
+                f"{self.name}: its capabilities promise memory_after, but run wrote no "
+                f"{os.path.basename(path)}{self._stderr(err_path)}"
+            )
         try:
             src = open_memory(path, "elf")
         except X86ptError as e:
@@ -552,10 +632,14 @@ class CmdOracle:
             # after an EOF the program is exiting: a moment to collect its exit status
             status, tail = self._serve_stop(graceful=False, wait=0.0 if why == "timeout" else 2.0)
             if why == "timeout":
-                raise OracleError(f"{self.name}: serve: run timed out after {self.timeout:g} s (process group "
-                                  f"killed; {TIMEOUT_ENV} sets the limit){tail}")
+                raise OracleError(
+                    f"{self.name}: serve: run timed out after {self.timeout:g} s (process group "
+                    f"killed; {TIMEOUT_ENV} sets the limit){tail}"
+                )
             what = "ended" if why == "eof" else why
-            raise OracleError(f"{self.name}: serve: the program {what} before answering ({_how(status)}){tail}")
+            raise OracleError(
+                f"{self.name}: serve: the program {what} before answering ({_how(status)}){tail}"
+            )
         try:
             reply = json.loads(line)
         except (ValueError, RecursionError):
@@ -576,15 +660,21 @@ class CmdOracle:
         self.calls += 1
         with open(os.path.join(self._server_dir, "stderr"), "wb") as err:
             try:
-                self._server = subprocess.Popen(self.argv + ["serve"], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, stderr=err, env=env,
-                                                start_new_session=True)
+                self._server = subprocess.Popen(
+                    self.argv + ["serve"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    env=env,
+                    start_new_session=True,
+                )
             except OSError as e:
                 self._serve_cleanup()
                 raise OracleError(f"{self.name}: cannot start {self.argv[0]}: {e.strerror or e}") from None
 
     def _read_line(self, fd: int, deadline: float) -> tuple[bytes | None, str]:
         import select
+
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -40,6 +40,7 @@ microarchitecture, which Skylake server shares): DTLB 4K 64 entries 4-way, 2M/4M
 cache sizes (the SDM §4.10.3 leaves them implementation-specific): the defaults below (PDE 32,
 PDPTE 4, PML4E 2) are assumptions, configurable.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -50,7 +51,7 @@ import numpy as np
 
 from x86pt.errors import BadInputError
 
-if TYPE_CHECKING:                  # only for annotations: cost imports no CPA or scan code at start-up
+if TYPE_CHECKING:  # only for annotations: cost imports no CPA or scan code at start-up
     import argparse
 
     from x86pt.cpa.ops import CpaModel
@@ -63,7 +64,7 @@ Op = tuple[Any, ...]
 K4, M2, G1 = 12, 21, 30
 SIZES = (K4, M2, G1)
 SIZE_NAME = {K4: "4K", M2: "2M", G1: "1G"}
-LEVEL_OF = {K4: 1, M2: 2, G1: 3}          # SDM level of the leaf entry
+LEVEL_OF = {K4: 1, M2: 2, G1: 3}  # SDM level of the leaf entry
 PAGE = 1 << 12
 
 
@@ -73,10 +74,10 @@ class Geometry:
     """Entries and ways of each TLB structure; ways == entries is fully associative."""
 
     name: str
-    l1: dict[int, tuple[int, int]]                # page shift -> (entries, ways)
-    stlb: tuple[tuple[int, ...], int, int]        # (page shifts sharing it, entries, ways)
-    stlb_1g: tuple[int, int] | None               # 1G entries of the STLB (None: 1G misses walk)
-    psc: dict[int, int] = field(default_factory=dict)   # PSC level (2 PDE, 3 PDPTE, 4 PML4E, 5) -> entries
+    l1: dict[int, tuple[int, int]]  # page shift -> (entries, ways)
+    stlb: tuple[tuple[int, ...], int, int]  # (page shifts sharing it, entries, ways)
+    stlb_1g: tuple[int, int] | None  # 1G entries of the STLB (None: 1G misses walk)
+    psc: dict[int, int] = field(default_factory=dict)  # PSC level (2 PDE, 3 PDPTE, 4 PML4E, 5) -> entries
     # TLB entries are 4K pieces of every leaf (QEMU's softmmu TLB does this); walks still read
     # the entries down to the leaf
     splinter: bool = False
@@ -86,15 +87,18 @@ class Geometry:
         st = "+".join(SIZE_NAME[s] for s in self.stlb[0])
         g = f", 1G {self.stlb_1g[0]}/{self.stlb_1g[1]}-way" if self.stlb_1g else ""
         psc = ", ".join(f"{PSC_NAME[k]} {v}" for k, v in sorted(self.psc.items()))
-        return f"{self.name}: L1 dTLB {l1}; STLB {st} {self.stlb[1]}/{self.stlb[2]}-way{g}; PSC {psc or 'none'}"
+        return (
+            f"{self.name}: L1 dTLB {l1}; STLB {st} {self.stlb[1]}/{self.stlb[2]}-way{g}; PSC {psc or 'none'}"
+        )
 
 
 PSC_NAME = {2: "PDE", 3: "PDPTE", 4: "PML4E", 5: "PML5E"}
 
 # Intel Optimization Reference Manual 248966-045 (Feb 2022) Table 2-15 (Skylake); PSC sizes
 # are not documented there: assumed.
-SKYLAKE = Geometry("skylake", {K4: (64, 4), M2: (32, 4), G1: (4, 4)}, ((K4, M2), 1536, 12), (16, 4),
-                   {2: 32, 3: 4, 4: 2})
+SKYLAKE = Geometry(
+    "skylake", {K4: (64, 4), M2: (32, 4), G1: (4, 4)}, ((K4, M2), 1536, 12), (16, 4), {2: 32, 3: 4, 4: 2}
+)
 # QEMU's softmmu TLB as unicorn 2.1 (QEMU 5.0) builds it: a direct-mapped table of
 # 2^CPU_TLB_DYN_DEFAULT_BITS = 256 entries, each a 4K piece of its leaf, and an 8-entry victim
 # TLB (CPU_VTLB_SIZE) here taken as an 8-entry fully associative second level; no PSC.
@@ -107,7 +111,9 @@ def geometry_named(spec: str) -> Geometry:
     pde=32,pdpte=4,pml4e=2' (ENTRIES/WAYS; 'stlb-1g=0' sends 1G misses to the walker)."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts or parts[0] not in GEOMETRIES:
-        raise BadInputError(f"unknown TLB geometry {spec!r} (known: {', '.join(GEOMETRIES)}, then key=value overrides)")
+        raise BadInputError(
+            f"unknown TLB geometry {spec!r} (known: {', '.join(GEOMETRIES)}, then key=value overrides)"
+        )
     g = GEOMETRIES[parts[0]]
     l1, stlb, s1g, psc = dict(g.l1), g.stlb, g.stlb_1g, dict(g.psc)
 
@@ -136,8 +142,10 @@ def geometry_named(spec: str) -> Geometry:
             except ValueError:
                 raise BadInputError(f"TLB geometry: {p!r}: entries must be an integer") from None
         else:
-            raise BadInputError(f"TLB geometry: unknown key {k!r} (l1-4k, l1-2m, l1-1g, stlb, stlb-1g, "
-                                "pde, pdpte, pml4e, pml5e)")
+            raise BadInputError(
+                f"TLB geometry: unknown key {k!r} (l1-4k, l1-2m, l1-1g, stlb, stlb-1g, "
+                "pde, pdpte, pml4e, pml5e)"
+            )
     return Geometry(spec, l1, stlb, s1g, psc, g.splinter)
 
 
@@ -146,9 +154,9 @@ def geometry_named(spec: str) -> Geometry:
 class Leaves:
     """Present direct-map leaves, sorted: start offset (bytes from PAGE_OFFSET) and page shift."""
 
-    start: np.ndarray          # uint64
-    shift: np.ndarray          # uint8: 12, 21 or 30
-    levels: int = 4            # paging levels (walk length of a 4K leaf)
+    start: np.ndarray  # uint64
+    shift: np.ndarray  # uint8: 12, 21 or 30
+    levels: int = 4  # paging levels (walk length of a 4K leaf)
 
     @classmethod
     def from_runs(cls, runs: Iterable[Sequence[int]], levels: int = 4) -> "Leaves":
@@ -177,6 +185,7 @@ class Leaves:
     def from_model(cls, m: CpaModel) -> "Leaves":
         """The present leaves of a CpaModel's direct map (its t3/t2/t1 tables)."""
         from x86pt.cpa.kernel import P, PSE
+
         lo, hi = m.dm_bounds()
         st, sh = [], []
         for tables, tshift, lshift in ((m.t3, 39, G1), (m.t2, 30, M2)):
@@ -200,12 +209,14 @@ class Leaves:
         return cls._sorted(st, sh, m.levels)
 
     @classmethod
-    def from_image(cls, state: PagingState, memory: PhysicalMemory, page_offset: int | None = None,
-                   **scan_kw: Any) -> "Leaves":
+    def from_image(
+        cls, state: PagingState, memory: PhysicalMemory, page_offset: int | None = None, **scan_kw: Any
+    ) -> "Leaves":
         """The present leaves in [PAGE_OFFSET, +2^46) (2^52 with LA57) of an image; PAGE_OFFSET
         detected as census() does when not given."""
         from x86pt.census import census
         from x86pt.scan import EFF_P, Scanner, U64
+
         if page_offset is None:
             page_offset = census(state, memory, **scan_kw).page_offset
         end = page_offset + (1 << (52 if state.la57 else 46))
@@ -299,8 +310,12 @@ class Pattern:
         return drawn
 
 
-def _mk(name: str, ranges: list[tuple[int, int]], weights: np.ndarray | None = None,
-        stream: np.ndarray | None = None) -> Pattern:
+def _mk(
+    name: str,
+    ranges: list[tuple[int, int]],
+    weights: np.ndarray | None = None,
+    stream: np.ndarray | None = None,
+) -> Pattern:
     if not ranges:
         raise BadInputError(f"access pattern {name}: no memory to access")
     lo = np.array([r[0] for r in ranges], np.uint64)
@@ -344,8 +359,9 @@ def hot_set(leaves: Leaves, gib: float, seed: int = 1) -> Pattern:
     if n <= 0:
         raise BadInputError(f"hot set of {gib} GiB: need at least one 2M region")
     if n > len(regions):
-        raise BadInputError(f"hot set of {gib} GiB needs {n} 2M regions; the direct map maps "
-                            f"{len(regions)} completely")
+        raise BadInputError(
+            f"hot set of {gib} GiB needs {n} 2M regions; the direct map maps {len(regions)} completely"
+        )
     pick = np.sort(np.random.default_rng(seed).choice(regions, size=n, replace=False))
     return _mk(f"hot:{gib:g}G", [(int(p), int(p) + (1 << M2)) for p in pick.tolist()])
 
@@ -388,18 +404,19 @@ def workload_pages(ops: Iterable[Op], page_offset: int, dm_size: int = 1 << 46) 
     """The 4K pages of the direct map a CPA workload touched: its direct-map operands and the
     frames it vmapped (whose direct-map alias CPA changes too); uniform over them."""
     from x86pt.cpa.ops import API
+
     pages: set[int] = set()
     for op in ops:
         name = op[0]
-        if name == "vmap":                        # (vmap, va, pa, n, huge)
+        if name == "vmap":  # (vmap, va, pa, n, huge)
             pages.update(range(op[2] >> 12, (op[2] >> 12) + op[3]))
             continue
-        if name in API or name in ("cpa", "kernel_map_pages"):       # (name, addr, numpages, ...)
+        if name in API or name in ("cpa", "kernel_map_pages"):  # (name, addr, numpages, ...)
             n = op[2]
         elif name in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "oob"):
-            n = 1                                  # one page at addr (oob: addr, set, clr)
+            n = 1  # one page at addr (oob: addr, set, clr)
         else:
-            continue                               # vunmap, hotplug (physical), TLB ops
+            continue  # vunmap, hotplug (physical), TLB ops
         if page_offset <= op[1] < page_offset + dm_size and 0 < n <= 1 << 24:
             first = (op[1] - page_offset) >> 12
             pages.update(range(first, first + n))
@@ -416,17 +433,25 @@ def mapped_only(p: Pattern, leaves: Leaves) -> Pattern:
     if keep.all():
         return p
     if not keep.any():
-        raise BadInputError(f"access pattern {p.name}: none of its {len(keep)} pages is mapped by the direct map")
+        raise BadInputError(
+            f"access pattern {p.name}: none of its {len(keep)} pages is mapped by the direct map"
+        )
     stream = p.stream
     if stream is not None:
         stream = stream[leaves.find(stream) >= 0]
     w = p.w[keep]
-    return Pattern(f"{p.name} ({int((~keep).sum())} unmapped pages left out)", p.lo[keep], p.hi[keep],
-                   w / w.sum(), stream)
+    return Pattern(
+        f"{p.name} ({int((~keep).sum())} unmapped pages left out)",
+        p.lo[keep],
+        p.hi[keep],
+        w / w.sum(),
+        stream,
+    )
 
 
-def pattern_named(spec: str, leaves: Leaves, *, seed: int = 1, ops: Iterable[Op] | None = None,
-                  page_offset: int = 0) -> Pattern:
+def pattern_named(
+    spec: str, leaves: Leaves, *, seed: int = 1, ops: Iterable[Op] | None = None, page_offset: int = 0
+) -> Pattern:
     """'uniform', 'hot:N' (N GiB), 'trace:FILE', 'workload' (needs ops)."""
     if spec == "uniform":
         return uniform(leaves)
@@ -448,33 +473,42 @@ def pattern_named(spec: str, leaves: Leaves, *, seed: int = 1, ops: Iterable[Op]
 # -- the result -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cost:
-    mode: str                       # "analytic" | "simulated"
+    mode: str  # "analytic" | "simulated"
     pattern: str
     geometry: str
-    translations: dict[str, int]    # distinct translations the pattern needs, per page size
-    l1_miss: float                  # per access
-    walks: float                    # STLB misses (page walks) per access
-    refs: float                     # page-walk memory references per access
-    accesses: int = 0               # simulated: accesses counted (after warm-up)
+    translations: dict[str, int]  # distinct translations the pattern needs, per page size
+    l1_miss: float  # per access
+    walks: float  # STLB misses (page walks) per access
+    refs: float  # page-walk memory references per access
+    accesses: int = 0  # simulated: accesses counted (after warm-up)
 
     @property
     def refs_per_walk(self) -> float:
         return self.refs / self.walks if self.walks else 0.0
 
     def to_json(self) -> dict[str, object]:
-        return {"mode": self.mode, "pattern": self.pattern, "geometry": self.geometry,
-                "translations": self.translations, "l1_miss_per_access": self.l1_miss,
-                "walks_per_access": self.walks, "walk_refs_per_access": self.refs,
-                "refs_per_walk": self.refs_per_walk, "accesses": self.accesses}
+        return {
+            "mode": self.mode,
+            "pattern": self.pattern,
+            "geometry": self.geometry,
+            "translations": self.translations,
+            "l1_miss_per_access": self.l1_miss,
+            "walks_per_access": self.walks,
+            "walk_refs_per_access": self.refs,
+            "refs_per_walk": self.refs_per_walk,
+            "accesses": self.accesses,
+        }
 
     def render(self) -> str:
         t = "  ".join(f"{k} {v}" for k, v in self.translations.items())
         n = f" over {self.accesses} accesses" if self.accesses else ""
-        return (f"cost ({self.mode}{n}, pattern {self.pattern}, TLB {self.geometry}):\n"
-                f"  translations needed: {t}\n"
-                f"  per 1000 accesses: L1 dTLB misses {1000 * self.l1_miss:.2f}, page walks "
-                f"{1000 * self.walks:.2f}, walk memory references {1000 * self.refs:.2f} "
-                f"({self.refs_per_walk:.2f} per walk)\n")
+        return (
+            f"cost ({self.mode}{n}, pattern {self.pattern}, TLB {self.geometry}):\n"
+            f"  translations needed: {t}\n"
+            f"  per 1000 accesses: L1 dTLB misses {1000 * self.l1_miss:.2f}, page walks "
+            f"{1000 * self.walks:.2f}, walk memory references {1000 * self.refs:.2f} "
+            f"({self.refs_per_walk:.2f} per walk)\n"
+        )
 
 
 # -- analytic -------------------------------------------------------------------------------------
@@ -529,8 +563,8 @@ class _Runs:
     start: np.ndarray
     shift: np.ndarray
     count: np.ndarray
-    p: np.ndarray          # probability of each leaf of the run
-    x: np.ndarray          # a second per-leaf value runs must agree on (splintered walk rates)
+    p: np.ndarray  # probability of each leaf of the run
+    x: np.ndarray  # a second per-leaf value runs must agree on (splintered walk rates)
 
     @classmethod
     def of(cls, leaves: Leaves, p: np.ndarray, x: np.ndarray | None = None) -> "_Runs":
@@ -540,8 +574,12 @@ class _Runs:
         x = np.zeros_like(p) if x is None else x
         sh = leaves.shift
         region = leaves.start >> (sh.astype(np.uint64) + np.uint64(9))
-        brk = np.flatnonzero((sh[1:] != sh[:-1]) | (p[1:] != p[:-1]) | (x[1:] != x[:-1])
-                             | (region[1:] != region[:-1])) + 1
+        brk = (
+            np.flatnonzero(
+                (sh[1:] != sh[:-1]) | (p[1:] != p[:-1]) | (x[1:] != x[:-1]) | (region[1:] != region[:-1])
+            )
+            + 1
+        )
         first = np.concatenate([[0], brk])
         count = np.diff(np.concatenate([first, [len(sh)]])).astype(np.float64)
         return cls(leaves.start[first], sh[first], count, p[first], x[first])
@@ -557,7 +595,7 @@ def _walk_refs_analytic(runs: _Runs, rate: np.ndarray, psc: dict[int, int], leve
         return 0.0
     leaf_level = np.where(runs.shift == K4, 1, np.where(runs.shift == M2, 2, 3))
     refs = np.zeros(len(runs.p))
-    miss_below = np.ones(len(runs.p))          # no lower-level PSC hit so far
+    miss_below = np.ones(len(runs.p))  # no lower-level PSC hit so far
     for k in range(2, levels + 1):
         entries = psc.get(k, 0)
         applies = leaf_level < k
@@ -575,8 +613,9 @@ def _walk_refs_analytic(runs: _Runs, rate: np.ndarray, psc: dict[int, int], leve
     return float((rate * runs.count * refs).sum())
 
 
-def _tlb_miss(tsh: np.ndarray, tp: np.ndarray, tcount: np.ndarray, geometry: Geometry
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _tlb_miss(
+    tsh: np.ndarray, tp: np.ndarray, tcount: np.ndarray, geometry: Geometry
+) -> tuple[np.ndarray, np.ndarray]:
     """(L1 miss, walk probability) of TLB items of page size tsh, probability tp each, tcount
     alike: Che per structure; a reference walks when it misses both levels, which under LRU in
     an inclusive hierarchy is the larger one's miss (per item: the smaller probability)."""
@@ -612,8 +651,15 @@ def analytic(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE) -> 
         walk = replace(pattern, w=pattern.w * miss, stream=None).leaf_mass(leaves)
         r = _Runs.of(leaves, p, walk)
         rate = r.x
-    return Cost("analytic", pattern.name, geometry.name, _translations(leaves, p), l1_miss,
-                float((rate * r.count).sum()), _walk_refs_analytic(r, rate, geometry.psc, leaves.levels))
+    return Cost(
+        "analytic",
+        pattern.name,
+        geometry.name,
+        _translations(leaves, p),
+        l1_miss,
+        float((rate * r.count).sum()),
+        _walk_refs_analytic(r, rate, geometry.psc, leaves.levels),
+    )
 
 
 # -- simulated ------------------------------------------------------------------------------------
@@ -641,8 +687,15 @@ class _SetAssoc:
         return False
 
 
-def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, accesses: int = 200_000,
-             warmup: int | None = None, seed: int = 1) -> Cost:
+def simulate(
+    leaves: Leaves,
+    pattern: Pattern,
+    geometry: Geometry = SKYLAKE,
+    *,
+    accesses: int = 200_000,
+    warmup: int | None = None,
+    seed: int = 1,
+) -> Cost:
     """A seeded stream of `warmup + accesses` page accesses through the TLBs and PSCs of
     `geometry`; counts after the warm-up (default: as many accesses as the TLBs have entries x 8,
     at least 10000)."""
@@ -662,13 +715,14 @@ def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, 
     stlb_sizes = set(geometry.stlb[0])
     stlb1g = _SetAssoc(*geometry.stlb_1g) if geometry.stlb_1g and G1 not in stlb_sizes else None
     psc: dict[int, tuple[OrderedDict[int, None], int]] = {
-        k: (OrderedDict(), n) for k, n in geometry.psc.items() if k <= L and n > 0}
+        k: (OrderedDict(), n) for k, n in geometry.psc.items() if k <= L and n > 0
+    }
     leaf_level = LEVEL_OF
     l1m = walks = refs = 0
     splinter = geometry.splinter
     for i, (sh, st, pc) in enumerate(zip(shifts, starts, pieces)):
         count = i >= warmup
-        tsh = K4 if splinter else sh          # the size of the TLB entry
+        tsh = K4 if splinter else sh  # the size of the TLB entry
         vpn = pc >> tsh
         key = (tsh, vpn)
         t = l1.get(tsh)
@@ -687,7 +741,7 @@ def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, 
         # walk: start below the lowest PSC entry that hits (SDM §4.10.3.2), fill the PSCs with
         # the entries the walk used (§4.10.3.1)
         ll = leaf_level[sh]
-        top = L                         # highest level whose entry the walk reads from memory
+        top = L  # highest level whose entry the walk reads from memory
         for k in range(ll + 1, L + 1):
             c = psc.get(k)
             if c is not None and (st >> (12 + 9 * (k - 1))) in c[0]:
@@ -695,7 +749,7 @@ def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, 
                 c[0].move_to_end(st >> (12 + 9 * (k - 1)))
                 break
         cost = top + 1 - ll
-        for k in range(ll + 1, top + 1):          # entries read now cached (§4.10.3.1)
+        for k in range(ll + 1, top + 1):  # entries read now cached (§4.10.3.1)
             c = psc.get(k)
             if c is None:
                 continue
@@ -708,12 +762,21 @@ def simulate(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, *, 
             walks += 1
             refs += cost
     n = accesses
-    return Cost("simulated", pattern.name, geometry.name,
-                _translations(leaves, pattern.leaf_mass(leaves)), l1m / n, walks / n, refs / n, n)
+    return Cost(
+        "simulated",
+        pattern.name,
+        geometry.name,
+        _translations(leaves, pattern.leaf_mass(leaves)),
+        l1m / n,
+        walks / n,
+        refs / n,
+        n,
+    )
 
 
-def cost_of(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, mode: str = "analytic",
-            **kw: int) -> Cost:
+def cost_of(
+    leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, mode: str = "analytic", **kw: int
+) -> Cost:
     if mode == "analytic":
         return analytic(leaves, pattern, geometry)
     if mode == "simulated":
@@ -725,21 +788,32 @@ def cost_of(leaves: Leaves, pattern: Pattern, geometry: Geometry = SKYLAKE, mode
 from x86pt.cliargs import add_cost_args  # noqa: E402,F401  (re-exported)
 
 
-def image_cost(state: PagingState, memory: PhysicalMemory, page_offset: int, args: argparse.Namespace,
-               **scan_kw: Any) -> Cost:
+def image_cost(
+    state: PagingState, memory: PhysicalMemory, page_offset: int, args: argparse.Namespace, **scan_kw: Any
+) -> Cost:
     """`x86pt census --cost`: the image's direct map priced for args.cost."""
     lv = Leaves.from_image(state, memory, page_offset, **scan_kw)
     pat = pattern_named(args.cost, lv, seed=args.cost_seed, page_offset=page_offset)
-    return cost_of(lv, pat, geometry_named(args.tlb_geometry), args.cost_mode,
-                   **({"seed": args.cost_seed} if args.cost_mode == "simulated" else {}))
+    return cost_of(
+        lv,
+        pat,
+        geometry_named(args.tlb_geometry),
+        args.cost_mode,
+        **({"seed": args.cost_seed} if args.cost_mode == "simulated" else {}),
+    )
 
 
 def model_cost(m: CpaModel, args: argparse.Namespace, ops: list[Op] | None = None) -> Cost:
     """`x86pt cpa compare --cost`: a CPA model's direct map priced for args.cost."""
     lv = Leaves.from_model(m)
     pat = pattern_named(args.cost, lv, seed=args.cost_seed, ops=ops, page_offset=m.page_offset)
-    return cost_of(lv, pat, geometry_named(args.tlb_geometry), args.cost_mode,
-                   **({"seed": args.cost_seed} if args.cost_mode == "simulated" else {}))
+    return cost_of(
+        lv,
+        pat,
+        geometry_named(args.tlb_geometry),
+        args.cost_mode,
+        **({"seed": args.cost_seed} if args.cost_mode == "simulated" else {}),
+    )
 
 
 def render_costs(rows: list[tuple[str, Cost]]) -> str:
@@ -749,21 +823,42 @@ def render_costs(rows: list[tuple[str, Cost]]) -> str:
     out = [head]
     for name, c in rows:
         t = c.translations
-        out.append([name, str(t["4K"]), str(t["2M"]), str(t["1G"]), f"{1000 * c.l1_miss:.2f}",
-                    f"{1000 * c.walks:.2f}", f"{1000 * c.refs:.2f}", f"{c.refs_per_walk:.2f}"])
+        out.append(
+            [
+                name,
+                str(t["4K"]),
+                str(t["2M"]),
+                str(t["1G"]),
+                f"{1000 * c.l1_miss:.2f}",
+                f"{1000 * c.walks:.2f}",
+                f"{1000 * c.refs:.2f}",
+                f"{c.refs_per_walk:.2f}",
+            ]
+        )
     w = [max(len(r[i]) for r in out) for i in range(len(head))]
     lines = [" ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(r)) for r in out]
-    return (f"cost ({c0.mode}, pattern {c0.pattern}, TLB {c0.geometry}; translations needed per "
-            f"page size, then per 1000 accesses):\n" + "\n".join(lines))
+    return (
+        f"cost ({c0.mode}, pattern {c0.pattern}, TLB {c0.geometry}; translations needed per "
+        f"page size, then per 1000 accesses):\n" + "\n".join(lines)
+    )
 
 
-def cost_series(m: CpaModel, ops: list[Op], spec: str, geometry: Geometry = SKYLAKE, *, points: int = 8, mode: str = "analytic",
-                seed: int = 1) -> list[tuple[int, Cost]]:
+def cost_series(
+    m: CpaModel,
+    ops: list[Op],
+    spec: str,
+    geometry: Geometry = SKYLAKE,
+    *,
+    points: int = 8,
+    mode: str = "analytic",
+    seed: int = 1,
+) -> list[tuple[int, Cost]]:
     """Replay `ops` on model `m` in `points` equal chunks and price the direct map after each:
     [(ops done, Cost)]. `workload` prices the pages touched so far. The replay is the CPA
     model's own (validation off); each point costs about one analytic estimate (docs/cost.md:
     0.3-0.4 x a 100k-op replay on the 64 GiB preset), so keep `points` small."""
     from x86pt.cpa.trace import replay
+
     if points < 1:
         raise BadInputError("cost series: at least one point")
     n = len(ops)
@@ -776,5 +871,7 @@ def cost_series(m: CpaModel, ops: list[Op], spec: str, geometry: Geometry = SKYL
             done = b
         lv = Leaves.from_model(m)
         pat = pattern_named(spec, lv, seed=seed, ops=ops[:done], page_offset=m.page_offset)
-        out.append((done, cost_of(lv, pat, geometry, mode, **({"seed": seed} if mode == "simulated" else {}))))
+        out.append(
+            (done, cost_of(lv, pat, geometry, mode, **({"seed": seed} if mode == "simulated" else {})))
+        )
     return out

@@ -5,6 +5,7 @@ the low edge, the kernel image (text ROX, rodata RO, data RW NX), a module area 
 frames alias the direct map, and a few user pages. Other parts of x86pt add their own sections
 through `demo_section(ctx)` in their cli module.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,6 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from x86pt.build import Builder
+
 # The embedded machine's address space (RAM, PAGE_OFFSET, kernel text, modules) is the CPA
 # model's `demo` layout; both read it from x86pt/cpa/layout.py.
 from x86pt.cpa.layout import DEMO_KERNEL_TEXT as KERNEL_TEXT
@@ -60,10 +62,21 @@ def linux_like_image(levels: int = 4) -> tuple[SparseMemory, PagingState, dict[s
     b.map(0x600000, 0x5002000, 4096, 4096, "p rw us a d nx")
     b.map(0x7FFFFFFDE000, 0x5003000, 4096, 4096, "p rw us a d nx")
     st = b.state(cr4=CR4_PGE | CR4_SMEP | CR4_SMAP)
-    b.memory.control_registers = {"cr0": st.cr0, "cr3": st.cr3, "cr4": st.cr4, "efer": st.efer,
-                                  "maxphyaddr": st.m}
-    names = {"PAGE_OFFSET": PAGE_OFFSET, "kernel text": KERNEL_TEXT, "modules": MODULES,
-             "user text": 0x400000, "user data": 0x600000, "user stack": 0x7FFFFFFDE000}
+    b.memory.control_registers = {
+        "cr0": st.cr0,
+        "cr3": st.cr3,
+        "cr4": st.cr4,
+        "efer": st.efer,
+        "maxphyaddr": st.m,
+    }
+    names = {
+        "PAGE_OFFSET": PAGE_OFFSET,
+        "kernel text": KERNEL_TEXT,
+        "modules": MODULES,
+        "user text": 0x400000,
+        "user data": 0x600000,
+        "user stack": 0x7FFFFFFDE000,
+    }
     return b.memory, st, names
 
 
@@ -93,6 +106,7 @@ def run_demo(args) -> int:
     from x86pt.plugins import command_modules
     from x86pt.describe import render_result, result_json
     from x86pt.walk import Access, walk
+
     out_dir = args.out or tempfile.mkdtemp(prefix="x86pt-demo-")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise BadInputError(f"--out {out_dir}: exists and is not a directory")
@@ -132,8 +146,16 @@ def run_demo(args) -> int:
         if r.outcome != expect:
             ctx.fail("walk", f"{what}: {r.outcome}, expected {expect}")
         if ctx.json:
-            print(__import__("json").dumps({"section": "walk", "what": what, "access": acc.describe(),
-                                            **{k: v for k, v in result_json(r).items() if k != "steps"}}))
+            print(
+                __import__("json").dumps(
+                    {
+                        "section": "walk",
+                        "what": what,
+                        "access": acc.describe(),
+                        **{k: v for k, v in result_json(r).items() if k != "steps"},
+                    }
+                )
+            )
         else:
             print(f"-- {what}: {acc.describe()}")
             print(render_result(r, steps=(what == "module text, a 4K alias of the direct map")))

@@ -1,5 +1,6 @@
 """Pure functions that turn entries and walk results into text or JSON-ready dicts (cf.
 pyelftools' descriptions.py). They never read memory."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -12,16 +13,21 @@ from x86pt.walk import GeneralProtection, PageFault, Result, Translation
 _FLAG_ORDER = ("p", "rw", "us", "pwt", "pcd", "a", "d", "ps", "g", "pat", "xd")
 
 
-def decode_entry(raw: int, kind: Kind, maxphyaddr: int = 52, vendor: str = "intel",
-                 state: PagingState | None = None) -> dict:
+def decode_entry(
+    raw: int, kind: Kind, maxphyaddr: int = 52, vendor: str = "intel", state: PagingState | None = None
+) -> dict:
     """Every field of the entry, with its bits, role and value; reserved bits that are set are
     listed (with `state`, the walk-time rules — XD without NXE, PS without 1G pages — too)."""
     fields = []
     flagged = 0
     for f in fields_for(kind, maxphyaddr, vendor):
         v = f.get(raw)
-        item = {"name": f.name, "bits": f"{f.hi}:{f.lo}" if f.hi != f.lo else str(f.lo),
-                "role": f.role.value, "value": v}
+        item = {
+            "name": f.name,
+            "bits": f"{f.hi}:{f.lo}" if f.hi != f.lo else str(f.lo),
+            "role": f.role.value,
+            "value": v,
+        }
         if f.role is Role.ADDR:
             item["address"] = hex(v << f.lo)
         if f.role is Role.RSVD and v:
@@ -29,11 +35,18 @@ def decode_entry(raw: int, kind: Kind, maxphyaddr: int = 52, vendor: str = "inte
         fields.append(item)
     if state is not None:
         from x86pt.fields import LEVEL_OF_KIND
+
         flagged = raw & rsvd_mask(state, LEVEL_OF_KIND[kind], kind)
     present = bool(raw & BIT_P)
-    return {"kind": kind.value, "name": kind.sdm_name, "raw": f"{raw:#018x}", "present": present,
-            "reserved_set": hex(flagged) if flagged and present else None,
-            "reserved_set_if_present": hex(flagged) if flagged else None, "fields": fields}
+    return {
+        "kind": kind.value,
+        "name": kind.sdm_name,
+        "raw": f"{raw:#018x}",
+        "present": present,
+        "reserved_set": hex(flagged) if flagged and present else None,
+        "reserved_set_if_present": hex(flagged) if flagged else None,
+        "fields": fields,
+    }
 
 
 @lru_cache(maxsize=None)
@@ -68,7 +81,11 @@ def render_decode(d: dict) -> str:
         mark = ""
         if f["role"] == "reserved" and f["value"]:
             mark = "  <- RESERVED BIT SET" + ("" if d["present"] else " (ignored: P=0)")
-        val = f.get("address") or (hex(f["value"]) if f["value"] > 1 or f["role"] in ("ignored", "reserved", "pk") else str(f["value"]))
+        val = f.get("address") or (
+            hex(f["value"])
+            if f["value"] > 1 or f["role"] in ("ignored", "reserved", "pk")
+            else str(f["value"])
+        )
         lines.append(f"  {f['bits']:>6}  {f['name']:<8} {val:<20} {f['role']}{mark}")
     if d["reserved_set"]:
         lines.append(f"  reserved bits set: {d['reserved_set']} -> #PF with RSVD on any walk through it")
@@ -76,36 +93,64 @@ def render_decode(d: dict) -> str:
 
 
 def error_code_names(code: int) -> str:
-    names = [n for bit, n in ((PF_P, "P"), (PF_W, "W"), (PF_U, "U"), (PF_RSVD, "RSVD"), (PF_ID, "I/D"),
-                              (PF_PK, "PK")) if code & bit]
+    names = [
+        n
+        for bit, n in (
+            (PF_P, "P"),
+            (PF_W, "W"),
+            (PF_U, "U"),
+            (PF_RSVD, "RSVD"),
+            (PF_ID, "I/D"),
+            (PF_PK, "PK"),
+        )
+        if code & bit
+    ]
     return "|".join(names) if names else "0"
 
 
 def result_json(r: Result) -> dict:
     base = {"va": hex(r.va), "outcome": r.outcome}
     if isinstance(r, Translation):
-        base.update(pa=hex(r.pa), page_size=r.page_size, level=r.level, error_code=None, cr2=None,
-                    rights={"user": r.rights.user, "writable": r.rights.writable,
-                            "executable": r.rights.executable, "pkey": r.rights.pkey})
+        base.update(
+            pa=hex(r.pa),
+            page_size=r.page_size,
+            level=r.level,
+            error_code=None,
+            cr2=None,
+            rights={
+                "user": r.rights.user,
+                "writable": r.rights.writable,
+                "executable": r.rights.executable,
+                "pkey": r.rights.pkey,
+            },
+        )
     elif isinstance(r, PageFault):
         base.update(pa=None, page_size=None, error_code=r.error_code, cr2=hex(r.cr2), reason=r.reason)
     else:
-        base.update(pa=None, page_size=None, error_code=r.error_code,
-                    cr2=None if r.cr2 is None else hex(r.cr2), reason=r.reason)
-    base["steps"] = [s.to_json() | {"flags": entry_flags(s.raw, s.kind),
-                                     "fields": decode_fast(s.raw, s.kind)} for s in r.steps]
+        base.update(
+            pa=None,
+            page_size=None,
+            error_code=r.error_code,
+            cr2=None if r.cr2 is None else hex(r.cr2),
+            reason=r.reason,
+        )
+    base["steps"] = [
+        s.to_json() | {"flags": entry_flags(s.raw, s.kind), "fields": decode_fast(s.raw, s.kind)}
+        for s in r.steps
+    ]
     return base
 
 
 def describe_step(step, state: PagingState | None = None, va: int | None = None) -> str:
     """One walk step on one line: table[index] @ entry address = raw, kind, target, flags, notes."""
     from x86pt.fields import masks_for
+
     idx = "" if va is None else f"[{(va >> step.level.shift) & 0x1FF:3d}]"
     m = state.m if state is not None else 52
     vendor = state.vendor if state is not None else "intel"
     kind = step.kind
     target = step.raw & masks_for(kind, m, vendor).addr
-    arrow = (f"-> {'frame' if kind.is_leaf else 'table'} {target:#x}" if step.raw & 1 else "not present")
+    arrow = f"-> {'frame' if kind.is_leaf else 'table'} {target:#x}" if step.raw & 1 else "not present"
     notes = []
     if step.raw & 1:
         pk = (step.raw & PK_MASK) >> PK_SHIFT
@@ -118,9 +163,11 @@ def describe_step(step, state: PagingState | None = None, va: int | None = None)
             bad = step.raw & rsvd_mask(state, step.level, kind)
             if bad:
                 notes.append(f"RESERVED {bad:#x}")
-    return (f"  {step.level.table:<4}{idx} @ {step.entry_addr:#014x} = {step.raw:#018x}  "
-            f"{kind.sdm_name:<16} {arrow:<24} {entry_flags(step.raw, kind)}"
-            + ("  " + " ".join(notes) if notes else ""))
+    return (
+        f"  {step.level.table:<4}{idx} @ {step.entry_addr:#014x} = {step.raw:#018x}  "
+        f"{kind.sdm_name:<16} {arrow:<24} {entry_flags(step.raw, kind)}"
+        + ("  " + " ".join(notes) if notes else "")
+    )
 
 
 def render_result(r: Result, *, steps: bool = False, state: PagingState | None = None) -> str:
@@ -131,12 +178,17 @@ def render_result(r: Result, *, steps: bool = False, state: PagingState | None =
     if isinstance(r, Translation):
         size = {1 << 12: "4K", 1 << 21: "2M", 1 << 30: "1G"}[r.page_size]
         rt = r.rights
-        lines.append(f"{r.va:#018x} -> {r.pa:#x}  ({size} page, {'user' if rt.user else 'supervisor'}, "
-                     f"{'rw' if rt.writable else 'ro'}, {'x' if rt.executable else 'nx'}"
-                     + (f", pkey {rt.pkey}" if rt.pkey else "") + ")")
+        lines.append(
+            f"{r.va:#018x} -> {r.pa:#x}  ({size} page, {'user' if rt.user else 'supervisor'}, "
+            f"{'rw' if rt.writable else 'ro'}, {'x' if rt.executable else 'nx'}"
+            + (f", pkey {rt.pkey}" if rt.pkey else "")
+            + ")"
+        )
     elif isinstance(r, PageFault):
-        lines.append(f"{r.va:#018x}: #PF error code {r.error_code:#x} ({error_code_names(r.error_code)}), "
-                     f"CR2={r.cr2:#x}: {r.reason}")
+        lines.append(
+            f"{r.va:#018x}: #PF error code {r.error_code:#x} ({error_code_names(r.error_code)}), "
+            f"CR2={r.cr2:#x}: {r.reason}"
+        )
     elif isinstance(r, GeneralProtection):
         lines.append(f"{r.va:#018x}: #GP({r.error_code}): {r.reason}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ is identical, added (only in B), removed (only in A), or changed (rights, frame,
 Attributes compared: effective RW, US, executable (XD ORed, only when NXE), the leaf's PWT, PCD,
 PAT, G, PK, and whether a reserved bit makes the translation fault.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,14 @@ from x86pt.state import PagingState
 from x86pt.walk import rights_letters
 
 IDENTICAL, ADDED, REMOVED, RIGHTS, FRAME, BOTH = range(6)
-CATEGORY = {IDENTICAL: "=", ADDED: "+", REMOVED: "-", RIGHTS: "~rights", FRAME: "~frame",
-            BOTH: "~rights+frame"}
+CATEGORY = {
+    IDENTICAL: "=",
+    ADDED: "+",
+    REMOVED: "-",
+    RIGHTS: "~rights",
+    FRAME: "~frame",
+    BOTH: "~rights+frame",
+}
 # Bit numbers of the leaf's own attributes, from the field table.
 _PWT, _G, _PAT_4K, _PAT_LARGE = (m.bit_length() - 1 for m in (BIT_PWT, BIT_G, BIT_PAT_4K, BIT_PAT_LARGE))
 
@@ -31,8 +38,13 @@ def attr_key(ch: Chunk, nxe: bool = True) -> np.ndarray:
     eff = ch.eff.astype(U64) & U64(EFF_RW | EFF_US | EFF_RSVD | (EFF_NX if nxe else 0))
     raw = ch.raw
     pat = np.where(ch.level == 1, (raw >> U64(_PAT_4K)) & U64(1), (raw >> U64(_PAT_LARGE)) & U64(1))
-    return (eff | (((raw >> U64(_PWT)) & U64(3)) << U64(4)) | (pat << U64(6))       # PWT, PCD adjacent
-            | (((raw >> U64(_G)) & U64(1)) << U64(7)) | (((raw & U64(PK_MASK)) >> U64(PK_SHIFT)) << U64(8)))
+    return (
+        eff
+        | (((raw >> U64(_PWT)) & U64(3)) << U64(4))
+        | (pat << U64(6))  # PWT, PCD adjacent
+        | (((raw >> U64(_G)) & U64(1)) << U64(7))
+        | (((raw & U64(PK_MASK)) >> U64(PK_SHIFT)) << U64(8))
+    )
 
 
 def attr_text(key: int) -> str:
@@ -54,7 +66,7 @@ def translation_runs(state: PagingState, memory, **scan_kw) -> tuple[Runs, Scann
 @dataclass(frozen=True)
 class Piece:
     start: int
-    end: int            # exclusive; 0 means the top of the address space
+    end: int  # exclusive; 0 means the top of the address space
     category: int
     pa_a: int | None
     pa_b: int | None
@@ -87,10 +99,16 @@ class Piece:
 
     def to_json(self) -> dict:
         h = lambda v: None if v is None else hex(v)
-        return {"change": CATEGORY[self.category], "start": f"{self.start:#018x}",
-                "end": f"{self.end:#018x}", "size": self.size, "pa_a": h(self.pa_a), "pa_b": h(self.pa_b),
-                "attrs_a": None if self.key_a is None else attr_text(self.key_a),
-                "attrs_b": None if self.key_b is None else attr_text(self.key_b)}
+        return {
+            "change": CATEGORY[self.category],
+            "start": f"{self.start:#018x}",
+            "end": f"{self.end:#018x}",
+            "size": self.size,
+            "pa_a": h(self.pa_a),
+            "pa_b": h(self.pa_b),
+            "attrs_a": None if self.key_a is None else attr_text(self.key_a),
+            "attrs_b": None if self.key_b is None else attr_text(self.key_b),
+        }
 
 
 def _locate(runs: Runs, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,9 +156,16 @@ def diff_runs(a: Runs, b: Runs) -> list[Piece]:
         if out:
             p = out[-1]
             d = (s - p.start) & ((1 << 64) - 1)
-            if (p.end == s and p.category == c and p.key_a == ka_i and p.key_b == kb_i
-                    and (p.pa_a is None) == (pa_ai is None) and (p.pa_b is None) == (pa_bi is None)
-                    and (pa_ai is None or p.pa_a + d == pa_ai) and (pa_bi is None or p.pa_b + d == pa_bi)):
+            if (
+                p.end == s
+                and p.category == c
+                and p.key_a == ka_i
+                and p.key_b == kb_i
+                and (p.pa_a is None) == (pa_ai is None)
+                and (p.pa_b is None) == (pa_bi is None)
+                and (pa_ai is None or p.pa_a + d == pa_ai)
+                and (pa_bi is None or p.pa_b + d == pa_bi)
+            ):
                 out[-1] = Piece(p.start, e, c, p.pa_a, p.pa_b, p.key_a, p.key_b)
                 continue
         out.append(Piece(s, e, c, pa_ai, pa_bi, ka_i, kb_i))
@@ -150,7 +175,7 @@ def diff_runs(a: Runs, b: Runs) -> list[Piece]:
 @dataclass(frozen=True)
 class DiffResult:
     pieces: list[Piece]
-    shape_a: dict[int, int]     # leaves per level
+    shape_a: dict[int, int]  # leaves per level
     shape_b: dict[int, int]
     tables_a: int
     tables_b: int
@@ -169,17 +194,29 @@ class DiffResult:
         lines = [p.render() + "\n" for p in self.pieces if show_identical or p.category != IDENTICAL]
         summ = self.summary()
         sizes = lambda d: " ".join(f"{lbl}:{d.get(l, 0)}" for l, lbl in ((1, "4K"), (2, "2M"), (3, "1G")))
-        lines.append("summary: " + ", ".join(f"{k} {v:#x} bytes" for k, v in sorted(summ.items()))
-                     + ("" if summ else "both images map nothing") + "\n")
+        lines.append(
+            "summary: "
+            + ", ".join(f"{k} {v:#x} bytes" for k, v in sorted(summ.items()))
+            + ("" if summ else "both images map nothing")
+            + "\n"
+        )
         if self.shape_a != self.shape_b or self.tables_a != self.tables_b:
-            lines.append(f"shape: A leaves {sizes(self.shape_a)}, {self.tables_a} table pages; "
-                         f"B leaves {sizes(self.shape_b)}, {self.tables_b} table pages"
-                         + (" (translations identical)" if not self.changed else "") + "\n")
+            lines.append(
+                f"shape: A leaves {sizes(self.shape_a)}, {self.tables_a} table pages; "
+                f"B leaves {sizes(self.shape_b)}, {self.tables_b} table pages"
+                + (" (translations identical)" if not self.changed else "")
+                + "\n"
+            )
         return "".join(lines)
 
 
 def diff_images(state_a: PagingState, mem_a, state_b: PagingState, mem_b, **scan_kw) -> DiffResult:
     ra, sa = translation_runs(state_a, mem_a, **scan_kw)
     rb, sb = translation_runs(state_b, mem_b, **scan_kw)
-    return DiffResult(diff_runs(ra, rb), dict(sa.stats.entries), dict(sb.stats.entries),
-                      sa.stats.distinct_tables(), sb.stats.distinct_tables())
+    return DiffResult(
+        diff_runs(ra, rb),
+        dict(sa.stats.entries),
+        dict(sb.stats.entries),
+        sa.stats.distinct_tables(),
+        sb.stats.distinct_tables(),
+    )

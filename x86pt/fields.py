@@ -6,6 +6,7 @@ A field's bit range may depend on MAXPHYADDR (the address field ends at bit M-1,
 reserved) and on the vendor (AMD reserves bit 8 of PML4E/PML5E). `fields_for()` resolves both and
 returns a list that covers bits 63..0 exactly once.
 """
+
 from __future__ import annotations
 
 import enum
@@ -21,11 +22,11 @@ class Kind(str, enum.Enum):
 
     PML5E = "pml5e"
     PML4E = "pml4e"
-    PDPTE = "pdpte"        # PDPTE referencing a page directory (PS=0)
-    PDPTE_1G = "pdpte1g"   # PDPTE mapping a 1-GByte page (PS=1)
-    PDE = "pde"            # PDE referencing a page table (PS=0)
-    PDE_2M = "pde2m"       # PDE mapping a 2-MByte page (PS=1)
-    PTE = "pte"            # PTE mapping a 4-KByte page
+    PDPTE = "pdpte"  # PDPTE referencing a page directory (PS=0)
+    PDPTE_1G = "pdpte1g"  # PDPTE mapping a 1-GByte page (PS=1)
+    PDE = "pde"  # PDE referencing a page table (PS=0)
+    PDE_2M = "pde2m"  # PDE mapping a 2-MByte page (PS=1)
+    PTE = "pte"  # PTE mapping a 4-KByte page
 
     @property
     def is_leaf(self) -> bool:
@@ -50,9 +51,15 @@ class Kind(str, enum.Enum):
         return _SDM_NAMES[self]
 
 
-_SDM_NAMES = {Kind.PML5E: "PML5E", Kind.PML4E: "PML4E", Kind.PDPTE: "PDPTE (table)",
-              Kind.PDPTE_1G: "PDPTE (1GB page)", Kind.PDE: "PDE (table)", Kind.PDE_2M: "PDE (2MB page)",
-              Kind.PTE: "PTE"}
+_SDM_NAMES = {
+    Kind.PML5E: "PML5E",
+    Kind.PML4E: "PML4E",
+    Kind.PDPTE: "PDPTE (table)",
+    Kind.PDPTE_1G: "PDPTE (1GB page)",
+    Kind.PDE: "PDE (table)",
+    Kind.PDE_2M: "PDE (2MB page)",
+    Kind.PTE: "PTE",
+}
 
 
 @dataclass(frozen=True)
@@ -64,12 +71,12 @@ class Level:
     """
 
     number: int
-    table: str            # SDM table name
-    shift: int            # lowest VA bit of this level's index; one entry spans 1 << shift bytes
-    table_kind: Kind      # kind of an entry of this level when PS=0 (for level 1: the 4K leaf)
+    table: str  # SDM table name
+    shift: int  # lowest VA bit of this level's index; one entry spans 1 << shift bytes
+    table_kind: Kind  # kind of an entry of this level when PS=0 (for level 1: the 4K leaf)
     leaf_kind: Kind | None  # kind of an entry of this level when PS=1, if PS makes a leaf here
-    linux4: str           # Linux name of the level with 4-level paging (p4d folded into pgd)
-    linux5: str           # Linux name with 5-level paging
+    linux4: str  # Linux name of the level with 4-level paging (p4d folded into pgd)
+    linux5: str  # Linux name with 5-level paging
 
     @property
     def span(self) -> int:
@@ -98,8 +105,13 @@ LEVELS: dict[int, Level] = {
 }
 
 LEVEL_OF_KIND: dict[Kind, Level] = {
-    Kind.PML5E: LEVELS[5], Kind.PML4E: LEVELS[4], Kind.PDPTE: LEVELS[3],
-    Kind.PDPTE_1G: LEVELS[3], Kind.PDE: LEVELS[2], Kind.PDE_2M: LEVELS[2], Kind.PTE: LEVELS[1],
+    Kind.PML5E: LEVELS[5],
+    Kind.PML4E: LEVELS[4],
+    Kind.PDPTE: LEVELS[3],
+    Kind.PDPTE_1G: LEVELS[3],
+    Kind.PDE: LEVELS[2],
+    Kind.PDE_2M: LEVELS[2],
+    Kind.PTE: LEVELS[1],
 }
 
 
@@ -111,14 +123,14 @@ def levels_for(paging_levels: int) -> tuple[Level, ...]:
 
 
 class Role(str, enum.Enum):
-    FLAG = "flag"          # a 1-bit attribute (p, rw, us, pwt, pcd, a, d, g)
-    PS = "ps"              # page size: 0 in table formats, 1 in large-leaf formats
-    PAT = "pat"            # PAT index bit (bit 7 in a PTE, bit 12 in 2M/1G leaves)
-    XD = "xd"              # execute-disable (reserved when EFER.NXE=0: a walk-time rule)
-    PK = "pk"              # protection key, leaves only
-    ADDR = "addr"          # physical address bits (value is the frame number at frame_shift)
-    IGN = "ignored"        # ignored by the processor: software may use them
-    RSVD = "reserved"      # must be 0 when P=1, else #PF with RSVD
+    FLAG = "flag"  # a 1-bit attribute (p, rw, us, pwt, pcd, a, d, g)
+    PS = "ps"  # page size: 0 in table formats, 1 in large-leaf formats
+    PAT = "pat"  # PAT index bit (bit 7 in a PTE, bit 12 in 2M/1G leaves)
+    XD = "xd"  # execute-disable (reserved when EFER.NXE=0: a walk-time rule)
+    PK = "pk"  # protection key, leaves only
+    ADDR = "addr"  # physical address bits (value is the frame number at frame_shift)
+    IGN = "ignored"  # ignored by the processor: software may use them
+    RSVD = "reserved"  # must be 0 when P=1, else #PF with RSVD
 
 
 @dataclass(frozen=True)
@@ -170,9 +182,15 @@ def fields_for(kind: Kind, maxphyaddr: int = 52, vendor: str = "intel") -> tuple
     if m < 52:
         out.append(Field("rsvd_hi", 51, m, Role.RSVD, "above MAXPHYADDR: reserved"))
     fshift = kind.frame_shift
-    out.append(Field("addr", m - 1, fshift, Role.ADDR,
-                     "physical address of the page frame" if leaf else
-                     "physical address of the next paging structure"))
+    out.append(
+        Field(
+            "addr",
+            m - 1,
+            fshift,
+            Role.ADDR,
+            "physical address of the page frame" if leaf else "physical address of the next paging structure",
+        )
+    )
     if kind is Kind.PDPTE_1G:
         out.append(Field("rsvd_lo", 29, 13, Role.RSVD, "1G frame alignment: reserved"))
         out.append(Field("pat", 12, 12, Role.PAT, "PAT index bit 2 (large-page position)"))
@@ -221,7 +239,6 @@ def field_named(kind: Kind, name: str, maxphyaddr: int = 52, vendor: str = "inte
     raise BadInputError(f"{Kind(kind).value} has no field {name!r} (fields: {names})")
 
 
-
 # In-place masks of single entry bits, read off the field table (never written by hand). A name
 # holds wherever the field sits at that bit: P/RW/US/PWT/PCD/A in every kind, D and G in leaves,
 # PS in PDPTE/PDE, XD in every kind; the PAT bit moves (bit 7 in a PTE, bit 12 in 2M/1G leaves).
@@ -238,19 +255,22 @@ BIT_PS = _PDE_2M_FIELD["ps"].mask
 BIT_PAT_4K = _PTE_FIELD["pat"].mask
 BIT_PAT_LARGE = _PDE_2M_FIELD["pat"].mask
 BIT_G = _PTE_FIELD["g"].mask
-BIT_8 = next(f.mask for f in fields_for(Kind.PML4E, 52, "amd") if f.name == "rsvd8")   # AMD: reserved in PML4E/PML5E
+BIT_8 = next(
+    f.mask for f in fields_for(Kind.PML4E, 52, "amd") if f.name == "rsvd8"
+)  # AMD: reserved in PML4E/PML5E
 BIT_XD = _PTE_FIELD["xd"].mask
 PK_MASK = _PTE_FIELD["pk"].mask
 PK_SHIFT = _PTE_FIELD["pk"].lo
-ADDR_MASK_52 = _PTE_FIELD["addr"].mask                # bits 51:12, the widest address field (M = 52)
+ADDR_MASK_52 = _PTE_FIELD["addr"].mask  # bits 51:12, the widest address field (M = 52)
+
 
 @dataclass(frozen=True)
 class Masks:
     """Shift/mask constants for the hot paths, derived from `fields_for` (never written by hand)."""
 
     kind: Kind
-    addr: int        # in-place mask of the address field
-    rsvd: int        # OR of the RSVD fields (state-dependent rules like XD/NXE are added by walk)
+    addr: int  # in-place mask of the address field
+    rsvd: int  # OR of the RSVD fields (state-dependent rules like XD/NXE are added by walk)
     shifts: tuple[tuple[str, int, int], ...]  # (name, lo, width-mask) for decode_fast
 
 
@@ -268,8 +288,7 @@ def decode_fast(raw: int, kind: Kind, maxphyaddr: int = 52, vendor: str = "intel
     return {name: (raw >> lo) & m for name, lo, m in masks_for(Kind(kind), maxphyaddr, vendor).shifts}
 
 
-def encode_fast(values: dict[str, int], kind: Kind, maxphyaddr: int = 52,
-                vendor: str = "intel") -> int:
+def encode_fast(values: dict[str, int], kind: Kind, maxphyaddr: int = 52, vendor: str = "intel") -> int:
     raw = 0
     known = {name: (lo, m) for name, lo, m in masks_for(Kind(kind), maxphyaddr, vendor).shifts}
     for name, v in values.items():
@@ -286,8 +305,16 @@ def encode_fast(values: dict[str, int], kind: Kind, maxphyaddr: int = 52,
 def kind_from_name(name: str) -> Kind:
     """Accept the kind names users type: pml5e, pml4e, pdpte, pdpte1g, pde, pde2m, pte (and the
     Linux names pgd/p4d/pud/pmd as their table kinds)."""
-    aliases = {"pud": Kind.PDPTE, "pmd": Kind.PDE, "pdpte_1g": Kind.PDPTE_1G, "pde_2m": Kind.PDE_2M,
-               "pdpe": Kind.PDPTE, "1g": Kind.PDPTE_1G, "2m": Kind.PDE_2M, "4k": Kind.PTE}
+    aliases = {
+        "pud": Kind.PDPTE,
+        "pmd": Kind.PDE,
+        "pdpte_1g": Kind.PDPTE_1G,
+        "pde_2m": Kind.PDE_2M,
+        "pdpe": Kind.PDPTE,
+        "1g": Kind.PDPTE_1G,
+        "2m": Kind.PDE_2M,
+        "4k": Kind.PTE,
+    }
     s = name.strip().lower()
     if s in aliases:
         return aliases[s]

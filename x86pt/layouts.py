@@ -6,6 +6,7 @@ from bit 63 down to bit 0 (plain BitStruct on the raw bytes would read byte 0 fi
 construct is slow per entry (~25 µs); walks and scans use the shift/mask path `fields.decode_fast`,
 and tests prove both paths agree.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -50,8 +51,9 @@ def encode(values: dict[str, int], kind: Kind, maxphyaddr: int = 52, vendor: str
     names = {f.name for f in fs}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise BadInputError(f"{kind.value} has no field {unknown[0]!r} "
-                            f"(fields: {', '.join(f.name for f in fs)})")
+        raise BadInputError(
+            f"{kind.value} has no field {unknown[0]!r} (fields: {', '.join(f.name for f in fs)})"
+        )
     full = {}
     for f in fs:
         v = int(values.get(f.name, 0))

@@ -1,5 +1,6 @@
 """Numbers as users type them: decimal or 0x-hex, with optional _ separators and K/M/G/T suffixes
 where sizes are asked for."""
+
 from x86pt.errors import BadInputError
 
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -15,8 +16,9 @@ def _shown(text: object) -> str:
     return r if len(r) <= 40 else r[:37] + "..."
 
 
-def parse_int(text: str | int, what: str = "number", *, lo: int | None = 0,
-              hi: int | None = (1 << 64) - 1) -> int:
+def parse_int(
+    text: str | int, what: str = "number", *, lo: int | None = 0, hi: int | None = (1 << 64) - 1
+) -> int:
     """Parse `text` as decimal or 0x-hex. Raise BadInputError naming `what` on anything else."""
     shown = _shown(text)
     if isinstance(text, bool):

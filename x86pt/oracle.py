@@ -24,6 +24,7 @@ Conventions shared by every oracle and by the image builders of the rig:
   probes return the 8 bytes at their target as `value`. `tag_value(pa)` is the rig's pattern
   for "this qword lives at pa" (low byte 0xC3, so 8-aligned fetches return too).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,10 +57,10 @@ def pa_from_value(value: int | None, va: int) -> int | None:
 @dataclass(frozen=True)
 class Probe:
     va: int
-    access: str = "read"       # read | write | fetch
-    user: bool = False         # CPL 3
-    ac: bool = False           # EFLAGS.AC
-    wvalue: int = 0            # value stored by a write probe
+    access: str = "read"  # read | write | fetch
+    user: bool = False  # CPL 3
+    ac: bool = False  # EFLAGS.AC
+    wvalue: int = 0  # value stored by a write probe
     # An implicit supervisor-mode read (SDM Vol. 3A §4.6): the CPU itself reads the qword at `va`
     # as a segment descriptor (the rig's guests load a segment register from an LDT based at
     # `va`). A supervisor access whatever the CPL; SMAP-checked whatever EFLAGS.AC says.
@@ -76,24 +77,27 @@ class Probe:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    outcome: str                       # ok | page_fault | general_protection
-    error_code: int | None = None      # #PF / #GP error code
-    cr2: int | None = None             # CR2 after a #PF (None for ok and for #GP unless written)
-    pa: int | None = None              # physical address reached, when the oracle can tell
-    value: int | None = None           # 8 bytes loaded by a successful read
-    vector: int | None = None          # raw exception vector seen (14, 13, ...), None for ok
-    detail: str = ""                   # anything odd the backend noticed
+    outcome: str  # ok | page_fault | general_protection
+    error_code: int | None = None  # #PF / #GP error code
+    cr2: int | None = None  # CR2 after a #PF (None for ok and for #GP unless written)
+    pa: int | None = None  # physical address reached, when the oracle can tell
+    value: int | None = None  # 8 bytes loaded by a successful read
+    vector: int | None = None  # raw exception vector seen (14, 13, ...), None for ok
+    detail: str = ""  # anything odd the backend noticed
 
     def to_json(self) -> dict[str, Any]:
-        return {"outcome": self.outcome, "error_code": self.error_code,
-                "cr2": None if self.cr2 is None else hex(self.cr2),
-                "pa": None if self.pa is None else hex(self.pa)}
+        return {
+            "outcome": self.outcome,
+            "error_code": self.error_code,
+            "cr2": None if self.cr2 is None else hex(self.cr2),
+            "pa": None if self.pa is None else hex(self.pa),
+        }
 
 
 @dataclass
 class BatchResult:
     results: list[ProbeResult]
-    memory_after: SparseMemory          # the image region after the run (A/D bits, written data)
+    memory_after: SparseMemory  # the image region after the run (A/D bits, written data)
     seconds: float = 0.0
 
 
@@ -129,7 +133,7 @@ class Capabilities:
 
 
 class Oracle(Protocol):
-    name: str            # the registry name: "unicorn", "qemu", "kvm", ...
+    name: str  # the registry name: "unicorn", "qemu", "kvm", ...
     # The x86pt profile that models it: a name of x86pt.state.PROFILES, or a Profile the oracle
     # measured on its host (kvm); x86pt.state.as_profile takes either.
     profile: "str | Profile"

@@ -12,6 +12,7 @@ rather than with importlib.metadata, whose import alone costs about 18 ms (email
 against a start-up budget of 30 ms for `x86pt --help`; the file scan costs about 1 ms.
 tests/test_plugins.py checks that both readers find the same entry points.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -89,6 +90,8 @@ def load(value: str) -> object:
 def command_modules() -> tuple[str, ...]:
     """The modules that add CLI commands: the library's own, then each `x86pt.commands` plugin
     (shallow modules first, then by name, so the help's order is stable)."""
-    plugged = sorted({v.partition(":")[0].strip() for v in entry_points(COMMANDS).values()},
-                     key=lambda mod: (mod.count("."), mod))
+    plugged = sorted(
+        {v.partition(":")[0].strip() for v in entry_points(COMMANDS).values()},
+        key=lambda mod: (mod.count("."), mod),
+    )
     return BUILTIN_COMMANDS + tuple(plugged)

@@ -5,6 +5,7 @@ stderr gets no carriage-return updates; it never counts past its total. `Interru
 into a flag the work loop polls between steps, so a Ctrl-C never lands inside a C callback (unicorn
 prints a ctypes traceback when it does) and the command can print a partial summary and exit 130.
 """
+
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
@@ -18,8 +19,15 @@ from typing import Any, TextIO
 class ProgressBar:
     """A bar over `total` steps. `enabled=None`: only on a TTY."""
 
-    def __init__(self, total: int, label: str, *, unit: str = "it", enabled: bool | None = None,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        *,
+        unit: str = "it",
+        enabled: bool | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
         self.stream = stream or sys.stderr
         if enabled is None:
             isatty = getattr(self.stream, "isatty", None)
@@ -29,7 +37,8 @@ class ProgressBar:
         self.done = 0
         self._bar: Any = None
         if enabled:
-            from tqdm import tqdm     # imported only when a bar is drawn (start-up time)
+            from tqdm import tqdm  # imported only when a bar is drawn (start-up time)
+
             # A terminal that reports a 0x0 size (a fresh pty, `script`) would get no bar at all:
             # tqdm hides bars below the screen's last row. Assume 80x24 there.
             try:
@@ -37,9 +46,17 @@ class ProgressBar:
             except (OSError, ValueError, AttributeError):
                 size = os.terminal_size((0, 0))
             known = size.columns > 0 and size.lines > 0
-            self._bar = tqdm(total=self.total, desc=label, unit=unit, file=self.stream,
-                             dynamic_ncols=known, ncols=None if known else 80,
-                             nrows=None if known else 24, leave=True, mininterval=0.25)
+            self._bar = tqdm(
+                total=self.total,
+                desc=label,
+                unit=unit,
+                file=self.stream,
+                dynamic_ncols=known,
+                ncols=None if known else 80,
+                nrows=None if known else 24,
+                leave=True,
+                mininterval=0.25,
+            )
 
     def update_to(self, done: int, **postfix: Any) -> None:
         """Move the bar to `done` steps (clamped to the total); postfix items are shown after it."""

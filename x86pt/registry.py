@@ -4,6 +4,7 @@ exactly as a third party's would be) or `cmd:PROGRAM ARGS`, an external program 
 command-oracle protocol (x86pt/cmdoracle.py). The interface the oracles implement is in
 x86pt/oracle.py; docs/design.md §4.7 describes both.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -25,6 +26,7 @@ def is_command(name: str) -> bool:
 def oracle_names() -> tuple[str, ...]:
     """Every oracle registered under the `x86pt.oracles` entry-point group, sorted."""
     from x86pt.plugins import ORACLES, entry_points
+
     return tuple(sorted(entry_points(ORACLES)))
 
 
@@ -33,8 +35,10 @@ def oracle_class(name: str) -> type:
     cannot be imported here (with the missing module named)."""
     if is_command(name):
         from x86pt.cmdoracle import CmdOracle
+
         return CmdOracle
     from x86pt.plugins import ORACLES, entry_points, load
+
     eps = entry_points(ORACLES)
     if name not in eps:
         raise OracleUnavailable(f"unknown oracle {name!r} (one of {', '.join(sorted(eps)) or 'none'})")
@@ -53,7 +57,8 @@ def availability(name: str) -> tuple[bool, str]:
     """(available, reason): the class's own `available()` when it has one."""
     if is_command(name):
         from x86pt.cmdoracle import program_available
-        return program_available(name[len(CMD_PREFIX):])
+
+        return program_available(name[len(CMD_PREFIX) :])
     try:
         cls = oracle_class(name)
     except OracleUnavailable as e:
@@ -63,9 +68,11 @@ def availability(name: str) -> tuple[bool, str]:
         return True, ""
     try:
         res = check()
-    except Exception as e:   # a backend's self-check failing is a reason, not a crash
+    except Exception as e:  # a backend's self-check failing is a reason, not a crash
         return False, f"{name}: availability check failed: {type(e).__name__}: {e}"
-    ok, why = (bool(res[0]), str(res[1]) if len(res) > 1 else "") if isinstance(res, tuple) else (bool(res), "")
+    ok, why = (
+        (bool(res[0]), str(res[1]) if len(res) > 1 else "") if isinstance(res, tuple) else (bool(res), "")
+    )
     return (True, "") if ok else (False, why or f"{name}: backend reports it is unavailable")
 
 
@@ -88,11 +95,12 @@ def get_oracle(name: str, **kwargs: Any) -> Oracle:
     """A ready oracle. Raises OracleUnavailable with the reason when it cannot run here."""
     ok, why = availability(name)
     if not ok:
-        raise OracleUnavailable(why if why.startswith(f"{name}:") or why.startswith("unknown")
-                                else f"{name}: {why}")
+        raise OracleUnavailable(
+            why if why.startswith(f"{name}:") or why.startswith("unknown") else f"{name}: {why}"
+        )
     cls = oracle_class(name)
     try:
-        oracle: Oracle = cls(name[len(CMD_PREFIX):], **kwargs) if is_command(name) else cls(**kwargs)
+        oracle: Oracle = cls(name[len(CMD_PREFIX) :], **kwargs) if is_command(name) else cls(**kwargs)
         return oracle
     except OracleUnavailable:
         raise
@@ -115,14 +123,18 @@ def oracle_list(text: str, *, what: str = "--oracle") -> list[str]:
         known = oracle_names()
         bad = [n for n in names if n not in known]
         if bad:
-            raise BadInputError(f"{what} {text!r}: unknown oracle {bad[0]!r} (one of {', '.join(known)}, all, "
-                                f"{CMD_PREFIX}PROGRAM ARGS)")
+            raise BadInputError(
+                f"{what} {text!r}: unknown oracle {bad[0]!r} (one of {', '.join(known)}, all, "
+                f"{CMD_PREFIX}PROGRAM ARGS)"
+            )
         return names + [CMD_PREFIX + command.strip()]
     if names == ["all"]:
         return list(all_oracles())
     known = oracle_names()
     bad = [n for n in names if n not in known]
     if not names or bad:
-        raise BadInputError(f"{what} {text!r}: unknown oracle {bad[0] if bad else ''!r} "
-                            f"(one of {', '.join(known)}, all, {CMD_PREFIX}PROGRAM ARGS)")
+        raise BadInputError(
+            f"{what} {text!r}: unknown oracle {bad[0] if bad else ''!r} "
+            f"(one of {', '.join(known)}, all, {CMD_PREFIX}PROGRAM ARGS)"
+        )
     return names

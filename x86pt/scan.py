@@ -29,6 +29,7 @@ Hostile tables are data, not crashes (docs/design.md §2.5):
 
 Coalescing lives in x86pt/coalesce.py; renderers in x86pt/formats/.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,25 +38,41 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from x86pt.errors import BadInputError, BudgetError, PhysicalAddressError
-from x86pt.fields import (BIT_A, BIT_D, BIT_G, BIT_P, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PCD, BIT_PS, BIT_PWT, BIT_RW,
-                          BIT_US, BIT_XD, LEVELS, Kind, Level)
+from x86pt.fields import (
+    BIT_A,
+    BIT_D,
+    BIT_G,
+    BIT_P,
+    BIT_PAT_4K,
+    BIT_PAT_LARGE,
+    BIT_PCD,
+    BIT_PS,
+    BIT_PWT,
+    BIT_RW,
+    BIT_US,
+    BIT_XD,
+    LEVELS,
+    Kind,
+    Level,
+)
 from x86pt.state import PagingState, rsvd_mask
 
 # Bits of Chunk.eff. RW/US sit at their entry positions (bits 1, 2) so combining is an AND.
-EFF_NX = 1        # XD set in some entry of the walk (ORed)
-EFF_RW = 2        # R/W set in every entry (ANDed)
-EFF_US = 4        # U/S set in every entry (ANDed)
-EFF_RSVD = 8      # a reserved bit is set in the leaf or an entry above it: the CPU would #PF
-EFF_P = 16        # a present leaf (clear: a hole record)
-EFF_LOOP = 32     # the walk went through a table that is its own ancestor
+EFF_NX = 1  # XD set in some entry of the walk (ORed)
+EFF_RW = 2  # R/W set in every entry (ANDed)
+EFF_US = 4  # U/S set in every entry (ANDed)
+EFF_RSVD = 8  # a reserved bit is set in the leaf or an entry above it: the CPU would #PF
+EFF_P = 16  # a present leaf (clear: a hole record)
+EFF_LOOP = 32  # the walk went through a table that is its own ancestor
 EFF_ROOT = EFF_RW | EFF_US
 
 U64 = np.uint64
-SHIFT = np.array([0, 12, 21, 30, 39, 48], dtype=np.uint64)   # index shift by SDM level number
+SHIFT = np.array([0, 12, 21, 30, 39, 48], dtype=np.uint64)  # index shift by SDM level number
 PS_BIT = BIT_PS
 _XD_SHIFT = BIT_XD.bit_length() - 1
 from x86pt.limits import DEFAULT_MAX_ENTRIES  # noqa: E402  (one definition)
-RECORD_COST = 64                  # budget charged per record emitted
+
+RECORD_COST = 64  # budget charged per record emitted
 MAX_ISSUES = 1000
 _COLS = ("va", "count", "level", "raw", "pa", "eff", "entry_addr")
 
@@ -64,15 +81,16 @@ _COLS = ("va", "count", "level", "raw", "pa", "eff", "entry_addr")
 class Issue:
     """Something about the tables worth telling the user; never fatal."""
 
-    what: str          # 'loop' | 'past-end' | 'reserved'
-    va: int            # canonical VA of the entry
-    level: int         # SDM level of the entry
+    what: str  # 'loop' | 'past-end' | 'reserved'
+    va: int  # canonical VA of the entry
+    level: int  # SDM level of the entry
     entry_addr: int
     raw: int
 
     def describe(self) -> str:
-        name = ("CR3" if self.level not in LEVELS else
-                LEVELS[self.level].table + "E" if self.level > 1 else "PTE")
+        name = (
+            "CR3" if self.level not in LEVELS else LEVELS[self.level].table + "E" if self.level > 1 else "PTE"
+        )
         if self.what == "loop":
             why = "points at one of its own ancestor tables (recursive mapping); walked as the CPU would"
         elif self.what == "past-end":
@@ -84,8 +102,13 @@ class Issue:
         return f"{name} at {self.entry_addr:#x} (va {self.va:#018x}) = {self.raw:#018x} {why}"
 
     def to_json(self) -> dict:
-        return {"issue": self.what, "va": hex(self.va), "level": self.level,
-                "entry_addr": hex(self.entry_addr), "raw": f"{self.raw:#018x}"}
+        return {
+            "issue": self.what,
+            "va": hex(self.va),
+            "level": self.level,
+            "entry_addr": hex(self.entry_addr),
+            "raw": f"{self.raw:#018x}",
+        }
 
 
 @dataclass
@@ -112,12 +135,12 @@ class Chunk:
     """Columnar records, ascending VA. Entry i of a record: va + i*size, pa + i*size, raw with
     the frame advanced by i*size, entry at entry_addr + 8*i; size = 1 << SHIFT[level]."""
 
-    va: np.ndarray          # uint64, canonical
-    count: np.ndarray       # uint64, entries in the run
-    level: np.ndarray       # uint8, SDM level of the entries (1 = PTE)
-    raw: np.ndarray         # uint64, first entry's value
-    pa: np.ndarray          # uint64, first frame (0 for holes)
-    eff: np.ndarray         # uint8, EFF_* bits
+    va: np.ndarray  # uint64, canonical
+    count: np.ndarray  # uint64, entries in the run
+    level: np.ndarray  # uint8, SDM level of the entries (1 = PTE)
+    raw: np.ndarray  # uint64, first entry's value
+    pa: np.ndarray  # uint64, first frame (0 for holes)
+    eff: np.ndarray  # uint8, EFF_* bits
     entry_addr: np.ndarray  # uint64, physical address of the first entry
 
     def __len__(self) -> int:
@@ -136,8 +159,15 @@ class Chunk:
 
     @staticmethod
     def empty() -> "Chunk":
-        return Chunk(np.zeros(0, U64), np.zeros(0, U64), np.zeros(0, np.uint8), np.zeros(0, U64),
-                     np.zeros(0, U64), np.zeros(0, np.uint8), np.zeros(0, U64))
+        return Chunk(
+            np.zeros(0, U64),
+            np.zeros(0, U64),
+            np.zeros(0, np.uint8),
+            np.zeros(0, U64),
+            np.zeros(0, U64),
+            np.zeros(0, np.uint8),
+            np.zeros(0, U64),
+        )
 
 
 def merge_sorted(a: Chunk, b: Chunk) -> Chunk:
@@ -168,11 +198,11 @@ class Mapping:
     size: int
     pa: int
     level: int
-    raw: int            # the leaf entry
-    writable: bool      # effective (ANDed)
-    user: bool          # effective (ANDed)
-    nx: bool            # XD set somewhere on the walk (ORed); executable = not (NXE and nx)
-    reserved: bool      # a reserved bit on the walk: the CPU would fault
+    raw: int  # the leaf entry
+    writable: bool  # effective (ANDed)
+    user: bool  # effective (ANDed)
+    nx: bool  # XD set somewhere on the walk (ORed); executable = not (NXE and nx)
+    reserved: bool  # a reserved bit on the walk: the CPU would fault
     entry_addr: int
 
     @property
@@ -186,7 +216,7 @@ def sign_extend(va: np.ndarray, bits: int) -> np.ndarray:
     return np.where(va & top, va | high, va)
 
 
-_BLOCK = 128     # rows per pass: two (128, 512) temporaries stay in the L2 cache
+_BLOCK = 128  # rows per pass: two (128, 512) temporaries stay in the L2 cache
 
 
 def _rows_arithmetic(E: np.ndarray, rows: np.ndarray, step: np.ndarray) -> np.ndarray:
@@ -198,11 +228,11 @@ def _rows_arithmetic(E: np.ndarray, rows: np.ndarray, step: np.ndarray) -> np.nd
     tmp = np.empty((min(_BLOCK, len(rows)), 512), dtype=U64)
     eq = np.empty((min(_BLOCK, len(rows)), 512), dtype=bool)
     for s in range(0, len(rows), _BLOCK):
-        blk = E[s:s + _BLOCK] if contiguous else E[rows[s:s + _BLOCK]]
+        blk = E[s : s + _BLOCK] if contiguous else E[rows[s : s + _BLOCK]]
         k = len(blk)
         np.add(blk[:, :1], step, out=tmp[:k])
         np.equal(blk, tmp[:k], out=eq[:k])
-        out[s:s + k] = eq[:k].all(axis=1)
+        out[s : s + k] = eq[:k].all(axis=1)
     return out
 
 
@@ -225,7 +255,7 @@ class _Tables:
             if n and ok.all():
                 first = int(pas[0])
                 if n == 1 or bool((np.diff(pas) == U64(4096)).all()):
-                    return self.flat[first // 8: first // 8 + 512 * n].reshape(n, 512), ok
+                    return self.flat[first // 8 : first // 8 + 512 * n].reshape(n, 512), ok
             if not ok.any():
                 return np.zeros((n, 512), dtype=U64), ok
             idx = (np.where(ok, pas, U64(0)) >> U64(3)).astype(np.int64)
@@ -266,10 +296,18 @@ class Scanner:
     top_breaks: root-table indices where runs end (ptdump adds the end of the guard hole).
     """
 
-    def __init__(self, state: PagingState, memory, *, addr_mask: int | None = None,
-                 holes: bool = False, va_range: tuple[int, int] | None = None,
-                 max_entries: int = DEFAULT_MAX_ENTRIES, batch: int = 1024,
-                 top_breaks: tuple[int, ...] = (256,)) -> None:
+    def __init__(
+        self,
+        state: PagingState,
+        memory,
+        *,
+        addr_mask: int | None = None,
+        holes: bool = False,
+        va_range: tuple[int, int] | None = None,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        batch: int = 1024,
+        top_breaks: tuple[int, ...] = (256,),
+    ) -> None:
         self.state = state
         self.memory = memory
         self.addr_mask = state.phys_mask if addr_mask is None else addr_mask & ~0xFFF
@@ -284,7 +322,7 @@ class Scanner:
         self.bits = state.va_bits
         self.levels = {lv.number: lv for lv in state.levels}
         self.emitted = 0
-        self.visited = 0         # entries of the tables read or about to be read (the budget)
+        self.visited = 0  # entries of the tables read or about to be read (the budget)
         self._tables = _Tables(memory)
         self._rsvd = {}
         for lv in state.levels:
@@ -297,8 +335,15 @@ class Scanner:
         top = self.state.paging_levels
         root = np.array([self.state.root], dtype=U64)
         self._charge(1)
-        yield from self._level(top, root, np.zeros(1, U64), np.array([EFF_ROOT], np.uint8),
-                               root[:, None], np.array([self.state.cr3], U64), np.zeros(1, U64))
+        yield from self._level(
+            top,
+            root,
+            np.zeros(1, U64),
+            np.array([EFF_ROOT], np.uint8),
+            root[:, None],
+            np.array([self.state.cr3], U64),
+            np.zeros(1, U64),
+        )
 
     def mappings(self) -> Iterator[Mapping]:
         """Every present leaf entry, one at a time (slow path; for small trees and tests)."""
@@ -308,19 +353,35 @@ class Scanner:
                 size = 1 << int(SHIFT[lvl])
                 e = int(ch.eff[i])
                 for k in range(int(ch.count[i])):
-                    yield Mapping(int(ch.va[i]) + k * size, size, int(ch.pa[i]) + k * size, lvl,
-                                  int(ch.raw[i]) + k * size, bool(e & EFF_RW), bool(e & EFF_US),
-                                  bool(e & EFF_NX), bool(e & EFF_RSVD), int(ch.entry_addr[i]) + 8 * k)
+                    yield Mapping(
+                        int(ch.va[i]) + k * size,
+                        size,
+                        int(ch.pa[i]) + k * size,
+                        lvl,
+                        int(ch.raw[i]) + k * size,
+                        bool(e & EFF_RW),
+                        bool(e & EFF_US),
+                        bool(e & EFF_NX),
+                        bool(e & EFF_RSVD),
+                        int(ch.entry_addr[i]) + 8 * k,
+                    )
 
     # -- the walk --------------------------------------------------------------------------------
-    def _level(self, lnum: int, pas: np.ndarray, bases: np.ndarray, effs: np.ndarray,
-               anc: np.ndarray, pent_raw: np.ndarray, pent_addr: np.ndarray) -> Iterator[Chunk]:
+    def _level(
+        self,
+        lnum: int,
+        pas: np.ndarray,
+        bases: np.ndarray,
+        effs: np.ndarray,
+        anc: np.ndarray,
+        pent_raw: np.ndarray,
+        pent_addr: np.ndarray,
+    ) -> Iterator[Chunk]:
         """Tables `pas` at level `lnum` (VA-ordered), their raw base VAs, inherited eff bits,
         ancestor table addresses, and the parent entry that pointed at each (for issues)."""
         for s in range(0, len(pas), self.batch):
             sl = slice(s, s + self.batch)
-            yield from self._batch(lnum, pas[sl], bases[sl], effs[sl], anc[sl], pent_raw[sl],
-                                   pent_addr[sl])
+            yield from self._batch(lnum, pas[sl], bases[sl], effs[sl], anc[sl], pent_raw[sl], pent_addr[sl])
 
     def _batch(self, lnum, pas, bases, effs, anc, pent_raw, pent_addr) -> Iterator[Chunk]:
         """One batch of tables of level `lnum`, in named steps: read them; emit the uniform ones
@@ -349,7 +410,7 @@ class Scanner:
             children = self._child_tables(lnum, runs, np.nonzero(present & ~leaf)[0], anc, nu)
         self._charge(0, sum(len(p) for p in parts))
         mine = Chunk.empty()
-        for p in parts:          # each part is VA-sorted and disjoint from the others
+        for p in parts:  # each part is VA-sorted and disjoint from the others
             mine = merge_sorted(mine, p)
         if children is None:
             if len(mine):
@@ -366,8 +427,15 @@ class Scanner:
         E, ok = self._tables.read(pas)
         if not ok.all():
             for i in np.nonzero(~ok)[0].tolist():
-                st.add_issue(Issue("past-end", int(sign_extend(bases[i:i + 1], self.bits)[0]),
-                                   lnum + 1, int(pent_addr[i]), int(pent_raw[i])))
+                st.add_issue(
+                    Issue(
+                        "past-end",
+                        int(sign_extend(bases[i : i + 1], self.bits)[0]),
+                        lnum + 1,
+                        int(pent_addr[i]),
+                        int(pent_raw[i]),
+                    )
+                )
         return E, ok
 
     def _uniform_tables(self, lnum, E, ok, frame_mask) -> np.ndarray:
@@ -399,10 +467,24 @@ class Scanner:
         if bad.any():
             eff[bad] |= np.uint8(EFF_RSVD)
             for j in np.nonzero(bad)[0][:16].tolist():
-                self.stats.add_issue(Issue("reserved", int(sign_extend(bases[ui[j]:ui[j] + 1], self.bits)[0]),
-                                           lnum, int(pas[ui[j]]), int(raw[j])))
-        chunk = Chunk(sign_extend(bases[ui], self.bits), np.full(len(ui), 512, U64),
-                      np.full(len(ui), lnum, np.uint8), raw, raw & frame_mask, eff, pas[ui].copy())
+                self.stats.add_issue(
+                    Issue(
+                        "reserved",
+                        int(sign_extend(bases[ui[j] : ui[j] + 1], self.bits)[0]),
+                        lnum,
+                        int(pas[ui[j]]),
+                        int(raw[j]),
+                    )
+                )
+        chunk = Chunk(
+            sign_extend(bases[ui], self.bits),
+            np.full(len(ui), 512, U64),
+            np.full(len(ui), lnum, np.uint8),
+            raw,
+            raw & frame_mask,
+            eff,
+            pas[ui].copy(),
+        )
         self._count(lnum, 512 * len(ui))
         return chunk
 
@@ -449,19 +531,34 @@ class Scanner:
                 eff[bad] |= np.uint8(EFF_RSVD)
                 self._issues_reserved(lnum, runs.va[li][bad], runs.eaddr[li][bad], lraw[bad])
             self._count(lnum, int(runs.cnt[li].sum()))
-            out.append(Chunk(sign_extend(runs.va[li], self.bits), runs.cnt[li],
-                             np.full(len(li), lnum, np.uint8), lraw, lraw & frame_mask, eff,
-                             runs.eaddr[li]))
+            out.append(
+                Chunk(
+                    sign_extend(runs.va[li], self.bits),
+                    runs.cnt[li],
+                    np.full(len(li), lnum, np.uint8),
+                    lraw,
+                    lraw & frame_mask,
+                    eff,
+                    runs.eaddr[li],
+                )
+            )
         if self.holes:
-            hi_ = np.nonzero(~present)[0]   # a past-end table reads as zeros (QEMU does too)
+            hi_ = np.nonzero(~present)[0]  # a past-end table reads as zeros (QEMU does too)
             if len(hi_):
                 hraw = runs.raw[hi_]
                 # eff of a hole: what Linux's effective_prot() would carry for it (ptdump
                 # breaks runs on it for non-zero, non-present PTEs); never EFF_P.
-                out.append(Chunk(sign_extend(runs.va[hi_], self.bits), runs.cnt[hi_],
-                                 np.full(len(hi_), lnum, np.uint8), hraw,
-                                 np.zeros(len(hi_), U64), self._combine(runs.peff[hi_], hraw),
-                                 runs.eaddr[hi_]))
+                out.append(
+                    Chunk(
+                        sign_extend(runs.va[hi_], self.bits),
+                        runs.cnt[hi_],
+                        np.full(len(hi_), lnum, np.uint8),
+                        hraw,
+                        np.zeros(len(hi_), U64),
+                        self._combine(runs.peff[hi_], hraw),
+                        runs.eaddr[hi_],
+                    )
+                )
         return out
 
     def _child_tables(self, lnum, runs: _Runs, ti, anc, nu) -> tuple | None:
@@ -472,10 +569,10 @@ class Scanner:
             return None
         size = 1 << self.levels[lnum].shift
         tcnt = runs.cnt[ti].astype(np.int64)
-        self._charge(int(tcnt.sum()))      # before the child lists are allocated
+        self._charge(int(tcnt.sum()))  # before the child lists are allocated
         rep = np.repeat(ti, tcnt)
         k = (np.arange(len(rep), dtype=np.int64) - np.repeat(np.cumsum(tcnt) - tcnt, tcnt)).astype(U64)
-        traw = runs.raw[rep] + k * U64(size)          # a run's entries step by one page
+        traw = runs.raw[rep] + k * U64(size)  # a run's entries step by one page
         tva = runs.va[rep] + (k << U64(self.levels[lnum].shift))
         teaddr = runs.eaddr[rep] + k * U64(8)
         ceff = self._combine(runs.peff[rep], traw)
@@ -489,8 +586,15 @@ class Scanner:
         if loop.any():
             ceff[loop] |= np.uint8(EFF_LOOP)
             for j in np.nonzero(loop)[0][:64].tolist():
-                self.stats.add_issue(Issue("loop", int(sign_extend(tva[j:j + 1], self.bits)[0]),
-                                           lnum, int(teaddr[j]), int(traw[j])))
+                self.stats.add_issue(
+                    Issue(
+                        "loop",
+                        int(sign_extend(tva[j : j + 1], self.bits)[0]),
+                        lnum,
+                        int(teaddr[j]),
+                        int(traw[j]),
+                    )
+                )
         return (cpa, tva, ceff, np.concatenate([canc, cpa[:, None]], axis=1), traw, teaddr)
 
     def _with_children(self, lnum, mine: Chunk, children: tuple) -> Iterator[Chunk]:
@@ -516,8 +620,15 @@ class Scanner:
 
     def _issues_reserved(self, lnum, vas, addrs, raws) -> None:
         for j in range(min(len(vas), 16)):
-            self.stats.add_issue(Issue("reserved", int(sign_extend(vas[j:j + 1], self.bits)[0]), lnum,
-                                       int(addrs[j]), int(raws[j])))
+            self.stats.add_issue(
+                Issue(
+                    "reserved",
+                    int(sign_extend(vas[j : j + 1], self.bits)[0]),
+                    lnum,
+                    int(addrs[j]),
+                    int(raws[j]),
+                )
+            )
         self.stats.issue_count += max(0, len(vas) - 16)
 
     def _count(self, lnum: int, n: int) -> None:
@@ -532,7 +643,8 @@ class Scanner:
             raise BudgetError(
                 f"work limit reached: the tables expand to more than {self.max_entries} page-table "
                 f"entries (shared or looping subtrees?); raise it with --max-entries N if the image "
-                f"really is this large")
+                f"really is this large"
+            )
 
 
 def scan_reference(state: PagingState, memory, *, addr_mask: int | None = None) -> list[Mapping]:
@@ -561,8 +673,20 @@ def scan_reference(state: PagingState, memory, *, addr_mask: int | None = None) 
             bad = rsvd or bool(e & rsvd_mask(state, lv, kind))
             if kind.is_leaf:
                 size = 1 << lv.shift
-                out.append(Mapping(state.sign_extend(va), size, e & amask & ~(size - 1), lnum, e,
-                                   bool(r), bool(u), bool(x), bad, table + 8 * i))
+                out.append(
+                    Mapping(
+                        state.sign_extend(va),
+                        size,
+                        e & amask & ~(size - 1),
+                        lnum,
+                        e,
+                        bool(r),
+                        bool(u),
+                        bool(x),
+                        bad,
+                        table + 8 * i,
+                    )
+                )
             else:
                 rec(lnum - 1, e & amask, va, r, u, x, bad)
 
@@ -572,9 +696,22 @@ def scan_reference(state: PagingState, memory, *, addr_mask: int | None = None) 
 
 # -- filters (gdb-pt-dump's -filter/-range/-has, applied while streaming) ------------------------------
 # --has words -> bit numbers, from the field table
-FLAG_BITS = {name: mask.bit_length() - 1 for name, mask in (
-    ("p", BIT_P), ("rw", BIT_RW), ("us", BIT_US), ("pwt", BIT_PWT), ("pcd", BIT_PCD), ("a", BIT_A),
-    ("d", BIT_D), ("ps", BIT_PS), ("g", BIT_G), ("xd", BIT_XD), ("nx", BIT_XD))}
+FLAG_BITS = {
+    name: mask.bit_length() - 1
+    for name, mask in (
+        ("p", BIT_P),
+        ("rw", BIT_RW),
+        ("us", BIT_US),
+        ("pwt", BIT_PWT),
+        ("pcd", BIT_PCD),
+        ("a", BIT_A),
+        ("d", BIT_D),
+        ("ps", BIT_PS),
+        ("g", BIT_G),
+        ("xd", BIT_XD),
+        ("nx", BIT_XD),
+    )
+}
 
 
 def parse_has(words: str) -> tuple[int, int, bool]:
@@ -591,8 +728,10 @@ def parse_has(words: str) -> tuple[int, int, bool]:
             pat = not neg
             continue
         if name not in FLAG_BITS:
-            raise BadInputError(f"unknown flag {w!r} for --has (one flag per word, '!' once to ask "
-                                f"for it clear; known: {', '.join(FLAG_BITS)}, pat)")
+            raise BadInputError(
+                f"unknown flag {w!r} for --has (one flag per word, '!' once to ask "
+                f"for it clear; known: {', '.join(FLAG_BITS)}, pat)"
+            )
         if neg:
             clear |= 1 << FLAG_BITS[name]
         else:
@@ -618,8 +757,7 @@ class Filter:
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.user, self.writable, self.executable, self.levels,
-                                            self.has))
+        return any(v is not None for v in (self.user, self.writable, self.executable, self.levels, self.has))
 
     def mask(self, ch: Chunk) -> np.ndarray:
         eff = ch.eff
@@ -648,7 +786,7 @@ class Filter:
             yield from chunks
             return
         if self.has:
-            parse_has(self.has)    # bad words fail before any output
+            parse_has(self.has)  # bad words fail before any output
         for ch in chunks:
             m = self.mask(ch)
             yield ch if m.all() else ch.take(m)

@@ -3,6 +3,7 @@ implementation (a vendor's manual, or an oracle we compare with) behaves.
 
 Control-register bits: SDM Vol. 3A §2.5 (CR0/CR4), §2.2.1 (EFER); docs/paging.md §2.1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -129,44 +130,76 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "intel": Profile("intel", note="Intel SDM Vol. 3A ch. 4"),
-    "amd": Profile("amd", vendor="amd", maxphyaddr=48, features=Features(pks=False),
-                   note="AMD APM Vol. 2 ch. 5: PML4E/PML5E bit 8 reserved"),
+    "amd": Profile(
+        "amd",
+        vendor="amd",
+        maxphyaddr=48,
+        features=Features(pks=False),
+        note="AMD APM Vol. 2 ch. 5: PML4E/PML5E bit 8 reserved",
+    ),
     # QEMU 7.2 TCG, -cpu max (AuthenticAMD, phys-bits 40): docs/oracles.md §4.2, docs/paging.md §12.1.
-    "qemu": Profile("qemu", vendor="amd", maxphyaddr=40,
-                    features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
-                    rsvd_sets_p=False, ps_1g_without_gbpages=True, amd_top_bit8_reserved=False,
-                    a_on_1g_leaf_before_checks=True, implicit_smap_honours_ac=True,
-                    pcide_off_flushes=False, note="QEMU 7.2.22 TCG -cpu max"),
+    "qemu": Profile(
+        "qemu",
+        vendor="amd",
+        maxphyaddr=40,
+        features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
+        rsvd_sets_p=False,
+        ps_1g_without_gbpages=True,
+        amd_top_bit8_reserved=False,
+        a_on_1g_leaf_before_checks=True,
+        implicit_smap_honours_ac=True,
+        pcide_off_flushes=False,
+        note="QEMU 7.2.22 TCG -cpu max",
+    ),
     # unicorn 2.1.4 (QEMU 5.0 MMU inside), Icelake-Server model: docs/oracles.md §2.4.
-    "unicorn": Profile("unicorn", vendor="intel", maxphyaddr=40,
-                       features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
-                       ps_1g_without_gbpages=True, a_on_1g_leaf_before_checks=True,
-                       implicit_smap_honours_ac=True, unbacked_read="zero", pcide_off_flushes=False,
-                       note="unicorn 2.1.4, UC_CPU_X86_ICELAKE_SERVER"),
+    "unicorn": Profile(
+        "unicorn",
+        vendor="intel",
+        maxphyaddr=40,
+        features=Features(gbpages=True, la57=True, pku=True, smep=True, smap=True),
+        ps_1g_without_gbpages=True,
+        a_on_1g_leaf_before_checks=True,
+        implicit_smap_honours_ac=True,
+        unbacked_read="zero",
+        pcide_off_flushes=False,
+        note="unicorn 2.1.4, UC_CPU_X86_ICELAKE_SERVER",
+    ),
     # KVM as first measured, on an AMD EPYC host under kvm_pvm with shadow paging (2026-11).
     # A record of that host, for the model tests of its tables (tests/test_walk_measured.py); the
     # live `kvm` oracle measures the host it runs on (harness/oracles/kvm.py: host_profile) and
     # never uses this entry. kvm_pvm kept PML4 slot 256 (0xffff800000000000, 512 GiB) for the
     # host: a CPL3 access there faulted whatever the guest's tables said (CPL0 was exact).
-    "kvm-epyc-pvm": Profile("kvm-epyc-pvm", vendor="amd", maxphyaddr=48,
-                            features=Features(gbpages=False, la57=False, pku=False, smep=True,
-                                              smap=True),
-                            a_on_faulting_walk="none",
-                            cpl3_blind_ranges=((0xFFFF800000000000, 0xFFFF808000000000),),
-                            note="KVM on an AMD EPYC host (kvm_pvm, shadow paging), 2026-11"),
+    "kvm-epyc-pvm": Profile(
+        "kvm-epyc-pvm",
+        vendor="amd",
+        maxphyaddr=48,
+        features=Features(gbpages=False, la57=False, pku=False, smep=True, smap=True),
+        a_on_faulting_walk="none",
+        cpl3_blind_ranges=((0xFFFF800000000000, 0xFFFF808000000000),),
+        note="KVM on an AMD EPYC host (kvm_pvm, shadow paging), 2026-11",
+    ),
     # Bochs 2.7 (Debian 12), cpu model tigerlake: docs/oracles.md "Bochs"; the proofs are in
     # tests/test_oracle_bochs.py.
-    "bochs": Profile("bochs", vendor="intel", maxphyaddr=40,
-                     features=Features(gbpages=True, la57=False, pku=True, smep=True, smap=True),
-                     implicit_smap_honours_ac=True, implicit_smap_honours_ac_cpl3=True,
-                     pkru_by_cpl=True, note="Bochs 2.7, cpu model tigerlake"),
+    "bochs": Profile(
+        "bochs",
+        vendor="intel",
+        maxphyaddr=40,
+        features=Features(gbpages=True, la57=False, pku=True, smep=True, smap=True),
+        implicit_smap_honours_ac=True,
+        implicit_smap_honours_ac_cpl3=True,
+        pkru_by_cpl=True,
+        note="Bochs 2.7, cpu model tigerlake",
+    ),
     # `kvm` names whatever KVM this machine runs. Its facts (vendor, MAXPHYADDR, 1G pages, LA57,
     # PKU, the RSVD error code, PML4E bit 8, CPL3 blind ranges) are measured by the kvm oracle
     # when it starts (harness/oracles/kvm.py: host_profile), which hands the model that profile.
     # This entry only stands in where a file names `kvm` and no oracle runs (a repro replayed on
     # the model): the SDM's rules, with KVM's software walker leaving A alone on faults.
-    "kvm": Profile("kvm", a_on_faulting_walk="none",
-                   note="stand-in: the kvm oracle measures its host's profile at start-up"),
+    "kvm": Profile(
+        "kvm",
+        a_on_faulting_walk="none",
+        note="stand-in: the kvm oracle measures its host's profile at start-up",
+    ),
 }
 
 
@@ -194,7 +227,7 @@ class PagingState:
     pkru: int = 0
     pkrs: int = 0
     profile: Profile = field(default_factory=lambda: PROFILES["intel"])
-    maxphyaddr: int | None = None     # None: the profile's
+    maxphyaddr: int | None = None  # None: the profile's
 
     def __post_init__(self) -> None:
         for name in ("cr0", "cr3", "cr4", "efer"):
@@ -226,11 +259,15 @@ class PagingState:
         if self.efer & ~efer_ok:
             bad.append(f"efer bits {self.efer & ~efer_ok:#x} ({self.profile.vendor})")
         if self.cr3 >> self.m:
-            bad.append(f"cr3 bits 63:{self.m} ({self.cr3 & ~((1 << self.m) - 1):#x}, above "
-                       f"MAXPHYADDR {self.m})")
+            bad.append(
+                f"cr3 bits 63:{self.m} ({self.cr3 & ~((1 << self.m) - 1):#x}, above MAXPHYADDR {self.m})"
+            )
         if bad:
-            raise BadInputError("reserved register bits set: " + "; ".join(bad)
-                                + " (a CPU would refuse these values with #GP)")
+            raise BadInputError(
+                "reserved register bits set: "
+                + "; ".join(bad)
+                + " (a CPU would refuse these values with #GP)"
+            )
 
     def replace(self, **kw) -> "PagingState":
         return dataclasses.replace(self, **kw)
@@ -300,8 +337,14 @@ class PagingState:
         plan = []
         for lv in self.levels:
             leaf = lv.leaf_kind
-            plan.append((lv, rsvd_mask(self, lv, lv.table_kind), leaf,
-                         rsvd_mask(self, lv, leaf) if leaf is not None else 0))
+            plan.append(
+                (
+                    lv,
+                    rsvd_mask(self, lv, lv.table_kind),
+                    leaf,
+                    rsvd_mask(self, lv, leaf) if leaf is not None else 0,
+                )
+            )
         return tuple(plan)
 
     @property
@@ -315,12 +358,21 @@ class PagingState:
 
     def check(self) -> None:
         """Raise StateError unless the registers describe IA-32e (4- or 5-level) paging."""
-        missing = [n for n, ok in (("CR0.PG", self.cr0 & CR0_PG), ("CR0.PE", self.cr0 & CR0_PE),
-                                   ("CR4.PAE", self.cr4 & CR4_PAE), ("EFER.LME", self.efer & EFER_LME))
-                   if not ok]
+        missing = [
+            n
+            for n, ok in (
+                ("CR0.PG", self.cr0 & CR0_PG),
+                ("CR0.PE", self.cr0 & CR0_PE),
+                ("CR4.PAE", self.cr4 & CR4_PAE),
+                ("EFER.LME", self.efer & EFER_LME),
+            )
+            if not ok
+        ]
         if missing:
-            raise StateError("not IA-32e paging: " + ", ".join(missing) + " clear "
-                             f"(cr0={self.cr0:#x} cr4={self.cr4:#x} efer={self.efer:#x})")
+            raise StateError(
+                "not IA-32e paging: " + ", ".join(missing) + " clear "
+                f"(cr0={self.cr0:#x} cr4={self.cr4:#x} efer={self.efer:#x})"
+            )
 
     def canonical(self, va: int) -> bool:
         """SDM §3.3.7.1: bits 63:47 (or 63:56 with LA57) all equal."""
@@ -337,29 +389,50 @@ class PagingState:
 
     def describe(self) -> str:
         bits = []
-        for name, on in (("WP", self.wp), ("NXE", self.nxe), ("LA57", self.la57), ("SMEP", self.smep),
-                         ("SMAP", self.smap), ("PKE", self.pke), ("PKS", self.pks)):
+        for name, on in (
+            ("WP", self.wp),
+            ("NXE", self.nxe),
+            ("LA57", self.la57),
+            ("SMEP", self.smep),
+            ("SMAP", self.smap),
+            ("PKE", self.pke),
+            ("PKS", self.pks),
+        ):
             if on:
                 bits.append(name)
-        return (f"cr0={self.cr0:#x} cr3={self.cr3:#x} cr4={self.cr4:#x} efer={self.efer:#x} "
-                f"pkru={self.pkru:#x} M={self.m} {self.vendor} profile={self.profile.name} "
-                f"[{' '.join(bits)}]")
+        return (
+            f"cr0={self.cr0:#x} cr3={self.cr3:#x} cr4={self.cr4:#x} efer={self.efer:#x} "
+            f"pkru={self.pkru:#x} M={self.m} {self.vendor} profile={self.profile.name} "
+            f"[{' '.join(bits)}]"
+        )
 
     def to_json(self) -> dict:
-        return {"cr0": hex(self.cr0), "cr3": hex(self.cr3), "cr4": hex(self.cr4),
-                "efer": hex(self.efer), "pkru": hex(self.pkru), "pkrs": hex(self.pkrs),
-                "maxphyaddr": self.m, "profile": self.profile.name}
+        return {
+            "cr0": hex(self.cr0),
+            "cr3": hex(self.cr3),
+            "cr4": hex(self.cr4),
+            "efer": hex(self.efer),
+            "pkru": hex(self.pkru),
+            "pkrs": hex(self.pkrs),
+            "maxphyaddr": self.m,
+            "profile": self.profile.name,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "PagingState":
         from x86pt.numbers import parse_int
+
         prof = profile_named(d.get("profile", "intel"))
-        return cls(cr0=parse_int(d.get("cr0", cls.cr0), "cr0"), cr3=parse_int(d.get("cr3", 0), "cr3"),
-                   cr4=parse_int(d.get("cr4", CR4_PAE), "cr4"),
-                   efer=parse_int(d.get("efer", cls.efer), "efer"),
-                   pkru=parse_int(d.get("pkru", 0), "pkru"), pkrs=parse_int(d.get("pkrs", 0), "pkrs"),
-                   profile=prof, maxphyaddr=parse_int(d["maxphyaddr"], "maxphyaddr", lo=32, hi=52)
-                   if "maxphyaddr" in d else None)
+        return cls(
+            cr0=parse_int(d.get("cr0", cls.cr0), "cr0"),
+            cr3=parse_int(d.get("cr3", 0), "cr3"),
+            cr4=parse_int(d.get("cr4", CR4_PAE), "cr4"),
+            efer=parse_int(d.get("efer", cls.efer), "efer"),
+            pkru=parse_int(d.get("pkru", 0), "pkru"),
+            pkrs=parse_int(d.get("pkrs", 0), "pkrs"),
+            profile=prof,
+            maxphyaddr=parse_int(d["maxphyaddr"], "maxphyaddr", lo=32, hi=52) if "maxphyaddr" in d else None,
+        )
 
 
 def rsvd_mask(state: PagingState, level: Level, kind: Kind) -> int:

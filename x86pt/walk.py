@@ -6,6 +6,7 @@ CR2, and optionally the A/D writes a processor would make.
 
 Result: Translation | PageFault | GeneralProtection, each carrying the steps taken.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,8 +51,13 @@ class Step:
     kind: Kind
 
     def to_json(self) -> dict:
-        return {"level": self.level.number, "table": self.level.table, "entry_addr": hex(self.entry_addr),
-                "raw": f"{self.raw:#018x}", "kind": self.kind.value}
+        return {
+            "level": self.level.number,
+            "table": self.level.table,
+            "entry_addr": hex(self.entry_addr),
+            "raw": f"{self.raw:#018x}",
+            "kind": self.kind.value,
+        }
 
 
 @dataclass(frozen=True)
@@ -78,10 +84,10 @@ class Translation:
     va: int
     pa: int
     page_size: int
-    level: int                 # level of the leaf (3 = 1G, 2 = 2M, 1 = 4K)
+    level: int  # level of the leaf (3 = 1G, 2 = 2M, 1 = 4K)
     rights: Rights
     steps: tuple[Step, ...]
-    ad_writes: tuple[tuple[int, int], ...] = ()   # (entry address, new raw value)
+    ad_writes: tuple[tuple[int, int], ...] = ()  # (entry address, new raw value)
     outcome: str = field(default="ok", init=False)
 
     @property
@@ -96,7 +102,7 @@ class PageFault:
     cr2: int
     reason: str
     steps: tuple[Step, ...]
-    level: int | None          # the level whose entry ended the walk (None: a rights fault)
+    level: int | None  # the level whose entry ended the walk (None: a rights fault)
     ad_writes: tuple[tuple[int, int], ...] = ()
     outcome: str = field(default="page_fault", init=False)
 
@@ -113,9 +119,27 @@ class GeneralProtection:
 
 Result = Translation | PageFault | GeneralProtection
 # rsvd_mask (x86pt.state) is re-exported here, where the walk's other rules are.
-__all__ = ["ACCESS_KINDS", "BIT_A", "BIT_D", "BIT_PS", "BIT_XD", "Access", "GeneralProtection", "PageFault",
-           "Result", "Rights", "Step", "Translation", "check_rights", "debug_translate",
-           "error_code_dont_care", "rights_letters", "rsvd_mask", "translate", "walk"]
+__all__ = [
+    "ACCESS_KINDS",
+    "BIT_A",
+    "BIT_D",
+    "BIT_PS",
+    "BIT_XD",
+    "Access",
+    "GeneralProtection",
+    "PageFault",
+    "Result",
+    "Rights",
+    "Step",
+    "Translation",
+    "check_rights",
+    "debug_translate",
+    "error_code_dont_care",
+    "rights_letters",
+    "rsvd_mask",
+    "translate",
+    "walk",
+]
 
 
 def _error_bits(state: PagingState, access: Access) -> int:
@@ -154,12 +178,18 @@ def check_rights(state: PagingState, rights: Rights, access: Access) -> tuple[bo
         else:
             if user_addr and state.smap:
                 prof = state.profile
-                ac_ok = access.ac and (not access.implicit or
-                                       (prof.implicit_smap_honours_ac and
-                                        (not access.user or prof.implicit_smap_honours_ac_cpl3)))
+                ac_ok = access.ac and (
+                    not access.implicit
+                    or (
+                        prof.implicit_smap_honours_ac
+                        and (not access.user or prof.implicit_smap_honours_ac_cpl3)
+                    )
+                )
                 if not ac_ok:
-                    reasons.append("SMAP: supervisor data access to a user-mode address" +
-                                   (" (implicit)" if access.implicit else " with AC=0"))
+                    reasons.append(
+                        "SMAP: supervisor data access to a user-mode address"
+                        + (" (implicit)" if access.implicit else " with AC=0")
+                    )
             if write and not rights.writable and state.wp:
                 reasons.append("supervisor write to a read-only address with CR0.WP=1")
     key_denied = False
@@ -185,8 +215,9 @@ def check_rights(state: PagingState, rights: Rights, access: Access) -> tuple[bo
     return bool(reasons), key_denied, "; ".join(reasons)
 
 
-def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
-         update_ad: bool = False) -> Result:
+def walk(
+    state: PagingState, memory, va: int, access: Access | None = None, *, update_ad: bool = False
+) -> Result:
     """Translate `va` for `access` under `state`, reading tables from `memory`.
 
     With `update_ad`, the A/D writes the processor makes are applied to `memory` (SDM §4.8):
@@ -210,7 +241,7 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
     eff_rw = eff_us = 1
     eff_xd = 0
     steps: list[Step] = []
-    used: list[tuple[int, int]] = []     # (entry address, raw) of entries the walk used
+    used: list[tuple[int, int]] = []  # (entry address, raw) of entries the walk used
     phys = state.phys_mask
     for level, rsvd_table, leaf_kind, rsvd_leaf in state.walk_plan:
         e_addr = table | (((va >> level.shift) & 0x1FF) << 3)
@@ -224,11 +255,22 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
             kind, rsvd, is_leaf = level.table_kind, rsvd_table, level.number == 1
         steps.append(Step(level, e_addr, raw, kind))
         if not raw & 1:
-            return _fault(prof, memory, va, base_code, f"{kind.sdm_name} not present", level.number,
-                          steps, used, (), update_ad)
+            return _fault(
+                prof,
+                memory,
+                va,
+                base_code,
+                f"{kind.sdm_name} not present",
+                level.number,
+                steps,
+                used,
+                (),
+                update_ad,
+            )
         if raw & rsvd or (kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks):
-            fault = _reserved_fault(state, memory, va, base_code, kind, level, e_addr, raw, rsvd,
-                                    steps, used, update_ad)
+            fault = _reserved_fault(
+                state, memory, va, base_code, kind, level, e_addr, raw, rsvd, steps, used, update_ad
+            )
             if fault is not None:
                 return fault
         eff_rw &= (raw >> 1) & 1
@@ -239,8 +281,9 @@ def walk(state: PagingState, memory, va: int, access: Access | None = None, *,
         used.append((e_addr, raw))
         table = raw & phys
     rights = Rights(bool(eff_rw), bool(eff_us), not (state.nxe and eff_xd), (raw & PK_MASK) >> PK_SHIFT)
-    return _complete(state, memory, va, access, base_code, rights, kind, level, e_addr, raw, steps,
-                     used, update_ad)
+    return _complete(
+        state, memory, va, access, base_code, rights, kind, level, e_addr, raw, steps, used, update_ad
+    )
 
 
 def _before_the_walk(state: PagingState, va: int, access: Access, base_code: int) -> Result | None:
@@ -248,14 +291,25 @@ def _before_the_walk(state: PagingState, va: int, access: Access, base_code: int
     §3.3.7.1: no table read, CR2 untouched), and the profile's CPL3 blind ranges."""
     prof = state.profile
     if not state.canonical(va):
-        return GeneralProtection(va, 0, va if prof.gp_writes_cr2 else None,
-                                 f"non-canonical address for {state.va_bits}-bit linear addresses")
+        return GeneralProtection(
+            va,
+            0,
+            va if prof.gp_writes_cr2 else None,
+            f"non-canonical address for {state.va_bits}-bit linear addresses",
+        )
     if prof.cpl3_blind_ranges and access.user_access:
         for start, end in prof.cpl3_blind_ranges:
             if start <= va < end:
                 code = base_code | (PF_ID if access.kind == "fetch" else 0)
-                return PageFault(va, code, va, f"profile {prof.name}: CPL3 accesses to "
-                                 f"{start:#x}-{end:#x} never reach the guest's tables", (), None)
+                return PageFault(
+                    va,
+                    code,
+                    va,
+                    f"profile {prof.name}: CPL3 accesses to "
+                    f"{start:#x}-{end:#x} never reach the guest's tables",
+                    (),
+                    None,
+                )
     return None
 
 
@@ -266,11 +320,24 @@ def _unbacked(prof, level: Level, e_addr: int, va: int) -> int:
     if prof.unbacked_read == "ones":
         return (1 << 64) - 1
     raise PhysicalAddressError(
-        f"{level.table} entry at {e_addr:#x} (for va {va:#x}) lies outside the image", e_addr) from None
+        f"{level.table} entry at {e_addr:#x} (for va {va:#x}) lies outside the image", e_addr
+    ) from None
 
 
-def _reserved_fault(state: PagingState, memory, va: int, base_code: int, kind: Kind, level: Level,
-                    e_addr: int, raw: int, rsvd: int, steps, used, update_ad: bool) -> PageFault | None:
+def _reserved_fault(
+    state: PagingState,
+    memory,
+    va: int,
+    base_code: int,
+    kind: Kind,
+    level: Level,
+    e_addr: int,
+    raw: int,
+    rsvd: int,
+    steps,
+    used,
+    update_ad: bool,
+) -> PageFault | None:
     """The #PF with RSVD for a present entry with reserved bits set, or None when none are."""
     prof = state.profile
     code = base_code | PF_RSVD | (PF_P if prof.rsvd_sets_p else 0)
@@ -280,18 +347,49 @@ def _reserved_fault(state: PagingState, memory, va: int, base_code: int, kind: K
         low = masks_for(kind, state.m, state.vendor).rsvd & ((1 << 30) - 1)
         if raw & (rsvd & ~low):
             bad = raw & rsvd & ~low
-            return _fault(prof, memory, va, code, f"reserved bits {bad:#x} set in {kind.sdm_name}",
-                          level.number, steps, used, (), update_ad)
+            return _fault(
+                prof,
+                memory,
+                va,
+                code,
+                f"reserved bits {bad:#x} set in {kind.sdm_name}",
+                level.number,
+                steps,
+                used,
+                (),
+                update_ad,
+            )
         if raw & low:
-            return _fault(prof, memory, va, code, f"reserved bits {raw & low:#x} set in {kind.sdm_name}",
-                          level.number, steps, used, [(e_addr, raw)], update_ad)
+            return _fault(
+                prof,
+                memory,
+                va,
+                code,
+                f"reserved bits {raw & low:#x} set in {kind.sdm_name}",
+                level.number,
+                steps,
+                used,
+                [(e_addr, raw)],
+                update_ad,
+            )
         return None
-    return _fault(prof, memory, va, code, f"reserved bits {raw & rsvd:#x} set in {kind.sdm_name}",
-                  level.number, steps, used, (), update_ad)
+    return _fault(
+        prof,
+        memory,
+        va,
+        code,
+        f"reserved bits {raw & rsvd:#x} set in {kind.sdm_name}",
+        level.number,
+        steps,
+        used,
+        (),
+        update_ad,
+    )
 
 
-def _fault(prof, memory, va: int, code: int, reason: str, level: int | None, steps, used, extra_a,
-           update_ad: bool) -> PageFault:
+def _fault(
+    prof, memory, va: int, code: int, reason: str, level: int | None, steps, used, extra_a, update_ad: bool
+) -> PageFault:
     """A #PF ending the walk, with the A writes the profile makes on a faulting walk: in the
     non-leaf entries used (profile `used`) and in `extra_a`."""
     writes: list[tuple[int, int]] = []
@@ -304,8 +402,21 @@ def _fault(prof, memory, va: int, code: int, reason: str, level: int | None, ste
     return PageFault(va, code, va, reason, tuple(steps), level, tuple(writes))
 
 
-def _complete(state: PagingState, memory, va: int, access: Access, base_code: int, rights: Rights,
-              kind: Kind, level: Level, e_addr: int, leaf_raw: int, steps, used, update_ad: bool) -> Result:
+def _complete(
+    state: PagingState,
+    memory,
+    va: int,
+    access: Access,
+    base_code: int,
+    rights: Rights,
+    kind: Kind,
+    level: Level,
+    e_addr: int,
+    leaf_raw: int,
+    steps,
+    used,
+    update_ad: bool,
+) -> Result:
     """A complete translation: its rights decide the access (a #PF with P, and PK when the key
     denies); else the physical address and the A/D writes (A in every entry used, D in the leaf
     on a write)."""
@@ -313,8 +424,18 @@ def _complete(state: PagingState, memory, va: int, access: Access, base_code: in
     denied, key_denied, reason = check_rights(state, rights, access)
     if denied:
         extra = [(e_addr, leaf_raw)] if kind is Kind.PDPTE_1G and prof.a_on_1g_leaf_before_checks else []
-        return _fault(prof, memory, va, base_code | PF_P | (PF_PK if key_denied else 0), reason, None,
-                      steps, used, extra, update_ad)
+        return _fault(
+            prof,
+            memory,
+            va,
+            base_code | PF_P | (PF_PK if key_denied else 0),
+            reason,
+            None,
+            steps,
+            used,
+            extra,
+            update_ad,
+        )
     size = kind.page_size
     frame = leaf_raw & state.phys_mask & ~(size - 1)
     pa = frame | (va & (size - 1))

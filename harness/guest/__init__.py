@@ -20,6 +20,7 @@ GPA map (u64 fields little-endian):
     0x1f0000  harness PDPT, PD, PT (4K pages)      0x1f3000  boot PML4, PDPT, 4 PDs (identity 0-4 GiB, 2M)
     0x1f9000  boot PML5                            0x1fa000  PML4 for the harness slot under LA57
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,7 @@ from harness.oracles.base import made_result
 from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, Probe, ProbeResult, pa_from_value
 from x86pt.errors import BadInputError, OracleError
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE,
-                         PagingState)
+from x86pt.state import CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, PagingState
 from x86pt.fields import BIT_A as _A, BIT_D as _D, BIT_P as _P, BIT_PS as _PS, BIT_RW as _RW, BIT_US as _US
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,14 +46,14 @@ HARNESS_GPA = 0x100000
 HARNESS_END = 0x200000
 ENTRY_GPA = HARNESS_GPA
 ENTRY_VA = KBASE + ENTRY_GPA
-MAIN_MAX = 0x8000                     # h_main.bin must end before the params page
+MAIN_MAX = 0x8000  # h_main.bin must end before the params page
 
 PARAMS_GPA = 0x108000
 P_CR3, P_CR0, P_CR4, P_EFER = 0x00, 0x08, 0x10, 0x18
 P_N, P_IDX, P_SAVED_RSP, P_CUR, P_STATUS = 0x20, 0x28, 0x30, 0x38, 0x40
 P_PKRU, P_FLAGS, P_PHASE = 0x48, 0x50, 0x58
-P_SETUP_REC = 0x80                    # vector, error code, cr2, rip of a fault before the probes
-P_BOOT_CR3, P_BOOT_CR4, P_BOOT_EFER = 0x100, 0x108, 0x110   # read by bios.bin (QEMU)
+P_SETUP_REC = 0x80  # vector, error code, cr2, rip of a fault before the probes
+P_BOOT_CR3, P_BOOT_CR4, P_BOOT_EFER = 0x100, 0x108, 0x110  # read by bios.bin (QEMU)
 F_WRPKRU = 0x1
 
 IDT_GPA = 0x109000
@@ -72,7 +72,7 @@ HPT_PD = 0x1F1000
 HPT_PT = 0x1F2000
 BOOT_PML4 = 0x1F3000
 BOOT_PDPT = 0x1F4000
-BOOT_PD = 0x1F5000                    # four pages: 0-4 GiB
+BOOT_PD = 0x1F5000  # four pages: 0-4 GiB
 BOOT_PML5 = 0x1F9000
 SLOT_PML4_LA57 = 0x1FA000
 
@@ -80,7 +80,7 @@ SLOT_PML4_LA57 = 0x1FA000
 # read as LDT entry 0 by a segment-register load (harness.S k_implicit / ustub_implicit).
 PR_KIND = {"read": 0, "write": 1, "fetch": 2}
 K_IMPLICIT = 3
-IMPLICIT_SEL = 0x4                     # the #GP error code of a descriptor read that went through
+IMPLICIT_SEL = 0x4  # the #GP error code of a descriptor read that went through
 PR_USER = 0x100
 PR_AC = 0x200
 PR_NOINVLPG = 0x400
@@ -88,10 +88,10 @@ PR_NOINVLPG = 0x400
 STATUS_DONE = 0x600D
 STATUS_SETUP = 0x0BAD
 NO_VECTOR = 0xFF
-CR2_SENTINEL = 0x8BADF00D8BADF00D     # non-canonical, so no #PF can leave it in CR2
+CR2_SENTINEL = 0x8BADF00D8BADF00D  # non-canonical, so no #PF can leave it in CR2
 DEBUG_EXIT_PORT = 0xF4
-QEMU_EXIT_DONE = 33                   # isa-debug-exit: (0x10 << 1) | 1
-QEMU_EXIT_SETUP = 35                  # (0x11 << 1) | 1
+QEMU_EXIT_DONE = 33  # isa-debug-exit: (0x10 << 1) | 1
+QEMU_EXIT_SETUP = 35  # (0x11 << 1) | 1
 UD_VECTOR = 6
 
 # The harness slot: P|RW|US|A. No XD (NXE may be 0), no G (AMD reserves PML4E bit 8).
@@ -122,8 +122,7 @@ def symbols() -> dict[str, int]:
 
 def probe_flags(p: Probe, invlpg: bool = True) -> int:
     kind = K_IMPLICIT if p.implicit else PR_KIND[p.access]
-    return (kind | (PR_USER if p.user else 0) | (PR_AC if p.ac else 0)
-            | (0 if invlpg else PR_NOINVLPG))
+    return kind | (PR_USER if p.user else 0) | (PR_AC if p.ac else 0) | (0 if invlpg else PR_NOINVLPG)
 
 
 def boot_registers(state: PagingState) -> dict[str, int]:
@@ -131,10 +130,12 @@ def boot_registers(state: PagingState) -> dict[str, int]:
     guest itself then switches to the test registers. LA57 cannot change in long mode
     (SDM §4.1.1), so the boot tables follow the test's paging depth."""
     la57 = state.la57
-    return {"cr3": BOOT_PML5 if la57 else BOOT_PML4,
-            "cr4": CR4_PAE | (CR4_LA57 if la57 else 0),
-            "efer": EFER_LME | EFER_LMA | EFER_NXE,
-            "cr0": CR0_PE | CR0_PG | (1 << 16) | (1 << 5) | (1 << 4) | (1 << 1)}  # PE PG WP NE ET MP
+    return {
+        "cr3": BOOT_PML5 if la57 else BOOT_PML4,
+        "cr4": CR4_PAE | (CR4_LA57 if la57 else 0),
+        "efer": EFER_LME | EFER_LMA | EFER_NXE,
+        "cr0": CR0_PE | CR0_PG | (1 << 16) | (1 << 5) | (1 << 4) | (1 << 1),
+    }  # PE PG WP NE ET MP
 
 
 def _u64(ram, gpa: int, value: int) -> None:
@@ -148,7 +149,7 @@ def _get(ram, gpa: int) -> int:
 def _write_harness_tables(ram, user_pkey: int) -> None:
     # PDPT[510] -> PD, PD[0] -> PT: VA KBASE + [0, 2 MiB). U=1 on the way so the stubs and the user
     # stack are user pages; every other harness page is a supervisor page (SDM §4.6.1).
-    ram[HPT_PDPT:HPT_PT + PAGE] = bytes(3 * PAGE)
+    ram[HPT_PDPT : HPT_PT + PAGE] = bytes(3 * PAGE)
     _u64(ram, HPT_PDPT + 510 * 8, HPT_PD | _P | _RW | _US | _A)
     _u64(ram, HPT_PD + 0 * 8, HPT_PT | _P | _RW | _US | _A)
     pk = (user_pkey & 0xF) << 59
@@ -164,7 +165,7 @@ def _write_harness_tables(ram, user_pkey: int) -> None:
 
 def _write_boot_tables(ram) -> None:
     # Identity 0-4 GiB with 2M pages: bios.bin runs at 0xffff0000 while CR0.PG turns on.
-    ram[BOOT_PML4:SLOT_PML4_LA57 + PAGE] = bytes(SLOT_PML4_LA57 + PAGE - BOOT_PML4)
+    ram[BOOT_PML4 : SLOT_PML4_LA57 + PAGE] = bytes(SLOT_PML4_LA57 + PAGE - BOOT_PML4)
     _u64(ram, BOOT_PML4, BOOT_PDPT | _P | _RW | _A)
     _u64(ram, BOOT_PML4 + HARNESS_SLOT * 8, SLOT_VALUE)
     for i in range(4):
@@ -184,8 +185,8 @@ def harness_area(user_pkey: int = 0) -> bytes:
     if len(main) > MAIN_MAX:
         raise OracleError(f"h_main.bin is {len(main)} bytes, more than {MAIN_MAX:#x}")
     ram = bytearray(HARNESS_END)
-    ram[HARNESS_GPA:HARNESS_GPA + len(main)] = main
-    ram[USTUB_GPA:USTUB_GPA + len(ustub)] = ustub
+    ram[HARNESS_GPA : HARNESS_GPA + len(main)] = main
+    ram[USTUB_GPA : USTUB_GPA + len(ustub)] = ustub
     _write_harness_tables(ram, user_pkey)
     _write_boot_tables(ram)
     return bytes(ram[HARNESS_GPA:])
@@ -206,8 +207,7 @@ def slot_entry(state: PagingState) -> int:
 def test_registers(state: PagingState) -> dict[str, int]:
     """The registers the guest loads before the probes (EFER.LMA is read-only; keep it set)."""
     state.check()
-    return {"cr3": state.cr3, "cr0": state.cr0, "cr4": state.cr4,
-            "efer": state.efer | EFER_LME | EFER_LMA}
+    return {"cr3": state.cr3, "cr0": state.cr0, "cr4": state.cr4, "efer": state.efer | EFER_LME | EFER_LMA}
 
 
 def check_image(memory: SparseMemory, state: PagingState, ram_size: int) -> None:
@@ -220,13 +220,22 @@ def check_image(memory: SparseMemory, state: PagingState, ram_size: int) -> None
             raise BadInputError(f"image page {gpa:#x} is beyond the guest RAM ({ram_size:#x} bytes)")
     root = state.root
     if not RIG_IMAGE_BASE <= root < ram_size or state.cr3 >> 52:
-        raise BadInputError(f"CR3 {state.cr3:#x} does not point into the image "
-                            f"[{RIG_IMAGE_BASE:#x}, {ram_size:#x})")
+        raise BadInputError(
+            f"CR3 {state.cr3:#x} does not point into the image [{RIG_IMAGE_BASE:#x}, {ram_size:#x})"
+        )
 
 
-def prepare_ram(ram, memory: SparseMemory, state: PagingState, probes: Sequence[Probe], *,
-                clear: bool = True, ram_size: int | None = None, invlpg: bool = True,
-                user_pkey: int = 0) -> None:
+def prepare_ram(
+    ram,
+    memory: SparseMemory,
+    state: PagingState,
+    probes: Sequence[Probe],
+    *,
+    clear: bool = True,
+    ram_size: int | None = None,
+    invlpg: bool = True,
+    user_pkey: int = 0,
+) -> None:
     """Fill guest RAM `ram` (a writable buffer of ram_size bytes, GPA 0 at offset 0): the guest
     blobs, harness and boot tables, params, probes, and a copy of `memory` with the harness slot
     installed. `clear=False` skips zeroing when `ram` is known to be fresh (anonymous mmap).
@@ -242,23 +251,37 @@ def prepare_ram(ram, memory: SparseMemory, state: PagingState, probes: Sequence[
     ram[HARNESS_GPA:HARNESS_END] = harness_area(user_pkey)
 
     boot = boot_registers(state)
-    ram[PARAMS_GPA:PARAMS_GPA + PAGE] = bytes(PAGE)
-    for off, v in ((P_CR3, regs["cr3"]), (P_CR0, regs["cr0"]), (P_CR4, regs["cr4"]),
-                   (P_EFER, regs["efer"]), (P_N, len(probes)), (P_PKRU, state.pkru),
-                   (P_FLAGS, F_WRPKRU if state.pke else 0),
-                   (P_BOOT_CR3, boot["cr3"]), (P_BOOT_CR4, boot["cr4"]), (P_BOOT_EFER, boot["efer"])):
+    ram[PARAMS_GPA : PARAMS_GPA + PAGE] = bytes(PAGE)
+    for off, v in (
+        (P_CR3, regs["cr3"]),
+        (P_CR0, regs["cr0"]),
+        (P_CR4, regs["cr4"]),
+        (P_EFER, regs["efer"]),
+        (P_N, len(probes)),
+        (P_PKRU, state.pkru),
+        (P_FLAGS, F_WRPKRU if state.pke else 0),
+        (P_BOOT_CR3, boot["cr3"]),
+        (P_BOOT_CR4, boot["cr4"]),
+        (P_BOOT_EFER, boot["efer"]),
+    ):
         _u64(ram, PARAMS_GPA + off, v)
 
     buf = bytearray(len(probes) * RECORD)
     for i, p in enumerate(probes):
-        _PROBE.pack_into(buf, i * RECORD, p.va & 0xFFFFFFFFFFFFFFFF, probe_flags(p, invlpg),
-                         p.wvalue & 0xFFFFFFFFFFFFFFFF, 0)
-    ram[PROBES_GPA:PROBES_GPA + len(buf)] = buf
+        _PROBE.pack_into(
+            buf,
+            i * RECORD,
+            p.va & 0xFFFFFFFFFFFFFFFF,
+            probe_flags(p, invlpg),
+            p.wvalue & 0xFFFFFFFFFFFFFFFF,
+            0,
+        )
+    ram[PROBES_GPA : PROBES_GPA + len(buf)] = buf
     # Results start as "not run" so a guest that stops early cannot look like all-ok.
-    ram[RESULTS_GPA:RESULTS_GPA + len(buf)] = b"\xee" * len(buf)
+    ram[RESULTS_GPA : RESULTS_GPA + len(buf)] = b"\xee" * len(buf)
 
     for pn, page in memory.pages.items():
-        ram[pn * PAGE:(pn + 1) * PAGE] = page
+        ram[pn * PAGE : (pn + 1) * PAGE] = page
     _u64(ram, slot_address(state), slot_entry(state))
 
 
@@ -274,8 +297,10 @@ class SetupFault:
     rip: int
 
     def describe(self) -> str:
-        return (f"vector {self.vector} error code {self.error_code:#x} at rip {self.rip:#x} "
-                f"(cr2 {self.cr2:#x}) before the first probe")
+        return (
+            f"vector {self.vector} error code {self.error_code:#x} at rip {self.rip:#x} "
+            f"(cr2 {self.cr2:#x}) before the first probe"
+        )
 
 
 def setup_fault(ram) -> SetupFault:
@@ -291,8 +316,10 @@ def check_status(ram, what: str = "guest") -> None:
     idx = _get(ram, PARAMS_GPA + P_IDX)
     n = _get(ram, PARAMS_GPA + P_N)
     if st == STATUS_SETUP:
-        raise OracleError(f"{what}: the probe guest faulted while switching to the test state: "
-                          f"{setup_fault(ram).describe()}")
+        raise OracleError(
+            f"{what}: the probe guest faulted while switching to the test state: "
+            f"{setup_fault(ram).describe()}"
+        )
     raise OracleError(f"{what}: the probe guest did not finish (status {st:#x}, probe {idx} of {n})")
 
 
@@ -302,11 +329,12 @@ def _canon_cr2(cr2: int) -> int | None:
 
 def _probe_rips() -> frozenset[int]:
     s = symbols()
-    return frozenset(s[k] for k in ("k_read_insn", "k_write_insn", "k_fetch_insn", "k_implicit_insn")
-                     if k in s)
+    return frozenset(
+        s[k] for k in ("k_read_insn", "k_write_insn", "k_fetch_insn", "k_implicit_insn") if k in s
+    )
 
 
-_HARNESS_SLOT_VA = 0xFFFFFF8000000000       # PML4[511] (and PML5[511]->PML4[511]): the harness's
+_HARNESS_SLOT_VA = 0xFFFFFF8000000000  # PML4[511] (and PML5[511]->PML4[511]): the harness's
 
 
 def read_results(ram, n: int, probes: Sequence[Probe] | None = None) -> list[ProbeResult]:
@@ -317,7 +345,7 @@ def read_results(ram, n: int, probes: Sequence[Probe] | None = None) -> list[Pro
     kernel_rips = _probe_rips()
     ustub_va = KBASE + USTUB_GPA
     ustub_end = ustub_va + PAGE
-    recs = np.frombuffer(bytes(ram[RESULTS_GPA:RESULTS_GPA + n * RECORD]), dtype="<u8").reshape(n, 4)
+    recs = np.frombuffer(bytes(ram[RESULTS_GPA : RESULTS_GPA + n * RECORD]), dtype="<u8").reshape(n, 4)
     vectors, codes, cr2s, values = (recs[:, k].tolist() for k in range(4))
     made = made_result
     for i in range(n):
@@ -332,8 +360,13 @@ def read_results(ram, n: int, probes: Sequence[Probe] | None = None) -> list[Pro
                 pa = pa_from_value(value, p.va) if p is not None else None
                 out.append(made("ok", None, None, pa, value, None, ""))
             continue
-        if (p is not None and p.implicit and vector == 13 and code == IMPLICIT_SEL
-                and (value in kernel_rips or ustub_va <= value < ustub_end)):
+        if (
+            p is not None
+            and p.implicit
+            and vector == 13
+            and code == IMPLICIT_SEL
+            and (value in kernel_rips or ustub_va <= value < ustub_end)
+        ):
             # The descriptor read went through; the frame's qword is no valid descriptor, so the
             # segment load ends in #GP(selector) (harness.S k_implicit). No value, no pa.
             out.append(made("ok", None, None, None, None, None, ""))
@@ -346,39 +379,54 @@ def read_results(ram, n: int, probes: Sequence[Probe] | None = None) -> list[Pro
         if vector == 14 and p is not None and cr2 >= _HARNESS_SLOT_VA > p.va:
             # The harness itself faulted (its stub, stack or results page), not the probe: e.g.
             # PKRU closing the key of the user stub/stack pages. Never report that as the answer.
-            raise OracleError(f"probe {i} ({p.access} {p.va:#x}): the probe harness faulted at "
-                              f"{cr2:#x} (error code {code:#x}, rip {value:#x}); does PKRU deny the "
-                              "harness's own key (see prepare_ram(user_pkey=...))?")
+            raise OracleError(
+                f"probe {i} ({p.access} {p.va:#x}): the probe harness faulted at "
+                f"{cr2:#x} (error code {code:#x}, rip {value:#x}); does PKRU deny the "
+                "harness's own key (see prepare_ram(user_pkey=...))?"
+            )
         if vector == 14:
             out.append(made("page_fault", code, cr2, None, None, 14, detail))
         elif vector == 13:
             out.append(made("general_protection", code, _canon_cr2(cr2), None, None, 13, detail))
         else:
-            out.append(ProbeResult(f"vector_{vector}", error_code=code, cr2=_canon_cr2(cr2),
-                                   vector=vector, detail=(detail + f" unexpected vector {vector} "
-                                                          f"at rip {value:#x}").strip()))
+            out.append(
+                ProbeResult(
+                    f"vector_{vector}",
+                    error_code=code,
+                    cr2=_canon_cr2(cr2),
+                    vector=vector,
+                    detail=(detail + f" unexpected vector {vector} at rip {value:#x}").strip(),
+                )
+            )
     return out
 
 
-def image_after(ram, memory: SparseMemory, state: PagingState | None = None, *,
-                scan_new: bool = True, ram_size: int | None = None) -> SparseMemory:
+def image_after(
+    ram,
+    memory: SparseMemory,
+    state: PagingState | None = None,
+    *,
+    scan_new: bool = True,
+    ram_size: int | None = None,
+) -> SparseMemory:
     """The image after the run: the caller's pages read back from RAM (A/D bits, data written)
     with the harness slot restored to the caller's value, plus (scan_new) any other non-zero
     page of the image area (a write probe into a frame the caller left unbacked)."""
     out = SparseMemory(memory.size)
     out.control_registers = dict(memory.control_registers)
     for pn in memory.pages:
-        out.pages[pn] = bytearray(ram[pn * PAGE:(pn + 1) * PAGE])
+        out.pages[pn] = bytearray(ram[pn * PAGE : (pn + 1) * PAGE])
     if scan_new:
         end = len(ram) if ram_size is None else ram_size
         end = min(end, memory.size) // PAGE * PAGE
         if end > RIG_IMAGE_BASE:
-            view = np.frombuffer(ram, dtype="<u8", count=(end - RIG_IMAGE_BASE) // 8,
-                                 offset=RIG_IMAGE_BASE).reshape(-1, PAGE // 8)
+            view = np.frombuffer(
+                ram, dtype="<u8", count=(end - RIG_IMAGE_BASE) // 8, offset=RIG_IMAGE_BASE
+            ).reshape(-1, PAGE // 8)
             for k in np.flatnonzero(view.any(axis=1)):
                 pn = RIG_IMAGE_BASE // PAGE + int(k)
                 if pn not in out.pages:
-                    out.pages[pn] = bytearray(ram[pn * PAGE:(pn + 1) * PAGE])
+                    out.pages[pn] = bytearray(ram[pn * PAGE : (pn + 1) * PAGE])
             del view
     if state is not None:
         addr = slot_address(state)

@@ -1,6 +1,7 @@
 """Disassembly of the probe guest with capstone: the listing of the shipped blobs (with the
 symbols build.sh recorded) and the decoding of one instruction at a guest RIP, for mismatch
 reports. `python3 -m harness.guest.listing [RIP]`."""
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,10 @@ def _cs() -> capstone.Cs:
 
 
 def _regions() -> list[tuple[int, bytes]]:
-    return [(guest.KBASE + guest.HARNESS_GPA, guest.blob("h_main.bin")),
-            (guest.KBASE + guest.USTUB_GPA, guest.blob("h_ustub.bin"))]
+    return [
+        (guest.KBASE + guest.HARNESS_GPA, guest.blob("h_main.bin")),
+        (guest.KBASE + guest.USTUB_GPA, guest.blob("h_ustub.bin")),
+    ]
 
 
 def listing(code_only: bool = True) -> str:
@@ -32,11 +35,13 @@ def listing(code_only: bool = True) -> str:
     for base, code in _regions():
         end = base + len(code)
         if code_only and stop is not None and base <= stop < end:
-            code = code[:stop - base]
+            code = code[: stop - base]
         for insn in md.disasm(code, base):
             for n in names.get(insn.address, ()):
                 lines.append(f"{insn.address:016x} <{n}>:")
-            lines.append(f"  {insn.address:016x}:  {insn.bytes.hex(' '):<30} {insn.mnemonic} {insn.op_str}".rstrip())
+            lines.append(
+                f"  {insn.address:016x}:  {insn.bytes.hex(' '):<30} {insn.mnemonic} {insn.op_str}".rstrip()
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -56,7 +61,7 @@ def decode_at(rip: int, code: bytes | None = None) -> str:
     from `code` (bytes read at that RIP from the image). '' when nothing is known."""
     for base, blob in _regions():
         if base <= rip < base + len(blob):
-            code = blob[rip - base:rip - base + 16]
+            code = blob[rip - base : rip - base + 16]
             break
     if not code:
         return ""

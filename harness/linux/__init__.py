@@ -5,6 +5,7 @@ counters, the kernel's ptdump text, the layout and a page-table image.
 Nothing of the kernel is kept in the repository; it all lives in the cache directory
 (`cache_dir()`: $X86PT_CACHE/linux, else ~/.cache/x86pt/linux).
 """
+
 from __future__ import annotations
 
 import os

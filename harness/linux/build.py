@@ -13,6 +13,7 @@ one run). Reading it costs no pause: pausing QEMU mid-run perturbs icount (QEMU 
 virtual clock while stopping), so a run that pauses only once, after its last step, is
 reproducible boot after boot and still has an image of every step.
 """
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@
 Each takes --json (one JSON object on stdout). Progress is drawn on stderr only when it is a
 terminal; the download size is printed before a download starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def cmd_fetch(args) -> int:
     from harness.linux.build import build_helpers, build_module
     from harness.linux.fetch import fetch, plan
     from x86pt.progress import ProgressBar
+
     out = []
     for k in args.kernel:
         p = plan(k)
@@ -46,12 +48,20 @@ def cmd_fetch(args) -> int:
                 bar.close()
         ko = build_module(t)
         build_helpers(t)
-        rec = {**p.to_json(), "version": t.version, "module": ko, "vmlinux": t.vmlinux,
-               "cache_bytes": _du(t.root)}
+        rec = {
+            **p.to_json(),
+            "version": t.version,
+            "module": ko,
+            "vmlinux": t.vmlinux,
+            "cache_bytes": _du(t.root),
+        }
         out.append(rec)
         if not args.json:
-            print(f"{k}: {t.release} ({t.version}) in {t.root} ({_mb(rec['cache_bytes'])} cached"
-                  + (f", {_mb(p.download_bytes)} downloaded" if not p.cached else "") + f"); module {ko}")
+            print(
+                f"{k}: {t.release} ({t.version}) in {t.root} ({_mb(rec['cache_bytes'])} cached"
+                + (f", {_mb(p.download_bytes)} downloaded" if not p.cached else "")
+                + f"); module {ko}"
+            )
     if args.json:
         print(json.dumps({"kernels": out}, indent=1, sort_keys=True))
     return 0
@@ -59,6 +69,7 @@ def cmd_fetch(args) -> int:
 
 def _du(path: str) -> int:
     import os
+
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for f in files:
@@ -74,16 +85,25 @@ def cmd_run(args) -> int:
     from harness.linux.run import RunConfig, run
     from x86pt.numbers import parse_int
     from x86pt.progress import ProgressBar
-    cfg = RunConfig(kernel=args.kernel, workload=args.workload, levels=args.levels, kaslr=args.kaslr,
-                    ram_mb=parse_int(args.ram, "--ram", lo=1024, hi=3584), images=args.images,
-                    info_mem=args.info_mem,
-                    timeout=float(parse_int(args.timeout, "--timeout", lo=10, hi=7200)))
+
+    cfg = RunConfig(
+        kernel=args.kernel,
+        workload=args.workload,
+        levels=args.levels,
+        kaslr=args.kaslr,
+        ram_mb=parse_int(args.ram, "--ram", lo=1024, hi=3584),
+        images=args.images,
+        info_mem=args.info_mem,
+        timeout=float(parse_int(args.timeout, "--timeout", lo=10, hi=7200)),
+    )
     try:
         p = plan(cfg.kernel)
         if not p.cached:
-            _log(f"{cfg.kernel}: first use downloads {len(p.packages)} packages, {_mb(p.download_bytes)}, "
-                 f"into {p.path}")
-    except Exception:       # no apt here: run() uses the cache or says what is missing
+            _log(
+                f"{cfg.kernel}: first use downloads {len(p.packages)} packages, {_mb(p.download_bytes)}, "
+                f"into {p.path}"
+            )
+    except Exception:  # no apt here: run() uses the cache or says what is missing
         pass
     tty = _tty()
     bar = ProgressBar(1, f"linux {cfg.kernel} {cfg.workload}", unit="step", enabled=tty)
@@ -96,7 +116,7 @@ def cmd_run(args) -> int:
         bar.update_to(done)
 
     def log(msg: str) -> None:
-        if not tty:                         # progress lines only on a terminal
+        if not tty:  # progress lines only on a terminal
             return
         if bar._bar is not None:
             bar._bar.write(msg, file=sys.stderr)
@@ -110,14 +130,17 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps({"out": args.out, **meta}, indent=1, sort_keys=True))
         return 0
-    print(f"{args.out}: {meta['kernel_release']} {cfg.levels}-level {cfg.workload}, "
-          f"{len(meta['steps'])} checkpoints ({cfg.images} images), deterministic {meta['deterministic_steps']}, "
-          f"chain {meta['chain_consistent']}, wall {meta['wall_seconds']} s")
+    print(
+        f"{args.out}: {meta['kernel_release']} {cfg.levels}-level {cfg.workload}, "
+        f"{len(meta['steps'])} checkpoints ({cfg.images} images), deterministic {meta['deterministic_steps']}, "
+        f"chain {meta['chain_consistent']}, wall {meta['wall_seconds']} s"
+    )
     return 0
 
 
 def cmd_report(args) -> int:
     from harness.linux.report import report, report_data
+
     if args.json:
         print(json.dumps(report_data(args.dir, plot=args.plot), indent=1, sort_keys=True))
     else:
@@ -141,50 +164,80 @@ EPILOG_REPORT = """examples:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("linux", help="ground truth from a real Linux kernel under QEMU",
-                              description="Boot Debian's own kernels under QEMU (TCG, icount), trace "
-                                          "every change_page_attr call, and compare with the CPA model.")
+    p = subparsers.add_parser(
+        "linux",
+        help="ground truth from a real Linux kernel under QEMU",
+        description="Boot Debian's own kernels under QEMU (TCG, icount), trace "
+        "every change_page_attr call, and compare with the CPA model.",
+    )
     sub = p.add_subparsers(dest="linux_command", metavar="SUBCOMMAND")
     sub.required = True
     raw = argparse.RawDescriptionHelpFormatter
 
-    f = sub.add_parser("fetch", help="download Debian's kernel packages and build the guest pieces",
-                       description="Download (once) the kernel image, headers, kbuild and busybox-static "
-                                   "packages with apt-get, unpack them into the cache ($X86PT_CACHE/linux, "
-                                   "else ~/.cache/x86pt/linux) and build the ptdump module.",
-                       epilog=EPILOG_FETCH, formatter_class=raw)
-    f.add_argument("--kernel", action="append", choices=KERNELS, default=None,
-                   help="kernel line (repeatable; default: all)")
+    f = sub.add_parser(
+        "fetch",
+        help="download Debian's kernel packages and build the guest pieces",
+        description="Download (once) the kernel image, headers, kbuild and busybox-static "
+        "packages with apt-get, unpack them into the cache ($X86PT_CACHE/linux, "
+        "else ~/.cache/x86pt/linux) and build the ptdump module.",
+        epilog=EPILOG_FETCH,
+        formatter_class=raw,
+    )
+    f.add_argument(
+        "--kernel",
+        action="append",
+        choices=KERNELS,
+        default=None,
+        help="kernel line (repeatable; default: all)",
+    )
     f.add_argument("--json", action="store_true", help="print what was fetched as JSON")
-    f.set_defaults(func=lambda a: cmd_fetch(argparse.Namespace(kernel=a.kernel or list(KERNELS), json=a.json)))
+    f.set_defaults(
+        func=lambda a: cmd_fetch(argparse.Namespace(kernel=a.kernel or list(KERNELS), json=a.json))
+    )
 
-    r = sub.add_parser("run", help="boot, run a workload deterministically, collect every step",
-                       description="Boot the kernel with a scripted workload and collect, per step, the "
-                                   "CPA trace, /proc counters, the kernel's ptdump and a page-table image. "
-                                   "The same inputs give the same bytes (icount, one boot).",
-                       epilog=EPILOG_RUN, formatter_class=raw)
+    r = sub.add_parser(
+        "run",
+        help="boot, run a workload deterministically, collect every step",
+        description="Boot the kernel with a scripted workload and collect, per step, the "
+        "CPA trace, /proc counters, the kernel's ptdump and a page-table image. "
+        "The same inputs give the same bytes (icount, one boot).",
+        epilog=EPILOG_RUN,
+        formatter_class=raw,
+    )
     r.add_argument("--kernel", choices=KERNELS, default="6.1", help="kernel line (default 6.1)")
     r.add_argument("--workload", choices=WORKLOAD_NAMES, default="modules", help="what the guest does")
     r.add_argument("--out", required=True, metavar="DIR", help="folder for the run's artefacts")
     r.add_argument("--levels", type=int, choices=(4, 5), default=4, help="paging levels of the guest")
     r.add_argument("--kaslr", action="store_true", help="boot the bzImage with KASLR (default nokaslr)")
     r.add_argument("--ram", default="3072", metavar="MIB", help="guest RAM, 1024-3584 MiB (default 3072)")
-    r.add_argument("--images", choices=("guest", "all", "pause", "last"), default="guest",
-                   help="guest: one boot, the guest dumps its page tables after every step, paused "
-                        "once at the end (default; reproducible); all: one boot per checkpoint; "
-                        "pause: one boot paused after every step; last: image of the last step only")
+    r.add_argument(
+        "--images",
+        choices=("guest", "all", "pause", "last"),
+        default="guest",
+        help="guest: one boot, the guest dumps its page tables after every step, paused "
+        "once at the end (default; reproducible); all: one boot per checkpoint; "
+        "pause: one boot paused after every step; last: image of the last step only",
+    )
     r.add_argument("--info-mem", action="store_true", help="time QEMU's `info mem` on the last boot")
     r.add_argument("--timeout", default="900", metavar="S", help="per boot, seconds (default 900)")
     r.add_argument("--json", action="store_true", help="print the run's summary (run.json) as JSON")
     r.set_defaults(func=cmd_run)
 
-    rp = sub.add_parser("report", help="per step: CPA calls, splits, pages that lost G; a plot",
-                        description="What the kernel did at each step of a collected run, whether its "
-                                    "trace accounts for its counters, and whether the CPA model's replay "
-                                    "of each step reaches the kernel's state.",
-                        epilog=EPILOG_REPORT, formatter_class=raw)
+    rp = sub.add_parser(
+        "report",
+        help="per step: CPA calls, splits, pages that lost G; a plot",
+        description="What the kernel did at each step of a collected run, whether its "
+        "trace accounts for its counters, and whether the CPA model's replay "
+        "of each step reaches the kernel's state.",
+        epilog=EPILOG_REPORT,
+        formatter_class=raw,
+    )
     rp.add_argument("dir", help="a folder written by `x86pt linux run` (or a fixture)")
-    rp.add_argument("--plot", default=None, metavar="FILE.png",
-                    help="write a fragmentation plot of the direct map here (none without it)")
+    rp.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="write a fragmentation plot of the direct map here (none without it)",
+    )
     rp.add_argument("--json", action="store_true", help="the table as JSON")
     rp.set_defaults(func=cmd_report)

@@ -7,6 +7,7 @@ from `init_top_pgt`, with CR0/CR3/CR4/EFER of the guest and CR3 pointing at init
 every x86pt command reads it. CR3 as QEMU reports it is the current task's PGD; its kernel half is
 the same tables, and init_top_pgt is what the kernel's own ptdump of init_mm walks.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from x86pt.memory.elfcore import write_elf_core
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import CR4_LA57, PagingState, profile_named
 from x86pt.walk import Translation, walk
-from x86pt.fields import ADDR_MASK_52 as ADDR_MASK, BIT_PS as PS   # bits 51:12; PS
+from x86pt.fields import ADDR_MASK_52 as ADDR_MASK, BIT_PS as PS  # bits 51:12; PS
 
 # cpa_data.flags (arch/x86/mm/pat/set_memory.c): CPA_ARRAY / CPA_PAGES_ARRAY carry more than
 # one address, of which the probe sees only the first.
@@ -40,8 +41,8 @@ class StepText:
 class BootText:
     header: dict[str, list[str]]
     steps: list[StepText]
-    ended: int | None          # number of steps the guest says it ran (@@END n), None if cut off
-    pauses: list[int] = field(default_factory=list)   # checkpoints at which it asked for a pause
+    ended: int | None  # number of steps the guest says it ran (@@END n), None if cut off
+    pauses: list[int] = field(default_factory=list)  # checkpoints at which it asked for a pause
 
 
 def parse_output(text: str) -> BootText:
@@ -116,8 +117,10 @@ def parse_counters(meminfo: list[str], vmstat: list[str]) -> dict[str, int]:
 
 
 # -- the CPA trace ----------------------------------------------------------------------------------
-_EVENT = re.compile(r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*[-\d]+\)\s+)?\[(?P<cpu>\d+)\]\s+(?:\S+\s+)?"
-                    r"(?P<ts>\d+\.\d+):\s+(?P<event>\w+):\s+\((?P<loc>[^)]*)\)\s*(?P<args>.*)$")
+_EVENT = re.compile(
+    r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*[-\d]+\)\s+)?\[(?P<cpu>\d+)\]\s+(?:\S+\s+)?"
+    r"(?P<ts>\d+\.\d+):\s+(?P<event>\w+):\s+\((?P<loc>[^)]*)\)\s*(?P<args>.*)$"
+)
 
 
 def _args(s: str) -> dict[str, str]:
@@ -125,7 +128,7 @@ def _args(s: str) -> dict[str, str]:
 
 
 def _num(v: str | None) -> int | None:
-    if v is None or v.startswith("("):      # "(fault)": the probe could not read it
+    if v is None or v.startswith("("):  # "(fault)": the probe could not read it
         return None
     return int(v, 0)
 
@@ -145,9 +148,9 @@ class CpaCall:
     force_split: bool
     primary: bool
     depth: int
-    api: str = ""                 # the set_memory_*/set_direct_map_* call it belongs to
-    before: tuple[int, int, int] | None = None   # direct_pages_count[4K, 2M, 1G] at entry
-    after: tuple[int, int, int] | None = None    # ... at return
+    api: str = ""  # the set_memory_*/set_direct_map_* call it belongs to
+    before: tuple[int, int, int] | None = None  # direct_pages_count[4K, 2M, 1G] at entry
+    after: tuple[int, int, int] | None = None  # ... at return
     ret: int | None = None
     children: list["CpaCall"] = field(default_factory=list, repr=False)
 
@@ -155,7 +158,7 @@ class CpaCall:
     def total(self) -> tuple[int, int, int] | None:
         if self.before is None or self.after is None:
             return None
-        return tuple(a - b for a, b in zip(self.after, self.before))   # type: ignore[return-value]
+        return tuple(a - b for a, b in zip(self.after, self.before))  # type: ignore[return-value]
 
     @property
     def own(self) -> tuple[int, int, int] | None:
@@ -169,7 +172,7 @@ class CpaCall:
             if ct is None:
                 return None
             d = [x - y for x, y in zip(d, ct)]
-        return tuple(d)   # type: ignore[return-value]
+        return tuple(d)  # type: ignore[return-value]
 
     def splits(self) -> tuple[int, int] | None:
         """(1G->2M splits, 2M->4K splits) made by this call itself, from its counter deltas:
@@ -215,10 +218,10 @@ class Flush:
 
 @dataclass
 class TraceDecode:
-    calls: list[CpaCall]            # every call, in order of entry (nested ones included)
-    api: list[tuple[str, str, dict[str, str]]]   # (task, api name, args)
-    unmatched: int                  # entries without a return (or returns without an entry)
-    seq: list = field(default_factory=list)      # calls and Flushes in the order they happened
+    calls: list[CpaCall]  # every call, in order of entry (nested ones included)
+    api: list[tuple[str, str, dict[str, str]]]  # (task, api name, args)
+    unmatched: int  # entries without a return (or returns without an entry)
+    seq: list = field(default_factory=list)  # calls and Flushes in the order they happened
 
     @property
     def flushes(self) -> list[Flush]:
@@ -233,13 +236,18 @@ def decode_trace(lines: list[str]) -> TraceDecode:
     stacks: dict[int, list[CpaCall]] = {}
     last_api: dict[int, str] = {}
     seq: list = []
-    ranges: dict[int, tuple[int, int]] = {}   # pid -> (next page, end) of a flush_tlb_kernel_range
+    ranges: dict[int, tuple[int, int]] = {}  # pid -> (next page, end) of a flush_tlb_kernel_range
     unmatched = 0
     for line in lines:
         m = _EVENT.match(line)
         if not m:
             continue
-        ev, a, pid, task = m.group("event"), _args(m.group("args")), int(m.group("pid")), m.group("task").strip()
+        ev, a, pid, task = (
+            m.group("event"),
+            _args(m.group("args")),
+            int(m.group("pid")),
+            m.group("task").strip(),
+        )
         st = stacks.setdefault(pid, [])
         if ev.startswith("tlb_"):
             f = _flush(ev, a, task, pid, bool(st), ranges)
@@ -249,11 +257,21 @@ def decode_trace(lines: list[str]) -> TraceDecode:
         ranges.pop(pid, None)
         if ev == "cpasc":
             bits = _num(a.get("bits")) or 0
-            c = CpaCall(task, pid, m.group("ts"), _num(a.get("vaddr")), _num(a.get("numpages")) or 0,
-                        _num(a.get("set")) or 0, _num(a.get("clr")) or 0, _num(a.get("flags")) or 0,
-                        bool(bits & 1), bool(_num(a.get("primary"))), len(st),
-                        api=last_api.get(pid, "") if not st else st[0].api,
-                        before=_triple(a))
+            c = CpaCall(
+                task,
+                pid,
+                m.group("ts"),
+                _num(a.get("vaddr")),
+                _num(a.get("numpages")) or 0,
+                _num(a.get("set")) or 0,
+                _num(a.get("clr")) or 0,
+                _num(a.get("flags")) or 0,
+                bool(bits & 1),
+                bool(_num(a.get("primary"))),
+                len(st),
+                api=last_api.get(pid, "") if not st else st[0].api,
+                before=_triple(a),
+            )
             if st:
                 st[-1].children.append(c)
             st.append(c)
@@ -276,8 +294,9 @@ def decode_trace(lines: list[str]) -> TraceDecode:
     return TraceDecode(calls, api, unmatched, seq)
 
 
-def _flush(ev: str, a: dict[str, str], task: str, pid: int, in_call: bool,
-           ranges: dict[int, tuple[int, int]]) -> Flush | None:
+def _flush(
+    ev: str, a: dict[str, str], task: str, pid: int, in_call: bool, ranges: dict[int, tuple[int, int]]
+) -> Flush | None:
     """A flush event -> Flush; None for a one-page flush that flush_tlb_kernel_range made
     (do_kernel_range_flush: flush_tlb_one_kernel from start in 4K steps while < end; the guest
     has one CPU, so they follow the range event in the same task)."""
@@ -301,7 +320,7 @@ def _flush(ev: str, a: dict[str, str], task: str, pid: int, in_call: bool,
 
 def _triple(a: dict[str, str]) -> tuple[int, int, int] | None:
     v = [_num(a.get(k)) for k in ("d4k", "d2m", "d1g")]
-    return None if None in v else (v[0], v[1], v[2])   # type: ignore[return-value]
+    return None if None in v else (v[0], v[1], v[2])  # type: ignore[return-value]
 
 
 def trace_text(dec: TraceDecode, title: str) -> str:
@@ -314,11 +333,13 @@ def trace_text(dec: TraceDecode, title: str) -> str:
     from is a comment before it."""
     out = [f"# {title}", "# decoded from kprobes on __change_page_attr_set_clr (x86pt linux run)"]
     if dec.flushes:
-        out.append("# with the kernel's TLB flushes (flush_tlb_all, flush_tlb_kernel_range, "
-                   "flush_tlb_one_kernel as invlpg); `# in-call` ones ran inside the call before "
-                   "its last write")
+        out.append(
+            "# with the kernel's TLB flushes (flush_tlb_all, flush_tlb_kernel_range, "
+            "flush_tlb_one_kernel as invlpg); `# in-call` ones ran inside the call before "
+            "its last write"
+        )
     last_api = None
-    for c in (dec.seq or dec.calls):
+    for c in dec.seq or dec.calls:
         if isinstance(c, Flush):
             out.append(f"#   in-call {c.line()}" if c.in_call else c.line())
             continue
@@ -344,9 +365,14 @@ def trace_text(dec: TraceDecode, title: str) -> str:
 
 
 def _cpa_line(c: CpaCall) -> str:
-    words = [f"cpa {c.vaddr:#x}" if c.vaddr is not None else "cpa ?", str(c.numpages),
-             f"set={c.mask_set:#x}", f"clr={c.mask_clr:#x}", f"flags={c.flags:#x}",
-             "primary" if c.primary else "alias"]
+    words = [
+        f"cpa {c.vaddr:#x}" if c.vaddr is not None else "cpa ?",
+        str(c.numpages),
+        f"set={c.mask_set:#x}",
+        f"clr={c.mask_clr:#x}",
+        f"flags={c.flags:#x}",
+        "primary" if c.primary else "alias",
+    ]
     if c.force_split:
         words.append("force_split")
     return " ".join(words)
@@ -361,16 +387,27 @@ def trace_summary(dec: TraceDecode) -> dict:
             s1g += sp[0]
             s2m += sp[1]
     fl = dec.flushes
-    return {"calls": len(dec.calls), "top_level_calls": len(tops), "api_calls": len(dec.api),
-            "splits_1g": s1g, "splits_2m": s2m, "unmatched": dec.unmatched,
-            "flushes": {k: sum(f.kind == k for f in fl) for k in ("all", "range", "page")}}
+    return {
+        "calls": len(dec.calls),
+        "top_level_calls": len(tops),
+        "api_calls": len(dec.api),
+        "splits_1g": s1g,
+        "splits_2m": s2m,
+        "unmatched": dec.unmatched,
+        "flushes": {k: sum(f.kind == k for f in fl) for k in ("all", "range", "page")},
+    }
 
 
 # -- page tables out of guest RAM -------------------------------------------------------------------
 def guest_state(regs: dict[str, int]) -> PagingState:
     """The guest's paging state (QEMU TCG -cpu max: the `qemu` profile, 40 physical bits)."""
-    return PagingState(cr3=regs["cr3"] & ADDR_MASK, cr0=regs["cr0"], cr4=regs["cr4"], efer=regs["efer"],
-                       profile=profile_named("qemu"))
+    return PagingState(
+        cr3=regs["cr3"] & ADDR_MASK,
+        cr0=regs["cr0"],
+        cr4=regs["cr4"],
+        efer=regs["efer"],
+        profile=profile_named("qemu"),
+    )
 
 
 def read_kernel_u64(state: PagingState, ram: MemoryBase, va: int) -> int:
@@ -414,7 +451,7 @@ def collect_tables(ram: MemoryBase, root: int, levels: int) -> SparseMemory:
 @dataclass(frozen=True)
 class Capture:
     memory: SparseMemory
-    state: PagingState          # CR3 = init_top_pgt's PA
+    state: PagingState  # CR3 = init_top_pgt's PA
     layout: dict
 
 
@@ -427,12 +464,18 @@ def capture(ram: MemoryBase, regs: dict[str, int], kallsyms: dict[str, int]) -> 
     root = kernel_pa(st, ram, kallsyms["init_top_pgt"])
     levels = 5 if regs["cr4"] & CR4_LA57 else 4
     mem = collect_tables(ram, root, levels)
-    layout = {"levels": levels, "init_top_pgt_pa": hex(root), "cr3_task": hex(regs["cr3"]),
-              "table_pages": len(mem.pages)}
+    layout = {
+        "levels": levels,
+        "init_top_pgt_pa": hex(root),
+        "cr3_task": hex(regs["cr3"]),
+        "table_pages": len(mem.pages),
+    }
     # variables, not symbols: their values are in guest memory (_brk_end is where brk use ended)
     for var in ("page_offset_base", "vmalloc_base", "vmemmap_base", "phys_base", "_brk_end"):
         if var in kallsyms:
-            layout[var.lstrip("_") + ("_value" if var == "_brk_end" else "")] = hex(read_kernel_u64(st, ram, kallsyms[var]))
+            layout[var.lstrip("_") + ("_value" if var == "_brk_end" else "")] = hex(
+                read_kernel_u64(st, ram, kallsyms[var])
+            )
     return Capture(mem, st.replace(cr3=root), layout)
 
 
@@ -492,8 +535,17 @@ def capture_from_dump(lines: list[str], regs: dict[str, int], layout: dict) -> C
 
 def write_capture(path: str, cap: Capture) -> None:
     s = cap.state
-    write_elf_core(path, cap.memory, cr0=s.cr0, cr3=s.cr3, cr4=s.cr4, efer=s.efer,
-                   maxphyaddr=s.m, vendor=s.vendor, profile=s.profile.name)
+    write_elf_core(
+        path,
+        cap.memory,
+        cr0=s.cr0,
+        cr3=s.cr3,
+        cr4=s.cr4,
+        efer=s.efer,
+        maxphyaddr=s.m,
+        vendor=s.vendor,
+        profile=s.profile.name,
+    )
 
 
 # -- registers and layout ---------------------------------------------------------------------------
@@ -516,8 +568,9 @@ def parse_iomem(lines: list[str]) -> list[dict]:
             continue
         m = re.match(r"([0-9a-f]+)-([0-9a-f]+) : (.*)", line)
         if m:
-            out.append({"start": hex(int(m.group(1), 16)), "end": hex(int(m.group(2), 16) + 1),
-                        "name": m.group(3)})
+            out.append(
+                {"start": hex(int(m.group(1), 16)), "end": hex(int(m.group(2), 16) + 1), "name": m.group(3)}
+            )
     return out
 
 
@@ -525,12 +578,15 @@ def layout_of(boot: BootText) -> dict:
     """What the header of the output says: release, cmdline, gbpages/la57, symbols, memory map."""
     ks = parse_kallsyms(boot.header.get("KALLSYMS", []))
     flags = (boot.header.get("CPUFLAGS") or [""])[0].split()
-    out = {"release": (boot.header.get("UNAME") or [""])[0].strip(),
-           "cmdline": (boot.header.get("CMDLINE") or [""])[0].strip(),
-           "gbpages": "pdpe1gb" in flags, "la57": "la57" in flags,
-           "symbols": {k: hex(v) for k, v in ks.items()},
-           "iomem": parse_iomem(boot.header.get("IOMEM", [])),
-           "probes": boot.header.get("PROBES", [])}
+    out = {
+        "release": (boot.header.get("UNAME") or [""])[0].strip(),
+        "cmdline": (boot.header.get("CMDLINE") or [""])[0].strip(),
+        "gbpages": "pdpe1gb" in flags,
+        "la57": "la57" in flags,
+        "symbols": {k: hex(v) for k, v in ks.items()},
+        "iomem": parse_iomem(boot.header.get("IOMEM", [])),
+        "probes": boot.header.get("PROBES", []),
+    }
     for a, b, name in (("_text", "_etext", "text"), ("__start_rodata", "__end_rodata", "rodata")):
         if a in ks and b in ks:
             out[name] = [hex(ks[a]), hex(ks[b])]
@@ -556,12 +612,13 @@ def run_meta(run_dir: str) -> dict:
     fixtures alike); a fixture's meta.json (source, versions, config) is read when run.json is
     missing, and its keys fill in what run.json lacks."""
     import os
+
     paths = [os.path.join(run_dir, n) for n in ("run.json", "meta.json")]
     have = [p for p in paths if os.path.exists(p)]
     if not have:
         raise BadInputError(f"{run_dir} has neither run.json nor meta.json (not an x86pt linux run)")
     meta: dict = {}
-    for p in reversed(have):            # run.json last: it wins
+    for p in reversed(have):  # run.json last: it wins
         meta.update(load_json(p))
     return meta
 
@@ -570,6 +627,7 @@ def read_artifact(directory: str, name: str) -> bytes:
     """A run's file by name, plain or xz-compressed (`name.xz`, as fixtures keep big files)."""
     import lzma
     import os
+
     p = os.path.join(directory, name)
     try:
         if os.path.exists(p):
@@ -588,16 +646,18 @@ def read_artifact(directory: str, name: str) -> bytes:
 def materialize(directory: str, name: str, dest: str) -> str:
     """Path of `name` as a plain file: itself, or decompressed into `dest` (for xz fixtures)."""
     import os
+
     p = os.path.join(directory, name)
     if os.path.exists(p):
         return p
     from x86pt.memory.atomic import write_bytes_atomic
+
     out = os.path.join(dest, name)
     write_bytes_atomic(out, read_artifact(directory, name))
     return out
 
 
-START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000   # __START_KERNEL_map: the highmap's base (x86-64)
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map: the highmap's base (x86-64)
 
 
 def cpa_layout(layout: dict, name: str = "linux") -> dict:
@@ -615,24 +675,41 @@ def cpa_layout(layout: dict, name: str = "linux") -> dict:
 
     ram = []
     for r in layout.get("iomem", []):
-        if r["name"] == "System RAM":           # whole pages only (the first range ends at 0x9fc00)
+        if r["name"] == "System RAM":  # whole pages only (the first range ends at 0x9fc00)
             lo, hi = page_up(int(r["start"], 16)), int(r["end"], 16) & ~0xFFF
             if lo < hi:
                 ram.append([hex(lo), hex(hi)])
     out: dict = {"name": name, "ram": ram, "gbpages": bool(layout.get("gbpages", True)), "pti": False}
     if "page_offset_base" in layout:
         out["page_offset"] = layout["page_offset_base"]
-    need = ("_text", "_etext", "__start_rodata", "__end_rodata", "_sdata", "__init_begin",
-            "__init_end", "__brk_base")
+    need = (
+        "_text",
+        "_etext",
+        "__start_rodata",
+        "__end_rodata",
+        "_sdata",
+        "__init_begin",
+        "__init_end",
+        "__brk_base",
+    )
     if all(n in sym for n in need):
         end_ro = sym.get("__end_rodata_hpage_align", (sym["__end_rodata"] + (2 << 20) - 1) & ~((2 << 20) - 1))
         out["kernel"] = {
-            "text": hex(pa("_text")), "etext": hex(page_up(pa("_etext"))),
-            "start_rodata": hex(pa("__start_rodata")), "end_rodata": hex(page_up(pa("__end_rodata"))),
+            "text": hex(pa("_text")),
+            "etext": hex(page_up(pa("_etext"))),
+            "start_rodata": hex(pa("__start_rodata")),
+            "end_rodata": hex(page_up(pa("__end_rodata"))),
             "end_rodata_hpage_align": hex(end_ro - START_KERNEL_MAP + phys_base),
-            "sdata": hex(pa("_sdata")), "init_begin": hex(pa("__init_begin")),
+            "sdata": hex(pa("_sdata")),
+            "init_begin": hex(pa("__init_begin")),
             "init_end": hex(pa("__init_end")),
             # _brk_end's value when the run captured it, else __brk_base (older runs)
-            "brk_end": hex(page_up(int(layout["brk_end_value"], 16) - START_KERNEL_MAP + phys_base
-                                   if "brk_end_value" in layout else pa("__brk_base")))}
+            "brk_end": hex(
+                page_up(
+                    int(layout["brk_end_value"], 16) - START_KERNEL_MAP + phys_base
+                    if "brk_end_value" in layout
+                    else pa("__brk_base")
+                )
+            ),
+        }
     return out

@@ -18,6 +18,7 @@ is what the workload does to the page tables:
   follow the image's section sizes;
 * the model's replay: every step agrees.
 """
+
 from __future__ import annotations
 
 import glob
@@ -31,8 +32,13 @@ from harness.linux.report import direct_map_span, parse_ptdump
 
 # the files a step's byte compare covers
 STEP_FILES = ("counters.json", "ptdump.txt", "cpa.trace", "tables.elf")
-COUNTERS = ("DirectMap4k", "DirectMap2M", "DirectMap1G", "direct_map_level2_splits",
-            "direct_map_level3_splits")
+COUNTERS = (
+    "DirectMap4k",
+    "DirectMap2M",
+    "DirectMap1G",
+    "direct_map_level2_splits",
+    "direct_map_level3_splits",
+)
 
 
 def step_dirs(run_dir: str) -> list[str]:
@@ -74,10 +80,24 @@ def step_signature(run_dir: str, step_dir: str, layout: dict) -> dict:
         if c.get("depth"):
             continue
         va = int(c["vaddr"], 16) if c.get("vaddr") else None
-        calls.append((c.get("api", "").split(" ")[0], c["numpages"], c["mask_set"], c["mask_clr"],
-                      c["flags"], c["primary"], c["force_split"], _region(va, layout)))
-    return {"counters": load_json(os.path.join(step_dir, "counters.json")), "direct_map_kB": dm,
-            "no_glb_kB": no_glb, "calls": calls}
+        calls.append(
+            (
+                c.get("api", "").split(" ")[0],
+                c["numpages"],
+                c["mask_set"],
+                c["mask_clr"],
+                c["flags"],
+                c["primary"],
+                c["force_split"],
+                _region(va, layout),
+            )
+        )
+    return {
+        "counters": load_json(os.path.join(step_dir, "counters.json")),
+        "direct_map_kB": dm,
+        "no_glb_kB": no_glb,
+        "calls": calls,
+    }
 
 
 def _deltas(sigs: list[dict]) -> list[tuple]:
@@ -89,9 +109,9 @@ def _deltas(sigs: list[dict]) -> list[tuple]:
 
 @dataclass
 class Comparison:
-    mode: str                   # "bytes" (same build) or "build-independent"
+    mode: str  # "bytes" (same build) or "build-independent"
     differences: list[str]
-    notes: list[str] = field(default_factory=list)   # placement-dependent, not differences
+    notes: list[str] = field(default_factory=list)  # placement-dependent, not differences
 
     @property
     def same(self) -> bool:
@@ -127,14 +147,19 @@ def compare_independent(a: str, b: str, replay: bool = True, notes: list[str] | 
     for k, (x, y) in enumerate(zip(sa, sb)):
         if x["direct_map_kB"] != y["direct_map_kB"]:
             keys = sorted(set(x["direct_map_kB"]) | set(y["direct_map_kB"]))
-            d = [f"{key}: {x['direct_map_kB'].get(key, 0)} vs {y['direct_map_kB'].get(key, 0)} kB"
-                 for key in keys if x["direct_map_kB"].get(key) != y["direct_map_kB"].get(key)]
+            d = [
+                f"{key}: {x['direct_map_kB'].get(key, 0)} vs {y['direct_map_kB'].get(key, 0)} kB"
+                for key in keys
+                if x["direct_map_kB"].get(key) != y["direct_map_kB"].get(key)
+            ]
             out.append(f"step {k}: direct map " + "; ".join(d))
         if x["no_glb_kB"] != y["no_glb_kB"] and notes is not None:
             notes.append(f"step {k}: direct-map pages without G {x['no_glb_kB']} vs {y['no_glb_kB']} kB")
         if k and x["calls"] != y["calls"]:
-            out.append(f"step {k}: {len(x['calls'])} vs {len(y['calls'])} top-level CPA calls, first "
-                       f"difference at call {_first_diff(x['calls'], y['calls'])}")
+            out.append(
+                f"step {k}: {len(x['calls'])} vs {len(y['calls'])} top-level CPA calls, first "
+                f"difference at call {_first_diff(x['calls'], y['calls'])}"
+            )
     if replay:
         for name, run in (("first", a), ("second", b)):
             out += [f"{name} run: {m}" for m in replay_disagreements(run)]
@@ -151,9 +176,13 @@ def _first_diff(x: list, y: list) -> str:
 def replay_disagreements(run_dir: str) -> list[str]:
     """Steps where the CPA model replaying the kernel's trace does not reach the kernel's state."""
     from harness.linux.replay import replay_run
-    return [f"step {r.step} ({r.name}): model replay differs ({len(r.divergences)} leaves, "
-            f"DirectMap {r.meminfo_model} vs {r.meminfo_kernel}, splits {r.splits_model} vs {r.splits_kernel})"
-            for r in replay_run(run_dir) if not r.identical]
+
+    return [
+        f"step {r.step} ({r.name}): model replay differs ({len(r.divergences)} leaves, "
+        f"DirectMap {r.meminfo_model} vs {r.meminfo_kernel}, splits {r.splits_model} vs {r.splits_kernel})"
+        for r in replay_run(run_dir)
+        if not r.identical
+    ]
 
 
 def compare_runs(a: str, b: str, replay: bool = True) -> Comparison:

@@ -8,6 +8,7 @@ ptdump module. busybox-static gives the initramfs its shell.
 The bzImage payload is unpacked to an uncompressed `vmlinux`, because QEMU's PVH entry boots it
 about 3 s faster than the bzImage under TCG.
 """
+
 from __future__ import annotations
 
 import glob
@@ -32,16 +33,16 @@ META_PACKAGE = {"6.1": "linux-image-amd64", "6.12": "linux-image-6.12-amd64"}
 class KernelTree:
     """An unpacked kernel: everything later steps need, by path."""
 
-    line: str           # "6.1" | "6.12"
-    release: str        # uname -r, e.g. 6.1.0-56-amd64
-    version: str        # Debian package version, e.g. 6.1.192-2
-    root: str           # cache directory of this kernel
-    vmlinux: str        # uncompressed ELF for -kernel (PVH)
+    line: str  # "6.1" | "6.12"
+    release: str  # uname -r, e.g. 6.1.0-56-amd64
+    version: str  # Debian package version, e.g. 6.1.192-2
+    root: str  # cache directory of this kernel
+    vmlinux: str  # uncompressed ELF for -kernel (PVH)
     bzimage: str
     config: str
-    modules: str        # lib/modules/<release>/kernel
-    headers: str        # the unpacked linux-headers-<release> tree (Makefile rewritten)
-    busybox: str        # static busybox binary
+    modules: str  # lib/modules/<release>/kernel
+    headers: str  # the unpacked linux-headers-<release> tree (Makefile rewritten)
+    busybox: str  # static busybox binary
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -80,15 +81,21 @@ def resolve(line: str) -> dict[str, str]:
     image = next((d for d in _depends(META_PACKAGE[line]) if d.startswith("linux-image-")), None)
     if image is None:
         raise OracleUnavailable(f"{META_PACKAGE[line]} names no linux-image package (apt-get update?)")
-    release = image[len("linux-image-"):]
+    release = image[len("linux-image-") :]
     headers = f"linux-headers-{release}"
     deps = _depends(headers)
     common = next((d for d in deps if d.startswith("linux-headers-") and d.endswith("-common")), None)
     kbuild = next((d for d in deps if d.startswith("linux-kbuild-")), None)
     if common is None or kbuild is None:
         raise OracleUnavailable(f"{headers}: cannot find its -common and kbuild dependencies")
-    return {"image": image, "headers": headers, "common": common, "kbuild": kbuild,
-            "busybox": "busybox-static", "release": release}
+    return {
+        "image": image,
+        "headers": headers,
+        "common": common,
+        "kbuild": kbuild,
+        "busybox": "busybox-static",
+        "release": release,
+    }
 
 
 def _download(pkgs: list[str], dest: str) -> None:
@@ -138,6 +145,7 @@ def _decompress(blob: bytes, how: str) -> bytes:
         return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(blob)
     if how == "gzip":
         import zlib
+
         return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(blob)
     p = subprocess.run(["zstd", "-dc"], input=blob, capture_output=True, timeout=120)
     return p.stdout
@@ -153,17 +161,23 @@ class Plan:
 
     line: str
     release: str
-    packages: dict[str, int]        # package -> .deb size in bytes (0: unknown)
-    path: str                       # the cache directory of this release
-    cached: bool                    # already downloaded and unpacked: nothing to fetch
+    packages: dict[str, int]  # package -> .deb size in bytes (0: unknown)
+    path: str  # the cache directory of this release
+    cached: bool  # already downloaded and unpacked: nothing to fetch
 
     @property
     def download_bytes(self) -> int:
         return 0 if self.cached else sum(self.packages.values())
 
     def to_json(self) -> dict:
-        return {"kernel": self.line, "release": self.release, "packages": self.packages,
-                "path": self.path, "cached": self.cached, "download_bytes": self.download_bytes}
+        return {
+            "kernel": self.line,
+            "release": self.release,
+            "packages": self.packages,
+            "path": self.path,
+            "cached": self.cached,
+            "download_bytes": self.download_bytes,
+        }
 
 
 def _sizes(pkgs: list[str]) -> dict[str, int]:
@@ -204,6 +218,7 @@ def registry_reachable(package: str = "busybox-static", timeout: float = 5.0) ->
     """Can apt download from here? apt prints the package's URL (no download); one HEAD request
     to it answers, in a few seconds at most, without fetching anything."""
     import urllib.request
+
     try:
         out = _run(["apt-get", "download", "--print-uris", "-q", package])
     except OracleUnavailable as e:
@@ -219,8 +234,9 @@ def registry_reachable(package: str = "busybox-static", timeout: float = 5.0) ->
         return False, f"Debian package registry unreachable ({m.group(1).split('/')[2]}): {e}"
 
 
-def fetch(line: str, root: str | None = None,
-          progress: Callable[[int, int, str], None] | None = None) -> KernelTree:
+def fetch(
+    line: str, root: str | None = None, progress: Callable[[int, int, str], None] | None = None
+) -> KernelTree:
     """Download (once) and unpack kernel line `line` into the cache; return its paths.
     `progress(done_bytes, total_bytes, package)` is called around each package's download.
     Without apt or network, a tree already in the cache is used."""
@@ -242,7 +258,7 @@ def fetch(line: str, root: str | None = None,
     pkgs = [names[k] for k in PACKAGE_KEYS]
     sizes = _sizes(pkgs) if progress else {}
     total, got = sum(sizes.values()), 0
-    for p in pkgs:                       # one at a time, so a progress bar can move
+    for p in pkgs:  # one at a time, so a progress bar can move
         if progress:
             progress(got, total, p)
         _download([p], debs)
@@ -263,11 +279,18 @@ def fetch(line: str, root: str | None = None,
     bzimage = os.path.join(pkg, "boot", f"vmlinuz-{release}")
     vmlinux = os.path.join(base, "vmlinux")
     unpack_vmlinux(bzimage, vmlinux)
-    tree = KernelTree(line=line, release=release, version=_version(names["image"]), root=base,
-                      vmlinux=vmlinux, bzimage=bzimage,
-                      config=os.path.join(pkg, "boot", f"config-{release}"),
-                      modules=os.path.join(pkg, "lib", "modules", release, "kernel"),
-                      headers=headers, busybox=os.path.join(bb, "bin", "busybox"))
+    tree = KernelTree(
+        line=line,
+        release=release,
+        version=_version(names["image"]),
+        root=base,
+        vmlinux=vmlinux,
+        bzimage=bzimage,
+        config=os.path.join(pkg, "boot", f"config-{release}"),
+        modules=os.path.join(pkg, "lib", "modules", release, "kernel"),
+        headers=headers,
+        busybox=os.path.join(bb, "bin", "busybox"),
+    )
     for p in (tree.config, tree.modules, tree.headers, tree.busybox):
         if not os.path.exists(p):
             raise OracleUnavailable(f"unpacked kernel {release} lacks {p}")

@@ -6,6 +6,7 @@ The workload runs scripted inside the guest (no host interaction while it runs: 
 driving leaks host timing into an icount run). `/init` writes every
 artefact to ttyS1, which the host backs with a file chardev; sections start with `@@`.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,16 +21,16 @@ from x86pt.errors import BadInputError, OracleUnavailable
 
 @dataclass(frozen=True)
 class Step:
-    name: str        # what the report shows, e.g. "insmod crc7"
-    command: str     # sh command run inside the guest (one line, no '|')
+    name: str  # what the report shows, e.g. "insmod crc7"
+    command: str  # sh command run inside the guest (one line, no '|')
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
     steps: tuple[Step, ...]
-    modules: tuple[str, ...] = ()        # paths under lib/modules/<release>/kernel, no suffix
-    cmdline: tuple[str, ...] = ()        # extra kernel parameters
+    modules: tuple[str, ...] = ()  # paths under lib/modules/<release>/kernel, no suffix
+    cmdline: tuple[str, ...] = ()  # extra kernel parameters
     doc: str = ""
 
 
@@ -42,24 +43,44 @@ def _mod_steps(*names: str) -> tuple[Step, ...]:
 
 
 # Modules whose .modinfo has an empty depends= and that need no hardware.
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload("boot", (), doc="boot-time CPA only: step 0's trace holds every call from fs_initcall on"),
-    Workload("modules", _mod_steps("lib/crc7", "lib/bch", "crypto/xor"),
-             modules=("lib/crc7", "lib/bch", "crypto/xor"),
-             doc="load/unload of dependency-free modules (module_alloc + set_memory_*, vm_reset_perms)"),
-    Workload("bpf", (Step("insmod test_bpf 0..9", "insmod /mods/test_bpf.ko test_range=0,9"),
-                     Step("rmmod test_bpf", "rmmod test_bpf")),
-             modules=("lib/test_bpf",), doc="BPF JIT through test_bpf.ko (a 4.8 MB module)"),
-    Workload("secretmem", (Step("secretmem 64", "secretmem 64"),
-                           Step("secretmem 64 hold", "secretmem_hold 64"),
-                           Step("secretmem release", "secretmem_release")),
-             cmdline=("secretmem.enable=1",),
-             doc="memfd_secret: pages leave the direct map (set_direct_map_invalid) and return"),
-    Workload("secretmem1g", (Step("secretmem 250000", "secretmem 250000"),),
-             cmdline=("secretmem.enable=1",),
-             doc="memfd_secret large enough to split the 1G direct-map page (its ~500k CPA calls "
-                 "overflow the trace ring buffer: counters and images are exact, the trace is not)"),
-)}
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("boot", (), doc="boot-time CPA only: step 0's trace holds every call from fs_initcall on"),
+        Workload(
+            "modules",
+            _mod_steps("lib/crc7", "lib/bch", "crypto/xor"),
+            modules=("lib/crc7", "lib/bch", "crypto/xor"),
+            doc="load/unload of dependency-free modules (module_alloc + set_memory_*, vm_reset_perms)",
+        ),
+        Workload(
+            "bpf",
+            (
+                Step("insmod test_bpf 0..9", "insmod /mods/test_bpf.ko test_range=0,9"),
+                Step("rmmod test_bpf", "rmmod test_bpf"),
+            ),
+            modules=("lib/test_bpf",),
+            doc="BPF JIT through test_bpf.ko (a 4.8 MB module)",
+        ),
+        Workload(
+            "secretmem",
+            (
+                Step("secretmem 64", "secretmem 64"),
+                Step("secretmem 64 hold", "secretmem_hold 64"),
+                Step("secretmem release", "secretmem_release"),
+            ),
+            cmdline=("secretmem.enable=1",),
+            doc="memfd_secret: pages leave the direct map (set_direct_map_invalid) and return",
+        ),
+        Workload(
+            "secretmem1g",
+            (Step("secretmem 250000", "secretmem 250000"),),
+            cmdline=("secretmem.enable=1",),
+            doc="memfd_secret large enough to split the 1G direct-map page (its ~500k CPA calls "
+            "overflow the trace ring buffer: counters and images are exact, the trace is not)",
+        ),
+    )
+}
 
 
 def workload_named(name: str) -> Workload:
@@ -70,23 +91,53 @@ def workload_named(name: str) -> Workload:
 
 
 # The symbols whose addresses describe the layout; kallsyms is readable by root (KALLSYMS_ALL=y).
-LAYOUT_SYMBOLS = ("init_mm", "init_top_pgt", "page_offset_base", "vmalloc_base", "vmemmap_base",
-                  "phys_base", "_text", "_stext", "_etext", "__start_rodata", "__end_rodata",
-                  "_sdata", "_edata", "__init_begin", "__init_end", "__bss_start", "__bss_stop",
-                  "_end", "__brk_base", "_brk_end", "__end_rodata_hpage_align",
-                  "direct_pages_count")
+LAYOUT_SYMBOLS = (
+    "init_mm",
+    "init_top_pgt",
+    "page_offset_base",
+    "vmalloc_base",
+    "vmemmap_base",
+    "phys_base",
+    "_text",
+    "_stext",
+    "_etext",
+    "__start_rodata",
+    "__end_rodata",
+    "_sdata",
+    "_edata",
+    "__init_begin",
+    "__init_end",
+    "__bss_start",
+    "__bss_stop",
+    "_end",
+    "__brk_base",
+    "_brk_end",
+    "__end_rodata_hpage_align",
+    "direct_pages_count",
+)
 # API-level entry points, probed when present (not all exist in every kernel line).
-API_PROBES = ("set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx", "set_memory_np",
-              "set_memory_p", "set_memory_4k", "set_memory_rox", "set_memory_global",
-              "set_memory_nonglobal")
+API_PROBES = (
+    "set_memory_ro",
+    "set_memory_rw",
+    "set_memory_x",
+    "set_memory_nx",
+    "set_memory_np",
+    "set_memory_p",
+    "set_memory_4k",
+    "set_memory_rox",
+    "set_memory_global",
+    "set_memory_nonglobal",
+)
 PAGE_PROBES = ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush")
 # The kernel's TLB invalidations (arch/x86/mm/tlb.c): flush_tlb_all (splits, collapses, cpa_flush
 # over the 33-page ceiling), flush_tlb_kernel_range (vm_reset_perms, lazy vmap purges) and the
 # one-page flush (cpa_flush's per-page INVLPG through __cpa_flush_tlb up to v6.17, and the pages
 # of a small flush_tlb_kernel_range). Event name and fetch args per function.
-TLB_PROBES = (("flush_tlb_all", "tlb_all", ""),
-              ("flush_tlb_kernel_range", "tlb_range", "start=%di:x64 end=%si:x64"),
-              ("flush_tlb_one_kernel", "tlb_one", "addr=%di:x64"))
+TLB_PROBES = (
+    ("flush_tlb_all", "tlb_all", ""),
+    ("flush_tlb_kernel_range", "tlb_range", "start=%di:x64 end=%si:x64"),
+    ("flush_tlb_one_kernel", "tlb_one", "addr=%di:x64"),
+)
 
 INIT = r"""#!/bin/busybox sh
 # x86pt guest init: run the scripted workload, write every artefact to ttyS1 (a file on the host).
@@ -241,8 +292,9 @@ def steps_archive(steps: int, pause_every: bool = False) -> bytes:
     return a.finish()
 
 
-def build_initramfs(out: str, *, busybox: str, modules_dir: str, ptdump_ko: str,
-                    helpers: dict[str, str], workload: Workload) -> None:
+def build_initramfs(
+    out: str, *, busybox: str, modules_dir: str, ptdump_ko: str, helpers: dict[str, str], workload: Workload
+) -> None:
     """Write the gzip'd initramfs for `workload` to `out` (atomically)."""
     a = Cpio()
     for d in ("bin", "dev", "proc", "sys", "tmp", "mods"):
@@ -256,16 +308,24 @@ def build_initramfs(out: str, *, busybox: str, modules_dir: str, ptdump_ko: str,
     a.file("mods/x86pt_ptdump.ko", _read(ptdump_ko))
     for rel in workload.modules:
         a.file(f"mods/{rel.rsplit('/', 1)[-1]}.ko", _module_bytes(modules_dir, rel))
-    tlb = "\n".join(f'grep -q " {f}\\$" /tmp/ksyms && echo "p:cpa/{ev} {f} {args}" >> $T/kprobe_events '
-                    f'2>/dev/null' for f, ev, args in TLB_PROBES)
-    init = (INIT.replace("__SYMBOLS__", "|".join(LAYOUT_SYMBOLS + API_PROBES + PAGE_PROBES
-                                                 + tuple(f for f, _, _ in TLB_PROBES)))
-            .replace("__TLB__", tlb)
-            .replace("__API__", " ".join(API_PROBES)).replace("__PAGE__", " ".join(PAGE_PROBES)))
+    tlb = "\n".join(
+        f'grep -q " {f}\\$" /tmp/ksyms && echo "p:cpa/{ev} {f} {args}" >> $T/kprobe_events 2>/dev/null'
+        for f, ev, args in TLB_PROBES
+    )
+    init = (
+        INIT.replace(
+            "__SYMBOLS__",
+            "|".join(LAYOUT_SYMBOLS + API_PROBES + PAGE_PROBES + tuple(f for f, _, _ in TLB_PROBES)),
+        )
+        .replace("__TLB__", tlb)
+        .replace("__API__", " ".join(API_PROBES))
+        .replace("__PAGE__", " ".join(PAGE_PROBES))
+    )
     a.file("init", init.encode(), 0o755)
     for s in workload.steps:
         if "|" in s.name or "|" in s.command or "\n" in s.command:
             raise BadInputError(f"workload step {s.name!r}: no '|' or newline allowed")
     a.file("steps.txt", "".join(f"{s.name}|{s.command}\n" for s in workload.steps).encode())
-    from x86pt.memory.atomic import write_bytes_atomic   # lazy: start-up time
+    from x86pt.memory.atomic import write_bytes_atomic  # lazy: start-up time
+
     write_bytes_atomic(out, gzip.compress(a.finish(), compresslevel=1, mtime=0))

@@ -18,6 +18,7 @@ calls the trace recorded as comments (cpa_process_alias was called on that frame
 address: exact), else from image k (where that page points after the step). A page known from
 neither is reported as `unseeded`. The vmalloc mappings themselves are not compared.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ from x86pt.cpa.ops import CpaModel
 from x86pt.cpa.trace import apply_op, parse_line
 from x86pt.image import open_image
 
-AD = 0x60                                   # _PAGE_ACCESSED | _PAGE_DIRTY: set by the CPU on use
+AD = 0x60  # _PAGE_ACCESSED | _PAGE_DIRTY: set by the CPU on use
 PMD_SIZE = 1 << 21
 
 
@@ -45,8 +46,10 @@ class Divergence:
     kernel: int
 
     def __str__(self) -> str:
-        return (f"{self.va:#x}: model L{self.level_model} {self.model:#018x}, kernel "
-                f"L{self.level_kernel} {self.kernel:#018x}")
+        return (
+            f"{self.va:#x}: model L{self.level_model} {self.model:#018x}, kernel "
+            f"L{self.level_kernel} {self.kernel:#018x}"
+        )
 
 
 @dataclass
@@ -55,17 +58,17 @@ class StepReplay:
     step: int
     name: str
     ops: int
-    leaves: int                               # leaves compared (direct map + highmap)
+    leaves: int  # leaves compared (direct map + highmap)
     divergences: list[Divergence]
-    ad_only: int                              # leaves that differ in A/D only
+    ad_only: int  # leaves that differ in A/D only
     meminfo_model: tuple[int, int, int]
     meminfo_kernel: tuple[int, int, int]
-    splits_model: tuple[int, int]             # (2M, 1G) split events during the replay
-    splits_kernel: tuple[int, int]            # vmstat deltas
+    splits_model: tuple[int, int]  # (2M, 1G) split events during the replay
+    splits_kernel: tuple[int, int]  # vmstat deltas
     seeded_alias: int = 0
     seeded_image: int = 0
     unseeded: int = 0
-    errors: int = 0                           # calls the model answered with an errno
+    errors: int = 0  # calls the model answered with an errno
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -93,6 +96,7 @@ def run_kernel(run_dir: str) -> str:
 
 def step_dirs(run_dir: str) -> list[str]:
     import glob
+
     return sorted(glob.glob(os.path.join(run_dir, "step-[0-9]*")))
 
 
@@ -169,7 +173,7 @@ def _alias_frames(text: str, m: CpaModel) -> dict[int, int]:
     """{vaddr of a top-level call's chunk: pfn} from the `#   alias cpa` comments after it: the
     kernel called cpa_process_alias with the chunk's pfn, on its direct-map address."""
     out: dict[int, int] = {}
-    cur = None                                # next chunk address of the current top-level call
+    cur = None  # next chunk address of the current top-level call
     po, skm = m.page_offset, m.start_kernel_map
     ram_end = po + (m.max_pfn_mapped << 12)
     for line in text.splitlines():
@@ -183,14 +187,14 @@ def _alias_frames(text: str, m: CpaModel) -> dict[int, int]:
         body = s[1:].strip()
         if not body.startswith("alias cpa "):
             continue
-        op = parse_line(body[len("alias "):].split("#")[0])
+        op = parse_line(body[len("alias ") :].split("#")[0])
         if not op:
             continue
         a, n = op[1], op[2]
         if po <= a < ram_end:
             pfn = (a - po) >> 12
         elif skm <= a < skm + m.layout.kernel_image_size:
-            continue                          # the highmap alias follows the direct-map one
+            continue  # the highmap alias follows the direct-map one
         else:
             continue
         for j in range(max(n, 1)):
@@ -199,7 +203,9 @@ def _alias_frames(text: str, m: CpaModel) -> dict[int, int]:
     return out
 
 
-def seed_vmalloc(m: CpaModel, after: CpaModel, ops: list[tuple], alias: dict[int, int]) -> tuple[int, int, int]:
+def seed_vmalloc(
+    m: CpaModel, after: CpaModel, ops: list[tuple], alias: dict[int, int]
+) -> tuple[int, int, int]:
     """Map each page the trace's calls touch outside the direct map and the highmap to the
     frame the kernel used (alias comments first, image k next), as vmap did inside the step.
     Returns (from alias, from image k, unknown)."""
@@ -231,7 +237,7 @@ def seed_vmalloc(m: CpaModel, after: CpaModel, ops: list[tuple], alias: dict[int
             if have is not None and have[1] == pfn:
                 continue
             if have is not None and have[0] != 1:
-                continue                      # a large vmalloc leaf: leave it
+                continue  # a large vmalloc leaf: leave it
             m.vmap(va, pfn << 12, 1)
             if src == "alias":
                 n_alias += 1
@@ -268,32 +274,47 @@ def replay_step(run_dir: str, k: int, tmp: str | None = None) -> StepReplay:
     mi = c.meminfo(layout.gbpages)
     step = load_json(os.path.join(steps[k], "step.json"))
     return StepReplay(
-        os.path.basename(run_dir), k, step.get("name", ""), len(ops), n, div, ad,
+        os.path.basename(run_dir),
+        k,
+        step.get("name", ""),
+        len(ops),
+        n,
+        div,
+        ad,
         (mi["DirectMap4k"], mi["DirectMap2M"], mi["DirectMap1G"]),
         (ck["DirectMap4k"], ck["DirectMap2M"], ck["DirectMap1G"]),
         (c.split_2m - before[0], c.split_1g - before[1]),
-        (ck["direct_map_level2_splits"] - cp["direct_map_level2_splits"],
-         ck["direct_map_level3_splits"] - cp["direct_map_level3_splits"]),
-        sa, si, sn, c.errors)
+        (
+            ck["direct_map_level2_splits"] - cp["direct_map_level2_splits"],
+            ck["direct_map_level3_splits"] - cp["direct_map_level3_splits"],
+        ),
+        sa,
+        si,
+        sn,
+        c.errors,
+    )
 
 
 def replay_run(run_dir: str) -> list[StepReplay]:
     with tempfile.TemporaryDirectory(prefix="x86pt-replay-") as tmp:
-        return [replay_step(run_dir, k, os.path.join(tmp, str(k)))
-                for k in range(1, len(step_dirs(run_dir)))]
+        return [replay_step(run_dir, k, os.path.join(tmp, str(k))) for k in range(1, len(step_dirs(run_dir)))]
 
 
 def render(results: list[StepReplay]) -> str:
-    head = (f"{'run':<18} {'step':>4} {'what':<22} {'ops':>5} {'leaves':>7} {'diverge':>7} {'A/D':>4} "
-            f"{'DM model (4k,2M,1G kB)':>28} {'DM kernel':>28} {'spl m':>6} {'spl k':>6} "
-            f"{'seed a/i/?':>10} {'same':>4}")
+    head = (
+        f"{'run':<18} {'step':>4} {'what':<22} {'ops':>5} {'leaves':>7} {'diverge':>7} {'A/D':>4} "
+        f"{'DM model (4k,2M,1G kB)':>28} {'DM kernel':>28} {'spl m':>6} {'spl k':>6} "
+        f"{'seed a/i/?':>10} {'same':>4}"
+    )
     out = [head]
     for r in results:
-        out.append(f"{r.run:<18} {r.step:>4} {r.name[:22]:<22} {r.ops:>5} {r.leaves:>7} "
-                   f"{len(r.divergences):>7} {r.ad_only:>4} {str(r.meminfo_model):>28} "
-                   f"{str(r.meminfo_kernel):>28} {'%d,%d' % r.splits_model:>6} "
-                   f"{'%d,%d' % r.splits_kernel:>6} {f'{r.seeded_alias}/{r.seeded_image}/{r.unseeded}':>10} "
-                   f"{'yes' if r.identical else 'no':>4}")
+        out.append(
+            f"{r.run:<18} {r.step:>4} {r.name[:22]:<22} {r.ops:>5} {r.leaves:>7} "
+            f"{len(r.divergences):>7} {r.ad_only:>4} {str(r.meminfo_model):>28} "
+            f"{str(r.meminfo_kernel):>28} {'%d,%d' % r.splits_model:>6} "
+            f"{'%d,%d' % r.splits_kernel:>6} {f'{r.seeded_alias}/{r.seeded_image}/{r.unseeded}':>10} "
+            f"{'yes' if r.identical else 'no':>4}"
+        )
     return "\n".join(out)
 
 
@@ -308,13 +329,13 @@ class FlushCheck:
     step: int
     name: str
     calls: int
-    predicted: int                  # flush events the model issues (per-page INVLPGs counted)
-    recorded: int                   # the kernel's, attributed to CPA calls
-    mismatches: list[tuple[int, str, list, list]]   # (op index, op, model's, kernel's)
-    caller_flushes: int             # flush_tlb_kernel_range calls (vm_reset_perms, vmap purges)
-    dangerous: list[str]            # windows open at the end of an API call or of the step
-    recorded_flushes: bool          # the step's trace was recorded with the flush probes
-    windows: list[tuple] = field(default_factory=list)   # (call index or None, cpu, start, end, kind)
+    predicted: int  # flush events the model issues (per-page INVLPGs counted)
+    recorded: int  # the kernel's, attributed to CPA calls
+    mismatches: list[tuple[int, str, list, list]]  # (op index, op, model's, kernel's)
+    caller_flushes: int  # flush_tlb_kernel_range calls (vm_reset_perms, vmap purges)
+    dangerous: list[str]  # windows open at the end of an API call or of the step
+    recorded_flushes: bool  # the step's trace was recorded with the flush probes
+    windows: list[tuple] = field(default_factory=list)  # (call index or None, cpu, start, end, kind)
 
     @property
     def exact(self) -> bool:
@@ -354,6 +375,7 @@ def _as_called(op: tuple, api: str) -> tuple:
     __change_page_attr_set_clr directly, also with primary=1 (CPA_NO_CHECK_ALIAS since v6.2),
     and never flush: a bare call here (no alias either way)."""
     from x86pt.cpa.kernel import CPA_NO_CHECK_ALIAS
+
     _, a, n, st, cl, fl, primary, force = op
     if api.startswith("set_memory_") and not primary:
         return ("cpa", a, n, st, cl, fl | CPA_NO_CHECK_ALIAS, True, force)
@@ -362,8 +384,9 @@ def _as_called(op: tuple, api: str) -> tuple:
     return op
 
 
-def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2,
-                text: str | None = None) -> FlushCheck:
+def flush_check(
+    run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2, text: str | None = None
+) -> FlushCheck:
     """Replay step k from image k-1 with the TLB model and the kernel's recorded flushes: the
     model's flushes per call must equal the kernel's (count and addresses), and no dangerous
     window may remain at the end of an API call."""
@@ -371,11 +394,12 @@ def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2,
     from x86pt.cpa.tlbreplay import replay_tlb
     from x86pt.cpa.trace import format_op
     from x86pt.tlb import parse_tlb_line
+
     steps, layout, kernel, m, after = _step_models(run_dir, k, tmp)
     if text is None:
         text = read_artifact(steps[k], "cpa.trace").decode()
     ops: list[tuple] = []
-    recorded: dict[int, list[tuple]] = {}       # CPA op index -> the kernel's flushes it made
+    recorded: dict[int, list[tuple]] = {}  # CPA op index -> the kernel's flushes it made
     caller = 0
     has_flushes = False
     api = ""
@@ -388,7 +412,7 @@ def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2,
             has_flushes = True
             continue
         if s.startswith("#   in-call "):
-            ev = _recorded_event(parse_tlb_line(s[len("#   in-call "):]))
+            ev = _recorded_event(parse_tlb_line(s[len("#   in-call ") :]))
             if ops and ev is not None:
                 recorded.setdefault(len(ops) - 1, []).append(ev)
             continue
@@ -400,7 +424,7 @@ def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2,
         ev = _recorded_event(op) if op[0] != "cpa" else None
         if op[0] != "cpa":
             if ev is not None and ev[0] == "range":
-                caller += 1          # never cpa_flush's before v6.18: the caller's own flush
+                caller += 1  # never cpa_flush's before v6.18: the caller's own flush
             elif ev is not None:
                 last_cpa = max((i for i, o in enumerate(ops) if o[0] == "cpa"), default=None)
                 if last_cpa is not None:
@@ -419,26 +443,45 @@ def flush_check(run_dir: str, k: int, tmp: str | None = None, ncpus: int = 2,
     for i in sorted(set(predicted) | set(recorded)):
         if predicted.get(i, []) != recorded.get(i, []):
             mism.append((i, format_op(ops[i]), predicted.get(i, []), recorded.get(i, [])))
-    dangerous = [f"end of op {f.index} ({f.op}): cpu {w.cpu} {w.start:#x}-{w.end:#x} {w.kind} since op {w.opened}"
-                 for f in res.findings for w in f.windows]
-    dangerous += [f"end of step: cpu {w.cpu} {w.start:#x}-{w.end:#x} {w.kind} since op {w.opened}"
-                  for w in res.open_at_end if w.severity == "dangerous"]
+    dangerous = [
+        f"end of op {f.index} ({f.op}): cpu {w.cpu} {w.start:#x}-{w.end:#x} {w.kind} since op {w.opened}"
+        for f in res.findings
+        for w in f.windows
+    ]
+    dangerous += [
+        f"end of step: cpu {w.cpu} {w.start:#x}-{w.end:#x} {w.kind} since op {w.opened}"
+        for w in res.open_at_end
+        if w.severity == "dangerous"
+    ]
     wins = [(f.index, w.cpu, w.start, w.end, w.kind) for f in res.findings for w in f.windows]
     wins += [(None, w.cpu, w.start, w.end, w.kind) for w in res.open_at_end if w.severity == "dangerous"]
     step = load_json(os.path.join(steps[k], "step.json"))
-    return FlushCheck(os.path.basename(run_dir), k, step.get("name", ""),
-                      sum(1 for o in ops if o[0] == "cpa"),
-                      sum(len(v) for v in predicted.values()), sum(len(v) for v in recorded.values()),
-                      mism, caller, dangerous, has_flushes, wins)
+    return FlushCheck(
+        os.path.basename(run_dir),
+        k,
+        step.get("name", ""),
+        sum(1 for o in ops if o[0] == "cpa"),
+        sum(len(v) for v in predicted.values()),
+        sum(len(v) for v in recorded.values()),
+        mism,
+        caller,
+        dangerous,
+        has_flushes,
+        wins,
+    )
 
 
 def render_flushes(results: list[FlushCheck]) -> str:
-    out = [f"{'run':<18} {'step':>4} {'what':<22} {'calls':>5} {'model':>6} {'kernel':>6} "
-           f"{'caller':>6} {'exact':>5} {'dangerous':>9}"]
+    out = [
+        f"{'run':<18} {'step':>4} {'what':<22} {'calls':>5} {'model':>6} {'kernel':>6} "
+        f"{'caller':>6} {'exact':>5} {'dangerous':>9}"
+    ]
     for r in results:
-        out.append(f"{r.run:<18} {r.step:>4} {r.name[:22]:<22} {r.calls:>5} {r.predicted:>6} "
-                   f"{r.recorded:>6} {r.caller_flushes:>6} {'yes' if r.exact else 'NO':>5} "
-                   f"{len(r.dangerous):>9}")
+        out.append(
+            f"{r.run:<18} {r.step:>4} {r.name[:22]:<22} {r.calls:>5} {r.predicted:>6} "
+            f"{r.recorded:>6} {r.caller_flushes:>6} {'yes' if r.exact else 'NO':>5} "
+            f"{len(r.dangerous):>9}"
+        )
         for i, op, p, rec in r.mismatches[:5]:
             out.append(f"    op {i} {op}: model {p[:6]} kernel {rec[:6]}")
         for d in r.dangerous[:5]:

@@ -27,6 +27,7 @@ whatever happens: the context manager and atexit on errors, SIGTERM turned into 
 run is in progress, and for a SIGKILL of the host process, QEMU's parent-death signal (SIGKILL) plus
 a RAM file unlinked as soon as QEMU has created it (kept open by the host until the capture).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,10 +42,22 @@ from typing import Callable
 
 from harness.linux.btf import struct_members
 from harness.linux.build import build_helpers, build_module
-from harness.linux.collect import (BootText, Capture, capture, capture_from_dump, decode_trace,
-                                   dump_json, layout_of, parse_counters, parse_kallsyms,
-                                   parse_output, parse_registers, trace_summary, trace_text,
-                                   write_capture)
+from harness.linux.collect import (
+    BootText,
+    Capture,
+    capture,
+    capture_from_dump,
+    decode_trace,
+    dump_json,
+    layout_of,
+    parse_counters,
+    parse_kallsyms,
+    parse_output,
+    parse_registers,
+    trace_summary,
+    trace_text,
+    write_capture,
+)
 from harness.linux.fetch import KernelTree, fetch
 from harness.linux.initramfs import Workload, build_initramfs, steps_archive, workload_named
 from harness.qemu.process import QEMU_BINARY, QemuProcess, qemu_binary, qemu_release, read_stderr
@@ -69,15 +82,15 @@ IMAGE_MODES = ("guest", "all", "pause", "last")
 class RunConfig:
     kernel: str = "6.1"
     workload: str = "modules"
-    levels: int = 4                 # 4: -cpu max,la57=off; 5: -cpu max (LA57)
-    kaslr: bool = False             # True boots the bzImage (the decompressor does the KASLR;
-                                    # it also switches to 5-level, so levels=5 boots it too)
-    ram_mb: int = 3072              # >= 3G so GiB 1 is all RAM and gets a 1G leaf (docs/oracles.md §7)
-    images: str = "guest"           # guest: one boot, the guest dumps its tables at each step
-                                    # (reproducible); all: one boot per checkpoint; pause: one
-                                    # boot, paused at each checkpoint; last: last image only
-    info_mem: bool = False          # time HMP `info mem` on the last boot (4-level only prints)
-    timeout: float = 900.0          # per boot
+    levels: int = 4  # 4: -cpu max,la57=off; 5: -cpu max (LA57)
+    kaslr: bool = False  # True boots the bzImage (the decompressor does the KASLR;
+    # it also switches to 5-level, so levels=5 boots it too)
+    ram_mb: int = 3072  # >= 3G so GiB 1 is all RAM and gets a 1G leaf (docs/oracles.md §7)
+    images: str = "guest"  # guest: one boot, the guest dumps its tables at each step
+    # (reproducible); all: one boot per checkpoint; pause: one
+    # boot, paused at each checkpoint; last: last image only
+    info_mem: bool = False  # time HMP `info mem` on the last boot (4-level only prints)
+    timeout: float = 900.0  # per boot
     seed: int = 1
 
     def check(self) -> None:
@@ -101,16 +114,21 @@ def kprobe_cmdline(vmlinux: str) -> list[str]:
         if need not in m:
             raise OracleUnavailable(f"struct cpa_data has no {need} in this kernel")
     counts = "d4k=@direct_pages_count+8:u64,d2m=@direct_pages_count+16:u64,d1g=@direct_pages_count+24:u64"
-    entry = ",".join([
-        "p:cpa/cpasc", "__change_page_attr_set_clr",
-        f"vaddr=+0(+{m['vaddr'].byte_offset}(%di)):x64",
-        f"numpages=+{m['numpages'].byte_offset}(%di):u64",
-        f"set=+{m['mask_set'].byte_offset}(%di):x64",
-        f"clr=+{m['mask_clr'].byte_offset}(%di):x64",
-        f"flags=+{m['flags'].byte_offset}(%di):x32",
-        # force_split is a 1-bit field; fetch its byte and shift it down to bit 0
-        f"bits=+{m['force_split'].byte_offset}(%di):b1@{m['force_split'].bit_offset % 8}/8",
-        "primary=%si:u32", counts])
+    entry = ",".join(
+        [
+            "p:cpa/cpasc",
+            "__change_page_attr_set_clr",
+            f"vaddr=+0(+{m['vaddr'].byte_offset}(%di)):x64",
+            f"numpages=+{m['numpages'].byte_offset}(%di):u64",
+            f"set=+{m['mask_set'].byte_offset}(%di):x64",
+            f"clr=+{m['mask_clr'].byte_offset}(%di):x64",
+            f"flags=+{m['flags'].byte_offset}(%di):x32",
+            # force_split is a 1-bit field; fetch its byte and shift it down to bit 0
+            f"bits=+{m['force_split'].byte_offset}(%di):b1@{m['force_split'].bit_offset % 8}/8",
+            "primary=%si:u32",
+            counts,
+        ]
+    )
     ret = ",".join(["r:cpa/cpasc_ret", "__change_page_attr_set_clr", "ret=$retval:s32", counts])
     # any trace_event= grows the ring buffer at boot; without it few boot-time lines survive
     return [f"kprobe_event={entry};{ret}", "trace_event=cpa:cpasc,cpa:cpasc_ret", "trace_buf_size=32M"]
@@ -139,8 +157,8 @@ class BootResult:
     info_mem_seconds: float | None = None
     info_mem_lines: int | None = None
     info_mem_text: str | None = None
-    captures: dict = field(default_factory=dict)     # checkpoint -> collect.Capture
-    all_regs: dict = field(default_factory=dict)     # checkpoint -> registers
+    captures: dict = field(default_factory=dict)  # checkpoint -> collect.Capture
+    all_regs: dict = field(default_factory=dict)  # checkpoint -> registers
 
     @property
     def capture(self):
@@ -152,8 +170,9 @@ class Guest:
     its process group killed and its scratch directory (QMP socket, RAM file) removed
     (harness/qemu/process.py)."""
 
-    def __init__(self, binary: str, kernel: str, initrd: str, append: str, cfg: RunConfig,
-                 workdir: str) -> None:
+    def __init__(
+        self, binary: str, kernel: str, initrd: str, append: str, cfg: RunConfig, workdir: str
+    ) -> None:
         self.workdir = workdir
         self.out = os.path.join(workdir, "ttyS1.txt")
         self.console = os.path.join(workdir, "console.log")
@@ -167,16 +186,49 @@ class Guest:
         cfg = self.cfg
         self.ram = qemu.path("ram")
         cpu = "max" if cfg.levels == 5 else "max,la57=off"
-        return [self.binary, "-machine", "pc,memory-backend=ram0", "-m", f"{cfg.ram_mb}M",
-                "-object", f"memory-backend-file,id=ram0,size={cfg.ram_mb}M,mem-path={self.ram},share=on",
-                "-cpu", cpu, "-smp", "1", "-accel", "tcg",
-                "-icount", ICOUNT, "-seed", str(cfg.seed), "-rtc", RTC,
-                "-nodefaults", "-display", "none", "-no-reboot",
-                "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append,
-                "-serial", f"file:{self.console}",
-                "-chardev", f"file,id=out,path={self.out}", "-serial", "chardev:out",
-                "-device", "pvpanic", "-action", "panic=pause",
-                "-qmp", f"unix:{qemu.path('qmp.sock')},server=on,wait=off"]
+        return [
+            self.binary,
+            "-machine",
+            "pc,memory-backend=ram0",
+            "-m",
+            f"{cfg.ram_mb}M",
+            "-object",
+            f"memory-backend-file,id=ram0,size={cfg.ram_mb}M,mem-path={self.ram},share=on",
+            "-cpu",
+            cpu,
+            "-smp",
+            "1",
+            "-accel",
+            "tcg",
+            "-icount",
+            ICOUNT,
+            "-seed",
+            str(cfg.seed),
+            "-rtc",
+            RTC,
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            self.kernel,
+            "-initrd",
+            self.initrd,
+            "-append",
+            self.append,
+            "-serial",
+            f"file:{self.console}",
+            "-chardev",
+            f"file,id=out,path={self.out}",
+            "-serial",
+            "chardev:out",
+            "-device",
+            "pvpanic",
+            "-action",
+            "panic=pause",
+            "-qmp",
+            f"unix:{qemu.path('qmp.sock')},server=on,wait=off",
+        ]
 
     def __enter__(self) -> "Guest":
         self.qemu = QemuProcess()
@@ -214,14 +266,17 @@ class Guest:
             if text.startswith(marker) or "\n" + marker in text:
                 break
             if not self.qemu.alive:
-                raise OracleError(f"QEMU exited ({self.qemu.proc.returncode}) before checkpoint {k}: "
-                                  + _last_text_line(read_stderr(self.qemu.stderr), self.console))
+                raise OracleError(
+                    f"QEMU exited ({self.qemu.proc.returncode}) before checkpoint {k}: "
+                    + _last_text_line(read_stderr(self.qemu.stderr), self.console)
+                )
             if time.monotonic() > deadline:
                 raise OracleError(f"guest did not reach checkpoint {k} in time: " + _last_line(self.console))
             time.sleep(0.1)
         if self.qmp is None:
-            self.qmp = Qmp.connect_path(self.qemu.path("qmp.sock"), proc=self.qemu.proc,
-                                        stderr=self.qemu.stderr, timeout=30.0)
+            self.qmp = Qmp.connect_path(
+                self.qemu.path("qmp.sock"), proc=self.qemu.proc, stderr=self.qemu.stderr, timeout=30.0
+            )
         while True:
             st = self.qmp.command("query-status")
             if isinstance(st, dict) and st.get("status") in ("guest-panicked", "paused"):
@@ -257,8 +312,11 @@ def _sigterm_exits():
     """While a run is in progress, SIGTERM raises SystemExit so the context managers clean up
     (the default action would end the process with QEMU and its files left behind)."""
     import threading
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
 
@@ -314,13 +372,20 @@ def prepare(cfg: RunConfig, root: str | None = None) -> Prepared:
     ko = build_module(tree)
     helpers = build_helpers(tree)
     initrd = os.path.join(tree.root, "build", f"initrd-{wl.name}.gz")
-    build_initramfs(initrd, busybox=tree.busybox, modules_dir=tree.modules, ptdump_ko=ko,
-                    helpers=helpers, workload=wl)
+    build_initramfs(
+        initrd, busybox=tree.busybox, modules_dir=tree.modules, ptdump_ko=ko, helpers=helpers, workload=wl
+    )
     return Prepared(tree, wl, initrd, binary, qemu_version(binary))
 
 
-def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
-         info_mem: bool = False, on_step: Callable[[int], None] | None = None) -> BootResult:
+def boot(
+    prep: Prepared,
+    cfg: RunConfig,
+    steps: int,
+    pause_every: bool = False,
+    info_mem: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> BootResult:
     """One deterministic boot running steps 1..`steps`, the page tables captured at the end
     (`pause_every`: also after every earlier step, resuming after each capture)."""
     # 5-level paging is switched on by the decompressor's trampoline: an uncompressed vmlinux
@@ -340,9 +405,12 @@ def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
         regs: dict[int, dict[str, int]] = {}
         cap_s = 0.0
         with Guest(prep.qemu, kernel, initrd, append, cfg, wd) as g:
-            for k in (range(steps + 1) if pause_every else (steps,)):
-                raw = g.wait_pause(k, deadline, None if on_step is None else
-                                   (lambda text: on_step(text.count("\n@@ENDSTEP "))))
+            for k in range(steps + 1) if pause_every else (steps,):
+                raw = g.wait_pause(
+                    k,
+                    deadline,
+                    None if on_step is None else (lambda text: on_step(text.count("\n@@ENDSTEP "))),
+                )
                 t1 = time.monotonic()
                 regs[k] = parse_registers(g.qmp.hmp("info registers"))
                 ks = parse_kallsyms(parse_output(raw).header.get("KALLSYMS", []))
@@ -355,8 +423,17 @@ def boot(prep: Prepared, cfg: RunConfig, steps: int, pause_every: bool = False,
                 if k < steps:
                     g.resume()
             seconds = time.monotonic() - t0
-            res = BootResult(steps, parse_output(raw), raw, _read_text(g.console), regs[steps], seconds,
-                             cap_s, captures=captures, all_regs=regs)
+            res = BootResult(
+                steps,
+                parse_output(raw),
+                raw,
+                _read_text(g.console),
+                regs[steps],
+                seconds,
+                cap_s,
+                captures=captures,
+                all_regs=regs,
+            )
             if info_mem:
                 t1 = time.monotonic()
                 out = g.qmp.hmp("info mem", timeout=cfg.timeout)
@@ -370,8 +447,14 @@ def _step_fingerprint(s) -> str:
     return json.dumps({k: s.sections.get(k, []) for k in ("MEMINFO", "VMSTAT", "TRACE", "PTDUMP", "TABLES")})
 
 
-def write_step(out_dir: str, s, title: str, cap=None, regs: dict[str, int] | None = None,
-               boot_seconds: float | None = None) -> dict:
+def write_step(
+    out_dir: str,
+    s,
+    title: str,
+    cap=None,
+    regs: dict[str, int] | None = None,
+    boot_seconds: float | None = None,
+) -> dict:
     """Write one step's artefacts into out_dir/step-NN and return its summary."""
     d = os.path.join(out_dir, f"step-{s.number:02d}")
     os.makedirs(d, exist_ok=True)
@@ -381,24 +464,43 @@ def write_step(out_dir: str, s, title: str, cap=None, regs: dict[str, int] | Non
     write_text_atomic(os.path.join(d, "counters.json"), dump_json(counters))
     write_text_atomic(os.path.join(d, "ptdump.txt"), ptdump)
     write_text_atomic(os.path.join(d, "cpa.trace"), trace_text(dec, f"step {s.number}: {s.name} ({title})"))
-    write_text_atomic(os.path.join(d, "calls.jsonl"),
-                      "".join(json.dumps(c.to_json(), sort_keys=True) + "\n" for c in dec.calls))
+    write_text_atomic(
+        os.path.join(d, "calls.jsonl"),
+        "".join(json.dumps(c.to_json(), sort_keys=True) + "\n" for c in dec.calls),
+    )
     write_text_atomic(os.path.join(d, "trace.raw"), "\n".join(s.sections.get("TRACE", [])) + "\n")
-    summary = {"step": s.number, "name": s.name, "rc": s.rc, "log": s.log, "counters": counters,
-               "uptime": (s.sections.get("UPTIME") or [""])[0],
-               "trace": trace_summary(dec), "ptdump_lines": ptdump.count("\n")}
+    summary = {
+        "step": s.number,
+        "name": s.name,
+        "rc": s.rc,
+        "log": s.log,
+        "counters": counters,
+        "uptime": (s.sections.get("UPTIME") or [""])[0],
+        "trace": trace_summary(dec),
+        "ptdump_lines": ptdump.count("\n"),
+    }
     if cap is not None:
         write_capture(os.path.join(d, "tables.elf"), cap)
-        summary["image"] = {"file": "tables.elf", **cap.layout, "cr0": hex(regs["cr0"]),
-                            "cr4": hex(regs["cr4"]), "efer": hex(regs["efer"])}
+        summary["image"] = {
+            "file": "tables.elf",
+            **cap.layout,
+            "cr0": hex(regs["cr0"]),
+            "cr4": hex(regs["cr4"]),
+            "efer": hex(regs["efer"]),
+        }
         if boot_seconds is not None:
             summary["image"]["boot_seconds"] = round(boot_seconds, 2)
     write_text_atomic(os.path.join(d, "step.json"), dump_json(summary))
     return summary
 
 
-def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: None,
-        root: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+def run(
+    cfg: RunConfig,
+    out_dir: str,
+    log: Callable[[str], None] = lambda m: None,
+    root: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """The whole collection: prepare, boot(s), artefacts per step in out_dir.
 
     images="all": one boot per checkpoint k (steps 1..k, pause once at the end); step k's texts
@@ -411,8 +513,13 @@ def run(cfg: RunConfig, out_dir: str, log: Callable[[str], None] = lambda m: Non
         return _run(cfg, out_dir, log, root, progress)
 
 
-def _run(cfg: RunConfig, out_dir: str, log: Callable[[str], None], root: str | None,
-         progress: Callable[[int, int], None] | None) -> dict:
+def _run(
+    cfg: RunConfig,
+    out_dir: str,
+    log: Callable[[str], None],
+    root: str | None,
+    progress: Callable[[int, int], None] | None,
+) -> dict:
     t_all = time.monotonic()
     prep = prepare(cfg, root)
     t_prep = time.monotonic() - t_all
@@ -420,32 +527,48 @@ def _run(cfg: RunConfig, out_dir: str, log: Callable[[str], None], root: str | N
     os.makedirs(os.path.join(out_dir, "boots"), exist_ok=True)
     boots: dict[int, BootResult] = {}
     ks = list(range(n + 1)) if cfg.images == "all" else [n]
-    total = sum(k + 1 for k in ks)          # step records the boots will write
+    total = sum(k + 1 for k in ks)  # step records the boots will write
     before = 0
     for k in ks:
-        log(f"boot {k}/{n}: {cfg.kernel} {cfg.levels}-level {'kaslr' if cfg.kaslr else 'nokaslr'} "
-            f"{cfg.workload} steps 1..{k}" + (", pause after each" if cfg.images == "pause" else ""))
-        b = boot(prep, cfg, k, pause_every=cfg.images == "pause", info_mem=cfg.info_mem and k == n,
-                 on_step=None if progress is None else (lambda done, b0=before: progress(b0 + done, total)))
+        log(
+            f"boot {k}/{n}: {cfg.kernel} {cfg.levels}-level {'kaslr' if cfg.kaslr else 'nokaslr'} "
+            f"{cfg.workload} steps 1..{k}" + (", pause after each" if cfg.images == "pause" else "")
+        )
+        b = boot(
+            prep,
+            cfg,
+            k,
+            pause_every=cfg.images == "pause",
+            info_mem=cfg.info_mem and k == n,
+            on_step=None if progress is None else (lambda done, b0=before: progress(b0 + done, total)),
+        )
         before += k + 1
         boots[k] = b
         write_text_atomic(os.path.join(out_dir, "boots", f"boot-{k:02d}.txt"), b.raw_output)
         if len(b.text.steps) != k + 1:
-            raise OracleError(f"boot {k}: the guest wrote {len(b.text.steps)} step records, expected "
-                              f"{k + 1}; console: {_last_line_text(b.console)}")
+            raise OracleError(
+                f"boot {k}: the guest wrote {len(b.text.steps)} step records, expected "
+                f"{k + 1}; console: {_last_line_text(b.console)}"
+            )
         bad = [st.number for st in b.text.steps if st.number and st.rc != 0]
         if bad:
-            raise OracleError(f"boot {k}: step {bad[0]} failed in the guest: {' | '.join(b.text.steps[bad[0]].log)[:200]}")
-        log(f"  {b.seconds:.1f} s, capture {b.capture_seconds:.2f} s, "
-            f"{b.capture.layout['table_pages'] if b.capture else 0} table pages")
+            raise OracleError(
+                f"boot {k}: step {bad[0]} failed in the guest: {' | '.join(b.text.steps[bad[0]].log)[:200]}"
+            )
+        log(
+            f"  {b.seconds:.1f} s, capture {b.capture_seconds:.2f} s, "
+            f"{b.capture.layout['table_pages'] if b.capture else 0} table pages"
+        )
     final = boots[n]
     title = f"{(final.text.header.get('UNAME') or ['?'])[0]} {cfg.levels}-level {'kaslr' if cfg.kaslr else 'nokaslr'}"
     steps_out = []
     same = chain = 0
     image_check = None
     if cfg.images == "guest":
-        dumps = {st.number: capture_from_dump(st.sections.get("TABLES", []), final.regs, final.capture.layout)
-                 for st in final.text.steps}
+        dumps = {
+            st.number: capture_from_dump(st.sections.get("TABLES", []), final.regs, final.capture.layout)
+            for st in final.text.steps
+        }
         image_check = compare_captures(dumps[n], final.capture)
     for st in final.text.steps:
         k = st.number
@@ -455,7 +578,9 @@ def _run(cfg: RunConfig, out_dir: str, log: Callable[[str], None], root: str | N
             own = boots[k]
             src = own.text.steps[k]
             same += _step_fingerprint(src) == _step_fingerprint(st)
-            if k and _step_fingerprint(own.text.steps[k - 1]) == _step_fingerprint(boots[k - 1].text.steps[k - 1]):
+            if k and _step_fingerprint(own.text.steps[k - 1]) == _step_fingerprint(
+                boots[k - 1].text.steps[k - 1]
+            ):
                 chain += 1
             steps_out.append(write_step(out_dir, src, title, own.capture, own.regs, own.seconds))
         else:
@@ -465,18 +590,22 @@ def _run(cfg: RunConfig, out_dir: str, log: Callable[[str], None], root: str | N
         layout.update({k: v for k, v in final.capture.layout.items() if k not in ("table_pages",)})
     write_text_atomic(os.path.join(out_dir, "layout.json"), dump_json(layout))
     write_text_atomic(os.path.join(out_dir, "console.log"), final.console)
-    meta = {"config": asdict(cfg), "kernel_release": prep.tree.release,
-            "kernel_package_version": prep.tree.version,
-            "kernel_packages": f"linux-image-{prep.tree.release} {prep.tree.version} (Debian)",
-            "qemu_version": prep.qemu_version, "workload": prep.workload.name,
-            "workload_doc": prep.workload.doc,
-            "steps": [{"step": x["step"], "name": x["name"]} for x in steps_out],
-            "cmdline": kernel_cmdline(prep.tree, cfg, prep.workload),
-            "guest_digest": guest_pieces_digest(prep, cfg),
-            "boots": {str(k): round(b.seconds, 2) for k, b in boots.items()},
-            "prepare_seconds": round(t_prep, 2),
-            "wall_seconds": round(time.monotonic() - t_all, 2),
-            "source": "Debian kernel booted under QEMU TCG with icount; collected by x86pt linux run"}
+    meta = {
+        "config": asdict(cfg),
+        "kernel_release": prep.tree.release,
+        "kernel_package_version": prep.tree.version,
+        "kernel_packages": f"linux-image-{prep.tree.release} {prep.tree.version} (Debian)",
+        "qemu_version": prep.qemu_version,
+        "workload": prep.workload.name,
+        "workload_doc": prep.workload.doc,
+        "steps": [{"step": x["step"], "name": x["name"]} for x in steps_out],
+        "cmdline": kernel_cmdline(prep.tree, cfg, prep.workload),
+        "guest_digest": guest_pieces_digest(prep, cfg),
+        "boots": {str(k): round(b.seconds, 2) for k, b in boots.items()},
+        "prepare_seconds": round(t_prep, 2),
+        "wall_seconds": round(time.monotonic() - t_all, 2),
+        "source": "Debian kernel booted under QEMU TCG with icount; collected by x86pt linux run",
+    }
     if cfg.images == "all":
         meta["deterministic_steps"] = f"{same}/{n + 1}"
         meta["chain_consistent"] = f"{chain}/{n}"
@@ -487,8 +616,9 @@ def _run(cfg: RunConfig, out_dir: str, log: Callable[[str], None], root: str | N
         meta["chain_consistent"] = f"{n}/{n}"
         meta["image_check"] = image_check
         if image_check != "same":
-            raise OracleError(f"the guest's table dump of step {n} differs from the page tables in "
-                              f"its RAM: {image_check}")
+            raise OracleError(
+                f"the guest's table dump of step {n} differs from the page tables in its RAM: {image_check}"
+            )
     else:
         meta["deterministic_steps"] = "n/a (one boot)"
         meta["chain_consistent"] = f"{n}/{n}" if cfg.images == "pause" else "n/a (one image)"
@@ -506,14 +636,23 @@ def guest_pieces_digest(prep: Prepared, cfg: RunConfig) -> str:
     the workload and the command line (a byte compare of two runs needs all of it equal)."""
     from harness.linux import build, initramfs
     from harness.linux.compare import guest_digest
-    parts = [build.MODULE_C, build.SECRETMEM_C, build.PVPANIC_C, initramfs.INIT, initramfs.HELPERS_SH,
-             initramfs.RELEASE_SH, repr(prep.workload), kernel_cmdline(prep.tree, cfg, prep.workload),
-             repr((cfg.ram_mb, cfg.seed, cfg.images, ICOUNT, RTC))]
+
+    parts = [
+        build.MODULE_C,
+        build.SECRETMEM_C,
+        build.PVPANIC_C,
+        initramfs.INIT,
+        initramfs.HELPERS_SH,
+        initramfs.RELEASE_SH,
+        repr(prep.workload),
+        kernel_cmdline(prep.tree, cfg, prep.workload),
+        repr((cfg.ram_mb, cfg.seed, cfg.images, ICOUNT, RTC)),
+    ]
     return guest_digest([p.encode() for p in parts])
 
 
 def compare_captures(a: Capture, b: Capture) -> str:
-    """"same" when two captures hold the same table pages with the same bytes and root; else
+    """ "same" when two captures hold the same table pages with the same bytes and root; else
     what differs (the guest's dump of the last step against the RAM read at the pause after it)."""
     if a.state.cr3 != b.state.cr3:
         return f"root {a.state.cr3:#x} vs {b.state.cr3:#x}"
@@ -522,8 +661,9 @@ def compare_captures(a: Capture, b: Capture) -> str:
     diff = sorted(k for k in set(pa) & set(pb) if bytes(pa[k]) != bytes(pb[k]))
     if not only and not diff:
         return "same"
-    return (f"{len(only)} table pages in one only, {len(diff)} differ"
-            + (f" (first {(only or diff)[0] << 12:#x})" if only or diff else ""))
+    return f"{len(only)} table pages in one only, {len(diff)} differ" + (
+        f" (first {(only or diff)[0] << 12:#x})" if only or diff else ""
+    )
 
 
 def _last_line_text(text: str) -> str:
@@ -539,6 +679,7 @@ def available(kernel: str = "6.1", root: str | None = None) -> tuple[bool, str]:
         if not shutil.which(tool):
             return False, f"{tool} not found"
     from harness.linux.fetch import cached_tree, registry_reachable, resolve
+
     if cached_tree(kernel, root) is not None:
         return True, ""
     for tool in ("apt-get", "apt-cache"):

@@ -1,6 +1,7 @@
 """Helpers the rig's own oracles share beyond the library's interface (x86pt/oracle.py): the
 capability check of implicit supervisor reads, X86PT_REQUIRE_ORACLES, and a fast ProbeResult.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,19 @@ def made_result(outcome, error_code, cr2, pa, value, vector, detail) -> ProbeRes
     frozen dataclass: ~3x cheaper, equal and printing the same; tests/test_matrix_speed.py checks
     the field list). The backends that decode many results at once use it."""
     r = _new(ProbeResult)
-    _set(r, "__dict__", {"outcome": outcome, "error_code": error_code, "cr2": cr2, "pa": pa,
-                         "value": value, "vector": vector, "detail": detail})
+    _set(
+        r,
+        "__dict__",
+        {
+            "outcome": outcome,
+            "error_code": error_code,
+            "cr2": cr2,
+            "pa": pa,
+            "value": value,
+            "vector": vector,
+            "detail": detail,
+        },
+    )
     return r
 
 
@@ -32,8 +44,10 @@ def implicit_support(results, what: str) -> tuple[bool, bool, str]:
     cpl3 = tuple(ok[2:4]) == want
     note = ""
     if not (cpl0 and cpl3):
-        note = (f"{what}: implicit supervisor reads answered {ok} (wanted #PF 0x1 on a user page "
-                f"and ok on a supervisor page, at CPL0 and at CPL3)")
+        note = (
+            f"{what}: implicit supervisor reads answered {ok} (wanted #PF 0x1 on a user page "
+            f"and ok on a supervisor page, at CPL0 and at CPL3)"
+        )
     return cpl0, cpl3, note
 
 

@@ -29,6 +29,7 @@ anything unexpected on the debugger's output is an OracleError with Bochs' outpu
 Batches larger than MAX_PROBES are split into consecutive starts, each from the image the previous
 one left (A/D bits carry over, as the rig's conventions ask).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -57,11 +58,11 @@ BOCHS_BINARY = "bochs"
 ROM_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
 # Bochs refuses to start without a VGA ROM; Debian's vgabios package ships this one.
 VGA_ROMS = ("/usr/share/vgabios/vgabios-stdvga.bin", "/usr/share/bochs/VGABIOS-lgpl-latest")
-DEFAULT_CPU = "tigerlake"          # docs/oracles.md "Bochs": PKU, SMEP, SMAP, 1G pages, NX; no LA57
+DEFAULT_CPU = "tigerlake"  # docs/oracles.md "Bochs": PKU, SMEP, SMAP, 1G pages, NX; no LA57
 MAX_PROBES = guest.MAX_PROBES
-BLOCK = 0x20000                    # Bochs 2.7's RAM allocation block (its log: "mem block size")
-LOAD_BASE = guest.HARNESS_GPA      # optramimage1 address: the file holds [LOAD_BASE, end)
-MARK = 0x5A17E0D                   # `? MARK` prints "0x5a17e0d 94469645": the end of a reply
+BLOCK = 0x20000  # Bochs 2.7's RAM allocation block (its log: "mem block size")
+LOAD_BASE = guest.HARNESS_GPA  # optramimage1 address: the file holds [LOAD_BASE, end)
+MARK = 0x5A17E0D  # `? MARK` prints "0x5a17e0d 94469645": the end of a reply
 _MARK_LINE = f"{MARK:#x} {MARK}"
 
 _XP_FIND = re.compile(r"^0x([0-9a-f]+) <[^>\n]*>:[ \t]+0x([0-9a-f]+)(?:[ \t]+0x([0-9a-f]+))?[ \t]*$", re.M)
@@ -96,16 +97,20 @@ def bochs_version(binary: str | None = None) -> str:
     if binary is None:
         return ""
     try:
-        out = subprocess.run([binary, "-help", "cpu"], stdin=subprocess.DEVNULL, capture_output=True,
-                             timeout=20, start_new_session=True)
+        out = subprocess.run(
+            [binary, "-help", "cpu"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=20,
+            start_new_session=True,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return ""
     text = (out.stdout + out.stderr).decode(errors="replace")
     m = re.search(r"Bochs x86 Emulator [0-9][^\s]*", text)
     ver = m.group(0) if m else "Bochs (version unknown)"
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        d = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "bochs"], capture_output=True,
-                           timeout=10)
+        d = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "bochs"], capture_output=True, timeout=10)
         if d.returncode == 0 and d.stdout.strip():
             ver += f" (Debian {d.stdout.decode().strip()})"
     return ver
@@ -117,10 +122,16 @@ def _tail(text: str, n: int = 12) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("ALSA lib")]
     for i, ln in enumerate(lines):
         if "Bochs is exiting with the following message" in ln:
-            why = [x.strip() for x in lines[i + 1:i + 4] if not x.startswith("=")]
+            why = [x.strip() for x in lines[i + 1 : i + 4] if not x.startswith("=")]
             return "Bochs is exiting: " + " ".join(why[:1])
-    lines = [ln for ln in lines if not ln.startswith("=") and "Bochs x86 Emulator" not in ln
-             and "Built from" not in ln and "Timestamp:" not in ln]
+    lines = [
+        ln
+        for ln in lines
+        if not ln.startswith("=")
+        and "Bochs x86 Emulator" not in ln
+        and "Built from" not in ln
+        and "Timestamp:" not in ln
+    ]
     return "\n".join(lines[-n:])
 
 
@@ -132,16 +143,22 @@ class _Session:
         self.deadline = deadline
         self.proc: subprocess.Popen | None = None
         self.out = bytearray()
-        self.pos = 0                      # how much of self.out the parser has consumed
+        self.pos = 0  # how much of self.out the parser has consumed
         self.errpath = os.path.join(workdir, "stderr.txt")
         rfd, self.wfd = os.pipe()
         try:
             with open(self.errpath, "wb") as err:
                 self.proc = subprocess.Popen(
                     [binary, "-q", "-f", bochsrc, "-rc", f"/dev/fd/{rfd}"],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, cwd=workdir,
-                    start_new_session=True, close_fds=True, pass_fds=(rfd,),
-                    env={**os.environ, "TERM": os.environ.get("TERM") or "dumb"})
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    cwd=workdir,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(rfd,),
+                    env={**os.environ, "TERM": os.environ.get("TERM") or "dumb"},
+                )
         except OSError as e:
             os.close(self.wfd)
             self.wfd = -1
@@ -165,8 +182,10 @@ class _Session:
         while True:
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise OracleError(f"Bochs did not finish {what} in time (killed)"
-                                  + (f"; its output ends: {self.stderr_tail()}" if self.stderr_tail() else ""))
+                raise OracleError(
+                    f"Bochs did not finish {what} in time (killed)"
+                    + (f"; its output ends: {self.stderr_tail()}" if self.stderr_tail() else "")
+                )
             wl = [self.wfd] if data else []
             r, w, _ = select.select([fd], wl, [], min(left, 1.0))
             if w:
@@ -186,7 +205,7 @@ class _Session:
                 if end >= 0:
                     nl = self.out.find(b"\n", end)
                     if nl >= 0:
-                        text = self.out[self.pos:end].decode(errors="replace")
+                        text = self.out[self.pos : end].decode(errors="replace")
                         self.pos = nl + 1
                         return text.splitlines()
 
@@ -231,10 +250,16 @@ class BochsOracle:
 
     name = "bochs"
     profile = "bochs"
-    max_probes = MAX_PROBES          # per start; run() splits bigger batches
+    max_probes = MAX_PROBES  # per start; run() splits bigger batches
 
-    def __init__(self, *, binary: str | None = None, cpu: str = DEFAULT_CPU, ram_size: int = RIG_RAM_SIZE,
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        binary: str | None = None,
+        cpu: str = DEFAULT_CPU,
+        ram_size: int = RIG_RAM_SIZE,
+        timeout: float = 60.0,
+    ) -> None:
         self.binary = binary or bochs_binary()
         ok, why = available()
         if self.binary is None or not ok:
@@ -248,8 +273,8 @@ class BochsOracle:
         self.timeout = timeout
         self.launches = 0
         self.last_launch_seconds = 0.0
-        self.keep_log = False         # quit Bochs gracefully so its log is complete (CPUID lines)
-        self.last_log = ""            # Bochs' log of the last start
+        self.keep_log = False  # quit Bochs gracefully so its log is complete (CPUID lines)
+        self.last_log = ""  # Bochs' log of the last start
         self.last_pid: int | None = None
         self.last_workdir: str | None = None
 
@@ -264,8 +289,14 @@ class BochsOracle:
         pass
 
     # -- running -----------------------------------------------------------------------------------
-    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe], *,
-            ram_hook: Callable[[bytearray], None] | None = None) -> BatchResult:
+    def run(
+        self,
+        memory: SparseMemory,
+        state: PagingState,
+        probes: Sequence[Probe],
+        *,
+        ram_hook: Callable[[bytearray], None] | None = None,
+    ) -> BatchResult:
         """Run `probes` in order on `memory` under `state`. `ram_hook(ram)` (experiments only) may
         patch the prepared guest RAM before each start, e.g. the harness's own tables."""
         if not isinstance(memory, SparseMemory):
@@ -273,7 +304,7 @@ class BochsOracle:
         t0 = time.monotonic()
         results: list[ProbeResult] = []
         current = memory
-        chunks = [probes[i:i + MAX_PROBES] for i in range(0, len(probes), MAX_PROBES)] or [[]]
+        chunks = [probes[i : i + MAX_PROBES] for i in range(0, len(probes), MAX_PROBES)] or [[]]
         for chunk in chunks:
             res, current = self._launch(current, state, chunk, ram_hook)
             results.extend(res)
@@ -281,29 +312,35 @@ class BochsOracle:
 
     def _bochsrc(self, workdir: str) -> str:
         mib = self.ram_size >> 20
-        text = "\n".join([
-            f"memory: guest={mib}, host={mib}",
-            f"romimage: file={ROM_PATH}, address=0xffff0000",
-            f"vgaromimage: file={vga_rom()}",
-            f"optramimage1: file={os.path.join(workdir, 'ram.img')}, address={LOAD_BASE:#x}",
-            f"cpu: model={self.cpu}, count=1, reset_on_triple_fault=0",
-            "display_library: term",
-            f"log: {os.path.join(workdir, 'bochs.log')}",
-            "panic: action=fatal",
-            "error: action=report",
-            "info: action=report",
-            "debug: action=ignore",
-            "clock: sync=none",
-            "",
-        ])
+        text = "\n".join(
+            [
+                f"memory: guest={mib}, host={mib}",
+                f"romimage: file={ROM_PATH}, address=0xffff0000",
+                f"vgaromimage: file={vga_rom()}",
+                f"optramimage1: file={os.path.join(workdir, 'ram.img')}, address={LOAD_BASE:#x}",
+                f"cpu: model={self.cpu}, count=1, reset_on_triple_fault=0",
+                "display_library: term",
+                f"log: {os.path.join(workdir, 'bochs.log')}",
+                "panic: action=fatal",
+                "error: action=report",
+                "info: action=report",
+                "debug: action=ignore",
+                "clock: sync=none",
+                "",
+            ]
+        )
         path = os.path.join(workdir, "bochsrc")
         with open(path, "w", encoding="ascii") as f:
             f.write(text)
         return path
 
-    def _launch(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe],
-                ram_hook: Callable[[bytearray], None] | None = None,
-                ) -> tuple[list[ProbeResult], SparseMemory]:
+    def _launch(
+        self,
+        memory: SparseMemory,
+        state: PagingState,
+        probes: Sequence[Probe],
+        ram_hook: Callable[[bytearray], None] | None = None,
+    ) -> tuple[list[ProbeResult], SparseMemory]:
         ram = bytearray(self.ram_size)
         # A fresh bytearray reads as zeros: prepare_ram need not clear 32 MiB.
         guest.prepare_ram(ram, memory, state, probes, clear=False, ram_size=self.ram_size)
@@ -316,7 +353,7 @@ class BochsOracle:
         self.last_workdir = workdir
         session = None
         cleanup = functools.partial(shutil.rmtree, workdir, True)
-        atexit.register(cleanup)       # a KeyboardInterrupt at the wrong moment still cleans up
+        atexit.register(cleanup)  # a KeyboardInterrupt at the wrong moment still cleans up
         try:
             with open(os.path.join(workdir, "ram.img"), "wb") as f:
                 f.write(memoryview(ram)[LOAD_BASE:end])
@@ -330,26 +367,35 @@ class BochsOracle:
             for a in touch:
                 want = _Q.unpack_from(ram, a)[0]
                 if got.get(a) != want:
-                    raise OracleError(f"Bochs did not load the RAM image where it belongs: qword "
-                                      f"{a:#x} reads {got.get(a)!r}, the image has {want:#x}")
+                    raise OracleError(
+                        f"Bochs did not load the RAM image where it belongs: qword "
+                        f"{a:#x} reads {got.get(a)!r}, the image has {want:#x}"
+                    )
             # 2. Run the guest to its `finish` label.
             finish = guest.symbols()["finish"]
             lines = session.exchange([f"lb {finish:#x}", "c"], what)
             if not any("Breakpoint 1," in ln for ln in lines):
-                raise OracleError(f"Bochs stopped before the guest finished {what}: "
-                                  f"{_tail(chr(10).join(lines))}")
+                raise OracleError(
+                    f"Bochs stopped before the guest finished {what}: {_tail(chr(10).join(lines))}"
+                )
             # 3. Read back params and results (binary, through the harness slot the test's root
             # table maps: `writemem` takes linear addresses), the image pages (`xp`, physical),
             # and where each write probe's VA maps now.
             nres = len(probes) * guest.RECORD
             dumps = [("params.bin", guest.PARAMS_GPA, guest.PAGE)] + (
-                [("results.bin", guest.RESULTS_GPA, nres)] if nres else [])
+                [("results.bin", guest.RESULTS_GPA, nres)] if nres else []
+            )
             pages = sorted(memory.pages)
             writes = sorted({p.va & ~0xFFF for p in probes if p.access == "write"})
             lines = session.exchange(
-                [f'writemem "{os.path.join(workdir, name)}" {guest.KBASE + gpa:#x} {size}'
-                 for name, gpa, size in dumps]
-                + _xp_pages(pages) + [f"page {va:#x}" for va in writes], "reading back")
+                [
+                    f'writemem "{os.path.join(workdir, name)}" {guest.KBASE + gpa:#x} {size}'
+                    for name, gpa, size in dumps
+                ]
+                + _xp_pages(pages)
+                + [f"page {va:#x}" for va in writes],
+                "reading back",
+            )
             for name, gpa, size in dumps:
                 try:
                     with open(os.path.join(workdir, name), "rb") as f:
@@ -357,17 +403,21 @@ class BochsOracle:
                 except OSError:
                     data = b""
                 if len(data) != size:
-                    raise OracleError(f"Bochs' debugger did not dump {size} bytes at {gpa:#x} "
-                                      f"({len(data)}): {_tail(chr(10).join(lines))}")
-                ram[gpa:gpa + size] = data
+                    raise OracleError(
+                        f"Bochs' debugger did not dump {size} bytes at {gpa:#x} "
+                        f"({len(data)}): {_tail(chr(10).join(lines))}"
+                    )
+                ram[gpa : gpa + size] = data
             back = parse_xp(lines)
             new = set()
             for ln in lines:
                 m = _PAGE_RE.match(ln)
                 if m:
                     pn = int(m.group(2), 16) // guest.PAGE
-                    if (RIG_IMAGE_BASE // guest.PAGE <= pn < self.ram_size // guest.PAGE
-                            and pn not in memory.pages):
+                    if (
+                        RIG_IMAGE_BASE // guest.PAGE <= pn < self.ram_size // guest.PAGE
+                        and pn not in memory.pages
+                    ):
                         new.add(pn)
             if new:
                 back.update(parse_xp(session.exchange(_xp_pages(sorted(new)), "reading back")))
@@ -381,7 +431,7 @@ class BochsOracle:
             atexit.unregister(cleanup)
         self.launches += 1
         self.last_launch_seconds = time.monotonic() - t0
-        for pn in pages + sorted(new):         # the image pages `xp` printed
+        for pn in pages + sorted(new):  # the image pages `xp` printed
             base = pn * guest.PAGE
             for off in range(0, guest.PAGE, 8):
                 v = back.get(base + off)
@@ -392,14 +442,14 @@ class BochsOracle:
         results = guest.read_results(ram, len(probes), probes)
         after = guest.image_after(ram, memory, state, scan_new=False, ram_size=self.ram_size)
         for pn in sorted(new):
-            data = ram[pn * guest.PAGE:(pn + 1) * guest.PAGE]
+            data = ram[pn * guest.PAGE : (pn + 1) * guest.PAGE]
             if any(data):
                 after.pages[pn] = bytearray(data)
         return results, after
 
 
 # -- capabilities, measured -------------------------------------------------------------------------------
-CAP_UNBACKED = 0x3000000             # 48 MiB: past the 32 MiB RAM, reached through the 1G leaf
+CAP_UNBACKED = 0x3000000  # 48 MiB: past the 32 MiB RAM, reached through the 1G leaf
 
 
 def cpuid_from_log(log: str) -> dict[int, tuple[int, int, int, int]]:
@@ -419,8 +469,9 @@ def vendor_of(cpuid: dict[int, tuple[int, int, int, int]]) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def discover_capabilities(binary: str | None = None, cpu: str = DEFAULT_CPU,
-                          ram_size: int = RIG_RAM_SIZE) -> Capabilities:
+def discover_capabilities(
+    binary: str | None = None, cpu: str = DEFAULT_CPU, ram_size: int = RIG_RAM_SIZE
+) -> Capabilities:
     """Run the capability batch (harness/oracles/capability.py; 4-level, then 5-level) once per
     process and CPU model."""
     oracle = BochsOracle(binary=binary, cpu=cpu, ram_size=ram_size)
@@ -432,12 +483,19 @@ def discover_capabilities(binary: str | None = None, cpu: str = DEFAULT_CPU,
         mem5, st5, probes5 = capability_image(True, "intel", "bochs")
         r5 = oracle.run(mem5, st5, probes5).results
     except OracleError:
-        r5 = None             # CR4.LA57 is not accepted: the boot ROM's mov to CR4 faults
-    notes = ["measured by a capability batch (harness/oracles/capability.py)",
-             f"vendor from the CPUID table Bochs logs at reset (CPU model {cpu})"]
-    return Capabilities(name="bochs", vendor=vendor_of(cpuid_from_log(log)),
-                        **measured("bochs", r, r5, unbacked=True),
-                        ram_size=oracle.ram_size, version=oracle.version, notes=tuple(notes))
+        r5 = None  # CR4.LA57 is not accepted: the boot ROM's mov to CR4 faults
+    notes = [
+        "measured by a capability batch (harness/oracles/capability.py)",
+        f"vendor from the CPUID table Bochs logs at reset (CPU model {cpu})",
+    ]
+    return Capabilities(
+        name="bochs",
+        vendor=vendor_of(cpuid_from_log(log)),
+        **measured("bochs", r, r5, unbacked=True),
+        ram_size=oracle.ram_size,
+        version=oracle.version,
+        notes=tuple(notes),
+    )
 
 
 # -- a free-form guest under the debugger (TLB experiments) ----------------------------------------------
@@ -449,8 +507,15 @@ class DebuggerRun:
     quit (so its log, with the CPUID table, is complete in `log`), its process group is killed and
     the scratch directory removed, whatever happened."""
 
-    def __init__(self, ram: dict[int, bytes], *, cpu: str = DEFAULT_CPU, ram_mib: int = 32,
-                 timeout: float = 60.0, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        ram: dict[int, bytes],
+        *,
+        cpu: str = DEFAULT_CPU,
+        ram_mib: int = 32,
+        timeout: float = 60.0,
+        binary: str | None = None,
+    ) -> None:
         self.binary = binary or bochs_binary()
         ok, why = available()
         if self.binary is None or not ok:
@@ -467,15 +532,22 @@ class DebuggerRun:
         self._cleanup = functools.partial(shutil.rmtree, self.workdir, True)
         atexit.register(self._cleanup)
         try:
-            text = "\n".join([
-                f"memory: guest={self.ram_mib}, host={self.ram_mib}",
-                f"romimage: file={ROM_PATH}, address=0xffff0000",
-                f"vgaromimage: file={vga_rom()}",
-                f"cpu: model={self.cpu}, count=1, reset_on_triple_fault=0",
-                "display_library: term",
-                f"log: {os.path.join(self.workdir, 'bochs.log')}",
-                "panic: action=fatal", "error: action=report", "info: action=report",
-                "debug: action=ignore", "clock: sync=none", ""])
+            text = "\n".join(
+                [
+                    f"memory: guest={self.ram_mib}, host={self.ram_mib}",
+                    f"romimage: file={ROM_PATH}, address=0xffff0000",
+                    f"vgaromimage: file={vga_rom()}",
+                    f"cpu: model={self.cpu}, count=1, reset_on_triple_fault=0",
+                    "display_library: term",
+                    f"log: {os.path.join(self.workdir, 'bochs.log')}",
+                    "panic: action=fatal",
+                    "error: action=report",
+                    "info: action=report",
+                    "debug: action=ignore",
+                    "clock: sync=none",
+                    "",
+                ]
+            )
             rc = os.path.join(self.workdir, "bochsrc")
             with open(rc, "w", encoding="ascii") as f:
                 f.write(text)
@@ -512,8 +584,9 @@ class DebuggerRun:
             self.session = None
             if self.workdir is not None:
                 with contextlib.suppress(OSError):
-                    with open(os.path.join(self.workdir, "bochs.log"), encoding="utf-8",
-                              errors="replace") as f:
+                    with open(
+                        os.path.join(self.workdir, "bochs.log"), encoding="utf-8", errors="replace"
+                    ) as f:
                         self.log = f.read()
                 self._cleanup()
                 atexit.unregister(self._cleanup)

@@ -7,6 +7,7 @@ On this project's host (kvm_pvm, AMD, shadow paging) CPL0 probes exercise KVM's 
 and CPL3 probes the hardware through shadow PTEs (docs/oracles.md §6). What the oracle really does is found
 by running a tiny batch (`capabilities()`), not by trusting CPUID (docs/oracles.md §6).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,9 +28,25 @@ from x86pt.oracle import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, tag_val
 from harness.oracles.base import implicit_support
 from x86pt.errors import OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP,
-                         EFER_LMA, EFER_LME, EFER_NXE, PF_P, PF_RSVD, Features, PagingState, Profile,
-                         profile_named)
+from x86pt.state import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    CR4_PKE,
+    CR4_SMAP,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PF_P,
+    PF_RSVD,
+    Features,
+    PagingState,
+    Profile,
+    profile_named,
+)
 
 DEV = "/dev/kvm"
 
@@ -55,59 +72,109 @@ KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
-EXIT_NAMES = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT",
-              6: "MMIO", 7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR",
-              17: "INTERNAL_ERROR"}
-RUN_EXIT_REASON = 8        # offset of kvm_run.exit_reason
-RUN_UNION = 32             # offset of the exit union
+EXIT_NAMES = {
+    0: "UNKNOWN",
+    1: "EXCEPTION",
+    2: "IO",
+    3: "HYPERCALL",
+    4: "DEBUG",
+    5: "HLT",
+    6: "MMIO",
+    7: "IRQ_WINDOW_OPEN",
+    8: "SHUTDOWN",
+    9: "FAIL_ENTRY",
+    10: "INTR",
+    17: "INTERNAL_ERROR",
+}
+RUN_EXIT_REASON = 8  # offset of kvm_run.exit_reason
+RUN_UNION = 32  # offset of the exit union
 
 API_VERSION = 12
-MMIO_READ_FILL = 0xFF      # what a read of a GPA outside the memslot returns (no device there)
+MMIO_READ_FILL = 0xFF  # what a read of a GPA outside the memslot returns (no device there)
 
 
 class KvmRegionStruct(ctypes.Structure):
-    _fields_ = [("slot", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("guest_phys_addr", ctypes.c_uint64), ("memory_size", ctypes.c_uint64),
-                ("userspace_addr", ctypes.c_uint64)]
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("guest_phys_addr", ctypes.c_uint64),
+        ("memory_size", ctypes.c_uint64),
+        ("userspace_addr", ctypes.c_uint64),
+    ]
 
 
 class KvmRegs(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in
-                ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-                 "r12", "r13", "r14", "r15", "rip", "rflags")]
+    _fields_ = [
+        (n, ctypes.c_uint64)
+        for n in (
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        )
+    ]
 
 
 class KvmSegment(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint32), ("selector", ctypes.c_uint16),
-                ("type", ctypes.c_uint8), ("present", ctypes.c_uint8), ("dpl", ctypes.c_uint8),
-                ("db", ctypes.c_uint8), ("s", ctypes.c_uint8), ("l", ctypes.c_uint8),
-                ("g", ctypes.c_uint8), ("avl", ctypes.c_uint8), ("unusable", ctypes.c_uint8),
-                ("padding", ctypes.c_uint8)]
+    _fields_ = [
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("selector", ctypes.c_uint16),
+        ("type", ctypes.c_uint8),
+        ("present", ctypes.c_uint8),
+        ("dpl", ctypes.c_uint8),
+        ("db", ctypes.c_uint8),
+        ("s", ctypes.c_uint8),
+        ("l", ctypes.c_uint8),
+        ("g", ctypes.c_uint8),
+        ("avl", ctypes.c_uint8),
+        ("unusable", ctypes.c_uint8),
+        ("padding", ctypes.c_uint8),
+    ]
 
 
 class KvmDtable(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16),
-                ("padding", ctypes.c_uint16 * 3)]
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16), ("padding", ctypes.c_uint16 * 3)]
 
 
 class KvmSregs(ctypes.Structure):
-    _fields_ = ([(n, KvmSegment) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")]
-                + [("gdt", KvmDtable), ("idt", KvmDtable)]
-                + [(n, ctypes.c_uint64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")]
-                + [("interrupt_bitmap", ctypes.c_uint64 * 4)])
+    _fields_ = (
+        [(n, KvmSegment) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")]
+        + [("gdt", KvmDtable), ("idt", KvmDtable)]
+        + [(n, ctypes.c_uint64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")]
+        + [("interrupt_bitmap", ctypes.c_uint64 * 4)]
+    )
 
 
 class KvmCpuidEntry2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint32) for n in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")] \
-        + [("padding", ctypes.c_uint32 * 3)]
+    _fields_ = [(n, ctypes.c_uint32) for n in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")] + [
+        ("padding", ctypes.c_uint32 * 3)
+    ]
 
 
 CPUID_MAX_ENTRIES = 256
 
 
 class KvmCpuid2(ctypes.Structure):
-    _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32),
-                ("entries", KvmCpuidEntry2 * CPUID_MAX_ENTRIES)]
+    _fields_ = [
+        ("nent", ctypes.c_uint32),
+        ("padding", ctypes.c_uint32),
+        ("entries", KvmCpuidEntry2 * CPUID_MAX_ENTRIES),
+    ]
 
 
 assert ctypes.sizeof(KvmRegionStruct) == 32 and ctypes.sizeof(KvmRegs) == 144
@@ -163,13 +230,18 @@ def _leaf(cpuid: KvmCpuid2, function: int, index: int = 0) -> KvmCpuidEntry2 | N
 
 
 def cpuid_info(cpuid: KvmCpuid2) -> CpuidInfo:
-    l0, l7, l81, l88 = (_leaf(cpuid, 0), _leaf(cpuid, 7), _leaf(cpuid, 0x80000001),
-                        _leaf(cpuid, 0x80000008))
+    l0, l7, l81, l88 = (_leaf(cpuid, 0), _leaf(cpuid, 7), _leaf(cpuid, 0x80000001), _leaf(cpuid, 0x80000008))
     vendor = struct.pack("<III", l0.ebx, l0.edx, l0.ecx).decode("ascii", "replace") if l0 else "?"
-    return CpuidInfo(vendor=vendor, maxphyaddr=(l88.eax & 0xFF) if l88 else 36,
-                     nx=bool(l81 and l81.edx >> 20 & 1), gbpages=bool(l81 and l81.edx >> 26 & 1),
-                     la57=bool(l7 and l7.ecx >> 16 & 1), pku=bool(l7 and l7.ecx >> 3 & 1),
-                     smep=bool(l7 and l7.ebx >> 7 & 1), smap=bool(l7 and l7.ebx >> 20 & 1))
+    return CpuidInfo(
+        vendor=vendor,
+        maxphyaddr=(l88.eax & 0xFF) if l88 else 36,
+        nx=bool(l81 and l81.edx >> 20 & 1),
+        gbpages=bool(l81 and l81.edx >> 26 & 1),
+        la57=bool(l7 and l7.ecx >> 16 & 1),
+        pku=bool(l7 and l7.ecx >> 3 & 1),
+        smep=bool(l7 and l7.ebx >> 7 & 1),
+        smap=bool(l7 and l7.ebx >> 20 & 1),
+    )
 
 
 class _Timeout(Exception):
@@ -187,8 +259,10 @@ class _Alarm:
 
     def __enter__(self) -> "_Alarm":
         if self.active:
+
             def on_alarm(signum, frame):
                 raise _Timeout()
+
             self.old = signal.signal(signal.SIGALRM, on_alarm)
             signal.setitimer(signal.ITIMER_REAL, self.seconds)
         return self
@@ -208,8 +282,9 @@ class _Vm:
         self.run_map: mmap.mmap | None = None
         try:
             self.vm_fd = _ioctl(kvm_fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
-            self.ram = mmap.mmap(-1, ram_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            self.ram = mmap.mmap(
+                -1, ram_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE
+            )
             # from_buffer exports the mmap; drop the object at once so close() works (docs/oracles.md §6).
             anchor = ctypes.c_char.from_buffer(self.ram)
             uaddr = ctypes.addressof(anchor)
@@ -218,8 +293,7 @@ class _Vm:
             _ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
             self.vcpu_fd = _ioctl(self.vm_fd, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU")
             size = _ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
-            self.run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED,
-                                     mmap.PROT_READ | mmap.PROT_WRITE)
+            self.run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             _ioctl(self.vcpu_fd, KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
         except BaseException:
             self.close()
@@ -244,10 +318,12 @@ class _Vm:
     def enter_long_mode(self, boot: dict[str, int], rip: int, rsp: int) -> None:
         s = KvmSregs()
         _ioctl(self.vcpu_fd, KVM_GET_SREGS, s, "KVM_GET_SREGS")
-        code = KvmSegment(base=0, limit=0xFFFFFFFF, selector=0x08, type=0xB, present=1, dpl=0,
-                          db=0, s=1, l=1, g=1)
-        data = KvmSegment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1, dpl=0,
-                          db=1, s=1, l=0, g=1)
+        code = KvmSegment(
+            base=0, limit=0xFFFFFFFF, selector=0x08, type=0xB, present=1, dpl=0, db=0, s=1, l=1, g=1
+        )
+        data = KvmSegment(
+            base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1, dpl=0, db=1, s=1, l=0, g=1
+        )
         s.cs = code
         for r in ("ds", "es", "fs", "gs", "ss"):
             setattr(s, r, data)
@@ -281,10 +357,10 @@ class _Vm:
                             return notes
                         continue
                     if reason == KVM_EXIT_MMIO:
-                        gpa, = struct.unpack_from("<Q", rm, RUN_UNION)
+                        (gpa,) = struct.unpack_from("<Q", rm, RUN_UNION)
                         length, is_write = struct.unpack_from("<IB", rm, RUN_UNION + 16)
                         if not is_write:
-                            rm[RUN_UNION + 8:RUN_UNION + 16] = bytes([MMIO_READ_FILL]) * 8
+                            rm[RUN_UNION + 8 : RUN_UNION + 16] = bytes([MMIO_READ_FILL]) * 8
                         if len(notes) < 16:
                             notes.append(f"{'write' if is_write else 'read'} of unbacked GPA {gpa:#x}")
                         continue
@@ -309,6 +385,7 @@ class _Vm:
             fcntl.ioctl(self.vcpu_fd, KVM_GET_REGS, r, True)
             extra += f" rip {r.rip:#x}"
             from harness.guest.listing import decode_at
+
             insn = decode_at(r.rip)
             if insn:
                 extra += f" ({insn})"
@@ -325,8 +402,7 @@ class KvmOracle:
 
     name = "kvm"
 
-    def __init__(self, ram_size: int = RIG_RAM_SIZE, timeout: float = 20.0,
-                 patch_cpuid: bool = True) -> None:
+    def __init__(self, ram_size: int = RIG_RAM_SIZE, timeout: float = 20.0, patch_cpuid: bool = True) -> None:
         self.ram_size = ram_size
         self.timeout = timeout
         self._caps: Capabilities | None = None
@@ -377,17 +453,33 @@ class KvmOracle:
             pass
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe], *,
-            invlpg: bool = True, user_pkey: int = 0) -> BatchResult:
+    def run(
+        self,
+        memory: SparseMemory,
+        state: PagingState,
+        probes: Sequence[Probe],
+        *,
+        invlpg: bool = True,
+        user_pkey: int = 0,
+    ) -> BatchResult:
         if self.fd < 0:
             raise OracleError("kvm: oracle is closed")
         t0 = time.perf_counter()
         with _Vm(self.fd, self.ram_size, self.cpuid) as vm:
             ram = vm.ram
-            guest.prepare_ram(ram, memory, state, probes, clear=False, ram_size=self.ram_size,
-                              invlpg=invlpg, user_pkey=user_pkey)
-            vm.enter_long_mode(guest.boot_registers(state), guest.ENTRY_VA,
-                               guest.KBASE + guest.KSTACK_TOP_GPA)
+            guest.prepare_ram(
+                ram,
+                memory,
+                state,
+                probes,
+                clear=False,
+                ram_size=self.ram_size,
+                invlpg=invlpg,
+                user_pkey=user_pkey,
+            )
+            vm.enter_long_mode(
+                guest.boot_registers(state), guest.ENTRY_VA, guest.KBASE + guest.KSTACK_TOP_GPA
+            )
             notes = vm.run_to_exit_port(guest.DEBUG_EXIT_PORT, self.timeout)
             guest.check_status(ram, "kvm")
             results = guest.read_results(ram, len(probes), probes)
@@ -419,12 +511,12 @@ class KvmOracle:
 
 
 # The capability image: every mapping below RIG_IMAGE_BASE + 1 MiB, frames tagged.
-_CAP_VA_4K = 0x400000            # S RW 4K
-_CAP_VA_USER = 0x401000          # U RW 4K
-_CAP_VA_NX = 0x402000            # S RW XD 4K
-_CAP_VA_1G = 0x40000000          # PDPTE.PS -> PA 0 (harness area: readable if mapped)
-_CAP_VA_BIT8 = 0x8000000000      # PML4[1] with bit 8 (AMD: reserved) -> 4K page
-_CAP_VA_MBIT = 0x600000          # PTEs at 0x600000 + 0x1000*k carry address bit 36+k
+_CAP_VA_4K = 0x400000  # S RW 4K
+_CAP_VA_USER = 0x401000  # U RW 4K
+_CAP_VA_NX = 0x402000  # S RW XD 4K
+_CAP_VA_1G = 0x40000000  # PDPTE.PS -> PA 0 (harness area: readable if mapped)
+_CAP_VA_BIT8 = 0x8000000000  # PML4[1] with bit 8 (AMD: reserved) -> 4K page
+_CAP_VA_MBIT = 0x600000  # PTEs at 0x600000 + 0x1000*k carry address bit 36+k
 _CAP_FRAME = 0x300000
 # kvm_pvm keeps PML4 slot 256 for its host: CPL3 accesses there never reach the guest's tables.
 # Both slots below map a U RW page; a host is "blind" at 256 when that read faults and 257's works.
@@ -438,16 +530,17 @@ def _cap_image() -> tuple[SparseMemory, int]:
     m = SparseMemory(RIG_RAM_SIZE)
     pml4, pdpt, pd, pt, pdpt1, pd1, pt1, pt_m = (0x200000 + i * 0x1000 for i in range(8))
     from x86pt.fields import BIT_A as A, BIT_P as P, BIT_PS as PS, BIT_RW as RW, BIT_US as US
+
     t = P | RW | US | A
     m.write_u64(pml4 + 0 * 8, pdpt | t)
     m.write_u64(pdpt + 0 * 8, pd | t)
-    m.write_u64(pd + 2 * 8, pt | t)                     # VA 0x400000
-    m.write_u64(pd + 3 * 8, pt_m | t)                   # VA 0x600000
+    m.write_u64(pd + 2 * 8, pt | t)  # VA 0x400000
+    m.write_u64(pd + 3 * 8, pt_m | t)  # VA 0x600000
     m.write_u64(pt + 0 * 8, _CAP_FRAME | P | RW)
     m.write_u64(pt + 1 * 8, _CAP_FRAME | P | RW | US)
     m.write_u64(pt + 2 * 8, _CAP_FRAME | P | RW | (1 << 63))
-    m.write_u64(pdpt + 1 * 8, 0 | P | RW | PS)          # 1G leaf at VA 0x40000000
-    m.write_u64(pml4 + 1 * 8, pdpt1 | t | (1 << 8))     # VA 0x8000000000: PML4E bit 8
+    m.write_u64(pdpt + 1 * 8, 0 | P | RW | PS)  # 1G leaf at VA 0x40000000
+    m.write_u64(pml4 + 1 * 8, pdpt1 | t | (1 << 8))  # VA 0x8000000000: PML4E bit 8
     m.write_u64(pdpt1, pd1 | t)
     m.write_u64(pd1, pt1 | t)
     m.write_u64(pt1, _CAP_FRAME | P | RW)
@@ -471,17 +564,17 @@ class HostFacts:
     """What one KVM does, measured by running the capability image (and CPUID's vendor). The
     input of host_profile; tests fake it to stand for a host of the other vendor."""
 
-    vendor: str                 # "intel" | "amd" (CPUID leaf 0)
-    maxphyaddr: int             # the lowest PTE address bit that faults RSVD
-    gbpages: bool               # a PDPTE with PS=1 translates
+    vendor: str  # "intel" | "amd" (CPUID leaf 0)
+    maxphyaddr: int  # the lowest PTE address bit that faults RSVD
+    gbpages: bool  # a PDPTE with PS=1 translates
     la57: bool
     pku: bool
     smep: bool
     smap: bool
     nx: bool
-    rsvd_sets_p: bool           # a reserved-bit #PF carries P
-    top_bit8_reserved: bool     # PML4E bit 8 faults RSVD
-    cpl3_blind_slot256: bool    # CPL3 reads of PML4 slot 256 fault although mapped (kvm_pvm)
+    rsvd_sets_p: bool  # a reserved-bit #PF carries P
+    top_bit8_reserved: bool  # PML4E bit 8 faults RSVD
+    cpl3_blind_slot256: bool  # CPL3 reads of PML4 slot 256 fault although mapped (kvm_pvm)
 
 
 def host_profile(f: HostFacts) -> Profile:
@@ -490,29 +583,42 @@ def host_profile(f: HostFacts) -> Profile:
     notes = [f"KVM on this host ({f.vendor}, M={f.maxphyaddr})"]
     if f.vendor == "intel" and f.top_bit8_reserved:
         notes.append("PML4E bit 8 reserved although the vendor is Intel (not modelled)")
-    return Profile("kvm", vendor=f.vendor, maxphyaddr=f.maxphyaddr,
-                   features=Features(gbpages=f.gbpages, la57=f.la57, pku=f.pku, smep=f.smep,
-                                     smap=f.smap, nx=f.nx),
-                   rsvd_sets_p=f.rsvd_sets_p,
-                   amd_top_bit8_reserved=f.vendor == "amd" and f.top_bit8_reserved,
-                   # KVM's software walker (paging_tmpl.h) sets A only on a walk that succeeds;
-                   # the hardware may do either, and the compare treats faulting-walk A as
-                   # don't-care (as KUT does), so this is the safe choice on every host.
-                   a_on_faulting_walk="none",
-                   cpl3_blind_ranges=(PVM_BLIND_RANGE,) if f.cpl3_blind_slot256 else (),
-                   note="; ".join(notes))
+    return Profile(
+        "kvm",
+        vendor=f.vendor,
+        maxphyaddr=f.maxphyaddr,
+        features=Features(gbpages=f.gbpages, la57=f.la57, pku=f.pku, smep=f.smep, smap=f.smap, nx=f.nx),
+        rsvd_sets_p=f.rsvd_sets_p,
+        amd_top_bit8_reserved=f.vendor == "amd" and f.top_bit8_reserved,
+        # KVM's software walker (paging_tmpl.h) sets A only on a walk that succeeds;
+        # the hardware may do either, and the compare treats faulting-walk A as
+        # don't-care (as KUT does), so this is the safe choice on every host.
+        a_on_faulting_walk="none",
+        cpl3_blind_ranges=(PVM_BLIND_RANGE,) if f.cpl3_blind_slot256 else (),
+        note="; ".join(notes),
+    )
 
 
 def _discover(oracle: KvmOracle) -> tuple[Capabilities, HostFacts]:
     mem, root = _cap_image()
-    base = PagingState(cr3=root, cr0=CR0_PE | CR0_PG | CR0_WP, cr4=CR4_PAE | CR4_SMEP | CR4_SMAP,
-                       efer=EFER_LME | EFER_LMA | EFER_NXE, profile=profile_named("intel"))
-    probes = [Probe(_CAP_VA_4K), Probe(_CAP_VA_1G), Probe(_CAP_VA_BIT8),
-              Probe(_CAP_VA_USER, "fetch"), Probe(_CAP_VA_USER, "read"), Probe(_CAP_VA_NX, "fetch")]
+    base = PagingState(
+        cr3=root,
+        cr0=CR0_PE | CR0_PG | CR0_WP,
+        cr4=CR4_PAE | CR4_SMEP | CR4_SMAP,
+        efer=EFER_LME | EFER_LMA | EFER_NXE,
+        profile=profile_named("intel"),
+    )
+    probes = [
+        Probe(_CAP_VA_4K),
+        Probe(_CAP_VA_1G),
+        Probe(_CAP_VA_BIT8),
+        Probe(_CAP_VA_USER, "fetch"),
+        Probe(_CAP_VA_USER, "read"),
+        Probe(_CAP_VA_NX, "fetch"),
+    ]
     probes += [Probe(_CAP_VA_MBIT + k * 0x1000) for k in range(16)]
     probes += [Probe(_CAP_VA_SLOT256 + 8, user=True), Probe(_CAP_VA_SLOT257 + 8, user=True)]
-    probes += [Probe(va, user=u, implicit=True) for u in (False, True)
-               for va in (_CAP_VA_USER, _CAP_VA_4K)]
+    probes += [Probe(va, user=u, implicit=True) for u in (False, True) for va in (_CAP_VA_USER, _CAP_VA_4K)]
     res = oracle.run(mem, base, probes).results
     impl0, impl3, impl_note = implicit_support(res[24:28], "kvm")
     notes: list[str] = []
@@ -544,7 +650,9 @@ def _discover(oracle: KvmOracle) -> tuple[Capabilities, HostFacts]:
     if vendor not in ("intel", "amd"):
         raise OracleUnavailable(f"kvm: CPUID vendor {adv.vendor!r} is neither Intel nor AMD")
     if (vendor == "amd") != bit8_reserved:
-        notes.append(f"PML4E bit 8 {'reserved' if bit8_reserved else 'not reserved'} with vendor {adv.vendor}")
+        notes.append(
+            f"PML4E bit 8 {'reserved' if bit8_reserved else 'not reserved'} with vendor {adv.vendor}"
+        )
     if adv.maxphyaddr != m:
         notes.append(f"CPUID says MAXPHYADDR {adv.maxphyaddr}, walks say {m}")
     if adv.gbpages != gbpages:
@@ -552,17 +660,43 @@ def _discover(oracle: KvmOracle) -> tuple[Capabilities, HostFacts]:
     if not adv.smep and smep:
         notes.append("SMEP enforced although KVM_GET_SUPPORTED_CPUID lacks it (patched in)")
     if blind:
-        notes.append(f"CPL3 accesses to PML4 slot 256 fault although mapped ({s256.outcome} "
-                     f"{s256.error_code if s256.error_code is not None else ''}): kvm_pvm's host range")
+        notes.append(
+            f"CPL3 accesses to PML4 slot 256 fault although mapped ({s256.outcome} "
+            f"{s256.error_code if s256.error_code is not None else ''}): kvm_pvm's host range"
+        )
     la57 = adv.la57 and _try_la57(oracle)
     pku = adv.pku and _try_pku(oracle, mem, base)
-    caps = Capabilities(name="kvm", vendor=vendor, maxphyaddr=m, gbpages=gbpages, la57=la57,
-                        pku=pku, smep=smep, smap=smap, nx=nx, rsvd_sets_p=rsvd_sets_p,
-                        implicit_cpl0=impl0, implicit_cpl3=impl3, implicit_note=impl_note,
-                        ram_size=oracle.ram_size, version=_kernel_version(), notes=tuple(notes))
-    facts = HostFacts(vendor=vendor, maxphyaddr=m, gbpages=gbpages, la57=la57, pku=pku, smep=smep,
-                      smap=smap, nx=nx, rsvd_sets_p=rsvd_sets_p, top_bit8_reserved=bit8_reserved,
-                      cpl3_blind_slot256=blind)
+    caps = Capabilities(
+        name="kvm",
+        vendor=vendor,
+        maxphyaddr=m,
+        gbpages=gbpages,
+        la57=la57,
+        pku=pku,
+        smep=smep,
+        smap=smap,
+        nx=nx,
+        rsvd_sets_p=rsvd_sets_p,
+        implicit_cpl0=impl0,
+        implicit_cpl3=impl3,
+        implicit_note=impl_note,
+        ram_size=oracle.ram_size,
+        version=_kernel_version(),
+        notes=tuple(notes),
+    )
+    facts = HostFacts(
+        vendor=vendor,
+        maxphyaddr=m,
+        gbpages=gbpages,
+        la57=la57,
+        pku=pku,
+        smep=smep,
+        smap=smap,
+        nx=nx,
+        rsvd_sets_p=rsvd_sets_p,
+        top_bit8_reserved=bit8_reserved,
+        cpl3_blind_slot256=blind,
+    )
     return caps, facts
 
 
@@ -586,9 +720,9 @@ def _try_la57(oracle: KvmOracle) -> bool:
 
 def _try_pku(oracle: KvmOracle, mem: SparseMemory, base: PagingState) -> bool:
     m = mem.copy()
-    pte = 0x200000 + 3 * 0x1000 + 1 * 8      # the PTE of the U page at _CAP_VA_USER: key 1
+    pte = 0x200000 + 3 * 0x1000 + 1 * 8  # the PTE of the U page at _CAP_VA_USER: key 1
     m.write_u64(pte, m.read_u64(pte) | (1 << 59))
-    st = base.replace(cr4=CR4_PAE | CR4_PKE, pkru=0b0100)   # AD for key 1
+    st = base.replace(cr4=CR4_PAE | CR4_PKE, pkru=0b0100)  # AD for key 1
     try:
         r = oracle.run(m, st, [Probe(_CAP_VA_USER, user=True)]).results[0]
     except OracleError:
@@ -623,17 +757,25 @@ def bench(n: int = 8192, repeat: int = 3) -> dict[str, float]:
     CPL3 #PF (best of `repeat` batches of `n` probes on one 4K page)."""
     mem = SparseMemory(RIG_RAM_SIZE)
     pml4, pdpt, pd, pt = (0x200000 + i * 0x1000 for i in range(4))
-    for a, v in ((pml4, pdpt | 0x27), (pdpt, pd | 0x27), (pd + 2 * 8, pt | 0x27),
-                 (pt, _CAP_FRAME | 0x27), (pt + 8, 0)):
+    for a, v in (
+        (pml4, pdpt | 0x27),
+        (pdpt, pd | 0x27),
+        (pd + 2 * 8, pt | 0x27),
+        (pt, _CAP_FRAME | 0x27),
+        (pt + 8, 0),
+    ):
         mem.write_u64(a, v)
     mem.write_u64(_CAP_FRAME, tag_value(_CAP_FRAME))
     st = PagingState(cr3=pml4, profile=profile_named("intel"))
     out: dict[str, float] = {}
     with KvmOracle() as o:
         out["vm_create_ms"] = o.time_vm_creation(50) * 1e3
-        for label, probe in (("cpl0_ok", Probe(0x400000)), ("cpl0_fault", Probe(0x401000)),
-                             ("cpl3_ok", Probe(0x400000, user=True)),
-                             ("cpl3_fault", Probe(0x401000, user=True))):
+        for label, probe in (
+            ("cpl0_ok", Probe(0x400000)),
+            ("cpl0_fault", Probe(0x401000)),
+            ("cpl3_ok", Probe(0x400000, user=True)),
+            ("cpl3_fault", Probe(0x401000, user=True)),
+        ):
             best = min(o.run(mem, st, [probe] * n).seconds for _ in range(repeat))
             out[label + "_per_s"] = n / best
             out[label + "_batch_ms"] = best * 1e3
@@ -643,6 +785,7 @@ def bench(n: int = 8192, repeat: int = 3) -> dict[str, float]:
 if __name__ == "__main__":
     import json
     import sys
+
     ok, why = kvm_usable()
     if not ok:
         print(f"kvm: error: {why}", file=sys.stderr)

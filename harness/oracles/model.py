@@ -6,6 +6,7 @@ Probes run in order on a copy of the image; A/D writes carry from probe to probe
 x86pt/oracle.py), a successful write stores `wvalue` at the translated address and a
 successful read loads the 8 bytes there.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,7 +24,7 @@ class ModelOracle:
     """The x86pt model behind the Oracle protocol. `deviate` (tests only) may rewrite answers to
     play a buggy oracle."""
 
-    in_all = False    # the model compared with itself proves nothing
+    in_all = False  # the model compared with itself proves nothing
 
     profile: "str | Profile" = "intel"
     maxphyaddr: int | None = None
@@ -36,11 +37,21 @@ class ModelOracle:
 
     def capabilities(self) -> Capabilities:
         f = self._profile.features
-        return Capabilities(name=self.name, vendor=self._profile.vendor,
-                            maxphyaddr=self.maxphyaddr or self._profile.maxphyaddr,
-                            gbpages=f.gbpages, la57=f.la57, pku=f.pku, smep=f.smep, smap=f.smap,
-                            nx=f.nx, rsvd_sets_p=self._profile.rsvd_sets_p, ram_size=self.ram_size,
-                            version="x86pt model", notes=(f"profile {self._profile.name}",))
+        return Capabilities(
+            name=self.name,
+            vendor=self._profile.vendor,
+            maxphyaddr=self.maxphyaddr or self._profile.maxphyaddr,
+            gbpages=f.gbpages,
+            la57=f.la57,
+            pku=f.pku,
+            smep=f.smep,
+            smap=f.smap,
+            nx=f.nx,
+            rsvd_sets_p=self._profile.rsvd_sets_p,
+            ram_size=self.ram_size,
+            version="x86pt model",
+            notes=(f"profile {self._profile.name}",),
+        )
 
     def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
         t0 = time.perf_counter()
@@ -57,6 +68,7 @@ class ModelOracle:
 
     def instruction_bytes(self, probe: Probe) -> bytes:
         from harness.differential import canonical_instruction
+
         return canonical_instruction(probe)
 
     def close(self) -> None:
@@ -75,4 +87,5 @@ def deviation(**changes) -> Callable[[Probe, ProbeResult], ProbeResult]:
 
     def f(p: Probe, r: ProbeResult) -> ProbeResult:
         return replace(r, **changes) if when(p, r) else r
+
     return f

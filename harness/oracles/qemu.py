@@ -17,6 +17,7 @@ after which QEMU's process group is killed; `-no-reboot` turns a triple fault in
 Batches larger than MAX_PROBES are split into consecutive launches, each starting from the image
 the previous one left (A/D bits carry over, as the rig's conventions ask).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -32,20 +33,28 @@ from typing import Callable, Sequence
 from x86pt.build import Builder
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (PagingState, profile_named)
+from x86pt.state import PagingState, profile_named
 
 from harness import guest
 from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
 from harness.oracles.capability import capability_image, fill_frame, measured
 from harness.qemu.monitor import QemuMonitor
-from harness.qemu.process import (QEMU_BINARY, kill_group, qemu_binary, qemu_version, read_stderr,
-                                  scratch_dir, spawn_qemu, wait_exit)
+from harness.qemu.process import (
+    QEMU_BINARY,
+    kill_group,
+    qemu_binary,
+    qemu_version,
+    read_stderr,
+    scratch_dir,
+    spawn_qemu,
+    wait_exit,
+)
 from harness.qemu.ram import BELOW_4G, RamFile, round_ram_size
 
 BIOS_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
 MAX_PROBES = guest.MAX_PROBES
-EXIT_DONE = guest.QEMU_EXIT_DONE        # isa-debug-exit with 0x10
-EXIT_SETUP = guest.QEMU_EXIT_SETUP      # the guest faulted while loading the test state
+EXIT_DONE = guest.QEMU_EXIT_DONE  # isa-debug-exit with 0x10
+EXIT_SETUP = guest.QEMU_EXIT_SETUP  # the guest faulted while loading the test state
 
 
 def available() -> tuple[bool, str]:
@@ -64,10 +73,17 @@ class QemuOracle:
 
     name = "qemu"
     profile = "qemu"
-    max_probes = MAX_PROBES          # per launch; run() splits bigger batches
+    max_probes = MAX_PROBES  # per launch; run() splits bigger batches
 
-    def __init__(self, *, binary: str | None = None, cpu: str = "max", ram_size: int = RIG_RAM_SIZE,
-                 timeout: float = 30.0, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        binary: str | None = None,
+        cpu: str = "max",
+        ram_size: int = RIG_RAM_SIZE,
+        timeout: float = 30.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.binary = binary or qemu_binary()
         if self.binary is None:
             raise OracleUnavailable(f"{QEMU_BINARY} not found on PATH (run tools/install_qemu.sh)")
@@ -93,8 +109,14 @@ class QemuOracle:
         pass
 
     # -- running -----------------------------------------------------------------------------------
-    def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe], *,
-            ram_hook: Callable[[mmap.mmap], None] | None = None) -> BatchResult:
+    def run(
+        self,
+        memory: SparseMemory,
+        state: PagingState,
+        probes: Sequence[Probe],
+        *,
+        ram_hook: Callable[[mmap.mmap], None] | None = None,
+    ) -> BatchResult:
         """Run `probes` in order on `memory` under `state`. `ram_hook(ram)` (experiments only) may
         patch the prepared guest RAM before each launch, e.g. the harness's own tables."""
         if not isinstance(memory, SparseMemory):
@@ -102,7 +124,7 @@ class QemuOracle:
         t0 = time.monotonic()
         results: list[ProbeResult] = []
         current = memory
-        chunks = [probes[i:i + MAX_PROBES] for i in range(0, len(probes), MAX_PROBES)] or [[]]
+        chunks = [probes[i : i + MAX_PROBES] for i in range(0, len(probes), MAX_PROBES)] or [[]]
         with _Scratch(self.ram_size) as scratch:
             for n, chunk in enumerate(chunks):
                 if n:
@@ -111,21 +133,41 @@ class QemuOracle:
                 results.extend(res)
         return BatchResult(results, current, time.monotonic() - t0)
 
-    def _launch(self, scratch: "_Scratch", memory: SparseMemory, state: PagingState,
-                probes: Sequence[Probe], ram_hook: Callable[[mmap.mmap], None] | None = None,
-                ) -> tuple[list[ProbeResult], SparseMemory]:
+    def _launch(
+        self,
+        scratch: "_Scratch",
+        memory: SparseMemory,
+        state: PagingState,
+        probes: Sequence[Probe],
+        ram_hook: Callable[[mmap.mmap], None] | None = None,
+    ) -> tuple[list[ProbeResult], SparseMemory]:
         ram = scratch.ram
         # A fresh (or cleared) tmpfs file reads as zeros: no need to write 32 MiB of them.
         guest.prepare_ram(ram.map, memory, state, probes, clear=False, ram_size=ram.size)
         if ram_hook is not None:
             ram_hook(ram.map)
-        args = [self.binary, "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
-                "-accel", "tcg", "-cpu", self.cpu, "-m", f"{ram.size >> 20}M",
-                "-object", f"memory-backend-file,id=ram,size={ram.size >> 20}M,"
-                           f"mem-path=/proc/self/fd/{ram.fd},share=on",
-                "-machine", "pc,memory-backend=ram", "-bios", BIOS_PATH,
-                "-device", f"isa-debug-exit,iobase={guest.DEBUG_EXIT_PORT:#x},iosize=4",
-                *self.extra_args]
+        args = [
+            self.binary,
+            "-nographic",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-accel",
+            "tcg",
+            "-cpu",
+            self.cpu,
+            "-m",
+            f"{ram.size >> 20}M",
+            "-object",
+            f"memory-backend-file,id=ram,size={ram.size >> 20}M,mem-path=/proc/self/fd/{ram.fd},share=on",
+            "-machine",
+            "pc,memory-backend=ram",
+            "-bios",
+            BIOS_PATH,
+            "-device",
+            f"isa-debug-exit,iobase={guest.DEBUG_EXIT_PORT:#x},iosize=4",
+            *self.extra_args,
+        ]
         t0 = time.monotonic()
         stderr = tempfile.TemporaryFile(prefix="x86pt-qemu-")
         proc = None
@@ -134,8 +176,9 @@ class QemuOracle:
             try:
                 rc = wait_exit(proc, self.timeout)
             except subprocess.TimeoutExpired:
-                raise OracleError(f"QEMU did not finish {len(probes)} probes within "
-                                  f"{self.timeout:g} s (killed)") from None
+                raise OracleError(
+                    f"QEMU did not finish {len(probes)} probes within {self.timeout:g} s (killed)"
+                ) from None
             message = read_stderr(stderr)
         finally:
             kill_group(proc)
@@ -144,8 +187,11 @@ class QemuOracle:
         self.last_launch_seconds = time.monotonic() - t0
         if rc not in (EXIT_DONE, EXIT_SETUP):
             st = guest.status(ram.map)
-            why = ("the guest triple-faulted or never started (QEMU exits 0 on a reset with "
-                   "-no-reboot)" if rc == 0 else f"QEMU exited with status {rc}")
+            why = (
+                "the guest triple-faulted or never started (QEMU exits 0 on a reset with -no-reboot)"
+                if rc == 0
+                else f"QEMU exited with status {rc}"
+            )
             raise OracleError(f"{why}; guest status {st:#x}" + (f": {message}" if message else ""))
         guest.check_status(ram.map, "QEMU")
         results = guest.read_results(ram.map, len(probes), probes)
@@ -161,7 +207,7 @@ def _data_extents(fd: int, start: int, end: int):
     while pos < end:
         try:
             a = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:          # ENXIO: no data after pos
+        except OSError:  # ENXIO: no data after pos
             return
         if a >= end:
             return
@@ -180,7 +226,7 @@ def _add_new_pages(ram: RamFile, memory: SparseMemory, after: SparseMemory) -> N
             pn = pa // page
             if pn in after.pages:
                 continue
-            data = ram.map[pa:pa + page]
+            data = ram.map[pa : pa + page]
             if any(data):
                 after.pages[pn] = bytearray(data)
 
@@ -232,19 +278,30 @@ def discover_capabilities(binary: str | None = None, cpu: str = "max") -> Capabi
         r5 = oracle.run(mem5, st5, probes5).results
     except OracleError:
         r5 = None
-    notes = ["measured by a capability batch (harness/oracles/capability.py)",
-             "vendor from the vCPU's QOM property (qom-get vendor)",
-             "RSVD #PF error code lacks P on QEMU >= 7.2 (docs/paging.md §12.1)"]
-    return Capabilities(name="qemu", vendor=_vendor(binary, cpu), **measured("qemu", r, r5),
-                        ram_size=oracle.ram_size, version=oracle.version, notes=tuple(notes))
+    notes = [
+        "measured by a capability batch (harness/oracles/capability.py)",
+        "vendor from the vCPU's QOM property (qom-get vendor)",
+        "RSVD #PF error code lacks P on QEMU >= 7.2 (docs/paging.md §12.1)",
+    ]
+    return Capabilities(
+        name="qemu",
+        vendor=_vendor(binary, cpu),
+        **measured("qemu", r, r5),
+        ram_size=oracle.ram_size,
+        version=oracle.version,
+        notes=tuple(notes),
+    )
 
 
 def _vendor(binary: str | None, cpu: str) -> str:
     """'amd' or 'intel', as the vCPU reports it (a paused VM, QOM property 'vendor')."""
     try:
-        with QemuMonitor(SparseMemory(RIG_RAM_SIZE), PagingState(cr3=RIG_IMAGE_BASE,
-                                                                 profile=profile_named("qemu")),
-                         binary=binary, cpu=cpu) as mon:
+        with QemuMonitor(
+            SparseMemory(RIG_RAM_SIZE),
+            PagingState(cr3=RIG_IMAGE_BASE, profile=profile_named("qemu")),
+            binary=binary,
+            cpu=cpu,
+        ) as mon:
             v = str(mon.cpu_property("vendor"))
     except OracleError:
         return "unknown"
@@ -254,15 +311,22 @@ def _vendor(binary: str | None, cpu: str) -> str:
 # -- measurement ---------------------------------------------------------------------------------------------
 def _bench_image() -> tuple[SparseMemory, PagingState, list[Probe]]:
     import random
+
     b = Builder(table_base=RIG_IMAGE_BASE, maxphyaddr=40, vendor="amd")
     for i in range(64):
         pa = 0x400000 + i * 0x1000
         fill_frame(b.memory, pa)
         b.map(0x10000000 + i * 0x1000, pa, 0x1000, flags=("rw us", "rw", "us nx", "rw us nx")[i % 4])
     rng = random.Random(7)
-    probes = [Probe(0x10000000 + rng.randrange(72) * 0x1000 + 8 * rng.randrange(512),
-                    rng.choice(("read", "write", "fetch")), user=rng.random() < 0.5,
-                    wvalue=0xC3) for _ in range(MAX_PROBES)]
+    probes = [
+        Probe(
+            0x10000000 + rng.randrange(72) * 0x1000 + 8 * rng.randrange(512),
+            rng.choice(("read", "write", "fetch")),
+            user=rng.random() < 0.5,
+            wvalue=0xC3,
+        )
+        for _ in range(MAX_PROBES)
+    ]
     return b.memory, b.state(profile="qemu"), probes
 
 
@@ -273,11 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import statistics
     from x86pt.walk import Access, walk
+
     ap = argparse.ArgumentParser(prog="python3 -m harness.oracles.qemu", description=main.__doc__)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--direct-map-gib", type=int, default=0, metavar="N",
-                    help="also time the monitor on an N GiB direct map of 4K pages (N/512 GiB of "
-                         "tables at 1 MiB; 64 gives 128 MiB of tables)")
+    ap.add_argument(
+        "--direct-map-gib",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the monitor on an N GiB direct map of 4K pages (N/512 GiB of "
+        "tables at 1 MiB; 64 gives 128 MiB of tables)",
+    )
     args = ap.parse_args(argv)
     if qemu_binary() is None:
         print(f"{QEMU_BINARY} not installed (tools/install_qemu.sh)")
@@ -298,19 +368,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         full.append(timed(lambda: oracle.run(mem, st, probes)))
         launch.append(oracle.last_launch_seconds)
     model_mem = mem.copy()
-    model = timed(lambda: [walk(st, model_mem, p.va, Access(p.access, p.user), update_ad=True)
-                           for p in probes])
+    model = timed(
+        lambda: [walk(st, model_mem, p.va, Access(p.access, p.user), update_ad=True) for p in probes]
+    )
     med_one, med_full, med_launch = (statistics.median(x) for x in (one, full, launch))
-    print(f"(medians of {args.repeat}; minimum in brackets: other load on the machine shows in "
-          "the medians)")
-    print(f"guest path, 1 probe: {med_one * 1e3:.1f} [{min(one) * 1e3:.1f}] ms per run() "
-          "(prepare RAM, launch, boot, exit, read back)")
-    print(f"guest path, {len(probes)} probes: {med_full * 1e3:.1f} [{min(full) * 1e3:.1f}] ms per "
-          f"run() ({med_launch * 1e3:.1f} [{min(launch) * 1e3:.1f}] ms of it in QEMU), "
-          f"{len(probes) / med_full:,.0f} [{len(probes) / min(full):,.0f}] probes/s")
-    print(f"model (x86pt.walk, update_ad) on the same probes: {model * 1e3:.1f} ms, "
-          f"{len(probes) / model:,.0f} probes/s; QEMU/model throughput ratio "
-          f"{model / med_full:.2f}")
+    print(f"(medians of {args.repeat}; minimum in brackets: other load on the machine shows in the medians)")
+    print(
+        f"guest path, 1 probe: {med_one * 1e3:.1f} [{min(one) * 1e3:.1f}] ms per run() "
+        "(prepare RAM, launch, boot, exit, read back)"
+    )
+    print(
+        f"guest path, {len(probes)} probes: {med_full * 1e3:.1f} [{min(full) * 1e3:.1f}] ms per "
+        f"run() ({med_launch * 1e3:.1f} [{min(launch) * 1e3:.1f}] ms of it in QEMU), "
+        f"{len(probes) / med_full:,.0f} [{len(probes) / min(full):,.0f}] probes/s"
+    )
+    print(
+        f"model (x86pt.walk, update_ad) on the same probes: {model * 1e3:.1f} ms, "
+        f"{len(probes) / model:,.0f} probes/s; QEMU/model throughput ratio "
+        f"{model / med_full:.2f}"
+    )
     mlaunch = []
     for _ in range(args.repeat):
         t = time.perf_counter()
@@ -321,9 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i in range(n):
                 mon.gva2gpa(0x10000000 + (i % 72) * 0x1000)
             g = (time.perf_counter() - t1) / n
-    print(f"monitor: launch {statistics.median(mlaunch) * 1e3:.1f} [{min(mlaunch) * 1e3:.1f}] ms "
-          "(to registers set), "
-          f"gva2gpa {g * 1e3:.3f} ms")
+    print(
+        f"monitor: launch {statistics.median(mlaunch) * 1e3:.1f} [{min(mlaunch) * 1e3:.1f}] ms "
+        "(to registers set), "
+        f"gva2gpa {g * 1e3:.3f} ms"
+    )
     if args.direct_map_gib:
         _bench_direct_map(args.direct_map_gib)
     return 0
@@ -336,6 +414,7 @@ def _direct_map(gib: int) -> tuple[SparseMemory, PagingState]:
     """PML4[273] (Linux's direct map at 0xffff888000000000) -> PDPT -> PDs -> PTs mapping [0, gib GiB) with
     4K pages, tables from 1 MiB up; entries composed with numpy for speed (P|RW|A|D = 0x63)."""
     import numpy as np
+
     mem = SparseMemory()
     pml4, pdpt, pd = 0x100000, 0x101000, 0x102000
     pt = pd + gib * 0x1000
@@ -361,8 +440,10 @@ def _bench_direct_map(gib: int) -> None:
     mem, st = _direct_map(gib)
     base = DIRECT_MAP_BASE
     with QemuMonitor(mem, st) as mon:
-        print(f"monitor, {gib} GiB direct map ({(mem.end - 0x100000) >> 20} MiB of tables, RAM "
-              f"{mon.ram.size >> 20} MiB): launch {mon.launch_seconds * 1e3:.0f} ms")
+        print(
+            f"monitor, {gib} GiB direct map ({(mem.end - 0x100000) >> 20} MiB of tables, RAM "
+            f"{mon.ram.size >> 20} MiB): launch {mon.launch_seconds * 1e3:.0f} ms"
+        )
         last = base + (gib << 30) - 0x1000 + 0x123
         if mon.gva2gpa(last) != (gib << 30) - 0x1000 + 0x123:
             raise OracleError(f"gva2gpa({last:#x}) is wrong on the direct map")

@@ -3,6 +3,7 @@
 The paused VM behind it is harness/qemu/monitor.py's QemuMonitor (process, QMP, gdbstub and RAM
 file in harness/qemu/); the names other modules import from here are re-exported below.
 """
+
 from __future__ import annotations
 
 import time
@@ -15,8 +16,14 @@ from x86pt.memory.sparse import SparseMemory
 from x86pt.oracle import RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
 from x86pt.state import PagingState
 
-__all__ = ["CODE64_DESCRIPTOR", "MONITOR_NOTES", "QemuMonitor", "QemuMonitorOracle", "qemu_available",
-           "qemu_version"]
+__all__ = [
+    "CODE64_DESCRIPTOR",
+    "MONITOR_NOTES",
+    "QemuMonitor",
+    "QemuMonitorOracle",
+    "qemu_available",
+    "qemu_version",
+]
 
 
 # -- Oracle-protocol wrapper ------------------------------------------------------------------------------
@@ -34,7 +41,7 @@ class QemuMonitorOracle:
     CPL and AC of a probe do not matter to it (see MONITOR_NOTES)."""
 
     available = staticmethod(qemu_available)
-    in_all = False    # translation only: no error codes, no A/D
+    in_all = False  # translation only: no error codes, no A/D
 
     name = "qemu-monitor"
     profile = "qemu"
@@ -49,16 +56,26 @@ class QemuMonitorOracle:
     def capabilities(self) -> Capabilities:
         # Page sizes and LA57 are walked by the debug walker whatever CPUID says; nothing that
         # depends on rights is enforced, so those capabilities are reported as absent.
-        return Capabilities(name=self.name, vendor="amd", maxphyaddr=40, gbpages=True, la57=True,
-                            pku=False, smep=False, smap=False, nx=False, rsvd_sets_p=False,
-                            ram_size=RIG_RAM_SIZE, version=qemu_version(self.binary),
-                            notes=MONITOR_NOTES)
+        return Capabilities(
+            name=self.name,
+            vendor="amd",
+            maxphyaddr=40,
+            gbpages=True,
+            la57=True,
+            pku=False,
+            smep=False,
+            smap=False,
+            nx=False,
+            rsvd_sets_p=False,
+            ram_size=RIG_RAM_SIZE,
+            version=qemu_version(self.binary),
+            notes=MONITOR_NOTES,
+        )
 
     def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
         t0 = time.monotonic()
         results: list[ProbeResult] = []
-        with QemuMonitor(memory, state, cpu=self.cpu, binary=self.binary,
-                         timeout=self.timeout) as mon:
+        with QemuMonitor(memory, state, cpu=self.cpu, binary=self.binary, timeout=self.timeout) as mon:
             for pa in mon.gva2gpa_many([p.va for p in probes]):
                 if pa is None:
                     results.append(ProbeResult("page_fault", detail="gva2gpa: Unmapped"))

@@ -33,6 +33,7 @@ The whole 2 MiB is mapped twice: supervisor at K_BASE (CPL0 code, stacks, result
 U_BASE (CPL3 code, stack, results). The user view carries a protection key that the state's
 PKRU leaves fully open, so the harness's own CPL3 stack and result stores never fault.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -43,13 +44,35 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult, tag_value
+from x86pt.oracle import (
+    HARNESS_SLOT,
+    RIG_IMAGE_BASE,
+    RIG_RAM_SIZE,
+    BatchResult,
+    Capabilities,
+    Probe,
+    ProbeResult,
+    tag_value,
+)
 from harness.oracles.base import implicit_support, made_result
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.base import PAGE
 from x86pt.memory.sparse import SparseMemory
-from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
-                         CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, RFLAGS_AC, PagingState)
+from x86pt.state import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    CR4_PKE,
+    CR4_SMAP,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    RFLAGS_AC,
+    PagingState,
+)
 from x86pt.fields import BIT_A as _PTE_A, BIT_D as _PTE_D, BIT_P as _PTE_P, BIT_RW as _PTE_RW
 from x86pt.fields import BIT_US as _PTE_US
 
@@ -57,6 +80,7 @@ try:  # the rig imports this module even where unicorn is missing; run() then sa
     import unicorn as _uc
     from unicorn.unicorn_py3 import unicorn as _ucpy
     from unicorn import x86_const as _x86
+
     _IMPORT_ERROR = ""
 except ImportError as e:  # pragma: no cover - depends on the machine
     _uc = _ucpy = _x86 = None
@@ -84,7 +108,7 @@ H_STUB = 0x18000
 H_RESULTS = 0x20000
 H_CODE = 0x40000
 H_END = RIG_IMAGE_BASE
-CHUNK = (H_CODE - H_RESULTS) // 8          # probes per code chunk (one result qword each)
+CHUNK = (H_CODE - H_RESULTS) // 8  # probes per code chunk (one result qword each)
 
 # PML5[511] PML4[511] PDPT[511] PD[0] / PD[1]: the same VA with 4 and 5 levels.
 K_BASE = 0xFFFFFFFFC0000000
@@ -107,33 +131,46 @@ _Q = struct.Struct("<Q")
 
 # -- instruction encodings (hand-assembled; tests check them against capstone) -------------------
 INSN = {
-    "read": bytes.fromhex("488b03"),       # mov rax, qword ptr [rbx]
-    "write": bytes.fromhex("488913"),      # mov qword ptr [rbx], rdx
-    "fetch": bytes.fromhex("ffd3"),        # call rbx  (the target's 0xC3 returns)
+    "read": bytes.fromhex("488b03"),  # mov rax, qword ptr [rbx]
+    "write": bytes.fromhex("488913"),  # mov qword ptr [rbx], rdx
+    "fetch": bytes.fromhex("ffd3"),  # call rbx  (the target's 0xC3 returns)
 }
-_MOV_ES_EAX = bytes.fromhex("8ec0")        # mov es, eax (implicit probes)
-_JMP_NEXT = bytes.fromhex("eb00")          # jmp $+2: ends the TB (pitfall P4)
+_MOV_ES_EAX = bytes.fromhex("8ec0")  # mov es, eax (implicit probes)
+_JMP_NEXT = bytes.fromhex("eb00")  # jmp $+2: ends the TB (pitfall P4)
 _PUSHFQ, _POPFQ = b"\x9c", b"\x9d"
-_OR_RSP_IMM = bytes.fromhex("48810c24")    # or qword ptr [rsp], imm32
-_AND_RSP_IMM = bytes.fromhex("48812424")   # and qword ptr [rsp], imm32 (sign-extended)
+_OR_RSP_IMM = bytes.fromhex("48810c24")  # or qword ptr [rsp], imm32
+_AND_RSP_IMM = bytes.fromhex("48812424")  # and qword ptr [rsp], imm32 (sign-extended)
 _IRETQ = bytes.fromhex("48cf")
-_RELOAD_CR3 = bytes.fromhex("0f20d80f22d8")   # mov rax, cr3; mov cr3, rax: flushes the TLB (docs/oracles.md §2)
+_RELOAD_CR3 = bytes.fromhex(
+    "0f20d80f22d8"
+)  # mov rax, cr3; mov cr3, rax: flushes the TLB (docs/oracles.md §2)
 _INT3 = b"\xcc"
-_HLT = b"\xf4"                             # ends a CPL3 stretch: #GP(0) at CPL3, the hook goes back to CPL0
+_HLT = b"\xf4"  # ends a CPL3 stretch: #GP(0) at CPL3, the hook goes back to CPL0
 
 
 def _movabs(reg: str, imm: int) -> bytes:
-    op = {"rax": b"\x48\xb8", "rcx": b"\x48\xb9", "rdx": b"\x48\xba", "rbx": b"\x48\xbb",
-          "r15": b"\x49\xbf"}[reg]
+    op = {"rax": b"\x48\xb8", "rcx": b"\x48\xb9", "rdx": b"\x48\xba", "rbx": b"\x48\xbb", "r15": b"\x49\xbf"}[
+        reg
+    ]
     return op + _Q.pack(imm & (2**64 - 1))
 
 
 def _to_cpl3(target: int, rflags: int) -> bytes:
     """IRETQ frame [rip, cs, rflags, rsp, ss] on the kernel stack (docs/oracles.md docs/oracles.md §2: writing CS does not
     change CPL; IRETQ does)."""
-    return (_movabs("rax", target) + b"\x6a" + bytes([SEL_UDATA]) +
-            _movabs("rcx", U_BASE + H_USTACK_TOP) + b"\x51" +
-            b"\x68" + struct.pack("<I", rflags) + b"\x6a" + bytes([SEL_UCODE]) + b"\x50" + _IRETQ)
+    return (
+        _movabs("rax", target)
+        + b"\x6a"
+        + bytes([SEL_UDATA])
+        + _movabs("rcx", U_BASE + H_USTACK_TOP)
+        + b"\x51"
+        + b"\x68"
+        + struct.pack("<I", rflags)
+        + b"\x6a"
+        + bytes([SEL_UCODE])
+        + b"\x50"
+        + _IRETQ
+    )
 
 
 _TO_CPL3_LEN = len(_to_cpl3(0, 0))
@@ -149,9 +186,16 @@ def ldt_descriptor(base: int) -> tuple[int, int]:
 def _ldt_setup(va: int) -> bytes:
     """CPL0 code: write the LDT descriptor (base va) into the GDT, then lldt."""
     lo, hi = ldt_descriptor(va)
-    return (_movabs("rcx", K_BASE + H_GDT + SEL_LDT) + _movabs("rax", lo) + bytes.fromhex("488901")
-            + _movabs("rax", hi) + bytes.fromhex("48894108")
-            + b"\xb8" + struct.pack("<I", SEL_LDT) + bytes.fromhex("0f00d0"))   # mov eax; lldt ax
+    return (
+        _movabs("rcx", K_BASE + H_GDT + SEL_LDT)
+        + _movabs("rax", lo)
+        + bytes.fromhex("488901")
+        + _movabs("rax", hi)
+        + bytes.fromhex("48894108")
+        + b"\xb8"
+        + struct.pack("<I", SEL_LDT)
+        + bytes.fromhex("0f00d0")
+    )  # mov eax; lldt ax
 
 
 def _wrpkru(value: int) -> bytes:
@@ -171,9 +215,11 @@ def check_version() -> str:
     bind = tuple(int(x) for x in _uc.__version__.split(".")[:3])
     lib = _version_of_lib()
     if bind != PINNED_VERSION or lib != PINNED_VERSION:
-        return (f"unicorn {'.'.join(map(str, lib))} (binding {_uc.__version__}) found; this backend "
-                f"reads the #PF error code at a context offset only verified for "
-                f"{'.'.join(map(str, PINNED_VERSION))}")
+        return (
+            f"unicorn {'.'.join(map(str, lib))} (binding {_uc.__version__}) found; this backend "
+            f"reads the #PF error code at a context offset only verified for "
+            f"{'.'.join(map(str, PINNED_VERSION))}"
+        )
     return ""
 
 
@@ -186,26 +232,26 @@ def available() -> tuple[bool, str]:
 # -- the generated program -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Segment:
-    begin: int                              # VA where emu_start begins (CPL0)
-    until: int                              # VA where it must end
+    begin: int  # VA where emu_start begins (CPL0)
+    until: int  # VA where it must end
     parts: tuple[tuple[int, int, int], ...]  # (phys start, phys end, VA base) for listings
     has_fetch: bool
 
 
 @dataclass(frozen=True)
 class _Program:
-    first: int                              # index of the chunk's first probe in the batch
+    first: int  # index of the chunk's first probe in the batch
     probes: tuple[Probe, ...]
-    code: bytes                             # placed at H_CODE
+    code: bytes  # placed at H_CODE
     segments: tuple[_Segment, ...]
-    access_at: dict[int, int]               # VA of the access instruction -> probe index
-    ret_at: dict[int, int]                  # return address of a fetch probe's call -> index
-    resume: tuple[int, ...]                 # VA where probe i's block continues after a fault
+    access_at: dict[int, int]  # VA of the access instruction -> probe index
+    ret_at: dict[int, int]  # return address of a fetch probe's call -> index
+    resume: tuple[int, ...]  # VA where probe i's block continues after a fault
     # (VA of the next access, its rbx[, its rdx]) when probe i's tail only loads rbx (and rdx, for
     # a write): a fault then resumes on that TB start directly, the hook loading the registers,
     # instead of translating the tail as a new TB (~2x faster faults).
     skip: tuple[tuple[int, ...] | None, ...]
-    block_at: tuple[tuple[int, int], ...]   # (phys start of its set-up, index), for listings
+    block_at: tuple[tuple[int, int], ...]  # (phys start of its set-up, index), for listings
     # VA of the `hlt` ending a CPL3 stretch (user view) -> VA where CPL0 code goes on (kernel view)
     back_at: dict[int, int] = field(default_factory=dict)
 
@@ -229,7 +275,7 @@ def _stretches(probes: Sequence[Probe]) -> list[tuple[int, int, set[int]]]:
         j = i
         while j < n and probes[j].user == user:
             if user and j > i and (probes[j].implicit or probes[j - 1].implicit):
-                break           # a CPL3 implicit probe needs its own LLDT, made at CPL0
+                break  # a CPL3 implicit probe needs its own LLDT, made at CPL0
             lo, hi = _pages(probes[j])
             if lo in seen or hi in seen:
                 if user:
@@ -247,7 +293,7 @@ def _stretches(probes: Sequence[Probe]) -> list[tuple[int, int, set[int]]]:
 _MOV_RBX, _MOV_RDX, _MOV_R15 = b"\x48\xbb", b"\x48\xba", b"\x49\xbf"
 _AC_ON = _PUSHFQ + _OR_RSP_IMM + struct.pack("<I", RFLAGS_AC) + _POPFQ
 _AC_OFF = _PUSHFQ + _AND_RSP_IMM + struct.pack("<I", ~RFLAGS_AC & 0xFFFFFFFF) + _POPFQ
-_STORE = b"\x49\x89\x87"                 # mov qword ptr [r15 + disp32], rax
+_STORE = b"\x49\x89\x87"  # mov qword ptr [r15 + disp32], rax
 _M64 = 2**64 - 1
 
 
@@ -275,11 +321,11 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
 
     def close_segment(base: int) -> None:
         nonlocal seg
-        code.extend(_JMP_NEXT)      # `until` starts a TB
+        code.extend(_JMP_NEXT)  # `until` starts a TB
         here = H_CODE + len(code)
         seg["parts"].append((seg["start"], here, base))
         segments.append(_Segment(seg["begin"], base + here, tuple(seg["parts"]), seg["fetch"]))
-        code.extend(_INT3)          # never executed: a run past `until` is vector 3, not silence
+        code.extend(_INT3)  # never executed: a run past `until` is vector 3, not silence
         seg = None
 
     for start, end, flush in _stretches(probes):
@@ -322,10 +368,10 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
                     code += _ldt_setup(p.va)
                 code += b"\xb8" + struct.pack("<I", SEL_IMPLICIT_U if user else SEL_IMPLICIT_K)
             code += _MOV_RBX + pack(p.va & _M64) + _JMP_NEXT
-            if i > start and len(code) - tail == 12:      # movabs rbx + jmp $+2 only
+            if i > start and len(code) - tail == 12:  # movabs rbx + jmp $+2 only
                 skip[-1] = (vbase + len(code), p.va)
-            elif i > start and len(code) - tail == 22 and code[tail:tail + 2] == _MOV_RDX:
-                skip[-1] = (vbase + len(code), p.va, p.wvalue & _M64)    # movabs rdx, rbx + jmp
+            elif i > start and len(code) - tail == 22 and code[tail : tail + 2] == _MOV_RDX:
+                skip[-1] = (vbase + len(code), p.va, p.wvalue & _M64)  # movabs rdx, rbx + jmp
             # the access, starting its TB
             access_at[vbase + len(code)] = first + i
             code += _MOV_ES_EAX if p.implicit else INSN[p.access]
@@ -349,8 +395,18 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
             seg["start"] = here
     if H_CODE + len(code) > H_END:
         raise _TooBig(len(code))
-    return _Program(first, tuple(probes), bytes(code), tuple(segments), access_at, ret_at,
-                    tuple(resume), tuple(skip), tuple(blocks), back_at)
+    return _Program(
+        first,
+        tuple(probes),
+        bytes(code),
+        tuple(segments),
+        access_at,
+        ret_at,
+        tuple(resume),
+        tuple(skip),
+        tuple(blocks),
+        back_at,
+    )
 
 
 class _TooBig(Exception):
@@ -366,7 +422,7 @@ def _chunks(probes: Sequence[Probe]) -> list[_Program]:
         k = CHUNK
         while True:
             try:
-                prog = _assemble(probes[start:start + k], start)
+                prog = _assemble(probes[start : start + k], start)
                 break
             except _TooBig:
                 k //= 2
@@ -432,7 +488,7 @@ class _Scratch:
     error: BaseException | None = None
     last_cr2: int = 0
     ram_size: int = RIG_RAM_SIZE
-    ctx_k: object = None            # the saved CPL0 context a CPL3 stretch's hlt goes back to
+    ctx_k: object = None  # the saved CPL0 context a CPL3 stretch's hlt goes back to
 
 
 def _harness_pa(va: int) -> int:
@@ -461,23 +517,29 @@ def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
     st.old.value = -1
     raw.ctx_restore(raw.uch, ctx)
     if prog is None:
-        raise OracleError(f"vector {intno} (error code {code:#x}) at rip {rip:#x} during the "
-                          "harness set-up")
+        raise OracleError(f"vector {intno} (error code {code:#x}) at rip {rip:#x} during the harness set-up")
     if intno == 8:
         raise OracleError("unicorn raised #DF: old_exception was not reset (context layout changed?)")
     i = prog.access_at.get(rip)
     pop = False
     if i is not None and prog.probes[i - prog.first].access == "fetch" and intno != 13:
-        raise OracleError(f"fault {intno} on the harness's call for probe #{i} (its CPL3 stack "
-                          f"push?): error code {code:#x}")
+        raise OracleError(
+            f"fault {intno} on the harness's call for probe #{i} (its CPL3 stack push?): error code {code:#x}"
+        )
     if i is None:
         rsp = raw.reg(x.UC_X86_REG_RSP)
         i = prog.ret_at.get(raw.u64(_harness_pa(rsp)))
         if i is None or (prog.probes[i - prog.first].va != rip):
-            where = "" if i is None else f" (after the call of probe #{i}, va {prog.probes[i - prog.first].va:#x})"
-            raise OracleError(f"vector {intno} error code {code:#x} at rip {rip:#x}{where}: not a "
-                              "probe access; a fetch target must hold 0xC3 (ret)")
-        pop = True   # pitfall P5: the call pushed its return address before the fetch faulted
+            where = (
+                ""
+                if i is None
+                else f" (after the call of probe #{i}, va {prog.probes[i - prog.first].va:#x})"
+            )
+            raise OracleError(
+                f"vector {intno} error code {code:#x} at rip {rip:#x}{where}: not a "
+                "probe access; a fetch target must hold 0xC3 (ret)"
+            )
+        pop = True  # pitfall P5: the call pushed its return address before the fetch faulted
     detail = ""
     if intno == 14:
         cr2 = raw.reg(x.UC_X86_REG_CR2)
@@ -490,8 +552,10 @@ def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
         else:
             cr2 = None
     else:
-        raise OracleError(f"probe #{i} va {prog.probes[i - prog.first].va:#x}: unexpected vector "
-                          f"{intno} (error code {code:#x}) at rip {rip:#x}")
+        raise OracleError(
+            f"probe #{i} va {prog.probes[i - prog.first].va:#x}: unexpected vector "
+            f"{intno} (error code {code:#x}) at rip {rip:#x}"
+        )
     if i in st.faults:
         raise OracleError(f"probe #{i} faulted twice (rip {rip:#x})")
     st.faults[i] = _Fault(intno, code, cr2, old, detail)
@@ -525,15 +589,16 @@ def _on_unmapped(raw: _Raw, st: _Scratch, address: int) -> None:
     rip = raw.reg(_x86.UC_X86_REG_RIP)
     i = st.prog.access_at.get(rip) if st.prog else None
     what = f"probe #{i}" if i is not None else f"rip {rip:#x}"
-    st.unmapped.append(f"{what} reached unbacked physical address {address:#x} (RAM ends at "
-                       f"{st.ram_size:#x})")
+    st.unmapped.append(
+        f"{what} reached unbacked physical address {address:#x} (RAM ends at {st.ram_size:#x})"
+    )
 
 
 def _guarded(raw: _Raw, st: _Scratch, fn, *args):
     """ctypes prints and drops exceptions raised in callbacks: keep the first and stop the run."""
     try:
         fn(raw, st, *args)
-    except BaseException as e:   # noqa: BLE001 - re-raised by _Engine.run_segment
+    except BaseException as e:  # noqa: BLE001 - re-raised by _Engine.run_segment
         if st.error is None:
             st.error = e
         raw.stop()
@@ -541,13 +606,15 @@ def _guarded(raw: _Raw, st: _Scratch, fn, *args):
 
 def _intr_hook(raw: _Raw, st: _Scratch):
     """The UC_HOOK_INTR callback: _on_intr, guarded as _guarded does (one frame less per fault)."""
+
     def cb(h, intno, user):
         try:
             _on_intr(raw, st, intno)
-        except BaseException as e:   # noqa: BLE001 - re-raised by _Engine.run_segment
+        except BaseException as e:  # noqa: BLE001 - re-raised by _Engine.run_segment
             if st.error is None:
                 st.error = e
             raw.stop()
+
     return cb
 
 
@@ -564,28 +631,54 @@ class _Engine:
         uc.ctl_set_cpu_model(cpu)
         uc.ctl_set_tlb_mode(_uc.UC_TLB_CPU)
         if hasattr(uc, "ctl_set_tcg_buffer_size"):
-            uc.ctl_set_tcg_buffer_size(8 << 20)    # 1 ms engines instead of 5 (docs/oracles.md docs/oracles.md §2)
+            uc.ctl_set_tcg_buffer_size(
+                8 << 20
+            )  # 1 ms engines instead of 5 (docs/oracles.md docs/oracles.md §2)
         uc.mem_map(0, ram_size, _uc.UC_PROT_ALL)
         self.uc = uc
         ctx = uc.context_save()
         base = ctx.context.value
-        self.st = st = _Scratch(ctx, ctypes.c_int32.from_address(base + ERROR_CODE_OFFSET),
-                                ctypes.c_int32.from_address(base + OLD_EXCEPTION_OFFSET),
-                                ram_size=ram_size)
+        self.st = st = _Scratch(
+            ctx,
+            ctypes.c_int32.from_address(base + ERROR_CODE_OFFSET),
+            ctypes.c_int32.from_address(base + OLD_EXCEPTION_OFFSET),
+            ram_size=ram_size,
+        )
         self.raw = raw = _Raw(uc)
         self._cbs = (
             (_uc.UC_HOOK_INTR, 1, 0, _ucpy.HOOK_INTR_CFUNC(_intr_hook(raw, st))),
-            (_uc.UC_HOOK_MEM_READ | _uc.UC_HOOK_MEM_WRITE, RIG_IMAGE_BASE, ram_size - 1,
-             _ucpy.HOOK_MEM_ACCESS_CFUNC(
-                lambda h, acc, addr, size, value, user: _guarded(raw, st, _on_mem, acc, addr, size))),
-            (_uc.UC_HOOK_MEM_UNMAPPED, 1, 0, _ucpy.HOOK_MEM_INVALID_CFUNC(
-                lambda h, acc, addr, size, value, user: (_guarded(raw, st, _on_unmapped, addr), False)[1])),
+            (
+                _uc.UC_HOOK_MEM_READ | _uc.UC_HOOK_MEM_WRITE,
+                RIG_IMAGE_BASE,
+                ram_size - 1,
+                _ucpy.HOOK_MEM_ACCESS_CFUNC(
+                    lambda h, acc, addr, size, value, user: _guarded(raw, st, _on_mem, acc, addr, size)
+                ),
+            ),
+            (
+                _uc.UC_HOOK_MEM_UNMAPPED,
+                1,
+                0,
+                _ucpy.HOOK_MEM_INVALID_CFUNC(
+                    lambda h, acc, addr, size, value, user: (_guarded(raw, st, _on_unmapped, addr), False)[1]
+                ),
+            ),
         )
         self.hooks = []
         for htype, begin, end, cb in self._cbs:
             handle = _ucpy.uc_hook_h()
-            if raw.lib.uc_hook_add(raw.uch, ctypes.byref(handle), htype, cb, None,
-                                   ctypes.c_uint64(begin), ctypes.c_uint64(end)) != 0:
+            if (
+                raw.lib.uc_hook_add(
+                    raw.uch,
+                    ctypes.byref(handle),
+                    htype,
+                    cb,
+                    None,
+                    ctypes.c_uint64(begin),
+                    ctypes.c_uint64(end),
+                )
+                != 0
+            ):
                 raise OracleError(f"uc_hook_add({htype}) failed")
             self.hooks.append(handle)
         self.ctx_k = None
@@ -621,8 +714,9 @@ class _Engine:
         rip = self.raw.reg(_x86.UC_X86_REG_RIP)
         if rip != until:
             # P1: a triple fault stops emu_start silently; so does a timeout.
-            raise OracleError(f"unicorn stopped at rip {rip:#x}, not at {until:#x} (silent "
-                              "triple fault or timeout)")
+            raise OracleError(
+                f"unicorn stopped at rip {rip:#x}, not at {until:#x} (silent triple fault or timeout)"
+            )
 
     def run_segment(self, seg: _Segment, n_probes: int) -> None:
         self.uc.context_restore(self.ctx_k)
@@ -640,8 +734,9 @@ def _check_image(memory: SparseMemory, ram_size: int) -> None:
     for pn in memory.pages:
         pa = pn * PAGE
         if not RIG_IMAGE_BASE <= pa < ram_size:
-            raise BadInputError(f"image page {pa:#x} is outside the rig's image region "
-                                f"[{RIG_IMAGE_BASE:#x}, {ram_size:#x})")
+            raise BadInputError(
+                f"image page {pa:#x} is outside the rig's image region [{RIG_IMAGE_BASE:#x}, {ram_size:#x})"
+            )
 
 
 @functools.lru_cache(maxsize=32)
@@ -700,8 +795,9 @@ class UnicornOracle:
     name = "unicorn"
     profile = "unicorn"
 
-    def __init__(self, model: str = "icelake", ram_size: int = RIG_RAM_SIZE, *,
-                 self_test: bool = True) -> None:
+    def __init__(
+        self, model: str = "icelake", ram_size: int = RIG_RAM_SIZE, *, self_test: bool = True
+    ) -> None:
         why = check_version()
         if why:
             raise OracleUnavailable(why)
@@ -740,24 +836,28 @@ class UnicornOracle:
     def listing(self, probes: Sequence[Probe]) -> str:
         """The generated probe code of a batch, disassembled by capstone, with probe markers."""
         import capstone
+
         md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         lines = []
         for prog in _chunks(list(probes)):
             starts = dict(prog.block_at)
             for s_no, seg in enumerate(prog.segments):
-                lines.append(f"; chunk @{prog.first} segment {s_no}: emu_start({seg.begin:#x}, "
-                             f"{seg.until:#x})")
+                lines.append(
+                    f"; chunk @{prog.first} segment {s_no}: emu_start({seg.begin:#x}, {seg.until:#x})"
+                )
                 for p_start, p_end, base in seg.parts:
                     lines.append(f";   {'CPL3 (user view)' if base == U_BASE else 'CPL0 (supervisor view)'}")
-                    chunk = prog.code[p_start - H_CODE:p_end - H_CODE]
+                    chunk = prog.code[p_start - H_CODE : p_end - H_CODE]
                     for addr, size, mnem, ops in md.disasm_lite(chunk, base + p_start):
                         ph = addr - base
                         if ph in starts:
                             i = starts[ph]
                             p = prog.probes[i - prog.first]
-                            lines.append(f"; probe #{i}: {p.access} va={p.va:#x} "
-                                         f"cpl={3 if p.user else 0} ac={int(p.ac)}")
-                        raw = prog.code[ph - H_CODE:ph - H_CODE + size].hex()
+                            lines.append(
+                                f"; probe #{i}: {p.access} va={p.va:#x} "
+                                f"cpl={3 if p.user else 0} ac={int(p.ac)}"
+                            )
+                        raw = prog.code[ph - H_CODE : ph - H_CODE + size].hex()
                         lines.append(f"{addr:016x}  {raw:<22} {mnem} {ops}".rstrip())
         return "\n".join(lines) + "\n"
 
@@ -771,17 +871,33 @@ class UnicornOracle:
         gdt_va = U_BASE + H_GDT
         pseudo = H_STUB + 0x800
         code = bytearray(_movabs("r15", K_BASE + H_RESULTS))
-        code += _PUSHFQ + (_OR_RSP_IMM + struct.pack("<I", RFLAGS_AC) if ac else
-                           _AND_RSP_IMM + struct.pack("<I", ~RFLAGS_AC & 0xFFFFFFFF)) + _POPFQ
-        code += _movabs("rbx", K_BASE + pseudo) + bytes.fromhex("0f0113")   # lgdt [rbx]
-        code += b"\xb8" + struct.pack("<I", SEL_KDATA)                     # mov eax, 0x10
+        code += (
+            _PUSHFQ
+            + (
+                _OR_RSP_IMM + struct.pack("<I", RFLAGS_AC)
+                if ac
+                else _AND_RSP_IMM + struct.pack("<I", ~RFLAGS_AC & 0xFFFFFFFF)
+            )
+            + _POPFQ
+        )
+        code += _movabs("rbx", K_BASE + pseudo) + bytes.fromhex("0f0113")  # lgdt [rbx]
+        code += b"\xb8" + struct.pack("<I", SEL_KDATA)  # mov eax, 0x10
         at = K_BASE + H_CODE + len(code)
-        code += bytes.fromhex("8ed8") + _JMP_NEXT                          # mov ds, eax
+        code += bytes.fromhex("8ed8") + _JMP_NEXT  # mov ds, eax
         until = K_BASE + H_CODE + len(code)
         code += _INT3
         probe = Probe(gdt_va + SEL_KDATA, "read")
-        prog = _Program(0, (probe,), bytes(code), (_Segment(K_BASE + H_CODE, until, (), False),),
-                        {at: 0}, {}, (until,), (None,), ((H_CODE, 0),))
+        prog = _Program(
+            0,
+            (probe,),
+            bytes(code),
+            (_Segment(K_BASE + H_CODE, until, (), False),),
+            {at: 0},
+            {},
+            (until,),
+            (None,),
+            ((H_CODE, 0),),
+        )
         key = _free_pkey(state)
         if key is None:
             raise OracleError(f"PKRU {state.pkru:#x} closes every key")
@@ -792,7 +908,7 @@ class UnicornOracle:
             res = self._run_chunk(eng, prog)[0]
         finally:
             eng.close()
-        return dataclasses.replace(res, value=None)   # the result slot was never stored
+        return dataclasses.replace(res, value=None)  # the result slot was never stored
 
     # running -------------------------------------------------------------------------------------
     def run(self, memory: SparseMemory, state: PagingState, probes: Sequence[Probe]) -> BatchResult:
@@ -803,15 +919,18 @@ class UnicornOracle:
         probes = list(probes)
         for k, p in enumerate(probes):
             if not (0 <= p.va < 2**64 and 0 <= p.wvalue < 2**64):
-                raise BadInputError(f"probe #{k}: va {p.va:#x} / wvalue {p.wvalue:#x} is not a "
-                                    "64-bit unsigned value")
+                raise BadInputError(
+                    f"probe #{k}: va {p.va:#x} / wvalue {p.wvalue:#x} is not a 64-bit unsigned value"
+                )
         _check_image(memory, self.ram_size)
         if not RIG_IMAGE_BASE <= state.root < self.ram_size:
             raise BadInputError(f"CR3 root {state.root:#x} is outside the rig's image region")
         key = _free_pkey(state)
         if key is None and any(p.user for p in probes):
-            raise OracleError(f"PKRU {state.pkru:#x} closes every key: the harness's CPL3 stack and "
-                              "results need one open key")
+            raise OracleError(
+                f"PKRU {state.pkru:#x} closes every key: the harness's CPL3 stack and "
+                "results need one open key"
+            )
         eng = _Engine(self.model, self.ram_size)
         try:
             self._load(eng, memory, state, key or 0)
@@ -845,12 +964,17 @@ class UnicornOracle:
         uc.reg_write(x.UC_X86_REG_RSP, K_BASE + H_KSTACK_TOP)
         uc.reg_write(x.UC_X86_REG_RFLAGS, 0x2)
         uc.reg_write(x.UC_X86_REG_CR2, 0)
-        got = (uc.reg_read(x.UC_X86_REG_CR0), uc.reg_read(x.UC_X86_REG_CR4),
-               uc.reg_read(x.UC_X86_REG_MSR, MSR_EFER) & (EFER_LME | EFER_LMA | EFER_NXE))
+        got = (
+            uc.reg_read(x.UC_X86_REG_CR0),
+            uc.reg_read(x.UC_X86_REG_CR4),
+            uc.reg_read(x.UC_X86_REG_MSR, MSR_EFER) & (EFER_LME | EFER_LMA | EFER_NXE),
+        )
         want = (cr0, cr4, efer & (EFER_LME | EFER_LMA | EFER_NXE))
         if got != want:
-            raise OracleError("unicorn did not take the control registers: "
-                              f"got cr0/cr4/efer {tuple(map(hex, got))}, wanted {tuple(map(hex, want))}")
+            raise OracleError(
+                "unicorn did not take the control registers: "
+                f"got cr0/cr4/efer {tuple(map(hex, got))}, wanted {tuple(map(hex, want))}"
+            )
         eng.flush_tlb()
         stub = _wrpkru(state.pkru) if state.pke else b""
         stub += b"\x90"
@@ -868,7 +992,7 @@ class UnicornOracle:
         st.prog = prog
         st.faults, st.pa, st.stray = {}, {}, []
         uc.mem_write(H_CODE, prog.code)
-        uc.ctl_flush_tb()       # code of the previous chunk sat at the same addresses
+        uc.ctl_flush_tb()  # code of the previous chunk sat at the same addresses
         n = len(prog.probes)
         for seg in prog.segments:
             eng.run_segment(seg, n)
@@ -884,14 +1008,21 @@ class UnicornOracle:
                 # the descriptor read went through
                 out.append(made("ok", None, None, pas.get(i), None, None, ""))
             elif f is None:
-                out.append(made("ok", None, None, pas.get(i),
-                                values[k] if p.access == "read" and not p.implicit else None, None,
-                                stray_detail))
+                out.append(
+                    made(
+                        "ok",
+                        None,
+                        None,
+                        pas.get(i),
+                        values[k] if p.access == "read" and not p.implicit else None,
+                        None,
+                        stray_detail,
+                    )
+                )
             elif f.vector == 14:
                 out.append(made("page_fault", f.error_code, f.cr2, None, None, 14, f.detail))
             else:
-                out.append(made("general_protection", f.error_code, f.cr2, None, None, f.vector,
-                                f.detail))
+                out.append(made("general_protection", f.error_code, f.cr2, None, None, f.vector, f.detail))
         return out
 
     def _memory_after(self, eng: _Engine, memory: SparseMemory, state: PagingState) -> SparseMemory:
@@ -904,7 +1035,7 @@ class UnicornOracle:
         for first, count in _runs(pages):
             data = eng.uc.mem_read(first * PAGE, count * PAGE)
             for k in range(count):
-                after.pages[first + k] = data[k * PAGE:(k + 1) * PAGE]
+                after.pages[first + k] = data[k * PAGE : (k + 1) * PAGE]
         slot = state.root + 8 * HARNESS_SLOT
         if state.root >> 12 in after.pages:
             after.write_u64(slot, memory.read_u64(slot))
@@ -912,8 +1043,12 @@ class UnicornOracle:
 
 
 # -- once per process: self-test and capabilities ------------------------------------------------
-_PF_CASES = (("not-present read", 0x0), ("not-present write", 0x2),
-             ("user write to a supervisor read-only page", 0x7), ("reserved bit 51 in a PTE", 0x9))
+_PF_CASES = (
+    ("not-present read", 0x0),
+    ("not-present write", 0x2),
+    ("user write to a supervisor read-only page", 0x7),
+    ("reserved bit 51 in a PTE", 0x9),
+)
 
 
 def _tiny_image(levels: int = 4) -> tuple[SparseMemory, int]:
@@ -935,12 +1070,17 @@ def _self_test(model: str) -> str:
     """Known #PF error codes must read back from the context offset (pitfall P2); the value
     old_exception held must be 14, proving its offset too."""
     mem, pt = _tiny_image()
-    mem.write_u64(pt + 8 * 1, 0x300000 | _PTE_P | _PTE_US)                  # VA 0x1000: user RO
-    mem.write_u64(pt + 8 * 2, 0x301000 | _PTE_P)                            # VA 0x2000: supervisor RO
+    mem.write_u64(pt + 8 * 1, 0x300000 | _PTE_P | _PTE_US)  # VA 0x1000: user RO
+    mem.write_u64(pt + 8 * 2, 0x301000 | _PTE_P)  # VA 0x2000: supervisor RO
     mem.write_u64(pt + 8 * 3, 0x302000 | _PTE_P | _PTE_RW | _PTE_US | (1 << 51))
     state = PagingState(cr3=0x200000, cr0=CR0_PE | CR0_PG | CR0_WP, cr4=CR4_PAE)
-    probes = [Probe(0x5000, "read"), Probe(0x5000, "write"), Probe(0x2000, "write", user=True),
-              Probe(0x3000, "read"), Probe(0x1000, "read")]
+    probes = [
+        Probe(0x5000, "read"),
+        Probe(0x5000, "write"),
+        Probe(0x2000, "write", user=True),
+        Probe(0x3000, "read"),
+        Probe(0x1000, "read"),
+    ]
     oracle = UnicornOracle(model, self_test=False)
     eng = _Engine(model, oracle.ram_size)
     try:
@@ -949,9 +1089,11 @@ def _self_test(model: str) -> str:
         res = oracle._run_chunk(eng, prog)
         faults = dict(eng.st.faults)
     except OracleError as e:
-        raise OracleError(f"unicorn self-test failed ({e}): the context offsets {ERROR_CODE_OFFSET} "
-                          f"(error_code) / {OLD_EXCEPTION_OFFSET} (old_exception) no longer match "
-                          "the CPUX86State layout") from None
+        raise OracleError(
+            f"unicorn self-test failed ({e}): the context offsets {ERROR_CODE_OFFSET} "
+            f"(error_code) / {OLD_EXCEPTION_OFFSET} (old_exception) no longer match "
+            "the CPUX86State layout"
+        ) from None
     finally:
         eng.close()
     got = [(r.outcome, r.error_code) for r in res]
@@ -962,7 +1104,8 @@ def _self_test(model: str) -> str:
             f"unicorn self-test failed: #PF error codes read at context offset {ERROR_CODE_OFFSET} "
             f"no longer match (want {[hex(c) for _, c in _PF_CASES]} then ok, got "
             f"{[(o, None if c is None else hex(c)) for o, c in got]}; old_exception {olds}): the "
-            "CPUX86State layout changed")
+            "CPUX86State layout changed"
+        )
     return "ok"
 
 
@@ -975,12 +1118,15 @@ def cpuid(model: str, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
     try:
         uc = eng.uc
         # Paging is off in a fresh UC_MODE_64 engine (docs/oracles.md docs/oracles.md §2): VA = PA.
-        code = (b"\xb8" + struct.pack("<I", leaf) + b"\xb9" + struct.pack("<I", subleaf) +
-                bytes.fromhex("0fa290"))                  # mov eax; mov ecx; cpuid; nop
+        code = (
+            b"\xb8" + struct.pack("<I", leaf) + b"\xb9" + struct.pack("<I", subleaf) + bytes.fromhex("0fa290")
+        )  # mov eax; mov ecx; cpuid; nop
         uc.mem_write(H_STUB, code)
         uc.emu_start(H_STUB, H_STUB + len(code))
-        regs = tuple(uc.reg_read(r) & 0xFFFFFFFF for r in (
-            _x86.UC_X86_REG_RAX, _x86.UC_X86_REG_RBX, _x86.UC_X86_REG_RCX, _x86.UC_X86_REG_RDX))
+        regs = tuple(
+            uc.reg_read(r) & 0xFFFFFFFF
+            for r in (_x86.UC_X86_REG_RAX, _x86.UC_X86_REG_RBX, _x86.UC_X86_REG_RCX, _x86.UC_X86_REG_RDX)
+        )
     finally:
         eng.close()
     return regs
@@ -999,13 +1145,19 @@ def _discover(model: str) -> Capabilities:
     pd = 0x200000 + 2 * PAGE
     pdpt = 0x200000 + PAGE
     user = _PTE_P | _PTE_RW | _PTE_US
-    mem.write_u64(pt + 8 * 1, 0x300000 | user)                              # 0x1000 user RW
-    mem.write_u64(pt + 8 * 2, 0x301000 | user | (1 << 59))                  # 0x2000 user, key 1
-    mem.write_u64(pt + 8 * 3, 0x302000 | _PTE_P | _PTE_RW | (1 << 63))      # 0x3000 supervisor XD
-    mem.write_u64(pt + 8 * 4, 0x303000 | user | (1 << 51))                  # 0x4000 RSVD
-    mem.write_u64(pdpt + 8 * 1, 0 | _PTE_P | _PTE_RW | 0x80)               # 1G leaf: VA 1G -> PA 0
-    probes = [Probe(0x1000, "read"), Probe(0x1000, "fetch"), Probe(0x2000, "read", user=True),
-              Probe(0x3000, "fetch"), Probe(0x4000, "read"), Probe((1 << 30) + 0x300000, "read")]
+    mem.write_u64(pt + 8 * 1, 0x300000 | user)  # 0x1000 user RW
+    mem.write_u64(pt + 8 * 2, 0x301000 | user | (1 << 59))  # 0x2000 user, key 1
+    mem.write_u64(pt + 8 * 3, 0x302000 | _PTE_P | _PTE_RW | (1 << 63))  # 0x3000 supervisor XD
+    mem.write_u64(pt + 8 * 4, 0x303000 | user | (1 << 51))  # 0x4000 RSVD
+    mem.write_u64(pdpt + 8 * 1, 0 | _PTE_P | _PTE_RW | 0x80)  # 1G leaf: VA 1G -> PA 0
+    probes = [
+        Probe(0x1000, "read"),
+        Probe(0x1000, "fetch"),
+        Probe(0x2000, "read", user=True),
+        Probe(0x3000, "fetch"),
+        Probe(0x4000, "read"),
+        Probe((1 << 30) + 0x300000, "read"),
+    ]
     # MAXPHYADDR: a non-leaf PDE with address bit b set. Below M the walk reads an unbacked PT
     # (zero, D6) and says not-present; from M up the bit is reserved (SDM docs/oracles.md §2 table 4-19).
     bits = range(32, 52)
@@ -1013,21 +1165,27 @@ def _discover(model: str) -> Capabilities:
         mem.write_u64(pd + 8 * (b - 31), (0x203000 | (1 << b)) | user)
         probes.append(Probe((b - 31) << 21, "read"))
     probes += [Probe(va, user=u, implicit=True) for u in (False, True) for va in (0x1000, 0x3000)]
-    state = PagingState(cr3=0x200000, cr4=CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE,
-                        efer=EFER_LME | EFER_LMA | EFER_NXE, pkru=0b0100)
+    state = PagingState(
+        cr3=0x200000,
+        cr4=CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE,
+        efer=EFER_LME | EFER_LMA | EFER_NXE,
+        pkru=0b0100,
+    )
     r = oracle.run(mem, state, probes).results
     impl0, impl3, impl_note = implicit_support(r[-4:], "unicorn")
     r = r[:-4]
     rsvd = [b for b, res in zip(bits, r[6:]) if res.error_code is not None and res.error_code & 0x8]
     mem5, pt5 = _tiny_image(5)
-    mem5.write_u64(0x200000 + 8, 0x200000 + 5 * PAGE | user)                # PML5[1] -> PML4 (extra)
-    mem5.write_u64(0x200000 + 5 * PAGE, 0x200000 + 2 * PAGE | user)         # its [0] -> the PDPT
+    mem5.write_u64(0x200000 + 8, 0x200000 + 5 * PAGE | user)  # PML5[1] -> PML4 (extra)
+    mem5.write_u64(0x200000 + 5 * PAGE, 0x200000 + 2 * PAGE | user)  # its [0] -> the PDPT
     mem5.write_u64(pt5 + 8 * 7, 0x307000 | user)
-    r5 = oracle.run(mem5, PagingState(cr3=0x200000, cr4=CR4_PAE | CR4_LA57),
-                    [Probe((1 << 48) | 0x7000, "read")]).results
+    r5 = oracle.run(
+        mem5, PagingState(cr3=0x200000, cr4=CR4_PAE | CR4_LA57), [Probe((1 << 48) | 0x7000, "read")]
+    ).results
     vendor = _cpuid_vendor(model)
     return Capabilities(
-        name="unicorn", vendor={"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, vendor),
+        name="unicorn",
+        vendor={"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, vendor),
         maxphyaddr=min(rsvd) if rsvd else 52,
         gbpages=r[5].outcome == "ok" and r[5].value == tag_value(0x300000),
         la57=r5[0].outcome == "ok" and r5[0].value == tag_value(0x307000),
@@ -1036,8 +1194,15 @@ def _discover(model: str) -> Capabilities:
         smap=(r[0].outcome, r[0].error_code) == ("page_fault", 0x1),
         nx=(r[3].outcome, r[3].error_code) == ("page_fault", 0x11),
         rsvd_sets_p=bool(r[4].error_code is not None and r[4].error_code & 1),
-        implicit_cpl0=impl0, implicit_cpl3=impl3, implicit_note=impl_note,
-        ram_size=oracle.ram_size, unbacked="error", version=oracle.version,
-        notes=(f"#PF error code read at context offset {ERROR_CODE_OFFSET}",
-               "fetch probes report no pa (no memory hook sees instruction fetches)",
-               f"CPUID vendor {vendor}"))
+        implicit_cpl0=impl0,
+        implicit_cpl3=impl3,
+        implicit_note=impl_note,
+        ram_size=oracle.ram_size,
+        unbacked="error",
+        version=oracle.version,
+        notes=(
+            f"#PF error code read at context offset {ERROR_CODE_OFFSET}",
+            "fetch probes report no pa (no memory hook sees instruction fetches)",
+            f"CPUID vendor {vendor}",
+        ),
+    )

@@ -4,6 +4,7 @@ name, numbered from the target description (docs/oracles.md §5).
 Framing ($payload#checksum, '+'/'-' acknowledgements, '}' escapes) as the GDB manual's "Remote
 Protocol" appendix describes it.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,7 +21,7 @@ class GdbClient:
         self.sock = sock
         self.timeout = timeout
         self._buf = b""
-        self.registers: dict[str, tuple[int, int]] = {}    # name -> (number, bytes)
+        self.registers: dict[str, tuple[int, int]] = {}  # name -> (number, bytes)
 
     def _recv(self, deadline: float) -> None:
         left = deadline - time.monotonic()
@@ -48,13 +49,13 @@ class GdbClient:
                 start = self._buf.find(b"$")
                 nack = self._buf.find(b"-")
                 if nack >= 0 and (start < 0 or nack < start):
-                    self._buf = self._buf[nack + 1:]
-                    break            # resend
+                    self._buf = self._buf[nack + 1 :]
+                    break  # resend
                 if start >= 0:
                     end = self._buf.find(b"#", start)
                     if end >= 0 and len(self._buf) >= end + 3:
-                        payload = self._buf[start + 1:end]
-                        self._buf = self._buf[end + 3:]
+                        payload = self._buf[start + 1 : end]
+                        self._buf = self._buf[end + 3 :]
                         self.sock.sendall(b"+")
                         return _rsp_unescape(payload).decode(errors="replace")
                 self._recv(deadline)
@@ -85,8 +86,13 @@ class GdbClient:
                 self._collect(m.group(1), regs, depth + 1)
                 continue
             attrs = dict(re.findall(r"(\w+)=\"([^\"]*)\"", m.group(2)))
-            regs.append((attrs.get("name", "?"), int(attrs.get("bitsize", "0")),
-                         int(attrs["regnum"]) if "regnum" in attrs else None))
+            regs.append(
+                (
+                    attrs.get("name", "?"),
+                    int(attrs.get("bitsize", "0")),
+                    int(attrs["regnum"]) if "regnum" in attrs else None,
+                )
+            )
 
     def _xfer(self, annex: str) -> str:
         out = ""
@@ -121,5 +127,3 @@ def _rsp_unescape(payload: bytes) -> bytes:
     for b in it:
         out.append((next(it, 0) ^ 0x20) if b == 0x7D else b)
     return bytes(out)
-
-

@@ -24,6 +24,7 @@ Mechanics, and why:
   a long-mode code descriptor written for a moment at physical 8 gives CS.L=1, and later writes are
   8 bytes wide. Every register is read back and compared.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,16 +50,25 @@ class QemuMonitor:
     """A paused QEMU (TCG, -cpu max) whose RAM holds `memory` and whose CR0/CR3/CR4/EFER are
     `state`'s. Use as a context manager; close() is idempotent and also runs at exit."""
 
-    def __init__(self, memory: MemoryBase, state: PagingState, ram_size: int | None = None, *,
-                 cpu: str = "max", binary: str | None = None, timeout: float = 20.0,
-                 strict: bool = True, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        memory: MemoryBase,
+        state: PagingState,
+        ram_size: int | None = None,
+        *,
+        cpu: str = "max",
+        binary: str | None = None,
+        timeout: float = 20.0,
+        strict: bool = True,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.qemu: QemuProcess | None = None
         self.ram: RamFile | None = None
         self.qmp: Qmp | None = None
         self.gdb: GdbClient | None = None
         self._cs64 = False
         self.state: PagingState | None = None
-        self.hidden: list[tuple[int, int]] = []      # image ranges QEMU cannot see (strict=False)
+        self.hidden: list[tuple[int, int]] = []  # image ranges QEMU cannot see (strict=False)
         self.version = ""
         self.timeout = timeout
         self.launch_seconds = 0.0
@@ -72,20 +82,37 @@ class QemuMonitor:
         try:
             self.qemu = qemu = QemuProcess()
             self.ram = ram = RamFile(qemu.path(""), size)
-            args = [binary, "-S", "-nographic", "-nodefaults", "-no-user-config",
-                    "-accel", "tcg", "-cpu", cpu, "-m", f"{size >> 20}M",
-                    "-object", f"memory-backend-file,id=ram,size={size >> 20}M,"
-                               f"mem-path={self.ram.path},share=on",
-                    "-machine", f"pc,memory-backend=ram,max-ram-below-4g={BELOW_4G >> 20}M",
-                    "-qmp", f"unix:{qemu.path('qmp.sock')},server=on,wait=off",
-                    "-chardev", f"socket,id=x86ptgdb,path={qemu.path('gdb.sock')},server=on,wait=off",
-                    "-gdb", "chardev:x86ptgdb", *extra_args]
+            args = [
+                binary,
+                "-S",
+                "-nographic",
+                "-nodefaults",
+                "-no-user-config",
+                "-accel",
+                "tcg",
+                "-cpu",
+                cpu,
+                "-m",
+                f"{size >> 20}M",
+                "-object",
+                f"memory-backend-file,id=ram,size={size >> 20}M,mem-path={self.ram.path},share=on",
+                "-machine",
+                f"pc,memory-backend=ram,max-ram-below-4g={BELOW_4G >> 20}M",
+                "-qmp",
+                f"unix:{qemu.path('qmp.sock')},server=on,wait=off",
+                "-chardev",
+                f"socket,id=x86ptgdb,path={qemu.path('gdb.sock')},server=on,wait=off",
+                "-gdb",
+                "chardev:x86ptgdb",
+                *extra_args,
+            ]
             proc = qemu.start(args)
             # QEMU boots (~40 ms) while we copy the image: the file is shared, order is free.
             self.hidden = ram.load(memory, strict=strict)
             deadline = time.monotonic() + timeout
-            self.qmp = Qmp(qemu.connect("qmp.sock", "QMP", deadline), timeout=timeout, proc=proc,
-                           stderr=qemu.stderr)
+            self.qmp = Qmp(
+                qemu.connect("qmp.sock", "QMP", deadline), timeout=timeout, proc=proc, stderr=qemu.stderr
+            )
             self.gdb = gdb = GdbClient(qemu.connect("gdb.sock", "gdbstub", deadline), timeout)
             # The backend is created before the monitor answers: QEMU holds the RAM file now,
             # and both sockets are connected. Drop every name, so a SIGKILL leaves nothing behind.
@@ -108,7 +135,7 @@ class QemuMonitor:
 
     def close(self) -> None:
         if self.qemu is not None:
-            self.qemu.close()              # kill first: a QMP goodbye to a live QEMU is not needed
+            self.qemu.close()  # kill first: a QMP goodbye to a live QEMU is not needed
         if self.qmp is not None:
             self.qmp.close()
         if self.gdb is not None:
@@ -130,8 +157,10 @@ class QemuMonitor:
 
     def _need(self) -> None:
         if not self.alive:
-            raise OracleError("the QEMU monitor is closed or QEMU has exited"
-                              + (f": {self.qemu.why_dead()}" if self.qemu is not None and self.qemu.stderr else ""))
+            raise OracleError(
+                "the QEMU monitor is closed or QEMU has exited"
+                + (f": {self.qemu.why_dead()}" if self.qemu is not None and self.qemu.stderr else "")
+            )
 
     # The parts, for a caller that checked _need() (or gets a one-line error here).
     @property
@@ -194,12 +223,14 @@ class QemuMonitor:
         probe = 0x123456789000
         g.write_register("cr3", probe)
         if g.read_register("cr3") != probe:
-            raise OracleError("cannot make QEMU's gdbstub take 64-bit control-register writes; "
-                              "keep CR3 below 4 GiB")
+            raise OracleError(
+                "cannot make QEMU's gdbstub take 64-bit control-register writes; keep CR3 below 4 GiB"
+            )
         self._cs64 = True
 
-    def load(self, memory: MemoryBase, state: PagingState | None = None, *, clear: bool = True,
-             strict: bool = True) -> None:
+    def load(
+        self, memory: MemoryBase, state: PagingState | None = None, *, clear: bool = True, strict: bool = True
+    ) -> None:
         """Replace the RAM contents (QEMU's debug walker reads RAM directly: no relaunch)."""
         self._need()
         if clear:
@@ -237,9 +268,10 @@ class QemuMonitor:
         self._need()
         out: list[int | None] = []
         for i in range(0, len(vas), batch):
-            chunk = vas[i:i + batch]
-            texts = self._qmp.pipeline([("human-monitor-command", {"command-line": f"gva2gpa {va:#x}"})
-                                       for va in chunk])
+            chunk = vas[i : i + batch]
+            texts = self._qmp.pipeline(
+                [("human-monitor-command", {"command-line": f"gva2gpa {va:#x}"}) for va in chunk]
+            )
             out.extend(_gpa(va, str(t)) for va, t in zip(chunk, texts))
         return out
 
@@ -270,8 +302,9 @@ class QemuMonitor:
         fd, tmp = tempfile.mkstemp(prefix=".x86pt-dump-", dir=directory)
         os.close(fd)
         try:
-            self._qmp.command("dump-guest-memory", {"paging": False, "protocol": f"file:{tmp}"},
-                             timeout=timeout)
+            self._qmp.command(
+                "dump-guest-memory", {"paging": False, "protocol": f"file:{tmp}"}, timeout=timeout
+            )
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:

@@ -4,6 +4,7 @@ waited for with a bound, killed as a group, its scratch files removed (docs/orac
 The functions are the building blocks (the probe-guest oracle uses them directly); QemuProcess
 puts them together for a QEMU that lives as long as a `with` block.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -32,7 +33,7 @@ NOT_FOUND = f"{QEMU_BINARY} not found on PATH (run tools/install_qemu.sh)"
 _PRCTL: Any
 try:
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):       # pragma: no cover - not Linux
+except (OSError, AttributeError):  # pragma: no cover - not Linux
     _PRCTL = None
 _PR_SET_PDEATHSIG = 1
 _SIGKILL = int(signal.SIGKILL)
@@ -53,8 +54,9 @@ def qemu_version(binary: str | None = None) -> str:
     if binary is None:
         raise OracleUnavailable(NOT_FOUND)
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20,
-                             check=True).stdout
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise OracleUnavailable(f"{binary} --version failed: {e}") from None
     return out.splitlines()[0].strip() if out.strip() else "unknown"
@@ -79,9 +81,16 @@ def spawn_qemu(args: Sequence[str], stderr: IO[bytes], pass_fds: Sequence[int] =
     """Start QEMU in its own process group (so kill_group reaches every thread and child), stdout
     and stderr into `stderr`, SIGKILLed if we die."""
     try:
-        return subprocess.Popen(list(args), stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                start_new_session=True, preexec_fn=_die_with_parent, close_fds=True,
-                                pass_fds=tuple(pass_fds))
+        return subprocess.Popen(
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+            pass_fds=tuple(pass_fds),
+        )
     except OSError as e:
         raise OracleUnavailable(f"cannot start {args[0]}: {e.strerror}") from None
 
@@ -139,8 +148,9 @@ def scratch_dir() -> str:
     return tempfile.mkdtemp(prefix=f"x86pt-qemu-{os.getpid()}-", dir=base)
 
 
-def connect_unix(path: str, proc: subprocess.Popen, deadline: float, what: str,
-                 stderr: IO[bytes] | None) -> socket.socket:
+def connect_unix(
+    path: str, proc: subprocess.Popen, deadline: float, what: str, stderr: IO[bytes] | None
+) -> socket.socket:
     """Connect to a socket QEMU is about to create; fail at once if QEMU exits first."""
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

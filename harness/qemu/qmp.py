@@ -17,6 +17,7 @@ What can go wrong, and what the caller sees (always OracleError, one line):
   could otherwise be taken for the next command's);
 * not a QMP server, or the greeting or capability negotiation fails: "QMP: cannot connect: ...".
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,8 +66,14 @@ class Qmp:
     """A negotiated QMP session over a connected unix socket. `proc` and `stderr` (QEMU's process
     and its output file), when given, turn a lost connection into QEMU's exit status and message."""
 
-    def __init__(self, sock: socket.socket, *, timeout: float = 30.0,
-                 proc: subprocess.Popen | None = None, stderr: IO[bytes] | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float = 30.0,
+        proc: subprocess.Popen | None = None,
+        stderr: IO[bytes] | None = None,
+    ) -> None:
         self.timeout = timeout
         self.proc = proc
         self.stderr = stderr
@@ -81,8 +88,14 @@ class Qmp:
             raise
 
     @classmethod
-    def connect_path(cls, path: str, *, timeout: float = 30.0, proc: subprocess.Popen | None = None,
-                     stderr: IO[bytes] | None = None) -> "Qmp":
+    def connect_path(
+        cls,
+        path: str,
+        *,
+        timeout: float = 30.0,
+        proc: subprocess.Popen | None = None,
+        stderr: IO[bytes] | None = None,
+    ) -> "Qmp":
         """Connect to the socket at `path` as soon as QEMU has created it (fails at once if `proc`
         exits first; else after `timeout` seconds)."""
         deadline = time.monotonic() + timeout
@@ -101,8 +114,12 @@ class Qmp:
     def greeting(self) -> dict:
         if self._client is None or self._client.greeting is None:
             return {}
-        return {"QMP": {"version": dict(self._client.greeting.QMP.version),
-                        "capabilities": list(self._client.greeting.QMP.capabilities)}}
+        return {
+            "QMP": {
+                "version": dict(self._client.greeting.QMP.version),
+                "capabilities": list(self._client.greeting.QMP.capabilities),
+            }
+        }
 
     @property
     def version(self) -> str:
@@ -132,6 +149,7 @@ class Qmp:
                 if isinstance(r, BaseException):
                     raise r
             return out
+
         return self._run(batch(), timeout, cmds[0][0])
 
     def hmp(self, line: str, timeout: float | None = None) -> str:
@@ -164,9 +182,14 @@ class Qmp:
     # -- plumbing ----------------------------------------------------------------------------------
     def _need(self, what: str) -> _Client:
         if self._client is None:
-            raise OracleError(f"QMP {what}: the session is closed"
-                              + (f" ({exit_message(self.proc, self.stderr)})"
-                                 if self.proc is not None and self.proc.poll() is not None else ""))
+            raise OracleError(
+                f"QMP {what}: the session is closed"
+                + (
+                    f" ({exit_message(self.proc, self.stderr)})"
+                    if self.proc is not None and self.proc.poll() is not None
+                    else ""
+                )
+            )
         return self._client
 
     def _gone(self, e: BaseException) -> str:
@@ -200,7 +223,7 @@ class Qmp:
             raise OracleError(prefix + why) from None
         client = self._client
         if client is not None:
-            client.events.clear()      # asynchronous events (STOP, RESUME, ...): nobody reads them
+            client.events.clear()  # asynchronous events (STOP, RESUME, ...): nobody reads them
         return result
 
 

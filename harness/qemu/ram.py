@@ -4,6 +4,7 @@ Python, and QEMU maps as its `memory-backend-file` (docs/oracles.md §5).
 The pc machine maps RAM at [0, below_4g) and [4 GiB, ...); the rig pins `max-ram-below-4g=3G` so
 the split is known. [0xc0000, 0x100000) is option-ROM and BIOS space, not RAM, in that machine.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,9 +72,11 @@ class RamLayout:
         if FOUR_GIB <= pa and pa + n <= FOUR_GIB + self.above_4g:
             return self.below_4g + pa - FOUR_GIB
         ranges = ", ".join(f"[{a:#x}, {b:#x})" for a, b in self.ranges)
-        raise BadInputError(f"guest-physical {pa:#x}+{n:#x} is not RAM of the QEMU pc machine with "
-                            f"{self.size >> 20} MiB (RAM is at {ranges}); give a larger ram_size "
-                            "or move the data")
+        raise BadInputError(
+            f"guest-physical {pa:#x}+{n:#x} is not RAM of the QEMU pc machine with "
+            f"{self.size >> 20} MiB (RAM is at {ranges}); give a larger ram_size "
+            "or move the data"
+        )
 
 
 class RamFile:
@@ -87,12 +90,12 @@ class RamFile:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.ftruncate(self.fd, self.layout.size)
-            self.map = mmap.mmap(self.fd, self.layout.size, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            self.map = mmap.mmap(self.fd, self.layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             self.close()
-            raise OracleError(f"cannot create the {size >> 20} MiB RAM file in {directory}: "
-                              f"{e.strerror}") from None
+            raise OracleError(
+                f"cannot create the {size >> 20} MiB RAM file in {directory}: {e.strerror}"
+            ) from None
 
     @property
     def _mm(self) -> mmap.mmap:
@@ -106,11 +109,11 @@ class RamFile:
 
     def write(self, pa: int, data: bytes) -> None:
         off = self.layout.offset(pa, len(data))
-        self._mm[off:off + len(data)] = data
+        self._mm[off : off + len(data)] = data
 
     def read(self, pa: int, n: int) -> bytes:
         off = self.layout.offset(pa, n)
-        return self._mm[off:off + n]
+        return self._mm[off : off + n]
 
     def read_u64(self, pa: int) -> int:
         return _Q.unpack_from(self._mm, self.layout.offset(pa, 8))[0]
@@ -120,7 +123,7 @@ class RamFile:
 
     def zero(self, pa: int, n: int) -> None:
         off = self.layout.offset(pa, n)
-        self._mm[off:off + n] = bytes(n)
+        self._mm[off : off + n] = bytes(n)
 
     def load(self, memory: MemoryBase, *, strict: bool = True) -> list[tuple[int, int]]:
         """Copy every byte `memory` holds into RAM at its guest-physical address. Data in the
@@ -138,7 +141,8 @@ class RamFile:
                     raise BadInputError(
                         f"the image holds data at {max(pa, LEGACY_HOLE[0]):#x}, inside "
                         f"[{LEGACY_HOLE[0]:#x}, {LEGACY_HOLE[1]:#x}) which a QEMU pc machine maps "
-                        "to option-ROM space and the BIOS ROM, not RAM")
+                        "to option-ROM space and the BIOS ROM, not RAM"
+                    )
                 hidden.append((max(pa, LEGACY_HOLE[0]), min(end, LEGACY_HOLE[1])))
             self.write(pa, bytes(data))
         return hidden
@@ -151,7 +155,7 @@ class RamFile:
             step = 64 * MiB
             for off in range(0, self.size, step):
                 n = min(step, self.size - off)
-                self._mm[off:off + n] = bytes(n)
+                self._mm[off : off + n] = bytes(n)
 
     def unlink(self) -> None:
         if self.path is not None:

@@ -5,6 +5,7 @@ highmap of head_64.S trimmed by cleanup_highmap, and the module area's prealloca
 The CPA calls of the boot sequence (free_initmem, mark_rodata_ro) are the CPA model's
 (ops.CpaModel.boot_sequence); memory hotplug maps new RAM through `map_direct` too (hotplug.py).
 """
+
 from __future__ import annotations
 
 from x86pt.cpa.kernel import GLOBAL, PAGE_KERNEL_LARGE_EXEC, PSE
@@ -32,7 +33,7 @@ class BootBuilder(KernelSpace):
                 v = (self.page_offset + pa) & self.vmask
                 if size == PUD_SIZE:
                     t, i = self._table(v, 3)
-                    if t is None:                 # not reached: a PUD table is always made
+                    if t is None:  # not reached: a PUD table is always made
                         continue
                     t[i] = pa | big
                     c.dpc1g += update_count
@@ -46,7 +47,7 @@ class BootBuilder(KernelSpace):
                     c.dpc2m += update_count
                 else:
                     t, i = self._table(v, 1)
-                    if t is None:                 # likewise phys_pmd_init and a 2M leaf
+                    if t is None:  # likewise phys_pmd_init and a 2M leaf
                         continue
                     t[i] = pa | self.default_prot
                     c.dpc4k += update_count
@@ -67,7 +68,9 @@ class BootBuilder(KernelSpace):
             va = (self.start_kernel_map + pa - lo.phys_base) & self.vmask
             t, i = self._table(va, 2)
             if t is None:
-                raise BadInputError(f"layout {lo.name}: the kernel image at {va:#x} lies under a 1G "
-                                    "leaf (does it overlap the direct map?)")
+                raise BadInputError(
+                    f"layout {lo.name}: the kernel image at {va:#x} lies under a 1G "
+                    "leaf (does it overlap the direct map?)"
+                )
             t[i] = pa | hi_prot
         self._table(lo.modules_vaddr & self.vmask, 2)

@@ -1,4 +1,5 @@
 """`x86pt cpa replay | compare | generate` and the demo section of the CPA model."""
+
 from __future__ import annotations
 
 import os
@@ -7,12 +8,25 @@ import sys
 from x86pt.errors import BadInputError
 from x86pt.numbers import parse_int
 
-SUMMARY_COLS = (("policy", "policy"), ("kernel", "kernel"), ("ops", "ops"), ("DirectMap4k", "4k kB"),
-                ("DirectMap2M", "2M kB"), ("DirectMap1G", "1G kB"), ("split_2m", "spl2M"),
-                ("split_1g", "spl1G"), ("collapse_2m", "col2M"), ("merge_2m", "mrg2M"),
-                ("merge_1g", "mrg1G"), ("tables", "tables"), ("tables_allocated", "t.alloc"),
-                ("tables_freed", "t.freed"), ("flush_all", "flushall"), ("invlpg_pages", "invlpg"),
-                ("ops_per_s", "ops/s"))
+SUMMARY_COLS = (
+    ("policy", "policy"),
+    ("kernel", "kernel"),
+    ("ops", "ops"),
+    ("DirectMap4k", "4k kB"),
+    ("DirectMap2M", "2M kB"),
+    ("DirectMap1G", "1G kB"),
+    ("split_2m", "spl2M"),
+    ("split_1g", "spl1G"),
+    ("collapse_2m", "col2M"),
+    ("merge_2m", "mrg2M"),
+    ("merge_1g", "mrg1G"),
+    ("tables", "tables"),
+    ("tables_allocated", "t.alloc"),
+    ("tables_freed", "t.freed"),
+    ("flush_all", "flushall"),
+    ("invlpg_pages", "invlpg"),
+    ("ops_per_s", "ops/s"),
+)
 
 
 def render_table(summaries: list[dict]) -> str:
@@ -41,6 +55,7 @@ class Progress:
             return
         if self.bar is None:
             from x86pt.progress import ProgressBar
+
             self.bar = ProgressBar(n, self.label, unit="ops")
         self.bar.update_to(i)
         if i >= n:
@@ -55,14 +70,17 @@ class Progress:
 def _model_factory(args, policy: str):
     from x86pt.cpa.layout import layout_named
     from x86pt.cpa.trace import new_model
+
     layout = layout_named(args.layout)
     if args.image:
         from x86pt.image import open_image
         from x86pt.cliargs import image_options
+
         img = open_image(args.image, **image_options(args))
 
         def make():
             return new_model(layout, args.kernel, policy, img)
+
         return make, layout
     return (lambda: new_model(layout, args.kernel, policy)), layout
 
@@ -75,6 +93,7 @@ def _oracle_check(args, n_ops: int, minimising: bool = False):
         return None
     from x86pt.cpa.oracle_probe import OracleCheck, sampled_steps
     from x86pt.registry import oracle_list
+
     want = oracle_list(names)
     cap = parse_int(args.oracle_cap, "--oracle-cap", lo=1, hi=1 << 20)
     quiet = args.quiet or args.json
@@ -84,8 +103,9 @@ def _oracle_check(args, n_ops: int, minimising: bool = False):
     if args.oracle_every is not None:
         every = parse_int(args.oracle_every, "--oracle-every", lo=1, hi=1 << 40)
         return OracleCheck(want, every=every, cap=cap, log=log)
-    k = parse_int(args.oracle_sample if args.oracle_sample is not None else "8", "--oracle-sample",
-                  lo=0, hi=1 << 40)
+    k = parse_int(
+        args.oracle_sample if args.oracle_sample is not None else "8", "--oracle-sample", lo=0, hi=1 << 40
+    )
     seed = parse_int(args.oracle_seed, "--oracle-seed")
     return OracleCheck(want, steps=sampled_steps(n_ops, k, seed), cap=cap, log=log)
 
@@ -101,6 +121,7 @@ def _run(args, policy: str, ops, dump: bool):
 
 def _run_checked(args, policy: str, ops, dump: bool, oc):
     from x86pt.cpa.trace import replay
+
     make, layout = _model_factory(args, policy)
     m = make()
     checks = args.checks
@@ -110,34 +131,49 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
     on_dump = None
     dump_idx = None
     if dump and args.dump_at is not None:
-        dump_idx = args.dump_at - 1          # --dump-at N: after the first N ops (1-based)
+        dump_idx = args.dump_at - 1  # --dump-at N: after the first N ops (1-based)
 
         def on_dump(model, idx):
             from x86pt.memory import write_image
+
             path = args.dump_out
-            write_image(model.export(), model.paging_state(), path, None,
-                        inputs=[args.trace, args.image, args.layout])
+            write_image(
+                model.export(), model.paging_state(), path, None, inputs=[args.trace, args.image, args.layout]
+            )
             if not args.json:
                 print(f"image after {idx + 1} ops written to {path}", file=sys.stderr)
+
     cost_points: list = []
     checkpoints: frozenset[int] = frozenset()
     on_checkpoint = None
     if getattr(args, "cost", None):
         # the cost over time: a few evenly spaced points (each costs about one estimate)
         from x86pt.cost import model_cost
+
         n = len(ops)
         checkpoints = frozenset(max(1, round(n * (i + 1) / COST_POINTS)) for i in range(COST_POINTS))
 
         def on_checkpoint(model, done):
             cost_points.append((done, model_cost(model, args, ops[:done])))
-    r = replay(m, ops, validate=args.validate, checks=checks, progress=prog,
-               dump_at=dump_idx, on_dump=on_dump, checkpoints=checkpoints,
-               on_checkpoint=on_checkpoint, oracle_check=oc)
+
+    r = replay(
+        m,
+        ops,
+        validate=args.validate,
+        checks=checks,
+        progress=prog,
+        dump_at=dump_idx,
+        on_dump=on_dump,
+        checkpoints=checkpoints,
+        on_checkpoint=on_checkpoint,
+        oracle_check=oc,
+    )
     r.cost_series = cost_points
     if oc is not None:
         r.notes = r.notes + tuple(oc.notes) + tuple(oc.summary())
     if r.violation is not None and args.validate:
         from x86pt.cpa.trace import minimise, write_trace
+
         mini_oc = _oracle_check(args, len(ops), True) if r.violation.invariant == "e" else None
         path = _repro_path(args, policy)
         if path is None:
@@ -147,16 +183,22 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
                 mini_oc.close()
             return r, m
         try:
-            mini = minimise(make, ops, r.violation, checks, budget_s=args.minimise_seconds,
-                            oracle_check=mini_oc)
+            mini = minimise(
+                make, ops, r.violation, checks, budget_s=args.minimise_seconds, oracle_check=mini_oc
+            )
         finally:
             if mini_oc is not None:
                 mini_oc.close()
-        write_trace(path, mini, [f"minimal trace for: {r.violation}",
-                                 f"replay: x86pt cpa replay {path} --policy {policy} --kernel "
-                                 f"{args.kernel} --layout {args.layout} --validate"
-                                 + (f" --oracle {args.oracle} --oracle-every 1"
-                                    if r.violation.invariant == "e" else "")])
+        write_trace(
+            path,
+            mini,
+            [
+                f"minimal trace for: {r.violation}",
+                f"replay: x86pt cpa replay {path} --policy {policy} --kernel "
+                f"{args.kernel} --layout {args.layout} --validate"
+                + (f" --oracle {args.oracle} --oracle-every 1" if r.violation.invariant == "e" else ""),
+            ],
+        )
         r.notes = r.notes + (f"minimal reproducer ({len(mini)} ops) written to {path}",)
     return r, m
 
@@ -165,6 +207,7 @@ def _check_outputs(args, *outputs: str | None) -> None:
     """Refuse, before any work, an output that is one of the inputs (trace, image, layout file),
     a directory or a special file (the one output writer's rules: x86pt.memory.atomic)."""
     from x86pt.memory.atomic import check_output
+
     inputs = [getattr(args, k, None) for k in ("trace", "image", "layout")]
     for out in outputs:
         if out:
@@ -186,6 +229,7 @@ def _repro_path(args, policy: str) -> str | None:
 def _check_run_args(args, n_ops: int) -> None:
     """One-line refusals (exit 2) of option values the replay cannot honour."""
     import math
+
     checks = args.checks
     if not checks or any(c not in "abcde" for c in checks):
         raise BadInputError(f"--checks {checks!r}: give a subset of the invariants abcde (e.g. abcd)")
@@ -194,24 +238,31 @@ def _check_run_args(args, n_ops: int) -> None:
         raise BadInputError(f"--minimise-seconds {ms}: give a finite number of seconds >= 0")
     if args.dump_at is not None:
         if not 1 <= args.dump_at <= n_ops:
-            raise BadInputError(f"--dump-at {args.dump_at}: the trace has {n_ops} ops; give N in "
-                                f"1..{n_ops} (the image after the first N ops)")
+            raise BadInputError(
+                f"--dump-at {args.dump_at}: the trace has {n_ops} ops; give N in "
+                f"1..{n_ops} (the image after the first N ops)"
+            )
         if not args.dump_out:
             raise BadInputError("--dump-at needs --dump-out PATH (where the image goes)")
     if args.oracle is not None:
         from x86pt.registry import all_oracles, oracle_list
+
         runnable = all_oracles()
         bad = [n for n in oracle_list(args.oracle) if n not in runnable]
         if bad:
-            raise BadInputError(f"--oracle {args.oracle!r}: {bad[0]!r} does not run probes "
-                                f"(one of {', '.join(runnable)}, all)")
+            raise BadInputError(
+                f"--oracle {args.oracle!r}: {bad[0]!r} does not run probes "
+                f"(one of {', '.join(runnable)}, all)"
+            )
         if not args.validate:
-            raise BadInputError("--oracle needs --validate (the oracles check invariant (e) of "
-                                "the validation)")
+            raise BadInputError(
+                "--oracle needs --validate (the oracles check invariant (e) of the validation)"
+            )
 
 
 def cmd_replay(args) -> int:
     from x86pt.cpa.trace import read_trace
+
     _check_outputs(args, args.dump_out, args.plot, args.repro)
     ops = read_trace(args.trace)
     _check_run_args(args, len(ops))
@@ -228,6 +279,7 @@ def _run_tlb(args, ops) -> int:
     """`cpa replay --tlb`: the TLB model of --cpus CPUs alongside the replay; exit 1 when a
     dangerous window is open at the end of an API call or of the trace."""
     from x86pt.cpa.tlbreplay import render_text, replay_tlb
+
     if args.validate or args.oracle or args.dump_at is not None or args.plot or args.repro:
         raise BadInputError("--tlb runs alone: leave out --validate, --oracle, --dump-at, --plot, --repro")
     ncpus = parse_int(args.cpus if args.cpus is not None else "2", "--cpus", lo=1, hi=64)
@@ -241,6 +293,7 @@ def _run_tlb(args, ops) -> int:
     res = replay_tlb(make(), ops, ncpus=ncpus, assume=assume, flushes=flushes)
     if args.json:
         from x86pt.cli import emit_json
+
         emit_json(res.to_json())
     elif not args.quiet:
         print(render_text(res))
@@ -250,6 +303,7 @@ def _run_tlb(args, ops) -> int:
 def cmd_compare(args) -> int:
     from x86pt.cpa.merge import POLICIES
     from x86pt.cpa.trace import read_trace
+
     _check_outputs(args, args.dump_out, args.plot, args.repro)
     ops = read_trace(args.trace)
     pols = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -266,30 +320,43 @@ def cmd_compare(args) -> int:
         r, m = _run(args, p, ops, False)
         if args.cost:
             from x86pt.cost import model_cost
+
             series = getattr(r, "cost_series", [])
-            r.cost = series[-1][1] if series and series[-1][0] == r.ops else model_cost(m, args, ops[:r.ops])
+            r.cost = series[-1][1] if series and series[-1][0] == r.ops else model_cost(m, args, ops[: r.ops])
         results.append(r)
     return _report(args, results, m)
 
 
 def _report(args, results, m) -> int:
     from x86pt.cli import emit_json
+
     plot = getattr(args, "plot", None)
     if plot:
         from x86pt.cpa.plot import plot_fragmentation
+
         plot_fragmentation(results, plot, f"{os.path.basename(args.trace)} on {args.layout}")
     if args.json:
         for r in results:
             cost = getattr(r, "cost", None)
             series = getattr(r, "cost_series", None)
-            emit_json({**r.summary(), "notes": list(r.notes), "plot": plot,
-                       **({"cost": cost.to_json()} if cost else {}),
-                       **({"cost_series": [{"ops": k, **c.to_json()} for k, c in series]}
-                          if cost and series else {})})
+            emit_json(
+                {
+                    **r.summary(),
+                    "notes": list(r.notes),
+                    "plot": plot,
+                    **({"cost": cost.to_json()} if cost else {}),
+                    **(
+                        {"cost_series": [{"ops": k, **c.to_json()} for k, c in series]}
+                        if cost and series
+                        else {}
+                    ),
+                }
+            )
     else:
         print(render_table([r.summary() for r in results]))
         if any(getattr(r, "cost", None) for r in results):
             from x86pt.cost import render_costs
+
             print(render_costs([(r.policy, r.cost) for r in results]))
         for r in results:
             for n in r.notes:
@@ -308,19 +375,35 @@ def cmd_generate(args) -> int:
     from x86pt.cpa.layout import layout_named
     from x86pt.cpa.trace import write_trace
     from x86pt.cpa.workload import generate
+
     _check_outputs(args, args.output)
     layout = layout_named(args.layout)
     n = parse_int(args.ops, "--ops", lo=1, hi=100_000_000)
     seed = parse_int(args.seed, "--seed")
     ops = generate(layout, args.kernel, args.workload, n, seed)
-    write_trace(args.output, ops, [f"x86pt cpa generate {args.workload} --ops {n} --seed {seed} "
-                                   f"--layout {args.layout} --kernel {args.kernel}"])
+    write_trace(
+        args.output,
+        ops,
+        [
+            f"x86pt cpa generate {args.workload} --ops {n} --seed {seed} "
+            f"--layout {args.layout} --kernel {args.kernel}"
+        ],
+    )
     if args.json:
         from collections import Counter
         from x86pt.cli import emit_json
-        emit_json({"output": args.output, "workload": args.workload, "ops": len(ops),
-                   "seed": seed, "kernel": args.kernel, "layout": args.layout,
-                   "op_counts": dict(sorted(Counter(op[0] for op in ops).items()))})
+
+        emit_json(
+            {
+                "output": args.output,
+                "workload": args.workload,
+                "ops": len(ops),
+                "seed": seed,
+                "kernel": args.kernel,
+                "layout": args.layout,
+                "op_counts": dict(sorted(Counter(op[0] for op in ops).items())),
+            }
+        )
     elif not args.quiet:
         print(f"wrote {len(ops)} ops to {args.output}")
     return 0
@@ -331,32 +414,58 @@ def _common(p, policy_arg: bool) -> None:
     if policy_arg:
         p.add_argument("--policy", default="none", help="none, upstream, nr-same-prot, ideal")
     p.add_argument("--kernel", default="6.15", help="kernel version rules: 6.1, 6.6, 6.15, 6.18")
-    p.add_argument("--layout", default="server-64g",
-                   help="laptop-4g, server-64g, server-64g-nogb, server-1t, demo or FILE.json")
+    p.add_argument(
+        "--layout",
+        default="server-64g",
+        help="laptop-4g, server-64g, server-64g-nogb, server-1t, demo or FILE.json",
+    )
     p.add_argument("--image", default=None, help="start from this image's kernel tables (ELF core or raw)")
     p.add_argument("--validate", action="store_true", help="check invariants (a)-(d) after every op")
     p.add_argument("--checks", default="abcd", help="which invariants to check (subset of abcde)")
-    p.add_argument("--oracle", default=None, metavar="NAME[,NAME]",
-                   help="with --validate: probe sampled steps on these oracles (unicorn, qemu, kvm, "
-                        "all): invariant (e)")
+    p.add_argument(
+        "--oracle",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="with --validate: probe sampled steps on these oracles (unicorn, qemu, kvm, all): invariant (e)",
+    )
     p.add_argument("--oracle-every", default=None, metavar="N", help="probe every N-th op")
-    p.add_argument("--oracle-sample", default=None, metavar="K",
-                   help="probe K ops chosen by --oracle-seed (default 8)")
+    p.add_argument(
+        "--oracle-sample", default=None, metavar="K", help="probe K ops chosen by --oracle-seed (default 8)"
+    )
     p.add_argument("--oracle-seed", default="1", metavar="S")
-    p.add_argument("--oracle-cap", default="512", metavar="N",
-                   help="at most N pages probed per step, sampled evenly (default 512)")
-    p.add_argument("--repro", default=None, metavar="PATH",
-                   help="on a violation, minimise the trace and write it here (compare: the "
-                        "policy name goes before the extension); without it nothing is written")
-    p.add_argument("--minimise-seconds", type=float, default=30.0, metavar="S",
-                   help="time budget of the minimisation behind --repro (default 30)")
+    p.add_argument(
+        "--oracle-cap",
+        default="512",
+        metavar="N",
+        help="at most N pages probed per step, sampled evenly (default 512)",
+    )
+    p.add_argument(
+        "--repro",
+        default=None,
+        metavar="PATH",
+        help="on a violation, minimise the trace and write it here (compare: the "
+        "policy name goes before the extension); without it nothing is written",
+    )
+    p.add_argument(
+        "--minimise-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="time budget of the minimisation behind --repro (default 30)",
+    )
     p.add_argument("--plot", default=None, metavar="PNG", help="fragmentation plot")
-    p.add_argument("--dump-at", type=int, default=None, metavar="N",
-                   help="write the image after the first N ops (1..op count; needs --dump-out)")
+    p.add_argument(
+        "--dump-at",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write the image after the first N ops (1..op count; needs --dump-out)",
+    )
     p.add_argument("--dump-out", default=None, metavar="PATH", help="where --dump-at writes the image")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     from x86pt.cliargs import add_state_args
+
     add_state_args(p)
 
 
@@ -366,35 +475,51 @@ def register(subparsers) -> None:
     sub.required = True
     r = sub.add_parser("replay", help="replay a trace under one merge policy")
     _common(r, True)
-    r.add_argument("--tlb", action="store_true",
-                   help="model the CPUs' TLBs: report where a CPU may still use a translation the "
-                        "tables no longer give, and for how long (exit 1: a dangerous window at "
-                        "the end of a call)")
+    r.add_argument(
+        "--tlb",
+        action="store_true",
+        help="model the CPUs' TLBs: report where a CPU may still use a translation the "
+        "tables no longer give, and for how long (exit 1: a dangerous window at "
+        "the end of a call)",
+    )
     r.add_argument("--cpus", default=None, metavar="N", help="with --tlb: CPUs modelled (default 2)")
-    r.add_argument("--tlb-assume", default=None, metavar="speculate|touch",
-                   help="with --tlb: every CPU may cache what an op changes (speculate, default) "
-                        "or only what the trace's touch/speculate ops fill")
-    r.add_argument("--tlb-flushes", default=None, metavar="model|trace",
-                   help="with --tlb: the CPA model's own flushes (model, default) or only the "
-                        "trace's flush ops (trace: a recorded kernel trace)")
+    r.add_argument(
+        "--tlb-assume",
+        default=None,
+        metavar="speculate|touch",
+        help="with --tlb: every CPU may cache what an op changes (speculate, default) "
+        "or only what the trace's touch/speculate ops fill",
+    )
+    r.add_argument(
+        "--tlb-flushes",
+        default=None,
+        metavar="model|trace",
+        help="with --tlb: the CPA model's own flushes (model, default) or only the "
+        "trace's flush ops (trace: a recorded kernel trace)",
+    )
     r.set_defaults(func=cmd_replay)
     cp = sub.add_parser("compare", help="replay a trace under several policies side by side")
     _common(cp, False)
     cp.add_argument("--policies", default="none,upstream,nr-same-prot,ideal")
     from x86pt.cliargs import add_cost_args
+
     add_cost_args(cp)
     cp.set_defaults(func=cmd_compare)
     g = sub.add_parser("generate", help="generate a workload trace (docs/cpa.md §10 sequences)")
-    g.add_argument("workload", help="mixed, mixed-rox, modules, modules-rox, bpf, bpf-nopack, kfence, "
-                                    "secretmem, hotplug")
+    g.add_argument(
+        "workload", help="mixed, mixed-rox, modules, modules-rox, bpf, bpf-nopack, kfence, secretmem, hotplug"
+    )
     g.add_argument("-o", "--output", required=True)
     g.add_argument("--ops", default="10000")
     g.add_argument("--seed", default="1")
     g.add_argument("--kernel", default="6.15")
     g.add_argument("--layout", default="server-64g")
     g.add_argument("--quiet", action="store_true")
-    g.add_argument("--json", action="store_true",
-                   help="one JSON object: output path, op count and the count of each op kind")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: output path, op count and the count of each op kind",
+    )
     g.set_defaults(func=cmd_generate)
 
 
@@ -405,6 +530,7 @@ def demo_section(ctx) -> None:
     from x86pt.cpa.plot import plot_fragmentation
     from x86pt.cpa.trace import replay, write_trace
     from x86pt.cpa.workload import generate
+
     ctx.heading("CPA model (x86pt cpa compare TRACE --policies none,upstream --kernel 6.15)")
     layout = demo_layout()
     ops = generate(layout, "6.15", "mixed-rox", 2000, 7)
@@ -421,14 +547,17 @@ def demo_section(ctx) -> None:
     plot_fragmentation(results, png, "x86pt demo: mixed-rox workload")
     if ctx.json:
         from x86pt.cli import emit_json
+
         for r in results:
             emit_json({"section": "cpa", **r.summary(), "plot": png, "trace": trace})
         _tlb_demo_section(ctx)
         return
     print(render_table([r.summary() for r in results]))
     for r in results:
-        print(f"{r.policy}: validator {'held' if r.violation is None else 'FAILED: ' + str(r.violation)}"
-              f" ({r.pages_checked} page checks)")
+        print(
+            f"{r.policy}: validator {'held' if r.violation is None else 'FAILED: ' + str(r.violation)}"
+            f" ({r.pages_checked} page checks)"
+        )
     print(f"trace: {trace}\nplot written to {png}")
     _tlb_demo_section(ctx)
 
@@ -441,16 +570,22 @@ def _tlb_demo_section(ctx) -> None:
     from x86pt.cpa.layout import demo_layout
     from x86pt.cpa.tlbreplay import render_text, replay_tlb
     from x86pt.cpa.trace import parse_trace
+
     ctx.heading("TLB model (x86pt cpa replay TRACE --tlb --tlb-flushes trace)")
     layout = demo_layout()
-    va = layout.page_offset + 0x12345000            # direct map, inside a 2M page
-    lines = {"with-flush": [f"set_memory_ro {va:#x} 1", f"flush_tlb_kernel_range {va:#x} {va + 0x1000:#x}"],
-             "flush-removed": [f"set_memory_ro {va:#x} 1"]}
+    va = layout.page_offset + 0x12345000  # direct map, inside a 2M page
+    lines = {
+        "with-flush": [f"set_memory_ro {va:#x} 1", f"flush_tlb_kernel_range {va:#x} {va + 0x1000:#x}"],
+        "flush-removed": [f"set_memory_ro {va:#x} 1"],
+    }
     for name, text in lines.items():
         path = os.path.join(ctx.out_dir, f"tlb-{name}.trace")
         with open(path, "w", encoding="utf-8") as f:
-            f.write(f"# x86pt demo: set_memory_ro of one direct-map page, {name.replace('-', ' ')}\n"
-                    + "\n".join(text) + "\n")
+            f.write(
+                f"# x86pt demo: set_memory_ro of one direct-map page, {name.replace('-', ' ')}\n"
+                + "\n".join(text)
+                + "\n"
+            )
         m = model_from_image((ctx.memory, ctx.state), layout, "6.15", "none")
         res = replay_tlb(m, parse_trace(text), ncpus=2, flushes="trace")
         # SDM Vol. 3A §4.10.4.1: without an invalidation both CPUs may keep the writable 2M entry;
@@ -461,6 +596,7 @@ def _tlb_demo_section(ctx) -> None:
             ctx.fail("tlb", f"{name}: dangerous windows {got}, expected {want}")
         if ctx.json:
             from x86pt.cli import emit_json
+
             emit_json({"section": "tlb", "trace": path, "case": name, **res.to_json()})
         else:
             print(f"-- {name}: {path}")

@@ -2,6 +2,7 @@
 lines should say, docs/cpa.md §11), the translation of one page, and the tables written as a
 memory image with the control registers of a CPU running on them, for dumps, walkers and oracles.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ class Exporter(KernelSpace):
         fl = flags_of(e, lvl)
         mask = (PMD_PFN_MASK if lvl == 2 else PUD_PFN_MASK) if e & PSE else PTE_PFN_MASK
         off = (va & ((1 << (21 if lvl == 2 else 30)) - 1)) >> 12
-        raw = e if e & P or not self.l1tf_invert else ~e     # pmd_pfn/pud_pfn (L1TF)
+        raw = e if e & P or not self.l1tf_invert else ~e  # pmd_pfn/pud_pfn (L1TF)
         return ((raw & mask) >> 12) + off, large_2_4k(fl), lvl
 
     def census(self) -> dict[str, int]:
@@ -55,7 +56,9 @@ class Exporter(KernelSpace):
         """PTE tables of the highmap whose addresses the kernel accounts in direct_pages_count."""
         s = self.start_kernel_map & self.vmask
         e = s + self.layout.kernel_image_size
-        return sum(1 for k in self.t1 if s <= k << 21 < e and self.virt_addr_counted((k << 21) | ~self.vmask & U64))
+        return sum(
+            1 for k in self.t1 if s <= k << 21 < e and self.virt_addr_counted((k << 21) | ~self.vmask & U64)
+        )
 
     def table_pages(self) -> dict[int, Table]:
         """{physical address: table} of every table page (a shared page once)."""
@@ -73,6 +76,7 @@ class Exporter(KernelSpace):
     def export(self) -> "SparseMemory":
         """The tables as a SparseMemory image (+ control registers), for dumps and oracles."""
         from x86pt.memory.sparse import SparseMemory
+
         mem = SparseMemory(1 << MAXPHYADDR)
         for pa, t in self.table_pages().items():
             mem.pages[pa >> 12] = bytearray(table_bytes(t))
@@ -81,13 +85,33 @@ class Exporter(KernelSpace):
 
     def paging_state(self) -> "PagingState":
         from x86pt.state import PagingState, profile_named
+
         r = self.export_registers()
-        return PagingState(cr3=r["cr3"], cr0=r["cr0"], cr4=r["cr4"], efer=r["efer"],
-                           profile=profile_named("intel"), maxphyaddr=MAXPHYADDR)
+        return PagingState(
+            cr3=r["cr3"],
+            cr0=r["cr0"],
+            cr4=r["cr4"],
+            efer=r["efer"],
+            profile=profile_named("intel"),
+            maxphyaddr=MAXPHYADDR,
+        )
 
     def export_registers(self) -> dict[str, int]:
-        from x86pt.state import (CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PGE, EFER_LMA,
-                                 EFER_LME, EFER_NXE)
-        return {"cr0": CR0_PE | CR0_PG | CR0_WP, "cr3": self.pgd_pa,
-                "cr4": CR4_PAE | CR4_PGE | (CR4_LA57 if self.levels == 5 else 0),
-                "efer": EFER_LME | EFER_LMA | EFER_NXE}
+        from x86pt.state import (
+            CR0_PE,
+            CR0_PG,
+            CR0_WP,
+            CR4_LA57,
+            CR4_PAE,
+            CR4_PGE,
+            EFER_LMA,
+            EFER_LME,
+            EFER_NXE,
+        )
+
+        return {
+            "cr0": CR0_PE | CR0_PG | CR0_WP,
+            "cr3": self.pgd_pa,
+            "cr4": CR4_PAE | CR4_PGE | (CR4_LA57 if self.levels == 5 else 0),
+            "efer": EFER_LME | EFER_LMA | EFER_NXE,
+        }

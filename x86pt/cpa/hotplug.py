@@ -3,6 +3,7 @@ PMD leaves) and memory hotplug (arch_add_memory maps new RAM through the boot bu
 remove_pagetable clears the leaves of removed RAM and takes them off direct_pages_count).
 None of them runs the CPA algorithm; each records what it wrote for the validator (`touched`).
 """
+
 from __future__ import annotations
 
 from x86pt.cpa.boot import BootBuilder
@@ -19,12 +20,16 @@ class VmapHotplug(BootBuilder):
         """Map n pages at addr to consecutive frames from pa (vmap_range); huge = PMD leaves for
         2M-aligned parts (huge vmalloc), 4K elsewhere."""
         if pa & 0xFFF or n < 0 or pa + (n << 12) > 1 << MAX_PHYSMEM_BITS:
-            raise BadInputError(f"vmap {addr:#x} {pa:#x} {n}: frames must be page aligned and end "
-                                f"below 2^{MAX_PHYSMEM_BITS} (the model's MAXPHYADDR)")
+            raise BadInputError(
+                f"vmap {addr:#x} {pa:#x} {n}: frames must be page aligned and end "
+                f"below 2^{MAX_PHYSMEM_BITS} (the model's MAXPHYADDR)"
+            )
         leaves = n >> 9 if huge and not (addr - pa) & (PMD_SIZE - 1) else n
         if leaves > MAX_MAP_LEAVES:
-            raise BudgetError(f"vmap {addr:#x} {pa:#x} {n}: about {leaves} leaves, more than the "
-                              f"model's limit of {MAX_MAP_LEAVES} per operation")
+            raise BudgetError(
+                f"vmap {addr:#x} {pa:#x} {n}: about {leaves} leaves, more than the "
+                f"model's limit of {MAX_MAP_LEAVES} per operation"
+            )
         prot = self.default_prot if prot is None else prot
         v, p, end = addr & self.vmask, pa, (addr & self.vmask) + (n << 12)
         while v < end:
@@ -64,7 +69,7 @@ class VmapHotplug(BootBuilder):
             raise BadInputError(f"vunmap {addr:#x} {n}: runs past the end of the address space")
         while v < end:
             lvl, t, i = self.lookup(v)
-            if t is None:                 # no PUD table: nothing mapped in this 512 GiB
+            if t is None:  # no PUD table: nothing mapped in this 512 GiB
                 v = (v | ((1 << 39) - 1)) + 1
                 continue
             t[i] = 0
@@ -78,8 +83,11 @@ class VmapHotplug(BootBuilder):
         s, e = start >> 12, (start + size) >> 12
         if any(a < e and s < b for a, b in self.ram):
             raise BadInputError(f"memory_add {start:#x}+{size:#x}: overlaps mapped RAM")
-        check_direct_map_size([(a << 12, b << 12) for a, b in self.ram] + [(start, start + size)],
-                              self.layout.gbpages, f"memory_add {start:#x}+{size:#x}")
+        check_direct_map_size(
+            [(a << 12, b << 12) for a, b in self.ram] + [(start, start + size)],
+            self.layout.gbpages,
+            f"memory_add {start:#x}+{size:#x}",
+        )
         self.map_direct(start, start + size)
         self._set_ram(self.ram + [(s, e)])
         for pa in range(start, start + size, PMD_SIZE):
@@ -92,8 +100,10 @@ class VmapHotplug(BootBuilder):
         if start & (PMD_SIZE - 1) or size & (PMD_SIZE - 1) or size <= 0:
             raise BadInputError("memory_remove: start and size must be 2M aligned")
         if start + size > 1 << MAX_PHYSMEM_BITS:
-            raise BadInputError(f"memory_remove {start:#x}+{size:#x}: ends above 64 TiB, the "
-                                f"4-level direct map's size (MAX_PHYSMEM_BITS = {MAX_PHYSMEM_BITS})")
+            raise BadInputError(
+                f"memory_remove {start:#x}+{size:#x}: ends above 64 TiB, the "
+                f"4-level direct map's size (MAX_PHYSMEM_BITS = {MAX_PHYSMEM_BITS})"
+            )
         self._clear_direct_leaves(self.page_offset + start, self.page_offset + start + size)
         s, e = start >> 12, (start + size) >> 12
         out = []

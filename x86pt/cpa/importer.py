@@ -10,6 +10,7 @@ that references it, so a write through one alias is seen through all of them as 
 model never splits there (CPA is not called on ESPfix addresses); `shared` lists those pages.
 A page seen at two different levels is a loop or a corrupt image and is refused.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,17 +31,19 @@ def model_from_image(image: Any, layout: Layout, kernel: str, policy: str) -> Cp
         raise ImageError(f"the CPA model handles 4- and 5-level paging images, not {levels}-level")
     m = CpaModel(layout, kernel, policy, boot=False)
     m.set_levels(levels)
-    m.l1tf_invert = True                      # a real kernel's tables hold inverted frames
+    m.l1tf_invert = True  # a real kernel's tables hold inverted frames
     root = state.cr3 & PTE_PFN_MASK
-    seen: dict[int, tuple[int, Table]] = {root: (levels, zero_table())}   # pa -> (level, table)
+    seen: dict[int, tuple[int, Table]] = {root: (levels, zero_table())}  # pa -> (level, table)
     shared: set[int] = set()
 
     def read(pa: int, level: int) -> Table:
         got = seen.get(pa)
         if got is not None:
             if got[0] != level:
-                raise ImageError(f"page table {pa:#x} is referenced as a level-{got[0]} and a "
-                                 f"level-{level} table (looping tables?)")
+                raise ImageError(
+                    f"page table {pa:#x} is referenced as a level-{got[0]} and a "
+                    f"level-{level} table (looping tables?)"
+                )
             shared.add(pa)
             return got[1]
         if not memory.contains(pa, 4096):

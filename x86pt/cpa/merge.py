@@ -14,10 +14,20 @@
                 bit records the request, but the best *correct* merge must not undo it (kfence
                 writes that PTE later).
 """
+
 from __future__ import annotations
 
-from x86pt.cpa.kernel import (KERNEL_4K, P, PMD_PFN_MASK, PSE, PTE_PFN_MASK, PUD_PFN_MASK, U64,
-                              flags_of, k4_2_large)
+from x86pt.cpa.kernel import (
+    KERNEL_4K,
+    P,
+    PMD_PFN_MASK,
+    PSE,
+    PTE_PFN_MASK,
+    PUD_PFN_MASK,
+    U64,
+    flags_of,
+    k4_2_large,
+)
 from x86pt.cpa.space import KernelSpace
 from x86pt.cpa.tables import M48, Table, is_run
 from x86pt.errors import BadInputError
@@ -126,7 +136,7 @@ class Ideal(Policy):
 
     def __init__(self, m: KernelSpace) -> None:
         super().__init__(m)
-        self.pinned: set[int] = set()     # 2M regions (va >> 21) set_memory_4k asked to keep 4K
+        self.pinned: set[int] = set()  # 2M regions (va >> 21) set_memory_4k asked to keep 4K
 
     def on_force_4k(self, addr: int, numpages: int) -> None:
         v = addr & self.m.vmask
@@ -196,7 +206,7 @@ class NrSameProt(Policy):
             s[1] -= 1
         elif po != sp and pn == sp:
             s[1] += 1
-        if s[1] == 0:                       # re-baseline on entry 0 and recount
+        if s[1] == 0:  # re-baseline on entry 0 and recount
             s[0] = sp = flags_of(t[0], tl)
             s[1] = sum(1 for e in t if flags_of(e, tl) == sp)
         if s[1] == 512 and sp & P and (tl == 1 or sp & PSE):
@@ -212,8 +222,8 @@ class NrSameProt(Policy):
         del self.st[tl][key]
         first = (m.t1 if tl == 1 else m.t2)[key][0]
         new = (first & PTE_PFN_MASK) | (k4_2_large(sp) | PSE if tl == 1 else sp)
-        pa = replace_table(m, tl, key, new, True)     # may cascade through the parent's count
-        m.counters.flush_all += 1                      # flush_tlb_all inside pgd_lock
+        pa = replace_table(m, tl, key, new, True)  # may cascade through the parent's count
+        m.counters.flush_all += 1  # flush_tlb_all inside pgd_lock
         m.counters.flush_all_merge += 1
         if m.flush_hook is not None:
             m.flush_hook("all")

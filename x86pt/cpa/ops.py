@@ -8,6 +8,7 @@ goes through change_page_attr_set_clr (§4.1) -> __change_page_attr_set_clr (§4
 rewritten or split by split.py, §4.4, §4.5) -> the flush (§4.8) and, with CPA_COLLAPSE, the merge
 policy's collapse (merge.py, §7). Static protections (§4.6) are in protect.py.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -17,9 +18,24 @@ from x86pt.cpa import protect
 from x86pt.cpa import split as _split
 from x86pt.cpa.export import Exporter
 from x86pt.cpa.hotplug import VmapHotplug
-from x86pt.cpa.kernel import (CACHE_MASK, CPA_COLLAPSE, CPA_NO_CHECK_ALIAS, DIRTY, EFAULT,
-                              GLOBAL, KERNEL_4K, NX, P, PSE, PTE_PFN_MASK, RW,
-                              TLB_SINGLE_PAGE_FLUSH_CEILING, U64, Call, KernelVersion)
+from x86pt.cpa.kernel import (
+    CACHE_MASK,
+    CPA_COLLAPSE,
+    CPA_NO_CHECK_ALIAS,
+    DIRTY,
+    EFAULT,
+    GLOBAL,
+    KERNEL_4K,
+    NX,
+    P,
+    PSE,
+    PTE_PFN_MASK,
+    RW,
+    TLB_SINGLE_PAGE_FLUSH_CEILING,
+    U64,
+    Call,
+    KernelVersion,
+)
 from x86pt.cpa.layout import Layout
 from x86pt.cpa.merge import make_policy
 from x86pt.cpa.space import PMD_SIZE
@@ -32,8 +48,14 @@ __all__ = ["API", "Call", "CpaModel", "TablePool"]
 class CpaModel(VmapHotplug, Exporter):
     """One kernel's page tables and its CPA. `policy` is one of merge.POLICIES."""
 
-    def __init__(self, layout: Layout, version: KernelVersion | str = "6.15", policy: str = "none",
-                 *, boot: bool = True) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        version: KernelVersion | str = "6.15",
+        policy: str = "none",
+        *,
+        boot: bool = True,
+    ) -> None:
         super().__init__(layout, version)
         self.policy = make_policy(policy, self)
         if boot:
@@ -69,14 +91,15 @@ class CpaModel(VmapHotplug, Exporter):
         n = (end - begin) >> 12
         if n <= 0:
             return
-        self.set_memory_nx(begin, n)         # free_init_pages without debug_pagealloc
+        self.set_memory_nx(begin, n)  # free_init_pages without debug_pagealloc
         self.set_memory_rw(begin, n)
         if self.layout.pti:
             self.set_memory_np_noalias(begin, n)
 
     # -- the CPA algorithm (docs/cpa.md §4) --------------------------------------------------------
-    def change_page_attr_set_clr(self, addr: int, numpages: int, set_: int, clr: int,
-                                 force_split: bool = False, flags: int = 0) -> int:
+    def change_page_attr_set_clr(
+        self, addr: int, numpages: int, set_: int, clr: int, force_split: bool = False, flags: int = 0
+    ) -> int:
         """change_page_attr_set_clr (docs/cpa.md §4.1). Returns 0 or a negative errno."""
         c = self.counters
         c.cpa_calls += 1
@@ -96,7 +119,7 @@ class CpaModel(VmapHotplug, Exporter):
             if call.flushtlb:
                 self.cpa_flush_all(bool(set_ & CACHE_MASK))
             return err
-        if call.flushtlb:                     # nothing changed: no flush, no collapse
+        if call.flushtlb:  # nothing changed: no flush, no collapse
             self.cpa_flush(call, addr, numpages)
             if flags & CPA_COLLAPSE:
                 self.policy.collapse(addr, numpages)
@@ -194,8 +217,7 @@ class CpaModel(VmapHotplug, Exporter):
         if new_prot & P:
             # only text NX and rodata RW can bind a 4K-mapped page (text_ro needs a large
             # mapping at `address`): skip the call when neither range is hit
-            if (self.text_va <= address < self.etext_va
-                    or self.rodata_spfn <= pfn <= self.rodata_epfn):
+            if self.text_va <= address < self.etext_va or self.rodata_spfn <= pfn <= self.rodata_epfn:
                 new_prot = protect.static_protections(self, new_prot, address, pfn, 1, 0)
         else:
             new_prot &= ~GLOBAL
@@ -220,7 +242,7 @@ class CpaModel(VmapHotplug, Exporter):
         """__cpa_process_fault for the kernel page tables (no cpa->pgd)."""
         if not call.primary:
             return 1
-        if self.in_direct_map(address):       # holes in the direct map are expected
+        if self.in_direct_map(address):  # holes in the direct map are expected
             call.pfn = (address - self.page_offset) >> 12
             return 1
         if self.highmap_spfn <= call.pfn <= self.highmap_epfn:
@@ -250,7 +272,7 @@ class CpaModel(VmapHotplug, Exporter):
         # within(vaddr, _text, _brk_end) excludes _brk_end itself (set_memory.c, v6.1..v6.18)
         if not (self.text_va <= vaddr < self.brk_end_va) and self.highmap_spfn <= pfn <= self.highmap_epfn:
             call.force_flush_all = True
-            self.set_clr(_alias_call(call, s, cl), self.hva(pfn << 12), n)   # errors ignored
+            self.set_clr(_alias_call(call, s, cl), self.hva(pfn << 12), n)  # errors ignored
         return 0
 
     # -- the API (docs/cpa.md §3) ---------------------------------------------------------------------
@@ -274,12 +296,11 @@ class CpaModel(VmapHotplug, Exporter):
 
     def set_memory_rox(self, addr: int, n: int) -> int:
         v = self.version
-        if not v.native_rox:                  # generic helper before 6.2: ro, then x
+        if not v.native_rox:  # generic helper before 6.2: ro, then x
             r = self.set_memory_ro(addr, n)
             return r or self.set_memory_x(addr, n)
         clr = RW | NX | (DIRTY if v.ro_clears_dirty else 0)
-        return self.change_page_attr_set_clr(addr, n, 0, clr,
-                                             flags=CPA_COLLAPSE if v.collapse else 0)
+        return self.change_page_attr_set_clr(addr, n, 0, clr, flags=CPA_COLLAPSE if v.collapse else 0)
 
     def set_memory_np(self, addr: int, n: int) -> int:
         return self.change_page_attr_set_clr(addr, n, 0, P)
@@ -291,8 +312,9 @@ class CpaModel(VmapHotplug, Exporter):
         return self.change_page_attr_set_clr(addr, n, P, 0)
 
     def set_memory_4k(self, addr: int, n: int) -> int:
-        return self.change_page_attr_set_clr(addr, n, KERNEL_4K if self.version.kernel_4k_bit else 0,
-                                             0, force_split=True)
+        return self.change_page_attr_set_clr(
+            addr, n, KERNEL_4K if self.version.kernel_4k_bit else 0, 0, force_split=True
+        )
 
     def set_memory_global(self, addr: int, n: int) -> int:
         return self.change_page_attr_set_clr(addr, n, GLOBAL, 0)
@@ -319,15 +341,26 @@ class CpaModel(VmapHotplug, Exporter):
 
     def kernel_map_pages(self, addr: int, n: int, enable: int) -> int:
         """__kernel_map_pages (DEBUG_PAGEALLOC): __set_pages_p/np, then a local flush only."""
-        r = (self._set_pages(addr, n, P | RW, 0) if enable else
-             self._set_pages(addr, n, 0, self.version.set_pages_np_clr))
+        r = (
+            self._set_pages(addr, n, P | RW, 0)
+            if enable
+            else self._set_pages(addr, n, 0, self.version.set_pages_np_clr)
+        )
         self.counters.local_flushes += 1
         if self.flush_hook is not None:
             self.flush_hook("local")
         return r
 
-    def cpa(self, addr: int, n: int, set_: int, clr: int, flags: int = 0, primary: bool = True,
-            force_split: bool = False) -> int:
+    def cpa(
+        self,
+        addr: int,
+        n: int,
+        set_: int,
+        clr: int,
+        flags: int = 0,
+        primary: bool = True,
+        force_split: bool = False,
+    ) -> int:
         """A raw change_page_attr call as a kernel trace records it: primary = the whole
         change_page_attr_set_clr (alias processing, flush, collapse); alias = one bare
         __change_page_attr_set_clr(primary=0) (no alias, no flush, holes ignored)."""
@@ -354,14 +387,14 @@ class CpaModel(VmapHotplug, Exporter):
         old = t[i]
         frame = old & PTE_PFN_MASK
         if self.l1tf_invert and not old & P:
-            frame ^= PTE_PFN_MASK                      # pte_pfn undoes protnone_mask
+            frame ^= PTE_PFN_MASK  # pte_pfn undoes protnone_mask
         flags = ((old & ~clr) | set_) & ~PTE_PFN_MASK & U64
         if self.l1tf_invert and flags and not flags & P:
-            frame ^= PTE_PFN_MASK                      # pfn_pte: __pte_needs_invert
+            frame ^= PTE_PFN_MASK  # pfn_pte: __pte_needs_invert
         t[i] = frame | flags
         self.counters.oob_writes += 1
         self.counters.local_flushes += 1
-        if self.flush_hook is not None:       # kfence: flush_tlb_one_kernel on this CPU only
+        if self.flush_hook is not None:  # kfence: flush_tlb_one_kernel on this CPU only
             self.flush_hook("page", addr & ~0xFFF)
         if self.touched is not None:
             self.touched.add((((addr & self.vmask) >> 12) << 2) | 1)
@@ -374,8 +407,18 @@ def _alias_call(call: Call, set_: int, clr: int) -> Call:
 
 
 API: dict[str, Callable[[CpaModel, int, int], int]] = {
-    name: getattr(CpaModel, name) for name in (
-        "set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx", "set_memory_rox",
-        "set_memory_np", "set_memory_np_noalias", "set_memory_p", "set_memory_4k",
-        "set_memory_global", "set_memory_nonglobal")
+    name: getattr(CpaModel, name)
+    for name in (
+        "set_memory_ro",
+        "set_memory_rw",
+        "set_memory_x",
+        "set_memory_nx",
+        "set_memory_rox",
+        "set_memory_np",
+        "set_memory_np_noalias",
+        "set_memory_p",
+        "set_memory_4k",
+        "set_memory_global",
+        "set_memory_nonglobal",
+    )
 }

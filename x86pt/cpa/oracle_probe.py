@@ -23,6 +23,7 @@ decides what can be probed (x86pt/oracle.py and the backends' notes):
     to harness or table frames are never run (they would corrupt the run).
 Probes the model expects to fault touch no frame and always run. Skips are counted and reported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +43,7 @@ DEFAULT_CAP = 512
 MMIO_HOLE = (3 << 30, 4 << 30)
 P_BIT, RW_BIT, PS_BIT, NX_BIT = BIT_P, BIT_RW, BIT_PS, BIT_XD
 ADDR_MASK = ADDR_MASK_52
-ACCESSES = ("read", "fetch", "write")     # write last: a write to a tagged frame keeps the tag
+ACCESSES = ("read", "fetch", "write")  # write last: a write to a tagged frame keeps the tag
 # #PF error codes of SDM Vol. 3A §4.7 for the accesses the kernel makes at CPL0.
 _NP_CODE = {"read": 0x0, "write": 0x2, "fetch": 0x10}
 _PROT_CODE = {"write": 0x3, "fetch": 0x11}
@@ -52,9 +53,9 @@ _PROT_CODE = {"write": 0x3, "fetch": 0x11}
 class OracleImage:
     """An oracle-ready copy of an exported model image."""
 
-    memory: object                  # SparseMemory
-    root: int                       # the relocated root table
-    tables: frozenset[int]          # page numbers of relocated tables
+    memory: object  # SparseMemory
+    root: int  # the relocated root table
+    tables: frozenset[int]  # page numbers of relocated tables
     ram_size: int
 
 
@@ -62,6 +63,7 @@ def oracle_image(memory, cr3: int, ram_size: int, *, base: int = 0x200000) -> Or
     """Copy of the tables reachable from root slots 0..510, relocated to consecutive pages from
     `base`. Raises BadInputError when they do not fit below `ram_size`."""
     from x86pt.memory.sparse import SparseMemory
+
     root_old = cr3 & ADDR_MASK
     order: list[int] = []
     level_of: dict[int, int] = {}
@@ -94,7 +96,7 @@ def oracle_image(memory, cr3: int, ram_size: int, *, base: int = 0x200000) -> Or
         lvl = level_of[old]
         vals = list(struct.unpack("<512Q", memory.read(old, PAGE)))
         if lvl == 4:
-            vals[511] = 0                     # the rig's harness slot
+            vals[511] = 0  # the rig's harness slot
         if lvl > 1:
             for i, e in enumerate(vals):
                 if e & P_BIT and (lvl == 4 or not e & PS_BIT):
@@ -107,8 +109,10 @@ def oracle_image(memory, cr3: int, ram_size: int, *, base: int = 0x200000) -> Or
 
 def tag_page(memory, pa_page: int) -> None:
     from x86pt.oracle import tag_value
+
     memory.pages[pa_page >> 12] = bytearray(
-        struct.pack("<512Q", *(tag_value(pa_page + 8 * q) for q in range(512))))
+        struct.pack("<512Q", *(tag_value(pa_page + 8 * q) for q in range(512)))
+    )
 
 
 def sample_evenly(ranges: Sequence[tuple[int, int]], cap: int) -> tuple[list[int], int]:
@@ -167,11 +171,17 @@ class OracleStats:
     def line(self, cap: int) -> str:
         rate = f"{self.probes / self.seconds:.0f} probes/s" if self.seconds else "-"
         sk = ", ".join(f"{n} {w}" for w, n in sorted(self.skipped.items()))
-        return (f"oracle {self.name}: {self.steps} steps, {self.probes} probes in {self.seconds:.2f} s "
-                f"({rate}); cap {cap} pages per step, {self.truncated_steps} steps sampled down"
-                + (f"; not probed: {sk}" if sk else "")
-                + (f"; {self.ref_skipped} probes not compared with the reference (oracle lacks a "
-                   "feature the tables use)" if self.ref_skipped else ""))
+        return (
+            f"oracle {self.name}: {self.steps} steps, {self.probes} probes in {self.seconds:.2f} s "
+            f"({rate}); cap {cap} pages per step, {self.truncated_steps} steps sampled down"
+            + (f"; not probed: {sk}" if sk else "")
+            + (
+                f"; {self.ref_skipped} probes not compared with the reference (oracle lacks a "
+                "feature the tables use)"
+                if self.ref_skipped
+                else ""
+            )
+        )
 
 
 def _ref_expect(ref_val, access: str, off: int):
@@ -190,10 +200,18 @@ class OracleCheck:
     """Probes sampled steps of a replay on the named oracles. Give it to
     `replay(..., validate=True, checks="...e", oracle_check=THIS)`."""
 
-    def __init__(self, names: Sequence[str], *, every: int | None = None,
-                 steps: Sequence[int] | None = None, cap: int = DEFAULT_CAP,
-                 log: Callable[[str], None] | None = None, oracles: dict | None = None) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        every: int | None = None,
+        steps: Sequence[int] | None = None,
+        cap: int = DEFAULT_CAP,
+        log: Callable[[str], None] | None = None,
+        oracles: dict | None = None,
+    ) -> None:
         from x86pt.registry import availability, get_oracle
+
         if cap < 1:
             raise BadInputError("the probe cap per step must be at least 1")
         self.every = every
@@ -231,7 +249,7 @@ class OracleCheck:
             for o in self.oracles.values():
                 try:
                     o.close()
-                except Exception:   # closing is best effort; the run's result stands
+                except Exception:  # closing is best effort; the run's result stands
                     pass
         self.oracles = {}
 
@@ -283,6 +301,7 @@ class OracleCheck:
 
     def _states(self, name: str, root: int):
         from x86pt.state import PagingState, as_profile, profile_named
+
         caps = self.caps[name]
         prof = as_profile(getattr(self.oracles[name], "profile", name))
         prof = dataclasses.replace(prof, features=dataclasses.replace(prof.features, gbpages=caps.gbpages))
@@ -295,6 +314,7 @@ class OracleCheck:
         from x86pt.compare import compare_probe, describe_outcome
         from x86pt.oracle import Probe, tag_value
         from x86pt.walk import Access, walk
+
         st = self.stats[name]
         ram = max(self.caps[name].ram_size, getattr(oracle, "ram_size", 0) or 0)
         img = oracle_image(exported, regs["cr3"], ram)
@@ -339,8 +359,7 @@ class OracleCheck:
                 res = dataclasses.replace(res, value=None, pa=None)
             diffs = compare_probe(mres, res, p, state)
             if diffs:
-                return Violation(idx, "e", f"oracle {name}, CPL0 {p.access} of {p.va:#x}: "
-                                           f"{'; '.join(diffs)}")
+                return Violation(idx, "e", f"oracle {name}, CPL0 {p.access} of {p.va:#x}: {'; '.join(diffs)}")
             # The reference's view, unless the oracle's profile already differs from the kernel's
             # target CPU on this walk (e.g. no 1G pages).
             kres = walk(kstate, mem, p.va, a)
@@ -350,17 +369,26 @@ class OracleCheck:
             want = _ref_expect(ref.get(v), p.access, p.va & 0xFFF)
             opa = res.pa if res.pa is not None else None
             have_pa = opa if opa is not None else (pa if res.outcome == "ok" else None)
-            have = (res.outcome, res.error_code if res.outcome == "page_fault" else None,
-                    have_pa if res.outcome == "ok" else None)
+            have = (
+                res.outcome,
+                res.error_code if res.outcome == "page_fault" else None,
+                have_pa if res.outcome == "ok" else None,
+            )
             if have != want:
+
                 def show(w):
                     if w[0] == "ok":
                         return f"ok pa={w[2]:#x}" if w[2] is not None else "ok"
                     return f"#PF {w[1]:#x}"
-                return Violation(idx, "e", f"oracle {name}, CPL0 {p.access} of {p.va:#x}: oracle "
-                                           f"gives {describe_outcome(res)}"
-                                           f"{'' if opa is not None or res.outcome != 'ok' else f' (model walk pa {pa:#x})'}"
-                                           f", the op sequence asks for {show(want)}")
+
+                return Violation(
+                    idx,
+                    "e",
+                    f"oracle {name}, CPL0 {p.access} of {p.va:#x}: oracle "
+                    f"gives {describe_outcome(res)}"
+                    f"{'' if opa is not None or res.outcome != 'ok' else f' (model walk pa {pa:#x})'}"
+                    f", the op sequence asks for {show(want)}",
+                )
         return None
 
     def _frame_problem(self, name: str, acc: str, pa: int, img: OracleImage) -> str | None:
@@ -391,6 +419,7 @@ def _outcome(r) -> tuple:
 # PGE; LME LMA NXE); CR3 is the relocated root.
 def _regs():
     from x86pt.state import CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE
+
     return CR0_PE | CR0_PG | CR0_WP, CR4_PAE | CR4_PGE, EFER_LME | EFER_LMA | EFER_NXE
 
 

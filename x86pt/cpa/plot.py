@@ -3,28 +3,36 @@ DirectMap1G, page-table pages), one column per policy, rows sharing their y axis
 behave alike would draw on top of each other in one panel; side by side every line is readable
 and the shared axis keeps them comparable. Each panel names its final value; a validator
 violation is marked where the replay stopped (matplotlib, Agg backend, PNG written atomically)."""
+
 from __future__ import annotations
 
 import io
 
 from x86pt.memory.atomic import write_bytes_atomic
 
-METRICS = (("DirectMap4k", "MiB", 4 / 1024), ("DirectMap2M", "MiB", 2), ("DirectMap1G", "GiB", 1),
-           ("page-table pages", "", 1))
+METRICS = (
+    ("DirectMap4k", "MiB", 4 / 1024),
+    ("DirectMap2M", "MiB", 2),
+    ("DirectMap1G", "GiB", 1),
+    ("page-table pages", "", 1),
+)
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
 def plot_fragmentation(results, path: str, title: str = "") -> str:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     cols = max(1, len(results))
     diff = len(results) > 1 and all(len(r.samples) == len(results[0].samples) for r in results)
     ncols = cols + (1 if diff else 0)
     cost = all(getattr(r, "cost_series", None) for r in results)
     nrows = len(METRICS) + (1 if cost else 0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 1.2, 9 + (2.2 if cost else 0)),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.4 * ncols + 1.2, 9 + (2.2 if cost else 0)), sharex=True, squeeze=False
+    )
     for row in axes:
         for ax in row[1:cols]:
             ax.sharey(row[0])
@@ -39,9 +47,15 @@ def plot_fragmentation(results, path: str, title: str = "") -> str:
             if ys:
                 last = ys[-1]
                 text = f"{last:,.0f}" if last >= 100 or last == int(last) else f"{last:,.1f}"
-                ax.annotate(f"end: {text} {unit}".rstrip(), xy=(0.98, 0.06), xycoords="axes fraction",
-                            ha="right", va="bottom", fontsize="small",
-                            bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.85})
+                ax.annotate(
+                    f"end: {text} {unit}".rstrip(),
+                    xy=(0.98, 0.06),
+                    xycoords="axes fraction",
+                    ha="right",
+                    va="bottom",
+                    fontsize="small",
+                    bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.85},
+                )
             if r.violation is not None:
                 ax.axvline(r.violation.op_index, color="black", linestyle=":", linewidth=1)
             ax.grid(True, alpha=0.3)
@@ -54,9 +68,15 @@ def plot_fragmentation(results, path: str, title: str = "") -> str:
             xs = [k for k, _ in r.cost_series]
             ys = [1000 * v.walks for _, v in r.cost_series]
             ax.plot(xs, ys, color=colour, linewidth=1.4, marker="o", markersize=3)
-            ax.annotate(f"end: {ys[-1]:,.1f}", xy=(0.98, 0.06), xycoords="axes fraction", ha="right",
-                        va="bottom", fontsize="small",
-                        bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.85})
+            ax.annotate(
+                f"end: {ys[-1]:,.1f}",
+                xy=(0.98, 0.06),
+                xycoords="axes fraction",
+                ha="right",
+                va="bottom",
+                fontsize="small",
+                bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.85},
+            )
             ax.grid(True, alpha=0.3)
             if c == 0:
                 ax.set_ylabel(f"page walks / 1k accesses\n({r.cost_series[-1][1].pattern})")
@@ -74,8 +94,14 @@ def plot_fragmentation(results, path: str, title: str = "") -> str:
             for c, r in enumerate(results[1:], 1):
                 xs = [s[0] for s in r.samples]
                 ys = [(s[k + 1] - b[k + 1]) * scale for s, b in zip(r.samples, base.samples)]
-                ax.plot(xs, ys, color=COLOURS[c % len(COLOURS)], linewidth=1.4 + 0.8 * (len(results) - c),
-                        alpha=0.9, label=r.policy)
+                ax.plot(
+                    xs,
+                    ys,
+                    color=COLOURS[c % len(COLOURS)],
+                    linewidth=1.4 + 0.8 * (len(results) - c),
+                    alpha=0.9,
+                    label=r.policy,
+                )
             ax.axhline(0, color=COLOURS[0], linewidth=1)
             ax.grid(True, alpha=0.3)
             ax.yaxis.tick_right()
@@ -85,8 +111,15 @@ def plot_fragmentation(results, path: str, title: str = "") -> str:
             for c, r in enumerate(results[1:], 1):
                 xs = [k for k, _ in r.cost_series]
                 ys = [1000 * (v.walks - b.walks) for (_, v), (_, b) in zip(r.cost_series, base.cost_series)]
-                ax.plot(xs, ys, color=COLOURS[c % len(COLOURS)], marker="o", markersize=3,
-                        linewidth=1.4 + 0.8 * (len(results) - c), alpha=0.9)
+                ax.plot(
+                    xs,
+                    ys,
+                    color=COLOURS[c % len(COLOURS)],
+                    marker="o",
+                    markersize=3,
+                    linewidth=1.4 + 0.8 * (len(results) - c),
+                    alpha=0.9,
+                )
             ax.axhline(0, color=COLOURS[0], linewidth=1)
             ax.grid(True, alpha=0.3)
             ax.yaxis.tick_right()

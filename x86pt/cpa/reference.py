@@ -15,6 +15,7 @@ validator's (b) covers them.
 Ops it understands: the set_memory_* API, set_direct_map_*, kernel_map_pages, `cpa`, `oob`,
 vmap/vunmap. Hot-plug ops are refused (the direct map's extent changes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,13 +27,13 @@ from x86pt.errors import BadInputError
 from x86pt.fields import BIT_P, BIT_RW, BIT_XD
 
 _P, _RW, _NX = BIT_P, BIT_RW, BIT_XD
-_NO_ALIAS = 8          # CPA_NO_CHECK_ALIAS
+_NO_ALIAS = 8  # CPA_NO_CHECK_ALIAS
 
 
 @dataclass(frozen=True)
 class Difference:
     va: int
-    what: str          # "present" | "frame" | "writable" | "executable"
+    what: str  # "present" | "frame" | "writable" | "executable"
     got: object
     want: object
 
@@ -48,7 +49,7 @@ class BruteForce:
         self.po = m.page_offset
         self.version = m.version
         lay = m.layout
-        self.ram = [(s, e) for s, e in m.ram]            # pfn ranges mapped at boot
+        self.ram = [(s, e) for s, e in m.ram]  # pfn ranges mapped at boot
         self.pfns = np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in self.ram])
         self.vas = (self.pfns.astype(np.uint64) << np.uint64(12)) + np.uint64(self.po)
         k = lay.kernel
@@ -56,11 +57,11 @@ class BruteForce:
         self.skm = lay.start_kernel_map
         self.phys_base = lay.phys_base
         self.kimg_size = lay.kernel_image_size
-        self.vm: dict[int, int] = {}                     # vmalloc page va -> pfn (from vmap ops)
+        self.vm: dict[int, int] = {}  # vmalloc page va -> pfn (from vmap ops)
         present, writable, executable, pa = self.observe(m)
         self.present = present.copy()
-        self.rw = writable.copy()                         # RW as the op sequence leaves it
-        self.nx = ~executable                             # (only meaningful while present)
+        self.rw = writable.copy()  # RW as the op sequence leaves it
+        self.nx = ~executable  # (only meaningful while present)
         bad = present & (pa != (self.pfns.astype(np.uint64) << np.uint64(12)))
         if bad.any():
             raise BadInputError(f"direct map does not map its own frame at start: {int(self.vas[bad][0]):#x}")
@@ -111,7 +112,7 @@ class BruteForce:
         if set_ & _NX:
             nx = True
         if p and self.rodata[0] <= pfn <= self.rodata[1]:
-            rw = False                                   # protect_rodata (by PFN, every alias)
+            rw = False  # protect_rodata (by PFN, every alias)
         self.present[i], self.rw[i], self.nx[i] = p, rw, nx
 
     def _frame_of(self, va: int) -> int | None:
@@ -131,7 +132,7 @@ class BruteForce:
             pfn = self._frame_of(va)
             if pfn is None:
                 if primary:
-                    return                       # __cpa_process_fault: -EFAULT ends the call
+                    return  # __cpa_process_fault: -EFAULT ends the call
                 continue
             i = self._dm_index(pfn)
             if i is None:
@@ -148,16 +149,21 @@ class BruteForce:
         name = op[0]
         ro_clr = _RW
         masks = {
-            "set_memory_ro": (0, ro_clr, 0), "set_memory_rw": (_RW, 0, 0),
-            "set_memory_x": (0, _NX, 0), "set_memory_nx": (_NX, 0, 0),
-            "set_memory_np": (0, _P, 0), "set_memory_np_noalias": (0, _P, _NO_ALIAS),
-            "set_memory_p": (_P, 0, 0), "set_memory_4k": (0, 0, 0),
-            "set_memory_global": (0, 0, 0), "set_memory_nonglobal": (0, 0, 0),
+            "set_memory_ro": (0, ro_clr, 0),
+            "set_memory_rw": (_RW, 0, 0),
+            "set_memory_x": (0, _NX, 0),
+            "set_memory_nx": (_NX, 0, 0),
+            "set_memory_np": (0, _P, 0),
+            "set_memory_np_noalias": (0, _P, _NO_ALIAS),
+            "set_memory_p": (_P, 0, 0),
+            "set_memory_4k": (0, 0, 0),
+            "set_memory_global": (0, 0, 0),
+            "set_memory_nonglobal": (0, 0, 0),
         }
         if name == "set_memory_rox":
             if v.native_rox:
                 self._call(op[1], op[2], 0, _RW | _NX)
-            else:                                        # generic: ro, then x
+            else:  # generic: ro, then x
                 self._call(op[1], op[2], 0, _RW)
                 self._call(op[1], op[2], 0, _NX)
         elif name in masks:
@@ -235,6 +241,7 @@ def brute_force_replay(model, ops: list[tuple]) -> tuple[int, list[Difference]] 
     """Replay `ops` on `model` (no validator), walking the whole direct map after each op; the
     first op whose result differs from the expectation, with its differences, or None."""
     from x86pt.cpa.trace import apply_op
+
     bf = BruteForce(model)
     for idx, op in enumerate(ops):
         bf.apply(op, model)

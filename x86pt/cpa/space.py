@@ -4,6 +4,7 @@ the kernel image's symbols as virtual addresses, direct_pages_count[] accounting
 (docs/cpa.md §5.1), and the one place every CPA write of an entry goes through (`write`), with
 the hooks the validator, the merge policies and the TLB model listen on.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -45,10 +46,10 @@ class KernelSpace(PageTables):
         # writer of the model (CPA, splits, in-place rewrites, the `oob` writer) keeps one
         # encoding per model, so an entry's frame always reads back as pte_pfn() would.
         self.l1tf_invert = False
-        self.running = False                 # system_state == SYSTEM_RUNNING
+        self.running = False  # system_state == SYSTEM_RUNNING
         self.kernel_set_to_readonly = False
         self.touched: set[int] | None = None  # (key << 2 | table level) written by the current op
-        self.nsp: SameProtCounts | None = None   # nr-same-prot bookkeeping (merge.NrSameProt)
+        self.nsp: SameProtCounts | None = None  # nr-same-prot bookkeeping (merge.NrSameProt)
         self.free_queue: list[int] = []
         # Called as flush_hook(kind, start, end) at each TLB flush the kernel issues, at the point
         # it issues it (x86pt.tlb.TlbReplay.flush): "all" (flush_tlb_all), "range" (cpa_flush of
@@ -67,7 +68,7 @@ class KernelSpace(PageTables):
         self.rodata_epfn = (k.end_rodata >> 12) - 1
         self.highmap_spfn = k.text >> 12
         self.highmap_epfn = (-(-k.brk_end // PMD_SIZE) * PMD_SIZE - 1) >> 12
-        self.ram: list[tuple[int, int]] = []       # pfn ranges mapped (pfn_mapped[])
+        self.ram: list[tuple[int, int]] = []  # pfn ranges mapped (pfn_mapped[])
         self._ram_starts: list[int] = []
         self.max_pfn_mapped = 0
         self.default_prot = PAGE_KERNEL & ~(GLOBAL if lo.pti else 0)
@@ -124,7 +125,7 @@ class KernelSpace(PageTables):
     def split_page_count(self, level: int) -> None:
         c = self.counters
         if level == 2:
-            if c.dpc2m == 0:                  # the kernel does nothing at all then
+            if c.dpc2m == 0:  # the kernel does nothing at all then
                 return
             c.dpc2m -= 1
             c.dpc4k += 512

@@ -5,27 +5,38 @@ Functions take the kernel space (space.KernelSpace, the CPA model) and the call'
 their first arguments; they are the kernel's `__should_split_large_page` and `__split_large_page`
 steps, written from the spec's description.
 """
+
 from __future__ import annotations
 
-from x86pt.cpa.kernel import (GLOBAL, KERNPG_TABLE, P, PMD_PFN_MASK, PSE, PTE_PFN_MASK,
-                              PUD_PFN_MASK, U64, Call, k4_2_large, large_2_4k)
+from x86pt.cpa.kernel import (
+    GLOBAL,
+    KERNPG_TABLE,
+    P,
+    PMD_PFN_MASK,
+    PSE,
+    PTE_PFN_MASK,
+    PUD_PFN_MASK,
+    U64,
+    Call,
+    k4_2_large,
+    large_2_4k,
+)
 from x86pt.cpa.protect import static_protections, verify_rwx
 from x86pt.cpa.space import KernelSpace
 from x86pt.cpa.tables import Table, run_table, table_of, xor_table
 
 
-def should_split(m: KernelSpace, c: Call, level: int, t: Table, i: int, address: int,
-                 numpages: int) -> int:
+def should_split(m: KernelSpace, c: Call, level: int, t: Table, i: int, address: int, numpages: int) -> int:
     """__should_split_large_page. Returns pages consumed (> 0: leaf kept or rewritten) or 0:
     split and retry. Step numbers refer to docs/cpa.md §4.4."""
-    if c.force_split:                          # step 1
+    if c.force_split:  # step 1
         return 0
-    psize, old_prot, old_pfn = _large_leaf(m, level, t[i])       # step 2
+    psize, old_prot, old_pfn = _large_leaf(m, level, t[i])  # step 2
     lpaddr = address & ~(psize - 1)
     n_in = (lpaddr + psize - address) >> 12
-    if numpages > n_in:                        # step 3: clip to this large page
+    if numpages > n_in:  # step 3: clip to this large page
         numpages = n_in
-    req = _requested_prot(c, old_prot)         # step 4
+    req = _requested_prot(c, old_prot)  # step 4
     c.pfn = old_pfn + ((address & (psize - 1)) >> 12)
     npl = psize >> 12
     # step 5: the existing mapping must already obey the static protections
@@ -33,19 +44,19 @@ def should_split(m: KernelSpace, c: Call, level: int, t: Table, i: int, address:
         m.counters.static_conflicts += 1
         c.force_static_prot = True
         return 0
-    if req == old_prot:                        # step 6: same prot, keep (any alignment)
+    if req == old_prot:  # step 6: same prot, keep (any alignment)
         if level == 2:
             m.counters.sameprot_2m += 1
         else:
             m.counters.sameprot_1g += 1
         return numpages
-    if address != lpaddr or numpages != npl:   # step 7: partial coverage
+    if address != lpaddr or numpages != npl:  # step 7: partial coverage
         return 0
-    new = static_protections(m, req, lpaddr, old_pfn, npl, psize)   # step 8
+    new = static_protections(m, req, lpaddr, old_pfn, npl, psize)  # step 8
     verify_rwx(m, old_prot, new)
-    if new != req:                             # step 9: a static protection forbids part
+    if new != req:  # step 9: a static protection forbids part
         return 0
-    _rewrite_leaf(m, c, level, t, i, address, old_pfn, new)        # step 10
+    _rewrite_leaf(m, c, level, t, i, address, old_pfn, new)  # step 10
     return numpages
 
 
@@ -70,11 +81,12 @@ def _requested_prot(c: Call, old_prot: int) -> int:
     req = k4_2_large((large_2_4k(old_prot) & ~c.clr) | c.set)
     if req & P:
         return req | PSE
-    return req & ~GLOBAL                       # pgprot_clear_protnone_bits
+    return req & ~GLOBAL  # pgprot_clear_protnone_bits
 
 
-def _rewrite_leaf(m: KernelSpace, c: Call, level: int, t: Table, i: int, address: int,
-                  old_pfn: int, new: int) -> None:
+def _rewrite_leaf(
+    m: KernelSpace, c: Call, level: int, t: Table, i: int, address: int, old_pfn: int, new: int
+) -> None:
     """__set_pmd_pte(pfn_pte(old_pfn, new)) in place; pfn_pte stores the frame inverted when the
     new prot is non-present (L1TF), whatever the old entry held. Counts "preserved"."""
     frame = old_pfn << 12
@@ -113,20 +125,20 @@ def _split_reference(m: KernelSpace, level: int, old: int) -> tuple[int, int]:
         ref &= ~GLOBAL
     base = old & fmask
     if not old & P and m.l1tf_invert:
-        base = ~old & fmask                     # pmd_pfn/pud_pfn undo the L1TF inversion
+        base = ~old & fmask  # pmd_pfn/pud_pfn undo the L1TF inversion
     return ref, base
 
 
-def _split_children(m: KernelSpace, c: Call, level: int, ref: int, base: int,
-                    address: int) -> Table:
+def _split_children(m: KernelSpace, c: Call, level: int, ref: int, base: int, address: int) -> Table:
     """The 512 entries of the new table: frames one child apart with the reference protection,
     each 4K child filtered by the static protections when the leaf broke them (force_static_prot)."""
     inc = 1 << 12 if level == 2 else 1 << 21
     if c.force_static_prot and level == 2:
         lpaddr = address & ~((1 << 21) - 1)
-        children = table_of((base + k * inc) | static_protections(m, ref, lpaddr + k * inc,
-                                                                   (base + k * inc) >> 12, 1, 0)
-                            for k in range(512))
+        children = table_of(
+            (base + k * inc) | static_protections(m, ref, lpaddr + k * inc, (base + k * inc) >> 12, 1, 0)
+            for k in range(512)
+        )
     else:
         # a PUD split cannot be fixed up ("Cannot fixup static protections for PUD split")
         children = run_table(base | ref, inc)
@@ -136,8 +148,9 @@ def _split_children(m: KernelSpace, c: Call, level: int, ref: int, base: int,
     return children
 
 
-def _install_split(m: KernelSpace, level: int, t: Table, i: int, address: int, children: Table,
-                   ref: int) -> None:
+def _install_split(
+    m: KernelSpace, level: int, t: Table, i: int, address: int, children: Table, ref: int
+) -> None:
     """Hang the new table under the leaf's slot: a page from the pool, direct_pages_count moved
     one level down (when the address is counted), the parent entry rewritten as _KERNPG_TABLE
     through the CPA write, and flush_tlb_all."""

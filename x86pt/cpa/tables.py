@@ -14,6 +14,7 @@ importer.py): a write through one key is seen through all of them, as on hardwar
 Whole-table work (a split's 512 children, a merge's contiguity test, a census) goes through the
 functions below, which use numpy on the table's buffer where it pays.
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,7 +33,7 @@ M57 = (1 << 57) - 1
 ENTRIES = 512
 _ZERO_PAGE = bytes(8 * ENTRIES)
 
-Table: TypeAlias = "array[int]"   # array('Q') of 512 entries
+Table: TypeAlias = "array[int]"  # array('Q') of 512 entries
 
 
 def zero_table() -> Table:
@@ -54,14 +55,14 @@ def table_from_bytes(data: bytes) -> Table:
         raise ValueError(f"a page table is {8 * ENTRIES} bytes, not {len(data)}")
     t = array("Q")
     t.frombytes(data)
-    if sys.byteorder != "little":     # pragma: no cover
+    if sys.byteorder != "little":  # pragma: no cover
         t.byteswap()
     return t
 
 
 def table_bytes(t: Table) -> bytes:
     """The 4 KiB little-endian image of a table page."""
-    if sys.byteorder != "little":     # pragma: no cover
+    if sys.byteorder != "little":  # pragma: no cover
         t = array("Q", t)
         t.byteswap()
     return t.tobytes()
@@ -70,6 +71,7 @@ def table_bytes(t: Table) -> bytes:
 def entries(t: Table) -> NDArray[np.uint64]:
     """The table's entries as a numpy view (no copy; valid while the table lives)."""
     import numpy as np
+
     return np.frombuffer(t, dtype=np.uint64)
 
 
@@ -83,6 +85,7 @@ def run_table(first: int, step: int) -> Table:
     steps = _steps.get(step)
     if steps is None:
         import numpy as np
+
         steps = _steps[step] = np.arange(ENTRIES, dtype=np.uint64) * np.uint64(step)
     t = array("Q")
     t.frombytes((steps + first).tobytes())
@@ -92,6 +95,7 @@ def run_table(first: int, step: int) -> Table:
 def xor_table(t: Table, mask: int) -> Table:
     """Every entry of `t` XOR `mask` (a new table)."""
     import numpy as np
+
     out = array("Q")
     out.frombytes((entries(t) ^ np.uint64(mask)).tobytes())
     return out
@@ -117,7 +121,7 @@ class TablePool:
         self.taken = taken or set()
         self.in_use = 0
         self.high_water = 0
-        self.gen = 0            # bumped by every alloc/release: a table may have moved
+        self.gen = 0  # bumped by every alloc/release: a table may have moved
 
     def alloc(self) -> int:
         pa = self.free.pop() if self.free else self._fresh()
@@ -161,7 +165,7 @@ class PageTables:
         self.p4d: dict[int, Table] = {}
         self.vmask = M48
         self.levels = 4
-        self.shared: frozenset[int] = frozenset()   # table pages with several parents (ESPfix)
+        self.shared: frozenset[int] = frozenset()  # table pages with several parents (ESPfix)
 
     def set_levels(self, levels: int) -> None:
         """4- or 5-level paging (LA57): the width of the key space and whether a P4D level sits

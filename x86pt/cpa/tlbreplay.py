@@ -12,6 +12,7 @@ an op whose flush is its own (not set_direct_map_*_noflush, kernel_map_pages, a 
 alias`, or kfence's `oob`, whose flushes belong to the caller or are local by design), is a
 finding; every window still open at the trace's end is one too.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,8 +28,12 @@ PAGE = 4096
 # (DEBUG_PAGEALLOC: a local flush only, arch/x86/mm/pat/set_memory.c), a bare alias call (its
 # flush is the enclosing call's), kfence's PTE write (arch/x86/include/asm/kfence.h: a local
 # flush_tlb_one_kernel; other CPUs may keep the old entry, which kfence accepts).
-CALLER_FLUSHES = ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush",
-                  "kernel_map_pages", "oob")
+CALLER_FLUSHES = (
+    "set_direct_map_invalid_noflush",
+    "set_direct_map_default_noflush",
+    "kernel_map_pages",
+    "oob",
+)
 TLB_NAMES = frozenset(TLB_OPS)
 
 
@@ -118,9 +123,13 @@ class OpReport:
     flushes: list[dict]
 
     def to_json(self) -> dict:
-        return {"index": self.index, "op": self.op,
-                "differences": [d.to_json() for d in self.differences],
-                "closed": [w.to_json() for w in self.closed], "flushes": self.flushes}
+        return {
+            "index": self.index,
+            "op": self.op,
+            "differences": [d.to_json() for d in self.differences],
+            "closed": [w.to_json() for w in self.closed],
+            "flushes": self.flushes,
+        }
 
 
 @dataclass
@@ -156,32 +165,52 @@ class TlbResult:
         return bool(self.findings) or any(w.severity == "dangerous" for w in self.open_at_end)
 
     def to_json(self) -> dict:
-        return {"cpus": self.ncpus, "assume": self.assume, "flushes": self.flushes_from,
-                "kernel": self.kernel, "ops": self.ops, "seconds": round(self.seconds, 3),
-                "ops_per_s": round(self.ops / self.seconds) if self.seconds else None,
-                "flushes_done": {"flush_all": self.flush_all_done, "invlpg_pages": self.invlpg_pages_done},
-                "model_counters": {"flush_all": self.counters.get("flush_all", 0),
-                                   "invlpg_pages": self.counters.get("invlpg_pages", 0)},
-                "ops_with_differences": [r.to_json() for r in self.reports],
-                "windows_closed": [w.to_json() for w in self.closed],
-                "dangerous_at_end_of_call": [f.to_json() for f in self.findings],
-                "open_at_end": [w.to_json() for w in self.open_at_end],
-                "ok": not self.failed}
+        return {
+            "cpus": self.ncpus,
+            "assume": self.assume,
+            "flushes": self.flushes_from,
+            "kernel": self.kernel,
+            "ops": self.ops,
+            "seconds": round(self.seconds, 3),
+            "ops_per_s": round(self.ops / self.seconds) if self.seconds else None,
+            "flushes_done": {"flush_all": self.flush_all_done, "invlpg_pages": self.invlpg_pages_done},
+            "model_counters": {
+                "flush_all": self.counters.get("flush_all", 0),
+                "invlpg_pages": self.counters.get("invlpg_pages", 0),
+            },
+            "ops_with_differences": [r.to_json() for r in self.reports],
+            "windows_closed": [w.to_json() for w in self.closed],
+            "dangerous_at_end_of_call": [f.to_json() for f in self.findings],
+            "open_at_end": [w.to_json() for w in self.open_at_end],
+            "ok": not self.failed,
+        }
 
 
 def _flush_json(d: FlushDone) -> dict:
     if d.full:
         return {"full": True, "cpus": list(d.cpus)}
-    return {"pages": [hex(p) for p in d.pages[:8]] + (["…"] if len(d.pages) > 8 else []),
-            "npages": len(d.pages), "cpus": list(d.cpus)}
+    return {
+        "pages": [hex(p) for p in d.pages[:8]] + (["…"] if len(d.pages) > 8 else []),
+        "npages": len(d.pages),
+        "cpus": list(d.cpus),
+    }
 
 
-def replay_tlb(m: CpaModel, ops: list[tuple], *, ncpus: int = 2, assume: str = "speculate",
-               flushes: str = "model", runner_cpu: int = 0, on_flush=None) -> TlbResult:
+def replay_tlb(
+    m: CpaModel,
+    ops: list[tuple],
+    *,
+    ncpus: int = 2,
+    assume: str = "speculate",
+    flushes: str = "model",
+    runner_cpu: int = 0,
+    on_flush=None,
+) -> TlbResult:
     """Replay `ops` on `m` with the TLB model. `runner_cpu` is the CPU that runs each op: the
     target of local flushes (kernel_map_pages, kfence). `on_flush(index, kind, start, end)` is
     told of every flush the CPA model issues (also when flushes come from the trace)."""
     from x86pt.cpa.trace import apply_op, format_op
+
     mem = LiveTables(m)
     kernel = m.version.name
     r = TlbReplay(mem, m.paging_state(), ncpus, kernel=kernel, assume=assume, flushes=flushes)
@@ -197,8 +226,8 @@ def replay_tlb(m: CpaModel, ops: list[tuple], *, ncpus: int = 2, assume: str = "
 
     m.flush_hook = hook
     before = m.counters.snapshot()
-    checked: set[int] = set()          # ops whose windows are checked at the end of their call
-    pending: tuple[int, str] | None = None   # the last API call, ended by the next non-TLB op
+    checked: set[int] = set()  # ops whose windows are checked at the end of their call
+    pending: tuple[int, str] | None = None  # the last API call, ended by the next non-TLB op
     t0 = time.perf_counter()
 
     def end_call() -> None:
@@ -239,37 +268,49 @@ def replay_tlb(m: CpaModel, ops: list[tuple], *, ncpus: int = 2, assume: str = "
     every = tuple(range(ncpus))
     res.flush_all_done = sum(d.full for d in r.flushes_done if d.cpus == every)
     res.invlpg_pages_done = sum(len(d.pages) for d in r.flushes_done if not d.full and d.cpus == every)
-    res.counters = {k: v - before.get(k, 0) for k, v in m.counters.snapshot().items()
-                    if isinstance(v, int)}
+    res.counters = {k: v - before.get(k, 0) for k, v in m.counters.snapshot().items() if isinstance(v, int)}
     return res
 
 
 def op_text(op: tuple) -> str:
     from x86pt.cpa.trace import format_op
+
     return format_op(op)
 
 
 def render_text(res: TlbResult) -> str:
     """The human report: each op with differences, then the findings."""
-    out = [f"TLB model: {res.ncpus} CPUs, fills {res.assume}, flushes from the {res.flushes_from}, "
-           f"kernel {res.kernel}; {res.ops} ops"]
+    out = [
+        f"TLB model: {res.ncpus} CPUs, fills {res.assume}, flushes from the {res.flushes_from}, "
+        f"kernel {res.kernel}; {res.ops} ops"
+    ]
     for rep in res.reports:
         out.append(f"op {rep.index}: {rep.op}")
         for d in rep.differences:
-            out.append(f"  cpu {d.cpu} {d.start & U64:#x}-{d.end & U64:#x} {d.kind:<7} {d.severity:<9} "
-                       f"cached: {d.cached}; tables: {d.current}")
+            out.append(
+                f"  cpu {d.cpu} {d.start & U64:#x}-{d.end & U64:#x} {d.kind:<7} {d.severity:<9} "
+                f"cached: {d.cached}; tables: {d.current}"
+            )
         for w in rep.closed:
-            out.append(f"  closed: cpu {w.cpu} {w.start:#x}-{w.end:#x} {w.kind} {w.severity} "
-                       f"(opened at op {w.opened})")
+            out.append(
+                f"  closed: cpu {w.cpu} {w.start:#x}-{w.end:#x} {w.kind} {w.severity} "
+                f"(opened at op {w.opened})"
+            )
     for f in res.findings:
         for w in f.windows:
-            out.append(f"DANGEROUS at the end of op {f.index} ({f.op}): cpu {w.cpu} "
-                       f"{w.start:#x}-{w.end:#x} {w.kind}, open since op {w.opened}")
+            out.append(
+                f"DANGEROUS at the end of op {f.index} ({f.op}): cpu {w.cpu} "
+                f"{w.start:#x}-{w.end:#x} {w.kind}, open since op {w.opened}"
+            )
     for w in res.open_at_end:
-        out.append(f"open at the end of the trace: cpu {w.cpu} {w.start:#x}-{w.end:#x} {w.kind} "
-                   f"{w.severity}, since op {w.opened}")
-    out.append(f"flushes done: {res.flush_all_done} full, {res.invlpg_pages_done} INVLPG pages "
-               f"(model counters over the trace: flush_all {res.counters.get('flush_all', 0)}, "
-               f"invlpg_pages {res.counters.get('invlpg_pages', 0)})")
+        out.append(
+            f"open at the end of the trace: cpu {w.cpu} {w.start:#x}-{w.end:#x} {w.kind} "
+            f"{w.severity}, since op {w.opened}"
+        )
+    out.append(
+        f"flushes done: {res.flush_all_done} full, {res.invlpg_pages_done} INVLPG pages "
+        f"(model counters over the trace: flush_all {res.counters.get('flush_all', 0)}, "
+        f"invlpg_pages {res.counters.get('invlpg_pages', 0)})"
+    )
     out.append("result: " + ("DANGEROUS WINDOW" if res.failed else "ok"))
     return "\n".join(out)

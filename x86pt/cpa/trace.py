@@ -19,6 +19,7 @@ one bare __change_page_attr_set_clr(primary=0) as the kernel's nested alias call
 The replay driver runs a parsed trace on a CpaModel, with optional incremental validation,
 samples for the fragmentation plot, and minimisation of a failing trace.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,8 +34,17 @@ from x86pt.errors import BadInputError
 from x86pt.memory.atomic import write_text_atomic
 
 API_NAMES = tuple(API)
-OTHER = ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "kernel_map_pages",
-         "cpa", "oob", "vmap", "vunmap", "memory_add", "memory_remove")
+OTHER = (
+    "set_direct_map_invalid_noflush",
+    "set_direct_map_default_noflush",
+    "kernel_map_pages",
+    "cpa",
+    "oob",
+    "vmap",
+    "vunmap",
+    "memory_add",
+    "memory_remove",
+)
 U64MAX = (1 << 64) - 1
 TLB_NAMES = frozenset(tlb.TLB_OPS)
 
@@ -71,11 +81,14 @@ def parse_line(line: str, where: str = "trace") -> tuple | None:
     if name == "kernel_map_pages":
         if len(args) != 3 or args[2] not in ("0", "1"):
             raise BadInputError(f"{where}: kernel_map_pages takes ADDR NPAGES 0|1")
-        return MapPages(name, _num(args[0], "address", where), _num(args[1], "page count", where),
-                        int(args[2]))
+        return MapPages(
+            name, _num(args[0], "address", where), _num(args[1], "page count", where), int(args[2])
+        )
     if name in ("cpa", "oob"):
         if len(args) < (2 if name == "oob" else 3):
-            raise BadInputError(f"{where}: {name} needs ADDR{' NPAGES' if name == 'cpa' else ''} set=.. clr=..")
+            raise BadInputError(
+                f"{where}: {name} needs ADDR{' NPAGES' if name == 'cpa' else ''} set=.. clr=.."
+            )
         addr = _num(args[0], "address", where)
         rest = args[1:]
         n = 1
@@ -107,8 +120,13 @@ def parse_line(line: str, where: str = "trace") -> tuple | None:
     if name == "vmap":
         if len(args) not in (3, 4) or (len(args) == 4 and args[3] != "huge"):
             raise BadInputError(f"{where}: vmap takes ADDR PA NPAGES [huge]")
-        return Vmap("vmap", _num(args[0], "address", where), _num(args[1], "physical address", where),
-                    _num(args[2], "page count", where), len(args) == 4)
+        return Vmap(
+            "vmap",
+            _num(args[0], "address", where),
+            _num(args[1], "physical address", where),
+            _num(args[2], "page count", where),
+            len(args) == 4,
+        )
     if name == "vunmap":
         if len(args) != 2:
             raise BadInputError(f"{where}: vunmap takes ADDR NPAGES")
@@ -120,7 +138,9 @@ def parse_line(line: str, where: str = "trace") -> tuple | None:
     op = tlb.parse_tlb_line(line, where)
     if op is not None:
         return op
-    raise BadInputError(f"{where}: unknown operation {name!r} (known: {', '.join(API_NAMES + OTHER + tlb.TLB_OPS)})")
+    raise BadInputError(
+        f"{where}: unknown operation {name!r} (known: {', '.join(API_NAMES + OTHER + tlb.TLB_OPS)})"
+    )
 
 
 def format_op(op: tuple) -> str:
@@ -135,8 +155,12 @@ def format_op(op: tuple) -> str:
         return f"{name} {op[1]:#x} {op[2]} {op[3]}"
     if name == "cpa":
         _, a, n, s, c, fl, prim, fs = op
-        return (f"cpa {a:#x} {n} set={s:#x} clr={c:#x}" + (f" flags={fl:#x}" if fl else "")
-                + ("" if prim else " alias") + (" force_split" if fs else ""))
+        return (
+            f"cpa {a:#x} {n} set={s:#x} clr={c:#x}"
+            + (f" flags={fl:#x}" if fl else "")
+            + ("" if prim else " alias")
+            + (" force_split" if fs else "")
+        )
     if name == "oob":
         return f"oob {op[1]:#x} set={op[2]:#x} clr={op[3]:#x}"
     if name == "vmap":
@@ -213,31 +237,54 @@ class ReplayResult:
 
     def summary(self) -> dict:
         c = self.counters
-        return {"policy": self.policy, "kernel": self.kernel, "layout": self.layout, "ops": self.ops,
-                "seconds": round(self.seconds, 3),
-                "ops_per_s": round(self.ops / self.seconds) if self.seconds else None,
-                **self.meminfo, "split_2m": c["split_2m"], "split_1g": c["split_1g"],
-                "collapse_2m": c["collapse_2m"], "collapse_1g": c["collapse_1g"],
-                "merge_2m": c["merge_2m"], "merge_1g": c["merge_1g"], "tables": self.tables,
-                "tables_allocated": c["tables_allocated"], "tables_freed": c["tables_freed"],
-                "flush_all": c["flush_all"], "flush_all_split": c["flush_all_split"],
-                "invlpg_pages": c["invlpg_pages"], "oob_rejected": c["oob_rejected"],
-                "violation": str(self.violation) if self.violation else None}
+        return {
+            "policy": self.policy,
+            "kernel": self.kernel,
+            "layout": self.layout,
+            "ops": self.ops,
+            "seconds": round(self.seconds, 3),
+            "ops_per_s": round(self.ops / self.seconds) if self.seconds else None,
+            **self.meminfo,
+            "split_2m": c["split_2m"],
+            "split_1g": c["split_1g"],
+            "collapse_2m": c["collapse_2m"],
+            "collapse_1g": c["collapse_1g"],
+            "merge_2m": c["merge_2m"],
+            "merge_1g": c["merge_1g"],
+            "tables": self.tables,
+            "tables_allocated": c["tables_allocated"],
+            "tables_freed": c["tables_freed"],
+            "flush_all": c["flush_all"],
+            "flush_all_split": c["flush_all_split"],
+            "invlpg_pages": c["invlpg_pages"],
+            "oob_rejected": c["oob_rejected"],
+            "violation": str(self.violation) if self.violation else None,
+        }
 
 
 def new_model(layout, kernel: str, policy: str, image=None) -> CpaModel:
     if image is not None:
         from x86pt.cpa.importer import model_from_image
+
         return model_from_image(image, layout, kernel, policy)
     return CpaModel(layout, kernel, policy)
 
 
-def replay(m: CpaModel, ops: list[tuple], *, validate: bool = False, checks: str = "abcd",
-           samples: int = 400, progress: Callable[[int, int], None] | None = None,
-           dump_at: int | None = None, on_dump: Callable[[CpaModel, int], None] | None = None,
-           stop_on_violation: bool = True, checkpoints: frozenset[int] = frozenset(),
-           on_checkpoint: Callable[[CpaModel, int], None] | None = None,
-           oracle_check=None) -> ReplayResult:
+def replay(
+    m: CpaModel,
+    ops: list[tuple],
+    *,
+    validate: bool = False,
+    checks: str = "abcd",
+    samples: int = 400,
+    progress: Callable[[int, int], None] | None = None,
+    dump_at: int | None = None,
+    on_dump: Callable[[CpaModel, int], None] | None = None,
+    stop_on_violation: bool = True,
+    checkpoints: frozenset[int] = frozenset(),
+    on_checkpoint: Callable[[CpaModel, int], None] | None = None,
+    oracle_check=None,
+) -> ReplayResult:
     """Run `ops` on `m`. With `validate`, check after each op (first violation stops).
     `on_checkpoint(m, done)` runs after `done` ops for each `done` in `checkpoints`.
     `oracle_check` (an x86pt.cpa.oracle_probe.OracleCheck) decides invariant (e) when `checks`
@@ -261,7 +308,7 @@ def replay(m: CpaModel, ops: list[tuple], *, validate: bool = False, checks: str
             break
         f = api.get(op[0])
         if f is None and op[0] in TLB_NAMES:
-            continue                    # no table changes (the TLB model's, under --tlb)
+            continue  # no table changes (the TLB model's, under --tlb)
         if track:
             m.touched = set()
         res = f(m, op[1], op[2]) if f is not None else apply_op(m, op)
@@ -286,25 +333,43 @@ def replay(m: CpaModel, ops: list[tuple], *, validate: bool = False, checks: str
         progress(n, n)
     done = (idx + 1) if not (violation and stop_on_violation and violation.op_index < idx) else idx
     series.append((done, c.dpc4k, c.dpc2m, c.dpc1g, m.table_count()))
-    return ReplayResult(pol.name, m.version.name, m.layout.name, done, secs, c.snapshot(),
-                        c.meminfo(m.layout.gbpages), m.table_count(), m.pool.high_water,
-                        violation, series, tuple(x for x in (pol.note,) if x),
-                        val.pages_checked if val else 0)
+    return ReplayResult(
+        pol.name,
+        m.version.name,
+        m.layout.name,
+        done,
+        secs,
+        c.snapshot(),
+        c.meminfo(m.layout.gbpages),
+        m.table_count(),
+        m.pool.high_water,
+        violation,
+        series,
+        tuple(x for x in (pol.note,) if x),
+        val.pages_checked if val else 0,
+    )
 
 
-def reproduces(make: Callable[[], CpaModel], ops: list[tuple], invariant: str, checks: str,
-               oracle_check=None) -> bool:
+def reproduces(
+    make: Callable[[], CpaModel], ops: list[tuple], invariant: str, checks: str, oracle_check=None
+) -> bool:
     m = make()
     r = replay(m, ops, validate=True, checks=checks, samples=0, oracle_check=oracle_check)
     return r.violation is not None and r.violation.invariant == invariant
 
 
-def minimise(make: Callable[[], CpaModel], ops: list[tuple], violation: Violation,
-             checks: str = "abcd", budget_s: float = 30.0, oracle_check=None) -> list[tuple]:
+def minimise(
+    make: Callable[[], CpaModel],
+    ops: list[tuple],
+    violation: Violation,
+    checks: str = "abcd",
+    budget_s: float = 30.0,
+    oracle_check=None,
+) -> list[tuple]:
     """A small trace that still violates the same invariant: the shortest failing suffix of the
     prefix up to the failing op, then delta debugging (ddmin) within a time budget."""
     deadline = time.monotonic() + budget_s
-    prefix = ops[:violation.op_index + 1]
+    prefix = ops[: violation.op_index + 1]
     inv = violation.invariant
     w = 1
     cur = prefix
@@ -321,7 +386,7 @@ def minimise(make: Callable[[], CpaModel], ops: list[tuple], violation: Violatio
         chunk = max(1, len(cur) // n)
         reduced = False
         for i in range(0, len(cur), chunk):
-            cand = cur[:i] + cur[i + chunk:]
+            cand = cur[:i] + cur[i + chunk :]
             if cand and reproduces(make, cand, inv, checks, oracle_check):
                 cur = cand
                 n = max(n - 1, 2)

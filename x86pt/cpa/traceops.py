@@ -3,6 +3,7 @@ tuples: `op[0]` is always the operation's name and the fields follow in the orde
 gives them, so code that indexes them and code that names the fields read the same op (and an op
 equals the plain tuple of its fields). The TLB operations of x86pt.tlb keep their own tuples.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -12,21 +12,36 @@ The reference is written from the API's definition (docs/cpa.md §3, §4.6, §4.
 not from the model's code path: that is what lets it catch a merge or split that changes a
 translation.
 """
+
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from x86pt.cpa.kernel import (CPA_NO_CHECK_ALIAS, DIRTY, GLOBAL, KERNEL_4K, NX, P, PMD_PFN_MASK,
-                              PSE, PTE_PFN_MASK, PUD_PFN_MASK, RW, U64, flags_of, large_2_4k)
+from x86pt.cpa.kernel import (
+    CPA_NO_CHECK_ALIAS,
+    DIRTY,
+    GLOBAL,
+    KERNEL_4K,
+    NX,
+    P,
+    PMD_PFN_MASK,
+    PSE,
+    PTE_PFN_MASK,
+    PUD_PFN_MASK,
+    RW,
+    U64,
+    flags_of,
+    large_2_4k,
+)
 from x86pt.cpa.tables import Table, entries, run_table, table_of, xor_table, zero_table
 
-M48 = (1 << 48) - 1          # 4-level key space (oracle_probe.py); the validator uses m.vmask
+M48 = (1 << 48) - 1  # 4-level key space (oracle_probe.py); the validator uses m.vmask
 HI = ~M48 & U64
 _MISSING: Any = object()
-_IRREGULAR = object()        # a 2M region the replay-start tables do not give as one table or run
-_ZERO = zero_table()         # never written
+_IRREGULAR = object()  # a 2M region the replay-start tables do not give as one table or run
+_ZERO = zero_table()  # never written
 _P_PSE = P | PSE
 _FLAGS = ~PTE_PFN_MASK & U64
 
@@ -34,7 +49,7 @@ _FLAGS = ~PTE_PFN_MASK & U64
 @dataclass(frozen=True)
 class Violation:
     op_index: int
-    invariant: str      # a | b | c | d | e
+    invariant: str  # a | b | c | d | e
     message: str
 
     def __str__(self) -> str:
@@ -47,11 +62,11 @@ class Reference:
     def __init__(self, m) -> None:
         self.m = m
         self.v = m.version
-        self.vmask = m.vmask                 # 48-bit keys, or 57-bit with LA57 (as the model's)
-        self.s3 = {k: t[:] for k, t in m.t3.items()}      # copies of the tables
+        self.vmask = m.vmask  # 48-bit keys, or 57-bit with LA57 (as the model's)
+        self.s3 = {k: t[:] for k, t in m.t3.items()}  # copies of the tables
         self.s2 = {k: t[:] for k, t in m.t2.items()}
         self.s1 = {k: t[:] for k, t in m.t1.items()}
-        self.over: dict[int, tuple[int, int] | None] = {}    # vp (48-bit va >> 12) -> (pfn, flags)
+        self.over: dict[int, tuple[int, int] | None] = {}  # vp (48-bit va >> 12) -> (pfn, flags)
         # The 512 PTEs the reference asks for in each 2M region with overrides (va >> 21 ->
         # table), built at the region's first override and kept up to date by put(); the 1G
         # regions holding one (va >> 30). After a hot-plug event the validator compares page
@@ -59,9 +74,9 @@ class Reference:
         self.exp: dict[int, Table] = {}
         self.ov1g: set[int] = set()
         self.ov2m: dict[int, set[int]] = {}
-        self.changed: list[int] = []      # pages (va >> 12) put() since the validator looked
+        self.changed: list[int] = []  # pages (va >> 12) put() since the validator looked
         self.l1tf = m.l1tf_invert
-        self.events: list[tuple[int, int, bool]] = []         # hotplug (spfn, epfn, added)
+        self.events: list[tuple[int, int, bool]] = []  # hotplug (spfn, epfn, added)
         self.ram = list(m.ram)
         self.want4k: set[int] = set()
         lo = m.layout
@@ -162,14 +177,13 @@ class Reference:
             self.ov1g.add(k2 >> 9)
             base = self.base_2m(k2)
             if base is _IRREGULAR:
-                return                       # compared page by page
+                return  # compared page by page
             t = self.exp[k2] = self.as_table(base)[:]
         if val is None:
             t[vp & 511] = 0
         else:
-            pfn, fl = val                    # enc(), inlined
-            t[vp & 511] = ((~(pfn << 12) & PTE_PFN_MASK) | fl if not fl & P and self.l1tf
-                           else (pfn << 12) | fl)
+            pfn, fl = val  # enc(), inlined
+            t[vp & 511] = (~(pfn << 12) & PTE_PFN_MASK) | fl if not fl & P and self.l1tf else (pfn << 12) | fl
 
     def base_2m(self, k2: int) -> object:
         """The replay-start tables' 4K entries for 2M region k2 (va >> 21): the PTE table, (frame
@@ -208,11 +222,11 @@ class Reference:
 
     def enc_run(self, pfn: int, flags: int) -> Table:
         """The 512 PTEs `enc(pfn + j, flags)` of one large leaf's frames, as one table."""
-        if flags & PTE_PFN_MASK:        # reserved bits of a large leaf among the flags: one by one
+        if flags & PTE_PFN_MASK:  # reserved bits of a large leaf among the flags: one by one
             return table_of(self.enc(pfn + j, flags) for j in range(512))
         t = run_table((pfn << 12) | flags, 1 << 12)
         if not flags & P and self.l1tf:
-            t = xor_table(t, PTE_PFN_MASK)        # flags hold no frame bit: the frame inverted
+            t = xor_table(t, PTE_PFN_MASK)  # flags hold no frame bit: the frame inverted
         return t
 
     def enc(self, pfn: int, flags: int) -> int:
@@ -257,8 +271,9 @@ class Reference:
             self.put(v, (pfn, new))
         return pfn
 
-    def cpa(self, addr: int, n: int, set_: int, clr: int, flags: int, primary: bool,
-            touched: list[int]) -> None:
+    def cpa(
+        self, addr: int, n: int, set_: int, clr: int, flags: int, primary: bool, touched: list[int]
+    ) -> None:
         v0 = (addr & ~0xFFF) & self.vmask
         alias = primary and not flags & CPA_NO_CHECK_ALIAS
         aset, aclr = set_, clr
@@ -282,7 +297,7 @@ class Reference:
                     if not alias:
                         continue
                 else:
-                    return                       # -EFAULT stops the call
+                    return  # -EFAULT stops the call
             if not alias or not pfn_mapped(pfn):
                 continue
             if not lo <= v < dm_end:
@@ -303,13 +318,14 @@ class Reference:
             s, c, fl, fs = _API_MASKS[name](v, self)
             if name == "set_memory_rox" and not v.native_rox:
                 self.cpa(op[1], op[2], 0, v.set_memory_ro_clr, 0, True, touched)
-                self.cpa(op[1], op[2], 0, NX, CPA_NO_CHECK_ALIAS if not v.nx_alias_strip else 0,
-                         True, touched)
+                self.cpa(
+                    op[1], op[2], 0, NX, CPA_NO_CHECK_ALIAS if not v.nx_alias_strip else 0, True, touched
+                )
                 return None
             if name == "set_memory_4k":
                 for k in range(op[2]):
                     self.want4k.add(((op[1] & self.vmask) >> 12) + k)
-            if s or c or fs:      # force_split still runs every page (protnone G clearing)
+            if s or c or fs:  # force_split still runs every page (protnone G clearing)
                 self.cpa(op[1], op[2], s, c, fl, True, touched)
         elif name in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "kernel_map_pages"):
             n = op[2] if name == "kernel_map_pages" else 1
@@ -331,8 +347,10 @@ class Reference:
                 if cur is not None:
                     self.put(va, (cur[0], ((cur[1] & ~op[3]) | op[2]) & U64))
             elif (va >> 12) in self.want4k:
-                return (f"out-of-band write to {op[1]:#x} found no 4K PTE although set_memory_4k "
-                        "was asked for that page (a merge undid it)")
+                return (
+                    f"out-of-band write to {op[1]:#x} found no 4K PTE although set_memory_4k "
+                    "was asked for that page (a merge undid it)"
+                )
         elif name == "vmap":
             _, addr, pa, n, huge = op
             for k in range(n):
@@ -347,7 +365,7 @@ class Reference:
         elif name in ("memory_add", "memory_remove"):
             s, e = op[1] >> 12, (op[1] + op[2]) >> 12
             added = name == "memory_add"
-            if not self.events:             # from now on page by page: the overrides by 2M
+            if not self.events:  # from now on page by page: the overrides by 2M
                 self.exp.clear()
                 self.ov1g.clear()
                 for vp in self.over:
@@ -397,6 +415,7 @@ class Validator:
 
     def __init__(self, m, checks: str = "abcd", oracle_check=None) -> None:
         import numpy
+
         self._np = numpy
         self.m = m
         self.checks = checks
@@ -419,7 +438,7 @@ class Validator:
         for k in m.t3:
             self._recount(3, k)
         self.pages_checked = 0
-        self._hm_counted: tuple[object, int] | None = None    # (m.ram, highmap tables counted)
+        self._hm_counted: tuple[object, int] | None = None  # (m.ram, highmap tables counted)
         # Invariant (e): the caller's OracleCheck (x86pt/cpa/oracle_probe.py), when checks hold "e".
         self.oracle = oracle_check if "e" in checks else None
 
@@ -458,8 +477,12 @@ class Validator:
         want = (self.tot[1] + 512 * h, self.tot[2] - h, self.tot[3])
         have = (c.dpc4k, c.dpc2m, c.dpc1g)
         if want != have:
-            return Violation(idx, "c", f"direct_pages_count 4k/2M/1G = {have} but the tables hold "
-                                       f"{want} (census incl. {h} highmap PTE tables)")
+            return Violation(
+                idx,
+                "c",
+                f"direct_pages_count 4k/2M/1G = {have} but the tables hold "
+                f"{want} (census incl. {h} highmap PTE tables)",
+            )
         return None
 
     def _highmap_counted(self) -> int:
@@ -507,9 +530,13 @@ class Validator:
                 if tl in (1, 2):
                     r = m.nsp.recount(tl, key)
                     if r is not None and r[0] != r[1]:
-                        return Violation(idx, "d", f"nr_same_prot of the {'PTE' if tl == 1 else 'PMD'} "
-                                                   f"table for {self._canon(key << (12 + 9 * tl)):#x} is "
-                                                   f"{r[0]} but a recount gives {r[1]}")
+                        return Violation(
+                            idx,
+                            "d",
+                            f"nr_same_prot of the {'PTE' if tl == 1 else 'PMD'} "
+                            f"table for {self._canon(key << (12 + 9 * tl)):#x} is "
+                            f"{r[0]} but a recount gives {r[1]}",
+                        )
         # (b) a table entry an op wrote must not restrict its table: the kernel installs
         # _KERNPG_TABLE (P|RW|A|D) and leaves protections to the leaves; RW=0 or NX=1 there
         # would change all 512 translations below without any leaf differing
@@ -525,14 +552,21 @@ class Validator:
                     # name the first page the restriction changes, when one is
                     hit = self._first_restricted(va, 1 << (12 + 9 * (tl - 1)), e)
                     at = f"page {self._canon(hit):#x}: the " if hit is not None else ""
-                    return Violation(idx, "b", f"{at}{'PMD' if tl == 2 else 'PUD'} entry for "
-                                               f"{self._canon(va):#x} points to a table with "
-                                               f"RW={int(bool(e & RW))} NX={int(bool(e & NX))} "
-                                               f"({e:#x}): it restricts every page below it")
+                    return Violation(
+                        idx,
+                        "b",
+                        f"{at}{'PMD' if tl == 2 else 'PUD'} entry for "
+                        f"{self._canon(va):#x} points to a table with "
+                        f"RW={int(bool(e & RW))} NX={int(bool(e & NX))} "
+                        f"({e:#x}): it restricts every page below it",
+                    )
         # (a), (b) over the touched regions
         if "a" in self.checks or "b" in self.checks:
-            v = self._check_regions(idx, touched, pages) if not self.ref.events else \
-                self._check_regions_by_page(idx, touched, pages)
+            v = (
+                self._check_regions(idx, touched, pages)
+                if not self.ref.events
+                else self._check_regions_by_page(idx, touched, pages)
+            )
             if v:
                 return v
         # (e) the oracles, on sampled steps only
@@ -549,8 +583,7 @@ class Validator:
             lvl, t, i = m.lookup(v)
             e = t[i] if t is not None else 0
             size = 1 << (12 + 9 * (lvl - 1)) if lvl <= 3 else 1 << 39
-            if e & P and (lvl == 1 or e & PSE) and ((ptr & NX and not e & NX)
-                                                    or (not ptr & RW and e & RW)):
+            if e & P and (lvl == 1 or e & PSE) and ((ptr & NX and not e & NX) or (not ptr & RW and e & RW)):
                 return v
             v = (v & ~(size - 1)) + size
         return None
@@ -590,7 +623,7 @@ class Validator:
     def _check_2m(self, idx: int, k2: int) -> Violation | None:
         v = k2 << 21
         exp = self.ref.exp.get(k2)
-        if exp is not None:       # the common case, inlined: a PTE table against its expectation
+        if exp is not None:  # the common case, inlined: a PTE table against its expectation
             m = self.m
             t = m.t3.get(v >> 39)
             if t is not None:
@@ -608,7 +641,7 @@ class Validator:
         if got == want:
             return None
         if type(got) is tuple and type(want) is tuple:
-            diff = range(512)            # two different runs: the first page tells
+            diff = range(512)  # two different runs: the first page tells
         else:
             gt, wt = self._as_table(got), self._as_table(want)
             if gt == wt:
@@ -661,7 +694,7 @@ class Validator:
         t = self.ref.exp.get(k2)
         if t is not None:
             return t
-        return self.ref.base_2m(k2)     # no override in the region (or an irregular one)
+        return self.ref.base_2m(k2)  # no override in the region (or an irregular one)
 
     def _as_table(self, x: object) -> Table:
         return self.ref.as_table(x)
@@ -701,8 +734,9 @@ class Validator:
         return self.ref.enc(pfn, flags)
 
     # -- (a), (b) with a hot-plug history: region by region, page by page --------------------------
-    def _check_regions_by_page(self, idx: int, touched: set[int] | None,
-                               pages: list[int]) -> Violation | None:
+    def _check_regions_by_page(
+        self, idx: int, touched: set[int] | None, pages: list[int]
+    ) -> Violation | None:
         regions: set[tuple[int, int]] = set()
         for ek in touched or ():
             regions.add((ek & 3, ek >> 2))
@@ -782,7 +816,7 @@ class Validator:
     def _leaf(self, idx: int, lvl: int, lstart: int, s: int, e_: int, e: int) -> Violation | None:
         ref = self.ref
         if e:
-            raw = ~e & U64 if not e & P and self.m.l1tf_invert else e   # L1TF: np frames inverted
+            raw = ~e & U64 if not e & P and self.m.l1tf_invert else e  # L1TF: np frames inverted
             if lvl == 1:
                 pfn0, fl = (raw & PTE_PFN_MASK) >> 12, e & ~PTE_PFN_MASK & U64
             else:
@@ -803,12 +837,21 @@ class Validator:
                     v += 0x200000
                     continue
             # a 2M span without overrides whose base is one large leaf: one comparison
-            if (not v & 0x1FFFFF and v + 0x200000 <= e_ and not ref.ov2m.get(v >> 21)
-                    and not ref.touched_by_events(v, v + 0x200000)):
+            if (
+                not v & 0x1FFFFF
+                and v + 0x200000 <= e_
+                and not ref.ov2m.get(v >> 21)
+                and not ref.touched_by_events(v, v + 0x200000)
+            ):
                 b = ref._snap(v)
                 b2 = ref._snap(v + 0x1FF000)
-                if b is not None and b2 is not None and b2[0] == b[0] + 511 and b2[1] == b[1] \
-                        and self._uniform_snap(v):
+                if (
+                    b is not None
+                    and b2 is not None
+                    and b2[0] == b[0] + 511
+                    and b2[1] == b[1]
+                    and self._uniform_snap(v)
+                ):
                     got = (pfn0 + ((v - lstart) >> 12), fl) if e else None
                     r = self._cmp(idx, v, got, b)
                     if r:
@@ -841,21 +884,26 @@ class Validator:
         va = self._canon(v)
         lo, hi = self.dm
         if "a" in self.checks and lo <= v < hi and got is not None and got[0] != (v - lo) >> 12:
-            return Violation(idx, "a", f"direct-map page {va:#x} now maps frame {got[0] << 12:#x}, "
-                                       f"not {v - lo:#x}")
+            return Violation(
+                idx, "a", f"direct-map page {va:#x} now maps frame {got[0] << 12:#x}, not {v - lo:#x}"
+            )
         if "b" not in self.checks:
             return None
         if want is None and lo <= v < hi:
-            return None     # hot-removed: the kernel may leave a partly covered large leaf
+            return None  # hot-removed: the kernel may leave a partly covered large leaf
         if want is None and got is not None and not got[1] & P:
             return None
         if got != want:
+
             def show(x):
                 if x is None:
                     return "no entry"
                 from x86pt.cpa.kernel import flag_names
+
                 return f"frame {x[0] << 12:#x} flags {x[1]:#x} ({flag_names(x[1])})"
+
             what = "present bit" if (got and got[1] & P) != (want and want[1] & P) else "translation"
-            return Violation(idx, "b", f"{what} of {va:#x}: tables give {show(got)}, the op sequence "
-                                       f"asks for {show(want)}")
+            return Violation(
+                idx, "b", f"{what} of {va:#x}: tables give {show(got)}, the op sequence asks for {show(want)}"
+            )
         return None

@@ -7,6 +7,7 @@ programs inside need no CPA), `bpf-nopack` (each program its own vmalloc + rox, 
 vm_reset_perms), `kfence` (set_memory_4k where the pool is not yet 4K, then out-of-band PRESENT toggles),
 `secretmem` (per-page set_direct_map_invalid/default), `hotplug` (128 MiB blocks added/removed).
 """
+
 from __future__ import annotations
 
 import random
@@ -29,10 +30,15 @@ class Frames:
 
     def __init__(self, layout: Layout, rng: random.Random) -> None:
         self.rng = rng
-        self.ranges = [(max(s, layout.reserved_below) >> 12, e >> 12) for s, e in layout.ram
-                       if e > layout.reserved_below + (4 << 20)]
+        self.ranges = [
+            (max(s, layout.reserved_below) >> 12, e >> 12)
+            for s, e in layout.ram
+            if e > layout.reserved_below + (4 << 20)
+        ]
         if not self.ranges:
-            raise BadInputError(f"layout {layout.name}: no RAM above {layout.reserved_below:#x} for workloads")
+            raise BadInputError(
+                f"layout {layout.name}: no RAM above {layout.reserved_below:#x} for workloads"
+            )
         self.weights = [e - s for s, e in self.ranges]
         self.used: set[int] = set()
         # kfence / hotplug keep their own areas
@@ -54,7 +60,8 @@ class Frames:
             if base < s or base + 512 > e:
                 continue
             if any(p in self.used for p in range(base, base + 512, 37)) or any(
-                    a < base + 512 and base < b for a, b in self.reserved):
+                a < base + 512 and base < b for a, b in self.reserved
+            ):
                 continue
             self.used.update(range(base, base + 512))
             return base << 12
@@ -79,7 +86,7 @@ class VA:
         a = -(-self.next // align) * align
         if a + n * 4096 > self.end:
             raise BadInputError("workload: module area exhausted")
-        self.next = a + n * 4096 + 4096          # guard page, as vmalloc
+        self.next = a + n * 4096 + 4096  # guard page, as vmalloc
         return a
 
     def release(self, a: int, n: int, align: int = 4096) -> None:
@@ -92,17 +99,17 @@ class Generator:
         self.v = kernel_version(kernel)
         self.rng = random.Random(seed)
         self.frames = Frames(layout, self.rng)
-        self.va = VA(layout.modules_vaddr + (4 << 20), layout.modules_end)   # past loaded modules
+        self.va = VA(layout.modules_vaddr + (4 << 20), layout.modules_end)  # past loaded modules
         self.po = layout.page_offset
         self.loaded: list[tuple] = []
-        self.packs: list[list] = []          # [va, used programs]
+        self.packs: list[list] = []  # [va, used programs]
         self.progs: list[tuple] = []
         self.secret: list[int] = []
         self.kfence: tuple[int, int] | None = None
         self.kfence_down: set[int] = set()
         self.hot: list[int] = []
         self.hot_next = -(-layout.ram[-1][1] // (1 << 30)) * (1 << 30)
-        self.rox_chunks: list[list] = []     # [va, next free page]
+        self.rox_chunks: list[list] = []  # [va, next free page]
 
     def dm(self, pa: int) -> int:
         return self.po + pa
@@ -192,7 +199,7 @@ class Generator:
             yield Vmap("vmap", va, pa, 512, True)
             yield PageRange("set_memory_rox", va, 512)
             self.packs.append([va, 0, pa])
-        self.packs[-1][1] += 1     # a program from the pack: text_poke only, no CPA
+        self.packs[-1][1] += 1  # a program from the pack: text_poke only, no CPA
 
     def bpf_nopack(self) -> Iterator[tuple]:
         r = self.rng
@@ -219,7 +226,7 @@ class Generator:
     def kfence_ops(self) -> Iterator[tuple]:
         r = self.rng
         if self.kfence is None:
-            base = self.frames.huge() + 0x81000     # memblock: not 2M aligned
+            base = self.frames.huge() + 0x81000  # memblock: not 2M aligned
             self.frames.used.update(range((base >> 12) + 512 - 0x81, (base >> 12) + 512 + 0x100))
             self.kfence = (base, 512)
             # arch_kfence_init_pool walks the pool page by page but calls set_memory_4k(addr, 1)
@@ -232,7 +239,7 @@ class Generator:
                     yield PageRange("set_memory_4k", self.dm(pa), 1)
             return
         base, n = self.kfence
-        k = r.randrange(1, n, 2)                    # object pages; guard pages stay protected
+        k = r.randrange(1, n, 2)  # object pages; guard pages stay protected
         a = self.dm(base + k * 4096)
         if a in self.kfence_down:
             self.kfence_down.discard(a)
@@ -266,10 +273,18 @@ class Generator:
         weights = MIXES.get(scenario, {scenario: 1})
         for s in weights:
             if s not in SCENARIOS:
-                raise BadInputError(f"unknown workload {scenario!r} (one of {', '.join(SCENARIOS + tuple(MIXES))})")
-        fns = {"modules": self.modules, "modules-rox": self.modules_rox, "bpf": self.bpf,
-               "bpf-nopack": self.bpf_nopack, "kfence": self.kfence_ops, "secretmem": self.secretmem,
-               "hotplug": self.hotplug}
+                raise BadInputError(
+                    f"unknown workload {scenario!r} (one of {', '.join(SCENARIOS + tuple(MIXES))})"
+                )
+        fns = {
+            "modules": self.modules,
+            "modules-rox": self.modules_rox,
+            "bpf": self.bpf,
+            "bpf-nopack": self.bpf_nopack,
+            "kfence": self.kfence_ops,
+            "secretmem": self.secretmem,
+            "hotplug": self.hotplug,
+        }
         names = list(weights)
         w = [weights[k] for k in names]
         out: list[tuple] = []
@@ -283,6 +298,7 @@ class Generator:
         return out[:n_ops]
 
 
-def generate(layout: Layout, kernel: str, scenario: str = "mixed", n_ops: int = 1000,
-             seed: int = 1) -> list[tuple]:
+def generate(
+    layout: Layout, kernel: str, scenario: str = "mixed", n_ops: int = 1000, seed: int = 1
+) -> list[tuple]:
     return Generator(layout, kernel, seed).run(scenario, n_ops)

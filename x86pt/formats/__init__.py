@@ -7,4 +7,5 @@ qemu.py     QEMU 7.2 `info tlb` / `info mem`
 tabular.py  JSON lines and CSV
 cli.py      the dump, census, wx, find and diff commands
 """
+
 FORMATS = ("ptdump", "qemu-mem", "qemu-tlb", "json", "csv")

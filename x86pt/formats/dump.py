@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """One image rendered in one output format: the scan with the format's options, the filter, and the
 renderer (x86pt.formats.ptdump / qemu / tabular), streamed to a binary stream."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, BinaryIO
@@ -12,14 +13,27 @@ if TYPE_CHECKING:
     from x86pt.scan import Filter, Scanner
 
 
-def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset: int | None = None,
-            vmalloc: int | None = None, vmemmap: int | None = None, filt: Filter | None = None, va_range: tuple[int, int] | None = None,
-            coalesce_mode: str = "phys", crlf: bool = False,
-            max_entries: int = DEFAULT_MAX_ENTRIES) -> Scanner:
+def dump_to(
+    out: BinaryIO,
+    img,
+    fmt: str,
+    *,
+    markers: str = "none",
+    page_offset: int | None = None,
+    vmalloc: int | None = None,
+    vmemmap: int | None = None,
+    filt: Filter | None = None,
+    va_range: tuple[int, int] | None = None,
+    coalesce_mode: str = "phys",
+    crlf: bool = False,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> Scanner:
     """Render one image in `fmt` to the binary stream `out`; returns the scanner (stats, issues)."""
     from x86pt.formats import ptdump, qemu, tabular
+
     state, memory = img.state, img.memory
     from x86pt.scan import Filter
+
     filt = filt or Filter(nxe=state.nxe)
     kw = {"va_range": va_range, "max_entries": max_entries}
     if fmt in ("qemu-mem", "qemu-tlb"):
@@ -27,6 +41,7 @@ def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset:
     elif fmt == "ptdump":
         kw.update(ptdump.scan_kwargs())
     from x86pt.scan import Scanner
+
     sc = Scanner(state, memory, **kw)
     chunks = filt.apply(sc.chunks())
 
@@ -48,20 +63,22 @@ def dump_to(out: BinaryIO, img, fmt: str, *, markers: str = "none", page_offset:
             put([qemu.PG_DISABLED])
         elif state.la57:
             if filt.active or va_range is not None:
-                raise BadInputError("filters are not supported with --format qemu-mem under LA57 "
-                                    "(QEMU 7.2's 5-level info mem walk is emulated as a whole)")
+                raise BadInputError(
+                    "filters are not supported with --format qemu-mem under LA57 "
+                    "(QEMU 7.2's 5-level info mem walk is emulated as a whole)"
+                )
             put(qemu.mem_bytes_la57(memory, state, max_entries))
         else:
             put(qemu.mem_bytes(chunks, state))
     elif fmt == "ptdump":
         mk = None
         if markers == "linux":
-            mk = ptdump.linux_markers(state.paging_levels, page_offset=page_offset,
-                                      vmalloc=vmalloc, vmemmap=vmemmap)
+            mk = ptdump.linux_markers(
+                state.paging_levels, page_offset=page_offset, vmalloc=vmalloc, vmemmap=vmemmap
+            )
         put(ptdump.ptdump_lines(chunks, state, mk))
     elif fmt == "json":
-        put(tabular.json_lines(chunks, lambda: sc.stats.issues, coalesce_mode=coalesce_mode,
-                               nxe=state.nxe))
+        put(tabular.json_lines(chunks, lambda: sc.stats.issues, coalesce_mode=coalesce_mode, nxe=state.nxe))
     elif fmt == "csv":
         put(tabular.csv_lines(chunks, coalesce_mode=coalesce_mode, nxe=state.nxe))
     else:

@@ -14,6 +14,7 @@ Entries the generic walker treats specially (code-read of mm/pagewalk.c, novma w
 non-present, non-zero PMD/PUD without PSE is skipped (no note_page call), with PSE it is noted
 like a leaf; a non-present PGD/P4D is treated here as a hole (the kernel would follow it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,16 +23,29 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from x86pt.coalesce import coalesce
-from x86pt.fields import (ADDR_MASK_52, BIT_A, BIT_D, BIT_G, BIT_P, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PCD, BIT_PS,
-                          BIT_PWT, BIT_RW, BIT_US, BIT_XD)
+from x86pt.fields import (
+    ADDR_MASK_52,
+    BIT_A,
+    BIT_D,
+    BIT_G,
+    BIT_P,
+    BIT_PAT_4K,
+    BIT_PAT_LARGE,
+    BIT_PCD,
+    BIT_PS,
+    BIT_PWT,
+    BIT_RW,
+    BIT_US,
+    BIT_XD,
+)
 from x86pt.scan import EFF_NX, EFF_P, EFF_RW, EFF_US, SHIFT, U64, Chunk
 from x86pt.state import PagingState
 
 PTE_FLAGS_MASK = ((1 << 64) - 1) & ~ADDR_MASK_52
-LINUX_ADDR_MASK = ADDR_MASK_52                      # PTE_PFN_MASK without SME: bits 51:12
+LINUX_ADDR_MASK = ADDR_MASK_52  # PTE_PFN_MASK without SME: bits 51:12
 LEVEL_NAMES = ("pgd", "p4d", "pud", "pmd", "pte")
 UNITS = "BKMGTPE"
-_NONE_IGNORED = BIT_A | BIT_D                  # _PAGE_KNL_ERRATUM_MASK: A|D
+_NONE_IGNORED = BIT_A | BIT_D  # _PAGE_KNL_ERRATUM_MASK: A|D
 
 
 @dataclass(frozen=True)
@@ -41,10 +55,18 @@ class Marker:
     max_lines: int = 0
 
 
-def linux_markers(levels: int = 4, *, page_offset: int | None = None, vmalloc: int | None = None,
-                  vmemmap: int | None = None, modules: int = 0xFFFFFFFFC0000000,
-                  fixmap: int = 0xFFFFFFFFFF579000, ldt: bool = True, espfix: bool = True,
-                  efi: bool = True) -> list[Marker]:
+def linux_markers(
+    levels: int = 4,
+    *,
+    page_offset: int | None = None,
+    vmalloc: int | None = None,
+    vmemmap: int | None = None,
+    modules: int = 0xFFFFFFFFC0000000,
+    fixmap: int = 0xFFFFFFFFFF579000,
+    ldt: bool = True,
+    espfix: bool = True,
+    efi: bool = True,
+) -> list[Marker]:
     """The x86_64 address_markers[] in enum order (not sorted: with 5-level paging LDT remap
     lies above PAGE_OFFSET, and the kernel prints what that order gives). Defaults are a
     nokaslr layout (Documentation/arch/x86/x86_64/mm.rst); MODULES_VADDR is
@@ -57,19 +79,31 @@ def linux_markers(levels: int = 4, *, page_offset: int | None = None, vmalloc: i
         # levels alike (mm.rst: ffff880000000000 / ff10000000000000); the 6.1 5-level fixture
         # prints "LDT remap" at the first note from ff11000000000000 on, which only this fits
         m.append(Marker(((-240 << (48 if five else 39)) & ((1 << 64) - 1)), "LDT remap"))
-    m += [Marker(page_offset if page_offset is not None else
-                 (0xFF11000000000000 if five else 0xFFFF888000000000), "Low Kernel Mapping"),
-          Marker(vmalloc if vmalloc is not None else
-                 (0xFFA0000000000000 if five else 0xFFFFC90000000000), "vmalloc() Area"),
-          Marker(vmemmap if vmemmap is not None else
-                 (0xFFD4000000000000 if five else 0xFFFFEA0000000000), "Vmemmap"),
-          Marker(0xFFFFFE0000000000, "CPU entry Area")]
+    m += [
+        Marker(
+            page_offset if page_offset is not None else (0xFF11000000000000 if five else 0xFFFF888000000000),
+            "Low Kernel Mapping",
+        ),
+        Marker(
+            vmalloc if vmalloc is not None else (0xFFA0000000000000 if five else 0xFFFFC90000000000),
+            "vmalloc() Area",
+        ),
+        Marker(
+            vmemmap if vmemmap is not None else (0xFFD4000000000000 if five else 0xFFFFEA0000000000),
+            "Vmemmap",
+        ),
+        Marker(0xFFFFFE0000000000, "CPU entry Area"),
+    ]
     if espfix:
         m.append(Marker(0xFFFFFF0000000000, "ESPfix Area", 16))
     if efi:
         m.append(Marker(0xFFFFFFEF00000000, "EFI Runtime Services"))
-    m += [Marker(0xFFFFFFFF80000000, "High Kernel Mapping"), Marker(modules, "Modules"),
-          Marker(0xFFFFFFFFFF000000, "End Modules"), Marker(fixmap, "Fixmap Area")]
+    m += [
+        Marker(0xFFFFFFFF80000000, "High Kernel Mapping"),
+        Marker(modules, "Modules"),
+        Marker(0xFFFFFFFFFF000000, "End Modules"),
+        Marker(fixmap, "Fixmap Area"),
+    ]
     return m
 
 
@@ -111,8 +145,7 @@ def _key(ch: Chunk, levels: int) -> np.ndarray:
     present = (ch.eff & np.uint8(EFF_P)) != 0
     pte = ch.level == 1
     # holes at pmd level and above note val=0 unless their value is a leaf (PSE) or a PTE
-    noted_val = np.where(present | pte | ((ch.raw & U64(BIT_PS)) != 0) & (ch.level <= 3), ch.raw,
-                         U64(0))
+    noted_val = np.where(present | pte | ((ch.raw & U64(BIT_PS)) != 0) & (ch.level <= 3), ch.raw, U64(0))
     own = noted_val & U64(PTE_FLAGS_MASK)
     eff = np.where(noted_val != 0, ch.eff & np.uint8(EFF_RW | EFF_US | EFF_NX), 0).astype(U64)
     depth = linux_depth(ch.level, levels).astype(U64)
@@ -122,11 +155,17 @@ def _key(ch: Chunk, levels: int) -> np.ndarray:
 def _prot_text(own: int, depth: int) -> str:
     if not own & BIT_P:
         return " " * 30 + LEVEL_NAMES[depth]
-    return ("USR " if own & BIT_US else "    ") + ("RW " if own & BIT_RW else "ro ") + \
-        ("PWT " if own & BIT_PWT else "    ") + ("PCD " if own & BIT_PCD else "    ") + \
-        ("PSE " if depth <= 3 and own & BIT_PS else "    ") + \
-        ("PAT " if depth == 4 and own & BIT_PAT_4K or depth in (2, 3) and own & BIT_PAT_LARGE else "    ") + \
-        ("GLB " if own & BIT_G else "    ") + ("NX " if own & BIT_XD else "x  ") + LEVEL_NAMES[depth]
+    return (
+        ("USR " if own & BIT_US else "    ")
+        + ("RW " if own & BIT_RW else "ro ")
+        + ("PWT " if own & BIT_PWT else "    ")
+        + ("PCD " if own & BIT_PCD else "    ")
+        + ("PSE " if depth <= 3 and own & BIT_PS else "    ")
+        + ("PAT " if depth == 4 and own & BIT_PAT_4K or depth in (2, 3) and own & BIT_PAT_LARGE else "    ")
+        + ("GLB " if own & BIT_G else "    ")
+        + ("NX " if own & BIT_XD else "x  ")
+        + LEVEL_NAMES[depth]
+    )
 
 
 def size_text(delta: int) -> str:
@@ -148,7 +187,7 @@ class _State:
     start: int = 0
     mi: int = 0
     lines: int = 0
-    wx: list[tuple[int, int]] = None   # (start, end) of W+X ranges (note_wx)
+    wx: list[tuple[int, int]] = None  # (start, end) of W+X ranges (note_wx)
 
     def next_marker(self) -> int:
         return self.markers[self.mi + 1].start if self.mi + 1 < len(self.markers) else (1 << 64)
@@ -169,8 +208,10 @@ class _State:
         mk = self.markers[self.mi]
         if not mk.max_lines or self.lines < mk.max_lines:
             own = self.cur & PTE_FLAGS_MASK & ~(0xFFFFF << 12)
-            self.out.append(f"0x{self.start:016x}-0x{addr:016x}   {size_text(addr - self.start)}"
-                            f"{_prot_text(own, self.level)}\n")
+            self.out.append(
+                f"0x{self.start:016x}-0x{addr:016x}   {size_text(addr - self.start)}"
+                f"{_prot_text(own, self.level)}\n"
+            )
         self.lines += 1
         if addr >= nm:
             if mk.max_lines and self.lines > mk.max_lines:
@@ -183,8 +224,12 @@ class _State:
         self.start, self.cur, self.level = addr, key, level
 
 
-def ptdump_lines(chunks: Iterable[Chunk], state: PagingState, markers: list[Marker] | None,
-                 wx: list[tuple[int, int]] | None = None) -> Iterator[str]:
+def ptdump_lines(
+    chunks: Iterable[Chunk],
+    state: PagingState,
+    markers: list[Marker] | None,
+    wx: list[tuple[int, int]] | None = None,
+) -> Iterator[str]:
     """ptdump text, in blocks of lines. `chunks` must come from a scan with holes=True (and
     addr_mask=LINUX_ADDR_MASK for byte identity on odd entries). `markers=None`: no marker
     lines, no marker breaks. `wx` collects note_wx() ranges when given."""

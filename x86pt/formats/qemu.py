@@ -14,6 +14,7 @@ the end of RAM reads as zeros. CR0.PG=0 prints "PG disabled".
 Lines are built in bulk: hex digits come from a 256-entry byte table indexed by the big-endian
 bytes of whole uint64 arrays, so 16.7M `info tlb` lines are numpy work, not Python formatting.
 """
+
 from __future__ import annotations
 
 from typing import BinaryIO, Iterable, Iterator
@@ -22,8 +23,19 @@ import numpy as np
 
 from x86pt.coalesce import coalesce, present_only
 from x86pt.errors import BudgetError
-from x86pt.fields import (BIT_A, BIT_D, BIT_G, BIT_P, BIT_PAT_4K, BIT_PCD, BIT_PS, BIT_PWT, BIT_RW, BIT_US,
-                          BIT_XD)
+from x86pt.fields import (
+    BIT_A,
+    BIT_D,
+    BIT_G,
+    BIT_P,
+    BIT_PAT_4K,
+    BIT_PCD,
+    BIT_PS,
+    BIT_PWT,
+    BIT_RW,
+    BIT_US,
+    BIT_XD,
+)
 from x86pt.scan import DEFAULT_MAX_ENTRIES, EFF_RSVD, EFF_RW, EFF_US, RECORD_COST, SHIFT, U64, Chunk
 from x86pt.state import CR0_PG, PagingState
 
@@ -31,11 +43,22 @@ QEMU_TABLE_MASK = 0x3FFFFFFFFF000
 QEMU_FRAME_MASK = np.array([0, 0x3FFFFFFFFF000, 0x3FFFFFFE00000, 0x3FFFFC0000000, 0, 0], dtype=U64)
 PG_DISABLED = b"PG disabled\n"
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-HEX2 = np.stack([_HEX[np.arange(256) >> 4], _HEX[np.arange(256) & 15]], axis=1)   # (256, 2)
+HEX2 = np.stack([_HEX[np.arange(256) >> 4], _HEX[np.arange(256) & 15]], axis=1)  # (256, 2)
 # info tlb flag letters, left to right, with their entry bits (print_pte in monitor.c)
-TLB_FLAGS = tuple((mask.bit_length() - 1, ch) for mask, ch in (
-    (BIT_XD, "X"), (BIT_G, "G"), (BIT_PS, "P"), (BIT_D, "D"), (BIT_A, "A"), (BIT_PCD, "C"), (BIT_PWT, "T"),
-    (BIT_US, "U"), (BIT_RW, "W")))
+TLB_FLAGS = tuple(
+    (mask.bit_length() - 1, ch)
+    for mask, ch in (
+        (BIT_XD, "X"),
+        (BIT_G, "G"),
+        (BIT_PS, "P"),
+        (BIT_D, "D"),
+        (BIT_A, "A"),
+        (BIT_PCD, "C"),
+        (BIT_PWT, "T"),
+        (BIT_US, "U"),
+        (BIT_RW, "W"),
+    )
+)
 LINE_BLOCK = 1 << 18
 
 
@@ -129,8 +152,7 @@ def mem_bytes(chunks: Iterable[Chunk], state: PagingState) -> Iterator[bytes]:
     """`info mem` text (4-level; see mem_bytes_la57 for QEMU 7.2's 5-level walk)."""
     bits = state.va_bits
     vmask = U64((1 << bits) - 1)
-    for runs in coalesce(present_only(chunks), key=lambda c: c.eff & np.uint8(EFF_RW | EFF_US),
-                         va_bits=bits):
+    for runs in coalesce(present_only(chunks), key=lambda c: c.eff & np.uint8(EFF_RW | EFF_US), va_bits=bits):
         s = runs.start & vmask
         length = runs.end - runs.start
         e = s + length
@@ -160,6 +182,7 @@ def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_EN
     change held or copied) against `max_entries`: tables whose prot alternates entry by entry
     would otherwise expand to 2^27 changes per PDPT, held in memory."""
     from x86pt.errors import PhysicalAddressError
+
     P, RW, US, PS = BIT_P, BIT_RW, BIT_US, BIT_PS
     mask = QEMU_TABLE_MASK
     memo: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {}
@@ -171,7 +194,8 @@ def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_EN
             raise BudgetError(
                 f"work limit reached: the tables expand to more than {max_entries} page-table "
                 f"entries (shared or looping subtrees?); raise it with --max-entries N if the image "
-                f"really is this large")
+                f"really is this large"
+            )
 
     def table(pa: int) -> list[int]:
         charge(512)
@@ -183,7 +207,7 @@ def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_EN
     def events(pa: int, lvl: int, inh: int) -> tuple[tuple[int, int], ...]:
         """(offset within the table's span, prot) for every mem_print call whose prot differs
         from the previous one inside this subtree (the first call always listed)."""
-        inh &= US | RW | P                # the only bits a prot keeps
+        inh &= US | RW | P  # the only bits a prot keeps
         key = (pa, lvl, inh)
         got = memo.get(key)
         if got is not None:
@@ -194,6 +218,7 @@ def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_EN
         def emit(off: int, prot: int) -> None:
             if not out or out[-1][1] != prot:
                 out.append((off, prot))
+
         for i, e in enumerate(table(pa)):
             off = i << shift
             if lvl == 1:
@@ -221,10 +246,13 @@ def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_EN
         if prot != last:
             if start != -1:
                 c = lambda v: v | (((1 << 64) - 1) & ~((1 << 57) - 1)) if v & (1 << 56) else v
-                lines.append(f"{c(start):016x}-{c(end):016x} {c((end - start) & ((1 << 64) - 1)):016x} "
-                             f"{'u' if last & US else '-'}r{'w' if last & RW else '-'}\n")
+                lines.append(
+                    f"{c(start):016x}-{c(end):016x} {c((end - start) & ((1 << 64) - 1)):016x} "
+                    f"{'u' if last & US else '-'}r{'w' if last & RW else '-'}\n"
+                )
             start = end if prot != 0 else -1
             last = prot
+
     pml5 = table(state.cr3 & mask)
     for l0, e5 in enumerate(pml5):
         if not e5 & P:
@@ -271,5 +299,14 @@ def write_mem(out: BinaryIO, chunks: Iterable[Chunk], state: PagingState, memory
         out.write(b)
 
 
-__all__ = ["QEMU_TABLE_MASK", "hex16", "tlb_bytes", "mem_bytes", "mem_bytes_la57", "write_tlb",
-           "write_mem", "scan_kwargs", "EFF_RSVD"]
+__all__ = [
+    "QEMU_TABLE_MASK",
+    "hex16",
+    "tlb_bytes",
+    "mem_bytes",
+    "mem_bytes_la57",
+    "write_tlb",
+    "write_mem",
+    "scan_kwargs",
+    "EFF_RSVD",
+]

@@ -4,6 +4,7 @@ x86pt/formats/qemu.py, for text that QEMU itself printed (docs/paging.md §13.3 
 Lines end in LF or CR LF (QEMU's monitor sends CR LF); a line in neither shape is an OracleError
 naming it.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,7 +19,7 @@ class TlbLine:
 
     va: int
     pa: int
-    flags: str            # 9 letters XGPDACTUW, '-' when clear
+    flags: str  # 9 letters XGPDACTUW, '-' when clear
 
     @property
     def nx(self) -> bool:
@@ -36,7 +37,7 @@ class MemRange:
     start: int
     end: int
     size: int
-    rights: str           # 'urw' with '-' for clear bits
+    rights: str  # 'urw' with '-' for clear bits
 
 
 _TLB_RE = re.compile(r"^([0-9a-f]{16}): ([0-9a-f]{16}) ([-XGPDACTUW]{9})$")

@@ -2,6 +2,7 @@
 effective rights and level, and by physical contiguity unless `coalesce='attrs'`), or one row
 per leaf entry (`coalesce='none'`). Field names follow the SDM (p rw us pwt pcd a d ps g pat xd
 pk); effective rights are spelled out."""
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +17,22 @@ from x86pt.describe import leaf_flags
 from x86pt.fields import BIT_P, PK_MASK, PK_SHIFT
 from x86pt.scan import EFF_LOOP, EFF_NX, EFF_RSVD, EFF_RW, EFF_US, SHIFT, U64, Chunk
 
-COLUMNS = ("va", "end", "size", "pa", "level", "page_size", "entries", "flags", "pk", "user",
-           "writable", "executable", "reserved", "loop")
+COLUMNS = (
+    "va",
+    "end",
+    "size",
+    "pa",
+    "level",
+    "page_size",
+    "entries",
+    "flags",
+    "pk",
+    "user",
+    "writable",
+    "executable",
+    "reserved",
+    "loop",
+)
 
 
 def _key(ch: Chunk) -> np.ndarray:
@@ -35,29 +50,49 @@ def rows(chunks: Iterable[Chunk], *, coalesce_mode: str = "phys", nxe: bool = Tr
                 lvl = int(ch.level[i])
                 size = 1 << int(SHIFT[lvl])
                 for k in range(int(ch.count[i])):
-                    yield _row(int(ch.va[i]) + k * size, size, int(ch.pa[i]) + k * size, lvl,
-                               int(ch.raw[i]) + k * size, int(ch.eff[i]), 1, nxe)
+                    yield _row(
+                        int(ch.va[i]) + k * size,
+                        size,
+                        int(ch.pa[i]) + k * size,
+                        lvl,
+                        int(ch.raw[i]) + k * size,
+                        int(ch.eff[i]),
+                        1,
+                        nxe,
+                    )
         return
     for runs in coalesce(chunks, key=_key, phys=coalesce_mode == "phys"):
         for i in range(len(runs)):
             lvl = int(runs.level[i])
             s = int(runs.start[i])
             length = (int(runs.end[i]) - s) & ((1 << 64) - 1) or (1 << 64)
-            yield _row(s, length, int(runs.pa[i]), lvl, int(runs.raw[i]), int(runs.eff[i]),
-                       int(runs.entries[i]), nxe)
+            yield _row(
+                s, length, int(runs.pa[i]), lvl, int(runs.raw[i]), int(runs.eff[i]), int(runs.entries[i]), nxe
+            )
 
 
 def _row(va: int, size: int, pa: int, level: int, raw: int, eff: int, entries: int, nxe: bool) -> dict:
-    return {"va": f"{va:#018x}", "end": f"{(va + size) & ((1 << 64) - 1):#018x}", "size": size,
-            "pa": f"{pa:#x}", "level": level, "page_size": 1 << int(SHIFT[level]), "entries": entries,
-            "flags": leaf_flags(raw, level), "pk": (raw & PK_MASK) >> PK_SHIFT if raw & BIT_P else 0,
-            "user": bool(eff & EFF_US), "writable": bool(eff & EFF_RW),
-            "executable": not (nxe and eff & EFF_NX), "reserved": bool(eff & EFF_RSVD),
-            "loop": bool(eff & EFF_LOOP)}
+    return {
+        "va": f"{va:#018x}",
+        "end": f"{(va + size) & ((1 << 64) - 1):#018x}",
+        "size": size,
+        "pa": f"{pa:#x}",
+        "level": level,
+        "page_size": 1 << int(SHIFT[level]),
+        "entries": entries,
+        "flags": leaf_flags(raw, level),
+        "pk": (raw & PK_MASK) >> PK_SHIFT if raw & BIT_P else 0,
+        "user": bool(eff & EFF_US),
+        "writable": bool(eff & EFF_RW),
+        "executable": not (nxe and eff & EFF_NX),
+        "reserved": bool(eff & EFF_RSVD),
+        "loop": bool(eff & EFF_LOOP),
+    }
 
 
-def json_lines(chunks: Iterable[Chunk], issues_of=None, *, coalesce_mode: str = "phys",
-               nxe: bool = True) -> Iterator[str]:
+def json_lines(
+    chunks: Iterable[Chunk], issues_of=None, *, coalesce_mode: str = "phys", nxe: bool = True
+) -> Iterator[str]:
     buf: list[str] = []
     for r in rows(chunks, coalesce_mode=coalesce_mode, nxe=nxe):
         buf.append(json.dumps(r, separators=(",", ":")))

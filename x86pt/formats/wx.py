@@ -2,6 +2,7 @@
 """The W+X audit: every writable and executable mapping as the kernel's W+X check reports it
 (its ptdump walk, x86pt.formats.ptdump), and those in the hypervisor guard hole the kernel's
 check never walks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,9 @@ from x86pt.scan import EFF_NX, EFF_RW, Scanner
 def wx_ranges(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[int, int]], Scanner]:
     sc = Scanner(img.state, img.memory, max_entries=max_entries, **ptdump.scan_kwargs())
     ranges: list[tuple[int, int]] = []
-    for _ in ptdump.ptdump_lines(sc.chunks(), img.state,
-                                 ptdump.linux_markers(img.state.paging_levels), wx=ranges):
+    for _ in ptdump.ptdump_lines(
+        sc.chunks(), img.state, ptdump.linux_markers(img.state.paging_levels), wx=ranges
+    ):
         pass
     return ranges, sc
 

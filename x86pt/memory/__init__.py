@@ -1,4 +1,5 @@
 """Physical memory sources and image files."""
+
 from __future__ import annotations
 
 import os
@@ -12,11 +13,24 @@ from x86pt.memory.lime import LIME_MAGIC, LimeFile, write_lime
 from x86pt.memory.raw import RawFile
 from x86pt.memory.sparse import SparseMemory
 
-if TYPE_CHECKING:                       # the state layer sits above memory: no import at run time
+if TYPE_CHECKING:  # the state layer sits above memory: no import at run time
     from x86pt.state import PagingState
 
-__all__ = ["PAGE", "MemoryBase", "PhysicalMemory", "Segment", "ElfCore", "LimeFile", "RawFile",
-           "SparseMemory", "open_memory", "write_elf_core", "write_lime", "write_image", "image_format"]
+__all__ = [
+    "PAGE",
+    "MemoryBase",
+    "PhysicalMemory",
+    "Segment",
+    "ElfCore",
+    "LimeFile",
+    "RawFile",
+    "SparseMemory",
+    "open_memory",
+    "write_elf_core",
+    "write_lime",
+    "write_image",
+    "image_format",
+]
 
 
 def image_format(path: str) -> str:
@@ -57,18 +71,35 @@ def open_memory(path: str, fmt: str | None = None) -> MemoryBase:
     raise ImageError(f"unknown image format {fmt!r} (elf, lime or raw)")
 
 
-def write_image(memory: SparseMemory, state: PagingState, path: str, fmt: str | None = None,
-                inputs: Iterable[str | os.PathLike[str] | None] = ()) -> str:
+def write_image(
+    memory: SparseMemory,
+    state: PagingState,
+    path: str,
+    fmt: str | None = None,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+) -> str:
     """Write an image as an ELF core (default for .elf/.core/.vmcore names) or raw, through the
     one output writer (x86pt.memory.atomic): never over one of `inputs`, a directory or a device."""
     from x86pt.memory.atomic import check_output, write_bytes_atomic
+
     check_output(path, inputs)
     if fmt is None:
         fmt = "raw" if path.endswith((".raw", ".bin", ".img", ".mem")) else "elf"
     if fmt == "elf":
-        write_elf_core(path, memory, cr0=state.cr0, cr3=state.cr3, cr4=state.cr4, efer=state.efer,
-                       pkru=state.pkru, pkrs=state.pkrs, maxphyaddr=state.m, vendor=state.vendor,
-                       profile=state.profile.name, inputs=inputs)
+        write_elf_core(
+            path,
+            memory,
+            cr0=state.cr0,
+            cr3=state.cr3,
+            cr4=state.cr4,
+            efer=state.efer,
+            pkru=state.pkru,
+            pkrs=state.pkrs,
+            maxphyaddr=state.m,
+            vendor=state.vendor,
+            profile=state.profile.name,
+            inputs=inputs,
+        )
     elif fmt == "raw":
         write_bytes_atomic(path, memory.to_bytes(), inputs=inputs)
     elif fmt == "lime":

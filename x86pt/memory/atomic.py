@@ -14,6 +14,7 @@ leaves nothing behind. Before anything is written the target is checked:
 
 Every refusal is a BadInputError (one line, exit 2) naming the path and the reason.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,13 @@ from typing import Any, BinaryIO, Iterable, Iterator, Literal, TextIO, overload
 
 from x86pt.errors import BadInputError
 
-_KIND = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KIND = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _same_file_as_input(target: str, inputs: Iterable[str | os.PathLike[str] | None]) -> str | None:
@@ -62,28 +68,37 @@ def check_output(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLik
     if st is not None:
         for test, what in _KIND:
             if test(st.st_mode):
-                raise BadInputError(f"cannot write {path}: it is {what}, not a regular file"
-                                    + (" (give a file name inside it)" if what == "a directory" else ""))
+                raise BadInputError(
+                    f"cannot write {path}: it is {what}, not a regular file"
+                    + (" (give a file name inside it)" if what == "a directory" else "")
+                )
         same = _same_file_as_input(target, list(inputs))
         if same is not None:
-            raise BadInputError(f"refusing to write {path}: it is the input {same} (same file); "
-                                f"choose another output")
+            raise BadInputError(
+                f"refusing to write {path}: it is the input {same} (same file); choose another output"
+            )
     return target
 
 
 @overload
-def atomic_writer(path: str | os.PathLike[str], mode: Literal["wb"] = "wb", *,
-                  inputs: Iterable[str | os.PathLike[str] | None] = ()) -> AbstractContextManager[BinaryIO]: ...
+def atomic_writer(
+    path: str | os.PathLike[str],
+    mode: Literal["wb"] = "wb",
+    *,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+) -> AbstractContextManager[BinaryIO]: ...
 
 
 @overload
-def atomic_writer(path: str | os.PathLike[str], mode: Literal["w"], *,
-                  inputs: Iterable[str | os.PathLike[str] | None] = ()) -> AbstractContextManager[TextIO]: ...
+def atomic_writer(
+    path: str | os.PathLike[str], mode: Literal["w"], *, inputs: Iterable[str | os.PathLike[str] | None] = ()
+) -> AbstractContextManager[TextIO]: ...
 
 
-@contextlib.contextmanager   # (callers see the overloads above: a binary or a text file by `mode`)
-def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *,
-                  inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[Any]:
+@contextlib.contextmanager  # (callers see the overloads above: a binary or a text file by `mode`)
+def atomic_writer(
+    path: str | os.PathLike[str], mode: str = "wb", *, inputs: Iterable[str | os.PathLike[str] | None] = ()
+) -> Iterator[Any]:
     """Yield a file object; on success the data replaces `path` (or a symlink's target) at once.
     On any error the temporary file is removed and the target is untouched."""
     path = os.fspath(path)
@@ -106,7 +121,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *,
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, old_mode)
-            check_output(path, inputs)        # nothing became an input or a device meanwhile
+            check_output(path, inputs)  # nothing became an input or a device meanwhile
             os.replace(tmp, target)
         except OSError as e:
             raise BadInputError(f"cannot write {path}: {e.strerror or e}") from None
@@ -116,13 +131,15 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *,
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *,
-                       inputs: Iterable[str | os.PathLike[str] | None] = ()) -> None:
+def write_bytes_atomic(
+    path: str | os.PathLike[str], data: bytes, *, inputs: Iterable[str | os.PathLike[str] | None] = ()
+) -> None:
     with atomic_writer(path, inputs=inputs) as f:
         f.write(data)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str, *,
-                      inputs: Iterable[str | os.PathLike[str] | None] = ()) -> None:
+def write_text_atomic(
+    path: str | os.PathLike[str], text: str, *, inputs: Iterable[str | os.PathLike[str] | None] = ()
+) -> None:
     with atomic_writer(path, "w", inputs=inputs) as f:
         f.write(text)

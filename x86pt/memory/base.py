@@ -4,6 +4,7 @@ A source is one of: SparseMemory (pages in RAM, writable), RawFile (file offset 
 address, mmap'd read-only), ElfCore (QEMU dump-guest-memory layout, PT_LOAD keyed by p_paddr),
 LiME. Reading outside every segment raises PhysicalAddressError.
 """
+
 from __future__ import annotations
 
 import struct
@@ -21,8 +22,8 @@ PAGE = 4096
 
 @dataclass(frozen=True)
 class Segment:
-    start: int   # physical address of the first byte
-    end: int     # one past the last byte
+    start: int  # physical address of the first byte
+    end: int  # one past the last byte
 
     @property
     def size(self) -> int:
@@ -88,9 +89,10 @@ class MemoryBase:
 
     def _outside(self, pa: int, n: int) -> PhysicalAddressError:
         segs = self.segments()
-        where = (f"image holds {len(segs)} segment(s) up to {self.end:#x}" if segs else "image is empty")
-        return PhysicalAddressError(f"physical read of {n} bytes at {pa:#x} is outside the image "
-                                    f"({where})", pa)
+        where = f"image holds {len(segs)} segment(s) up to {self.end:#x}" if segs else "image is empty"
+        return PhysicalAddressError(
+            f"physical read of {n} bytes at {pa:#x} is outside the image ({where})", pa
+        )
 
     def close(self) -> None:
         pass

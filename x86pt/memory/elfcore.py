@@ -8,6 +8,7 @@ NT_PRSTATUS note and a "QEMU" note (type 0) whose payload is QEMUCPUState:
 QEMUCPUState has no EFER; x86pt's own writer adds an "X86PT" note with EFER, PKRU, PKRS,
 MAXPHYADDR and the profile name, and the reader uses it when present.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -34,8 +35,8 @@ PN_XNUM = 0xFFFF
 NT_PRSTATUS = 1
 QEMU_NOTE_TYPE = 0
 X86PT_NOTE_TYPE = 0x5850
-QEMU_CPUSTATE_CR_OFFSET = 8 + 18 * 8 + 10 * 24       # 392: cr[0]
-_X86PT_NOTE = struct.Struct("<IIQIIII16s")             # version, size, efer, pkru, pkrs, M, vendor, profile
+QEMU_CPUSTATE_CR_OFFSET = 8 + 18 * 8 + 10 * 24  # 392: cr[0]
+_X86PT_NOTE = struct.Struct("<IIQIIII16s")  # version, size, efer, pkru, pkrs, M, vendor, profile
 
 
 def _align4(n: int) -> int:
@@ -50,8 +51,22 @@ class ElfCore(MemoryBase):
         self.notes: list[tuple[str, int, bytes]] = []
         if f.size < _EHDR.size:
             raise ImageError(f"{path}: truncated ELF header ({f.size} bytes)")
-        (ident, e_type, e_machine, _ver, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum,
-         shentsize, _shnum, _shstrndx) = _EHDR.unpack_from(f.data, 0)
+        (
+            ident,
+            e_type,
+            e_machine,
+            _ver,
+            _entry,
+            phoff,
+            shoff,
+            _flags,
+            _ehsize,
+            phentsize,
+            phnum,
+            shentsize,
+            _shnum,
+            _shstrndx,
+        ) = _EHDR.unpack_from(f.data, 0)
         if ident[:4] != b"\x7fELF":
             raise ImageError(f"{path}: not an ELF file")
         if ident[4] != 2:
@@ -62,7 +77,7 @@ class ElfCore(MemoryBase):
             raise ImageError(f"{path}: ELF type {e_type} is not a core file (ET_CORE=4)")
         if e_machine != EM_X86_64:
             raise ImageError(f"{path}: ELF machine {e_machine} is not x86-64 (62)")
-        if phnum == PN_XNUM:   # the real count is in section header 0's sh_info
+        if phnum == PN_XNUM:  # the real count is in section header 0's sh_info
             if shoff == 0 or shoff + _SHDR.size > f.size:
                 raise ImageError(f"{path}: e_phnum is PN_XNUM but section header 0 is missing")
             phnum = _SHDR.unpack_from(f.data, shoff)[7]
@@ -70,24 +85,30 @@ class ElfCore(MemoryBase):
             raise ImageError(f"{path}: bad program header size {phentsize}")
         if phoff + phnum * _PHDR.size > f.size:
             raise ImageError(f"{path}: program headers past the end of the file")
-        loads: list[tuple[int, int, int, int]] = []   # (paddr, memsz, offset, filesz)
+        loads: list[tuple[int, int, int, int]] = []  # (paddr, memsz, offset, filesz)
         for i in range(phnum):
-            p_type, _pf, off, _vaddr, paddr, filesz, memsz, _al = _PHDR.unpack_from(f.data, phoff + i * _PHDR.size)
+            p_type, _pf, off, _vaddr, paddr, filesz, memsz, _al = _PHDR.unpack_from(
+                f.data, phoff + i * _PHDR.size
+            )
             if p_type == PT_LOAD:
                 if filesz > memsz:
                     raise ImageError(f"{path}: PT_LOAD {i} has p_filesz > p_memsz")
                 if off + filesz > f.size:
-                    raise ImageError(f"{path}: PT_LOAD {i} (paddr {paddr:#x}) is truncated: needs "
-                                     f"file bytes up to {off + filesz:#x}, file has {f.size:#x}")
+                    raise ImageError(
+                        f"{path}: PT_LOAD {i} (paddr {paddr:#x}) is truncated: needs "
+                        f"file bytes up to {off + filesz:#x}, file has {f.size:#x}"
+                    )
                 if paddr + memsz > 1 << 64:
-                    raise ImageError(f"{path}: PT_LOAD {i} (paddr {paddr:#x}, memsz {memsz:#x}) "
-                                     "runs past the end of the 64-bit physical address space")
+                    raise ImageError(
+                        f"{path}: PT_LOAD {i} (paddr {paddr:#x}, memsz {memsz:#x}) "
+                        "runs past the end of the 64-bit physical address space"
+                    )
                 if memsz:
                     loads.append((paddr, memsz, off, filesz))
             elif p_type == PT_NOTE:
                 if off + filesz > f.size:
                     raise ImageError(f"{path}: PT_NOTE is truncated")
-                self._parse_notes(bytes(f.data[off:off + filesz]))
+                self._parse_notes(bytes(f.data[off : off + filesz]))
         loads.sort()
         for a, b in zip(loads, loads[1:]):
             if a[0] + a[1] > b[0]:
@@ -104,8 +125,8 @@ class ElfCore(MemoryBase):
             desc_end = name_end + _align4(descsz)
             if name_end + descsz > len(data):
                 raise ImageError(f"{self.path}: truncated ELF note")
-            name = data[off:off + namesz].rstrip(b"\0").decode("ascii", "replace")
-            desc = data[name_end:name_end + descsz]
+            name = data[off : off + namesz].rstrip(b"\0").decode("ascii", "replace")
+            desc = data[name_end : name_end + descsz]
             self.notes.append((name, ntype, desc))
             off = desc_end
             if name == "QEMU" and ntype == QEMU_NOTE_TYPE and "cr3" not in self.control_registers:
@@ -121,7 +142,9 @@ class ElfCore(MemoryBase):
             raise ImageError(f"{self.path}: QEMU CPU-state note too short ({len(desc)} bytes)")
         cr = struct.unpack_from("<5Q", desc, QEMU_CPUSTATE_CR_OFFSET)
         self.control_registers.update(cr0=cr[0], cr2=cr[2], cr3=cr[3], cr4=cr[4])
-        self.control_registers["rip"], self.control_registers["rflags"] = struct.unpack_from("<QQ", desc, 8 + 16 * 8)
+        self.control_registers["rip"], self.control_registers["rflags"] = struct.unpack_from(
+            "<QQ", desc, 8 + 16 * 8
+        )
 
     def _x86pt_state(self, desc: bytes) -> None:
         if len(desc) < _X86PT_NOTE.size:
@@ -146,16 +169,16 @@ class ElfCore(MemoryBase):
         p, off, filesz = self._find(pa, n)
         rel = pa - p
         if rel + n <= filesz:
-            return self.file.data[off + rel: off + rel + n]
+            return self.file.data[off + rel : off + rel + n]
         have = max(0, filesz - rel)
-        return (self.file.data[off + rel: off + rel + have] if have else b"") + bytes(n - have)
+        return (self.file.data[off + rel : off + rel + have] if have else b"") + bytes(n - have)
 
     def table(self, pa: int) -> np.ndarray:
         pa &= ~0xFFF
         p, off, filesz = self._find(pa, PAGE)
         rel = pa - p
         if rel + PAGE <= filesz and (off + rel) % 8 == 0:
-            return self.file.u64[(off + rel) // 8: (off + rel) // 8 + 512]
+            return self.file.u64[(off + rel) // 8 : (off + rel) // 8 + 512]
         return np.frombuffer(self.read(pa, PAGE), dtype="<u8")
 
     def contains(self, pa: int, n: int = 1) -> bool:
@@ -195,30 +218,63 @@ class ElfCore(MemoryBase):
 
 def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
     name0 = name + b"\0"
-    return (_NHDR.pack(len(name0), len(desc), ntype) + name0.ljust(_align4(len(name0)), b"\0")
-            + desc.ljust(_align4(len(desc)), b"\0"))
+    return (
+        _NHDR.pack(len(name0), len(desc), ntype)
+        + name0.ljust(_align4(len(name0)), b"\0")
+        + desc.ljust(_align4(len(desc)), b"\0")
+    )
 
 
 def qemu_cpustate(cr0: int, cr3: int, cr4: int, cr2: int = 0, rip: int = 0, rflags: int = 2) -> bytes:
     """A QEMUCPUState payload (version 1, size 440) with the given control registers."""
     gprs = bytes(16 * 8)
-    body = gprs + struct.pack("<QQ", rip, rflags) + bytes(10 * 24) + struct.pack(
-        "<5Q", cr0, 0, cr2, cr3, cr4) + struct.pack("<Q", 0)
+    body = (
+        gprs
+        + struct.pack("<QQ", rip, rflags)
+        + bytes(10 * 24)
+        + struct.pack("<5Q", cr0, 0, cr2, cr3, cr4)
+        + struct.pack("<Q", 0)
+    )
     return struct.pack("<II", 1, 8 + len(body)) + body
 
 
-def write_elf_core(path: str, memory: MemoryBase, *, cr0: int, cr3: int, cr4: int, efer: int,
-                   pkru: int = 0, pkrs: int = 0, maxphyaddr: int = 52, vendor: str = "intel",
-                   profile: str = "", inputs: Iterable[str | os.PathLike[str] | None] = ()) -> None:
+def write_elf_core(
+    path: str,
+    memory: MemoryBase,
+    *,
+    cr0: int,
+    cr3: int,
+    cr4: int,
+    efer: int,
+    pkru: int = 0,
+    pkrs: int = 0,
+    maxphyaddr: int = 52,
+    vendor: str = "intel",
+    profile: str = "",
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+) -> None:
     """Write `memory` as an ELF core with the note layout QEMU uses, plus an X86PT note."""
     segs = memory.segments()
     prstatus = bytearray(336)
-    struct.pack_into("<I", prstatus, 32, 1)        # pr_pid
-    notes = (_note(b"CORE", NT_PRSTATUS, bytes(prstatus))
-             + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpustate(cr0, cr3, cr4))
-             + _note(b"X86PT", X86PT_NOTE_TYPE, _X86PT_NOTE.pack(
-                 1, _X86PT_NOTE.size, efer, pkru, pkrs, maxphyaddr, 1 if vendor == "amd" else 0,
-                 profile.encode()[:16])))
+    struct.pack_into("<I", prstatus, 32, 1)  # pr_pid
+    notes = (
+        _note(b"CORE", NT_PRSTATUS, bytes(prstatus))
+        + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpustate(cr0, cr3, cr4))
+        + _note(
+            b"X86PT",
+            X86PT_NOTE_TYPE,
+            _X86PT_NOTE.pack(
+                1,
+                _X86PT_NOTE.size,
+                efer,
+                pkru,
+                pkrs,
+                maxphyaddr,
+                1 if vendor == "amd" else 0,
+                profile.encode()[:16],
+            ),
+        )
+    )
     phnum = 1 + len(segs)
     if phnum >= PN_XNUM:
         raise ImageError(f"too many segments for one ELF core ({len(segs)})")
@@ -227,8 +283,11 @@ def write_elf_core(path: str, memory: MemoryBase, *, cr0: int, cr3: int, cr4: in
     data_off = (note_off + len(notes) + PAGE - 1) & ~(PAGE - 1)
     ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
     with atomic_writer(path, inputs=inputs) as f:
-        f.write(_EHDR.pack(ident, ET_CORE, EM_X86_64, 1, 0, _EHDR.size, 0, 0, _EHDR.size,
-                           _PHDR.size, phnum, 0, 0, 0))
+        f.write(
+            _EHDR.pack(
+                ident, ET_CORE, EM_X86_64, 1, 0, _EHDR.size, 0, 0, _EHDR.size, _PHDR.size, phnum, 0, 0, 0
+            )
+        )
         f.write(_PHDR.pack(PT_NOTE, 0, note_off, 0, 0, len(notes), len(notes), 0))
         cur = data_off
         for s in segs:

@@ -1,5 +1,6 @@
 """LiME: repeated [header, data]; header <IIQQQ = magic 0x4C694D45, version 1, start, end
 (inclusive), reserved. Ranges ascend and do not overlap (docs/formats.md §4)."""
+
 from __future__ import annotations
 
 import bisect
@@ -22,7 +23,7 @@ class LimeFile(MemoryBase):
         self.file = MappedFile(path)
         self.path = path
         self.control_registers: dict[str, int] = {}
-        self._segs: list[tuple[int, int, int]] = []   # (start, end, file offset)
+        self._segs: list[tuple[int, int, int]] = []  # (start, end, file offset)
         off = 0
         size = self.file.size
         while off < size:
@@ -38,8 +39,10 @@ class LimeFile(MemoryBase):
             n = end - start + 1
             data = off + _HDR.size
             if data + n > size:
-                raise ImageError(f"{path}: LiME range {start:#x}-{end:#x} is truncated "
-                                 f"({size - data:#x} of {n:#x} bytes present)")
+                raise ImageError(
+                    f"{path}: LiME range {start:#x}-{end:#x} is truncated "
+                    f"({size - data:#x} of {n:#x} bytes present)"
+                )
             if self._segs and start < self._segs[-1][1]:
                 raise ImageError(f"{path}: LiME range {start:#x} overlaps or is not ascending")
             self._segs.append((start, start + n, data))
@@ -59,13 +62,13 @@ class LimeFile(MemoryBase):
 
     def read(self, pa: int, n: int) -> bytes:
         off = self._find(pa, n)
-        return self.file.data[off:off + n]
+        return self.file.data[off : off + n]
 
     def table(self, pa: int) -> np.ndarray:
         off = self._find(pa & ~0xFFF, PAGE)
         if off % 8 == 0:
-            return self.file.u64[off // 8: off // 8 + 512]
-        return np.frombuffer(self.file.data[off:off + PAGE], dtype="<u8")
+            return self.file.u64[off // 8 : off // 8 + 512]
+        return np.frombuffer(self.file.data[off : off + PAGE], dtype="<u8")
 
     def contains(self, pa: int, n: int = 1) -> bool:
         try:
@@ -80,6 +83,7 @@ class LimeFile(MemoryBase):
 
 def write_lime(path: str, memory: MemoryBase, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> None:
     from x86pt.memory.atomic import atomic_writer
+
     with atomic_writer(path, inputs=inputs) as f:
         for seg in memory.segments():
             f.write(_HDR.pack(LIME_MAGIC, 1, seg.start, seg.end - 1, 0))

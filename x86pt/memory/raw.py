@@ -1,4 +1,5 @@
 """A raw physical-memory file: file offset = physical address. Opened read-only and mmap'd."""
+
 from __future__ import annotations
 
 import mmap
@@ -35,8 +36,11 @@ class MappedFile:
         # what reads index: the mapping (closed by close(): a later read raises), or no bytes for
         # an empty file
         self.data: mmap.mmap | bytes = self.map if self.map is not None else b""
-        self.u64 = (np.frombuffer(self.map, dtype="<u8", count=self.size // 8)
-                    if self.map is not None else np.zeros(0, dtype="<u8"))
+        self.u64 = (
+            np.frombuffer(self.map, dtype="<u8", count=self.size // 8)
+            if self.map is not None
+            else np.zeros(0, dtype="<u8")
+        )
 
     def close(self) -> None:
         self.u64 = np.zeros(0, dtype="<u8")
@@ -60,7 +64,7 @@ class RawFile(MemoryBase):
     def read(self, pa: int, n: int) -> bytes:
         if pa < 0 or pa + n > self.file.size:
             raise self._outside(pa, n)
-        return self.file.data[pa:pa + n] if n else b""
+        return self.file.data[pa : pa + n] if n else b""
 
     def read_u64(self, pa: int) -> int:
         if pa < 0 or pa + 8 > self.file.size:
@@ -72,7 +76,7 @@ class RawFile(MemoryBase):
         pa &= ~0xFFF
         if pa < 0 or pa + PAGE > self.file.size:
             raise self._outside(pa, PAGE)
-        return self.file.u64[pa // 8: pa // 8 + 512]
+        return self.file.u64[pa // 8 : pa // 8 + 512]
 
     def contains(self, pa: int, n: int = 1) -> bool:
         return 0 <= pa and pa + n <= self.file.size

@@ -1,6 +1,7 @@
 """Sparse physical memory in RAM: 4 KiB pages created on first write. The builder, the CPA
 model and the oracle rig build images here. Reads of pages never written return zeros inside
 `size` (like fresh RAM) and raise PhysicalAddressError beyond it."""
+
 from __future__ import annotations
 
 import struct
@@ -25,20 +26,21 @@ class SparseMemory(MemoryBase):
     def _check(self, pa: int, n: int) -> None:
         if pa < 0 or n < 0 or pa + n > self.size:
             raise PhysicalAddressError(
-                f"physical access of {n} bytes at {pa:#x} is outside memory of {self.size:#x} bytes", pa)
+                f"physical access of {n} bytes at {pa:#x} is outside memory of {self.size:#x} bytes", pa
+            )
 
     def read(self, pa: int, n: int) -> bytes:
         self._check(pa, n)
         pn, off = divmod(pa, PAGE)
         if off + n <= PAGE:
             page = self.pages.get(pn)
-            return bytes(page[off:off + n]) if page is not None else bytes(n)
+            return bytes(page[off : off + n]) if page is not None else bytes(n)
         out = bytearray()
         while n > 0:
             pn, off = divmod(pa, PAGE)
             take = min(n, PAGE - off)
             page = self.pages.get(pn)
-            out += page[off:off + take] if page is not None else bytes(take)
+            out += page[off : off + take] if page is not None else bytes(take)
             pa += take
             n -= take
         return bytes(out)
@@ -61,7 +63,7 @@ class SparseMemory(MemoryBase):
             page = self.pages.get(pn)
             if page is None:
                 page = self.pages[pn] = bytearray(PAGE)
-            page[off:off + take] = mv[:take]
+            page[off : off + take] = mv[:take]
             mv = mv[take:]
             pa += take
 
@@ -114,7 +116,7 @@ class SparseMemory(MemoryBase):
         for pn, page in self.pages.items():
             start = pn * PAGE
             if start < end:
-                out[start:min(end, start + PAGE)] = page[:max(0, min(PAGE, end - start))]
+                out[start : min(end, start + PAGE)] = page[: max(0, min(PAGE, end - start))]
         return bytes(out)
 
 
@@ -123,8 +125,11 @@ class _StackedPages:
         self.limit = np.uint64(min(mem.size, 1 << 63))
         keys = sorted(mem.pages)
         self.pns = np.array(keys, dtype=np.uint64)
-        self.stacked = (np.frombuffer(b"".join(bytes(mem.pages[k]) for k in keys), dtype="<u8").reshape(-1, 512)
-                        if keys else np.zeros((0, 512), dtype=np.uint64))
+        self.stacked = (
+            np.frombuffer(b"".join(bytes(mem.pages[k]) for k in keys), dtype="<u8").reshape(-1, 512)
+            if keys
+            else np.zeros((0, 512), dtype=np.uint64)
+        )
 
     def gather_u64(self, pas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pas = np.asarray(pas, dtype=np.uint64)

@@ -30,21 +30,67 @@ INVPCID, MOV to CR0/CR3/CR4), `differences` (stale translations and their window
 (`TlbSystem`: N CPUs over one memory), `kernel` (the kernel's flushes and the trace operations),
 `replay` (`TlbReplay`, the replay driver's side). Every public name is importable from here.
 """
-from x86pt.tlb.differences import (KINDS, Difference, Window, WindowTracker, cpu_differences,
-                                  merge_differences)
+
+from x86pt.tlb.differences import KINDS, Difference, Window, WindowTracker, cpu_differences, merge_differences
 from x86pt.fields import BIT_G
-from x86pt.tlb.entries import (CR3_NOFLUSH, PAGE, PAGE_SIZES, SIZE_1G, SIZE_2M, TLB_FLUSH_ALL,
-                               TLB_SINGLE_PAGE_FLUSH_CEILING, U64, GeneralProtection, PscEntry, TlbEntry,
-                               Use)
+from x86pt.tlb.entries import (
+    CR3_NOFLUSH,
+    PAGE,
+    PAGE_SIZES,
+    SIZE_1G,
+    SIZE_2M,
+    TLB_FLUSH_ALL,
+    TLB_SINGLE_PAGE_FLUSH_CEILING,
+    U64,
+    GeneralProtection,
+    PscEntry,
+    TlbEntry,
+    Use,
+)
 from x86pt.tlb.invalidate import Cpu
-from x86pt.tlb.kernel import (ACCESS_WORDS, TLB_OPS, FlushDone, apply_tlb_op, flush_tlb_kernel_range,
-                              format_tlb_op, kernel_range_plan, parse_tlb_line)
+from x86pt.tlb.kernel import (
+    ACCESS_WORDS,
+    TLB_OPS,
+    FlushDone,
+    apply_tlb_op,
+    flush_tlb_kernel_range,
+    format_tlb_op,
+    kernel_range_plan,
+    parse_tlb_line,
+)
 from x86pt.tlb.replay import FLUSH_OPS, TlbReplay
 from x86pt.tlb.system import TlbSystem
 
-__all__ = ["ACCESS_WORDS", "BIT_G", "CR3_NOFLUSH", "FLUSH_OPS", "KINDS", "PAGE", "PAGE_SIZES", "SIZE_1G",
-           "SIZE_2M", "TLB_FLUSH_ALL", "TLB_OPS", "TLB_SINGLE_PAGE_FLUSH_CEILING", "U64", "Cpu",
-           "Difference", "FlushDone", "GeneralProtection", "PscEntry", "TlbEntry", "TlbReplay",
-           "TlbSystem", "Use", "Window", "WindowTracker", "apply_tlb_op", "cpu_differences",
-           "flush_tlb_kernel_range", "format_tlb_op", "kernel_range_plan", "merge_differences",
-           "parse_tlb_line"]
+__all__ = [
+    "ACCESS_WORDS",
+    "BIT_G",
+    "CR3_NOFLUSH",
+    "FLUSH_OPS",
+    "KINDS",
+    "PAGE",
+    "PAGE_SIZES",
+    "SIZE_1G",
+    "SIZE_2M",
+    "TLB_FLUSH_ALL",
+    "TLB_OPS",
+    "TLB_SINGLE_PAGE_FLUSH_CEILING",
+    "U64",
+    "Cpu",
+    "Difference",
+    "FlushDone",
+    "GeneralProtection",
+    "PscEntry",
+    "TlbEntry",
+    "TlbReplay",
+    "TlbSystem",
+    "Use",
+    "Window",
+    "WindowTracker",
+    "apply_tlb_op",
+    "cpu_differences",
+    "flush_tlb_kernel_range",
+    "format_tlb_op",
+    "kernel_range_plan",
+    "merge_differences",
+    "parse_tlb_line",
+]

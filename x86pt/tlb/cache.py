@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """The TLB and paging-structure caches of one logical processor (SDM §4.10.2, §4.10.3): what it may
 hold, which entries are usable under the current PCID, fills, and the primitives that drop entries."""
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -17,8 +18,8 @@ class Caches:
     def __init__(self, index: int, state: PagingState) -> None:
         self.index = index
         self.state = state
-        self.tlb: dict[tuple[int, int], set[TlbEntry]] = {}      # (size, page) -> entries
-        self.psc: dict[tuple[int, int], set[PscEntry]] = {}      # (level, base) -> entries
+        self.tlb: dict[tuple[int, int], set[TlbEntry]] = {}  # (size, page) -> entries
+        self.psc: dict[tuple[int, int], set[PscEntry]] = {}  # (level, base) -> entries
 
     # -- context ----------------------------------------------------------------------------
     @property
@@ -72,8 +73,20 @@ class Caches:
         if path.ok:
             page = _sx(self.state, va & ~(path.size - 1))
             r = path.rights
-            self._add_tlb(TlbEntry(self.pcid, page, path.size, path.frame, r.writable, r.user,
-                                   r.executable, r.pkey, dirty, path.g))
+            self._add_tlb(
+                TlbEntry(
+                    self.pcid,
+                    page,
+                    path.size,
+                    path.frame,
+                    r.writable,
+                    r.user,
+                    r.executable,
+                    r.pkey,
+                    dirty,
+                    path.g,
+                )
+            )
 
     # -- invalidation primitives -----------------------------------------------------------
     def _drop_tlb(self, pred) -> int:

@@ -2,6 +2,7 @@
 """Where cached translations differ from the tables: every range a CPU may use a stale translation
 for, benign or dangerous (`cpu_differences`), and the windows over a replay in which a dangerous
 difference stays open (`WindowTracker`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,13 +43,20 @@ class Difference:
         return self.severity == "dangerous"
 
     def to_json(self) -> dict:
-        return {"cpu": self.cpu, "start": hex(self.start), "end": hex(self.end), "kind": self.kind,
-                "severity": self.severity, "cached": self.cached, "current": self.current}
+        return {
+            "cpu": self.cpu,
+            "start": hex(self.start),
+            "end": hex(self.end),
+            "kind": self.kind,
+            "severity": self.severity,
+            "cached": self.cached,
+            "current": self.current,
+        }
 
 
 @dataclass(frozen=True)
 class _Leaf:
-    pa: int            # physical address of the run's first byte
+    pa: int  # physical address of the run's first byte
     rw: bool
     us: bool
     x: bool
@@ -93,18 +101,37 @@ def _descend_level(state, memory, plan, i, start, end, table, rw, us, xd):
                 x = xd or bool(raw >> 63)
                 sbase = state.sign_extend(base)
                 if leaf:
-                    yield ("leaf", sbase, span, raw & phys & ~(span - 1), r, u, not (nxe and x),
-                           (raw & PK_MASK) >> PK_SHIFT, bool(raw & BIT_D), bool(raw & BIT_G))
+                    yield (
+                        "leaf",
+                        sbase,
+                        span,
+                        raw & phys & ~(span - 1),
+                        r,
+                        u,
+                        not (nxe and x),
+                        (raw & PK_MASK) >> PK_SHIFT,
+                        bool(raw & BIT_D),
+                        bool(raw & BIT_G),
+                    )
                 else:
                     yield ("table", level.number, sbase, span, raw & phys, r, u, x)
-                    yield from _descend_level(state, memory, plan, i + 1, va, min(end, nxt),
-                                              raw & phys, r, u, x)
+                    yield from _descend_level(
+                        state, memory, plan, i + 1, va, min(end, nxt), raw & phys, r, u, x
+                    )
         va = nxt
 
 
-def _runs(state: PagingState, memory, start: int, end: int, below: int | None = None,
-          table: int | None = None, rw: bool = True, us: bool = True, xd: bool = False
-          ) -> Iterator[tuple[int, int, _Leaf | None]]:
+def _runs(
+    state: PagingState,
+    memory,
+    start: int,
+    end: int,
+    below: int | None = None,
+    table: int | None = None,
+    rw: bool = True,
+    us: bool = True,
+    xd: bool = False,
+) -> Iterator[tuple[int, int, _Leaf | None]]:
     """The current tables' translations over [start, end) as (start, end, leaf or None) runs, one
     per leaf or hole met, reading only the tables under the range. Addresses are canonical."""
     if below is None:
@@ -134,8 +161,18 @@ def _runs_level(state, memory, plan, i, start, end, table, rw, us, xd):
             x = xd or bool(raw >> 63)
             if leaf:
                 frame = raw & phys & ~(span - 1)
-                yield va, nxt, _Leaf(frame + (va & (span - 1)), r, u, not (state.nxe and x),
-                                     (raw & PK_MASK) >> PK_SHIFT, bool(raw & BIT_D))
+                yield (
+                    va,
+                    nxt,
+                    _Leaf(
+                        frame + (va & (span - 1)),
+                        r,
+                        u,
+                        not (state.nxe and x),
+                        (raw & PK_MASK) >> PK_SHIFT,
+                        bool(raw & BIT_D),
+                    ),
+                )
             else:
                 yield from _runs_level(state, memory, plan, i + 1, va, nxt, raw & phys, r, u, x)
         va = nxt
@@ -151,7 +188,7 @@ def _compare(cached: _Leaf, cur: _Leaf | None) -> list[tuple[str, str]]:
         if a != b:
             out.append((kind, "dangerous" if a else "benign"))
     if cached.pkey != cur.pkey:
-        out.append(("pkey", "dangerous"))     # which key is more permissive depends on PKRU/PKRS
+        out.append(("pkey", "dangerous"))  # which key is more permissive depends on PKRU/PKRS
     if cached.dirty and cached.rw and not cur.dirty:
         out.append(("dirty", "benign"))
     return out
@@ -160,12 +197,23 @@ def _compare(cached: _Leaf, cur: _Leaf | None) -> list[tuple[str, str]]:
 def _describe_leaf(l: _Leaf | None) -> str:
     if l is None:
         return "no translation"
-    return (f"pa {l.pa:#x} " + rights_letters(l.us, l.rw, l.x) + (f" pkey {l.pkey}" if l.pkey else "")
-            + (" D" if l.dirty else ""))
+    return (
+        f"pa {l.pa:#x} "
+        + rights_letters(l.us, l.rw, l.x)
+        + (f" pkey {l.pkey}" if l.pkey else "")
+        + (" D" if l.dirty else "")
+    )
 
 
-def _diff_ranges(c: Caches, memory, start: int, end: int, cached_at, cached_desc: str,
-                 runs: Iterable[tuple[int, int, _Leaf | None]]) -> list[Difference]:
+def _diff_ranges(
+    c: Caches,
+    memory,
+    start: int,
+    end: int,
+    cached_at,
+    cached_desc: str,
+    runs: Iterable[tuple[int, int, _Leaf | None]],
+) -> list[Difference]:
     """Compare `cached_at(run start) -> _Leaf` with the current runs, merging neighbours."""
     out: list[Difference] = []
     open_: dict[str, Difference] = {}
@@ -194,8 +242,20 @@ def _entry_runs(st: PagingState, memory, e: TlbEntry):
     if path.ok:
         if path.size >= e.size:
             r = path.rights
-            return ((e.page, e.end, _Leaf(path.frame + (e.page & (path.size - 1)), r.writable, r.user,
-                                          r.executable, r.pkey, path.dirty)),)
+            return (
+                (
+                    e.page,
+                    e.end,
+                    _Leaf(
+                        path.frame + (e.page & (path.size - 1)),
+                        r.writable,
+                        r.user,
+                        r.executable,
+                        r.pkey,
+                        path.dirty,
+                    ),
+                ),
+            )
     elif (1 << st.levels[st.paging_levels - path.level].shift) >= e.size:
         return ((e.page, e.end, None),)
     return _runs(st, memory, e.page, e.end)
@@ -234,7 +294,7 @@ def _bulk_4k(st: PagingState, memory, entries: list[TlbEntry]) -> dict[int, list
             runs[-1][1] = pg + PAGE
         else:
             runs.append([pg, pg + PAGE])
-    out: dict[int, list[tuple]] = {}      # id(entry) -> differences: the caller holds the entries
+    out: dict[int, list[tuple]] = {}  # id(entry) -> differences: the caller holds the entries
     for a, z in runs:
         seen: set[int] = set()
         for item in _descend(st, memory, a, z):
@@ -245,13 +305,21 @@ def _bulk_4k(st: PagingState, memory, entries: list[TlbEntry]) -> dict[int, list
                 seen.add(pg)
                 pa = frame + (pg - base)
                 for e in by_page.get(pg, ()):
-                    if (e.frame == pa and e.writable == rw and e.user == us and e.executable == x
-                            and e.pkey == pkey and not (e.dirty and e.writable and not dirty)):
+                    if (
+                        e.frame == pa
+                        and e.writable == rw
+                        and e.user == us
+                        and e.executable == x
+                        and e.pkey == pkey
+                        and not (e.dirty and e.writable and not dirty)
+                    ):
                         out[id(e)] = []
                         continue
                     cur = _Leaf(pa, rw, us, x, pkey, dirty)
                     cached = _Leaf(e.frame, e.writable, e.user, e.executable, e.pkey, e.dirty)
-                    out[id(e)] = [(pg, pg + PAGE, k, sev, _describe_leaf(cur)) for k, sev in _compare(cached, cur)]
+                    out[id(e)] = [
+                        (pg, pg + PAGE, k, sev, _describe_leaf(cur)) for k, sev in _compare(cached, cur)
+                    ]
         for pg in range(a, z, PAGE):
             if pg not in seen:
                 for e in by_page.get(pg, ()):
@@ -295,25 +363,56 @@ def cpu_differences(c: Caches, memory, memo: dict | None = None, *, prune: bool 
         if p.pcid != c.pcid:
             continue
         cur = _walk_from(st, memory, p.base, st.paging_levels + 1, st.root, True, True, False)
-        same = any(n == p.level and table == p.table and (rw, us, xd) == (p.writable, p.user, p.xd)
-                   for n, base, table, rw, us, xd in cur.psc)
+        same = any(
+            n == p.level and table == p.table and (rw, us, xd) == (p.writable, p.user, p.xd)
+            for n, base, table, rw, us, xd in cur.psc
+        )
         if same:
             if prune:
                 fresh.add(id(p))
             continue
-        out.append(Difference(c.index, p.base, p.base + p.span, "table", "dangerous", p.describe(),
-                              "the tables no longer reference that table here"))
+        out.append(
+            Difference(
+                c.index,
+                p.base,
+                p.base + p.span,
+                "table",
+                "dangerous",
+                p.describe(),
+                "the tables no longer reference that table here",
+            )
+        )
         if p.level == 2:
-            through = {s: leaf for s, e_, leaf in _runs(st, memory, p.base, p.base + p.span,
-                                                        p.level, p.table, p.writable, p.user, p.xd)}
+            through = {
+                s: leaf
+                for s, e_, leaf in _runs(
+                    st, memory, p.base, p.base + p.span, p.level, p.table, p.writable, p.user, p.xd
+                )
+            }
             # compare page by page through the old table against the current tables
             cur_runs = []
             for s, e_, leaf in _runs(st, memory, p.base, p.base + p.span):
                 for v in range(s, e_, PAGE):
-                    cur_runs.append((v, v + PAGE, None if leaf is None else
-                                     _Leaf(leaf.pa + (v - s), leaf.rw, leaf.us, leaf.x, leaf.pkey, leaf.dirty)))
-            out.extend(_diff_ranges(c, memory, p.base, p.base + p.span, lambda v: through.get(v),  # noqa: B023 (called in this iteration)
-                                    p.describe() + " (walk through the old table)", cur_runs))
+                    cur_runs.append(
+                        (
+                            v,
+                            v + PAGE,
+                            None
+                            if leaf is None
+                            else _Leaf(leaf.pa + (v - s), leaf.rw, leaf.us, leaf.x, leaf.pkey, leaf.dirty),
+                        )
+                    )
+            out.extend(
+                _diff_ranges(
+                    c,
+                    memory,
+                    p.base,
+                    p.base + p.span,
+                    lambda v: through.get(v),  # noqa: B023 (called in this iteration)
+                    p.describe() + " (walk through the old table)",
+                    cur_runs,
+                )
+            )
     if fresh:
         c._drop_psc(lambda p: id(p) in fresh)
     return out
@@ -348,8 +447,15 @@ class Window:
     closed: int | None = None
 
     def to_json(self) -> dict:
-        return {"cpu": self.cpu, "start": hex(self.start), "end": hex(self.end), "kind": self.kind,
-                "severity": self.severity, "opened": self.opened, "closed": self.closed}
+        return {
+            "cpu": self.cpu,
+            "start": hex(self.start),
+            "end": hex(self.end),
+            "kind": self.kind,
+            "severity": self.severity,
+            "opened": self.opened,
+            "closed": self.closed,
+        }
 
 
 class WindowTracker:
@@ -392,8 +498,11 @@ class WindowTracker:
         return closed_now
 
     def open_windows(self) -> list[Window]:
-        out = [Window(cpu, s, e, kind, sev, op) for (cpu, kind, sev), runs in self._open.items()
-               for s, e, op in runs]
+        out = [
+            Window(cpu, s, e, kind, sev, op)
+            for (cpu, kind, sev), runs in self._open.items()
+            for s, e, op in runs
+        ]
         return sorted(out, key=lambda w: (w.start, w.cpu, w.kind))
 
     def dangerous_open(self) -> list[Window]:

@@ -2,6 +2,7 @@
 """The records of the TLB model (Intel SDM Vol. 3A §4.10.2.2, §4.10.3.1): a TLB entry, a
 paging-structure-cache entry, a translation a CPU may use, and one walk from CR3 or from a cached
 upper entry."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,9 +18,9 @@ SIZE_2M = 1 << 21
 SIZE_1G = 1 << 30
 PAGE_SIZES = (PAGE, SIZE_2M, SIZE_1G)
 U64 = (1 << 64) - 1
-CR3_NOFLUSH = 1 << 63          # MOV to CR3 with CR4.PCIDE=1: bit 63 of the source (SDM §4.10.4.1)
-TLB_FLUSH_ALL = U64            # the kernel's `end` for "everything" (arch/x86/include/asm/tlbflush.h)
-TLB_SINGLE_PAGE_FLUSH_CEILING = 33   # arch/x86/mm/tlb.c, debugfs-tunable; default since v4.6
+CR3_NOFLUSH = 1 << 63  # MOV to CR3 with CR4.PCIDE=1: bit 63 of the source (SDM §4.10.4.1)
+TLB_FLUSH_ALL = U64  # the kernel's `end` for "everything" (arch/x86/include/asm/tlbflush.h)
+TLB_SINGLE_PAGE_FLUSH_CEILING = 33  # arch/x86/mm/tlb.c, debugfs-tunable; default since v4.6
 
 
 class GeneralProtection(StateError):
@@ -57,13 +58,24 @@ class TlbEntry:
         return self.page <= va < self.page + self.size
 
     def describe(self) -> str:
-        return (f"{self.size >> 10}K page {self.page:#x} -> {self.frame:#x} {self.rights.letters()}"
-                f"{' D' if self.dirty else ''}{' G' if self.global_ else ''} pcid={self.pcid}")
+        return (
+            f"{self.size >> 10}K page {self.page:#x} -> {self.frame:#x} {self.rights.letters()}"
+            f"{' D' if self.dirty else ''}{' G' if self.global_ else ''} pcid={self.pcid}"
+        )
 
     def to_json(self) -> dict:
-        return {"pcid": self.pcid, "page": hex(self.page), "size": self.size, "frame": hex(self.frame),
-                "rw": self.writable, "us": self.user, "x": self.executable, "pkey": self.pkey,
-                "dirty": self.dirty, "global": self.global_}
+        return {
+            "pcid": self.pcid,
+            "page": hex(self.page),
+            "size": self.size,
+            "frame": hex(self.frame),
+            "rw": self.writable,
+            "us": self.user,
+            "x": self.executable,
+            "pkey": self.pkey,
+            "dirty": self.dirty,
+            "global": self.global_,
+        }
 
 
 @dataclass(frozen=True)
@@ -86,12 +98,21 @@ class PscEntry:
         return {5: "PML5E", 4: "PML4E", 3: "PDPTE", 2: "PDE"}[self.level]
 
     def describe(self) -> str:
-        return (f"{self.name}-cache entry {self.base:#x}+{self.span:#x} -> table {self.table:#x} "
-                f"pcid={self.pcid}")
+        return (
+            f"{self.name}-cache entry {self.base:#x}+{self.span:#x} -> table {self.table:#x} pcid={self.pcid}"
+        )
 
     def to_json(self) -> dict:
-        return {"pcid": self.pcid, "cache": self.name, "base": hex(self.base), "span": self.span,
-                "table": hex(self.table), "rw": self.writable, "us": self.user, "xd": self.xd}
+        return {
+            "pcid": self.pcid,
+            "cache": self.name,
+            "base": hex(self.base),
+            "span": self.span,
+            "table": hex(self.table),
+            "rw": self.writable,
+            "us": self.user,
+            "xd": self.xd,
+        }
 
 
 @dataclass(frozen=True)
@@ -121,7 +142,7 @@ class _Path:
     rights: Rights | None
     dirty: bool
     g: bool
-    psc: tuple[tuple[int, int, int, bool, bool, bool], ...]   # (level, base, table, rw, us, xd)
+    psc: tuple[tuple[int, int, int, bool, bool, bool], ...]  # (level, base, table, rw, us, xd)
     rsvd: bool = False
 
 
@@ -129,8 +150,9 @@ def _sx(state: PagingState, va: int) -> int:
     return state.sign_extend(va & U64)
 
 
-def _walk_from(state: PagingState, memory, va: int, below: int, table: int,
-               rw: bool, us: bool, xd: bool) -> _Path:
+def _walk_from(
+    state: PagingState, memory, va: int, below: int, table: int, rw: bool, us: bool, xd: bool
+) -> _Path:
     """Walk `va` from `table`, an entry of level `below` + 1 having given (rw, us, xd); `below`
     = paging levels + 1 walks from CR3. Reserved bits as the walker decides them
     (PagingState.walk_plan, SDM §4.5)."""
@@ -144,7 +166,7 @@ def _walk_from(state: PagingState, memory, va: int, below: int, table: int,
         try:
             raw = memory.read_u64(e_addr)
         except PhysicalAddressError:
-            raw = 0            # an entry outside memory gives no translation to cache
+            raw = 0  # an entry outside memory gives no translation to cache
         if not raw & 1:
             return _Path(False, n, 0, 0, None, False, False, tuple(psc))
         leaf = n == 1 or (leaf_kind is not None and bool(raw & BIT_PS))
@@ -156,14 +178,25 @@ def _walk_from(state: PagingState, memory, va: int, below: int, table: int,
         if leaf:
             size = 1 << level.shift
             rights = Rights(rw, us, not (state.nxe and xd), (raw & PK_MASK) >> PK_SHIFT)
-            return _Path(True, n, size, raw & phys & ~(size - 1), rights, bool(raw & BIT_D),
-                         bool(raw & BIT_G) and bool(state.cr4 & CR4_PGE), tuple(psc))
+            return _Path(
+                True,
+                n,
+                size,
+                raw & phys & ~(size - 1),
+                rights,
+                bool(raw & BIT_D),
+                bool(raw & BIT_G) and bool(state.cr4 & CR4_PGE),
+                tuple(psc),
+            )
         base = _sx(state, va & ~((1 << level.shift) - 1))
         table = raw & phys
         psc.append((n, base, table, rw, us, xd))
-    raise AssertionError("walk ended without a leaf")     # pragma: no cover - level 1 is a leaf
+    raise AssertionError("walk ended without a leaf")  # pragma: no cover - level 1 is a leaf
 
 
 def _error_bits(state: PagingState, access: Access) -> int:
-    return ((PF_W if access.kind == "write" else 0) | (PF_U if access.user_access else 0)
-            | (PF_ID if access.kind == "fetch" and (state.nxe or state.smep) else 0))
+    return (
+        (PF_W if access.kind == "write" else 0)
+        | (PF_U if access.user_access else 0)
+        | (PF_ID if access.kind == "fetch" and (state.nxe or state.smep) else 0)
+    )

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """The instructions that invalidate (SDM §4.10.4.1): INVLPG, INVPCID, MOV to CR0/CR3/CR4, on one
 logical processor's caches."""
+
 from __future__ import annotations
 
 

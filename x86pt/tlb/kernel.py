@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """The kernel's TLB flushes (arch/x86/mm/tlb.c: flush_tlb_kernel_range and its ceiling) and the TLB
 trace operations: parse, format and apply them to a `TlbSystem`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ class FlushDone:
     cpus: tuple[int, ...] = ()
 
 
-def kernel_range_plan(start: int, end: int, kernel: str = "6.15",
-                      ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING) -> tuple[int, ...] | None:
+def kernel_range_plan(
+    start: int, end: int, kernel: str = "6.15", ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING
+) -> tuple[int, ...] | None:
     """What flush_tlb_kernel_range(start, end) does (arch/x86/mm/tlb.c): None for a full flush
     on every CPU (do_flush_tlb_all), else the addresses each CPU invalidates one by one
     (do_kernel_range_flush: from start in PAGE_SIZE steps while < end).
@@ -56,8 +58,17 @@ def _version(kernel: str) -> tuple[int, int]:
         raise BadInputError(f"bad kernel version {kernel!r} (e.g. 6.1, 6.15)") from None
 
 
-TLB_OPS = ("flush_tlb_all", "flush_tlb_kernel_range", "flush_tlb_local", "invlpg", "touch",
-           "speculate", "mov_cr3", "mov_cr4", "invpcid")
+TLB_OPS = (
+    "flush_tlb_all",
+    "flush_tlb_kernel_range",
+    "flush_tlb_local",
+    "invlpg",
+    "touch",
+    "speculate",
+    "mov_cr3",
+    "mov_cr4",
+    "invpcid",
+)
 ACCESS_WORDS = {"read": Access("read"), "write": Access("write"), "fetch": Access("fetch")}
 
 
@@ -137,14 +148,18 @@ def parse_tlb_line(line: str, where: str = "trace") -> tuple | None:
         need(2, 2, "CPU VALUE")
         return (name, _cpu_word(args[0], where), _num(args[1], "value", where))
     need(2, 4, "CPU TYPE [PCID [ADDR]]")
-    return (name, _cpu_word(args[0], where), _num(args[1], "type", where),
-            _num(args[2], "pcid", where) if len(args) > 2 else 0,
-            _num(args[3], "address", where) if len(args) > 3 else 0)
+    return (
+        name,
+        _cpu_word(args[0], where),
+        _num(args[1], "type", where),
+        _num(args[2], "pcid", where) if len(args) > 2 else 0,
+        _num(args[3], "address", where) if len(args) > 3 else 0,
+    )
 
 
 def format_tlb_op(op: tuple) -> str:
     name = op[0]
-    cpu = lambda c: "all" if c is None else str(c)     # noqa: E731
+    cpu = lambda c: "all" if c is None else str(c)  # noqa: E731
     if name == "flush_tlb_all":
         return name
     if name == "flush_tlb_kernel_range":
@@ -164,8 +179,14 @@ def format_tlb_op(op: tuple) -> str:
     raise BadInputError(f"not a TLB operation: {op!r}")
 
 
-def flush_tlb_kernel_range(system: TlbSystem, start: int, end: int, *, kernel: str = "6.15",
-                           ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING) -> FlushDone:
+def flush_tlb_kernel_range(
+    system: TlbSystem,
+    start: int,
+    end: int,
+    *,
+    kernel: str = "6.15",
+    ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING,
+) -> FlushDone:
     """The kernel's flush_tlb_kernel_range on every CPU (on_each_cpu), by kernel_range_plan."""
     plan = kernel_range_plan(start, end, kernel, ceiling)
     cpus = tuple(c.index for c in system.cpus)
@@ -178,8 +199,9 @@ def flush_tlb_kernel_range(system: TlbSystem, start: int, end: int, *, kernel: s
     return FlushDone(pages=plan, cpus=cpus)
 
 
-def apply_tlb_op(system: TlbSystem, op: tuple, *, kernel: str = "6.15",
-                 ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING) -> FlushDone | frozenset | int | None:
+def apply_tlb_op(
+    system: TlbSystem, op: tuple, *, kernel: str = "6.15", ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING
+) -> FlushDone | frozenset | int | None:
     """Run one TLB trace op (from parse_tlb_line) on `system`. Flushes return a FlushDone;
     `touch` the set of possible outcomes of its last access; `speculate` the entries added."""
     run = _APPLY.get(op[0])
@@ -240,8 +262,15 @@ def _apply_invpcid(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> N
 
 
 # op name -> what it does on a TlbSystem (the names of TLB_OPS, one handler each)
-_APPLY = {"flush_tlb_all": _apply_flush_all, "flush_tlb_kernel_range": _apply_kernel_range,
-          "flush_tlb_local": _apply_flush_local, "invlpg": _apply_invlpg, "touch": _apply_touch,
-          "speculate": _apply_speculate, "mov_cr3": _apply_mov_cr3, "mov_cr4": _apply_mov_cr4,
-          "invpcid": _apply_invpcid}
+_APPLY = {
+    "flush_tlb_all": _apply_flush_all,
+    "flush_tlb_kernel_range": _apply_kernel_range,
+    "flush_tlb_local": _apply_flush_local,
+    "invlpg": _apply_invlpg,
+    "touch": _apply_touch,
+    "speculate": _apply_speculate,
+    "mov_cr3": _apply_mov_cr3,
+    "mov_cr4": _apply_mov_cr4,
+    "invpcid": _apply_invpcid,
+}
 assert set(_APPLY) == set(TLB_OPS)

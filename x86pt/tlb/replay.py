@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """The replay driver's side (`TlbReplay`): what `cpa replay --tlb` keeps between operations."""
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -34,9 +35,17 @@ class TlbReplay:
     are the callers' own flushes (vm_reset_perms after the *_noflush calls) or recorded ones,
     and a flush applied twice at the same point changes nothing."""
 
-    def __init__(self, memory, state: PagingState, ncpus: int = 2, *, kernel: str = "6.15",
-                 assume: str = "speculate", flushes: str = "model",
-                 ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING) -> None:
+    def __init__(
+        self,
+        memory,
+        state: PagingState,
+        ncpus: int = 2,
+        *,
+        kernel: str = "6.15",
+        assume: str = "speculate",
+        flushes: str = "model",
+        ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING,
+    ) -> None:
         if assume not in ("speculate", "touch"):
             raise BadInputError("assume must be 'speculate' or 'touch'")
         if flushes not in ("model", "trace"):
@@ -57,8 +66,9 @@ class TlbReplay:
         self._ranges = [(s, e) for s, e in ranges if e > s]
         self._fill()
 
-    def flush(self, memory, kind: str, start: int = 0, end: int = TLB_FLUSH_ALL,
-              cpu: int | None = None) -> FlushDone | None:
+    def flush(
+        self, memory, kind: str, start: int = 0, end: int = TLB_FLUSH_ALL, cpu: int | None = None
+    ) -> FlushDone | None:
         """A flush the CPA model issues. kind: "all" (flush_tlb_all: split, collapse, cpa_flush
         over the ceiling, cpa_flush_all), "range" (cpa_flush / flush_tlb_kernel_range [start,
         end): the ceiling rule of the kernel version), "local" (this CPU's __flush_tlb_all:
@@ -81,7 +91,7 @@ class TlbReplay:
         else:
             raise BadInputError(f"unknown flush kind {kind!r} (all, range, local, page)")
         self.flushes_done.append(done)
-        self._fill()           # other CPUs may cache the tables as they are now, before the next write
+        self._fill()  # other CPUs may cache the tables as they are now, before the next write
         return done
 
     def trace_op(self, op: tuple, memory=None):

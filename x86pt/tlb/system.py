@@ -1,12 +1,12 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """N logical processors over one memory (`TlbSystem`): what a CPU may use for an address, touches
 and speculative fills, flushes on a set of CPUs, and the difference report."""
+
 from __future__ import annotations
 
 
 from x86pt.errors import BadInputError
-from x86pt.state import (CR4_PCIDE, CR4_PGE, PF_P,
-                         PF_PK, PF_RSVD, PagingState)
+from x86pt.state import CR4_PCIDE, CR4_PGE, PF_P, PF_PK, PF_RSVD, PagingState
 from x86pt.walk import Access, check_rights, walk
 from x86pt.tlb.differences import Difference, _descend, cpu_differences, merge_differences
 from x86pt.tlb.entries import PAGE, U64, PscEntry, TlbEntry, Use, _error_bits, _Path, _sx, _walk_from
@@ -50,7 +50,8 @@ class TlbSystem:
                 continue
             out.append((Use(e.frame + (va - e.page), e.size, e.rights, False, e.dirty, "tlb"), None))
         starts: list[tuple[str, int, int, bool, bool, bool]] = [
-            ("tables", st.paging_levels + 1, st.root, True, True, False)]
+            ("tables", st.paging_levels + 1, st.root, True, True, False)
+        ]
         starts += [(f"{p.name}-cache", p.level, p.table, p.writable, p.user, p.xd) for p in c.psc_for(va)]
         for src, below, table, rw, us, xd in starts:
             path = _walk_from(st, self.memory, va, below, table, rw, us, xd)
@@ -72,8 +73,9 @@ class TlbSystem:
     def table_use(self, cpu: int, va: int) -> Use:
         """The translation the current tables give (a walk from CR3)."""
         c = self.cpu(cpu)
-        path = _walk_from(c.state, self.memory, _sx(c.state, va), c.state.paging_levels + 1,
-                          c.state.root, True, True, False)
+        path = _walk_from(
+            c.state, self.memory, _sx(c.state, va), c.state.paging_levels + 1, c.state.root, True, True, False
+        )
         if path.ok:
             return Use(path.frame + (va & (path.size - 1)), path.size, path.rights, False, path.dirty)
         return Use(None, None, None, path.rsvd)
@@ -96,7 +98,9 @@ class TlbSystem:
         return ("ok", u.pa)
 
     # -- fills -------------------------------------------------------------------------------
-    def touch(self, cpu: int, va: int, access: Access | None = None, *, update_ad: bool = False) -> frozenset[tuple]:
+    def touch(
+        self, cpu: int, va: int, access: Access | None = None, *, update_ad: bool = False
+    ) -> frozenset[tuple]:
         """CPU `cpu` makes an access to va. Every walk it may make that allows the access may be
         cached (§4.10.2.3), with D=1 if a write (§4.8) and its upper entries in the
         paging-structure caches (§4.10.3.1). If every way the CPU may translate va faults, the
@@ -174,11 +178,19 @@ class TlbSystem:
 
     def to_json(self) -> dict:
         """What each CPU may hold, sorted by address: for a report or a golden file."""
-        return {"cpus": [{"cpu": c.index, "cr3": hex(c.state.cr3), "cr4": hex(c.state.cr4),
-                          "pcid": c.pcid,
-                          "tlb": [e.to_json() for e in sorted(c.entries(), key=_tlb_key)],
-                          "psc": [p.to_json() for p in sorted(c.psc_entries(), key=_psc_key)]}
-                         for c in self.cpus]}
+        return {
+            "cpus": [
+                {
+                    "cpu": c.index,
+                    "cr3": hex(c.state.cr3),
+                    "cr4": hex(c.state.cr4),
+                    "pcid": c.pcid,
+                    "tlb": [e.to_json() for e in sorted(c.entries(), key=_tlb_key)],
+                    "psc": [p.to_json() for p in sorted(c.psc_entries(), key=_psc_key)],
+                }
+                for c in self.cpus
+            ]
+        }
 
     # -- the difference report ----------------------------------------------------------------
     def differences(self, cpu: int | None = None, *, prune: bool = False) -> list["Difference"]:
@@ -194,7 +206,18 @@ class TlbSystem:
 
 
 def _tlb_key(e: TlbEntry) -> tuple:
-    return (e.page & U64, e.size, e.pcid, e.frame, e.writable, e.user, e.executable, e.pkey, e.dirty, e.global_)
+    return (
+        e.page & U64,
+        e.size,
+        e.pcid,
+        e.frame,
+        e.writable,
+        e.user,
+        e.executable,
+        e.pkey,
+        e.dirty,
+        e.global_,
+    )
 
 
 def _psc_key(p: PscEntry) -> tuple:
