@@ -17,41 +17,33 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import struct
 import subprocess
 import sys
 
 import pytest
 
+from tests import guest_oracle_cases as C
 from tests.conftest import ROOT, need_oracle
 from tests.hand_image import (
-    AD_R,
-    AD_W,
     CR0,
     EFER,
     FRAMES,
-    G1,
     KPK,
-    KRO,
     KRW,
-    M2,
     NONCANON,
     NP,
-    RSV,
     UNX,
     UPK,
-    URO,
     URW,
     P,
     check,
-    frame,
     run_cases,
     tag_frames,
 )
 from tests.hand_image import hand_image as shared_hand_image
 from x86pt.build import Builder
-from x86pt.errors import BadInputError, OracleError
-from x86pt.oracle import Probe, tag_value
+from x86pt.errors import OracleError
+from x86pt.oracle import Probe
 from x86pt.registry import availability, get_oracle, oracle_names
 from x86pt.state import CR0_WP, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_LME, PROFILES
 from x86pt.walk import Access, PageFault, Translation, walk
@@ -90,40 +82,12 @@ def test_registered_as_a_plugin():
 # -- hand-derived (SDM) -------------------------------------------------------------------------------
 def test_sdm_base_wp_nxe(bochs):
     b = hand_image()
-    cases = [
-        (P(KRW + 0x18), ("ok", frame(0) + 0x18)),
-        (P(KRW + 0x18, user=True), ("pf", 0x05)),  # U on S page: P|U
-        (P(URO, "write"), ("pf", 0x03)),  # WP=1: P|W
-        (P(URO, "write", user=True), ("pf", 0x07)),  # P|W|U
-        (P(URO + 8, user=True), ("ok", frame(2) + 8)),
-        (P(UNX, "fetch"), ("pf", 0x11)),  # XD with NXE: P|I/D
-        (P(UNX, "fetch", user=True), ("pf", 0x15)),
-        (P(URW + 0x40, "fetch", user=True), "ok"),
-        (P(KRW + 0x40, "fetch"), "ok"),
-        (P(NP), ("pf", 0x00)),
-        (P(NP, "write", user=True), ("pf", 0x06)),
-        (P(NP, "fetch"), ("pf", 0x10)),  # I/D reported since NXE=1
-        (P(KRO, "write"), ("pf", 0x03)),
-        (P(RSV), ("pf", 0x09)),  # §4.7: RSVD comes with P=1
-        (P(RSV, "write", user=True), ("pf", 0x0F)),
-        (P(RSV, "fetch"), ("pf", 0x19)),
-        (P(M2 + 0x1008), ("ok", 0x601008)),  # 2M: offset bits 20:0
-        (P(G1 + FRAMES + 0x10), ("ok", FRAMES + 0x10)),  # 1G: offset bits 29:0
-        (P(G1 + FRAMES + 0x10, user=True), ("ok", FRAMES + 0x10)),
-        (P(NONCANON), ("gp", 0)),  # §6.15: #GP(0), CR2 untouched
-        (P(NONCANON, "write", user=True), ("gp", 0)),
-    ]
-    run_cases(bochs, b, state(b), cases)
+    run_cases(bochs, b, state(b), C.base_wp_nxe(with_rsvd=True))
 
 
 def test_sdm_wp0(bochs):
     b = hand_image()
-    cases = [
-        (P(URO + 8, "write"), "ok"),  # supervisor write ignores RO if WP=0
-        (P(KRO + 8, "write"), "ok"),
-        (P(URO + 8, "write", user=True), ("pf", 0x07)),
-    ]
-    run_cases(bochs, b, state(b, cr0=CR0 & ~CR0_WP), cases)
+    run_cases(bochs, b, state(b, cr0=CR0 & ~CR0_WP), C.wp0())
 
 
 def test_sdm_nxe0(bochs):
@@ -140,27 +104,12 @@ def test_sdm_nxe0(bochs):
 
 def test_sdm_smep(bochs):
     b = hand_image()
-    cases = [
-        (P(URW + 0x40, "fetch"), ("pf", 0x11)),  # SMEP: supervisor fetch from U page
-        (P(KRW + 0x40, "fetch"), "ok"),
-        (P(URW + 0x40, "fetch", user=True), "ok"),
-        (P(URW + 0x40), "ok"),  # data access unaffected
-    ]
-    run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_SMEP), cases)
+    run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_SMEP), C.smep())
 
 
 def test_sdm_smap_and_ac(bochs):
     b = hand_image()
-    cases = [
-        (P(URW + 8), ("pf", 0x01)),  # SMAP: P only
-        (P(URW + 8, ac=True), ("ok", frame(1) + 8)),  # explicit access with AC=1 allowed
-        (P(URW + 8, "write"), ("pf", 0x03)),
-        (P(URW + 8, "write", ac=True), "ok"),
-        (P(URO + 8, "write", ac=True), ("pf", 0x03)),  # AC does not override WP
-        (P(URW + 8, user=True), "ok"),
-        (P(KRW + 8), "ok"),
-    ]
-    run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_SMAP), cases)
+    run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_SMAP), C.smap_and_ac())
 
 
 def test_sdm_implicit_supervisor_reads(bochs):
@@ -182,48 +131,13 @@ def test_sdm_implicit_supervisor_reads(bochs):
 def test_sdm_pkru_on_user_pages_at_cpl3(bochs):
     """§4.6.2, the part where Bochs follows the SDM: user accesses to user pages."""
     b = hand_image()
-    ad1 = [  # PKRU.AD1 (bit 2)
-        (P(UPK + 8, user=True), ("pf", 0x25)),  # P|U|PK
-        (P(UPK + 0x40, "fetch", user=True), "ok"),  # keys do not apply to fetches
-        (P(URW + 8, user=True), "ok"),  # key 0 allowed
-    ]
-    run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b0100), ad1)
-    wd1 = [  # PKRU.WD1 (bit 3)
-        (P(UPK + 8, user=True), ("ok", frame(4) + 8)),
-        (P(UPK + 8, "write", user=True), ("pf", 0x27)),
-        (P(UPK + 8, "write"), ("pf", 0x23)),  # WP=1: supervisor writes checked too
-    ]
-    run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b1000), wd1)
+    run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b0100), C.pkru_ad1(supervisor_read=False))
+    run_cases(bochs, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b1000), C.pkru_wd1())
 
 
 def test_sdm_accessed_dirty(bochs):
-    """§4.8: A set on every entry used by a successful access, D on the leaf of a write; a
-    not-present walk writes nothing to the leaf."""
     b = hand_image()
-    pte_r = b.entry_address(AD_R, 1, create=False)
-    pte_w = b.entry_address(AD_W, 1, create=False)
-    assert b.memory.read_u64(pte_r) == frame(7) | 0x3  # P|RW, A=D=0
-    assert b.memory.read_u64(pte_w) == frame(8) | 0x7  # P|RW|US
-    res = run_cases(
-        bochs,
-        b,
-        state(b),
-        [
-            (P(AD_R + 8), "ok"),
-            (Probe(AD_W + 8, "write", user=True, wvalue=0x1234), "ok"),
-            (P(NP), ("pf", 0x00)),
-        ],
-    )
-    after = res.memory_after
-    assert after.read_u64(pte_r) == frame(7) | 0x23  # +A
-    assert after.read_u64(pte_w) == frame(8) | 0x67  # +A +D
-    assert after.read_u64(b.entry_address(NP, 1, create=False)) == 0
-    assert after.read_u64(frame(8) + 8) == 0x1234  # the write landed
-    assert after.read_u64(frame(8) + 16) == tag_value(frame(8) + 16)
-    # The harness slot is the backend's: the caller's root table comes back unchanged.
-    assert after.read_u64(b.root + 511 * 8) == 0
-    # The caller's image is not changed.
-    assert b.memory.read_u64(pte_r) == frame(7) | 0x3
+    C.check_accessed_dirty(bochs, b, state(b))
 
 
 def test_sdm_la57_is_not_offered(bochs):
@@ -309,16 +223,6 @@ def test_profile_has_no_qemu_deviations(bochs):
     assert [res.memory_after.read_u64(a) for a in addrs] == before
 
 
-def _user_idt(ram) -> None:
-    # The page holding the harness IDT becomes a user page: delivering an exception then reads
-    # the IDT with an implicit supervisor access to a user page, which SMAP forbids (SDM §4.6.1).
-    from harness import guest
-
-    a = guest.HPT_PT + (guest.IDT_GPA >> 12) * 8
-    v = struct.unpack_from("<Q", ram, a)[0]
-    struct.pack_into("<Q", ram, a, v | 0x4)
-
-
 def test_profile_implicit_smap_honours_ac(bochs):
     """Like QEMU (PROFILES['bochs'].implicit_smap_honours_ac), Bochs lets EFLAGS.AC=1 lift SMAP
     for implicit supervisor reads at CPL0; the SDM (§4.6.1) never does. Two ways to see it:
@@ -331,11 +235,11 @@ def test_profile_implicit_smap_honours_ac(bochs):
     res = bochs.run(b.memory, st, [Probe(URW, ac=True, implicit=True), Probe(URW, implicit=True)]).results
     assert [(r.outcome, r.error_code) for r in res] == [("ok", None), ("page_fault", 0x1)]
     check(
-        bochs.run(b.memory, st, [P(NP, ac=True)], ram_hook=_user_idt).results,
+        bochs.run(b.memory, st, [P(NP, ac=True)], ram_hook=C.user_idt).results,
         [(P(NP, ac=True), ("pf", 0x00))],
     )
     with pytest.raises(OracleError, match="Bochs exited"):
-        bochs.run(b.memory, st, [P(NP)], ram_hook=_user_idt)
+        bochs.run(b.memory, st, [P(NP)], ram_hook=C.user_idt)
     # The model agrees under profile bochs, and the SDM profile does not.
     assert walk(st, b.memory, URW, Access("read", ac=True, implicit=True)).outcome == "ok"
     assert (
@@ -564,13 +468,7 @@ def test_big_batch_is_split_and_ad_carries_over(bochs):
     from harness.oracles.bochs import MAX_PROBES
 
     b = hand_image()
-    probes = [P(KRW + 8)] * (MAX_PROBES + 3) + [P(AD_W, "write", user=True)]
-    launches = bochs.launches
-    res = bochs.run(b.memory, state(b), probes)
-    assert bochs.launches == launches + 2
-    assert len(res.results) == MAX_PROBES + 4
-    assert all(r.outcome == "ok" for r in res.results)
-    assert res.memory_after.read_u64(b.entry_address(AD_W, 1, create=False)) & 0x60 == 0x60
+    C.check_big_batch_split(bochs, b, state(b), MAX_PROBES)
 
 
 def test_write_into_an_unbacked_frame_comes_back(bochs):
@@ -631,9 +529,7 @@ def test_bochs_config_error_is_an_oracle_error_with_its_reason():
 
 def test_bad_image_refused(bochs):
     b = hand_image()
-    b.memory.write_u64(0x100000, 1)  # harness area
-    with pytest.raises(BadInputError, match="harness area"):
-        bochs.run(b.memory, state(b), [P(KRW)])
+    C.check_bad_image_refused(bochs, b, state(b))
 
 
 def test_parse_xp_reads_one_and_two_qwords_per_line():

@@ -14,28 +14,21 @@ from __future__ import annotations
 
 import random
 import shutil
-import struct
 import subprocess
 
 import pytest
 
+from tests import guest_oracle_cases as C
 from tests.conftest import need_oracle
 from tests.hand_image import (
-    AD_R,
-    AD_W,
     CR0,
     EFER,
     FRAMES,
     G1,
-    KRO,
     KRW,
     M2,
     NONCANON,
     NP,
-    RSV,
-    UNX,
-    UPK,
-    URO,
     URW,
     P,
     check,
@@ -45,7 +38,7 @@ from tests.hand_image import (
 )
 from tests.hand_image import hand_image as shared_hand_image
 from x86pt.build import Builder
-from x86pt.errors import BadInputError, OracleError
+from x86pt.errors import OracleError
 from x86pt.state import CR0_WP, CR4_PAE, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_LME, PROFILES
 from x86pt.oracle import Probe
 from x86pt.walk import Access, walk
@@ -74,80 +67,30 @@ def state(b: Builder, cr0: int = CR0, cr4: int = CR4_PAE, efer: int = EFER, pkru
 
 # -- hand-derived (SDM) -------------------------------------------------------------------------------
 def test_sdm_base_wp_nxe(qemu):
+    """RSVD aside (test_profile_rsvd_sets_p_false)."""
     b = hand_image()
-    cases = [
-        (P(KRW + 0x18), ("ok", frame(0) + 0x18)),
-        (P(KRW + 0x18, user=True), ("pf", 0x05)),  # U on S page: P|U
-        (P(URO, "write"), ("pf", 0x03)),  # WP=1: P|W
-        (P(URO, "write", user=True), ("pf", 0x07)),  # P|W|U
-        (P(URO + 8, user=True), ("ok", frame(2) + 8)),
-        (P(UNX, "fetch"), ("pf", 0x11)),  # XD with NXE: P|I/D
-        (P(UNX, "fetch", user=True), ("pf", 0x15)),
-        (P(URW + 0x40, "fetch", user=True), "ok"),
-        (P(KRW + 0x40, "fetch"), "ok"),
-        (P(NP), ("pf", 0x00)),
-        (P(NP, "write", user=True), ("pf", 0x06)),
-        (P(NP, "fetch"), ("pf", 0x10)),  # I/D reported since NXE=1
-        (P(KRO, "write"), ("pf", 0x03)),
-        (P(M2 + 0x1008), ("ok", 0x601008)),  # 2M: offset bits 20:0
-        (P(G1 + FRAMES + 0x10), ("ok", FRAMES + 0x10)),  # 1G: offset bits 29:0
-        (P(G1 + FRAMES + 0x10, user=True), ("ok", FRAMES + 0x10)),
-        (P(NONCANON), ("gp", 0)),  # §6.15: #GP(0), CR2 untouched
-        (P(NONCANON, "write", user=True), ("gp", 0)),
-    ]
-    run_cases(qemu, b, state(b), cases)
+    run_cases(qemu, b, state(b), C.base_wp_nxe(with_rsvd=False))
 
 
 def test_sdm_wp0(qemu):
     b = hand_image()
-    cases = [
-        (P(URO + 8, "write", ac=False), "ok"),  # supervisor write ignores RO if WP=0
-        (P(KRO + 8, "write"), "ok"),
-        (P(URO + 8, "write", user=True), ("pf", 0x07)),
-    ]
-    run_cases(qemu, b, state(b, cr0=CR0 & ~CR0_WP), cases)
+    run_cases(qemu, b, state(b, cr0=CR0 & ~CR0_WP), C.wp0())
 
 
 def test_sdm_smep(qemu):
     b = hand_image()
-    cases = [
-        (P(URW + 0x40, "fetch"), ("pf", 0x11)),  # SMEP: supervisor fetch from U page
-        (P(KRW + 0x40, "fetch"), "ok"),
-        (P(URW + 0x40, "fetch", user=True), "ok"),
-        (P(URW + 0x40), "ok"),  # data access unaffected
-    ]
-    run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_SMEP), cases)
+    run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_SMEP), C.smep())
 
 
 def test_sdm_smap_and_ac(qemu):
     b = hand_image()
-    cases = [
-        (P(URW + 8), ("pf", 0x01)),  # SMAP: P only
-        (P(URW + 8, ac=True), ("ok", frame(1) + 8)),  # explicit access with AC=1 allowed
-        (P(URW + 8, "write"), ("pf", 0x03)),
-        (P(URW + 8, "write", ac=True), "ok"),
-        (P(URO + 8, "write", ac=True), ("pf", 0x03)),  # AC does not override WP
-        (P(URW + 8, user=True), "ok"),
-        (P(KRW + 8), "ok"),
-    ]
-    run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_SMAP), cases)
+    run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_SMAP), C.smap_and_ac())
 
 
 def test_sdm_pkru(qemu):
     b = hand_image()
-    ad1 = [  # PKRU.AD1 (bit 2)
-        (P(UPK + 8, user=True), ("pf", 0x25)),  # P|U|PK
-        (P(UPK + 8), ("pf", 0x21)),  # supervisor data access to a U page
-        (P(UPK + 0x40, "fetch", user=True), "ok"),  # keys do not apply to fetches
-        (P(URW + 8, user=True), "ok"),  # key 0 allowed
-    ]
-    run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b0100), ad1)
-    wd1 = [  # PKRU.WD1 (bit 3)
-        (P(UPK + 8, user=True), ("ok", frame(4) + 8)),
-        (P(UPK + 8, "write", user=True), ("pf", 0x27)),
-        (P(UPK + 8, "write"), ("pf", 0x23)),  # WP=1: supervisor writes checked too
-    ]
-    run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b1000), wd1)
+    run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b0100), C.pkru_ad1(supervisor_read=True))
+    run_cases(qemu, b, state(b, cr4=CR4_PAE | CR4_PKE, pkru=0b1000), C.pkru_wd1())
 
 
 def test_sdm_la57(qemu):
@@ -165,26 +108,8 @@ def test_sdm_la57(qemu):
 
 
 def test_sdm_accessed_dirty(qemu):
-    """§4.8: A set on every entry used by a successful access, D on the leaf of a write; a
-    not-present walk writes nothing to the leaf."""
     b = hand_image()
-    pte_r = b.entry_address(AD_R, 1, create=False)
-    pte_w = b.entry_address(AD_W, 1, create=False)
-    assert b.memory.read_u64(pte_r) == frame(7) | 0x3  # P|RW, A=D=0
-    assert b.memory.read_u64(pte_w) == frame(8) | 0x7  # P|RW|US
-    res = run_cases(
-        qemu,
-        b,
-        state(b),
-        [(P(AD_R + 8), "ok"), (P(AD_W + 8, "write", user=True), "ok"), (P(NP), ("pf", 0x00))],
-    )
-    after = res.memory_after
-    assert after.read_u64(pte_r) == frame(7) | 0x23  # +A
-    assert after.read_u64(pte_w) == frame(8) | 0x67  # +A +D
-    assert after.read_u64(b.entry_address(NP, 1, create=False)) == 0
-    assert after.read_u64(frame(8) + 8) == 0  # wvalue 0 was stored
-    # The harness slot is the backend's: the caller's root table comes back unchanged.
-    assert after.read_u64(b.root + 511 * 8) == 0
+    C.check_accessed_dirty(qemu, b, state(b))
 
 
 # -- capabilities ------------------------------------------------------------------------------------------
@@ -213,12 +138,7 @@ def test_profile_rsvd_sets_p_false(qemu):
     """docs/paging.md §12.1: RSVD faults report 0x08 without P (SDM: RSVD implies P=1, 0x09)."""
     assert PROFILES["qemu"].rsvd_sets_p is False
     b = hand_image()
-    run_cases(
-        qemu,
-        b,
-        state(b),
-        [(P(RSV), ("pf", 0x08)), (P(RSV, "write", user=True), ("pf", 0x0E)), (P(RSV, "fetch"), ("pf", 0x18))],
-    )
+    run_cases(qemu, b, state(b), C.rsvd_cases(0x0))
 
 
 def test_profile_ps_1g_without_gbpages():
@@ -272,16 +192,6 @@ def test_profile_a_on_1g_leaf_before_checks(qemu):
     assert after == [before[0] | 0x20, before[1] | 0x20, before[2]]
 
 
-def _user_idt(ram) -> None:
-    # Make the page holding the harness IDT a user page: exception delivery then reads the IDT
-    # with an implicit supervisor access to a user page, which SMAP forbids (SDM §4.6.1).
-    from harness import guest
-
-    a = guest.HPT_PT + (guest.IDT_GPA >> 12) * 8
-    v = struct.unpack_from("<Q", ram, a)[0]
-    struct.pack_into("<Q", ram, a, v | 0x4)
-
-
 def test_profile_implicit_smap_honours_ac(qemu):
     """§11.2 #6: with CR4.SMAP and the IDT in a user page, a #PF raised while EFLAGS.AC=1 is
     delivered (QEMU uses AC for implicit supervisor accesses at CPL<3); the SDM always checks
@@ -290,10 +200,10 @@ def test_profile_implicit_smap_honours_ac(qemu):
     assert PROFILES["qemu"].implicit_smap_honours_ac is True
     b = hand_image()
     st = state(b, cr4=CR4_PAE | CR4_SMAP)
-    res = qemu.run(b.memory, st, [P(NP, ac=True)], ram_hook=_user_idt).results
+    res = qemu.run(b.memory, st, [P(NP, ac=True)], ram_hook=C.user_idt).results
     check(res, [(P(NP, ac=True), ("pf", 0x00))])
     with pytest.raises(OracleError, match="triple-fault"):
-        qemu.run(b.memory, st, [P(NP)], ram_hook=_user_idt)
+        qemu.run(b.memory, st, [P(NP)], ram_hook=C.user_idt)
     # The model agrees: an implicit supervisor read of a user page under SMAP with AC=1.
     idt_like = walk(st, b.memory, URW, Access("read", ac=True, implicit=True))
     assert idt_like.outcome == "ok"
@@ -318,13 +228,7 @@ def test_big_batch_is_split_and_ad_carries_over(qemu):
     from harness.oracles.qemu import MAX_PROBES
 
     b = hand_image()
-    probes = [P(KRW + 8)] * (MAX_PROBES + 3) + [P(AD_W, "write", user=True)]
-    launches = qemu.launches
-    res = qemu.run(b.memory, state(b), probes)
-    assert qemu.launches == launches + 2
-    assert len(res.results) == MAX_PROBES + 4
-    assert all(r.outcome == "ok" for r in res.results)
-    assert res.memory_after.read_u64(b.entry_address(AD_W, 1, create=False)) & 0x60 == 0x60
+    C.check_big_batch_split(qemu, b, state(b), MAX_PROBES)
 
 
 def test_timeout_kills_qemu():
@@ -338,9 +242,7 @@ def test_timeout_kills_qemu():
 
 def test_bad_image_refused(qemu):
     b = hand_image()
-    b.memory.write_u64(0x100000, 1)  # harness area
-    with pytest.raises(BadInputError, match="harness area"):
-        qemu.run(b.memory, state(b), [P(KRW)])
+    C.check_bad_image_refused(qemu, b, state(b))
 
 
 def test_nothing_left_in_shm(qemu):
