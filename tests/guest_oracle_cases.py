@@ -12,6 +12,8 @@ import struct
 import pytest
 
 from tests.hand_image import (
+    CR0,
+    EFER,
     AD_R,
     AD_W,
     FRAMES,
@@ -32,6 +34,17 @@ from tests.hand_image import (
 )
 from x86pt.errors import BadInputError
 from x86pt.oracle import Probe, tag_value
+from x86pt.state import CR4_PAE
+
+
+def state_for(profile: str):
+    """state(b, cr0=..., cr4=..., efer=..., pkru=...): the hand image's PagingState under `profile`
+    (CR0.PE|PG|WP, CR4.PAE, EFER.LME|LMA|NXE, PKRU 0 unless given)."""
+
+    def state(b, cr0: int = CR0, cr4: int = CR4_PAE, efer: int = EFER, pkru: int = 0):
+        return b.state(cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile=profile)
+
+    return state
 
 
 def rsvd_cases(p_bit: int) -> list:

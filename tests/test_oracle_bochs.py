@@ -26,7 +26,6 @@ from tests import guest_oracle_cases as C
 from tests.conftest import ROOT, need_oracle
 from tests.hand_image import (
     CR0,
-    EFER,
     FRAMES,
     KPK,
     KRW,
@@ -65,8 +64,7 @@ def hand_image() -> Builder:
     return shared_hand_image("intel")
 
 
-def state(b: Builder, cr0: int = CR0, cr4: int = CR4_PAE, efer: int = EFER, pkru: int = 0):
-    return b.state(cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile="bochs")
+state = C.state_for("bochs")
 
 
 # -- the registry ----------------------------------------------------------------------------------------
@@ -429,14 +427,7 @@ def test_conform_matrix_slice_has_no_mismatches():
             sys.executable,
             "-m",
             "x86pt",
-            "conform",
-            "--oracle",
-            "bochs",
-            "--cases",
-            "matrix",
-            "--limit",
-            "2000",
-            "--no-repro",
+            *"conform --oracle bochs --cases matrix --limit 2000 --no-repro".split(),
         ],
         capture_output=True,
         text=True,

@@ -61,8 +61,7 @@ def hand_image() -> Builder:
     return shared_hand_image("amd")
 
 
-def state(b: Builder, cr0: int = CR0, cr4: int = CR4_PAE, efer: int = EFER, pkru: int = 0):
-    return b.state(cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, profile="qemu")
+state = C.state_for("qemu")
 
 
 # -- hand-derived (SDM) -------------------------------------------------------------------------------
