@@ -1,12 +1,17 @@
 """Helpers the rig's own oracles share beyond the library's interface (x86pt/oracle.py): the
-capability check of implicit supervisor reads, X86PT_REQUIRE_ORACLES, and a fast ProbeResult.
+capability check of implicit supervisor reads, X86PT_REQUIRE_ORACLES, a fast ProbeResult, and
+the batch loop of the probe-guest oracles (run_batches).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from typing import Callable, Sequence
 
-from x86pt.oracle import ProbeResult
+from x86pt.errors import BadInputError
+from x86pt.memory.sparse import SparseMemory
+from x86pt.oracle import BatchResult, Probe, ProbeResult
 
 _new, _set = object.__new__, object.__setattr__
 
@@ -54,3 +59,26 @@ def implicit_support(results, what: str) -> tuple[bool, bool, str]:
 def required_oracles() -> set[str]:
     """X86PT_REQUIRE_ORACLES=unicorn,qemu,kvm: those oracles must be present (skips fail)."""
     return {s.strip() for s in os.environ.get("X86PT_REQUIRE_ORACLES", "").split(",") if s.strip()}
+
+
+def run_batches(
+    name: str,
+    memory: SparseMemory,
+    probes: Sequence[Probe],
+    max_probes: int,
+    launch: Callable[[int, SparseMemory, Sequence[Probe]], tuple[list[ProbeResult], SparseMemory]],
+) -> BatchResult:
+    """Run `probes` in order as consecutive launches of at most `max_probes` (one launch for an
+    empty batch), each starting from the image the previous one left, so A/D bits carry over as
+    the rig's conventions ask. `launch(n, image, chunk)` runs the n-th chunk and returns its
+    results and the image after it; `name` is the oracle's, for the error on a non-sparse image."""
+    if not isinstance(memory, SparseMemory):
+        raise BadInputError(f"the {name} oracle takes a SparseMemory image")
+    t0 = time.monotonic()
+    results: list[ProbeResult] = []
+    current = memory
+    chunks = [probes[i : i + max_probes] for i in range(0, len(probes), max_probes)] or [[]]
+    for n, chunk in enumerate(chunks):
+        res, current = launch(n, current, chunk)
+        results.extend(res)
+    return BatchResult(results, current, time.monotonic() - t0)

@@ -32,7 +32,6 @@ one left (A/D bits carry over, as the rig's conventions ask).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import os
@@ -52,7 +51,9 @@ from x86pt.state import PagingState
 
 from harness import guest
 from harness.oracles.capability import capability_image, measured
+from harness.oracles.base import run_batches
 from harness.process_group import kill_group
+from harness.scratch import ScratchDir
 
 BOCHS_BINARY = "bochs"
 ROM_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
@@ -133,6 +134,58 @@ def _tail(text: str, n: int = 12) -> str:
         and "Timestamp:" not in ln
     ]
     return "\n".join(lines[-n:])
+
+
+def write_bochsrc(workdir: str, ram_mib: int, cpu: str, ram_image: str | None = None) -> str:
+    """Write <workdir>/bochsrc: our reset ROM, headless, panics fatal, the log in <workdir>/bochs.log,
+    `ram_image` (when given) loaded at LOAD_BASE with optramimage1. Returns its path."""
+    text = "\n".join(
+        [
+            f"memory: guest={ram_mib}, host={ram_mib}",
+            f"romimage: file={ROM_PATH}, address=0xffff0000",
+            f"vgaromimage: file={vga_rom()}",
+            *([f"optramimage1: file={ram_image}, address={LOAD_BASE:#x}"] if ram_image else []),
+            f"cpu: model={cpu}, count=1, reset_on_triple_fault=0",
+            "display_library: term",
+            f"log: {os.path.join(workdir, 'bochs.log')}",
+            "panic: action=fatal",
+            "error: action=report",
+            "info: action=report",
+            "debug: action=ignore",
+            "clock: sync=none",
+            "",
+        ]
+    )
+    path = os.path.join(workdir, "bochsrc")
+    with open(path, "w", encoding="ascii") as f:
+        f.write(text)
+    return path
+
+
+def checked_binary(binary: str | None, cpu: str) -> str:
+    """The Bochs binary to run (`binary` or the one on PATH), after checking that Bochs can run
+    here (available()) and that `cpu` is a plausible CPU model name."""
+    binary = binary or bochs_binary()
+    ok, why = available()
+    if binary is None or not ok:
+        raise OracleUnavailable(why or f"{BOCHS_BINARY} not found on PATH (run tools/install_bochs.sh)")
+    if not re.fullmatch(r"[a-z0-9_]+", cpu):
+        raise BadInputError(f"bad Bochs CPU model {cpu!r} (see `bochs -help cpu`)")
+    return binary
+
+
+class _Workdir(ScratchDir):
+    """Bochs' scratch directory in $TMPDIR (bochsrc, RAM image, dumps, log); `log` keeps the log
+    Bochs wrote once close() has run."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-"))
+        self.log: str | None = None
+
+    def close(self) -> None:
+        if self.dir is not None:
+            self.log = self.read_text("bochs.log")
+        super().close()
 
 
 class _Session:
@@ -260,12 +313,7 @@ class BochsOracle:
         ram_size: int = RIG_RAM_SIZE,
         timeout: float = 60.0,
     ) -> None:
-        self.binary = binary or bochs_binary()
-        ok, why = available()
-        if self.binary is None or not ok:
-            raise OracleUnavailable(why or f"{BOCHS_BINARY} not found on PATH (run tools/install_bochs.sh)")
-        if not re.fullmatch(r"[a-z0-9_]+", cpu):
-            raise BadInputError(f"bad Bochs CPU model {cpu!r} (see `bochs -help cpu`)")
+        self.binary = checked_binary(binary, cpu)
         if ram_size % (1 << 20) or not 4 << 20 <= ram_size <= 2 << 30:
             raise BadInputError("the Bochs oracle's RAM must be whole MiB, 4 MiB .. 2 GiB")
         self.cpu = cpu
@@ -299,40 +347,13 @@ class BochsOracle:
     ) -> BatchResult:
         """Run `probes` in order on `memory` under `state`. `ram_hook(ram)` (experiments only) may
         patch the prepared guest RAM before each start, e.g. the harness's own tables."""
-        if not isinstance(memory, SparseMemory):
-            raise BadInputError("the Bochs oracle takes a SparseMemory image")
-        t0 = time.monotonic()
-        results: list[ProbeResult] = []
-        current = memory
-        chunks = [probes[i : i + MAX_PROBES] for i in range(0, len(probes), MAX_PROBES)] or [[]]
-        for chunk in chunks:
-            res, current = self._launch(current, state, chunk, ram_hook)
-            results.extend(res)
-        return BatchResult(results, current, time.monotonic() - t0)
-
-    def _bochsrc(self, workdir: str) -> str:
-        mib = self.ram_size >> 20
-        text = "\n".join(
-            [
-                f"memory: guest={mib}, host={mib}",
-                f"romimage: file={ROM_PATH}, address=0xffff0000",
-                f"vgaromimage: file={vga_rom()}",
-                f"optramimage1: file={os.path.join(workdir, 'ram.img')}, address={LOAD_BASE:#x}",
-                f"cpu: model={self.cpu}, count=1, reset_on_triple_fault=0",
-                "display_library: term",
-                f"log: {os.path.join(workdir, 'bochs.log')}",
-                "panic: action=fatal",
-                "error: action=report",
-                "info: action=report",
-                "debug: action=ignore",
-                "clock: sync=none",
-                "",
-            ]
+        return run_batches(
+            "Bochs",
+            memory,
+            probes,
+            MAX_PROBES,
+            lambda n, image, chunk: self._launch(image, state, chunk, ram_hook),
         )
-        path = os.path.join(workdir, "bochsrc")
-        with open(path, "w", encoding="ascii") as f:
-            f.write(text)
-        return path
 
     def _launch(
         self,
@@ -349,15 +370,14 @@ class BochsOracle:
         image_end = max([guest.HARNESS_END] + [(pn + 1) * guest.PAGE for pn in memory.pages])
         end = min(self.ram_size, -(-image_end // BLOCK) * BLOCK)
         t0 = time.monotonic()
-        workdir = tempfile.mkdtemp(prefix=f"x86pt-bochs-{os.getpid()}-")
-        self.last_workdir = workdir
+        wd = _Workdir("x86pt-bochs")
+        workdir = self.last_workdir = wd.dir
         session = None
-        cleanup = functools.partial(shutil.rmtree, workdir, True)
-        atexit.register(cleanup)  # a KeyboardInterrupt at the wrong moment still cleans up
         try:
-            with open(os.path.join(workdir, "ram.img"), "wb") as f:
+            ram_image = os.path.join(workdir, "ram.img")
+            with open(ram_image, "wb") as f:
                 f.write(memoryview(ram)[LOAD_BASE:end])
-            bochsrc = self._bochsrc(workdir)
+            bochsrc = write_bochsrc(workdir, self.ram_size >> 20, self.cpu, ram_image)
             session = _Session(self.binary, bochsrc, workdir, time.monotonic() + self.timeout)
             self.last_pid = session.proc.pid
             what = f"{len(probes)} probes"
@@ -424,11 +444,9 @@ class BochsOracle:
         finally:
             if session is not None:
                 session.close(graceful=self.keep_log)
-            with contextlib.suppress(OSError):
-                with open(os.path.join(workdir, "bochs.log"), encoding="utf-8", errors="replace") as f:
-                    self.last_log = f.read()
-            cleanup()
-            atexit.unregister(cleanup)
+            wd.close()
+            if wd.log is not None:
+                self.last_log = wd.log
         self.launches += 1
         self.last_launch_seconds = time.monotonic() - t0
         for pn in pages + sorted(new):  # the image pages `xp` printed
@@ -516,41 +534,17 @@ class DebuggerRun:
         timeout: float = 60.0,
         binary: str | None = None,
     ) -> None:
-        self.binary = binary or bochs_binary()
-        ok, why = available()
-        if self.binary is None or not ok:
-            raise OracleUnavailable(why or f"{BOCHS_BINARY} not found on PATH")
-        if not re.fullmatch(r"[a-z0-9_]+", cpu):
-            raise BadInputError(f"bad Bochs CPU model {cpu!r} (see `bochs -help cpu`)")
+        self.binary = checked_binary(binary, cpu)
         self.ram, self.cpu, self.ram_mib, self.timeout = ram, cpu, ram_mib, timeout
         self.log = ""
         self.workdir: str | None = None
         self.session: _Session | None = None
 
     def __enter__(self) -> "DebuggerRun":
-        self.workdir = tempfile.mkdtemp(prefix=f"x86pt-bochs-dbg-{os.getpid()}-")
-        self._cleanup = functools.partial(shutil.rmtree, self.workdir, True)
-        atexit.register(self._cleanup)
+        self._wd = _Workdir("x86pt-bochs-dbg")
+        self.workdir = self._wd.dir
         try:
-            text = "\n".join(
-                [
-                    f"memory: guest={self.ram_mib}, host={self.ram_mib}",
-                    f"romimage: file={ROM_PATH}, address=0xffff0000",
-                    f"vgaromimage: file={vga_rom()}",
-                    f"cpu: model={self.cpu}, count=1, reset_on_triple_fault=0",
-                    "display_library: term",
-                    f"log: {os.path.join(self.workdir, 'bochs.log')}",
-                    "panic: action=fatal",
-                    "error: action=report",
-                    "info: action=report",
-                    "debug: action=ignore",
-                    "clock: sync=none",
-                    "",
-                ]
-            )
-            rc = os.path.join(self.workdir, "bochsrc")
-            with open(rc, "w", encoding="ascii") as f:
-                f.write(text)
+            rc = write_bochsrc(self.workdir, self.ram_mib, self.cpu)
             self.session = _Session(self.binary, rc, self.workdir, time.monotonic() + self.timeout)
             cmds = []
             for pa, data in sorted(self.ram.items()):
@@ -583,11 +577,6 @@ class DebuggerRun:
         finally:
             self.session = None
             if self.workdir is not None:
-                with contextlib.suppress(OSError):
-                    with open(
-                        os.path.join(self.workdir, "bochs.log"), encoding="utf-8", errors="replace"
-                    ) as f:
-                        self.log = f.read()
-                self._cleanup()
-                atexit.unregister(self._cleanup)
+                self._wd.close()
+                self.log = self._wd.log or ""
                 self.workdir = None

@@ -20,11 +20,9 @@ the previous one left (A/D bits carry over, as the rig's conventions ask).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import mmap
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -37,6 +35,7 @@ from x86pt.state import PagingState, profile_named
 
 from harness import guest
 from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
+from harness.oracles.base import run_batches
 from harness.oracles.capability import capability_image, fill_frame, measured
 from harness.qemu.monitor import QemuMonitor
 from harness.qemu.process import (
@@ -50,6 +49,7 @@ from harness.qemu.process import (
     wait_exit,
 )
 from harness.qemu.ram import BELOW_4G, RamFile, round_ram_size
+from harness.scratch import ScratchDir
 
 BIOS_PATH = os.path.join(os.path.dirname(guest.__file__), "bios.bin")
 MAX_PROBES = guest.MAX_PROBES
@@ -119,19 +119,14 @@ class QemuOracle:
     ) -> BatchResult:
         """Run `probes` in order on `memory` under `state`. `ram_hook(ram)` (experiments only) may
         patch the prepared guest RAM before each launch, e.g. the harness's own tables."""
-        if not isinstance(memory, SparseMemory):
-            raise BadInputError("the QEMU oracle takes a SparseMemory image")
-        t0 = time.monotonic()
-        results: list[ProbeResult] = []
-        current = memory
-        chunks = [probes[i : i + MAX_PROBES] for i in range(0, len(probes), MAX_PROBES)] or [[]]
         with _Scratch(self.ram_size) as scratch:
-            for n, chunk in enumerate(chunks):
-                if n:
-                    scratch.ram.clear()
-                res, current = self._launch(scratch, current, state, chunk, ram_hook)
-                results.extend(res)
-        return BatchResult(results, current, time.monotonic() - t0)
+            return run_batches(
+                "QEMU",
+                memory,
+                probes,
+                MAX_PROBES,
+                lambda n, image, chunk: self._launch(scratch, image, state, chunk, ram_hook, clear=n > 0),
+            )
 
     def _launch(
         self,
@@ -140,8 +135,12 @@ class QemuOracle:
         state: PagingState,
         probes: Sequence[Probe],
         ram_hook: Callable[[mmap.mmap], None] | None = None,
+        clear: bool = False,
     ) -> tuple[list[ProbeResult], SparseMemory]:
+        """One QEMU launch; `clear`: empty the RAM file of the previous launch first."""
         ram = scratch.ram
+        if clear:
+            ram.clear()
         # A fresh (or cleared) tmpfs file reads as zeros: no need to write 32 MiB of them.
         guest.prepare_ram(ram.map, memory, state, probes, clear=False, ram_size=ram.size)
         if ram_hook is not None:
@@ -231,38 +230,27 @@ def _add_new_pages(ram: RamFile, memory: SparseMemory, after: SparseMemory) -> N
                 after.pages[pn] = bytearray(data)
 
 
-class _Scratch:
+class _Scratch(ScratchDir):
     """A private tmpfs directory and the RAM file for one run() call; removed on every path."""
 
     def __init__(self, ram_size: int) -> None:
-        self.dir: str | None = scratch_dir()
         self.ram: RamFile | None = None
-        atexit.register(self.close)
+        super().__init__(scratch_dir())
         try:
             self.ram = RamFile(self.dir, ram_size)
             # QEMU opens /proc/self/fd/N (our descriptor, inherited), so the name can go now:
             # from here on nothing of ours has a name in the file system.
             self.ram.unlink()
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+            self.forget_dir()
         except BaseException:
             self.close()
             raise
-
-    def __enter__(self) -> "_Scratch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         if self.ram is not None:
             self.ram.close()
             self.ram = None
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
-        atexit.unregister(self.close)
+        super().close()
 
 
 # -- capabilities, measured -------------------------------------------------------------------------------

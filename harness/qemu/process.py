@@ -7,7 +7,6 @@ puts them together for a QEMU that lives as long as a `with` block.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import functools
@@ -23,6 +22,7 @@ import time
 from typing import IO, Any, Sequence
 
 from harness.process_group import kill_group
+from harness.scratch import ScratchDir
 from x86pt.errors import OracleError, OracleUnavailable
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -166,7 +166,7 @@ def connect_unix(
         time.sleep(0.002)
 
 
-class QemuProcess:
+class QemuProcess(ScratchDir):
     """One QEMU and its scratch directory (QemuProcess.dir, on tmpfs, for its sockets and RAM
     file): create it, put what QEMU needs in the directory, then start(args). close() (also at exit
     and on leaving a `with` block) kills the process group and removes the directory."""
@@ -174,8 +174,7 @@ class QemuProcess:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.stderr: IO[bytes] | None = None
-        self.dir: str | None = scratch_dir()
-        atexit.register(self.close)
+        super().__init__(scratch_dir())
 
     def start(self, args: Sequence[str], pass_fds: Sequence[int] = ()) -> subprocess.Popen:
         """Start QEMU; its stdout and stderr go to an unnamed temp file (QemuProcess.stderr)."""
@@ -185,25 +184,12 @@ class QemuProcess:
         self.proc = spawn_qemu(args, self.stderr, pass_fds)
         return self.proc
 
-    def path(self, name: str) -> str:
-        """A name in the scratch directory (for -qmp unix:..., -chardev socket,path=...)."""
-        if self.dir is None:
-            raise OracleError("the QEMU scratch directory is gone")
-        return os.path.join(self.dir, name)
-
     def connect(self, name: str, what: str, deadline: float) -> socket.socket:
         """Connect to the unix socket `name` QEMU creates in the scratch directory (by the
         time.monotonic() `deadline`; at once an error if QEMU exits first)."""
         if self.proc is None:
             raise OracleError("QEMU was not started")
         return connect_unix(self.path(name), self.proc, deadline, what, self.stderr)
-
-    def forget_dir(self) -> None:
-        """Remove the scratch directory now (QEMU holds what it opened; a SIGKILL then leaves no
-        name behind)."""
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir = None
 
     @property
     def alive(self) -> bool:
@@ -228,11 +214,4 @@ class QemuProcess:
             with contextlib.suppress(OSError):
                 self.stderr.close()
             self.stderr = None
-        self.forget_dir()
-        atexit.unregister(self.close)
-
-    def __enter__(self) -> "QemuProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().close()
