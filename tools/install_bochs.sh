@@ -9,6 +9,7 @@
 # Prints the installed version. Exit 0 when Bochs is usable afterwards, non-zero otherwise.
 # SPDX-License-Identifier: GPL-2.0-or-later
 set -u
+. "$(dirname "$0")/apt_install.sh"
 PKGS="bochs bochsbios bochs-term vgabios"
 VGAROM=/usr/share/vgabios/vgabios-stdvga.bin
 
@@ -36,30 +37,8 @@ if have_all; then
     exit 0
 fi
 
-if [ "$(id -u)" != "0" ]; then
-    echo "install_bochs: Bochs is missing and we are not root; run as root:" >&2
-    echo "  apt-get update && apt-get install -y --no-install-recommends $PKGS" >&2
-    exit 1
-fi
-
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install_bochs: Bochs is missing and apt-get is not available" >&2
-    exit 1
-fi
-
-# Other engineers may run apt at the same time: wait for the dpkg lock instead of failing.
-echo "install_bochs: running apt-get update"
-if ! apt-get -o DPkg::Lock::Timeout=300 update -qq; then
-    echo "install_bochs: apt-get update failed" >&2
-    exit 1
-fi
-echo "install_bochs: installing $PKGS (--no-install-recommends)"
 # shellcheck disable=SC2086
-if ! DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
-        --no-install-recommends $PKGS; then
-    echo "install_bochs: apt-get install failed" >&2
-    exit 1
-fi
+apt_install install_bochs Bochs $PKGS || exit 1
 
 if have_all; then
     echo "install_bochs: installed: $(version)"

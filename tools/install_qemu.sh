@@ -5,34 +5,14 @@
 # Exit 0 when QEMU is present afterwards, non-zero otherwise.
 # SPDX-License-Identifier: GPL-2.0-or-later
 set -u
-# Other engineers may run apt at the same time: wait for the dpkg lock instead of failing.
+. "$(dirname "$0")/apt_install.sh"
 
 if command -v qemu-system-x86_64 >/dev/null 2>&1; then
     echo "install_qemu: already installed: $(qemu-system-x86_64 --version | head -n 1)"
     exit 0
 fi
 
-if [ "$(id -u)" != "0" ]; then
-    echo "install_qemu: qemu-system-x86_64 is missing and we are not root; run as root:" >&2
-    echo "  apt-get update && apt-get install -y --no-install-recommends qemu-system-x86" >&2
-    exit 1
-fi
-
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install_qemu: qemu-system-x86_64 is missing and apt-get is not available" >&2
-    exit 1
-fi
-
-echo "install_qemu: running apt-get update"
-if ! apt-get -o DPkg::Lock::Timeout=300 update -qq; then
-    echo "install_qemu: apt-get update failed" >&2
-    exit 1
-fi
-echo "install_qemu: installing qemu-system-x86 (--no-install-recommends)"
-if ! DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends qemu-system-x86; then
-    echo "install_qemu: apt-get install qemu-system-x86 failed" >&2
-    exit 1
-fi
+apt_install install_qemu qemu-system-x86_64 qemu-system-x86 || exit 1
 
 if command -v qemu-system-x86_64 >/dev/null 2>&1; then
     echo "install_qemu: installed: $(qemu-system-x86_64 --version | head -n 1)"
