@@ -282,14 +282,27 @@ class Reference:
             aclr &= ~NX
         lo = self.po & self.vmask
         dm_end = lo + ((self.ram[-1][1] if self.ram else 0) << 12)
-        page, pfn_mapped, vmask = self._page, self.pfn_mapped, self.vmask
+        page, vmask = self._page, self.vmask
         text_va, brk_end_va, skm = self.text_va, self.brk_end_va, self.skm
         h0, h1 = self.highmap
+        # _page and put() inlined for the call's own pages (the hot loop of a validated replay);
+        # the alias pages go through _page
+        over, over_get, changed, exp = self.over, self.over.get, self.changed, self.exp
+        snap = self._snap if not self.events else self.base
+        keep = ~clr & _FLAGS
+        set_ &= _FLAGS
+        akeep, aset_f = ~aclr & _FLAGS, aset & _FLAGS
+        r0 = r1 = 0  # the RAM range (pfn_mapped) of the last alias
+        etext_va, ro, rs, re_ = self.etext_va, self.ro, self.rodata_s, self.rodata_e
+        l1tf = self.l1tf
         for k in range(n):
             v = v0 + (k << 12)
-            pfn = page(v, set_, clr)
+            vp = v >> 12
+            cur = over_get(vp, _MISSING)
+            if cur is _MISSING:
+                cur = snap(v)
             touched.append(v)
-            if pfn is None:
+            if cur is None:
                 if not primary:
                     continue
                 if lo <= v < dm_end:
@@ -298,11 +311,63 @@ class Reference:
                         continue
                 else:
                     return  # -EFAULT stops the call
-            if not alias or not pfn_mapped(pfn):
+            else:
+                pfn, fl = cur
+                new = (fl & keep) | set_
+                if new & P:
+                    if text_va <= v < etext_va:
+                        new &= ~NX
+                    if ro and rs <= pfn <= re_:
+                        new &= ~RW
+                else:
+                    new &= ~GLOBAL
+                if new != fl:
+                    t = exp.get(vp >> 9)
+                    if t is None:
+                        self.put(v, (pfn, new))  # the region's first override: put() sets it up
+                    else:
+                        over[vp] = (pfn, new)
+                        changed.append(vp)
+                        if not new & P and l1tf:
+                            t[vp & 511] = (~(pfn << 12) & PTE_PFN_MASK) | new
+                        else:
+                            t[vp & 511] = (pfn << 12) | new
+            if not alias:
                 continue
+            if not r0 <= pfn < r1:  # not in the RAM range of the last hit
+                ram = self.ram
+                i = bisect.bisect_right(ram, (pfn, U64 + 1)) - 1
+                if i < 0 or pfn >= ram[i][1]:
+                    continue
+                r0, r1 = ram[i]
             if not lo <= v < dm_end:
+                # the direct-map alias: _page(a, aset, aclr) inlined
                 a = (lo + (pfn << 12)) & vmask
-                page(a, aset, aclr)
+                ap = a >> 12
+                cur = over_get(ap, _MISSING)
+                if cur is _MISSING:
+                    cur = snap(a)
+                if cur is not None:
+                    apfn, fl = cur
+                    new = (fl & akeep) | aset_f
+                    if new & P:
+                        if text_va <= a < etext_va:
+                            new &= ~NX
+                        if ro and rs <= apfn <= re_:
+                            new &= ~RW
+                    else:
+                        new &= ~GLOBAL
+                    if new != fl:
+                        t = exp.get(ap >> 9)
+                        if t is None:
+                            self.put(a, (apfn, new))
+                        else:
+                            over[ap] = (apfn, new)
+                            changed.append(ap)
+                            if not new & P and l1tf:
+                                t[ap & 511] = (~(apfn << 12) & PTE_PFN_MASK) | new
+                            else:
+                                t[ap & 511] = (apfn << 12) | new
                 touched.append(a)
             if not text_va <= v < brk_end_va and h0 <= pfn <= h1:
                 a = (skm + (pfn << 12)) & vmask
@@ -314,7 +379,13 @@ class Reference:
         reference (an out-of-band write that found no 4K PTE for a page asked to be 4K)."""
         v = self.v
         name = op[0]
-        if name in _API_MASKS:
+        enable = _DIRECT_MAP.get(name)
+        if enable is not None:  # set_direct_map_*_noflush: one page (the commonest op)
+            if enable:
+                self.cpa(op[1], 1, P | RW, 0, CPA_NO_CHECK_ALIAS, v.set_pages_primary, touched)
+            else:
+                self.cpa(op[1], 1, 0, v.set_pages_np_clr, CPA_NO_CHECK_ALIAS, v.set_pages_primary, touched)
+        elif name in _API_MASKS:
             s, c, fl, fs = _API_MASKS[name](v, self)
             if name == "set_memory_rox" and not v.native_rox:
                 self.cpa(op[1], op[2], 0, v.set_memory_ro_clr, 0, True, touched)
@@ -327,9 +398,9 @@ class Reference:
                     self.want4k.add(((op[1] & self.vmask) >> 12) + k)
             if s or c or fs:  # force_split still runs every page (protnone G clearing)
                 self.cpa(op[1], op[2], s, c, fl, True, touched)
-        elif name in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush", "kernel_map_pages"):
-            n = op[2] if name == "kernel_map_pages" else 1
-            enable = op[3] if name == "kernel_map_pages" else name.endswith("default_noflush")
+        elif name == "kernel_map_pages":
+            n = op[2]
+            enable = op[3]
             s, c = (P | RW, 0) if enable else (0, v.set_pages_np_clr)
             self.cpa(op[1], n, s, c, CPA_NO_CHECK_ALIAS, v.set_pages_primary, touched)
         elif name == "cpa":
@@ -394,6 +465,7 @@ def _masks(s, c, fl=0, fs=False):
     return lambda v, ref: (s, c, fl, fs)
 
 
+_DIRECT_MAP = {"set_direct_map_invalid_noflush": False, "set_direct_map_default_noflush": True}
 _API_MASKS = {
     "set_memory_ro": lambda v, r: (0, v.set_memory_ro_clr, 0, False),
     "set_memory_rw": _masks(RW, 0),
