@@ -4,6 +4,8 @@ libraries; each command loads them when it runs (python -X importtime lists ever
 # SPDX-License-Identifier: GPL-2.0-or-later
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -52,3 +54,131 @@ def test_the_heavy_libraries_are_still_loaded_when_a_command_needs_them(tmp_path
     """The check above can fail: a command that walks an image does import numpy."""
     mods = _imported("demo", "--out", str(tmp_path / "d"))
     assert "numpy" in mods
+
+
+# -- `x86pt CMD ...` builds CMD's parser alone (x86pt.cli.build_parser(only); docs/startup.md) --------
+def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return dict(a.choices)
+    return {}
+
+
+def _tree(p: argparse.ArgumentParser, path: tuple[str, ...]):
+    yield path, p
+    for name, q in _subparsers(p).items():
+        yield from _tree(q, path + (name,))
+
+
+def _fast_commands() -> list[str]:
+    from x86pt.cli import OWN_COMMANDS
+    from x86pt.plugins import BUILTIN_COMMAND_NAMES
+
+    return [*OWN_COMMANDS, *BUILTIN_COMMAND_NAMES]
+
+
+def test_the_fast_path_knows_exactly_the_builtin_commands():
+    """x86pt.cli.OWN_COMMANDS and plugins.BUILTIN_COMMAND_NAMES name what each module registers:
+    a command added to a module and not to the table would miss the fast path (still correct, only
+    slow); a name in the table that its module does not register would be an empty parser."""
+    from x86pt import plugins
+    from x86pt.cli import OWN_COMMANDS, build_parser
+
+    for mod in plugins.BUILTIN_COMMANDS:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(mod).register(sub)
+        assert sorted(sub.choices) == sorted(n for n, m in plugins.BUILTIN_COMMAND_NAMES.items() if m == mod)
+    plugged = argparse.ArgumentParser().add_subparsers()
+    for mod in plugins.command_modules()[len(plugins.BUILTIN_COMMANDS) :]:
+        importlib.import_module(mod).register(plugged)
+    full = set(_subparsers(build_parser()))
+    assert full - set(plugged.choices) - set(plugins.BUILTIN_COMMAND_NAMES) == set(OWN_COMMANDS)
+    for name in _fast_commands():
+        assert list(_subparsers(build_parser(name))) == [name]
+
+
+@pytest.mark.parametrize("name", _fast_commands())
+def test_one_command_parser_is_the_same_as_in_the_whole_tree(name):
+    """Usage, help (description, options, epilog) of the command and of each of its subcommands
+    read the same whether the whole tree was built or the command's parser alone."""
+    from x86pt.cli import build_parser
+
+    full = dict(_tree(_subparsers(build_parser())[name], (name,)))
+    fast = dict(_tree(_subparsers(build_parser(name))[name], (name,)))
+    assert list(fast) == list(full)
+    for path, p in full.items():
+        assert fast[path].format_usage() == p.format_usage(), path
+        assert fast[path].format_help() == p.format_help(), path
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["decode", "0x80000000400000e3", "--kind", "pde", "--json"],
+        ["encode", "--kind", "pte", "p", "rw", "pa=0x1000"],
+        ["dump", "x.raw", "--cr3", "0x1000", "--format", "csv", "--user", "--level", "4k"],
+        ["census", "x.elf", "--no-gbpages"],
+        ["cpa", "replay", "t.trace", "--policy", "linux"],
+        ["dump", "x.raw", "--format", "nope"],
+        ["dump", "x.raw", "--user", "--kernel"],
+        ["decode"],
+        ["walk", "x.raw"],
+    ],
+)
+def test_main_parses_a_command_line_as_the_whole_tree_does(words, capsys):
+    """Same namespace, or the same error message and status, from the fast path as from the whole
+    tree (argparse errors name the parser's prog, which must not change)."""
+    from x86pt.cli import build_parser
+
+    def parse(p):
+        try:
+            return vars(p.parse_args(words)), None
+        except SystemExit as e:
+            return capsys.readouterr().err, e.code
+
+    assert parse(build_parser(words[0])) == parse(build_parser())
+
+
+def test_a_builtin_command_reads_no_plugin_metadata(monkeypatch):
+    """The fast path never scans sys.path for entry points; the whole tree does (the patch bites)."""
+    from x86pt import plugins
+    from x86pt.cli import build_parser
+
+    def boom(group):
+        raise AssertionError(f"entry points of {group} read")
+
+    monkeypatch.setattr(plugins, "entry_points", boom)
+    for name in _fast_commands():
+        build_parser(name)
+    with pytest.raises(AssertionError, match="entry points"):
+        build_parser()
+
+
+def test_decode_loads_neither_the_walker_nor_other_commands():
+    mods = _imported("decode", "0x80000000400000e3", "--kind", "pde")
+    assert "x86pt.fields" in mods  # the listing is complete enough to see what decode does use
+    unwanted = {"x86pt.walk", "x86pt.state", "x86pt.formats.cli", "x86pt.cpa.cli", "json", "numpy"}
+    assert not unwanted & mods, sorted(unwanted & mods)
+
+
+def test_a_qemu_dump_loads_only_its_own_renderer(tmp_path):
+    """A 2M page at VA 0 (PML4 at 0x1000 -> PDPT at 0x2000 -> PD at 0x3000) dumped as QEMU's
+    `info mem`: the ptdump/JSON/CSV renderers, the W+X check and the writer's tempfile stay out."""
+    img = bytearray(0x4000)
+    for pa, entry in ((0x1000, 0x2003), (0x2000, 0x3003), (0x3000, 0x83)):
+        img[pa : pa + 8] = entry.to_bytes(8, "little")
+    path = tmp_path / "tiny.raw"
+    path.write_bytes(bytes(img))
+    args = ("dump", str(path), "--cr3", "0x1000", "--cr4", "0x20", "--efer", "0x500", "--format", "qemu-mem")
+    mods = _imported(*args)
+    assert "x86pt.formats.qemu" in mods
+    unwanted = {
+        "x86pt.formats.ptdump",
+        "x86pt.formats.tabular",
+        "x86pt.formats.wx",
+        "x86pt.describe",
+        "x86pt.walk",
+        "csv",
+        "tempfile",
+    }
+    assert not unwanted & mods, sorted(unwanted & mods)

@@ -1,8 +1,20 @@
 """Start-up of the CLI against its peers measured in the same run: a bare interpreter
 (`python -c pass`), the interpreter importing numpy, and `x86pt --help`, `x86pt decode`, and a
-dump of a small image (the embedded demo image, written once). Best of N whole-process runs.
+dump of a small image (the embedded demo image, written once). Best of N whole-process runs,
+as wall time and as the child's CPU time (user + sys from wait4: less sensitive to a loaded machine).
 
     .venv/bin/python tools/bench_startup.py [--runs 15] [--json]
+    .venv/bin/python tools/bench_startup.py --python /tmp/wheelvenv/bin/python   # a wheel install
+    .venv/bin/python tools/bench_startup.py --imports decode 0x80000000400000e3 --kind pde
+
+Every child runs with byte code cached: PYTHONDONTWRITEBYTECODE is dropped and the children share
+a fresh PYTHONPYCACHEPREFIX (the first, unmeasured run of each command fills it), so a shell that
+sets PYTHONDONTWRITEBYTECODE does not make every run compile x86pt from source. The children run
+in a temporary directory, so `python -m x86pt` finds the x86pt of the interpreter (the checkout on
+PYTHONPATH for the dev venv unless --no-pythonpath; the installed wheel for a wheel venv).
+--imports prints, for one command, each module's best self / cumulative import time over the runs
+(`python -X importtime`; modules loaded by importlib.import_module are not listed by the
+interpreter, their imports are).
 """
 
 # SPDX-License-Identifier: GPL-2.0-or-later
@@ -19,48 +31,92 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def best(cmd: list[str], runs: int, env: dict) -> float:
-    t = float("inf")
+def run_once(cmd: list[str], env: dict, cwd: str) -> tuple[float, float]:
+    """(wall seconds, child CPU seconds) of one whole-process run."""
+    s = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - s
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)}: exit {p.returncode}")
+    return wall, ru.ru_utime + ru.ru_stime
+
+
+def best(cmd: list[str], runs: int, env: dict, cwd: str) -> tuple[float, float]:
+    run_once(cmd, env, cwd)  # fills the byte-code cache
+    w = c = float("inf")
     for _ in range(runs):
-        s = time.perf_counter()
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)
-        t = min(t, time.perf_counter() - s)
-    return t
+        a, b = run_once(cmd, env, cwd)
+        w, c = min(w, a), min(c, b)
+    return w, c
+
+
+def importtime(cmd: list[str], runs: int, env: dict, cwd: str) -> list[tuple[str, int, int]]:
+    """[(indented module name, best self us, best cumulative us)] in first-seen order."""
+    seen: dict[str, list[int]] = {}
+    for _ in range(runs + 1):
+        r = subprocess.run(
+            [cmd[0], "-X", "importtime", *cmd[1:]], capture_output=True, text=True, env=env, cwd=cwd
+        )
+        for line in r.stderr.splitlines():
+            if not line.startswith("import time:") or line.count("|") != 2 or "[us]" in line:
+                continue
+            s, c, name = line[len("import time:") :].split("|")
+            b = seen.setdefault(name.rstrip(), [int(s), int(c)])
+            b[0], b[1] = min(b[0], int(s)), min(b[1], int(c))
+    return [(k, v[0], v[1]) for k, v in seen.items()]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=15, help="runs per command (the best counts)")
+    ap.add_argument("--python", default=sys.executable, help="the interpreter to measure")
+    ap.add_argument("--no-pythonpath", action="store_true", help="do not put the checkout on PYTHONPATH")
     ap.add_argument("--json", action="store_true", help="print JSON")
+    ap.add_argument("--imports", nargs=argparse.REMAINDER, metavar="ARGS", help="x86pt ARGS: import times")
     args = ap.parse_args()
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    py = sys.executable
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if not args.no_pythonpath:
+        env["PYTHONPATH"] = ROOT
+    py = args.python
     x = [py, "-m", "x86pt"]
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run(x + ["demo", "--out", d], stdout=subprocess.DEVNULL, env=env, check=True)
+        env["PYTHONPYCACHEPREFIX"] = os.path.join(d, "pycache")
+        if args.imports is not None:
+            for name, s, c in importtime(x + args.imports, args.runs, env, d):
+                print(f"{s:8d} {c:8d} {name}")
+            return 0
+        subprocess.run(x + ["demo", "--out", d], stdout=subprocess.DEVNULL, env=env, cwd=d, check=True)
         img = os.path.join(d, "linux-like.elf")
+        load = os.getloadavg()[0]
         t = {
-            "python -c pass": best([py, "-c", "pass"], args.runs, env),
-            "python -c 'import numpy'": best([py, "-c", "import numpy"], args.runs, env),
-            "x86pt --help": best(x + ["--help"], args.runs, env),
-            "x86pt decode": best(x + ["decode", "0x80000000400000e3", "--kind", "pde"], args.runs, env),
+            "python -c pass": best([py, "-c", "pass"], args.runs, env, d),
+            "python -c 'import numpy'": best([py, "-c", "import numpy"], args.runs, env, d),
+            "x86pt --help": best(x + ["--help"], args.runs, env, d),
+            "x86pt decode": best(x + ["decode", "0x80000000400000e3", "--kind", "pde"], args.runs, env, d),
             "x86pt dump --format qemu-mem (demo image)": best(
-                x + ["dump", img, "--format", "qemu-mem"], args.runs, env
+                x + ["dump", img, "--format", "qemu-mem"], args.runs, env, d
             ),
         }
-    bare, numpy = t["python -c pass"], t["python -c 'import numpy'"]
-    ratios = {
-        "--help / bare": t["x86pt --help"] / bare,
-        "decode / bare": t["x86pt decode"] / bare,
-        "dump - (numpy import) [ms]": (t["x86pt dump --format qemu-mem (demo image)"] - numpy) * 1e3,
-    }
+        load = max(load, os.getloadavg()[0])
+    ratios = {}
+    for i, what in enumerate(("wall", "cpu")):
+        bare, numpy = t["python -c pass"][i], t["python -c 'import numpy'"][i]
+        ratios[what] = {
+            "--help / bare": t["x86pt --help"][i] / bare,
+            "decode / bare": t["x86pt decode"][i] / bare,
+            "dump - (numpy import) [ms]": (t["x86pt dump --format qemu-mem (demo image)"][i] - numpy) * 1e3,
+        }
     if args.json:
-        print(json.dumps({"seconds": t, "ratios": ratios}, indent=1))
+        print(json.dumps({"python": py, "load": load, "seconds": t, "ratios": ratios}, indent=1))
     else:
-        for k, v in t.items():
-            print(f"{k:<45} {v * 1e3:7.1f} ms")
-        for k, v in ratios.items():
-            print(f"{k:<45} {v:7.2f}")
+        print(f"{py}  (best of {args.runs}; 1-min load average up to {load:.1f})")
+        print(f"{'':<45} {'wall':>8} {'cpu':>8}")
+        for k, (w, c) in t.items():
+            print(f"{k:<45} {w * 1e3:5.1f} ms {c * 1e3:5.1f} ms")
+        for k in ratios["wall"]:
+            print(f"{k:<45} {ratios['wall'][k]:8.2f} {ratios['cpu'][k]:8.2f}")
     return 0
 
 

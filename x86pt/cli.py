@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 
@@ -20,6 +19,8 @@ from x86pt.numbers import parse_int
 
 
 def emit_json(obj, out=None) -> None:
+    import json
+
     (out or sys.stdout).write(json.dumps(obj, indent=None, separators=(",", ":")) + "\n")
 
 
@@ -115,6 +116,8 @@ def cmd_walk(args) -> int:
 def read_probes(path: str):
     """Parse a JSONL probe file. Each line: {"va": "0x...", "access": "read"|"write"|"fetch",
     "user": bool, "ac": bool}. A bad line is a one-line error naming its line number."""
+    import json
+
     from x86pt.walk import Access
 
     probes = []
@@ -169,6 +172,8 @@ def cmd_probe(args) -> int:
     from x86pt.cliargs import image_options
     from x86pt.image import open_image
     from x86pt.walk import Translation, walk
+    import json
+
     import numpy as np
 
     probes = read_probes(args.probes)
@@ -308,94 +313,135 @@ def _add_access_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--implicit", action="store_true", help="implicit supervisor access (GDT/IDT/TSS)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from x86pt.cliargs import add_state_args
+# The commands this module defines (the others: x86pt.plugins.BUILTIN_COMMAND_NAMES and plugins).
+OWN_COMMANDS = ("decode", "encode", "translate", "walk", "probe", "build", "demo")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole argument tree; with `only` (a built-in command's name) the tree holds that command
+    alone (its module's commands for one registered elsewhere) and no plugin is looked up: what
+    `x86pt CMD ...` parses, at a fraction of the start-up cost (docs/startup.md)."""
+    from x86pt.plugins import BUILTIN_COMMAND_NAMES
+
+    def want(name: str) -> bool:
+        return only is None or only == name
 
     p = argparse.ArgumentParser(prog="x86pt", description="x86-64 page tables: model, oracles, dumps, CPA")
     p.add_argument("--version", action="version", version=f"x86pt {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    # prog as argparse would compute it (the top parser has no positionals), without the help
+    # formatter it builds to compute it
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", prog="x86pt")
     sub.required = True
+    if only is None or only in OWN_COMMANDS:
+        _add_own_commands(sub, want)
+    if only in BUILTIN_COMMAND_NAMES:
+        # a built-in module's register takes `only` (the plugin interface is register(subparsers))
+        importlib.import_module(BUILTIN_COMMAND_NAMES[only]).register(sub, only)
+    elif only not in OWN_COMMANDS:
+        from x86pt.plugins import command_modules
 
-    d = sub.add_parser("decode", help="decode one entry: every field, reserved bits flagged")
-    d.add_argument("value")
-    d.add_argument("--kind", required=True, help="pml5e pml4e pdpte pdpte1g pde pde2m pte")
-    d.add_argument("--maxphyaddr", default="52")
-    d.add_argument("--vendor", choices=("intel", "amd"), default="intel")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_decode)
-
-    e = sub.add_parser("encode", help="encode one entry from FIELD=VALUE pairs")
-    e.add_argument("--kind", required=True)
-    e.add_argument("fields", nargs="*", metavar="FIELD=V", help="e.g. p=1 rw=1 addr=0x1234 (or pa=0x1234000)")
-    e.add_argument("--maxphyaddr", default="52")
-    e.add_argument("--vendor", choices=("intel", "amd"), default="intel")
-    e.add_argument("-v", "--verbose", action="store_true")
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(func=cmd_encode)
-
-    for name, func, helptext in (
-        ("translate", cmd_translate, "translate virtual addresses"),
-        ("walk", cmd_walk, "walk step by step, each entry decoded"),
-    ):
-        t = sub.add_parser(name, help=helptext)
-        t.add_argument("image")
-        t.add_argument("va", nargs="+")
-        _add_access_args(t)
-        add_state_args(t)
-        t.add_argument("--strict", action="store_true", help="exit 1 if any access faults")
-        t.add_argument("--json", action="store_true")
-        t.set_defaults(func=func)
-
-    pr = sub.add_parser("probe", help="run a JSONL probe list through the model")
-    pr.add_argument("image")
-    pr.add_argument("--probes", required=True, metavar="FILE.jsonl", help="probe list ('-' for stdin)")
-    add_state_args(pr)
-    pr.add_argument("--update-ad", action="store_true", help="carry A/D updates from probe to probe")
-    pr.add_argument("--json", action="store_true")
-    pr.set_defaults(func=cmd_probe)
-
-    from x86pt.limits import DEFAULT_MAX_BUILD_ENTRIES
-
-    b = sub.add_parser("build", help="build an image from a TOML spec of mappings")
-    b.add_argument("spec")
-    b.add_argument("-o", "--output", required=True)
-    b.add_argument("--out-format", choices=("elf", "raw", "lime"), default=None)
-    b.add_argument(
-        "--max-entries",
-        default=str(DEFAULT_MAX_BUILD_ENTRIES),
-        metavar="N",
-        help="most leaf entries the spec may write (default %(default)s); a bigger "
-        "spec stops with exit 2 before any table is allocated",
-    )
-    b.add_argument("--json", action="store_true")
-    b.set_defaults(func=cmd_build)
-
-    dm = sub.add_parser("demo", help="build an embedded Linux-like address space and show x86pt at work")
-    dm.add_argument("--out", default=None, help="directory for the demo's files (default: a temp dir)")
-    dm.add_argument("--json", action="store_true")
-    dm.set_defaults(func=cmd_demo)
-
-    from x86pt.plugins import command_modules
-
-    for mod in command_modules():
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and (mod == e.name or mod.startswith(e.name + ".")):
-                continue
-            raise
-        m.register(sub)
+        for mod in command_modules():
+            try:
+                m = importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name and (mod == e.name or mod.startswith(e.name + ".")):
+                    continue
+                raise
+            m.register(sub)
     from x86pt.helpdoc import apply
 
     apply(p)
     return p
 
 
+def _add_own_commands(sub, want) -> None:
+    """The commands of this module for which want(name) holds, in the order the help lists them."""
+    if want("decode"):
+        d = sub.add_parser("decode", help="decode one entry: every field, reserved bits flagged")
+        d.add_argument("value")
+        d.add_argument("--kind", required=True, help="pml5e pml4e pdpte pdpte1g pde pde2m pte")
+        d.add_argument("--maxphyaddr", default="52")
+        d.add_argument("--vendor", choices=("intel", "amd"), default="intel")
+        d.add_argument("--json", action="store_true")
+        d.set_defaults(func=cmd_decode)
+
+    if want("encode"):
+        e = sub.add_parser("encode", help="encode one entry from FIELD=VALUE pairs")
+        e.add_argument("--kind", required=True)
+        e.add_argument(
+            "fields", nargs="*", metavar="FIELD=V", help="e.g. p=1 rw=1 addr=0x1234 (or pa=0x1234000)"
+        )
+        e.add_argument("--maxphyaddr", default="52")
+        e.add_argument("--vendor", choices=("intel", "amd"), default="intel")
+        e.add_argument("-v", "--verbose", action="store_true")
+        e.add_argument("--json", action="store_true")
+        e.set_defaults(func=cmd_encode)
+
+    from x86pt.cliargs import add_state_args
+
+    for name, func, helptext in (
+        ("translate", cmd_translate, "translate virtual addresses"),
+        ("walk", cmd_walk, "walk step by step, each entry decoded"),
+    ):
+        if want(name):
+            t = sub.add_parser(name, help=helptext)
+            t.add_argument("image")
+            t.add_argument("va", nargs="+")
+            _add_access_args(t)
+            add_state_args(t)
+            t.add_argument("--strict", action="store_true", help="exit 1 if any access faults")
+            t.add_argument("--json", action="store_true")
+            t.set_defaults(func=func)
+
+    if want("probe"):
+        pr = sub.add_parser("probe", help="run a JSONL probe list through the model")
+        pr.add_argument("image")
+        pr.add_argument("--probes", required=True, metavar="FILE.jsonl", help="probe list ('-' for stdin)")
+        add_state_args(pr)
+        pr.add_argument("--update-ad", action="store_true", help="carry A/D updates from probe to probe")
+        pr.add_argument("--json", action="store_true")
+        pr.set_defaults(func=cmd_probe)
+
+    if want("build"):
+        from x86pt.limits import DEFAULT_MAX_BUILD_ENTRIES
+
+        b = sub.add_parser("build", help="build an image from a TOML spec of mappings")
+        b.add_argument("spec")
+        b.add_argument("-o", "--output", required=True)
+        b.add_argument("--out-format", choices=("elf", "raw", "lime"), default=None)
+        b.add_argument(
+            "--max-entries",
+            default=str(DEFAULT_MAX_BUILD_ENTRIES),
+            metavar="N",
+            help="most leaf entries the spec may write (default %(default)s); a bigger "
+            "spec stops with exit 2 before any table is allocated",
+        )
+        b.add_argument("--json", action="store_true")
+        b.set_defaults(func=cmd_build)
+
+    if want("demo"):
+        dm = sub.add_parser("demo", help="build an embedded Linux-like address space and show x86pt at work")
+        dm.add_argument("--out", default=None, help="directory for the demo's files (default: a temp dir)")
+        dm.add_argument("--json", action="store_true")
+        dm.set_defaults(func=cmd_demo)
+
+
+def _builtin_names() -> dict[str, str]:
+    from x86pt.plugins import BUILTIN_COMMAND_NAMES
+
+    return BUILTIN_COMMAND_NAMES
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("X86PT_DEBUG"))
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        words = sys.argv[1:] if argv is None else argv
+        first = words[0] if words else None
+        # `x86pt CMD ...` for a built-in CMD parses with CMD's parser alone: the same parse, the same
+        # help and errors (tests/test_startup.py compares them), without the other commands' set-up
+        only = first if first in OWN_COMMANDS or first in _builtin_names() else None
+        parser = build_parser(only)
+        args = parser.parse_args(words)
         return int(args.func(args) or 0)
     except X86ptError as e:
         print(f"x86pt: error: {e}", file=sys.stderr)

@@ -6,8 +6,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 from x86pt.fields import BIT_P, LEVELS, PK_MASK, PK_SHIFT, Kind, Role, decode_fast, fields_for
-from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState, rsvd_mask
-from x86pt.walk import GeneralProtection, PageFault, Result, Translation
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # x86pt.state and x86pt.walk load on first use: `x86pt decode` needs neither
+    from x86pt.state import PagingState
+    from x86pt.walk import Result
 
 # The order flags are printed in: the low attribute bits, then PS, G, PAT, XD.
 _FLAG_ORDER = ("p", "rw", "us", "pwt", "pcd", "a", "d", "ps", "g", "pat", "xd")
@@ -35,6 +38,7 @@ def decode_entry(
         fields.append(item)
     if state is not None:
         from x86pt.fields import LEVEL_OF_KIND
+        from x86pt.state import rsvd_mask
 
         flagged = raw & rsvd_mask(state, LEVEL_OF_KIND[kind], kind)
     present = bool(raw & BIT_P)
@@ -93,6 +97,8 @@ def render_decode(d: dict) -> str:
 
 
 def error_code_names(code: int) -> str:
+    from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W
+
     names = [
         n
         for bit, n in (
@@ -109,6 +115,8 @@ def error_code_names(code: int) -> str:
 
 
 def result_json(r: Result) -> dict:
+    from x86pt.walk import PageFault, Translation
+
     base = {"va": hex(r.va), "outcome": r.outcome}
     if isinstance(r, Translation):
         base.update(
@@ -160,6 +168,8 @@ def describe_step(step, state: PagingState | None = None, va: int | None = None)
         if avl:
             notes.append(f"avl={avl:#x}")
         if state is not None:
+            from x86pt.state import rsvd_mask
+
             bad = step.raw & rsvd_mask(state, step.level, kind)
             if bad:
                 notes.append(f"RESERVED {bad:#x}")
@@ -171,6 +181,8 @@ def describe_step(step, state: PagingState | None = None, va: int | None = None)
 
 
 def render_result(r: Result, *, steps: bool = False, state: PagingState | None = None) -> str:
+    from x86pt.walk import GeneralProtection, PageFault, Translation
+
     lines = []
     if steps:
         for s in r.steps:

@@ -24,6 +24,17 @@ ORACLES = "x86pt.oracles"
 COMMANDS = "x86pt.commands"
 # The library's own command modules besides x86pt/cli.py (each has register(subparsers)).
 BUILTIN_COMMANDS = ("x86pt.formats.cli", "x86pt.cpa.cli")
+# The top-level commands each of them registers: `x86pt CMD ...` for one of these builds only its
+# module's parsers and reads no plugin metadata (docs/startup.md; tests/test_startup.py checks this
+# table against the parsers the modules register).
+BUILTIN_COMMAND_NAMES = {
+    "dump": "x86pt.formats.cli",
+    "census": "x86pt.formats.cli",
+    "wx": "x86pt.formats.cli",
+    "find": "x86pt.formats.cli",
+    "diff": "x86pt.formats.cli",
+    "cpa": "x86pt.cpa.cli",
+}
 
 _META_DIR = re.compile(r"^(?P<name>[^-]+)(?:-[^/]*)?\.(?:dist-info|egg-info)$")
 

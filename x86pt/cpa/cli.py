@@ -469,7 +469,7 @@ def _common(p, policy_arg: bool) -> None:
     add_state_args(p)
 
 
-def register(subparsers) -> None:
+def register(subparsers, only: str | None = None) -> None:  # one command: `only` changes nothing
     c = subparsers.add_parser("cpa", help="the Linux CPA / direct-map model: replay, compare, generate")
     sub = c.add_subparsers(dest="cpa_command", metavar="CPA_COMMAND")
     sub.required = True

@@ -173,7 +173,6 @@ def _marker_bases(args) -> dict[str, int | None]:
 # -- dump -------------------------------------------------------------------------------------------
 def cmd_dump(args) -> int:
     from x86pt.formats.dump import dump_to
-    from x86pt.formats.wx import guard_hole, guard_hole_wx
     from x86pt.cliargs import image_options
     from x86pt.image import open_image
 
@@ -196,6 +195,8 @@ def cmd_dump(args) -> int:
         if args.dump_format != "json":
             _notes(sc, img)
         if args.dump_format == "ptdump" and args.range is None:
+            from x86pt.formats.wx import guard_hole, guard_hole_wx
+
             _, present, _ = guard_hole_wx(img, _max_entries(args))
             if present:
                 lo, hi = guard_hole(img.state)
@@ -391,101 +392,115 @@ def cmd_diff(args) -> int:
 
 
 # -- registration -------------------------------------------------------------------------------------
-def register(sub) -> None:
+def register(sub, only: str | None = None) -> None:
+    """Add dump, census, wx, find and diff to the subparsers `sub`; with `only`, that command alone."""
+
+    def want(name: str) -> bool:
+        return only is None or only == name
+
     from x86pt.formats import FORMATS
     from x86pt.cliargs import add_state_args
 
-    d = sub.add_parser("dump", help="dump every mapping: ptdump, QEMU info mem/tlb, JSON, CSV")
-    d.add_argument("image")
-    add_state_args(d)  # --image-format is the image's; --format the output's
-    d.add_argument(
-        "--format",
-        dest="dump_format",
-        choices=FORMATS,
-        default="ptdump",
-        help="output format (default ptdump)",
-    )
-    d.add_argument(
-        "--markers",
-        choices=("none", "linux"),
-        default="none",
-        help="ptdump: print Linux's x86_64 address-marker lines and break ranges at them",
-    )
-    d.add_argument("--page-offset", metavar="VA", help="ptdump markers: PAGE_OFFSET (default nokaslr)")
-    d.add_argument("--vmalloc-base", metavar="VA", help="ptdump markers: VMALLOC_START (default nokaslr)")
-    d.add_argument("--vmemmap-base", metavar="VA", help="ptdump markers: VMEMMAP_START (default nokaslr)")
-    d.add_argument(
-        "--layout",
-        metavar="JSON",
-        help="ptdump markers: read page_offset_base, vmalloc_base and vmemmap_base "
-        "from a layout.json (`x86pt linux run`); the options above override it",
-    )
-    d.add_argument("--range", metavar="A-B", help="only entries overlapping [A, B) (also A+SIZE)")
-    g = d.add_mutually_exclusive_group()
-    g.add_argument(
-        "--user", dest="user_only", action="store_true", help="only user-accessible (effective US)"
-    )
-    g.add_argument("--kernel", dest="kernel_only", action="store_true", help="only supervisor-only")
-    d.add_argument("--writable", action="store_true", help="only effectively writable")
-    d.add_argument("--executable", action="store_true", help="only executable (no XD on the walk)")
-    d.add_argument("--level", metavar="L", help="only leaves of these sizes: 4k,2m,1g")
-    d.add_argument("--has", metavar="FLAGS", help="leaf flags that must be set ('g d') or clear ('!a')")
-    d.add_argument(
-        "--coalesce",
-        choices=("phys", "attrs", "none"),
-        default="phys",
-        help="json/csv rows: merge runs with equal attributes and contiguous frames "
-        "(phys), equal attributes only (attrs), or one row per entry (none)",
-    )
-    d.add_argument("--crlf", action="store_true", help="end lines with CR LF, as QEMU's monitor sends them")
-    d.add_argument("-o", "--output", metavar="FILE", help="write here (atomically) instead of stdout")
-    _scan_args(d)
-    d.set_defaults(func=cmd_dump)
+    if want("dump"):
+        d = sub.add_parser("dump", help="dump every mapping: ptdump, QEMU info mem/tlb, JSON, CSV")
+        d.add_argument("image")
+        add_state_args(d)  # --image-format is the image's; --format the output's
+        d.add_argument(
+            "--format",
+            dest="dump_format",
+            choices=FORMATS,
+            default="ptdump",
+            help="output format (default ptdump)",
+        )
+        d.add_argument(
+            "--markers",
+            choices=("none", "linux"),
+            default="none",
+            help="ptdump: print Linux's x86_64 address-marker lines and break ranges at them",
+        )
+        d.add_argument("--page-offset", metavar="VA", help="ptdump markers: PAGE_OFFSET (default nokaslr)")
+        d.add_argument("--vmalloc-base", metavar="VA", help="ptdump markers: VMALLOC_START (default nokaslr)")
+        d.add_argument("--vmemmap-base", metavar="VA", help="ptdump markers: VMEMMAP_START (default nokaslr)")
+        d.add_argument(
+            "--layout",
+            metavar="JSON",
+            help="ptdump markers: read page_offset_base, vmalloc_base and vmemmap_base "
+            "from a layout.json (`x86pt linux run`); the options above override it",
+        )
+        d.add_argument("--range", metavar="A-B", help="only entries overlapping [A, B) (also A+SIZE)")
+        g = d.add_mutually_exclusive_group()
+        g.add_argument(
+            "--user", dest="user_only", action="store_true", help="only user-accessible (effective US)"
+        )
+        g.add_argument("--kernel", dest="kernel_only", action="store_true", help="only supervisor-only")
+        d.add_argument("--writable", action="store_true", help="only effectively writable")
+        d.add_argument("--executable", action="store_true", help="only executable (no XD on the walk)")
+        d.add_argument("--level", metavar="L", help="only leaves of these sizes: 4k,2m,1g")
+        d.add_argument("--has", metavar="FLAGS", help="leaf flags that must be set ('g d') or clear ('!a')")
+        d.add_argument(
+            "--coalesce",
+            choices=("phys", "attrs", "none"),
+            default="phys",
+            help="json/csv rows: merge runs with equal attributes and contiguous frames "
+            "(phys), equal attributes only (attrs), or one row per entry (none)",
+        )
+        d.add_argument(
+            "--crlf", action="store_true", help="end lines with CR LF, as QEMU's monitor sends them"
+        )
+        d.add_argument("-o", "--output", metavar="FILE", help="write here (atomically) instead of stdout")
+        _scan_args(d)
+        d.set_defaults(func=cmd_dump)
 
-    c = sub.add_parser("census", help="DirectMap4k/2M/1G as /proc/meminfo, leaves per level, table pages")
-    c.add_argument("image")
-    c.add_argument("--page-offset", metavar="VA", help="start of the direct map (default: detected)")
-    c.add_argument("--no-gbpages", action="store_true", help="omit DirectMap1G (no direct_gbpages)")
-    c.add_argument(
-        "--kernel-image-size",
-        default="1G",
-        metavar="SIZE",
-        help="KERNEL_IMAGE_SIZE: splits of [__START_KERNEL_map, +SIZE) count in DirectMap "
-        "as in the kernel (1G with KASLR support, the default; 512M without; 0: ignore)",
-    )
-    c.add_argument("--json", action="store_true")
-    from x86pt.cliargs import add_cost_args
+    if want("census"):
+        c = sub.add_parser("census", help="DirectMap4k/2M/1G as /proc/meminfo, leaves per level, table pages")
+        c.add_argument("image")
+        c.add_argument("--page-offset", metavar="VA", help="start of the direct map (default: detected)")
+        c.add_argument("--no-gbpages", action="store_true", help="omit DirectMap1G (no direct_gbpages)")
+        c.add_argument(
+            "--kernel-image-size",
+            default="1G",
+            metavar="SIZE",
+            help="KERNEL_IMAGE_SIZE: splits of [__START_KERNEL_map, +SIZE) count in DirectMap "
+            "as in the kernel (1G with KASLR support, the default; 512M without; 0: ignore)",
+        )
+        c.add_argument("--json", action="store_true")
+        from x86pt.cliargs import add_cost_args
 
-    add_cost_args(c)
-    _scan_args(c)
-    add_state_args(c)
-    c.set_defaults(func=cmd_census)
+        add_cost_args(c)
+        _scan_args(c)
+        add_state_args(c)
+        c.set_defaults(func=cmd_census)
 
-    w = sub.add_parser("wx", help="every writable+executable mapping, as the kernel's W+X check reports it")
-    w.add_argument("image")
-    w.add_argument("--json", action="store_true")
-    w.add_argument("--strict", action="store_true", help="exit 1 when W+X pages are found")
-    _scan_args(w)
-    add_state_args(w)
-    w.set_defaults(func=cmd_wx)
+    if want("wx"):
+        w = sub.add_parser(
+            "wx", help="every writable+executable mapping, as the kernel's W+X check reports it"
+        )
+        w.add_argument("image")
+        w.add_argument("--json", action="store_true")
+        w.add_argument("--strict", action="store_true", help="exit 1 when W+X pages are found")
+        _scan_args(w)
+        add_state_args(w)
+        w.set_defaults(func=cmd_wx)
 
-    f = sub.add_parser("find", help="every virtual address that maps a physical address (aliases)")
-    f.add_argument("image")
-    f.add_argument("pa")
-    f.add_argument("--json", action="store_true")
-    _scan_args(f)
-    add_state_args(f)
-    f.set_defaults(func=cmd_find)
+    if want("find"):
+        f = sub.add_parser("find", help="every virtual address that maps a physical address (aliases)")
+        f.add_argument("image")
+        f.add_argument("pa")
+        f.add_argument("--json", action="store_true")
+        _scan_args(f)
+        add_state_args(f)
+        f.set_defaults(func=cmd_find)
 
-    df = sub.add_parser("diff", help="semantic difference of two images' translations")
-    df.add_argument("image_a")
-    df.add_argument("image_b")
-    df.add_argument("--all", action="store_true", help="also list identical ranges")
-    df.add_argument("--json", action="store_true")
-    df.add_argument("--strict", action="store_true", help="exit 1 when anything differs")
-    _scan_args(df)
-    add_state_args(df)
-    df.set_defaults(func=cmd_diff)
+    if want("diff"):
+        df = sub.add_parser("diff", help="semantic difference of two images' translations")
+        df.add_argument("image_a")
+        df.add_argument("image_b")
+        df.add_argument("--all", action="store_true", help="also list identical ranges")
+        df.add_argument("--json", action="store_true")
+        df.add_argument("--strict", action="store_true", help="exit 1 when anything differs")
+        _scan_args(df)
+        add_state_args(df)
+        df.set_defaults(func=cmd_diff)
 
 
 # -- demo -------------------------------------------------------------------------------------------

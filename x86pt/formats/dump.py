@@ -29,16 +29,19 @@ def dump_to(
     max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> Scanner:
     """Render one image in `fmt` to the binary stream `out`; returns the scanner (stats, issues)."""
-    from x86pt.formats import ptdump, qemu, tabular
-
+    # only the renderer `fmt` needs is imported (docs/startup.md)
     state, memory = img.state, img.memory
     from x86pt.scan import Filter
 
     filt = filt or Filter(nxe=state.nxe)
     kw = {"va_range": va_range, "max_entries": max_entries}
     if fmt in ("qemu-mem", "qemu-tlb"):
+        from x86pt.formats import qemu
+
         kw.update(qemu.scan_kwargs())
     elif fmt == "ptdump":
+        from x86pt.formats import ptdump
+
         kw.update(ptdump.scan_kwargs())
     from x86pt.scan import Scanner
 
@@ -78,8 +81,12 @@ def dump_to(
             )
         put(ptdump.ptdump_lines(chunks, state, mk))
     elif fmt == "json":
+        from x86pt.formats import tabular
+
         put(tabular.json_lines(chunks, lambda: sc.stats.issues, coalesce_mode=coalesce_mode, nxe=state.nxe))
     elif fmt == "csv":
+        from x86pt.formats import tabular
+
         put(tabular.csv_lines(chunks, coalesce_mode=coalesce_mode, nxe=state.nxe))
     else:
         raise BadInputError(f"unknown format {fmt!r}")

@@ -19,7 +19,6 @@ from typing import Iterable
 import numpy as np
 
 from x86pt.errors import ImageError
-from x86pt.memory.atomic import atomic_writer
 from x86pt.memory.base import PAGE, MemoryBase, Segment
 from x86pt.memory.raw import MappedFile
 
@@ -282,6 +281,8 @@ def write_elf_core(
     note_off = off
     data_off = (note_off + len(notes) + PAGE - 1) & ~(PAGE - 1)
     ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    from x86pt.memory.atomic import atomic_writer  # tempfile: only when writing
+
     with atomic_writer(path, inputs=inputs) as f:
         f.write(
             _EHDR.pack(
