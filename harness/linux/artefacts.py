@@ -8,15 +8,10 @@ from __future__ import annotations
 import json
 import os
 
-from harness.linux.collect import (
-    Capture,
-    decode_trace,
-    dump_json,
-    parse_counters,
-    trace_summary,
-    trace_text,
-    write_capture,
-)
+from harness.linux.collect import parse_counters
+from harness.linux.cpa_trace import decode_trace, trace_summary, trace_text
+from harness.linux.image import Capture, write_capture
+from harness.linux.runfolder import dump_json
 from x86pt.memory.atomic import write_text_atomic
 
 

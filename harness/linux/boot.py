@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from harness.linux.build import build_helpers, build_module
-from harness.linux.collect import BootText, capture, parse_kallsyms, parse_output, parse_registers
+from harness.linux.collect import BootText, parse_kallsyms, parse_output, parse_registers
 from harness.linux.config import RunConfig, kernel_cmdline
 from harness.linux.fetch import KernelTree, fetch
+from harness.linux.image import capture
 from harness.linux.initramfs import Workload, build_initramfs, steps_archive, workload_named
 from harness.linux.machine import Guest, read_text
 from harness.qemu.process import QEMU_BINARY, qemu_binary, qemu_release

@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from harness.linux.collect import load_json, read_artifact, run_meta
+from harness.linux.runfolder import load_json, read_artifact, run_meta
 from harness.linux.report import direct_map_span, parse_ptdump
 
 # the files a step's byte compare covers

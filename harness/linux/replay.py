@@ -25,7 +25,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from harness.linux.collect import cpa_layout, load_json, materialize, read_artifact, run_meta
+from harness.linux.runfolder import cpa_layout, load_json, materialize, read_artifact, run_meta
 from x86pt.cpa.importer import model_from_image
 from x86pt.cpa.kernel import P, PSE, PTE_PFN_MASK, PMD_PFN_MASK, PUD_PFN_MASK
 from x86pt.cpa.layout import Layout, layout_from_json

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from harness.linux.collect import load_json, read_artifact
+from harness.linux.runfolder import load_json, read_artifact
 from x86pt.errors import BadInputError
 
 _LINE = re.compile(r"^0x([0-9a-f]+)-0x([0-9a-f]+)\s+\S+\s+(.*)$")
@@ -85,7 +85,7 @@ def model_agreement(run_dir: str, step_dirs: list[str]) -> list[str]:
     """Per step: 'yes'/'no' from the CPA model's replay of step k on image k-1 (harness/linux/
     replay.py: direct-map + highmap leaves, DirectMap counters, split events); '-' for step 0;
     'n/a' where the run kept no image of step k-1 or k (--images last)."""
-    from harness.linux.collect import read_artifact as _ra
+    from harness.linux.runfolder import read_artifact as _ra
     from harness.linux.replay import replay_step
 
     if len(step_dirs) < 2:
@@ -110,7 +110,7 @@ def model_agreement(run_dir: str, step_dirs: list[str]) -> list[str]:
 
 def report_data(run_dir: str, plot: str | None = None) -> dict:
     """Everything the report shows, as data (`x86pt linux report --json`)."""
-    from harness.linux.collect import run_meta
+    from harness.linux.runfolder import run_meta
 
     meta = run_meta(run_dir)
     layout = load_json(os.path.join(run_dir, "layout.json"))

@@ -38,7 +38,9 @@ from typing import Callable
 
 from harness.linux.artefacts import compare_captures, step_fingerprint, write_step
 from harness.linux.boot import QEMU, BootResult, Prepared, boot, prepare, qemu_version
-from harness.linux.collect import capture_from_dump, dump_json, layout_of
+from harness.linux.collect import layout_of
+from harness.linux.image import capture_from_dump
+from harness.linux.runfolder import dump_json
 from harness.linux.config import ICOUNT, IMAGE_MODES, RTC, RunConfig, kernel_cmdline, kprobe_cmdline
 from harness.linux.machine import Guest, last_text_line, sigterm_exits
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
