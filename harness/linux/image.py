@@ -17,7 +17,7 @@ from x86pt.errors import OracleError
 from x86pt.fields import ADDR_MASK_52 as ADDR_MASK  # bits 51:12
 from x86pt.fields import BIT_PS as PS
 from x86pt.memory.base import PAGE, MemoryBase
-from x86pt.memory.elfcore import write_elf_core
+from x86pt.memory import write_image
 from x86pt.memory.sparse import SparseMemory
 from x86pt.state import CR4_LA57, PagingState, profile_named
 from x86pt.walk import Translation, walk
@@ -158,15 +158,5 @@ def capture_from_dump(lines: list[str], regs: dict[str, int], layout: dict) -> C
 
 
 def write_capture(path: str, cap: Capture) -> None:
-    s = cap.state
-    write_elf_core(
-        path,
-        cap.memory,
-        cr0=s.cr0,
-        cr3=s.cr3,
-        cr4=s.cr4,
-        efer=s.efer,
-        maxphyaddr=s.m,
-        vendor=s.vendor,
-        profile=s.profile.name,
-    )
+    """The capture as an ELF core with the guest's control registers (x86pt.memory.write_image)."""
+    write_image(cap.memory, cap.state, path, fmt="elf")
