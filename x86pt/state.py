@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from x86pt.errors import BadInputError, StateError
 from x86pt.fields import BIT_8, BIT_PS, BIT_XD, Kind, Level, levels_for, masks_for
@@ -216,6 +217,11 @@ def profile_named(name: str) -> Profile:
         raise BadInputError(f"unknown profile {name!r} (one of {', '.join(PROFILES)})") from None
 
 
+# one level of PagingState.walk_plan: (level, reserved mask when PS=0, leaf kind or None,
+# reserved mask of the leaf kind)
+WalkStep = tuple[Level, int, Kind | None, int]
+
+
 @dataclass(frozen=True)
 class PagingState:
     """The architectural state a walk depends on. Defaults: 4-level IA-32e paging, WP=1, NXE=1."""
@@ -269,7 +275,7 @@ class PagingState:
                 + " (a CPU would refuse these values with #GP)"
             )
 
-    def replace(self, **kw) -> "PagingState":
+    def replace(self, **kw: Any) -> "PagingState":
         return dataclasses.replace(self, **kw)
 
     # -- derived facts ---------------------------------------------------------------------------
@@ -331,7 +337,7 @@ class PagingState:
         return ((1 << self.m) - 1) & ~0xFFF
 
     @cached_property
-    def walk_plan(self) -> tuple:
+    def walk_plan(self) -> tuple[WalkStep, ...]:
         """Per level, top down: (level, reserved mask when PS=0, leaf kind or None, reserved mask
         of the leaf kind). Computed once per state from rsvd_mask (the one definition)."""
         plan = []
@@ -406,7 +412,7 @@ class PagingState:
             f"[{' '.join(bits)}]"
         )
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "cr0": hex(self.cr0),
             "cr3": hex(self.cr3),
@@ -419,7 +425,7 @@ class PagingState:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "PagingState":
+    def from_json(cls, d: dict[str, Any]) -> "PagingState":
         from x86pt.numbers import parse_int
 
         prof = profile_named(d.get("profile", "intel"))

@@ -4,7 +4,7 @@ hold, which entries are usable under the current PCID, fills, and the primitives
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 from x86pt.state import CR4_PCIDE, CR4_PGE, PagingState
 from x86pt.tlb.entries import PAGE_SIZES, U64, PscEntry, TlbEntry, _Path, _sx
@@ -41,7 +41,7 @@ class Caches:
 
     def tlb_for(self, va: int) -> list[TlbEntry]:
         """Usable TLB entries whose page holds va (any page size, §4.10.2.3)."""
-        out = []
+        out: list[TlbEntry] = []
         for size in PAGE_SIZES:
             s = self.tlb.get((size, va & ~(size - 1)))
             if s:
@@ -49,7 +49,7 @@ class Caches:
         return out
 
     def psc_for(self, va: int) -> list[PscEntry]:
-        out = []
+        out: list[PscEntry] = []
         for lv in self.state.levels[:-1]:
             s = self.psc.get((lv.number, va & ~((1 << lv.shift) - 1) & U64))
             if s:
@@ -73,6 +73,7 @@ class Caches:
         if path.ok:
             page = _sx(self.state, va & ~(path.size - 1))
             r = path.rights
+            assert r is not None  # path.ok: the walk reached a leaf, whose rights it holds
             self._add_tlb(
                 TlbEntry(
                     self.pcid,
@@ -89,7 +90,7 @@ class Caches:
             )
 
     # -- invalidation primitives -----------------------------------------------------------
-    def _drop_tlb(self, pred) -> int:
+    def _drop_tlb(self, pred: Callable[[TlbEntry], bool]) -> int:
         n = 0
         for key in list(self.tlb):
             s = self.tlb[key]
@@ -101,7 +102,7 @@ class Caches:
                 del self.tlb[key]
         return n
 
-    def _drop_psc(self, pred) -> int:
+    def _drop_psc(self, pred: Callable[[PscEntry], bool]) -> int:
         n = 0
         for key in list(self.psc):
             s = self.psc[key]
@@ -113,7 +114,7 @@ class Caches:
                 del self.psc[key]
         return n
 
-    def _drop_tlb_at(self, va: int, pred) -> None:
+    def _drop_tlb_at(self, va: int, pred: Callable[[TlbEntry], bool]) -> None:
         for size in PAGE_SIZES:
             key = (size, va & ~(size - 1) & U64)
             s = self.tlb.get(key)

@@ -6,17 +6,24 @@ difference stays open (`WindowTracker`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 from x86pt.errors import PhysicalAddressError
-from x86pt.state import PagingState
+from x86pt.state import PagingState, WalkStep
 from x86pt.walk import rights_letters
 from x86pt.fields import BIT_D, BIT_G, BIT_PS, PK_MASK, PK_SHIFT
 from x86pt.tlb.cache import Caches
-from x86pt.tlb.entries import PAGE, U64, TlbEntry, _walk_from
+from x86pt.tlb.entries import PAGE, U64, TableReader, TlbEntry, _walk_from
 
 
 # -- differences ---------------------------------------------------------------------------------
+# what _descend yields: a leaf ("leaf", page, size, frame, rw, us, x, pkey, dirty, g) or a present
+# table-referencing entry ("table", level, base, span, table, rw, us, xd)
+LeafItem = tuple[Literal["leaf"], int, int, int, bool, bool, bool, int, bool, bool]
+TableItem = tuple[Literal["table"], int, int, int, int, bool, bool, bool]
+# one difference of a cached entry before it gets its CPU: (start, end, kind, severity, current)
+DiffRow = tuple[int, int, str, str, str]
+
 KINDS = ("frame", "rw", "x", "us", "pkey", "present", "table", "dirty")
 
 
@@ -42,7 +49,7 @@ class Difference:
     def dangerous(self) -> bool:
         return self.severity == "dangerous"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "cpu": self.cpu,
             "start": hex(self.start),
@@ -64,7 +71,7 @@ class _Leaf:
     dirty: bool
 
 
-def _descend(state: PagingState, memory, start: int, end: int) -> Iterator[tuple]:
+def _descend(state: PagingState, memory: TableReader, start: int, end: int) -> Iterator[LeafItem | TableItem]:
     """Every leaf ("leaf", page, size, frame, rw, us, x, pkey, dirty, g) and every present
     table-referencing entry ("table", level, base, span, table, rw, us, xd) of the current tables
     over [start, end), top down, the rights accumulated. The canonical hole is skipped."""
@@ -78,7 +85,18 @@ def _descend(state: PagingState, memory, start: int, end: int) -> Iterator[tuple
             yield from _descend_level(state, memory, plan, 0, a, z, state.root, True, True, False)
 
 
-def _descend_level(state, memory, plan, i, start, end, table, rw, us, xd):
+def _descend_level(
+    state: PagingState,
+    memory: TableReader,
+    plan: tuple[WalkStep, ...],
+    i: int,
+    start: int,
+    end: int,
+    table: int,
+    rw: bool,
+    us: bool,
+    xd: bool,
+) -> Iterator[LeafItem | TableItem]:
     level, rsvd_table, leaf_kind, rsvd_leaf = plan[i]
     shift = level.shift
     span = 1 << shift
@@ -123,7 +141,7 @@ def _descend_level(state, memory, plan, i, start, end, table, rw, us, xd):
 
 def _runs(
     state: PagingState,
-    memory,
+    memory: TableReader,
     start: int,
     end: int,
     below: int | None = None,
@@ -138,10 +156,22 @@ def _runs(
         below = state.paging_levels + 1
         table = state.root
     plan = [p for p in state.walk_plan if p[0].number < below]
+    assert table is not None  # the root, or given with `below`
     yield from _runs_level(state, memory, plan, 0, start, end, table, rw, us, xd)
 
 
-def _runs_level(state, memory, plan, i, start, end, table, rw, us, xd):
+def _runs_level(
+    state: PagingState,
+    memory: TableReader,
+    plan: list[WalkStep],
+    i: int,
+    start: int,
+    end: int,
+    table: int,
+    rw: bool,
+    us: bool,
+    xd: bool,
+) -> Iterator[tuple[int, int, _Leaf | None]]:
     level, rsvd_table, leaf_kind, rsvd_leaf = plan[i]
     span = 1 << level.shift
     phys = state.phys_mask
@@ -181,7 +211,7 @@ def _runs_level(state, memory, plan, i, start, end, table, rw, us, xd):
 def _compare(cached: _Leaf, cur: _Leaf | None) -> list[tuple[str, str]]:
     if cur is None:
         return [("present", "dangerous")]
-    out = []
+    out: list[tuple[str, str]] = []
     if cached.pa != cur.pa:
         out.append(("frame", "dangerous"))
     for kind, a, b in (("rw", cached.rw, cur.rw), ("x", cached.x, cur.x), ("us", cached.us, cur.us)):
@@ -207,10 +237,10 @@ def _describe_leaf(l: _Leaf | None) -> str:
 
 def _diff_ranges(
     c: Caches,
-    memory,
+    memory: TableReader,
     start: int,
     end: int,
-    cached_at,
+    cached_at: Callable[[int], _Leaf | None],
     cached_desc: str,
     runs: Iterable[tuple[int, int, _Leaf | None]],
 ) -> list[Difference]:
@@ -227,21 +257,22 @@ def _diff_ranges(
             if k not in found or d.end != s or d.severity != found[k]:
                 out.append(open_.pop(k))
         for k, sev in found.items():
-            d = open_.get(k)
-            if d is not None:
-                open_[k] = Difference(d.cpu, d.start, e, k, sev, d.cached, d.current)
+            prev = open_.get(k)
+            if prev is not None:
+                open_[k] = Difference(prev.cpu, prev.start, e, k, sev, prev.cached, prev.current)
             else:
                 open_[k] = Difference(c.index, s, e, k, sev, cached_desc, _describe_leaf(cur))
     out.extend(open_.values())
     return out
 
 
-def _entry_runs(st: PagingState, memory, e: TlbEntry):
+def _entry_runs(st: PagingState, memory: TableReader, e: TlbEntry) -> Iterable[tuple[int, int, _Leaf | None]]:
     """The current tables' runs under e's page: one walk when one leaf (or one hole) covers it."""
     path = _walk_from(st, memory, e.page, st.paging_levels + 1, st.root, True, True, False)
     if path.ok:
         if path.size >= e.size:
             r = path.rights
+            assert r is not None  # path.ok: the walk reached a leaf, whose rights it holds
             return (
                 (
                     e.page,
@@ -261,27 +292,28 @@ def _entry_runs(st: PagingState, memory, e: TlbEntry):
     return _runs(st, memory, e.page, e.end)
 
 
-def _entry_diffs(st: PagingState, memory, e: TlbEntry) -> list[tuple]:
+def _entry_diffs(st: PagingState, memory: TableReader, e: TlbEntry) -> list[DiffRow]:
     """(start, end, kind, severity, current) for one cached entry, merged."""
-    out: list[tuple] = []
-    open_: dict[str, list] = {}
+    out: list[DiffRow] = []
+    open_: dict[str, DiffRow] = {}
     for s, z, cur in _entry_runs(st, memory, e):
         cached = _Leaf(e.frame + (s - e.page), e.writable, e.user, e.executable, e.pkey, e.dirty)
         found = dict(_compare(cached, cur))
         for k in list(open_):
             d = open_[k]
             if k not in found or d[1] != s or d[3] != found[k]:
-                out.append(tuple(open_.pop(k)))
+                out.append(open_.pop(k))
         for k, sev in found.items():
-            if k in open_:
-                open_[k][1] = z
+            o = open_.get(k)
+            if o is not None:
+                open_[k] = (o[0], z, o[2], o[3], o[4])
             else:
-                open_[k] = [s, z, k, sev, _describe_leaf(cur)]
-    out.extend(tuple(v) for v in open_.values())
+                open_[k] = (s, z, k, sev, _describe_leaf(cur))
+    out.extend(open_.values())
     return out
 
 
-def _bulk_4k(st: PagingState, memory, entries: list[TlbEntry]) -> dict[int, list[tuple]]:
+def _bulk_4k(st: PagingState, memory: TableReader, entries: list[TlbEntry]) -> dict[int, list[DiffRow]]:
     """_entry_diffs for many 4K entries at once: the current tables are read in one descent per
     run of consecutive cached pages (each table entry once), not one walk per entry."""
     by_page: dict[int, list[TlbEntry]] = {}
@@ -294,7 +326,7 @@ def _bulk_4k(st: PagingState, memory, entries: list[TlbEntry]) -> dict[int, list
             runs[-1][1] = pg + PAGE
         else:
             runs.append([pg, pg + PAGE])
-    out: dict[int, list[tuple]] = {}  # id(entry) -> differences: the caller holds the entries
+    out: dict[int, list[DiffRow]] = {}  # id(entry) -> differences: the caller holds the entries
     for a, z in runs:
         seen: set[int] = set()
         for item in _descend(st, memory, a, z):
@@ -327,7 +359,13 @@ def _bulk_4k(st: PagingState, memory, entries: list[TlbEntry]) -> dict[int, list
     return out
 
 
-def cpu_differences(c: Caches, memory, memo: dict | None = None, *, prune: bool = False) -> list[Difference]:
+# cpu_differences' memo: per CPU context (root, CR4, EFER, M), id(TLB entry) -> its differences
+DiffMemo = dict[tuple[int, int, int, int], dict[int, list[DiffRow]]]
+
+
+def cpu_differences(
+    c: Caches, memory: TableReader, memo: DiffMemo | None = None, *, prune: bool = False
+) -> list[Difference]:
     """Every range where CPU c may use a cached translation that differs from the tables in
     `memory`. Work is per cached entry, never per address: each usable TLB entry is compared with
     the leaves the current tables have under its page (one walk when one leaf covers it; a 1G
@@ -446,7 +484,7 @@ class Window:
     opened: int
     closed: int | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "cpu": self.cpu,
             "start": hex(self.start),

@@ -6,6 +6,7 @@ upper entry."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from x86pt.errors import PhysicalAddressError, StateError
 from x86pt.state import CR4_PGE, PF_ID, PF_U, PF_W, PagingState
@@ -26,6 +27,13 @@ TLB_SINGLE_PAGE_FLUSH_CEILING = 33  # arch/x86/mm/tlb.c, debugfs-tunable; defaul
 class GeneralProtection(StateError):
     """An instruction the model was asked to run would raise #GP(0) (e.g. setting CR4.PCIDE
     while CR3[11:0] is not 0, SDM §4.10.1)."""
+
+
+class TableReader(Protocol):
+    """What the TLB model reads the tables through: one 8-byte entry at a physical address (any
+    x86pt.memory image, or the CPA model's live tables, x86pt.cpa.tlbreplay.LiveTables)."""
+
+    def read_u64(self, pa: int) -> int: ...
 
 
 # -- records ------------------------------------------------------------------------------------
@@ -63,7 +71,7 @@ class TlbEntry:
             f"{' D' if self.dirty else ''}{' G' if self.global_ else ''} pcid={self.pcid}"
         )
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "pcid": self.pcid,
             "page": hex(self.page),
@@ -102,7 +110,7 @@ class PscEntry:
             f"{self.name}-cache entry {self.base:#x}+{self.span:#x} -> table {self.table:#x} pcid={self.pcid}"
         )
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "pcid": self.pcid,
             "cache": self.name,
@@ -151,7 +159,7 @@ def _sx(state: PagingState, va: int) -> int:
 
 
 def _walk_from(
-    state: PagingState, memory, va: int, below: int, table: int, rw: bool, us: bool, xd: bool
+    state: PagingState, memory: TableReader, va: int, below: int, table: int, rw: bool, us: bool, xd: bool
 ) -> _Path:
     """Walk `va` from `table`, an entry of level `below` + 1 having given (rw, us, xd); `below`
     = paging levels + 1 walks from CR3. Reserved bits as the walker decides them

@@ -5,11 +5,15 @@ trace operations: parse, format and apply them to a `TlbSystem`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from x86pt.errors import BadInputError
 from x86pt.walk import Access
 from x86pt.tlb.entries import PAGE, TLB_FLUSH_ALL, TLB_SINGLE_PAGE_FLUSH_CEILING, U64
-from x86pt.tlb.system import TlbSystem
+from x86pt.tlb.system import Outcome, TlbSystem
+
+# one TLB trace operation: (name, fields...), the fields set by the name (parse_tlb_line)
+TlbOp = tuple[Any, ...]
 
 
 # -- the kernel's flushes and the trace operations -----------------------------------------------
@@ -22,6 +26,10 @@ class FlushDone:
     full: int = 0
     pages: tuple[int, ...] = ()
     cpus: tuple[int, ...] = ()
+
+
+# what applying a TLB op gives: a FlushDone, a touch's outcomes, the entries a speculate made, or None
+TlbResult = FlushDone | frozenset[Outcome] | int | None
 
 
 def kernel_range_plan(
@@ -91,7 +99,7 @@ def _cpu_word(w: str, where: str) -> int | None:
     return _num(w, "CPU number", where)
 
 
-def parse_tlb_line(line: str, where: str = "trace") -> tuple | None:
+def parse_tlb_line(line: str, where: str = "trace") -> TlbOp | None:
     """One trace line -> a TLB op tuple, or None when the line is blank, a comment, or not a TLB
     operation (so a trace parser can offer the line to this function first). Syntax:
 
@@ -157,9 +165,12 @@ def parse_tlb_line(line: str, where: str = "trace") -> tuple | None:
     )
 
 
-def format_tlb_op(op: tuple) -> str:
-    name = op[0]
-    cpu = lambda c: "all" if c is None else str(c)  # noqa: E731
+def format_tlb_op(op: TlbOp) -> str:
+    name: str = op[0]
+
+    def cpu(c: int | None) -> str:
+        return "all" if c is None else str(c)
+
     if name == "flush_tlb_all":
         return name
     if name == "flush_tlb_kernel_range":
@@ -200,8 +211,8 @@ def flush_tlb_kernel_range(
 
 
 def apply_tlb_op(
-    system: TlbSystem, op: tuple, *, kernel: str = "6.15", ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING
-) -> FlushDone | frozenset | int | None:
+    system: TlbSystem, op: TlbOp, *, kernel: str = "6.15", ceiling: int = TLB_SINGLE_PAGE_FLUSH_CEILING
+) -> TlbResult:
     """Run one TLB trace op (from parse_tlb_line) on `system`. Flushes return a FlushDone;
     `touch` the set of possible outcomes of its last access; `speculate` the entries added."""
     run = _APPLY.get(op[0])
@@ -214,55 +225,55 @@ def _cpus(system: TlbSystem, which: int | None) -> tuple[int, ...]:
     return tuple(c.index for c in system.selected(which))
 
 
-def _apply_flush_all(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> FlushDone:
+def _apply_flush_all(system: TlbSystem, op: TlbOp, kernel: str, ceiling: int) -> FlushDone:
     system.flush_all()
     return FlushDone(full=1, cpus=_cpus(system, None))
 
 
-def _apply_kernel_range(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> FlushDone:
+def _apply_kernel_range(system: TlbSystem, op: TlbOp, kernel: str, ceiling: int) -> FlushDone:
     return flush_tlb_kernel_range(system, op[1], op[2], kernel=kernel, ceiling=ceiling)
 
 
-def _apply_flush_local(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> FlushDone:
+def _apply_flush_local(system: TlbSystem, op: TlbOp, kernel: str, ceiling: int) -> FlushDone:
     system.flush_all(op[1])
     return FlushDone(full=1, cpus=_cpus(system, op[1]))
 
 
-def _apply_invlpg(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> FlushDone:
+def _apply_invlpg(system: TlbSystem, op: TlbOp, kernel: str, ceiling: int) -> FlushDone:
     system.invlpg(op[1], op[2])
     return FlushDone(pages=(op[1],), cpus=_cpus(system, op[2]))
 
 
-def _apply_touch(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> frozenset:
+def _apply_touch(system: TlbSystem, op: TlbOp, kernel: str, ceiling: int) -> frozenset[Outcome]:
     _, cpu, addr, n, kind, user = op
-    res: frozenset = frozenset()
+    res: frozenset[Outcome] = frozenset()
     for c in system.selected(cpu):
         for i in range(n):
             res = system.touch(c.index, addr + i * PAGE, Access(kind, user=user))
     return res
 
 
-def _apply_speculate(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> int:
+def _apply_speculate(system: TlbSystem, op: TlbOp, kernel: str, ceiling: int) -> int:
     return system.speculate(op[1], op[2], op[3])
 
 
-def _apply_mov_cr3(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> None:
+def _apply_mov_cr3(system: TlbSystem, op: TlbOp, kernel: str, ceiling: int) -> None:
     for c in system.selected(op[1]):
         c.mov_cr3(op[2])
 
 
-def _apply_mov_cr4(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> None:
+def _apply_mov_cr4(system: TlbSystem, op: TlbOp, kernel: str, ceiling: int) -> None:
     for c in system.selected(op[1]):
         c.mov_cr4(op[2])
 
 
-def _apply_invpcid(system: TlbSystem, op: tuple, kernel: str, ceiling: int) -> None:
+def _apply_invpcid(system: TlbSystem, op: TlbOp, kernel: str, ceiling: int) -> None:
     for c in system.selected(op[1]):
         c.invpcid(op[2], op[3], op[4])
 
 
 # op name -> what it does on a TlbSystem (the names of TLB_OPS, one handler each)
-_APPLY = {
+_APPLY: dict[str, Callable[[TlbSystem, TlbOp, str, int], TlbResult]] = {
     "flush_tlb_all": _apply_flush_all,
     "flush_tlb_kernel_range": _apply_kernel_range,
     "flush_tlb_local": _apply_flush_local,

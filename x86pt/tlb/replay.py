@@ -8,8 +8,8 @@ from typing import Iterable
 from x86pt.errors import BadInputError
 from x86pt.state import PagingState
 from x86pt.tlb.differences import Difference, Window, WindowTracker
-from x86pt.tlb.entries import TLB_FLUSH_ALL, TLB_SINGLE_PAGE_FLUSH_CEILING
-from x86pt.tlb.kernel import FlushDone, apply_tlb_op, flush_tlb_kernel_range
+from x86pt.tlb.entries import TLB_FLUSH_ALL, TableReader, TLB_SINGLE_PAGE_FLUSH_CEILING
+from x86pt.tlb.kernel import FlushDone, TlbOp, TlbResult, apply_tlb_op, flush_tlb_kernel_range
 from x86pt.tlb.system import TlbSystem
 
 
@@ -37,7 +37,7 @@ class TlbReplay:
 
     def __init__(
         self,
-        memory,
+        memory: TableReader,
         state: PagingState,
         ncpus: int = 2,
         *,
@@ -61,13 +61,13 @@ class TlbReplay:
             for s, e in self._ranges:
                 self.system.speculate(None, s, e)
 
-    def begin_op(self, memory, ranges: Iterable[tuple[int, int]] = ()) -> None:
+    def begin_op(self, memory: TableReader, ranges: Iterable[tuple[int, int]] = ()) -> None:
         self.system.memory = memory
         self._ranges = [(s, e) for s, e in ranges if e > s]
         self._fill()
 
     def flush(
-        self, memory, kind: str, start: int = 0, end: int = TLB_FLUSH_ALL, cpu: int | None = None
+        self, memory: TableReader, kind: str, start: int = 0, end: int = TLB_FLUSH_ALL, cpu: int | None = None
     ) -> FlushDone | None:
         """A flush the CPA model issues. kind: "all" (flush_tlb_all: split, collapse, cpa_flush
         over the ceiling, cpa_flush_all), "range" (cpa_flush / flush_tlb_kernel_range [start,
@@ -94,7 +94,7 @@ class TlbReplay:
         self._fill()  # other CPUs may cache the tables as they are now, before the next write
         return done
 
-    def trace_op(self, op: tuple, memory=None):
+    def trace_op(self, op: TlbOp, memory: TableReader | None = None) -> TlbResult:
         """A TLB op from the trace (flushes, touches, speculative fills, CR writes)."""
         if memory is not None:
             self.system.memory = memory
@@ -103,7 +103,7 @@ class TlbReplay:
             self.flushes_done.append(r)
         return r
 
-    def end_op(self, index: int, memory) -> tuple[list[Difference], list[Window]]:
+    def end_op(self, index: int, memory: TableReader) -> tuple[list[Difference], list[Window]]:
         """Differences after op `index` and the windows this op closed."""
         self.system.memory = memory
         # Entries equal to the tables carry nothing the next begin_op's fill would not make

@@ -4,13 +4,28 @@ and speculative fills, flushes on a set of CPUs, and the difference report."""
 
 from __future__ import annotations
 
+from typing import Any
 
 from x86pt.errors import BadInputError
 from x86pt.state import CR4_PCIDE, CR4_PGE, PF_P, PF_PK, PF_RSVD, PagingState
 from x86pt.walk import Access, check_rights, walk
-from x86pt.tlb.differences import Difference, _descend, cpu_differences, merge_differences
-from x86pt.tlb.entries import PAGE, U64, PscEntry, TlbEntry, Use, _error_bits, _Path, _sx, _walk_from
+from x86pt.tlb.differences import DiffMemo, Difference, _descend, cpu_differences, merge_differences
+from x86pt.tlb.entries import (
+    PAGE,
+    U64,
+    PscEntry,
+    TableReader,
+    TlbEntry,
+    Use,
+    _error_bits,
+    _Path,
+    _sx,
+    _walk_from,
+)
 from x86pt.tlb.invalidate import Cpu
+
+# what an access may do: ("ok", physical address) or ("page_fault", error code)
+Outcome = tuple[str, int]
 
 
 # -- N processors over one memory ---------------------------------------------------------------
@@ -19,7 +34,7 @@ class TlbSystem:
     and caches. `memory` may be replaced between operations (a CPA model exports a new image
     after each op); the caches are never told: that is the point."""
 
-    def __init__(self, memory, state: PagingState, ncpus: int = 2) -> None:
+    def __init__(self, memory: TableReader, state: PagingState, ncpus: int = 2) -> None:
         if ncpus < 1:
             raise BadInputError("a TLB model needs at least one CPU")
         self.memory = memory
@@ -80,7 +95,7 @@ class TlbSystem:
             return Use(path.frame + (va & (path.size - 1)), path.size, path.rights, False, path.dirty)
         return Use(None, None, None, path.rsvd)
 
-    def outcomes(self, cpu: int, va: int, access: Access | None = None) -> frozenset[tuple]:
+    def outcomes(self, cpu: int, va: int, access: Access | None = None) -> frozenset[Outcome]:
         """What an access may do now: ("ok", pa) or ("page_fault", error code) per Use, the
         rights decided by the walker's rules under the CPU's current CR0/CR4/PKRU."""
         access = access or Access()
@@ -88,10 +103,11 @@ class TlbSystem:
         return frozenset(self._outcome(c.state, u, access) for u, _ in self._candidates(c, va, access))
 
     @staticmethod
-    def _outcome(st: PagingState, u: Use, access: Access) -> tuple:
+    def _outcome(st: PagingState, u: Use, access: Access) -> Outcome:
         base = _error_bits(st, access)
         if u.pa is None:
             return ("page_fault", base | ((PF_P | PF_RSVD) if u.rsvd else 0))
+        assert u.rights is not None  # a translation (pa set) carries its rights
         denied, key, _ = check_rights(st, u.rights, access)
         if denied:
             return ("page_fault", base | PF_P | (PF_PK if key else 0))
@@ -100,7 +116,7 @@ class TlbSystem:
     # -- fills -------------------------------------------------------------------------------
     def touch(
         self, cpu: int, va: int, access: Access | None = None, *, update_ad: bool = False
-    ) -> frozenset[tuple]:
+    ) -> frozenset[Outcome]:
         """CPU `cpu` makes an access to va. Every walk it may make that allows the access may be
         cached (§4.10.2.3), with D=1 if a write (§4.8) and its upper entries in the
         paging-structure caches (§4.10.3.1). If every way the CPU may translate va faults, the
@@ -112,8 +128,8 @@ class TlbSystem:
         c = self.cpu(cpu)
         va = _sx(c.state, va)
         cands = self._candidates(c, va, access)
-        outs = set()
-        fills = []
+        outs: set[Outcome] = set()
+        fills: list[_Path] = []
         for u, path in cands:
             o = self._outcome(c.state, u, access)
             outs.add(o)
@@ -136,7 +152,7 @@ class TlbSystem:
         check and no fault), and every table-referencing entry above them (§4.10.3.1). One
         descent of the tables per CPU context, each entry read once; one TLB entry per leaf.
         Returns the number of TLB entries made per CPU."""
-        groups: dict[tuple, list[Cpu]] = {}
+        groups: dict[tuple[int, int, int, int, int], list[Cpu]] = {}
         for c in self.selected(cpu):
             groups.setdefault((c.state.root, c.state.cr4, c.state.efer, c.state.m, c.pcid), []).append(c)
         n = 0
@@ -176,7 +192,7 @@ class TlbSystem:
             else:
                 c.mov_cr3(c.state.cr3)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """What each CPU may hold, sorted by address: for a report or a golden file."""
         return {
             "cpus": [
@@ -199,13 +215,13 @@ class TlbSystem:
         afterwards: right for a replay that re-fills every range before changing it
         (TlbReplay with assume="speculate"), wrong for one that relies on `touch` fills."""
         out: list[Difference] = []
-        memo: dict = {}
+        memo: DiffMemo = {}
         for c in self.selected(cpu):
             out.extend(cpu_differences(c, self.memory, memo, prune=prune))
         return merge_differences(out)
 
 
-def _tlb_key(e: TlbEntry) -> tuple:
+def _tlb_key(e: TlbEntry) -> tuple[int, int, int, int, bool, bool, bool, int, bool, bool]:
     return (
         e.page & U64,
         e.size,
@@ -220,5 +236,5 @@ def _tlb_key(e: TlbEntry) -> tuple:
     )
 
 
-def _psc_key(p: PscEntry) -> tuple:
+def _psc_key(p: PscEntry) -> tuple[int, int, int, int, bool, bool, bool]:
     return (p.base & U64, -p.level, p.pcid, p.table, p.writable, p.user, p.xd)
