@@ -6,6 +6,13 @@
     tools/mutate.py x86pt/walk.py --tests tests/test_walk_rules.py
     tools/mutate.py --list                        # the module -> tests table
     tools/mutate.py x86pt/walk.py --update        # rewrite tools/mutants/walk.txt's survivor list
+    tools/mutate.py harness/matrix.py --only 'build_batch' 'Space.*' --update   # some functions only
+
+With --only, only the mutants of the named functions run (a glob on the function name as the list
+writes it, `Space.flags_of`, or on mutmut's mutant name, `harness.matrix.x_build*`), and --update
+replaces only those functions' survivors and score lines in the list: the others are kept, so a big
+module can be worked a group of functions at a time; the module's score is then the sum of the
+per-function lines (`# run FUNC killed/total`).
 
 The working tree is copied (tracked + untracked, not ignored files) into a temporary directory and
 mutmut runs there: files in the checkout are never touched. mutmut 3 mutates inside functions and
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fnmatch
 import json
 import os
 import re
@@ -238,6 +246,100 @@ def confirm(
     return killed
 
 
+def dotted(module: str) -> str:
+    """harness/matrix.py -> harness.matrix (mutmut's prefix of the module's mutant names)."""
+    return module[: -len(".py")].replace("/", ".")
+
+
+def mutant_glob(module: str, func: str) -> str:
+    """The glob of every mutant of `func` ('Class.method' or 'function') in mutmut's names."""
+    cls, _, meth = func.rpartition(".")
+    mangled = f"x\u01c1{cls}\u01c1{meth}" if cls else f"x_{func}"
+    return f"{dotted(module)}.{mangled}__mutmut_*"
+
+
+def only_patterns(module: str, globs: list[str], funcs: list[str]) -> list[str]:
+    """mutmut name globs for --only: a glob on mutmut's names (it starts with the module's dotted
+    name) is kept as is; any other is matched against the function names (`Space.*`, `build_*`)
+    and becomes one exact glob per matching function (so `hi_bit` does not also take `hi_bits`)."""
+    out: list[str] = []
+    for g in globs:
+        if g.startswith(dotted(module) + "."):
+            out.append(g)
+            continue
+        hits = [f for f in funcs if fnmatch.fnmatchcase(f, g)]
+        if not hits:
+            raise ValueError(f"--only {g!r} matches no function of {module}")
+        out += [mutant_glob(module, f) for f in hits]
+    return out
+
+
+def selected(key: str, patterns: list[str] | None) -> bool:
+    return patterns is None or any(key == p or fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+RUN_LINE = re.compile(r"^# run (\S+) (\d+)/(\d+)(?: (.*))?$")
+
+
+def read_runs(path: Path) -> dict[str, tuple[int, int, str]]:
+    """func -> (killed, total, note) from the list's `# run FUNC killed/total note` lines."""
+    out: dict[str, tuple[int, int, str]] = {}
+    if not path.exists():
+        return out
+    for ln in path.read_text().splitlines():
+        m = RUN_LINE.match(ln)
+        if m:
+            out[m.group(1)] = (int(m.group(2)), int(m.group(3)), (m.group(4) or "").strip())
+    return out
+
+
+def _entry_func(line: str) -> str:
+    body = re.sub(r"^\S+:\d+\s+", "", line)
+    return body.partition(" | ")[0].strip()
+
+
+def _entry_line(line: str) -> int:
+    m = re.match(r"^\S+:(\d+)\s", line)
+    return int(m.group(1)) if m else 0
+
+
+def merge_list(
+    old_text: str,
+    module: str,
+    entries: list[str],
+    runs: dict[str, tuple[int, int, str]],
+    ran: set[str] | None,
+    date: str,
+) -> str:
+    """The new text of a survivor list. `entries` are the survivor lines of this run, `runs` its
+    per-function scores, `ran` the functions it covered (None: the whole module). The old list's
+    survivors and score lines of every function not in `ran` are kept (a partial run never drops
+    what it did not look at); the header's score is the sum of the per-function lines."""
+    kept: list[str] = []
+    old_runs: dict[str, tuple[int, int, str]] = {}
+    if ran is not None:
+        for ln in old_text.splitlines():
+            m = RUN_LINE.match(ln)
+            if m:
+                if m.group(1) not in ran:
+                    old_runs[m.group(1)] = (int(m.group(2)), int(m.group(3)), (m.group(4) or "").strip())
+            elif ln.strip() and not ln.startswith("#") and _entry_func(ln) not in ran:
+                kept.append(ln)
+    all_runs = dict(old_runs, **runs)
+    killed = sum(k for k, _, _ in all_runs.values())
+    total = sum(t for _, t, _ in all_runs.values())
+    how = "one run" if ran is None else f"summed over the per-function runs below ({len(all_runs)} functions)"
+    head = [
+        f"# Surviving mutants of {module} (tools/mutate.py {module}); score {killed}/{total} "
+        f"on {date}, {how}.",
+        "# Each line: file:line  function | original => mutated  # why it is "
+        "equivalent (or not worth a test)",
+    ]
+    head += [f"# run {f} {k}/{t} {note}".rstrip() for f, (k, t, note) in sorted(all_runs.items())]
+    body = sorted(kept + entries, key=_entry_line)
+    return "\n".join(head + body) + "\n"
+
+
 def read_list(path: Path) -> dict[str, str]:
     """ident -> justification from a survivor list (lines: `ident  # justification`)."""
     out: dict[str, str] = {}
@@ -298,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rewrite tools/mutants/<module>.txt with the survivors (keeps justifications)",
     )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="GLOB",
+        help="mutate only these functions: globs on the function name (`build_batch`, `Space.*`) "
+        "or on mutmut's mutant name (`harness.matrix.x_build*`); with --update the list keeps "
+        "every other function's survivors and scores",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     ap.add_argument("--list", action="store_true", help="print the module -> tests table")
     ap.add_argument(
@@ -322,6 +432,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{module} has no test selection in the table; pass --tests", file=sys.stderr)
         return 2
     tests = [t for t in tests if (ROOT / t).exists()]
+    defs = func_lines((ROOT / module).read_text())
+    patterns: list[str] | None = None
+    if a.only:
+        try:
+            patterns = only_patterns(module, a.only, list(defs))
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
     mutmut = check_mutmut()
     children = max(1, min(a.max_children, 2))
 
@@ -342,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", X86PT_REQUIRE_ORACLES="")
         t0 = time.time()
         r = subprocess.run(
-            [mutmut, "run", "--max-children", str(children)], cwd=tmp, env=env, capture_output=True, text=True
+            [mutmut, "run", "--max-children", str(children), *(patterns or [])],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         took = time.time() - t0
         meta = tmp / "mutants" / (module + ".meta")
@@ -350,7 +472,12 @@ def main(argv: list[str] | None = None) -> int:
             print(r.stdout[-3000:], r.stderr[-3000:], sep="\n", file=sys.stderr)
             print(f"mutmut produced no results for {module}", file=sys.stderr)
             return 2
-        codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
+        codes: dict[str, int | None] = {
+            k: v for k, v in json.loads(meta.read_text())["exit_code_by_key"].items() if selected(k, patterns)
+        }
+        if not codes:
+            print(f"--only {' '.join(a.only or [])}: no mutant of {module} matched", file=sys.stderr)
+            return 2
         res = subprocess.run(
             [mutmut, "results", "--all", "true"], cwd=tmp, capture_output=True, text=True
         ).stdout
@@ -359,24 +486,31 @@ def main(argv: list[str] | None = None) -> int:
             k, _, s = ln.strip().partition(": ")
             if k in codes:
                 status[k] = s.strip()
-        defs = func_lines((ROOT / module).read_text())
         survivors: list[Survivor] = []
         killed = 0
+        per_func: dict[str, list[int]] = {}  # func -> [killed, total]
         for key in codes:
             st = status.get(key, "?")
+            pf = per_func.setdefault(func_of_key(key), [0, 0])
+            pf[1] += 1
             if st == "killed":
                 killed += 1
+                pf[0] += 1
                 continue
             line, old, new = locate(mutmut, tmp, key, defs)
             survivors.append(Survivor(key, st, line, func_of_key(key), old, new))
         total = len(codes)
         survivors.sort(key=lambda s: (s.line, s.key))
         pct = 100.0 * killed / total if total else 100.0
+        only = f", only {' '.join(a.only)}" if a.only else ""
         print(
             f"{module}: {killed}/{total} killed ({pct:.1f}%), {len(survivors)} not killed, "
-            f"{took:.0f} s, tests: {' '.join(tests)}"
+            f"{took:.0f} s{only}, tests: {' '.join(tests)}"
         )
+        ran = set(per_func) | {f for f in defs if selected(mutant_glob(module, f)[:-1] + "0", patterns)}
         listed = read_list(list_name(module))
+        if a.only:  # the list's other functions were not looked at
+            listed = {k: v for k, v in listed.items() if _parts(k)[0] in ran}
         # each survivor's listed justification, found across reformatting (lookup)
         known = {s.ident: why for s in survivors if (why := lookup(listed, s.ident)) is not None}
         if a.confirm_with:
@@ -404,15 +538,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  (listed but now killed or gone: {g})")
         if a.update:
             LISTS.mkdir(parents=True, exist_ok=True)
-            with open(list_name(module), "w") as fh:
-                fh.write(
-                    f"# Surviving mutants of {module} (tools/mutate.py {module}); score "
-                    f"{killed}/{total} on {time.strftime('%Y-%m-%d')}.\n"
-                    "# Each line: file:line  function | original => mutated  # why it is "
-                    "equivalent (or not worth a test)\n"
-                )
-                for s in survivors:
-                    fh.write(f"{module}:{s.line}  {s.ident}  # {known.get(s.ident, 'TODO')}\n")
+            path = list_name(module)
+            date = time.strftime("%Y-%m-%d")
+            # a partial run's seconds are its own (the function group's), noted per function
+            note = f"{date} ({took:.0f} s for {len(per_func)} functions)" if a.only else date
+            text = merge_list(
+                path.read_text() if path.exists() else "",
+                module,
+                [f"{module}:{s.line}  {s.ident}  # {known.get(s.ident, 'TODO')}" for s in survivors],
+                {f: (k, t, note) for f, (k, t) in per_func.items()},
+                ran if a.only else None,
+                date,
+            )
+            path.write_text(text)
+        runs = read_runs(list_name(module))
+        if a.only and runs:
+            k_all = sum(k for k, _, _ in runs.values())
+            t_all = sum(t for _, t, _ in runs.values())
+            missing = [f for f in defs if f not in runs]
+            print(
+                f"{module} in the list: {k_all}/{t_all} summed over {len(runs)} functions' runs"
+                + (f"; no run recorded for {len(missing)} functions: {' '.join(missing)}" if missing else "")
+            )
         if a.json:
             Path(a.json).write_text(
                 json.dumps(
