@@ -1,17 +1,19 @@
 """Helpers the rig's own oracles share beyond the library's interface (x86pt/oracle.py): the
 capability check of implicit supervisor reads, X86PT_REQUIRE_ORACLES, a fast ProbeResult, and
-the batch loop of the probe-guest oracles (run_batches).
+the batch loop of the probe-guest oracles (ProbeGuestOracle).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory
 from x86pt.oracle import BatchResult, Probe, ProbeResult
+from x86pt.state import PagingState
 
 _new, _set = object.__new__, object.__setattr__
 
@@ -61,24 +63,59 @@ def required_oracles() -> set[str]:
     return {s.strip() for s in os.environ.get("X86PT_REQUIRE_ORACLES", "").split(",") if s.strip()}
 
 
-def run_batches(
-    name: str,
-    memory: SparseMemory,
-    probes: Sequence[Probe],
-    max_probes: int,
-    launch: Callable[[int, SparseMemory, Sequence[Probe]], tuple[list[ProbeResult], SparseMemory]],
-) -> BatchResult:
-    """Run `probes` in order as consecutive launches of at most `max_probes` (one launch for an
-    empty batch), each starting from the image the previous one left, so A/D bits carry over as
-    the rig's conventions ask. `launch(n, image, chunk)` runs the n-th chunk and returns its
-    results and the image after it; `name` is the oracle's, for the error on a non-sparse image."""
-    if not isinstance(memory, SparseMemory):
-        raise BadInputError(f"the {name} oracle takes a SparseMemory image")
-    t0 = time.monotonic()
-    results: list[ProbeResult] = []
-    current = memory
-    chunks = [probes[i : i + max_probes] for i in range(0, len(probes), max_probes)] or [[]]
-    for n, chunk in enumerate(chunks):
-        res, current = launch(n, current, chunk)
-        results.extend(res)
-    return BatchResult(results, current, time.monotonic() - t0)
+class ProbeGuestOracle:
+    """What the oracles that run the probe guest (harness/guest) in an emulator share (QEMU and
+    Bochs): run() splits a batch into consecutive launches of at most `max_probes`, each starting
+    from the image the previous one left, so A/D bits carry over as the rig's conventions ask
+    (one launch for an empty batch); launches are counted and the last one timed.
+
+    A subclass sets name, profile, label (for messages) and max_probes, and implements
+    `_launch(scope, n, image, state, chunk, ram_hook)` -> (results, image after), `scope` being
+    what `_scope()` (a context manager around one run() call, by default none) gave."""
+
+    name: str
+    profile: str
+    label: str
+    max_probes: int
+    launches = 0
+    last_launch_seconds = 0.0
+
+    def close(self) -> None:
+        pass
+
+    def _scope(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def _launch(
+        self,
+        scope: Any,
+        n: int,
+        memory: SparseMemory,
+        state: PagingState,
+        probes: Sequence[Probe],
+        ram_hook: Callable[[Any], None] | None,
+    ) -> tuple[list[ProbeResult], SparseMemory]:
+        raise NotImplementedError
+
+    def run(
+        self,
+        memory: SparseMemory,
+        state: PagingState,
+        probes: Sequence[Probe],
+        *,
+        ram_hook: Callable[[Any], None] | None = None,
+    ) -> BatchResult:
+        """Run `probes` in order on `memory` under `state`. `ram_hook(ram)` (experiments only) may
+        patch the prepared guest RAM before each launch, e.g. the harness's own tables."""
+        if not isinstance(memory, SparseMemory):
+            raise BadInputError(f"the {self.label} oracle takes a SparseMemory image")
+        t0 = time.monotonic()
+        results: list[ProbeResult] = []
+        current = memory
+        size = self.max_probes
+        chunks = [probes[i : i + size] for i in range(0, len(probes), size)] or [[]]
+        with self._scope() as scope:
+            for n, chunk in enumerate(chunks):
+                res, current = self._launch(scope, n, current, state, chunk, ram_hook)
+                results.extend(res)
+        return BatchResult(results, current, time.monotonic() - t0)

@@ -46,12 +46,12 @@ from typing import Callable, Sequence
 
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.memory.sparse import SparseMemory
-from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
+from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, Capabilities, Probe, ProbeResult
 from x86pt.state import PagingState
 
 from harness import guest
 from harness.oracles.capability import capability_image, measured
-from harness.oracles.base import run_batches
+from harness.oracles.base import ProbeGuestOracle
 from harness.process_group import kill_group
 from harness.scratch import ScratchDir
 
@@ -296,13 +296,14 @@ def _xp_pages(pages: Sequence[int]) -> list[str]:
     return [f"xp /512gx {pn * guest.PAGE:#x}" for pn in pages]
 
 
-class BochsOracle:
+class BochsOracle(ProbeGuestOracle):
     """Oracle "bochs" (profile "bochs"): Bochs 2.7 with the probe guest, CPU model tigerlake."""
 
     available = staticmethod(available)
 
     name = "bochs"
     profile = "bochs"
+    label = "Bochs"
     max_probes = MAX_PROBES  # per start; run() splits bigger batches
 
     def __init__(
@@ -319,8 +320,6 @@ class BochsOracle:
         self.cpu = cpu
         self.ram_size = ram_size
         self.timeout = timeout
-        self.launches = 0
-        self.last_launch_seconds = 0.0
         self.keep_log = False  # quit Bochs gracefully so its log is complete (CPUID lines)
         self.last_log = ""  # Bochs' log of the last start
         self.last_pid: int | None = None
@@ -333,35 +332,17 @@ class BochsOracle:
     def capabilities(self) -> Capabilities:
         return discover_capabilities(self.binary, self.cpu, self.ram_size)
 
-    def close(self) -> None:
-        pass
-
     # -- running -----------------------------------------------------------------------------------
-    def run(
-        self,
-        memory: SparseMemory,
-        state: PagingState,
-        probes: Sequence[Probe],
-        *,
-        ram_hook: Callable[[bytearray], None] | None = None,
-    ) -> BatchResult:
-        """Run `probes` in order on `memory` under `state`. `ram_hook(ram)` (experiments only) may
-        patch the prepared guest RAM before each start, e.g. the harness's own tables."""
-        return run_batches(
-            "Bochs",
-            memory,
-            probes,
-            MAX_PROBES,
-            lambda n, image, chunk: self._launch(image, state, chunk, ram_hook),
-        )
-
     def _launch(
         self,
+        scope: None,
+        n: int,
         memory: SparseMemory,
         state: PagingState,
         probes: Sequence[Probe],
         ram_hook: Callable[[bytearray], None] | None = None,
     ) -> tuple[list[ProbeResult], SparseMemory]:
+        """One Bochs start in its own work directory (`scope` and `n` unused: starts share nothing)."""
         ram = bytearray(self.ram_size)
         # A fresh bytearray reads as zeros: prepare_ram need not clear 32 MiB.
         guest.prepare_ram(ram, memory, state, probes, clear=False, ram_size=self.ram_size)

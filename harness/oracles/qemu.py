@@ -34,8 +34,8 @@ from x86pt.memory.sparse import SparseMemory
 from x86pt.state import PagingState, profile_named
 
 from harness import guest
-from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, BatchResult, Capabilities, Probe, ProbeResult
-from harness.oracles.base import run_batches
+from x86pt.oracle import RIG_IMAGE_BASE, RIG_RAM_SIZE, Capabilities, Probe, ProbeResult
+from harness.oracles.base import ProbeGuestOracle
 from harness.oracles.capability import capability_image, fill_frame, measured
 from harness.qemu.monitor import QemuMonitor
 from harness.qemu.process import (
@@ -66,13 +66,14 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-class QemuOracle:
+class QemuOracle(ProbeGuestOracle):
     """Oracle "qemu" (profile "qemu"): QEMU TCG with the probe guest."""
 
     available = staticmethod(available)
 
     name = "qemu"
     profile = "qemu"
+    label = "QEMU"
     max_probes = MAX_PROBES  # per launch; run() splits bigger batches
 
     def __init__(
@@ -95,8 +96,6 @@ class QemuOracle:
             raise BadInputError("the QEMU oracle's RAM must stay below 3 GiB (one RAM range)")
         self.timeout = timeout
         self.extra_args = tuple(extra_args)
-        self.launches = 0
-        self.last_launch_seconds = 0.0
 
     @functools.cached_property
     def version(self) -> str:
@@ -105,41 +104,22 @@ class QemuOracle:
     def capabilities(self) -> Capabilities:
         return discover_capabilities(self.binary, self.cpu)
 
-    def close(self) -> None:
-        pass
-
     # -- running -----------------------------------------------------------------------------------
-    def run(
-        self,
-        memory: SparseMemory,
-        state: PagingState,
-        probes: Sequence[Probe],
-        *,
-        ram_hook: Callable[[mmap.mmap], None] | None = None,
-    ) -> BatchResult:
-        """Run `probes` in order on `memory` under `state`. `ram_hook(ram)` (experiments only) may
-        patch the prepared guest RAM before each launch, e.g. the harness's own tables."""
-        with _Scratch(self.ram_size) as scratch:
-            return run_batches(
-                "QEMU",
-                memory,
-                probes,
-                MAX_PROBES,
-                lambda n, image, chunk: self._launch(scratch, image, state, chunk, ram_hook, clear=n > 0),
-            )
+    def _scope(self) -> "_Scratch":
+        return _Scratch(self.ram_size)
 
     def _launch(
         self,
         scratch: "_Scratch",
+        n: int,
         memory: SparseMemory,
         state: PagingState,
         probes: Sequence[Probe],
         ram_hook: Callable[[mmap.mmap], None] | None = None,
-        clear: bool = False,
     ) -> tuple[list[ProbeResult], SparseMemory]:
-        """One QEMU launch; `clear`: empty the RAM file of the previous launch first."""
+        """Launch n of a run(): QEMU on the RAM file of the run (emptied after launch 0)."""
         ram = scratch.ram
-        if clear:
+        if n:
             ram.clear()
         # A fresh (or cleared) tmpfs file reads as zeros: no need to write 32 MiB of them.
         guest.prepare_ram(ram.map, memory, state, probes, clear=False, ram_size=ram.size)
