@@ -168,3 +168,127 @@ def test_probe_cuts():
 
 def test_module_constants():
     assert (mx.HI_BIT_SHIFT, mx.HI_AT_SHIFT, mx.NR_AC_FLAGS) == (40, 46, 31)
+
+
+# -- group A of the mutation runs (tools/mutate.py harness/matrix.py --only ...): names, features,
+# KUT's enumeration, selection -----------------------------------------------------------------------
+def test_a_second_equals_sign_is_part_of_the_value():
+    # "hi.bit=40=40" is not a bit number, "hi.at=pde=pde" not an entry name: both are rejected whole
+    for text in ("hi.bit=40=40", "hi.at=pde=pde"):
+        with pytest.raises(BadInputError) as e:
+            flags_from_names(text)
+        assert str(e.value).startswith(f"bad {text!r}")
+
+
+def test_names_after_the_hi_fields_are_still_read():
+    assert flags_from_names("hi.at=pdpte pte.rw") == HA | 1
+    assert flags_from_names("hi.bit=40 pte.user") == 40 * HB | 2
+
+
+def test_features_from_capabilities():
+    from x86pt.oracle import Capabilities
+
+    caps = Capabilities(
+        name="t",
+        vendor="amd",
+        maxphyaddr=43,
+        gbpages=False,
+        la57=True,
+        pku=False,
+        smep=False,
+        smap=True,
+        implicit_cpl0=True,
+        implicit_cpl3=False,
+        ram_size=1 << 26,
+    )
+    assert MatrixFeatures.from_caps(caps) == MatrixFeatures(
+        maxphyaddr=43,
+        pku=False,
+        smep=False,
+        smap=True,
+        gbpages=False,
+        la57=True,
+        fep=False,
+        vendor="amd",
+        ram_size=1 << 26,
+        implicit_cpl0=True,
+        implicit_cpl3=False,
+    )
+    caps2 = Capabilities(
+        name="t",
+        vendor="intel",
+        maxphyaddr=40,
+        gbpages=True,
+        la57=False,
+        pku=True,
+        smep=True,
+        smap=False,
+        implicit_cpl0=False,
+        implicit_cpl3=True,
+    )
+    f2 = MatrixFeatures.from_caps(caps2)
+    assert (f2.implicit_cpl0, f2.implicit_cpl3, f2.smap, f2.pku, f2.gbpages, f2.la57) == (
+        False,
+        True,
+        False,
+        True,
+        True,
+        False,
+    )
+
+    # an oracle's Capabilities without the implicit fields (an older plugin): no implicit cases
+    class Old:
+        name, vendor, maxphyaddr, gbpages, la57, pku, smep, smap = (
+            "o",
+            "intel",
+            40,
+            True,
+            True,
+            True,
+            True,
+            True,
+        )
+        ram_size = 1 << 27
+
+    f3 = MatrixFeatures.from_caps(Old())  # type: ignore[arg-type]
+    assert (f3.implicit_cpl0, f3.implicit_cpl3) == (False, False)
+
+
+def test_features_from_a_profile():
+    from x86pt.state import Features, Profile
+
+    p = Profile(
+        name="t",
+        vendor="amd",
+        maxphyaddr=39,
+        features=Features(gbpages=False, la57=True, pku=False, smep=False, smap=True),
+    )
+    assert MatrixFeatures.from_profile(p) == MatrixFeatures(
+        maxphyaddr=39, pku=False, smep=False, smap=True, gbpages=False, la57=True, vendor="amd"
+    )
+    q = Profile(name="q", features=Features(gbpages=True, la57=False, pku=True, smep=True, smap=False))
+    fq = MatrixFeatures.from_profile(q, maxphyaddr=45)
+    assert (fq.maxphyaddr, fq.gbpages, fq.la57, fq.pku, fq.smep, fq.smap, fq.vendor) == (
+        45,
+        True,
+        False,
+        True,
+        True,
+        False,
+        "intel",
+    )
+
+
+def test_bump_enumeration_starts_like_kut():
+    """KUT's first cases with M = 40 and no PKU: every value of the low 7 flags (pte.rw .. pte.51)
+    except NX together with bit 51 (two reserved bits: NX is reserved without efer.nx); pte.36
+    (bit 7) is never toggled for M >= 37, so after 127 comes 256 (pde.rw)."""
+    import itertools
+
+    want = [x for x in range(128) if x & 0x50 != 0x50] + [256]
+    got = list(itertools.islice(mx.bump_enumerate(MatrixFeatures(maxphyaddr=40, pku=False)), len(want)))
+    assert got == want
+
+
+def test_select_default_seed_is_zero():
+    assert select(1000, sample=30)[0].tolist() == select(1000, sample=30, seed=0)[0].tolist()
