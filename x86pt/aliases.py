@@ -8,12 +8,16 @@ import numpy as np
 
 from x86pt.coalesce import present_only
 from x86pt.limits import DEFAULT_MAX_ENTRIES
+from x86pt.memory.base import PhysicalMemory
 from x86pt.scan import SHIFT, U64, Scanner
+from x86pt.state import PagingState
 
 
-def find_aliases(state, memory, pa: int, max_entries: int = DEFAULT_MAX_ENTRIES):
+def find_aliases(
+    state: PagingState, memory: PhysicalMemory, pa: int, max_entries: int = DEFAULT_MAX_ENTRIES
+) -> tuple[list[tuple[int, int, int, int, int]], Scanner]:
     """Every (va, level, raw, eff) whose leaf maps physical address `pa`."""
-    hits = []
+    hits: list[tuple[int, int, int, int, int]] = []
     p = U64(pa)
     sc = Scanner(state, memory, max_entries=max_entries)
     for ch in present_only(sc.chunks()):

@@ -9,13 +9,26 @@ does not explain faults; use `walk` for that.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from x86pt.errors import PhysicalAddressError
 from x86pt.fields import BIT_P, BIT_PS, BIT_RW, BIT_US, BIT_XD, PK_MASK, PK_SHIFT
-from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState, rsvd_mask
+from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState, Profile, rsvd_mask
+
+if TYPE_CHECKING:
+    from x86pt.fields import Level
+    from x86pt.memory.sparse import SparseMemory
+
+
+class QwordGather(Protocol):
+    """What the batch walk reads tables through: any x86pt.memory image (MemoryBase), or the
+    snapshot a SparseMemory's gather_view gives."""
+
+    def gather_u64(self, pas: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 OK, PAGE_FAULT, GENERAL_PROTECTION = 0, 1, 2
 OUTCOME_NAMES = ("ok", "page_fault", "general_protection")
@@ -66,7 +79,13 @@ class _Probes:
 
 
 def translate_batch(
-    state: PagingState, memory, vas, access="read", user=False, ac=False, implicit=False
+    state: PagingState,
+    memory: QwordGather,
+    vas: npt.ArrayLike,
+    access: str | npt.ArrayLike = "read",
+    user: npt.ArrayLike = False,
+    ac: npt.ArrayLike = False,
+    implicit: npt.ArrayLike = False,
 ) -> BatchTranslation:
     """Translate many VAs at once. `access` is 'read'|'write'|'fetch' or an array of codes
     (0 read, 1 write, 2 fetch); `user`, `ac`, `implicit` are bools or bool arrays.
@@ -86,7 +105,14 @@ def translate_batch(
     return BatchTranslation(p.outcome, p.pa, p.size, p.err, p.level)
 
 
-def _probes(state: PagingState, vas, access, user, ac, implicit) -> _Probes:
+def _probes(
+    state: PagingState,
+    vas: npt.ArrayLike,
+    access: str | npt.ArrayLike,
+    user: npt.ArrayLike,
+    ac: npt.ArrayLike,
+    implicit: npt.ArrayLike,
+) -> _Probes:
     vas = np.asarray(vas, dtype=U64)
     n = len(vas)
     if isinstance(access, str):
@@ -129,7 +155,7 @@ def _before_the_walk(state: PagingState, p: _Probes) -> np.ndarray:
     """The canonical check (SDM §3.3.7.1: #GP(0), nothing read) and the profile's CPL3 blind
     ranges (#PF without a walk). Returns which probes walk."""
     top = p.vas >> U64(state.va_bits - 1)
-    canon = (top == 0) | (top == _u((1 << (65 - state.va_bits)) - 1))
+    canon: np.ndarray = (top == 0) | (top == _u((1 << (65 - state.va_bits)) - 1))
     p.outcome[~canon] = GENERAL_PROTECTION
     for start, end in state.profile.cpl3_blind_ranges:
         blind = canon & p.user_acc & (p.vas >= _u(start)) & (p.vas < _u(end))
@@ -141,7 +167,11 @@ def _before_the_walk(state: PagingState, p: _Probes) -> np.ndarray:
 
 
 def _walk_levels(
-    state: PagingState, memory, p: _Probes, active: np.ndarray, trace: list[tuple[Any, ...]] | None = None
+    state: PagingState,
+    memory: QwordGather,
+    p: _Probes,
+    active: np.ndarray,
+    trace: list[tuple[Any, ...]] | None = None,
 ) -> None:
     """The walk from CR3 down, one level at a time over the probes still walking (`active`):
     a not-present or reserved entry ends a probe's walk with a #PF; a leaf ends it with a
@@ -199,7 +229,9 @@ def _walk_levels(
         active = active[cont]
 
 
-def _read_entries(memory, prof, lv, va: np.ndarray, table: np.ndarray) -> np.ndarray:
+def _read_entries(
+    memory: QwordGather, prof: Profile, lv: Level, va: np.ndarray, table: np.ndarray
+) -> np.ndarray:
     """The entries of level `lv` the probes `va` use, from their tables; an entry outside the
     image reads as the profile says (zeros, ones) or is an error."""
     e_addr = table | (((va >> U64(lv.shift)) & U64(0x1FF)) << U64(3))
@@ -282,7 +314,16 @@ class NotBatchable(Exception):
     write outside the image."""
 
 
-def model_batch(state: PagingState, memory, vas, access, user, ac, implicit, wvalues) -> ModelBatch:
+def model_batch(
+    state: PagingState,
+    memory: SparseMemory,
+    vas: npt.ArrayLike,
+    access: str | npt.ArrayLike,
+    user: npt.ArrayLike,
+    ac: npt.ArrayLike,
+    implicit: npt.ArrayLike,
+    wvalues: npt.ArrayLike,
+) -> ModelBatch:
     """compare.model_run over arrays: every probe walked with A/D updates, in order, on a copy of
     `memory` (a SparseMemory). The A/D writes are ORs of bits no walk decides on (SDM §4.8), so
     their order does not matter; a write probe's value goes in last, which is the same as in order
@@ -351,7 +392,7 @@ def model_batch(state: PagingState, memory, vas, access, user, ac, implicit, wva
     return ModelBatch(BatchTranslation(p.outcome, p.pa, p.size, p.err, p.level), after, entry_addrs)
 
 
-def _or_into(memory, addrs: np.ndarray, bits: np.ndarray) -> None:
+def _or_into(memory: SparseMemory, addrs: np.ndarray, bits: np.ndarray) -> None:
     """OR `bits` into the qwords at `addrs` (8-aligned entry addresses) of a SparseMemory."""
     if not len(addrs):
         return

@@ -5,7 +5,8 @@ bit constants."""
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
 
 from x86pt.errors import BadInputError, BudgetError
 from x86pt.fields import (
@@ -24,7 +25,7 @@ from x86pt.fields import (
     levels_for,
     masks_for,
 )
-from x86pt.memory.base import PAGE
+from x86pt.memory.base import PAGE, MemoryBase
 from x86pt.memory.sparse import SparseMemory
 from x86pt.numbers import parse_int, parse_size
 from x86pt.state import (
@@ -67,7 +68,9 @@ FLAG_WORDS = {
 }
 
 
-def parse_flags(spec: str | int | dict | None, default: dict[str, int] | None = None) -> dict[str, int]:
+def parse_flags(
+    spec: str | int | dict[str, Any] | None, default: dict[str, int] | None = None
+) -> dict[str, int]:
     """Flags as users write them: 'rw us nx g', a dict, or an int of raw low bits (+bit 63)."""
     out = dict(default or {})
     if spec is None:
@@ -132,18 +135,18 @@ class Builder:
     `table_flags` (default P|RW|US: permissive, so the leaf decides, as Linux's _PAGE_TABLE).
     """
 
-    memory: SparseMemory | None = None
+    memory: SparseMemory = field(default_factory=SparseMemory)
     levels: int = 4
     maxphyaddr: int = 52
     vendor: str = "intel"
     table_base: int = 0x100000
     table_limit: int | None = None
-    table_flags: str | dict | None = "p rw us a"
+    table_flags: str | dict[str, int] | None = "p rw us a"
     max_entries: int = DEFAULT_MAX_BUILD_ENTRIES
 
     def __post_init__(self) -> None:
         self.entries_written = 0
-        if self.memory is None:
+        if self.memory is None:  # memory=None given: a new memory, as the default
             self.memory = SparseMemory()
         self._levels = levels_for(self.levels)
         self._next = self.table_base
@@ -162,6 +165,12 @@ class Builder:
         return pa
 
     # -- entries ---------------------------------------------------------------------------------
+    @overload
+    def entry_address(self, va: int, level: int, create: Literal[True] = True) -> int: ...
+
+    @overload
+    def entry_address(self, va: int, level: int, create: bool) -> int | None: ...
+
     def entry_address(self, va: int, level: int, create: bool = True) -> int | None:
         """Address of the entry of `level` (5..1) for `va`, creating tables above it if asked."""
         table = self.root
@@ -196,7 +205,7 @@ class Builder:
         pa: int,
         size: int,
         page_size: int = PAGE,
-        flags: str | dict | None = "rw",
+        flags: str | dict[str, int] | None = "rw",
         *,
         pk: int = 0,
     ) -> None:
@@ -233,6 +242,7 @@ class Builder:
         level = PAGE_SIZES[page_size]
         lv = LEVELS[level]
         kind = lv.leaf_kind if level > 1 else Kind.PTE
+        assert kind is not None  # a 2M or 1G page: PDE and PDPTE have a leaf kind
         fl = parse_flags(flags)
         if pk:
             fl["pk"] = pk
@@ -292,7 +302,7 @@ class Builder:
 MAX_DATA_BYTES = 1 << 24  # one [[data]] block
 
 
-def _section(doc: dict, name: str, source: str, keys: set[str]) -> dict:
+def _section(doc: dict[str, Any], name: str, source: str, keys: set[str]) -> dict[str, Any]:
     sec = doc.get(name, {})
     if not isinstance(sec, dict):
         raise BadInputError(f"{source}: [{name}] must be a table")
@@ -300,14 +310,14 @@ def _section(doc: dict, name: str, source: str, keys: set[str]) -> dict:
     return sec
 
 
-def _array(doc: dict, name: str, source: str) -> list[dict]:
+def _array(doc: dict[str, Any], name: str, source: str) -> list[dict[str, Any]]:
     arr = doc.get(name, [])
     if not isinstance(arr, list) or not all(isinstance(x, dict) for x in arr):
         raise BadInputError(f"{source}: {name} must be an array of tables ([[{name}]])")
     return arr
 
 
-def _keys(d: dict, where: str, known: set[str], required: set[str]) -> None:
+def _keys(d: dict[str, Any], where: str, known: set[str], required: set[str]) -> None:
     extra = sorted(set(d) - known)
     if extra:
         raise BadInputError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
@@ -316,20 +326,20 @@ def _keys(d: dict, where: str, known: set[str], required: set[str]) -> None:
         raise BadInputError(f"{where}: missing key {missing[0]!r}")
 
 
-def _scalar(v, what: str):
+def _scalar(v: object, what: str) -> int | str:
     """A number as TOML gives it: an integer or a string (decimal, 0x-hex, size suffix)."""
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise BadInputError(f"{what}: expected a number or a string, not {type(v).__name__}")
     return v
 
 
-def _text(v, what: str) -> str:
+def _text(v: object, what: str) -> str:
     if not isinstance(v, str):
         raise BadInputError(f"{what}: expected a string, not {type(v).__name__}")
     return v
 
 
-def _cr4_la57(v, source: str) -> bool:
+def _cr4_la57(v: object, source: str) -> bool:
     return bool(parse_int(_scalar(v, f"{source}: registers.cr4"), f"{source}: registers.cr4") & CR4_LA57)
 
 
@@ -480,7 +490,9 @@ def build_from_spec(
     return b.memory, st
 
 
-def split_2m(memory, state: PagingState, va: int, table_pa: int, ro_pages: range = range(0)) -> None:
+def split_2m(
+    memory: MemoryBase, state: PagingState, va: int, table_pa: int, ro_pages: range = range(0)
+) -> None:
     """Replace the 2M leaf mapping `va` by a PT at `table_pa` with 512 PTEs of the same frames
     and flags (what Linux's split_large_page() does: PS dropped, the PAT bit moved from bit 12
     to bit 7), then clear RW on `ro_pages` (indices). The PDE then points at the PT with

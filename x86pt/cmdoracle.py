@@ -55,10 +55,10 @@ _SCHEMA_FILE = os.path.join(os.path.dirname(__file__), "data", "oracle-protocol.
 
 
 # -- the schema and a small validator ---------------------------------------------------------------
-_schema_cache: dict | None = None
+_schema_cache: dict[str, Any] | None = None
 
 
-def schema() -> dict:
+def schema() -> dict[str, Any]:
     """The protocol's JSON Schema (docs/oracle-protocol.schema.json)."""
     global _schema_cache
     if _schema_cache is None:
@@ -68,7 +68,7 @@ def schema() -> dict:
 
 
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-_pattern_cache: dict[str, re.Pattern] = {}
+_pattern_cache: dict[str, re.Pattern[str]] = {}
 
 
 def _type_ok(v: Any, t: str) -> bool:
@@ -88,7 +88,7 @@ def check(value: Any, definition: str) -> str | None:
     return _check(value, s["$defs"][definition], s, "$")
 
 
-def _check(v: Any, sch: dict, root: dict, at: str) -> str | None:
+def _check(v: Any, sch: dict[str, Any], root: dict[str, Any], at: str) -> str | None:
     ref = sch.get("$ref")
     if ref is not None:
         return _check(v, root["$defs"][ref.rsplit("/", 1)[1]], root, at)
@@ -96,7 +96,7 @@ def _check(v: Any, sch: dict, root: dict, at: str) -> str | None:
     if alts is not None:
         errs = [_check(v, a, root, at) for a in alts]
         if all(errs):
-            return f"at {at}: {_short(v)} matches none of the allowed forms ({'; '.join(e.split(': ', 1)[1] for e in errs)})"
+            return f"at {at}: {_short(v)} matches none of the allowed forms ({'; '.join(e.split(': ', 1)[1] for e in errs if e)})"
         return None
     if "const" in sch and not (v == sch["const"] and type(v) is type(sch["const"])):
         return f"at {at}: expected {json.dumps(sch['const'])}, got {_short(v)}"
@@ -180,7 +180,7 @@ def _result_ok(d: Any) -> bool:
     return True
 
 
-def _hex_rx() -> re.Pattern:
+def _hex_rx() -> re.Pattern[str]:
     pat = schema()["$defs"]["u64"]["anyOf"][1]["pattern"]
     return _pattern_cache.get(pat) or _pattern_cache.setdefault(pat, re.compile(pat))
 
@@ -197,7 +197,7 @@ def _u64(v: Any) -> int | None:
 
 
 # -- what x86pt writes -----------------------------------------------------------------------------
-def probe_json(p: Probe) -> dict:
+def probe_json(p: Probe) -> dict[str, Any]:
     """One probe line: docs/formats.md §2.1 plus wvalue (the value a write stores)."""
     d = {"va": hex(p.va), "access": p.access, "user": p.user, "ac": p.ac}
     if p.implicit:
@@ -207,22 +207,24 @@ def probe_json(p: Probe) -> dict:
     return d
 
 
-def probe_from_json(d: dict) -> Probe:
+def probe_from_json(d: dict[str, Any]) -> Probe:
     """A probe line back (the adapter side); BadInputError when it violates the schema."""
     err = check(d, "probe")
     if err:
         raise BadInputError(f"bad probe line: {err}")
+    va, wvalue = _u64(d["va"]), _u64(d.get("wvalue", 0))
+    assert va is not None and wvalue is not None  # the schema: both are u64 (never null)
     return Probe(
-        _u64(d["va"]),
+        va,
         d["access"],
         d.get("user", False),
         d.get("ac", False),
-        _u64(d.get("wvalue", 0)),
+        wvalue,
         d.get("implicit", False),
     )
 
 
-def result_json(r: ProbeResult) -> dict:
+def result_json(r: ProbeResult) -> dict[str, Any]:
     """One result line (the adapter side)."""
     return {
         "outcome": r.outcome,
@@ -235,7 +237,7 @@ def result_json(r: ProbeResult) -> dict:
     }
 
 
-def result_from_json(d: dict) -> ProbeResult:
+def result_from_json(d: dict[str, Any]) -> ProbeResult:
     return ProbeResult(
         d["outcome"],
         d.get("error_code"),
@@ -253,7 +255,7 @@ def write_case(
     state: PagingState,
     probes: Sequence[Probe],
     image_format: str = "elf",
-) -> dict:
+) -> dict[str, Any]:
     """Write a batch into `case_dir` (case.json, the image, probes.jsonl); returns the case dict."""
     from x86pt.memory import write_image
 
@@ -281,7 +283,7 @@ def write_case(
     return case
 
 
-def read_case(case_dir: str) -> tuple[dict, SparseMemory, PagingState, list[Probe]]:
+def read_case(case_dir: str) -> tuple[dict[str, Any], SparseMemory, PagingState, list[Probe]]:
     """The adapter side of write_case: (case dict, memory, state, probes). BadInputError on
     anything that is not a protocol-1 case."""
     from x86pt.memory import open_memory
@@ -398,7 +400,7 @@ class CmdOracle:
         self.memory_after: bool = bool(caps.get("memory_after", False))
         self.image_format: str = caps.get("image_format", "elf")
         self.serve: bool = bool(caps.get("serve", False))
-        self._server: subprocess.Popen | None = None
+        self._server: subprocess.Popen[bytes] | None = None
         self._server_dir: str | None = None
         self._buf = b""
         notes = tuple(caps.get("notes", ()))
@@ -463,12 +465,13 @@ class CmdOracle:
             raise OracleError(f"{self.name}: {what} {how}{self._stderr(err_path)}")
         return out_path, err_path
 
-    def _wait(self, proc: subprocess.Popen, timeout: float | None = None) -> int | None:
+    def _wait(self, proc: subprocess.Popen[bytes], timeout: float | None = None) -> int | None:
         """Wait for the program; kill its whole process group when it ends or times out (the
         leader is left a zombie until the group is killed, so its group id cannot be reused)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         pause = 0.0005
         timed_out = False
+        info: os.waitid_result | bool | None
         try:
             while True:
                 try:
@@ -495,7 +498,7 @@ class CmdOracle:
         tail = _tail(err_path)
         return f"; stderr: {tail}" if tail else "; stderr empty"
 
-    def _capabilities(self) -> dict:
+    def _capabilities(self) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="x86pt-cmd-") as work:
             try:
                 out_path, err_path = self._call(["capabilities"], work, "capabilities")
@@ -534,7 +537,8 @@ class CmdOracle:
             profile_named(caps["profile"])
         except BadInputError as e:
             raise OracleUnavailable(f"{self.name}: capabilities: {e}") from None
-        return caps
+        out: dict[str, Any] = caps  # a JSON object: the schema check above
+        return out
 
     # -- the Oracle protocol ----------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
@@ -620,7 +624,10 @@ class CmdOracle:
         line on stdout; returns the path of its stderr file."""
         if self._server is None:
             self._serve_start()
-        proc, err_path = self._server, os.path.join(self._server_dir, "stderr")
+        proc, server_dir = self._server, self._server_dir
+        # _serve_start made both, the program's stdin and stdout pipes
+        assert proc is not None and server_dir is not None and proc.stdin and proc.stdout
+        err_path = os.path.join(server_dir, "stderr")
         try:
             proc.stdin.write(work.encode() + b"\n")
             proc.stdin.flush()
@@ -699,6 +706,7 @@ class CmdOracle:
         self._server = None
         status = None
         if proc is not None:
+            assert proc.stdin and proc.stdout  # _serve_start opened both pipes
             try:
                 proc.stdin.close()
             except OSError:
@@ -723,7 +731,7 @@ class CmdOracle:
     def __enter__(self) -> "CmdOracle":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -8,6 +8,7 @@ through `demo_section(ctx)` in their cli module.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -101,7 +102,7 @@ class DemoContext:
         self.failures.append(f"{section}: {message}")
 
 
-def run_demo(args) -> int:
+def run_demo(args: argparse.Namespace) -> int:
     from x86pt.memory import write_image
     from x86pt.plugins import command_modules
     from x86pt.describe import render_result, result_json

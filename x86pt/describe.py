@@ -4,13 +4,14 @@ pyelftools' descriptions.py). They never read memory."""
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from x86pt.fields import BIT_P, LEVELS, PK_MASK, PK_SHIFT, Kind, Role, decode_fast, fields_for
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # x86pt.state and x86pt.walk load on first use: `x86pt decode` needs neither
     from x86pt.state import PagingState
-    from x86pt.walk import Result
+    from x86pt.walk import Result, Step
 
 # The order flags are printed in: the low attribute bits, then PS, G, PAT, XD.
 _FLAG_ORDER = ("p", "rw", "us", "pwt", "pcd", "a", "d", "ps", "g", "pat", "xd")
@@ -18,14 +19,14 @@ _FLAG_ORDER = ("p", "rw", "us", "pwt", "pcd", "a", "d", "ps", "g", "pat", "xd")
 
 def decode_entry(
     raw: int, kind: Kind, maxphyaddr: int = 52, vendor: str = "intel", state: PagingState | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Every field of the entry, with its bits, role and value; reserved bits that are set are
     listed (with `state`, the walk-time rules — XD without NXE, PS without 1G pages — too)."""
-    fields = []
+    fields: list[dict[str, Any]] = []
     flagged = 0
     for f in fields_for(kind, maxphyaddr, vendor):
         v = f.get(raw)
-        item = {
+        item: dict[str, Any] = {
             "name": f.name,
             "bits": f"{f.hi}:{f.lo}" if f.hi != f.lo else str(f.lo),
             "role": f.role.value,
@@ -79,7 +80,7 @@ def leaf_flags(raw: int, level: int) -> str:
     return entry_flags(raw, lv.leaf_kind or lv.table_kind, lower=True, pkey=False)
 
 
-def render_decode(d: dict) -> str:
+def render_decode(d: dict[str, Any]) -> str:
     lines = [f"{d['name']}  {d['raw']}" + ("" if d["present"] else "  (not present: bits 63:1 ignored)")]
     for f in d["fields"]:
         mark = ""
@@ -114,10 +115,10 @@ def error_code_names(code: int) -> str:
     return "|".join(names) if names else "0"
 
 
-def result_json(r: Result) -> dict:
+def result_json(r: Result) -> dict[str, Any]:
     from x86pt.walk import PageFault, Translation
 
-    base = {"va": hex(r.va), "outcome": r.outcome}
+    base: dict[str, Any] = {"va": hex(r.va), "outcome": r.outcome}
     if isinstance(r, Translation):
         base.update(
             pa=hex(r.pa),
@@ -149,7 +150,7 @@ def result_json(r: Result) -> dict:
     return base
 
 
-def describe_step(step, state: PagingState | None = None, va: int | None = None) -> str:
+def describe_step(step: Step, state: PagingState | None = None, va: int | None = None) -> str:
     """One walk step on one line: table[index] @ entry address = raw, kind, target, flags, notes."""
     from x86pt.fields import masks_for
 

@@ -12,10 +12,13 @@ PAT, G, PK, and whether a reserved bit makes the translation fault.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from x86pt.coalesce import Runs, coalesce, collect, present_only
 from x86pt.fields import BIT_G, BIT_PAT_4K, BIT_PAT_LARGE, BIT_PWT, PK_MASK, PK_SHIFT
+from x86pt.memory.base import PhysicalMemory
 from x86pt.scan import EFF_NX, EFF_RSVD, EFF_RW, EFF_US, U64, Chunk, Scanner
 from x86pt.state import PagingState
 from x86pt.walk import rights_letters
@@ -38,13 +41,14 @@ def attr_key(ch: Chunk, nxe: bool = True) -> np.ndarray:
     eff = ch.eff.astype(U64) & U64(EFF_RW | EFF_US | EFF_RSVD | (EFF_NX if nxe else 0))
     raw = ch.raw
     pat = np.where(ch.level == 1, (raw >> U64(_PAT_4K)) & U64(1), (raw >> U64(_PAT_LARGE)) & U64(1))
-    return (
+    key: np.ndarray = (
         eff
         | (((raw >> U64(_PWT)) & U64(3)) << U64(4))
         | (pat << U64(6))  # PWT, PCD adjacent
         | (((raw >> U64(_G)) & U64(1)) << U64(7))
         | (((raw & U64(PK_MASK)) >> U64(PK_SHIFT)) << U64(8))
     )
+    return key
 
 
 def attr_text(key: int) -> str:
@@ -57,7 +61,7 @@ def attr_text(key: int) -> str:
     return s + (" " + ",".join(extra) if extra else "")
 
 
-def translation_runs(state: PagingState, memory, **scan_kw) -> tuple[Runs, Scanner]:
+def translation_runs(state: PagingState, memory: PhysicalMemory, **scan_kw: Any) -> tuple[Runs, Scanner]:
     sc = Scanner(state, memory, **scan_kw)
     runs = collect(coalesce(present_only(sc.chunks()), key=lambda c: attr_key(c, state.nxe), phys=True))
     return runs, sc
@@ -81,11 +85,14 @@ class Piece:
         c = CATEGORY[self.category]
         head = f"{c:<14}0x{self.start:016x}-0x{self.end:016x} {self.size:>#14x}"
         if self.category == ADDED:
+            assert self.key_b is not None  # only B maps the piece
             return f"{head}  pa {self.pa_b:#x} {attr_text(self.key_b)}"
+        assert self.key_a is not None  # A maps every other piece
         if self.category == REMOVED:
             return f"{head}  pa {self.pa_a:#x} {attr_text(self.key_a)}"
         if self.category == IDENTICAL:
             return f"{head}  pa {self.pa_a:#x} {attr_text(self.key_a)}"
+        assert self.key_b is not None  # a change: B maps it too
         parts = []
         if self.category in (FRAME, BOTH):
             parts.append(f"pa {self.pa_a:#x} -> {self.pa_b:#x}")
@@ -97,8 +104,10 @@ class Piece:
             parts.append(attr_text(self.key_a))
         return f"{head}  " + "  ".join(parts)
 
-    def to_json(self) -> dict:
-        h = lambda v: None if v is None else hex(v)
+    def to_json(self) -> dict[str, Any]:
+        def h(v: int | None) -> str | None:
+            return None if v is None else hex(v)
+
         return {
             "change": CATEGORY[self.category],
             "start": f"{self.start:#018x}",
@@ -163,8 +172,8 @@ def diff_runs(a: Runs, b: Runs) -> list[Piece]:
                 and p.key_b == kb_i
                 and (p.pa_a is None) == (pa_ai is None)
                 and (p.pa_b is None) == (pa_bi is None)
-                and (pa_ai is None or p.pa_a + d == pa_ai)
-                and (pa_bi is None or p.pa_b + d == pa_bi)
+                and (pa_ai is None or p.pa_a is not None and p.pa_a + d == pa_ai)
+                and (pa_bi is None or p.pa_b is not None and p.pa_b + d == pa_bi)
             ):
                 out[-1] = Piece(p.start, e, c, p.pa_a, p.pa_b, p.key_a, p.key_b)
                 continue
@@ -193,7 +202,10 @@ class DiffResult:
     def render(self, show_identical: bool = False) -> str:
         lines = [p.render() + "\n" for p in self.pieces if show_identical or p.category != IDENTICAL]
         summ = self.summary()
-        sizes = lambda d: " ".join(f"{lbl}:{d.get(l, 0)}" for l, lbl in ((1, "4K"), (2, "2M"), (3, "1G")))
+
+        def sizes(d: dict[int, int]) -> str:
+            return " ".join(f"{lbl}:{d.get(l, 0)}" for l, lbl in ((1, "4K"), (2, "2M"), (3, "1G")))
+
         lines.append(
             "summary: "
             + ", ".join(f"{k} {v:#x} bytes" for k, v in sorted(summ.items()))
@@ -210,7 +222,9 @@ class DiffResult:
         return "".join(lines)
 
 
-def diff_images(state_a: PagingState, mem_a, state_b: PagingState, mem_b, **scan_kw) -> DiffResult:
+def diff_images(
+    state_a: PagingState, mem_a: PhysicalMemory, state_b: PagingState, mem_b: PhysicalMemory, **scan_kw: Any
+) -> DiffResult:
     ra, sa = translation_runs(state_a, mem_a, **scan_kw)
     rb, sb = translation_runs(state_b, mem_b, **scan_kw)
     return DiffResult(

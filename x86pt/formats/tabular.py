@@ -8,14 +8,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from x86pt.coalesce import coalesce, present_only
 from x86pt.describe import leaf_flags
 from x86pt.fields import BIT_P, PK_MASK, PK_SHIFT
-from x86pt.scan import EFF_LOOP, EFF_NX, EFF_RSVD, EFF_RW, EFF_US, SHIFT, U64, Chunk
+from x86pt.scan import EFF_LOOP, EFF_NX, EFF_RSVD, EFF_RW, EFF_US, SHIFT, U64, Chunk, Issue
+
+# one output row: COLUMNS' values (hex strings, numbers, flags)
+Row = dict[str, str | int | bool]
 
 COLUMNS = (
     "va",
@@ -39,10 +42,11 @@ def _key(ch: Chunk) -> np.ndarray:
     """Own non-frame bits (bits 51:frame are zero after masking, so eff and level fit at 32+)."""
     size = U64(1) << SHIFT[ch.level]
     own = ch.raw & ~(U64((1 << 52) - 1) & ~(size - U64(1)))
-    return own | (ch.eff.astype(U64) << U64(32)) | (ch.level.astype(U64) << U64(40))
+    key: np.ndarray = own | (ch.eff.astype(U64) << U64(32)) | (ch.level.astype(U64) << U64(40))
+    return key
 
 
-def rows(chunks: Iterable[Chunk], *, coalesce_mode: str = "phys", nxe: bool = True) -> Iterator[dict]:
+def rows(chunks: Iterable[Chunk], *, coalesce_mode: str = "phys", nxe: bool = True) -> Iterator[Row]:
     chunks = present_only(chunks)
     if coalesce_mode == "none":
         for ch in chunks:
@@ -71,7 +75,7 @@ def rows(chunks: Iterable[Chunk], *, coalesce_mode: str = "phys", nxe: bool = Tr
             )
 
 
-def _row(va: int, size: int, pa: int, level: int, raw: int, eff: int, entries: int, nxe: bool) -> dict:
+def _row(va: int, size: int, pa: int, level: int, raw: int, eff: int, entries: int, nxe: bool) -> Row:
     return {
         "va": f"{va:#018x}",
         "end": f"{(va + size) & ((1 << 64) - 1):#018x}",
@@ -91,7 +95,11 @@ def _row(va: int, size: int, pa: int, level: int, raw: int, eff: int, entries: i
 
 
 def json_lines(
-    chunks: Iterable[Chunk], issues_of=None, *, coalesce_mode: str = "phys", nxe: bool = True
+    chunks: Iterable[Chunk],
+    issues_of: Callable[[], Iterable[Issue]] | None = None,
+    *,
+    coalesce_mode: str = "phys",
+    nxe: bool = True,
 ) -> Iterator[str]:
     buf: list[str] = []
     for r in rows(chunks, coalesce_mode=coalesce_mode, nxe=nxe):

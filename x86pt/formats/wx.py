@@ -11,10 +11,12 @@ from x86pt.coalesce import coalesce, present_only
 from x86pt.formats import ptdump
 from x86pt.formats.ptdump import walk_ranges
 from x86pt.limits import DEFAULT_MAX_ENTRIES
-from x86pt.scan import EFF_NX, EFF_RW, Scanner
+from x86pt.image import Image
+from x86pt.scan import EFF_NX, EFF_RW, Chunk, Scanner
+from x86pt.state import PagingState
 
 
-def wx_ranges(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[int, int]], Scanner]:
+def wx_ranges(img: Image, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[int, int]], Scanner]:
     sc = Scanner(img.state, img.memory, max_entries=max_entries, **ptdump.scan_kwargs())
     ranges: list[tuple[int, int]] = []
     for _ in ptdump.ptdump_lines(
@@ -24,7 +26,7 @@ def wx_ranges(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[i
     return ranges, sc
 
 
-def guard_hole(state) -> tuple[int, int]:
+def guard_hole(state: PagingState) -> tuple[int, int]:
     """The hypervisor guard hole, [start of the upper half, start of ptdump's second walk
     range): 16 PGD entries (PML4 slots 256-271, or PML5 slots 256-271) that the kernel's ptdump
     and W+X check never walk."""
@@ -33,7 +35,9 @@ def guard_hole(state) -> tuple[int, int]:
     return start, walk_ranges(state)[1][0]
 
 
-def guard_hole_wx(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tuple[int, int]], int, Scanner]:
+def guard_hole_wx(
+    img: Image, max_entries: int = DEFAULT_MAX_ENTRIES
+) -> tuple[list[tuple[int, int]], int, Scanner]:
     """W+X ranges inside the guard hole (which Linux's check skips), and how many present leaf
     entries lie there at all. The audit looks where the kernel does not: an attacker would."""
     lo, hi = guard_hole(img.state)
@@ -42,8 +46,8 @@ def guard_hole_wx(img, max_entries: int = DEFAULT_MAX_ENTRIES) -> tuple[list[tup
     ranges: list[tuple[int, int]] = []
     present = 0
 
-    def key(ch):
-        wx = ((ch.eff & np.uint8(EFF_RW)) != 0) & ((ch.eff & np.uint8(nx_mask)) == 0)
+    def key(ch: Chunk) -> np.ndarray:
+        wx: np.ndarray = ((ch.eff & np.uint8(EFF_RW)) != 0) & ((ch.eff & np.uint8(nx_mask)) == 0)
         return wx.astype(np.uint64)
 
     for runs in coalesce(present_only(sc.chunks()), key=key):
