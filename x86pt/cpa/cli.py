@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from typing import TYPE_CHECKING, Any, Callable
 
 from x86pt.errors import BadInputError
 from x86pt.numbers import parse_int
+
+if TYPE_CHECKING:
+    from x86pt.cost import Cost
+    from x86pt.cpa.layout import Layout
+    from x86pt.cpa.ops import CpaModel
+    from x86pt.cpa.oracle_probe import OracleCheck
+    from x86pt.cpa.trace import Op, ReplayResult
+    from x86pt.demo import DemoContext
+    from x86pt.progress import ProgressBar
 
 SUMMARY_COLS = (
     ("policy", "policy"),
@@ -29,7 +40,7 @@ SUMMARY_COLS = (
 )
 
 
-def render_table(summaries: list[dict]) -> str:
+def render_table(summaries: list[dict[str, Any]]) -> str:
     rows = [[h for _, h in SUMMARY_COLS]]
     for s in summaries:
         rows.append(["-" if s.get(k) is None else str(s.get(k)) for k, _ in SUMMARY_COLS])
@@ -48,7 +59,7 @@ class Progress:
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.label, self.enabled = label, enabled
-        self.bar = None
+        self.bar: ProgressBar | None = None
 
     def __call__(self, i: int, n: int) -> None:
         if not self.enabled or not n:
@@ -67,7 +78,7 @@ class Progress:
             self.bar = None
 
 
-def _model_factory(args, policy: str):
+def _model_factory(args: argparse.Namespace, policy: str) -> tuple[Callable[[], CpaModel], Layout]:
     from x86pt.cpa.layout import layout_named
     from x86pt.cpa.trace import new_model
 
@@ -78,14 +89,14 @@ def _model_factory(args, policy: str):
 
         img = open_image(args.image, **image_options(args))
 
-        def make():
+        def make() -> CpaModel:
             return new_model(layout, args.kernel, policy, img)
 
         return make, layout
     return (lambda: new_model(layout, args.kernel, policy)), layout
 
 
-def _oracle_check(args, n_ops: int, minimising: bool = False):
+def _oracle_check(args: argparse.Namespace, n_ops: int, minimising: bool = False) -> OracleCheck | None:
     """The OracleCheck of --oracle (None without it): sampled steps by --oracle-every N or
     --oracle-sample K (default 8) with --oracle-seed; while minimising, every op is probed."""
     names = getattr(args, "oracle", None)
@@ -110,7 +121,7 @@ def _oracle_check(args, n_ops: int, minimising: bool = False):
     return OracleCheck(want, steps=sampled_steps(n_ops, k, seed), cap=cap, log=log)
 
 
-def _run(args, policy: str, ops, dump: bool):
+def _run(args: argparse.Namespace, policy: str, ops: list[Op], dump: bool) -> tuple[ReplayResult, CpaModel]:
     oc = _oracle_check(args, len(ops)) if args.validate else None
     try:
         return _run_checked(args, policy, ops, dump, oc)
@@ -119,7 +130,9 @@ def _run(args, policy: str, ops, dump: bool):
             oc.close()
 
 
-def _run_checked(args, policy: str, ops, dump: bool, oc):
+def _run_checked(
+    args: argparse.Namespace, policy: str, ops: list[Op], dump: bool, oc: OracleCheck | None
+) -> tuple[ReplayResult, CpaModel]:
     from x86pt.cpa.trace import replay
 
     make, layout = _model_factory(args, policy)
@@ -128,12 +141,12 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
     if oc is not None:
         checks = checks if "e" in checks else checks + "e"
     prog = Progress(f"{policy:>12}", not args.quiet and not args.json)
-    on_dump = None
+    on_dump: Callable[[CpaModel, int], None] | None = None
     dump_idx = None
     if dump and args.dump_at is not None:
         dump_idx = args.dump_at - 1  # --dump-at N: after the first N ops (1-based)
 
-        def on_dump(model, idx):
+        def on_dump(model: CpaModel, idx: int) -> None:
             from x86pt.memory import write_image
 
             path = args.dump_out
@@ -143,9 +156,9 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
             if not args.json:
                 print(f"image after {idx + 1} ops written to {path}", file=sys.stderr)
 
-    cost_points: list = []
+    cost_points: list[tuple[int, Cost]] = []
     checkpoints: frozenset[int] = frozenset()
-    on_checkpoint = None
+    on_checkpoint: Callable[[CpaModel, int], None] | None = None
     if getattr(args, "cost", None):
         # the cost over time: a few evenly spaced points (each costs about one estimate)
         from x86pt.cost import model_cost
@@ -153,7 +166,7 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
         n = len(ops)
         checkpoints = frozenset(max(1, round(n * (i + 1) / COST_POINTS)) for i in range(COST_POINTS))
 
-        def on_checkpoint(model, done):
+        def on_checkpoint(model: CpaModel, done: int) -> None:
             cost_points.append((done, model_cost(model, args, ops[:done])))
 
     r = replay(
@@ -203,7 +216,7 @@ def _run_checked(args, policy: str, ops, dump: bool, oc):
     return r, m
 
 
-def _check_outputs(args, *outputs: str | None) -> None:
+def _check_outputs(args: argparse.Namespace, *outputs: str | None) -> None:
     """Refuse, before any work, an output that is one of the inputs (trace, image, layout file),
     a directory or a special file (the one output writer's rules: x86pt.memory.atomic)."""
     from x86pt.memory.atomic import check_output
@@ -214,10 +227,10 @@ def _check_outputs(args, *outputs: str | None) -> None:
             check_output(out, inputs)
 
 
-def _repro_path(args, policy: str) -> str | None:
+def _repro_path(args: argparse.Namespace, policy: str) -> str | None:
     """Where --repro asked the minimal trace of `policy` to go (None: nowhere). With several
     policies (compare) the policy name goes before the extension: w.trace -> w-ideal.trace."""
-    path = args.repro
+    path: str | None = args.repro
     if not path:
         return None
     if len(getattr(args, "policy_list", ())) > 1:
@@ -226,7 +239,7 @@ def _repro_path(args, policy: str) -> str | None:
     return path
 
 
-def _check_run_args(args, n_ops: int) -> None:
+def _check_run_args(args: argparse.Namespace, n_ops: int) -> None:
     """One-line refusals (exit 2) of option values the replay cannot honour."""
     import math
 
@@ -260,7 +273,7 @@ def _check_run_args(args, n_ops: int) -> None:
             )
 
 
-def cmd_replay(args) -> int:
+def cmd_replay(args: argparse.Namespace) -> int:
     from x86pt.cpa.trace import read_trace
 
     _check_outputs(args, args.dump_out, args.plot, args.repro)
@@ -275,7 +288,7 @@ def cmd_replay(args) -> int:
     return _report(args, [r], m)
 
 
-def _run_tlb(args, ops) -> int:
+def _run_tlb(args: argparse.Namespace, ops: list[Op]) -> int:
     """`cpa replay --tlb`: the TLB model of --cpus CPUs alongside the replay; exit 1 when a
     dangerous window is open at the end of an API call or of the trace."""
     from x86pt.cpa.tlbreplay import render_text, replay_tlb
@@ -300,7 +313,7 @@ def _run_tlb(args, ops) -> int:
     return 1 if res.failed else 0
 
 
-def cmd_compare(args) -> int:
+def cmd_compare(args: argparse.Namespace) -> int:
     from x86pt.cpa.merge import POLICIES
     from x86pt.cpa.trace import read_trace
 
@@ -314,8 +327,8 @@ def cmd_compare(args) -> int:
             raise BadInputError(f"unknown policy {p!r} (one of {', '.join(POLICIES)})")
     _check_run_args(args, len(ops))
     args.policy_list = pols
-    results = []
-    m = None
+    results: list[ReplayResult] = []
+    m: CpaModel | None = None
     for p in pols:
         r, m = _run(args, p, ops, False)
         if args.cost:
@@ -327,7 +340,7 @@ def cmd_compare(args) -> int:
     return _report(args, results, m)
 
 
-def _report(args, results, m) -> int:
+def _report(args: argparse.Namespace, results: list[ReplayResult], m: CpaModel | None) -> int:
     from x86pt.cli import emit_json
 
     plot = getattr(args, "plot", None)
@@ -355,9 +368,10 @@ def _report(args, results, m) -> int:
     else:
         print(render_table([r.summary() for r in results]))
         if any(getattr(r, "cost", None) for r in results):
-            from x86pt.cost import render_costs
+            from x86pt.cost import Cost, render_costs
 
-            print(render_costs([(r.policy, r.cost) for r in results]))
+            # compare --cost gave every result its Cost (x86pt.cost.model_cost)
+            print(render_costs([(r.policy, r.cost) for r in results if isinstance(r.cost, Cost)]))
         for r in results:
             for n in r.notes:
                 print(f"note ({r.policy}): {n}")
@@ -371,7 +385,7 @@ def _report(args, results, m) -> int:
     return 1 if any(r.violation for r in results) else 0
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     from x86pt.cpa.layout import layout_named
     from x86pt.cpa.trace import write_trace
     from x86pt.cpa.workload import generate
@@ -409,7 +423,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _common(p, policy_arg: bool) -> None:
+def _common(p: argparse.ArgumentParser, policy_arg: bool) -> None:
     p.add_argument("trace")
     if policy_arg:
         p.add_argument("--policy", default="none", help="none, upstream, nr-same-prot, ideal")
@@ -469,7 +483,9 @@ def _common(p, policy_arg: bool) -> None:
     add_state_args(p)
 
 
-def register(subparsers, only: str | None = None) -> None:  # one command: `only` changes nothing
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], only: str | None = None
+) -> None:  # one command: `only` changes nothing
     c = subparsers.add_parser("cpa", help="the Linux CPA / direct-map model: replay, compare, generate")
     sub = c.add_subparsers(dest="cpa_command", metavar="CPA_COMMAND")
     sub.required = True
@@ -523,7 +539,7 @@ def register(subparsers, only: str | None = None) -> None:  # one command: `only
     g.set_defaults(func=cmd_generate)
 
 
-def demo_section(ctx) -> None:
+def demo_section(ctx: DemoContext) -> None:
     """Replay a short generated workload on the demo's embedded image under two policies."""
     from x86pt.cpa.importer import model_from_image
     from x86pt.cpa.layout import demo_layout
@@ -536,7 +552,7 @@ def demo_section(ctx) -> None:
     ops = generate(layout, "6.15", "mixed-rox", 2000, 7)
     trace = os.path.join(ctx.out_dir, "cpa-demo.trace")
     write_trace(trace, ops, ["x86pt demo: mixed-rox workload, 2000 ops, seed 7"])
-    results = []
+    results: list[ReplayResult] = []
     for pol in ("none", "upstream"):
         m = model_from_image((ctx.memory, ctx.state), layout, "6.15", pol)
         results.append(replay(m, ops, validate=True))
@@ -562,7 +578,7 @@ def demo_section(ctx) -> None:
     _tlb_demo_section(ctx)
 
 
-def _tlb_demo_section(ctx) -> None:
+def _tlb_demo_section(ctx: DemoContext) -> None:
     """A set_memory_ro whose flush is left out of a recorded trace: the TLB model reports the
     page still writable on both CPUs at the end of the call (dangerous), and with the flush in
     place the window closes at the flush op."""

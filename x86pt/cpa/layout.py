@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Sequence
 
 from x86pt.errors import BadInputError, BudgetError
 from x86pt.numbers import parse_int
@@ -100,7 +101,7 @@ class Layout:
     def max_pfn(self) -> int:
         return self.ram[-1][1] >> 12 if self.ram else 0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """Every field, so layout_from_json(to_json()) gives the same layout back."""
         return {
             "name": self.name,
@@ -197,7 +198,7 @@ def layout_named(name: str) -> Layout:
     raise BadInputError(f"unknown layout {name!r} (presets: {', '.join(PRESETS)}, demo, or FILE.json)")
 
 
-def layout_from_json(d: dict, source: str = "layout") -> Layout:
+def layout_from_json(d: dict[str, Any], source: str = "layout") -> Layout:
     if not isinstance(d, dict) or "ram" not in d:
         raise BadInputError(f'{source}: a layout is an object with at least "ram"')
     try:
@@ -223,7 +224,9 @@ def layout_from_json(d: dict, source: str = "layout") -> Layout:
     )
     for key in ADDRESS_FIELDS:
         if key in d:
-            lay = replace(lay, **{key: parse_int(d[key], f"{source} {key}")})
+            # an int field named at run time: replace() cannot check a computed keyword
+            value: dict[str, Any] = {key: parse_int(d[key], f"{source} {key}")}
+            lay = replace(lay, **value)
     if "table_pool" in d:
         try:
             pool = tuple(
@@ -244,12 +247,12 @@ MAX_PHYSMEM_BITS = 46
 MAX_MAP_LEAVES = 1 << 21
 
 
-def direct_map_leaves(ranges, gbpages: bool) -> int:
+def direct_map_leaves(ranges: Iterable[tuple[int, int]], gbpages: bool) -> int:
     """Leaves init_memory_mapping would write for `ranges` ([start, end) byte pairs)."""
     return sum((e - s) // size for a, b in ranges for s, e, size in split_mem_range(a, b, gbpages))
 
 
-def check_direct_map_size(ranges, gbpages: bool, what: str) -> None:
+def check_direct_map_size(ranges: Sequence[tuple[int, int]], gbpages: bool, what: str) -> None:
     """Refuse RAM the 4-level direct map cannot hold, or more leaves than MAX_MAP_LEAVES."""
     for s, e in ranges:
         if e > 1 << MAX_PHYSMEM_BITS:

@@ -32,11 +32,18 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from x86pt.cpa.validate import HI, M48, Violation
+from x86pt.cpa.validate import HI, M48, Reference, Violation
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.fields import ADDR_MASK_52, BIT_P, BIT_PS, BIT_RW, BIT_XD
+
+if TYPE_CHECKING:
+    from x86pt.cpa.ops import CpaModel
+    from x86pt.memory.sparse import SparseMemory
+    from x86pt.oracle import Capabilities, Oracle
+    from x86pt.state import PagingState
+    from x86pt.walk import Result
 
 PAGE = 4096
 DEFAULT_CAP = 512
@@ -53,13 +60,13 @@ _PROT_CODE = {"write": 0x3, "fetch": 0x11}
 class OracleImage:
     """An oracle-ready copy of an exported model image."""
 
-    memory: object  # SparseMemory
+    memory: SparseMemory
     root: int  # the relocated root table
     tables: frozenset[int]  # page numbers of relocated tables
     ram_size: int
 
 
-def oracle_image(memory, cr3: int, ram_size: int, *, base: int = 0x200000) -> OracleImage:
+def oracle_image(memory: SparseMemory, cr3: int, ram_size: int, *, base: int = 0x200000) -> OracleImage:
     """Copy of the tables reachable from root slots 0..510, relocated to consecutive pages from
     `base`. Raises BadInputError when they do not fit below `ram_size`."""
     from x86pt.memory.sparse import SparseMemory
@@ -107,7 +114,7 @@ def oracle_image(memory, cr3: int, ram_size: int, *, base: int = 0x200000) -> Or
     return OracleImage(out, new_of[root_old], frozenset(p >> 12 for p in new_of.values()), ram_size)
 
 
-def tag_page(memory, pa_page: int) -> None:
+def tag_page(memory: SparseMemory, pa_page: int) -> None:
     from x86pt.oracle import tag_value
 
     memory.pages[pa_page >> 12] = bytearray(
@@ -119,6 +126,7 @@ def sample_evenly(ranges: Sequence[tuple[int, int]], cap: int) -> tuple[list[int
     """(page VAs, total): at most `cap` pages spread evenly over the concatenated (start, npages)
     ranges, the first page always included."""
     total = sum(n for _, n in ranges)
+    idx: Iterable[int]
     if total <= cap:
         idx = range(total)
     else:
@@ -184,7 +192,11 @@ class OracleStats:
         )
 
 
-def _ref_expect(ref_val, access: str, off: int):
+# what an access is to give: (outcome, #PF error code or None, physical address or None)
+Expect = tuple[str, int | None, int | None]
+
+
+def _ref_expect(ref_val: tuple[int, int] | None, access: str, off: int) -> Expect:
     """(outcome, error code or None, pa or None) the per-page reference asks for (SDM §4.6/§4.7)."""
     if ref_val is None or not ref_val[1] & P_BIT:
         return "page_fault", _NP_CODE[access], None
@@ -208,7 +220,7 @@ class OracleCheck:
         steps: Sequence[int] | None = None,
         cap: int = DEFAULT_CAP,
         log: Callable[[str], None] | None = None,
-        oracles: dict | None = None,
+        oracles: dict[str, Oracle] | None = None,
     ) -> None:
         from x86pt.registry import availability, get_oracle
 
@@ -218,8 +230,8 @@ class OracleCheck:
         self.steps = None if steps is None else frozenset(steps)
         self.cap = cap
         self.log = log or (lambda s: print(s, file=sys.stderr))
-        self.oracles: dict = {}
-        self.caps: dict = {}
+        self.oracles: dict[str, Oracle] = {}
+        self.caps: dict[str, Capabilities] = {}
         self.stats: dict[str, OracleStats] = {}
         self.notes: list[str] = []
         self._own = oracles is None
@@ -256,7 +268,7 @@ class OracleCheck:
     def __enter__(self) -> "OracleCheck":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def wants(self, idx: int) -> bool:
@@ -272,7 +284,9 @@ class OracleCheck:
         return [s.line(self.cap) for s in self.stats.values()]
 
     # -- one step ---------------------------------------------------------------------------------
-    def check(self, m, ref, idx: int, pages: Sequence[int], touched: set[int] | None) -> Violation | None:
+    def check(
+        self, m: CpaModel, ref: Reference, idx: int, pages: Sequence[int], touched: set[int] | None
+    ) -> Violation | None:
         ranges = changed_ranges(pages, touched)
         # The harness slot: the kernel image, its highmap alias and modules are not probed.
         kept: list[tuple[int, int]] = []
@@ -299,7 +313,7 @@ class OracleCheck:
                 return v
         return None
 
-    def _states(self, name: str, root: int):
+    def _states(self, name: str, root: int) -> tuple[PagingState, PagingState]:
         from x86pt.state import PagingState, as_profile, profile_named
 
         caps = self.caps[name]
@@ -310,7 +324,16 @@ class OracleCheck:
         kstate = PagingState(**regs, profile=profile_named("intel"), maxphyaddr=caps.maxphyaddr)
         return ostate, kstate
 
-    def _run_one(self, name: str, oracle, exported, regs, ref, idx: int, vas: list[int]) -> Violation | None:
+    def _run_one(
+        self,
+        name: str,
+        oracle: Oracle,
+        exported: SparseMemory,
+        regs: dict[str, int],
+        ref: Reference,
+        idx: int,
+        vas: list[int],
+    ) -> Violation | None:
         from x86pt.compare import compare_probe, describe_outcome
         from x86pt.oracle import Probe, tag_value
         from x86pt.walk import Access, walk
@@ -320,8 +343,8 @@ class OracleCheck:
         img = oracle_image(exported, regs["cr3"], ram)
         mem = img.memory
         ostate, kstate = self._states(name, img.root)
-        probes: list = []
-        meta: list = []
+        probes: list[Probe] = []
+        meta: list[tuple[int, Access, Result]] = []
         tagged: set[int] = set()
         for v in vas:
             va = v | HI if v >> 47 else v
@@ -376,7 +399,7 @@ class OracleCheck:
             )
             if have != want:
 
-                def show(w):
+                def show(w: Expect) -> str:
                     if w[0] == "ok":
                         return f"ok pa={w[2]:#x}" if w[2] is not None else "ok"
                     return f"#PF {w[1]:#x}"
@@ -408,7 +431,7 @@ class OracleCheck:
         return None
 
 
-def _outcome(r) -> tuple:
+def _outcome(r: Result) -> tuple[str, int | None]:
     pa = getattr(r, "pa", None)
     if pa is not None:
         return ("ok", pa)
@@ -417,7 +440,7 @@ def _outcome(r) -> tuple:
 
 # Control registers of the copy: what CpaModel.export_registers gives the kernel (PE PG WP; PAE
 # PGE; LME LMA NXE); CR3 is the relocated root.
-def _regs():
+def _regs() -> tuple[int, int, int]:
     from x86pt.state import CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE
 
     return CR0_PE | CR0_PG | CR0_WP, CR4_PAE | CR4_PGE, EFER_LME | EFER_LMA | EFER_NXE

@@ -7,8 +7,12 @@ violation is marked where the replay stopped (matplotlib, Agg backend, PNG writt
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING, Sequence
 
 from x86pt.memory.atomic import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from x86pt.cpa.trace import ReplayResult
 
 METRICS = (
     ("DirectMap4k", "MiB", 4 / 1024),
@@ -19,7 +23,7 @@ METRICS = (
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
-def plot_fragmentation(results, path: str, title: str = "") -> str:
+def plot_fragmentation(results: Sequence[ReplayResult], path: str, title: str = "") -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +32,7 @@ def plot_fragmentation(results, path: str, title: str = "") -> str:
     cols = max(1, len(results))
     diff = len(results) > 1 and all(len(r.samples) == len(results[0].samples) for r in results)
     ncols = cols + (1 if diff else 0)
-    cost = all(getattr(r, "cost_series", None) for r in results)
+    cost = all(r.cost_series for r in results)
     nrows = len(METRICS) + (1 if cost else 0)
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(3.4 * ncols + 1.2, 9 + (2.2 if cost else 0)), sharex=True, squeeze=False

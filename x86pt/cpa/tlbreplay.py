@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 from x86pt.cpa.kernel import PTE_PFN_MASK, U64
 from x86pt.cpa.ops import API, CpaModel
+from x86pt.cpa.tables import Table
 from x86pt.tlb import TLB_OPS, Difference, FlushDone, TlbReplay, Window
 
 PAGE = 4096
@@ -36,6 +38,9 @@ CALLER_FLUSHES = (
 )
 TLB_NAMES = frozenset(TLB_OPS)
 
+if TYPE_CHECKING:
+    from x86pt.cpa.trace import Op
+
 
 class LiveTables:
     """read_u64 over the CPA model's tables as they are now (no export): physical address ->
@@ -44,7 +49,7 @@ class LiveTables:
     def __init__(self, m: CpaModel) -> None:
         self.m = m
         self._gen = -1
-        self._idx: dict[int, list[int]] = {}
+        self._idx: dict[int, Table] = {}
 
     def _rebuild(self) -> None:
         m = self.m
@@ -77,7 +82,7 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def op_ranges(m: CpaModel, op: tuple) -> list[tuple[int, int]]:
+def op_ranges(m: CpaModel, op: Op) -> list[tuple[int, int]]:
     """Every linear range `op` may change, from the tables before it: the primary range and,
     for CPA calls, the direct-map and highmap aliases of the frames it maps (cpa_process_alias,
     arch/x86/mm/pat/set_memory.c)."""
@@ -120,9 +125,9 @@ class OpReport:
     op: str
     differences: list[Difference]
     closed: list[Window]
-    flushes: list[dict]
+    flushes: list[dict[str, Any]]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "op": self.op,
@@ -140,7 +145,7 @@ class CallFinding:
     op: str
     windows: list[Window]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "op": self.op, "windows": [w.to_json() for w in self.windows]}
 
 
@@ -164,7 +169,7 @@ class TlbResult:
     def failed(self) -> bool:
         return bool(self.findings) or any(w.severity == "dangerous" for w in self.open_at_end)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "cpus": self.ncpus,
             "assume": self.assume,
@@ -186,7 +191,7 @@ class TlbResult:
         }
 
 
-def _flush_json(d: FlushDone) -> dict:
+def _flush_json(d: FlushDone) -> dict[str, Any]:
     if d.full:
         return {"full": True, "cpus": list(d.cpus)}
     return {
@@ -198,13 +203,13 @@ def _flush_json(d: FlushDone) -> dict:
 
 def replay_tlb(
     m: CpaModel,
-    ops: list[tuple],
+    ops: list[Op],
     *,
     ncpus: int = 2,
     assume: str = "speculate",
     flushes: str = "model",
     runner_cpu: int = 0,
-    on_flush=None,
+    on_flush: Callable[[int, str, int, int], object] | None = None,
 ) -> TlbResult:
     """Replay `ops` on `m` with the TLB model. `runner_cpu` is the CPU that runs each op: the
     target of local flushes (kernel_map_pages, kfence). `on_flush(index, kind, start, end)` is
@@ -272,7 +277,7 @@ def replay_tlb(
     return res
 
 
-def op_text(op: tuple) -> str:
+def op_text(op: Op) -> str:
     from x86pt.cpa.trace import format_op
 
     return format_op(op)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from x86pt import tlb
 from x86pt.cpa.ops import API, CpaModel
@@ -32,6 +32,16 @@ from x86pt.cpa.traceops import Hotplug, MapPages, OnePage, Oob, PageRange, RawCp
 from x86pt.cpa.validate import Validator, Violation
 from x86pt.errors import BadInputError
 from x86pt.memory.atomic import write_text_atomic
+
+if TYPE_CHECKING:
+    from x86pt.cpa.layout import Layout
+    from x86pt.cpa.oracle_probe import OracleCheck
+    from x86pt.image import Image
+    from x86pt.memory.base import MemoryBase
+    from x86pt.state import PagingState
+
+# one trace operation: (name, fields...), the fields' number and types set by the name (parse_line)
+Op = tuple[Any, ...]
 
 API_NAMES = tuple(API)
 OTHER = (
@@ -60,7 +70,7 @@ def _num(s: str, what: str, where: str) -> int:
     return v
 
 
-def parse_line(line: str, where: str = "trace") -> tuple | None:
+def parse_line(line: str, where: str = "trace") -> Op | None:
     """One trace line -> an op tuple (name, ...), None for blank/comment lines."""
     h = line.find("#")
     if h >= 0:
@@ -143,7 +153,7 @@ def parse_line(line: str, where: str = "trace") -> tuple | None:
     )
 
 
-def format_op(op: tuple) -> str:
+def format_op(op: Op) -> str:
     name = op[0]
     if name in TLB_NAMES:
         return tlb.format_tlb_op(op)
@@ -170,7 +180,7 @@ def format_op(op: tuple) -> str:
     return f"{name} {op[1]:#x} {op[2]:#x}"
 
 
-def parse_trace(lines: Iterable[str], source: str = "trace") -> list[tuple]:
+def parse_trace(lines: Iterable[str], source: str = "trace") -> list[Op]:
     ops = []
     for n, line in enumerate(lines, 1):
         op = parse_line(line, f"{source}:{n}")
@@ -179,7 +189,7 @@ def parse_trace(lines: Iterable[str], source: str = "trace") -> list[tuple]:
     return ops
 
 
-def read_trace(path: str) -> list[tuple]:
+def read_trace(path: str) -> list[Op]:
     try:
         with open(path, "r", encoding="utf-8") as f:
             return parse_trace(f, path)
@@ -189,12 +199,12 @@ def read_trace(path: str) -> list[tuple]:
         raise BadInputError(f"trace {path} is not UTF-8 text") from None
 
 
-def _api_call(f: Callable[[CpaModel, int, int], int]) -> Callable[[CpaModel, tuple], object]:
+def _api_call(f: Callable[[CpaModel, int, int], int]) -> Callable[[CpaModel, Op], object]:
     return lambda m, op: f(m, op[1], op[2])
 
 
 # op name -> how the model runs it (positional fields, so a plain tuple of the fields works too)
-APPLY: dict[str, Callable[[CpaModel, tuple], object]] = {
+APPLY: dict[str, Callable[[CpaModel, Op], object]] = {
     **{name: _api_call(f) for name, f in API.items()},
     "set_direct_map_invalid_noflush": lambda m, op: m.set_direct_map_invalid_noflush(op[1]),
     "set_direct_map_default_noflush": lambda m, op: m.set_direct_map_default_noflush(op[1]),
@@ -208,7 +218,7 @@ APPLY: dict[str, Callable[[CpaModel, tuple], object]] = {
 }
 
 
-def apply_op(m: CpaModel, op: tuple) -> object:
+def apply_op(m: CpaModel, op: Op) -> object:
     """Run one op on the model; returns the op's result (errno, or oob's accepted flag). TLB ops
     change no table: None (cpa replay --tlb sends them to its TlbReplay.trace_op)."""
     f = APPLY.get(op[0])
@@ -217,6 +227,19 @@ def apply_op(m: CpaModel, op: tuple) -> object:
     if op[0] in TLB_NAMES:
         return None
     raise BadInputError(f"unknown operation {op[0]!r}")
+
+
+class CostSample(Protocol):
+    """A walk-cost estimate as a replay result keeps it: an x86pt.cost.Cost (not imported
+    here, even for annotations: x86pt.cost imports this module)."""
+
+    @property
+    def walks(self) -> float: ...
+
+    @property
+    def pattern(self) -> str: ...
+
+    def to_json(self) -> dict[str, object]: ...
 
 
 @dataclass
@@ -234,8 +257,10 @@ class ReplayResult:
     samples: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # idx, 4k, 2m, 1g, tables
     notes: tuple[str, ...] = ()
     pages_checked: int = 0
+    cost: CostSample | None = None  # cpa compare --cost: the walk cost at the end
+    cost_series: Sequence[tuple[int, CostSample]] = ()  # --cost: (ops done, cost) over the replay
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         c = self.counters
         return {
             "policy": self.policy,
@@ -262,7 +287,9 @@ class ReplayResult:
         }
 
 
-def new_model(layout, kernel: str, policy: str, image=None) -> CpaModel:
+def new_model(
+    layout: Layout, kernel: str, policy: str, image: Image | tuple[MemoryBase, PagingState] | None = None
+) -> CpaModel:
     if image is not None:
         from x86pt.cpa.importer import model_from_image
 
@@ -272,7 +299,7 @@ def new_model(layout, kernel: str, policy: str, image=None) -> CpaModel:
 
 def replay(
     m: CpaModel,
-    ops: list[tuple],
+    ops: list[Op],
     *,
     validate: bool = False,
     checks: str = "abcd",
@@ -283,7 +310,7 @@ def replay(
     stop_on_violation: bool = True,
     checkpoints: frozenset[int] = frozenset(),
     on_checkpoint: Callable[[CpaModel, int], None] | None = None,
-    oracle_check=None,
+    oracle_check: OracleCheck | None = None,
 ) -> ReplayResult:
     """Run `ops` on `m`. With `validate`, check after each op (first violation stops).
     `on_checkpoint(m, done)` runs after `done` ops for each `done` in `checkpoints`.
@@ -351,7 +378,11 @@ def replay(
 
 
 def reproduces(
-    make: Callable[[], CpaModel], ops: list[tuple], invariant: str, checks: str, oracle_check=None
+    make: Callable[[], CpaModel],
+    ops: list[Op],
+    invariant: str,
+    checks: str,
+    oracle_check: OracleCheck | None = None,
 ) -> bool:
     m = make()
     r = replay(m, ops, validate=True, checks=checks, samples=0, oracle_check=oracle_check)
@@ -360,12 +391,12 @@ def reproduces(
 
 def minimise(
     make: Callable[[], CpaModel],
-    ops: list[tuple],
+    ops: list[Op],
     violation: Violation,
     checks: str = "abcd",
     budget_s: float = 30.0,
-    oracle_check=None,
-) -> list[tuple]:
+    oracle_check: OracleCheck | None = None,
+) -> list[Op]:
     """A small trace that still violates the same invariant: the shortest failing suffix of the
     prefix up to the failing op, then delta debugging (ddmin) within a time budget."""
     deadline = time.monotonic() + budget_s
@@ -401,11 +432,11 @@ def minimise(
     return cur
 
 
-def write_trace(path: str, ops: list[tuple], header: Iterable[str] = ()) -> None:
+def write_trace(path: str, ops: list[Op], header: Iterable[str] = ()) -> None:
     text = "".join(f"# {h}\n" for h in header) + "".join(format_op(op) + "\n" for op in ops)
     write_text_atomic(path, text)
 
 
-def iter_lines(ops: list[tuple]) -> Iterator[str]:
+def iter_lines(ops: list[Op]) -> Iterator[str]:
     for op in ops:
         yield format_op(op)

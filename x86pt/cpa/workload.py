@@ -15,6 +15,7 @@ from typing import Iterator
 
 from x86pt.cpa.kernel import P, kernel_version
 from x86pt.cpa.layout import Layout
+from x86pt.cpa.trace import Op
 from x86pt.cpa.traceops import Hotplug, OnePage, Oob, PageRange, Vmap
 from x86pt.errors import BadInputError
 
@@ -77,7 +78,7 @@ class VA:
 
     def __init__(self, start: int, end: int) -> None:
         self.next, self.end = start, end
-        self.free: dict[int, list[int]] = {}
+        self.free: dict[tuple[int, int], list[int]] = {}  # (pages, alignment) -> freed addresses
 
     def alloc(self, n: int, align: int = 4096) -> int:
         lst = self.free.get((n, align))
@@ -101,27 +102,27 @@ class Generator:
         self.frames = Frames(layout, self.rng)
         self.va = VA(layout.modules_vaddr + (4 << 20), layout.modules_end)  # past loaded modules
         self.po = layout.page_offset
-        self.loaded: list[tuple] = []
-        self.packs: list[list] = []  # [va, used programs]
-        self.progs: list[tuple] = []
+        self.loaded: list[tuple[int, list[int], int, int, int]] = []  # (va, frames, text, ro, data)
+        self.packs: list[list[int]] = []  # [va, used programs, pa]
+        self.progs: list[tuple[int, list[int]]] = []  # (va, frames)
         self.secret: list[int] = []
         self.kfence: tuple[int, int] | None = None
         self.kfence_down: set[int] = set()
         self.hot: list[int] = []
         self.hot_next = -(-layout.ram[-1][1] // (1 << 30)) * (1 << 30)
-        self.rox_chunks: list[list] = []  # [va, next free page]
+        self.rox_chunks: list[list[int]] = []  # [va, next free page, pa]
 
     def dm(self, pa: int) -> int:
         return self.po + pa
 
     # -- scenarios: each call yields the ops of one event ----------------------------------------
-    def _reset_perms(self, pages: list[int]) -> Iterator[tuple]:
+    def _reset_perms(self, pages: list[int]) -> Iterator[Op]:
         for pa in pages:
             yield OnePage("set_direct_map_invalid_noflush", self.dm(pa))
         for pa in pages:
             yield OnePage("set_direct_map_default_noflush", self.dm(pa))
 
-    def modules(self) -> Iterator[tuple]:
+    def modules(self) -> Iterator[Op]:
         r = self.rng
         if self.loaded and (len(self.loaded) > 40 or r.random() < 0.45):
             va, pages, text, ro, data = self.loaded.pop(r.randrange(len(self.loaded)))
@@ -146,7 +147,7 @@ class Generator:
         yield PageRange("set_memory_nx", va + text * 4096, ro + data)
         self.loaded.append((va, pages, text, ro, data))
 
-    def modules_rox(self) -> Iterator[tuple]:
+    def modules_rox(self) -> Iterator[Op]:
         r = self.rng
         if not self.rox_chunks or self.rox_chunks[-1][1] > 480:
             if len(self.rox_chunks) > 48:
@@ -185,7 +186,7 @@ class Generator:
             yield PageRange("set_memory_rw", sub, n)
             yield PageRange("set_memory_rox", sub, n)
 
-    def bpf(self) -> Iterator[tuple]:
+    def bpf(self) -> Iterator[Op]:
         r = self.rng
         if not self.packs or self.packs[-1][1] >= 32:
             if self.packs and (r.random() < 0.3 and len(self.packs) > 2 or len(self.packs) > 32):
@@ -201,7 +202,7 @@ class Generator:
             self.packs.append([va, 0, pa])
         self.packs[-1][1] += 1  # a program from the pack: text_poke only, no CPA
 
-    def bpf_nopack(self) -> Iterator[tuple]:
+    def bpf_nopack(self) -> Iterator[Op]:
         r = self.rng
         if self.progs and (len(self.progs) > 60 or r.random() < 0.5):
             va, pages = self.progs.pop(r.randrange(len(self.progs)))
@@ -223,7 +224,7 @@ class Generator:
             yield PageRange("set_memory_x", va, n)
         self.progs.append((va, pages))
 
-    def kfence_ops(self) -> Iterator[tuple]:
+    def kfence_ops(self) -> Iterator[Op]:
         r = self.rng
         if self.kfence is None:
             base = self.frames.huge() + 0x81000  # memblock: not 2M aligned
@@ -248,7 +249,7 @@ class Generator:
             self.kfence_down.add(a)
             yield Oob("oob", a, 0, P)
 
-    def secretmem(self) -> Iterator[tuple]:
+    def secretmem(self) -> Iterator[Op]:
         r = self.rng
         if self.secret and (len(self.secret) > 200 or r.random() < 0.45):
             pa = self.secret.pop(r.randrange(len(self.secret)))
@@ -259,7 +260,7 @@ class Generator:
         self.secret.append(pa)
         yield OnePage("set_direct_map_invalid_noflush", self.dm(pa))
 
-    def hotplug(self) -> Iterator[tuple]:
+    def hotplug(self) -> Iterator[Op]:
         block = 128 << 20
         if self.hot and (len(self.hot) > 16 or self.rng.random() < 0.4):
             pa = self.hot.pop()
@@ -269,7 +270,7 @@ class Generator:
         self.hot.append(pa)
         yield Hotplug("memory_add", pa, block)
 
-    def run(self, scenario: str, n_ops: int) -> list[tuple]:
+    def run(self, scenario: str, n_ops: int) -> list[Op]:
         weights = MIXES.get(scenario, {scenario: 1})
         for s in weights:
             if s not in SCENARIOS:
@@ -287,7 +288,7 @@ class Generator:
         }
         names = list(weights)
         w = [weights[k] for k in names]
-        out: list[tuple] = []
+        out: list[Op] = []
         guard = 0
         while len(out) < n_ops:
             before = len(out)
@@ -300,5 +301,5 @@ class Generator:
 
 def generate(
     layout: Layout, kernel: str, scenario: str = "mixed", n_ops: int = 1000, seed: int = 1
-) -> list[tuple]:
+) -> list[Op]:
     return Generator(layout, kernel, seed).run(scenario, n_ops)
