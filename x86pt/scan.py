@@ -490,9 +490,10 @@ class Scanner:
 
     def _table_runs(self, lnum, E, nu, pas, bases, effs) -> _Runs:
         """The runs inside tables `nu`: an entry continues the previous one when its value steps
-        by one page (same bits, next frame) or both are zero. Only run starts are decoded, so a
-        split 2M page (511 RW PTEs and one RO) costs three records, not 512. With a va_range,
-        runs end at its edges and the runs outside it are dropped."""
+        by one page (same bits, next frame, no carry out of the frame field) or both are zero.
+        Only run starts are decoded, so a split 2M page (511 RW PTEs and one RO) costs three
+        records, not 512. With a va_range, runs end at its edges and the runs outside it are
+        dropped."""
         lv: Level = self.levels[lnum]
         shift = U64(lv.shift)
         size = 1 << lv.shift
@@ -500,6 +501,9 @@ class Scanner:
         m = len(nu)
         cont = np.zeros((m, 512), dtype=bool)
         np.equal(Eu[:, 1:], Eu[:, :-1] + U64(size), out=cont[:, 1:])
+        # ... and the step stays inside the frame field: a frame that carries out of it sets a
+        # bit above (reserved or ignored), so that entry is not the next frame (as _uniform_tables)
+        cont[:, 1:] &= ((Eu[:, 1:] ^ Eu[:, :-1]) & U64(~self.addr_mask & ((1 << 64) - 1))) == 0
         zero = Eu == 0
         cont[:, 1:] |= zero[:, 1:] & zero[:, :-1]
         if lnum == self.state.paging_levels:
