@@ -544,8 +544,10 @@ def test_install_script_is_a_no_op_when_installed():
 
 
 def test_unavailable_reason_names_the_install_script(monkeypatch):
+    import shutil
+
     import harness.oracles.bochs as hb
 
-    monkeypatch.setattr(hb.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     ok, why = hb.available()
     assert not ok and "tools/install_bochs.sh" in why
