@@ -10,8 +10,8 @@ returns a list that covers bits 63..0 exactly once.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from x86pt.errors import BadInputError
 
@@ -62,8 +62,10 @@ _SDM_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class Level:
+# Level, Field and Masks are named tuples, not dataclasses: importing `dataclasses` (inspect, ast,
+# dis, tokenize) and generating three classes' methods would cost `x86pt decode` several ms at
+# start-up (docs/startup.md). Attributes are read-only either way.
+class Level(NamedTuple):
     """Facts of one paging-structure level. `number` is the SDM level (5 = PML5 ... 1 = PT).
 
     `leaf_kind` says which kind an entry *of this level* becomes when its own PS bit (bit 7) is
@@ -82,7 +84,7 @@ class Level:
     def span(self) -> int:
         return 1 << self.shift
 
-    def index(self, va: int) -> int:
+    def index(self, va: int) -> int:  # type: ignore[override]  # not tuple.index: the VA's index
         return (va >> self.shift) & 0x1FF
 
     def kind_of(self, raw: int) -> Kind:
@@ -133,8 +135,7 @@ class Role(str, enum.Enum):
     RSVD = "reserved"  # must be 0 when P=1, else #PF with RSVD
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     name: str
     hi: int
     lo: int
@@ -264,8 +265,7 @@ PK_SHIFT = _PTE_FIELD["pk"].lo
 ADDR_MASK_52 = _PTE_FIELD["addr"].mask  # bits 51:12, the widest address field (M = 52)
 
 
-@dataclass(frozen=True)
-class Masks:
+class Masks(NamedTuple):
     """Shift/mask constants for the hot paths, derived from `fields_for` (never written by hand)."""
 
     kind: Kind

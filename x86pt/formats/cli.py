@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import sys
+import sys  # json: imported where JSON is read or printed (`x86pt dump` needs none)
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 from x86pt.errors import BadInputError
@@ -147,6 +146,8 @@ def _marker_bases(args) -> dict[str, int | None]:
     out: dict[str, int | None] = {kw: None for _, _, _, kw in LAYOUT_KEYS}
     path = getattr(args, "layout", None)
     if path:
+        import json
+
         try:
             with open(path, "rb") as f:
                 data = json.loads(f.read())
@@ -211,6 +212,8 @@ def cmd_dump(args) -> int:
 
 # -- census -----------------------------------------------------------------------------------------
 def cmd_census(args) -> int:
+    import json
+
     from x86pt.census import census
     from x86pt.cliargs import image_options
     from x86pt.image import open_image
@@ -246,6 +249,8 @@ def cmd_census(args) -> int:
 
 # -- wx ---------------------------------------------------------------------------------------------
 def cmd_wx(args) -> int:
+    import json
+
     from x86pt.formats.wx import guard_hole, guard_hole_wx, wx_ranges
     from x86pt.formats import ptdump
     from x86pt.cliargs import image_options
@@ -321,6 +326,8 @@ def cmd_wx(args) -> int:
 
 # -- find -------------------------------------------------------------------------------------------
 def cmd_find(args) -> int:
+    import json
+
     from x86pt.aliases import find_aliases
     from x86pt.describe import leaf_flags
     from x86pt.walk import rights_letters
@@ -362,6 +369,8 @@ def cmd_find(args) -> int:
 
 # -- diff -------------------------------------------------------------------------------------------
 def cmd_diff(args) -> int:
+    import json
+
     from x86pt.diff import diff_images
     from x86pt.cliargs import image_options
     from x86pt.image import open_image
@@ -505,6 +514,8 @@ def register(sub, only: str | None = None) -> None:
 
 # -- demo -------------------------------------------------------------------------------------------
 def demo_section(ctx) -> None:
+    import json
+
     import io
     from x86pt.build import split_2m
     from x86pt.census import census
