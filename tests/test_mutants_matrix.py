@@ -23,6 +23,7 @@ from harness.matrix import (
     select,
 )
 from x86pt.errors import BadInputError
+from x86pt.state import profile_named
 
 HB, HA = 1 << 40, 1 << 46  # one unit of the hi.bit field (bits 45:40) and of hi.at (48:46)
 
@@ -292,3 +293,200 @@ def test_bump_enumeration_starts_like_kut():
 
 def test_select_default_seed_is_zero():
     assert select(1000, sample=30)[0].tolist() == select(1000, sample=30, seed=0)[0].tolist()
+
+
+# -- group D: packing cases into one image, checked by walking the image by hand ----------------------
+ADDR40 = 0x000000FFFFFFF000  # address bits 39:12 of an entry when MAXPHYADDR = 40 (SDM Vol. 3A §4.5)
+P, RW, US, A, D, PS, NX = 1, 2, 4, 0x20, 0x40, 0x80, 1 << 63
+KEY1, KEY2 = 1 << 59, 2 << 59  # protection key field, bits 62:59 (SDM §4.6.2)
+
+
+def _walk_image(mem, cr3: int, va: int, levels: int = 4):
+    """[(entry address, entry)] from the top down, following address bits 39:12 whatever else is
+    set (reserved bits included), to the leaf (PS at PDPTE/PDE level, or the PTE); and the
+    physical address the walk ends at (SDM §4.5: 9 VA bits per level, 2M/1G offsets from the VA)."""
+    out, table = [], cr3 & ADDR40
+    for lv in range(levels, 0, -1):
+        addr = table + ((va >> (12 + 9 * (lv - 1))) & 0x1FF) * 8
+        e = mem.read_u64(addr)
+        out.append((addr, e))
+        if lv == 3 and e & PS:
+            return out, (e & ADDR40 & ~0x3FFFFFFF) | (va & 0x3FFFFFFF)
+        if lv == 2 and e & PS:
+            return out, (e & ADDR40 & ~0x1FFFFF) | (va & 0x1FFFFF)
+        table = e & ADDR40
+    return out, table | (va & 0xFFF)
+
+
+# (flags, [entry bits outside 39:12 from the top down], VA) — the bits written by hand from the
+# flag meanings (docs/paging.md §11.1/§11.4): PML4E/PDPTE P|RW|US (pdpte.ro: no RW), pkey=1 puts key
+# 1 in the leaf and key 2 in the PDE above it; the VAs from the layout rule of the module's
+# docstring: PML4 index 292 (then 293, 294 for the next top-level variants), PDPT index by the
+# order the PDEs/1G leaves are taken, one PDE and one PTE per case in order, the case's frame and
+# offset in the low bits of a 2M/1G leaf's VA (case n: frame n % 16, qword n // 16; a 4K case's
+# PTE maps its frame).
+TOP = 0xFFFF920000000000  # PML4 index 292, sign-extended from bit 47
+HAND_CASES = [
+    ("pte.p pte.rw pde.p pde.rw", [P | RW | US, P | RW | US, P | RW, P | RW], TOP),
+    (
+        "pte.p pte.user pte.a pte.d pte.nx pde.p pde.user pde.a pde.d pde.nx pkey=1 user fetch",
+        [P | RW | US, P | RW | US, P | US | A | D | NX | KEY2, P | US | A | D | NX | KEY1],
+        TOP | 1 << 21 | 1 << 12,  # PDE 1, PTE 1 (the PTE maps frame 1)
+    ),
+    ("pde.p pde.rw pde.pse write", [P | RW | US, P | RW | US, P | RW | PS], TOP | 2 << 21 | 0x2000),
+    (
+        "pdpte.1g pde.p pde.rw pde.user twice",
+        [P | RW | US, P | RW | US | PS],
+        TOP | 1 << 30 | 0x200000 | 0x3000,  # the 1G leaf maps frame 0: VA 29:0 = the PA
+    ),
+    (
+        "pte.p pte.51 hi.bit=45 pde.p",
+        [P | RW | US, P | RW | US, P, P | 1 << 45],
+        TOP | 3 << 21 | 2 << 12,
+    ),
+    ("pte.p pde.p pde.51", [P | RW | US, P | RW | US, P | 1 << 51, P], TOP | 4 << 21 | 3 << 12),
+    (
+        "pte.p pde.p pdpte.ro",
+        [P | RW | US, P | US, P, P],
+        TOP | 2 << 30 | 0 << 21 | 4 << 12,  # a PDPTE of its own (read-only), its PD's PDE 0
+    ),
+    ("pte.p pde.p pml4e.ps", [P | RW | US | PS, P | RW | US, P, P], 0xFFFF928000000000 | 5 << 12),
+    (
+        "pte.p pde.p pml4e.8 implicit ac",
+        [P | RW | US | 0x100, P | RW | US, P, P],
+        0xFFFF930000000000 | 6 << 12,
+    ),
+    ("pte.p pde.p pde.13 noncanon", [P | RW | US, P | RW | US, P, P], None),  # bit 13: large leaves only
+]
+
+
+def _hand_batch():
+    feat = MatrixFeatures(maxphyaddr=40)
+    cases = [(f"c{n}", flags_from_names(names)) for n, (names, _, _) in enumerate(HAND_CASES)]
+    return mx.build_batch(cases, feat, profile_named("intel")), cases
+
+
+def test_packing_by_hand_entries_vas_and_targets():
+    b, cases = _hand_batch()
+    assert [c.label for c in b.cases] == [lbl for lbl, _ in cases]
+    for n, ((names, bits, want_va), info) in enumerate(zip(HAND_CASES, b.cases)):
+        target = 0x200000 + (n % 16) * 4096 + 8 * (n // 16)
+        probe = b.probes[info.probes[-1]]
+        va = probe.va
+        if "noncanon" in names:
+            assert va >> 48 == 0xBFFF, names  # bit 62 flipped in an upper-half VA
+            va ^= 1 << 62
+        elif want_va is not None:
+            assert va == want_va, (names, hex(va))
+        walk, pa = _walk_image(b.memory, b.state.cr3, va)
+        assert [e & ~ADDR40 for _, e in walk] == bits, names
+        assert pa == target, names
+        assert info.frames == (target & ~0xFFF,) and info.flags == cases[n][1]
+        # the entries a case owns are its leaf and (4K) its PDE, as they stand in the image
+        kinds = {"pdpte.1g": ("pdpte1g",), "pde.pse": ("pde2m",)}
+        want_kinds = next((k for key, k in kinds.items() if key in names), ("pde", "pte"))
+        assert tuple(o.kind for o in info.owned) == want_kinds, names
+        assert [(o.addr, o.raw) for o in info.owned] == walk[-len(want_kinds) :], names
+
+
+def test_pde_13_sets_bit_13_of_a_large_leaf():
+    feat = MatrixFeatures(maxphyaddr=40)
+    for names, level in (("pde.p pde.pse pde.13", 2), ("pdpte.1g pde.p pde.13", 3)):
+        b = mx.build_batch([("c", flags_from_names(names))], feat, profile_named("intel"))
+        walk, _ = _walk_image(b.memory, b.state.cr3, b.probes[0].va)
+        assert len(walk) == 5 - level and walk[-1][1] & PS and walk[-1][1] >> 13 & 1, names
+        b0 = mx.build_batch(
+            [("c", flags_from_names(names.replace(" pde.13", "")))], feat, profile_named("intel")
+        )
+        assert not _walk_image(b0.memory, b0.state.cr3, b0.probes[0].va)[0][-1][1] >> 13 & 1
+
+
+def test_the_seventeenth_case_takes_the_second_qword():
+    """16 frames: case n aims at frame n % 16, qword n // 16, so cases 16 and 17 write the second
+    qword of frames 0 and 1 (a 4K and a 2M case), with that qword's tag as the value."""
+    shapes = ["pte.p pte.rw pde.p pde.rw write", "pde.p pde.rw pde.pse write"]
+    cases = [(f"c{n}", flags_from_names(shapes[n % 2])) for n in range(18)]
+    b = mx.build_batch(cases, MatrixFeatures(maxphyaddr=40), profile_named("intel"))
+    for n, target in ((0, 0x200000), (1, 0x201000), (15, 0x20F000), (16, 0x200008), (17, 0x201008)):
+        p = b.probes[b.cases[n].probes[0]]
+        assert _walk_image(b.memory, b.state.cr3, p.va)[1] == target
+        assert p.wvalue == target << 8 | 0xC3 and b.cases[n].frames == (target & ~0xFFF,)
+
+
+def test_bit_36_in_the_pde_and_the_pte():
+    # M = 36: bit 36 is reserved, and pde.36 / pte.36 set exactly that bit in their own entry
+    f = flags_from_names("pte.p pde.p pde.36 pte.36")
+    b = mx.build_batch([("c", f)], MatrixFeatures(maxphyaddr=36), profile_named("intel"))
+    (pde, pte) = b.cases[0].owned
+    assert (pde.kind, pte.kind) == ("pde", "pte")
+    assert pde.raw & ~ADDR40 == P and pde.raw >> 36 == 1 and pte.raw == 0x200000 | P | 1 << 36
+
+
+def test_probes_of_the_hand_cases():
+    b, cases = _hand_batch()
+    got = []
+    for info in b.cases:
+        for i in info.probes:
+            p = b.probes[i]
+            got.append((info.label, p.access, p.user, p.ac, p.implicit, p.wvalue))
+    t2 = 0x202000  # case 2's target: frame 2, qword 0; the rig's tag pattern is (pa << 8) | 0xC3
+    assert got == [
+        ("c0", "read", False, False, False, 0),
+        ("c1", "fetch", True, False, False, 0),
+        ("c2", "write", False, False, False, t2 << 8 | 0xC3),
+        ("c3", "read", False, False, False, 0),  # twice: a supervisor read first
+        ("c3", "read", False, False, False, 0),
+        ("c4", "read", False, False, False, 0),
+        ("c5", "read", False, False, False, 0),
+        ("c6", "read", False, False, False, 0),
+        ("c7", "read", False, False, False, 0),
+        ("c8", "read", False, True, True, 0),
+        ("c9", "read", False, False, False, 0),
+    ]
+    assert [info.probes for info in b.cases][2:5] == [(2,), (3, 4), (5,)]
+    # the frames hold the tag pattern: the qword at pa is (pa << 8) | 0xC3
+    for pa in (0x200000, 0x200008, 0x20FFF8):
+        assert b.memory.read_u64(pa) == pa << 8 | 0xC3
+
+
+def test_twice_with_a_user_write_reads_as_supervisor_first():
+    b = mx.build_batch(
+        [("c", flags_from_names("pte.p pte.rw pte.user pde.p pde.rw pde.user user write twice ac"))],
+        MatrixFeatures(maxphyaddr=40),
+        profile_named("intel"),
+    )
+    first, second = b.probes
+    assert (first.access, first.user, first.ac, first.wvalue, first.implicit) == (
+        "read",
+        False,
+        False,
+        0,
+        False,
+    )
+    assert (second.access, second.user, second.ac) == ("write", True, True)
+    assert second.wvalue == 0x200000 << 8 | 0xC3 and first.va == second.va
+
+
+def test_batch_state_from_the_flags():
+    """CR0 = PE|PG (+WP), CR4 = PAE (+PKE, SMEP, SMAP, LA57), EFER = LME|LMA (+NXE), PKRU = 0x30 |
+    WD1*8 | AD1*4 with PKE (SDM Vol. 3A §2.5, §4.1.1, §4.6.2; docs/paging.md §11.1)."""
+    names = "la57 cr0.wp efer.nx cr4.pke pkru.wd cr4.smep cr4.smap pte.p pde.p"
+    feat = MatrixFeatures(maxphyaddr=40, la57=True)
+    b = mx.build_batch([("c", flags_from_names(names))], feat, profile_named("amd"))
+    st = b.state
+    assert st.cr0 == 1 | 1 << 31 | 1 << 16
+    assert st.cr4 == 1 << 5 | 1 << 22 | 1 << 20 | 1 << 21 | 1 << 12
+    assert st.efer == 1 << 8 | 1 << 10 | 1 << 11
+    assert st.pkru == 0x38 and st.maxphyaddr == 40 and st.profile.name == "amd"
+    # 5-level: PML5 index 300 then PML4 index 292, sign-extended from bit 56
+    assert b.probes[0].va == 0xFF2C920000000000
+    walk, pa = _walk_image(b.memory, st.cr3, b.probes[0].va, levels=5)
+    assert [e & ~ADDR40 for _, e in walk] == [P | RW | US, P | RW | US, P | RW | US, P, P] and pa == 0x200000
+    plain = mx.build_batch([("c", flags_from_names("pte.p pde.p"))], MatrixFeatures(), profile_named("intel"))
+    assert (plain.state.cr0, plain.state.cr4, plain.state.efer, plain.state.pkru) == (
+        1 | 1 << 31,
+        1 << 5,
+        1 << 8 | 1 << 10,
+        0,
+    )
+    assert mx.state_key(mx.PKE)[3] == 0x30 and mx.state_key(mx.PKE | mx.PKU_AD | mx.PKU_WD)[3] == 0x3C
