@@ -59,11 +59,11 @@ class Policy:
         """A CPA call with force_split (set_memory_4k, its alias too) covers these pages."""
 
     # shared merge steps ------------------------------------------------------------------------
-    def pte_table_mergeable(self, t: Table, honour_4k: bool = True) -> bool:
+    def pte_table_mergeable(self, t: Table) -> bool:
         first = t[0]
         if not first & P or first & PTE_PFN_MASK & 0x1FF000:
             return False
-        if honour_4k and first & KERNEL_4K:
+        if first & KERNEL_4K:
             return False
         return is_run(t, 1 << 12)
 
@@ -174,9 +174,6 @@ class Ideal(Policy):
                 if t is not None and not self._pinned(2, key, t) and self.pmd_table_mergeable(t):
                     self.merge_pmd_table(key, True)
         self.flush_and_free()
-
-    def merge_everything(self) -> None:
-        self.after_op({(k << 2) | 2 for k in list(self.m.t1)} | {(k << 11) | 2 for k in list(self.m.t2)})
 
 
 class NrSameProt(Policy):
