@@ -13,7 +13,8 @@ import os
 import pytest
 
 from harness.linux.collect import read_artifact
-from harness.linux.replay import flush_check, step_dirs
+from harness.linux.flushes import flush_check
+from harness.linux.replay import step_dirs
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "linux")
 # the bpf runs (a 4.8 MB module: thousands of pages per call) take ~30 s each

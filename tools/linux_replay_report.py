@@ -11,7 +11,7 @@ split events. Prints one row per step and the agreement per kernel and paging mo
 
 --flushes: the kernel's TLB flushes instead (issue 15 item 4): per step, the flushes the model
 issues for the recorded calls against the kernel's, and the dangerous windows a TLB replay with
-the kernel's own flushes finds at the end of API calls (harness.linux.replay.flush_check).
+the kernel's own flushes finds at the end of API calls (harness.linux.flushes.flush_check).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def main(argv: list[str]) -> int:
 
 
 def flushes(root: str, argv: list[str]) -> int:
-    from harness.linux.replay import flush_check, render_flushes, step_dirs
+    from harness.linux.flushes import flush_check, render_flushes
+    from harness.linux.replay import step_dirs
 
     runs = argv or sorted(
         os.path.dirname(p) for p in glob.glob(os.path.join(root, "fixtures", "linux", "*", "meta.json"))
