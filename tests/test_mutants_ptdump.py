@@ -313,3 +313,152 @@ def test_large_nx_page_shows_no_pat():
         "0x0000000000200000-0x0000000000400000           2M     RW         PSE         NX pmd\n"
         in out.getvalue().decode()
     )
+
+
+# -- marker logic, the skipped-entries line, the final flush, the effective-rights key -----------
+# note_page() in arch/x86/mm/dump_pagetables.c: a line is printed while the marker's max_lines
+# is 0 or not yet reached, every finished line counts; when the marker advances and more lines
+# than max_lines were finished, "... %lu entr%s skipped ... \n" (y for one, ies otherwise).
+def _line(start: int, end: int, size: str, prot: str) -> str:
+    """One ptdump line by the kernel's format "0x%016lx-0x%016lx   %9lu%c " + printk_prot()."""
+    num, unit = size[:-1], size[-1]
+    return f"0x{start:016x}-0x{end:016x}   {int(num):9d}{unit} {prot}\n"
+
+
+RW_PTE = "    RW                     x  pte"
+RO_PTE = "    ro                     x  pte"
+
+
+def _chunk(*rows):
+    """rows: (va, count, level, raw, eff) -> one Chunk (pa = the raw's frame)."""
+    from x86pt.scan import U64, Chunk
+
+    va, cnt, lvl, raw, eff = zip(*rows)
+    return Chunk(
+        np.array(va, U64),
+        np.array(cnt, U64),
+        np.array(lvl, np.uint8),
+        np.array(raw, U64),
+        np.array([r & LINUX_ADDR_MASK for r in raw], U64),
+        np.array(eff, np.uint8),
+        np.zeros(len(va), U64),
+    )
+
+
+def test_marker_max_lines_and_the_skipped_entries_line():
+    from x86pt.formats.ptdump import Marker, ptdump_lines
+    from x86pt.scan import EFF_P, EFF_RW
+
+    P, RW = EFF_P, EFF_P | EFF_RW
+    runs = [  # (start, end, rights): A 1 line, B 2 lines, C 3 lines, D 4 lines, E 1 line
+        (0x00000, 0x10000, RW),
+        (0x10000, 0x18000, P),
+        (0x18000, 0x20000, RW),
+        (0x20000, 0x24000, P),
+        (0x24000, 0x28000, RW),
+        (0x28000, 0x30000, P),
+        (0x30000, 0x34000, RW),
+        (0x34000, 0x38000, P),
+        (0x38000, 0x3C000, RW),
+        (0x3C000, 0x40000, P),
+        (0x40000, 0x41000, RW),
+    ]
+    ch = _chunk(*[(s, (e - s) >> 12, 1, s | (3 if r == RW else 1), r) for s, e, r in runs])
+    markers = [
+        Marker(0, "A"),
+        Marker(0x10000, "B", 2),
+        Marker(0x20000, "C", 2),
+        Marker(0x30000, "D", 2),
+        Marker(0x40000, "E"),
+    ]
+    text = "".join(ptdump_lines([ch], PagingState(), markers))
+    assert text == (
+        "---[ A ]---\n"
+        + _line(0x00000, 0x10000, "64K", RW_PTE)
+        + "---[ B ]---\n"  # exactly max_lines lines: nothing skipped
+        + _line(0x10000, 0x18000, "32K", RO_PTE)
+        + _line(0x18000, 0x20000, "32K", RW_PTE)
+        + "---[ C ]---\n"
+        + _line(0x20000, 0x24000, "16K", RO_PTE)
+        + _line(0x24000, 0x28000, "16K", RW_PTE)
+        + "... 1 entry skipped ... \n"
+        + "---[ D ]---\n"
+        + _line(0x30000, 0x34000, "16K", RW_PTE)
+        + _line(0x34000, 0x38000, "16K", RO_PTE)
+        + "... 2 entries skipped ... \n"
+        + "---[ E ]---\n"
+        + _line(0x40000, 0x41000, "4K", RW_PTE)
+    )
+
+
+def test_marker_inside_the_run_that_ends_at_the_top():
+    """A run of two 2M pages ending at 2^64 (its end wraps to 0) with a marker between them:
+    the marker still breaks it; the flush is at address 0."""
+    from x86pt.formats.ptdump import Marker, ptdump_lines
+    from x86pt.scan import EFF_P, EFF_RW
+
+    ch = _chunk((0xFFFFFFFFFFC00000, 2, 2, 0xFFC00000 | 0x83, EFF_P | EFF_RW))
+    markers = [Marker(0, "A"), Marker(0xFFFFFFFFFFE00000, "B")]
+    prot = "    RW         PSE         x  pmd"
+    assert "".join(ptdump_lines([ch], PagingState(), markers)) == (
+        "---[ A ]---\n"
+        + _line(0xFFFFFFFFFFC00000, 0xFFFFFFFFFFE00000, "2M", prot)
+        + "---[ B ]---\n"
+        + _line(0xFFFFFFFFFFE00000, 0, "2M", prot)
+    )
+
+
+def test_final_flush_after_a_p4d_level_hole():
+    """5-level: the last note is a p4d hole (depth 1); the flush still prints it."""
+    from x86pt.formats.ptdump import ptdump_lines
+
+    st = PagingState(cr4=CR4_PAE | CR4_LA57)
+    ch = _chunk((0xFFFF000000000000, 1, 4, 0, 0))
+    assert "".join(ptdump_lines([ch], st, None)) == _line(
+        0xFFFF000000000000, 0xFFFF008000000000, "512G", " " * 30 + "p4d"
+    )
+
+
+def _dump(b) -> str:
+    import io
+
+    from x86pt.formats.dump import dump_to
+    from x86pt.image import Image
+
+    out = io.BytesIO()
+    dump_to(out, Image(b.memory, b.state(), "<test>"), "ptdump", markers="none")
+    return out.getvalue().decode()
+
+
+def test_effective_rights_of_an_entry_whose_value_is_1():
+    """PTEs 0x1 and 0x1001 (P only) under an NX PDE: equal own flags and equal effective
+    rights (NX), so one line; an entry value of 1 is still a noted, non-zero value."""
+    from x86pt.build import Builder
+
+    b = Builder(levels=4, table_base=0x100000)
+    b.map(0x400000, 0, 0x2000, 4096, "p")
+    b.set_entry(0x400000, 2, b.get_entry(0x400000, 2) | (1 << 63))
+    assert _dump(b) == (
+        _line(0, 0x400000, "4M", " " * 30 + "pmd")
+        + _line(0x400000, 0x402000, "8K", RO_PTE)
+        + _line(0x402000, 0x600000, "2040K", " " * 30 + "pte")
+        + _line(0x600000, 0x40000000, "1018M", " " * 30 + "pmd")
+        + "".join(TAIL.splitlines(keepends=True)[1:])  # the pud and pgd holes
+    )
+
+
+def test_effective_user_bit_breaks_a_line():
+    """Two PTs of P|RW|US PTEs; the second PT's PDE lacks US: equal own flags, different
+    effective U -> two lines."""
+    from x86pt.build import Builder
+
+    b = Builder(levels=4, table_base=0x100000)
+    b.map(0x400000, 0x1000000, 0x400000, 4096, "p rw us")
+    b.set_entry(0x600000, 2, b.get_entry(0x600000, 2) & ~4)
+    usr = "USR RW                     x  pte"
+    assert _dump(b) == (
+        _line(0, 0x400000, "4M", " " * 30 + "pmd")
+        + _line(0x400000, 0x600000, "2M", usr)
+        + _line(0x600000, 0x800000, "2M", usr)
+        + TAIL
+    )
