@@ -490,3 +490,167 @@ def test_batch_state_from_the_flags():
         0,
     )
     assert mx.state_key(mx.PKE)[3] == 0x30 and mx.state_key(mx.PKE | mx.PKU_AD | mx.PKU_WD)[3] == 0x3C
+
+
+# -- group B: the product enumeration (Space, groups, rotations), on small hand spaces -------------------
+def _hand_space():
+    """Two groups and three rotations whose every case is worked out by hand below."""
+    return mx.Space(
+        "s",
+        (mx.Group("a", (0, 1, 2)), mx.Group("b", (0, 4))),
+        (
+            mx.Rotation("x", (0, 16, 32)),  # by key = digit_a + digit_b
+            mx.Rotation("y", (0, 64, 256), weighted=True, all_of=4),  # wkey = digit_a*1 + digit_b*2
+            mx.Rotation("z", (128,), none_of=1),
+        ),
+    )
+
+
+# case i: digit_b = i % 2 (the last group varies fastest), digit_a = i // 2
+#  i  a b  groups  key  x    wkey  y (b=4 only)  z (no bit 0)  flags
+#  0  0 0  0       0    0    0     -             128           128
+#  1  0 1  4       1    16   2     256           128           404
+#  2  1 0  1       1    16   1     -             -             17
+#  3  1 1  5       2    32   3     0             -             37
+#  4  2 0  2       2    32   2     -             128           162
+#  5  2 1  6       3    0    4     64            128           198
+HAND_SPACE_FLAGS = [128, 404, 17, 37, 162, 198]
+
+
+def test_a_hand_space_case_by_case():
+    s = _hand_space()
+    assert s.size == 6 and s.rotated_bits == 16 | 32 | 64 | 256 | 128
+    assert [s.flags_at(i) for i in range(6)] == HAND_SPACE_FLAGS
+    assert s.flags_array(0, 6).tolist() == HAND_SPACE_FLAGS
+    assert s.flags_array(2, 5).tolist() == HAND_SPACE_FLAGS[2:5]
+    assert s.flags_of(np.array([5, 0, 3])).tolist() == [198, 128, 37]
+    assert s.flags_of(np.array([5, 0, 3])).dtype == np.uint64
+
+
+def test_weights_with_three_groups():
+    # wkey = d0*1 + d1*2 + d2*3 for groups in order, choice wkey % 5 of (0, 8, 16, 24, 32)
+    s = mx.Space(
+        "w",
+        (mx.Group("g0", (0, 1)), mx.Group("g1", (0, 2)), mx.Group("g2", (0, 4))),
+        (mx.Rotation("r", (0, 8, 16, 24, 32), weighted=True),),
+    )
+    # i = d0*4 + d1*2 + d2: wkey = 0,3,2,5,1,4,3,6 -> % 5 = 0,3,2,0,1,4,3,1
+    want = [0, 4 | 24, 2 | 16, 6 | 0, 1 | 8, 5 | 32, 3 | 24, 7 | 8]
+    assert [s.flags_at(i) for i in range(8)] == want and s.flags_array(0, 8).tolist() == want
+
+
+def test_groups_and_subsets():
+    assert list(mx._subsets([1, 2, 4])) == [0, 1, 2, 4, 3, 5, 6, 7]
+    g = mx._group("g", [4, 1, 2], lambda c: c != 3, 4)  # bit 4 fixed at zero, 1|2 not ok
+    assert g == mx.Group("g", (0, 1, 2))
+    assert mx._group("h", [4, 1], lambda c: True, 0).choices == (0, 1, 4, 5)
+    # _rsv_ok: KUT's reserved-bit rule alone (one source at most; NX counts without efer.nx)
+    ok = mx._rsv_ok
+    assert ok(0) and ok(mx.PDE_51) and ok(mx.PTE_NX) and ok(mx.PDE_13 | mx.PDE_PSE)
+    assert not ok(mx.PDE_13) and not ok(mx.PTE_NX | mx.PDE_NX) and not ok(mx.PDE_36 | mx.PTE_51)
+    assert ok(mx.PTE_NX | mx.PDE_NX | mx.EFER_NX) and not ok(mx.PTE_NX | mx.PDE_51)
+
+
+def test_config_rotation_per_feature():
+    cr = mx.config_rotation
+    s, p, ac = mx.SMEP, mx.SMAP, mx.ACC_AC
+    assert cr(MatrixFeatures(smep=True, smap=True)) == mx.Rotation("cr4", (0, s, p, p | ac))
+    assert cr(MatrixFeatures(smep=True, smap=False)) == mx.Rotation("cr4", (0, s))
+    assert cr(MatrixFeatures(smep=False, smap=True)) == mx.Rotation("cr4", (0, p, p | ac))
+    assert cr(MatrixFeatures(smep=False, smap=False)) is None
+
+
+def test_hi_rotations_by_hand():
+    b = [n << 40 for n in (48, 49, 50, 51)]  # bits M=48..51 in the hi.bit field
+    at = {name: i << 46 for i, name in enumerate(("pde", "pdpte", "pdpte1g", "pml4e", "pml5e"))}
+    pte, pde, pde_np = mx.hi_rotations(MatrixFeatures(maxphyaddr=48))
+    assert pte == mx.Rotation("pte.hi", tuple(b), weighted=True, all_of=mx.PTE_51)
+    assert pde == mx.Rotation(
+        "pde.hi",
+        tuple(at[a] | x for a in ("pde", "pdpte", "pdpte1g", "pml4e") for x in b),
+        weighted=True,
+        all_of=mx.PDE_51 | mx.PDE_P,
+    )
+    assert pde_np == mx.Rotation("pde.hi-np", tuple(b), weighted=True, all_of=mx.PDE_51, none_of=mx.PDE_P)
+    five = mx.hi_rotations(MatrixFeatures(maxphyaddr=48), 5)[1]
+    assert five.choices[-4:] == tuple(at["pml5e"] | x for x in b) and len(five.choices) == 20
+    below = mx.hi_rotations(MatrixFeatures(maxphyaddr=48), above=False)[1]
+    assert below.choices == tuple(b)
+    assert mx.hi_rotations(MatrixFeatures(maxphyaddr=52)) == ()
+    assert mx.hi_rotations(MatrixFeatures(maxphyaddr=51))[0].choices == (51 << 40,)
+
+
+# -- group C: the spaces and the matrix, counted by hand -------------------------------------------------
+def test_extended_space_sizes_by_hand():
+    """M = 40, PKU, SMEP, SMAP, 1G pages, implicit reads at CPL0 and CPL3:
+    classic+smep+smap = KUT's 19,169,280 x SMEP (2) x SMAP (2) x AC (2);
+    1g = PKE/AD/WD (5 legal) x WP (2) x reserved (10: without efer.nx one of none/NX/51/13, with it
+         NX free times none/51/13) x access (3) x 8 free bits (256) = 76,800;
+    top = WP 2 x NX 2 x PS/bit8 2 x access 3 x user 2 x shape 4 = 192; noncanon = 2 x 3 x 2 x 2 = 24;
+    implicit = PKE 3 x SMAP 2 x WP 2 x NX 2 x AC 2 x user 2 x shape 6 x pkey 2 x pde.user 2 x
+         pte.user 2 x pte.a 2 = 9,216."""
+    m = mx.matrix_for(MatrixFeatures(maxphyaddr=40), extended=True)
+    assert m.counts() == {
+        "classic+smep+smap": 19_169_280 * 8,
+        "1g": 76_800,
+        "top": 192,
+        "noncanon": 24,
+        "implicit": 9_216,
+    }
+    assert m.size == 19_169_280 * 8 + 76_800 + 192 + 24 + 9_216
+    assert mx.matrix_for(MatrixFeatures(maxphyaddr=40)).counts() == {"classic": 19_169_280}
+
+
+def test_extended_sizes_with_la57_and_without_features():
+    # LA57: the classic matrix again without PKU (KUT's no-PKU count) and noncanon x 2 (la57 or not)
+    m = mx.matrix_for(MatrixFeatures(maxphyaddr=40, la57=True), extended=True)
+    c = m.counts()
+    assert c["la57"] == 1_916_928 and c["noncanon"] == 48 and list(c)[-1] == "la57"
+    # no implicit reads at all: no implicit space; at CPL0 only: half of it
+    assert "implicit" not in mx.matrix_for(MatrixFeatures(implicit_cpl0=False), extended=True).counts()
+    assert mx.matrix_for(MatrixFeatures(implicit_cpl3=False), extended=True).counts()["implicit"] == 4_608
+    # no PKU, no SMAP, M = 52 (no reserved 51): implicit = WP 2 x NX 2 x AC 2 x user 2 x shape 4 x
+    # pde.user 2 x pte.user 2 x pte.a 2 = 512
+    f = MatrixFeatures(maxphyaddr=52, pku=False, smap=False)
+    assert mx.implicit_space(f).size == 2 * 2 * 2 * 2 * 4 * 2 * 2 * 2
+    # without SMEP/SMAP the extended classic space is KUT's count, M = 52 PKU: 9,338,880
+    assert mx.classic_space(
+        MatrixFeatures(maxphyaddr=52, smep=False, smap=False), smep=True, smap=True
+    ).size == (9_338_880)
+
+
+def test_spaces_set_their_own_flags():
+    feat = MatrixFeatures(maxphyaddr=40, la57=True)
+    m = mx.matrix_for(feat, extended=True)
+    spaces = {s.name: s for s in m.spaces}
+    for name, must, never in (
+        ("1g", mx.PDPTE_1G, mx.PDE_PSE | mx.PTE_P | mx.PDPTE_RO | mx.LA57),
+        ("top", 0, mx.PDPTE_1G | mx.LA57 | mx.NONCANON),
+        ("noncanon", mx.NONCANON, mx.PDPTE_1G),
+        ("implicit", mx.IMPLICIT, mx.ACC_WRITE | mx.ACC_FETCH | mx.LA57),
+        ("la57", mx.LA57, mx.PKE | mx.PKEY | mx.PKU_AD),
+    ):
+        fl = spaces[name].flags_array(0, min(spaces[name].size, 4000))
+        assert ((fl & np.uint64(must)) == np.uint64(must)).all(), name
+        assert not (fl & np.uint64(never)).any(), name
+    top = spaces["top"].flags_array(0, 192)
+    assert ((top & np.uint64(mx.PML4E_PS | mx.PML4E_8)) != 0).all()
+
+
+def test_matrix_indexes_across_spaces():
+    feat = MatrixFeatures()
+    s1 = mx.Space("one", (mx.Group("g", (1, 2, 3)),))
+    s2 = mx.Space("two", (mx.Group("g", (8, 16)),))
+    m = mx.Matrix((s1, s2), feat)
+    assert m.size == 5 and m.counts() == {"one": 3, "two": 2}
+    assert [m.flags_at(i) for i in range(5)] == [1, 2, 3, 8, 16]
+    assert m.flags_range(0, 5).tolist() == [1, 2, 3, 8, 16]
+    assert m.flags_range(2, 4).tolist() == [3, 8] and m.flags_range(3, 5).tolist() == [8, 16]
+    assert m.flags_range(1, 2).tolist() == [2] and m.flags_range(2, 2).tolist() == []
+    assert m.flags_of(np.array([4, 0, 3, 2])).tolist() == [16, 1, 8, 3]
+    assert m.flags_of(np.array([], dtype=np.int64)).tolist() == []
+    for bad in (5, -1):
+        with pytest.raises(IndexError):
+            m.flags_of(np.array([0, bad]))
+    with pytest.raises(IndexError):
+        m.flags_at(5)
