@@ -654,3 +654,64 @@ def test_matrix_indexes_across_spaces():
             m.flags_of(np.array([0, bad]))
     with pytest.raises(IndexError):
         m.flags_at(5)
+
+
+# -- group E: MatrixSource cuts a selection into batches ----------------------------------------------
+def _small_matrix(feat=None):
+    """8 cases: i = wp*4 + twice*2 + shape (the last group varies fastest): cases 0-3 without
+    CR0.WP, 4-7 with it; odd cases have a present PDE over a non-present PTE; twice on 2, 3, 6, 7."""
+    s = mx.Space(
+        "m",
+        (
+            mx.Group("wp", (0, mx.CR0_WP_F)),
+            mx.Group("twice", (0, mx.ACC_TWICE)),
+            mx.Group("shape", (mx.PTE_P | mx.PDE_P, mx.PDE_P)),
+        ),
+    )
+    return mx.Matrix((s,), feat or MatrixFeatures(maxphyaddr=40))
+
+
+def _labels(src):
+    return [[c.label for c in b.cases] for b in src.batches()]
+
+
+def test_source_batches_by_cpu_state_and_size():
+    m = _small_matrix()
+    prof = profile_named("intel")
+    src = mx.MatrixSource(m, prof, batch_cases=3, chunk=5, name="m")
+    # chunk [0, 5): states 0,0,0,0,WP -> [0 1 2] [3] [4]; chunk [5, 8): all WP -> [5 6 7]
+    assert src.total == 8
+    assert _labels(src) == [["m#0", "m#1", "m#2"], ["m#3"], ["m#4"], ["m#5", "m#6", "m#7"]]
+    # a range: [2, 7) in one chunk -> [2 3] (no WP) then [4 5 6] (WP)
+    src = mx.MatrixSource(m, prof, start=2, stop=7, batch_cases=3, chunk=5, name="m")
+    assert src.total == 5 and _labels(src) == [["m#2", "m#3"], ["m#4", "m#5", "m#6"]]
+    # given indices, in chunks of 2: [7 1] groups as 1 (no WP) then 7 (WP); then [4]
+    src = mx.MatrixSource(m, prof, indices=np.array([7, 1, 4]), chunk=2, name="m")
+    assert src.total == 3 and _labels(src) == [["m#1"], ["m#7"], ["m#4"]]
+    # the defaults: every case, one batch per CPU state, labelled matrix#i
+    src = mx.MatrixSource(m, prof)
+    assert src.total == 8 and _labels(src) == [
+        [f"matrix#{i}" for i in range(4)],
+        [f"matrix#{i}" for i in range(4, 8)],
+    ]
+    assert mx.MatrixSource(m, prof, start=3).total == 5
+
+
+def test_source_batches_carry_the_cases_features_and_profile():
+    m = _small_matrix(MatrixFeatures(maxphyaddr=36))
+    batches = list(mx.MatrixSource(m, profile_named("amd"), batch_cases=8).batches())
+    assert [c.flags for b in batches for c in b.cases] == [m.flags_at(i) for i in range(8)]
+    for b in batches:
+        assert b.state.maxphyaddr == 36 and b.state.profile.name == "amd"
+        assert {bool(c.flags & mx.CR0_WP_F) for c in b.cases} == {bool(b.state.cr0 & 1 << 16)}
+
+
+def test_source_batches_by_probe_count():
+    """batch_probes = 3: a case costs two probes with `twice` (cases 2, 3, 6, 7), else one; each
+    state group is cut greedily: [0 1] (2 probes), [2] (2; 2 more would make 4), [3]."""
+    m = _small_matrix()
+    src = mx.MatrixSource(m, profile_named("intel"), batch_probes=3, batch_cases=1, name="m")
+    assert _labels(src) == [["m#0", "m#1"], ["m#2"], ["m#3"], ["m#4", "m#5"], ["m#6"], ["m#7"]]
+    src = mx.MatrixSource(m, profile_named("intel"), batch_probes=4, name="m")
+    assert _labels(src) == [["m#0", "m#1", "m#2"], ["m#3"], ["m#4", "m#5", "m#6"], ["m#7"]]
+    assert [len(b.probes) for b in src.batches()] == [4, 2, 4, 2]
