@@ -12,8 +12,12 @@ Facts this file relies on were measured on this machine (docs/oracles.md docs/or
   `emu_start` per chunk however the probes alternate between CPL0 and CPL3;
 * `context_restore` and `mem_write` do not flush the TLB (docs/oracles.md §2): a CR3 reload flushes it before
   each stretch of probes and again before any probe whose page the stretch already touched, which
-  gives every probe a fresh walk (the INVLPG-per-probe convention of base.py, at one TB per probe);
+  gives every probe a fresh walk (the INVLPG-per-probe convention of base.py);
 * memory hooks see RIP synced at TB starts only, so every access instruction starts a TB;
+* TCG translating code costs more than running it (docs/matrix-speed.md): the probes run on one
+  fixed interpreter (a dispatcher and one stub per access kind, the VA in rbx, the write value in
+  rdx, AC through popfq, all read from a table of 64-byte records), translated once per engine;
+  the hooks read the probe's index from r12;
 * a fetch fault from `call rbx` leaves the return address pushed (P5);
 * an implicit probe (Probe.implicit) writes an LDT descriptor based at its VA into the GDT, LLDT,
   then `mov es, eax` with LDT selector 4 (CPL0) or 7 (CPL3): QEMU 5.0's helper_load_seg reads the
@@ -27,7 +31,8 @@ the caller's root table (in the engine's copy only):
     0x01000 GDT (+0x28: the LDT descriptor of implicit probes)   0x03000 harness PDPT   0x04000 harness PD   0x05000 PT (supervisor view)
     0x02000 harness PML4 (LA57 only)                          0x06000 PT (user view)
     0x08000-0x10000 kernel stack   0x10000-0x18000 user stack   0x18000 set-up stubs
-    0x20000 results (one qword per probe of a chunk)   0x40000-0x200000 generated probe code
+    0x20000 results (one qword per probe of a chunk)   0x40000 the probe interpreter
+    0x48000-0x200000 the chunk's records (_assemble)
 
 The whole 2 MiB is mapped twice: supervisor at K_BASE (CPL0 code, stacks, results) and user at
 U_BASE (CPL3 code, stack, results). The user view carries a protection key that the state's
@@ -155,27 +160,6 @@ def _movabs(reg: str, imm: int) -> bytes:
     return op + _Q.pack(imm & (2**64 - 1))
 
 
-def _to_cpl3(target: int, rflags: int) -> bytes:
-    """IRETQ frame [rip, cs, rflags, rsp, ss] on the kernel stack (docs/oracles.md docs/oracles.md §2: writing CS does not
-    change CPL; IRETQ does)."""
-    return (
-        _movabs("rax", target)
-        + b"\x6a"
-        + bytes([SEL_UDATA])
-        + _movabs("rcx", U_BASE + H_USTACK_TOP)
-        + b"\x51"
-        + b"\x68"
-        + struct.pack("<I", rflags)
-        + b"\x6a"
-        + bytes([SEL_UCODE])
-        + b"\x50"
-        + _IRETQ
-    )
-
-
-_TO_CPL3_LEN = len(_to_cpl3(0, 0))
-
-
 def ldt_descriptor(base: int) -> tuple[int, int]:
     """(low, high) qwords of a 64-bit LDT descriptor (SDM Vol. 3A docs/oracles.md §2 / Figure 8-4): type 2,
     present, limit 7 (one entry), the given base."""
@@ -254,6 +238,7 @@ class _Program:
     block_at: tuple[tuple[int, int], ...]  # (phys start of its set-up, index), for listings
     # VA of the `hlt` ending a CPL3 stretch (user view) -> VA where CPL0 code goes on (kernel view)
     back_at: dict[int, int] = field(default_factory=dict)
+    table: bool = False  # the interpreter's records (the probe index in r12), not straight-line code
 
 
 def _pages(p: Probe) -> tuple[int, int]:
@@ -290,122 +275,149 @@ def _stretches(probes: Sequence[Probe]) -> list[tuple[int, int, set[int]]]:
     return out
 
 
-_MOV_RBX, _MOV_RDX, _MOV_R15 = b"\x48\xbb", b"\x48\xba", b"\x49\xbf"
-_AC_ON = _PUSHFQ + _OR_RSP_IMM + struct.pack("<I", RFLAGS_AC) + _POPFQ
-_AC_OFF = _PUSHFQ + _AND_RSP_IMM + struct.pack("<I", ~RFLAGS_AC & 0xFFFFFFFF) + _POPFQ
-_STORE = b"\x49\x89\x87"  # mov qword ptr [r15 + disp32], rax
 _M64 = 2**64 - 1
+
+# -- the probe interpreter ---------------------------------------------------------------------
+# One fixed piece of code at H_CODE runs every probe of every chunk: a dispatcher reads the next
+# 64-byte record of the chunk's table (r14) into registers and jumps to the stub of the record's
+# kind; the stub's first instruction is the access (so it starts a TB) and it jumps back. The
+# code's bytes never depend on a probe, so TCG translates each stub once per engine (per CPL,
+# AC) instead of one TB per probe (docs/matrix-speed.md). Record fields (qwords):
+#   0 va (rbx)  1 write value (rdx)  2 RFLAGS (popfq: AC)  3 entry  4 rcx (a stub's next jump)
+#   5 probe index in the chunk (r12: the hooks read it; a read stores at r15 + 8 * r12)
+#   6, 7 the LDT descriptor of an implicit probe
+REC = 64
+H_TABLE = 0x48000  # the chunk's records, up to H_END
+_DELTA = U_BASE - K_BASE
+
+
+def _interpreter() -> tuple[bytes, dict[str, int]]:
+    """The interpreter's code (placed at H_CODE) and its entry points' offsets from H_CODE."""
+    code = bytearray()
+    at: dict[str, int] = {}
+    jumps: list[int] = []  # offsets of `jmp D` rel32 fields
+
+    def label(name: str) -> None:
+        at[name] = len(code)
+
+    def jmp_d() -> None:
+        code.extend(b"\xe9")
+        jumps.append(len(code))
+        code.extend(b"\0\0\0\0")
+
+    label("D")  # rbx, rdx, RFLAGS, rcx, r12 from the record; on to its entry
+    code += bytes.fromhex("498b1e 498b5608 41ff7610 9d 498b4e20 4d8b6628 498b4618 4983c640 ffe0")
+    label("read")
+    code += INSN["read"] + bytes.fromhex("4b8904e7")  # mov [r15 + r12*8], rax
+    jmp_d()
+    label("write")
+    code += INSN["write"]
+    jmp_d()
+    label("fetch")
+    code += INSN["fetch"]
+    label("fetch_ret")
+    jmp_d()
+    label("implicit")
+    code += _MOV_ES_EAX
+    jmp_d()
+    label("implicit_u")  # CPL3: the selector, then the access as its own TB
+    code += b"\xb8" + struct.pack("<I", SEL_IMPLICIT_U) + bytes.fromhex("ffe1")
+    label("ldt")  # CPL0: the LDT descriptor (fields 6, 7) into the GDT, lldt, then rcx
+    code += _movabs("rax", K_BASE + H_GDT + SEL_LDT)
+    code += bytes.fromhex("498b76f0 488930 498b76f8 48897008")
+    code += b"\xb8" + struct.pack("<I", SEL_LDT) + bytes.fromhex("0f00d0")
+    code += b"\xb8" + struct.pack("<I", SEL_IMPLICIT_K) + bytes.fromhex("ffe1")
+    label("flush")  # a CR3 reload (the TLB), then rcx
+    code += _RELOAD_CR3 + bytes.fromhex("ffe1")
+    label("to3")  # IRETQ to the user view of rcx, r14/r15 moved to the user view
+    code += b"\x6a" + bytes([SEL_UDATA]) + _movabs("rax", U_BASE + H_USTACK_TOP) + b"\x50"
+    code += b"\x6a\x02\x6a" + bytes([SEL_UCODE])
+    code += _movabs("rax", _DELTA) + bytes.fromhex("4901c6 4901c7 4801c8 50") + _IRETQ
+    label("hlt")  # (user view) back to CPL0 through the hook
+    code += _HLT
+    label("end")  # emu_start's `until`
+    code += _INT3
+    for j in jumps:
+        code[j : j + 4] = struct.pack("<i", at["D"] - (j + 4))
+    return bytes(code), at
+
+
+_INTERP, _AT = _interpreter()
+_K = {k: K_BASE + H_CODE + off for k, off in _AT.items()}  # kernel-view addresses
+_U = {k: U_BASE + H_CODE + off for k, off in _AT.items()}  # user-view addresses
+# rip of an access -> -1: the probe index is in r12 (a hand-made _Program maps rip -> index)
+_ACCESS_AT = {v[k]: -1 for v in (_K, _U) for k in ("read", "write", "fetch", "implicit")}
+_RET_AT = {_K["fetch_ret"]: -1, _U["fetch_ret"]: -1}
+_BACK_AT = {_U["hlt"]: _K["D"]}
+# where the interpreter goes on after a fault at an access (or a fetch returning to fetch_ret)
+_RESUME = {v[k]: v["D"] for v in (_K, _U) for k in ("read", "write", "fetch", "implicit", "fetch_ret")}
 
 
 def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
-    """Straight-line probe code for one chunk.
+    """The chunk's record table for the interpreter (code: the interpreter, padded to H_TABLE,
+    then the records).
 
-    Every access instruction starts a TB (memory hooks see RIP synced only at TB starts, measured)
-    and its TB runs on to the set-up of the next probe (AC, rdx, rbx) and a `jmp $+2`: one TB per
-    probe. A fault resumes inside that TB at the set-up, a short tail (pitfall P4 only bites long
-    tails), or straight at the next access when the tail only loads rbx. The TLB is flushed by a
+    Each probe is one record; control records (a CR3 reload, the LDT set-up of a CPL3 implicit
+    probe, the IRETQ to CPL3, the `hlt` back, the end) sit between them. The TLB is flushed by a
     CR3 reload at the start of each stretch and before any probe whose page the stretch already
     touched, so every probe walks from CR3 (base.py convention). A CPL3 stretch is entered with
-    IRETQ from CPL0 and ends its segment (no way back, docs/oracles.md docs/oracles.md §2).
+    IRETQ from CPL0 and left by `hlt` (#GP at CPL3), which the hook turns back into CPL0.
     """
-    code = bytearray()
-    access_at: dict[int, int] = {}
-    ret_at: dict[int, int] = {}
-    resume: list[int] = []
-    skip: list[tuple[int, ...] | None] = []
+    recs = bytearray()
+    pack = struct.Struct("<8Q").pack
     blocks: list[tuple[int, int]] = []
-    segments: list[_Segment] = []
-    pack = _Q.pack
-    seg: dict | None = None
-    back_at: dict[int, int] = {}
+    has_fetch = False
 
-    def close_segment(base: int) -> None:
-        nonlocal seg
-        code.extend(_JMP_NEXT)  # `until` starts a TB
-        here = H_CODE + len(code)
-        seg["parts"].append((seg["start"], here, base))
-        segments.append(_Segment(seg["begin"], base + here, tuple(seg["parts"]), seg["fetch"]))
-        code.extend(_INT3)  # never executed: a run past `until` is vector 3, not silence
-        seg = None
+    def ctl(entry: int, rcx: int = 0) -> None:
+        recs.extend(pack(0, 0, 0x2, entry, rcx, 0, 0, 0))
 
     for start, end, flush in _stretches(probes):
         user = probes[start].user
-        if seg is None:
-            here = H_CODE + len(code)
-            seg = {"begin": K_BASE + here, "parts": [], "start": here, "fetch": False}
-        if not user:
-            code += _MOV_R15 + pack(K_BASE + H_RESULTS) + _RELOAD_CR3
-            ac, rdx = False, None
-            base = K_BASE
-        else:
+        v = _U if user else _K
+        if user:
             if probes[start].implicit:
-                code += _ldt_setup(probes[start].va)
-            code += _RELOAD_CR3
-            target = U_BASE + H_CODE + len(code) + _TO_CPL3_LEN
-            code += _to_cpl3(target, 0x2 | (RFLAGS_AC if probes[start].ac else 0))
-            here = H_CODE + len(code)
-            seg["parts"].append((seg["start"], here, K_BASE))
-            seg["start"] = here
-            code += _MOV_R15 + pack(U_BASE + H_RESULTS)
-            ac, rdx = probes[start].ac, None
-            base = U_BASE
-        vbase = base + H_CODE
+                lo, hi = ldt_descriptor(probes[start].va)
+                recs.extend(pack(0, 0, 0x2, _K["ldt"], _K["D"], 0, lo, hi))
+            ctl(_K["flush"], _K["D"])
+            ctl(_K["to3"], _K["D"])
+        else:
+            ctl(_K["flush"], _K["D"])
         for i in range(start, end):
             p = probes[i]
-            # set-up of probe i (the tail of probe i-1's TB)
-            tail = len(code)
             if i in flush:
-                code += _RELOAD_CR3
-            blocks.append((H_CODE + tail, first + i))
-            if p.ac != ac:
-                code += _AC_ON if p.ac else _AC_OFF
-                ac = p.ac
-            if p.access == "write" and rdx != p.wvalue:
-                code += _MOV_RDX + pack(p.wvalue & _M64)
-                rdx = p.wvalue
+                ctl(_K["flush"], _K["D"])
+            blocks.append((H_TABLE + len(recs), first + i))
+            fl = 0x2 | (RFLAGS_AC if p.ac else 0)
+            lo = hi = 0
             if p.implicit:
-                if not user:
-                    code += _ldt_setup(p.va)
-                code += b"\xb8" + struct.pack("<I", SEL_IMPLICIT_U if user else SEL_IMPLICIT_K)
-            code += _MOV_RBX + pack(p.va & _M64) + _JMP_NEXT
-            if i > start and len(code) - tail == 12:  # movabs rbx + jmp $+2 only
-                skip[-1] = (vbase + len(code), p.va)
-            elif i > start and len(code) - tail == 22 and code[tail : tail + 2] == _MOV_RDX:
-                skip[-1] = (vbase + len(code), p.va, p.wvalue & _M64)  # movabs rdx, rbx + jmp
-            # the access, starting its TB
-            access_at[vbase + len(code)] = first + i
-            code += _MOV_ES_EAX if p.implicit else INSN[p.access]
-            if p.implicit:
-                pass
-            elif p.access == "fetch":
-                ret_at[vbase + len(code)] = first + i
-                seg["fetch"] = True
-            elif p.access == "read":
-                code += _STORE + struct.pack("<i", 8 * i)
-            resume.append(vbase + len(code))
-            skip.append(None)
-        if end == len(probes):
-            close_segment(base)
-        elif user:
-            # back to CPL0 through the hook: hlt (#GP at CPL3), then the kernel view of the next byte
-            back_at[U_BASE + H_CODE + len(code)] = K_BASE + H_CODE + len(code) + len(_HLT)
-            code.extend(_HLT)
-            here = H_CODE + len(code)
-            seg["parts"].append((seg["start"], here, U_BASE))
-            seg["start"] = here
-    if H_CODE + len(code) > H_END:
-        raise _TooBig(len(code))
+                if user:
+                    entry, rcx = v["implicit_u"], v["implicit"]
+                else:
+                    entry, rcx = v["ldt"], v["implicit"]
+                    lo, hi = ldt_descriptor(p.va)
+            else:
+                entry, rcx = v[p.access], 0
+                has_fetch = has_fetch or p.access == "fetch"
+            recs.extend(pack(p.va & _M64, p.wvalue & _M64, fl, entry, rcx, i, lo, hi))
+        if user:
+            ctl(_U["hlt"])
+    ctl(_K["end"])
+    if H_TABLE + len(recs) > H_END:
+        raise _TooBig(len(recs))
+    code = _INTERP + bytes(H_TABLE - H_CODE - len(_INTERP)) + bytes(recs)
+    seg = _Segment(_K["D"], _K["end"], ((H_CODE, H_CODE + len(_INTERP), K_BASE),), has_fetch)
     return _Program(
         first,
         tuple(probes),
-        bytes(code),
-        tuple(segments),
-        access_at,
-        ret_at,
-        tuple(resume),
-        tuple(skip),
+        code,
+        (seg,),
+        _ACCESS_AT,
+        _RET_AT,
+        (),
+        (),
         tuple(blocks),
-        back_at,
+        _BACK_AT,
+        table=True,
     )
 
 
@@ -503,9 +515,14 @@ def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
     prog = st.prog
     if intno == 13 and prog is not None and rip in prog.back_at and st.ctx_k is not None:
         # the end of a CPL3 stretch: the CPL0 context as run_segment starts it (kernel stack,
-        # AC=0, CR2 and old_exception as saved), then on at the CPL0 code after the hlt
+        # AC=0, CR2 and old_exception as saved), then on at the CPL0 code after the hlt, the
+        # interpreter's record pointer kept (in the kernel view)
+        r14 = raw.reg(x.UC_X86_REG_R14)
         raw.ctx_restore(raw.uch, st.ctx_k.context)
         st.last_cr2 = raw.reg(x.UC_X86_REG_CR2)
+        if prog.table:
+            raw.set_reg(x.UC_X86_REG_R14, r14 - _DELTA)
+            raw.set_reg(x.UC_X86_REG_R15, K_BASE + H_RESULTS)
         raw.set_reg(x.UC_X86_REG_RIP, prog.back_at[rip])
         return
     ctx = st.ctx.context
@@ -521,14 +538,20 @@ def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
     if intno == 8:
         raise OracleError("unicorn raised #DF: old_exception was not reset (context layout changed?)")
     i = prog.access_at.get(rip)
+    if i is not None and i < 0:
+        i = prog.first + raw.reg(x.UC_X86_REG_R12)
     pop = False
     if i is not None and prog.probes[i - prog.first].access == "fetch" and intno != 13:
         raise OracleError(
             f"fault {intno} on the harness's call for probe #{i} (its CPL3 stack push?): error code {code:#x}"
         )
+    ret = None
     if i is None:
         rsp = raw.reg(x.UC_X86_REG_RSP)
-        i = prog.ret_at.get(raw.u64(_harness_pa(rsp)))
+        ret = raw.u64(_harness_pa(rsp))
+        i = prog.ret_at.get(ret)
+        if i is not None and i < 0:
+            i = prog.first + raw.reg(x.UC_X86_REG_R12)
         if i is None or (prog.probes[i - prog.first].va != rip):
             where = (
                 ""
@@ -561,6 +584,9 @@ def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
     st.faults[i] = _Fault(intno, code, cr2, old, detail)
     if pop:
         raw.set_reg(x.UC_X86_REG_RSP, raw.reg(x.UC_X86_REG_RSP) + 8)
+    if prog.table:  # back to the dispatcher (of the view the access ran in)
+        raw.set_reg(x.UC_X86_REG_RIP, _RESUME[ret if pop else rip])
+        return
     fast = prog.skip[i - prog.first]
     if fast is None:
         raw.set_reg(x.UC_X86_REG_RIP, prog.resume[i - prog.first])
@@ -581,7 +607,10 @@ def _on_mem(raw: _Raw, st: _Scratch, access: int, address: int, size: int) -> No
     i = st.prog.access_at.get(rip)
     if i is None:
         st.stray.append(f"access to {address:#x} from rip {rip:#x}")
-    elif i not in st.pa:
+        return
+    if i < 0:
+        i = st.prog.first + raw.reg(_x86.UC_X86_REG_R12)
+    if i not in st.pa:
         st.pa[i] = address
 
 
@@ -682,6 +711,7 @@ class _Engine:
                 raise OracleError(f"uc_hook_add({htype}) failed")
             self.hooks.append(handle)
         self.ctx_k = None
+        self.interp = False  # the interpreter's code is at H_CODE (translations kept)
 
     def flush_tlb(self) -> None:
         # The binding has no TLB-flush wrapper (docs/oracles.md docs/oracles.md §2); ctl_flush_tb is the TB cache only.
@@ -718,8 +748,11 @@ class _Engine:
                 f"unicorn stopped at rip {rip:#x}, not at {until:#x} (silent triple fault or timeout)"
             )
 
-    def run_segment(self, seg: _Segment, n_probes: int) -> None:
+    def run_segment(self, seg: _Segment, n_probes: int, table: bool = False) -> None:
         self.uc.context_restore(self.ctx_k)
+        if table:  # the interpreter's record pointer and results, kernel view
+            self.raw.set_reg(_x86.UC_X86_REG_R14, K_BASE + H_TABLE)
+            self.raw.set_reg(_x86.UC_X86_REG_R15, K_BASE + H_RESULTS)
         self.flush_tlb()
         # CR2 came back with the context: a #GP is said to write CR2 only if it changes it.
         self.st.last_cr2 = self.raw.reg(_x86.UC_X86_REG_CR2)
@@ -834,31 +867,40 @@ class UnicornOracle:
         return INSN[probe.access]
 
     def listing(self, probes: Sequence[Probe]) -> str:
-        """The generated probe code of a batch, disassembled by capstone, with probe markers."""
+        """The probe interpreter, disassembled by capstone, then each chunk's records: a probe's
+        as the register loads the dispatcher makes for it (disassembled) and the stub it runs."""
         import capstone
 
         md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        lines = []
+        names = {off: name for name, off in _AT.items()}
+        by_addr = {a: f"{n} (CPL0 view)" for n, a in _K.items()} | {
+            a: f"{n} (CPL3 view)" for n, a in _U.items()
+        }
+        lines = [f"; the interpreter at {K_BASE + H_CODE:#x} (CPL0 view), {U_BASE + H_CODE:#x} (CPL3 view)"]
+        for addr, size, mnem, ops in md.disasm_lite(_INTERP, K_BASE + H_CODE):
+            off = addr - K_BASE - H_CODE
+            if off in names:
+                lines.append(f"; {names[off]}:")
+            raw = _INTERP[off : off + size].hex()
+            lines.append(f"{addr:016x}  {raw:<22} {mnem} {ops}".rstrip())
+        rec = struct.Struct("<8Q")
         for prog in _chunks(list(probes)):
+            seg = prog.segments[0]
+            lines.append(f"; chunk @{prog.first}: emu_start({seg.begin:#x}, {seg.until:#x}), records:")
             starts = dict(prog.block_at)
-            for s_no, seg in enumerate(prog.segments):
-                lines.append(
-                    f"; chunk @{prog.first} segment {s_no}: emu_start({seg.begin:#x}, {seg.until:#x})"
-                )
-                for p_start, p_end, base in seg.parts:
-                    lines.append(f";   {'CPL3 (user view)' if base == U_BASE else 'CPL0 (supervisor view)'}")
-                    chunk = prog.code[p_start - H_CODE : p_end - H_CODE]
-                    for addr, size, mnem, ops in md.disasm_lite(chunk, base + p_start):
-                        ph = addr - base
-                        if ph in starts:
-                            i = starts[ph]
-                            p = prog.probes[i - prog.first]
-                            lines.append(
-                                f"; probe #{i}: {p.access} va={p.va:#x} "
-                                f"cpl={3 if p.user else 0} ac={int(p.ac)}"
-                            )
-                        raw = prog.code[ph - H_CODE : ph - H_CODE + size].hex()
-                        lines.append(f"{addr:016x}  {raw:<22} {mnem} {ops}".rstrip())
+            for off in range(H_TABLE - H_CODE, len(prog.code), REC):
+                va, wv, fl, entry, rcx, k, _, _ = rec.unpack_from(prog.code, off)
+                i = starts.get(H_CODE + off)
+                if i is None:
+                    nxt = f", then {by_addr[rcx]}" if rcx in by_addr else ""
+                    lines.append(f";   {by_addr.get(entry, hex(entry))}{nxt}")
+                    continue
+                p = prog.probes[i - prog.first]
+                lines.append(f"; probe #{i}: {p.access} va={p.va:#x} cpl={3 if p.user else 0} ac={int(p.ac)}")
+                regs = _movabs("rbx", va) + (_movabs("rdx", wv) if p.access == "write" else b"")
+                for _, _, mnem, ops in md.disasm_lite(regs, 0):
+                    lines.append(f";   {mnem} {ops}")
+                lines.append(f";   rflags {fl:#x}, r12 {k}, jmp {by_addr.get(entry, hex(entry))}")
         return "\n".join(lines) + "\n"
 
     def implicit_gdt_read(self, memory: SparseMemory, state: PagingState, *, ac: bool) -> ProbeResult:
@@ -991,11 +1033,15 @@ class UnicornOracle:
         st = eng.st
         st.prog = prog
         st.faults, st.pa, st.stray = {}, {}, []
-        uc.mem_write(H_CODE, prog.code)
-        uc.ctl_flush_tb()  # code of the previous chunk sat at the same addresses
+        if not prog.table or not eng.interp:
+            uc.mem_write(H_CODE, prog.code)
+            uc.ctl_flush_tb()  # code of the previous chunk sat at the same addresses
+            eng.interp = prog.table
+        else:  # the interpreter is in place and translated: only the records change
+            uc.mem_write(H_TABLE, prog.code[H_TABLE - H_CODE :])
         n = len(prog.probes)
         for seg in prog.segments:
-            eng.run_segment(seg, n)
+            eng.run_segment(seg, n, prog.table)
         values = struct.unpack(f"<{n}Q", bytes(uc.mem_read(H_RESULTS, 8 * n))) if n else ()
         out = []
         stray = "; ".join(st.stray)
