@@ -291,7 +291,8 @@ def fill_pt(mem: SparseMemory, pt: int, first: int) -> None:
 
 def test_uniform_tables_with_reserved_bits():
     """18 PTs each of 512 consecutive frames with bit 46 set: 18 uniform records, all flagged,
-    16 issues (one per table: va of the table, address of the table, first entry)."""
+    16 issues kept (one per table: va of the table, address of the table, first entry) and all 18
+    counted (the count once stopped at the 16 kept)."""
     b = Builder(levels=4, table_base=0x100000, maxphyaddr=46)
     b.map(0x0, 0x0, 0x1000, 0x1000, "p")  # PML4 0x100000, PDPT 0x101000, PD 0x102000, PT 0x103000
     for t in range(18):
@@ -315,7 +316,7 @@ def test_uniform_tables_with_reserved_bits():
     assert sc.stats.issues == [
         Issue("reserved", t << 21, 1, 0x103000 + 0x1000 * t, w[3]) for t, w in enumerate(want[:16])
     ]
-    assert sc.stats.issue_count == 16
+    assert sc.stats.issue_count == 18
     assert sc.stats.entries[1] == 18 * 512
     # one record per table: 4 levels of tables (1 + 1 + 1 + 18) and 18 records
     assert sc.visited == 21 * 512 + 18 * 64
@@ -377,8 +378,8 @@ def test_uniform_pt_with_a_va_range_is_cut_at_its_edges():
     b.map(0x200000, 0x40000000, 0x200000, 0x1000, "p rw")  # PT 0x103000, uniform
     b.map(0x400000, 0x50000000, 0x3000, 0x1000, "p rw")  # PT 0x104000 [0..2]
     st = b.state()
-    sc = Scanner(st, b.memory, va_range=(0x3FE001, 0x401000))
-    # overlapping entries: PT 0x103000 [510] (0x3fe000, reaches 0x3fe001) and [511]; PT 0x104000 [0]
+    sc = Scanner(st, b.memory, va_range=(0x3FEFFF, 0x401000))
+    # overlapping entries: PT 0x103000 [510] (its last byte is 0x3fefff) and [511]; PT 0x104000 [0]
     assert records(sc.chunks()) == [
         (0x3FE000, 2, 1, 0x401FE003, 0x401FE000, P | RW, 0x103000 + 510 * 8),
         (0x400000, 1, 1, 0x50000003, 0x50000000, P | RW, 0x104000),
@@ -575,8 +576,9 @@ def test_rows_arithmetic_blocks_and_row_selections():
 def test_scanner_options():
     b = main_image()
     st = b.state()
-    sc = Scanner(st, b.memory, addr_mask=0xFFFFF, top_breaks=(0, 100, 256, 511, 512, 600))
-    assert sc.addr_mask == 0xFF000 and sc.top_breaks == (100, 256, 511)
+    sc = Scanner(st, b.memory, addr_mask=0xFFFFF, top_breaks=(0, 1, 100, 256, 511, 512, 600))
+    assert sc.addr_mask == 0xFF000 and sc.top_breaks == (1, 100, 256, 511)
+    assert sc.memory is b.memory and sc.state is st
     assert Scanner(st, b.memory).addr_mask == (1 << 46) - 0x1000
     # PML4 holes end at every top break: [1..99], [100..255], [256..272], [274..510]
     sc = Scanner(st, b.memory, holes=True, top_breaks=(100, 256))
@@ -727,3 +729,166 @@ def test_parse_has_refuses(words, msg):
     with pytest.raises(BadInputError) as ei:
         parse_has(words)
     assert str(ei.value) == msg
+
+
+def test_mappings_carry_the_reserved_flag():
+    b = Builder(levels=4, table_base=0x100000, maxphyaddr=46)
+    b.map(0x0, 0x5000000, 0x2000, 0x1000, "p rw")
+    b.set_entry(0x1000, 1, b.get_entry(0x1000, 1) | 1 << 46)
+    st = b.state()
+    want = [
+        Mapping(0x0, 0x1000, 0x5000000, 1, 0x5000003, True, False, False, False, 0x103000),
+        Mapping(0x1000, 0x1000, 0x5001000, 1, 0x5001003 | 1 << 46, True, False, False, True, 0x103008),
+    ]
+    assert list(Scanner(st, b.memory).mappings()) == want
+    assert scan_reference(st, b.memory) == want
+
+
+def test_rows_arithmetic_is_exact_on_high_values():
+    """Entries with XD (bit 63) set: a difference of 8 in the low bits must still count (a float
+    comparison would round both to 2**63)."""
+    step = np.arange(512, dtype=np.uint64) * np.uint64(0x1000)
+    E = np.uint64(XD | 0x1000) + np.tile(step, (3, 1))
+    E[1, 7] += np.uint64(8)
+    assert _rows_arithmetic(E, np.arange(3), step).tolist() == [True, False, True]
+    assert _rows_arithmetic(E, np.array([1, 2]), step).tolist() == [False, True]
+
+
+def test_raw_tables_are_read_in_place(tmp_path):
+    """A raw image's consecutive tables are a view of the mapped file (no copy); others are
+    gathered, and tables past the end read as zeros."""
+    from x86pt.scan import _Tables
+
+    b = main_image()
+    path = str(tmp_path / "img.raw")
+    write_image(b.memory, b.state(), path, "raw")
+    mem = open_memory(path)
+    try:
+        t = _Tables(mem)
+        assert t.limit == 0x108000
+        for pas in ([PD0], [PD0, PT0], [ROOT, PDPT0, PD0, PT0]):
+            E, ok = t.read(np.array(pas, dtype=np.uint64))
+            assert np.shares_memory(E, mem.file.u64) and ok.all()
+            assert E.tolist() == [b.memory.table(pa).tolist() for pa in pas]
+        E, ok = t.read(np.array([PT0, PD0, PDPT2, 0x108000], dtype=np.uint64))
+        assert not np.shares_memory(E, mem.file.u64) and ok.tolist() == [True, True, True, False]
+        assert E.tolist() == [b.memory.table(pa).tolist() for pa in (PT0, PD0, PDPT2)] + [[0] * 512]
+        E, ok = t.read(np.array([0x108000, 0x109000], dtype=np.uint64))
+        assert E.tolist() == [[0] * 512] * 2 and ok.tolist() == [False, False]
+        assert E.dtype == np.uint64
+    finally:
+        mem.close()
+    t = _Tables(b.memory)  # not a raw file: one table at a time
+    assert t.flat is None
+    E, ok = t.read(np.array([PD0, PT0], dtype=np.uint64))
+    assert E.tolist() == [b.memory.table(pa).tolist() for pa in (PD0, PT0)] and ok.all()
+
+
+def test_batches_hold_1024_tables_by_default():
+    """1025 PD entries (three PDs) point at one empty PT: the PTs are read as batches of 1024 and 1."""
+    b = Builder(levels=4, table_base=0x100000, maxphyaddr=46)
+    b.map(0x0, 0x0, 0x1000, 0x1000, "p")  # PD 0x102000, PT 0x103000
+    b.memory.write_u64(0x101008, 0x104000 | TBL)  # PDPT[1] -> PD 0x104000
+    b.memory.write_u64(0x101010, 0x105000 | TBL)  # PDPT[2] -> PD 0x105000
+    empty = 0x106000
+    for pd, n in ((0x102000, 512), (0x104000, 512), (0x105000, 1)):
+        for i in range(n):
+            b.memory.write_u64(pd + 8 * i, empty | TBL)
+    sc = Scanner(b.state(), b.memory)
+    assert records(sc.chunks()) == []
+    assert [len(t) for t in sc.stats.table_pas] == [1, 1, 3, 1024, 1]
+    assert sc.stats.tables == {1: 1025, 2: 3, 3: 1, 4: 1, 5: 0}
+    assert sc.stats.distinct_tables() == 1 + 1 + 3 + 1
+
+
+def test_non_present_entries_are_never_one_record():
+    """A PT whose entries step by one page but have P clear, and a PD whose entries step by 2M with
+    PS set but P clear: holes (one run each), not leaves."""
+    b = Builder(levels=4, table_base=0x100000, maxphyaddr=46)
+    b.map(0x0, 0x0, 0x1000, 0x1000, "p")  # PD 0x102000, PT 0x103000 [0] = 0x1
+    fill_pt(b.memory, 0x104000, 0x2)  # RW only
+    b.memory.write_u64(0x102008, 0x104000 | TBL)  # PD[1] -> that PT
+    b.memory.write_u64(0x101008, 0x105000 | TBL)  # PDPT[1] -> PD 0x105000
+    b.memory.write(
+        0x105000, (np.uint64(0x82) + np.arange(512, dtype=np.uint64) * np.uint64(0x200000)).tobytes()
+    )
+    sc = Scanner(b.state(), b.memory, holes=True)
+    recs = records(sc.chunks())
+    assert [x for x in recs if x[5] & P] == [(0x0, 1, 1, 0x1, 0x0, P, 0x103000)]
+    # a hole carries the ANDed R/W of its own value too (effective_prot on a non-present entry)
+    assert (0x200000, 512, 1, 0x2, 0, RW, 0x104000) in recs
+    assert (0x40000000, 512, 2, 0x82, 0, RW, 0x105000) in recs
+    assert sc.stats.entries == {1: 1, 2: 0, 3: 0, 4: 0, 5: 0}
+
+
+def test_a_pml4_of_ps_entries_is_tables_not_a_leaf():
+    """PS is reserved in a PML4E (SDM Table 4-15): 512 PML4Es stepping by 512G with PS set are
+    table pointers (flagged), never one leaf record. M = 52 so the frames fit."""
+    mem = SparseMemory()
+    root = 0x1000
+    mem.write(root, (np.uint64(0x81) + np.arange(512, dtype=np.uint64) * np.uint64(1 << 39)).tobytes())
+    st = PagingState(cr3=root, cr4=CR4_PAE, efer=0xD00)
+    sc = Scanner(st, mem, max_entries=1 << 20)
+    assert records(sc.chunks()) == []
+    assert sc.stats.tables == {1: 0, 2: 0, 3: 512, 4: 1, 5: 0}
+    assert sc.stats.issues == [
+        Issue(
+            "reserved", sign_extend(np.array([i << 39], np.uint64), 48)[0], 4, root + 8 * i, 0x81 + (i << 39)
+        )
+        for i in range(16)
+    ]
+    assert sc.stats.issue_count == 512
+
+
+def test_a_run_of_table_entries_points_at_consecutive_tables():
+    """PD[0..2] step by 2M (one run) and point at PTs 0x200000, 0x400000, 0x600000; memory ends at
+    0x500000, so the third is past the end."""
+    b = Builder(memory=SparseMemory(0x500000), levels=4, table_base=0x100000, maxphyaddr=46)
+    b.map(0x0, 0x0, 0x1000, 0x1000, "p")  # PD 0x102000
+    for i in range(3):
+        b.memory.write_u64(0x102000 + 8 * i, (0x200000 << i) - (0 if i < 2 else 0x200000) | TBL)
+    assert [b.memory.read_u64(0x102000 + 8 * i) for i in range(3)] == [0x200027, 0x400027, 0x600027]
+    b.memory.write_u64(0x200000, 0x5000003)
+    b.memory.write_u64(0x400008, 0x6000003)
+    sc = Scanner(b.state(), b.memory)
+    assert records(sc.chunks()) == [
+        (0x0, 1, 1, 0x5000003, 0x5000000, P | RW, 0x200000),
+        (0x201000, 1, 1, 0x6000003, 0x6000000, P | RW, 0x400008),
+    ]
+    assert [t.tolist() for t in sc.stats.table_pas] == [
+        [ROOT],
+        [PDPT0],
+        [PD0],
+        [0x200000, 0x400000, 0x600000],
+    ]
+    assert sc.stats.issues == [Issue("past-end", 0x400000, 2, 0x102010, 0x600027)]
+
+
+def test_a_shared_table_is_not_a_loop():
+    """PDPT B[1] points at PDPT A, which is on another path (PML4[0]), not an ancestor of B: the
+    walk reads A as a PD and its PD as a PT, with no loop issue and no EFF_LOOP."""
+    b = Builder(levels=4, table_base=0x100000, maxphyaddr=46)
+    b.map(0x0, 0x5000000, 0x1000, 0x1000, "p rw us")  # PDPT A 0x101000, PD 0x102000, PT 0x103000
+    b.map(1 << 39, 0x6000000, 0x1000, 0x1000, "p rw us")  # PDPT B 0x104000, PD 0x105000, PT 0x106000
+    b.memory.write_u64(0x104008, 0x101000 | TBL)
+    sc = Scanner(b.state(), b.memory)
+    assert records(sc.chunks()) == [
+        (0x0, 1, 1, 0x5000007, 0x5000000, P | RW | US, 0x103000),
+        (1 << 39, 1, 1, 0x6000007, 0x6000000, P | RW | US, 0x106000),
+        ((1 << 39) + (1 << 30), 1, 1, 0x103027, 0x103000, P | RW | US, 0x102000),
+    ]
+    assert sc.stats.issues == []
+
+
+@pytest.mark.parametrize(
+    "kw,keep",
+    [
+        ({"writable": True, "executable": True}, [1, 0, 1, 1]),
+        ({"user": True, "executable": False}, [0, 0, 0, 1]),
+        ({"writable": False, "levels": (1, 3)}, [0, 0, 0, 1]),
+        ({"levels": (1, 2), "has": "a"}, [0, 1, 0, 1]),
+        ({"writable": True, "has": "!pat"}, [0, 0, 1, 1]),
+    ],
+)
+def test_filter_tests_combine(kw, keep):
+    assert Filter(**kw).mask(chunk(FROWS)).tolist() == [bool(k) for k in keep]

@@ -88,9 +88,7 @@ class Issue:
     raw: int
 
     def describe(self) -> str:
-        name = (
-            "CR3" if self.level not in LEVELS else LEVELS[self.level].table + "E" if self.level > 1 else "PTE"
-        )
+        name = "CR3" if self.level not in LEVELS else LEVELS[self.level].table + "E"  # PT + E = PTE
         if self.what == "loop":
             why = "points at one of its own ancestor tables (recursive mapping); walked as the CPU would"
         elif self.what == "past-end":
@@ -466,16 +464,7 @@ class Scanner:
         bad = (raw & U64(rs_leaf)) != 0
         if bad.any():
             eff[bad] |= np.uint8(EFF_RSVD)
-            for j in np.nonzero(bad)[0][:16].tolist():
-                self.stats.add_issue(
-                    Issue(
-                        "reserved",
-                        int(sign_extend(bases[ui[j] : ui[j] + 1], self.bits)[0]),
-                        lnum,
-                        int(pas[ui[j]]),
-                        int(raw[j]),
-                    )
-                )
+            self._issues_reserved(lnum, bases[ui][bad], pas[ui][bad], raw[bad])
         chunk = Chunk(
             sign_extend(bases[ui], self.bits),
             np.full(len(ui), 512, U64),
@@ -503,7 +492,7 @@ class Scanner:
         np.equal(Eu[:, 1:], Eu[:, :-1] + U64(size), out=cont[:, 1:])
         # ... and the step stays inside the frame field: a frame that carries out of it sets a
         # bit above (reserved or ignored), so that entry is not the next frame (as _uniform_tables)
-        cont[:, 1:] &= ((Eu[:, 1:] ^ Eu[:, :-1]) & U64(~self.addr_mask & ((1 << 64) - 1))) == 0
+        cont[:, 1:] &= ((Eu[:, 1:] ^ Eu[:, :-1]) & ~U64(self.addr_mask)) == 0
         zero = Eu == 0
         cont[:, 1:] |= zero[:, 1:] & zero[:, :-1]
         if lnum == self.state.paging_levels:
