@@ -747,59 +747,6 @@ def _sext(va: int, bits: int) -> int:
     return va
 
 
-def _leaf_bits(flags: int, pfx: str) -> int:
-    """P/RW/US/A/D/NX/51/36 of `pfx` (pte or pde) from the flags (docs/paging.md §11.3); '51' is the case's
-    hi_bit, and pde.51 stays out of the PDE when hi_at puts it higher."""
-    g = F
-    raw = 0
-    if flags & g[pfx + ".p"]:
-        raw |= _P
-    if flags & g[pfx + ".rw"]:
-        raw |= _RW
-    if flags & g[pfx + ".user"]:
-        raw |= _US
-    if flags & g[pfx + ".a"]:
-        raw |= _A
-    if flags & g[pfx + ".d"]:
-        raw |= _D
-    if flags & g[pfx + ".nx"]:
-        raw |= _XD
-    if flags & g[pfx + ".51"] and (pfx == "pte" or not flags & HI_AT_MASK):
-        raw |= 1 << hi_bit(flags)
-    if flags & g[pfx + ".36"]:
-        raw |= _B36
-    return raw
-
-
-def case_probes(flags: int, va: int, pa: int) -> list[Probe]:
-    """The probes of one case: with `twice`, a supervisor read first (docs/paging.md §11.4)."""
-    kind = "write" if flags & ACC_WRITE else "fetch" if flags & ACC_FETCH else "read"
-    if flags & NONCANON:
-        va ^= 1 << 62
-    out = []
-    if flags & ACC_TWICE:
-        out.append(
-            _made(
-                Probe,
-                {"va": va, "access": "read", "user": False, "ac": False, "wvalue": 0, "implicit": False},
-            )
-        )
-    out.append(
-        _made(
-            Probe,
-            {
-                "va": va,
-                "access": kind,
-                "user": bool(flags & ACC_USER),
-                "ac": bool(flags & ACC_AC),
-                "wvalue": tag_value(pa) if kind == "write" else 0,
-                "implicit": bool(flags & IMPLICIT),
-            },
-        )
-    )
-    return out
-
-
 _new = object.__new__
 _set = object.__setattr__
 
@@ -815,7 +762,8 @@ def _made(cls, fields: dict):
 
 def _leaf_table(first: int, names: Sequence[str]) -> tuple[int, ...]:
     """Entry bits of every combination of the flags `names` (consecutive flag bits from `first`):
-    P/RW/US/A/D/NX/36 as _leaf_bits sets them; the reserved bit of '.51' and PS are added apart."""
+    P/RW/US/A/D/NX/36 from pte.* / pde.* (docs/paging.md §11.1); the reserved bit of '.51' (the case's
+    hi_bit, and for pde.51 only when hi_at keeps it in the PDE) and PS are added apart."""
     bit_of = {"rw": _RW, "user": _US, "a": _A, "d": _D, "nx": _XD, "p": _P, "36": _B36}
     out = []
     for v in range(1 << len(names)):
@@ -900,7 +848,7 @@ def build_batch(cases: Sequence[tuple[str, int]], feat: MatrixFeatures, profile:
                     _made(OwnedEntry, {"addr": pte_addr, "raw": pte, "kind": "pte"}),
                 )
                 va = base_va | tidx << 12 | off
-        # case_probes, inlined: with `twice` a supervisor read first, then the case's access
+        # the case's probes: with `twice` a supervisor read first, then the case's access
         first = len(probes)
         kind = "write" if flags & ACC_WRITE else "fetch" if flags & ACC_FETCH else "read"
         if flags & NONCANON:
