@@ -91,3 +91,9 @@ def test_a_whole_run_replaces_everything():
     text = mutate.merge_list(OLD, "m.py", [], {"f": (5, 5, "2026-12-02")}, None, "2026-12-02")
     assert text.splitlines()[2:] == ["# run f 5/5 2026-12-02"]
     assert "score 5/5 on 2026-12-02, one run." in text.splitlines()[0]
+
+
+def test_a_function_gone_from_the_module_is_dropped():
+    text = mutate.merge_list(OLD, "m.py", [], {"g": (5, 5, "2026-12-02")}, {"g"}, "2026-12-02", {"g", "h"})
+    assert text.splitlines()[2:] == ["# run g 5/5 2026-12-02"]
+    assert "score 5/5" in text.splitlines()[0]

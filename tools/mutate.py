@@ -310,21 +310,24 @@ def merge_list(
     runs: dict[str, tuple[int, int, str]],
     ran: set[str] | None,
     date: str,
+    exists: set[str] | None = None,
 ) -> str:
     """The new text of a survivor list. `entries` are the survivor lines of this run, `runs` its
     per-function scores, `ran` the functions it covered (None: the whole module). The old list's
     survivors and score lines of every function not in `ran` are kept (a partial run never drops
-    what it did not look at); the header's score is the sum of the per-function lines."""
+    what it did not look at) unless the function is gone from the module (not in `exists`); the
+    header's score is the sum of the per-function lines."""
     kept: list[str] = []
     old_runs: dict[str, tuple[int, int, str]] = {}
     if ran is not None:
         for ln in old_text.splitlines():
             m = RUN_LINE.match(ln)
             if m:
-                if m.group(1) not in ran:
+                if m.group(1) not in ran and (exists is None or m.group(1) in exists):
                     old_runs[m.group(1)] = (int(m.group(2)), int(m.group(3)), (m.group(4) or "").strip())
             elif ln.strip() and not ln.startswith("#") and _entry_func(ln) not in ran:
-                kept.append(ln)
+                if exists is None or _entry_func(ln) in exists:
+                    kept.append(ln)
     all_runs = dict(old_runs, **runs)
     killed = sum(k for k, _, _ in all_runs.values())
     total = sum(t for _, t, _ in all_runs.values())
@@ -549,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 {f: (k, t, note) for f, (k, t) in per_func.items()},
                 ran if a.only else None,
                 date,
+                set(defs),
             )
             path.write_text(text)
         runs = read_runs(list_name(module))
