@@ -715,3 +715,102 @@ def test_source_batches_by_probe_count():
     src = mx.MatrixSource(m, profile_named("intel"), batch_probes=4, name="m")
     assert _labels(src) == [["m#0", "m#1", "m#2"], ["m#3"], ["m#4", "m#5", "m#6"], ["m#7"]]
     assert [len(b.probes) for b in src.batches()] == [4, 2, 4, 2]
+
+
+# -- _Layout: the shared tables of a batch, slot by slot (the module docstring's layout rule) --------------
+def _layout(levels=4, limit=32 << 20):
+    from x86pt.memory.sparse import SparseMemory
+
+    mem = SparseMemory(32 << 20)
+    return mx._Layout(mem, levels, limit), mem
+
+
+def test_layout_pml4_entries_per_variant():
+    lay, mem = _layout()
+    t = 0x210000  # TABLE_BASE: right after the 16 frames at 0x200000
+    assert (lay.root, lay.pml4, lay.next) == (t, t, t + 0x1000)
+    assert lay.pdpte_slot("normal") == (t + 0x1000, 292, 0)
+    assert lay.pdpte_slot("normal") == (t + 0x1000, 292, 1)
+    assert lay.pdpte_slot("ps") == (t + 0x2000, 293, 0)
+    assert lay.pdpte_slot("bit8") == (t + 0x3000, 294, 0)
+    assert lay.pdpte_slot(("hi", "pml4e", 45)) == (t + 0x4000, 295, 0)
+    assert lay.pdpte_slot(("hi", "pdpte", 45)) == (t + 0x5000, 296, 0)  # an own PML4E, plain
+    assert [mem.read_u64(t + i * 8) for i in range(292, 298)] == [
+        t + 0x1000 | 7,
+        t + 0x2000 | 0x87,  # PS
+        t + 0x3000 | 0x107,  # bit 8
+        t + 0x4000 | 7 | 1 << 45,
+        t + 0x5000 | 7,
+        0,
+    ]
+    assert lay.top_va(292) == 0xFFFF920000000000 and lay.top_va(255) == 255 << 39  # lower half
+    with pytest.raises(BadInputError, match="a PML5E reserved bit needs 5-level paging"):
+        lay.pdpte_slot(("hi", "pml5e", 45))
+
+
+def test_layout_leaves_the_harness_slot_free():
+    lay, mem = _layout()
+    lay.next_top = 510
+    assert lay.pdpte_slot("normal")[1] == 510
+    with pytest.raises(BadInputError, match="batch needs too many PML4 entries"):
+        lay.pdpte_slot("ps")  # it would take PML4 index 511, the rig's own slot
+    assert mem.read_u64(lay.root + 511 * 8) == 0
+
+
+def test_layout_a_full_pdpt_pd_and_pt_go_on_in_a_new_page():
+    lay, _ = _layout()
+    first = [lay.pdpte_slot("normal") for _ in range(512)]
+    assert first[-1][1:] == (292, 511)
+    page2 = lay.pdpte_slot("normal")
+    assert page2[1:] == (293, 0) and page2[0] != first[0][0]  # a new PDPT under the next PML4E
+    lay, _ = _layout()
+    pds = [lay.pde_slot("normal", False) for _ in range(513)]
+    assert pds[511][1:] == (292, 0, 511) and pds[512][1:] == (292, 1, 0) and pds[512][0] != pds[0][0]
+    ptes = [lay.pte_slot() for _ in range(513)]
+    assert ptes[511][1] == 511 and ptes[512][1] == 0 and ptes[512][0] != ptes[0][0]
+
+
+def test_layout_pdptes_of_the_reserved_variants():
+    lay, mem = _layout()
+    pd, top, pidx, didx = lay.pde_slot(("hi", "pdpte", 40), False)
+    pdpt = mem.read_u64(lay.root + top * 8) & ADDR40
+    assert (pidx, didx) == (0, 0) and mem.read_u64(pdpt) == pd | P | US | RW | 1 << 40
+    _, top2, _, _ = lay.pde_slot(("hi", "pdpte1g", 41), True)
+    pdpt2 = mem.read_u64(lay.root + top2 * 8) & ADDR40
+    assert mem.read_u64(pdpt2) == PS | P | US | 1 << 41  # a read-only 1G leaf of frame 0
+    lay.pde_slot("normal", True)  # read-only: the PDPTE without RW
+    pdpt3 = mem.read_u64(lay.root + 294 * 8) & ADDR40
+    assert mem.read_u64(pdpt3) & ~ADDR40 == P | US
+
+
+def test_layout_five_levels():
+    lay, mem = _layout(levels=5)
+    t = 0x210000
+    assert (lay.root, lay.pml4) == (t, t + 0x1000)
+    assert mem.read_u64(t + 300 * 8) == t + 0x1000 | 7
+    assert lay.top_va(292) == 0xFF2C920000000000  # PML5 index 300, sign-extended from bit 56
+    _, top, _ = lay.pdpte_slot(("hi", "pml5e", 45))
+    _, top2, _ = lay.pdpte_slot(("hi", "pml5e", 46))
+    _, top3, pidx3 = lay.pdpte_slot(("hi", "pml5e", 45))  # the same variant: the next PDPTE
+    assert (top, top2, top3, pidx3) == (292, 293, 292, 1)
+    assert mem.read_u64(t + 301 * 8) == t + 0x1000 | 7 | 1 << 45
+    assert mem.read_u64(t + 302 * 8) == t + 0x1000 | 7 | 1 << 46
+    assert lay.top_va(top) == 0xFF2D920000000000 and lay.top_va(top2) == 0xFF2E928000000000
+    _, top4, _ = lay.pdpte_slot("normal")
+    assert lay.top_va(top4) == 0xFF2C930000000000  # PML4 index 294 under the plain PML5E 300
+
+
+def test_layout_allocation_stops_at_the_ram_end():
+    lay, mem = _layout(limit=0x212000)
+    mem.write(0x211000, b"\xff" * 8)
+    assert lay.alloc() == 0x211000 and mem.read_u64(0x211000) == 0  # a fresh page is zeroed
+    with pytest.raises(BadInputError, match=r"batch does not fit in the rig's RAM \(0x212000 bytes\)"):
+        lay.alloc()
+    # one 4K case needs 4 pages after the frames: root, PDPT, PD, PT (0x210000..0x213fff)
+    f = flags_from_names("pte.p pde.p")
+    prof = profile_named("intel")
+    assert len(mx.build_batch([("c", f)], MatrixFeatures(ram_size=0x214000), prof).cases) == 1
+    with pytest.raises(BadInputError):
+        mx.build_batch([("c", f)], MatrixFeatures(ram_size=0x213000), prof)
+    with pytest.raises(BadInputError, match="empty batch"):
+        mx.build_batch([], MatrixFeatures(), prof)
