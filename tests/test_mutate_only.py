@@ -97,3 +97,9 @@ def test_a_function_gone_from_the_module_is_dropped():
     text = mutate.merge_list(OLD, "m.py", [], {"g": (5, 5, "2026-12-02")}, {"g"}, "2026-12-02", {"g", "h"})
     assert text.splitlines()[2:] == ["# run g 5/5 2026-12-02"]
     assert "score 5/5" in text.splitlines()[0]
+
+
+def test_function_lines_start_where_mutmut_s_diff_starts():
+    # mutmut shows a function with the comment lines right above it and its decorators
+    src = "x = 1\n\n# a comment\n# more\ndef f():\n    pass\n\n\n@dec\ndef g():\n    pass\n\n\ndef h():\n    pass\n"
+    assert mutate.func_lines(src) == {"f": 3, "g": 9, "h": 14}

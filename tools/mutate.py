@@ -162,16 +162,27 @@ def copy_tree(dest: Path) -> None:
 
 
 def func_lines(source: str) -> dict[str, int]:
-    """'Class.method' / 'function' -> line of its `def` (nested defs are part of their parent)."""
+    """'Class.method' / 'function' -> the first line of its code as mutmut shows it: the `def`, or
+    its first decorator, or the comment lines right above those (mutmut's diff of a function starts
+    there, so a line number counted from the `def` was off by the comment's length)."""
     out: dict[str, int] = {}
     tree = ast.parse(source)
+    lines = source.splitlines()
+
+    def start(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        i = first - 1  # 1-based line above
+        while i >= 1 and lines[i - 1].strip().startswith("#"):
+            i -= 1
+        return i + 1
+
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            out[node.name] = node.lineno
+            out[node.name] = start(node)
         elif isinstance(node, ast.ClassDef):
             for sub in node.body:
                 if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    out[f"{node.name}.{sub.name}"] = sub.lineno
+                    out[f"{node.name}.{sub.name}"] = start(sub)
     return out
 
 
@@ -184,8 +195,43 @@ def func_of_key(key: str) -> str:
     return name[2:] if name.startswith("x_") else name
 
 
-def locate(mutmut: str, work: Path, key: str, defs: dict[str, int]) -> tuple[int, str, str]:
-    diff = subprocess.run([mutmut, "show", key], cwd=work, capture_output=True, text=True).stdout
+# One process prints every survivor's diff (`mutmut show` per mutant costs a process start,
+# ~2 s on the loaded machine: minutes for a module with hundreds of survivors).
+_DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+keys = json.load(sys.stdin)
+json.dump({k: get_diff_for_mutant(k, path=sys.argv[1]) for k in keys}, sys.stdout)
+"""
+
+
+def diffs_of(mutmut: str, work: Path, module: str, keys: list[str]) -> dict[str, str]:
+    """key -> the mutant's diff, all in one process; per-key `mutmut show` if that fails."""
+    if not keys:
+        return {}
+    r = subprocess.run(
+        [sys.executable, "-c", _DIFFS, module],
+        cwd=work,
+        input=json.dumps(keys),
+        capture_output=True,
+        text=True,
+    )
+    try:
+        out = json.loads(r.stdout)
+        if isinstance(out, dict) and set(out) == set(keys):
+            return {k: str(v) for k, v in out.items()}
+    except ValueError:
+        pass
+    return {
+        k: subprocess.run([mutmut, "show", k], cwd=work, capture_output=True, text=True).stdout for k in keys
+    }
+
+
+def locate(
+    mutmut: str, work: Path, key: str, defs: dict[str, int], diff: str | None = None
+) -> tuple[int, str, str]:
+    if diff is None:
+        diff = subprocess.run([mutmut, "show", key], cwd=work, capture_output=True, text=True).stdout
     lines = diff.splitlines()
     start, old, new, rel = 0, "", "", 0
     for i, ln in enumerate(lines):
@@ -492,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         survivors: list[Survivor] = []
         killed = 0
         per_func: dict[str, list[int]] = {}  # func -> [killed, total]
+        diffs = diffs_of(mutmut, tmp, module, [k for k in codes if status.get(k, "?") != "killed"])
         for key in codes:
             st = status.get(key, "?")
             pf = per_func.setdefault(func_of_key(key), [0, 0])
@@ -500,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                 killed += 1
                 pf[0] += 1
                 continue
-            line, old, new = locate(mutmut, tmp, key, defs)
+            line, old, new = locate(mutmut, tmp, key, defs, diffs.get(key))
             survivors.append(Survivor(key, st, line, func_of_key(key), old, new))
         total = len(codes)
         survivors.sort(key=lambda s: (s.line, s.key))
