@@ -357,6 +357,8 @@ HAND_CASES = [
         0xFFFF930000000000 | 6 << 12,
     ),
     ("pte.p pde.p pde.13 noncanon", [P | RW | US, P | RW | US, P, P], None),  # bit 13: large leaves only
+    ("pdpte.1g pde.p pkey=1", [P | RW | US, P | PS | KEY1], TOP | 3 << 30 | 0x20A000),  # PDPTE 3
+    ("pde.p pde.pse pkey=1", [P | RW | US, P | RW | US, P | PS | KEY1], TOP | 6 << 21 | 0xB000),  # PDE 6
 ]
 
 
@@ -381,7 +383,7 @@ def test_packing_by_hand_entries_vas_and_targets():
         walk, pa = _walk_image(b.memory, b.state.cr3, va)
         assert [e & ~ADDR40 for _, e in walk] == bits, names
         assert pa == target, names
-        assert info.frames == (target & ~0xFFF,) and info.flags == cases[n][1]
+        assert info.frames == (target & ~0xFFF,) and info.flags == cases[n][1] and info.description == ""
         # the entries a case owns are its leaf and (4K) its PDE, as they stand in the image
         kinds = {"pdpte.1g": ("pdpte1g",), "pde.pse": ("pde2m",)}
         want_kinds = next((k for key, k in kinds.items() if key in names), ("pde", "pte"))
@@ -413,6 +415,18 @@ def test_the_seventeenth_case_takes_the_second_qword():
         assert p.wvalue == target << 8 | 0xC3 and b.cases[n].frames == (target & ~0xFFF,)
 
 
+def test_fill_frames_writes_the_tag_pattern_in_16_pages():
+    from x86pt.memory.sparse import SparseMemory
+
+    mem = SparseMemory(32 << 20)
+    mx.fill_frames(mem)
+    assert sorted(mem.pages) == list(range(0x200, 0x210))  # 16 pages from 0x200000
+    assert mem.read_u64(0x200000) == 0x200000C3 and mem.read_u64(0x20FFF8) == 0x20FFF8C3
+    mem2 = SparseMemory(32 << 20)
+    mx.fill_frames(mem2, 0x5000, 1)
+    assert sorted(mem2.pages) == [5] and mem2.read_u64(0x5FF8) == 0x5FF8C3
+
+
 def test_bit_36_in_the_pde_and_the_pte():
     # M = 36: bit 36 is reserved, and pde.36 / pte.36 set exactly that bit in their own entry
     f = flags_from_names("pte.p pde.p pde.36 pte.36")
@@ -442,6 +456,8 @@ def test_probes_of_the_hand_cases():
         ("c7", "read", False, False, False, 0),
         ("c8", "read", False, True, True, 0),
         ("c9", "read", False, False, False, 0),
+        ("c10", "read", False, False, False, 0),
+        ("c11", "read", False, False, False, 0),
     ]
     assert [info.probes for info in b.cases][2:5] == [(2,), (3, 4), (5,)]
     # the frames hold the tag pattern: the qword at pa is (pa << 8) | 0xC3
