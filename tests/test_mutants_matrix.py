@@ -830,3 +830,73 @@ def test_layout_allocation_stops_at_the_ram_end():
         mx.build_batch([("c", f)], MatrixFeatures(ram_size=0x213000), prof)
     with pytest.raises(BadInputError, match="empty batch"):
         mx.build_batch([], MatrixFeatures(), prof)
+
+
+def _values(space, mask):
+    fl = space.flags_array(0, space.size) & np.uint64(mask)
+    return {int(v) for v in np.unique(fl)}
+
+
+_LOW = (1 << 18) - 1  # the pte.* and pde.* flags (bits 0..17)
+
+
+def test_the_lower_shapes_of_the_small_spaces():
+    """The lower-level shapes each extension space tries (docs/paging.md §11.3), by flag names:
+    top (PS / bit 8 in the PML4E): a user 4K page, a user 2M page, a read-only 4K page with A and D,
+    a not-present PTE; noncanon: a user 4K page or nothing present; implicit: a supervisor 4K page,
+    a 2M page, a not-present PTE, a 2M page under a read-only PDPTE, then (M < 52) a reserved bit 51
+    in the PTE or the PDE; the user bits of the implicit space vary on their own."""
+    n = flags_from_names
+    feat = MatrixFeatures(maxphyaddr=40)
+    assert _values(mx.top_space(feat), _LOW) == {
+        n("pde.p pde.rw pde.user pte.p pte.rw pte.user"),
+        n("pde.p pde.rw pde.user pde.pse"),
+        n("pde.p pde.rw pde.user pte.p pte.user pte.a pte.d"),
+        n("pde.p pde.rw pde.user"),
+    }
+    assert _values(mx.noncanon_space(feat), _LOW) == {n("pde.p pde.rw pde.user pte.p pte.rw pte.user"), 0}
+    users = mx.PDE_USER | mx.PTE_USER | mx.PTE_A
+    imp = mx.implicit_space(feat)
+    assert _values(imp, (_LOW | mx.PDPTE_RO) & ~users) == {
+        n("pde.p pde.rw pte.p pte.rw"),
+        n("pde.p pde.rw pde.pse"),
+        n("pde.p pde.rw"),
+        n("pde.p pde.rw pde.pse pdpte.ro"),
+        n("pde.p pde.rw pte.p pte.rw pte.51"),
+        n("pde.p pde.rw pde.51"),
+    }
+    assert _values(imp, users) == {0, mx.PDE_USER, mx.PTE_USER, mx.PTE_A} | {
+        mx.PDE_USER | mx.PTE_USER,
+        mx.PDE_USER | mx.PTE_A,
+        mx.PTE_USER | mx.PTE_A,
+        users,
+    }
+    cpu = mx.PKE | mx.PKU_AD | mx.SMAP | mx.CR0_WP_F | mx.EFER_NX | mx.ACC_AC | mx.ACC_USER | mx.PKEY
+    assert len(_values(imp, cpu)) == 3 * 2 * 2 * 2 * 2 * 2 * 2  # PKE none/on/on+AD, then 6 on-off bits
+    assert _values(imp, mx.PKE | mx.PKU_AD) == {0, mx.PKE, mx.PKE | mx.PKU_AD}
+    assert _values(mx.implicit_space(MatrixFeatures(maxphyaddr=40, implicit_cpl3=False)), mx.ACC_USER) == {0}
+    assert _values(mx.implicit_space(MatrixFeatures(maxphyaddr=40, pku=False)), mx.PKE | mx.PKEY) == {0}
+    # top: both top-level variants, every access, CPL and WP / NX
+    top = mx.top_space(feat)
+    assert _values(top, mx.PML4E_PS | mx.PML4E_8) == {mx.PML4E_PS, mx.PML4E_8}
+    assert _values(top, mx.ACC_WRITE | mx.ACC_FETCH | mx.ACC_USER) == {
+        0,
+        mx.ACC_WRITE,
+        mx.ACC_FETCH,
+        mx.ACC_USER,
+        mx.ACC_USER | mx.ACC_WRITE,
+        mx.ACC_USER | mx.ACC_FETCH,
+    }
+    assert _values(top, mx.CR0_WP_F | mx.EFER_NX) == {0, mx.CR0_WP_F, mx.EFER_NX, mx.CR0_WP_F | mx.EFER_NX}
+
+
+def test_extended_classic_space_with_smep_alone():
+    # smep=True without smap: SMEP is a group of its own (half the cases), no SMAP/AC anywhere and
+    # no CPU-configuration rotation (that is for the classic matrix only)
+    feat = MatrixFeatures(maxphyaddr=40)
+    shrink = (1 << 18) - 1 & ~(mx.PTE_P | mx.PDE_P) | mx.ACC_TWICE | mx.PKEY | mx.PDPTE_RO
+    sp = mx.classic_space(feat, shrink, smep=True)
+    fl = sp.flags_array(0, sp.size)
+    assert not (fl & np.uint64(mx.SMAP | mx.ACC_AC)).any()
+    assert int(((fl & np.uint64(mx.SMEP)) != 0).sum()) * 2 == sp.size
+    assert not any(r.name == "cr4" for r in sp.rotations)
