@@ -900,3 +900,39 @@ def test_extended_classic_space_with_smep_alone():
     assert not (fl & np.uint64(mx.SMAP | mx.ACC_AC)).any()
     assert int(((fl & np.uint64(mx.SMEP)) != 0).sum()) * 2 == sp.size
     assert not any(r.name == "cr4" for r in sp.rotations)
+
+
+def test_the_1g_space_reserved_sources_by_hand():
+    """A 1G leaf's reserved-bit sources (one at a time, NX one of them without efer.nx): 51, 13
+    (and 36 when M <= 36), the PKU group as in KUT, every free bit both ways."""
+    n = flags_from_names
+    rsv = mx.EFER_NX | mx.PDE_NX | mx.PDE_51 | mx.PDE_36 | mx.PDE_13
+    g40 = mx.gig_space(MatrixFeatures(maxphyaddr=40))
+    assert _values(g40, rsv) == {
+        0,
+        n("pde.nx"),
+        n("pde.51"),
+        n("pde.13"),
+        n("efer.nx"),
+        n("efer.nx pde.nx"),
+        n("efer.nx pde.51"),
+        n("efer.nx pde.13"),
+        n("efer.nx pde.nx pde.51"),
+        n("efer.nx pde.nx pde.13"),
+    }
+    g36 = mx.gig_space(MatrixFeatures(maxphyaddr=36))
+    assert _values(g36, rsv) == _values(g40, rsv) | {
+        n("pde.36"),
+        n("efer.nx pde.36"),
+        n("efer.nx pde.nx pde.36"),
+    }
+    pk = mx.PKE | mx.PKU_AD | mx.PKU_WD
+    assert _values(g40, pk) == {0, mx.PKE, mx.PKE | mx.PKU_AD, mx.PKE | mx.PKU_WD, pk}
+    assert _values(mx.gig_space(MatrixFeatures(maxphyaddr=40, pku=False)), pk | mx.PKEY) == {0}
+    for bit in (mx.PKEY, mx.ACC_USER, mx.ACC_TWICE, mx.PDE_P, mx.PDE_RW, mx.PDE_USER, mx.PDE_A, mx.PDE_D):
+        assert _values(g40, bit) == {0, bit}
+    assert _values(g40, mx.CR0_WP_F) == {0, mx.CR0_WP_F}
+    assert _values(g40, mx.ACC_WRITE | mx.ACC_FETCH) == {0, mx.ACC_WRITE, mx.ACC_FETCH}
+    # the reserved high bit stays in the leaf itself (no hi.at rotation above it)
+    assert _values(g40, mx.HI_AT_MASK) == {0}
+    assert len(_values(g40, mx.HI_BIT_MASK)) == 1 + 12  # none, or bits 40..51
