@@ -359,6 +359,8 @@ HAND_CASES = [
     ("pte.p pde.p pde.13 noncanon", [P | RW | US, P | RW | US, P, P], None),  # bit 13: large leaves only
     ("pdpte.1g pde.p pkey=1", [P | RW | US, P | PS | KEY1], TOP | 3 << 30 | 0x20A000),  # PDPTE 3
     ("pde.p pde.pse pkey=1", [P | RW | US, P | RW | US, P | PS | KEY1], TOP | 6 << 21 | 0xB000),  # PDE 6
+    ("pte.rw pde.p", [P | RW | US, P | RW | US, P, RW], TOP | 7 << 21 | 8 << 12),  # a not-present PTE
+    ("pdpte.1g pde.rw", [P | RW | US, PS | RW], TOP | 4 << 30 | 0x20D000),  # a not-present 1G leaf
 ]
 
 
@@ -415,6 +417,32 @@ def test_the_seventeenth_case_takes_the_second_qword():
         assert p.wvalue == target << 8 | 0xC3 and b.cases[n].frames == (target & ~0xFFF,)
 
 
+def test_the_qword_index_wraps_after_512_rounds_of_16_frames():
+    # case 8192 = 16 * 512: frame 0, qword (8192 // 16) % 512 = 0 again (a frame has 512 qwords)
+    f = flags_from_names("pte.p pde.p")
+    b = mx.build_batch([("c", f)] * 8193, MatrixFeatures(maxphyaddr=40), profile_named("intel"))
+    for n, target in ((8191, 0x20FFF8), (8192, 0x200000)):
+        assert _walk_image(b.memory, b.state.cr3, b.probes[n].va)[1] == target
+
+
+def test_hi_at_without_pde_51_puts_no_bit_anywhere():
+    # hi.at / hi.bit only say where pde.51's bit goes: without pde.51 the walk has no reserved bit
+    f = flags_from_names("pte.p pde.p hi.at=pml4e hi.bit=45")
+    b = mx.build_batch([("c", f)], MatrixFeatures(maxphyaddr=40), profile_named("intel"))
+    walk, pa = _walk_image(b.memory, b.state.cr3, b.probes[0].va)
+    assert [e & ~ADDR40 for _, e in walk] == [P | RW | US, P | RW | US, P, P] and pa == 0x200000
+
+
+def test_batch_errors_say_why():
+    prof = profile_named("intel")
+    with pytest.raises(BadInputError) as e:
+        mx.build_batch([], MatrixFeatures(), prof)
+    assert str(e.value) == "empty batch"
+    with pytest.raises(BadInputError) as e:
+        mx.build_batch([("a", 0), ("b", mx.EFER_NX)], MatrixFeatures(), prof)
+    assert str(e.value) == "cases of one batch must share CR0/CR4/EFER/PKRU"
+
+
 def test_fill_frames_writes_the_tag_pattern_in_16_pages():
     from x86pt.memory.sparse import SparseMemory
 
@@ -458,6 +486,8 @@ def test_probes_of_the_hand_cases():
         ("c9", "read", False, False, False, 0),
         ("c10", "read", False, False, False, 0),
         ("c11", "read", False, False, False, 0),
+        ("c12", "read", False, False, False, 0),
+        ("c13", "read", False, False, False, 0),
     ]
     assert [info.probes for info in b.cases][2:5] == [(2,), (3, 4), (5,)]
     # the frames hold the tag pattern: the qword at pa is (pa << 8) | 0xC3
@@ -833,7 +863,8 @@ def test_layout_allocation_stops_at_the_ram_end():
 
 
 def _values(space, mask):
-    fl = space.flags_array(0, space.size) & np.uint64(mask)
+    fl = space if isinstance(space, np.ndarray) else space.flags_array(0, space.size)
+    fl = fl & np.uint64(mask)
     return {int(v) for v in np.unique(fl)}
 
 
@@ -908,6 +939,7 @@ def test_the_1g_space_reserved_sources_by_hand():
     n = flags_from_names
     rsv = mx.EFER_NX | mx.PDE_NX | mx.PDE_51 | mx.PDE_36 | mx.PDE_13
     g40 = mx.gig_space(MatrixFeatures(maxphyaddr=40))
+    g40 = g40.flags_array(0, g40.size)  # the whole space, once
     assert _values(g40, rsv) == {
         0,
         n("pde.nx"),
