@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from x86pt.build import Builder  # noqa: E402
-from x86pt.memory import write_elf_core  # noqa: E402
+from x86pt.memory import write_image  # noqa: E402
 from x86pt.memory.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
 from x86pt.state import CR4_PGE  # noqa: E402
 
@@ -144,19 +144,7 @@ def main(argv=None) -> int:
             continue
         memory, state = make()
         img = os.path.join(args.out, f"{name}.elf")
-        write_elf_core(
-            img,
-            memory,
-            cr0=state.cr0,
-            cr3=state.cr3,
-            cr4=state.cr4,
-            efer=state.efer,
-            pkru=state.pkru,
-            pkrs=state.pkrs,
-            maxphyaddr=state.m,
-            vendor=state.vendor,
-            profile=state.profile.name,
-        )
+        write_image(memory, state, img, "elf")
         t0 = time.monotonic()
         with QemuMonitor(memory, state) as mon:
             tlb = mon.info_tlb()
