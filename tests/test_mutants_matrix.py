@@ -968,3 +968,13 @@ def test_the_1g_space_reserved_sources_by_hand():
     # the reserved high bit stays in the leaf itself (no hi.at rotation above it)
     assert _values(g40, mx.HI_AT_MASK) == {0}
     assert len(_values(g40, mx.HI_BIT_MASK)) == 1 + 12  # none, or bits 40..51
+
+
+def test_source_keeps_the_index_order_inside_a_cpu_state():
+    # CR0.WP varies fastest: the 64 cases alternate between two states; each state's batch holds
+    # its cases in index order (a stable grouping), 0 2 4 ... 62 then 1 3 ... 63
+    groups = [mx.Group(n, (0, mx.F[n])) for n in ("pte.rw", "pte.user", "pte.a", "pte.d", "pde.rw")]
+    s = mx.Space("alt", (mx.Group("p", (mx.PTE_P | mx.PDE_P,)), *groups, mx.Group("wp", (0, mx.CR0_WP_F))))
+    m = mx.Matrix((s,), MatrixFeatures(maxphyaddr=40))
+    src = mx.MatrixSource(m, profile_named("intel"), name="a")
+    assert _labels(src) == [[f"a#{i}" for i in range(0, 64, 2)], [f"a#{i}" for i in range(1, 64, 2)]]
