@@ -978,3 +978,21 @@ def test_source_keeps_the_index_order_inside_a_cpu_state():
     m = mx.Matrix((s,), MatrixFeatures(maxphyaddr=40))
     src = mx.MatrixSource(m, profile_named("intel"), name="a")
     assert _labels(src) == [[f"a#{i}" for i in range(0, 64, 2)], [f"a#{i}" for i in range(1, 64, 2)]]
+
+
+def test_each_free_flag_is_a_group_named_after_it():
+    # a flag that no legality rule couples is a group of its own, (0, flag), under the flag's name
+    free = ["pkey=1", "user", "twice", "pdpte.ro"] + [f"pde.{x}" for x in ("p", "rw", "user", "a", "d")]
+    free += [f"pte.{x}" for x in ("p", "rw", "user", "a", "d")]
+    for space, names in (
+        (mx.classic_space(MatrixFeatures(maxphyaddr=40)), free),
+        (mx.gig_space(MatrixFeatures(maxphyaddr=40)), ["pkey=1", "user", "twice"] + free[4:9]),
+    ):
+        by_name = {g.name: g.choices for g in space.groups}
+        for n in names:
+            assert by_name[n] == (0, mx.F[n]), (space.name, n)
+        assert {"pke", "wp", "rsvd", "access"} <= set(by_name)
+    assert [g.name for g in mx.la57_space(MatrixFeatures(maxphyaddr=40)).groups][:2] == ["la57", "pke"]
+    # without PKU the key flag is fixed at zero: its group keeps the one choice 0
+    nopku = {g.name: g.choices for g in mx.classic_space(MatrixFeatures(maxphyaddr=40, pku=False)).groups}
+    assert nopku["pkey=1"] == (0,) and nopku["pke"] == (0,)
