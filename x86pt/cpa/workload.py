@@ -11,6 +11,7 @@ vm_reset_perms), `kfence` (set_memory_4k where the pool is not yet 4K, then out-
 from __future__ import annotations
 
 import random
+import typing
 from typing import Iterator
 
 from x86pt.cpa.kernel import P, kernel_version
@@ -147,30 +148,43 @@ class Generator:
         yield PageRange("set_memory_nx", va + text * 4096, ro + data)
         self.loaded.append((va, pages, text, ro, data))
 
+    def _new_huge_rox(self) -> typing.Generator[Op, None, list[int]]:
+        """A fresh 2M-aligned vmap of a huge page made ROX (a module or BPF pack chunk):
+        [va, pages used, pa]."""
+        va = self.va.alloc(512, 1 << 21)
+        pa = self.frames.huge()
+        yield Vmap("vmap", va, pa, 512, True)
+        yield PageRange("set_memory_rox", va, 512)
+        return [va, 0, pa]
+
+    def _free_huge_rox(self, va: int, pa: int) -> Iterator[Op]:
+        """A fully free 2M chunk goes back through vfree (vm_reset_perms)."""
+        yield from self._reset_perms([pa + k * 4096 for k in range(512)])
+        yield PageRange("vunmap", va, 512)
+        self.va.release(va, 512, 1 << 21)
+        self.frames.free(pa, 512)
+
+    def _temp_rw(self, va: int, n: int) -> Iterator[Op]:
+        """Text made writable for patching, then ROX again (execmem_make_temp_rw ... restore_rox)."""
+        yield PageRange("set_memory_nx", va, n)
+        yield PageRange("set_memory_rw", va, n)
+        yield PageRange("set_memory_rox", va, n)
+
     def modules_rox(self) -> Iterator[Op]:
         r = self.rng
         if not self.rox_chunks or self.rox_chunks[-1][1] > 480:
             if len(self.rox_chunks) > 48:
                 # a fully free 2M piece goes back through vfree (vm_reset_perms)
                 ova, _, opa = self.rox_chunks.pop(0)
-                yield from self._reset_perms([opa + k * 4096 for k in range(512)])
-                yield PageRange("vunmap", ova, 512)
-                self.va.release(ova, 512, 1 << 21)
-                self.frames.free(opa, 512)
-            va = self.va.alloc(512, 1 << 21)
-            pa = self.frames.huge()
-            yield Vmap("vmap", va, pa, 512, True)
-            yield PageRange("set_memory_rox", va, 512)
-            self.rox_chunks.append([va, 0, pa])
+                yield from self._free_huge_rox(ova, opa)
+            self.rox_chunks.append((yield from self._new_huge_rox()))
         ch = self.rox_chunks[-1]
         n = r.randint(1, 24)
         n = min(n, 512 - ch[1])
         sub = ch[0] + ch[1] * 4096
         ch[1] += n
         # execmem_make_temp_rw, relocations/alternatives, execmem_restore_rox
-        yield PageRange("set_memory_nx", sub, n)
-        yield PageRange("set_memory_rw", sub, n)
-        yield PageRange("set_memory_rox", sub, n)
+        yield from self._temp_rw(sub, n)
         data = r.randint(1, 6)
         dva = self.va.alloc(data)
         pages = [self.frames.page() for _ in range(data)]
@@ -182,24 +196,15 @@ class Generator:
             yield from self._reset_perms(pages)
             yield PageRange("vunmap", dva, data)
             self.va.release(dva, data)
-            yield PageRange("set_memory_nx", sub, n)
-            yield PageRange("set_memory_rw", sub, n)
-            yield PageRange("set_memory_rox", sub, n)
+            yield from self._temp_rw(sub, n)
 
     def bpf(self) -> Iterator[Op]:
         r = self.rng
         if not self.packs or self.packs[-1][1] >= 32:
             if self.packs and (r.random() < 0.3 and len(self.packs) > 2 or len(self.packs) > 32):
                 va, _, pa = self.packs.pop(0)
-                yield from self._reset_perms([pa + k * 4096 for k in range(512)])
-                yield PageRange("vunmap", va, 512)
-                self.va.release(va, 512, 1 << 21)
-                self.frames.free(pa, 512)
-            va = self.va.alloc(512, 1 << 21)
-            pa = self.frames.huge()
-            yield Vmap("vmap", va, pa, 512, True)
-            yield PageRange("set_memory_rox", va, 512)
-            self.packs.append([va, 0, pa])
+                yield from self._free_huge_rox(va, pa)
+            self.packs.append((yield from self._new_huge_rox()))
         self.packs[-1][1] += 1  # a program from the pack: text_poke only, no CPA
 
     def bpf_nopack(self) -> Iterator[Op]:
