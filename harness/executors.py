@@ -22,6 +22,7 @@ import dataclasses
 import re
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
+from harness.reports import selection
 from x86pt.errors import BadInputError, OracleError
 
 # At most this many mismatch records come back from one part (the rest are counted only): an
@@ -42,12 +43,7 @@ def part_spec(args: argparse.Namespace, oracle: str, span: tuple[int, int] | Non
     units [a, b) of the run's selection (inside its own --shard) the part runs."""
     return {
         "oracle": oracle,
-        "profile": args.profile,
-        "cases": args.cases,
-        "extended": bool(args.extended),
-        "seed": args.seed,
-        "limit": args.limit,
-        "sample": args.sample,
+        **selection(args),
         "batch": args.batch,
         "per_tree": args.per_tree,
         "shard": list(args.shard) if args.shard else None,

@@ -27,16 +27,23 @@ _SUM_KEYS = ("cases", "probes", "mismatches")
 _SECONDS_KEYS = ("model_seconds", "oracle_seconds", "build_seconds")
 
 
-def run_config(args) -> dict:
-    """What decides a run's cases and their outcomes (not how it ran: --batch, --jobs, executor)."""
+def selection(args) -> dict:
+    """The conform options that choose the cases: profile, case kind, extended, seed, limit, sample."""
     return {
-        "oracle": args.oracle,
         "profile": args.profile,
         "cases": args.cases,
         "extended": bool(args.extended),
         "seed": args.seed,
         "limit": args.limit,
         "sample": args.sample,
+    }
+
+
+def run_config(args) -> dict:
+    """What decides a run's cases and their outcomes (not how it ran: --batch, --jobs, executor)."""
+    return {
+        "oracle": args.oracle,
+        **selection(args),
         "per_tree": args.per_tree if args.cases == "random" else None,
     }
 
