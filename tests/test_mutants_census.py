@@ -261,3 +261,34 @@ def test_meminfo_text_prints_the_1g_line_by_default():
     assert meminfo_text(1, 2, 3) == (
         "DirectMap4k:           4 kB\nDirectMap2M:        4096 kB\nDirectMap1G:     3145728 kB\n"
     )
+
+
+def test_census_kernel_map_bounds_are_a_half_open_va_range():
+    """A 2M block counts when a PTE record of it starts inside [lo, hi). One page at KERNEL_MAP:
+    its PT holds the page's record at KERNEL_MAP and the hole record from KERNEL_MAP + 4K on."""
+    b = Builder(table_base=0x100000, maxphyaddr=40)
+    b.map(PO, 0, MiB2, MiB2, flags="rw a")
+    b.map(KERNEL_MAP, 0x1000000, 0x1000, flags="rw a")
+    b.map(KERNEL_MAP + MiB2, 0x1200000, 0x1000, flags="rw a")
+    # lo = KERNEL_MAP + 4K: only the hole record (starting exactly at lo) puts block 0 in
+    assert (
+        census(b.state(), b.memory, PO, kernel_map=(KERNEL_MAP + 0x1000, KERNEL_MAP + MiB2)).highmap_splits
+        == 1
+    )
+    # hi = KERNEL_MAP + 2M + 1: block 1's first record starts at hi - 1, inside
+    assert (
+        census(b.state(), b.memory, PO, kernel_map=(KERNEL_MAP + MiB2, KERNEL_MAP + MiB2 + 1)).highmap_splits
+        == 1
+    )
+    assert (
+        census(b.state(), b.memory, PO, kernel_map=(KERNEL_MAP + MiB2, KERNEL_MAP + MiB2)).highmap_splits == 0
+    )
+
+
+def test_census_scan_of_the_user_half_only():
+    """va_range limited to the lower half: no kernel-half record at all, every count is zero."""
+    b = image()
+    c = census(b.state(), b.memory, PO, va_range=(0, (1 << 47) - 1))
+    assert c.direct == {1: 0, 2: 0, 3: 0}
+    assert (c.invalidated_4k, c.highmap_splits) == (0, 0)
+    assert c.leaves[3] == 2  # the user 1G pages were scanned
