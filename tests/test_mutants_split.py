@@ -447,3 +447,35 @@ def test_each_split_takes_its_own_table_page():
     split.split_large_page(m, call(), 2, t2, 0, va)
     assert t2[0] & 0xFFF == 0x63 and t2[0] & PFN52 != t[i] & PFN52
     assert m.pool.in_use == 1 + 1 + 2  # the PGD, the PUD table placed, one page per split
+
+
+def test_text_ro_spares_a_request_covering_one_whole_large_page():
+    """protect_kernel_text_ro (§4.6) forbids RW in [_text, __end_rodata_hpage_align) mapped large
+    after mark_rodata_ro, unless the range is exactly one aligned large page: steps 5 and 8 look
+    at the whole large page, so an RW text leaf (executable: 0x1E3) is neither a step-5 conflict
+    nor kept from a whole-leaf rewrite."""
+    m = space(ro=True)
+    va = SKM + 0x1200000  # inside [_text, _etext)
+    t, i = place(m, va, 2, 0x1200000 | 0x1E3)
+    c = call(set_=0x100)  # G: the same protection
+    assert split.should_split(m, c, 2, t, i, va, 1) == 1
+    assert not c.force_static_prot and m.counters.static_conflicts == 0
+    c = call(clr=0x100)  # nonglobal, the whole leaf
+    assert split.should_split(m, c, 2, t, i, va, 512) == 512
+    assert t[i] == 0x1200000 | 0xE3 and m.counters.preserved_2m == 1
+
+
+def test_counters_add_up():
+    """Each counter counts every event, not just the last one (x86/cpa_stats, §5.3)."""
+    m = space(ro=True)
+    t, i = place(m, PO + 0x40000000, 3, 0x40000000 | LARGE)
+    for _ in range(2):
+        split.should_split(m, call(set_=0x100), 3, t, i, PO + 0x40000000, 1)
+    for clr in (0x42, 0x100):
+        assert split.should_split(m, call(clr=clr), 3, t, i, PO + 0x40000000, 1 << 18) == 1 << 18
+    cn = m.counters
+    assert (cn.checked_1g, cn.sameprot_1g, cn.preserved_1g) == (4, 2, 2)
+    t2, i2 = place(m, PO + 0x2000000, 2, 0x2000000 | LARGE)  # half rodata: a step-5 conflict
+    for _ in range(3):
+        assert split.should_split(m, call(set_=0x100), 2, t2, i2, PO + 0x2000000, 1) == 0
+    assert m.counters.static_conflicts == 3
