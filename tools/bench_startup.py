@@ -73,6 +73,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=15, help="runs per command (the best counts)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter to measure")
     ap.add_argument("--no-pythonpath", action="store_true", help="do not put the checkout on PYTHONPATH")
+    ap.add_argument(
+        "--module",
+        action="store_true",
+        help="run `python -m x86pt` (default: the interpreter's `x86pt` console script when it has one)",
+    )
     ap.add_argument("--json", action="store_true", help="print JSON")
     ap.add_argument("--imports", nargs=argparse.REMAINDER, metavar="ARGS", help="x86pt ARGS: import times")
     args = ap.parse_args()
@@ -80,11 +85,14 @@ def main() -> int:
     if not args.no_pythonpath:
         env["PYTHONPATH"] = ROOT
     py = args.python
-    x = [py, "-m", "x86pt"]
+    script = os.path.join(os.path.dirname(py), "x86pt")
+    # the console script is what a user runs; `python -m` adds runpy's imports (importlib.util,
+    # contextlib) to every run
+    x = [py, "-m", "x86pt"] if args.module or not os.path.exists(script) else [py, script]
     with tempfile.TemporaryDirectory() as d:
         env["PYTHONPYCACHEPREFIX"] = os.path.join(d, "pycache")
         if args.imports is not None:
-            for name, s, c in importtime(x + args.imports, args.runs, env, d):
+            for name, s, c in importtime([py, "-m", "x86pt", *args.imports], args.runs, env, d):
                 print(f"{s:8d} {c:8d} {name}")
             return 0
         subprocess.run(x + ["demo", "--out", d], stdout=subprocess.DEVNULL, env=env, cwd=d, check=True)
@@ -109,9 +117,9 @@ def main() -> int:
             "dump - (numpy import) [ms]": (t["x86pt dump --format qemu-mem (demo image)"][i] - numpy) * 1e3,
         }
     if args.json:
-        print(json.dumps({"python": py, "load": load, "seconds": t, "ratios": ratios}, indent=1))
+        print(json.dumps({"command": x, "load": load, "seconds": t, "ratios": ratios}, indent=1))
     else:
-        print(f"{py}  (best of {args.runs}; 1-min load average up to {load:.1f})")
+        print(f"{' '.join(x)}  (best of {args.runs}; 1-min load average up to {load:.1f})")
         print(f"{'':<45} {'wall':>8} {'cpu':>8}")
         for k, (w, c) in t.items():
             print(f"{k:<45} {w * 1e3:5.1f} ms {c * 1e3:5.1f} ms")
