@@ -15,7 +15,8 @@ import dataclasses
 
 import pytest
 
-from harness.oracles.kvm import PVM_BLIND_RANGE, CpuidInfo, HostFacts, _discover, host_profile
+from harness.oracles.kvm import PVM_BLIND_RANGE, HostFacts, _discover, host_profile
+from harness.oracles.kvm_vm import CpuidInfo
 from harness.oracles.model import ModelOracle
 from x86pt.build import Builder
 from x86pt.state import PROFILES, Features, Profile

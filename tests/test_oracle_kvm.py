@@ -14,7 +14,8 @@ import random
 import pytest
 
 from x86pt.oracle import Probe, tag_value
-from harness.oracles.kvm import PVM_BLIND_RANGE, KvmOracle, cached_capabilities, cached_profile, kvm_usable
+from harness.oracles.kvm import PVM_BLIND_RANGE, KvmOracle, cached_capabilities, cached_profile
+from harness.oracles.kvm_vm import kvm_usable
 from conftest import need_oracle
 from x86pt.build import Builder
 from x86pt.state import (

@@ -279,7 +279,8 @@ def test_unicorn_reads_fall_in_the_models_set(kind):
 
 # -- KVM ------------------------------------------------------------------------------------------
 def run_kvm(global_x: bool, steps) -> dict[int, int]:
-    from harness.oracles.kvm import KvmOracle, _Vm, kvm_usable
+    from harness.oracles.kvm import KvmOracle
+    from harness.oracles.kvm_vm import _Vm, kvm_usable
 
     ok, why = kvm_usable()
     need_oracle("kvm", ok, why)

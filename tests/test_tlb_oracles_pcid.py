@@ -377,7 +377,8 @@ def test_unicorn_reads_fall_in_the_models_set(kind, record_property):
 
 # -- KVM ------------------------------------------------------------------------------------------
 def run_kvm(global_x: bool, steps) -> dict[int, int]:
-    from harness.oracles.kvm import KvmOracle, _leaf, _Vm, kvm_usable
+    from harness.oracles.kvm import KvmOracle
+    from harness.oracles.kvm_vm import _leaf, _Vm, kvm_usable
     from x86pt.errors import OracleError
 
     ok, why = kvm_usable()
