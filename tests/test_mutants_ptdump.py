@@ -431,12 +431,14 @@ def _dump(b) -> str:
 
 
 def test_effective_rights_of_an_entry_whose_value_is_1():
-    """PTEs 0x1 and 0x1001 (P only) under an NX PDE: equal own flags and equal effective
-    rights (NX), so one line; an entry value of 1 is still a noted, non-zero value."""
+    """PTEs 0x1 and 0x5001 (P only; frames not adjacent, so two scan records) under an NX PDE:
+    equal own flags and equal effective rights (NX), so one line; an entry value of 1 is still
+    a noted, non-zero value."""
     from x86pt.build import Builder
 
     b = Builder(levels=4, table_base=0x100000)
-    b.map(0x400000, 0, 0x2000, 4096, "p")
+    b.map(0x400000, 0, 0x1000, 4096, "p")
+    b.map(0x401000, 0x5000, 0x1000, 4096, "p")
     b.set_entry(0x400000, 2, b.get_entry(0x400000, 2) | (1 << 63))
     assert _dump(b) == (
         _line(0, 0x400000, "4M", " " * 30 + "pmd")

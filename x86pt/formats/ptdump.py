@@ -112,7 +112,7 @@ def walk_ranges(state: PagingState) -> tuple[tuple[int, int], ...]:
     hypervisor guard hole (16 PGD entries from -256) to the top."""
     pgdir_shift = 48 if state.la57 else 39
     half = 1 << (state.va_bits - 1)
-    guard_end = (((1 << 64) - (256 << pgdir_shift)) + (16 << pgdir_shift)) & ((1 << 64) - 1)
+    guard_end = (1 << 64) - (256 << pgdir_shift) + (16 << pgdir_shift)  # below 2^64: no mask
     return ((0, half), (guard_end, 1 << 64))
 
 
@@ -207,7 +207,7 @@ class _State:
             self.wx.append((self.start, addr))
         mk = self.markers[self.mi]
         if not mk.max_lines or self.lines < mk.max_lines:
-            own = self.cur & PTE_FLAGS_MASK & ~(0xFFFFF << 12)
+            own = self.cur & PTE_FLAGS_MASK  # clears bits 51:12, where the key keeps eff and depth
             self.out.append(
                 f"0x{self.start:016x}-0x{addr:016x}   {size_text(addr - self.start)}"
                 f"{_prot_text(own, self.level)}\n"
@@ -266,7 +266,7 @@ def ptdump_lines(
     if st.level != -1:
         # ptdump_walk_pgd(): "Flush out the last page" at the walk's end: 0 after the top of the
         # address space (the kernel's address wraps), else where a --range walk stopped.
-        st.note(last_end & ((1 << 64) - 1), -1, -1)
+        st.note(last_end, -1, -1)  # a uint64 run end: already wrapped to 0 at the top
     yield "".join(st.out)
 
 
