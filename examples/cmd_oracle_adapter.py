@@ -21,8 +21,9 @@ replaces the three marked places (EMULATOR: ...) with its own emulator:
 
 Anything else on stdout during `run` and anything on stderr is free-form log; the tail of stderr
 is what x86pt shows when the adapter fails. Exit non-zero on any error. The protocol files are
-read and written below with the standard json module, so the shape does not depend on x86pt; the
-image (an ELF core, docs/formats.md §4.3) is read with x86pt's reader to keep this file short.
+read and written below with the standard json module, so the shape does not depend on x86pt (x86pt's
+own side of them is x86pt/cmdprotocol.py: write_case, read_case and the schema check); the image (an
+ELF core, docs/formats.md §4.3) is read with x86pt's reader to keep this file short.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from x86pt.cmdoracle import CmdOracle, check, check_result, schema
+from x86pt.cmdoracle import CmdOracle
+from x86pt.cmdprotocol import check, check_result, schema
 from x86pt.errors import BadInputError, OracleError, OracleUnavailable
 from x86pt.registry import availability, get_oracle, oracle_list
 
