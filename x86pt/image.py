@@ -31,10 +31,10 @@ class Image:
     def close(self) -> None:
         self.memory.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Image:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -10,10 +10,27 @@ Result: Translation | PageFault | GeneralProtection, each carrying the steps tak
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from x86pt.errors import BadInputError, PhysicalAddressError
 from x86pt.fields import ADDR_MASK_52, BIT_A, BIT_D, BIT_PS, BIT_XD, PK_MASK, PK_SHIFT, Kind, Level, masks_for
 from x86pt.state import PF_ID, PF_P, PF_PK, PF_RSVD, PF_U, PF_W, PagingState, rsvd_mask
+
+if TYPE_CHECKING:  # annotations only: walk imports no typing machinery at run time
+    from typing import Any, Protocol, Sequence
+
+    from x86pt.state import Profile
+
+    class EntryReader(Protocol):
+        """What a walk reads tables through: one 8-byte entry at a physical address."""
+
+        def read_u64(self, pa: int) -> int: ...
+
+    class TableMemory(EntryReader, Protocol):
+        """A walk that applies its A/D writes (update_ad) also writes entries back."""
+
+        def write_u64(self, pa: int, value: int) -> None: ...
+
 
 ACCESS_KINDS = ("read", "write", "fetch")
 
@@ -50,7 +67,7 @@ class Step:
     raw: int
     kind: Kind
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "level": self.level.number,
             "table": self.level.table,
@@ -216,7 +233,7 @@ def check_rights(state: PagingState, rights: Rights, access: Access) -> tuple[bo
 
 
 def walk(
-    state: PagingState, memory, va: int, access: Access | None = None, *, update_ad: bool = False
+    state: PagingState, memory: TableMemory, va: int, access: Access | None = None, *, update_ad: bool = False
 ) -> Result:
     """Translate `va` for `access` under `state`, reading tables from `memory`.
 
@@ -313,7 +330,7 @@ def _before_the_walk(state: PagingState, va: int, access: Access, base_code: int
     return None
 
 
-def _unbacked(prof, level: Level, e_addr: int, va: int) -> int:
+def _unbacked(prof: Profile, level: Level, e_addr: int, va: int) -> int:
     """An entry outside the image: what the profile reads there (zeros, ones), or an error."""
     if prof.unbacked_read == "zero":
         return 0
@@ -326,7 +343,7 @@ def _unbacked(prof, level: Level, e_addr: int, va: int) -> int:
 
 def _reserved_fault(
     state: PagingState,
-    memory,
+    memory: TableMemory,
     va: int,
     base_code: int,
     kind: Kind,
@@ -334,8 +351,8 @@ def _reserved_fault(
     e_addr: int,
     raw: int,
     rsvd: int,
-    steps,
-    used,
+    steps: list[Step],
+    used: list[tuple[int, int]],
     update_ad: bool,
 ) -> PageFault | None:
     """The #PF with RSVD for a present entry with reserved bits set, or None when none are."""
@@ -388,7 +405,16 @@ def _reserved_fault(
 
 
 def _fault(
-    prof, memory, va: int, code: int, reason: str, level: int | None, steps, used, extra_a, update_ad: bool
+    prof: Profile,
+    memory: TableMemory,
+    va: int,
+    code: int,
+    reason: str,
+    level: int | None,
+    steps: list[Step],
+    used: list[tuple[int, int]],
+    extra_a: Sequence[tuple[int, int]],
+    update_ad: bool,
 ) -> PageFault:
     """A #PF ending the walk, with the A writes the profile makes on a faulting walk: in the
     non-leaf entries used (profile `used`) and in `extra_a`."""
@@ -404,7 +430,7 @@ def _fault(
 
 def _complete(
     state: PagingState,
-    memory,
+    memory: TableMemory,
     va: int,
     access: Access,
     base_code: int,
@@ -413,8 +439,8 @@ def _complete(
     level: Level,
     e_addr: int,
     leaf_raw: int,
-    steps,
-    used,
+    steps: list[Step],
+    used: list[tuple[int, int]],
     update_ad: bool,
 ) -> Result:
     """A complete translation: its rights decide the access (a #PF with P, and PK when the key
@@ -437,6 +463,7 @@ def _complete(
             update_ad,
         )
     size = kind.page_size
+    assert size is not None  # a leaf kind: 4K, 2M or 1G
     frame = leaf_raw & state.phys_mask & ~(size - 1)
     pa = frame | (va & (size - 1))
     writes = [(a, r | BIT_A) for a, r in used if not r & BIT_A]
@@ -459,7 +486,7 @@ def error_code_dont_care(state: PagingState, va: int, access: Access) -> int:
     return 0
 
 
-def debug_translate(state: PagingState, memory, va: int) -> tuple[int, int] | None:
+def debug_translate(state: PagingState, memory: EntryReader, va: int) -> tuple[int, int] | None:
     """The translation a debugger's walker reports (QEMU's `gva2gpa`/`x`, docs/paging.md §12.1/§2.2 of
     docs/oracles.md §5): P and PS only — no rights, no reserved-bit checks, no A/D — and the
     address taken from bits 51:12 of the leaf, so reserved bits pass into it. (pa, page size) or
@@ -478,7 +505,7 @@ def debug_translate(state: PagingState, memory, va: int) -> tuple[int, int] | No
     return None
 
 
-def translate(state: PagingState, memory, va: int, access: Access | None = None) -> int | None:
+def translate(state: PagingState, memory: TableMemory, va: int, access: Access | None = None) -> int | None:
     """The physical address of `va`, or None when the access faults."""
     r = walk(state, memory, va, access)
     return r.pa if isinstance(r, Translation) else None

@@ -4,7 +4,7 @@ and speculative fills, flushes on a set of CPUs, and the difference report."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from x86pt.errors import BadInputError
 from x86pt.state import CR4_PCIDE, CR4_PGE, PF_P, PF_PK, PF_RSVD, PagingState
@@ -23,6 +23,9 @@ from x86pt.tlb.entries import (
     _walk_from,
 )
 from x86pt.tlb.invalidate import Cpu
+
+if TYPE_CHECKING:
+    from x86pt.walk import TableMemory
 
 # what an access may do: ("ok", physical address) or ("page_fault", error code)
 Outcome = tuple[str, int]
@@ -143,7 +146,8 @@ class TlbSystem:
             for path in fills:
                 c._fill(va, path, path.dirty or access.kind == "write")
             if update_ad:
-                walk(c.state, self.memory, va, access, update_ad=True)
+                # update_ad writes the A/D bits back: the caller's tables are writable then
+                walk(c.state, cast("TableMemory", self.memory), va, access, update_ad=True)
         return frozenset(outs)
 
     def speculate(self, cpu: int | None, start: int, end: int) -> int:
