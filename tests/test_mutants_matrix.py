@@ -361,6 +361,7 @@ HAND_CASES = [
     ("pde.p pde.pse pkey=1", [P | RW | US, P | RW | US, P | PS | KEY1], TOP | 6 << 21 | 0xB000),  # PDE 6
     ("pte.rw pde.p", [P | RW | US, P | RW | US, P, RW], TOP | 7 << 21 | 8 << 12),  # a not-present PTE
     ("pdpte.1g pde.rw", [P | RW | US, PS | RW], TOP | 4 << 30 | 0x20D000),  # a not-present 1G leaf
+    ("pte.p pde.rw", [P | RW | US, P | RW | US, RW, P], TOP | 8 << 21 | 9 << 12),  # a not-present PDE
 ]
 
 
@@ -464,6 +465,16 @@ def test_bit_36_in_the_pde_and_the_pte():
     assert pde.raw & ~ADDR40 == P and pde.raw >> 36 == 1 and pte.raw == 0x200000 | P | 1 << 36
 
 
+def test_records_are_as_their_classes_make_them():
+    # probes, case infos and owned entries made without __init__ hold exactly their fields
+    import dataclasses
+
+    b, _ = _hand_batch()
+    for obj in [*b.probes, *b.cases, *(o for c in b.cases for o in c.owned)]:
+        assert list(vars(obj)) == [f.name for f in dataclasses.fields(obj)]
+        assert type(obj)(**vars(obj)) == obj
+
+
 def test_probes_of_the_hand_cases():
     b, cases = _hand_batch()
     got = []
@@ -488,6 +499,7 @@ def test_probes_of_the_hand_cases():
         ("c11", "read", False, False, False, 0),
         ("c12", "read", False, False, False, 0),
         ("c13", "read", False, False, False, 0),
+        ("c14", "read", False, False, False, 0),
     ]
     assert [info.probes for info in b.cases][2:5] == [(2,), (3, 4), (5,)]
     # the frames hold the tag pattern: the qword at pa is (pa << 8) | 0xC3
@@ -790,16 +802,18 @@ def test_layout_pml4_entries_per_variant():
         0,
     ]
     assert lay.top_va(292) == 0xFFFF920000000000 and lay.top_va(255) == 255 << 39  # lower half
-    with pytest.raises(BadInputError, match="a PML5E reserved bit needs 5-level paging"):
+    with pytest.raises(BadInputError) as e:
         lay.pdpte_slot(("hi", "pml5e", 45))
+    assert str(e.value) == "a PML5E reserved bit needs 5-level paging"
 
 
 def test_layout_leaves_the_harness_slot_free():
     lay, mem = _layout()
     lay.next_top = 510
     assert lay.pdpte_slot("normal")[1] == 510
-    with pytest.raises(BadInputError, match="batch needs too many PML4 entries"):
+    with pytest.raises(BadInputError) as e:
         lay.pdpte_slot("ps")  # it would take PML4 index 511, the rig's own slot
+    assert str(e.value) == "batch needs too many PML4 entries"
     assert mem.read_u64(lay.root + 511 * 8) == 0
 
 
@@ -827,6 +841,12 @@ def test_layout_pdptes_of_the_reserved_variants():
     lay.pde_slot("normal", True)  # read-only: the PDPTE without RW
     pdpt3 = mem.read_u64(lay.root + 294 * 8) & ADDR40
     assert mem.read_u64(pdpt3) & ~ADDR40 == P | US
+    _, top4, _, _ = lay.pde_slot(("hi", "pdpte1g", 42), False)  # a writable 1G leaf
+    assert mem.read_u64(mem.read_u64(lay.root + top4 * 8) & ADDR40) == PS | P | US | RW | 1 << 42
+    # a reserved bit in the PML4E: the PDPTE below it is a plain pointer to the PD
+    pd5, top5, _, _ = lay.pde_slot(("hi", "pml4e", 43), False)
+    assert mem.read_u64(lay.root + top5 * 8) & ~ADDR40 == P | RW | US | 1 << 43
+    assert mem.read_u64(mem.read_u64(lay.root + top5 * 8) & ADDR40 & ~(1 << 43)) == pd5 | P | US | RW
 
 
 def test_layout_five_levels():
