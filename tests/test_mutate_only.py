@@ -103,3 +103,12 @@ def test_function_lines_start_where_mutmut_s_diff_starts():
     # mutmut shows a function with the comment lines right above it and its decorators
     src = "x = 1\n\n# a comment\n# more\ndef f():\n    pass\n\n\n@dec\ndef g():\n    pass\n\n\ndef h():\n    pass\n"
     assert mutate.func_lines(src) == {"f": 3, "g": 9, "h": 14}
+
+
+def test_a_changed_line_with_a_comment_keeps_its_justification(tmp_path):
+    (tmp_path / "m.txt").write_text(
+        "m.py:4  f | x = [0, 1]  # [a, b] => x = [1, 1]  # [a, b]  # equivalent: x[0] unused\n"
+    )
+    assert mutate.read_list(tmp_path / "m.txt") == {
+        "f | x = [0, 1]  # [a, b] => x = [1, 1]  # [a, b]": "equivalent: x[0] unused"
+    }

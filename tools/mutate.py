@@ -398,7 +398,8 @@ def read_list(path: Path) -> dict[str, str]:
         if not ln.strip() or ln.startswith("#"):
             continue
         body = re.sub(r"^\S+:\d+\s+", "", ln)  # drop the file:line prefix
-        ident, _, why = body.partition("  # ")
+        # the justification follows the last "  # ": the changed line may carry a comment itself
+        ident, _, why = body.rpartition("  # ")
         out[ident.strip()] = why.strip()
     return out
 
