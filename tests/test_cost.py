@@ -14,17 +14,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from x86pt.cost import (
+from x86pt.cost import analytic, che_hits, simulate
+from x86pt.costinput import (
     SKYLAKE,
     Leaves,
-    analytic,
-    che_hits,
     from_addresses,
     geometry_named,
     hot_set,
     mapped_2m_regions,
     pattern_named,
-    simulate,
     uniform,
     workload_pages,
 )

@@ -22,7 +22,8 @@ import struct
 import pytest
 
 from tests.conftest import need_oracle
-from x86pt.cost import QEMU, Leaves, analytic, from_addresses, geometry_named, simulate
+from x86pt.cost import analytic, simulate
+from x86pt.costinput import QEMU, Leaves, from_addresses, geometry_named
 
 PO = 0xFFFF888000000000  # direct-map base (PML4 slot 273)
 DM_PA = 0x40000000  # the direct map maps PA [1G, 2G) at PO + 1G

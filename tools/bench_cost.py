@@ -20,7 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from x86pt.cost import Leaves, analytic, pattern_named, simulate  # noqa: E402
+from x86pt.cost import analytic, simulate  # noqa: E402
+from x86pt.costinput import Leaves, pattern_named  # noqa: E402
 from x86pt.cpa.layout import PRESETS  # noqa: E402
 from x86pt.cpa.ops import CpaModel  # noqa: E402
 from x86pt.cpa.trace import replay  # noqa: E402
