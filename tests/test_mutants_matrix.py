@@ -362,6 +362,7 @@ HAND_CASES = [
     ("pte.rw pde.p", [P | RW | US, P | RW | US, P, RW], TOP | 7 << 21 | 8 << 12),  # a not-present PTE
     ("pdpte.1g pde.rw", [P | RW | US, PS | RW], TOP | 4 << 30 | 0x20D000),  # a not-present 1G leaf
     ("pte.p pde.rw", [P | RW | US, P | RW | US, RW, P], TOP | 8 << 21 | 9 << 12),  # a not-present PDE
+    ("pde.rw pde.pse", [P | RW | US, P | RW | US, PS | RW], TOP | 9 << 21 | 0xF000),  # a not-present 2M leaf
 ]
 
 
@@ -500,6 +501,7 @@ def test_probes_of_the_hand_cases():
         ("c12", "read", False, False, False, 0),
         ("c13", "read", False, False, False, 0),
         ("c14", "read", False, False, False, 0),
+        ("c15", "read", False, False, False, 0),
     ]
     assert [info.probes for info in b.cases][2:5] == [(2,), (3, 4), (5,)]
     # the frames hold the tag pattern: the qword at pa is (pa << 8) | 0xC3
