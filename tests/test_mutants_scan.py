@@ -827,7 +827,7 @@ def test_a_pml4_of_ps_entries_is_tables_not_a_leaf():
     mem = SparseMemory()
     root = 0x1000
     mem.write(root, (np.uint64(0x81) + np.arange(512, dtype=np.uint64) * np.uint64(1 << 39)).tobytes())
-    st = PagingState(cr3=root, cr4=CR4_PAE, efer=0xD00)
+    st = PagingState(cr3=root, cr4=CR4_PAE, efer=0xD00, maxphyaddr=52)
     sc = Scanner(st, mem, max_entries=1 << 20)
     assert records(sc.chunks()) == []
     assert sc.stats.tables == {1: 0, 2: 0, 3: 512, 4: 1, 5: 0}
@@ -888,7 +888,77 @@ def test_a_shared_table_is_not_a_loop():
         ({"writable": False, "levels": (1, 3)}, [0, 0, 0, 1]),
         ({"levels": (1, 2), "has": "a"}, [0, 1, 0, 1]),
         ({"writable": True, "has": "!pat"}, [0, 0, 1, 1]),
+        ({"writable": False, "has": "ps"}, [0, 1, 0, 1]),
     ],
 )
 def test_filter_tests_combine(kw, keep):
     assert Filter(**kw).mask(chunk(FROWS)).tolist() == [bool(k) for k in keep]
+
+
+class _Spy(Scanner):
+    """Records which tables were cut into runs (the others took the uniform-table shortcut)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.cut: list[tuple[int, list[int]]] = []
+
+    def _table_runs(self, lnum, E, nu, pas, bases, effs):
+        self.cut.append((lnum, pas[nu].tolist()))
+        return super()._table_runs(lnum, E, nu, pas, bases, effs)
+
+
+def test_uniform_tables_skip_the_run_cutting():
+    """The module's speed contract: a PT (or a PD of 2M leaves) of 512 present leaves with equal
+    bits and consecutive frames is one record without being cut into runs; every other table is cut."""
+    b = main_image()
+    sc = _Spy(b.state(), b.memory)
+    assert records(sc.chunks()) == LEAVES
+    assert sc.cut == [(4, [ROOT]), (3, [PDPT0, PDPT1, PDPT2]), (2, [PD0, PD1]), (1, [PT0])]  # not PT1
+    # the uniform-shortcut image: PT 0 (last frame exactly at the top of bits 45:12) and the PDs
+    # 0x110000 and 0x112000 of 2M leaves are shortcuts; PT 1 (carry), PT 2 (entry 0 clear), the
+    # PD of table pointers and the 512 empty PTs below it are cut
+    b = Builder(levels=4, table_base=0x100000, maxphyaddr=46)
+    b.map(0x0, 0x0, 0x1000, 0x1000, "p")
+    mem = b.memory
+    for t, first in enumerate([0x3FFFFFE00001, 0x3FFFFFE01001, 0x1]):
+        mem.write_u64(0x102000 + 8 * t, (0x103000 + 0x1000 * t) | TBL)
+        fill_pt(mem, 0x103000 + 0x1000 * t, first)
+    mem.write_u64(0x105000, 0)
+    for i, (pd, first, step) in enumerate(
+        [(0x110000, 0x83, 0x200000), (0x111000, 0x120000 | TBL, 0x200000), (0x112000, 0x2083, 0x200000)]
+    ):
+        mem.write_u64(0x101008 + 8 * i, pd | TBL)
+        mem.write(pd, (np.uint64(first) + np.arange(512, dtype=np.uint64) * np.uint64(step)).tobytes())
+    sc = _Spy(b.state(), mem)
+    list(sc.chunks())
+    assert sc.cut == [
+        (4, [ROOT]),
+        (3, [PDPT0]),
+        (2, [0x102000, 0x111000]),
+        (1, [0x104000, 0x105000] + [0x120000 + 0x200000 * i for i in range(512)]),
+    ]
+    # with a va_range the shortcut is off: PT1 of the main image is cut too
+    b = main_image()
+    sc = _Spy(b.state(), b.memory, va_range=(0xFFFF888000000000, 0xFFFF888000200000))
+    assert records(sc.chunks()) == [LEAVES[3]]
+    assert sc.cut[-1] == (1, [PT1])
+
+
+def test_a_loop_to_a_table_below_the_root():
+    """PDPT0[1] points at PDPT0 itself: the ancestors checked are every table on the path, not
+    only the root. Through it PDPT0 is read as a PD, then as a PT."""
+    b = Builder(levels=4, table_base=0x100000, maxphyaddr=46)
+    b.map(0x0, 0x5000000, 0x1000, 0x1000, "p rw us")  # PDPT0 0x101000, PD0 0x102000, PT0 0x103000
+    b.memory.write_u64(PDPT0 + 8, PDPT0 | TBL)
+    sc = Scanner(b.state(), b.memory)
+    g, m = 1 << 30, 1 << 21
+    assert records(sc.chunks()) == [
+        (0x0, 1, 1, 0x5000007, 0x5000000, P | RW | US, PT0),
+        (g, 1, 1, 0x103027, 0x103000, P | RW | US | LOOP, PD0),  # PD0 read as a PT
+        (g + m, 1, 1, 0x102027, 0x102000, P | RW | US | LOOP, PDPT0),  # PDPT0 read as a PT
+        (g + m + 0x1000, 1, 1, 0x101027, 0x101000, P | RW | US | LOOP, PDPT0 + 8),
+    ]
+    assert sc.stats.issues == [
+        Issue("loop", g, 3, PDPT0 + 8, 0x101027),
+        Issue("loop", g + m, 2, PDPT0 + 8, 0x101027),
+    ]
