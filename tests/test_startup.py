@@ -165,6 +165,7 @@ def test_decode_loads_neither_the_walker_nor_other_commands():
         "json",
         "numpy",
         "dataclasses",
+        "shutil",
     }
     assert not unwanted & mods, sorted(unwanted & mods)
 
@@ -191,3 +192,104 @@ def test_a_qemu_dump_loads_only_its_own_renderer(tmp_path):
         "tempfile",
     }
     assert not unwanted & mods, sorted(unwanted & mods)
+
+
+# -- `x86pt --help` builds the shallow tree (x86pt.cli.build_parser(shallow=True); docs/startup.md) ---
+@pytest.fixture
+def third_party_plugin(tmp_path, monkeypatch):
+    """A third party's command module next to the shipped ones (its name sorts before harness.cli)."""
+    from x86pt import plugins
+
+    (tmp_path / "zz_x86pt_plugin.py").write_text(
+        "def register(sub):\n"
+        "    p = sub.add_parser('zzcmd', help='a third party command, help from its own module')\n"
+        "    p.add_argument('--flag', action='store_true')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = plugins.entry_points
+    monkeypatch.setattr(
+        plugins,
+        "entry_points",
+        lambda group: {**real(group), "zz": "zz_x86pt_plugin"} if group == plugins.COMMANDS else real(group),
+    )
+
+
+@pytest.mark.parametrize("plugged", [False, True], ids=["shipped", "third-party"])
+def test_the_shallow_top_level_help_is_the_whole_trees(plugged, request):
+    """`x86pt --help` from the shallow tree (every shipped command a one-line parser from
+    x86pt.cli.OWN_HELP and x86pt.plugins.SHIPPED_COMMANDS) reads exactly as from the whole tree:
+    the same commands, order and help lines, so the tables cannot drift from the modules; a third
+    party's command is listed with the help its own module gives."""
+    from x86pt.cli import build_parser
+
+    if plugged:
+        request.getfixturevalue("third_party_plugin")
+    full, shallow = build_parser(), build_parser(shallow=True)
+    assert shallow.format_usage() == full.format_usage()
+    assert shallow.format_help() == full.format_help()
+    assert ("zzcmd" in _subparsers(shallow)) is plugged
+
+
+@pytest.mark.parametrize("words", [[], ["--help"], ["-h"], ["--version"]])
+def test_main_answers_the_top_level_words_as_the_whole_tree(words, capsys):
+    """No words (the usage error), -h/--help and --version print the same text with the same
+    status from the shallow tree as from the whole tree."""
+    from x86pt.cli import build_parser, main
+
+    def run(f):
+        with pytest.raises(SystemExit) as e:
+            f()
+        out = capsys.readouterr()
+        return out.out, out.err, e.value.code
+
+    assert run(lambda: main(words)) == run(lambda: build_parser().parse_args(words))
+
+
+def test_top_level_help_imports_no_command_module():
+    """`x86pt --help` imports neither the command modules (the shallow tree lists them from its
+    table) nor what only they or a command's help use (typing, json, shutil)."""
+    code = (
+        "import sys\nfrom x86pt.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    mods = set(r.stderr.split())
+    assert "x86pt.cli" in mods and "argparse" in mods
+    unwanted = {
+        "x86pt.formats.cli",
+        "x86pt.cpa.cli",
+        "harness.cli",
+        "harness.linux.cli",
+        "x86pt.helpdoc",
+        "x86pt.cliargs",
+        "typing",
+        "json",
+        "shutil",
+    }
+    assert not unwanted & mods, sorted(unwanted & mods)
+
+
+@pytest.mark.parametrize("columns", [None, "100", "37", "0", "-3", "wide"])
+def test_the_help_width_is_shutils(columns, monkeypatch):
+    """x86pt.cli._columns (argparse's default width without importing shutil) is
+    shutil.get_terminal_size().columns for any $COLUMNS (set, unset, not a positive number), and a
+    help printed with it wraps as argparse's own formatter wraps it."""
+    import shutil
+
+    from x86pt.cli import _columns, build_parser
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert _columns() == shutil.get_terminal_size().columns
+    p = build_parser(shallow=True)
+    ours = p.format_help()
+    p.formatter_class = argparse.HelpFormatter
+    assert ours == p.format_help()

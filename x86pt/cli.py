@@ -17,6 +17,12 @@ from x86pt import __version__
 from x86pt.errors import BadInputError, X86ptError
 from x86pt.numbers import parse_int
 
+# typing costs about 2 ms at start-up and nothing here needs it at run time; mypy reads any name
+# TYPE_CHECKING as true (docs/startup.md)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 def emit_json(obj, out=None) -> None:
     import json
@@ -313,34 +319,97 @@ def _add_access_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--implicit", action="store_true", help="implicit supervisor access (GDT/IDT/TSS)")
 
 
-# The commands this module defines (the others: x86pt.plugins.BUILTIN_COMMAND_NAMES and plugins).
-OWN_COMMANDS = ("decode", "encode", "translate", "walk", "probe", "build", "demo")
+# The commands this module defines, with their one-line help, in the order the help lists them (the
+# others: x86pt.plugins.BUILTIN_COMMAND_NAMES and plugins).
+OWN_HELP = {
+    "decode": "decode one entry: every field, reserved bits flagged",
+    "encode": "encode one entry from FIELD=VALUE pairs",
+    "translate": "translate virtual addresses",
+    "walk": "walk step by step, each entry decoded",
+    "probe": "run a JSONL probe list through the model",
+    "build": "build an image from a TOML spec of mappings",
+    "demo": "build an embedded Linux-like address space and show x86pt at work",
+}
+OWN_COMMANDS = tuple(OWN_HELP)
+# The first words for which `x86pt` prints the top-level help, its version or its usage error alone:
+# argparse acts on the first option before it looks at any other word, so the commands' own
+# arguments never matter (main builds the shallow tree for these and for no words at all).
+TOP_ONLY = ("-h", "--help", "--version")
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def _columns() -> int:
+    """The terminal width exactly as shutil.get_terminal_size().columns computes it ($COLUMNS when
+    positive, else stdout's terminal, else 80), without importing shutil."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter with its default width computed by _columns. argparse builds a
+    formatter in every add_argument (to check the metavar) and its own default width imports
+    shutil, which imports zlib, bz2, lzma and fnmatch: about 2 ms at every start (docs/startup.md)."""
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
+        super().__init__(
+            prog, indent_increment, max_help_position, _columns() - 2 if width is None else width
+        )
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose default formatter is _Formatter. Subparsers are built with the class of
+    their parent (argparse's parser_class), so the whole tree gets it; a parser given its own
+    formatter_class keeps it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(**kwargs)
+
+
+def build_parser(only: str | None = None, *, shallow: bool = False) -> argparse.ArgumentParser:
     """The whole argument tree; with `only` (a built-in command's name) the tree holds that command
     alone (its module's commands for one registered elsewhere) and no plugin is looked up: what
-    `x86pt CMD ...` parses, at a fraction of the start-up cost (docs/startup.md)."""
+    `x86pt CMD ...` parses, at a fraction of the start-up cost (docs/startup.md). With `shallow`
+    every command of this distribution is an empty parser with its one-line help
+    (x86pt.plugins.SHIPPED_COMMANDS), a third party's plugin commands are registered in full: the
+    tree `x86pt --help` prints, the same text as the whole tree's at a fraction of the cost."""
     from x86pt.plugins import BUILTIN_COMMAND_NAMES
 
     def want(name: str) -> bool:
         return only is None or only == name
 
-    p = argparse.ArgumentParser(prog="x86pt", description="x86-64 page tables: model, oracles, dumps, CPA")
+    p = _Parser(prog="x86pt", description="x86-64 page tables: model, oracles, dumps, CPA")
     p.add_argument("--version", action="version", version=f"x86pt {__version__}")
     # prog as argparse would compute it (the top parser has no positionals), without the help
     # formatter it builds to compute it
     sub = p.add_subparsers(dest="command", metavar="COMMAND", prog="x86pt")
     sub.required = True
-    if only is None or only in OWN_COMMANDS:
+    if shallow:
+        for name, text in OWN_HELP.items():
+            sub.add_parser(name, help=text)
+    elif only is None or only in OWN_COMMANDS:
         _add_own_commands(sub, want)
     if only in BUILTIN_COMMAND_NAMES:
         # a built-in module's register takes `only` (the plugin interface is register(subparsers))
         importlib.import_module(BUILTIN_COMMAND_NAMES[only]).register(sub, only)
     elif only not in OWN_COMMANDS:
-        from x86pt.plugins import command_modules
+        from x86pt.plugins import SHIPPED_COMMANDS, command_modules
 
         for mod in command_modules():
+            if shallow and mod in SHIPPED_COMMANDS:
+                for name, text in SHIPPED_COMMANDS[mod]:
+                    sub.add_parser(name, help=text)
+                continue
             try:
                 m = importlib.import_module(mod)
             except ModuleNotFoundError as e:
@@ -348,6 +417,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     continue
                 raise
             m.register(sub)
+    if shallow:  # the top-level help shows no command's description, epilog or options
+        return p
     from x86pt.helpdoc import apply
 
     apply(p)
@@ -357,7 +428,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _add_own_commands(sub, want) -> None:
     """The commands of this module for which want(name) holds, in the order the help lists them."""
     if want("decode"):
-        d = sub.add_parser("decode", help="decode one entry: every field, reserved bits flagged")
+        d = sub.add_parser("decode", help=OWN_HELP["decode"])
         d.add_argument("value")
         d.add_argument("--kind", required=True, help="pml5e pml4e pdpte pdpte1g pde pde2m pte")
         d.add_argument("--maxphyaddr", default="52")
@@ -366,7 +437,7 @@ def _add_own_commands(sub, want) -> None:
         d.set_defaults(func=cmd_decode)
 
     if want("encode"):
-        e = sub.add_parser("encode", help="encode one entry from FIELD=VALUE pairs")
+        e = sub.add_parser("encode", help=OWN_HELP["encode"])
         e.add_argument("--kind", required=True)
         e.add_argument(
             "fields", nargs="*", metavar="FIELD=V", help="e.g. p=1 rw=1 addr=0x1234 (or pa=0x1234000)"
@@ -377,14 +448,11 @@ def _add_own_commands(sub, want) -> None:
         e.add_argument("--json", action="store_true")
         e.set_defaults(func=cmd_encode)
 
-    from x86pt.cliargs import add_state_args
-
-    for name, func, helptext in (
-        ("translate", cmd_translate, "translate virtual addresses"),
-        ("walk", cmd_walk, "walk step by step, each entry decoded"),
-    ):
+    for name, func in (("translate", cmd_translate), ("walk", cmd_walk)):
         if want(name):
-            t = sub.add_parser(name, help=helptext)
+            from x86pt.cliargs import add_state_args
+
+            t = sub.add_parser(name, help=OWN_HELP[name])
             t.add_argument("image")
             t.add_argument("va", nargs="+")
             _add_access_args(t)
@@ -394,7 +462,9 @@ def _add_own_commands(sub, want) -> None:
             t.set_defaults(func=func)
 
     if want("probe"):
-        pr = sub.add_parser("probe", help="run a JSONL probe list through the model")
+        from x86pt.cliargs import add_state_args
+
+        pr = sub.add_parser("probe", help=OWN_HELP["probe"])
         pr.add_argument("image")
         pr.add_argument("--probes", required=True, metavar="FILE.jsonl", help="probe list ('-' for stdin)")
         add_state_args(pr)
@@ -405,7 +475,7 @@ def _add_own_commands(sub, want) -> None:
     if want("build"):
         from x86pt.limits import DEFAULT_MAX_BUILD_ENTRIES
 
-        b = sub.add_parser("build", help="build an image from a TOML spec of mappings")
+        b = sub.add_parser("build", help=OWN_HELP["build"])
         b.add_argument("spec")
         b.add_argument("-o", "--output", required=True)
         b.add_argument("--out-format", choices=("elf", "raw", "lime"), default=None)
@@ -420,7 +490,7 @@ def _add_own_commands(sub, want) -> None:
         b.set_defaults(func=cmd_build)
 
     if want("demo"):
-        dm = sub.add_parser("demo", help="build an embedded Linux-like address space and show x86pt at work")
+        dm = sub.add_parser("demo", help=OWN_HELP["demo"])
         dm.add_argument("--out", default=None, help="directory for the demo's files (default: a temp dir)")
         dm.add_argument("--json", action="store_true")
         dm.set_defaults(func=cmd_demo)
@@ -439,8 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         first = words[0] if words else None
         # `x86pt CMD ...` for a built-in CMD parses with CMD's parser alone: the same parse, the same
         # help and errors (tests/test_startup.py compares them), without the other commands' set-up
-        only = first if first in OWN_COMMANDS or first in _builtin_names() else None
-        parser = build_parser(only)
+        if first is None or first in TOP_ONLY:
+            parser = build_parser(shallow=True)
+        else:
+            parser = build_parser(first if first in OWN_COMMANDS or first in _builtin_names() else None)
         args = parser.parse_args(words)
         return int(args.func(args) or 0)
     except X86ptError as e:

@@ -24,17 +24,27 @@ ORACLES = "x86pt.oracles"
 COMMANDS = "x86pt.commands"
 # The library's own command modules besides x86pt/cli.py (each has register(subparsers)).
 BUILTIN_COMMANDS = ("x86pt.formats.cli", "x86pt.cpa.cli")
+# SHIPPED_COMMANDS: the command modules this distribution ships besides x86pt/cli.py (the rig's come in
+# through the `x86pt.commands` entry points), with the one-line help of each command they register,
+# in the order they register them: `x86pt --help` lists them from here without importing the modules
+# (x86pt.cli.build_parser(shallow=True); tests/test_startup.py checks the result against the help of
+# the whole tree).
+SHIPPED_COMMANDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "x86pt.formats.cli": (
+        ("dump", "dump every mapping: ptdump, QEMU info mem/tlb, JSON, CSV"),
+        ("census", "DirectMap4k/2M/1G as /proc/meminfo, leaves per level, table pages"),
+        ("wx", "every writable+executable mapping, as the kernel's W+X check reports it"),
+        ("find", "every virtual address that maps a physical address (aliases)"),
+        ("diff", "semantic difference of two images' translations"),
+    ),
+    "x86pt.cpa.cli": (("cpa", "the Linux CPA / direct-map model: replay, compare, generate"),),
+    "harness.cli": (("conform", "differential conformance: the x86pt model vs unicorn/QEMU/KVM"),),
+    "harness.linux.cli": (("linux", "ground truth from a real Linux kernel under QEMU"),),
+}
 # The top-level commands each of them registers: `x86pt CMD ...` for one of these builds only its
 # module's parsers and reads no plugin metadata (docs/startup.md; tests/test_startup.py checks this
 # table against the parsers the modules register).
-BUILTIN_COMMAND_NAMES = {
-    "dump": "x86pt.formats.cli",
-    "census": "x86pt.formats.cli",
-    "wx": "x86pt.formats.cli",
-    "find": "x86pt.formats.cli",
-    "diff": "x86pt.formats.cli",
-    "cpa": "x86pt.cpa.cli",
-}
+BUILTIN_COMMAND_NAMES = {name: mod for mod in BUILTIN_COMMANDS for name, _ in SHIPPED_COMMANDS[mod]}
 
 _META_DIR = re.compile(r"^(?P<name>[^-]+)(?:-[^/]*)?\.(?:dist-info|egg-info)$")
 
