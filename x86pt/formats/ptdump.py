@@ -112,7 +112,8 @@ def walk_ranges(state: PagingState) -> tuple[tuple[int, int], ...]:
     hypervisor guard hole (16 PGD entries from -256) to the top."""
     pgdir_shift = 48 if state.la57 else 39
     half = 1 << (state.va_bits - 1)
-    guard_end = (1 << 64) - (256 << pgdir_shift) + (16 << pgdir_shift)  # below 2^64: no mask
+    # below 2^64 by construction: no mask needed
+    guard_end = (1 << 64) - (256 << pgdir_shift) + (16 << pgdir_shift)
     return ((0, half), (guard_end, 1 << 64))
 
 
@@ -207,7 +208,8 @@ class _State:
             self.wx.append((self.start, addr))
         mk = self.markers[self.mi]
         if not mk.max_lines or self.lines < mk.max_lines:
-            own = self.cur & PTE_FLAGS_MASK  # clears bits 51:12, where the key keeps eff and depth
+            # PTE_FLAGS_MASK clears bits 51:12, where the key keeps eff and depth
+            own = self.cur & PTE_FLAGS_MASK
             self.out.append(
                 f"0x{self.start:016x}-0x{addr:016x}   {size_text(addr - self.start)}"
                 f"{_prot_text(own, self.level)}\n"
@@ -265,8 +267,9 @@ def ptdump_lines(
             st.out.clear()
     if st.level != -1:
         # ptdump_walk_pgd(): "Flush out the last page" at the walk's end: 0 after the top of the
-        # address space (the kernel's address wraps), else where a --range walk stopped.
-        st.note(last_end, -1, -1)  # a uint64 run end: already wrapped to 0 at the top
+        # address space (the kernel's address wraps: last_end is a uint64 run end, already 0
+        # there), else where a --range walk stopped.
+        st.note(last_end, -1, -1)
     yield "".join(st.out)
 
 
