@@ -700,20 +700,25 @@ def test_spaces_set_their_own_flags():
 def test_matrix_indexes_across_spaces():
     feat = MatrixFeatures()
     s1 = mx.Space("one", (mx.Group("g", (1, 2, 3)),))
-    s2 = mx.Space("two", (mx.Group("g", (8, 16)),))
-    m = mx.Matrix((s1, s2), feat)
-    assert m.size == 5 and m.counts() == {"one": 3, "two": 2}
-    assert [m.flags_at(i) for i in range(5)] == [1, 2, 3, 8, 16]
-    assert m.flags_range(0, 5).tolist() == [1, 2, 3, 8, 16]
-    assert m.flags_range(2, 4).tolist() == [3, 8] and m.flags_range(3, 5).tolist() == [8, 16]
-    assert m.flags_range(1, 2).tolist() == [2] and m.flags_range(2, 2).tolist() == []
-    assert m.flags_of(np.array([4, 0, 3, 2])).tolist() == [16, 1, 8, 3]
+    s2 = mx.Space("two", (mx.Group("g", (8, 16, 32, 64)),))
+    s3 = mx.Space("three", (mx.Group("g", (128, 256)),))
+    m = mx.Matrix((s1, s2, s3), feat)
+    every = [1, 2, 3, 8, 16, 32, 64, 128, 256]
+    assert m.size == 9 and m.counts() == {"one": 3, "two": 4, "three": 2}
+    assert [m.flags_at(i) for i in range(9)] == every
+    assert m.flags_range(0, 9).tolist() == every
+    assert m.flags_range(2, 4).tolist() == [3, 8] and m.flags_range(6, 9).tolist() == [64, 128, 256]
+    assert m.flags_range(1, 2).tolist() == [2] and m.flags_range(8, 9).tolist() == [256]
+    empty = m.flags_range(2, 2)
+    assert empty.tolist() == [] and empty.dtype == np.uint64
+    assert m.flags_of(np.array([8, 4, 0, 3, 2, 7, 6])).tolist() == [256, 16, 1, 8, 3, 128, 64]
     assert m.flags_of(np.array([], dtype=np.int64)).tolist() == []
-    for bad in (5, -1):
-        with pytest.raises(IndexError):
+    for bad in (9, 12, -1):
+        with pytest.raises(IndexError) as e:
             m.flags_of(np.array([0, bad]))
+        assert e.value.args == (bad,)  # the index out of range
     with pytest.raises(IndexError):
-        m.flags_at(5)
+        m.flags_at(9)
 
 
 # -- group E: MatrixSource cuts a selection into batches ----------------------------------------------
@@ -1018,3 +1023,112 @@ def test_each_free_flag_is_a_group_named_after_it():
     # without PKU the key flag is fixed at zero: its group keeps the one choice 0
     nopku = {g.name: g.choices for g in mx.classic_space(MatrixFeatures(maxphyaddr=40, pku=False)).groups}
     assert nopku["pkey=1"] == (0,) and nopku["pke"] == (0,)
+
+
+# the dimensions of every extended space by name, in order (the CPU state first, docs/paging.md §11.3)
+SPACE_GROUPS = {
+    "classic+smep+smap": [
+        "pke",
+        "smep",
+        "smap",
+        "wp",
+        "rsvd",
+        "access",
+        "ac",
+        "fep",
+        "pkey=1",
+        "user",
+        "twice",
+    ]
+    + [
+        "pdpte.ro",
+        "pde.p",
+        "pde.rw",
+        "pde.user",
+        "pde.a",
+        "pde.d",
+        "pte.p",
+        "pte.rw",
+        "pte.user",
+        "pte.a",
+        "pte.d",
+    ],
+    "1g": [
+        "pke",
+        "wp",
+        "rsvd",
+        "access",
+        "1g",
+        "pkey=1",
+        "user",
+        "twice",
+        "pde.p",
+        "pde.rw",
+        "pde.user",
+        "pde.a",
+    ]
+    + ["pde.d"],
+    "top": ["wp", "nx", "top", "access", "user", "shape"],
+    "noncanon": ["la57", "wp", "access", "user", "nc", "shape"],
+    "implicit": [
+        "pke",
+        "smap",
+        "wp",
+        "nx",
+        "implicit",
+        "ac",
+        "user",
+        "shape",
+        "pkey",
+        "pde.user",
+        "pte.user",
+        "pte.a",
+    ],
+    "la57": [
+        "la57",
+        "pke",
+        "wp",
+        "rsvd",
+        "access",
+        "fep",
+        "pkey=1",
+        "user",
+        "twice",
+        "pdpte.ro",
+        "pde.p",
+        "pde.rw",
+    ]
+    + ["pde.user", "pde.a", "pde.d", "pte.p", "pte.rw", "pte.user", "pte.a", "pte.d"],
+}
+
+
+def test_the_extended_spaces_dimensions_by_name():
+    m = mx.matrix_for(MatrixFeatures(maxphyaddr=40, la57=True), extended=True)
+    assert {s.name: [g.name for g in s.groups] for s in m.spaces} == SPACE_GROUPS
+    empty = mx.implicit_space(MatrixFeatures(implicit_cpl0=False))
+    assert (empty.name, empty.groups, empty.rotations) == ("implicit", (), ())
+
+
+def test_the_extended_classic_space_is_kut_s_set_times_smep_smap_ac():
+    feat = MatrixFeatures(maxphyaddr=40)
+    shrink = (1 << 18) - 1 & ~(mx.PTE_P | mx.PDE_P | mx.PDE_PSE | mx.PDE_13) | mx.ACC_TWICE | mx.PKEY
+    plain = mx.classic_space(feat, shrink, rotate=False)
+    ext = mx.classic_space(feat, shrink, smep=True, smap=True, rotate=False)
+    kut = set(plain.flags_array(0, plain.size).tolist())
+    got = ext.flags_array(0, ext.size).tolist()
+    cfg = mx.SMEP | mx.SMAP | mx.ACC_AC
+    assert len(got) == len(set(got)) == 8 * len(kut)
+    assert {f & ~cfg for f in got} == kut
+    s, p, a = mx.SMEP, mx.SMAP, mx.ACC_AC
+    assert {f & cfg for f in got} == {0, s, p, a, s | p, s | a, p | a, s | p | a}
+
+
+def test_extension_spaces_leave_the_pte_alone_where_they_have_no_pte():
+    feat = MatrixFeatures(maxphyaddr=40, la57=True)
+    g = mx.gig_space(feat)
+    assert _values(g, 0xFF) == {0}  # a 1G leaf: no pte.* flag (bits 0..7)
+    nc = mx.noncanon_space(feat)
+    assert _values(nc, _LOW) == {flags_from_names("pde.p pde.rw pde.user pte.p pte.rw pte.user"), 0}
+    assert _values(nc, mx.LA57) == {0, mx.LA57}
+    imp = mx.implicit_space(feat)
+    assert len(_values(imp, mx.HI_BIT_MASK)) > 1  # the reserved bit 51 rotates over M..51 here too
