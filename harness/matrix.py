@@ -560,11 +560,12 @@ class Matrix:
         return sum(s.size for s in self.spaces)
 
     def flags_at(self, i: int) -> int:
+        j = i
         for s in self.spaces:
-            if i < s.size:
-                return s.flags_at(i)
-            i -= s.size
-        raise IndexError(i)
+            if 0 <= j < s.size:
+                return s.flags_at(j)
+            j -= s.size
+        raise IndexError(i)  # the index asked for (flags_of says the same), also when negative
 
     def flags_range(self, start: int, stop: int) -> np.ndarray:
         parts = []

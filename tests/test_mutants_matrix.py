@@ -717,8 +717,10 @@ def test_matrix_indexes_across_spaces():
         with pytest.raises(IndexError) as e:
             m.flags_of(np.array([0, bad]))
         assert e.value.args == (bad,)  # the index out of range
-    with pytest.raises(IndexError):
-        m.flags_at(9)
+    for bad in (9, 10, -1):  # a negative index is out of range too (it used to wrap into space one)
+        with pytest.raises(IndexError) as e:
+            m.flags_at(bad)
+        assert e.value.args == (bad,)
 
 
 # -- group E: MatrixSource cuts a selection into batches ----------------------------------------------
