@@ -380,11 +380,16 @@ class Reference:
         v = self.v
         name = op[0]
         enable = _DIRECT_MAP.get(name)
-        if enable is not None:  # set_direct_map_*_noflush: one page (the commonest op)
+        if enable is not None:
+            # set_direct_map_*_noflush (the commonest op): cpa() of one page with
+            # CPA_NO_CHECK_ALIAS, i.e. that page's step alone (a page without an entry ends the
+            # call either way)
+            va = (op[1] & ~0xFFF) & self.vmask
             if enable:
-                self.cpa(op[1], 1, P | RW, 0, CPA_NO_CHECK_ALIAS, v.set_pages_primary, touched)
+                self._page(va, P | RW, 0)
             else:
-                self.cpa(op[1], 1, 0, v.set_pages_np_clr, CPA_NO_CHECK_ALIAS, v.set_pages_primary, touched)
+                self._page(va, 0, v.set_pages_np_clr)
+            touched.append(va)
         elif name in _API_MASKS:
             s, c, fl, fs = _API_MASKS[name](v, self)
             if name == "set_memory_rox" and not v.native_rox:
@@ -546,9 +551,10 @@ class Validator:
             return None
         c = self.m.counters
         h = self._highmap_counted()
-        want = (self.tot[1] + 512 * h, self.tot[2] - h, self.tot[3])
-        have = (c.dpc4k, c.dpc2m, c.dpc1g)
-        if want != have:
+        tot = self.tot
+        if c.dpc4k != tot[1] + 512 * h or c.dpc2m != tot[2] - h or c.dpc1g != tot[3]:
+            want = (tot[1] + 512 * h, tot[2] - h, tot[3])
+            have = (c.dpc4k, c.dpc2m, c.dpc1g)
             return Violation(
                 idx,
                 "c",
@@ -573,17 +579,27 @@ class Validator:
         msg = self.ref.apply(op, accepted, pages)
         if msg:
             return Violation(idx, "b", msg)
-        tables: set[tuple[int, int]] = set()
-        pointers = False
+        # the tables the op wrote in (an entry key's table) or below (a pointer's child), as
+        # ints key << 2 | level (no tuple per entry)
+        small: set[int] = set()  # the 2M regions (va >> 21) of the 4K entries the op wrote
+        upper: list[int] = []  # the op's other entry keys
         for ek in touched or ():
-            tl, k = ek & 3, ek >> 2
-            tables.add((tl, k >> 9))
+            if ek & 3 == 1:
+                small.add(ek >> 11)
+            else:
+                upper.append(ek)
+        tables = {(k2 << 2) | 1 for k2 in small}
+        pointers = False
+        for ek in upper:
+            tl = ek & 3
+            tables.add(((ek >> 11) << 2) | tl)
             if tl > 1:
-                tables.add((tl - 1, k))
+                tables.add((ek & ~3) | (tl - 1))
                 pointers = True
         # (c) census, incrementally
         if "c" in self.checks:
-            for tl, key in tables:
+            for tk in tables:
+                tl, key = tk & 3, tk >> 2
                 self._recount(tl, key)
                 if tl == 1 and self.hm[0] <= key << 21 < self.hm[1]:
                     if key in m.t1:
@@ -598,7 +614,8 @@ class Validator:
                 return v
         # (d) nr-same-prot counters
         if "d" in self.checks and m.nsp is not None:
-            for tl, key in tables:
+            for tk in tables:
+                tl, key = tk & 3, tk >> 2
                 if tl in (1, 2):
                     r = m.nsp.recount(tl, key)
                     if r is not None and r[0] != r[1]:
@@ -635,7 +652,7 @@ class Validator:
         # (a), (b) over the touched regions
         if "a" in self.checks or "b" in self.checks:
             v = (
-                self._check_regions(idx, touched, pages)
+                self._check_regions(idx, upper, small)
                 if not self.ref.events
                 else self._check_regions_by_page(idx, touched, pages)
             )
@@ -652,7 +669,10 @@ class Validator:
         m = self.m
         v, end = va, va + span
         while v < end:
-            lvl, t, i = m.lookup(v)
+            try:
+                lvl, t, i = m.lookup(v)
+            except KeyError:  # a present pointer to no table (a corrupted entry): all of it
+                return v
             e = t[i] if t is not None else 0
             size = 1 << (12 + 9 * (lvl - 1)) if lvl <= 3 else 1 << 39
             if e & P and (lvl == 1 or e & PSE) and ((ptr & NX and not e & NX) or (not ptr & RW and e & RW)):
@@ -661,7 +681,7 @@ class Validator:
         return None
 
     # -- (a), (b): 2M regions compared as whole tables ---------------------------------------------
-    def _check_regions(self, idx: int, touched: set[int] | None, pages: list[int]) -> Violation | None:
+    def _check_regions(self, idx: int, upper: list[int], small: set[int]) -> Violation | None:
         """Every 2M region where the op changed something (an entry the model wrote, a page
         whose translation the reference changed), larger spans first: the model's 512
         effective 4K entries against the reference's, as two tables compared at once; pages
@@ -670,18 +690,25 @@ class Validator:
         agreed on it before the op (they start equal, and every op is checked so)."""
         big: list[int] = []
         mid: list[int] = []
-        small: set[int] = set()
-        for ek in touched or ():
-            tl, k = ek & 3, ek >> 2
+        for ek in upper:
+            tl = ek & 3
             if tl == 3:
+                k = ek >> 2
                 if not self._check_1g(k):
                     big.extend(range(k << 9, (k + 1) << 9))
             elif tl == 2:
-                mid.append(k)
+                mid.append(ek >> 2)
             else:
-                small.add(k >> 9)
+                small.add(ek >> 11)
         for vp in self.ref.changed:
             small.add(vp >> 9)
+        if not big and not mid:  # the common case: 4K entries and pages only
+            check_2m = self._check_2m
+            for k2 in small:
+                r = check_2m(idx, k2)
+                if r:
+                    return r
+            return None
         done: set[int] = set()
         for group in (big, mid, small):
             for k2 in group:
