@@ -310,3 +310,58 @@ def test_every_op_kind_passes_on_every_kernel_and_encoding():
                 m.l1tf_invert = l1tf
                 _, v = run(every_op_kind(version), model=m)
                 assert v is None, (version, policy, l1tf, v)
+
+
+def k2_of(va):
+    return (va & ((1 << 48) - 1)) >> 21
+
+
+def test_expected_pte_table_of_a_changed_region():
+    """The 512 PTEs the reference asks for, as pfn_pte stores them (§9): frame | 4K flags, one
+    page RO; a region the op sequence never changed: its 2M leaf's frames with the leaf's flags
+    in 4K format (PSE dropped)."""
+    m = CpaModel(LAY, "6.15", "none")
+    val = Validator(m)
+    op = parse_trace([f"set_memory_ro {PO + 0x601000:#x} 1"])[0]
+    m.touched = set()
+    assert val.check(0, op, m.set_memory_ro(PO + 0x601000, 1), m.touched) is None
+    want = [(0x600000 + 4096 * j) | (RO if j == 1 else KPTE) for j in range(512)]
+    assert list(val.expected_pte_table(k2_of(PO + 0x600000))) == want
+    assert list(val.expected_pte_table(k2_of(PO + 0x800000))) == [
+        (0x800000 + 4096 * j) | KPTE for j in range(512)
+    ]
+    assert list(val.expected_pte_table(k2_of(0xFFFF900000000000))) == [0] * 512  # nothing maps it
+
+
+def test_expected_pte_table_l1tf_non_present_is_inverted():
+    m = CpaModel(LAY, "6.15", "none")
+    m.l1tf_invert = True
+    val = Validator(m)
+    op = parse_trace([f"set_memory_np {PO + 0x600000:#x} 2"])[0]
+    m.touched = set()
+    assert val.check(0, op, m.set_memory_np(PO + 0x600000, 2), m.touched) is None
+    pfn52 = 0x000FFFFFFFFFF000
+    np_ = 0x8000000000000062  # P and G (PROTNONE) cleared
+    want = [
+        ((~(0x600000 + 4096 * j) & pfn52) | np_) if j < 2 else (0x600000 + 4096 * j) | KPTE
+        for j in range(512)
+    ]
+    assert list(val.expected_pte_table(k2_of(PO + 0x600000))) == want
+    assert list(m.t1[k2_of(PO + 0x600000)]) == want  # the model stores the same
+
+
+def test_expected_pte_table_after_hotplug_is_none():
+    m, v = run(["memory_add 0x80000000 0x8000000"])
+    val = Validator(m)
+    val.check(0, parse_trace(["memory_add 0x80000000 0x200000"])[0], None, set())
+    assert val.expected_pte_table(k2_of(PO + 0x600000)) is None
+
+
+def test_initial_counter_check_is_before_op_0():
+    """Counters already off at replay start: the violation is dated before the first op (-1)."""
+    m = CpaModel(LAY, "6.15", "none")
+    m.counters.dpc2m -= 1
+    v = Validator(m).initial()
+    assert (v.op_index, v.invariant) == (-1, "c")
+    assert str(v).startswith("op -1: invariant (c) violated: direct_pages_count 4k/2M/1G = ")
+    assert Validator(m, "ab").initial() is None
