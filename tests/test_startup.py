@@ -166,6 +166,7 @@ def test_decode_loads_neither_the_walker_nor_other_commands():
         "numpy",
         "dataclasses",
         "shutil",
+        "typing",
     }
     assert not unwanted & mods, sorted(unwanted & mods)
 
@@ -293,3 +294,28 @@ def test_the_help_width_is_shutils(columns, monkeypatch):
     ours = p.format_help()
     p.formatter_class = argparse.HelpFormatter
     assert ours == p.format_help()
+
+
+def test_the_typed_declarations_of_the_field_tuples_are_the_run_time_ones():
+    """x86pt/fields.py builds Level, Field and Masks on collections.namedtuple (no typing at
+    start-up) and declares them to mypy as typing.NamedTuple classes under TYPE_CHECKING: the two
+    must name the same fields in the same order with the same defaults (read from the source)."""
+    import ast
+
+    from x86pt import fields
+
+    tree = ast.parse(open(fields.__file__, encoding="utf-8").read())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.orelse)
+    assert block.test.id == "TYPE_CHECKING"
+    declared = {
+        c.name: [(a.target.id, a.value) for a in c.body if isinstance(a, ast.AnnAssign)]
+        for c in block.body
+        if isinstance(c, ast.ClassDef)
+    }
+    assert sorted(declared) == ["_Field", "_Level", "_Masks"]
+    for name, items in declared.items():
+        base = getattr(fields, name)
+        assert base._fields == tuple(n for n, _ in items), name
+        assert base._field_defaults == {n: ast.literal_eval(v) for n, v in items if v is not None}, name
+        public = getattr(fields, name[1:])
+        assert public.__bases__ == (base,) and public.__slots__ == ()

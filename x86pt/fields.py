@@ -10,10 +10,14 @@ returns a list that covers bits 63..0 exactly once.
 from __future__ import annotations
 
 import enum
+from collections import namedtuple
 from functools import lru_cache
-from typing import NamedTuple
 
 from x86pt.errors import BadInputError
+
+TYPE_CHECKING = False  # mypy reads any name TYPE_CHECKING as true
+if TYPE_CHECKING:
+    from typing import NamedTuple
 
 
 class Kind(str, enum.Enum):
@@ -64,21 +68,48 @@ _SDM_NAMES = {
 
 # Level, Field and Masks are named tuples, not dataclasses: importing `dataclasses` (inspect, ast,
 # dis, tokenize) and generating three classes' methods would cost `x86pt decode` several ms at
-# start-up (docs/startup.md). Attributes are read-only either way.
-class Level(NamedTuple):
+# start-up (docs/startup.md). Attributes are read-only either way. Their tuple bases are built with
+# collections.namedtuple, not typing.NamedTuple: importing typing costs `x86pt decode` about 2 ms.
+# mypy reads the typed declarations under TYPE_CHECKING; tests/test_startup.py checks that they name
+# the same fields in the same order with the same defaults as the bases built at run time.
+if TYPE_CHECKING:
+
+    class _Level(NamedTuple):
+        number: int
+        table: str  # SDM table name
+        shift: int  # lowest VA bit of this level's index; one entry spans 1 << shift bytes
+        table_kind: Kind  # kind of an entry of this level when PS=0 (for level 1: the 4K leaf)
+        leaf_kind: Kind | None  # kind of an entry of this level when PS=1, if PS makes a leaf here
+        linux4: str  # Linux name of the level with 4-level paging (p4d folded into pgd)
+        linux5: str  # Linux name with 5-level paging
+
+    class _Field(NamedTuple):
+        name: str
+        hi: int
+        lo: int
+        role: Role
+        doc: str = ""
+
+    class _Masks(NamedTuple):
+        kind: Kind
+        addr: int  # in-place mask of the address field
+        rsvd: int  # OR of the RSVD fields (state-dependent rules like XD/NXE are added by walk)
+        shifts: tuple[tuple[str, int, int], ...]  # (name, lo, width-mask) for decode_fast
+
+else:
+    _Level = namedtuple("_Level", "number table shift table_kind leaf_kind linux4 linux5")
+    _Field = namedtuple("_Field", "name hi lo role doc", defaults=("",))
+    _Masks = namedtuple("_Masks", "kind addr rsvd shifts")
+
+
+class Level(_Level):
     """Facts of one paging-structure level. `number` is the SDM level (5 = PML5 ... 1 = PT).
 
     `leaf_kind` says which kind an entry *of this level* becomes when its own PS bit (bit 7) is
     set: the PS bit belongs to the entry that is the leaf, never to the entry above it.
     """
 
-    number: int
-    table: str  # SDM table name
-    shift: int  # lowest VA bit of this level's index; one entry spans 1 << shift bytes
-    table_kind: Kind  # kind of an entry of this level when PS=0 (for level 1: the 4K leaf)
-    leaf_kind: Kind | None  # kind of an entry of this level when PS=1, if PS makes a leaf here
-    linux4: str  # Linux name of the level with 4-level paging (p4d folded into pgd)
-    linux5: str  # Linux name with 5-level paging
+    __slots__ = ()
 
     @property
     def span(self) -> int:
@@ -135,12 +166,10 @@ class Role(str, enum.Enum):
     RSVD = "reserved"  # must be 0 when P=1, else #PF with RSVD
 
 
-class Field(NamedTuple):
-    name: str
-    hi: int
-    lo: int
-    role: Role
-    doc: str = ""
+class Field(_Field):
+    """One field of an entry: bits hi..lo, its role, a note."""
+
+    __slots__ = ()
 
     @property
     def width(self) -> int:
@@ -265,13 +294,10 @@ PK_SHIFT = _PTE_FIELD["pk"].lo
 ADDR_MASK_52 = _PTE_FIELD["addr"].mask  # bits 51:12, the widest address field (M = 52)
 
 
-class Masks(NamedTuple):
+class Masks(_Masks):
     """Shift/mask constants for the hot paths, derived from `fields_for` (never written by hand)."""
 
-    kind: Kind
-    addr: int  # in-place mask of the address field
-    rsvd: int  # OR of the RSVD fields (state-dependent rules like XD/NXE are added by walk)
-    shifts: tuple[tuple[str, int, int], ...]  # (name, lo, width-mask) for decode_fast
+    __slots__ = ()
 
 
 @lru_cache(maxsize=None)
