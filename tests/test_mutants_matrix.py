@@ -1109,6 +1109,24 @@ def test_the_extended_spaces_dimensions_by_name():
     assert {s.name: [g.name for g in s.groups] for s in m.spaces} == SPACE_GROUPS
     empty = mx.implicit_space(MatrixFeatures(implicit_cpl0=False))
     assert (empty.name, empty.groups, empty.rotations) == ("implicit", (), ())
+    # every group's choices: a group named after a flag is (0, flag), the others by hand
+    w, f, nc = mx.ACC_WRITE, mx.ACC_FETCH, flags_from_names("pde.p pde.rw pde.user pte.p pte.rw pte.user")
+    common = {"wp": (0, mx.CR0_WP_F), "access": (0, w, f), "smap": (0, mx.SMAP), "ac": (0, mx.ACC_AC)}
+    common |= {"nx": (0, mx.EFER_NX), "pkey": (0, mx.PKEY), "smep": (0, mx.SMEP), "fep": (0,)}
+    by_hand = {
+        "1g": {"1g": (mx.PDPTE_1G,)},
+        "top": {"top": (mx.PML4E_PS, mx.PML4E_8)},
+        "noncanon": {"la57": (0, mx.LA57), "nc": (mx.NONCANON,), "shape": (nc, 0)},
+        "implicit": {"pke": (0, mx.PKE, mx.PKE | mx.PKU_AD), "implicit": (mx.IMPLICIT,)},
+        "la57": {"la57": (mx.LA57,), "pke": (0,)},
+    }
+    for sp in m.spaces:
+        for g in sp.groups:
+            want = by_hand.get(sp.name, {}).get(g.name) or common.get(g.name)
+            if want is None and g.name in mx.F:
+                want = (0, mx.F[g.name])
+            if want is not None:
+                assert g.choices == want, (sp.name, g.name)
 
 
 def test_the_extended_classic_space_is_kut_s_set_times_smep_smap_ac():
