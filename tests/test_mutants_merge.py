@@ -349,13 +349,14 @@ def test_rfc_merge_cascades_through_the_parent_count():
     assert m.policy.st[2] == {k3(PO + 0x40000000): [LARGE, 511]}  # the PMD entry became a pointer
     assert m.policy.st[1] == {k2(PO + 0x40200000): [KPTE, 511]}
     seen.clear()
+    fa = m.counters.flush_all
     m.set_memory_rw(PO + 0x40203000, 1)
     assert m.leaf(PO + 0x40203000) == (3, 0x40000000 | LARGE)
     assert m.policy.st == {1: {}, 2: {}}
     c = m.counters
     assert (c.merge_2m, c.merge_1g, c.tables_freed) == (1, 1, 2) and counts(m) == (0, 0, 1)
     # one full flush per merged table, inside the PTE write; then cpa_flush of the 1-page call
-    assert seen == ["all", "all", "range"] and c.flush_all_merge == 2
+    assert seen == ["all", "all", "range"] and c.flush_all_merge == 2 and c.flush_all == fa + 2
 
 
 def test_rfc_rebaselines_at_zero():
@@ -364,7 +365,7 @@ def test_rfc_rebaselines_at_zero():
     t = pte_table(m, PO + 0x20000000, 0x20000000)
     key = k2(PO + 0x20000000)
     ro = KPTE & ~2
-    t[7] = 0x20007000 | 0x8000000000000023  # a third protection on one entry
+    t[1] = 0x20001000 | 0x8000000000000023  # a third protection on one entry (not entry 0)
     pol.st[1][key] = [ro, 1]  # as if one entry (5) were the last with same_prot
     old = t[5]
     t[5] = 0x20005000 | KPTE  # the write happened; adjust is told after
@@ -466,3 +467,13 @@ def test_flush_and_free_with_nothing_queued_flushes_nothing():
     m.flush_hook = lambda *a: seen.append(a)
     m.policy.flush_and_free()
     assert seen == [] and m.counters.flush_all == 0
+
+
+def test_pud_collapse_records_both_parent_writes():
+    """A PMD collapse writes the PMD entry (level 2), the cascade the PUD entry (level 3): each
+    recorded as (table key << 9 | index) << 2 | level."""
+    m = space()
+    one_region_1g(m)
+    m.touched = set()
+    m.policy.collapse(PO + 0x40200000, 1)
+    assert m.touched == {(k2(PO + 0x40200000) << 2) | 2, (k3(PO + 0x40000000) << 2) | 3}
