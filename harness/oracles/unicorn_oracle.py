@@ -466,6 +466,18 @@ class _Raw:
         self.mbuf = ctypes.create_string_buffer(8)
         self._read, self._write = self.lib.uc_reg_read, self.lib.uc_reg_write
         self.ctx_save, self.ctx_restore = self.lib.uc_context_save, self.lib.uc_context_restore
+        self._batch: tuple | None = None
+
+    def fault_regs(self) -> tuple[int, int, int]:
+        """(RIP, R12, CR2) in one uc_reg_read_batch call (what the hooks read first)."""
+        if self._batch is None:
+            regs = (ctypes.c_int * 3)(_x86.UC_X86_REG_RIP, _x86.UC_X86_REG_R12, _x86.UC_X86_REG_CR2)
+            bufs = (ctypes.c_uint64 * 3)()
+            ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(bufs) + 8 * k for k in range(3)))
+            self._batch = (regs, ptrs, bufs)
+        regs, ptrs, bufs = self._batch
+        self.lib.uc_reg_read_batch(self.uch, regs, ptrs, 3)
+        return bufs[0], bufs[1], bufs[2]
 
     def reg(self, reg: int) -> int:
         self._read(self.uch, reg, self.addr)
@@ -511,7 +523,7 @@ def _harness_pa(va: int) -> int:
 
 def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
     x = _x86
-    rip = raw.reg(x.UC_X86_REG_RIP)
+    rip, r12, cr2_now = raw.fault_regs()
     prog = st.prog
     if intno == 13 and prog is not None and rip in prog.back_at and st.ctx_k is not None:
         # the end of a CPL3 stretch: the CPL0 context as run_segment starts it (kernel stack,
@@ -539,7 +551,7 @@ def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
         raise OracleError("unicorn raised #DF: old_exception was not reset (context layout changed?)")
     i = prog.access_at.get(rip)
     if i is not None and i < 0:
-        i = prog.first + raw.reg(x.UC_X86_REG_R12)
+        i = prog.first + r12
     pop = False
     if i is not None and prog.probes[i - prog.first].access == "fetch" and intno != 13:
         raise OracleError(
@@ -551,7 +563,7 @@ def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
         ret = raw.u64(_harness_pa(rsp))
         i = prog.ret_at.get(ret)
         if i is not None and i < 0:
-            i = prog.first + raw.reg(x.UC_X86_REG_R12)
+            i = prog.first + r12
         if i is None or (prog.probes[i - prog.first].va != rip):
             where = (
                 ""
@@ -564,11 +576,10 @@ def _on_intr(raw: _Raw, st: _Scratch, intno: int) -> None:
             )
         pop = True  # pitfall P5: the call pushed its return address before the fetch faulted
     detail = ""
+    cr2: int | None = cr2_now
     if intno == 14:
-        cr2 = raw.reg(x.UC_X86_REG_CR2)
-        st.last_cr2 = cr2
+        st.last_cr2 = cr2_now
     elif intno == 13:
-        cr2 = raw.reg(x.UC_X86_REG_CR2)
         if cr2 != st.last_cr2:
             detail = "CR2 written by #GP"
             st.last_cr2 = cr2
@@ -603,13 +614,13 @@ def _on_mem(raw: _Raw, st: _Scratch, access: int, address: int, size: int) -> No
         st.written.add((address + size - 1) >> 12)
     if st.prog is None:
         return
-    rip = raw.reg(_x86.UC_X86_REG_RIP)
+    rip, r12, _ = raw.fault_regs()
     i = st.prog.access_at.get(rip)
     if i is None:
         st.stray.append(f"access to {address:#x} from rip {rip:#x}")
         return
     if i < 0:
-        i = st.prog.first + raw.reg(_x86.UC_X86_REG_R12)
+        i = st.prog.first + r12
     if i not in st.pa:
         st.pa[i] = address
 
