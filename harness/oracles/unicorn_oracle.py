@@ -349,6 +349,17 @@ _U = {k: U_BASE + H_CODE + off for k, off in _AT.items()}  # user-view addresses
 _ACCESS_AT = {v[k]: -1 for v in (_K, _U) for k in ("read", "write", "fetch", "implicit")}
 _RET_AT = {_K["fetch_ret"]: -1, _U["fetch_ret"]: -1}
 _BACK_AT = {_U["hlt"]: _K["D"]}
+# the control records: a CR3 reload and the IRETQ to CPL3 (both on at the CPL0 dispatcher),
+# the `hlt` back to CPL0, the end
+_CTL = {
+    name: struct.pack("<8Q", 0, 0, 0x2, entry, rcx, 0, 0, 0)
+    for name, entry, rcx in (
+        ("flush", _K["flush"], _K["D"]),
+        ("to3", _K["to3"], _K["D"]),
+        ("hlt", _U["hlt"], 0),
+        ("end", _K["end"], 0),
+    )
+}
 # where the interpreter goes on after a fault at an access (or a fetch returning to fetch_ret)
 _RESUME = {v[k]: v["D"] for v in (_K, _U) for k in ("read", "write", "fetch", "implicit", "fetch_ret")}
 
@@ -368,9 +379,7 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
     blocks: list[tuple[int, int]] = []
     has_fetch = False
 
-    def ctl(entry: int, rcx: int = 0) -> None:
-        recs.extend(pack(0, 0, 0x2, entry, rcx, 0, 0, 0))
-
+    flush_rec, to3_rec = _CTL["flush"], _CTL["to3"]
     for start, end, flush in _stretches(probes):
         user = probes[start].user
         v = _U if user else _K
@@ -378,14 +387,14 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
             if probes[start].implicit:
                 lo, hi = ldt_descriptor(probes[start].va)
                 recs.extend(pack(0, 0, 0x2, _K["ldt"], _K["D"], 0, lo, hi))
-            ctl(_K["flush"], _K["D"])
-            ctl(_K["to3"], _K["D"])
+            recs += flush_rec
+            recs += to3_rec
         else:
-            ctl(_K["flush"], _K["D"])
+            recs += flush_rec
         for i in range(start, end):
             p = probes[i]
             if i in flush:
-                ctl(_K["flush"], _K["D"])
+                recs += flush_rec
             blocks.append((H_TABLE + len(recs), first + i))
             fl = 0x2 | (RFLAGS_AC if p.ac else 0)
             lo = hi = 0
@@ -400,8 +409,8 @@ def _assemble(probes: Sequence[Probe], first: int = 0) -> _Program:
                 has_fetch = has_fetch or p.access == "fetch"
             recs.extend(pack(p.va & _M64, p.wvalue & _M64, fl, entry, rcx, i, lo, hi))
         if user:
-            ctl(_U["hlt"])
-    ctl(_K["end"])
+            recs += _CTL["hlt"]
+    recs += _CTL["end"]
     if H_TABLE + len(recs) > H_END:
         raise _TooBig(len(recs))
     code = _INTERP + bytes(H_TABLE - H_CODE - len(_INTERP)) + bytes(recs)
