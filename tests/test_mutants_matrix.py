@@ -1152,3 +1152,19 @@ def test_extension_spaces_leave_the_pte_alone_where_they_have_no_pte():
     assert _values(nc, mx.LA57) == {0, mx.LA57}
     imp = mx.implicit_space(feat)
     assert len(_values(imp, mx.HI_BIT_MASK)) > 1  # the reserved bit 51 rotates over M..51 here too
+
+
+def test_leaf_tables_by_hand():
+    """_leaf_table's entries (computed once at import, so checked here by calling it): flag bit k
+    of the pte.* / pde.* run sets its entry bit (rw -> RW, user -> US, a, d, nx -> XD, p, 36 ->
+    bit 36); pde.pse and the '.51' flags set nothing here (PS and the high bit are added apart)."""
+    pte = mx._leaf_table(0, mx.FLAG_NAMES[0:8])  # rw user a d nx p 51 36
+    assert len(pte) == 256 and pte == mx._PTE_BITS
+    assert [pte[1 << k] for k in range(8)] == [RW, US, A, D, NX, P, 0, 1 << 36]
+    assert pte[0] == 0 and pte[0xFF] == RW | US | A | D | NX | P | 1 << 36 and pte[0b100001] == RW | P
+    pde = mx._leaf_table(8, mx.FLAG_NAMES[8:17])  # rw user a d pse nx p 51 36
+    assert len(pde) == 512 and pde == mx._PDE_BITS
+    assert [pde[1 << k] for k in range(9)] == [RW, US, A, D, 0, NX, P, 0, 1 << 36]
+    assert pde[0x1FF] == RW | US | A | D | NX | P | 1 << 36
+    with pytest.raises(AssertionError):
+        mx._leaf_table(1, mx.FLAG_NAMES[0:8])  # the names must sit at consecutive bits from `first`
