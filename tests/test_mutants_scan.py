@@ -483,10 +483,23 @@ def test_cr3_past_the_end_and_every_table_missing(tmp_path):
         recs = records(sc.chunks())
         # the empty root: a hole of 256 lower-half entries, one of 256 upper-half ones
         assert recs == [(0, 256, 5, 0, 0, 0, 0x4000), (0xFF00000000000000, 256, 5, 0, 0, 0, 0x4800)]
-        assert sc.stats.issues == [Issue("past-end", 0, 6, 0, 0x4000)]
+        assert sc.stats.issues == [Issue("past-end", 0, 6, 0, 0x4000, cr3=True)]
         assert sc.stats.issues[0].describe() == (
             "CR3 = 0x4000 points at a table past the end of the image; walked as an empty table"
         )
+    # 4-level paging: the issue's level is 5, but it is still CR3 (it once read "PML5E at 0x0")
+    st4 = PagingState(cr3=0x4000, cr4=CR4_PAE)
+    sc = Scanner(st4, b.memory)
+    assert records(sc.chunks()) == []
+    assert sc.stats.issues == [Issue("past-end", 0, 5, 0, 0x4000, cr3=True)]
+    assert sc.stats.issues[0].describe().startswith("CR3 = 0x4000 points at a table past the end")
+    assert sc.stats.issues[0].to_json() == {
+        "issue": "past-end",
+        "va": "0x0",
+        "level": 5,
+        "entry_addr": "0x0",
+        "raw": "0x0000000000004000",
+    }
 
 
 def test_issue_text_and_json():
@@ -512,7 +525,7 @@ def test_issue_text_and_json():
     )
     assert Issue("reserved", 0x200000, 2, 0x102008, 0x83).describe().startswith("PDE at 0x102008 ")
     assert Issue("past-end", 0, 5, 0x100000, 0x27).describe().startswith("PML5E at 0x100000 ")
-    assert Issue("past-end", 0, 6, 0, 0x5000).describe().startswith("CR3 = 0x5000 points at")
+    assert Issue("past-end", 0, 5, 0, 0x5000, cr3=True).describe().startswith("CR3 = 0x5000 points at")
 
 
 def test_stats_keep_1000_issues_and_count_all():

@@ -86,9 +86,10 @@ class Issue:
     level: int  # SDM level of the entry
     entry_addr: int
     raw: int
+    cr3: bool = False  # the pointer is CR3, not an entry (level is then the paging levels + 1)
 
     def describe(self) -> str:
-        name = "CR3" if self.level not in LEVELS else LEVELS[self.level].table + "E"  # PT + E = PTE
+        name = "CR3" if self.cr3 else LEVELS[self.level].table + "E"  # PT + E = PTE
         if self.what == "loop":
             why = "points at one of its own ancestor tables (recursive mapping); walked as the CPU would"
         elif self.what == "past-end":
@@ -432,6 +433,7 @@ class Scanner:
                         lnum + 1,
                         int(pent_addr[i]),
                         int(pent_raw[i]),
+                        lnum == self.state.paging_levels,
                     )
                 )
         return E, ok
