@@ -1,7 +1,8 @@
 """Start-up of the CLI against its peers measured in the same run: a bare interpreter
 (`python -c pass`), the interpreter importing numpy, and `x86pt --help`, `x86pt decode`, and a
-dump of a small image (the embedded demo image, written once). Best of N whole-process runs,
-as wall time and as the child's CPU time (user + sys from wait4: less sensitive to a loaded machine).
+dump of a small image (the embedded demo image, written once). Best of N whole-process runs
+(round robin: each round runs every command once), as wall time and as the child's CPU time
+(user + sys from wait4: less sensitive to a loaded machine).
 
     .venv/bin/python tools/bench_startup.py [--runs 15] [--json]
     .venv/bin/python tools/bench_startup.py --python /tmp/wheelvenv/bin/python   # a wheel install
@@ -43,13 +44,17 @@ def run_once(cmd: list[str], env: dict, cwd: str) -> tuple[float, float]:
     return wall, ru.ru_utime + ru.ru_stime
 
 
-def best(cmd: list[str], runs: int, env: dict, cwd: str) -> tuple[float, float]:
-    run_once(cmd, env, cwd)  # fills the byte-code cache
-    w = c = float("inf")
+def best(cmds: dict[str, list[str]], runs: int, env: dict, cwd: str) -> dict[str, tuple[float, float]]:
+    """{name: (best wall, best CPU)} over `runs` rounds; each round runs every command once, so a
+    change of load on a shared machine reaches all of them alike (a ratio compares like with like)."""
+    for cmd in cmds.values():
+        run_once(cmd, env, cwd)  # fills the byte-code cache
+    t = {k: (float("inf"), float("inf")) for k in cmds}
     for _ in range(runs):
-        a, b = run_once(cmd, env, cwd)
-        w, c = min(w, a), min(c, b)
-    return w, c
+        for k, cmd in cmds.items():
+            a, b = run_once(cmd, env, cwd)
+            t[k] = (min(t[k][0], a), min(t[k][1], b))
+    return t
 
 
 def importtime(cmd: list[str], runs: int, env: dict, cwd: str) -> list[tuple[str, int, int]]:
@@ -98,15 +103,14 @@ def main() -> int:
         subprocess.run(x + ["demo", "--out", d], stdout=subprocess.DEVNULL, env=env, cwd=d, check=True)
         img = os.path.join(d, "linux-like.elf")
         load = os.getloadavg()[0]
-        t = {
-            "python -c pass": best([py, "-c", "pass"], args.runs, env, d),
-            "python -c 'import numpy'": best([py, "-c", "import numpy"], args.runs, env, d),
-            "x86pt --help": best(x + ["--help"], args.runs, env, d),
-            "x86pt decode": best(x + ["decode", "0x80000000400000e3", "--kind", "pde"], args.runs, env, d),
-            "x86pt dump --format qemu-mem (demo image)": best(
-                x + ["dump", img, "--format", "qemu-mem"], args.runs, env, d
-            ),
+        cmds = {
+            "python -c pass": [py, "-c", "pass"],
+            "python -c 'import numpy'": [py, "-c", "import numpy"],
+            "x86pt --help": x + ["--help"],
+            "x86pt decode": x + ["decode", "0x80000000400000e3", "--kind", "pde"],
+            "x86pt dump --format qemu-mem (demo image)": x + ["dump", img, "--format", "qemu-mem"],
         }
+        t = best(cmds, args.runs, env, d)
         load = max(load, os.getloadavg()[0])
     ratios = {}
     for i, what in enumerate(("wall", "cpu")):

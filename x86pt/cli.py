@@ -359,11 +359,15 @@ class _Formatter(argparse.HelpFormatter):
     shutil, which imports zlib, bz2, lzma and fnmatch: about 2 ms at every start (docs/startup.md)."""
 
     def __init__(
-        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+        **kwargs: Any,  # what later Pythons add
     ) -> None:
-        super().__init__(
-            prog, indent_increment, max_help_position, _columns() - 2 if width is None else width
-        )
+        width = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):

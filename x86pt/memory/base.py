@@ -22,6 +22,9 @@ PAGE = 4096
 
 @dataclass(frozen=True)
 class Segment:
+    """A physical range [start, end) a source holds. (A class without a docstring makes @dataclass
+    compute one with inspect.signature at import.)"""
+
     start: int  # physical address of the first byte
     end: int  # one past the last byte
 
