@@ -477,3 +477,13 @@ def test_pud_collapse_records_both_parent_writes():
     m.touched = set()
     m.policy.collapse(PO + 0x40200000, 1)
     assert m.touched == {(k2(PO + 0x40200000) << 2) | 2, (k3(PO + 0x40000000) << 2) | 3}
+
+
+def test_upstream_first_candidate_is_the_2m_page_of_the_first_address():
+    """first & PMD_MASK: a range starting in the second 2M page of a 4M block does not reach
+    back to the first one."""
+    m = space(layout=NOGB)
+    for r in (0x20000000, 0x20200000):
+        pte_table(m, PO + r, r)
+    m.policy.collapse(PO + 0x20205000, 1)
+    assert [m.leaf(PO + r)[0] for r in (0x20000000, 0x20200000)] == [1, 2]
