@@ -74,7 +74,7 @@ class Reference:
         self.exp: dict[int, Table] = {}
         self.ov1g: set[int] = set()
         self.ov2m: dict[int, set[int]] = {}
-        self.changed: list[int] = []  # pages (va >> 12) put() since the validator looked
+        self.changed: set[int] = set()  # 2M regions (va >> 21) put() wrote in since the validator looked
         self.l1tf = m.l1tf_invert
         self.events: list[tuple[int, int, bool]] = []  # hotplug (spfn, epfn, added)
         self.ram = list(m.ram)
@@ -164,7 +164,7 @@ class Reference:
     def put(self, v: int, val: tuple[int, int] | None) -> None:
         vp = v >> 12
         self.over[vp] = val
-        self.changed.append(vp)
+        self.changed.add(vp >> 9)
         k2 = vp >> 9
         t = self.exp.get(k2)
         if t is None:
@@ -327,7 +327,7 @@ class Reference:
                         self.put(v, (pfn, new))  # the region's first override: put() sets it up
                     else:
                         over[vp] = (pfn, new)
-                        changed.append(vp)
+                        changed.add(vp >> 9)
                         if not new & P and l1tf:
                             t[vp & 511] = (~(pfn << 12) & PTE_PFN_MASK) | new
                         else:
@@ -363,7 +363,7 @@ class Reference:
                             self.put(a, (apfn, new))
                         else:
                             over[ap] = (apfn, new)
-                            changed.append(ap)
+                            changed.add(ap >> 9)
                             if not new & P and l1tf:
                                 t[ap & 511] = (~(apfn << 12) & PTE_PFN_MASK) | new
                             else:
@@ -598,10 +598,13 @@ class Validator:
                 pointers = True
         # (c) census, incrementally
         if "c" in self.checks:
+            dlo, dhi = self.dm
+            hlo, hhi = self.hm
             for tk in tables:
                 tl, key = tk & 3, tk >> 2
-                self._recount(tl, key)
-                if tl == 1 and self.hm[0] <= key << 21 < self.hm[1]:
+                if dlo <= key << (12 + 9 * tl) < dhi:  # _recount counts direct-map tables only
+                    self._recount(tl, key)
+                if tl == 1 and hlo <= key << 21 < hhi:
                     if key in m.t1:
                         if key not in self.hm_tables:
                             self.hm_tables.add(key)
@@ -700,8 +703,7 @@ class Validator:
                 mid.append(ek >> 2)
             else:
                 small.add(ek >> 11)
-        for vp in self.ref.changed:
-            small.add(vp >> 9)
+        small |= self.ref.changed
         if not big and not mid:  # the common case: 4K entries and pages only
             check_2m = self._check_2m
             for k2 in small:
