@@ -1276,3 +1276,30 @@ def test_a_repro_probe_that_is_not_an_object_is_one_line():
     for bad in ([1, 2], "0x1000", 7, None):
         with pytest.raises(BadInputError, match="bad repro probe: .* is not an object"):
             probe_from_json(bad)
+
+
+def test_differing_qwords_an_oracle_only_qword_with_only_bit_63():
+    """A qword of an oracle-only page is compared as a 64-bit integer: 0x8000000000000000 (XD
+    alone) differs from the model's zero (as a float it would read as -0.0 == 0)."""
+    model = SparseMemory(0x10000)
+    oracle = SparseMemory(0x10000)
+    oracle.write_u64(0x5008, 0x8000000000000000)
+    assert differing_qwords(model, oracle) == {0x5008}
+
+
+def test_differing_qwords_oracle_memory_without_a_page_map():
+    """An oracle memory that only reads (no `pages`): the model's pages are compared, nothing
+    else is looked for, and nothing fails."""
+
+    class ReadOnly:
+        def __init__(self, mem):
+            self.mem = mem
+
+        def read(self, pa, n):
+            return self.mem.read(pa, n)
+
+    model = SparseMemory(0x10000)
+    model.write_u64(0x1018, 0x2001)
+    other = SparseMemory(0x10000)
+    other.write_u64(0x1018, 0x2003)
+    assert differing_qwords(model, ReadOnly(other)) == {0x1018}
