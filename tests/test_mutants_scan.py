@@ -859,7 +859,7 @@ def test_a_run_of_table_entries_points_at_consecutive_tables():
     b = Builder(memory=SparseMemory(0x500000), levels=4, table_base=0x100000, maxphyaddr=46)
     b.map(0x0, 0x0, 0x1000, 0x1000, "p")  # PD 0x102000
     for i in range(3):
-        b.memory.write_u64(0x102000 + 8 * i, (0x200000 << i) - (0 if i < 2 else 0x200000) | TBL)
+        b.memory.write_u64(0x102000 + 8 * i, 0x200000 * (i + 1) | TBL)
     assert [b.memory.read_u64(0x102000 + 8 * i) for i in range(3)] == [0x200027, 0x400027, 0x600027]
     b.memory.write_u64(0x200000, 0x5000003)
     b.memory.write_u64(0x400008, 0x6000003)
