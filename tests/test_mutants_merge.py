@@ -162,7 +162,7 @@ def test_upstream_range_ends_are_exclusive():
     assert [m.leaf(PO + r)[0] for r in (0x20000000, 0x20200000, 0x20400000)] == [2, 1, 1]
     m.policy.collapse(PO + 0x203FF000, 2)  # the last page of one region and the first of the next
     assert [m.leaf(PO + r)[0] for r in (0x20000000, 0x20200000, 0x20400000)] == [2, 2, 2]
-    assert m.counters.collapse_2m == 3 and m.counters.flush_all == 2
+    assert m.counters.collapse_2m == 3 and m.counters.flush_all == 2 and m.counters.flush_all_merge == 2
 
 
 def test_upstream_not_on_old_kernels():
