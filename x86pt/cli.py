@@ -21,17 +21,23 @@ from x86pt.numbers import parse_int
 # TYPE_CHECKING as true (docs/startup.md)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import IO, Any, Callable
+
+    from x86pt.memory.base import PhysicalMemory
+    from x86pt.walk import Access
+
+    # one probe's answer: va, access, outcome, pa, page size, error code, CR2
+    ProbeRow = tuple[int, Access, str, int | None, int | None, int | None, int | None]
 
 
-def emit_json(obj, out=None) -> None:
+def emit_json(obj: object, out: IO[str] | None = None) -> None:
     import json
 
     (out or sys.stdout).write(json.dumps(obj, indent=None, separators=(",", ":")) + "\n")
 
 
 # -- decode / encode -----------------------------------------------------------------------------
-def cmd_decode(args) -> int:
+def cmd_decode(args: argparse.Namespace) -> int:
     from x86pt.describe import decode_entry, render_decode
 
     raw = parse_int(args.value, "entry value")
@@ -49,7 +55,7 @@ def cmd_decode(args) -> int:
     return 0
 
 
-def cmd_encode(args) -> int:
+def cmd_encode(args: argparse.Namespace) -> int:
     from x86pt.describe import decode_entry, render_decode
     from x86pt import layouts
     from x86pt.fields import Kind, kind_from_name
@@ -82,13 +88,13 @@ def cmd_encode(args) -> int:
 
 
 # -- translate / walk ------------------------------------------------------------------------------
-def _access_from(args):
+def _access_from(args: argparse.Namespace) -> Access:
     from x86pt.walk import Access
 
     return Access(args.access, user=args.user, ac=args.ac, implicit=getattr(args, "implicit", False))
 
 
-def cmd_translate(args, steps: bool = False) -> int:
+def cmd_translate(args: argparse.Namespace, steps: bool = False) -> int:
     from x86pt.describe import render_result, result_json
     from x86pt.cliargs import image_options
     from x86pt.image import open_image
@@ -114,19 +120,19 @@ def cmd_translate(args, steps: bool = False) -> int:
     return 0 if all(r.outcome == "ok" for r in results) or not args.strict else 1
 
 
-def cmd_walk(args) -> int:
+def cmd_walk(args: argparse.Namespace) -> int:
     return cmd_translate(args, steps=True)
 
 
 # -- probe (the interface other tools rely on: docs/formats.md §2) -------------------------------
-def read_probes(path: str):
+def read_probes(path: str) -> list[tuple[int, Access]]:
     """Parse a JSONL probe file. Each line: {"va": "0x...", "access": "read"|"write"|"fetch",
     "user": bool, "ac": bool}. A bad line is a one-line error naming its line number."""
     import json
 
     from x86pt.walk import Access
 
-    probes = []
+    probes: list[tuple[int, Access]] = []
     try:
         f = sys.stdin.buffer if path == "-" else open(path, "rb")
     except OSError as e:
@@ -173,7 +179,7 @@ def read_probes(path: str):
     return probes
 
 
-def cmd_probe(args) -> int:
+def cmd_probe(args: argparse.Namespace) -> int:
     from x86pt.batch import ACCESS_CODES, OUTCOME_NAMES, translate_batch
     from x86pt.cliargs import image_options
     from x86pt.image import open_image
@@ -183,7 +189,7 @@ def cmd_probe(args) -> int:
     import numpy as np
 
     probes = read_probes(args.probes)
-    out = []
+    out: list[ProbeRow] = []
     with open_image(args.image, **image_options(args)) as img:
         if args.update_ad:
             # A/D carried from probe to probe: the scalar walker on a copy-on-write overlay, so the
@@ -191,18 +197,10 @@ def cmd_probe(args) -> int:
             mem = _Overlay(img.memory)
             for va, acc in probes:
                 r = walk(img.state, mem, va, acc, update_ad=True)
-                ok = isinstance(r, Translation)
-                out.append(
-                    (
-                        va,
-                        acc,
-                        r.outcome,
-                        r.pa if ok else None,
-                        r.page_size if ok else None,
-                        None if ok else r.error_code,
-                        None if ok or r.cr2 is None else r.cr2,
-                    )
-                )
+                if isinstance(r, Translation):
+                    out.append((va, acc, r.outcome, r.pa, r.page_size, None, None))
+                else:
+                    out.append((va, acc, r.outcome, None, None, r.error_code, r.cr2))
         elif probes:
             vas = np.array([va for va, _ in probes], dtype=np.uint64)
             res = translate_batch(
@@ -259,7 +257,7 @@ def cmd_probe(args) -> int:
 class _Overlay:
     """Copy-on-write view of a read-only image, so --update-ad never writes the input file."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base: PhysicalMemory) -> None:
         self.base = base
         self.dirty: dict[int, int] = {}
 
@@ -270,12 +268,12 @@ class _Overlay:
     def write_u64(self, pa: int, value: int) -> None:
         self.dirty[pa] = value
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:  # the rest of the image's interface, as is
         return getattr(self.base, name)
 
 
 # -- build ----------------------------------------------------------------------------------------
-def cmd_build(args) -> int:
+def cmd_build(args: argparse.Namespace) -> int:
     from x86pt.build import build_from_spec
     from x86pt.memory import write_image
     from x86pt.memory.atomic import check_output
@@ -305,7 +303,7 @@ def cmd_build(args) -> int:
 
 
 # -- demo -------------------------------------------------------------------------------------------
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from x86pt.demo import run_demo
 
     return run_demo(args)
@@ -346,8 +344,9 @@ def _columns() -> int:
         columns = 0
     if columns > 0:
         return columns
+    stdout = sys.__stdout__
     try:
-        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        columns = os.get_terminal_size(stdout.fileno()).columns if stdout is not None else 0
     except (AttributeError, ValueError, OSError):
         columns = 0
     return columns or 80
@@ -429,7 +428,7 @@ def build_parser(only: str | None = None, *, shallow: bool = False) -> argparse.
     return p
 
 
-def _add_own_commands(sub, want) -> None:
+def _add_own_commands(sub: argparse._SubParsersAction[_Parser], want: Callable[[str], bool]) -> None:
     """The commands of this module for which want(name) holds, in the order the help lists them."""
     if want("decode"):
         d = sub.add_parser("decode", help=OWN_HELP["decode"])

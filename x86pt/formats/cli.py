@@ -18,6 +18,11 @@ from x86pt.numbers import parse_int
 from x86pt.limits import DEFAULT_MAX_ENTRIES
 
 if TYPE_CHECKING:
+    import os
+    from typing import Iterable
+
+    from x86pt.demo import DemoContext
+    from x86pt.image import Image
     from x86pt.scan import Filter, Scanner
 
 MAX_NOTES = 20
@@ -25,7 +30,7 @@ MAX_NOTES = 20
 
 # -- shared plumbing ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _output(path: str | None, inputs=()) -> Iterator[BinaryIO]:
+def _output(path: str | None, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[BinaryIO]:
     if path is None or path == "-":
         out = sys.stdout.buffer
         yield out
@@ -81,7 +86,7 @@ def parse_levels(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
-def _filter_from(args, nxe: bool) -> Filter:
+def _filter_from(args: argparse.Namespace, nxe: bool) -> Filter:
     user = (
         True
         if getattr(args, "user_only", False)
@@ -99,7 +104,7 @@ def _filter_from(args, nxe: bool) -> Filter:
     )
 
 
-def _notes(scanner: Scanner, img) -> None:
+def _notes(scanner: Scanner, img: Image) -> None:
     for n in getattr(img, "notes", ()):
         print(f"x86pt: note: {n}", file=sys.stderr)
     st = scanner.stats
@@ -122,11 +127,11 @@ def _scan_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _max_entries(args) -> int:
+def _max_entries(args: argparse.Namespace) -> int:
     return parse_int(args.max_entries, "--max-entries", lo=1)
 
 
-def _page_offset(args) -> int | None:
+def _page_offset(args: argparse.Namespace) -> int | None:
     v = getattr(args, "page_offset", None)
     return None if v is None else parse_int(v, "--page-offset")
 
@@ -139,7 +144,7 @@ LAYOUT_KEYS = (
 )
 
 
-def _marker_bases(args) -> dict[str, int | None]:
+def _marker_bases(args: argparse.Namespace) -> dict[str, int | None]:
     """PAGE_OFFSET, VMALLOC_START and VMEMMAP_START for the ptdump markers (KASLR moves all
     three): from --layout (a `x86pt linux run` layout.json: the kernel's page_offset_base,
     vmalloc_base, vmemmap_base), each overridden by its own option; None = nokaslr default."""
@@ -172,7 +177,7 @@ def _marker_bases(args) -> dict[str, int | None]:
 
 
 # -- dump -------------------------------------------------------------------------------------------
-def cmd_dump(args) -> int:
+def cmd_dump(args: argparse.Namespace) -> int:
     from x86pt.formats.dump import dump_to
     from x86pt.cliargs import image_options
     from x86pt.image import open_image
@@ -211,7 +216,7 @@ def cmd_dump(args) -> int:
 
 
 # -- census -----------------------------------------------------------------------------------------
-def cmd_census(args) -> int:
+def cmd_census(args: argparse.Namespace) -> int:
     import json
 
     from x86pt.census import census
@@ -248,7 +253,7 @@ def cmd_census(args) -> int:
 
 
 # -- wx ---------------------------------------------------------------------------------------------
-def cmd_wx(args) -> int:
+def cmd_wx(args: argparse.Namespace) -> int:
     import json
 
     from x86pt.formats.wx import guard_hole, guard_hole_wx, wx_ranges
@@ -325,7 +330,7 @@ def cmd_wx(args) -> int:
 
 
 # -- find -------------------------------------------------------------------------------------------
-def cmd_find(args) -> int:
+def cmd_find(args: argparse.Namespace) -> int:
     import json
 
     from x86pt.aliases import find_aliases
@@ -368,7 +373,7 @@ def cmd_find(args) -> int:
 
 
 # -- diff -------------------------------------------------------------------------------------------
-def cmd_diff(args) -> int:
+def cmd_diff(args: argparse.Namespace) -> int:
     import json
 
     from x86pt.diff import diff_images
@@ -401,7 +406,7 @@ def cmd_diff(args) -> int:
 
 
 # -- registration -------------------------------------------------------------------------------------
-def register(sub, only: str | None = None) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], only: str | None = None) -> None:
     """Add dump, census, wx, find and diff to the subparsers `sub`; with `only`, that command alone."""
 
     def want(name: str) -> bool:
@@ -513,13 +518,13 @@ def register(sub, only: str | None = None) -> None:
 
 
 # -- demo -------------------------------------------------------------------------------------------
-def demo_section(ctx) -> None:
+def demo_section(ctx: DemoContext) -> None:
     import json
 
     import io
     from x86pt.build import split_2m
     from x86pt.census import census
-    from x86pt.demo import PAGE_OFFSET
+    from x86pt.cpa.layout import PAGE_OFFSET
     from x86pt.formats.dump import dump_to
     from x86pt.diff import diff_images
     from x86pt.image import Image
