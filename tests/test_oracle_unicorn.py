@@ -470,7 +470,7 @@ def test_no_stale_tlb_between_probes(oracle, user):
 
 def test_chunks_continue_one_run(oracle, monkeypatch):
     """A batch longer than a chunk runs as several chunks on the same engine and image."""
-    import harness.oracles.unicorn_oracle as U
+    import harness.oracles.unicorn_program as U
 
     monkeypatch.setattr(U, "CHUNK", 7)
     b = image()
@@ -479,7 +479,7 @@ def test_chunks_continue_one_run(oracle, monkeypatch):
 
 
 def test_other_unicorn_versions_are_refused(monkeypatch):
-    import harness.oracles.unicorn_oracle as U
+    import harness.oracles.unicorn_caps as U
     from x86pt.errors import OracleUnavailable
 
     ok, why = available()
