@@ -229,6 +229,8 @@ def test_hotplug_add_remove_clean():
         [
             "memory_add 0x80000000 0x8000000",
             f"set_memory_ro {PO + 0x80001000:#x} 1",
+            f"set_memory_ro {PO + 0x80000000:#x} 1",  # the first page of the added block
+            f"set_memory_ro {PO + 0x88000000:#x} 1",  # the first page past it: not mapped
             "memory_remove 0x80000000 0x8000000",
             f"set_memory_ro {PO + 0x601000:#x} 1",
             "memory_add 0x80000000 0x8000000",
