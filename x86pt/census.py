@@ -18,12 +18,16 @@ maps the most bytes in the kernel half.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from x86pt.errors import BadInputError
 from x86pt.scan import U64, Scanner, ScanStats
 from x86pt.state import PagingState
+
+if TYPE_CHECKING:
+    from x86pt.memory.base import PhysicalMemory
 
 GiB = 1 << 30
 KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map
@@ -67,7 +71,7 @@ class Census:
         c = self.counts
         return meminfo_text(c[1], c[2], c[3], gbpages)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         c = self.counts
         return {
             "page_offset": hex(self.page_offset),
@@ -131,11 +135,11 @@ def _pick(weights: dict[int, int]) -> int:
 
 def census(
     state: PagingState,
-    memory,
+    memory: PhysicalMemory,
     page_offset: int | None = None,
     *,
     kernel_map: tuple[int, int] | None = (KERNEL_MAP, KERNEL_MAP + KERNEL_IMAGE_SIZE),
-    **scan_kw,
+    **scan_kw: Any,
 ) -> Census:
     """One scan: kernel-half records are kept (as runs, so a uniform 4K table is one row) until
     PAGE_OFFSET is known, then counted against the direct-map range. `kernel_map` is the
@@ -172,7 +176,7 @@ def census(
         keep_va.append(sub.va)
         keep_level.append(sub.level)
         keep_count.append(sub.count)
-    if detected:
+    if page_offset is None:
         page_offset = _pick(weights)
     end = (page_offset + (1 << (52 if state.la57 else 46))) & ((1 << 64) - 1)
 

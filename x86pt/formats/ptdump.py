@@ -18,7 +18,7 @@ like a leaf; a non-present PGD/P4D is treated here as a hole (the kernel would f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -150,7 +150,8 @@ def _key(ch: Chunk, levels: int) -> np.ndarray:
     own = noted_val & U64(PTE_FLAGS_MASK)
     eff = np.where(noted_val != 0, ch.eff & np.uint8(EFF_RW | EFF_US | EFF_NX), 0).astype(U64)
     depth = linux_depth(ch.level, levels).astype(U64)
-    return own | (eff << U64(12)) | (depth << U64(16))
+    key: np.ndarray = own | (eff << U64(12)) | (depth << U64(16))
+    return key
 
 
 def _prot_text(own: int, depth: int) -> str:
@@ -188,7 +189,7 @@ class _State:
     start: int = 0
     mi: int = 0
     lines: int = 0
-    wx: list[tuple[int, int]] = None  # (start, end) of W+X ranges (note_wx)
+    wx: list[tuple[int, int]] | None = None  # (start, end) of W+X ranges (note_wx)
 
     def next_marker(self) -> int:
         return self.markers[self.mi + 1].start if self.mi + 1 < len(self.markers) else (1 << 64)
@@ -273,7 +274,7 @@ def ptdump_lines(
     yield "".join(st.out)
 
 
-def scan_kwargs() -> dict:
+def scan_kwargs() -> dict[str, Any]:
     """Linux's PFN mask, holes, and runs cut where the second walk range starts (the guard
     hole's end: root index 272 with 4 and 5 levels alike, 256 + 16 entries)."""
     return {"addr_mask": LINUX_ADDR_MASK, "holes": True, "top_breaks": (256, 272)}
