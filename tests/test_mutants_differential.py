@@ -1303,3 +1303,47 @@ def test_differing_qwords_oracle_memory_without_a_page_map():
     other = SparseMemory(0x10000)
     other.write_u64(0x1018, 0x2003)
     assert differing_qwords(model, ReadOnly(other)) == {0x1018}
+
+
+class PastTheEnd:
+    """An oracle's memory after the batch that ends below `end` (its RAM is smaller than the
+    image's address space): reads at or above `end` fail as on a real oracle."""
+
+    def __init__(self, mem: SparseMemory, end: int) -> None:
+        self.mem, self.end = mem, end
+        self.pages = {pn: p for pn, p in mem.pages.items() if pn * 4096 < end}
+
+    def read(self, pa, n):
+        if pa + n > self.end:
+            from x86pt.errors import PhysicalAddressError
+
+            raise PhysicalAddressError(f"{pa:#x} past the oracle's RAM", pa)
+        return self.mem.read(pa, n)
+
+    def read_u64(self, pa):
+        return int.from_bytes(self.read(pa, 8), "little")
+
+
+def test_an_entry_neither_memory_holds_is_not_compared():
+    """The empty PT at 0x204000 is in no page of the model's image (read as zeros, never stored)
+    and past the end of the oracle's RAM: nobody could have written A/D there, so the case that
+    walks it has nothing to compare after the batch, even while another qword of the batch
+    differs (the suspect set is not empty). Reporting its PTE 'missing from the oracle's memory'
+    would be a false mismatch."""
+    from x86pt.compare import as_probe_result, read_value
+
+    st = PagingState(cr3=0x200000, profile=profile_named("intel"))
+    probes = [Probe(0x600000), Probe(0x1000)]
+    cases = [CaseInfo("empty-pt", None, (0,)), CaseInfo("other", None, (1,))]
+    b = Batch(image(), st, probes, cases)
+    assert 0x204 not in b.memory.pages  # the hand image never stores the empty PT
+    results, after = model_run(b.memory, st, b.probes)
+    assert isinstance(results[0], PageFault) and results[0].steps[-1].entry_addr == 0x204000
+    got_mem = after.copy()
+    got_mem.write_u64(0x400000, 0x1234)  # a qword no case owns or walks differs
+    oracle_after = PastTheEnd(got_mem, 0x204000)
+    got = BatchResult(
+        [as_probe_result(r, read_value(after, r, p)) for r, p in zip(results, probes)], oracle_after
+    )
+    assert differing_qwords(after, oracle_after) != set()
+    assert check_batch("emu", b, results, after, got) == []
