@@ -17,7 +17,7 @@ bytes of whole uint64 arrays, so 16.7M `info tlb` lines are numpy work, not Pyth
 
 from __future__ import annotations
 
-from typing import BinaryIO, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -36,8 +36,12 @@ from x86pt.fields import (
     BIT_US,
     BIT_XD,
 )
-from x86pt.scan import DEFAULT_MAX_ENTRIES, EFF_RSVD, EFF_RW, EFF_US, RECORD_COST, SHIFT, U64, Chunk
+from x86pt.limits import DEFAULT_MAX_ENTRIES
+from x86pt.scan import EFF_RSVD, EFF_RW, EFF_US, RECORD_COST, SHIFT, U64, Chunk
 from x86pt.state import CR0_PG, PagingState
+
+if TYPE_CHECKING:
+    from x86pt.memory.base import PhysicalMemory
 
 QEMU_TABLE_MASK = 0x3FFFFFFFFF000
 QEMU_FRAME_MASK = np.array([0, 0x3FFFFFFFFF000, 0x3FFFFFFE00000, 0x3FFFFC0000000, 0, 0], dtype=U64)
@@ -102,7 +106,7 @@ def _hex8(v: np.ndarray) -> np.ndarray:
     return np.take(HEX16, b).view(np.uint8).reshape(-1, 8)
 
 
-def tlb_bytes(chunks: Iterable[Chunk]) -> Iterator[bytes]:
+def tlb_bytes(chunks: Iterable[Chunk]) -> Iterator[memoryview]:
     """`info tlb` text in blocks. `chunks` must come from a scan with addr_mask=QEMU_TABLE_MASK.
 
     One line per record is formatted and repeated for every entry of the record; per entry only
@@ -122,7 +126,7 @@ def tlb_bytes(chunks: Iterable[Chunk]) -> Iterator[bytes]:
         tmpl[:, 44] = ord("\n")
         cnt = sub.count.astype(np.int64)
         if bool((cnt == 1).all()):
-            yield memoryview(tmpl).cast("B")
+            yield tmpl.data.cast("B")
             continue
         line = np.repeat(tmpl, cnt, axis=0)
         rec = np.repeat(np.arange(len(sub)), cnt)
@@ -140,7 +144,7 @@ def tlb_bytes(chunks: Iterable[Chunk]) -> Iterator[bytes]:
             whole = full[rec]
             line[whole, 0:16] = hex16(sub.va[rec][whole] + step[whole])
             line[whole, 18:34] = hex16(pa0[rec][whole] + step[whole])
-        yield memoryview(line).cast("B")
+        yield line.data.cast("B")
 
 
 def _canon(v: np.ndarray, bit: int) -> np.ndarray:
@@ -172,7 +176,9 @@ def mem_bytes(chunks: Iterable[Chunk], state: PagingState) -> Iterator[bytes]:
         yield line.tobytes()
 
 
-def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_ENTRIES) -> Iterator[bytes]:
+def mem_bytes_la57(
+    memory: PhysicalMemory, state: PagingState, max_entries: int = DEFAULT_MAX_ENTRIES
+) -> Iterator[bytes]:
     """QEMU 7.2's mem_info_la57() walk, quirk included (docs/paging.md §13.3.2): below the PML4
     its present tests are inverted, so present PDPTEs/PDEs are holes and non-present ones are
     followed (a zero entry points at physical page 0). Emulated with a memo per
@@ -200,7 +206,8 @@ def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_EN
     def table(pa: int) -> list[int]:
         charge(512)
         try:
-            return memory.table(pa).tolist()
+            entries: list[int] = memory.table(pa).tolist()
+            return entries
         except PhysicalAddressError:
             return [0] * 512
 
@@ -245,7 +252,10 @@ def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_EN
         nonlocal start, last
         if prot != last:
             if start != -1:
-                c = lambda v: v | (((1 << 64) - 1) & ~((1 << 57) - 1)) if v & (1 << 56) else v
+
+                def c(v: int) -> int:
+                    return v | (((1 << 64) - 1) & ~((1 << 57) - 1)) if v & (1 << 56) else v
+
                 lines.append(
                     f"{c(start):016x}-{c(end):016x} {c((end - start) & ((1 << 64) - 1)):016x} "
                     f"{'u' if last & US else '-'}r{'w' if last & RW else '-'}\n"
@@ -274,7 +284,7 @@ def mem_bytes_la57(memory, state: PagingState, max_entries: int = DEFAULT_MAX_EN
     yield "".join(lines).encode()
 
 
-def scan_kwargs() -> dict:
+def scan_kwargs() -> dict[str, Any]:
     """How a scan must be set up for these formats: QEMU's pointer mask, no holes."""
     return {"addr_mask": QEMU_TABLE_MASK, "holes": False}
 
@@ -287,7 +297,9 @@ def write_tlb(out: BinaryIO, chunks: Iterable[Chunk], state: PagingState) -> Non
         out.write(b)
 
 
-def write_mem(out: BinaryIO, chunks: Iterable[Chunk], state: PagingState, memory=None) -> None:
+def write_mem(
+    out: BinaryIO, chunks: Iterable[Chunk], state: PagingState, memory: PhysicalMemory | None = None
+) -> None:
     if not state.cr0 & CR0_PG:
         out.write(PG_DISABLED)
         return
