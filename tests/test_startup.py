@@ -296,15 +296,24 @@ def test_the_help_width_is_shutils(columns, monkeypatch):
     assert ours == p.format_help()
 
 
-def test_the_typed_declarations_of_the_field_tuples_are_the_run_time_ones():
-    """x86pt/fields.py builds Level, Field and Masks on collections.namedtuple (no typing at
-    start-up) and declares them to mypy as typing.NamedTuple classes under TYPE_CHECKING: the two
-    must name the same fields in the same order with the same defaults (read from the source)."""
+@pytest.mark.parametrize(
+    "module, names",
+    [
+        ("x86pt.fields", ["_Field", "_Level", "_Masks"]),
+        ("x86pt.scan", ["_Chunk", "_Filter", "_Issue", "_Mapping"]),
+        ("x86pt.memory.base", ["_Segment"]),
+    ],
+)
+def test_the_typed_declarations_of_the_record_tuples_are_the_run_time_ones(module, names):
+    """x86pt/fields.py (Level, Field, Masks), x86pt/scan.py (Issue, Chunk, Mapping, Filter) and
+    x86pt/memory/base.py (Segment) build their records on collections.namedtuple (no typing, no
+    @dataclass at start-up) and declare them to mypy as typing.NamedTuple classes under
+    TYPE_CHECKING: the two must name the same fields in the same order with the same defaults
+    (read from the source), and each public class adds methods only (no fields, no __dict__)."""
     import ast
 
-    from x86pt import fields
-
-    tree = ast.parse(open(fields.__file__, encoding="utf-8").read())
+    mod = importlib.import_module(module)
+    tree = ast.parse(open(mod.__file__, encoding="utf-8").read())
     block = next(n for n in tree.body if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.orelse)
     assert block.test.id == "TYPE_CHECKING"
     declared = {
@@ -312,10 +321,10 @@ def test_the_typed_declarations_of_the_field_tuples_are_the_run_time_ones():
         for c in block.body
         if isinstance(c, ast.ClassDef)
     }
-    assert sorted(declared) == ["_Field", "_Level", "_Masks"]
+    assert sorted(declared) == names
     for name, items in declared.items():
-        base = getattr(fields, name)
+        base = getattr(mod, name)
         assert base._fields == tuple(n for n, _ in items), name
         assert base._field_defaults == {n: ast.literal_eval(v) for n, v in items if v is not None}, name
-        public = getattr(fields, name[1:])
+        public = getattr(mod, name[1:])
         assert public.__bases__ == (base,) and public.__slots__ == ()

@@ -32,6 +32,7 @@ Coalescing lives in x86pt/coalesce.py; renderers in x86pt/formats/.
 
 from __future__ import annotations
 
+from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -77,16 +78,63 @@ MAX_ISSUES = 1000
 _COLS = ("va", "count", "level", "raw", "pa", "eff", "entry_addr")
 
 
-@dataclass(frozen=True)
-class Issue:
+# Issue, Chunk, Mapping and Filter are named tuples, not dataclasses: @dataclass generates (exec)
+# 5-6 methods a class at import, about 0.3 ms each class, on the start-up of every `x86pt dump`
+# (docs/startup.md). They are plain records, never mutated, never handed to dataclasses.replace
+# and never compared with or unpacked as tuples. mypy reads the typed declarations under
+# TYPE_CHECKING; tests/test_startup.py checks that they name the same fields in the same order
+# with the same defaults as the bases built at run time.
+TYPE_CHECKING = False  # mypy reads any name TYPE_CHECKING as true
+if TYPE_CHECKING:
+
+    class _Issue(NamedTuple):
+        what: str  # 'loop' | 'past-end' | 'reserved'
+        va: int  # canonical VA of the entry
+        level: int  # SDM level of the entry
+        entry_addr: int
+        raw: int
+        cr3: bool = False  # the pointer is CR3, not an entry (level is then the paging levels + 1)
+
+    class _Chunk(NamedTuple):
+        va: np.ndarray  # uint64, canonical
+        count: np.ndarray  # type: ignore[assignment]  # uint64, entries in the run (not tuple.count)
+        level: np.ndarray  # uint8, SDM level of the entries (1 = PTE)
+        raw: np.ndarray  # uint64, first entry's value
+        pa: np.ndarray  # uint64, first frame (0 for holes)
+        eff: np.ndarray  # uint8, EFF_* bits
+        entry_addr: np.ndarray  # uint64, physical address of the first entry
+
+    class _Mapping(NamedTuple):
+        va: int
+        size: int
+        pa: int
+        level: int
+        raw: int  # the leaf entry
+        writable: bool  # effective (ANDed)
+        user: bool  # effective (ANDed)
+        nx: bool  # XD set somewhere on the walk (ORed); executable = not (NXE and nx)
+        reserved: bool  # a reserved bit on the walk: the CPU would fault
+        entry_addr: int
+
+    class _Filter(NamedTuple):
+        user: bool | None = None
+        writable: bool | None = None
+        executable: bool | None = None
+        levels: tuple[int, ...] | None = None
+        has: str | None = None
+        nxe: bool = True
+
+else:
+    _Issue = namedtuple("_Issue", "what va level entry_addr raw cr3", defaults=(False,))
+    _Chunk = namedtuple("_Chunk", _COLS)
+    _Mapping = namedtuple("_Mapping", "va size pa level raw writable user nx reserved entry_addr")
+    _Filter = namedtuple("_Filter", "user writable executable levels has nxe", defaults=(None,) * 5 + (True,))
+
+
+class Issue(_Issue):
     """Something about the tables worth telling the user; never fatal."""
 
-    what: str  # 'loop' | 'past-end' | 'reserved'
-    va: int  # canonical VA of the entry
-    level: int  # SDM level of the entry
-    entry_addr: int
-    raw: int
-    cr3: bool = False  # the pointer is CR3, not an entry (level is then the paging levels + 1)
+    __slots__ = ()
 
     def describe(self) -> str:
         name = "CR3" if self.cr3 else LEVELS[self.level].table + "E"  # PT + E = PTE
@@ -129,18 +177,11 @@ class ScanStats:
         return int(len(np.unique(np.concatenate(self.table_pas))))
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(_Chunk):
     """Columnar records, ascending VA. Entry i of a record: va + i*size, pa + i*size, raw with
     the frame advanced by i*size, entry at entry_addr + 8*i; size = 1 << SHIFT[level]."""
 
-    va: np.ndarray  # uint64, canonical
-    count: np.ndarray  # uint64, entries in the run
-    level: np.ndarray  # uint8, SDM level of the entries (1 = PTE)
-    raw: np.ndarray  # uint64, first entry's value
-    pa: np.ndarray  # uint64, first frame (0 for holes)
-    eff: np.ndarray  # uint8, EFF_* bits
-    entry_addr: np.ndarray  # uint64, physical address of the first entry
+    __slots__ = ()
 
     def __len__(self) -> int:
         return len(self.va)
@@ -189,20 +230,10 @@ def merge_sorted(a: Chunk, b: Chunk) -> Chunk:
     return Chunk(*out)
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(_Mapping):
     """One leaf mapping (the scalar view of a record entry)."""
 
-    va: int
-    size: int
-    pa: int
-    level: int
-    raw: int  # the leaf entry
-    writable: bool  # effective (ANDed)
-    user: bool  # effective (ANDed)
-    nx: bool  # XD set somewhere on the walk (ORed); executable = not (NXE and nx)
-    reserved: bool  # a reserved bit on the walk: the CPU would fault
-    entry_addr: int
+    __slots__ = ()
 
     @property
     def end(self) -> int:
@@ -738,17 +769,11 @@ def parse_has(words: str) -> tuple[int, int, bool]:
     return need, clear, pat
 
 
-@dataclass(frozen=True)
-class Filter:
+class Filter(_Filter):
     """Keep present leaves that pass every given test (None: no test). Holes are kept so
     renderers that need them (ptdump) still see the shape."""
 
-    user: bool | None = None
-    writable: bool | None = None
-    executable: bool | None = None
-    levels: tuple[int, ...] | None = None
-    has: str | None = None
-    nxe: bool = True
+    __slots__ = ()
 
     @property
     def active(self) -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import struct
 import types
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol, Self, runtime_checkable
+from collections import namedtuple
+from typing import Iterable, Mapping, NamedTuple, Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -20,13 +20,25 @@ _Q = struct.Struct("<Q")
 PAGE = 4096
 
 
-@dataclass(frozen=True)
-class Segment:
-    """A physical range [start, end) a source holds. (A class without a docstring makes @dataclass
-    compute one with inspect.signature at import.)"""
+# Segment is a named tuple, not a dataclass: @dataclass generates (exec) its methods at import, on
+# the start-up of every `x86pt dump` (docs/startup.md). It is a plain record, never mutated and never
+# compared with or unpacked as a tuple. mypy reads the typed declaration under TYPE_CHECKING;
+# tests/test_startup.py checks that it names the same fields as the base built at run time.
+TYPE_CHECKING = False  # mypy reads any name TYPE_CHECKING as true
+if TYPE_CHECKING:
 
-    start: int  # physical address of the first byte
-    end: int  # one past the last byte
+    class _Segment(NamedTuple):
+        start: int  # physical address of the first byte
+        end: int  # one past the last byte
+
+else:
+    _Segment = namedtuple("_Segment", "start end")
+
+
+class Segment(_Segment):
+    """A physical range [start, end) a source holds."""
+
+    __slots__ = ()
 
     @property
     def size(self) -> int:
