@@ -494,3 +494,21 @@ def test_step_rights_fault_record():
     r = walk(st(), m, VA, Access("read", user=True), update_ad=True)
     assert _record(r) == ("PageFault", VA, VA, EC_P | EC_U, "user access to a supervisor-mode address", None)
     assert [m.read_u64(a) for a in (E4, E3, E2)] == [PDPT | 3 | A, PD | 3 | A, PT | 3 | A]
+
+
+def test_pkru_by_cpl_names_the_register_and_key():
+    """Profile field `pkru_by_cpl` (Bochs 2.7, measured: tests/test_oracle_bochs.py PK_TABLE row
+    "WP=1, PKRU=0b1000, S page, CPL0, write -> 0x23"): PKRU's WD1 binds a supervisor write to a
+    supervisor page with key 1 when CR0.WP=1, and the reason names PKRU and the key."""
+    import dataclasses
+
+    from tests.test_oracle_bochs import CR0, KPK, hand_image, state
+    from x86pt.state import CR4_PAE, CR4_PKE, PROFILES
+
+    b = hand_image()
+    st = state(b, cr0=CR0, cr4=CR4_PAE | CR4_PKE, pkru=0b1000).replace(profile=PROFILES["bochs"])
+    r = walk(st, b.memory, KPK + 8, Access("write"))
+    assert (r.outcome, r.error_code, r.reason) == ("page_fault", 0x23, "PKRU WD1=1 denies the write")
+    # the same access under the manual's rules: keys are for user pages only
+    sdm = dataclasses.replace(PROFILES["bochs"], pkru_by_cpl=False)
+    assert walk(st.replace(profile=sdm), b.memory, KPK + 8, Access("write")).outcome == "ok"
