@@ -367,3 +367,90 @@ def test_initial_counter_check_is_before_op_0():
     assert (v.op_index, v.invariant) == (-1, "c")
     assert str(v).startswith("op -1: invariant (c) violated: direct_pages_count 4k/2M/1G = ")
     assert Validator(m, "ab").initial() is None
+
+
+# -- the hot-plug history's span decisions (Reference.span_event, touched_by_events) ---------------
+# A span [v, end) of the direct map covers frames (v - PAGE_OFFSET) >> 12 .. (end - 1 - PAGE_OFFSET)
+# >> 12 (addresses as the reference keys them, their low 48 bits); a hot-plug event (spfn, epfn, added) covers frames spfn .. epfn - 1, and the latest event
+# over a frame decides it (docs/cpa.md §9: after a hot-plug event pages are compared one by one,
+# a 2M span one event covers wholly is decided by that event). The events are written by hand.
+S = 0x80000  # the frame at 2G, PO + 0x80000000
+K48 = (1 << 48) - 1  # the reference keys addresses by their low 48 bits (4-level paging)
+V = (PO + (S << 12)) & K48
+HIGH = 0xFFFFFFFF80000000 & K48  # the kernel image's map, outside the direct map
+END2M = V + 0x200000  # the 2M span frames S .. S + 511
+
+
+def ref_with(events):
+    from x86pt.cpa.validate import Reference
+
+    r = Reference(CpaModel(LAY, "6.15", "none"))
+    r.events = list(events)
+    return r
+
+
+def test_span_event_no_event_or_outside_the_direct_map():
+    assert ref_with([]).span_event(V, END2M) is None
+    assert ref_with([(S, S + 512, True)]).span_event(HIGH, HIGH + 0x200000) is None
+    # the span's start is in the direct map (its last 4K page), its end past it: no decision
+    top = (PO + (1 << 46)) & K48
+    assert ref_with([(0, 1 << 40, True)]).span_event(top - 4096, top + 4096) is None
+    assert not ref_with([(0, 1 << 40, True)]).touched_by_events(top - 4096, top + 4096)
+
+
+def test_span_event_exact_cover():
+    """An event over exactly frames S .. S + 511 decides the 2M span: (its index, added?)."""
+    assert ref_with([(S, S + 512, True)]).span_event(V, END2M) == (0, True)
+    assert ref_with([(S, S + 512, False)]).span_event(V, END2M) == (0, False)
+
+
+def test_span_event_partial_cover_is_no_decision():
+    """An event missing the span's first or last frame, or covering only its first or last
+    frame, decides nothing (None: page by page)."""
+    assert ref_with([(S + 1, S + 512, True)]).span_event(V, END2M) is None  # misses frame S
+    assert ref_with([(S, S + 511, True)]).span_event(V, END2M) is None  # misses frame S + 511
+    assert ref_with([(S - 512, S + 1, True)]).span_event(V, END2M) is None  # only frame S
+    assert ref_with([(S + 511, S + 1024, True)]).span_event(V, END2M) is None  # only S + 511
+
+
+def test_span_event_latest_overlapping_event_decides():
+    whole_add, whole_remove = (S, S + 512, True), (S - 512, S + 1024, False)
+    before, after = (S - 1024, S, True), (S + 512, S + 1024, True)  # adjacent, not overlapping
+    # the latest overlapping event is index 1 of 3; the one after it (2) does not overlap
+    assert ref_with([whole_add, whole_remove, after]).span_event(V, END2M) == (1, False)
+    assert ref_with([whole_remove, whole_add, before]).span_event(V, END2M) == (1, True)
+    # an event ending at frame S (epfn exclusive) or starting at S + 512 does not overlap
+    assert ref_with([whole_add, before]).span_event(V, END2M) == (0, True)
+    assert ref_with([whole_add, after]).span_event(V, END2M) == (0, True)
+    # an event touching only the last frame is the latest overlapping one: no decision
+    assert ref_with([whole_add, (S + 511, S + 512, False)]).span_event(V, END2M) is None
+
+
+def test_span_event_byte_spans():
+    """The span is in bytes: [V, V + 1) is frame S only, [V, V + 0x1001) frames S and S + 1."""
+    assert ref_with([(S, S + 1, True)]).span_event(V, V + 1) == (0, True)
+    assert ref_with([(S, S + 1, True)]).span_event(V, V + 0x1001) is None
+    assert ref_with([(S, S + 1, True)]).touched_by_events(V, V + 1)
+    assert not ref_with([(S + 1, S + 2, True)]).touched_by_events(V, V + 0x1000)
+    assert ref_with([(S + 1, S + 2, True)]).touched_by_events(V, V + 0x1001)
+
+
+def test_touched_by_events():
+    assert not ref_with([]).touched_by_events(V, END2M)
+    assert ref_with([(S, S + 512, True)]).touched_by_events(V, END2M)
+    assert ref_with([(S + 511, S + 512, False)]).touched_by_events(V, END2M)  # the last frame only
+    assert ref_with([(S - 5, S + 1, False)]).touched_by_events(V, END2M)  # the first frame only
+    assert not ref_with([(S - 1024, S, True)]).touched_by_events(V, END2M)  # ends at frame S
+    assert not ref_with([(S + 512, S + 1024, True)]).touched_by_events(V, END2M)  # starts past it
+    assert not ref_with([(S, S + 512, True)]).touched_by_events(HIGH, HIGH + 0x200000)
+
+
+def test_expected_pte_table_irregular_region_is_none():
+    """A 2M region whose PMD entry points to a PTE table the replay-start tables do not hold
+    (dropped here by hand: the first 2M, a PTE table because of the hole at 0x9F000) is not one
+    table or run: no table is offered (None), the region is compared page by page."""
+    m = CpaModel(LAY, "6.15", "none")
+    k2 = k2_of(PO)
+    assert k2 in m.t1
+    del m.t1[k2]
+    assert Validator(m).expected_pte_table(k2) is None

@@ -19,12 +19,19 @@ vmap/vunmap. Hot-plug ops are refused (the direct map's extent changes).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from x86pt.batch import OK, translate_batch
 from x86pt.errors import BadInputError
 from x86pt.fields import BIT_P, BIT_RW, BIT_XD
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from x86pt.cpa.ops import CpaModel
+    from x86pt.cpa.trace import Op
 
 _P, _RW, _NX = BIT_P, BIT_RW, BIT_XD
 _NO_ALIAS = 8  # CPA_NO_CHECK_ALIAS
@@ -44,7 +51,7 @@ class Difference:
 class BruteForce:
     """Expected hardware view of the direct map, page by page, and the walker's actual one."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: CpaModel) -> None:
         m = model
         self.po = m.page_offset
         self.version = m.version
@@ -69,7 +76,9 @@ class BruteForce:
         self.unknown = ~present
 
     # -- the walker's view -------------------------------------------------------------------
-    def observe(self, m):
+    def observe(
+        self, m: CpaModel
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
         """(present, writable, executable, pa) of every direct-map page on the exported image,
         supervisor accesses, CR0.WP=1, EFER.NXE=1 (the model's paging state)."""
         mem, st = m.export(), m.paging_state()
@@ -79,7 +88,7 @@ class BruteForce:
         present = r.outcome == OK
         return present, w.outcome == OK, x.outcome == OK, r.pa
 
-    def leaf_is_4k(self, m, va: int) -> bool:
+    def leaf_is_4k(self, m: CpaModel, va: int) -> bool:
         """Whether `va` ends at a PTE (present or not): the walk's level is 1."""
         mem, st = m.export(), m.paging_state()
         r = translate_batch(st, mem, np.array([va], dtype=np.uint64), "read")
@@ -142,7 +151,7 @@ class BruteForce:
             elif alias:
                 self._apply(i, pfn, aset, aclr)
 
-    def apply(self, op: tuple, model_before=None) -> None:
+    def apply(self, op: Op, model_before: CpaModel | None = None) -> None:
         """Advance the expectation by one trace op. `model_before` (the model before the op) is
         needed for `oob`, which only lands on a page mapped by a 4K PTE."""
         v = self.version
@@ -201,7 +210,7 @@ class BruteForce:
             raise BadInputError(f"the brute-force reference does not model {name!r}")
 
     # -- the comparison ------------------------------------------------------------------------
-    def differences(self, m, limit: int = 16) -> list[Difference]:
+    def differences(self, m: CpaModel, limit: int = 16) -> list[Difference]:
         """Pages whose walk disagrees with the expectation (at most `limit`, lowest VA first)."""
         present, writable, executable, pa = self.observe(m)
         want_pa = self.pfns.astype(np.uint64) << np.uint64(12)
@@ -231,13 +240,13 @@ class BruteForce:
             self.unknown &= ~newly
         return out
 
-    def pages_differing(self, m) -> np.ndarray:
+    def pages_differing(self, m: CpaModel) -> npt.NDArray[np.uint64]:
         """VAs (uint64) of every page that disagrees."""
         d = self.differences(m, limit=1 << 40)
         return np.array([x.va for x in d], dtype=np.uint64)
 
 
-def brute_force_replay(model, ops: list[tuple]) -> tuple[int, list[Difference]] | None:
+def brute_force_replay(model: CpaModel, ops: list[Op]) -> tuple[int, list[Difference]] | None:
     """Replay `ops` on `model` (no validator), walking the whole direct map after each op; the
     first op whose result differs from the expectation, with its differences, or None."""
     from x86pt.cpa.trace import apply_op

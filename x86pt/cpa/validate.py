@@ -16,8 +16,9 @@ translation.
 from __future__ import annotations
 
 import bisect
+import enum
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Final, Iterable
 
 from x86pt.cpa.kernel import (
     CPA_NO_CHECK_ALIAS,
@@ -37,10 +38,31 @@ from x86pt.cpa.kernel import (
 )
 from x86pt.cpa.tables import Table, entries, run_table, table_of, xor_table, zero_table
 
+if TYPE_CHECKING:
+    from typing import Callable, TypeAlias
+
+    from x86pt.cpa.kernel import KernelVersion
+    from x86pt.cpa.ops import CpaModel
+    from x86pt.cpa.oracle_probe import OracleCheck
+    from x86pt.cpa.trace import Op
+
+    # A 2M region's 4K entries: its PTE table, (frame of its first page, flags) for a large
+    # leaf's run, or None when nothing maps it (the forms of Reference.base_2m)
+    Entries: TypeAlias = "Table | tuple[int, int] | None"
+    Masks: TypeAlias = "Callable[[KernelVersion, Reference], tuple[int, int, int, bool]]"
+
 M48 = (1 << 48) - 1  # 4-level key space (oracle_probe.py); the validator uses m.vmask
 HI = ~M48 & U64
 _MISSING: Any = object()
-_IRREGULAR = object()  # a 2M region the replay-start tables do not give as one table or run
+
+
+class _Irregular(enum.Enum):
+    IRREGULAR = 0
+
+
+_IRREGULAR: Final = (
+    _Irregular.IRREGULAR
+)  # a 2M region the replay-start tables do not give as one table or run
 _ZERO = zero_table()  # never written
 _P_PSE = P | PSE
 _FLAGS = ~PTE_PFN_MASK & U64
@@ -59,7 +81,7 @@ class Violation:
 class Reference:
     """Flat per-page model: base = the tables at replay start, plus per-page overrides."""
 
-    def __init__(self, m) -> None:
+    def __init__(self, m: CpaModel) -> None:
         self.m = m
         self.v = m.version
         self.vmask = m.vmask  # 48-bit keys, or 57-bit with LA57 (as the model's)
@@ -156,7 +178,7 @@ class Reference:
         return any(a <= e and s < b for a, b, _ in self.events)
 
     def get(self, v: int) -> tuple[int, int] | None:
-        r = self.over.get(v >> 12, _MISSING)
+        r: tuple[int, int] | None = self.over.get(v >> 12, _MISSING)
         if r is _MISSING:
             return self.base(v)
         return r
@@ -185,14 +207,16 @@ class Reference:
             pfn, fl = val  # enc(), inlined
             t[vp & 511] = (~(pfn << 12) & PTE_PFN_MASK) | fl if not fl & P and self.l1tf else (pfn << 12) | fl
 
-    def base_2m(self, k2: int) -> object:
+    def base_2m(self, k2: int) -> Entries | _Irregular:
         """The replay-start tables' 4K entries for 2M region k2 (va >> 21): the PTE table, (frame
         of the region's first page, flags in 4K format) when a large leaf maps it, None when
         nothing does, or _IRREGULAR when none of these describes it."""
         v = k2 << 21
         if self.snap_is_table(v):
             t1 = self.s1.get(k2)
-            return t1 if t1 is not None else _IRREGULAR
+            if t1 is None:
+                return _IRREGULAR
+            return t1
         b = self._snap(v)
         if b is None:
             if any(self._snap(v + (j << 12)) for j in (1, 255, 511)):
@@ -212,11 +236,11 @@ class Reference:
         e = t2[(v >> 21) & 511] if t2 is not None else 0
         return bool(e) and bool(e & P) and not e & PSE
 
-    def as_table(self, x: object) -> Table:
+    def as_table(self, x: Entries) -> Table:
         """A region's entries (forms of base_2m, not _IRREGULAR) as one table (maybe shared)."""
         if x is None:
             return _ZERO
-        if type(x) is tuple:
+        if isinstance(x, tuple):
             return self.enc_run(x[0], x[1])
         return x
 
@@ -235,25 +259,11 @@ class Reference:
             return (~(pfn << 12) & PTE_PFN_MASK) | flags
         return (pfn << 12) | flags
 
-    def pfn_mapped(self, pfn: int) -> bool:
-        ram = self.ram
-        i = bisect.bisect_right(ram, (pfn, U64 + 1)) - 1
-        return i >= 0 and pfn < ram[i][1]
-
     # -- the operations, page by page ------------------------------------------------------------
-    def _static(self, v: int, pfn: int, prot: int) -> int:
-        if not prot & P:
-            return prot
-        if self.text_va <= v < self.etext_va:
-            prot &= ~NX
-        if self.ro and self.rodata[0] <= pfn <= self.rodata[1]:
-            prot &= ~RW
-        return prot
-
     def _page(self, v: int, set_: int, clr: int) -> int | None:
-        """One page of a CPA call: (flags & ~clr) | set, the static protections (_static,
+        """One page of a CPA call: (flags & ~clr) | set, the static protections (§4.6,
         inlined), PROTNONE bits cleared. Returns the page's frame, None when it has no entry."""
-        cur = self.over.get(v >> 12, _MISSING)
+        cur: tuple[int, int] | None = self.over.get(v >> 12, _MISSING)
         if cur is _MISSING:
             cur = self._snap(v) if not self.events else self.base(v)
         if cur is None:
@@ -374,7 +384,7 @@ class Reference:
                 page(a, aset, aclr)
                 touched.append(a)
 
-    def apply(self, op: tuple, accepted: object, touched: list[int]) -> str | None:
+    def apply(self, op: Op, accepted: object, touched: list[int]) -> str | None:
         """Apply one parsed trace op. Returns a message when the op itself contradicts the
         reference (an out-of-band write that found no 4K PTE for a page asked to be 4K)."""
         v = self.v
@@ -466,12 +476,12 @@ class Reference:
         return None
 
 
-def _masks(s, c, fl=0, fs=False):
+def _masks(s: int, c: int, fl: int = 0, fs: bool = False) -> Masks:
     return lambda v, ref: (s, c, fl, fs)
 
 
 _DIRECT_MAP = {"set_direct_map_invalid_noflush": False, "set_direct_map_default_noflush": True}
-_API_MASKS = {
+_API_MASKS: dict[str, Masks] = {
     "set_memory_ro": lambda v, r: (0, v.set_memory_ro_clr, 0, False),
     "set_memory_rw": _masks(RW, 0),
     "set_memory_x": lambda v, r: (0, NX, 0 if v.nx_alias_strip else CPA_NO_CHECK_ALIAS, False),
@@ -490,7 +500,7 @@ class Validator:
     """Incremental checks over the entries an op touched (CpaModel.touched) and the pages the
     reference changed."""
 
-    def __init__(self, m, checks: str = "abcd", oracle_check=None) -> None:
+    def __init__(self, m: CpaModel, checks: str = "abcd", oracle_check: OracleCheck | None = None) -> None:
         import numpy
 
         self._np = numpy
@@ -572,7 +582,7 @@ class Validator:
             hc = self._hm_counted = (self.m.ram, h)
         return hc[1]
 
-    def check(self, idx: int, op: tuple, accepted: object, touched: set[int] | None) -> Violation | None:
+    def check(self, idx: int, op: Op, accepted: object, touched: set[int] | None) -> Violation | None:
         m = self.m
         pages: list[int] = []
         self.ref.changed.clear()
@@ -741,6 +751,7 @@ class Validator:
         self.pages_checked += 512
         if got == want:
             return None
+        diff: Iterable[int]
         if type(got) is tuple and type(want) is tuple:
             diff = range(512)  # two different runs: the first page tells
         else:
@@ -789,7 +800,7 @@ class Validator:
         pfn0, fl = self._large(lvl, e)
         return pfn0 + ((v & ((1 << (12 + 9 * (lvl - 1))) - 1)) >> 12), fl
 
-    def _expected_2m(self, k2: int) -> object:
+    def _expected_2m(self, k2: int) -> Entries | _Irregular:
         """The reference's 4K entries for 2M region k2 in the forms of _actual_2m, or
         _IRREGULAR when the replay-start tables do not make it one table or one run."""
         t = self.ref.exp.get(k2)
@@ -797,7 +808,7 @@ class Validator:
             return t
         return self.ref.base_2m(k2)  # no override in the region (or an irregular one)
 
-    def _as_table(self, x: object) -> Table:
+    def _as_table(self, x: Entries) -> Table:
         return self.ref.as_table(x)
 
     def _check_1g(self, k3: int) -> bool:
@@ -828,12 +839,6 @@ class Validator:
         exp = self._expected_2m(k2)
         return None if exp is _IRREGULAR else self._as_table(exp)[:]
 
-    def _enc_run(self, pfn: int, flags: int) -> Table:
-        return self.ref.enc_run(pfn, flags)
-
-    def _enc(self, pfn: int, flags: int) -> int:
-        return self.ref.enc(pfn, flags)
-
     # -- (a), (b) with a hot-plug history: region by region, page by page --------------------------
     def _check_regions_by_page(
         self, idx: int, touched: set[int] | None, pages: list[int]
@@ -850,10 +855,7 @@ class Validator:
                 return r
         return None
 
-    def _snap_is_table(self, v: int) -> bool:
-        return self.ref.snap_is_table(v)
-
-    def _region(self, idx: int, tl: int, k: int, done: set) -> Violation | None:
+    def _region(self, idx: int, tl: int, k: int, done: set[tuple[int, int]]) -> Violation | None:
         """Check the span of one entry key (tl=1: a page, 2: 2M, 3: 1G) against the reference."""
         m = self.m
         if tl == 3:
@@ -871,6 +873,7 @@ class Validator:
             if lvl == 1:
                 exp = self.expected_pte_table(k)
                 if exp is not None:
+                    assert t is not None  # a PTE table (lvl 1)
                     self.pages_checked += 512
                     if t == exp:
                         return None
@@ -890,6 +893,7 @@ class Validator:
             if lvl == 1:
                 if (1, v) not in done:
                     done.add((1, v))
+                    assert t is not None  # a PTE table (lvl 1)
                     e = t[i]
                     r = self._cmp(idx, v, self._pte(e), self.ref.get(v))
                     if r:
@@ -980,7 +984,9 @@ class Validator:
         e = t2[(v >> 21) & 511]
         return bool(e) and (not e & P or bool(e & PSE))
 
-    def _cmp(self, idx: int, v: int, got, want) -> Violation | None:
+    def _cmp(
+        self, idx: int, v: int, got: tuple[int, int] | None, want: tuple[int, int] | None
+    ) -> Violation | None:
         self.pages_checked += 1
         va = self._canon(v)
         lo, hi = self.dm
@@ -996,7 +1002,7 @@ class Validator:
             return None
         if got != want:
 
-            def show(x):
+            def show(x: tuple[int, int] | None) -> str:
                 if x is None:
                     return "no entry"
                 from x86pt.cpa.kernel import flag_names
