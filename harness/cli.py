@@ -78,7 +78,8 @@ def make_source(args, oracle, caps, span=None):
     --shard I/N (the I-th of N equal parts), and an executor's part takes the units [a, b) of
     that (`span`), so shards and parts together are exactly the unsharded run
     (docs/conformance-sweeps.md §1)."""
-    from harness.matrix import MatrixFeatures, MatrixSource, matrix_for, probe_cap, select
+    from harness.matrix import MatrixFeatures, matrix_for, select
+    from harness.matrix_pack import MatrixSource, probe_cap
     from x86pt.state import as_profile
 
     feat = MatrixFeatures.from_caps(caps)

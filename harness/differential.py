@@ -298,7 +298,7 @@ def make_repro(
 
 
 def batch_from_repro(d: dict) -> Batch:
-    from harness.matrix import fill_frames
+    from harness.matrix_pack import fill_frames
     from x86pt.numbers import parse_int
 
     if not isinstance(d, dict) or d.get("x86pt_repro") != REPRO_VERSION:

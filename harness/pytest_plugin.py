@@ -166,7 +166,7 @@ class Case:
             fail_with(self.config, mms)
 
     def batch(self):
-        from harness.matrix import build_batch
+        from harness.matrix_pack import build_batch
         from harness.random_tables import random_batch
 
         if self.kind == "random":
@@ -258,7 +258,8 @@ def _matrix_plan(config, src) -> list[Case]:
     """MatrixSource.batches without building the images: the same grouping (by CPU state inside
     each chunk, then batch_cases per batch), so the items hold exactly conform's batches."""
     import numpy as np
-    from harness.matrix import _STATE_BITS, flag_names
+    from harness.matrix import flag_names
+    from harness.matrix_pack import _STATE_BITS
 
     feat = src.matrix.features
     out: list[Case] = []

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from harness.differential import Batch, CaseInfo
-from harness.matrix import FRAME_BASE, NR_FRAMES, TABLE_BASE, MatrixFeatures, fill_frames
+from harness.matrix import FRAME_BASE, NR_FRAMES, TABLE_BASE, MatrixFeatures
+from harness.matrix_pack import fill_frames
 from x86pt.oracle import HARNESS_SLOT, Probe
 from x86pt.errors import BadInputError
 from x86pt.memory.sparse import SparseMemory

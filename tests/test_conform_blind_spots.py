@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 
 from harness import matrix as mx
+from harness import matrix_pack as mp
 from harness.differential import run_conformance
-from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+from harness.matrix import MatrixFeatures, matrix_for
+from harness.matrix_pack import MatrixSource
 from x86pt.state import as_profile
 
 
@@ -56,10 +58,10 @@ class FlagSource:
     def batches(self):
         by_state: dict[int, list[tuple[str, int]]] = {}
         for k, f in enumerate(self.cases):
-            by_state.setdefault(mx.state_bits(f), []).append((f"{self.name}#{k}", f))
+            by_state.setdefault(mp.state_bits(f), []).append((f"{self.name}#{k}", f))
         for cases in by_state.values():
             for lo in range(0, len(cases), 2048):
-                yield mx.build_batch(cases[lo : lo + 2048], self.feat, self.profile)
+                yield mp.build_batch(cases[lo : lo + 2048], self.feat, self.profile)
 
 
 def high_bit_cases(feat: MatrixFeatures) -> list[int]:

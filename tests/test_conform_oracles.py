@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from harness import matrix as mx
 from harness.differential import run_conformance
-from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+from harness.matrix import MatrixFeatures, matrix_for
+from harness.matrix_pack import MatrixSource
 from harness.random_tables import RandomSource
 from x86pt.state import as_profile
 

@@ -22,7 +22,8 @@ from harness.differential import (
     run_conformance,
 )
 from x86pt.compare import compare_probe, model_run
-from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+from harness.matrix import MatrixFeatures, matrix_for
+from harness.matrix_pack import MatrixSource
 from x86pt.registry import availability, get_oracle
 from x86pt.oracle import Probe, ProbeResult
 from harness.oracles.model import ModelOracle, deviation

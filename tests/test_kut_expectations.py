@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from harness import matrix as mx
+from harness import matrix_pack as mp
 from x86pt.compare import model_run
 from harness.matrix import MatrixFeatures, matrix_for
 from x86pt.state import profile_named
@@ -213,7 +214,7 @@ def _run_sample(
         assert space.name == space_name
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(space.size, size=min(n, space.size), replace=False)) + base
-    src = mx.MatrixSource(m, prof, indices=idx)
+    src = mp.MatrixSource(m, prof, indices=idx)
     failures = []
     count = 0
     for batch in src.batches():

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from harness import matrix as mx
-from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+from harness import matrix_pack as mp
+from harness.matrix import MatrixFeatures, matrix_for
+from harness.matrix_pack import MatrixSource
 from x86pt.oracle import HARNESS_SLOT, RIG_IMAGE_BASE, RIG_RAM_SIZE
 from x86pt.state import profile_named
 
@@ -109,10 +111,10 @@ def test_flag_names_round_trip():
 
 
 def test_state_key_pkru_follows_kut():
-    cr0, cr4, efer, pkru = mx.state_key(mx.PKE | mx.PKU_AD | mx.CR0_WP_F | mx.EFER_NX)
+    cr0, cr4, efer, pkru = mp.state_key(mx.PKE | mx.PKU_AD | mx.CR0_WP_F | mx.EFER_NX)
     assert pkru == 0x34 and cr0 & (1 << 16) and cr4 & (1 << 22) and efer & (1 << 11)
-    assert mx.state_key(mx.PKE | mx.PKU_WD)[3] == 0x38
-    assert mx.state_key(0)[3] == 0
+    assert mp.state_key(mx.PKE | mx.PKU_WD)[3] == 0x38
+    assert mp.state_key(0)[3] == 0
 
 
 def _batches(n=3000, extended=False, seed=3):
@@ -134,7 +136,7 @@ def test_packing_follows_the_rig_conventions():
         assert len(owned) == len(set(owned)), "two cases share an entry"
         vas = {b.probes[c.probes[-1]].va for c in b.cases}
         assert len(vas) == len(b.cases)
-        keys = {mx.state_bits(c.flags) for c in b.cases}
+        keys = {mp.state_bits(c.flags) for c in b.cases}
         assert len(keys) == 1
 
 
@@ -152,7 +154,7 @@ def test_cases_of_different_cpu_state_cannot_share_a_batch():
     from x86pt.errors import BadInputError
 
     with pytest.raises(BadInputError):
-        mx.build_batch([("a", 0), ("b", mx.CR0_WP_F)], MatrixFeatures(), profile_named("intel"))
+        mp.build_batch([("a", 0), ("b", mx.CR0_WP_F)], MatrixFeatures(), profile_named("intel"))
 
 
 def test_select_shards_partition_the_matrix():
@@ -231,7 +233,7 @@ def _entries_by_hand(mem, cr3: int, va: int, levels: int) -> list[int]:
 def test_the_reserved_bit_sits_in_the_named_entry(at, level_from_top):
     levels = 5
     f = mx.flags_from_names(f"la57 pde.p pde.rw pte.p pte.rw pde.51 hi.bit=45 hi.at={at}")
-    b = mx.build_batch([("c", f)], MatrixFeatures(maxphyaddr=40, la57=True), profile_named("intel"))
+    b = mp.build_batch([("c", f)], MatrixFeatures(maxphyaddr=40, la57=True), profile_named("intel"))
     es = _entries_by_hand(b.memory, b.state.cr3, b.probes[-1].va, levels)
     hit = [k for k, e in enumerate(es) if e >> 45 & 1]
     assert hit == [level_from_top] and len(es) >= level_from_top + 1

@@ -32,9 +32,9 @@ from harness.matrix import (
     SMAP,
     SMEP,
     MatrixFeatures,
-    MatrixSource,
     matrix_for,
 )
+from harness.matrix_pack import MatrixSource
 from harness.oracles.model import ModelOracle, deviation
 from x86pt.batch import GENERAL_PROTECTION, OK, PAGE_FAULT, NotBatchable, model_batch
 from x86pt.compare import model_run
@@ -261,7 +261,7 @@ def test_matrix_objects_made_without_init_are_the_real_ones():
     import dataclasses
 
     from harness.differential import CaseInfo, OwnedEntry
-    from harness.matrix import _made, build_batch
+    from harness.matrix_pack import _made, build_batch
     from x86pt.oracle import Probe
 
     b = build_batch([("m#1", 0), ("m#2", 1 << 25)], FEAT, as_profile("intel"))  # 1<<25: twice

@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 
 from harness import matrix as mx
+from harness import matrix_pack as mp
 from harness.matrix import (
     F,
     MatrixFeatures,
-    _probe_cuts,
     flag_names,
     flags_from_names,
     hi_at,
     hi_bit,
     invalid_mask,
     kut_legal,
-    probe_cap,
     select,
 )
+from harness.matrix_pack import _probe_cuts, probe_cap
 from x86pt.errors import BadInputError
 from x86pt.state import profile_named
 
@@ -369,7 +369,7 @@ HAND_CASES = [
 def _hand_batch():
     feat = MatrixFeatures(maxphyaddr=40)
     cases = [(f"c{n}", flags_from_names(names)) for n, (names, _, _) in enumerate(HAND_CASES)]
-    return mx.build_batch(cases, feat, profile_named("intel")), cases
+    return mp.build_batch(cases, feat, profile_named("intel")), cases
 
 
 def test_packing_by_hand_entries_vas_and_targets():
@@ -398,10 +398,10 @@ def test_packing_by_hand_entries_vas_and_targets():
 def test_pde_13_sets_bit_13_of_a_large_leaf():
     feat = MatrixFeatures(maxphyaddr=40)
     for names, level in (("pde.p pde.pse pde.13", 2), ("pdpte.1g pde.p pde.13", 3)):
-        b = mx.build_batch([("c", flags_from_names(names))], feat, profile_named("intel"))
+        b = mp.build_batch([("c", flags_from_names(names))], feat, profile_named("intel"))
         walk, _ = _walk_image(b.memory, b.state.cr3, b.probes[0].va)
         assert len(walk) == 5 - level and walk[-1][1] & PS and walk[-1][1] >> 13 & 1, names
-        b0 = mx.build_batch(
+        b0 = mp.build_batch(
             [("c", flags_from_names(names.replace(" pde.13", "")))], feat, profile_named("intel")
         )
         assert not _walk_image(b0.memory, b0.state.cr3, b0.probes[0].va)[0][-1][1] >> 13 & 1
@@ -412,7 +412,7 @@ def test_the_seventeenth_case_takes_the_second_qword():
     qword of frames 0 and 1 (a 4K and a 2M case), with that qword's tag as the value."""
     shapes = ["pte.p pte.rw pde.p pde.rw write", "pde.p pde.rw pde.pse write"]
     cases = [(f"c{n}", flags_from_names(shapes[n % 2])) for n in range(18)]
-    b = mx.build_batch(cases, MatrixFeatures(maxphyaddr=40), profile_named("intel"))
+    b = mp.build_batch(cases, MatrixFeatures(maxphyaddr=40), profile_named("intel"))
     for n, target in ((0, 0x200000), (1, 0x201000), (15, 0x20F000), (16, 0x200008), (17, 0x201008)):
         p = b.probes[b.cases[n].probes[0]]
         assert _walk_image(b.memory, b.state.cr3, p.va)[1] == target
@@ -422,7 +422,7 @@ def test_the_seventeenth_case_takes_the_second_qword():
 def test_the_qword_index_wraps_after_512_rounds_of_16_frames():
     # case 8192 = 16 * 512: frame 0, qword (8192 // 16) % 512 = 0 again (a frame has 512 qwords)
     f = flags_from_names("pte.p pde.p")
-    b = mx.build_batch([("c", f)] * 8193, MatrixFeatures(maxphyaddr=40), profile_named("intel"))
+    b = mp.build_batch([("c", f)] * 8193, MatrixFeatures(maxphyaddr=40), profile_named("intel"))
     for n, target in ((8191, 0x20FFF8), (8192, 0x200000)):
         assert _walk_image(b.memory, b.state.cr3, b.probes[n].va)[1] == target
 
@@ -430,7 +430,7 @@ def test_the_qword_index_wraps_after_512_rounds_of_16_frames():
 def test_hi_at_without_pde_51_puts_no_bit_anywhere():
     # hi.at / hi.bit only say where pde.51's bit goes: without pde.51 the walk has no reserved bit
     f = flags_from_names("pte.p pde.p hi.at=pml4e hi.bit=45")
-    b = mx.build_batch([("c", f)], MatrixFeatures(maxphyaddr=40), profile_named("intel"))
+    b = mp.build_batch([("c", f)], MatrixFeatures(maxphyaddr=40), profile_named("intel"))
     walk, pa = _walk_image(b.memory, b.state.cr3, b.probes[0].va)
     assert [e & ~ADDR40 for _, e in walk] == [P | RW | US, P | RW | US, P, P] and pa == 0x200000
 
@@ -438,10 +438,10 @@ def test_hi_at_without_pde_51_puts_no_bit_anywhere():
 def test_batch_errors_say_why():
     prof = profile_named("intel")
     with pytest.raises(BadInputError) as e:
-        mx.build_batch([], MatrixFeatures(), prof)
+        mp.build_batch([], MatrixFeatures(), prof)
     assert str(e.value) == "empty batch"
     with pytest.raises(BadInputError) as e:
-        mx.build_batch([("a", 0), ("b", mx.EFER_NX)], MatrixFeatures(), prof)
+        mp.build_batch([("a", 0), ("b", mx.EFER_NX)], MatrixFeatures(), prof)
     assert str(e.value) == "cases of one batch must share CR0/CR4/EFER/PKRU"
 
 
@@ -449,18 +449,18 @@ def test_fill_frames_writes_the_tag_pattern_in_16_pages():
     from x86pt.memory.sparse import SparseMemory
 
     mem = SparseMemory(32 << 20)
-    mx.fill_frames(mem)
+    mp.fill_frames(mem)
     assert sorted(mem.pages) == list(range(0x200, 0x210))  # 16 pages from 0x200000
     assert mem.read_u64(0x200000) == 0x200000C3 and mem.read_u64(0x20FFF8) == 0x20FFF8C3
     mem2 = SparseMemory(32 << 20)
-    mx.fill_frames(mem2, 0x5000, 1)
+    mp.fill_frames(mem2, 0x5000, 1)
     assert sorted(mem2.pages) == [5] and mem2.read_u64(0x5FF8) == 0x5FF8C3
 
 
 def test_bit_36_in_the_pde_and_the_pte():
     # M = 36: bit 36 is reserved, and pde.36 / pte.36 set exactly that bit in their own entry
     f = flags_from_names("pte.p pde.p pde.36 pte.36")
-    b = mx.build_batch([("c", f)], MatrixFeatures(maxphyaddr=36), profile_named("intel"))
+    b = mp.build_batch([("c", f)], MatrixFeatures(maxphyaddr=36), profile_named("intel"))
     (pde, pte) = b.cases[0].owned
     assert (pde.kind, pte.kind) == ("pde", "pte")
     assert pde.raw & ~ADDR40 == P and pde.raw >> 36 == 1 and pte.raw == 0x200000 | P | 1 << 36
@@ -510,7 +510,7 @@ def test_probes_of_the_hand_cases():
 
 
 def test_twice_with_a_user_write_reads_as_supervisor_first():
-    b = mx.build_batch(
+    b = mp.build_batch(
         [("c", flags_from_names("pte.p pte.rw pte.user pde.p pde.rw pde.user user write twice ac"))],
         MatrixFeatures(maxphyaddr=40),
         profile_named("intel"),
@@ -532,7 +532,7 @@ def test_batch_state_from_the_flags():
     WD1*8 | AD1*4 with PKE (SDM Vol. 3A §2.5, §4.1.1, §4.6.2; docs/paging.md §11.1)."""
     names = "la57 cr0.wp efer.nx cr4.pke pkru.wd cr4.smep cr4.smap pte.p pde.p"
     feat = MatrixFeatures(maxphyaddr=40, la57=True)
-    b = mx.build_batch([("c", flags_from_names(names))], feat, profile_named("amd"))
+    b = mp.build_batch([("c", flags_from_names(names))], feat, profile_named("amd"))
     st = b.state
     assert st.cr0 == 1 | 1 << 31 | 1 << 16
     assert st.cr4 == 1 << 5 | 1 << 22 | 1 << 20 | 1 << 21 | 1 << 12
@@ -542,14 +542,14 @@ def test_batch_state_from_the_flags():
     assert b.probes[0].va == 0xFF2C920000000000
     walk, pa = _walk_image(b.memory, st.cr3, b.probes[0].va, levels=5)
     assert [e & ~ADDR40 for _, e in walk] == [P | RW | US, P | RW | US, P | RW | US, P, P] and pa == 0x200000
-    plain = mx.build_batch([("c", flags_from_names("pte.p pde.p"))], MatrixFeatures(), profile_named("intel"))
+    plain = mp.build_batch([("c", flags_from_names("pte.p pde.p"))], MatrixFeatures(), profile_named("intel"))
     assert (plain.state.cr0, plain.state.cr4, plain.state.efer, plain.state.pkru) == (
         1 | 1 << 31,
         1 << 5,
         1 << 8 | 1 << 10,
         0,
     )
-    assert mx.state_key(mx.PKE)[3] == 0x30 and mx.state_key(mx.PKE | mx.PKU_AD | mx.PKU_WD)[3] == 0x3C
+    assert mp.state_key(mx.PKE)[3] == 0x30 and mp.state_key(mx.PKE | mx.PKU_AD | mx.PKU_WD)[3] == 0x3C
 
 
 # -- group B: the product enumeration (Space, groups, rotations), on small hand spaces -------------------
@@ -745,28 +745,28 @@ def _labels(src):
 def test_source_batches_by_cpu_state_and_size():
     m = _small_matrix()
     prof = profile_named("intel")
-    src = mx.MatrixSource(m, prof, batch_cases=3, chunk=5, name="m")
+    src = mp.MatrixSource(m, prof, batch_cases=3, chunk=5, name="m")
     # chunk [0, 5): states 0,0,0,0,WP -> [0 1 2] [3] [4]; chunk [5, 8): all WP -> [5 6 7]
     assert src.total == 8
     assert _labels(src) == [["m#0", "m#1", "m#2"], ["m#3"], ["m#4"], ["m#5", "m#6", "m#7"]]
     # a range: [2, 7) in one chunk -> [2 3] (no WP) then [4 5 6] (WP)
-    src = mx.MatrixSource(m, prof, start=2, stop=7, batch_cases=3, chunk=5, name="m")
+    src = mp.MatrixSource(m, prof, start=2, stop=7, batch_cases=3, chunk=5, name="m")
     assert src.total == 5 and _labels(src) == [["m#2", "m#3"], ["m#4", "m#5", "m#6"]]
     # given indices, in chunks of 2: [7 1] groups as 1 (no WP) then 7 (WP); then [4]
-    src = mx.MatrixSource(m, prof, indices=np.array([7, 1, 4]), chunk=2, name="m")
+    src = mp.MatrixSource(m, prof, indices=np.array([7, 1, 4]), chunk=2, name="m")
     assert src.total == 3 and _labels(src) == [["m#1"], ["m#7"], ["m#4"]]
     # the defaults: every case, one batch per CPU state, labelled matrix#i
-    src = mx.MatrixSource(m, prof)
+    src = mp.MatrixSource(m, prof)
     assert src.total == 8 and _labels(src) == [
         [f"matrix#{i}" for i in range(4)],
         [f"matrix#{i}" for i in range(4, 8)],
     ]
-    assert mx.MatrixSource(m, prof, start=3).total == 5
+    assert mp.MatrixSource(m, prof, start=3).total == 5
 
 
 def test_source_batches_carry_the_cases_features_and_profile():
     m = _small_matrix(MatrixFeatures(maxphyaddr=36))
-    batches = list(mx.MatrixSource(m, profile_named("amd"), batch_cases=8).batches())
+    batches = list(mp.MatrixSource(m, profile_named("amd"), batch_cases=8).batches())
     assert [c.flags for b in batches for c in b.cases] == [m.flags_at(i) for i in range(8)]
     for b in batches:
         assert b.state.maxphyaddr == 36 and b.state.profile.name == "amd"
@@ -777,9 +777,9 @@ def test_source_batches_by_probe_count():
     """batch_probes = 3: a case costs two probes with `twice` (cases 2, 3, 6, 7), else one; each
     state group is cut greedily: [0 1] (2 probes), [2] (2; 2 more would make 4), [3]."""
     m = _small_matrix()
-    src = mx.MatrixSource(m, profile_named("intel"), batch_probes=3, batch_cases=1, name="m")
+    src = mp.MatrixSource(m, profile_named("intel"), batch_probes=3, batch_cases=1, name="m")
     assert _labels(src) == [["m#0", "m#1"], ["m#2"], ["m#3"], ["m#4", "m#5"], ["m#6"], ["m#7"]]
-    src = mx.MatrixSource(m, profile_named("intel"), batch_probes=4, name="m")
+    src = mp.MatrixSource(m, profile_named("intel"), batch_probes=4, name="m")
     assert _labels(src) == [["m#0", "m#1", "m#2"], ["m#3"], ["m#4", "m#5", "m#6"], ["m#7"]]
     assert [len(b.probes) for b in src.batches()] == [4, 2, 4, 2]
 
@@ -789,7 +789,7 @@ def _layout(levels=4, limit=32 << 20):
     from x86pt.memory.sparse import SparseMemory
 
     mem = SparseMemory(32 << 20)
-    return mx._Layout(mem, levels, limit), mem
+    return mp._Layout(mem, levels, limit), mem
 
 
 def test_layout_pml4_entries_per_variant():
@@ -884,11 +884,11 @@ def test_layout_allocation_stops_at_the_ram_end():
     # one 4K case needs 4 pages after the frames: root, PDPT, PD, PT (0x210000..0x213fff)
     f = flags_from_names("pte.p pde.p")
     prof = profile_named("intel")
-    assert len(mx.build_batch([("c", f)], MatrixFeatures(ram_size=0x214000), prof).cases) == 1
+    assert len(mp.build_batch([("c", f)], MatrixFeatures(ram_size=0x214000), prof).cases) == 1
     with pytest.raises(BadInputError):
-        mx.build_batch([("c", f)], MatrixFeatures(ram_size=0x213000), prof)
+        mp.build_batch([("c", f)], MatrixFeatures(ram_size=0x213000), prof)
     with pytest.raises(BadInputError, match="empty batch"):
-        mx.build_batch([], MatrixFeatures(), prof)
+        mp.build_batch([], MatrixFeatures(), prof)
 
 
 def _values(space, mask):
@@ -1005,7 +1005,7 @@ def test_source_keeps_the_index_order_inside_a_cpu_state():
     groups = [mx.Group(n, (0, mx.F[n])) for n in ("pte.rw", "pte.user", "pte.a", "pte.d", "pde.rw")]
     s = mx.Space("alt", (mx.Group("p", (mx.PTE_P | mx.PDE_P,)), *groups, mx.Group("wp", (0, mx.CR0_WP_F))))
     m = mx.Matrix((s,), MatrixFeatures(maxphyaddr=40))
-    src = mx.MatrixSource(m, profile_named("intel"), name="a")
+    src = mp.MatrixSource(m, profile_named("intel"), name="a")
     assert _labels(src) == [[f"a#{i}" for i in range(0, 64, 2)], [f"a#{i}" for i in range(1, 64, 2)]]
 
 
@@ -1158,13 +1158,13 @@ def test_leaf_tables_by_hand():
     """_leaf_table's entries (computed once at import, so checked here by calling it): flag bit k
     of the pte.* / pde.* run sets its entry bit (rw -> RW, user -> US, a, d, nx -> XD, p, 36 ->
     bit 36); pde.pse and the '.51' flags set nothing here (PS and the high bit are added apart)."""
-    pte = mx._leaf_table(0, mx.FLAG_NAMES[0:8])  # rw user a d nx p 51 36
-    assert len(pte) == 256 and pte == mx._PTE_BITS
+    pte = mp._leaf_table(0, mx.FLAG_NAMES[0:8])  # rw user a d nx p 51 36
+    assert len(pte) == 256 and pte == mp._PTE_BITS
     assert [pte[1 << k] for k in range(8)] == [RW, US, A, D, NX, P, 0, 1 << 36]
     assert pte[0] == 0 and pte[0xFF] == RW | US | A | D | NX | P | 1 << 36 and pte[0b100001] == RW | P
-    pde = mx._leaf_table(8, mx.FLAG_NAMES[8:17])  # rw user a d pse nx p 51 36
-    assert len(pde) == 512 and pde == mx._PDE_BITS
+    pde = mp._leaf_table(8, mx.FLAG_NAMES[8:17])  # rw user a d pse nx p 51 36
+    assert len(pde) == 512 and pde == mp._PDE_BITS
     assert [pde[1 << k] for k in range(9)] == [RW, US, A, D, 0, NX, P, 0, 1 << 36]
     assert pde[0x1FF] == RW | US | A | D | NX | P | 1 << 36
     with pytest.raises(AssertionError):
-        mx._leaf_table(1, mx.FLAG_NAMES[0:8])  # the names must sit at consecutive bits from `first`
+        mp._leaf_table(1, mx.FLAG_NAMES[0:8])  # the names must sit at consecutive bits from `first`

@@ -357,7 +357,8 @@ def test_pk_rule_explains_every_matrix_mismatch(bochs):
     bochs_pk_denies explains, and none is anything else."""
     from harness import matrix as mx
     from harness.differential import run_conformance
-    from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+    from harness.matrix import MatrixFeatures, matrix_for
+    from harness.matrix_pack import MatrixSource
 
     feat = MatrixFeatures.from_caps(bochs.capabilities())
     m = matrix_for(feat)

@@ -30,7 +30,8 @@ if ROOT not in sys.path:
 def _work(oracle_name: str, extended: bool, lo: int, hi: int, step: int, batch: int | None) -> dict:
     import numpy as np
     from harness.differential import run_conformance
-    from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+    from harness.matrix import MatrixFeatures, matrix_for
+    from harness.matrix_pack import MatrixSource
     from x86pt.registry import get_oracle
     from x86pt.state import as_profile
 

@@ -82,10 +82,11 @@ def bench_oracle(name: str, blocks: int, block: int, batch: int | None, scalar: 
     import harness.differential as diff
     from harness.cli import _default_batch
     from harness.differential import run_conformance
-    from harness.matrix import MatrixFeatures, MatrixSource, matrix_for
+    from harness.matrix import MatrixFeatures, matrix_for
+    from harness.matrix_pack import MatrixSource
 
     try:
-        from harness.matrix import probe_cap
+        from harness.matrix_pack import probe_cap
     except ImportError:  # a tree from before batch_probes: batches by cases only
 
         def probe_cap(oracle):

@@ -97,6 +97,7 @@ TESTS: dict[str, list[str]] = {
     "x86pt/compare.py": ["tests/test_mutants_compare.py", "tests/test_differential.py"],
     "harness/differential.py": ["tests/test_differential.py", "tests/test_mutants_differential.py"],
     "harness/matrix.py": ["tests/test_matrix.py", "tests/test_mutants_matrix.py"],
+    "harness/matrix_pack.py": ["tests/test_matrix.py", "tests/test_mutants_matrix.py"],
 }
 
 MUTMUT_HINT = (
