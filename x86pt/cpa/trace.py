@@ -35,7 +35,7 @@ from x86pt.memory.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     from x86pt.cpa.layout import Layout
-    from x86pt.cpa.oracle_probe import OracleCheck
+    from x86pt.cpa.validate import OracleCheck
     from x86pt.image import Image
     from x86pt.memory.base import MemoryBase
     from x86pt.state import PagingState

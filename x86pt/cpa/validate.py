@@ -43,8 +43,19 @@ if TYPE_CHECKING:
 
     from x86pt.cpa.kernel import KernelVersion
     from x86pt.cpa.ops import CpaModel
-    from x86pt.cpa.oracle_probe import OracleCheck
-    from x86pt.cpa.trace import Op
+    from typing import Protocol, Sequence
+
+    Op: TypeAlias = tuple[Any, ...]  # a trace op (x86pt.cpa.trace.Op), fields by op name
+
+    class OracleCheck(Protocol):
+        """Invariant (e)'s checker, given by the caller (x86pt.cpa.oracle_probe.OracleCheck is
+        one): which ops it samples, and its verdict on one."""
+
+        def wants(self, idx: int) -> bool: ...
+
+        def check(
+            self, m: CpaModel, ref: Reference, idx: int, pages: Sequence[int], touched: set[int] | None
+        ) -> Violation | None: ...
 
     # A 2M region's 4K entries: its PTE table, (frame of its first page, flags) for a large
     # leaf's run, or None when nothing maps it (the forms of Reference.base_2m)
