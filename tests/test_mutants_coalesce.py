@@ -13,22 +13,9 @@ import numpy as np
 from x86pt.coalesce import Runs, coalesce, collect, present_only
 from x86pt.scan import EFF_P, EFF_RW, U64, Chunk
 
+from records import chunk
+
 P, PRW = EFF_P, EFF_P | EFF_RW
-
-
-def chunk(*rows) -> Chunk:
-    """rows: (va, count, level, raw, pa, eff)."""
-    cols = list(zip(*rows)) if rows else [()] * 6
-    va, cnt, lvl, raw, pa, eff = cols
-    return Chunk(
-        np.array(va, U64),
-        np.array(cnt, U64),
-        np.array(lvl, np.uint8),
-        np.array(raw, U64),
-        np.array(pa, U64),
-        np.array(eff, np.uint8),
-        np.zeros(len(va), U64),
-    )
 
 
 def key(ch: Chunk) -> np.ndarray:

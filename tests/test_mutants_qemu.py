@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 
 from x86pt.build import Builder
@@ -35,24 +34,12 @@ from x86pt.formats.qemu import (
     write_tlb,
 )
 from x86pt.memory.sparse import SparseMemory
-from x86pt.scan import EFF_P, EFF_RW, RECORD_COST, U64, Chunk, Scanner
+from x86pt.scan import EFF_P, EFF_RW, RECORD_COST, Chunk, Scanner
+
+from records import chunk
 
 G1, M2, K4 = 1 << 30, 1 << 21, 1 << 12
 PS = 0x80
-
-
-def chunk(*rows) -> Chunk:
-    """rows: (va, count, level, raw, pa, eff)."""
-    va, cnt, lvl, raw, pa, eff = zip(*rows) if rows else [()] * 6
-    return Chunk(
-        np.array(va, U64),
-        np.array(cnt, U64),
-        np.array(lvl, np.uint8),
-        np.array(raw, U64),
-        np.array(pa, U64),
-        np.array(eff, np.uint8),
-        np.zeros(len(va), U64),
-    )
 
 
 def text(blocks) -> str:
