@@ -381,7 +381,6 @@ def cost_of(
 
 
 # -- CLI glue (x86pt census --cost, x86pt cpa compare --cost) ---------------------------------------
-from x86pt.cliargs import add_cost_args  # noqa: E402,F401  (re-exported)
 
 
 def image_cost(
